@@ -1,0 +1,173 @@
+"""The exception hierarchy of payi_guard.
+
+Every error the library raises on purpose derives from :class:`PayiGuardError`::
+
+    PayiGuardError
+     ├── ConfigError          a budgets file or a config dict is wrong (names file, line, key)
+     ├── InvalidUserId        a user id is refused (names the reason, never echoes the id)
+     ├── BudgetExceeded       a call was refused before it was sent
+     ├── StorageError         the counter store failed and the policy is to fail closed
+     ├── NoRequestScope       ``set_user`` was called outside a request
+     └── MissingDependency    an optional extra is not installed
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from payi_guard.usage import LimitUsage
+
+__all__ = [
+    "BudgetExceeded",
+    "ConfigError",
+    "InvalidUserId",
+    "MissingDependency",
+    "NoRequestScope",
+    "PayiGuardError",
+    "StorageError",
+    "is_refusal",
+]
+
+
+class PayiGuardError(Exception):
+    """Base class of every error payi_guard raises on purpose."""
+
+
+class ConfigError(PayiGuardError, ValueError):
+    """A budget configuration is invalid.
+
+    Attributes:
+        message: what is wrong, including a "did you mean" hint where one applies.
+        file: the file the configuration came from, if any.
+        line: the 1-based line of the offending key or value, if known.
+        key: the dotted path of the offending key (``limits.daily.per``), if known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.key = key
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = self.file
+            if self.line is not None:
+                where += f":{self.line}"
+            where += ": "
+        elif self.line is not None:
+            where = f"line {self.line}: "
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}{key}{self.message}"
+
+
+class InvalidUserId(PayiGuardError, ValueError):
+    """A user id was refused.
+
+    The message says why (``contains whitespace at position 3``) and never contains the
+    refused value itself, so it is safe to log.
+
+    Attributes:
+        reason: why the id was refused.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"invalid user id: {reason}")
+
+
+class BudgetExceeded(PayiGuardError):
+    """A GenAI call was refused because it could cross a hard (``block``) limit.
+
+    The call was never sent and nothing was charged.
+
+    Attributes:
+        user_id: the user the call was attributed to.
+        limit: the :class:`~payi_guard.LimitUsage` of the limit that refused it.
+        retry_after: whole seconds until that limit's window resets (at least 1).
+    """
+
+    user_id: str
+    limit: LimitUsage
+    retry_after: int
+
+    def __init__(
+        self,
+        user_id: str,
+        limit: LimitUsage,
+        retry_after: float | None = None,
+        message: str | None = None,
+    ) -> None:
+        self._init_refusal(user_id, limit, retry_after)
+        super().__init__(message or self.describe())
+
+    def _init_refusal(self, user_id: str, limit: LimitUsage, retry_after: float | None) -> None:
+        """Fill the refusal attributes (used by SDK-specific subclasses too)."""
+        self.user_id = user_id
+        self.limit = limit
+        if retry_after is None:
+            from datetime import datetime, timezone
+
+            retry_after = (limit.resets_at - datetime.now(timezone.utc)).total_seconds()
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def describe(self) -> str:
+        """Return the human message: which limit refused whom and when it resets."""
+        unit = "USD" if self.limit.unit == "usd" else self.limit.unit
+        return (
+            f"budget exceeded for user {self.user_id!r}: limit {self.limit.name!r} "
+            f"({self.limit.scope}) used {self.limit.used} of {self.limit.max} {unit}; "
+            f"resets at {self.limit.resets_at.isoformat()} (retry after {self.retry_after}s)"
+        )
+
+
+class StorageError(PayiGuardError):
+    """The counter store could not be reached or answered an error."""
+
+
+class NoRequestScope(PayiGuardError, RuntimeError):
+    """:func:`~payi_guard.set_user` was called where no request scope is open."""
+
+
+class MissingDependency(PayiGuardError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        self.module = module
+        self.extra = extra
+        super().__init__(
+            f"{module!r} is not installed: install it with `pip install 'payi-guard[{extra}]'`"
+        )
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Tell a payi_guard budget refusal from any other error.
+
+    A provider's own rate limit (a real HTTP 429 from OpenAI) is not a refusal; a call
+    payi_guard refused before sending is, whichever SDK exception class carries it.
+
+    Args:
+        exc: any exception.
+
+    Returns:
+        True if ``exc`` is (or wraps, through ``__cause__``) a :class:`BudgetExceeded`.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, BudgetExceeded):
+            return True
+        seen.add(id(current))
+        current = current.__cause__
+    return False

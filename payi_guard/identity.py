@@ -1,0 +1,164 @@
+"""User ids: validation, composite ``org:user`` ids and keyed pseudonymisation.
+
+A user id is a short ASCII string of letters, digits, ``.``, ``-`` and ``_``; ``:``
+separates the segments of a composite id (``acme:alice`` is user ``acme:alice`` in org
+``acme``). Integers and UUIDs are converted to their string form. Anything else is refused
+with :class:`~payi_guard.InvalidUserId`, whose message names the reason and never repeats
+the refused value, so a hostile id can never reach a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import uuid
+from dataclasses import dataclass
+
+from payi_guard.exceptions import InvalidUserId
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "Pseudonymizer",
+    "UserRef",
+    "normalize_user_id",
+    "org_of",
+    "parse_user_id",
+]
+
+DEFAULT_MAX_LENGTH = 128
+"""Longest user id accepted unless a caller asks for another bound."""
+
+SEPARATOR = ":"
+_SEGMENT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
+_VALID = re.compile(r"[A-Za-z0-9._-]+(?::[A-Za-z0-9._-]+)*\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class UserRef:
+    """A validated user id and the org it rolls up to.
+
+    Attributes:
+        user_id: the full, normalised id (``acme:alice``).
+        org_id: the first segment of a composite id (``acme``), else ``None``.
+    """
+
+    user_id: str
+    org_id: str | None
+
+
+def _explain(text: str, max_length: int) -> str:
+    """Say why ``text`` is not a valid id, without quoting it."""
+    if not text:
+        return "it is empty"
+    if len(text) > max_length:
+        return f"it is {len(text)} characters long, the maximum is {max_length}"
+    for position, char in enumerate(text):
+        if char in _SEGMENT_CHARS or char == SEPARATOR:
+            continue
+        code = f"U+{ord(char):04X}"
+        if char.isspace():
+            what = f"whitespace ({code})"
+        elif ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0:
+            what = f"a control character ({code})"
+        else:
+            what = f"the character {code}"
+        return (
+            f"it contains {what} at position {position}; allowed are ASCII letters, digits, "
+            f"'.', '-', '_' and ':' between non-empty segments"
+        )
+    return "a composite id needs non-empty segments around each ':' (like 'org:user')"
+
+
+def normalize_user_id(value: object, *, max_length: int = DEFAULT_MAX_LENGTH) -> str:
+    """Validate a user id and return its canonical string.
+
+    Args:
+        value: a ``str``, an ``int`` or a :class:`uuid.UUID`.
+        max_length: the longest id accepted.
+
+    Returns:
+        The id as a string, unchanged when it was already a valid string.
+
+    Raises:
+        InvalidUserId: the value is of another type, empty, too long, contains a
+            character outside the allowed alphabet, or has an empty composite segment.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)):
+        raise InvalidUserId(f"a user id must be a str, int or UUID, not {type(value).__name__}")
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > max_length or not _VALID.match(text):
+        raise InvalidUserId(_explain(text, max_length))
+    return text
+
+
+def org_of(user_id: str) -> str | None:
+    """Return the org of a validated composite id (``acme`` for ``acme:alice``), else None."""
+    org, sep, _ = user_id.partition(SEPARATOR)
+    return org if sep else None
+
+
+def parse_user_id(value: object, *, max_length: int = DEFAULT_MAX_LENGTH) -> UserRef:
+    """Validate a user id and split off its org.
+
+    Args:
+        value: see :func:`normalize_user_id`.
+        max_length: the longest id accepted.
+
+    Returns:
+        A :class:`UserRef`.
+
+    Raises:
+        InvalidUserId: see :func:`normalize_user_id`.
+    """
+    user_id = normalize_user_id(value, max_length=max_length)
+    return UserRef(user_id=user_id, org_id=org_of(user_id))
+
+
+class Pseudonymizer:
+    """Replace user ids by keyed HMAC digests, keeping org roll-ups working.
+
+    ``acme:alice`` becomes ``<digest of acme>:<digest of acme:alice>``, so every user of
+    org ``acme`` still shares the same (pseudonymous) org segment; with ``keep_org=True``
+    the org stays readable (``acme:<digest>``). The same key always gives the same
+    pseudonym; without the key, ids cannot be recovered or guessed by brute force of a
+    plain hash.
+
+    Args:
+        key: the secret key (at least 16 bytes). Keep it out of source control.
+        digest_chars: hex characters kept from each digest (8 to 64).
+        keep_org: leave the org segment in clear text.
+
+    Raises:
+        ValueError: the key is too short or ``digest_chars`` is out of range.
+    """
+
+    def __init__(self, key: bytes | str, *, digest_chars: int = 20, keep_org: bool = False) -> None:
+        raw = key.encode() if isinstance(key, str) else bytes(key)
+        if len(raw) < 16:
+            raise ValueError("a pseudonymisation key needs at least 16 bytes")
+        if not 8 <= digest_chars <= 64:
+            raise ValueError("digest_chars must be between 8 and 64")
+        self._key = raw
+        self._chars = digest_chars
+        self._keep_org = keep_org
+
+    def _digest(self, domain: str, text: str) -> str:
+        mac = hmac.new(self._key, f"{domain}\x00{text}".encode(), hashlib.sha256)
+        return mac.hexdigest()[: self._chars]
+
+    def __call__(self, user_id: str) -> str:
+        """Return the pseudonym of a valid user id (itself a valid user id).
+
+        Raises:
+            InvalidUserId: ``user_id`` is not valid.
+        """
+        ref = parse_user_id(user_id, max_length=max(len(user_id), 1))
+        user_part = self._digest("user", ref.user_id)
+        if ref.org_id is None:
+            return user_part
+        org_part = ref.org_id if self._keep_org else self._digest("org", ref.org_id)
+        return f"{org_part}{SEPARATOR}{user_part}"
+
+    def __repr__(self) -> str:
+        return f"Pseudonymizer(digest_chars={self._chars}, keep_org={self._keep_org})"

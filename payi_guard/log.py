@@ -1,0 +1,77 @@
+"""Structured log events of payi_guard and an optional JSON logging setup.
+
+The library only ever calls ``structlog.get_logger("payi_guard")``: it never configures
+structlog and never clears context variables, so the application's own structlog setup
+decides the output. Apps that have none can call :func:`configure_json`.
+
+Event names (contract):
+
+* ``genai_call``: every metered call, with ``user_id``, ``org_id``, ``account_name``,
+  ``use_case_name``, ``limit_ids``, ``model``, ``provider``, ``input_tokens``,
+  ``output_tokens``, ``cost_usd``, ``reserved_usd``, ``latency_ms``, ``stream``,
+  ``outcome``, ``request_id``;
+* ``budget_warning``, ``budget_exceeded``, ``budget_overrun``: with ``user_id``,
+  ``limit``, ``used``, ``max``, ``resets_at``;
+* ``storage_error``: the counter store failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = [
+    "BUDGET_EXCEEDED",
+    "BUDGET_OVERRUN",
+    "BUDGET_WARNING",
+    "CONFIG_RELOADED",
+    "CONFIG_RELOAD_FAILED",
+    "GENAI_CALL",
+    "LOGGER_NAME",
+    "STORAGE_ERROR",
+    "configure_json",
+    "get_logger",
+]
+
+LOGGER_NAME = "payi_guard"
+
+GENAI_CALL = "genai_call"
+BUDGET_WARNING = "budget_warning"
+BUDGET_EXCEEDED = "budget_exceeded"
+BUDGET_OVERRUN = "budget_overrun"
+STORAGE_ERROR = "storage_error"
+CONFIG_RELOADED = "config_reloaded"
+CONFIG_RELOAD_FAILED = "config_reload_failed"
+
+
+def get_logger(**initial_values: Any) -> Any:
+    """Return the library's structlog logger (``structlog.get_logger("payi_guard")``)."""
+    return structlog.get_logger(LOGGER_NAME, **initial_values)
+
+
+def configure_json(stream: TextIO | None = None, *, level: int = logging.INFO) -> None:
+    """Configure structlog to write one JSON object per line (for apps that want it).
+
+    This changes the process-wide structlog configuration, so only applications call it,
+    never libraries. Context bound with ``structlog.contextvars`` (the middleware binds
+    ``user_id`` and ``request_id``) is merged into every line.
+
+    Args:
+        stream: where to write; defaults to ``sys.stdout``.
+        level: the minimum level logged.
+    """
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )

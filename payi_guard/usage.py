@@ -1,0 +1,61 @@
+"""The read-only view of one limit as it applies to one user: :class:`LimitUsage`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+__all__ = ["LimitState", "LimitUsage", "Scope", "Unit"]
+
+Unit = Literal["usd", "requests", "tokens"]
+Scope = Literal["user", "org", "global", "anonymous", "limit_id"]
+LimitState = Literal["ok", "warning", "exceeded"]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitUsage:
+    """How much of one limit has been used in its current window.
+
+    Attributes:
+        name: the YAML name of the limit, or ``scope:index`` for an inline limit.
+        scope: whose counter this is: ``user``, ``org``, ``global``, ``anonymous``
+            or ``limit_id`` (a shared counter named by ``limit_ids``).
+        unit: ``"usd"``, ``"requests"`` or ``"tokens"``.
+        used: settled plus pending (reserved, not yet settled) amount in this window.
+            ``Decimal`` for ``usd``, ``int`` otherwise.
+        max: the limit. Same type as ``used``.
+        remaining: ``max - used``, never below zero.
+        resets_at: when the current calendar window ends (timezone-aware).
+        state: ``"exceeded"`` when nothing remains, ``"warning"`` at or past ``warn_at``,
+            else ``"ok"``.
+        type: ``"block"`` (refuses calls) or ``"allow"`` (only logs overruns).
+        counter: the owner of the counter (user id, org id, limit id or ``"*"``).
+    """
+
+    name: str
+    scope: Scope
+    unit: Unit
+    used: Decimal | int
+    max: Decimal | int
+    remaining: Decimal | int
+    resets_at: datetime
+    state: LimitState
+    type: Literal["block", "allow"] = "block"
+    counter: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        """Return a JSON-friendly dict (money as strings, time as ISO 8601)."""
+        return {
+            "name": self.name,
+            "scope": self.scope,
+            "unit": self.unit,
+            "used": str(self.used),
+            "max": str(self.max),
+            "remaining": str(self.remaining),
+            "resets_at": self.resets_at.isoformat(),
+            "state": self.state,
+            "type": self.type,
+            "counter": self.counter,
+        }
