@@ -1,23 +1,56 @@
 """Budget configuration: YAML (or a dict) to frozen, validated policy objects.
 
 Money is held as integers in :data:`NANO_USD` units (1e-9 USD) from the moment it is
-parsed: ``max: 1.00`` becomes ``1_000_000_000``. Requests and tokens are plain counts.
+parsed: ``max: 1.00`` becomes ``1_000_000_000``. YAML numbers are read from their text and
+Python floats through ``Decimal(str(x))``, never through binary arithmetic, so ``0.1`` is
+exactly 100_000_000; an amount finer than one nano-dollar is an error, not a rounding.
+Requests and tokens are plain counts.
+
+Every mistake fails fast with a :class:`~payi_guard.ConfigError` that names the file,
+the 1-based line, the dotted key (``tiers.pro[1].max``) and what is wrong, with a
+"did you mean" hint for near misses. Unknown keys and duplicate keys are errors.
+
+Entry points: :func:`load_config` (a file), :func:`parse_config` (YAML text or a dict),
+:func:`check_file` (``payi-guard check``), :func:`describe` and
+:func:`config_fingerprint` (for logs and the CLI).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import hashlib
+import json
+import os
+import re
+import zoneinfo
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
+from payi_guard._yaml import (
+    Entry,
+    Map,
+    Node,
+    Scalar,
+    Seq,
+    child_path,
+    from_python,
+    from_yaml,
+    item_path,
+)
+from payi_guard.exceptions import ConfigError, InvalidUserId
+from payi_guard.identity import normalize_user_id
 from payi_guard.usage import Unit
 
 __all__ = [
+    "MAX_AMOUNT",
     "NANO_USD",
     "PERIODS",
+    "STORAGE_SCHEMES",
     "AnonymousPolicy",
     "GuardConfig",
     "LimitSpec",
@@ -25,8 +58,11 @@ __all__ = [
     "PriceOverride",
     "UnknownModelPolicy",
     "check_file",
+    "config_fingerprint",
+    "describe",
     "load_config",
     "parse_config",
+    "redact_uri",
 ]
 
 NANO_USD = 1_000_000_000
@@ -44,7 +80,9 @@ class LimitSpec:
 
     Attributes:
         name: the key under ``limits:`` for a named limit, else ``<scope>:<index>``
-            (``user:0``, ``tier.pro:1``, ``org.acme:0``, ``global:0``, ``anonymous:0``).
+            where ``<index>`` is its position in its list and ``<scope>`` is ``user``
+            (``default``, a tier or a user's own list), ``org``, ``global`` or
+            ``anonymous`` (``user:0``, ``org:1``).
         unit: ``usd`` (``max:``), ``requests`` or ``tokens``.
         max: the maximum in ledger units: nano-USD for ``usd``, a count otherwise.
         per: the calendar window.
@@ -160,24 +198,854 @@ class GuardConfig:
     source: str | None = None
 
 
+_TOP_KEYS = (
+    "version",
+    "storage",
+    "on_storage_error",
+    "unknown_model",
+    "prices",
+    "limits",
+    "default",
+    "tiers",
+    "users",
+    "orgs",
+    "global",
+    "anonymous",
+    "timezone",
+    "reservation_ttl",
+)
+_UNITS: tuple[tuple[str, Unit], ...] = (
+    ("max", "usd"),
+    ("requests", "requests"),
+    ("tokens", "tokens"),
+)
+_LIMIT_KEYS = ("max", "requests", "tokens", "per", "type", "warn_at", "timezone")
+_PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok")
+_ANONYMOUS_KEYS = ("strategy", "limits")
+_LIMIT_TYPES = ("block", "allow")
+_STRATEGIES = ("reject", "shared", "session")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+STORAGE_SCHEMES: tuple[str, ...] = (
+    "memory",
+    "redis",
+    "rediss",
+    "redis+unix",
+    "redis+sentinel",
+    "redis+cluster",
+    "valkey",
+    "valkeys",
+    "valkey+unix",
+    "valkey+sentinel",
+    "valkey+cluster",
+)
+"""URI schemes accepted for ``storage:`` (``memory://`` or a Redis/Valkey flavour).
+
+TLS for the sentinel and cluster forms is the ``?ssl=true`` option, not an ``s`` scheme.
+"""
+
+_MAX_EXPONENT = 40
+
+MAX_AMOUNT = 2**63 - 1
+"""Largest limit accepted, in ledger units (a signed 64-bit counter, as Redis keeps)."""
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    """Return ``; did you mean 'x'?`` for the closest option, or ``""``."""
+    by_lower = {option.lower(): option for option in options}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
+def _one_of(options: Sequence[str]) -> str:
+    return ", ".join(options)
+
+
+class _Parser:
+    """Validates a document tree into a :class:`GuardConfig`.
+
+    Every check raises :class:`ConfigError` with the line of the offending key or value
+    (when the tree came from YAML), its dotted path and what is wrong.
+    """
+
+    def __init__(self, source: str | None) -> None:
+        self._source = source
+        self._timezone = "UTC"
+        self._named: dict[str, LimitSpec] = {}
+        self._tiers: dict[str, tuple[LimitSpec, ...]] = {}
+
+    # -- errors and primitives -------------------------------------------------------
+
+    def _error(self, message: str, line: int | None, path: str) -> ConfigError:
+        return ConfigError(message, file=self._source, line=line, key=path or None)
+
+    def _fields(self, node: Map, path: str, allowed: Sequence[str], what: str) -> dict[str, Entry]:
+        """Return the entries of ``node`` by key, refusing keys not in ``allowed``."""
+        found: dict[str, Entry] = {}
+        for entry in node.entries:
+            if entry.key not in allowed:
+                hint = _suggest(entry.key, allowed) or f"; {what} keys are: {_one_of(allowed)}"
+                raise self._error(
+                    f"unknown key {entry.key!r}{hint}", entry.line, child_path(path, entry.key)
+                )
+            found[entry.key] = entry
+        return found
+
+    def _map(self, node: Node, path: str, what: str, example: str) -> Map:
+        if isinstance(node, Map):
+            return node
+        raise self._error(f"expected {what}, like {example}; got {_kind(node)}", node.line, path)
+
+    def _word(self, node: Node, path: str, what: str) -> str:
+        """Return a string value: a name, a choice, a URI or a zone."""
+        if isinstance(node, Scalar):
+            if node.text is not None:
+                # YAML: a plain `yes` or `null` is still the word the user typed here.
+                if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
+                    if node.text != "":
+                        return node.text
+                    raise self._error(f"has no value; expected {what}", node.line, path)
+            elif isinstance(node.value, str):
+                return node.value
+        raise self._error(f"expected {what}, got {_kind(node)}", node.line, path)
+
+    def _choice(self, node: Node, path: str, options: Sequence[str], what: str) -> str:
+        word = self._word(node, path, f"one of {_one_of(options)}")
+        if word in options:
+            return word
+        hint = _suggest(word, options) or f"; expected one of {_one_of(options)}"
+        raise self._error(f"unknown {what} {word!r}{hint}", node.line, path)
+
+    def _decimal(self, node: Node, path: str, what: str) -> Decimal:
+        """Read an exact decimal number: from the YAML text, or Decimal(str(x)) in Python."""
+        if not isinstance(node, Scalar) or node.value is None:
+            got = "no value" if isinstance(node, Scalar) else _kind(node)
+            raise self._error(f"expected {what}, got {got}", node.line, path)
+        value = node.value
+        if isinstance(value, bool):
+            raise self._error(f"expected {what}, got a boolean ({node.show()})", node.line, path)
+        try:
+            if isinstance(value, int):
+                number = Decimal(value)
+            elif isinstance(value, Fraction):
+                number = Decimal(value.numerator) / Decimal(value.denominator)
+                if Fraction(number) != value:
+                    raise InvalidOperation
+            elif isinstance(value, Decimal):
+                number = value
+            elif node.text is not None:
+                # A YAML float or a quoted string: parse the digits as written.
+                number = Decimal(node.text.strip().replace("_", ""))
+            elif isinstance(value, float):
+                number = Decimal(repr(value))
+            elif isinstance(value, str):
+                number = Decimal(value.strip())
+            else:
+                raise InvalidOperation
+        except InvalidOperation:
+            raise self._error(f"expected {what}, got {node.show()}", node.line, path) from None
+        if not number.is_finite():
+            raise self._error(f"expected {what}, got {node.show()}", node.line, path)
+        # Exact arithmetic on 1e-999999 would build a million-digit integer: refuse early.
+        if number and not -_MAX_EXPONENT <= number.adjusted() <= _MAX_EXPONENT:
+            raise self._error(f"expected {what}, got {node.show()} (out of range)", node.line, path)
+        return number
+
+    def _usd(self, node: Node, path: str) -> int:
+        """Read a positive USD amount into integer nano-USD, exactly."""
+        amount = self._decimal(node, path, "an amount in USD (like 1.50)")
+        if amount <= 0:
+            raise self._error(f"must be more than 0 USD, got {_node_text(node)}", node.line, path)
+        nano = Fraction(amount) * NANO_USD
+        if nano.denominator != 1:
+            raise self._error(
+                f"{_node_text(node)} USD is more precise than the smallest unit "
+                "(0.000000001 USD, 9 decimal places)",
+                node.line,
+                path,
+            )
+        if nano > MAX_AMOUNT:
+            raise self._error(
+                f"{_node_text(node)} USD is too large (at most {Decimal(MAX_AMOUNT) / NANO_USD})",
+                node.line,
+                path,
+            )
+        return int(nano)
+
+    def _count(self, node: Node, path: str, unit: str) -> int:
+        """Read a positive whole count of requests or tokens."""
+        value = node.value if isinstance(node, Scalar) else None
+        if isinstance(value, bool):
+            raise self._error(
+                f"{unit} must be a positive whole number, got a boolean ({_node_text(node)})",
+                node.line,
+                path,
+            )
+        if not isinstance(value, int):
+            raise self._error(
+                f"{unit} must be a positive whole number, got {_kind(node)}",
+                node.line,
+                path,
+            )
+        if value <= 0:
+            raise self._error(f"{unit} must be more than 0, got {value}", node.line, path)
+        if value > MAX_AMOUNT:
+            raise self._error(f"{unit} is too large (at most {MAX_AMOUNT})", node.line, path)
+        return value
+
+    def _zone(self, node: Node, path: str) -> str:
+        name = self._word(node, path, "an IANA time zone (like Europe/Paris)")
+        if name == "UTC":
+            return name
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            hint = _suggest(name, zoneinfo.available_timezones())
+            raise self._error(
+                f"unknown time zone {name!r}{hint or '; use an IANA name like Europe/Paris'}",
+                node.line,
+                path,
+            ) from None
+        return name
+
+    def _name(self, key: str, line: int | None, path: str, what: str) -> str:
+        if not _NAME.match(key):
+            raise self._error(
+                f"invalid {what} name {key!r}: use letters, digits, '.', '-' and '_' "
+                "(':' is reserved for the names of inline limits)",
+                line,
+                path,
+            )
+        return key
+
+    # -- sections --------------------------------------------------------------------
+
+    def parse(self, root: Node | None) -> GuardConfig:
+        if root is None:
+            raise self._error(
+                "the configuration is empty; it needs at least `version: 1` and some limits",
+                1,
+                "",
+            )
+        if not isinstance(root, Map):
+            hint = ""
+            if isinstance(root, Scalar) and isinstance(root.value, str):
+                hint = " (parse_config() reads YAML text; to read a file, use load_config(path))"
+            raise self._error(
+                f"the top level must be a mapping of settings (version, storage, limits, ...), "
+                f"not {_kind(root)}{hint}",
+                root.line,
+                "",
+            )
+        top = self._fields(root, "", _TOP_KEYS, "top-level")
+        get = top.get
+
+        version = 1
+        if (entry := get("version")) is not None:
+            value = entry.value
+            if not (isinstance(value, Scalar) and type(value.value) is int and value.value == 1):
+                shown = _node_text(value)
+                raise self._error(
+                    f"unsupported version {shown}; this payi_guard reads version 1",
+                    value.line,
+                    "version",
+                )
+        if (entry := get("timezone")) is not None:
+            self._timezone = self._zone(entry.value, "timezone")
+        storage = "memory://"
+        if (entry := get("storage")) is not None:
+            storage = self._storage(entry.value, "storage")
+        on_storage_error: Literal["block", "allow"] = "block"
+        if (entry := get("on_storage_error")) is not None:
+            on_storage_error = (
+                "allow"
+                if self._choice(entry.value, "on_storage_error", _LIMIT_TYPES, "value") == "allow"
+                else "block"
+            )
+        unknown_model = UnknownModelPolicy()
+        if (entry := get("unknown_model")) is not None:
+            unknown_model = self._unknown_model(entry.value, "unknown_model", entry.line)
+        prices = self._prices(get("prices"))
+        self._named_limits(get("limits"))
+        default: tuple[LimitSpec, ...] = ()
+        if (entry := get("default")) is not None:
+            default = self._limit_list(entry.value, "default", "user", nullable=True)
+        self._tier_section(get("tiers"))
+        users, user_tiers = self._users(get("users"))
+        orgs = self._orgs(get("orgs"))
+        global_limits: tuple[LimitSpec, ...] = ()
+        if (entry := get("global")) is not None:
+            global_limits = self._limit_list(entry.value, "global", "global", nullable=True)
+        anonymous = AnonymousPolicy()
+        if (entry := get("anonymous")) is not None:
+            anonymous = self._anonymous(entry.value, "anonymous")
+        reservation_ttl = 300.0
+        if (entry := get("reservation_ttl")) is not None:
+            reservation_ttl = self._ttl(entry.value, "reservation_ttl")
+
+        return GuardConfig(
+            version=version,
+            storage=storage,
+            on_storage_error=on_storage_error,
+            unknown_model=unknown_model,
+            prices=MappingProxyType(prices),
+            limits=MappingProxyType(dict(self._named)),
+            default=default,
+            tiers=MappingProxyType(dict(self._tiers)),
+            users=MappingProxyType(users),
+            user_tiers=MappingProxyType(user_tiers),
+            orgs=MappingProxyType(orgs),
+            global_limits=global_limits,
+            anonymous=anonymous,
+            timezone=self._timezone,
+            reservation_ttl=reservation_ttl,
+            source=self._source,
+        )
+
+    def _section(self, entry: Entry | None, path: str, example: str) -> tuple[Entry, ...]:
+        """Return the entries of an optional top-level mapping (``null`` is empty)."""
+        if entry is None or (isinstance(entry.value, Scalar) and entry.value.value is None):
+            return ()
+        return self._map(entry.value, path, "a mapping", example).entries
+
+    def _storage(self, node: Node, path: str) -> str:
+        uri = self._word(node, path, "a storage URI (memory:// or redis://host:6379/0)")
+        match = _SCHEME.match(uri)
+        if match is None:
+            raise self._error(
+                f"{uri!r} is not a storage URI; use memory:// or redis://host:6379/0",
+                node.line,
+                path,
+            )
+        scheme = match.group(1).lower()
+        if scheme not in STORAGE_SCHEMES:
+            prefixes = [f"{known}://" for known in STORAGE_SCHEMES]
+            hint = _suggest(f"{scheme}://", prefixes) or f"; supported are {_one_of(prefixes)}"
+            raise self._error(
+                f"unsupported storage scheme {scheme + '://'!r}{hint}", node.line, path
+            )
+        # Schemes are case-insensitive (RFC 3986): hand the ledger the lower-case form.
+        uri = scheme + uri[match.end(1) :]
+        if scheme == "memory" and uri[match.end() :] not in ("", "/"):
+            raise self._error("memory storage takes no address: write memory://", node.line, path)
+        if not scheme.endswith(("+sentinel", "+cluster")):  # those list several hosts
+            try:
+                urlsplit(uri).port  # noqa: B018 - raises ValueError on a malformed port
+            except ValueError as exc:
+                raise self._error(f"invalid storage URI: {exc}", node.line, path) from None
+        return uri
+
+    def _price(self, node: Node, path: str, line: int | None) -> PriceOverride:
+        mapping = self._map(
+            node, path, "a price mapping", "{input_per_mtok: 1.0, output_per_mtok: 2.0}"
+        )
+        fields = self._fields(mapping, path, _PRICE_KEYS, "price")
+        values: dict[str, Decimal] = {}
+        for key in _PRICE_KEYS:
+            entry = fields.get(key)
+            if entry is None:
+                if key in ("input_per_mtok", "output_per_mtok"):
+                    raise self._error(
+                        f"missing {key!r} (USD per million tokens)",
+                        _first(line, mapping.line),
+                        path,
+                    )
+                continue
+            key_path = child_path(path, key)
+            price = self._decimal(entry.value, key_path, "a price in USD per million tokens")
+            if price < 0:
+                raise self._error(
+                    f"a price cannot be negative, got {_node_text(entry.value)}",
+                    entry.value.line,
+                    key_path,
+                )
+            values[key] = price
+        return PriceOverride(
+            input_per_mtok=values["input_per_mtok"],
+            output_per_mtok=values["output_per_mtok"],
+            cache_read_per_mtok=values.get("cache_read_per_mtok"),
+            cache_write_per_mtok=values.get("cache_write_per_mtok"),
+        )
+
+    def _unknown_model(self, node: Node, path: str, line: int | None) -> UnknownModelPolicy:
+        if isinstance(node, Map):
+            return UnknownModelPolicy(action="price", price=self._price(node, path, line))
+        if isinstance(node, Seq):
+            raise self._error(
+                "expected block, allow or a price mapping like "
+                "{input_per_mtok: 10, output_per_mtok: 30}, got a list",
+                node.line,
+                path,
+            )
+        action = self._choice(node, path, ("block", "allow"), "unknown_model policy")
+        return UnknownModelPolicy(action="allow" if action == "allow" else "block")
+
+    def _prices(self, entry: Entry | None) -> dict[str, PriceOverride]:
+        prices: dict[str, PriceOverride] = {}
+        example = "{my-model: {input_per_mtok: 1.0, output_per_mtok: 2.0}}"
+        for model in self._section(entry, "prices", example):
+            path = child_path("prices", model.key)
+            if not model.key or model.key != model.key.strip():
+                raise self._error(
+                    "a model name must be non-empty, without surrounding spaces",
+                    model.line,
+                    path,
+                )
+            prices[model.key] = self._price(model.value, path, model.line)
+        return prices
+
+    def _limit(self, node: Node, path: str, name: str, line: int | None) -> LimitSpec:
+        mapping = self._map(node, path, "a limit", "{max: 1.00, per: day}")
+        where = _first(line, mapping.line)
+        fields = self._fields(mapping, path, _LIMIT_KEYS, "limit")
+        units = [(key, unit) for key, unit in _UNITS if key in fields]
+        if not units:
+            raise self._error(
+                "a limit needs one of 'max' (USD), 'requests' or 'tokens'", where, path
+            )
+        if len(units) > 1:
+            second = fields[units[1][0]]
+            raise self._error(
+                f"a limit counts one unit, but both {units[0][0]!r} and {units[1][0]!r} are "
+                "given; split it into two limits",
+                second.line,
+                child_path(path, units[1][0]),
+            )
+        key, unit = units[0]
+        amount_node = fields[key].value
+        amount_path = child_path(path, key)
+        amount = (
+            self._usd(amount_node, amount_path)
+            if unit == "usd"
+            else self._count(amount_node, amount_path, key)
+        )
+        per_entry = fields.get("per")
+        if per_entry is None:
+            raise self._error(
+                f"missing 'per' (one of {_one_of(PERIODS)})", where, child_path(path, "per")
+            )
+        per = self._choice(per_entry.value, child_path(path, "per"), PERIODS, "period")
+        limit_type: Literal["block", "allow"] = "block"
+        if (entry := fields.get("type")) is not None:
+            chosen = self._choice(entry.value, child_path(path, "type"), _LIMIT_TYPES, "type")
+            limit_type = "allow" if chosen == "allow" else "block"
+        warn_at: Fraction | None = None
+        if (entry := fields.get("warn_at")) is not None:
+            warn_at = self._warn_at(entry.value, child_path(path, "warn_at"))
+        timezone = self._timezone
+        if (entry := fields.get("timezone")) is not None:
+            timezone = self._zone(entry.value, child_path(path, "timezone"))
+        return LimitSpec(
+            name=name,
+            unit=unit,
+            max=amount,
+            per=_PERIOD_OF[per],
+            type=limit_type,
+            warn_at=warn_at,
+            timezone=timezone,
+            line=line,
+        )
+
+    def _warn_at(self, node: Node, path: str) -> Fraction:
+        value = Fraction(self._decimal(node, path, "a fraction of max (like 0.8)"))
+        if not 0 < value <= 1:
+            raise self._error(
+                f"warn_at is a fraction of max: more than 0 and at most 1 (0.8 warns at 80%), "
+                f"got {_node_text(node)}",
+                node.line,
+                path,
+            )
+        return value
+
+    def _ttl(self, node: Node, path: str) -> float:
+        seconds = self._decimal(node, path, "a number of seconds")
+        if seconds <= 0:
+            raise self._error(
+                f"must be more than 0 seconds, got {_node_text(node)}", node.line, path
+            )
+        return float(seconds)
+
+    def _named_limits(self, entry: Entry | None) -> None:
+        for item in self._section(entry, "limits", "{daily: {max: 1.00, per: day}}"):
+            path = child_path("limits", item.key)
+            name = self._name(item.key, item.line, path, "limit")
+            self._named[name] = self._limit(item.value, path, name, item.line)
+
+    def _limit_list(
+        self, node: Node, path: str, scope: str, *, nullable: bool = False
+    ) -> tuple[LimitSpec, ...]:
+        """Read a list of limits: inline mappings or names of limits under ``limits:``."""
+        if nullable and isinstance(node, Scalar) and node.value is None:
+            return ()
+        if not isinstance(node, Seq):
+            hint = "; wrap it in [ ]" if isinstance(node, Map) else ""
+            if isinstance(node, Scalar) and isinstance(node.value, str):
+                hint = f"; write [{node.value}] for a list of one named limit"
+            raise self._error(
+                f"expected a list of limits (names or mappings like {{max: 1.00, per: day}}), "
+                f"got {_kind(node)}{hint}",
+                node.line,
+                path,
+            )
+        specs: list[LimitSpec] = []
+        seen: set[str] = set()
+        for index, item in enumerate(node.items):
+            item_at = item_path(path, index)
+            if isinstance(item, Map):
+                specs.append(self._limit(item, item_at, f"{scope}:{index}", item.line))
+                continue
+            name = self._word(item, item_at, "a limit name or a mapping like {max: 1.00, per: day}")
+            spec = self._named.get(name)
+            if spec is None:
+                hint = _suggest(name, self._named) or (
+                    f"; named limits are: {_one_of(list(self._named))}"
+                    if self._named
+                    else "; define it under 'limits:'"
+                )
+                raise self._error(f"unknown limit {name!r}{hint}", item.line, item_at)
+            if name in seen:
+                raise self._error(
+                    f"limit {name!r} is listed twice (it would be charged twice)",
+                    item.line,
+                    item_at,
+                )
+            seen.add(name)
+            specs.append(spec)
+        return tuple(specs)
+
+    def _tier_section(self, entry: Entry | None) -> None:
+        for tier in self._section(entry, "tiers", "{pro: [{max: 10.00, per: day}]}"):
+            path = child_path("tiers", tier.key)
+            name = self._name(tier.key, tier.line, path, "tier")
+            self._tiers[name] = self._limit_list(tier.value, path, "user")
+
+    def _users(
+        self, entry: Entry | None
+    ) -> tuple[dict[str, tuple[LimitSpec, ...]], dict[str, str]]:
+        users: dict[str, tuple[LimitSpec, ...]] = {}
+        user_tiers: dict[str, str] = {}
+        for user in self._section(entry, "users", "{alice: pro, bot: []}"):
+            path = child_path("users", user.key)
+            try:
+                user_id = normalize_user_id(user.key)
+            except InvalidUserId as exc:
+                raise self._error(f"invalid user id: {exc.reason}", user.line, path) from None
+            value = user.value
+            if isinstance(value, Seq):
+                users[user_id] = self._limit_list(value, path, "user")
+                continue
+            what = "a tier name or a list of limits ([] for tracked, never limited)"
+            tier = self._word(value, path, what)
+            if tier not in self._tiers:
+                hint = _suggest(tier, self._tiers)
+                if not hint and tier in self._named:
+                    hint = f"; {tier!r} is a named limit: write [{tier}] for a list of limits"
+                elif not hint:
+                    hint = (
+                        f"; tiers are: {_one_of(list(self._tiers))}"
+                        if self._tiers
+                        else "; define it under 'tiers:'"
+                    )
+                raise self._error(f"unknown tier {tier!r}{hint}", value.line, path)
+            users[user_id] = self._tiers[tier]
+            user_tiers[user_id] = tier
+        return users, user_tiers
+
+    def _orgs(self, entry: Entry | None) -> dict[str, tuple[LimitSpec, ...]]:
+        orgs: dict[str, tuple[LimitSpec, ...]] = {}
+        for org in self._section(entry, "orgs", "{acme: [{max: 100.00, per: month}]}"):
+            path = child_path("orgs", org.key)
+            try:
+                org_id = normalize_user_id(org.key)
+            except InvalidUserId as exc:
+                raise self._error(f"invalid org id: {exc.reason}", org.line, path) from None
+            if ":" in org_id:
+                raise self._error(
+                    "an org id is a single segment, without ':' (org 'acme' covers 'acme:alice')",
+                    org.line,
+                    path,
+                )
+            orgs[org_id] = self._limit_list(org.value, path, "org")
+        return orgs
+
+    def _anonymous(self, node: Node, path: str) -> AnonymousPolicy:
+        if isinstance(node, Scalar):
+            strategy = self._choice(node, path, _STRATEGIES, "anonymous strategy")
+            return AnonymousPolicy(strategy=_STRATEGY_OF[strategy])
+        mapping = self._map(
+            node, path, "a strategy or a mapping", "{strategy: shared, limits: [...]}"
+        )
+        fields = self._fields(mapping, path, _ANONYMOUS_KEYS, "anonymous")
+        strategy = "shared"
+        if (entry := fields.get("strategy")) is not None:
+            strategy = self._choice(
+                entry.value, child_path(path, "strategy"), _STRATEGIES, "anonymous strategy"
+            )
+        limits: tuple[LimitSpec, ...] = ()
+        if (entry := fields.get("limits")) is not None:
+            limits = self._limit_list(
+                entry.value, child_path(path, "limits"), "anonymous", nullable=True
+            )
+            if strategy == "reject" and limits:
+                raise self._error(
+                    "strategy 'reject' refuses every call without a user, so limits never "
+                    "apply; remove them or use 'shared' or 'session'",
+                    entry.line,
+                    child_path(path, "limits"),
+                )
+        return AnonymousPolicy(strategy=_STRATEGY_OF[strategy], limits=limits)
+
+
+_PERIOD_OF: Mapping[str, Period] = MappingProxyType({period: period for period in PERIODS})
+_STRATEGY_OF: Mapping[str, Literal["reject", "shared", "session"]] = MappingProxyType(
+    {"reject": "reject", "shared": "shared", "session": "session"}
+)
+
+
+def _kind(node: Node) -> str:
+    """Name the kind of a node for messages: 'a list', 'a mapping', 'the number 5'."""
+    if isinstance(node, Map):
+        return "a mapping"
+    if isinstance(node, Seq):
+        return "a list"
+    value = node.value
+    if value is None:
+        return "no value"
+    if isinstance(value, bool):
+        return f"a boolean ({node.show()})"
+    if isinstance(value, (int, float, Decimal, Fraction)):
+        return f"the number {_node_text(node)}"
+    return f"the string {node.show() if node.text is not None else repr(value)}"
+
+
+def _node_text(node: Node) -> str:
+    """Return a scalar as written (YAML text, or ``str`` of a Python value)."""
+    if isinstance(node, Scalar):
+        if node.text is not None:
+            return node.text
+        return str(node.value)
+    return _kind(node)
+
+
 def parse_config(data: Mapping[str, Any] | str, *, source: str | None = None) -> GuardConfig:
     """Validate a config given as a dict or as YAML text.
 
+    A dict may hold ``int``, ``float``, ``Decimal`` or ``str`` numbers: floats are read
+    through ``Decimal(str(x))``, so ``0.1`` is exactly 0.1 USD. YAML numbers are read from
+    their text, never through a float.
+
+    Args:
+        data: the configuration as a mapping, or YAML text (the schema of DESIGN.md
+            section 3).
+        source: a name for the data (a file path), used in errors and kept as
+            :attr:`GuardConfig.source`.
+
+    Returns:
+        The frozen, validated :class:`GuardConfig`.
+
     Raises:
         ConfigError: naming the line (for YAML text), the key and what is wrong.
+        TypeError: ``data`` is neither a mapping nor a string.
     """
-    raise NotImplementedError
+    if isinstance(data, str):
+        root = from_yaml(data, source=source)
+    elif isinstance(data, Mapping):
+        root = from_python(data, source=source)
+    else:
+        raise TypeError(f"parse_config() takes a mapping or YAML text, not {type(data).__name__}")
+    return _Parser(source).parse(root)
 
 
-def load_config(path: str) -> GuardConfig:
+def load_config(path: str | os.PathLike[str]) -> GuardConfig:
     """Load and validate a YAML budgets file.
 
+    Args:
+        path: the file to read (UTF-8).
+
+    Returns:
+        The frozen, validated :class:`GuardConfig`, with ``source`` set to ``path``.
+
     Raises:
-        ConfigError: naming the file, line, key and what is wrong.
+        ConfigError: naming the file, line, key and what is wrong; also when the file
+            is missing, unreadable or not UTF-8 text.
     """
-    raise NotImplementedError
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=name) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a budgets file", file=name) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=name) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError("the file is not UTF-8 text", file=name, line=line) from None
+    return parse_config(text, source=name)
 
 
-def check_file(path: str) -> GuardConfig:
-    """Validate a budgets file for ``payi-guard check``; same as :func:`load_config`."""
+def check_file(path: str | os.PathLike[str]) -> GuardConfig:
+    """Validate a budgets file for ``payi-guard check``; same as :func:`load_config`.
+
+    Args:
+        path: the file to check.
+
+    Returns:
+        The validated :class:`GuardConfig` (see :func:`describe` for a summary).
+
+    Raises:
+        ConfigError: see :func:`load_config`.
+    """
     return load_config(path)
+
+
+def _canonical_price(price: PriceOverride | None) -> object:
+    if price is None:
+        return None
+    return [
+        None if amount is None else str(Fraction(amount))
+        for amount in (
+            price.input_per_mtok,
+            price.output_per_mtok,
+            price.cache_read_per_mtok,
+            price.cache_write_per_mtok,
+        )
+    ]
+
+
+def _canonical_limits(specs: tuple[LimitSpec, ...]) -> object:
+    return [
+        [
+            spec.name,
+            spec.unit,
+            spec.max,
+            spec.per,
+            spec.type,
+            None if spec.warn_at is None else str(spec.warn_at),
+            spec.timezone,
+        ]
+        for spec in specs
+    ]
+
+
+def config_fingerprint(config: GuardConfig) -> str:
+    """Return a short, stable hash of the effective policy (log it on every reload).
+
+    Two configs that enforce the same thing have the same fingerprint, however they were
+    written (key order, ``1.0`` or ``1.00``, a tier or its expanded list, comments); the
+    source file name, line numbers and storage credentials are not part of it.
+
+    Args:
+        config: a validated configuration.
+
+    Returns:
+        16 hexadecimal characters (the start of a SHA-256 digest).
+    """
+    canonical = {
+        "version": config.version,
+        "storage": redact_uri(config.storage),
+        "on_storage_error": config.on_storage_error,
+        "unknown_model": [
+            config.unknown_model.action,
+            _canonical_price(config.unknown_model.price),
+        ],
+        "prices": {model: _canonical_price(price) for model, price in config.prices.items()},
+        "limits": {name: _canonical_limits((spec,)) for name, spec in config.limits.items()},
+        "default": _canonical_limits(config.default),
+        "tiers": {name: _canonical_limits(specs) for name, specs in config.tiers.items()},
+        "users": {user: _canonical_limits(specs) for user, specs in config.users.items()},
+        "user_tiers": dict(config.user_tiers),
+        "orgs": {org: _canonical_limits(specs) for org, specs in config.orgs.items()},
+        "global": _canonical_limits(config.global_limits),
+        "anonymous": [config.anonymous.strategy, _canonical_limits(config.anonymous.limits)],
+        "timezone": config.timezone,
+        "reservation_ttl": repr(config.reservation_ttl),
+    }
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def redact_uri(uri: str) -> str:
+    """Return ``uri`` with any password replaced by ``***`` (safe to log or print).
+
+    Args:
+        uri: a storage URI.
+
+    Returns:
+        The same URI, its password (if any) masked.
+    """
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return uri
+    if not password:
+        return uri
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _describe_unknown(policy: UnknownModelPolicy) -> str:
+    price = policy.price
+    if price is None:
+        return policy.action
+    return (
+        f"{policy.action} (input {price.input_per_mtok}, output {price.output_per_mtok} "
+        "USD per million tokens)"
+    )
+
+
+def _count_of(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def describe(config: GuardConfig, *, verbose: bool = False) -> str:
+    """Summarise a configuration (printed by ``payi-guard check`` on success).
+
+    Args:
+        config: a validated configuration.
+        verbose: add lines for the default and anonymous limits, the unknown-model
+            policy and the storage (its password masked).
+
+    Returns:
+        One line with the counts of named limits, tiers, users, orgs, global limits and
+        price overrides and the :func:`config_fingerprint`; more lines when ``verbose``.
+    """
+    counts = ", ".join(
+        (
+            _count_of(len(config.limits), "named limit"),
+            _count_of(len(config.tiers), "tier"),
+            _count_of(len(config.users), "user"),
+            _count_of(len(config.orgs), "org"),
+            _count_of(len(config.global_limits), "global limit"),
+            _count_of(len(config.prices), "price override"),
+        )
+    )
+    summary = f"{counts}; fingerprint {config_fingerprint(config)}"
+    if not verbose:
+        return summary
+
+    def names(specs: tuple[LimitSpec, ...]) -> str:
+        return ", ".join(spec.name for spec in specs) if specs else "none"
+
+    anonymous = config.anonymous
+    detail = "" if anonymous.strategy == "reject" else f" ({names(anonymous.limits)})"
+    return "\n".join(
+        (
+            summary,
+            f"default limits: {names(config.default)}",
+            f"anonymous: {anonymous.strategy}{detail}",
+            f"unknown models: {_describe_unknown(config.unknown_model)}",
+            f"storage: {redact_uri(config.storage)} (on error: {config.on_storage_error})",
+        )
+    )
+
+
+def _first(*lines: int | None) -> int | None:
+    """Return the first known line."""
+    return next((line for line in lines if line is not None), None)

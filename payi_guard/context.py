@@ -290,9 +290,9 @@ class _Layer:
                     "" if value == "" else normalize_user_id(value, max_length=DEFAULT_MAX_LENGTH)
                 )
             elif name == "use_case_version":
-                if isinstance(value, bool) or not isinstance(value, (int, str)):
-                    raise TypeError("use_case_version must be an int")
-                values[name] = value if value == "" else int(value)
+                if value != "" and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise TypeError(f"use_case_version must be an int, not {type(value).__name__}")
+                values[name] = value
             elif name in _SCALARS:
                 if not isinstance(value, str):
                     raise TypeError(f"{name} must be a string, not {type(value).__name__}")

@@ -1,0 +1,355 @@
+"""A small, line-aware document tree for the budgets file.
+
+YAML text is composed with PyYAML's ``SafeLoader`` (never a loader that builds arbitrary
+objects) and turned into :class:`Scalar`, :class:`Map` and :class:`Seq` nodes that each
+remember the 1-based line they start on, so every validation error can name its line.
+Plain Python data (a config dict) becomes the same tree without lines, so one validator
+serves both.
+
+The conversion also rejects what PyYAML lets through silently: duplicate keys in a
+mapping (PyYAML keeps the last one), documents that expand to huge trees through aliases,
+and recursive aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+from typing import TypeAlias
+
+import yaml
+
+from payi_guard.exceptions import ConfigError
+
+__all__ = [
+    "Entry",
+    "Map",
+    "Node",
+    "Scalar",
+    "Seq",
+    "child_path",
+    "from_python",
+    "from_yaml",
+    "item_path",
+]
+
+ALIAS_EXPANSION = 100_000
+"""Values a YAML document may expand to beyond its own length (through aliases).
+
+An alias-free document can never hold more values than characters, so a budget of
+``len(text) + ALIAS_EXPANSION`` never refuses one, whatever its size, yet stops an
+alias bomb (a few lines that expand exponentially) long before it exhausts memory.
+"""
+
+MAX_DEPTH = 64
+"""Deepest nesting accepted: stops recursive aliases before Python's recursion limit."""
+
+_TAG = "tag:yaml.org,2002:"
+# Scalars of these tags are built by SafeLoader's own constructors; every other scalar
+# keeps its source text, and money is always read from that text, never from a float.
+_CONSTRUCTED_TAGS = frozenset(_TAG + name for name in ("int", "float", "bool", "null"))
+_TEXT_TAGS = frozenset(_TAG + name for name in ("str", "timestamp"))
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_:-]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Scalar:
+    """A single value.
+
+    Attributes:
+        value: the value: for YAML, what ``SafeLoader`` makes of an int, float, bool or
+            null, and the source text for anything else; for Python data, the object.
+        line: the 1-based line it starts on (``None`` for Python data).
+        text: the source text of a YAML scalar (``None`` for Python data).
+    """
+
+    value: object
+    line: int | None = None
+    text: str | None = None
+
+    def show(self) -> str:
+        """Return the value as the user wrote it, for error messages."""
+        if self.text is not None:
+            return repr(self.text) if isinstance(self.value, str) else self.text
+        return repr(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ``key: value`` pair of a :class:`Map`; ``line`` is the line of the key."""
+
+    key: str
+    value: Node
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Map:
+    """A mapping, its entries in document order; keys are unique strings."""
+
+    entries: tuple[Entry, ...]
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Seq:
+    """A list."""
+
+    items: tuple[Node, ...]
+    line: int | None = None
+
+
+Node: TypeAlias = "Scalar | Map | Seq"
+
+
+def child_path(path: str, key: str) -> str:
+    """Return the dotted path of ``key`` under ``path`` (``limits.daily``).
+
+    Keys that would make the path ambiguous or unreadable (dots, spaces, control or
+    non-ASCII characters) are quoted and escaped: ``users."john.doe"``.
+    """
+    segment = key if _PLAIN_KEY.match(key) else json.dumps(key)
+    return f"{path}.{segment}" if path else segment
+
+
+def item_path(path: str, index: int) -> str:
+    """Return the path of list item ``index`` under ``path`` (``tiers.pro[1]``)."""
+    return f"{path}[{index}]"
+
+
+class _Counter:
+    """Counts nodes across one conversion (aliases make a tree larger than its text)."""
+
+    __slots__ = ("count", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.count = 0
+        self.limit = limit
+
+    def tick(self, line: int | None, path: str, source: str | None) -> None:
+        self.count += 1
+        if self.count > self.limit:
+            raise ConfigError(
+                f"the document expands to more than {self.limit} values through aliases",
+                file=source,
+                line=line,
+                key=path or None,
+            )
+
+
+def _syntax_error(exc: yaml.YAMLError, text: str, source: str | None) -> ConfigError:
+    """Turn a PyYAML error into a ConfigError naming the line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        if isinstance(exc.character, int):
+            code = exc.character
+        else:
+            code = ord(exc.character) if exc.character else 0
+        return ConfigError(
+            f"invalid character U+{code:04X}: YAML does not allow control characters",
+            file=source,
+            line=line,
+        )
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or "invalid YAML"
+        if "'\\t'" in problem:
+            message = "a tab character where YAML expects spaces: indent with spaces, not tabs"
+        elif isinstance(exc, yaml.composer.ComposerError) and "another document" in problem:
+            message = "only one YAML document is allowed: remove the second '---' and what follows"
+        else:
+            message = f"invalid YAML: {problem} (column {mark.column + 1})"
+            if exc.context and exc.context_mark is not None:
+                message += f"; {exc.context} that starts on line {exc.context_mark.line + 1}"
+        return ConfigError(message, file=source, line=mark.line + 1)
+    return ConfigError(f"invalid YAML: {exc}", file=source)
+
+
+def from_yaml(text: str, *, source: str | None = None) -> Node | None:
+    """Compose YAML text into a tree of line-aware nodes.
+
+    Args:
+        text: the YAML document.
+        source: the file name, for error messages.
+
+    Returns:
+        The root node, or ``None`` for a document with no content (empty or only
+        comments).
+
+    Raises:
+        ConfigError: a syntax error, several documents, a duplicate key, an unsupported
+            tag, or a document that expands to too many nodes; always with its line.
+    """
+    try:
+        # The reader checks every character up front, in the constructor.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise _syntax_error(exc, text, source) from None
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            raise _syntax_error(exc, text, source) from None
+        if root is None:
+            return None
+        return _Converter(loader, source, len(text) + ALIAS_EXPANSION).convert(root, "", 0)
+    finally:
+        loader.dispose()
+
+
+class _Converter:
+    """Walks composed PyYAML nodes, checking keys, tags and size on the way."""
+
+    def __init__(self, loader: yaml.SafeLoader, source: str | None, limit: int) -> None:
+        self._loader = loader
+        self._source = source
+        self._counter = _Counter(limit)
+
+    def _error(self, message: str, node: yaml.Node, path: str) -> ConfigError:
+        return ConfigError(
+            message, file=self._source, line=node.start_mark.line + 1, key=path or None
+        )
+
+    def convert(self, node: yaml.Node, path: str, depth: int) -> Node:
+        line = node.start_mark.line + 1
+        self._counter.tick(line, path, self._source)
+        if depth > MAX_DEPTH:
+            raise self._error(
+                f"nested deeper than {MAX_DEPTH} levels (a recursive alias?)", node, path
+            )
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != _TAG + "seq":
+                raise self._error(f"unsupported YAML tag {node.tag!r}", node, path)
+            items = tuple(
+                self.convert(item, item_path(path, index), depth + 1)
+                for index, item in enumerate(node.value)
+            )
+            return Seq(items, line)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, depth)
+        raise self._error("unsupported YAML node", node, path)  # pragma: no cover
+
+    def _scalar(self, node: yaml.ScalarNode, path: str) -> Scalar:
+        line = node.start_mark.line + 1
+        text: str = node.value
+        if node.tag in _TEXT_TAGS:
+            return Scalar(text, line, text)
+        if node.tag in _CONSTRUCTED_TAGS:
+            try:
+                value = self._loader.construct_object(node, deep=True)
+            except (yaml.YAMLError, ValueError, OverflowError) as exc:
+                kind = node.tag.rsplit(":", 1)[-1]
+                raise self._error(f"invalid {kind}: {exc}", node, path) from None
+            return Scalar(value, line, text)
+        raise self._error(f"unsupported YAML tag {node.tag!r}", node, path)
+
+    def _key(self, node: yaml.Node, path: str) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self._error("a key must be a plain string, not a list or mapping", node, path)
+        # Keys are names here (limits, tiers, user ids): keep the text as written, so
+        # `no:` stays the user "no" and `007:` stays "007" instead of a bool or an int.
+        key: str = node.value
+        return key
+
+    def _mapping(self, node: yaml.MappingNode, path: str, depth: int) -> Map:
+        line = node.start_mark.line + 1
+        if node.tag != _TAG + "map":
+            raise self._error(f"unsupported YAML tag {node.tag!r}", node, path)
+        entries: list[Entry] = []
+        seen: dict[str, int] = {}
+        merges: list[yaml.Node] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _TAG + "merge":
+                merges.append(value_node)
+                continue
+            key = self._key(key_node, path)
+            key_line = key_node.start_mark.line + 1
+            entry_path = child_path(path, key)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} (first defined on line {seen[key]}); "
+                    "YAML would silently keep only the last one",
+                    file=self._source,
+                    line=key_line,
+                    key=entry_path,
+                )
+            seen[key] = key_line
+            entries.append(Entry(key, self.convert(value_node, entry_path, depth + 1), key_line))
+        # `<<: *base` (or `<<: [*a, *b]`): keys written here win, then earlier sources.
+        for merge in merges:
+            sources = merge.value if isinstance(merge, yaml.SequenceNode) else [merge]
+            for source_node in sources:
+                if not isinstance(source_node, yaml.MappingNode):
+                    raise self._error("'<<' merges only mappings", source_node, path)
+                merged = self._mapping(source_node, path, depth + 1)
+                for entry in merged.entries:
+                    if entry.key not in seen:
+                        seen[entry.key] = entry.line or line
+                        entries.append(entry)
+        return Map(tuple(entries), line)
+
+
+_PY_SCALARS = (str, int, float, Decimal, Fraction, bool, type(None))
+
+
+def from_python(data: object, *, path: str = "", source: str | None = None) -> Node:
+    """Turn plain Python data (dicts, lists, scalars) into the same tree, without lines.
+
+    Args:
+        data: mappings with ``str`` (or ``int``) keys, lists or tuples, and scalars
+            (``str``, ``int``, ``float``, ``Decimal``, ``Fraction``, ``bool``, ``None``).
+        path: the path of ``data`` itself, for error messages.
+        source: a name for the data, for error messages.
+
+    Returns:
+        The root node.
+
+    Raises:
+        ConfigError: a key that is not a string (or int), two keys that are equal as
+            strings, a value of another type, or data nested too deeply.
+    """
+    return _from_python(data, path, source, 0)
+
+
+def _from_python(data: object, path: str, source: str | None, depth: int) -> Node:
+    if depth > MAX_DEPTH:
+        raise ConfigError(
+            f"nested deeper than {MAX_DEPTH} levels (a recursive structure?)",
+            file=source,
+            key=path or None,
+        )
+    if isinstance(data, Mapping):
+        entries: list[Entry] = []
+        seen: set[str] = set()
+        for raw_key, value in data.items():
+            if isinstance(raw_key, bool) or not isinstance(raw_key, (str, int)):
+                raise ConfigError(
+                    f"keys must be strings, not {type(raw_key).__name__}",
+                    file=source,
+                    key=path or None,
+                )
+            key = str(raw_key)
+            entry_path = child_path(path, key)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r}", file=source, key=entry_path)
+            seen.add(key)
+            entries.append(Entry(key, _from_python(value, entry_path, source, depth + 1)))
+        return Map(tuple(entries))
+    if isinstance(data, (list, tuple)):
+        return Seq(
+            tuple(
+                _from_python(item, item_path(path, index), source, depth + 1)
+                for index, item in enumerate(data)
+            )
+        )
+    if isinstance(data, _PY_SCALARS):
+        return Scalar(data)
+    raise ConfigError(
+        f"unsupported value of type {type(data).__name__}", file=source, key=path or None
+    )
