@@ -247,8 +247,9 @@ TLS for the sentinel and cluster forms is the ``?ssl=true`` option, not an ``s``
 
 _MAX_EXPONENT = 40
 
-MAX_AMOUNT = 2**63 - 1
-"""Largest limit accepted, in ledger units (a signed 64-bit counter, as Redis keeps)."""
+MAX_AMOUNT = 2**53 - 1
+"""Largest limit accepted, in ledger units: 2**53 - 1, the largest integer the Redis
+ledger's Lua scripts compare exactly (about $9 million for money)."""
 
 
 def _suggest(word: str, options: Iterable[str]) -> str:

@@ -243,7 +243,7 @@ def test_unknown_key_without_a_near_miss_lists_the_keys() -> None:
         ("1_000.5", 1_000_500_000_000),
         ('"2.50"', 2_500_000_000),
         ("0x10", 16_000_000_000),
-        ("9223372036.854775807", MAX_AMOUNT),
+        ("9007199.254740991", MAX_AMOUNT),
     ],
 )
 def test_money_is_read_from_the_text(text: str, nano: int) -> None:
@@ -253,7 +253,7 @@ def test_money_is_read_from_the_text(text: str, nano: int) -> None:
 @given(
     st.decimals(
         min_value=Decimal("0.000000001"),
-        max_value=Decimal("9000000000"),
+        max_value=Decimal("9000000"),
         places=9,
         allow_nan=False,
         allow_infinity=False,
@@ -314,7 +314,7 @@ def test_float_point_one_is_exact() -> None:
         ("max: null, per: day", "got no value"),
         ("max: [1], per: day", "got a list"),
         ("max: yes, per: day", "got a boolean (yes)"),
-        ("max: 9223372036.854775808, per: day", "too large"),
+        ("max: 9007199.254740992, per: day", "too large"),
         (
             "requests: 1.0, per: minute",
             "requests must be a positive whole number, got the number 1.0",

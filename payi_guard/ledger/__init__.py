@@ -1,5 +1,20 @@
 """Counter ledgers: atomic reserve / commit / release on memory and Redis."""
 
 from payi_guard.ledger.base import AsyncLedger, Charge, CounterState, Ledger, ReserveResult
+from payi_guard.ledger.factory import open_async_ledger, open_ledger
+from payi_guard.ledger.memory import AsyncMemoryLedger, MemoryLedger
+from payi_guard.ledger.redis import AsyncRedisLedger, RedisLedger
 
-__all__ = ["AsyncLedger", "Charge", "CounterState", "Ledger", "ReserveResult"]
+__all__ = [
+    "AsyncLedger",
+    "AsyncMemoryLedger",
+    "AsyncRedisLedger",
+    "Charge",
+    "CounterState",
+    "Ledger",
+    "MemoryLedger",
+    "RedisLedger",
+    "ReserveResult",
+    "open_async_ledger",
+    "open_ledger",
+]

@@ -1,0 +1,87 @@
+"""Input validation shared by every ledger backend.
+
+Both backends refuse the same inputs with the same messages, so the contract suite can
+hold them to one behaviour. Amounts and maxima are capped at ``2**53 - 1``: Redis runs
+the check-and-add in Lua, whose numbers are doubles, and an integer above that bound
+would be compared inexactly (in nano-USD the cap is about 9 million dollars per counter).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from payi_guard.ledger.base import Charge
+
+__all__ = ["MAX_UNITS", "check_charges", "check_id", "check_keys", "check_now", "check_ttl"]
+
+MAX_UNITS = 2**53 - 1
+"""The largest amount or max a counter accepts (exact in a double, hence in Lua)."""
+
+
+def check_id(reservation_id: str) -> None:
+    """Refuse an empty or non-string reservation id."""
+    if not isinstance(reservation_id, str) or not reservation_id:
+        raise ValueError("reservation_id must be a non-empty string")
+
+
+def check_now(now: float) -> None:
+    """Refuse a time that is not a finite number of epoch seconds."""
+    if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+        raise ValueError(f"now must be a finite number of epoch seconds, got {now!r}")
+
+
+def check_ttl(ttl: float) -> None:
+    """Refuse a reservation ttl that is not a positive finite number of seconds."""
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, (int, float))
+        or not math.isfinite(ttl)
+        or ttl <= 0
+    ):
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+
+
+def _check_units(value: object, what: str, index: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"charge {index}: {what} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"charge {index}: {what} must not be negative, got {value}")
+    if value > MAX_UNITS:
+        raise ValueError(f"charge {index}: {what} {value} is above the maximum {MAX_UNITS}")
+
+
+def check_charges(charges: Sequence[Charge]) -> None:
+    """Refuse malformed charges and a key that appears twice.
+
+    Raises:
+        ValueError: naming the index of the offending charge and what is wrong with it.
+    """
+    for index, charge in enumerate(charges):
+        if not isinstance(charge, Charge):
+            raise ValueError(f"charge {index}: expected a Charge, got {type(charge).__name__}")
+        if not isinstance(charge.key, str) or not charge.key:
+            raise ValueError(f"charge {index}: key must be a non-empty string")
+        _check_units(charge.amount, "amount", index)
+        if charge.max is not None:
+            _check_units(charge.max, "max", index)
+        expires_at = charge.expires_at
+        if (
+            isinstance(expires_at, bool)
+            or not isinstance(expires_at, (int, float))
+            or not math.isfinite(expires_at)
+        ):
+            raise ValueError(f"charge {index}: expires_at must be finite epoch seconds")
+    if len(charges) > 1 and len({charge.key for charge in charges}) != len(charges):
+        raise ValueError("a key may appear only once per call")
+
+
+def check_keys(keys: Sequence[str]) -> None:
+    """Refuse empty or non-string keys and a key that appears twice."""
+    if isinstance(keys, str):
+        raise ValueError("keys must be a sequence of keys, not a single string")
+    for index, key in enumerate(keys):
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key {index} must be a non-empty string")
+    if len(keys) > 1 and len(set(keys)) != len(keys):
+        raise ValueError("a key may appear only once per call")

@@ -1,0 +1,312 @@
+"""Ledgers from storage URIs (the ``storage:`` setting of a budgets file).
+
+==========================================================  =============================
+URI                                                         ledger
+==========================================================  =============================
+``memory://``                                               :class:`MemoryLedger`
+``redis://[[user]:[password]@]host[:port][/db]``            redis-py client (``from_url``)
+``rediss://…``                                              the same over TLS
+``redis+unix:///path/to/redis.sock[?db=0]``                 a Unix socket
+``valkey://…``, ``valkeys://…``, ``valkey+unix://…``        Valkey speaks the Redis
+                                                            protocol: same as ``redis``
+``redis+sentinel://[[user]:[password]@]h1[:p1][,h2[:p2]]``  ``Sentinel(...).master_for``
+``/service_name[/db]``                                      (sentinel port 26379)
+``redis+cluster://[[user]:[password]@]h1[:p1][,h2[:p2]]``   ``RedisCluster`` (grouped by
+                                                            slot, see ``ledger.redis``)
+==========================================================  =============================
+
+``valkey+sentinel://`` and ``valkey+cluster://`` are accepted as well. Query options of
+the ``redis``/``valkey`` forms are passed to redis-py (``?socket_timeout=1``); the
+sentinel and cluster forms accept ``socket_timeout``, ``socket_connect_timeout``,
+``ssl`` and, for sentinel, ``sentinel_password``. Keyword options are passed to the
+client constructor, except ``group_by_slot``, which goes to the ledger.
+
+Unless the URI or the options say otherwise, clients get a 0.25 s connect and read
+timeout and no automatic retry, so a dead server fails a call within a fraction of a
+second instead of hanging it (``on_storage_error`` then decides). The ``redis://``
+forms use a blocking connection pool (redis-py's default of 50 connections): a burst
+of more concurrent calls waits up to ``timeout`` (1 s) for a free connection rather
+than failing; ``max_connections`` and ``timeout`` options change that.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote
+
+from payi_guard.exceptions import ConfigError, StorageError
+from payi_guard.ledger.base import AsyncLedger, Ledger
+from payi_guard.ledger.memory import AsyncMemoryLedger, MemoryLedger
+
+__all__ = ["DEFAULT_POOL_TIMEOUT", "DEFAULT_TIMEOUT", "open_async_ledger", "open_ledger"]
+
+DEFAULT_TIMEOUT = 0.25
+"""Seconds allowed to connect to, and to hear back from, a storage server."""
+
+DEFAULT_POOL_TIMEOUT = 1.0
+"""Seconds a call may wait for a free pooled connection (``redis://`` forms)."""
+
+_URL_SCHEMES = {
+    "redis": "redis",
+    "rediss": "rediss",
+    "redis+unix": "unix",
+    "valkey": "redis",
+    "valkeys": "rediss",
+    "valkey+unix": "unix",
+}
+_SENTINEL_SCHEMES = ("redis+sentinel", "valkey+sentinel")
+_CLUSTER_SCHEMES = ("redis+cluster", "valkey+cluster")
+_SUPPORTED = (
+    "memory://, redis://, rediss://, redis+unix://, valkey://, redis+sentinel://, redis+cluster://"
+)
+_FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A parsed storage URI."""
+
+    kind: Literal["memory", "url", "sentinel", "cluster"]
+    url: str = ""
+    hosts: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    query: dict[str, Any] = field(default_factory=dict)
+
+
+def _scheme_of(uri: str) -> tuple[str, str]:
+    if not isinstance(uri, str):
+        raise ConfigError(f"storage must be a URI string, got {type(uri).__name__}")
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not scheme:
+        raise ConfigError(f"storage must be a URI such as {_SUPPORTED}")
+    return scheme.lower(), rest
+
+
+def _parse_hosts(netloc: str, default_port: int, scheme: str) -> tuple[tuple[str, int], ...]:
+    hosts: list[tuple[str, int]] = []
+    for part in netloc.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("["):
+            host, _, tail = part[1:].partition("]")
+            port_text = tail[1:] if tail.startswith(":") else ""
+        else:
+            host, _, port_text = part.partition(":")
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise ConfigError(f"{scheme}:// has an invalid port {port_text!r}") from None
+        if not host or not 0 < port < 65536:
+            raise ConfigError(f"{scheme}:// has an invalid host entry")
+        hosts.append((host, port))
+    if not hosts:
+        raise ConfigError(f"{scheme}:// needs at least one host")
+    return tuple(hosts)
+
+
+def _parse_query(query: str, scheme: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in allowed:
+            raise ConfigError(
+                f"{scheme}:// does not accept the option {name!r} (accepted: {', '.join(allowed)})"
+            )
+        if name in _FLOAT_OPTIONS:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"{scheme}:// option {name} must be a number") from None
+        elif name == "ssl":
+            if value.lower() not in _TRUE + _FALSE:
+                raise ConfigError(f"{scheme}:// option ssl must be true or false")
+            out[name] = value.lower() in _TRUE
+        else:
+            out[name] = value
+    return out
+
+
+def _parse_multi_host(scheme: str, rest: str) -> _Target:
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if colon else None
+        if not colon:  # "redis+sentinel://secret@host" means a password, as redis-py reads it
+            username, password = None, unquote(user_text) or None
+    if scheme in _SENTINEL_SCHEMES:
+        hosts = _parse_hosts(hostlist, 26379, scheme)
+        service, _, db_text = path.partition("/")
+        service = unquote(service)
+        if not service:
+            raise ConfigError(f"{scheme}:// needs the service name as its path: /mymaster")
+        try:
+            db = int(db_text.strip("/") or 0)
+        except ValueError:
+            raise ConfigError(f"{scheme}:// has an invalid db {db_text!r}") from None
+        options = _parse_query(query, scheme, (*_FLOAT_OPTIONS, "ssl", "sentinel_password"))
+        return _Target("sentinel", hosts=hosts, service=service, db=db, username=username,
+                       password=password, query=options)  # fmt: skip
+    hosts = _parse_hosts(hostlist, 6379, scheme)
+    if path.strip("/") not in ("", "0"):
+        raise ConfigError(f"{scheme}:// cannot select a database: Redis Cluster only has db 0")
+    options = _parse_query(query, scheme, (*_FLOAT_OPTIONS, "ssl"))
+    return _Target("cluster", hosts=hosts, username=username, password=password, query=options)
+
+
+def _parse(uri: str) -> _Target:
+    scheme, rest = _scheme_of(uri)
+    if scheme == "memory":
+        if rest.strip("/"):
+            raise ConfigError("memory:// takes no host, path or options")
+        return _Target("memory")
+    if scheme in _URL_SCHEMES:
+        return _Target("url", url=f"{_URL_SCHEMES[scheme]}://{rest}")
+    if scheme in _SENTINEL_SCHEMES or scheme in _CLUSTER_SCHEMES:
+        return _parse_multi_host(scheme, rest)
+    raise ConfigError(f"unsupported storage scheme {scheme!r}: use one of {_SUPPORTED}")
+
+
+def _client_options(target: _Target, options: dict[str, Any], retry: Any) -> dict[str, Any]:
+    """Defaults < URI query < keyword options (redis-py's ``from_url`` lets its query win)."""
+    merged: dict[str, Any] = {
+        "socket_timeout": DEFAULT_TIMEOUT,
+        "socket_connect_timeout": DEFAULT_TIMEOUT,
+        "retry": retry,
+    }
+    merged.update(target.query)
+    merged.update(options)
+    if target.username is not None:
+        merged.setdefault("username", target.username)
+    if target.password is not None:
+        merged.setdefault("password", target.password)
+    return merged
+
+
+_MODULES = {
+    "sync": ("redis", "redis.retry", "redis.sentinel", "redis.cluster"),
+    "async": (
+        "redis.asyncio",
+        "redis.asyncio.retry",
+        "redis.asyncio.sentinel",
+        "redis.asyncio.cluster",
+    ),
+}
+
+
+def _make_client(target: _Target, options: dict[str, Any], flavour: str) -> Any:
+    """Build the sync or async redis-py client a target names (no I/O but for a cluster)."""
+    client_mod, retry_mod, sentinel_mod, cluster_mod = (
+        importlib.import_module(name) for name in _MODULES[flavour]
+    )
+    backoff = importlib.import_module("redis.backoff")
+    kwargs = _client_options(target, options, retry_mod.Retry(backoff.NoBackoff(), 0))
+    if target.kind == "url":
+        # A blocking pool makes a burst above max_connections wait (up to ``timeout``)
+        # for a free connection instead of failing at once.
+        kwargs.setdefault("timeout", DEFAULT_POOL_TIMEOUT)
+        pool = client_mod.BlockingConnectionPool.from_url(target.url, **kwargs)
+        return client_mod.Redis.from_pool(pool)
+    if target.kind == "sentinel":
+        sentinel_kwargs = {
+            name: kwargs[name] for name in ("socket_timeout", "socket_connect_timeout", "retry")
+        }
+        sentinel_password = kwargs.pop("sentinel_password", None)
+        if sentinel_password is not None:
+            sentinel_kwargs["password"] = sentinel_password
+        sentinel = sentinel_mod.Sentinel(
+            list(target.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs
+        )
+        return sentinel.master_for(target.service, db=target.db)
+    nodes = [cluster_mod.ClusterNode(host, port) for host, port in target.hosts]
+    return cluster_mod.RedisCluster(startup_nodes=nodes, **kwargs)
+
+
+def _sync_client(target: _Target, options: dict[str, Any]) -> Any:
+    redis = importlib.import_module("redis")
+    try:
+        # A sync RedisCluster learns the slot map while it is built, so it is the one
+        # client that talks to the server here.
+        return _make_client(target, options, "sync")
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+        raise StorageError(f"cannot reach the Redis storage: {exc}") from exc
+
+
+def open_ledger(uri: str, **options: Any) -> Ledger:
+    """Open a synchronous ledger from a storage URI.
+
+    Args:
+        uri: ``memory://`` or a Redis-family URI (see the module documentation).
+        **options: for ``memory://``, :class:`MemoryLedger` arguments; otherwise
+            ``group_by_slot`` for the ledger and anything else for the redis-py client
+            (``socket_timeout=1.0``, ``max_connections=50``, ...).
+
+    Returns:
+        A :class:`MemoryLedger` or a :class:`~payi_guard.ledger.redis.RedisLedger`.
+
+    Raises:
+        ConfigError: when the URI is malformed or its scheme is not supported.
+        MissingDependency: for a Redis URI when redis-py is not installed.
+        StorageError: when a Redis Cluster cannot be reached to learn its slots.
+    """
+    target = _parse(uri)
+    if target.kind == "memory":
+        return MemoryLedger(**options)
+    from payi_guard.ledger.redis import RedisLedger, import_redis
+
+    import_redis()
+    group_by_slot = options.pop("group_by_slot", None)
+    return RedisLedger(_sync_client(target, options), group_by_slot=group_by_slot)
+
+
+def open_async_ledger(
+    uri: str, *, shared: MemoryLedger | None = None, **options: Any
+) -> AsyncLedger:
+    """Open an async ledger from a storage URI.
+
+    Args:
+        uri: ``memory://`` or a Redis-family URI (see the module documentation).
+        shared: for ``memory://``, the :class:`MemoryLedger` whose counters the async
+            ledger must share (a Guard's sync and async paths charge one store); a new
+            store when omitted. With ``shared``, memory options are ignored (they were
+            given when ``shared`` was made).
+        **options: as for :func:`open_ledger`. Redis clients are made lazily, one per
+            running event loop, so nothing connects here.
+
+    Returns:
+        An :class:`AsyncMemoryLedger` or a
+        :class:`~payi_guard.ledger.redis.AsyncRedisLedger`.
+
+    Raises:
+        ConfigError: when the URI is malformed, its scheme is not supported, or
+            ``shared`` is given for a non-memory URI.
+        MissingDependency: for a Redis URI when redis-py is not installed.
+    """
+    target = _parse(uri)
+    if target.kind == "memory":
+        if shared is not None:
+            # The options were applied when ``shared`` was made; they are not reapplied.
+            if not isinstance(shared, MemoryLedger):
+                raise ConfigError(f"shared must be a MemoryLedger, got {type(shared).__name__}")
+            return AsyncMemoryLedger(shared)
+        return AsyncMemoryLedger(MemoryLedger(**options))
+    if shared is not None:
+        raise ConfigError("shared applies to memory:// only")
+    from payi_guard.ledger.redis import AsyncRedisLedger, import_redis
+
+    import_redis()
+    group_by_slot = options.pop("group_by_slot", None)
+    return AsyncRedisLedger(
+        functools.partial(_make_client, target, options, "async"), group_by_slot=group_by_slot
+    )

@@ -1,0 +1,398 @@
+"""The in-process ledger: one dict of counters behind one lock.
+
+:class:`MemoryLedger` is the ``memory://`` storage: exact for a single process, with
+microsecond operations. :class:`AsyncMemoryLedger` exposes the *same* store to async
+code (a Guard charges sync and async calls to one set of counters); its operations are
+too short to be worth a thread hop, so they run inline on the event loop.
+
+Per counter the store keeps ``settled``, ``pending``, its ``expires_at`` and, only while
+reservations are open, a dict ``id -> (amount, deadline)`` with a min-heap of deadlines.
+Expired reservations are purged lazily when their counter is touched (a heap pop each);
+closed reservations leave stale heap entries that are skipped on pop, and the heap is
+rebuilt once stale entries outnumber live ones, so it stays proportional to what is
+open. Expired counters are swept incrementally: counters are filed in buckets by
+``expires_at`` (every counter of a calendar window shares one), and each reserve or commit
+drops at most ``sweep_batch`` counters whose time has passed, so no single call pays
+for a whole window's worth of users and memory stays bounded. A counter whose
+``expires_at`` has passed reads as zero even before it is swept, as Redis would.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Sequence
+
+from payi_guard.ledger._checks import check_charges, check_id, check_keys, check_now, check_ttl
+from payi_guard.ledger.base import Charge, CounterState, ReserveResult
+
+__all__ = ["AsyncMemoryLedger", "MemoryLedger"]
+
+_ZERO = CounterState(0, 0)
+
+
+class _Counter:
+    """One counter: totals, expiry, and the reservations open on it."""
+
+    __slots__ = ("deadlines", "expires_at", "open", "pending", "settled")
+
+    def __init__(self, expires_at: float) -> None:
+        self.settled = 0
+        self.pending = 0
+        self.expires_at = expires_at
+        self.open: dict[str, tuple[int, float]] | None = None
+        self.deadlines: list[tuple[float, str]] | None = None
+
+    def state(self) -> CounterState:
+        return CounterState(self.settled, self.pending)
+
+    def purge(self, now: float) -> None:
+        """Drop the reservations whose deadline is ``<= now``."""
+        deadlines = self.deadlines
+        if not deadlines or deadlines[0][0] > now:
+            return
+        open_ = self.open
+        if open_ is None:  # unreachable: both are set and cleared together
+            self.deadlines = None
+            return
+        while deadlines and deadlines[0][0] <= now:
+            deadline, rid = heapq.heappop(deadlines)
+            entry = open_.get(rid)
+            # A stale heap entry (closed, or replaced by a later reserve) is skipped.
+            if entry is not None and entry[1] == deadline:
+                del open_[rid]
+                self.pending -= entry[0]
+        if not open_:
+            self.open = self.deadlines = None
+
+    def held(self, rid: str) -> int:
+        """The amount reservation ``rid`` holds on this counter (0 if not open)."""
+        if self.open is None:
+            return 0
+        entry = self.open.get(rid)
+        return 0 if entry is None else entry[0]
+
+    def hold(self, rid: str, amount: int, deadline: float) -> None:
+        """Open (or replace) reservation ``rid``."""
+        if self.open is None or self.deadlines is None:
+            self.open = {}
+            self.deadlines = []
+        previous = self.open.get(rid)
+        if previous is not None:
+            self.pending -= previous[0]
+        self.open[rid] = (amount, deadline)
+        self.pending += amount
+        heapq.heappush(self.deadlines, (deadline, rid))
+
+    def close(self, rid: str) -> None:
+        """Close reservation ``rid`` if it is open."""
+        open_ = self.open
+        if open_ is None:
+            return
+        entry = open_.pop(rid, None)
+        if entry is None:
+            return
+        self.pending -= entry[0]
+        if not open_:
+            self.open = self.deadlines = None
+        elif self.deadlines is not None and len(self.deadlines) > 2 * len(open_) + 16:
+            self.deadlines = [(deadline, key) for key, (_, deadline) in open_.items()]
+            heapq.heapify(self.deadlines)
+
+
+class MemoryLedger:
+    """An in-process :class:`~payi_guard.ledger.Ledger`, safe to share between threads.
+
+    Every operation is O(1) per charge (plus a heap operation on the charge's own open
+    reservations) under a single lock. Time is whatever ``now`` the caller passes:
+    reservations expire at ``now + ttl`` and counters at their ``expires_at``.
+
+    Args:
+        sweep_batch: the most expired counters one reserve or commit drops (bounds the latency
+            an operation can pay for cleanup; the rest go on the next operations).
+
+    Raises:
+        ValueError: if ``sweep_batch`` is not a positive int.
+    """
+
+    def __init__(self, *, sweep_batch: int = 256) -> None:
+        if isinstance(sweep_batch, bool) or not isinstance(sweep_batch, int) or sweep_batch < 1:
+            raise ValueError(f"sweep_batch must be a positive int, got {sweep_batch!r}")
+        self._sweep_batch = sweep_batch
+        self._lock = threading.Lock()
+        self._counters: dict[str, _Counter] = {}
+        # expires_at -> keys filed under it, and a heap of those expires_at values.
+        self._buckets: dict[float, list[str]] = {}
+        self._bucket_times: list[float] = []
+
+    def __len__(self) -> int:
+        """The number of counters stored (expired ones count until they are swept)."""
+        return len(self._counters)
+
+    def __repr__(self) -> str:
+        return f"MemoryLedger(counters={len(self._counters)})"
+
+    # -- internals (call with the lock held) ---------------------------------------------
+
+    def _file(self, key: str, expires_at: float) -> None:
+        bucket = self._buckets.get(expires_at)
+        if bucket is None:
+            bucket = self._buckets[expires_at] = []
+            heapq.heappush(self._bucket_times, expires_at)
+        bucket.append(key)
+
+    def _new_counter(self, key: str, expires_at: float) -> _Counter:
+        counter = _Counter(expires_at)
+        self._counters[key] = counter
+        self._file(key, expires_at)
+        return counter
+
+    def _sweep(self, now: float, budget: int) -> int:
+        dropped = 0
+        times = self._bucket_times
+        counters = self._counters
+        while times and times[0] <= now and dropped < budget:
+            when = times[0]
+            bucket = self._buckets[when]
+            while bucket and dropped < budget:
+                key = bucket.pop()
+                counter = counters.get(key)
+                # The key may have been re-created or extended since it was filed here.
+                if counter is not None and counter.expires_at <= now:
+                    del counters[key]
+                    dropped += 1
+            if not bucket:
+                del self._buckets[when]
+                heapq.heappop(times)
+        return dropped
+
+    def _live(self, key: str, now: float) -> _Counter | None:
+        counter = self._counters.get(key)
+        if counter is None or counter.expires_at <= now:
+            return None
+        counter.purge(now)
+        return counter
+
+    def _touch(self, key: str, expires_at: float, now: float) -> _Counter:
+        counter = self._counters.get(key)
+        if counter is None or counter.expires_at <= now:
+            return self._new_counter(key, expires_at)
+        counter.purge(now)
+        if expires_at > counter.expires_at:
+            counter.expires_at = expires_at
+            self._file(key, expires_at)
+        return counter
+
+    # -- the Ledger protocol ---------------------------------------------------------------
+
+    def reserve(
+        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+    ) -> ReserveResult:
+        """Reserve every charge or none.
+
+        Each charge with a ``max`` must satisfy ``settled + pending + amount <= max``
+        (an id already open on a counter is replaced, so its old amount does not count).
+        The reservation expires at ``now + ttl``.
+
+        Args:
+            reservation_id: a fresh id naming this reservation.
+            charges: one per counter (each key at most once).
+            now: the current time, epoch seconds.
+            ttl: seconds the reservation holds budget if it is never committed.
+
+        Returns:
+            The outcome; when refused, nothing was changed.
+
+        Raises:
+            ValueError: on an empty id, a negative or non-int amount, a repeated key,
+                a non-finite time or a ttl that is not positive.
+        """
+        check_id(reservation_id)
+        check_charges(charges)
+        check_now(now)
+        check_ttl(ttl)
+        with self._lock:
+            if self._bucket_times and self._bucket_times[0] <= now:
+                self._sweep(now, self._sweep_batch)
+            found: list[_Counter | None] = []
+            refused: int | None = None
+            for index, charge in enumerate(charges):
+                counter = self._live(charge.key, now)
+                found.append(counter)
+                if refused is None and charge.max is not None:
+                    used = 0
+                    if counter is not None:
+                        used = counter.settled + counter.pending - counter.held(reservation_id)
+                    if used + charge.amount > charge.max:
+                        refused = index
+            if refused is not None:
+                states = tuple(_ZERO if c is None else c.state() for c in found)
+                return ReserveResult(False, refused, states)
+            deadline = now + ttl
+            out: list[CounterState] = []
+            for charge, counter in zip(charges, found, strict=True):
+                if counter is None:
+                    counter = self._new_counter(charge.key, charge.expires_at)
+                elif charge.expires_at > counter.expires_at:
+                    counter.expires_at = charge.expires_at
+                    self._file(charge.key, charge.expires_at)
+                counter.hold(reservation_id, charge.amount, deadline)
+                out.append(counter.state())
+            return ReserveResult(True, None, tuple(out))
+
+    def commit(
+        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+    ) -> tuple[CounterState, ...]:
+        """Close the reservation where it is open and add each actual amount to ``settled``.
+
+        A reservation that expired or was never made (a manual record) is simply added.
+
+        Args:
+            reservation_id: the id given to :meth:`reserve` (or any id for a record).
+            charges: the actual amounts, on the keys that were reserved (``max`` ignored).
+            now: the current time, epoch seconds.
+
+        Returns:
+            The state of each counter after the commit.
+
+        Raises:
+            ValueError: on an empty id, a negative or non-int amount or a repeated key.
+        """
+        check_id(reservation_id)
+        check_charges(charges)
+        check_now(now)
+        with self._lock:
+            if self._bucket_times and self._bucket_times[0] <= now:
+                self._sweep(now, self._sweep_batch)
+            out: list[CounterState] = []
+            for charge in charges:
+                if charge.amount == 0:
+                    # Nothing to add: close the reservation without creating a counter.
+                    counter = self._live(charge.key, now)
+                    if counter is None:
+                        out.append(_ZERO)
+                        continue
+                else:
+                    counter = self._touch(charge.key, charge.expires_at, now)
+                counter.close(reservation_id)
+                counter.settled += charge.amount
+                out.append(counter.state())
+            return tuple(out)
+
+    def release(
+        self, reservation_id: str, keys: Sequence[str], *, now: float
+    ) -> tuple[CounterState, ...]:
+        """Drop the reservation without charging anything (a commit of zero).
+
+        Args:
+            reservation_id: the id given to :meth:`reserve`.
+            keys: the keys that were reserved.
+            now: the current time, epoch seconds.
+
+        Returns:
+            The state of each counter after the release.
+
+        Raises:
+            ValueError: on an empty id or key, or a repeated key.
+        """
+        check_id(reservation_id)
+        check_keys(keys)
+        check_now(now)
+        with self._lock:
+            out: list[CounterState] = []
+            for key in keys:
+                counter = self._live(key, now)
+                if counter is None:
+                    out.append(_ZERO)
+                    continue
+                counter.close(reservation_id)
+                out.append(counter.state())
+            return tuple(out)
+
+    def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
+        """Return the state of each counter (missing or expired counters are zero).
+
+        Args:
+            keys: the counters to read.
+            now: the current time, epoch seconds.
+
+        Returns:
+            One state per key, in order.
+
+        Raises:
+            ValueError: on an empty key or a repeated key.
+        """
+        check_keys(keys)
+        check_now(now)
+        with self._lock:
+            out: list[CounterState] = []
+            for key in keys:
+                counter = self._live(key, now)
+                out.append(_ZERO if counter is None else counter.state())
+            return tuple(out)
+
+    def sweep(self, now: float) -> int:
+        """Drop every counter whose ``expires_at`` is ``<= now``, at once.
+
+        Operations already sweep incrementally; this is for callers that want memory
+        back immediately (and for tests).
+
+        Args:
+            now: the current time, epoch seconds.
+
+        Returns:
+            The number of counters dropped.
+        """
+        check_now(now)
+        with self._lock:
+            return self._sweep(now, len(self._counters) + 1)
+
+    def close(self) -> None:
+        """Nothing to release: the counters stay readable (other users may share them)."""
+
+
+class AsyncMemoryLedger:
+    """The async face of a :class:`MemoryLedger`, sharing its counters.
+
+    Operations take microseconds under a lock that is never held across an ``await``,
+    so they run inline on the event loop.
+
+    Args:
+        ledger: the store to share; a new :class:`MemoryLedger` if omitted.
+    """
+
+    def __init__(self, ledger: MemoryLedger | None = None) -> None:
+        self._ledger = MemoryLedger() if ledger is None else ledger
+
+    @property
+    def ledger(self) -> MemoryLedger:
+        """The shared synchronous store."""
+        return self._ledger
+
+    def __repr__(self) -> str:
+        return f"AsyncMemoryLedger({self._ledger!r})"
+
+    async def reserve(
+        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+    ) -> ReserveResult:
+        """Async :meth:`MemoryLedger.reserve` (same arguments, result and errors)."""
+        return self._ledger.reserve(reservation_id, charges, now=now, ttl=ttl)
+
+    async def commit(
+        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+    ) -> tuple[CounterState, ...]:
+        """Async :meth:`MemoryLedger.commit` (same arguments, result and errors)."""
+        return self._ledger.commit(reservation_id, charges, now=now)
+
+    async def release(
+        self, reservation_id: str, keys: Sequence[str], *, now: float
+    ) -> tuple[CounterState, ...]:
+        """Async :meth:`MemoryLedger.release` (same arguments, result and errors)."""
+        return self._ledger.release(reservation_id, keys, now=now)
+
+    async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
+        """Async :meth:`MemoryLedger.read` (same arguments, result and errors)."""
+        return self._ledger.read(keys, now=now)
+
+    async def aclose(self) -> None:
+        """Nothing to release (the shared store stays usable)."""

@@ -1,0 +1,197 @@
+"""Helpers for the ledger tests: one call shape over sync and async ledgers, key
+cleanup on the shared Redis, command-counting connections and private redis-server
+processes (for the tests that stop a server or need one in a special mode)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from payi_guard.ledger import AsyncLedger, Charge, CounterState, Ledger, MemoryLedger, ReserveResult
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+class LedgerAdapter:
+    """Awaitable calls over either a sync or an async ledger."""
+
+    def __init__(
+        self,
+        kind: str,
+        ledger: Ledger | AsyncLedger,
+        *,
+        memory: MemoryLedger | None = None,
+        raw: redis.Redis | None = None,
+    ) -> None:
+        self.kind = kind
+        self.ledger = ledger
+        self.memory = memory
+        self.raw = raw
+
+    @property
+    def is_redis(self) -> bool:
+        return self.raw is not None
+
+    async def reserve(
+        self, rid: str, charges: Sequence[Charge], *, now: float, ttl: float
+    ) -> ReserveResult:
+        if isinstance(self.ledger, Ledger):
+            return self.ledger.reserve(rid, charges, now=now, ttl=ttl)
+        return await self.ledger.reserve(rid, charges, now=now, ttl=ttl)
+
+    async def commit(
+        self, rid: str, charges: Sequence[Charge], *, now: float
+    ) -> tuple[CounterState, ...]:
+        if isinstance(self.ledger, Ledger):
+            return self.ledger.commit(rid, charges, now=now)
+        return await self.ledger.commit(rid, charges, now=now)
+
+    async def release(
+        self, rid: str, keys: Sequence[str], *, now: float
+    ) -> tuple[CounterState, ...]:
+        if isinstance(self.ledger, Ledger):
+            return self.ledger.release(rid, keys, now=now)
+        return await self.ledger.release(rid, keys, now=now)
+
+    async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
+        if isinstance(self.ledger, Ledger):
+            return self.ledger.read(keys, now=now)
+        return await self.ledger.read(keys, now=now)
+
+    async def close(self) -> None:
+        if isinstance(self.ledger, Ledger):
+            self.ledger.close()
+        else:
+            await self.ledger.aclose()
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> int:
+    """Delete the keys under ``prefix`` (SCAN, never FLUSHDB: Redis is shared)."""
+    deleted = 0
+    batch: list[Any] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=500):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += int(client.delete(*batch))
+            batch.clear()
+    if batch:
+        deleted += int(client.delete(*batch))
+    return deleted
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + 10000 < 65536 and _port_is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+def redis_server_binary() -> str:
+    """The redis-server executable; skips the test without one (fails under CI)."""
+    path = shutil.which("redis-server")
+    if path is None:
+        if IN_CI:
+            pytest.fail("CI=true needs the redis-server executable")
+        pytest.skip("redis-server is not installed")
+    return path
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server process that a test may stop, freeze and restart."""
+
+    port: int
+    extra: list[str] = field(default_factory=list)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pg-redis-")))
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, sentinel: bool = False, timeout: float = 10.0) -> None:
+        command = [redis_server_binary()]
+        if sentinel:
+            command += [str(self.workdir / "sentinel.conf"), "--sentinel"]
+        command += [
+            "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--daemonize", "no", "--dir", str(self.workdir), *self.extra,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+                client.ping()
+                client.close()
+                return
+            except redis.RedisError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.02)
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()  # SIGKILL works on a stopped process too
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
+
+
+class CountingConnection(redis.Connection):
+    """A redis-py connection that counts the requests it sends (one per round trip)."""
+
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sent += 1
+        parent: Any = super()
+        parent.send_packed_command(command, check_health)
+
+
+class AsyncCountingConnection(redis.asyncio.Connection):
+    """The asyncio twin of :class:`CountingConnection`."""
+
+    sent = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sent += 1
+        parent: Any = super()
+        await parent.send_packed_command(command, check_health)
+
+
+def counting_classes() -> tuple[type[CountingConnection], type[AsyncCountingConnection]]:
+    """Fresh subclasses, so each test counts only its own requests."""
+    sync_cls = type("Counting", (CountingConnection,), {"sent": 0})
+    async_cls = type("AsyncCounting", (AsyncCountingConnection,), {"sent": 0})
+    return sync_cls, async_cls

@@ -1,0 +1,354 @@
+"""The ledger contract, run over memory (sync, async) and real Redis (sync, async)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from ledger._support import LedgerAdapter
+from payi_guard.clock import FakeClock
+from payi_guard.ledger import Charge, CounterState
+from payi_guard.ledger.redis import INDEX_SUFFIX
+
+DAY = 86_400
+WINDOW = 1_795_737_600  # the day of the `clock` fixture
+
+
+def key(prefix: str, owner: str, window: int = WINDOW) -> str:
+    return f"{prefix}:{{u:{owner}}}:usd:day:{window}"
+
+
+def expiry(clock: FakeClock) -> float:
+    return clock.now() + 2 * DAY
+
+
+@pytest.fixture
+def k1(key_prefix: str) -> str:
+    return key(key_prefix, "alice")
+
+
+@pytest.fixture
+def k2(key_prefix: str) -> str:
+    return key(key_prefix, "acme")
+
+
+@pytest.fixture
+def k3(key_prefix: str) -> str:
+    return key(key_prefix, "global")
+
+
+async def test_reserve_within_max(backend: LedgerAdapter, clock: FakeClock, k1: str) -> None:
+    result = await backend.reserve(
+        "r1", [Charge(k1, 400, 1000, expiry(clock))], now=clock.now(), ttl=60
+    )
+    assert result.ok
+    assert result.refused is None
+    assert result.states == (CounterState(0, 400),)
+    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 400),)
+
+
+async def test_reserve_exactly_at_max_fits(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    await backend.commit("r0", [Charge(k1, 600, None, exp)], now=now)
+    result = await backend.reserve("r1", [Charge(k1, 400, 1000, exp)], now=now, ttl=60)
+    assert result.ok
+    assert result.states[0].used == 1000
+    refused = await backend.reserve("r2", [Charge(k1, 1, 1000, exp)], now=now, ttl=60)
+    assert not refused.ok
+    assert refused.refused == 0
+
+
+async def test_reserve_over_max_is_refused_and_changes_nothing(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    await backend.commit("r0", [Charge(k1, 300, None, exp), Charge(k2, 50, None, exp)], now=now)
+    await backend.reserve("r1", [Charge(k1, 200, 1000, exp)], now=now, ttl=60)
+    before = await backend.read([k1, k2], now=now)
+    assert before == (CounterState(300, 200), CounterState(50, 0))
+
+    result = await backend.reserve(
+        "r2", [Charge(k2, 10, 100, exp), Charge(k1, 501, 1000, exp)], now=now, ttl=60
+    )
+    assert not result.ok
+    assert result.refused == 1
+    assert result.states == (CounterState(50, 0), CounterState(300, 200))
+    assert await backend.read([k1, k2], now=now) == before
+    # The refused id holds nothing anywhere: committing it only adds the amount.
+    states = await backend.commit("r2", [Charge(k2, 0, None, exp)], now=now)
+    assert states == (CounterState(50, 0),)
+    if backend.raw is not None:
+        assert not backend.raw.hexists(k2, "r:r2")
+        assert backend.raw.zscore(k2 + INDEX_SUFFIX, "r2") is None
+
+
+async def test_reserve_is_all_or_nothing_across_keys(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str, k3: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    charges = [Charge(k1, 100, 1000, exp), Charge(k2, 100, 150, exp), Charge(k3, 100, 50, exp)]
+    await backend.commit("r0", [Charge(k2, 100, None, exp)], now=now)
+    result = await backend.reserve("r1", charges, now=now, ttl=60)
+    assert not result.ok
+    assert result.refused == 1  # the first charge that does not fit, though k3 fails too
+    assert result.states == (CounterState(0, 0), CounterState(100, 0), CounterState(0, 0))
+    assert await backend.read([k1, k2, k3], now=now) == result.states
+
+    ok = await backend.reserve(
+        "r2", [Charge(k1, 100, 1000, exp), Charge(k2, 50, 150, exp)], now=now, ttl=60
+    )
+    assert ok.ok
+    assert ok.states == (CounterState(0, 100), CounterState(100, 50))
+
+
+async def test_max_none_never_refuses(backend: LedgerAdapter, clock: FakeClock, k1: str) -> None:
+    now, exp = clock.now(), expiry(clock)
+    huge = 2**52
+    for rid in ("r1", "r2"):
+        result = await backend.reserve(rid, [Charge(k1, huge, None, exp)], now=now, ttl=60)
+        assert result.ok
+    assert await backend.read([k1], now=now) == (CounterState(0, 2 * huge),)
+
+
+async def test_commit_adds_actual_more_or_less_than_reserved(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    await backend.reserve("r1", [Charge(k1, 100, 1000, exp)], now=now, ttl=60)
+    await backend.reserve("r2", [Charge(k1, 100, 1000, exp)], now=now, ttl=60)
+    assert await backend.commit("r1", [Charge(k1, 30, None, exp)], now=now) == (
+        CounterState(30, 100),
+    )
+    assert await backend.commit("r2", [Charge(k1, 250, None, exp)], now=now) == (
+        CounterState(280, 0),
+    )
+    # A second commit of a closed id is a plain add, never a second release.
+    assert await backend.commit("r2", [Charge(k1, 5, None, exp)], now=now) == (
+        CounterState(285, 0),
+    )
+
+
+async def test_commit_applies_to_the_reserved_keys_only(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str, k1: str, k2: str, k3: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    await backend.reserve(
+        "r1", [Charge(k1, 100, 1000, exp), Charge(k2, 100, None, exp)], now=now, ttl=60
+    )
+    await backend.reserve("other", [Charge(k1, 40, 1000, exp)], now=now, ttl=60)
+    states = await backend.commit(
+        "r1", [Charge(k1, 70, None, exp), Charge(k2, 70, None, exp)], now=now
+    )
+    assert states == (CounterState(70, 40), CounterState(70, 0))
+    assert await backend.read([k3], now=now) == (CounterState(0, 0),)
+
+    # After the window rolled over the commit still lands on the keys it names (the
+    # old window): the new window's counter is untouched and never negative.
+    new_day = key(key_prefix, "alice", WINDOW + DAY)
+    await backend.reserve("r3", [Charge(k1, 200, 1000, exp)], now=now, ttl=600)
+    clock.advance(DAY / 2)
+    later = clock.now()
+    await backend.reserve("r4", [Charge(new_day, 10, 1000, exp + DAY)], now=later, ttl=60)
+    assert await backend.commit("r3", [Charge(k1, 150, None, exp)], now=later) == (
+        CounterState(220, 0),
+    )
+    assert await backend.read([new_day], now=later) == (CounterState(0, 10),)
+
+
+async def test_release_gives_the_budget_back(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    charges = [Charge(k1, 1000, 1000, exp), Charge(k2, 5, None, exp)]
+    assert (await backend.reserve("r1", charges, now=now, ttl=60)).ok
+    assert not (await backend.reserve("r2", charges, now=now, ttl=60)).ok
+    assert await backend.release("r1", [k1, k2], now=now) == (
+        CounterState(0, 0),
+        CounterState(0, 0),
+    )
+    assert (await backend.reserve("r2", charges, now=now, ttl=60)).ok
+    # Releasing an unknown id or a missing key changes and creates nothing.
+    assert await backend.release("nope", [k1], now=now) == (CounterState(0, 1000),)
+
+
+async def test_release_of_missing_counter_creates_nothing(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    assert await backend.release("r1", [k1], now=clock.now()) == (CounterState(0, 0),)
+    if backend.raw is not None:
+        assert backend.raw.exists(k1, k1 + INDEX_SUFFIX) == 0
+    if backend.memory is not None:
+        assert len(backend.memory) == 0
+
+
+async def test_reservation_expires_after_ttl(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    exp = expiry(clock)
+    start = clock.now()
+    assert (await backend.reserve("r1", [Charge(k1, 800, 1000, exp)], now=start, ttl=30)).ok
+    clock.advance(29.5)
+    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 800),)
+    refused = await backend.reserve("r2", [Charge(k1, 800, 1000, exp)], now=clock.now(), ttl=30)
+    assert not refused.ok
+    clock.advance(0.5)  # deadline reached: the reservation no longer counts
+    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 0),)
+    result = await backend.reserve("r2", [Charge(k1, 800, 1000, exp)], now=clock.now(), ttl=30)
+    assert result.ok
+    assert result.states == (CounterState(0, 800),)
+
+
+async def test_commit_after_expiry_still_adds(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    exp = expiry(clock)
+    await backend.reserve("r1", [Charge(k1, 500, 1000, exp)], now=clock.now(), ttl=30)
+    clock.advance(31)
+    await backend.reserve("r2", [Charge(k1, 300, 1000, exp)], now=clock.now(), ttl=30)
+    states = await backend.commit("r1", [Charge(k1, 450, None, exp)], now=clock.now())
+    assert states == (CounterState(450, 300),)  # r2 still holds its 300
+
+
+async def test_commit_of_unknown_id_adds_like_a_manual_record(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    await backend.reserve("r1", [Charge(k1, 100, 1000, exp)], now=now, ttl=60)
+    states = await backend.commit(
+        "record-1", [Charge(k1, 25, None, exp), Charge(k2, 7, None, exp)], now=now
+    )
+    assert states == (CounterState(25, 100), CounterState(7, 0))
+
+
+async def test_zero_commit_on_missing_counter_creates_nothing(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    states = await backend.commit("r1", [Charge(k1, 0, None, expiry(clock))], now=clock.now())
+    assert states == (CounterState(0, 0),)
+    if backend.raw is not None:
+        assert backend.raw.exists(k1) == 0
+    if backend.memory is not None:
+        assert len(backend.memory) == 0
+
+
+async def test_reserving_an_open_id_again_replaces_it(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    assert (await backend.reserve("r1", [Charge(k1, 600, 1000, exp)], now=now, ttl=60)).ok
+    # The old 600 does not count against its own replacement.
+    result = await backend.reserve("r1", [Charge(k1, 900, 1000, exp)], now=now, ttl=60)
+    assert result.ok
+    assert result.states == (CounterState(0, 900),)
+    assert await backend.commit("r1", [Charge(k1, 10, None, exp)], now=now) == (
+        CounterState(10, 0),
+    )
+
+
+async def test_read_of_missing_keys_is_zero(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    assert await backend.read([k1, k2], now=clock.now()) == (CounterState(0, 0),) * 2
+    assert await backend.read([], now=clock.now()) == ()
+
+
+async def test_empty_calls_are_no_ops(backend: LedgerAdapter, clock: FakeClock) -> None:
+    now = clock.now()
+    result = await backend.reserve("r1", [], now=now, ttl=60)
+    assert (result.ok, result.refused, result.states) == (True, None, ())
+    assert await backend.commit("r1", [], now=now) == ()
+    assert await backend.release("r1", [], now=now) == ()
+
+
+async def test_counter_past_its_expiry_reads_as_zero(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    # In the past both for the fake clock (memory) and the server's clock (Redis).
+    gone = min(clock.now(), time.time()) - 10
+    await backend.commit("r1", [Charge(k1, 500, None, gone)], now=clock.now())
+    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 0),)
+
+
+async def test_key_expiry_is_set_and_derived_keys_keep_the_hash_tag(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str, k1: str, k2: str
+) -> None:
+    now = clock.now()
+    exp = now + 3600
+    await backend.reserve("r1", [Charge(k1, 10, 100, exp)], now=now, ttl=60)
+    await backend.commit("r2", [Charge(k2, 10, None, exp + 1)], now=now)
+    if backend.raw is not None:
+        raw = backend.raw
+        assert raw.pexpiretime(k1) == int(exp * 1000)
+        assert raw.pexpiretime(k1 + INDEX_SUFFIX) == int(exp * 1000)
+        assert raw.pexpiretime(k2) == int((exp + 1) * 1000)
+        keys = sorted(k.decode() for k in raw.scan_iter(match=f"{key_prefix}*"))
+        assert keys == sorted([k1, k1 + INDEX_SUFFIX, k2])
+        for stored in keys:
+            assert "{u:alice}" in stored or "{u:acme}" in stored
+            tag = stored[stored.index("{") : stored.index("}") + 1]
+            assert stored.startswith(f"{key_prefix}:{tag}")
+    else:
+        memory = backend.memory
+        assert memory is not None
+        assert len(memory) == 2
+        clock.set(exp + 0.5)  # k1 is past its expiry, k2 not yet
+        assert memory.sweep(clock.now()) == 1
+        assert len(memory) == 1
+        assert await backend.read([k1, k2], now=clock.now()) == (
+            CounterState(0, 0),
+            CounterState(10, 0),
+        )
+
+
+BAD_CHARGES: list[tuple[str, Any]] = [
+    ("negative amount", lambda k, e: [Charge(k, -1, 10, e)]),
+    ("float amount", lambda k, e: [Charge(k, 1.5, 10, e)]),  # type: ignore[arg-type]
+    ("bool amount", lambda k, e: [Charge(k, True, 10, e)]),
+    ("negative max", lambda k, e: [Charge(k, 1, -10, e)]),
+    ("amount too large", lambda k, e: [Charge(k, 2**53, None, e)]),
+    ("empty key", lambda k, e: [Charge("", 1, 10, e)]),
+    ("repeated key", lambda k, e: [Charge(k, 1, 10, e), Charge(k, 2, 10, e)]),
+    ("nan expiry", lambda k, e: [Charge(k, 1, 10, float("nan"))]),
+    ("not a charge", lambda k, e: [(k, 1, 10, e)]),
+]
+
+
+@pytest.mark.parametrize(("what", "make"), BAD_CHARGES, ids=[b[0] for b in BAD_CHARGES])
+async def test_invalid_charges_raise_value_error(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, what: str, make: Any
+) -> None:
+    charges = make(k1, expiry(clock))
+    with pytest.raises(ValueError, match=r"charge|key"):
+        await backend.reserve("r1", charges, now=clock.now(), ttl=60)
+    with pytest.raises(ValueError, match=r"charge|key"):
+        await backend.commit("r1", charges, now=clock.now())
+    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 0),)
+
+
+async def test_invalid_ids_times_and_keys_raise_value_error(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    charges = [Charge(k1, 1, 10, exp)]
+    with pytest.raises(ValueError, match="reservation_id"):
+        await backend.reserve("", charges, now=now, ttl=60)
+    with pytest.raises(ValueError, match="reservation_id"):
+        await backend.commit("", charges, now=now)
+    with pytest.raises(ValueError, match="reservation_id"):
+        await backend.release("", [k1], now=now)
+    for ttl in (0, -1, float("inf")):
+        with pytest.raises(ValueError, match="ttl"):
+            await backend.reserve("r1", charges, now=now, ttl=ttl)
+    with pytest.raises(ValueError, match="now"):
+        await backend.reserve("r1", charges, now=float("nan"), ttl=60)
+    with pytest.raises(ValueError, match="once"):
+        await backend.release("r1", [k1, k1], now=now)
+    with pytest.raises(ValueError, match="key"):
+        await backend.read([""], now=now)
+    with pytest.raises(ValueError, match="sequence"):
+        await backend.read(k1, now=now)
+    assert await backend.read([k1], now=now) == (CounterState(0, 0),)

@@ -1,0 +1,450 @@
+"""What only the Redis ledgers have: round trips, timeouts and recovery, event loops,
+slot grouping (forced on one server, and automatic on a real one-node cluster),
+Sentinel, Unix sockets and the URI forms."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from redis.crc import key_slot
+
+from ledger._support import (
+    LedgerAdapter,
+    RedisServer,
+    counting_classes,
+    free_port,
+)
+from payi_guard.clock import FakeClock
+from payi_guard.exceptions import ConfigError, MissingDependency, StorageError
+from payi_guard.ledger import (
+    AsyncRedisLedger,
+    Charge,
+    CounterState,
+    RedisLedger,
+    open_async_ledger,
+    open_ledger,
+)
+from payi_guard.ledger.factory import DEFAULT_TIMEOUT
+
+EXPIRES = 1_795_780_800.0 + 3 * 86_400
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+
+async def _round_trips(
+    adapter: LedgerAdapter, sent: Callable[[], int], rid: str, keys: list[str], now: float
+) -> list[int]:
+    """How many requests each of reserve, commit, reserve, release, read sent."""
+    charges = [Charge(k, 10, 1000, EXPIRES) for k in keys]
+    counts = []
+    for step in ("reserve", "commit", "reserve-again", "release", "read"):
+        before = sent()
+        if step == "reserve":
+            assert (await adapter.reserve(rid, charges, now=now, ttl=60)).ok
+        elif step == "commit":
+            await adapter.commit(rid, charges, now=now)
+        elif step == "reserve-again":
+            assert (await adapter.reserve(rid + "x", charges, now=now, ttl=60)).ok
+        elif step == "release":
+            await adapter.release(rid + "x", keys, now=now)
+        else:
+            await adapter.read(keys, now=now)
+        counts.append(sent() - before)
+    return counts
+
+
+async def test_one_round_trip_per_operation(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    sync_cls, async_cls = counting_classes()
+    sync = LedgerAdapter("redis-sync", open_ledger(redis_url, connection_class=sync_cls))
+    aio = LedgerAdapter("redis-async", open_async_ledger(redis_url, connection_class=async_cls))
+    keys = [f"{key_prefix}:{{u:{i}}}:usd" for i in range(3)]
+    now = clock.now()
+    # The first calls connect and load each script (NOSCRIPT -> SCRIPT LOAD -> EVALSHA).
+    await _round_trips(sync, lambda: sync_cls.sent, "warm-s", keys, now)
+    await _round_trips(aio, lambda: async_cls.sent, "warm-a", keys, now)
+    for i in range(5):
+        assert await _round_trips(sync, lambda: sync_cls.sent, f"s{i}", keys, now) == [1] * 5
+        assert await _round_trips(aio, lambda: async_cls.sent, f"a{i}", keys, now) == [1] * 5
+    await sync.close()
+    await aio.close()
+
+
+# -- slot grouping, forced on a single server ------------------------------------------------
+
+
+def _grouping_keys(prefix: str) -> tuple[str, str, str, str]:
+    a = f"{prefix}:{{u:acme:alice}}:usd:day:1"
+    a_tokens = f"{prefix}:{{u:acme:alice}}:tokens:day:1"
+    b = f"{prefix}:{{o:acme}}:usd:day:1"
+    c = f"{prefix}:{{g}}:usd:day:1"
+    assert len({key_slot(k.encode()) for k in (a, b, c)}) == 3
+    return a, a_tokens, b, c
+
+
+async def _grouping_scenario(
+    adapter: LedgerAdapter, sent: Callable[[], int], prefix: str, raw: redis.Redis, now: float
+) -> None:
+    a, a_tokens, b, c = _grouping_keys(prefix)
+    every = [a, a_tokens, b, c]
+    await adapter.read(every, now=now)  # connect and load the read script
+
+    # Success: one script run per slot (a and a_tokens share one).
+    charges = [Charge(a, 100, 1000, EXPIRES), Charge(b, 100, 1000, EXPIRES),
+               Charge(a_tokens, 5, 50, EXPIRES), Charge(c, 100, None, EXPIRES)]  # fmt: skip
+    result = await adapter.reserve("ok", charges, now=now, ttl=60)
+    assert result.ok
+    assert result.states == (
+        CounterState(0, 100), CounterState(0, 100), CounterState(0, 5), CounterState(0, 100)
+    )  # fmt: skip
+    start = sent()
+    states = await adapter.commit("ok", charges, now=now)
+    assert sent() - start == 3
+    assert states == (
+        CounterState(100, 0), CounterState(100, 0), CounterState(5, 0), CounterState(100, 0)
+    )  # fmt: skip
+
+    # The last group refuses: the groups already reserved are released again.
+    before = await adapter.read(every, now=now)
+    refusing = [Charge(a, 100, 1000, EXPIRES), Charge(b, 100, 1000, EXPIRES),
+                Charge(c, 100, 150, EXPIRES)]  # fmt: skip
+    start = sent()
+    result = await adapter.reserve("no", refusing, now=now, ttl=60)
+    assert sent() - start == 3 + 2  # three reserves, two rollbacks
+    assert not result.ok
+    assert result.refused == 2
+    assert result.states == (before[0], before[2], before[3])
+    assert await adapter.read(every, now=now) == before
+    assert not raw.hexists(a, "r:no")
+    assert not raw.hexists(b, "r:no")
+
+    # The first group refuses at index 2 but a later group has a lower failing index:
+    # that one is reported, as a single script would.
+    mixed = [Charge(a, 1, 1000, EXPIRES), Charge(b, 1000, 1000, EXPIRES),
+             Charge(a_tokens, 100, 50, EXPIRES)]  # fmt: skip
+    result = await adapter.reserve("mixed", mixed, now=now, ttl=60)
+    assert not result.ok
+    assert result.refused == 1
+    assert await adapter.read(every, now=now) == before
+
+    # A storage error in a later group rolls back the earlier ones, then is raised.
+    raw.set(c, "not a hash")
+    with pytest.raises(StorageError, match="WRONGTYPE") as caught:
+        await adapter.reserve("broken", refusing, now=now, ttl=60)
+    assert isinstance(caught.value.__cause__, redis.ResponseError)
+    assert not raw.hexists(a, "r:broken")
+    assert not raw.hexists(b, "r:broken")
+    assert await adapter.read([a, a_tokens, b], now=now) == before[:3]
+    raw.delete(c)
+
+    with pytest.raises(ValueError, match="hash tag"):
+        await adapter.reserve("tagless", [Charge(f"{prefix}:plain", 1, 5, EXPIRES)], now=now, ttl=1)
+
+
+async def test_slot_grouping_sync(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    sync_cls, _ = counting_classes()
+    ledger = open_ledger(redis_url, connection_class=sync_cls, group_by_slot=True)
+    adapter = LedgerAdapter("redis-sync", ledger, raw=raw_redis)
+    await _grouping_scenario(adapter, lambda: sync_cls.sent, key_prefix, raw_redis, clock.now())
+    ledger.close()
+
+
+async def test_slot_grouping_async(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    _, async_cls = counting_classes()
+    ledger = open_async_ledger(redis_url, connection_class=async_cls, group_by_slot=True)
+    adapter = LedgerAdapter("redis-async", ledger, raw=raw_redis)
+    await _grouping_scenario(adapter, lambda: async_cls.sent, key_prefix, raw_redis, clock.now())
+    await ledger.aclose()
+
+
+# -- a dead server -------------------------------------------------------------------------------
+
+
+def test_dead_server_fails_fast_and_the_same_ledger_recovers(clock: FakeClock) -> None:
+    server = RedisServer(free_port())
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    sync = open_ledger(url)
+    aio = open_async_ledger(url)
+    loop = asyncio.new_event_loop()
+    key = "pgtest:dead:{u:a}:usd"
+    now = clock.now()
+    counter = iter(range(1000))
+
+    def ops() -> list[tuple[str, Callable[[], Any]]]:
+        n = next(counter)
+        charge = [Charge(key, 10, 1000, EXPIRES)]
+        return [
+            ("sync reserve", lambda: sync.reserve(f"s{n}", charge, now=now, ttl=60)),
+            ("sync commit", lambda: sync.commit(f"s{n}", charge, now=now)),
+            ("async reserve", lambda: loop.run_until_complete(
+                aio.reserve(f"a{n}", charge, now=now, ttl=60))),
+            ("async commit", lambda: loop.run_until_complete(aio.commit(f"a{n}", charge, now=now))),
+        ]  # fmt: skip
+
+    def all_fail_fast(how: str) -> list[float]:
+        took = []
+        for name, op in ops():
+            start = time.perf_counter()
+            with pytest.raises(StorageError) as caught:
+                op()
+            took.append(time.perf_counter() - start)
+            assert isinstance(caught.value.__cause__, (redis.RedisError, OSError)), (how, name)
+        return took
+
+    try:
+        for _, op in ops():
+            op()
+        assert sync.read([key], now=now) == (CounterState(20, 0),)
+
+        server.pause()  # frozen: connections hang until the read timeout
+        frozen = all_fail_fast("frozen")
+        assert all(DEFAULT_TIMEOUT * 0.8 <= t < 0.75 for t in frozen), frozen
+
+        server.kill()  # gone: connections are refused
+        dead = all_fail_fast("dead")
+        assert all(t < 0.75 for t in dead), dead
+
+        server.start()  # back on the same port, empty (no persistence)
+        for _, op in ops():
+            op()
+        assert sync.read([key], now=now) == (CounterState(20, 0),)
+    finally:
+        loop.run_until_complete(aio.aclose())
+        loop.close()
+        sync.close()
+        server.kill()
+
+
+# -- event loops ---------------------------------------------------------------------------------
+
+
+# The clients of the first two loops are never closed (that is the point): their sockets
+# are closed by the garbage collector, which warns.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_async_ledger_keeps_working_across_event_loops(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    aio = open_async_ledger(redis_url)
+    assert isinstance(aio, AsyncRedisLedger)
+    key = f"{key_prefix}:{{u:a}}:usd"
+
+    async def reserve(rid: str) -> int:
+        result = await aio.reserve(rid, [Charge(key, 10, None, EXPIRES)], now=clock.now(), ttl=60)
+        return result.states[0].pending
+
+    async def reserve_and_close(rid: str) -> int:
+        pending = await reserve(rid)
+        await aio.aclose()
+        return pending
+
+    # Each asyncio.run makes a new loop; the first two leave their client open.
+    assert asyncio.run(reserve("a")) == 10
+    assert asyncio.run(reserve("b")) == 20
+    assert asyncio.run(reserve_and_close("c")) == 30
+    assert len(aio._bindings) == 0  # closed loops' clients are forgotten too
+    gc.collect()  # collect them here, under this test's warning filter
+
+
+async def test_concurrent_async_reserves_never_overshoot(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    aio = open_async_ledger(redis_url)
+    key = f"{key_prefix}:{{u:a}}:usd"
+
+    async def one(i: int) -> bool:
+        charge = [Charge(key, 7, 500, EXPIRES)]
+        return (await aio.reserve(f"r{i}", charge, now=clock.now(), ttl=60)).ok
+
+    granted = await asyncio.gather(*(one(i) for i in range(200)))
+    assert sum(granted) == 500 // 7
+    assert await aio.read([key], now=clock.now()) == (CounterState(0, 7 * (500 // 7)),)
+    await aio.aclose()
+
+
+# -- a real (one-node) Redis Cluster --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_port() -> Iterator[int]:
+    server = RedisServer(free_port(), extra=["--cluster-enabled", "yes"])
+    server.start()
+    client: Any = server.client()
+    try:
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the one-node cluster never became ok"
+            time.sleep(0.05)
+        yield server.port
+    finally:
+        client.close()
+        server.kill()
+
+
+async def test_real_cluster_groups_by_slot(cluster_port: int, clock: FakeClock) -> None:
+    uri = f"redis+cluster://127.0.0.1:{cluster_port}"
+    sync = open_ledger(uri)
+    assert isinstance(sync, RedisLedger)
+    aio = open_async_ledger(uri)
+    keys = ["c:{u:acme:alice}:usd", "c:{o:acme}:usd", "c:{g}:usd"]
+    now = clock.now()
+    charges = [Charge(k, 100, 1000, EXPIRES) for k in keys]
+    assert sync.reserve("s1", charges, now=now, ttl=60).ok
+    assert (await aio.reserve("a1", charges, now=now, ttl=60)).ok
+    refused = [Charge(keys[0], 100, 1000, EXPIRES), Charge(keys[2], 900, 1000, EXPIRES)]
+    assert not sync.reserve("s2", refused, now=now, ttl=60).ok
+    assert sync.read(keys, now=now) == (CounterState(0, 200),) * 3
+    assert await aio.commit("a1", charges, now=now) == (CounterState(100, 100),) * 3
+    assert sync.release("s1", keys, now=now) == (CounterState(100, 0),) * 3
+
+    # Without grouping the server itself refuses the cross-slot script.
+    client: Any = sync.client
+    ungrouped = RedisLedger(client, group_by_slot=False)
+    with pytest.raises(StorageError):
+        ungrouped.reserve("x", charges, now=now, ttl=60)
+    sync.close()
+    await aio.aclose()
+
+
+# -- Sentinel, Unix socket, valkey:// --------------------------------------------------------------
+
+
+def test_sentinel_uri_reaches_the_master(clock: FakeClock) -> None:
+    master = RedisServer(free_port())
+    master.start()
+    sentinel = RedisServer(free_port())
+    (sentinel.workdir / "sentinel.conf").write_text(
+        f"sentinel monitor pgmaster 127.0.0.1 {master.port} 1\n"
+    )
+    try:
+        sentinel.start(sentinel=True)
+        ledger = open_ledger(f"redis+sentinel://127.0.0.1:{sentinel.port}/pgmaster/0")
+        key = "pgtest:sentinel:{u:a}:usd"
+        assert ledger.reserve("r", [Charge(key, 5, 10, EXPIRES)], now=clock.now(), ttl=60).ok
+        assert master.client().hget(key, "p") == b"5"
+        ledger.close()
+    finally:
+        sentinel.kill()
+        master.kill()
+
+
+async def test_unix_socket_uri(tmp_path: Path, clock: FakeClock) -> None:
+    sock = tmp_path / "redis.sock"
+    server = RedisServer(free_port(), extra=["--unixsocket", str(sock)])
+    server.start()
+    try:
+        for scheme in ("redis+unix", "valkey+unix"):
+            ledger = open_ledger(f"{scheme}://{sock}?db=0")
+            key = f"pgtest:unix:{{u:{scheme}}}:usd"
+            assert ledger.reserve("r", [Charge(key, 5, 10, EXPIRES)], now=clock.now(), ttl=60).ok
+            ledger.close()
+        aio = open_async_ledger(f"redis+unix://{sock}")
+        assert await aio.read(["pgtest:unix:{u:redis+unix}:usd"], now=clock.now()) == (
+            CounterState(0, 5),
+        )
+        await aio.aclose()
+    finally:
+        server.kill()
+
+
+def test_valkey_scheme_speaks_redis(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    ledger = open_ledger(redis_url.replace("redis://", "valkey://", 1))
+    key = f"{key_prefix}:{{u:a}}:usd"
+    assert ledger.commit("r", [Charge(key, 5, None, EXPIRES)], now=clock.now()) == (
+        CounterState(5, 0),
+    )
+    assert raw_redis.hget(key, "s") == b"5"
+    ledger.close()
+
+
+# -- URI handling --------------------------------------------------------------------------------
+
+
+def _connection_kwargs(ledger: Any) -> dict[str, Any]:
+    return dict(ledger.client.connection_pool.connection_kwargs)
+
+
+def test_default_timeouts_and_overrides() -> None:
+    ledger = open_ledger("redis://127.0.0.1:1/0")
+    kwargs = _connection_kwargs(ledger)
+    assert kwargs["socket_timeout"] == DEFAULT_TIMEOUT
+    assert kwargs["socket_connect_timeout"] == DEFAULT_TIMEOUT
+    assert kwargs["retry"].get_retries() == 0
+    ledger.close()
+    from_uri = open_ledger("redis://127.0.0.1:1/0?socket_timeout=2")
+    assert _connection_kwargs(from_uri)["socket_timeout"] == 2.0
+    from_options = open_ledger("redis://127.0.0.1:1/0", socket_connect_timeout=1.5)
+    assert _connection_kwargs(from_options)["socket_connect_timeout"] == 1.5
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("", "URI"),
+        ("127.0.0.1:6379", "URI"),
+        ("mongodb://localhost", "unsupported storage scheme 'mongodb'"),
+        ("memory://somewhere", "memory://"),
+        ("redis+sentinel://127.0.0.1:26379", "service name"),
+        ("redis+sentinel://127.0.0.1:26379/svc?bogus=1", "bogus"),
+        ("redis+sentinel://:s3cret@127.0.0.1:x/svc", "invalid port"),
+        ("redis+cluster://127.0.0.1:7000/3", "db"),
+        ("redis+cluster:///", "at least one host"),
+        ("redis+cluster://127.0.0.1:7000?socket_timeout=fast", "number"),
+    ],
+)
+def test_bad_uris_raise_config_error(uri: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        open_ledger(uri)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_shared_applies_to_memory_only() -> None:
+    with pytest.raises(ConfigError, match="memory"):
+        open_async_ledger("redis://127.0.0.1:6379/0", shared=open_ledger("memory://"))  # type: ignore[arg-type]
+
+
+def test_sentinel_and_cluster_uris_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from payi_guard.ledger import factory
+
+    target = factory._parse(
+        "redis+sentinel://u%40x:p%3Aw@[::1]:26380,10.0.0.2/mymaster/2?socket_timeout=1&ssl=true"
+    )
+    assert target.kind == "sentinel"
+    assert target.hosts == (("::1", 26380), ("10.0.0.2", 26379))
+    assert (target.service, target.db, target.username, target.password) == (
+        "mymaster",
+        2,
+        "u@x",
+        "p:w",
+    )
+    assert target.query == {"socket_timeout": 1.0, "ssl": True}
+    target = factory._parse("valkey+cluster://secret@h1:7000,h2:7001")
+    assert target.kind == "cluster"
+    assert target.hosts == (("h1", 7000), ("h2", 7001))
+    assert (target.username, target.password) == (None, "secret")
+
+
+def test_missing_redis_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(MissingDependency, match=r"payi-guard\[redis\]"):
+        open_ledger("redis://127.0.0.1:6379/0")
+    with pytest.raises(MissingDependency, match=r"payi-guard\[redis\]"):
+        open_async_ledger("redis://127.0.0.1:6379/0")

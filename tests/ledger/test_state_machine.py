@@ -1,0 +1,211 @@
+"""A model-based test: random reserve / commit / release / record / time / window steps
+against memory and real Redis, checked after every step against a plain model."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from ledger._support import delete_prefix
+from payi_guard.ledger import Charge, CounterState, Ledger, MemoryLedger, open_ledger
+
+START = 1_795_780_800.0
+EXPIRES = START + 30 * 86_400  # no counter expires during a run
+MAXES: tuple[int | None, ...] = (1000, 600, None)  # per window: two limited counters, one not
+
+
+@dataclass
+class Reservation:
+    amounts: dict[str, int]
+    deadline: float
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Drives one ledger and a model; ``make`` builds the ledger and a cleanup."""
+
+    make: Callable[[str], tuple[Ledger, Callable[[], None]]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix = f"pgtest:sm:{uuid.uuid4().hex[:12]}"
+        self.ledger, self.cleanup = type(self).make(self.prefix)
+        self.now = START
+        self.window = 0
+        self.seq = 0
+        self.settled: dict[str, int] = {}
+        self.maxes: dict[str, int | None] = {}
+        self.open: dict[str, Reservation] = {}
+        # Counters an honest caller could not have pushed past max: a late commit of an
+        # expired reservation, an actual above its estimate or a manual record did.
+        self.tainted: set[str] = set()
+
+    # -- model ---------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        out = [f"{self.prefix}:{{u:{i}}}:w{self.window}" for i in range(len(MAXES))]
+        for key, limit in zip(out, MAXES, strict=True):
+            self.maxes.setdefault(key, limit)
+            self.settled.setdefault(key, 0)
+        return out
+
+    def pending(self, key: str) -> int:
+        return sum(r.amounts.get(key, 0) for r in self.open.values() if r.deadline > self.now)
+
+    def state(self, key: str) -> CounterState:
+        return CounterState(self.settled[key], self.pending(key))
+
+    def new_id(self) -> str:
+        self.seq += 1
+        return f"r{self.seq}"
+
+    # -- rules ---------------------------------------------------------------------------
+
+    @initialize()
+    def first_window(self) -> None:
+        self.keys()
+
+    @rule(
+        picks=st.lists(
+            st.tuples(st.integers(0, len(MAXES) - 1), st.integers(0, 450)),
+            min_size=1,
+            max_size=len(MAXES),
+            unique_by=lambda pick: pick[0],
+        ),
+        ttl=st.sampled_from([30.0, 60.0, 300.0]),
+    )
+    def reserve(self, picks: list[tuple[int, int]], ttl: float) -> None:
+        keys = self.keys()
+        charges = [Charge(keys[i], amount, self.maxes[keys[i]], EXPIRES) for i, amount in picks]
+        refused = None
+        for index, charge in enumerate(charges):
+            if charge.max is not None and self.state(charge.key).used + charge.amount > charge.max:
+                refused = index
+                break
+        rid = self.new_id()
+        before = tuple(self.state(c.key) for c in charges)
+        result = self.ledger.reserve(rid, charges, now=self.now, ttl=ttl)
+        assert result.refused == refused
+        assert result.ok == (refused is None)
+        if result.ok:
+            self.open[rid] = Reservation({c.key: c.amount for c in charges}, self.now + ttl)
+            assert result.states == tuple(self.state(c.key) for c in charges)
+        else:
+            assert result.states == before
+
+    @precondition(lambda self: bool(self.open))
+    @rule(data=st.data(), generous=st.booleans())
+    def commit(self, data: st.DataObject, generous: bool) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.open)))
+        reservation = self.open.pop(rid)
+        expired = reservation.deadline <= self.now
+        charges = []
+        for key, amount in reservation.amounts.items():
+            # Mostly an upper-bound estimate (actual <= reserved); sometimes more.
+            top = 2 * amount + 10 if generous else amount
+            actual = data.draw(st.integers(0, top))
+            if actual > amount or (expired and actual > 0):
+                self.tainted.add(key)
+            charges.append(Charge(key, actual, None, EXPIRES))
+            self.settled[key] += actual
+        states = self.ledger.commit(rid, charges, now=self.now)
+        assert states == tuple(self.state(c.key) for c in charges)
+
+    @precondition(lambda self: bool(self.open))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.open)))
+        reservation = self.open.pop(rid)
+        keys = list(reservation.amounts)
+        states = self.ledger.release(rid, keys, now=self.now)
+        assert states == tuple(self.state(k) for k in keys)
+
+    @rule(index=st.integers(0, len(MAXES) - 1), amount=st.integers(0, 300))
+    def record(self, index: int, amount: int) -> None:
+        key = self.keys()[index]
+        if amount:
+            self.tainted.add(key)
+        self.settled[key] += amount
+        states = self.ledger.commit(
+            self.new_id(), [Charge(key, amount, None, EXPIRES)], now=self.now
+        )
+        assert states == (self.state(key),)
+
+    @rule(seconds=st.sampled_from([0.5, 1.0, 29.5, 30.0, 59.0, 60.0, 299.0, 300.0, 301.0]))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule()
+    def roll_over(self) -> None:
+        # Reservations of the old window stay open and still commit to its keys.
+        self.window += 1
+        self.keys()
+
+    # -- invariants ----------------------------------------------------------------------
+
+    @invariant()
+    def counters_match_the_model(self) -> None:
+        keys = sorted(self.settled)
+        assert self.ledger.read(keys, now=self.now) == tuple(self.state(k) for k in keys)
+
+    @invariant()
+    def limits_hold_for_honest_callers(self) -> None:
+        keys = [k for k in sorted(self.settled) if self.maxes[k] is not None]
+        for key, state in zip(keys, self.ledger.read(keys, now=self.now), strict=True):
+            limit = self.maxes[key]
+            assert limit is not None
+            if key not in self.tainted:
+                assert state.used <= limit, (key, state, limit)
+
+    def teardown(self) -> None:
+        self.cleanup()
+
+
+def _run(make: Callable[[str], tuple[Ledger, Callable[[], None]]], examples: int) -> None:
+    machine = type("Machine", (LedgerMachine,), {"make": staticmethod(make)})
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+def test_memory_ledger_matches_the_model() -> None:
+    def make(prefix: str) -> tuple[Ledger, Callable[[], None]]:
+        return MemoryLedger(), lambda: None
+
+    _run(make, examples=150)
+
+
+def test_redis_ledger_matches_the_model(redis_url: str) -> None:
+    raw = redis.Redis.from_url(redis_url)
+
+    def make(prefix: str) -> tuple[Ledger, Callable[[], None]]:
+        ledger = open_ledger(redis_url)
+
+        def cleanup() -> None:
+            ledger.close()
+            delete_prefix(raw, prefix)
+
+        return ledger, cleanup
+
+    try:
+        _run(make, examples=60)
+    finally:
+        raw.close()

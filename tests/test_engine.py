@@ -1,0 +1,545 @@
+"""The Guard engine on the in-memory store: limits, refusals, events, usage, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import MutableMapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from payi_guard import (
+    BudgetExceeded,
+    ConfigError,
+    InvalidUserId,
+    Pseudonymizer,
+    StorageError,
+    is_refusal,
+    request_scope,
+    track_context,
+)
+from payi_guard.clock import FakeClock
+from payi_guard.engine import CallRequest, Guard, UnknownModelRefused, UserRequired
+from payi_guard.pricing import TokenUsage
+
+# Prices are set explicitly so every expected number is computed by hand:
+# $1 per million input tokens = 1,000 nano-USD per token; $2 per million output = 2,000.
+PRICES = {"test-model": {"input_per_mtok": 1, "output_per_mtok": 2}}
+
+
+def make_guard(clock: FakeClock, **config: Any) -> Guard:
+    base: dict[str, Any] = {"prices": PRICES}
+    base.update(config)
+    return Guard(base, clock=clock)
+
+
+def call(input_tokens: int = 1000, output_tokens: int = 1000, **kw: Any) -> CallRequest:
+    return CallRequest(
+        model=kw.pop("model", "test-model"),
+        provider=kw.pop("provider", "openai"),
+        input_tokens=input_tokens,
+        max_output_tokens=output_tokens,
+        **kw,
+    )
+
+
+def spend(
+    guard: Guard, user: str, inp: int, out: int, *, est: tuple[int, int] | None = None
+) -> None:
+    est_in, est_out = est if est is not None else (inp, out)
+    with track_context(user_id=user):
+        guard.begin(call(est_in, est_out)).settle(TokenUsage(inp, out))
+
+
+def events_named(
+    logs: Sequence[MutableMapping[str, Any]], name: str
+) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+# --- reservation and refusal -------------------------------------------------------------
+
+
+def test_reserve_then_settle_charges_actual_cost(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 1.0, "per": "day"}])
+    with track_context(user_id="alice"), capture_logs() as logs:
+        reservation = guard.begin(call(1000, 500))
+        assert reservation.reserved_usd == Decimal("0.002")  # 1000*1000 + 500*2000 nano
+        (usage,) = guard.usage("alice")
+        assert usage.used == Decimal("0.002")  # pending counts
+        record = reservation.settle(TokenUsage(400, 100))
+    assert record is not None
+    assert record.cost_nano == 400 * 1000 + 100 * 2000
+    (usage,) = guard.usage("alice")
+    assert usage.used == Decimal("0.0006")
+    assert usage.remaining == Decimal("0.9994")
+    (line,) = events_named(logs, "genai_call")
+    assert line["cost_usd"] == 0.0006
+    assert line["reserved_usd"] == 0.002
+    assert (line["input_tokens"], line["output_tokens"]) == (400, 100)
+    assert line["user_id"] == "alice"
+    assert line["outcome"] == "ok"
+
+
+def test_refusal_when_estimate_does_not_fit_and_nothing_is_consumed(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.01, "per": "day"}])
+    spend(guard, "alice", 5000, 0)  # $0.005 used
+    with track_context(user_id="alice"), capture_logs() as logs:
+        with pytest.raises(BudgetExceeded) as info:
+            guard.begin(call(3000, 2000))  # needs $0.007, $0.005 left
+    exc = info.value
+    assert is_refusal(exc)
+    assert exc.user_id == "alice"
+    assert exc.limit.name == "user:0"
+    assert exc.limit.scope == "user"
+    assert exc.limit.used == Decimal("0.005")
+    assert exc.limit.max == Decimal("0.01")
+    assert exc.retry_after == 12 * 3600  # clock is at 12:00 UTC, window ends at midnight
+    (event,) = events_named(logs, "budget_exceeded")
+    assert event["limit"] == "user:0"
+    assert event["used"] == 0.005
+    assert event["max"] == 0.01
+    assert event["resets_at"] == "2026-11-28T00:00:00+00:00"
+    (usage,) = guard.usage("alice")
+    assert usage.used == Decimal("0.005")  # the refusal consumed nothing
+    # A smaller call still fits.
+    spend(guard, "alice", 5000, 0)
+    assert guard.usage("alice")[0].state == "exceeded"
+
+
+def test_all_or_nothing_across_user_org_and_global(clock: FakeClock) -> None:
+    guard = make_guard(
+        clock,
+        default=[{"max": 1, "per": "day"}],
+        orgs={"acme": [{"max": 0.004, "per": "month"}]},
+        **{"global": [{"max": 100, "per": "month"}]},
+    )
+    spend(guard, "acme:alice", 3000, 0)
+    with track_context(user_id="acme:bob"), pytest.raises(BudgetExceeded) as info:
+        guard.begin(call(2000, 0))
+    assert info.value.limit.scope == "org"
+    assert info.value.limit.counter == "acme"
+    by_name = {u.name: u for u in guard.usage("acme:bob")}
+    assert by_name["user:0"].used == 0  # bob's own counter untouched by the refusal
+    assert by_name["global:0"].used == Decimal("0.003")
+    assert by_name["org:0"].used == Decimal("0.003")
+
+
+def test_request_and_token_limits(clock: FakeClock) -> None:
+    guard = make_guard(
+        clock, default=[{"requests": 2, "per": "minute"}, {"tokens": 5000, "per": "hour"}]
+    )
+    spend(guard, "alice", 100, 100)
+    spend(guard, "alice", 100, 100)
+    with track_context(user_id="alice"), pytest.raises(BudgetExceeded) as info:
+        guard.begin(call(10, 10))
+    assert info.value.limit.unit == "requests"
+    assert info.value.retry_after == 60
+    clock.advance(60)
+    with track_context(user_id="alice"), pytest.raises(BudgetExceeded) as info:
+        guard.begin(call(4000, 1000))  # 400 tokens used + 5000 estimated > 5000
+    assert info.value.limit.unit == "tokens"
+    usage = {u.unit: u for u in guard.usage("alice")}
+    assert usage["requests"].used == 0  # new minute
+    assert usage["tokens"].used == 400
+
+
+def test_allow_limits_never_refuse_and_log_overrun_once(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.001, "per": "day", "type": "allow"}])
+    with capture_logs() as logs:
+        for _ in range(3):
+            spend(guard, "alice", 600, 0)
+    (overrun,) = events_named(logs, "budget_overrun")
+    assert overrun["limit"] == "user:0"
+    assert overrun["used"] == 0.0012
+    assert overrun["max"] == 0.001
+    assert overrun["type"] == "allow"
+    (usage,) = guard.usage("alice")
+    assert usage.used == Decimal("0.0018")
+    assert usage.state == "exceeded"
+    assert usage.remaining == 0
+
+
+def test_warning_once_per_window(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.01, "per": "day", "warn_at": 0.5}])
+    with capture_logs() as logs:
+        for _ in range(8):
+            spend(guard, "alice", 1000, 0)  # $0.001 each
+    (warning,) = events_named(logs, "budget_warning")
+    assert warning["used"] == 0.005
+    assert warning["limit"] == "user:0"
+    assert guard.usage("alice")[0].state == "warning"
+    clock.advance(12 * 3600)  # next day
+    with capture_logs() as logs:
+        for _ in range(6):
+            spend(guard, "alice", 1000, 0)
+    assert len(events_named(logs, "budget_warning")) == 1
+
+
+def test_under_estimate_is_the_only_overshoot_and_is_logged(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.002, "per": "day"}])
+    with capture_logs() as logs:
+        spend(guard, "alice", 3000, 0, est=(1000, 0))  # estimate $0.001, actual $0.003
+    (overrun,) = events_named(logs, "budget_overrun")
+    assert overrun["type"] == "block"
+    (line,) = events_named(logs, "genai_call")
+    assert line["under_estimated_usd"] == 0.002
+
+
+def test_release_gives_the_reservation_back(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.003, "per": "day"}])
+    with track_context(user_id="alice"):
+        first = guard.begin(call(2000, 0))
+        with pytest.raises(BudgetExceeded):
+            guard.begin(call(2000, 0))
+        with capture_logs() as logs:
+            record = first.release(outcome="error")
+        assert record is not None
+        assert record.cost_nano == 0
+        assert events_named(logs, "genai_call")[0]["outcome"] == "error"
+        guard.begin(call(2000, 0)).settle(TokenUsage(2000, 0))
+
+
+def test_settle_is_idempotent(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 1, "per": "day"}])
+    with track_context(user_id="alice"):
+        reservation = guard.begin(call(1000, 0))
+    with capture_logs() as logs:
+        first = reservation.settle(TokenUsage(1000, 0))
+        again = reservation.settle(TokenUsage(9999, 0))
+        released = reservation.release()
+    assert first is again is released
+    assert len(events_named(logs, "genai_call")) == 1
+    assert guard.usage("alice")[0].used == Decimal("0.001")
+
+
+async def test_async_path_shares_counters_with_sync(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.005, "per": "day"}])
+    async with track_context(user_id="alice"):
+        reservation = await guard.abegin(call(2000, 0))
+        await reservation.asettle(TokenUsage(2000, 0))
+        spend(guard, "alice", 2000, 0)
+        with pytest.raises(BudgetExceeded):
+            await guard.abegin(call(2000, 0))
+        released = await (await guard.abegin(call(500, 0))).arelease()
+    assert released is not None
+    usage = await guard.ausage("alice")
+    assert usage[0].used == Decimal("0.004")
+
+
+def test_settle_after_window_rollover_charges_the_old_window(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.01, "per": "minute"}])
+    with track_context(user_id="alice"):
+        reservation = guard.begin(call(5000, 0))
+    clock.advance(90)  # the minute rolled over while the call ran
+    reservation.settle(TokenUsage(1000, 0))
+    (usage,) = guard.usage("alice")
+    assert usage.used == 0  # new window: neither charged nor negative
+    spend(guard, "alice", 10_000, 0)  # the whole new window is available
+    assert guard.usage("alice")[0].state == "exceeded"
+
+
+def test_reservation_of_a_dead_caller_expires_after_ttl(clock: FakeClock) -> None:
+    guard = make_guard(clock, reservation_ttl=30, default=[{"max": 0.002, "per": "day"}])
+    with track_context(user_id="alice"):
+        guard.begin(call(2000, 0))  # never settled
+        with pytest.raises(BudgetExceeded):
+            guard.begin(call(1000, 0))
+        clock.advance(31)
+        guard.begin(call(2000, 0)).settle(TokenUsage(2000, 0))
+
+
+# --- who is charged ------------------------------------------------------------------------
+
+
+def test_tiers_users_and_default(clock: FakeClock) -> None:
+    guard = make_guard(
+        clock,
+        limits={"daily": {"max": 1, "per": "day"}, "rpm": {"requests": 5, "per": "minute"}},
+        default=["daily", "rpm"],
+        tiers={"pro": [{"max": 10, "per": "day"}, "rpm"]},
+        users={"acme:alice": "pro", "system_bot": []},
+    )
+    assert [(u.name, u.max) for u in guard.usage("bob")] == [("daily", Decimal(1)), ("rpm", 5)]
+    assert [(u.name, u.max) for u in guard.usage("acme:alice")] == [
+        ("user:0", Decimal(10)),
+        ("rpm", 5),
+    ]
+    assert guard.usage("system_bot") == []
+    for _ in range(20):
+        spend(guard, "system_bot", 1, 1)  # tracked, never limited
+
+
+def test_limit_ids_charge_a_shared_counter(clock: FakeClock) -> None:
+    guard = make_guard(clock, limits={"beta": {"max": 0.003, "per": "month"}}, default=[])
+    with track_context(limit_ids=["beta"]):
+        spend(guard, "alice", 2000, 0)
+        with track_context(user_id="bob"), pytest.raises(BudgetExceeded) as info:
+            guard.begin(call(2000, 0))
+    assert info.value.limit.scope == "limit_id"
+    assert info.value.limit.counter == "beta"
+    assert guard.usage("carol", limit_ids=["beta"])[0].used == Decimal("0.002")
+    with track_context(user_id="bob", limit_ids=["nope"]), pytest.raises(ConfigError, match="nope"):
+        guard.begin(call())
+
+
+def test_anonymous_strategies(clock: FakeClock) -> None:
+    shared = make_guard(
+        clock, anonymous={"strategy": "shared", "limits": [{"requests": 2, "per": "day"}]}
+    )
+    shared.begin(call()).settle(TokenUsage(1, 1))
+    with request_scope():
+        shared.begin(call()).settle(TokenUsage(1, 1))
+    with pytest.raises(BudgetExceeded) as info:
+        shared.begin(call())
+    assert info.value.user_id == "anonymous"
+    assert info.value.limit.name == "anonymous:0"
+
+    reject = make_guard(clock, anonymous="reject")
+    with pytest.raises(UserRequired) as rejected:
+        reject.begin(call())
+    assert is_refusal(rejected.value)
+    with track_context(user_id="alice"):
+        reject.begin(call()).release()
+
+    session = make_guard(
+        clock, anonymous={"strategy": "session", "limits": [{"requests": 1, "per": "day"}]}
+    )
+    for sid in ("dev-1", "dev-2"):
+        with request_scope() as scope:
+            scope.extra["session_id"] = sid
+            reservation = session.begin(call())
+            assert reservation.user_id == f"anonymous:{sid}"
+            reservation.settle(TokenUsage(1, 1))
+            with pytest.raises(BudgetExceeded):
+                session.begin(call())
+
+
+def test_default_user_applies_before_anonymous(clock: FakeClock) -> None:
+    guard = make_guard(clock, anonymous="reject")
+    guard.default_user_id = "service-account"
+    reservation = guard.begin(call())
+    assert reservation.user_id == "service-account"
+    reservation.release()
+    with track_context(user_id="alice"):
+        assert guard.begin(call()).user_id == "alice"
+
+
+def test_pseudonymised_ids_in_counters_and_logs(clock: FakeClock) -> None:
+    pseudo = Pseudonymizer(b"a-long-enough-secret-key")
+    guard = Guard(
+        {
+            "prices": PRICES,
+            "users": {"acme:alice": [{"max": 0.001, "per": "day"}]},
+            "orgs": {"acme": [{"max": 1, "per": "day"}]},
+        },
+        clock=clock,
+        pseudonymizer=pseudo,
+    )
+    with capture_logs() as logs:
+        spend(guard, "acme:alice", 1000, 0)
+    (line,) = events_named(logs, "genai_call")
+    assert line["user_id"] == pseudo("acme:alice")
+    assert "alice" not in str(line)
+    assert line["org_id"] == pseudo("acme:alice").split(":")[0]
+    usage = guard.usage("acme:alice")
+    assert [u.name for u in usage] == ["user:0", "org:0"]  # policy looked up by real id
+    assert usage[0].state == "exceeded"
+
+
+# --- prices ---------------------------------------------------------------------------------
+
+
+def test_unknown_model_policies(clock: FakeClock) -> None:
+    blocked = make_guard(clock)
+    with track_context(user_id="alice"), pytest.raises(UnknownModelRefused, match="prices"):
+        blocked.begin(call(model="no-such-model-xyz"))
+
+    allowed = make_guard(clock, unknown_model="allow", default=[{"requests": 5, "per": "day"}])
+    with track_context(user_id="alice"), capture_logs() as logs:
+        allowed.begin(call(model="no-such-model-xyz")).settle(TokenUsage(10, 10))
+    (line,) = events_named(logs, "genai_call")
+    assert line["priced"] is False
+    assert line["cost_usd"] == 0.0
+    assert allowed.usage("alice")[0].used == 1
+
+    priced = make_guard(clock, unknown_model={"input_per_mtok": 10, "output_per_mtok": 30})
+    with track_context(user_id="alice"):
+        record = priced.begin(call(model="no-such-model-xyz")).settle(TokenUsage(100, 100))
+    assert record is not None
+    assert record.cost_nano == 100 * 10_000 + 100 * 30_000
+
+
+def test_real_model_prices_from_bundled_data(clock: FakeClock) -> None:
+    guard = Guard({"default": [{"max": 1, "per": "day"}]}, clock=clock)
+    with track_context(user_id="alice"):
+        record = guard.begin(call(model="gpt-4o", provider="openai")).settle(
+            TokenUsage(1_000_000, 0)
+        )
+    assert record is not None
+    assert record.cost_usd == Decimal("2.5")
+
+
+# --- manual events ----------------------------------------------------------------------
+
+
+def test_record_charges_never_refuses_and_logs_overrun(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.001, "per": "day"}])
+    with capture_logs() as logs:
+        guard.record(user_id="alice", model="test-model", input_tokens=800)
+        record = guard.record(user_id="alice", model="test-model", input_tokens=800)
+        guard.record(user_id="alice", model="whatever", cost_usd="0.0001")
+    assert record.outcome == "recorded"
+    assert [e["outcome"] for e in events_named(logs, "genai_call")] == ["recorded"] * 3
+    assert len(events_named(logs, "budget_overrun")) == 1
+    assert guard.usage("alice")[0].used == Decimal("0.0017")
+    with pytest.raises(InvalidUserId):
+        guard.record(user_id="bad id", model="test-model")
+    with pytest.raises(ValueError, match=">= 0"):
+        guard.record(user_id="alice", model="test-model", input_tokens=-1)
+    with pytest.raises(ValueError, match="cost_usd"):
+        guard.record(user_id="alice", model="test-model", cost_usd="-1")
+
+
+async def test_arecord(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 1, "per": "day"}])
+    record = await guard.arecord(user_id="alice", model="test-model", output_tokens=1000)
+    assert record.cost_nano == 2_000_000
+    assert (await guard.ausage("alice"))[0].used == Decimal("0.002")
+
+
+# --- gate -------------------------------------------------------------------------------------
+
+
+def test_exhausted_limit_for_gates(clock: FakeClock) -> None:
+    guard = make_guard(
+        clock, default=[{"max": 0.001, "per": "day"}, {"requests": 10, "per": "minute"}]
+    )
+    with track_context(user_id="alice"):
+        assert guard.exhausted_limit() is None
+        guard.begin(call(1000, 0)).settle(TokenUsage(1000, 0))
+        limit = guard.exhausted_limit()
+    assert limit is not None
+    assert limit.name == "user:0"
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+
+def test_32_threads_never_overshoot_a_hard_limit(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"max": 0.05, "per": "day"}])
+    spent: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(32)
+
+    def worker(i: int) -> None:
+        barrier.wait(timeout=10)
+        with track_context(user_id="shared-user"):
+            for j in range(50):
+                try:
+                    reservation = guard.begin(call(300 + (i * j) % 500, 0))
+                except BudgetExceeded:
+                    continue
+                record = reservation.settle(TokenUsage(200 + (i + j) % 100, 0))
+                assert record is not None
+                with lock:
+                    spent.append(record.cost_nano)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    (usage,) = guard.usage("shared-user")
+    assert usage.used == Decimal(sum(spent)) / 10**9
+    assert usage.used <= Decimal("0.05")
+    assert usage.used > Decimal("0.049")  # the budget was actually used up
+
+
+async def test_concurrent_tasks_attribute_exactly(clock: FakeClock) -> None:
+    guard = make_guard(clock)
+
+    async def one(i: int) -> None:
+        async with track_context(user_id=f"user{i % 20}"):
+            reservation = await guard.abegin(call(1000, 0))
+            await asyncio.sleep(0)
+            await reservation.asettle(TokenUsage(1000 + i % 20, 0))
+
+    with capture_logs() as logs:
+        await asyncio.gather(*(one(i) for i in range(400)))
+    lines = events_named(logs, "genai_call")
+    assert len(lines) == 400
+    for line in lines:
+        assert line["input_tokens"] == 1000 + int(line["user_id"][4:])
+
+
+# --- storage errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["block", "allow"])
+def test_storage_error_policy(clock: FakeClock, policy: str) -> None:
+    guard = Guard(
+        {"prices": PRICES, "default": [{"max": 1, "per": "day"}], "on_storage_error": policy},
+        storage="redis://127.0.0.1:1/0",  # nothing listens on port 1
+        clock=clock,
+    )
+    with track_context(user_id="alice"), capture_logs() as logs:
+        if policy == "block":
+            with pytest.raises(StorageError):
+                guard.begin(call())
+        else:
+            record = guard.begin(call()).settle(TokenUsage(10, 10))
+            assert record is not None
+    errors = events_named(logs, "storage_error")
+    assert errors
+    assert errors[0]["policy"] == policy
+    guard.close()
+
+
+# --- reload -----------------------------------------------------------------------------------
+
+
+def test_reload_swaps_atomically_and_bad_file_keeps_old(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text("default: [{max: 1.00, per: day}]\n")
+    guard = Guard.from_yaml(path, clock=clock)
+    assert guard.usage("alice")[0].max == Decimal(1)
+    path.write_text("default: [{max: 2.00, per: day}]\n")
+    assert guard.reload() is True
+    assert guard.usage("alice")[0].max == Decimal(2)
+    path.write_text("default: [{max: 3.00, per: dya}]\n")
+    with capture_logs() as logs:
+        assert guard.reload() is False
+    (failure,) = events_named(logs, "config_reload_failed")
+    assert "did you mean 'day'" in failure["error"]
+    assert guard.usage("alice")[0].max == Decimal(2)
+
+
+def test_watch_reloads_on_change(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text("default: [{max: 1.00, per: day}]\n")
+    guard = Guard.from_yaml(path, clock=clock)
+    guard.watch(interval=0.02)
+    try:
+        path.write_text("default: [{max: 5.00, per: day}]  # changed\n")
+        for _ in range(250):
+            if guard.usage("alice")[0].max == Decimal(5):
+                break
+            threading.Event().wait(0.02)
+        assert guard.usage("alice")[0].max == Decimal(5)
+    finally:
+        guard.stop_watching()
+
+
+def test_construction_has_no_side_effects() -> None:
+    structlog.reset_defaults()
+    guard = Guard(storage="redis://127.0.0.1:1/0")  # nothing is connected yet
+    assert guard.storage_uri == "redis://127.0.0.1:1/0"
+    assert "127.0.0.1" in repr(guard)
+    with pytest.raises(ValueError, match="key_prefix"):
+        Guard(key_prefix="a{b}")
