@@ -16,6 +16,7 @@ from payi_guard.context import (
     track,
     track_context,
 )
+from payi_guard.engine import CallRecord, Guard, UnknownModelRefused, UserRequired
 from payi_guard.exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -27,6 +28,7 @@ from payi_guard.exceptions import (
     is_refusal,
 )
 from payi_guard.identity import Pseudonymizer, normalize_user_id, parse_user_id
+from payi_guard.pricing import TokenUsage
 from payi_guard.usage import LimitUsage
 
 try:
@@ -37,8 +39,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "Attribution",
     "BudgetExceeded",
+    "CallRecord",
     "ConfigError",
     "ContextThreadPoolExecutor",
+    "Guard",
     "InvalidUserId",
     "LimitUsage",
     "MissingDependency",
@@ -46,6 +50,9 @@ __all__ = [
     "PayiGuardError",
     "Pseudonymizer",
     "StorageError",
+    "TokenUsage",
+    "UnknownModelRefused",
+    "UserRequired",
     "__version__",
     "bind_context",
     "get_context",
