@@ -13,7 +13,15 @@ from collections.abc import Sequence
 
 from payi_guard.ledger.base import Charge
 
-__all__ = ["MAX_UNITS", "check_charges", "check_id", "check_keys", "check_now", "check_ttl"]
+__all__ = [
+    "MAX_UNITS",
+    "check_charges",
+    "check_id",
+    "check_keys",
+    "check_now",
+    "check_scan",
+    "check_ttl",
+]
 
 MAX_UNITS = 2**53 - 1
 """The largest amount or max a counter accepts (exact in a double, hence in Lua)."""
@@ -85,3 +93,11 @@ def check_keys(keys: Sequence[str]) -> None:
             raise ValueError(f"key {index} must be a non-empty string")
     if len(keys) > 1 and len(set(keys)) != len(keys):
         raise ValueError("a key may appear only once per call")
+
+
+def check_scan(match: str, limit: int | None) -> None:
+    """Refuse an empty or non-string pattern and a ``limit`` that is not a positive int."""
+    if not isinstance(match, str) or not match:
+        raise ValueError("match must be a non-empty glob pattern")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")

@@ -18,6 +18,12 @@ keys that were reserved, so a settle after the window rolled over lands in the o
 window and never makes a counter of the new window negative. ``release`` is a commit of
 zero. A commit of an id that is not open (expired, or never reserved: a manual
 ``record``) just adds the amounts.
+
+``scan`` lists the keys of the live counters that match a Redis glob pattern, so that
+callers can discover whose counters exist (the users page does). It is weakly
+consistent, like Redis ``SCAN``: a counter that exists for the whole scan is listed
+exactly once, one created or dropped meanwhile may or may not be; the order is
+unspecified.
 """
 
 from __future__ import annotations
@@ -110,6 +116,10 @@ class Ledger(Protocol):
         """Return the state of each counter (missing counters are zero)."""
         ...
 
+    def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
+        """Return the keys of the live counters matching the glob ``match`` (at most ``limit``)."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -139,6 +149,10 @@ class AsyncLedger(Protocol):
 
     async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
         """Async :meth:`Ledger.read`."""
+        ...
+
+    async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
+        """Async :meth:`Ledger.scan`."""
         ...
 
     async def aclose(self) -> None:

@@ -3,7 +3,8 @@
 :class:`MemoryLedger` is the ``memory://`` storage: exact for a single process, with
 microsecond operations. :class:`AsyncMemoryLedger` exposes the *same* store to async
 code (a Guard charges sync and async calls to one set of counters); its operations are
-too short to be worth a thread hop, so they run inline on the event loop.
+too short to be worth a thread hop, so they run inline on the event loop (all but
+``scan``, which visits every counter and runs in a worker thread).
 
 Per counter the store keeps ``settled``, ``pending``, its ``expires_at`` and, only while
 reservations are open, a dict ``id -> (amount, deadline)`` with a min-heap of deadlines.
@@ -19,11 +20,20 @@ for a whole window's worth of users and memory stays bounded. A counter whose
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import threading
 from collections.abc import Sequence
 
-from payi_guard.ledger._checks import check_charges, check_id, check_keys, check_now, check_ttl
+from payi_guard.ledger._checks import (
+    check_charges,
+    check_id,
+    check_keys,
+    check_now,
+    check_scan,
+    check_ttl,
+)
+from payi_guard.ledger._glob import glob_regex, literal_prefix
 from payi_guard.ledger.base import Charge, CounterState, ReserveResult
 
 __all__ = ["AsyncMemoryLedger", "MemoryLedger"]
@@ -331,6 +341,42 @@ class MemoryLedger:
                 out.append(_ZERO if counter is None else counter.state())
             return tuple(out)
 
+    def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
+        r"""Return the keys of the live counters that match a Redis glob pattern.
+
+        The keys are copied under the lock and matched outside it, so a scan of many
+        counters never holds up reserves and commits (it sees the store as it was when
+        it started, which is what the contract allows).
+
+        Args:
+            match: a Redis glob (``pg:{u:*``; ``*``, ``?``, ``[...]``, ``\`` escapes).
+            now: the current time, epoch seconds: counters whose ``expires_at`` has
+                passed are not listed.
+            limit: the most keys returned (which ones is unspecified), or ``None``.
+
+        Returns:
+            The matching keys, each once, in no particular order.
+
+        Raises:
+            ValueError: on an empty pattern, a ``limit`` that is not a positive int or a
+                non-finite time.
+        """
+        check_scan(match, limit)
+        check_now(now)
+        regex = glob_regex(match)
+        prefix = literal_prefix(match)
+        with self._lock:
+            snapshot = list(self._counters.items())
+        found: list[str] = []
+        for key, counter in snapshot:
+            if not key.startswith(prefix) or counter.expires_at <= now:
+                continue
+            if regex.fullmatch(key) is not None:
+                found.append(key)
+                if limit is not None and len(found) >= limit:
+                    break
+        return found
+
     def sweep(self, now: float) -> int:
         """Drop every counter whose ``expires_at`` is ``<= now``, at once.
 
@@ -355,7 +401,7 @@ class AsyncMemoryLedger:
     """The async face of a :class:`MemoryLedger`, sharing its counters.
 
     Operations take microseconds under a lock that is never held across an ``await``,
-    so they run inline on the event loop.
+    so they run inline on the event loop; ``scan`` alone runs in a worker thread.
 
     Args:
         ledger: the store to share; a new :class:`MemoryLedger` if omitted.
@@ -393,6 +439,16 @@ class AsyncMemoryLedger:
     async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
         """Async :meth:`MemoryLedger.read` (same arguments, result and errors)."""
         return self._ledger.read(keys, now=now)
+
+    async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
+        """Async :meth:`MemoryLedger.scan` (same arguments, result and errors).
+
+        Unlike the other operations it runs in a worker thread: matching every key of a
+        large store is too long to run on the event loop.
+        """
+        check_scan(match, limit)
+        check_now(now)
+        return await asyncio.to_thread(self._ledger.scan, match, now=now, limit=limit)
 
     async def aclose(self) -> None:
         """Nothing to release (the shared store stays usable)."""

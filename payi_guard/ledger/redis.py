@@ -5,6 +5,8 @@
 prefixed with ``lib.lua``) through ``register_script`` (EVALSHA, loading the script
 on NOSCRIPT), and both build their calls and read the replies with the same code, so
 on a single server every reserve, commit, release and read is exactly one round trip.
+``scan`` (discovering whose counters exist; never on a call's path) is a plain
+``SCAN ... MATCH ... TYPE hash``, one round trip per 1000 keys the server visits.
 
 Layout, per counter key ``K`` (chosen by the caller, with a ``{...}`` hash tag):
 
@@ -59,7 +61,14 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from payi_guard.exceptions import MissingDependency, StorageError
-from payi_guard.ledger._checks import check_charges, check_id, check_keys, check_now, check_ttl
+from payi_guard.ledger._checks import (
+    check_charges,
+    check_id,
+    check_keys,
+    check_now,
+    check_scan,
+    check_ttl,
+)
 from payi_guard.ledger.base import Charge, CounterState, ReserveResult
 
 if TYPE_CHECKING:
@@ -80,6 +89,8 @@ INDEX_SUFFIX = ":x"
 
 _SCRIPT_NAMES = ("reserve", "commit", "read")
 _ZERO = CounterState(0, 0)
+_SCAN_COUNT = 1000
+"""The ``COUNT`` hint of each ``SCAN`` call: keys the server visits per round trip."""
 
 T = TypeVar("T")
 _Call = tuple[str, list[str], list[str]]
@@ -307,6 +318,17 @@ def _read_plan(keys: Sequence[str], now: float, grouped: bool) -> _Plan[tuple[Co
     return tuple(states)
 
 
+def _key_text(raw: bytes | str) -> str:
+    """A key as returned by redis-py (bytes, or str with ``decode_responses``) as text."""
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+
+
+def _collect(found: dict[str, None], raw: bytes | str, limit: int | None) -> bool:
+    """Add a scanned key (SCAN may return a key twice); True once ``limit`` is reached."""
+    found.setdefault(_key_text(raw))
+    return limit is not None and len(found) >= limit
+
+
 def _error_types(redis: ModuleType) -> tuple[type[BaseException], ...]:
     # RedisClusterException (a cross-slot call, no reachable node) is not a RedisError.
     return (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
@@ -460,6 +482,44 @@ class RedisLedger:
         check_now(now)
         return self._run(_read_plan(keys, now, self._grouped))
 
+    def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
+        """Return the keys of the counters matching a Redis glob pattern.
+
+        Runs ``SCAN ... MATCH match COUNT 1000 TYPE hash`` (never ``KEYS``, which blocks
+        the server), one round trip per 1000 keys visited; the ``TYPE`` filter leaves
+        out the reservation indexes (sorted sets). On a cluster every primary is
+        scanned. ``TYPE`` needs Redis 6.0 or later (any Valkey).
+
+        Args:
+            match: a Redis glob (``pg:{u:*``).
+            now: the current time, epoch seconds (checked only: Redis drops expired
+                counters by its own clock).
+            limit: the most keys returned (the scan stops there), or ``None``.
+
+        Returns:
+            The matching keys, each once, in no particular order.
+
+        Raises:
+            ValueError: on an empty pattern or a ``limit`` that is not a positive int.
+            StorageError: when Redis fails or cannot be reached in time.
+        """
+        check_scan(match, limit)
+        check_now(now)
+        found: dict[str, None] = {}
+        keys = self._client.scan_iter(match=match, count=_SCAN_COUNT, _type="hash")
+        try:
+            for raw in keys:
+                if _collect(found, raw, limit):
+                    break
+        except self._errors as exc:
+            raise _storage_error("scan", exc) from exc
+        finally:
+            # Stop a scan left early now, not whenever the generator is collected.
+            close = getattr(keys, "close", None)
+            if close is not None:
+                close()
+        return list(found)
+
     def close(self) -> None:
         """Close the client and its connections."""
         try:
@@ -607,6 +667,26 @@ class AsyncRedisLedger:
         check_now(now)
         binding = self._binding()
         return await self._run(binding, _read_plan(keys, now, binding.grouped))
+
+    async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
+        """Async :meth:`RedisLedger.scan` (same arguments, result and errors)."""
+        check_scan(match, limit)
+        check_now(now)
+        binding = self._binding()
+        found: dict[str, None] = {}
+        keys = binding.client.scan_iter(match=match, count=_SCAN_COUNT, _type="hash")
+        try:
+            async for raw in keys:
+                if _collect(found, raw, limit):
+                    break
+        except self._errors as exc:
+            raise _storage_error("scan", exc) from exc
+        finally:
+            # An async generator left early is otherwise finalized by the loop later.
+            aclose = getattr(keys, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return list(found)
 
     async def aclose(self) -> None:
         """Close the running loop's client and forget those of closed loops.

@@ -71,6 +71,11 @@ class LedgerAdapter:
             return self.ledger.read(keys, now=now)
         return await self.ledger.read(keys, now=now)
 
+    async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
+        if isinstance(self.ledger, Ledger):
+            return self.ledger.scan(match, now=now, limit=limit)
+        return await self.ledger.scan(match, now=now, limit=limit)
+
     async def close(self) -> None:
         if isinstance(self.ledger, Ledger):
             self.ledger.close()

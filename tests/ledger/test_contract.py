@@ -10,6 +10,7 @@ import pytest
 from ledger._support import LedgerAdapter
 from payi_guard.clock import FakeClock
 from payi_guard.ledger import Charge, CounterState
+from payi_guard.ledger._glob import escape
 from payi_guard.ledger.redis import INDEX_SUFFIX
 
 DAY = 86_400
@@ -352,3 +353,115 @@ async def test_invalid_ids_times_and_keys_raise_value_error(
     with pytest.raises(ValueError, match="sequence"):
         await backend.read(k1, now=now)
     assert await backend.read([k1], now=now) == (CounterState(0, 0),)
+
+
+# -- scan ------------------------------------------------------------------------------------
+
+
+def owner_key(prefix: str, tag: str, unit: str = "usd") -> str:
+    return f"{prefix}:{{{tag}}}:{unit}:day:{WINDOW}"
+
+
+async def seed(backend: LedgerAdapter, clock: FakeClock, keys: list[str]) -> None:
+    charges = [Charge(k, 1, None, expiry(clock)) for k in keys]
+    await backend.commit("seed", charges, now=clock.now())
+
+
+async def test_scan_lists_the_matching_counters_once(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str
+) -> None:
+    users = [
+        owner_key(key_prefix, "u:alice"),
+        owner_key(key_prefix, "u:alice", "requests"),
+        owner_key(key_prefix, "u:acme:bob"),
+    ]
+    others = [
+        owner_key(key_prefix, "o:acme"),
+        owner_key(key_prefix, "g:*"),
+        owner_key(key_prefix, "a:anonymous"),
+        owner_key(f"{key_prefix}-other", "u:mallory"),  # another prefix that starts alike
+    ]
+    await seed(backend, clock, users + others)
+    # A counter with only an open reservation exists too (and its Redis index must not
+    # be listed as a key of its own).
+    reserved = owner_key(key_prefix, "u:carol")
+    now = clock.now()
+    assert (
+        await backend.reserve("r1", [Charge(reserved, 5, 10, expiry(clock))], now=now, ttl=60)
+    ).ok
+
+    found = await backend.scan(escape(key_prefix) + ":{u:*", now=now)
+    assert sorted(found) == sorted([*users, reserved])
+    everything = await backend.scan(escape(key_prefix) + ":*", now=now)
+    assert sorted(everything) == sorted([*users, reserved, *others[:3]])
+    assert await backend.scan(escape(key_prefix) + ":{x:*", now=now) == []
+
+
+GLOBS: list[tuple[str, list[str]]] = [
+    (":{[ua]:*", ["u:alice", "u:bob", "a:anonymous", "a:anonymous:s1"]),
+    (":{[^ua]:*", ["o:acme", "g:*", "l:proj"]),
+    (":{u:?????}*", ["u:alice"]),
+    (":{g:\\*}*", ["g:*"]),
+    (":{a:anonymous}*", ["a:anonymous"]),
+    (":{[a-g]:*", ["a:anonymous", "a:anonymous:s1", "g:*"]),
+    (":{[g-a]:*", ["a:anonymous", "a:anonymous:s1", "g:*"]),  # a reversed range is swapped
+    (":{[]:*", []),  # an empty class matches nothing
+    (":{*:*:*}*", ["a:anonymous:s1"]),  # "*" spans ":"; one tag has two
+]
+
+
+@pytest.mark.parametrize(("glob", "owners"), GLOBS, ids=[g[0] for g in GLOBS])
+async def test_scan_follows_redis_glob_rules(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str, glob: str, owners: list[str]
+) -> None:
+    tags = ["u:alice", "u:bob", "o:acme", "g:*", "a:anonymous", "a:anonymous:s1", "l:proj"]
+    await seed(backend, clock, [owner_key(key_prefix, tag) for tag in tags])
+    found = await backend.scan(escape(key_prefix) + glob, now=clock.now())
+    assert sorted(found) == sorted(owner_key(key_prefix, tag) for tag in owners)
+
+
+async def test_scan_stops_at_the_limit(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str
+) -> None:
+    keys = [owner_key(key_prefix, f"u:user{i}") for i in range(5)]
+    await seed(backend, clock, keys)
+    pattern = escape(key_prefix) + ":*"
+    some = await backend.scan(pattern, now=clock.now(), limit=2)
+    assert len(some) == 2
+    assert len(set(some)) == 2
+    assert set(some) <= set(keys)
+    assert sorted(await backend.scan(pattern, now=clock.now(), limit=5)) == sorted(keys)
+    assert sorted(await backend.scan(pattern, now=clock.now(), limit=50)) == sorted(keys)
+
+
+async def test_scan_walks_past_many_server_batches(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str
+) -> None:
+    # More keys than one SCAN COUNT, so the Redis backends follow the cursor.
+    keys = [owner_key(key_prefix, f"u:user{i}") for i in range(2500)]
+    await seed(backend, clock, keys)
+    found = await backend.scan(escape(key_prefix) + ":{u:*", now=clock.now())
+    assert len(found) == len(keys)
+    assert set(found) == set(keys)
+
+
+async def test_scan_leaves_out_expired_counters(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str
+) -> None:
+    live, gone = owner_key(key_prefix, "u:live"), owner_key(key_prefix, "u:gone")
+    # In the past for both the fake clock (memory) and the server's clock (Redis).
+    past = min(clock.now(), time.time()) - 10
+    await backend.commit("r1", [Charge(gone, 5, None, past)], now=clock.now())
+    await backend.commit("r2", [Charge(live, 5, None, expiry(clock))], now=clock.now())
+    assert await backend.scan(escape(key_prefix) + ":*", now=clock.now()) == [live]
+
+
+async def test_scan_refuses_invalid_arguments(backend: LedgerAdapter, clock: FakeClock) -> None:
+    now = clock.now()
+    for limit in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="limit"):
+            await backend.scan("pg:*", now=now, limit=limit)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="match"):
+        await backend.scan("", now=now)
+    with pytest.raises(ValueError, match="now"):
+        await backend.scan("pg:*", now=float("nan"))

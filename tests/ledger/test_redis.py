@@ -322,6 +322,22 @@ async def test_real_cluster_groups_by_slot(cluster_port: int, clock: FakeClock) 
     await aio.aclose()
 
 
+async def test_real_cluster_scan_lists_keys_of_every_slot(
+    cluster_port: int, clock: FakeClock
+) -> None:
+    uri = f"redis+cluster://127.0.0.1:{cluster_port}"
+    sync = open_ledger(uri)
+    aio = open_async_ledger(uri)
+    keys = [f"s:{{u:user{i}}}:usd" for i in range(300)]  # spread over many slots
+    assert len({key_slot(k.encode()) for k in keys}) > 250
+    sync.commit("seed", [Charge(k, 1, None, EXPIRES) for k in keys], now=clock.now())
+    assert sorted(sync.scan("s:{u:*", now=clock.now())) == sorted(keys)
+    assert sorted(await aio.scan("s:{u:*", now=clock.now())) == sorted(keys)
+    assert len(await aio.scan("s:{u:*", now=clock.now(), limit=7)) == 7
+    sync.close()
+    await aio.aclose()
+
+
 # -- Sentinel, Unix socket, valkey:// --------------------------------------------------------------
 
 
