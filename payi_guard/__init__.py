@@ -30,6 +30,7 @@ from payi_guard.exceptions import (
 from payi_guard.identity import Pseudonymizer, normalize_user_id, parse_user_id
 from payi_guard.pricing import TokenUsage
 from payi_guard.usage import LimitUsage
+from payi_guard.web import GuardMiddleware, WSGIGuardMiddleware
 
 try:
     __version__ = version("payi-guard")
@@ -43,6 +44,7 @@ __all__ = [
     "ConfigError",
     "ContextThreadPoolExecutor",
     "Guard",
+    "GuardMiddleware",
     "InvalidUserId",
     "LimitUsage",
     "MissingDependency",
@@ -53,6 +55,7 @@ __all__ = [
     "TokenUsage",
     "UnknownModelRefused",
     "UserRequired",
+    "WSGIGuardMiddleware",
     "__version__",
     "bind_context",
     "get_context",

@@ -28,12 +28,10 @@ from collections.abc import (
     AsyncGenerator,
     Callable,
     Generator,
-    Iterator,
     Mapping,
     Sequence,
 )
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType, TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
@@ -135,7 +133,7 @@ class RequestScope:
         extra: free-form values an integration wants to keep for the request.
     """
 
-    __slots__ = ("_lock", "extra", "request_id", "source", "user_id")
+    __slots__ = ("_lock", "_snapshot", "extra", "request_id", "source", "user_id")
 
     def __init__(self, user_id: str | None = None, request_id: str | None = None) -> None:
         self._lock = threading.Lock()
@@ -143,6 +141,9 @@ class RequestScope:
         self.request_id = request_id
         self.source: str | None = "initial" if user_id is not None else None
         self.extra: dict[str, Any] = {}
+        # (frame, user_id, request_id, snapshot): get_context() is called on every
+        # GenAI call and gate, so the merged snapshot is reused while nothing changed.
+        self._snapshot: tuple[object, str | None, str | None, Attribution] | None = None
 
     def set_user(self, user_id: object, *, source: str = "set_user") -> str:
         """Validate and store the request's user; return the normalised id."""
@@ -166,33 +167,46 @@ def current_request() -> RequestScope | None:
     return _request.get()
 
 
-@contextmanager
-def request_scope(
-    user_id: object = None, *, request_id: str | None = None
-) -> Iterator[RequestScope]:
+class request_scope:
     """Open a request scope (the middleware does this for every request).
 
     Use it directly in workers, CLI jobs or tests that are not web requests but still
-    want :func:`set_user` to work.
+    want :func:`set_user` to work::
+
+        with request_scope(request_id="job-42") as scope:
+            set_user("acme:alice")
 
     Args:
         user_id: the initial user, if already known.
         request_id: an id to correlate log lines of this unit of work.
 
-    Yields:
-        The new :class:`RequestScope`.
-
     Raises:
         InvalidUserId: ``user_id`` is not a valid user id.
     """
-    scope = RequestScope(request_id=request_id)
-    if user_id is not None:
-        scope.set_user(user_id, source="initial")
-    token = _request.set(scope)
-    try:
-        yield scope
-    finally:
-        _request.reset(token)
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self, user_id: object = None, *, request_id: str | None = None) -> None:
+        scope = RequestScope(request_id=request_id)
+        if user_id is not None:
+            scope.set_user(user_id, source="initial")
+        self._scope = scope
+        self._token: contextvars.Token[RequestScope | None] | None = None
+
+    def __enter__(self) -> RequestScope:
+        if self._token is not None:
+            raise RuntimeError("a request_scope is entered once; open a new one instead")
+        self._token = _request.set(self._scope)
+        return self._scope
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            _request.reset(self._token)
 
 
 def set_user(user_id: object) -> str:
@@ -234,12 +248,28 @@ def get_context() -> Attribution:
     scope = _request.get()
     if scope is None:
         return attribution
-    updates: dict[str, Any] = {}
-    if attribution.user_id is None and not frame.user_cleared and scope.user_id is not None:
-        updates["user_id"] = scope.user_id
-    if scope.request_id is not None:
-        updates["request_id"] = scope.request_id
-    return replace(attribution, **updates) if updates else attribution
+    user_id, request_id = scope.user_id, scope.request_id
+    cached = scope._snapshot
+    if (
+        cached is not None
+        and cached[0] is frame
+        and cached[1] == user_id
+        and cached[2] == request_id
+    ):
+        return cached[3]
+    if frame is _ROOT:
+        # The common case in a request (no track_context): build directly, ~2x faster
+        # than dataclasses.replace.
+        snapshot = Attribution(user_id=user_id, request_id=request_id)
+    else:
+        updates: dict[str, Any] = {}
+        if attribution.user_id is None and not frame.user_cleared and user_id is not None:
+            updates["user_id"] = user_id
+        if request_id is not None:
+            updates["request_id"] = request_id
+        snapshot = replace(attribution, **updates) if updates else attribution
+    scope._snapshot = (frame, user_id, request_id, snapshot)
+    return snapshot
 
 
 def _normalize_limit_ids(value: object) -> tuple[str, ...]:

@@ -216,6 +216,77 @@ class _Counter:
         return min(blocking, key=lambda b: b.spec.max)
 
 
+@dataclass(frozen=True, slots=True)
+class _Spent:
+    """A counter known to be spent for the rest of its window."""
+
+    until: float
+    settled: int
+    counter: _Counter
+
+
+def _tag_of(key: str) -> str:
+    start = key.index("{") + 1
+    return key[start : key.index("}", start)]
+
+
+class _SpentCache:
+    """Counters whose settled total reached their max: refused locally until the window ends.
+
+    Settled totals only grow within a window, so an entry is never wrong until ``until``
+    (a reload clears the cache, since limits may have changed). Entries are indexed by
+    owner tag too, so a gate can tell in one dict lookup per owner that a user has nothing
+    spent. Bounded: the oldest entries go first.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._lock = threading.Lock()
+        self._maxsize = maxsize
+        self._items: dict[str, _Spent] = {}
+        self._tags: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, key: str, spent: _Spent) -> None:
+        with self._lock:
+            if key not in self._items:
+                tag = _tag_of(key)
+                self._tags[tag] = self._tags.get(tag, 0) + 1
+                while len(self._items) >= self._maxsize:
+                    self._drop(next(iter(self._items)))
+            self._items[key] = spent
+
+    def _drop(self, key: str) -> None:
+        if self._items.pop(key, None) is not None:
+            tag = _tag_of(key)
+            left = self._tags[tag] - 1
+            if left:
+                self._tags[tag] = left
+            else:
+                del self._tags[tag]
+
+    def get(self, key: str, now: float) -> _Spent | None:
+        spent = self._items.get(key)
+        if spent is None:
+            return None
+        if now >= spent.until:
+            with self._lock:
+                if self._items.get(key) is spent:
+                    self._drop(key)
+            return None
+        return spent
+
+    def any_tag(self, tags: Iterable[str]) -> bool:
+        known = self._tags
+        return any(tag in known for tag in tags)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._tags.clear()
+
+
 class _Runtime:
     """Everything derived from one config; swapped as a whole on reload."""
 
@@ -465,10 +536,10 @@ class Guard:
         self._policy_cache_size = policy_cache_size
         self._runtime = _Runtime(config, policy_cache_size, self.clock)
         self._windows = WindowCache()
-        self._exhausted_lock = threading.Lock()
-        self._exhausted: cachetools.LRUCache[str, tuple[float, int]] = cachetools.LRUCache(
-            maxsize=exhausted_cache_size
-        )
+        self._spent = _SpentCache(exhausted_cache_size)
+        # user id -> Subject; plain dict reads and writes are atomic, and a Subject depends
+        # only on the id and the pseudonymizer, so no lock and no invalidation are needed.
+        self._subjects: dict[str, Subject] = {}
         self._ledger_lock = threading.RLock()
         self._ledger: Ledger | None = None
         self._async_ledger: AsyncLedger | None = None
@@ -583,11 +654,19 @@ class Guard:
         return Subject(anon_id, None, None, None, anonymous=True)
 
     def _subject_of(self, user: str) -> Subject:
+        subject = self._subjects.get(user)
+        if subject is not None:
+            return subject
         org = org_of(user)
         if self.pseudonymizer is None:
-            return Subject(user, org, user, org)
-        charged = self.pseudonymizer(user)
-        return Subject(charged, org_of(charged), user, org)
+            subject = Subject(user, org, user, org)
+        else:
+            charged = self.pseudonymizer(user)
+            subject = Subject(charged, org_of(charged), user, org)
+        if len(self._subjects) >= self._policy_cache_size:
+            self._subjects.clear()  # bounded; rebuilt from hot users in microseconds
+        self._subjects[user] = subject
+        return subject
 
     def _reject_usage(self) -> LimitUsage:
         window = self._windows.get("day", "UTC", self.clock.now())
@@ -673,21 +752,15 @@ class Guard:
 
     def _check_exhausted(self, plan: _Plan) -> None:
         """Refuse without a round trip when a counter is known to be spent for its window."""
-        if not self._exhausted:
+        if not len(self._spent):
             return
         now = plan.now
         for counter, charge in zip(plan.counters, plan.charges, strict=True):
             if charge.max is None:
                 continue
-            with self._exhausted_lock:
-                entry = self._exhausted.get(counter.key)
-            if entry is None:
-                continue
-            until, settled = entry
-            if now >= until:
-                continue
-            if settled + charge.amount > charge.max:
-                state = CounterState(settled=settled, pending=0)
+            spent = self._spent.get(counter.key, now)
+            if spent is not None and spent.settled + charge.amount > charge.max:
+                state = CounterState(settled=spent.settled, pending=0)
                 self._refuse(plan, counter, state, charge.amount)
 
     def _interpret_reserve(self, plan: _Plan, result: ReserveResult) -> None:
@@ -702,8 +775,7 @@ class Guard:
     def _remember_exhaustion(self, counter: _Counter, state: CounterState) -> None:
         limit = counter.enforced_max
         if limit is not None and state.settled >= limit:
-            with self._exhausted_lock:
-                self._exhausted[counter.key] = (float(counter.window.end), state.settled)
+            self._spent.add(counter.key, _Spent(float(counter.window.end), state.settled, counter))
 
     def _refuse(self, plan: _Plan, counter: _Counter, state: CounterState, needed: int) -> None:
         bound = counter.refusing_limit()
@@ -1166,24 +1238,64 @@ class Guard:
         bound.extend(runtime.limit_id_bindings(attribution.limit_ids))
         return bound, self._counters(bound, self.clock.now())
 
-    def exhausted_limit(self, attribution: Attribution | None = None) -> LimitUsage | None:
+    def _owner_tags(self, attribution: Attribution) -> list[str]:
+        subject = self.subject_for(attribution)
+        tags = [f"{'a' if subject.anonymous else 'u'}:{subject.user_id}", "g:*"]
+        if subject.org_id is not None:
+            tags.append(f"o:{subject.org_id}")
+        tags.extend(f"l:{limit_id}" for limit_id in attribution.limit_ids)
+        return tags
+
+    def _cached_exhausted(self, attribution: Attribution | None) -> LimitUsage | None:
+        attribution = attribution if attribution is not None else get_context()
+        # subject_for runs first: an anonymous caller under `reject` is refused here.
+        tags = self._owner_tags(attribution)
+        if not len(self._spent) or not self._spent.any_tag(tags):
+            return None
+        _, counters = self._gate_plan(attribution)
+        now = self.clock.now()
+        usages: list[LimitUsage] = []
+        for counter in counters:
+            spent = self._spent.get(counter.key, now)
+            if spent is None:
+                continue
+            state = CounterState(settled=spent.settled, pending=0)
+            usages.extend(self._limit_usage(b, counter.window, state) for b in counter.limits)
+        return self._blocking(usages)
+
+    def exhausted_limit(
+        self, attribution: Attribution | None = None, *, read_storage: bool = False
+    ) -> LimitUsage | None:
         """Return the block limit that leaves this user nothing, or ``None`` (for gates).
 
-        A user whose every block limit has something left gets ``None``; of several
-        exhausted limits the one that resets last is returned (the honest ``Retry-After``).
+        By default only this process's "spent until the window ends" cache is consulted:
+        no storage round trip, a few microseconds. It knows every counter this process
+        saw reach its max (its own settles, and refusals that read a spent counter); a
+        user spent by another process is still refused at the GenAI call itself.
+        ``read_storage=True`` reads the counters from the store instead (one round trip)
+        and also reports counters whose pending reservations fill them.
+
+        Of several exhausted limits the one that resets last is returned (the honest
+        ``Retry-After``).
 
         Raises:
             UserRequired: no user is known and anonymous calls are rejected.
-            StorageError: the storage could not be read.
+            StorageError: the storage could not be read (``read_storage=True``).
         """
+        if not read_storage:
+            return self._cached_exhausted(attribution)
         bound, counters = self._gate_plan(attribution)
         if not counters:
             return None
         states = self.ledger.read([c.key for c in counters], now=self.clock.now())
         return self._blocking(self._usages(bound, counters, states))
 
-    async def aexhausted_limit(self, attribution: Attribution | None = None) -> LimitUsage | None:
+    async def aexhausted_limit(
+        self, attribution: Attribution | None = None, *, read_storage: bool = False
+    ) -> LimitUsage | None:
         """Async :meth:`exhausted_limit`."""
+        if not read_storage:
+            return self._cached_exhausted(attribution)
         bound, counters = self._gate_plan(attribution)
         if not counters:
             return None
@@ -1225,8 +1337,7 @@ class Guard:
                 detail="the storage URI changed; it takes effect after a restart",
             )
         self._runtime = _Runtime(new, self._policy_cache_size, self.clock)
-        with self._exhausted_lock:
-            self._exhausted.clear()
+        self._spent.clear()
         self._log.info(events.CONFIG_RELOADED, source=new.source)
         return True
 

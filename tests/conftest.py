@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -46,6 +45,6 @@ def key_prefix() -> str:
 
 
 @pytest.fixture
-def clock() -> Iterator[FakeClock]:
+def clock() -> FakeClock:
     """A fake clock at 2026-11-27T12:00:00Z."""
-    yield FakeClock(1_795_780_800.0)
+    return FakeClock(1_795_780_800.0)

@@ -71,7 +71,11 @@ def test_empty_values_clear() -> None:
         use_case_properties={"j": 2},
     ):
         with track_context(
-            user_id="", use_case_name="", limit_ids=[], request_properties={}, use_case_properties={}
+            user_id="",
+            use_case_name="",
+            limit_ids=[],
+            request_properties={},
+            use_case_properties={},
         ):
             ctx = get_context()
             assert ctx.user_id is None

@@ -1,0 +1,219 @@
+"""Flask integration: the :class:`PayiGuard` extension.
+
+::
+
+    from payi_guard.flask import PayiGuard
+
+    PayiGuard(app, guard=guard, guarded_paths=["/api/*"])
+
+It wraps ``app.wsgi_app`` in :class:`~payi_guard.web.WSGIGuardMiddleware` (one context
+per request, streamed bodies included) and, because Flask's session and flask-login's
+``current_user`` are only readable inside the app, names the user in ``before_request``:
+the ``user=`` callable, else flask-login's ``current_user`` (when flask-login is
+installed, set up on the app, and the user is authenticated: ``get_id()``), else
+``session["user_id"]``. Guarded paths are gated right after, still before the view.
+
+Nothing is recorded in ``teardown_request``: it runs twice for a response streamed with
+``stream_with_context``. Costs are recorded by the metered GenAI calls themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from payi_guard.context import current_request
+from payi_guard.engine import Guard
+from payi_guard.exceptions import (
+    BudgetExceeded,
+    InvalidUserId,
+    MissingDependency,
+    StorageError,
+)
+from payi_guard.web.core import (
+    REQUEST_ID_HEADER,
+    USER_HEADER,
+    InvalidUserPolicy,
+    Problem,
+    WebCore,
+    rebind_user,
+    store_gate_headers,
+)
+from payi_guard.web.wsgi import WSGIGuardMiddleware
+
+if TYPE_CHECKING:
+    import flask
+
+__all__ = ["PayiGuard"]
+
+_EXTENSION = "payi_guard"
+
+
+def _flask() -> Any:
+    try:
+        return importlib.import_module("flask")
+    except ImportError as exc:  # pragma: no cover - the flask extra installs it
+        raise MissingDependency("flask", "flask") from exc
+
+
+class PayiGuard:
+    """The Flask extension: one request scope per request, the user from Flask's own auth.
+
+    Use ``PayiGuard(app, guard=guard)`` or the factory pattern
+    ``ext = PayiGuard(guard=guard); ext.init_app(app)``.
+
+    Args:
+        app: the Flask app (or ``None`` to call :meth:`init_app` later).
+        guard: the :class:`~payi_guard.engine.Guard` that holds the budgets.
+        user: a callable without arguments, called in ``before_request``, that returns
+            the user id or ``None`` (replaces the flask-login / session defaults).
+        session_key: the ``session`` key read when neither ``user`` nor flask-login
+            names a user.
+        guarded_paths: globs of the paths gated (after ``before_request`` named the
+            user) before the view runs.
+        session_id: for the ``session`` anonymous strategy: a callable without arguments
+            that returns the session/device id (default: the ``session_cookie`` cookie).
+        trust_user_header: honour the ``xProxy-User-ID`` header (only behind an
+            authenticating proxy).
+        user_header: the header that names the user.
+        block_status: the status of a budget refusal.
+        gate: ``"cache"`` (default: no storage round trip) or ``"storage"`` (read the
+            counters on every guarded request); see :class:`~payi_guard.web.core.WebCore`.
+        budget_headers: add the tightest limit's ``RateLimit`` headers to successful
+            responses of guarded paths.
+        on_invalid_user: ``"reject"`` (400) or ``"anonymous"``.
+        session_cookie: the cookie read for the ``session`` strategy (hashed).
+        request_id_header: the request-id header honoured and echoed (``None``: off).
+        www_authenticate: the ``WWW-Authenticate`` challenge of a 401.
+
+    Raises:
+        TypeError: an option has the wrong type.
+        ValueError: an option has an invalid value.
+    """
+
+    def __init__(
+        self,
+        app: flask.Flask | None = None,
+        *,
+        guard: Guard,
+        user: Callable[[], Any] | None = None,
+        session_key: str = "user_id",
+        guarded_paths: Sequence[str] = (),
+        session_id: Callable[[], Any] | None = None,
+        trust_user_header: bool = False,
+        user_header: str = USER_HEADER,
+        block_status: int = 429,
+        budget_headers: bool = False,
+        gate: Literal["cache", "storage"] = "cache",
+        on_invalid_user: InvalidUserPolicy = "reject",
+        session_cookie: str | None = "session_id",
+        request_id_header: str | None = REQUEST_ID_HEADER,
+        www_authenticate: str | None = None,
+    ) -> None:
+        if user is not None and not callable(user):
+            raise TypeError("user= must be a callable without arguments, or None")
+        if session_id is not None and not callable(session_id):
+            raise TypeError("session_id= must be a callable without arguments, or None")
+        self.guard = guard
+        self.user = user
+        self.session_key = session_key
+        self.session_id = session_id
+        self._middleware_options: dict[str, Any] = {
+            "trust_user_header": trust_user_header,
+            "user_header": user_header,
+            "block_status": block_status,
+            "on_invalid_user": on_invalid_user,
+            "session_cookie": session_cookie,
+            "request_id_header": request_id_header,
+            "www_authenticate": www_authenticate,
+        }
+        # The core that gates in before_request: the user is only known there.
+        self.core = WebCore(
+            guard,
+            guarded_paths=guarded_paths,
+            budget_headers=budget_headers,
+            gate=gate,
+            **self._middleware_options,
+        )
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: flask.Flask) -> None:
+        """Install the middleware, the ``before_request`` hook and the error handlers.
+
+        Raises:
+            RuntimeError: the extension is already installed on ``app``.
+        """
+        if _EXTENSION in app.extensions:
+            raise RuntimeError("PayiGuard is already installed on this app")
+        app.wsgi_app = WSGIGuardMiddleware(  # type: ignore[method-assign]
+            app.wsgi_app, guard=self.guard, **self._middleware_options
+        )
+        app.before_request(self._before_request)
+        app.register_error_handler(BudgetExceeded, self._handle_error)
+        app.register_error_handler(InvalidUserId, self._handle_error)
+        app.register_error_handler(StorageError, self._handle_error)
+        app.extensions[_EXTENSION] = self
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _find_user(self) -> object | None:
+        if self.user is not None:
+            found: object = self.user()
+            return found
+        fl = _flask()
+        app = fl.current_app
+        if getattr(app, "login_manager", None) is not None:
+            try:
+                flask_login = importlib.import_module("flask_login")
+            except ImportError:  # pragma: no cover - login_manager implies flask-login
+                flask_login = None
+            if flask_login is not None:
+                current = flask_login.current_user
+                if current is not None and current.is_authenticated:
+                    user_id: object = current.get_id()
+                    return user_id
+        value: object = fl.session.get(self.session_key)
+        return value
+
+    def _before_request(self) -> Any:
+        rs = current_request()
+        if rs is None:  # pragma: no cover - the middleware always opens one
+            return None
+        if rs.source is None:
+            try:
+                value = self._find_user()
+            except InvalidUserId as exc:
+                value = None
+                problem = self.core.invalid_user(exc, "flask")
+                if problem is not None:
+                    return _response(problem)
+            if value is not None:
+                problem = self.core.assign_user(rs, value, "flask")
+                if problem is not None:
+                    return _response(problem)
+                if rs.user_id is not None:
+                    rebind_user(rs.user_id)
+        if rs.user_id is None and self.session_id is not None and self.core.wants_session():
+            self.core.set_session(rs, self.session_id())
+        request = _flask().request
+        if request.method != "OPTIONS" and self.core.guarded(request.path):
+            gate = self.core.check()
+            if gate.problem is not None:
+                return _response(gate.problem)
+            store_gate_headers(rs, gate.headers)
+        return None
+
+    def _handle_error(self, exc: Exception) -> Any:
+        problem = self.core.problem_for(exc)
+        if problem is None:  # pragma: no cover - only registered for these classes
+            raise exc
+        return _response(problem)
+
+
+def _response(problem: Problem) -> flask.Response:
+    response: flask.Response = _flask().Response(
+        problem.body, status=problem.status, headers=problem.all_headers()
+    )
+    return response

@@ -1,0 +1,644 @@
+"""The users page: who spends what against which limit, and manual usage events.
+
+:func:`users_app` builds a small ASGI application (Starlette) that an application
+mounts next to its own routes::
+
+    from payi_guard.web.admin import users_app
+
+    app.mount("/guard", users_app(guard, token=os.environ["PAYI_GUARD_ADMIN_TOKEN"]))
+
+Routes (relative to the mount point):
+
+* ``GET /``: the HTML page. Open it once as ``/guard/?token=<token>`` (or sign in with
+  the form it shows): it sets an HttpOnly, SameSite=Strict session cookie and redirects
+  to a URL without the token. The page renders offline (no CDN, no external asset).
+* ``GET /api/users``: users with their limits, as JSON (``q``, ``state``, ``sort``,
+  ``order``, ``page``; see :meth:`UsersApp.list_users`).
+* ``GET /api/users/{user_id}``: one user's limits.
+* ``POST /api/events``: manual usage events from services in other languages (one
+  event or a batch, see :meth:`UsersApp.post_events`), charged with
+  :meth:`Guard.arecord`.
+* ``GET /healthz``: liveness, without authentication or data.
+
+The API takes ``Authorization: Bearer <token>``; ``GET`` routes also accept the page's
+session cookie, ``POST /api/events`` does not (a browser session cannot post events).
+
+Flask and other WSGI apps: serve this app with any ASGI server next to the WSGI app,
+or mount it through a WSGI adapter such as ``a2wsgi`` (not a dependency)::
+
+    from a2wsgi import ASGIMiddleware
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    app.wsgi_app = DispatcherMiddleware(
+        app.wsgi_app, {"/guard": ASGIMiddleware(users_app(guard, token=token))}
+    )
+
+Users are discovered from the storage's counter keys (one ``SCAN``); see
+:mod:`payi_guard.web._directory` for how pages are cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import math
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from decimal import Decimal
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from payi_guard.config import GuardConfig
+from payi_guard.engine import Guard
+from payi_guard.exceptions import InvalidUserId, PayiGuardError, StorageError
+from payi_guard.identity import normalize_user_id
+from payi_guard.pricing import PriceBook, UnknownModel
+from payi_guard.web._directory import (
+    SORTS,
+    STATES,
+    UserDirectory,
+    UserSummary,
+    match_query,
+    order_summaries,
+    read_summaries,
+)
+from payi_guard.web._events import BodyError, parse_body, validate_events
+from payi_guard.web.core import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, USER_HEADER, Problem
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_BATCH",
+    "MAX_BODY_BYTES",
+    "MIN_TOKEN_LENGTH",
+    "SESSION_COOKIE",
+    "UsersApp",
+    "users_app",
+]
+
+MIN_TOKEN_LENGTH = 16
+"""The shortest access token accepted."""
+
+DEFAULT_PAGE_SIZE = 100
+"""Users per page (and the most users' usage one request reads)."""
+
+MAX_BODY_BYTES = 1 << 20
+"""The largest ``POST /api/events`` body accepted (1 MiB); larger ones get 413."""
+
+MAX_BATCH = 1000
+"""The most events one ``POST /api/events`` may carry."""
+
+SESSION_COOKIE = "payi_guard_users"
+"""The name of the page's session cookie."""
+
+_MAX_ERRORS_SHOWN = 100
+_MAX_QUERY = 200
+_MAX_PAGE = 1_000_000
+_MAX_FORM_BYTES = 4096
+_SESSION_CONTEXT = b"payi_guard users session v1"
+_SECURITY_HEADERS = (
+    ("cache-control", "no-store"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("x-frame-options", "DENY"),
+)
+
+
+def _template(name: str) -> str:
+    static = resources.files("payi_guard.web").joinpath("static")
+    return static.joinpath(name).read_text(encoding="utf-8")
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
+
+
+def _problem(
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **members: object,
+) -> Response:
+    """An ``application/problem+json`` response (RFC 9457)."""
+    document = {
+        "type": PROBLEM_TYPE_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **members,
+    }
+    problem = Problem.build(status, document, (headers or {}).items())
+    return Response(
+        problem.body, status, headers=dict(problem.headers), media_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+class _SecurityHeaders:
+    """Adds no-store, nosniff, no-referrer and frame denial to every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(raw=message.setdefault("headers", []))
+                for name, value in _SECURITY_HEADERS:
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_secured)
+
+
+class _Auth:
+    """The access token and the session cookie derived from it.
+
+    Comparisons are constant-time and done on digests, so neither the content nor the
+    length of the token leaks through timing. A session cookie is
+    ``v1.<expiry>.<HMAC-SHA256 keyed with the token>``: it is valid in every process
+    that knows the token, stops working when the token changes, and expires by itself.
+    """
+
+    def __init__(self, token: str, guard: Guard, ttl: float) -> None:
+        secret = token.encode("utf-8")
+        self._digest = hashlib.sha256(secret).digest()
+        self._key = hmac.new(secret, _SESSION_CONTEXT, hashlib.sha256).digest()
+        self._guard = guard
+        self.ttl = ttl
+
+    def token_ok(self, candidate: str) -> bool:
+        given = hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
+        return hmac.compare_digest(given, self._digest)
+
+    def bearer_ok(self, request: Request) -> bool:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and bool(value) and self.token_ok(value.strip())
+
+    def _mac(self, expires: str) -> bytes:
+        return hmac.new(self._key, f"v1.{expires}".encode(), hashlib.sha256).hexdigest().encode()
+
+    def new_session(self) -> str:
+        expires = str(int(self._guard.clock.now() + self.ttl))
+        return f"v1.{expires}.{self._mac(expires).decode()}"
+
+    def session_ok(self, request: Request) -> bool:
+        parts = request.cookies.get(SESSION_COOKIE, "").split(".")
+        if len(parts) != 3 or parts[0] != "v1" or not parts[1].isdigit() or len(parts[1]) > 12:
+            return False
+        given = parts[2].encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self._mac(parts[1])):
+            return False
+        return int(parts[1]) > self._guard.clock.now()
+
+
+class _QueryError(ValueError):
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
+def _choice(request: Request, name: str, options: tuple[str, ...], default: str | None) -> Any:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return default
+    if value not in options:
+        raise _QueryError(name, f"{name} must be one of {', '.join(options)}")
+    return value
+
+
+def _page_number(request: Request) -> int:
+    value = request.query_params.get("page", "1")
+    if not value.isdigit() or not 1 <= int(value) <= _MAX_PAGE:
+        raise _QueryError("page", f"page must be a whole number from 1 to {_MAX_PAGE}")
+    return int(value)
+
+
+class UsersApp:
+    """The users page and the events endpoint; :func:`users_app` is the way to build it.
+
+    Args:
+        guard: the guard whose users are shown and charged.
+        token: the access token (at least :data:`MIN_TOKEN_LENGTH` characters).
+        title: the page title.
+        page_size: users per page, and the most users' usage one request reads.
+        max_body_bytes: the largest events body accepted.
+        max_batch: the most events per request.
+        max_keys: the most counter keys one discovery scan reads.
+        directory_ttl: seconds a discovery scan is reused.
+        session_ttl: seconds a page session lasts.
+
+    Raises:
+        ValueError: an argument is out of range, the token is too short, or the guard
+            pseudonymises user ids.
+    """
+
+    def __init__(
+        self,
+        guard: Guard,
+        *,
+        token: str,
+        title: str = "payi_guard users",
+        page_size: int = DEFAULT_PAGE_SIZE,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_batch: int = MAX_BATCH,
+        max_keys: int = 200_000,
+        directory_ttl: float = 5.0,
+        session_ttl: float = 12 * 3600,
+    ) -> None:
+        if not isinstance(guard, Guard):
+            raise ValueError(f"guard must be a payi_guard.Guard, got {type(guard).__name__}")
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"token must be a string of at least {MIN_TOKEN_LENGTH} characters")
+        if any(c.isspace() or not c.isprintable() for c in token):
+            raise ValueError("token must not contain whitespace or control characters")
+        if guard.pseudonymizer is not None:
+            raise ValueError(
+                "the users page cannot list the users of a Guard that pseudonymises ids: "
+                "its counters are keyed by pseudonyms, which do not lead back to users"
+            )
+        for name, value, low in (
+            ("page_size", page_size, 1),
+            ("max_body_bytes", max_body_bytes, 1024),
+            ("max_batch", max_batch, 1),
+            ("max_keys", max_keys, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name, seconds in (("directory_ttl", directory_ttl), ("session_ttl", session_ttl)):
+            if not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+                raise ValueError(f"{name} must be a finite number of seconds >= 0")
+        self.guard = guard
+        self.title = str(title)
+        self.page_size = page_size
+        self.max_body_bytes = max_body_bytes
+        self.max_batch = max_batch
+        self.directory = UserDirectory(guard, max_keys=max_keys, ttl=float(directory_ttl))
+        self._auth = _Auth(token, guard, float(session_ttl))
+        self._page = _template("users.html").replace("__TITLE__", html.escape(self.title))
+        self._login_page = _template("login.html").replace("__TITLE__", html.escape(self.title))
+        self._prices: tuple[GuardConfig, PriceBook] | None = None
+
+    def asgi(self) -> ASGIApp:
+        """Return the Starlette application serving every route."""
+        return Starlette(
+            routes=[
+                Route("/", self.page, methods=["GET"]),
+                Route("/", self.sign_in, methods=["POST"]),
+                Route("/logout", self.sign_out, methods=["POST"]),
+                Route("/healthz", self.health, methods=["GET"]),
+                Route("/api/users", self.list_users, methods=["GET"]),
+                Route("/api/users/{user_id}", self.get_user, methods=["GET"]),
+                Route("/api/events", self.post_events, methods=["POST"]),
+            ],
+            middleware=[Middleware(_SecurityHeaders)],
+        )
+
+    # -- the HTML page ----------------------------------------------------------------------
+
+    def _html(self, template: str, status: int = 200, message: str = "") -> HTMLResponse:
+        nonce = secrets.token_urlsafe(18)
+        body = template.replace("__NONCE__", nonce).replace("__MESSAGE__", html.escape(message))
+        policy = (
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+            "connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; "
+            "frame-ancestors 'none'"
+        )
+        return HTMLResponse(body, status, headers={"content-security-policy": policy})
+
+    def _signed_in(self, request: Request) -> Response:
+        response = RedirectResponse("./", status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            self._auth.new_session(),
+            max_age=int(self._auth.ttl),
+            path=self._cookie_path(request),
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    @staticmethod
+    def _cookie_path(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/") + "/"
+
+    async def page(self, request: Request) -> Response:
+        """``GET /``: the page, or the sign-in form (401) without a valid session.
+
+        A valid ``?token=`` starts a session and redirects to the page without it.
+        """
+        supplied = request.query_params.get("token")
+        if supplied is not None:
+            if self._auth.token_ok(supplied):
+                return self._signed_in(request)
+            return self._html(self._login_page, 401, "That token is not valid.")
+        if self._auth.session_ok(request) or self._auth.bearer_ok(request):
+            return self._html(self._page)
+        return self._html(self._login_page, 401)
+
+    async def sign_in(self, request: Request) -> Response:
+        """``POST /``: the sign-in form (``token`` field, URL-encoded)."""
+        body = await _read_limited(request, _MAX_FORM_BYTES)
+        if body is None:
+            return self._html(self._login_page, 413, "That request is too large.")
+        form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
+        candidates = form.get("token", [])
+        if len(candidates) == 1 and self._auth.token_ok(candidates[0]):
+            return self._signed_in(request)
+        return self._html(self._login_page, 401, "That token is not valid.")
+
+    async def sign_out(self, request: Request) -> Response:
+        """``POST /logout``: end the session."""
+        response = RedirectResponse("./", status_code=303)
+        response.delete_cookie(
+            SESSION_COOKIE, path=self._cookie_path(request), httponly=True, samesite="strict"
+        )
+        return response
+
+    async def health(self, request: Request) -> Response:
+        """``GET /healthz``: 200 while the app runs (no authentication, no data)."""
+        return JSONResponse({"status": "ok"})
+
+    # -- the API ----------------------------------------------------------------------------
+
+    def _unauthorized(self) -> Response:
+        return _problem(
+            401,
+            "unauthorized",
+            "Unauthorized",
+            "Send the access token as `Authorization: Bearer <token>`.",
+            headers={"www-authenticate": 'Bearer realm="payi_guard"'},
+        )
+
+    @staticmethod
+    def _storage_failed() -> Response:
+        return _problem(
+            503,
+            "storage-unavailable",
+            "Budget storage unavailable",
+            "The budget storage cannot be read right now; try again shortly.",
+        )
+
+    async def list_users(self, request: Request) -> Response:
+        """``GET /api/users``: users with their limits.
+
+        Query parameters: ``q`` (a case-insensitive substring of the user id, or a glob
+        with ``*?[``), ``state`` (``ok|warning|exceeded``), ``sort``
+        (``name|spend|state|remaining``), ``order`` (``asc|desc``), ``page`` (from 1).
+
+        Pages are cut from the user ids in order, so a request never reads more than
+        ``page_size`` users' usage however many users there are. ``sort=name`` orders
+        across all pages; the other sorts and ``state`` need each user's usage, so they
+        apply to the users of the requested page, and the response says so with
+        ``"scope": "page"`` (``"all"`` when the order and filter hold across every page,
+        as they do whenever a single page holds every matching user). ``spend`` and
+        ``remaining`` are those of the user's own money limit with the least headroom.
+        """
+        if not (self._auth.bearer_ok(request) or self._auth.session_ok(request)):
+            return self._unauthorized()
+        try:
+            query = request.query_params.get("q") or None
+            if query is not None and len(query) > _MAX_QUERY:
+                raise _QueryError("q", f"q must be at most {_MAX_QUERY} characters")
+            state = _choice(request, "state", STATES, None)
+            sort = _choice(request, "sort", SORTS, "name")
+            order = _choice(request, "order", ("asc", "desc"), "asc")
+            page = _page_number(request)
+        except _QueryError as exc:
+            return _problem(
+                400, "invalid-parameter", "Invalid parameter", str(exc), parameter=exc.parameter
+            )
+        try:
+            directory = await self.directory.get()
+            ids = list(directory.user_ids)
+            if query is not None:
+                ids = [uid for uid in ids if match_query(uid, query)]
+            if sort == "name" and order == "desc":
+                ids.reverse()
+            pages = max(1, math.ceil(len(ids) / self.page_size))
+            start = (page - 1) * self.page_size
+            summaries = await read_summaries(self.guard, ids[start : start + self.page_size])
+        except StorageError:
+            return self._storage_failed()
+        if state is not None:
+            summaries = [s for s in summaries if s.state == state]
+        summaries = order_summaries(summaries, sort, descending=order == "desc")
+        whole = pages == 1 or (sort == "name" and state is None)
+        return JSONResponse(
+            {
+                "users": [s.as_dict() for s in summaries],
+                "page": page,
+                "pages": pages,
+                "page_size": self.page_size,
+                "total": len(ids),
+                "truncated": directory.truncated,
+                "q": query,
+                "state": state,
+                "sort": sort,
+                "order": order,
+                "scope": "all" if whole else "page",
+                "now": _iso(self.guard.clock.now()),
+            }
+        )
+
+    async def get_user(self, request: Request) -> Response:
+        """``GET /api/users/{user_id}``: one user's limits (a valid id always has some view)."""
+        if not (self._auth.bearer_ok(request) or self._auth.session_ok(request)):
+            return self._unauthorized()
+        try:
+            user_id = normalize_user_id(request.path_params["user_id"])
+        except InvalidUserId as exc:
+            return _problem(
+                400, "invalid-user-id", "Invalid user id", f"The user id was refused: {exc.reason}."
+            )
+        try:
+            limits = await self.guard.ausage(user_id)
+        except StorageError:
+            return self._storage_failed()
+        summary = UserSummary.of(user_id, limits).as_dict()
+        return JSONResponse({**summary, "now": _iso(self.guard.clock.now())})
+
+    def _can_price(self, model: str, provider: str) -> bool:
+        """False when ``model`` has no price and ``unknown_model`` is ``block``."""
+        config = self.guard.config
+        if config.unknown_model.action != "block":
+            return True
+        cached = self._prices
+        if cached is None or cached[0] is not config:
+            cached = self._prices = (
+                config,
+                PriceBook(config.prices, config.unknown_model, clock=self.guard.clock),
+            )
+        try:
+            cached[1].rates(model, provider)
+        except UnknownModel:
+            return False
+        return True
+
+    async def post_events(self, request: Request) -> Response:
+        """``POST /api/events``: charge manual usage events (Bearer token only).
+
+        The body is one event or a JSON array of up to ``max_batch`` events; each event
+        has ``model`` and optionally ``user_id`` (else the ``xProxy-User-ID`` header),
+        ``provider`` (``openai``), the four token counts, ``cost_usd`` (a string or
+        number of dollars, used instead of the model's price), ``use_case_name``,
+        ``limit_ids`` and ``request_id``. Every event is validated before anything is
+        charged: one bad event refuses the whole batch (400, with every error found).
+        Valid events are charged and logged by :meth:`Guard.arecord`, in order.
+
+        Returns 200 with one result per event: ``user_id``, ``cost_usd`` (the exact
+        amount charged, as a string), ``outcome`` (``recorded``), ``priced`` and
+        ``request_id``.
+        """
+        if not self._auth.bearer_ok(request):
+            return self._unauthorized()
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            return _problem(
+                415,
+                "unsupported-media-type",
+                "Unsupported media type",
+                "Send the events as JSON with `Content-Type: application/json`.",
+            )
+        body = await _read_limited(request, self.max_body_bytes)
+        if body is None:
+            return _problem(
+                413,
+                "body-too-large",
+                "Body too large",
+                f"The body is over {self.max_body_bytes} bytes: split the batch.",
+            )
+        try:
+            raw_events, batch = parse_body(body)
+        except BodyError as exc:
+            return _problem(400, "invalid-body", "Invalid body", f"{exc}.")
+        if len(raw_events) > self.max_batch:
+            return _problem(
+                400,
+                "batch-too-large",
+                "Batch too large",
+                f"A batch holds at most {self.max_batch} events; this one has {len(raw_events)}.",
+            )
+        events, errors = validate_events(
+            raw_events,
+            header_user=request.headers.get(USER_HEADER),
+            limit_ids=self.guard.config.limits.keys(),
+            can_price=self._can_price,
+        )
+        if errors:
+            detail = (
+                f"{len(errors)} error(s) in {'the batch' if batch else 'the event'}; "
+                "nothing was charged."
+            )
+            return _problem(
+                400,
+                "invalid-event",
+                "Invalid usage event",
+                detail,
+                errors=[e.as_dict() for e in errors[:_MAX_ERRORS_SHOWN]],
+                error_count=len(errors),
+            )
+        results: list[dict[str, object]] = []
+        total = Decimal(0)
+        for index, event in enumerate(events):
+            try:
+                record = await self.guard.arecord(**event.record_kwargs())
+            except (PayiGuardError, ValueError):
+                # Validation ran first, so only a config reloaded meanwhile lands here.
+                return _problem(
+                    500,
+                    "record-failed",
+                    "Recording failed",
+                    f"Event {index} could not be recorded; the events before it were.",
+                    charged=index,
+                )
+            total += record.cost_usd
+            results.append(
+                {
+                    "index": index,
+                    "user_id": record.user_id,
+                    "cost_usd": str(record.cost_usd),
+                    "outcome": record.outcome,
+                    "priced": record.priced,
+                    "request_id": event.request_id,
+                }
+            )
+        return JSONResponse({"results": results, "count": len(results), "cost_usd": str(total)})
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or ``None`` as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def users_app(
+    guard: Guard,
+    *,
+    token: str,
+    title: str = "payi_guard users",
+    page_size: int = DEFAULT_PAGE_SIZE,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_batch: int = MAX_BATCH,
+    max_keys: int = 200_000,
+    directory_ttl: float = 5.0,
+    session_ttl: float = 12 * 3600,
+) -> ASGIApp:
+    """Build the users page and events endpoint as an ASGI app to mount.
+
+    Args:
+        guard: the guard whose users are shown and charged.
+        token: the access token (at least 16 characters; keep it secret).
+        title: the page title.
+        page_size: users per page, and the most users' usage one request reads.
+        max_body_bytes: the largest ``POST /api/events`` body (larger: 413).
+        max_batch: the most events one request may carry.
+        max_keys: the most counter keys one user-discovery scan reads; beyond, the
+            listing is marked ``truncated``.
+        directory_ttl: seconds the discovered user list is reused (0: scan every time).
+        session_ttl: seconds a page session (cookie) lasts.
+
+    Returns:
+        The ASGI application.
+
+    Raises:
+        ValueError: the token is shorter than 16 characters, a setting is out of range,
+            or the guard pseudonymises user ids.
+    """
+    return UsersApp(
+        guard,
+        token=token,
+        title=title,
+        page_size=page_size,
+        max_body_bytes=max_body_bytes,
+        max_batch=max_batch,
+        max_keys=max_keys,
+        directory_ttl=directory_ttl,
+        session_ttl=session_ttl,
+    ).asgi()

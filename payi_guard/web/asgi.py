@@ -1,0 +1,383 @@
+"""The ASGI middleware: :class:`GuardMiddleware`.
+
+A pure ASGI middleware (never Starlette's ``BaseHTTPMiddleware``, whose after-hook runs
+before a streamed body ends): the request scope and the structlog binding stay in effect
+until the app returns, i.e. after the last chunk of a streamed body was sent.
+
+Ordering with Starlette's ``AuthenticationMiddleware``: the guard reads
+``scope["user"]``, so authentication must run *before* it, i.e. be added *after* it
+(``add_middleware`` puts each new middleware outside the previous ones)::
+
+    app.add_middleware(GuardMiddleware, guard=guard, guarded_paths=["/api/*"])
+    app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+
+In the wrong order the guard notices ``scope["user"]`` appearing inside it, logs one
+``auth_middleware_order`` warning, and still charges GenAI calls made after that point
+to the user, but the early gate of ``guarded_paths`` ran before the user was known.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any, Literal
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from structlog.contextvars import bind_contextvars, reset_contextvars
+
+from payi_guard.context import RequestScope, request_scope
+from payi_guard.engine import Guard
+from payi_guard.exceptions import BudgetExceeded, InvalidUserId
+from payi_guard.web.core import (
+    AFTER_START_EVENT,
+    ORDER_EVENT,
+    REQUEST_ID_HEADER,
+    USER_HEADER,
+    InvalidUserPolicy,
+    Problem,
+    WebCore,
+    mark_bound,
+    rebind_user,
+    user_of_scope,
+)
+
+__all__ = ["GuardMiddleware"]
+
+UserResolver = Callable[[Request], Any]
+"""A resolver: given the Starlette ``Request``, return the user id or ``None`` (may be async)."""
+
+
+def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+class _WatchedScope(dict[str, Any]):
+    """A copy of the ASGI scope that mirrors writes back and reports ``scope["user"]``.
+
+    Used only when ``scope["user"]`` is missing as the request enters the guard, to
+    notice an authentication middleware that runs inside it. Every write is applied to
+    the original scope too, so middleware outside the guard still sees what the app
+    stores in it (route, endpoint, ...).
+    """
+
+    __slots__ = ("_on_user", "_origin")
+
+    def __init__(self, origin: MutableMapping[str, Any], on_user: Callable[[Any], None]) -> None:
+        super().__init__(origin)
+        self._origin = origin
+        self._on_user = on_user
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._origin[key] = value
+        if key == "user":
+            self._on_user(value)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._origin.pop(key, None)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Update both copies (and report a ``user``)."""
+        other = dict(*args, **kwargs)
+        super().update(other)
+        self._origin.update(other)
+        if "user" in other:
+            self._on_user(other["user"])
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        """``dict.setdefault`` applied to both copies."""
+        if key in self:
+            return self[key]
+        self[key] = default
+        return default
+
+    def pop(self, key: str, *default: Any) -> Any:
+        """``dict.pop`` applied to both copies."""
+        self._origin.pop(key, None)
+        return super().pop(key, *default)
+
+
+class _Response:
+    """Wraps ``send``: adds the guard's headers to the start, tracks the response state."""
+
+    __slots__ = ("extra", "finished", "send", "started")
+
+    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+        self.send = send
+        self.extra = extra
+        self.started = False
+        self.finished = False
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+            if self.extra:
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(h for h in self.extra if h[0] not in present)
+                message = {**message, "headers": headers}
+        elif kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.finished = True
+        elif kind == "http.response.pathsend":
+            self.finished = True
+        await self.send(message)
+
+
+class GuardMiddleware:
+    """Attribute every GenAI call of a request to its user; gate guarded paths early.
+
+    For each HTTP request it opens a :func:`~payi_guard.context.request_scope` and binds
+    ``user_id`` and ``request_id`` in structlog's context variables for the whole
+    request, streamed body included (undone at the end); finds the user (see
+    :mod:`payi_guard.web.core` for the order of sources); gates ``guarded_paths`` before
+    the app runs; turns a ``BudgetExceeded`` escaping the app into the same refusal
+    response; and echoes the request id. WebSocket and lifespan scopes pass through
+    untouched.
+
+    Works with ``app.add_middleware(GuardMiddleware, guard=guard, ...)``.
+
+    Args:
+        app: the ASGI application.
+        guard: the :class:`~payi_guard.engine.Guard` that holds the budgets.
+        user: a resolver given the Starlette ``Request`` (built only when a resolver is
+            set; the body is not available) that returns the user id or ``None``; sync
+            or async. A sync resolver runs on the event loop: keep it quick.
+        trust_user_header: honour the ``xProxy-User-ID`` header (only behind an
+            authenticating proxy).
+        user_header: the header that names the user.
+        guarded_paths: globs of the paths gated before the app runs.
+        block_status: the status of a budget refusal.
+        gate: ``"cache"`` (default: no storage round trip) or ``"storage"`` (read the
+            counters on every guarded request); see :class:`~payi_guard.web.core.WebCore`.
+        budget_headers: add the tightest limit's ``RateLimit`` headers to successful
+            responses of guarded paths.
+        on_invalid_user: ``"reject"`` (400) or ``"anonymous"``.
+        session_id: for the ``session`` anonymous strategy: given the ``Request``,
+            return the session/device id (sync or async).
+        session_cookie: the cookie read for the ``session`` strategy when no
+            ``session_id`` is given (its value is hashed).
+        request_id_header: the request-id header honoured and echoed (``None``: off).
+        www_authenticate: the ``WWW-Authenticate`` challenge of a 401.
+
+    Raises:
+        TypeError: an option has the wrong type.
+        ValueError: an option has an invalid value.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        guard: Guard,
+        user: UserResolver | None = None,
+        trust_user_header: bool = False,
+        user_header: str = USER_HEADER,
+        guarded_paths: Sequence[str] = (),
+        block_status: int = 429,
+        budget_headers: bool = False,
+        gate: Literal["cache", "storage"] = "cache",
+        on_invalid_user: InvalidUserPolicy = "reject",
+        session_id: Callable[[Request], Any] | None = None,
+        session_cookie: str | None = "session_id",
+        request_id_header: str | None = REQUEST_ID_HEADER,
+        www_authenticate: str | None = None,
+    ) -> None:
+        self.app = app
+        self.core = WebCore(
+            guard,
+            user=user,
+            trust_user_header=trust_user_header,
+            user_header=user_header,
+            guarded_paths=guarded_paths,
+            block_status=block_status,
+            budget_headers=budget_headers,
+            gate=gate,
+            on_invalid_user=on_invalid_user,
+            session_id=session_id,
+            session_cookie=session_cookie,
+            request_id_header=request_id_header,
+            www_authenticate=www_authenticate,
+        )
+        self._user_key = user_header.lower().encode("latin-1")
+        self._request_id_key = (
+            request_id_header.lower().encode("latin-1") if request_id_header else None
+        )
+        self._warned_order = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id_raw = user_raw = cookie_raw = None
+        request_id_key, user_key = self._request_id_key, self._user_key
+        for name, value in scope.get("headers", ()):
+            if name == request_id_key:
+                request_id_raw = value
+            elif name == user_key:
+                user_raw = value
+            elif name == b"cookie":
+                cookie_raw = value if cookie_raw is None else cookie_raw + b"; " + value
+        core = self.core
+        request_id = core.request_id(
+            None if request_id_raw is None else request_id_raw.decode("latin-1")
+        )
+        with request_scope(request_id=request_id) as rs:
+            problem = await self._identify(scope, rs, user_raw, cookie_raw)
+            mark_bound(rs)
+            # bind/reset with tokens: every write is undone exactly, a user rebound later
+            # in the request included (what bound_contextvars does, at a third of the cost).
+            tokens = bind_contextvars(user_id=rs.user_id, request_id=request_id)
+            try:
+                await self._serve(scope, receive, send, rs, problem, request_id)
+            finally:
+                reset_contextvars(**tokens)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        rs: RequestScope,
+        problem: Problem | None,
+        request_id: str,
+    ) -> None:
+        core = self.core
+        extra: list[tuple[bytes, bytes]] = []
+        if self._request_id_key is not None:
+            extra.append((self._request_id_key, request_id.encode("latin-1")))
+        # CORS preflights never make GenAI calls, and must not need a user.
+        if problem is None and scope["method"] != "OPTIONS" and core.guarded(scope["path"]):
+            gate = await core.acheck()
+            problem = gate.problem
+            extra.extend(_encode(gate.headers))
+        response = _Response(send, extra)
+        if problem is not None:
+            await self._send_problem(response, problem)
+            return
+
+        app_scope: Scope = scope
+        if "user" not in scope:
+            app_scope = _WatchedScope(scope, lambda user: self._late_user(rs, user))
+        try:
+            await self.app(app_scope, receive, response)
+        except Exception as exc:
+            if not response.started:
+                problem = core.problem_for(exc)
+                if problem is None:
+                    raise
+                # The gate headers described a success; a refusal brings its own.
+                response.extra = extra[:1] if self._request_id_key is not None else []
+                await self._send_problem(response, problem)
+                return
+            refusal = _refusal_in(exc)
+            if refusal is None:
+                raise
+            core.log.error(
+                AFTER_START_EVENT,
+                user_id=refusal.user_id,
+                limit=refusal.limit.name,
+                request_id=request_id,
+                detail="a GenAI call was refused after the response started; the response "
+                "was closed early",
+            )
+            if not response.finished:
+                await response({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _send_problem(response: _Response, problem: Problem) -> None:
+        await response(
+            {
+                "type": "http.response.start",
+                "status": problem.status,
+                "headers": _encode(problem.all_headers()),
+            }
+        )
+        await response({"type": "http.response.body", "body": problem.body})
+
+    async def _identify(
+        self,
+        scope: Scope,
+        rs: RequestScope,
+        user_raw: bytes | None,
+        cookie_raw: bytes | None,
+    ) -> Problem | None:
+        core = self.core
+        request: Request | None = None
+        try:
+            if core.resolver is not None:
+                request = Request(scope)
+                value = await _maybe_await(core.resolver(request))
+                if value is not None:
+                    return core.assign_user(rs, value, "resolver")
+            value = user_of_scope(scope.get("user"))
+            if value is not None:
+                return core.assign_user(rs, value, "scope")
+            if user_raw is not None:
+                header = core.header_user(user_raw.decode("latin-1"))
+                if header is not None:
+                    return core.assign_user(rs, header, "header")
+        except InvalidUserId as exc:  # raised by the resolver itself
+            return core.invalid_user(exc, "resolver")
+        if core.wants_session():
+            if core.session_id is not None:
+                session = await _maybe_await(core.session_id(request or Request(scope)))
+            else:
+                cookies = None if cookie_raw is None else cookie_raw.decode("latin-1")
+                session = core.session_from_cookie(cookies)
+            core.set_session(rs, session)
+        return None
+
+    def _late_user(self, rs: RequestScope, user: object) -> None:
+        """``scope["user"]`` was set inside the guard: warn once, still use the user."""
+        if not self._warned_order:
+            self._warned_order = True
+            self.core.log.warning(
+                ORDER_EVENT,
+                detail=(
+                    "scope['user'] was set by a middleware that runs inside GuardMiddleware, "
+                    "so guarded paths were gated before the user was known. Add "
+                    "AuthenticationMiddleware after GuardMiddleware: "
+                    "app.add_middleware(GuardMiddleware, ...) first, then "
+                    "app.add_middleware(AuthenticationMiddleware, ...)"
+                ),
+            )
+        if rs.source is not None:
+            return
+        value = user_of_scope(user)
+        if value is None:
+            return
+        try:
+            user_id = rs.set_user(value, source="scope")
+        except InvalidUserId as exc:
+            if self.core.invalid_user(exc, "scope") is not None:
+                raise
+            return
+        rebind_user(user_id)
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _refusal_in(exc: BaseException) -> BudgetExceeded | None:
+    """The refusal behind ``exc``: itself, or a cause a framework wrapped it in.
+
+    Starlette's exception middleware turns a handled exception raised after the response
+    started into ``RuntimeError(...) from exc``.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, BudgetExceeded):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None

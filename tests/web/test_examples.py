@@ -1,0 +1,97 @@
+"""The example apps, end to end: real OpenAI SDK, the meter, the fake provider."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+from structlog.testing import capture_logs
+
+from payi_guard import Guard
+from payi_guard.clock import FakeClock
+from payi_guard.config import check_file
+from payi_guard.fake_provider import FakeProvider
+from web._support import serve_wsgi
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def provider() -> Iterator[FakeProvider]:
+    with FakeProvider() as fake:
+        yield fake
+
+
+def test_the_budgets_file_is_valid_and_covers_every_section() -> None:
+    config = check_file(EXAMPLES / "budgets.yaml")
+    assert config.tiers
+    assert config.orgs
+    assert config.global_limits
+    assert config.users["acme:alice"] == config.tiers["pro"]
+    assert config.anonymous.strategy == "shared"
+    assert config.anonymous.limits
+
+
+def test_fastapi_example_charges_users_and_refuses_over_budget(
+    provider: FakeProvider, clock: FakeClock
+) -> None:
+    example = _load("fastapi_app")
+    guard = Guard.from_yaml(example.BUDGETS, clock=clock)
+    app = example.create_app(guard, provider.openai_base_url)
+    bob = {"authorization": "Bearer bob-token"}
+    with TestClient(app) as client, capture_logs() as logs:
+        statuses = []
+        for _ in range(30):
+            response = client.post("/api/chat", json={"prompt": "Say hello"}, headers=bob)
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                break
+        stream = client.get(
+            "/api/stream",
+            params={"prompt": "Count"},
+            headers={"authorization": "Bearer alice-token"},
+        )
+    assert statuses[:-1] == [200] * (len(statuses) - 1)
+    assert statuses[-1] == 429
+    assert response.headers["content-type"] == "application/problem+json"
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.json()["limit"] == "daily"
+    assert stream.status_code == 200
+    assert stream.text.endswith("data: [DONE]\n\n")
+    calls = [e for e in logs if e["event"] == "genai_call"]
+    assert {e["user_id"] for e in calls} == {"acme:bob", "acme:alice"}
+    assert [e["stream"] for e in calls if e["user_id"] == "acme:alice"] == [True]
+    spent = sum(e["cost_usd"] for e in calls if e["user_id"] == "acme:bob")
+    assert float(guard.usage("acme:bob")[0].used) == pytest.approx(spent)
+
+
+def test_flask_example_charges_the_session_user(provider: FakeProvider, clock: FakeClock) -> None:
+    example = _load("flask_app")
+    guard = Guard.from_yaml(example.BUDGETS, clock=clock)
+    app = example.create_app(guard, provider.openai_base_url)
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http, capture_logs() as logs:
+        http.get("/login/carol")
+        chat = http.post("/api/chat", json={"prompt": "Say hello"})
+        stream = http.get("/api/stream", params={"prompt": "Count"})
+        usage = http.get("/usage").json()
+    assert chat.status_code == 200
+    assert "ratelimit" in chat.headers
+    assert stream.text.endswith("data: [DONE]\n\n")
+    calls = [e for e in logs if e["event"] == "genai_call"]
+    assert [e["user_id"] for e in calls] == ["carol", "carol"]
+    assert usage[0]["counter"] == "carol"
+    assert float(usage[0]["used"]) == pytest.approx(sum(e["cost_usd"] for e in calls))

@@ -1,0 +1,222 @@
+"""The Flask extension: users from the session and flask-login, streamed bodies, gates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flask
+import httpx
+import pytest
+from flask_login import LoginManager, UserMixin, login_user
+from structlog.testing import capture_logs
+
+from payi_guard.context import current_request, get_context
+from payi_guard.engine import Guard
+from payi_guard.flask import PayiGuard
+from web._support import call, config, cost_nano, exhaust, serve_wsgi, usd, used
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.views = 0
+        self.teardowns = 0
+        self.stream: list[Any] = []
+
+
+def make_app(guard: Guard, probe: Probe, **options: Any) -> flask.Flask:
+    app = flask.Flask("flask_test")
+    app.secret_key = "test-secret-key-not-for-production"
+
+    @app.route("/login/<user>")
+    def login(user: str) -> str:
+        flask.session["user_id"] = user
+        return "ok"
+
+    @app.route("/api/chat")
+    @app.route("/chat")
+    def chat() -> dict[str, Any]:
+        probe.views += 1
+        record = call(guard)
+        return {"user": record.user_id, "context": get_context().user_id}
+
+    @app.route("/stream")
+    def stream() -> flask.Response:
+        def body() -> Iterator[str]:
+            yield f"session:{flask.session.get('user_id')}\n"
+            record = call(guard)  # a GenAI call while the body streams
+            probe.stream.append((record.user_id, get_context().user_id, current_request()))
+            yield f"charged:{record.user_id}\n"
+
+        return flask.Response(flask.stream_with_context(body()), mimetype="text/plain")
+
+    @app.teardown_request
+    def teardown(exc: BaseException | None) -> None:
+        probe.teardowns += 1
+
+    PayiGuard(app, guard=guard, **options)
+    return app
+
+
+def test_user_from_the_flask_session_over_a_real_server(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe)
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        anonymous = http.get("/chat").json()
+        http.get("/login/acme:alice")
+        response = http.get("/chat", headers={"X-Request-ID": "f-1"})
+    assert anonymous == {"user": "anonymous", "context": None}
+    assert response.json() == {"user": "acme:alice", "context": "acme:alice"}
+    assert response.headers["x-request-id"] == "f-1"
+    assert used(guard, "acme:alice") == usd(cost_nano(100, 50))
+
+
+def test_streamed_body_with_stream_with_context(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe)
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/bob")
+        teardowns_before = probe.teardowns
+        with capture_logs() as logs:
+            response = http.get("/stream")
+    assert response.text == "session:bob\ncharged:bob\n"
+    (charged, context_user, scope) = probe.stream[0]
+    assert (charged, context_user) == ("bob", "bob")
+    assert scope is not None
+    # One call, charged once, even though teardown_request runs twice for this response.
+    assert [e["user_id"] for e in logs if e["event"] == "genai_call"] == ["bob"]
+    assert used(guard, "bob") == usd(cost_nano(100, 50))
+    assert probe.teardowns - teardowns_before >= 1
+
+
+class LoginUser(UserMixin):  # type: ignore[misc]  # flask-login ships no types
+    def __init__(self, user_id: str) -> None:
+        self.id = user_id
+
+
+def test_user_from_flask_login_wins_over_the_session_key(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe)
+    login_manager = LoginManager(app)
+
+    login_manager.user_loader(LoginUser)
+
+    @app.route("/flask-login/<user>")
+    def flask_login_route(user: str) -> str:
+        login_user(LoginUser(user))
+        flask.session["user_id"] = "session-user"
+        return "ok"
+
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/flask-login/acme:grace")
+        response = http.get("/chat")
+    assert response.json()["user"] == "acme:grace"
+    assert used(guard, "session-user") == 0
+
+
+def test_user_callable_replaces_the_defaults(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe, user=lambda: flask.request.args.get("as"))
+    client = app.test_client()
+    client.get("/login/session-user")
+    assert client.get("/chat?as=heidi").json == {"user": "heidi", "context": "heidi"}
+    assert client.get("/chat").json == {"user": "anonymous", "context": None}
+
+
+def test_gate_in_before_request_refuses_before_the_view(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe, guarded_paths=["/api/*"])
+    exhaust(guard, "ivan")
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/ivan")
+        response = http.get("/api/chat", headers={"X-Request-ID": "f-429"})
+    assert probe.views == 0
+    assert response.status_code == 429
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "43200"
+    assert response.headers["ratelimit-policy"] == '"daily";q=1000;w=86400'
+    assert response.headers["ratelimit"] == '"daily";r=0;t=43200'
+    assert response.headers["x-request-id"] == "f-429"
+    body = response.json()
+    assert (body["limit"], body["scope"], body["request_id"]) == ("daily", "user", "f-429")
+
+
+def test_refusal_in_the_view_is_rendered_by_the_error_handler(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe)
+    exhaust(guard, "judy")
+    client = app.test_client()
+    client.get("/login/judy")
+    response = client.get("/chat")
+    assert probe.views == 1
+    assert response.status_code == 429
+    assert response.content_type == "application/problem+json"
+    assert response.json is not None
+    assert response.json["limit"] == "daily"
+
+
+def test_budget_headers_on_guarded_success(guard: Guard) -> None:
+    app = make_app(guard, Probe(), guarded_paths=["/api/*"], budget_headers=True)
+    client = app.test_client()
+    client.get("/login/ken")
+    first = client.get("/api/chat")
+    second = client.get("/api/chat")
+    unguarded = client.get("/chat")
+    assert first.headers["RateLimit"] == '"daily";r=1000;t=43200'
+    assert second.headers["RateLimit"] == '"daily";r=800;t=43200'
+    assert "RateLimit" not in unguarded.headers
+
+
+def test_invalid_session_user_gets_400_without_echo(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe)
+    client = app.test_client()
+    client.get("/login/bad user")
+    response = client.get("/chat")
+    assert response.status_code == 400
+    assert b"bad user" not in response.data
+    assert probe.views == 0
+
+
+def test_anonymous_reject_answers_401(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(config(anonymous={"strategy": "reject"}))
+    probe = Probe()
+    client = make_app(guard, probe, guarded_paths=["/api/*"]).test_client()
+    gated = client.get("/api/chat")
+    escaped = client.get("/chat")
+    assert gated.status_code == escaped.status_code == 401
+    assert probe.views == 1
+
+
+def test_session_strategy_with_a_session_id_callable(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(
+        config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
+    )
+    app = make_app(guard, Probe(), session_id=lambda: flask.request.headers.get("X-Device"))
+    client = app.test_client()
+    assert client.get("/chat", headers={"X-Device": "d1"}).json == {
+        "user": "anonymous:d1",
+        "context": None,
+    }
+
+
+def test_installing_twice_is_refused(guard: Guard) -> None:
+    app = make_app(guard, Probe())
+    with pytest.raises(RuntimeError, match="already installed"):
+        PayiGuard(app, guard=guard)
+
+
+def test_factory_pattern(guard: Guard) -> None:
+    extension = PayiGuard(guard=guard)
+    app = flask.Flask("factory")
+    app.secret_key = "k" * 32
+
+    @app.route("/")
+    def index() -> str:
+        return str(get_context().user_id)
+
+    extension.init_app(app)
+    client = app.test_client()
+    with client.session_transaction() as session:
+        session["user_id"] = "leo"
+    assert client.get("/").text == "leo"
