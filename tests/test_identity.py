@@ -14,8 +14,10 @@ from payi_guard.identity import DEFAULT_MAX_LENGTH, org_of
 
 SEGMENT_ALPHABET = string.ascii_letters + string.digits + ".-_"
 segments = st.text(alphabet=SEGMENT_ALPHABET, min_size=1, max_size=20)
-valid_ids = st.lists(segments, min_size=1, max_size=4).map(":".join).filter(
-    lambda s: len(s) <= DEFAULT_MAX_LENGTH
+valid_ids = (
+    st.lists(segments, min_size=1, max_size=4)
+    .map(":".join)
+    .filter(lambda s: len(s) <= DEFAULT_MAX_LENGTH)
 )
 
 
@@ -43,9 +45,7 @@ def test_any_character_outside_the_alphabet_is_refused(
 
 
 @given(
-    st.text(
-        alphabet=st.characters(whitelist_categories=("Zs", "Cc", "Zl", "Zp")), min_size=1
-    ),
+    st.text(alphabet=st.characters(whitelist_categories=("Zs", "Cc", "Zl", "Zp")), min_size=1),
     valid_ids,
 )
 def test_whitespace_and_control_characters_are_refused_and_never_echoed(
