@@ -65,6 +65,12 @@ def _cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from payi_guard.demo import run_demo
+
+    return run_demo(json_logs=args.json_logs, users=args.users, quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``payi-guard`` command."""
     parser = argparse.ArgumentParser(
@@ -89,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--format", choices=("table", "json"), default="table")
     usage.set_defaults(func=_cmd_usage)
 
+    demo = sub.add_parser("demo", help="run a self-contained demo with simulated users")
+    demo.add_argument("--json-logs", metavar="PATH", help="also keep the JSON logs here")
+    demo.add_argument("--users", type=int, default=6, help="simulated users (default 6)")
+    demo.add_argument("--quiet", action="store_true", help="no live table, just the report")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

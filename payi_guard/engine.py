@@ -444,15 +444,15 @@ class Reservation:
         """Give the reservation back without charging; log ``genai_call``."""
         if not self._claim():
             return self._record
-        self._guard._release_sync(self._plan, self._held)
-        return self._finish(None, 0, True, outcome, None, None)
+        ok = self._guard._release_sync(self._plan, self._held)
+        return self._finish(None, 0, True, outcome, () if ok else None, None)
 
     async def arelease(self, *, outcome: str = "released") -> CallRecord | None:
         """Async :meth:`release`."""
         if not self._claim():
             return self._record
-        await self._guard._release_async(self._plan, self._held)
-        return self._finish(None, 0, True, outcome, None, None)
+        ok = await self._guard._release_async(self._plan, self._held)
+        return self._finish(None, 0, True, outcome, () if ok else None, None)
 
     def _finish(
         self,
@@ -935,25 +935,31 @@ class Guard:
             self._storage_failed("commit", exc, plan)
             return None
 
-    def _release_sync(self, plan: _Plan, held: bool) -> None:
+    def _release_sync(self, plan: _Plan, held: bool) -> bool:
+        """Release; return False when the storage failed (logged)."""
         if not plan.charges or not held:
-            return
+            return True
         try:
             self.ledger.release(
                 plan.reservation_id, [c.key for c in plan.charges], now=self.clock.now()
             )
         except Exception as exc:
             self._storage_failed("release", exc, plan)
+            return False
+        return True
 
-    async def _release_async(self, plan: _Plan, held: bool) -> None:
+    async def _release_async(self, plan: _Plan, held: bool) -> bool:
+        """Async :meth:`_release_sync`."""
         if not plan.charges or not held:
-            return
+            return True
         try:
             await self.async_ledger.release(
                 plan.reservation_id, [c.key for c in plan.charges], now=self.clock.now()
             )
         except Exception as exc:
             self._storage_failed("release", exc, plan)
+            return False
+        return True
 
     # -- after a commit: warnings, overruns, the genai_call line --------------------------
 

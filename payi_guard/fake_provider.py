@@ -527,6 +527,8 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # Many clients connect at once in concurrency tests; the default backlog of 5 resets.
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -1424,6 +1426,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "fake-provider"
     sys_version = ""
     timeout = 60
+    # Without TCP_NODELAY each small answer waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -201,7 +201,9 @@ def test_release_gives_the_reservation_back(clock: FakeClock) -> None:
             record = first.release(outcome="error")
         assert record is not None
         assert record.cost_nano == 0
-        assert events_named(logs, "genai_call")[0]["outcome"] == "error"
+        (released,) = events_named(logs, "genai_call")
+        assert released["outcome"] == "error"
+        assert "ledger" not in released  # the release itself succeeded
         guard.begin(call(2000, 0)).settle(TokenUsage(2000, 0))
 
 

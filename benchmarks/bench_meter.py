@@ -1,0 +1,251 @@
+"""Meter benchmark: a guarded SDK call next to the same bare call, in one run.
+
+Run by hand from the repository root::
+
+    python benchmarks/bench_meter.py [--quick]
+
+It measures, with the real openai SDK (3.x, httpx2) and the memory store:
+
+* per-call time of ``chat.completions.create`` bare and guarded, over an in-process
+  ``httpx2.MockTransport`` (no network: the bare call is only SDK overhead, so the
+  percentage is the harshest view) and over loopback HTTP to a local
+  :class:`~payi_guard.fake_provider.FakeProvider` run in a child process (the nearest
+  thing to a real call);
+* time to the first streamed chunk, bare and guarded, over both;
+* the cost per chunk of the stream wrapper: a 1,000-chunk stream read bare and guarded
+  over the mock transport, and :class:`~payi_guard.meter.parse.StreamMeter` alone;
+* the same with the ``genai_call`` line rendered as JSON (to a null stream), since apps
+  log every call.
+
+Bare and guarded runs alternate, round by round, so drift hits both; medians are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx2
+import openai
+import structlog
+
+from payi_guard import Guard, track_context
+from payi_guard.log import configure_json
+from payi_guard.meter.parse import StreamMeter, classify
+
+PRICES = {"gpt-test": {"input_per_mtok": 1, "output_per_mtok": 2}}
+MESSAGES: Any = [{"role": "user", "content": "Write a haiku about benchmarks, please."}]
+
+CHAT = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-test",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Numbers in a row, " * 4},
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 20, "total_tokens": 32},
+}
+
+
+def sse_chunks(n: int) -> list[bytes]:
+    def event(obj: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    chunks = [
+        event({**base, "choices": [{"index": 0, "delta": {"content": f" word{i}"}}]})
+        for i in range(n)
+    ]
+    chunks.append(event({**base, "choices": [], "usage": CHAT["usage"]}))
+    chunks.append(b"data: [DONE]\n\n")
+    return chunks
+
+
+class _Chunks(httpx2.SyncByteStream):
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._chunks
+
+
+def mock_transport(stream_chunks: int) -> httpx2.MockTransport:
+    body = json.dumps(CHAT).encode()
+    chunks = sse_chunks(stream_chunks)
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if json.loads(request.content).get("stream"):
+            return httpx2.Response(
+                200, headers={"content-type": "text/event-stream"}, stream=_Chunks(chunks)
+            )
+        return httpx2.Response(200, headers={"content-type": "application/json"}, content=body)
+
+    return httpx2.MockTransport(handler)
+
+
+def make_client(base_url: str, transport: httpx2.BaseTransport | None) -> openai.OpenAI:
+    http_client = httpx2.Client(transport=transport) if transport is not None else None
+    return openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, http_client=http_client)
+
+
+def plain_call(client: openai.OpenAI) -> Callable[[], object]:
+    return lambda: client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+
+
+def first_chunk(client: openai.OpenAI) -> Callable[[], object]:
+    def run() -> object:
+        stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+        chunk = next(iter(stream))
+        stream.close()
+        return chunk
+
+    return run
+
+
+def whole_stream(client: openai.OpenAI) -> Callable[[], object]:
+    def run() -> object:
+        stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+        return sum(1 for _ in stream)
+
+    return run
+
+
+def paired(
+    bare: Callable[[], object], guarded: Callable[[], object], rounds: int, batch: int
+) -> tuple[float, float]:
+    """Median seconds per call of each, alternating batches of ``batch`` calls."""
+    for fn in (bare, guarded):
+        for _ in range(max(5, batch // 4)):
+            fn()
+    bare_times: list[float] = []
+    guarded_times: list[float] = []
+    for _ in range(rounds):
+        for fn, out in ((bare, bare_times), (guarded, guarded_times)):
+            start = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            out.append((time.perf_counter() - start) / batch)
+    return statistics.median(bare_times), statistics.median(guarded_times)
+
+
+def row(name: str, bare: float, guarded: float) -> None:
+    extra = guarded - bare
+    print(
+        f"  {name:<44} bare {bare * 1e6:9.1f} µs   guarded {guarded * 1e6:9.1f} µs   "
+        f"+{extra * 1e6:7.1f} µs  ({extra / bare * 100:+6.2f} %)"
+    )
+
+
+FAKE_SERVER = """
+import sys
+from payi_guard import fake_provider
+# The fake writes a plain answer's headers and body separately: with Nagle's algorithm
+# on, the body waits for the client's delayed ACK (about 40 ms on Linux).
+fake_provider._Handler.disable_nagle_algorithm = True
+with fake_provider.FakeProvider(gzip=False) as fake:
+    print(fake.openai_base_url, flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def fake_in_another_process() -> Iterator[str]:
+    """A FakeProvider in a child process (so it never competes for this GIL)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", FAKE_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        yield child.stdout.readline().strip()
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+
+
+def quiet_logs() -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def run(quick: bool) -> None:
+    rounds, batch = (5, 40) if quick else (15, 200)
+    guard = Guard({"prices": PRICES, "default": [{"max": 1_000_000, "per": "day"}]})
+
+    print("payi_guard meter benchmark (openai", openai.__version__, "/ httpx2, memory store)")
+    print("(loopback: the FakeProvider runs in a child process, Nagle's algorithm off)")
+    for logging_mode in ("no log output", "genai_call as JSON to a null stream"):
+        if logging_mode == "no log output":
+            quiet_logs()
+        else:
+            configure_json(io.StringIO() if quick else open("/dev/null", "w"))  # noqa: SIM115
+        print(f"\n[{logging_mode}]")
+        with track_context(user_id="bench"):
+            mock_bare = make_client("http://mock/v1", mock_transport(1000))
+            mock_guarded = guard.wrap(make_client("http://mock/v1", mock_transport(1000)))
+            bare, guarded = paired(plain_call(mock_bare), plain_call(mock_guarded), rounds, batch)
+            row("create(), mock transport", bare, guarded)
+            bare, guarded = paired(first_chunk(mock_bare), first_chunk(mock_guarded), rounds, batch)
+            row("time to first chunk, mock transport", bare, guarded)
+            long_rounds = max(3, rounds // 3)
+            bare, guarded = paired(
+                whole_stream(mock_bare),
+                whole_stream(mock_guarded),
+                long_rounds,
+                max(2, batch // 20),
+            )
+            row("1,000-chunk stream, mock transport", bare, guarded)
+            print(f"  {'':<44} per chunk: +{(guarded - bare) / 1000 * 1e6:.2f} µs")
+            with fake_in_another_process() as base_url:
+                loop_bare = make_client(base_url, None)
+                loop_guarded = guard.wrap(make_client(base_url, None))
+                loop_batch = max(10, batch // 4)
+                bare, guarded = paired(
+                    plain_call(loop_bare), plain_call(loop_guarded), rounds, loop_batch
+                )
+                row("create(), loopback FakeProvider", bare, guarded)
+                bare, guarded = paired(
+                    first_chunk(loop_bare), first_chunk(loop_guarded), rounds, loop_batch
+                )
+                row("time to first chunk, loopback FakeProvider", bare, guarded)
+                loop_bare.close()
+                loop_guarded.close()
+
+    endpoint = classify("POST", "/v1/chat/completions")
+    assert endpoint is not None
+    chunks = sse_chunks(10_000)
+    start = time.perf_counter()
+    meter = StreamMeter(endpoint, added_include_usage=True)
+    forwarded = sum(len(meter.feed(chunk)) for chunk in chunks) + len(meter.finish())
+    seconds = time.perf_counter() - start
+    print(
+        f"\nStreamMeter alone: {seconds / len(chunks) * 1e6:.2f} µs per chunk "
+        f"({len(chunks)} chunks, {forwarded} bytes forwarded, usage "
+        f"{'found' if meter.tracker.usage_complete else 'missing'})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    args = parser.parse_args()
+    run(args.quick)
+
+
+if __name__ == "__main__":
+    main()

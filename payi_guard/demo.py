@@ -1,0 +1,414 @@
+"""``payi-guard demo``: a real FastAPI app, a fake provider and simulated users.
+
+Everything runs on this machine, offline, on the default in-memory store:
+
+1. an embedded :class:`~payi_guard.fake_provider.FakeProvider` plays OpenAI;
+2. a FastAPI app behind Starlette's ``AuthenticationMiddleware`` and
+   :class:`~payi_guard.web.GuardMiddleware` answers ``POST /chat`` with a guarded
+   ``openai.AsyncOpenAI`` client (plain and streamed);
+3. simulated users of different tiers call it over real HTTP, a live table shows each
+   one's spend against their limits, a warning and a ``429`` happen;
+4. the JSON logs are turned into the per-user report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, TextIO
+
+from payi_guard.exceptions import MissingDependency
+from payi_guard.usage import LimitUsage
+
+__all__ = ["DEMO_BUDGETS", "run_demo"]
+
+DEMO_BUDGETS = """\
+version: 1
+storage: memory://
+limits:
+  daily:   {max: 0.010, per: day, warn_at: 0.5}
+  rpm:     {requests: 40, per: minute}
+default: [daily, rpm]
+tiers:
+  pro: [{max: 0.050, per: day, warn_at: 0.8}, rpm]
+users:
+  "acme:alice": pro
+  "acme:bob": pro
+orgs:
+  acme: [{max: 0.500, per: month}]
+global: [{max: 5.00, per: month}]
+anonymous: {strategy: shared, limits: [{max: 0.004, per: day}]}
+"""
+
+MODEL = "gpt-4o"
+REPLY = (
+    "Budgets are enforced before each call is sent: the guard reserves an upper bound of "
+    "the cost, the provider answers, and the real cost from the usage it reports is "
+    "settled against every counter that applies to the user, the org and everyone. "
+) * 3
+
+
+@dataclass
+class _SimUser:
+    token: str | None
+    user_id: str
+    tier: str
+    pause: float
+    stream: bool = False
+    heavy: bool = False
+    calls: int = 0
+    blocked: int = 0
+    last_status: int = 0
+    retry_after: str = ""
+
+
+@dataclass
+class _Feed:
+    """Notable events, appended by the structlog tap and read by the display."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    lines: list[str] = field(default_factory=list)
+    warnings: int = 0
+    exceeded: int = 0
+    seen: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, line: str) -> None:
+        with self.lock:
+            self.lines.append(line)
+
+    def tail(self, n: int) -> list[str]:
+        with self.lock:
+            return self.lines[-n:]
+
+
+def _require(module: str, extra: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise MissingDependency(module, extra) from None
+
+
+def _configure_logs(stream: TextIO, feed: _Feed) -> None:
+    """JSON lines to ``stream``; warnings and refusals also go to the live feed."""
+    import structlog
+
+    def tap(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        name = event.get("event")
+        if name == "budget_warning":
+            feed.warnings += 1
+            feed.add(
+                f"WARN  {event.get('user_id')}: {event.get('limit')} at "
+                f"${event.get('used')} of ${event.get('max')}"
+            )
+        elif name == "budget_exceeded":
+            feed.exceeded += 1
+            first = (str(event.get("user_id")), str(event.get("limit")))
+            if first in feed.seen:  # later refusals are counted in the table
+                return event
+            feed.seen.add(first)
+            unit = "$" if event.get("unit") == "usd" else ""
+            feed.add(
+                f"429   {event.get('user_id')}: {event.get('limit')} ({event.get('scope')}) "
+                f"{unit}{event.get('used')} of {unit}{event.get('max')}, "
+                f"needs {unit}{event.get('needed')}"
+            )
+        return event
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            tap,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _build_app(guard: Any, base_url: str, tokens: dict[str, str]) -> Any:
+    _require("fastapi", "fastapi")
+    _require("openai", "openai")
+    import fastapi
+    import openai
+    from starlette.authentication import (
+        AuthCredentials,
+        AuthenticationBackend,
+        BaseUser,
+        UnauthenticatedUser,
+    )
+    from starlette.middleware.authentication import AuthenticationMiddleware
+    from starlette.requests import HTTPConnection
+    from starlette.responses import StreamingResponse
+
+    from payi_guard.web import GuardMiddleware
+
+    class DemoUser(BaseUser):
+        def __init__(self, user_id: str) -> None:
+            self.user_id = user_id
+
+        @property
+        def is_authenticated(self) -> bool:
+            return True
+
+        @property
+        def display_name(self) -> str:
+            return self.user_id
+
+        @property
+        def identity(self) -> str:
+            return self.user_id
+
+    class TokenAuth(AuthenticationBackend):
+        async def authenticate(
+            self, conn: HTTPConnection
+        ) -> tuple[AuthCredentials, BaseUser] | None:
+            scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+            user = tokens.get(token) if scheme.lower() == "bearer" else None
+            if user is None:
+                return AuthCredentials(), UnauthenticatedUser()
+            return AuthCredentials(["authenticated"]), DemoUser(user)
+
+    client = guard.wrap(openai.AsyncOpenAI(base_url=base_url, api_key="demo", max_retries=0))
+    app = fastapi.FastAPI(title="payi_guard demo")
+
+    async def chat(body: dict[str, Any]) -> Any:
+        messages = [{"role": "user", "content": str(body.get("prompt", "Hello"))}]
+        if body.get("stream"):
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=300, stream=True
+            )
+
+            async def relay() -> Any:
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        yield f"data: {json.dumps(chunk.choices[0].delta.content)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(relay(), media_type="text/event-stream")
+        reply = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=300)
+        return {"reply": reply.choices[0].message.content}
+
+    app.add_api_route("/chat", chat, methods=["POST"])
+
+    # Added first, so it sits inside AuthenticationMiddleware and sees scope["user"].
+    app.add_middleware(GuardMiddleware, guard=guard, guarded_paths=["/chat"])
+    app.add_middleware(AuthenticationMiddleware, backend=TokenAuth())
+    return app
+
+
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port; yield its base URL."""
+    uvicorn = _require("uvicorn", "fastapi")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+        sock.close()
+
+
+def _users(extra: int) -> list[_SimUser]:
+    users = [
+        _SimUser("tok-alice", "acme:alice", "pro", 0.10, heavy=True),
+        _SimUser("tok-bob", "acme:bob", "pro", 0.30, stream=True),
+        _SimUser("tok-carol", "globex:carol", "free", 0.12, heavy=True),
+        _SimUser("tok-dave", "dave", "free", 0.35, stream=True),
+        _SimUser("tok-erin", "erin", "free", 0.9),
+        _SimUser(None, "anonymous", "anonymous", 0.4, heavy=True),
+    ]
+    for i in range(max(0, extra - len(users))):
+        users.append(_SimUser(f"tok-user{i}", f"user{i}", "free", 0.5 + 0.1 * (i % 5)))
+    return users
+
+
+def _money_limit(usages: list[LimitUsage]) -> LimitUsage | None:
+    own = [u for u in usages if u.unit == "usd" and u.scope in ("user", "anonymous")]
+    if not own:
+        return None
+    return max(own, key=lambda u: Decimal(u.used) / Decimal(u.max) if u.max else Decimal(0))
+
+
+_COLOURS = {"ok": "\x1b[32m", "warning": "\x1b[33m", "exceeded": "\x1b[31m"}
+
+
+def _bar(used: Decimal, limit: Decimal, width: int, colour: bool, state: str) -> str:
+    ratio = min(Decimal(1), used / limit) if limit else Decimal(1)
+    full = int(ratio * width)
+    bar = "█" * full + "░" * (width - full)
+    if colour:
+        return f"{_COLOURS.get(state, '')}{bar}\x1b[0m"
+    return bar
+
+
+def _table(guard: Any, users: list[_SimUser], colour: bool) -> list[str]:
+    lines = [
+        f"{'user':<14} {'tier':<9} {'calls':>5} {'429s':>4}  "
+        f"{'spend vs daily budget':<26} {'used':>9} {'max':>7}  state"
+    ]
+    for sim in users:
+        limit = _money_limit(guard.usage(sim.user_id))
+        if limit is None:
+            continue
+        used, cap = Decimal(limit.used), Decimal(limit.max)
+        state = limit.state
+        shown = "blocked (429)" if sim.last_status == 429 else state
+        label = f"{_COLOURS['exceeded' if sim.last_status == 429 else state]}{shown}\x1b[0m"
+        label = label if colour else shown
+        lines.append(
+            f"{sim.user_id:<14} {sim.tier:<9} {sim.calls:>5} {sim.blocked:>4}  "
+            f"{_bar(used, cap, 26, colour, state)} ${used:>8.5f} ${cap:>6.3f}  {label}"
+        )
+    return lines
+
+
+async def _drive(base: str, users: list[_SimUser], stop: asyncio.Event) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+
+        async def loop(sim: _SimUser) -> None:
+            headers = {"authorization": f"Bearer {sim.token}"} if sim.token else {}
+            n = 0
+            while not stop.is_set():
+                n += 1
+                body = {"prompt": f"Summarize document {n} for {sim.user_id}", "stream": sim.stream}
+                if sim.stream:
+                    async with http.stream("POST", "/chat", json=body, headers=headers) as r:
+                        async for _ in r.aiter_bytes():
+                            pass
+                        status, retry = r.status_code, r.headers.get("retry-after", "")
+                else:
+                    r = await http.post("/chat", json=body, headers=headers)
+                    status, retry = r.status_code, r.headers.get("retry-after", "")
+                sim.last_status = status
+                if status == 200:
+                    sim.calls += 1
+                elif status == 429:
+                    sim.blocked += 1
+                    sim.retry_after = retry
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=sim.pause)
+
+        await asyncio.gather(*(loop(sim) for sim in users))
+
+
+async def _run(
+    guard: Any, base: str, users: list[_SimUser], feed: _Feed, out: TextIO, seconds: float
+) -> None:
+    stop = asyncio.Event()
+    driver = asyncio.ensure_future(_drive(base, users, stop))
+    live = out.isatty()
+    drawn = 0
+    started = time.monotonic()
+    heavy = [u for u in users if u.heavy and u.tier != "pro"]
+    while True:
+        await asyncio.sleep(0.25)
+        elapsed = time.monotonic() - started
+        done = feed.warnings > 0 and all(u.blocked > 0 for u in heavy) and elapsed > 4
+        if live:
+            lines = _table(guard, users, colour=True)
+            lines.append("")
+            lines.extend(f"  {line}" for line in feed.tail(6))
+            out.write(f"\x1b[{drawn}F\x1b[J" if drawn else "")
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+            drawn = len(lines)
+        if done or elapsed > seconds:
+            break
+    stop.set()
+    await driver
+
+
+def run_demo(
+    *,
+    json_logs: str | None = None,
+    users: int = 6,
+    quiet: bool = False,
+    seconds: float = 20.0,
+    out: TextIO | None = None,
+) -> int:
+    """Run the demo; return 0 when a warning, a 429 and the report were all shown.
+
+    Args:
+        json_logs: keep the JSON logs at this path (default: a temporary file).
+        users: how many simulated users (at least the 6 built-in ones are used).
+        quiet: print only the final table and the report.
+        seconds: stop after this long even if not everything happened yet.
+        out: where to print (default: stdout).
+    """
+    from payi_guard.engine import Guard
+    from payi_guard.fake_provider import FakeProvider
+    from payi_guard.report import main as report_main
+
+    out = out or sys.stdout
+    sims = _users(users)
+    tokens = {u.token: u.user_id for u in sims if u.token}
+    feed = _Feed()
+    log_path = json_logs or tempfile.mkstemp(prefix="payi-guard-demo-", suffix=".jsonl")[1]
+    keep_log = json_logs is not None
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=out, flush=True)
+
+    say("payi_guard demo: a FastAPI app, a fake OpenAI, simulated users (offline).")
+    say("budgets: free users $0.010/day (warn at 50%), pro $0.050/day, anonymous $0.004/day")
+    say("")
+    with open(log_path, "w", encoding="utf-8") as log_stream:
+        _configure_logs(log_stream, feed)
+        guard = Guard(DEMO_BUDGETS)
+        with FakeProvider(reply=REPLY, chunk_delay=0.002) as provider:
+            app = _build_app(guard, provider.openai_base_url, tokens)
+            with _serve(app) as base:
+                say(f"app on {base}, provider on {provider.base_url}\n")
+                screen: TextIO = _Null() if quiet else out
+                asyncio.run(_run(guard, base, sims, feed, screen, seconds))
+        log_stream.flush()
+    print("", file=out)
+    if quiet or not out.isatty():
+        print("\n".join(_table(guard, sims, colour=False)), file=out)
+        print("", file=out)
+        for line in feed.lines:
+            print(f"  {line}", file=out)
+    print("\nReport from the JSON logs (payi-guard report):\n", file=out, flush=True)
+    status = report_main([log_path], stdout=out)
+    if keep_log:
+        print(f"\nJSON logs kept in {log_path}", file=out)
+    else:
+        os.unlink(log_path)
+    ok = feed.warnings > 0 and any(u.blocked for u in sims) and status == 0
+    if not ok:
+        print("the demo did not show a warning and a block", file=sys.stderr)
+    return 0 if ok else 1
+
+
+class _Null(io.StringIO):
+    """A text sink for quiet mode."""
+
+    def write(self, text: str) -> int:
+        return len(text)

@@ -1,0 +1,53 @@
+"""Metering of GenAI calls at the HTTP transport.
+
+Every OpenAI, Anthropic or OpenAI-compatible call goes through one guarding transport
+installed on the client's HTTP client (``httpx2`` for openai 3.x and anthropic 2.x,
+``httpx`` for older SDKs and plain clients). Before a call is sent the guard reserves
+its upper-bound cost for the user in the attribution context; after it, the actual
+usage is settled (streams included, whenever and however they end) or the reservation
+is released (error statuses, each SDK retry on its own). A refused call never reaches
+the provider and arrives as exactly one exception the SDK does not retry.
+
+Entry points (the usual way in is through :class:`payi_guard.Guard`)::
+
+    client = guard.wrap(openai.OpenAI())        # one client
+    guard.instrument(default_user_id="system")  # every OpenAI / Anthropic client
+    guard.uninstrument()
+
+* :func:`wrap`, :func:`instrument`, :func:`uninstrument`: see
+  :mod:`payi_guard.meter.clients` for the options (``include_usage``,
+  ``skip_include_usage``, ``retry_without_stream_options``, ``provider``, ``payi``,
+  ``estimate_mode``, ``refusal``).
+* :func:`is_guarded`, :func:`guarded_by`: inspect a client.
+* :func:`flush_abandoned_streams`: wait for streams the garbage collector found open
+  to be settled (they are settled on a background thread).
+
+Modules: :mod:`~payi_guard.meter.parse` (pure parsing of requests, usage and SSE),
+:mod:`~payi_guard.meter.transport` (the guarding transport and stream wrappers),
+:mod:`~payi_guard.meter.refusal` (how refusals reach the caller),
+:mod:`~payi_guard.meter.clients` (installing it), :mod:`~payi_guard.meter.payi_bridge`
+(Pay-i attribution headers).
+
+Streams: chat and legacy completions streams are sent with
+``stream_options.include_usage`` (when the caller did not ask for it, the extra
+usage-only chunk is removed before the caller sees it, so ``chunk.choices[0]`` code
+keeps working). A server that refuses the option with a 400/422 naming it gets the
+request again without it, once, and its base URL is remembered; ``include_usage=False``
+or ``skip_include_usage=[url, ...]`` switch it off up front. A stream closed early, cut
+by the network or garbage-collected is charged the input the provider reported (or the
+request's estimate) plus the output received, counted from its text plus a margin.
+"""
+
+from __future__ import annotations
+
+from payi_guard.meter.clients import guarded_by, instrument, is_guarded, uninstrument, wrap
+from payi_guard.meter.transport import flush_abandoned_streams
+
+__all__ = [
+    "flush_abandoned_streams",
+    "guarded_by",
+    "instrument",
+    "is_guarded",
+    "uninstrument",
+    "wrap",
+]

@@ -1,0 +1,334 @@
+"""Installing the guarding transport: ``wrap``, ``instrument`` and ``uninstrument``.
+
+A client is guarded by replacing the transport of its underlying HTTP client (and of
+every mounted transport: proxies are mounts) with the guarding transport, which keeps
+the original as its inner transport. Everything the client sends, whatever the SDK
+method (``create``, ``.stream()``, ``.parse()``, ``with_raw_response``, beta
+resources, copies made with ``with_options``), goes through it.
+
+``instrument`` patches, at class level, the ``_build_request`` method every OpenAI and
+Anthropic client calls for each HTTP attempt: on its first use a client's HTTP client
+is guarded, so clients created before and after ``instrument()`` are both covered.
+``uninstrument`` restores the method and the transports ``instrument`` installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Final
+
+from payi_guard.engine import Guard
+from payi_guard.exceptions import MissingDependency
+from payi_guard.meter.payi_bridge import PayiBridge
+from payi_guard.meter.refusal import install_status_error_hook, remove_status_error_hook
+from payi_guard.meter.transport import MeterOptions, TransportMeter, transport_classes
+
+__all__ = ["guarded_by", "instrument", "is_guarded", "uninstrument", "wrap"]
+
+_SDKS: Final = ("openai", "anthropic")
+_HTTP_MODULES: Final = ("httpx2", "httpx")
+_PATCHED_METHOD: Final = "_build_request"
+
+
+@dataclass
+class _Installation:
+    """What was replaced on one HTTP client, to restore it."""
+
+    transport: Any
+    mounts: dict[Any, Any]
+    source: str
+    meter: TransportMeter
+    sdk: str | None
+
+
+@dataclass
+class _Instrumentation:
+    guard: Guard
+    options: MeterOptions
+    patches: list[tuple[type[Any], Callable[..., Any], str]] = field(default_factory=list)
+
+
+_lock = threading.RLock()
+_installed: weakref.WeakKeyDictionary[Any, _Installation] = weakref.WeakKeyDictionary()
+_instrumentation: _Instrumentation | None = None
+
+
+def _http_module(http_client: object) -> ModuleType | None:
+    """``httpx2`` or ``httpx`` when ``http_client`` is one of their clients (no import)."""
+    for name in _HTTP_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(http_client, (module.Client, module.AsyncClient)):
+            return module
+    return None
+
+
+def _sdk_of(client: object) -> str | None:
+    for cls in type(client).__mro__:
+        root = cls.__module__.partition(".")[0]
+        if root in _SDKS:
+            return root
+    return None
+
+
+def _provider_hint(client: object, sdk: str) -> str | None:
+    if sdk != "openai":
+        return None
+    try:
+        from openai.lib.azure import BaseAzureClient
+    except ImportError:  # pragma: no cover - an openai client implies openai
+        return None
+    return "azure" if isinstance(client, BaseAzureClient) else None
+
+
+def _guard_transports(
+    http_client: Any, module: ModuleType, meter: TransportMeter
+) -> tuple[Any, dict[Any, Any]]:
+    classes = transport_classes(module)
+    is_async = isinstance(http_client, module.AsyncClient)
+    guarding = classes.async_transport if is_async else classes.transport
+    original = http_client._transport
+    mounts = dict(http_client._mounts)
+    http_client._transport = guarding(original, meter)
+    http_client._mounts = {
+        pattern: None if transport is None else guarding(transport, meter)
+        for pattern, transport in mounts.items()
+    }
+    return original, mounts
+
+
+def _restore(http_client: Any, installation: _Installation) -> None:
+    http_client._transport = installation.transport
+    http_client._mounts = dict(installation.mounts)
+
+
+def _install(
+    http_client: Any,
+    guard: Guard,
+    options: MeterOptions,
+    *,
+    provider_hint: str | None,
+    source: str,
+    sdk: str | None,
+) -> None:
+    module = _http_module(http_client)
+    if module is None:
+        raise TypeError(
+            f"cannot guard {type(http_client).__name__}: expected an httpx or httpx2 "
+            "Client/AsyncClient"
+        )
+    with _lock:
+        existing = _installed.get(http_client)
+        if existing is not None:
+            if source == "wrap" and existing.source == "instrument":
+                # Explicitly wrapped now: adopt the wrap's guard and keep it guarded
+                # after uninstrument().
+                _restore(http_client, existing)
+                del _installed[http_client]
+            else:
+                return
+        meter = TransportMeter(guard, options, module, provider_hint)
+        original, mounts = _guard_transports(http_client, module, meter)
+        _installed[http_client] = _Installation(original, mounts, source, meter, sdk)
+
+
+def wrap(guard: Guard, client: Any, **options: Any) -> Any:
+    """Guard one client and return it (the same object).
+
+    Accepted clients: ``openai.OpenAI`` / ``AsyncOpenAI`` / ``AzureOpenAI`` /
+    ``AsyncAzureOpenAI``, ``anthropic.Anthropic`` / ``AsyncAnthropic`` (and the other
+    clients of those SDKs), and plain ``httpx`` / ``httpx2`` ``Client`` /
+    ``AsyncClient`` objects aimed at any OpenAI-compatible (or Anthropic-compatible)
+    ``base_url``. Wrapping twice does nothing more; wrapping a client ``instrument()``
+    already guards makes it keep this guard after ``uninstrument()``.
+
+    The provider charged is ``openai`` for ``api.openai.com``, ``azure`` for Azure
+    clients, ``*.openai.azure.com`` hosts and ``/openai/deployments/...`` paths,
+    ``anthropic`` for the Messages API, ``openai-compatible`` for any other base URL.
+
+    Args:
+        guard: the guard that reserves and settles.
+        client: the client.
+        **options: ``include_usage`` (bool, default True: ask chat / legacy completions
+            streams for their usage chunk, hidden again from the caller);
+            ``skip_include_usage`` (URL prefixes where the option is never sent);
+            ``retry_without_stream_options`` (bool, default True: resend once without
+            the option when a server answers 400/422 naming it, and remember that base
+            URL); ``provider`` (the provider name to charge under); ``payi`` (the Pay-i
+            bridge: True, False, or None to follow Pay-i's instrumentation);
+            ``estimate_mode`` (``"ratio"`` or ``"bytes"``); ``refusal`` (plain HTTP
+            clients only: ``"raise"``, the default, raises the payi_guard exception
+            from the request; ``"response"`` returns a 429/403/503 response with an
+            ``application/problem+json`` body).
+
+    Returns:
+        ``client``, guarded.
+
+    Raises:
+        TypeError: ``client`` is not a supported client, or an option is unknown or of
+            the wrong type.
+        ValueError: an option value is out of range.
+        MissingDependency: ``payi=True`` and the ``payi`` package is not installed.
+    """
+    sdk = _sdk_of(client)
+    if sdk is not None:
+        http_client = getattr(client, "_client", None)
+        if _http_module(http_client) is None:
+            raise TypeError(
+                f"cannot guard {type(client).__name__}: its HTTP client is not an httpx or "
+                "httpx2 client"
+            )
+        meter_options = MeterOptions.from_kwargs(options, refusal="sdk")
+        PayiBridge(meter_options.payi)  # fails now, not at the first request
+        install_status_error_hook(sdk, "wrap")
+        _install(
+            http_client,
+            guard,
+            meter_options,
+            provider_hint=_provider_hint(client, sdk),
+            source="wrap",
+            sdk=sdk,
+        )
+        return client
+    if _http_module(client) is not None:
+        meter_options = MeterOptions.from_kwargs(options, refusal="raise")
+        _install(client, guard, meter_options, provider_hint=None, source="wrap", sdk=None)
+        return client
+    raise TypeError(
+        f"wrap() expects an OpenAI or Anthropic client or an httpx/httpx2 Client or "
+        f"AsyncClient, not {type(client).__module__}.{type(client).__qualname__}"
+    )
+
+
+def _guard_on_first_use(client: Any) -> None:
+    http_client = getattr(client, "_client", None)
+    if http_client is None:
+        return
+    with _lock:
+        current = _instrumentation
+        if current is None or http_client in _installed or _http_module(http_client) is None:
+            return
+        sdk = _sdk_of(client)
+        _install(
+            http_client,
+            current.guard,
+            current.options,
+            provider_hint=_provider_hint(client, sdk) if sdk else None,
+            source="instrument",
+            sdk=sdk,
+        )
+
+
+def _guarding_build_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _build_request(self: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        http_client = getattr(self, "_client", None)
+        if http_client is not None and http_client not in _installed:
+            _guard_on_first_use(self)
+        return original(self, options, *args, **kwargs)
+
+    _build_request.__wrapped__ = original  # type: ignore[attr-defined]
+    _build_request.__doc__ = original.__doc__
+    return _build_request
+
+
+def instrument(guard: Guard, **options: Any) -> None:
+    """Guard every OpenAI and Anthropic client, created before or after this call.
+
+    Idempotent for the same guard. The user charged where no context names one is
+    ``guard.default_user_id`` (``Guard.instrument(default_user_id=...)`` sets it).
+
+    Args:
+        guard: the guard.
+        **options: as for :func:`wrap` (``refusal`` excepted).
+
+    Raises:
+        RuntimeError: another guard already instrumented the SDKs.
+        MissingDependency: neither ``openai`` nor ``anthropic`` is installed, or
+            ``payi=True`` without the ``payi`` package.
+        TypeError: an unknown option.
+        ValueError: an option value is out of range.
+    """
+    global _instrumentation
+    with _lock:
+        current = _instrumentation
+        if current is not None:
+            if current.guard is guard:
+                return
+            raise RuntimeError(
+                "the OpenAI/Anthropic SDKs are already instrumented by another Guard: call "
+                "its uninstrument() first"
+            )
+        meter_options = MeterOptions.from_kwargs(options, refusal="sdk")
+        PayiBridge(meter_options.payi)  # fails now, not at the first request
+        state = _Instrumentation(guard, meter_options)
+        for sdk in _SDKS:
+            try:
+                base_client = importlib.import_module(f"{sdk}._base_client")
+            except ImportError:
+                continue
+            cls: type[Any] = base_client.BaseClient
+            original = cls.__dict__[_PATCHED_METHOD]
+            setattr(cls, _PATCHED_METHOD, _guarding_build_request(original))
+            install_status_error_hook(sdk, "instrument")
+            state.patches.append((cls, original, sdk))
+        if not state.patches:
+            raise MissingDependency("openai", "openai")
+        _instrumentation = state
+
+
+def uninstrument(guard: Guard) -> None:
+    """Undo :func:`instrument` for ``guard`` (idempotent).
+
+    Restores the SDKs' methods and the original transports of every client
+    ``instrument`` guarded; clients guarded with :func:`wrap` stay guarded.
+    """
+    global _instrumentation
+    with _lock:
+        current = _instrumentation
+        if current is None or current.guard is not guard:
+            return
+        for cls, original, sdk in current.patches:
+            if getattr(cls.__dict__.get(_PATCHED_METHOD), "__wrapped__", None) is original:
+                setattr(cls, _PATCHED_METHOD, original)
+            # else: something wrapped the method after us; removing ours would drop theirs.
+            # Ours is left in place, inert: it guards nothing while not instrumented.
+            remove_status_error_hook(sdk, "instrument")
+        wrapped_sdks: set[str] = set()
+        for http_client, installation in list(_installed.items()):
+            if installation.source == "instrument":
+                _restore(http_client, installation)
+                del _installed[http_client]
+            elif installation.sdk is not None:
+                wrapped_sdks.add(installation.sdk)
+        for sdk in _SDKS:
+            if sdk not in wrapped_sdks:
+                remove_status_error_hook(sdk, "wrap")
+        _instrumentation = None
+
+
+def _http_client_of(client: Any) -> Any:
+    return getattr(client, "_client", None) if _sdk_of(client) is not None else client
+
+
+def is_guarded(client: Any) -> bool:
+    """Whether ``client`` (an SDK client or an httpx/httpx2 client) is guarded now."""
+    http_client = _http_client_of(client)
+    if http_client is None:
+        return False
+    with _lock:
+        return http_client in _installed
+
+
+def guarded_by(client: Any) -> Guard | None:
+    """The guard metering ``client``, or ``None`` when it is not guarded."""
+    http_client = _http_client_of(client)
+    if http_client is None:
+        return None
+    with _lock:
+        installation = _installed.get(http_client)
+    return None if installation is None else installation.meter.guard

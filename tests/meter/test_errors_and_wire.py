@@ -1,0 +1,400 @@
+"""Error statuses and retries, resets, gzip, stream_options refusal, passthrough traffic."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+import pytest
+from structlog.testing import capture_logs
+
+from meter._support import (
+    calls,
+    expected_cost,
+    logged_usd,
+    make_guard,
+    one_call,
+    used,
+    user_message,
+)
+from payi_guard import is_refusal, track_context
+from payi_guard.engine import Guard
+from payi_guard.fake_provider import DEFAULT_REPLY, FakeProvider, Scripted
+from payi_guard.pricing import estimate_input_tokens
+
+PROMPT = user_message("Tell me a short story about a lighthouse")
+FAST_RETRY = {"retry-after-ms": "1"}
+
+
+def openai_client(guard: Guard, fake: FakeProvider, *, max_retries: int = 0, **options: Any) -> Any:
+    client = openai.OpenAI(base_url=fake.openai_base_url, api_key="k", max_retries=max_retries)
+    return guard.wrap(client, **options)
+
+
+def anthropic_client(guard: Guard, fake: FakeProvider) -> Any:
+    client = anthropic.Anthropic(base_url=fake.anthropic_base_url, api_key="k", max_retries=0)
+    return guard.wrap(client)
+
+
+async def contents(stream: Any, into: list[str]) -> None:
+    """Append each chunk's text to ``into`` until the async stream ends or raises."""
+    async for chunk in stream:
+        into.append(chunk.choices[0].delta.content or "")
+
+
+def estimated_output(text: str, deltas: int) -> int:
+    """The meter's output estimate for received text (2.5 bytes per token, + 16)."""
+    return max(math.ceil(len(text.encode()) / 2.5), deltas) + 16
+
+
+def cost_of(input_tokens: int, output_tokens: int, rate_in: int, rate_out: int) -> Decimal:
+    return Decimal(input_tokens * rate_in + output_tokens * rate_out) / 1_000_000
+
+
+# -- error statuses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "attempts"),
+    [
+        (400, openai.BadRequestError, 1),
+        (401, openai.AuthenticationError, 1),
+        (429, openai.RateLimitError, 3),
+        (500, openai.InternalServerError, 3),
+    ],
+)
+def test_openai_error_statuses_release_every_attempt(
+    guard: Guard, fake: FakeProvider, status: int, error: type[Exception], attempts: int
+) -> None:
+    fake.set_default("/chat/completions", Scripted(status=status, headers=FAST_RETRY))
+    client = openai_client(guard, fake, max_retries=2)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        with pytest.raises(error) as info:
+            client.chat.completions.create(model="gpt-test", messages=PROMPT)
+    assert not is_refusal(info.value)
+    assert len(fake.requests) == attempts
+    events = calls(logs)
+    assert len(events) == attempts  # each attempt reserved and released its own
+    assert all(e["outcome"] == "error" and e["cost_usd"] == 0 for e in events)
+    assert all(e["reserved_usd"] > 0 for e in events)
+    assert used(guard, "alice") == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "attempts"),
+    [
+        (400, anthropic.BadRequestError, 1),
+        (401, anthropic.AuthenticationError, 1),
+        (429, anthropic.RateLimitError, 3),
+        (500, anthropic.InternalServerError, 3),
+        (529, anthropic.InternalServerError, 3),
+    ],
+)
+async def test_anthropic_error_statuses_release_every_attempt(
+    guard: Guard, fake: FakeProvider, status: int, error: type[Exception], attempts: int
+) -> None:
+    fake.set_default("/v1/messages", Scripted(status=status, headers=FAST_RETRY))
+    client: Any = guard.wrap(
+        anthropic.AsyncAnthropic(base_url=fake.anthropic_base_url, api_key="k", max_retries=2)
+    )
+    with track_context(user_id="alice"), capture_logs() as logs:
+        with pytest.raises(error):
+            await client.messages.create(model="claude-test", max_tokens=50, messages=PROMPT)
+    await client.close()
+    assert len(fake.requests) == attempts
+    events = calls(logs)
+    assert len(events) == attempts
+    assert all(e["outcome"] == "error" and e["cost_usd"] == 0 for e in events)
+    assert used(guard, "alice") == 0
+
+
+async def test_anthropic_529_then_retries_succeed(guard: Guard, fake: FakeProvider) -> None:
+    fake.enqueue(
+        Scripted(status=529, headers=FAST_RETRY),
+        Scripted(status=500, headers=FAST_RETRY),
+        Scripted(status=429),
+    )
+    client: Any = anthropic.AsyncAnthropic(
+        base_url=fake.anthropic_base_url, api_key="k", max_retries=3
+    )
+    guard.wrap(client)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        message = await client.messages.create(model="claude-test", max_tokens=50, messages=PROMPT)
+    await client.close()
+    assert message.content[0].text == DEFAULT_REPLY
+    records = fake.requests
+    assert [r.status for r in records] == [529, 500, 429, 200]
+    events = calls(logs)
+    assert [e["outcome"] for e in events] == ["error", "error", "error", "ok"]
+    assert logged_usd(events[-1]) == expected_cost(records[-1], "claude-test")
+    assert used(guard, "alice") == expected_cost(records[-1], "claude-test")
+
+
+def test_openai_500_529_429_then_success(guard: Guard, fake: FakeProvider) -> None:
+    fake.enqueue(
+        Scripted(status=500, headers=FAST_RETRY),
+        Scripted(status=529, headers=FAST_RETRY),
+        Scripted(status=429),
+    )
+    client = openai_client(guard, fake, max_retries=3)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        stream = client.chat.completions.create(model="gpt-test", messages=PROMPT, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == DEFAULT_REPLY
+    records = fake.requests
+    assert [r.status for r in records] == [500, 529, 429, 200]
+    events = calls(logs)
+    assert [e["outcome"] for e in events] == ["error", "error", "error", "ok"]
+    assert used(guard, "alice") == expected_cost(records[-1], "gpt-test")
+
+
+# -- resets -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_reset_mid_stream_charges_what_was_consumed(
+    guard: Guard, fake: FakeProvider, mode: str
+) -> None:
+    fake.enqueue(Scripted(reset_after=5))  # role chunk + 4 words, then RST
+    with track_context(user_id="alice"), capture_logs() as logs:
+        received: list[str] = []
+        if mode == "sync":
+            client = openai_client(guard, fake)
+            stream = client.chat.completions.create(model="gpt-test", messages=PROMPT, stream=True)
+            with pytest.raises(openai.APIConnectionError):
+                received.extend(c.choices[0].delta.content or "" for c in stream)
+        else:
+            aclient: Any = guard.wrap(
+                openai.AsyncOpenAI(base_url=fake.openai_base_url, api_key="k", max_retries=0)
+            )
+            astream = await aclient.chat.completions.create(
+                model="gpt-test", messages=PROMPT, stream=True
+            )
+            with pytest.raises(openai.APIConnectionError):
+                await contents(astream, received)
+            await aclient.close()
+    (record,) = fake.requests
+    assert record.outcome == "reset"
+    assert "".join(received) == " ".join(DEFAULT_REPLY.split()[:4])
+    event = one_call(logs)
+    assert event["outcome"] == "error"
+    # Chat reports its input only at the end: the request's estimate stands in for it.
+    body = {k: v for k, v in record.json.items() if k != "stream_options"}
+    assert event["input_tokens"] == estimate_input_tokens(body, endpoint="chat")
+    assert event["output_tokens"] == estimated_output("".join(received), 4)
+    cost = cost_of(event["input_tokens"], event["output_tokens"], 1, 2)
+    assert logged_usd(event) == cost
+    assert used(guard, "alice") == cost
+
+
+def test_reset_before_the_status_line_is_released_and_retried(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    fake.enqueue(Scripted(reset_after=0))
+    client = openai_client(guard, fake, max_retries=1)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        client.chat.completions.create(model="gpt-test", messages=PROMPT)
+    first, second = fake.requests
+    assert first.outcome == "reset"
+    events = calls(logs)
+    assert [e["outcome"] for e in events] == ["error", "ok"]
+    assert events[0]["cost_usd"] == 0
+    assert used(guard, "alice") == expected_cost(second, "gpt-test")
+
+
+def test_reset_inside_a_plain_body_charges_the_input_estimate(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    fake.enqueue(Scripted(reset_after=40))
+    client = openai_client(guard, fake, max_retries=1)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        client.chat.completions.create(model="gpt-test", messages=PROMPT)
+    first, second = fake.requests
+    lost, ok = calls(logs)
+    assert lost["outcome"] == "error"
+    assert lost["input_tokens"] == estimate_input_tokens(first.json, endpoint="chat")
+    assert lost["output_tokens"] == 16
+    assert logged_usd(ok) == expected_cost(second, "gpt-test")
+    assert used(guard, "alice") == logged_usd(lost) + logged_usd(ok)
+
+
+# -- gzip ------------------------------------------------------------------------------------
+
+
+def test_identity_is_requested_and_gzip_is_decoded_anyway(guard: Guard, fake: FakeProvider) -> None:
+    fake.enqueue(Scripted(gzip=True), Scripted(gzip=True), Scripted(gzip=True))
+    client = openai_client(guard, fake)
+    aclient = anthropic_client(guard, fake)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        reply = client.chat.completions.create(model="gpt-test", messages=PROMPT)
+        stream = client.chat.completions.create(model="gpt-test", messages=PROMPT, stream=True)
+        chunks = list(stream)
+        events = list(
+            aclient.messages.create(
+                model="claude-test", max_tokens=64, messages=PROMPT, stream=True
+            )
+        )
+    plain, streamed, anthropic_stream = fake.requests
+    assert all(r.headers["accept-encoding"] == "identity" for r in fake.requests)
+    assert reply.choices[0].message.content == DEFAULT_REPLY
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == DEFAULT_REPLY
+    assert all(c.choices for c in chunks)  # the usage chunk was found and hidden
+    assert events[-1].type == "message_stop"
+    one, two, three = calls(logs)
+    assert logged_usd(one) == expected_cost(plain, "gpt-test")
+    assert logged_usd(two) == expected_cost(streamed, "gpt-test")
+    assert logged_usd(three) == expected_cost(anthropic_stream, "claude-test")
+    assert {one["outcome"], two["outcome"], three["outcome"]} == {"ok"}
+
+
+def test_unguarded_clients_still_get_gzip(fake: FakeProvider) -> None:
+    # The fake compresses whenever allowed: the identity request above is the guard's.
+    client = openai.OpenAI(base_url=fake.openai_base_url, api_key="k", max_retries=0)
+    client.chat.completions.create(model="gpt-test", messages=PROMPT)
+    (record,) = fake.requests
+    assert "gzip" in record.headers["accept-encoding"]
+
+
+# -- servers that refuse stream_options ----------------------------------------------------
+
+
+def test_server_refusing_stream_options_is_retried_once_and_remembered(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    fake.reject_stream_options = True
+    client = openai_client(guard, fake)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        first = list(client.chat.completions.create(model="gpt-test", messages=PROMPT, stream=True))
+        second = list(
+            client.chat.completions.create(model="gpt-test", messages=PROMPT, stream=True)
+        )
+    refused, resent, remembered = fake.requests
+    assert refused.status == 400
+    assert "stream_options" in refused.json
+    assert "stream_options" not in resent.json
+    assert "stream_options" not in remembered.json  # the base URL was remembered
+    for chunks in (first, second):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == DEFAULT_REPLY
+    warning = [e for e in logs if e["event"] == "stream_options_refused"]
+    assert warning[0]["base_url"] == fake.openai_base_url
+    events = calls(logs)
+    assert len(events) == 2
+    for event in events:
+        # No usage came back: input from the estimate, output from the streamed text.
+        assert event["outcome"] == "ok"
+        assert event["input_tokens"] == estimate_input_tokens(resent.json, endpoint="chat")
+        assert event["output_tokens"] == estimated_output(DEFAULT_REPLY, 10)
+    total = sum((logged_usd(e) for e in events), Decimal(0))
+    assert total == 2 * cost_of(events[0]["input_tokens"], events[0]["output_tokens"], 1, 2)
+    assert used(guard, "alice") == total
+
+
+def test_stream_options_switches(guard: Guard, fake: FakeProvider) -> None:
+    off = openai_client(guard, fake, include_usage=True)
+    guard.wrap(off, include_usage=False)  # wrapping again changes nothing
+    skipped = openai_client(make_guard(), fake)  # another guard, defaults
+    plain = guard.wrap(
+        openai.OpenAI(base_url=fake.openai_base_url, api_key="k", max_retries=0),
+        skip_include_usage=[fake.openai_base_url],
+    )
+    disabled = guard.wrap(
+        openai.OpenAI(base_url=fake.openai_base_url, api_key="k", max_retries=0),
+        include_usage=False,
+    )
+    with track_context(user_id="alice"):
+        for client in (off, skipped, plain, disabled):
+            list(client.chat.completions.create(model="gpt-test", messages=PROMPT, stream=True))
+    injected = ["stream_options" in r.json for r in fake.requests]
+    assert injected == [True, True, False, False]
+
+
+def test_refusal_to_retry_without_stream_options_reaches_the_caller(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    fake.reject_stream_options = True
+    client = openai_client(guard, fake, retry_without_stream_options=False)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        with pytest.raises(openai.BadRequestError, match="stream_options"):
+            client.chat.completions.create(model="gpt-test", messages=PROMPT, stream=True)
+    assert len(fake.requests) == 1
+    assert one_call(logs)["outcome"] == "error"
+    assert used(guard, "alice") == 0
+
+
+def test_other_400s_on_injected_streams_are_not_resent(guard: Guard, fake: FakeProvider) -> None:
+    fake.enqueue(Scripted(status=400, error_message="messages: too long"))
+    client = openai_client(guard, fake)
+    with track_context(user_id="alice"), pytest.raises(openai.BadRequestError, match="too long"):
+        client.chat.completions.create(model="gpt-test", messages=PROMPT, stream=True)
+    assert len(fake.requests) == 1
+
+
+# -- passthrough ---------------------------------------------------------------------------
+
+
+def test_multipart_and_other_endpoints_pass_through_untouched(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    client = openai_client(guard, fake)
+    content = b"line one\nline two\n" * 10
+    with track_context(user_id="alice"), capture_logs() as logs:
+        uploaded = client.files.create(file=("notes.txt", content), purpose="assistants")
+        text = client.audio.transcriptions.create(file=("a.wav", b"RIFF0000"), model="whisper-1")
+        models = client.models.list()
+    upload, transcription, listing = fake.requests
+    assert uploaded.bytes == len(upload.body)
+    assert content in upload.body
+    assert upload.headers["content-type"].startswith("multipart/form-data")
+    assert upload.headers["accept-encoding"] != "identity"  # not touched at all
+    assert transcription.path.endswith("/audio/transcriptions")
+    assert text.text == DEFAULT_REPLY
+    assert listing.method == "GET"
+    assert next(m.id for m in models) == "gpt-4o-mini"
+    assert calls(logs) == []
+    assert used(guard, "alice") == 0
+
+
+def test_non_json_body_to_a_metered_path_is_passed_through(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    http = guard.wrap(httpx2.Client(base_url=fake.openai_base_url))
+    with track_context(user_id="alice"), capture_logs() as logs:
+        response = http.post("/chat/completions", files={"file": ("x.bin", b"\x00\x01binary")})
+        streamed = http.post(
+            "/chat/completions",
+            content=iter([b'{"model": "gpt-test", ', b'"messages": []}']),
+            headers={"content-type": "application/json"},
+        )
+    assert response.status_code == 400  # the fake's answer, unmetered
+    assert streamed.status_code == 200  # a streamed request body is not read by the guard
+    multipart, chunked = fake.requests
+    assert b"binary" in multipart.body
+    assert chunked.json == {"model": "gpt-test", "messages": []}
+    assert calls(logs) == []
+    http.close()
+
+
+@pytest.fixture
+async def async_http(guard: Guard, fake: FakeProvider) -> AsyncIterator[httpx2.AsyncClient]:
+    client = guard.wrap(httpx2.AsyncClient(base_url=fake.openai_base_url))
+    yield client
+    await client.aclose()
+
+
+async def test_async_plain_client_error_and_success(
+    guard: Guard, fake: FakeProvider, async_http: httpx2.AsyncClient
+) -> None:
+    fake.enqueue(Scripted(status=503))
+    body = {"model": "gpt-test", "messages": PROMPT}
+    with track_context(user_id="alice"), capture_logs() as logs:
+        failed = await async_http.post("/chat/completions", json=body)
+        ok = await async_http.post("/chat/completions", json=body)
+    assert (failed.status_code, ok.status_code) == (503, 200)
+    released, settled = calls(logs)
+    assert released["outcome"] == "error"
+    assert logged_usd(settled) == expected_cost(fake.requests[1], "gpt-test")
