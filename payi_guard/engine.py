@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import cachetools
 
 from payi_guard import log as events
+from payi_guard._ids import new_id
 from payi_guard.clock import Clock, SystemClock
 from payi_guard.config import NANO_USD, GuardConfig, LimitSpec, load_config, parse_config
 from payi_guard.context import Attribution, current_request, get_context
@@ -204,11 +204,8 @@ class _Counter:
     unit: Unit
     window: Window
     limits: list[BoundLimit] = field(default_factory=list)
-
-    @property
-    def enforced_max(self) -> int | None:
-        maxes = [b.spec.max for b in self.limits if b.spec.blocks]
-        return min(maxes) if maxes else None
+    enforced_max: int | None = None  # the smallest max of its block limits, set when built
+    expires_at: float = 0.0
 
     def refusing_limit(self) -> BoundLimit:
         """The block limit with the smallest max: the one a refusal names."""
@@ -537,6 +534,10 @@ class Guard:
         self._runtime = _Runtime(config, policy_cache_size, self.clock)
         self._windows = WindowCache()
         self._spent = _SpentCache(exhausted_cache_size)
+        self._counter_cache: dict[
+            tuple[int, str, bool, str | None, tuple[str, ...]],
+            tuple[_Runtime, float, float, list[_Counter]],
+        ] = {}
         # user id -> Subject; plain dict reads and writes are atomic, and a Subject depends
         # only on the id and the pseudonymizer, so no lock and no invalidation are needed.
         self._subjects: dict[str, Subject] = {}
@@ -693,9 +694,38 @@ class Guard:
             key = f"{self.key_prefix}:{{{tag}}}:{b.spec.unit}:{b.spec.per}:{window.start}"
             counter = by_key.get(key)
             if counter is None:
-                counter = by_key[key] = _Counter(key, b.spec.unit, window)
+                counter = by_key[key] = _Counter(
+                    key, b.spec.unit, window, expires_at=float(window.end + _COUNTER_GRACE_SECONDS)
+                )
             counter.limits.append(b)
+        for counter in by_key.values():
+            maxes = [b.spec.max for b in counter.limits if b.spec.blocks]
+            counter.enforced_max = min(maxes) if maxes else None
         return list(by_key.values())
+
+    def _call_counters(
+        self, runtime: _Runtime, subject: Subject, limit_ids: tuple[str, ...], now: float
+    ) -> list[_Counter]:
+        """The counters a call charges, reused while every window stays current.
+
+        Counters (keys, windows, limits) depend only on the config, the subject, the
+        limit ids and the windows in effect, so they are rebuilt only when one of those
+        changes: most calls skip the key formatting and window lookups.
+        """
+        key = (id(runtime), subject.user_id, subject.anonymous, subject.org_id, limit_ids)
+        cached = self._counter_cache.get(key)
+        if cached is not None and cached[0] is runtime and cached[1] <= now < cached[2]:
+            return cached[3]
+        bound = list(runtime.limits_for(subject))
+        bound.extend(runtime.limit_id_bindings(limit_ids))
+        counters = self._counters(bound, now)
+        if counters:
+            start = max(c.window.start for c in counters)
+            end = min(c.window.end for c in counters)
+            if len(self._counter_cache) >= self._policy_cache_size:
+                self._counter_cache.clear()  # bounded; hot subjects come back at once
+            self._counter_cache[key] = (runtime, float(start), float(end), counters)
+        return counters
 
     def _plan(self, call: CallRequest, attribution: Attribution | None) -> _Plan:
         if call.input_tokens < 0 or call.max_output_tokens < 0:
@@ -703,8 +733,8 @@ class Guard:
         attribution = attribution if attribution is not None else get_context()
         subject = self.subject_for(attribution)
         runtime = self._runtime
-        bound = list(runtime.limits_for(subject))
-        bound.extend(runtime.limit_id_bindings(attribution.limit_ids))
+        now = self.clock.now()
+        counters = self._call_counters(runtime, subject, attribution.limit_ids, now)
         rates: Rates | None
         try:
             rates = runtime.prices.rates(
@@ -721,24 +751,17 @@ class Guard:
                 call.input_tokens, call.max_output_tokens, cache_writes=call.cache_writes
             )
         )
-        now = self.clock.now()
-        counters = self._counters(bound, now)
         amounts = {
             "usd": estimate,
             "tokens": call.input_tokens + call.max_output_tokens,
             "requests": 1,
         }
         charges = [
-            Charge(
-                key=c.key,
-                amount=amounts[c.unit],
-                max=c.enforced_max,
-                expires_at=float(c.window.end + _COUNTER_GRACE_SECONDS),
-            )
+            Charge(key=c.key, amount=amounts[c.unit], max=c.enforced_max, expires_at=c.expires_at)
             for c in counters
         ]
         return _Plan(
-            reservation_id=uuid.uuid4().hex,
+            reservation_id=new_id(),
             subject=subject,
             attribution=attribution,
             call=call,
@@ -1082,7 +1105,7 @@ class Guard:
             Charge(c.key, 0, None, float(c.window.end + _COUNTER_GRACE_SECONDS)) for c in counters
         ]
         return _Plan(
-            reservation_id="record-" + uuid.uuid4().hex,
+            reservation_id="record-" + new_id(),
             subject=subject,
             attribution=attribution,
             call=CallRequest(model=model, provider=provider, endpoint="record"),

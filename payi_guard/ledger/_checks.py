@@ -65,6 +65,30 @@ def check_charges(charges: Sequence[Charge]) -> None:
     Raises:
         ValueError: naming the index of the offending charge and what is wrong with it.
     """
+    # Every reserve and commit passes through here: a plain-type fast path first, the
+    # detailed checks (and their messages) only when something looks off.
+    keys = set()
+    for charge in charges:
+        if type(charge) is not Charge:
+            return _check_charges_slowly(charges)
+        key, amount, cap, expires_at = charge.key, charge.amount, charge.max, charge.expires_at
+        if not (
+            type(key) is str
+            and key
+            and type(amount) is int
+            and 0 <= amount <= MAX_UNITS
+            and (cap is None or (type(cap) is int and 0 <= cap <= MAX_UNITS))
+            and (type(expires_at) is float or type(expires_at) is int)
+            and math.isfinite(expires_at)
+        ):
+            return _check_charges_slowly(charges)
+        keys.add(key)
+    if len(keys) != len(charges):
+        raise ValueError("a key may appear only once per call")
+    return None
+
+
+def _check_charges_slowly(charges: Sequence[Charge]) -> None:
     for index, charge in enumerate(charges):
         if not isinstance(charge, Charge):
             raise ValueError(f"charge {index}: expected a Charge, got {type(charge).__name__}")

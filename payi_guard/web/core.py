@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import itertools
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ from typing import Any, Literal, cast
 import structlog
 
 from payi_guard import log as events
+from payi_guard._ids import new_id
 from payi_guard.config import GuardConfig, LimitSpec
 from payi_guard.context import RequestScope, current_request, get_context
 from payi_guard.engine import ANONYMOUS_USER, Guard, UserRequired
@@ -112,37 +111,6 @@ InvalidUserPolicy = Literal["reject", "anonymous"]
 _BOUND_KEY = "payi_guard.web"
 _HAS_IDENTITY: dict[type, bool] = {}
 _GATE_HEADERS_KEY = "payi_guard.web.rate_headers"
-
-
-class _RequestIds:
-    """Process-unique request ids: a random per-process prefix and a counter.
-
-    ``os.urandom`` per request costs a system call; ids only need to be unique, not
-    secret. The prefix is drawn again in a forked child (pre-forking servers), so workers
-    never share a prefix.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self.prefix = os.urandom(8).hex()
-        self.counter = itertools.count(1)
-
-    def __call__(self) -> str:
-        return f"{self.prefix}{next(self.counter):016x}"
-
-
-_ids: _RequestIds | None = None
-
-
-def _new_request_id() -> str:
-    global _ids
-    if _ids is None:  # built on first use: nothing happens at import
-        _ids = _RequestIds()
-    return _ids()
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}\Z")
@@ -458,7 +426,7 @@ class WebCore:
         """
         if incoming is not None and _REQUEST_ID.match(incoming):
             return incoming
-        return _new_request_id()
+        return new_id()
 
     # -- users ----------------------------------------------------------------------------
 

@@ -1,0 +1,55 @@
+"""Cheap process-unique ids for reservations and requests.
+
+A random 8-byte prefix per process and a counter: unique across processes and hosts
+(64 random bits per process), unique within a process by construction, and about ten
+times cheaper than ``uuid.uuid4()`` (no system call per id). The prefix is drawn on first
+use (nothing happens at import) and again in a forked child, so pre-forked workers never
+share one. Ids are not secrets: never use them as tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+__all__ = ["new_id"]
+
+
+class _Ids:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        # next() on itertools.count is atomic under the GIL; the lock guards free-threaded
+        # builds only, and costs a few tens of nanoseconds.
+        with self._lock:
+            n = next(self.counter)
+        return f"{self.prefix}{n:016x}"
+
+
+_ids: _Ids | None = None
+_init_lock = threading.Lock()
+
+
+def new_id() -> str:
+    """Return a new 32-character hex id, unique across processes."""
+    ids = _ids
+    if ids is None:
+        ids = _make()
+    return ids()
+
+
+def _make() -> _Ids:
+    global _ids
+    with _init_lock:
+        if _ids is None:
+            _ids = _Ids()
+        return _ids
