@@ -432,7 +432,10 @@ class _Parser:
         if not isinstance(root, Map):
             hint = ""
             if isinstance(root, Scalar) and isinstance(root.value, str):
-                hint = " (parse_config() reads YAML text; to read a file, use load_config(path))"
+                hint = (
+                    " (parse_config() reads YAML text; to read a file, "
+                    "use Guard.from_yaml(path) or load_config(path))"
+                )
             raise self._error(
                 f"the top level must be a mapping of settings (version, storage, limits, ...), "
                 f"not {_kind(root)}{hint}",

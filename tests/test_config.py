@@ -434,7 +434,7 @@ def test_a_path_given_as_text_gets_a_hint() -> None:
     assert error.message == (
         "the top level must be a mapping of settings (version, storage, limits, ...), "
         "not the string 'budgets.yaml' (parse_config() reads YAML text; "
-        "to read a file, use load_config(path))"
+        "to read a file, use Guard.from_yaml(path) or load_config(path))"
     )
     assert error.line == 1
 
