@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from payi_guard import BudgetExceeded, track_context
+from payi_guard import BudgetExceeded, StorageError, track_context
 from payi_guard.clock import FakeClock
 from payi_guard.engine import CallRequest, Guard
 from payi_guard.pricing import TokenUsage
@@ -162,3 +162,62 @@ def test_exhausted_user_is_refused_without_a_round_trip(
     # Other tests may run scripts concurrently on the shared server; ours made none.
     assert after - before < 50
     guard.close()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("policy", ["block", "allow"])
+def test_redis_stopped_mid_run_follows_the_policy_within_the_timeout(
+    policy: str, clock: FakeClock
+) -> None:
+    """Redis freezes, then dies, then comes back: each call is answered within the timeout."""
+    import time
+
+    from ledger._support import RedisServer, free_port
+    from structlog.testing import capture_logs
+
+    server = RedisServer(free_port())
+    server.start()
+    guard = Guard(
+        {"prices": PRICES, "default": [{"max": 1, "per": "day"}], "on_storage_error": policy},
+        storage=f"redis://127.0.0.1:{server.port}/0",
+        clock=clock,
+    )
+
+    def one_call() -> float:
+        started = time.perf_counter()
+        with track_context(user_id="alice"):
+            if policy == "block":
+                with pytest.raises(StorageError):
+                    guard.begin(CallRequest(model="test-model", input_tokens=100))
+            else:
+                reservation = guard.begin(CallRequest(model="test-model", input_tokens=100))
+                reservation.settle(TokenUsage(100, 0))
+        return time.perf_counter() - started
+
+    try:
+        with track_context(user_id="alice"):
+            guard.begin(CallRequest(model="test-model", input_tokens=100)).settle(
+                TokenUsage(100, 0)
+            )
+        assert guard.usage("alice")[0].used == Decimal("0.0001")
+
+        server.pause()  # frozen: every storage call hangs until its 0.25 s timeout
+        with capture_logs() as logs:
+            frozen = [one_call() for _ in range(3)]
+        # allow: a reserve and a commit may each wait for the timeout.
+        assert all(t < 1.0 for t in frozen), frozen
+        assert any(e["event"] == "storage_error" for e in logs)
+
+        server.kill()  # gone: refused connections fail at once
+        dead = [one_call() for _ in range(3)]
+        assert all(t < 1.0 for t in dead), dead
+
+        server.start()  # back, empty (no persistence): the same guard works again
+        with track_context(user_id="alice"):
+            guard.begin(CallRequest(model="test-model", input_tokens=100)).settle(
+                TokenUsage(100, 0)
+            )
+        assert guard.usage("alice")[0].used == Decimal("0.0001")
+    finally:
+        guard.close()
+        server.kill()
