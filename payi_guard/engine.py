@@ -669,6 +669,16 @@ class Guard:
         self._subjects[user] = subject
         return subject
 
+    def _subject_by_id(self, user_id: str) -> Subject:
+        """Return the subject a validated id names.
+
+        ``anonymous`` (and ``anonymous:<session>``) is the anonymous bucket, as the users
+        page and :meth:`usage` show it.
+        """
+        if user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":"):
+            return Subject(user_id, None, None, None, anonymous=True)
+        return self._subject_of(user_id)
+
     def _reject_usage(self) -> LimitUsage:
         window = self._windows.get("day", "UTC", self.clock.now())
         return LimitUsage(
@@ -1090,7 +1100,7 @@ class Guard:
             limit_ids=tuple(dict.fromkeys([*base.limit_ids, *limit_ids])),
             request_id=request_id if request_id is not None else base.request_id,
         )
-        subject = self._subject_of(uid)
+        subject = self._subject_by_id(uid)
         runtime = self._runtime
         bound = list(runtime.limits_for(subject))
         bound.extend(runtime.limit_id_bindings(attribution.limit_ids))
@@ -1198,14 +1208,9 @@ class Guard:
     def _usage_plan(
         self, user_id: object, limit_ids: Sequence[str]
     ) -> tuple[Subject, list[BoundLimit], list[_Counter]]:
-        if user_id == ANONYMOUS_USER or user_id is None:
-            subject = Subject(ANONYMOUS_USER, None, None, None, anonymous=True)
-        else:
-            uid = normalize_user_id(user_id)
-            if uid.startswith(ANONYMOUS_USER + ":"):
-                subject = Subject(uid, None, None, None, anonymous=True)
-            else:
-                subject = self._subject_of(uid)
+        subject = self._subject_by_id(
+            ANONYMOUS_USER if user_id is None else normalize_user_id(user_id)
+        )
         runtime = self._runtime
         bound = list(runtime.limits_for(subject))
         bound.extend(runtime.limit_id_bindings(limit_ids))

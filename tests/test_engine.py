@@ -545,3 +545,16 @@ def test_construction_has_no_side_effects() -> None:
     assert "127.0.0.1" in repr(guard)
     with pytest.raises(ValueError, match="key_prefix"):
         Guard(key_prefix="a{b}")
+
+
+def test_record_for_anonymous_charges_the_anonymous_bucket(clock: FakeClock) -> None:
+    guard = make_guard(
+        clock, anonymous={"strategy": "shared", "limits": [{"requests": 2, "per": "day"}]}
+    )
+    guard.record(user_id="anonymous", model="test-model", input_tokens=10)
+    (usage,) = guard.usage("anonymous")
+    assert usage.scope == "anonymous"
+    assert usage.used == 1
+    guard.begin(call()).settle(TokenUsage(1, 1))  # a real anonymous call: same bucket
+    with pytest.raises(BudgetExceeded):
+        guard.begin(call())
