@@ -667,6 +667,30 @@ def _genai_lookup(name: str, provider_id: str | None) -> tuple[Any, Any] | None:
     return None
 
 
+def _genai_scan(name: str) -> tuple[Any, Any] | None:
+    """Find ``name`` under any provider: the last resort when no provider is known.
+
+    genai-prices guesses a provider from name patterns that miss some models (OpenAI's
+    embeddings, for one). The providers that publish models under their own names are
+    asked first, then every other one.
+    """
+    from genai_prices import data_snapshot
+
+    snapshot = data_snapshot.get_snapshot()
+    providers = list(snapshot.providers)
+    first = {pid: i for i, pid in enumerate(_FIRST_PARTY)}
+    providers.sort(key=lambda provider: first.get(provider.id, len(first)))
+    lowered = name.lower()
+    for provider in providers:
+        model = provider.find_model(lowered, all_providers=snapshot.providers)
+        if model is not None:
+            return provider, model
+    return None
+
+
+_FIRST_PARTY = ("openai", "anthropic", "google", "mistral", "deepseek", "x-ai", "cohere", "meta")
+
+
 # ---------------------------------------------------------------------------------------
 # The price book
 # ---------------------------------------------------------------------------------------
@@ -883,10 +907,14 @@ class PriceBook:
         else:
             provider_id = _PROVIDER_IDS.get(provider.lower(), provider.lower())
         reason = "not in the price overrides nor in genai-prices' data"
+        found_any = False
         for name in names:
             found = _genai_lookup(name, provider_id)
+            if found is None and provider_id is None and name == names[-1] and not found_any:
+                found = _genai_scan(model)
             if found is None:
                 continue
+            found_any = True
             resolved = self._from_genai(model, provider, found, context, now)
             if resolved.rates is not None:
                 return resolved

@@ -694,3 +694,13 @@ def test_cost_usd_examples() -> None:
     assert repr(cost_usd(7_750_000)) == "0.00775"
     assert repr(cost_usd(1)) == "1e-09"
     assert repr(cost_usd(999_999_999_999_999)) == "999999.999999999"
+
+
+def test_models_resolve_by_name_alone_for_openai_compatible_servers() -> None:
+    book = PriceBook()
+    for model in ("text-embedding-3-small", "gpt-4o-mini", "claude-3-5-haiku-latest"):
+        assert book.rates(model, "openai-compatible").source == "genai-prices"
+        assert book.rates(model, None).source == "genai-prices"
+    # Name-only matching never invents a price.
+    with pytest.raises(UnknownModel):
+        book.rates("no-such-model-anywhere", "openai-compatible")
