@@ -1063,7 +1063,7 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     * letters (ASCII and non-ASCII bytes): 2/3 token per byte, 1/3 more per ASCII
       capital and per run, 4/3 more per 4-byte character (emoji);
     * digits: 1/2 token per digit plus 1/2 per run (they split into groups of three);
-    * whitespace: 1 per tab/newline, 1/4 per space plus 3/4 per run, minus the single
+    * whitespace: 1 per tab/newline, 1/2 per space plus 1 per run, minus the single
       spaces that merge into the next word;
     * everything else (punctuation, symbols, controls): 1 per byte.
 
@@ -1102,7 +1102,7 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     tokens = (
         _ceil_div(2 * word_bytes + upper + 4 * four_byte + word_runs, 3)
         + _ceil_div(digit_bytes + digit_runs, 2)
-        + _ceil_div(spaces + 3 * space_runs, 4)
+        + _ceil_div(spaces + 2 * space_runs, 2)
         + (space_bytes - spaces)
         - merged
         + other
