@@ -6,11 +6,18 @@ import os
 import uuid
 
 import pytest
+from hypothesis import settings
 
 from payi_guard.clock import FakeClock
 
 REDIS_URL = os.environ.get("PAYI_GUARD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# CI runs the same examples every time (a red build always reproduces); developers' runs
+# stay random and keep exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if IN_CI:
+    settings.load_profile("ci")
 
 
 def _redis_reachable(url: str) -> str | None:
