@@ -37,9 +37,8 @@ async def test_64_concurrent_users_are_attributed_exactly(
     clock: FakeClock, fake: FakeProvider, storage: dict[str, Any]
 ) -> None:
     guard = make_guard(clock, **storage)
-    # The fake's listen backlog is 5: four sockets carry the 64 concurrent calls. Every
-    # call reserves before it waits for a socket, so the 64 reservations still overlap.
-    http_client = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=4))
+    # One socket per call: the 64 calls are in flight at once.
+    http_client = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=64))
     client = guard.wrap(
         openai.AsyncOpenAI(
             base_url=fake.openai_base_url, api_key="k", max_retries=0, http_client=http_client
@@ -86,8 +85,8 @@ def test_threads_never_overspend_one_tight_budget(
 ) -> None:
     limit = Decimal("0.003")
     guard: Guard = make_guard(clock, default=[{"max": float(limit), "per": "day"}], **storage)
-    # Four sockets (the fake's listen backlog is 5); the 16 threads still reserve at once.
-    http_client = openai.DefaultHttpxClient(limits=httpx2.Limits(max_connections=4))
+    # A socket per thread: the 16 threads reserve and call at once.
+    http_client = openai.DefaultHttpxClient(limits=httpx2.Limits(max_connections=16))
     client = guard.wrap(
         openai.OpenAI(
             base_url=fake.openai_base_url, api_key="k", max_retries=0, http_client=http_client

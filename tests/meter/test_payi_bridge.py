@@ -115,8 +115,8 @@ def test_payi_true_without_the_package(
 
 
 async def test_concurrent_tasks_each_carry_their_own_user(guard: Guard, fake: FakeProvider) -> None:
-    # Four sockets: the fake's listen backlog is 5 (the 16 calls still overlap).
-    http_client = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=4))
+    # A socket per call: the 16 calls overlap.
+    http_client = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=16))
     client = guard.wrap(
         openai.AsyncOpenAI(
             base_url=fake.openai_base_url, api_key="k", max_retries=0, http_client=http_client
