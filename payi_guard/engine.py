@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import cachetools
 
@@ -1145,6 +1145,20 @@ class Guard:
         by_unit = {"usd": cost, "tokens": usage.total_tokens, "requests": 1}
         return [by_unit[c.unit] for c in plan.counters], cost, True
 
+    def _recorded(
+        self,
+        plan: _Plan,
+        usage: TokenUsage,
+        cost: int,
+        priced: bool,
+        states: tuple[CounterState, ...] | None,
+        amounts: list[int],
+    ) -> CallRecord:
+        """Log a committed manual event (thresholds, ``genai_call``) and return its record."""
+        reservation = Reservation(self, plan, held=False)
+        reservation._claim()
+        return reservation._finish(usage, cost, priced, "recorded", states, amounts)
+
     def record(
         self,
         *,
@@ -1174,10 +1188,8 @@ class Guard:
         plan = self._record_plan(user_id, model, provider, limit_ids, use_case_name, request_id)
         usage = TokenUsage(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
         amounts, cost, priced = self._record_amounts(plan, usage, cost_usd)
-        reservation = Reservation(self, plan, held=False)
-        reservation._claim()
         states = self._commit_sync(plan, amounts)
-        return reservation._finish(usage, cost, priced, "recorded", states, amounts)
+        return self._recorded(plan, usage, cost, priced, states, amounts)
 
     async def arecord(
         self,
@@ -1198,10 +1210,8 @@ class Guard:
         plan = self._record_plan(user_id, model, provider, limit_ids, use_case_name, request_id)
         usage = TokenUsage(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
         amounts, cost, priced = self._record_amounts(plan, usage, cost_usd)
-        reservation = Reservation(self, plan, held=False)
-        reservation._claim()
         states = await self._commit_async(plan, amounts)
-        return reservation._finish(usage, cost, priced, "recorded", states, amounts)
+        return self._recorded(plan, usage, cost, priced, states, amounts)
 
     # -- reading usage ---------------------------------------------------------------------------
 
@@ -1496,6 +1506,3 @@ class _Watcher:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self.poll()
-
-
-StorageErrorPolicy = Literal["block", "allow"]

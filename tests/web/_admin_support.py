@@ -6,22 +6,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import threading
-import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from starlette.types import ASGIApp
+
+from web._support import serve_asgi
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CHROMIUM = "/usr/bin/chromium"
@@ -59,33 +55,8 @@ def bearer(token: str = TOKEN) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-@contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a background thread."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-admin", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started and thread.is_alive():
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start within 15 s")
-            time.sleep(0.01)
-        if not server.started:
-            raise RuntimeError("uvicorn failed to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+serve = serve_asgi
+"""Serve an ASGI app with uvicorn on a free loopback port (shared with the web tests)."""
 
 
 def chromium() -> str:
