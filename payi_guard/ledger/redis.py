@@ -16,8 +16,8 @@ Layout, per counter key ``K`` (chosen by the caller, with a ``{...}`` hash tag):
   deadline in epoch seconds, so expired reservations are found without a scan.
 
 Every script first purges the reservations of its keys whose deadline is ``<= now``
-(subtracting them from ``p``), then works on the totals. Both keys get ``PEXPIREAT`` at
-the charge's ``expires_at`` whenever a reserve or commit writes them; note that Redis
+(subtracting them from ``p``), then works on the totals. Both keys get a ``PEXPIRE`` of
+``expires_at - now`` whenever a reserve or commit writes them: relative, because Redis
 expires keys by its own clock, whereas reservation deadlines use the ``now`` passed in.
 No counter key may be another counter key plus ``:x``. A reservation id is meant to be
 used once; reserving an id that is already open on a key replaces its amount and
@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
+import math
 import threading
 import weakref
 from collections.abc import Callable, Generator, Sequence
@@ -130,8 +131,10 @@ def _seconds(value: float) -> str:
     return repr(float(value))
 
 
-def _millis(value: float) -> str:
-    return str(int(value * 1000))
+def _ttl_millis(expires_at: float, now: float) -> str:
+    # Relative: Redis expires keys by its own clock, so an absolute time computed on this
+    # host (or a test's fake clock) would be wrong by the difference between the clocks.
+    return str(math.ceil((expires_at - now) * 1000))  # <= 0 deletes the key at once
 
 
 def _script_keys(keys: Sequence[str]) -> list[str]:
@@ -147,7 +150,7 @@ def _reserve_call(rid: str, charges: Sequence[Charge], now: float, deadline: flo
     for charge in charges:
         args.append(str(charge.amount))
         args.append("" if charge.max is None else str(charge.max))
-        args.append(_millis(charge.expires_at))
+        args.append(_ttl_millis(charge.expires_at, now))
     return ("reserve", _script_keys([charge.key for charge in charges]), args)
 
 
@@ -155,7 +158,7 @@ def _commit_call(rid: str, charges: Sequence[Charge], now: float) -> _Call:
     args = [rid, _seconds(now)]
     for charge in charges:
         args.append(str(charge.amount))
-        args.append(_millis(charge.expires_at))
+        args.append(_ttl_millis(charge.expires_at, now))
     return ("commit", _script_keys([charge.key for charge in charges]), args)
 
 

@@ -283,9 +283,11 @@ async def test_key_expiry_is_set_and_derived_keys_keep_the_hash_tag(
     await backend.commit("r2", [Charge(k2, 10, None, exp + 1)], now=now)
     if backend.raw is not None:
         raw = backend.raw
-        assert raw.pexpiretime(k1) == int(exp * 1000)
-        assert raw.pexpiretime(k1 + INDEX_SUFFIX) == int(exp * 1000)
-        assert raw.pexpiretime(k2) == int((exp + 1) * 1000)
+        # Expiry is relative (Redis expires by its own clock, whatever the caller's clock
+        # says): the keys live for what is left of their window from the caller's `now`.
+        # The bound is loose by design: the test only waits on Redis, never on time.
+        for key, ttl_ms in ((k1, 3_600_000), (k1 + INDEX_SUFFIX, 3_600_000), (k2, 3_601_000)):
+            assert ttl_ms - 600_000 < raw.pttl(key) <= ttl_ms
         keys = sorted(k.decode() for k in raw.scan_iter(match=f"{key_prefix}*"))
         assert keys == sorted([k1, k1 + INDEX_SUFFIX, k2])
         for stored in keys:

@@ -27,8 +27,11 @@ from payi_guard.fake_provider import FakeProvider
 def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
     if request.param == "memory":
         return {}
+    # These tests are about attribution and exact spend, not latency: a loaded CI machine
+    # may take longer than the default 0.25 s to open a connection, so give the store room.
+    url = request.getfixturevalue("redis_url") + "?socket_timeout=5&socket_connect_timeout=5"
     return {
-        "storage_uri": request.getfixturevalue("redis_url"),
+        "storage_uri": url,
         "key_prefix": request.getfixturevalue("key_prefix"),
     }
 

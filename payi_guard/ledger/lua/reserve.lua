@@ -1,7 +1,7 @@
 -- Reserve every charge or none.
 -- KEYS: per charge, the counter hash and its reservation index (2 keys per charge).
 -- ARGV: reservation id, now, deadline, then per charge: amount, max ('' = no max),
---       expires_at in epoch milliseconds.
+--       time to live in milliseconds.
 -- Returns {ok (1|0), refused index (0-based, -1 if none), settled_1, pending_1, ...}.
 local id = ARGV[1]
 local now = ARGV[2]
@@ -38,11 +38,11 @@ for i = 1, n do
   local key, index = KEYS[2 * i - 1], KEYS[2 * i]
   local base = 3 + 3 * (i - 1)
   local amount = ARGV[base + 1]
-  local expires_at = ARGV[base + 3]
+  local ttl = ARGV[base + 3]
   redis.call('HSET', key, field, amount)
   out[2 * i + 2] = redis.call('HINCRBY', key, 'p', fmt(tonumber(amount) - held[i]))
   redis.call('ZADD', index, deadline, id)
-  redis.call('PEXPIREAT', key, expires_at)
-  redis.call('PEXPIREAT', index, expires_at)
+  redis.call('PEXPIRE', key, ttl)
+  redis.call('PEXPIRE', index, ttl)
 end
 return out
