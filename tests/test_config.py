@@ -16,7 +16,6 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from payi_guard import _yaml
 from payi_guard.config import (
     MAX_AMOUNT,
     NANO_USD,
@@ -33,6 +32,7 @@ from payi_guard.config import (
     parse_config,
     redact_uri,
 )
+from payi_guard.config import yaml_tree as _yaml
 from payi_guard.exceptions import ConfigError
 
 CONFIGS = Path(__file__).parent / "configs"

@@ -63,7 +63,7 @@ from payi_guard.meter.refusal import refusal_response
 
 # The price variant and cache-write rules are pricing's own; sharing them keeps the
 # reservation priced exactly as pricing estimates a body.
-from payi_guard.pricing import (
+from payi_guard.pricing.rates import (
     EstimateMode,
     TokenUsage,
     _mentions_key,

@@ -31,7 +31,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from payi_guard._yaml import (
+from payi_guard.config.yaml_tree import (
     Entry,
     Map,
     Node,
