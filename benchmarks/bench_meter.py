@@ -40,7 +40,8 @@ import structlog
 
 from payi_guard import Guard, track_context
 from payi_guard.log import configure_json
-from payi_guard.meter.parse import StreamMeter, classify
+from payi_guard.meter.parse import classify
+from payi_guard.meter.sse import StreamMeter
 
 PRICES = {"gpt-test": {"input_per_mtok": 1, "output_per_mtok": 2}}
 MESSAGES: Any = [{"role": "user", "content": "Write a haiku about benchmarks, please."}]

@@ -1,52 +1,21 @@
-"""Pricing: token usage to integer cost."""
+"""Pricing: token usage to integer cost. It never sees a request body.
 
-from payi_guard.pricing.rates import (
-    ANTHROPIC_BUILTIN_TOOL_TOKENS,
-    ANTHROPIC_TOOLS_OVERHEAD_TOKENS,
-    DEFAULT_FILE_TOKENS,
-    DEFAULT_IMAGE_TOKENS,
-    DEFAULT_MAX_OUTPUT_TOKENS,
-    ENDPOINTS,
-    MESSAGE_OVERHEAD_TOKENS,
-    OPENAI_TOOLS_OVERHEAD_TOKENS,
-    PICO_PER_NANO,
-    PICO_USD,
-    REQUEST_OVERHEAD_TOKENS,
-    Endpoint,
-    Estimate,
-    EstimateMode,
-    PriceBook,
-    PriceSource,
-    RateBand,
-    Rates,
-    TokenUsage,
-    UnknownModel,
-    candidate_names,
-    cost_usd,
-    estimate_input_tokens,
-    image_token_bound,
-    max_output_tokens,
-    model_output_cap,
-    nano_to_decimal,
-    per_mtok_to_pico,
-    text_token_bound,
-)
+* :mod:`~payi_guard.pricing.rates`: :class:`TokenUsage`, :class:`RateBand` and
+  :class:`Rates`, integer pico-USD per token, costs in nano-USD rounded up;
+* :mod:`~payi_guard.pricing.catalogue`: the genai-prices data (offline) to rates;
+* :mod:`~payi_guard.pricing.book`: :class:`PriceBook`, overrides then the catalogue then
+  the unknown-model policy, cached per model.
+
+Money helpers (units, conversions) are in :mod:`payi_guard.money`; a request's cost bound
+is read from its body by :mod:`payi_guard.meter.estimate`.
+"""
+
+from payi_guard.exceptions import UnknownModel
+from payi_guard.pricing.book import PriceBook
+from payi_guard.pricing.catalogue import candidate_names
+from payi_guard.pricing.rates import PriceSource, RateBand, Rates, TokenUsage
 
 __all__ = [
-    "ANTHROPIC_BUILTIN_TOOL_TOKENS",
-    "ANTHROPIC_TOOLS_OVERHEAD_TOKENS",
-    "DEFAULT_FILE_TOKENS",
-    "DEFAULT_IMAGE_TOKENS",
-    "DEFAULT_MAX_OUTPUT_TOKENS",
-    "ENDPOINTS",
-    "MESSAGE_OVERHEAD_TOKENS",
-    "OPENAI_TOOLS_OVERHEAD_TOKENS",
-    "PICO_PER_NANO",
-    "PICO_USD",
-    "REQUEST_OVERHEAD_TOKENS",
-    "Endpoint",
-    "Estimate",
-    "EstimateMode",
     "PriceBook",
     "PriceSource",
     "RateBand",
@@ -54,12 +23,4 @@ __all__ = [
     "TokenUsage",
     "UnknownModel",
     "candidate_names",
-    "cost_usd",
-    "estimate_input_tokens",
-    "image_token_bound",
-    "max_output_tokens",
-    "model_output_cap",
-    "nano_to_decimal",
-    "per_mtok_to_pico",
-    "text_token_bound",
 ]
