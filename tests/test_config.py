@@ -804,6 +804,24 @@ def test_redact_uri(uri: str, shown: str) -> None:
     assert redact_uri(uri) == shown
 
 
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("redis://token@host:6379/0", "redis://***@host:6379/0"),
+        ("valkey+cluster://secret@h1:7000,h2:7001", "valkey+cluster://***@h1:7000,h2:7001"),
+        ("redis://alice:@host", "redis://***@host"),
+        ("redis://:p/w@host/0", "redis://:***@host/0"),
+        ("redis://:p@ss@host/0", "redis://:***@host/0"),
+        ("redis+sentinel://:pw@h1:26379,h2/mymaster", "redis+sentinel://:***@h1:26379,h2/mymaster"),
+        ("redis://host/0?client_name=a@b", "redis://host/0?client_name=a@b"),
+        ("redis://:@host", "redis://:@host"),
+        ("not a uri", "not a uri"),
+    ],
+)
+def test_redact_uri_masks_every_credential(uri: str, shown: str) -> None:
+    assert redact_uri(uri) == shown
+
+
 def test_describe_counts_and_hides_the_password() -> None:
     config = load_config(CONFIGS / "good" / "every_field.yaml")
     summary = describe(config)

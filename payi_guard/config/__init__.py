@@ -6,11 +6,10 @@
 * :mod:`~payi_guard.config.reader` and :mod:`~payi_guard.config.parser`: the tree to a
   validated :class:`GuardConfig` (:func:`load_config`, :func:`parse_config`,
   :func:`check_file`), every error naming its file, line and key;
-* :mod:`~payi_guard.config.describe`: :func:`describe`, :func:`config_fingerprint` and
+* :mod:`~payi_guard.config.summary`: :func:`describe`, :func:`config_fingerprint` and
   :func:`redact_uri`, for the CLI and logs.
 """
 
-from payi_guard.config.describe import config_fingerprint, describe, redact_uri
 from payi_guard.config.model import (
     MAX_AMOUNT,
     STORAGE_SCHEMES,
@@ -21,6 +20,7 @@ from payi_guard.config.model import (
     UnknownModelPolicy,
 )
 from payi_guard.config.parser import check_file, load_config, parse_config
+from payi_guard.config.summary import config_fingerprint, describe, redact_uri
 from payi_guard.money import NANO_USD
 from payi_guard.windows import PERIODS, Period
 

@@ -36,7 +36,7 @@ from payi_guard.engine.watch import ConfigWatcher
 from payi_guard.exceptions import ConfigError
 from payi_guard.identity import Pseudonymizer, normalize_user_id
 from payi_guard.ledger.base import AsyncLedger, CounterState, Ledger
-from payi_guard.ledger.keys import check_prefix, owner_tag
+from payi_guard.ledger.keys import check_prefix
 from payi_guard.pricing import TokenUsage
 from payi_guard.usage import LimitUsage
 from payi_guard.windows import WindowCache
@@ -328,12 +328,7 @@ class Guard:
     def _cached_exhausted(self, attribution: Attribution | None) -> LimitUsage | None:
         attribution = attribution if attribution is not None else get_context()
         # subject_for runs first: an anonymous caller under `reject` is refused here.
-        subject = self.subject_for(attribution)
-        tags = [owner_tag("anonymous" if subject.anonymous else "user", subject.user_id)]
-        tags.append(owner_tag("global", "*"))
-        if subject.org_id is not None:
-            tags.append(owner_tag("org", subject.org_id))
-        tags.extend(owner_tag("limit_id", limit_id) for limit_id in attribution.limit_ids)
+        tags = self.subject_for(attribution).owner_tags(attribution.limit_ids)
         if not len(self._spent) or not self._spent.any_tag(tags):
             return None
         _, counters = self._gate_plan(attribution)

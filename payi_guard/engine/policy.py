@@ -21,6 +21,7 @@ from payi_guard.config import AnonymousPolicy, GuardConfig, LimitSpec
 from payi_guard.context import Attribution, current_request
 from payi_guard.exceptions import ConfigError, InvalidUserId, UserRequired
 from payi_guard.identity import Pseudonymizer, normalize_user_id, org_of
+from payi_guard.ledger.keys import owner_tag
 from payi_guard.pricing import PriceBook
 from payi_guard.usage import LimitUsage, Scope
 from payi_guard.windows import WindowCache
@@ -57,6 +58,15 @@ class Subject:
     policy_user: str | None
     policy_org: str | None
     anonymous: bool = False
+
+    def owner_tags(self, limit_ids: Iterable[str]) -> list[str]:
+        """The hash tags of every owner a call of this subject with ``limit_ids`` charges."""
+        tags = [owner_tag("anonymous" if self.anonymous else "user", self.user_id)]
+        tags.append(owner_tag("global", "*"))
+        if self.org_id is not None:
+            tags.append(owner_tag("org", self.org_id))
+        tags.extend(owner_tag("limit_id", limit_id) for limit_id in limit_ids)
+        return tags
 
 
 class Subjects:
