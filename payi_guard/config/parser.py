@@ -1,18 +1,18 @@
-"""Budget configuration: YAML (or a dict) to frozen, validated policy objects.
+"""The budgets file's schema: a document tree validated into a :class:`GuardConfig`.
 
-Money is held as integers in :data:`NANO_USD` units (1e-9 USD) from the moment it is
-parsed: ``max: 1.00`` becomes ``1_000_000_000``. YAML numbers are read from their text and
-Python floats through ``Decimal(str(x))``, never through binary arithmetic, so ``0.1`` is
-exactly 100_000_000; an amount finer than one nano-dollar is an error, not a rounding.
-Requests and tokens are plain counts.
+Money is held as integers in :data:`~payi_guard.money.NANO_USD` units (1e-9 USD) from
+the moment it is parsed: ``max: 1.00`` becomes ``1_000_000_000``. YAML numbers are read
+from their text and Python floats through ``Decimal(str(x))``, never through binary
+arithmetic, so ``0.1`` is exactly 100_000_000; an amount finer than one nano-dollar is an
+error, not a rounding. Requests and tokens are plain counts.
 
 Every mistake fails fast with a :class:`~payi_guard.ConfigError` that names the file,
 the 1-based line, the dotted key (``tiers.pro[1].max``) and what is wrong, with a
 "did you mean" hint for near misses. Unknown keys and duplicate keys are errors.
 
 Entry points: :func:`load_config` (a file), :func:`parse_config` (YAML text or a dict),
-:func:`check_file` (``payi-guard check``), :func:`describe` and
-:func:`config_fingerprint` (for logs and the CLI).
+:func:`check_file` (``payi-guard check``). The values are read with the primitives of
+:mod:`payi_guard.config.reader`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from fractions import Fraction
 from payi_guard.config.model import MAX_AMOUNT
 from payi_guard.config.yaml_tree import Entry, Map, Node, Scalar, Seq, child_path
 from payi_guard.exceptions import ConfigError
-from payi_guard.money import NANO_USD
+from payi_guard.money import NANO_USD, decimal_usd
 
 __all__ = ["NodeReader", "first_line", "kind_of", "node_text", "one_of", "suggest"]
 
@@ -139,7 +139,7 @@ class NodeReader:
             )
         if nano > MAX_AMOUNT:
             raise self._error(
-                f"{node_text(node)} USD is too large (at most {Decimal(MAX_AMOUNT) / NANO_USD})",
+                f"{node_text(node)} USD is too large (at most {decimal_usd(MAX_AMOUNT)})",
                 node.line,
                 path,
             )

@@ -37,11 +37,7 @@ class PriceBook:
     (genai-prices carries announced price changes) is resolved again once that date is
     reached, by the injected clock.
 
-    Genai-prices facts this relies on: a time-of-day price (an off-peak discount) is
-    charged at the highest of the prices that can apply that day; request-context
-    variants (``service_tier``, ``speed``) apply only when given in ``price_context``;
-    per-unit prices other than tokens and requests (web searches, audio, images) are
-    not charged.
+    :mod:`payi_guard.pricing.catalogue` says which genai-prices facts this relies on.
 
     Args:
         overrides: model name -> :class:`~payi_guard.config.PriceOverride`.
