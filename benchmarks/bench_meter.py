@@ -13,7 +13,7 @@ It measures, with the real openai SDK (3.x, httpx2) and the memory store:
   thing to a real call);
 * time to the first streamed chunk, bare and guarded, over both;
 * the cost per chunk of the stream wrapper: a 1,000-chunk stream read bare and guarded
-  over the mock transport, and :class:`~payi_guard.meter.parse.StreamMeter` alone;
+  over the mock transport, and :class:`~payi_guard.meter.sse.StreamMeter` alone;
 * the same with the ``genai_call`` line rendered as JSON (to a null stream), since apps
   log every call.
 
@@ -40,7 +40,8 @@ import structlog
 
 from payi_guard import Guard, track_context
 from payi_guard.log import configure_json
-from payi_guard.meter.parse import StreamMeter, classify
+from payi_guard.meter.parse import classify
+from payi_guard.meter.sse import StreamMeter
 
 PRICES = {"gpt-test": {"input_per_mtok": 1, "output_per_mtok": 2}}
 MESSAGES: Any = [{"role": "user", "content": "Write a haiku about benchmarks, please."}]

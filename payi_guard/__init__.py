@@ -16,7 +16,7 @@ from payi_guard.context import (
     track,
     track_context,
 )
-from payi_guard.engine import CallRecord, Guard, UnknownModelRefused, UserRequired
+from payi_guard.engine import CallRecord, Guard
 from payi_guard.exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -25,6 +25,8 @@ from payi_guard.exceptions import (
     NoRequestScope,
     PayiGuardError,
     StorageError,
+    UnknownModelRefused,
+    UserRequired,
     is_refusal,
 )
 from payi_guard.identity import Pseudonymizer, normalize_user_id, parse_user_id

@@ -6,9 +6,15 @@ Every error the library raises on purpose derives from :class:`PayiGuardError`::
      ├── ConfigError          a budgets file or a config dict is wrong (names file, line, key)
      ├── InvalidUserId        a user id is refused (names the reason, never echoes the id)
      ├── BudgetExceeded       a call was refused before it was sent
+     │    └── UserRequired    ... because no user is known and anonymous calls are rejected
+     ├── UnknownModelRefused  a call was refused: no price is known for its model
+     ├── UnknownModel         the price book knows no price for a model (the caller decides)
      ├── StorageError         the counter store failed and the policy is to fail closed
      ├── NoRequestScope       ``set_user`` was called outside a request
      └── MissingDependency    an optional extra is not installed
+
+Nothing here reads a clock: a refusal's ``retry_after`` is computed by whoever raises it,
+from the guard's own (injectable) clock.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ __all__ = [
     "NoRequestScope",
     "PayiGuardError",
     "StorageError",
+    "UnknownModel",
+    "UnknownModelRefused",
+    "UserRequired",
     "is_refusal",
 ]
 
@@ -95,7 +104,8 @@ class BudgetExceeded(PayiGuardError):
     Attributes:
         user_id: the user the call was attributed to.
         limit: the :class:`~payi_guard.LimitUsage` of the limit that refused it.
-        retry_after: whole seconds until that limit's window resets (at least 1).
+        retry_after: whole seconds until that limit's window resets (at least 1), as
+            measured by the clock of the guard that refused the call.
     """
 
     user_id: str
@@ -106,21 +116,13 @@ class BudgetExceeded(PayiGuardError):
         self,
         user_id: str,
         limit: LimitUsage,
-        retry_after: float | None = None,
+        retry_after: float,
         message: str | None = None,
     ) -> None:
-        self._init_refusal(user_id, limit, retry_after)
-        super().__init__(message or self.describe())
-
-    def _init_refusal(self, user_id: str, limit: LimitUsage, retry_after: float | None) -> None:
-        """Fill the refusal attributes (used by SDK-specific subclasses too)."""
         self.user_id = user_id
         self.limit = limit
-        if retry_after is None:
-            from datetime import datetime, timezone
-
-            retry_after = (limit.resets_at - datetime.now(timezone.utc)).total_seconds()
         self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(message or self.describe())
 
     def describe(self) -> str:
         """Return the human message: which limit refused whom and when it resets."""
@@ -129,6 +131,57 @@ class BudgetExceeded(PayiGuardError):
             f"budget exceeded for user {self.user_id!r}: limit {self.limit.name!r} "
             f"({self.limit.scope}) used {self.limit.used} of {self.limit.max} {unit}; "
             f"resets at {self.limit.resets_at.isoformat()} (retry after {self.retry_after}s)"
+        )
+
+
+class UserRequired(BudgetExceeded):
+    """A call with no known user was refused (anonymous strategy ``reject``).
+
+    The middleware answers it with 401; through an SDK it arrives like any refusal.
+    """
+
+
+class UnknownModelRefused(PayiGuardError):
+    """A call was refused because no price is known for its model (``unknown_model: block``).
+
+    Attributes:
+        model: the model name.
+        provider: the provider.
+    """
+
+    def __init__(self, model: str, provider: str) -> None:
+        self.model = model
+        self.provider = provider
+        super().__init__(
+            f"no price is known for model {model!r} (provider {provider!r}) and "
+            "unknown_model is 'block': add it under `prices:` in the budgets file, or set "
+            "`unknown_model` to 'allow' or to a fallback price"
+        )
+
+
+class UnknownModel(PayiGuardError, LookupError):
+    """No price is known for a model, and the unknown-model policy sets none.
+
+    Never charged as $0: the caller decides (refuse the call under ``block``, or send
+    it and log it as unpriced under ``allow``).
+
+    Attributes:
+        model: the model name.
+        provider: the provider name, if one was given.
+        action: the policy's action (``"block"`` or ``"allow"``).
+        reason: why no price applies.
+    """
+
+    def __init__(
+        self, model: str, provider: str | None, action: str, reason: str = "no price is known"
+    ) -> None:
+        self.model = model
+        self.provider = provider
+        self.action = action
+        self.reason = reason
+        where = f" (provider {provider!r})" if provider else ""
+        super().__init__(
+            f"unknown model {model!r}{where}: {reason}; unknown_model policy is {action!r}"
         )
 
 

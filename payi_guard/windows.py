@@ -11,11 +11,15 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from payi_guard.config import PERIODS, Period
+__all__ = ["PERIODS", "Period", "Window", "WindowCache", "window_at", "zone"]
 
-__all__ = ["Window", "WindowCache", "window_at", "zone"]
+Period = Literal["minute", "hour", "day", "week", "month"]
+"""A calendar period a limit is counted over."""
+
+PERIODS: tuple[Period, ...] = ("minute", "hour", "day", "week", "month")
 
 
 @dataclass(frozen=True, slots=True)

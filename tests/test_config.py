@@ -16,7 +16,6 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from payi_guard import _yaml
 from payi_guard.config import (
     MAX_AMOUNT,
     NANO_USD,
@@ -33,6 +32,7 @@ from payi_guard.config import (
     parse_config,
     redact_uri,
 )
+from payi_guard.config import yaml_tree as _yaml
 from payi_guard.exceptions import ConfigError
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -801,6 +801,24 @@ def test_fingerprint_ignores_storage_password() -> None:
     ],
 )
 def test_redact_uri(uri: str, shown: str) -> None:
+    assert redact_uri(uri) == shown
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("redis://token@host:6379/0", "redis://***@host:6379/0"),
+        ("valkey+cluster://secret@h1:7000,h2:7001", "valkey+cluster://***@h1:7000,h2:7001"),
+        ("redis://alice:@host", "redis://***@host"),
+        ("redis://:p/w@host/0", "redis://:***@host/0"),
+        ("redis://:p@ss@host/0", "redis://:***@host/0"),
+        ("redis+sentinel://:pw@h1:26379,h2/mymaster", "redis+sentinel://:***@h1:26379,h2/mymaster"),
+        ("redis://host/0?client_name=a@b", "redis://host/0?client_name=a@b"),
+        ("redis://:@host", "redis://:@host"),
+        ("not a uri", "not a uri"),
+    ],
+)
+def test_redact_uri_masks_every_credential(uri: str, shown: str) -> None:
     assert redact_uri(uri) == shown
 
 

@@ -322,6 +322,18 @@ def test_anonymous_strategies(clock: FakeClock) -> None:
                 session.begin(call())
 
 
+def test_a_rejected_anonymous_call_retries_after_the_guards_day(clock: FakeClock) -> None:
+    guard = make_guard(clock, anonymous="reject")
+    with pytest.raises(UserRequired) as rejected:
+        guard.begin(call())
+    assert rejected.value.retry_after == 12 * 3600  # the fake clock is at noon UTC
+    clock.advance(6 * 3600)
+    with pytest.raises(UserRequired) as later:
+        guard.exhausted_limit()
+    assert later.value.retry_after == 6 * 3600
+    assert later.value.limit.resets_at.isoformat() == "2026-11-28T00:00:00+00:00"
+
+
 def test_default_user_applies_before_anonymous(clock: FakeClock) -> None:
     guard = make_guard(clock, anonymous="reject")
     guard.default_user_id = "service-account"
@@ -500,6 +512,21 @@ def test_storage_error_policy(clock: FakeClock, policy: str) -> None:
     errors = events_named(logs, "storage_error")
     assert errors
     assert errors[0]["policy"] == policy
+    guard.close()
+
+
+def test_repr_and_storage_errors_mask_a_token_given_as_the_user(clock: FakeClock) -> None:
+    guard = Guard(
+        {"prices": PRICES, "default": [{"max": 1, "per": "day"}], "on_storage_error": "allow"},
+        storage="redis://sekrit-token@127.0.0.1:1/0",  # nothing listens on port 1
+        clock=clock,
+    )
+    assert "sekrit" not in repr(guard)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        guard.begin(call()).release()
+    errors = events_named(logs, "storage_error")
+    assert errors
+    assert errors[0]["storage"] == "redis://***@127.0.0.1:1/0"
     guard.close()
 
 

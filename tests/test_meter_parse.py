@@ -15,18 +15,20 @@ from openai._streaming import SSEDecoder as OpenAISSEDecoder
 
 from payi_guard.fake_provider import DEFAULT_REPLY, FakeProvider, Scripted, ToolCall
 from payi_guard.meter.parse import (
-    ESTIMATE_MARGIN_TOKENS,
     Endpoint,
     ParsedUsage,
     RequestInfo,
-    SSEDecoder,
-    SSEEvent,
-    StreamMeter,
-    StreamUsageTracker,
     classify,
     encode_body,
     inject_include_usage,
     usage_from_response,
+)
+from payi_guard.meter.sse import (
+    ESTIMATE_MARGIN_TOKENS,
+    SSEDecoder,
+    SSEEvent,
+    StreamMeter,
+    StreamUsageTracker,
 )
 from payi_guard.pricing import TokenUsage
 

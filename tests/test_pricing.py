@@ -21,17 +21,14 @@ from hypothesis import strategies as st
 from payi_guard.clock import FakeClock
 from payi_guard.config import PriceOverride, UnknownModelPolicy
 from payi_guard.exceptions import ConfigError, PayiGuardError
+from payi_guard.money import PICO_PER_NANO, cost_usd, nano_to_decimal, per_mtok_to_pico
 from payi_guard.pricing import (
-    PICO_PER_NANO,
     PriceBook,
     RateBand,
     Rates,
     TokenUsage,
     UnknownModel,
     candidate_names,
-    cost_usd,
-    nano_to_decimal,
-    per_mtok_to_pico,
 )
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)

@@ -22,11 +22,18 @@ Entry points (the usual way in is through :class:`payi_guard.Guard`)::
 * :func:`flush_abandoned_streams`: wait for streams the garbage collector found open
   to be settled (they are settled on a background thread).
 
-Modules: :mod:`~payi_guard.meter.parse` (pure parsing of requests, usage and SSE),
-:mod:`~payi_guard.meter.transport` (the guarding transport and stream wrappers),
-:mod:`~payi_guard.meter.refusal` (how refusals reach the caller),
-:mod:`~payi_guard.meter.clients` (installing it), :mod:`~payi_guard.meter.payi_bridge`
-(Pay-i attribution headers).
+Modules, from the pure ones up:
+
+* :mod:`~payi_guard.meter.tokens`: token bounds of a request body (input and output);
+* :mod:`~payi_guard.meter.estimate`: what a request reserves, and its upper-bound cost;
+* :mod:`~payi_guard.meter.parse`: endpoints, request bodies and usage objects;
+* :mod:`~payi_guard.meter.sse`: server-sent events and the usage they report;
+* :mod:`~payi_guard.meter.options`: the options of ``wrap`` / ``instrument``;
+* :mod:`~payi_guard.meter.refusal`: how refusals reach the caller;
+* :mod:`~payi_guard.meter.payi_bridge`: Pay-i attribution headers;
+* :mod:`~payi_guard.meter.streams`: metered response streams, settled exactly once;
+* :mod:`~payi_guard.meter.transport`: the guarding transport;
+* :mod:`~payi_guard.meter.clients`: installing it (``wrap``, ``instrument``).
 
 Streams: chat and legacy completions streams are sent with
 ``stream_options.include_usage`` (when the caller did not ask for it, the extra
@@ -41,7 +48,7 @@ request's estimate) plus the output received, counted from its text plus a margi
 from __future__ import annotations
 
 from payi_guard.meter.clients import guarded_by, instrument, is_guarded, uninstrument, wrap
-from payi_guard.meter.transport import flush_abandoned_streams
+from payi_guard.meter.streams import flush_abandoned_streams
 
 __all__ = [
     "flush_abandoned_streams",

@@ -25,9 +25,10 @@ from typing import Any, Final
 
 from payi_guard.engine import Guard
 from payi_guard.exceptions import MissingDependency
+from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.refusal import install_status_error_hook, remove_status_error_hook
-from payi_guard.meter.transport import MeterOptions, TransportMeter, transport_classes
+from payi_guard.meter.transport import TransportMeter, transport_classes
 
 __all__ = ["guarded_by", "instrument", "is_guarded", "uninstrument", "wrap"]
 

@@ -1,4 +1,4 @@
-"""Pure parsing of GenAI HTTP traffic: endpoints, request bodies, usage, SSE streams.
+"""Pure parsing of GenAI HTTP traffic: endpoints, request bodies, usage objects.
 
 Nothing here does I/O. The guarding transport uses these pieces in this order:
 
@@ -8,11 +8,8 @@ Nothing here does I/O. The guarding transport uses these pieces in this order:
    cap. A body that is not JSON gives ``None`` and is passed through byte for byte.
 3. :func:`inject_include_usage` asks an OpenAI chat (or legacy completions) stream for
    its final usage chunk; :func:`encode_body` serialises the changed body.
-4. A plain response goes to :func:`usage_from_response`. A stream goes through a
-   :class:`StreamMeter`: an incremental :class:`SSEDecoder` that keeps every event's raw
-   bytes, and a :class:`StreamUsageTracker` that reads usage from the events and says
-   which events to forward. The client receives the original bytes unchanged, minus only
-   the usage-only chunk the guard itself caused.
+4. A plain response goes to :func:`usage_from_response`; a stream to
+   :mod:`payi_guard.meter.streams`, which reads the same usage objects.
 
 Token counts follow one convention whatever the provider (:class:`ParsedUsage`):
 ``input_tokens`` excludes cache reads and cache writes, ``output_tokens`` includes
@@ -22,51 +19,29 @@ reasoning tokens.
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Final, TypeAlias
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
 from urllib.parse import unquote
 
-from payi_guard.pricing import Endpoint as _PricedEndpoint
+from payi_guard.meter.tokens import EndpointKind, request_output_cap
 from payi_guard.pricing import TokenUsage
 
 __all__ = [
-    "ESTIMATE_BYTES_PER_TOKEN",
-    "ESTIMATE_MARGIN_TOKENS",
     "Endpoint",
     "EndpointKind",
     "ParsedUsage",
     "RequestInfo",
-    "SSEDecoder",
-    "SSEEvent",
-    "StreamError",
-    "StreamMeter",
-    "StreamUsageTracker",
+    "anthropic_usage",
     "classify",
     "encode_body",
     "inject_include_usage",
+    "openai_usage",
+    "responses_usage",
     "usage_from_response",
 ]
 
-EndpointKind: TypeAlias = _PricedEndpoint
-"""``"chat"``, ``"responses"``, ``"embeddings"``, ``"completions"`` or
-``"anthropic_messages"``: the request kinds :mod:`payi_guard.pricing` estimates."""
-
-ESTIMATE_BYTES_PER_TOKEN: Final = 2.5
-"""UTF-8 bytes per token assumed when a stream ends without its usage report.
-
-Real tokenizers average about 4 bytes of English per token, so 2.5 over-counts ordinary
-text; one CJK character is 3 bytes, so it counts as 1.2 tokens, again not under.
-"""
-
-ESTIMATE_MARGIN_TOKENS: Final = 16
-"""Tokens added to every output estimate.
-
-They cover what was generated but never delivered when a stream was cut (tokens in
-flight, stop tokens) and output that carries no text, such as message framing.
-"""
 
 _AZURE_HOST_SUFFIXES: Final = (
     ".openai.azure.com",
@@ -238,7 +213,7 @@ class RequestInfo:
             stream=body.get("stream") is True,
             n=n,
             include_usage=include_usage,
-            max_output_tokens=_max_output_tokens(endpoint.kind, body),
+            max_output_tokens=request_output_cap(endpoint.kind, body),
             body=body,
         )
 
@@ -246,23 +221,6 @@ class RequestInfo:
 def _is_json_type(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
-
-
-def _max_output_tokens(kind: EndpointKind, body: Mapping[str, Any]) -> int | None:
-    names: tuple[str, ...]
-    if kind == "chat":
-        names = ("max_completion_tokens", "max_tokens")
-    elif kind == "responses":
-        names = ("max_output_tokens",)
-    elif kind in ("completions", "anthropic_messages"):
-        names = ("max_tokens",)
-    else:
-        return None
-    for name in names:
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
 
 
 def inject_include_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -374,14 +332,17 @@ def usage_from_response(endpoint: Endpoint, json_obj: object) -> ParsedUsage:
     if not isinstance(usage, Mapping):
         return ParsedUsage()
     if endpoint.kind == "anthropic_messages":
-        return _anthropic_usage(usage, complete=True)
+        return anthropic_usage(usage, complete=True)
     if endpoint.kind == "responses":
-        return _responses_usage(usage)
-    return _openai_usage(usage)
+        return responses_usage(usage)
+    return openai_usage(usage)
 
 
-def _openai_usage(usage: Mapping[str, Any]) -> ParsedUsage:
-    """Chat, legacy completions and embeddings (``prompt_tokens`` style)."""
+def openai_usage(usage: Mapping[str, Any]) -> ParsedUsage:
+    """Read an OpenAI ``usage`` object of chat, legacy completions or embeddings.
+
+    These count ``prompt_tokens`` (cache reads included) and ``completion_tokens``.
+    """
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
     cached = min(prompt, _int(_dig(usage, "prompt_tokens_details", "cached_tokens")))
@@ -395,7 +356,8 @@ def _openai_usage(usage: Mapping[str, Any]) -> ParsedUsage:
     )
 
 
-def _responses_usage(usage: Mapping[str, Any]) -> ParsedUsage:
+def responses_usage(usage: Mapping[str, Any]) -> ParsedUsage:
+    """Read a Responses API ``usage`` object (``input_tokens`` include cache reads)."""
     total_input = _int(usage.get("input_tokens"))
     output = _int(usage.get("output_tokens"))
     cached = min(total_input, _int(_dig(usage, "input_tokens_details", "cached_tokens")))
@@ -409,7 +371,13 @@ def _responses_usage(usage: Mapping[str, Any]) -> ParsedUsage:
     )
 
 
-def _anthropic_usage(usage: Mapping[str, Any], *, complete: bool) -> ParsedUsage:
+def anthropic_usage(usage: Mapping[str, Any], *, complete: bool) -> ParsedUsage:
+    """Read an Anthropic ``usage`` object (its ``input_tokens`` exclude cache tokens).
+
+    Args:
+        usage: the object, or the fields of a stream's events merged so far.
+        complete: whether this is the final usage report.
+    """
     output = _int(usage.get("output_tokens"))
     thinking = _int(_dig(usage, "output_tokens_details", "thinking_tokens"))
     writes = _int(usage.get("cache_creation_input_tokens"))
@@ -446,498 +414,3 @@ def _dig(obj: object, *keys: str) -> object:
             return None
         obj = obj.get(key)
     return obj
-
-
-# ---------------------------------------------------------------------------------------
-# Server-sent events
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
-    r"""One block of a server-sent event stream, with the exact bytes it came from.
-
-    A block ends at a blank line. Blocks that dispatch nothing (a ``: ping`` comment, a
-    stray blank line) are events too, with ``has_data`` false, so that writing every
-    kept event's ``raw`` reproduces the stream byte for byte.
-
-    Attributes:
-        raw: the block's bytes, line terminators and the ending blank line included.
-        event: the ``event:`` field, or ``None``.
-        data: the ``data:`` lines joined with ``\n``.
-        id: the last event id seen so far in the stream (it persists, per the spec).
-        retry: the ``retry:`` field, if any.
-        has_data: whether the block had at least one ``data:`` line (only those are
-            dispatched to a client).
-        complete: false only for the trailing bytes of a stream that ended without a
-            blank line (returned by :meth:`SSEDecoder.finish`).
-    """
-
-    raw: bytes
-    event: str | None = None
-    data: str = ""
-    id: str | None = None
-    retry: int | None = None
-    has_data: bool = False
-    complete: bool = True
-
-    def json(self) -> Any:
-        """Parse ``data`` as JSON (raises ``ValueError`` when it is not JSON)."""
-        return json.loads(self.data)
-
-
-_LINE_END = re.compile(rb"[\r\n]")
-_BOM: Final = "\ufeff"
-
-
-class SSEDecoder:
-    r"""An incremental server-sent events parser that keeps each event's raw bytes.
-
-    Feed it bytes split anywhere (inside a UTF-8 sequence, between ``\r`` and ``\n``):
-    the events are the same whatever the split. Lines end at ``\r\n``, ``\n`` or
-    ``\r`` (WHATWG SSE). A chunk that ends in ``\r`` keeps that line open until the
-    next byte shows whether a ``\n`` follows; this only delays streams that use bare
-    ``\r`` line ends. Bytes are held only until their block ends.
-
-    Example::
-
-        decoder = SSEDecoder()
-        for chunk in response.iter_raw():
-            for event in decoder.feed(chunk):
-                out.write(event.raw)
-        for event in decoder.finish():
-            out.write(event.raw)
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._scan = 0  # bytes of _buf before this offset are parsed lines of the block
-        self._first_line = True
-        self._last_id: str | None = None
-        self._event: str | None = None
-        self._data: list[str] = []
-        self._retry: int | None = None
-
-    def _reset_stream(self) -> None:
-        self._buf = bytearray()
-        self._scan = 0
-        self._first_line = True
-        self._last_id = None
-        self._reset_block()
-
-    def _reset_block(self) -> None:
-        self._event = None
-        self._data = []
-        self._retry = None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned in an event."""
-        return len(self._buf)
-
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
-        """Add bytes and return the events they complete, in order."""
-        if not chunk:
-            return []
-        self._buf += chunk
-        return self._drain(final=False)
-
-    def finish(self) -> list[SSEEvent]:
-        """End the stream: return the last events, then reset the decoder.
-
-        Trailing bytes that no blank line ended come back as one event with
-        ``complete=False`` (a client does not dispatch it, but its bytes still belong to
-        the stream).
-        """
-        events = self._drain(final=True)
-        if self._buf:
-            if self._scan < len(self._buf):
-                self._parse_line(bytes(self._buf[self._scan :]))
-            events.append(self._make_event(bytes(self._buf), complete=False))
-        self._reset_stream()
-        return events
-
-    def _drain(self, *, final: bool) -> list[SSEEvent]:
-        buf = self._buf
-        events: list[SSEEvent] = []
-        start = 0  # where the current block begins
-        scan = self._scan
-        while True:
-            match = _LINE_END.search(buf, scan)
-            if match is None:
-                break
-            end = match.start()
-            width = 1
-            if buf[end] == 0x0D:
-                if end + 1 < len(buf):
-                    width = 2 if buf[end + 1] == 0x0A else 1
-                elif not final:
-                    break  # a "\n" may follow in the next chunk: decide then
-            line = bytes(buf[scan:end])
-            scan = end + width
-            if self._parse_line(line):
-                events.append(self._make_event(bytes(buf[start:scan]), complete=True))
-                start = scan
-        if start:
-            del buf[:start]
-        self._scan = scan - start
-        return events
-
-    def _parse_line(self, raw_line: bytes) -> bool:
-        """Apply one line to the current block; True when it is the blank line ending it."""
-        line = raw_line.decode("utf-8", errors="replace")
-        if self._first_line:
-            self._first_line = False
-            if line.startswith(_BOM):
-                line = line[1:]
-        if not line:
-            return True
-        if line.startswith(":"):
-            return False
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id":
-            if "\0" not in value:
-                self._last_id = value
-        elif name == "retry" and value.isdigit():
-            self._retry = int(value)
-        return False
-
-    def _make_event(self, raw: bytes, *, complete: bool) -> SSEEvent:
-        event = SSEEvent(
-            raw=raw,
-            event=self._event or None,
-            data="\n".join(self._data),
-            id=self._last_id,
-            retry=self._retry,
-            has_data=bool(self._data),
-            complete=complete,
-        )
-        self._reset_block()
-        return event
-
-
-# ---------------------------------------------------------------------------------------
-# Stream usage
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StreamError:
-    """An error the provider reported inside a stream (after a 200 status).
-
-    Attributes:
-        type: the error type (``overloaded_error``, ``server_error``), if given.
-        message: the error message, if given.
-        code: the error code (OpenAI), if given.
-    """
-
-    type: str | None
-    message: str | None
-    code: str | None = None
-
-
-_TERMINAL_RESPONSE_EVENTS: Final = frozenset(
-    {"response.completed", "response.incomplete", "response.failed"}
-)
-
-# Anthropic delta payload keys that carry generated output.
-_ANTHROPIC_DELTA_TEXT_KEYS: Final = ("text", "partial_json", "thinking")
-
-# Chat / legacy completions delta keys that carry generated output. ``reasoning_content``
-# and ``reasoning`` are sent by OpenAI-compatible servers for reasoning models.
-_CHAT_DELTA_TEXT_KEYS: Final = ("content", "refusal", "reasoning_content", "reasoning", "text")
-
-
-class StreamUsageTracker:
-    """Follows a stream event by event: usage, output received, errors, what to drop.
-
-    Feed it every :class:`SSEEvent` of a response with :meth:`observe`; forward an
-    event's raw bytes to the client only when it returns true.
-
-    - Chat / legacy completions: the final usage chunk (``choices: []`` plus ``usage``)
-      is read, and dropped when ``added_include_usage`` says the guard asked for it. A
-      later usage object replaces an earlier one (servers that report running usage).
-    - Responses: the usage of ``response.completed`` / ``response.incomplete`` /
-      ``response.failed`` and that terminal status.
-    - Anthropic: ``message_start`` usage merged with ``message_delta`` usage; a field the
-      later event carries wins, fields it leaves out (cache counts) are kept.
-
-    Args:
-        endpoint: the endpoint the stream came from.
-        added_include_usage: whether the guard added ``stream_options.include_usage``
-            (from :func:`inject_include_usage`).
-    """
-
-    def __init__(self, endpoint: Endpoint, *, added_include_usage: bool = False) -> None:
-        self.endpoint = endpoint
-        self.added_include_usage = added_include_usage
-        self.model: str | None = None
-        """The model the provider names in the stream, once seen."""
-        self.response_id: str | None = None
-        """The provider's id of the response (``chatcmpl-...``, ``resp_...``, ``msg_...``)."""
-        self.status: str | None = None
-        """Terminal state: the Responses status (``completed``, ``incomplete``,
-        ``failed``), Anthropic's ``stop_reason``, or the last chat ``finish_reason``."""
-        self.finished = False
-        """Whether the stream's own end marker arrived (``[DONE]``, ``message_stop``,
-        a terminal Responses event)."""
-        self.errors: list[StreamError] = []
-        """Errors the provider reported inside the stream."""
-        self.output_bytes = 0
-        """UTF-8 bytes of generated text, reasoning and tool arguments received."""
-        self.output_deltas = 0
-        """Number of deltas that carried generated output."""
-        self.events = 0
-        """Number of events with data observed."""
-        self.dropped = 0
-        """Number of events :meth:`observe` said to drop."""
-        self._usage: ParsedUsage | None = None
-        self._anthropic: dict[str, Any] = {}
-        self._input_reported = False
-
-    # -- feeding ------------------------------------------------------------------------
-
-    def observe(self, event: SSEEvent) -> bool:
-        """Take one event into account.
-
-        Args:
-            event: the next event of the stream, from :class:`SSEDecoder`.
-
-        Returns:
-            True if the event's bytes go to the client; false only for the usage-only
-            chunk the guard caused with ``include_usage``.
-        """
-        if not event.has_data:
-            return True
-        self.events += 1
-        data = event.data
-        if data.strip() == "[DONE]":
-            self.finished = True
-            return True
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return True
-        if not isinstance(obj, dict):
-            return True
-        kind = self.endpoint.kind
-        if kind == "anthropic_messages":
-            self._observe_anthropic(event.event, obj)
-            return True
-        if kind == "responses":
-            self._observe_responses(event.event, obj)
-            return True
-        forward = self._observe_chat(obj)
-        if not forward:
-            self.dropped += 1
-        return forward
-
-    def _observe_chat(self, obj: dict[str, Any]) -> bool:
-        error = obj.get("error")
-        if error:
-            self._add_openai_error(error)
-            return True
-        self._note_identity(obj.get("model"), obj.get("id"))
-        usage = obj.get("usage")
-        if isinstance(usage, Mapping):
-            self._usage = _openai_usage(usage)
-            self._input_reported = True
-        choices = obj.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, Mapping):
-                    self._count_chat_choice(choice)
-        # Only the chunk the guard caused is dropped: usage and no choices.
-        return not (self.added_include_usage and isinstance(usage, Mapping) and not choices)
-
-    def _count_chat_choice(self, choice: Mapping[str, Any]) -> None:
-        finish = choice.get("finish_reason")
-        if isinstance(finish, str):
-            self.status = finish
-        delta = choice.get("delta")
-        if not isinstance(delta, Mapping):
-            delta = choice  # legacy completions put ``text`` on the choice itself
-        for key in _CHAT_DELTA_TEXT_KEYS:
-            self._count_text(delta.get(key))
-        tool_calls = delta.get("tool_calls")
-        if isinstance(tool_calls, list):
-            for call in tool_calls:
-                function = call.get("function") if isinstance(call, Mapping) else None
-                if isinstance(function, Mapping):
-                    self._count_text(function.get("arguments"))
-        function_call = delta.get("function_call")
-        if isinstance(function_call, Mapping):
-            self._count_text(function_call.get("arguments"))
-
-    def _observe_responses(self, event_name: str | None, obj: dict[str, Any]) -> None:
-        kind = obj.get("type") if isinstance(obj.get("type"), str) else event_name
-        if not isinstance(kind, str):
-            return
-        response = obj.get("response")
-        if isinstance(response, Mapping):
-            self._note_identity(response.get("model"), response.get("id"))
-        if kind in _TERMINAL_RESPONSE_EVENTS:
-            self.finished = True
-            status = response.get("status") if isinstance(response, Mapping) else None
-            self.status = status if isinstance(status, str) else kind.rsplit(".", 1)[1]
-            usage = response.get("usage") if isinstance(response, Mapping) else None
-            if isinstance(usage, Mapping):
-                self._usage = _responses_usage(usage)
-                self._input_reported = True
-            if kind == "response.failed" and isinstance(response, Mapping):
-                self._add_openai_error(response.get("error") or {"type": "failed"})
-        elif kind == "error":
-            self._add_openai_error(obj)
-        elif kind.endswith(".delta") and "audio" not in kind:
-            self._count_text(obj.get("delta"))
-
-    def _observe_anthropic(self, event_name: str | None, obj: dict[str, Any]) -> None:
-        kind = obj.get("type") if isinstance(obj.get("type"), str) else event_name
-        if kind == "message_start":
-            message = obj.get("message")
-            if isinstance(message, Mapping):
-                self._note_identity(message.get("model"), message.get("id"))
-                self._merge_anthropic(message.get("usage"), final=False)
-        elif kind == "content_block_delta":
-            delta = obj.get("delta")
-            if isinstance(delta, Mapping):
-                for key in _ANTHROPIC_DELTA_TEXT_KEYS:
-                    self._count_text(delta.get(key))
-        elif kind == "content_block_start":
-            block = obj.get("content_block")
-            if isinstance(block, Mapping):
-                self._count_text(block.get("text"))
-        elif kind == "message_delta":
-            delta = obj.get("delta")
-            if isinstance(delta, Mapping) and isinstance(delta.get("stop_reason"), str):
-                self.status = delta["stop_reason"]
-            self._merge_anthropic(obj.get("usage"), final=True)
-        elif kind == "message_stop":
-            self.finished = True
-        elif kind == "error":
-            error = obj.get("error")
-            error = error if isinstance(error, Mapping) else obj
-            self.errors.append(StreamError(_str(error.get("type")), _str(error.get("message"))))
-
-    def _merge_anthropic(self, usage: object, *, final: bool) -> None:
-        if not isinstance(usage, Mapping):
-            return
-        for key, value in usage.items():
-            if value is not None:
-                self._anthropic[key] = value
-        if "input_tokens" in self._anthropic:
-            self._input_reported = True
-        was_complete = self._usage is not None and self._usage.complete
-        complete = (final or was_complete) and self._input_reported
-        self._usage = _anthropic_usage(self._anthropic, complete=complete)
-
-    def _note_identity(self, model: object, response_id: object) -> None:
-        if self.model is None and isinstance(model, str) and model:
-            self.model = model
-        if self.response_id is None and isinstance(response_id, str) and response_id:
-            self.response_id = response_id
-
-    def _add_openai_error(self, error: object) -> None:
-        if not isinstance(error, Mapping):
-            self.errors.append(StreamError(None, _str(error)))
-            return
-        self.errors.append(
-            StreamError(
-                _str(error.get("type")), _str(error.get("message")), _str(error.get("code"))
-            )
-        )
-
-    def _count_text(self, value: object) -> None:
-        if isinstance(value, str) and value:
-            self.output_bytes += len(value.encode("utf-8"))
-            self.output_deltas += 1
-
-    # -- results ------------------------------------------------------------------------
-
-    @property
-    def usage(self) -> ParsedUsage | None:
-        """The usage the provider reported so far (``None`` if none yet).
-
-        ``complete`` is true once the final report arrived: the chat usage chunk, a
-        terminal Responses event with usage, or Anthropic's ``message_delta`` usage
-        after ``message_start``.
-        """
-        return self._usage
-
-    @property
-    def usage_complete(self) -> bool:
-        """Whether the provider's final usage report was seen."""
-        return self._usage is not None and self._usage.complete
-
-    def estimated_output_tokens(self) -> int:
-        """An estimate of the output tokens, for a stream without its final usage.
-
-        ``max(ceil(output_bytes / 2.5), output_deltas) + 16``
-        (:data:`ESTIMATE_BYTES_PER_TOKEN`, :data:`ESTIMATE_MARGIN_TOKENS`), and never
-        below an output count the provider already reported. Reasoning a model never
-        streams (hidden reasoning tokens) cannot be seen and is not in the estimate.
-        """
-        by_bytes = math.ceil(self.output_bytes / ESTIMATE_BYTES_PER_TOKEN)
-        estimate = max(by_bytes, self.output_deltas) + ESTIMATE_MARGIN_TOKENS
-        reported = self._usage.output_tokens if self._usage is not None else 0
-        return max(estimate, reported)
-
-    def best_usage(self, fallback_input_tokens: int) -> ParsedUsage:
-        """The usage to settle with: the provider's report, completed by estimates.
-
-        Args:
-            fallback_input_tokens: the input tokens to charge when the stream never
-                reported them (the transport's estimate from the request body).
-
-        Returns:
-            The reported usage when complete; otherwise the reported input counts (or
-            the fallback) with :meth:`estimated_output_tokens`, ``complete=False``.
-        """
-        usage = self._usage
-        if usage is not None and usage.complete:
-            return usage
-        if usage is not None and self._input_reported:
-            return replace(usage, output_tokens=self.estimated_output_tokens(), complete=False)
-        return ParsedUsage(
-            input_tokens=max(0, fallback_input_tokens),
-            output_tokens=self.estimated_output_tokens(),
-            complete=False,
-        )
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-class StreamMeter:
-    """An :class:`SSEDecoder` and a :class:`StreamUsageTracker` used together.
-
-    :meth:`feed` takes raw response bytes and returns the bytes to hand to the client:
-    every complete event unchanged, minus the usage-only chunk the guard caused. Bytes
-    of an unfinished event are held until it ends.
-
-    Args:
-        endpoint: the endpoint the stream came from.
-        added_include_usage: whether the guard added ``stream_options.include_usage``.
-    """
-
-    def __init__(self, endpoint: Endpoint, *, added_include_usage: bool = False) -> None:
-        self.decoder = SSEDecoder()
-        self.tracker = StreamUsageTracker(endpoint, added_include_usage=added_include_usage)
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Parse ``chunk``; return the bytes of the completed events to forward."""
-        return self._forward(self.decoder.feed(chunk))
-
-    def finish(self) -> bytes:
-        """End the stream; return the remaining bytes to forward."""
-        return self._forward(self.decoder.finish())
-
-    def _forward(self, events: Iterable[SSEEvent]) -> bytes:
-        return b"".join(event.raw for event in events if self.tracker.observe(event))

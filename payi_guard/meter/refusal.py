@@ -6,8 +6,8 @@ client:
 * **OpenAI / Anthropic SDK clients** (wrapped or instrumented). The transport answers
   with a synthesized HTTP response that never left the process: status 429 for a budget
   refusal (:class:`~payi_guard.BudgetExceeded` and its subclass
-  :class:`~payi_guard.engine.UserRequired`), 403 for
-  :class:`~payi_guard.engine.UnknownModelRefused`, 503 for
+  :class:`~payi_guard.UserRequired`), 403 for
+  :class:`~payi_guard.UnknownModelRefused`, 503 for
   :class:`~payi_guard.StorageError` (fail closed), 400 for any other
   :class:`~payi_guard.PayiGuardError` (an undefined ``limit_ids`` entry). Every one
   carries ``x-should-retry: false``, which both SDKs obey before their status-based
@@ -41,8 +41,14 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Final
 
-from payi_guard.engine import UnknownModelRefused, UserRequired
-from payi_guard.exceptions import BudgetExceeded, ConfigError, PayiGuardError, StorageError
+from payi_guard.exceptions import (
+    BudgetExceeded,
+    ConfigError,
+    PayiGuardError,
+    StorageError,
+    UnknownModelRefused,
+    UserRequired,
+)
 
 __all__ = [
     "REFUSAL_EXTENSION",

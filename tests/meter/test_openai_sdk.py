@@ -511,8 +511,9 @@ def test_provider_is_openai_for_api_openai_com_and_can_be_forced(
         client.chat.completions.create(model="gpt-test", messages=PROMPT)
     assert one_call(logs)["provider"] == "openai"
     default = openai.OpenAI(api_key="k")
+    from payi_guard.meter.options import MeterOptions
     from payi_guard.meter.parse import classify
-    from payi_guard.meter.transport import MeterOptions, TransportMeter
+    from payi_guard.meter.transport import TransportMeter
 
     meter = TransportMeter(guard, MeterOptions(), __import__("httpx2"))
     endpoint = classify("POST", "/v1/chat/completions", "api.openai.com")

@@ -20,7 +20,7 @@ from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
 from payi_guard.fake_provider import FakeProvider
 from payi_guard.meter import flush_abandoned_streams
-from payi_guard.pricing import estimate_input_tokens
+from payi_guard.meter.tokens import estimate_input_tokens
 
 PROMPT = user_message("Count slowly from one to ten for me")
 

@@ -1,37 +1,41 @@
-"""Budget configuration: YAML (or a dict) to frozen, validated policy objects.
+"""The budgets file's schema: a document tree validated into a :class:`GuardConfig`.
 
-Money is held as integers in :data:`NANO_USD` units (1e-9 USD) from the moment it is
-parsed: ``max: 1.00`` becomes ``1_000_000_000``. YAML numbers are read from their text and
-Python floats through ``Decimal(str(x))``, never through binary arithmetic, so ``0.1`` is
-exactly 100_000_000; an amount finer than one nano-dollar is an error, not a rounding.
-Requests and tokens are plain counts.
+Money is held as integers in :data:`~payi_guard.money.NANO_USD` units (1e-9 USD) from
+the moment it is parsed: ``max: 1.00`` becomes ``1_000_000_000``. YAML numbers are read
+from their text and Python floats through ``Decimal(str(x))``, never through binary
+arithmetic, so ``0.1`` is exactly 100_000_000; an amount finer than one nano-dollar is an
+error, not a rounding. Requests and tokens are plain counts.
 
 Every mistake fails fast with a :class:`~payi_guard.ConfigError` that names the file,
 the 1-based line, the dotted key (``tiers.pro[1].max``) and what is wrong, with a
 "did you mean" hint for near misses. Unknown keys and duplicate keys are errors.
 
 Entry points: :func:`load_config` (a file), :func:`parse_config` (YAML text or a dict),
-:func:`check_file` (``payi-guard check``), :func:`describe` and
-:func:`config_fingerprint` (for logs and the CLI).
+:func:`check_file` (``payi-guard check``). The values are read with the primitives of
+:mod:`payi_guard.config.reader`.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
 import os
 import re
-import zoneinfo
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from collections.abc import Mapping
+from decimal import Decimal
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from payi_guard._yaml import (
+from payi_guard.config.model import (
+    STORAGE_SCHEMES,
+    AnonymousPolicy,
+    GuardConfig,
+    LimitSpec,
+    PriceOverride,
+    UnknownModelPolicy,
+)
+from payi_guard.config.reader import NodeReader, first_line, kind_of, node_text, one_of, suggest
+from payi_guard.config.yaml_tree import (
     Entry,
     Map,
     Node,
@@ -45,158 +49,9 @@ from payi_guard._yaml import (
 from payi_guard.exceptions import ConfigError, InvalidUserId
 from payi_guard.identity import normalize_user_id
 from payi_guard.usage import Unit
+from payi_guard.windows import PERIODS, Period
 
-__all__ = [
-    "MAX_AMOUNT",
-    "NANO_USD",
-    "PERIODS",
-    "STORAGE_SCHEMES",
-    "AnonymousPolicy",
-    "GuardConfig",
-    "LimitSpec",
-    "Period",
-    "PriceOverride",
-    "UnknownModelPolicy",
-    "check_file",
-    "config_fingerprint",
-    "describe",
-    "load_config",
-    "parse_config",
-    "redact_uri",
-]
-
-NANO_USD = 1_000_000_000
-"""Ledger units per US dollar: money is stored as integer nano-dollars."""
-
-Period = Literal["minute", "hour", "day", "week", "month"]
-PERIODS: tuple[Period, ...] = ("minute", "hour", "day", "week", "month")
-
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-
-@dataclass(frozen=True, slots=True)
-class LimitSpec:
-    """One limit: a maximum of one unit per calendar window.
-
-    Attributes:
-        name: the key under ``limits:`` for a named limit, else ``<scope>:<index>``
-            where ``<index>`` is its position in its list and ``<scope>`` is ``user``
-            (``default``, a tier or a user's own list), ``org``, ``global`` or
-            ``anonymous`` (``user:0``, ``org:1``).
-        unit: ``usd`` (``max:``), ``requests`` or ``tokens``.
-        max: the maximum in ledger units: nano-USD for ``usd``, a count otherwise.
-        per: the calendar window.
-        type: ``block`` refuses calls that could cross ``max``; ``allow`` never refuses
-            and logs ``budget_overrun`` instead.
-        warn_at: fraction of ``max`` (0 < warn_at <= 1) where one ``budget_warning`` per
-            window is logged, or ``None``.
-        timezone: IANA zone the window is aligned to (``UTC`` unless set).
-        line: the line of the YAML file that defined it, when loaded from a file.
-    """
-
-    name: str
-    unit: Unit
-    max: int
-    per: Period
-    type: Literal["block", "allow"] = "block"
-    warn_at: Fraction | None = None
-    timezone: str = "UTC"
-    line: int | None = field(default=None, compare=False)
-
-    @property
-    def blocks(self) -> bool:
-        """True for a hard (``type: block``) limit."""
-        return self.type == "block"
-
-    def max_display(self) -> Decimal | int:
-        """``max`` in user units: ``Decimal`` dollars for money, ``int`` otherwise."""
-        return Decimal(self.max) / NANO_USD if self.unit == "usd" else self.max
-
-
-@dataclass(frozen=True, slots=True)
-class PriceOverride:
-    """A price set in the ``prices:`` section, in USD per million tokens.
-
-    ``cache_read_per_mtok`` and ``cache_write_per_mtok`` default to the input price
-    when ``None``.
-    """
-
-    input_per_mtok: Decimal
-    output_per_mtok: Decimal
-    cache_read_per_mtok: Decimal | None = None
-    cache_write_per_mtok: Decimal | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownModelPolicy:
-    """What to do with a model no price is known for.
-
-    Attributes:
-        action: ``block`` refuses the call, ``allow`` sends it and charges the fallback
-            ``price`` when one is set (else logs the call with ``cost_usd`` unknown-priced
-            and ``outcome`` flagged; never silently $0), ``price`` charges ``price``.
-        price: the fallback price, for ``action == "price"``.
-    """
-
-    action: Literal["block", "allow", "price"] = "block"
-    price: PriceOverride | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AnonymousPolicy:
-    """How calls with no known user are treated.
-
-    Attributes:
-        strategy: ``reject`` (refused; the middleware answers 401), ``shared`` (one
-            anonymous bucket with ``limits``) or ``session`` (each session/device id the
-            app provides is its own bucket with ``limits``).
-        limits: the limits of the anonymous bucket(s).
-    """
-
-    strategy: Literal["reject", "shared", "session"] = "shared"
-    limits: tuple[LimitSpec, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class GuardConfig:
-    """The whole, validated budget policy.
-
-    Attributes:
-        version: the schema version (1).
-        storage: storage URI (``memory://``, ``redis://...``).
-        on_storage_error: ``block`` (fail closed) or ``allow`` when storage fails.
-        unknown_model: the unknown-model policy.
-        prices: price overrides by model name.
-        limits: the named, reusable limits.
-        default: limits of any user not listed under ``users``.
-        tiers: tier name -> limits.
-        users: user id -> limits (tier names already expanded).
-        user_tiers: user id -> tier name, for users assigned a tier.
-        orgs: org id -> limits.
-        global_limits: limits over all users together (the ``global:`` key).
-        anonymous: the anonymous policy.
-        timezone: the default IANA zone windows are aligned to.
-        reservation_ttl: seconds after which an unsettled reservation is dropped.
-        source: the file the config was loaded from, if any.
-    """
-
-    version: int = 1
-    storage: str = "memory://"
-    on_storage_error: Literal["block", "allow"] = "block"
-    unknown_model: UnknownModelPolicy = field(default_factory=UnknownModelPolicy)
-    prices: Mapping[str, PriceOverride] = field(default_factory=lambda: _EMPTY)
-    limits: Mapping[str, LimitSpec] = field(default_factory=lambda: _EMPTY)
-    default: tuple[LimitSpec, ...] = ()
-    tiers: Mapping[str, tuple[LimitSpec, ...]] = field(default_factory=lambda: _EMPTY)
-    users: Mapping[str, tuple[LimitSpec, ...]] = field(default_factory=lambda: _EMPTY)
-    user_tiers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
-    orgs: Mapping[str, tuple[LimitSpec, ...]] = field(default_factory=lambda: _EMPTY)
-    global_limits: tuple[LimitSpec, ...] = ()
-    anonymous: AnonymousPolicy = field(default_factory=AnonymousPolicy)
-    timezone: str = "UTC"
-    reservation_ttl: float = 300.0
-    source: str | None = None
-
+__all__ = ["check_file", "load_config", "parse_config"]
 
 _TOP_KEYS = (
     "version",
@@ -224,46 +79,10 @@ _PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cach
 _ANONYMOUS_KEYS = ("strategy", "limits")
 _LIMIT_TYPES = ("block", "allow")
 _STRATEGIES = ("reject", "shared", "session")
-_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
-STORAGE_SCHEMES: tuple[str, ...] = (
-    "memory",
-    "redis",
-    "rediss",
-    "redis+unix",
-    "redis+sentinel",
-    "redis+cluster",
-    "valkey",
-    "valkeys",
-    "valkey+unix",
-    "valkey+sentinel",
-    "valkey+cluster",
-)
-"""URI schemes accepted for ``storage:`` (``memory://`` or a Redis/Valkey flavour).
 
-TLS for the sentinel and cluster forms is the ``?ssl=true`` option, not an ``s`` scheme.
-"""
-
-_MAX_EXPONENT = 40
-
-MAX_AMOUNT = 2**53 - 1
-"""Largest limit accepted, in ledger units: 2**53 - 1, the largest integer the Redis
-ledger's Lua scripts compare exactly (about $9 million for money)."""
-
-
-def _suggest(word: str, options: Iterable[str]) -> str:
-    """Return ``; did you mean 'x'?`` for the closest option, or ``""``."""
-    by_lower = {option.lower(): option for option in options}
-    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
-    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
-
-
-def _one_of(options: Sequence[str]) -> str:
-    return ", ".join(options)
-
-
-class _Parser:
+class _Parser(NodeReader):
     """Validates a document tree into a :class:`GuardConfig`.
 
     Every check raises :class:`ConfigError` with the line of the offending key or value
@@ -271,154 +90,10 @@ class _Parser:
     """
 
     def __init__(self, source: str | None) -> None:
-        self._source = source
+        super().__init__(source)
         self._timezone = "UTC"
         self._named: dict[str, LimitSpec] = {}
         self._tiers: dict[str, tuple[LimitSpec, ...]] = {}
-
-    # -- errors and primitives -------------------------------------------------------
-
-    def _error(self, message: str, line: int | None, path: str) -> ConfigError:
-        return ConfigError(message, file=self._source, line=line, key=path or None)
-
-    def _fields(self, node: Map, path: str, allowed: Sequence[str], what: str) -> dict[str, Entry]:
-        """Return the entries of ``node`` by key, refusing keys not in ``allowed``."""
-        found: dict[str, Entry] = {}
-        for entry in node.entries:
-            if entry.key not in allowed:
-                hint = _suggest(entry.key, allowed) or f"; {what} keys are: {_one_of(allowed)}"
-                raise self._error(
-                    f"unknown key {entry.key!r}{hint}", entry.line, child_path(path, entry.key)
-                )
-            found[entry.key] = entry
-        return found
-
-    def _map(self, node: Node, path: str, what: str, example: str) -> Map:
-        if isinstance(node, Map):
-            return node
-        raise self._error(f"expected {what}, like {example}; got {_kind(node)}", node.line, path)
-
-    def _word(self, node: Node, path: str, what: str) -> str:
-        """Return a string value: a name, a choice, a URI or a zone."""
-        if isinstance(node, Scalar):
-            if node.text is not None:
-                # YAML: a plain `yes` or `null` is still the word the user typed here.
-                if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
-                    if node.text != "":
-                        return node.text
-                    raise self._error(f"has no value; expected {what}", node.line, path)
-            elif isinstance(node.value, str):
-                return node.value
-        raise self._error(f"expected {what}, got {_kind(node)}", node.line, path)
-
-    def _choice(self, node: Node, path: str, options: Sequence[str], what: str) -> str:
-        word = self._word(node, path, f"one of {_one_of(options)}")
-        if word in options:
-            return word
-        hint = _suggest(word, options) or f"; expected one of {_one_of(options)}"
-        raise self._error(f"unknown {what} {word!r}{hint}", node.line, path)
-
-    def _decimal(self, node: Node, path: str, what: str) -> Decimal:
-        """Read an exact decimal number: from the YAML text, or Decimal(str(x)) in Python."""
-        if not isinstance(node, Scalar) or node.value is None:
-            got = "no value" if isinstance(node, Scalar) else _kind(node)
-            raise self._error(f"expected {what}, got {got}", node.line, path)
-        value = node.value
-        if isinstance(value, bool):
-            raise self._error(f"expected {what}, got a boolean ({node.show()})", node.line, path)
-        try:
-            if isinstance(value, int):
-                number = Decimal(value)
-            elif isinstance(value, Fraction):
-                number = Decimal(value.numerator) / Decimal(value.denominator)
-                if Fraction(number) != value:
-                    raise InvalidOperation
-            elif isinstance(value, Decimal):
-                number = value
-            elif node.text is not None:
-                # A YAML float or a quoted string: parse the digits as written.
-                number = Decimal(node.text.strip().replace("_", ""))
-            elif isinstance(value, float):
-                number = Decimal(repr(value))
-            elif isinstance(value, str):
-                number = Decimal(value.strip())
-            else:
-                raise InvalidOperation
-        except InvalidOperation:
-            raise self._error(f"expected {what}, got {node.show()}", node.line, path) from None
-        if not number.is_finite():
-            raise self._error(f"expected {what}, got {node.show()}", node.line, path)
-        # Exact arithmetic on 1e-999999 would build a million-digit integer: refuse early.
-        if number and not -_MAX_EXPONENT <= number.adjusted() <= _MAX_EXPONENT:
-            raise self._error(f"expected {what}, got {node.show()} (out of range)", node.line, path)
-        return number
-
-    def _usd(self, node: Node, path: str) -> int:
-        """Read a positive USD amount into integer nano-USD, exactly."""
-        amount = self._decimal(node, path, "an amount in USD (like 1.50)")
-        if amount <= 0:
-            raise self._error(f"must be more than 0 USD, got {_node_text(node)}", node.line, path)
-        nano = Fraction(amount) * NANO_USD
-        if nano.denominator != 1:
-            raise self._error(
-                f"{_node_text(node)} USD is more precise than the smallest unit "
-                "(0.000000001 USD, 9 decimal places)",
-                node.line,
-                path,
-            )
-        if nano > MAX_AMOUNT:
-            raise self._error(
-                f"{_node_text(node)} USD is too large (at most {Decimal(MAX_AMOUNT) / NANO_USD})",
-                node.line,
-                path,
-            )
-        return int(nano)
-
-    def _count(self, node: Node, path: str, unit: str) -> int:
-        """Read a positive whole count of requests or tokens."""
-        value = node.value if isinstance(node, Scalar) else None
-        if isinstance(value, bool):
-            raise self._error(
-                f"{unit} must be a positive whole number, got a boolean ({_node_text(node)})",
-                node.line,
-                path,
-            )
-        if not isinstance(value, int):
-            raise self._error(
-                f"{unit} must be a positive whole number, got {_kind(node)}",
-                node.line,
-                path,
-            )
-        if value <= 0:
-            raise self._error(f"{unit} must be more than 0, got {value}", node.line, path)
-        if value > MAX_AMOUNT:
-            raise self._error(f"{unit} is too large (at most {MAX_AMOUNT})", node.line, path)
-        return value
-
-    def _zone(self, node: Node, path: str) -> str:
-        name = self._word(node, path, "an IANA time zone (like Europe/Paris)")
-        if name == "UTC":
-            return name
-        try:
-            zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-            hint = _suggest(name, zoneinfo.available_timezones())
-            raise self._error(
-                f"unknown time zone {name!r}{hint or '; use an IANA name like Europe/Paris'}",
-                node.line,
-                path,
-            ) from None
-        return name
-
-    def _name(self, key: str, line: int | None, path: str, what: str) -> str:
-        if not _NAME.match(key):
-            raise self._error(
-                f"invalid {what} name {key!r}: use letters, digits, '.', '-' and '_' "
-                "(':' is reserved for the names of inline limits)",
-                line,
-                path,
-            )
-        return key
 
     # -- sections --------------------------------------------------------------------
 
@@ -438,7 +113,7 @@ class _Parser:
                 )
             raise self._error(
                 f"the top level must be a mapping of settings (version, storage, limits, ...), "
-                f"not {_kind(root)}{hint}",
+                f"not {kind_of(root)}{hint}",
                 root.line,
                 "",
             )
@@ -449,7 +124,7 @@ class _Parser:
         if (entry := get("version")) is not None:
             value = entry.value
             if not (isinstance(value, Scalar) and type(value.value) is int and value.value == 1):
-                shown = _node_text(value)
+                shown = node_text(value)
                 raise self._error(
                     f"unsupported version {shown}; this payi_guard reads version 1",
                     value.line,
@@ -525,7 +200,7 @@ class _Parser:
         scheme = match.group(1).lower()
         if scheme not in STORAGE_SCHEMES:
             prefixes = [f"{known}://" for known in STORAGE_SCHEMES]
-            hint = _suggest(f"{scheme}://", prefixes) or f"; supported are {_one_of(prefixes)}"
+            hint = suggest(f"{scheme}://", prefixes) or f"; supported are {one_of(prefixes)}"
             raise self._error(
                 f"unsupported storage scheme {scheme + '://'!r}{hint}", node.line, path
             )
@@ -552,7 +227,7 @@ class _Parser:
                 if key in ("input_per_mtok", "output_per_mtok"):
                     raise self._error(
                         f"missing {key!r} (USD per million tokens)",
-                        _first(line, mapping.line),
+                        first_line(line, mapping.line),
                         path,
                     )
                 continue
@@ -560,7 +235,7 @@ class _Parser:
             price = self._decimal(entry.value, key_path, "a price in USD per million tokens")
             if price < 0:
                 raise self._error(
-                    f"a price cannot be negative, got {_node_text(entry.value)}",
+                    f"a price cannot be negative, got {node_text(entry.value)}",
                     entry.value.line,
                     key_path,
                 )
@@ -601,7 +276,7 @@ class _Parser:
 
     def _limit(self, node: Node, path: str, name: str, line: int | None) -> LimitSpec:
         mapping = self._map(node, path, "a limit", "{max: 1.00, per: day}")
-        where = _first(line, mapping.line)
+        where = first_line(line, mapping.line)
         fields = self._fields(mapping, path, _LIMIT_KEYS, "limit")
         units = [(key, unit) for key, unit in _UNITS if key in fields]
         if not units:
@@ -627,7 +302,7 @@ class _Parser:
         per_entry = fields.get("per")
         if per_entry is None:
             raise self._error(
-                f"missing 'per' (one of {_one_of(PERIODS)})", where, child_path(path, "per")
+                f"missing 'per' (one of {one_of(PERIODS)})", where, child_path(path, "per")
             )
         per = self._choice(per_entry.value, child_path(path, "per"), PERIODS, "period")
         limit_type: Literal["block", "allow"] = "block"
@@ -656,7 +331,7 @@ class _Parser:
         if not 0 < value <= 1:
             raise self._error(
                 f"warn_at is a fraction of max: more than 0 and at most 1 (0.8 warns at 80%), "
-                f"got {_node_text(node)}",
+                f"got {node_text(node)}",
                 node.line,
                 path,
             )
@@ -666,7 +341,7 @@ class _Parser:
         seconds = self._decimal(node, path, "a number of seconds")
         if seconds <= 0:
             raise self._error(
-                f"must be more than 0 seconds, got {_node_text(node)}", node.line, path
+                f"must be more than 0 seconds, got {node_text(node)}", node.line, path
             )
         return float(seconds)
 
@@ -688,7 +363,7 @@ class _Parser:
                 hint = f"; write [{node.value}] for a list of one named limit"
             raise self._error(
                 f"expected a list of limits (names or mappings like {{max: 1.00, per: day}}), "
-                f"got {_kind(node)}{hint}",
+                f"got {kind_of(node)}{hint}",
                 node.line,
                 path,
             )
@@ -702,8 +377,8 @@ class _Parser:
             name = self._word(item, item_at, "a limit name or a mapping like {max: 1.00, per: day}")
             spec = self._named.get(name)
             if spec is None:
-                hint = _suggest(name, self._named) or (
-                    f"; named limits are: {_one_of(list(self._named))}"
+                hint = suggest(name, self._named) or (
+                    f"; named limits are: {one_of(list(self._named))}"
                     if self._named
                     else "; define it under 'limits:'"
                 )
@@ -742,12 +417,12 @@ class _Parser:
             what = "a tier name or a list of limits ([] for tracked, never limited)"
             tier = self._word(value, path, what)
             if tier not in self._tiers:
-                hint = _suggest(tier, self._tiers)
+                hint = suggest(tier, self._tiers)
                 if not hint and tier in self._named:
                     hint = f"; {tier!r} is a named limit: write [{tier}] for a list of limits"
                 elif not hint:
                     hint = (
-                        f"; tiers are: {_one_of(list(self._tiers))}"
+                        f"; tiers are: {one_of(list(self._tiers))}"
                         if self._tiers
                         else "; define it under 'tiers:'"
                     )
@@ -805,31 +480,6 @@ _PERIOD_OF: Mapping[str, Period] = MappingProxyType({period: period for period i
 _STRATEGY_OF: Mapping[str, Literal["reject", "shared", "session"]] = MappingProxyType(
     {"reject": "reject", "shared": "shared", "session": "session"}
 )
-
-
-def _kind(node: Node) -> str:
-    """Name the kind of a node for messages: 'a list', 'a mapping', 'the number 5'."""
-    if isinstance(node, Map):
-        return "a mapping"
-    if isinstance(node, Seq):
-        return "a list"
-    value = node.value
-    if value is None:
-        return "no value"
-    if isinstance(value, bool):
-        return f"a boolean ({node.show()})"
-    if isinstance(value, (int, float, Decimal, Fraction)):
-        return f"the number {_node_text(node)}"
-    return f"the string {node.show() if node.text is not None else repr(value)}"
-
-
-def _node_text(node: Node) -> str:
-    """Return a scalar as written (YAML text, or ``str`` of a Python value)."""
-    if isinstance(node, Scalar):
-        if node.text is not None:
-            return node.text
-        return str(node.value)
-    return _kind(node)
 
 
 def parse_config(data: Mapping[str, Any] | str, *, source: str | None = None) -> GuardConfig:
@@ -905,151 +555,3 @@ def check_file(path: str | os.PathLike[str]) -> GuardConfig:
         ConfigError: see :func:`load_config`.
     """
     return load_config(path)
-
-
-def _canonical_price(price: PriceOverride | None) -> object:
-    if price is None:
-        return None
-    return [
-        None if amount is None else str(Fraction(amount))
-        for amount in (
-            price.input_per_mtok,
-            price.output_per_mtok,
-            price.cache_read_per_mtok,
-            price.cache_write_per_mtok,
-        )
-    ]
-
-
-def _canonical_limits(specs: tuple[LimitSpec, ...]) -> object:
-    return [
-        [
-            spec.name,
-            spec.unit,
-            spec.max,
-            spec.per,
-            spec.type,
-            None if spec.warn_at is None else str(spec.warn_at),
-            spec.timezone,
-        ]
-        for spec in specs
-    ]
-
-
-def config_fingerprint(config: GuardConfig) -> str:
-    """Return a short, stable hash of the effective policy (log it on every reload).
-
-    Two configs that enforce the same thing have the same fingerprint, however they were
-    written (key order, ``1.0`` or ``1.00``, a tier or its expanded list, comments); the
-    source file name, line numbers and storage credentials are not part of it.
-
-    Args:
-        config: a validated configuration.
-
-    Returns:
-        16 hexadecimal characters (the start of a SHA-256 digest).
-    """
-    canonical = {
-        "version": config.version,
-        "storage": redact_uri(config.storage),
-        "on_storage_error": config.on_storage_error,
-        "unknown_model": [
-            config.unknown_model.action,
-            _canonical_price(config.unknown_model.price),
-        ],
-        "prices": {model: _canonical_price(price) for model, price in config.prices.items()},
-        "limits": {name: _canonical_limits((spec,)) for name, spec in config.limits.items()},
-        "default": _canonical_limits(config.default),
-        "tiers": {name: _canonical_limits(specs) for name, specs in config.tiers.items()},
-        "users": {user: _canonical_limits(specs) for user, specs in config.users.items()},
-        "user_tiers": dict(config.user_tiers),
-        "orgs": {org: _canonical_limits(specs) for org, specs in config.orgs.items()},
-        "global": _canonical_limits(config.global_limits),
-        "anonymous": [config.anonymous.strategy, _canonical_limits(config.anonymous.limits)],
-        "timezone": config.timezone,
-        "reservation_ttl": repr(config.reservation_ttl),
-    }
-    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def redact_uri(uri: str) -> str:
-    """Return ``uri`` with any password replaced by ``***`` (safe to log or print).
-
-    Args:
-        uri: a storage URI.
-
-    Returns:
-        The same URI, its password (if any) masked.
-    """
-    try:
-        parts = urlsplit(uri)
-        password = parts.password
-    except ValueError:
-        return uri
-    if not password:
-        return uri
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _describe_unknown(policy: UnknownModelPolicy) -> str:
-    price = policy.price
-    if price is None:
-        return policy.action
-    return (
-        f"{policy.action} (input {price.input_per_mtok}, output {price.output_per_mtok} "
-        "USD per million tokens)"
-    )
-
-
-def _count_of(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def describe(config: GuardConfig, *, verbose: bool = False) -> str:
-    """Summarise a configuration (printed by ``payi-guard check`` on success).
-
-    Args:
-        config: a validated configuration.
-        verbose: add lines for the default and anonymous limits, the unknown-model
-            policy and the storage (its password masked).
-
-    Returns:
-        One line with the counts of named limits, tiers, users, orgs, global limits and
-        price overrides and the :func:`config_fingerprint`; more lines when ``verbose``.
-    """
-    counts = ", ".join(
-        (
-            _count_of(len(config.limits), "named limit"),
-            _count_of(len(config.tiers), "tier"),
-            _count_of(len(config.users), "user"),
-            _count_of(len(config.orgs), "org"),
-            _count_of(len(config.global_limits), "global limit"),
-            _count_of(len(config.prices), "price override"),
-        )
-    )
-    summary = f"{counts}; fingerprint {config_fingerprint(config)}"
-    if not verbose:
-        return summary
-
-    def names(specs: tuple[LimitSpec, ...]) -> str:
-        return ", ".join(spec.name for spec in specs) if specs else "none"
-
-    anonymous = config.anonymous
-    detail = "" if anonymous.strategy == "reject" else f" ({names(anonymous.limits)})"
-    return "\n".join(
-        (
-            summary,
-            f"default limits: {names(config.default)}",
-            f"anonymous: {anonymous.strategy}{detail}",
-            f"unknown models: {_describe_unknown(config.unknown_model)}",
-            f"storage: {redact_uri(config.storage)} (on error: {config.on_storage_error})",
-        )
-    )
-
-
-def _first(*lines: int | None) -> int | None:
-    """Return the first known line."""
-    return next((line for line in lines if line is not None), None)

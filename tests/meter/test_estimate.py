@@ -27,7 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from payi_guard.clock import FakeClock
-from payi_guard.pricing import (
+from payi_guard.meter.estimate import estimate_cost
+from payi_guard.meter.tokens import (
     ANTHROPIC_BUILTIN_TOOL_TOKENS,
     ANTHROPIC_TOOLS_OVERHEAD_TOKENS,
     DEFAULT_FILE_TOKENS,
@@ -36,13 +37,13 @@ from payi_guard.pricing import (
     MESSAGE_OVERHEAD_TOKENS,
     OPENAI_TOOLS_OVERHEAD_TOKENS,
     REQUEST_OVERHEAD_TOKENS,
-    PriceBook,
     estimate_input_tokens,
     image_token_bound,
     max_output_tokens,
     model_output_cap,
     text_token_bound,
 )
+from payi_guard.pricing import PriceBook
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ENCODINGS = ("cl100k_base", "o200k_base")
@@ -452,7 +453,7 @@ def _book() -> PriceBook:
 def test_estimate_cost_by_hand() -> None:
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
     body["n"] = 2
-    estimate = _book().estimate_cost("gpt-4o", "openai", body, "chat")
+    estimate = estimate_cost(_book(), "gpt-4o", "openai", body, "chat")
     assert estimate.output_tokens == 200
     assert estimate.input_tokens == estimate_input_tokens(body, endpoint="chat")
     # $2.50 in (cache writes are plain input on OpenAI), $10 out per million tokens
@@ -464,9 +465,9 @@ def test_estimate_cost_by_hand() -> None:
 def test_estimate_cost_uses_the_service_tier() -> None:
     body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
     book = _book()
-    standard = book.estimate_cost("gpt-4o", "openai", body, "chat")
-    auto = book.estimate_cost("gpt-4o", "openai", {**body, "service_tier": "auto"}, "chat")
-    priority = book.estimate_cost("gpt-4o", "openai", {**body, "service_tier": "priority"}, "chat")
+    standard = estimate_cost(book, "gpt-4o", "openai", body, "chat")
+    auto = estimate_cost(book, "gpt-4o", "openai", {**body, "service_tier": "auto"}, "chat")
+    priority = estimate_cost(book, "gpt-4o", "openai", {**body, "service_tier": "priority"}, "chat")
     assert standard.nano == auto.nano < priority.nano
 
 
@@ -476,10 +477,10 @@ def test_anthropic_estimate_prices_cache_writes_only_when_asked() -> None:
         "max_tokens": 10,
     }
     book = _book()
-    plain = book.estimate_cost("claude-opus-4-1", "anthropic", body, "anthropic_messages")
+    plain = estimate_cost(book, "claude-opus-4-1", "anthropic", body, "anthropic_messages")
     assert plain.nano == -(-(plain.input_tokens * 15_000_000 + 10 * 75_000_000) // 1_000)
     cached_body = {**body, "system": [{"type": "text", "text": "x", "cache_control": {}}]}
-    cached = book.estimate_cost("claude-opus-4-1", "anthropic", cached_body, "anthropic_messages")
+    cached = estimate_cost(book, "claude-opus-4-1", "anthropic", cached_body, "anthropic_messages")
     # the highest cache-write rate ($30 for 1-hour writes) bounds every input token
     expected = -(-(cached.input_tokens * 30_000_000 + 10 * 75_000_000) // 1_000)
     assert cached.nano == expected
@@ -488,9 +489,9 @@ def test_anthropic_estimate_prices_cache_writes_only_when_asked() -> None:
 def test_estimate_cost_bounds_a_tiered_model_by_its_input() -> None:
     book = _book()
     short = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
-    small = book.estimate_cost("claude-sonnet-4-5", "anthropic", short, "anthropic_messages")
+    small = estimate_cost(book, "claude-sonnet-4-5", "anthropic", short, "anthropic_messages")
     assert small.nano == -(-(small.input_tokens * 3_000_000 + 10 * 15_000_000) // 1_000)
     long = {"messages": [{"role": "user", "content": "word " * 200_000}], "max_tokens": 10}
-    big = book.estimate_cost("claude-sonnet-4-5", "anthropic", long, "anthropic_messages")
+    big = estimate_cost(book, "claude-sonnet-4-5", "anthropic", long, "anthropic_messages")
     assert big.input_tokens > 200_000
     assert big.nano == -(-(big.input_tokens * 6_000_000 + 10 * 22_500_000) // 1_000)

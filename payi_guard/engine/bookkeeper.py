@@ -1,0 +1,372 @@
+"""The books of the guard: plans carried through the ledger, and what happened, logged.
+
+A :class:`Bookkeeper` reserves a plan (after the local spent-cache check), commits a
+call's actual cost or releases it, all under the ``on_storage_error`` policy; it refuses
+over-budget calls (``budget_exceeded``), remembers spent counters, and writes the
+threshold events (``budget_warning``, ``budget_overrun``) and the ``genai_call`` line.
+The guard plans; reservations and manual events go through the bookkeeper to settle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from payi_guard import log as events
+from payi_guard.clock import Clock
+from payi_guard.config import GuardConfig
+from payi_guard.engine.calls import CallRecord
+from payi_guard.engine.plan import Counter, Plan, amounts_by_counter, limit_usage
+from payi_guard.engine.policy import BoundLimit
+from payi_guard.engine.spent import Spent, SpentCache
+from payi_guard.engine.storage import Storage
+from payi_guard.exceptions import BudgetExceeded, StorageError
+from payi_guard.ledger.base import Charge, CounterState, ReserveResult
+from payi_guard.money import cost_usd, log_amount, parse_usd
+from payi_guard.pricing import TokenUsage
+
+__all__ = ["Bookkeeper"]
+
+CounterStates = tuple[CounterState, ...]
+
+
+class Bookkeeper:
+    """Reserves, commits and releases plans in the ledger, and logs every outcome.
+
+    Args:
+        storage: the ledgers.
+        clock: the time source.
+        spent: the cache of counters known to be spent.
+        config: returns the config in effect (its ``on_storage_error`` decides failures).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        clock: Clock,
+        spent: SpentCache,
+        config: Callable[[], GuardConfig],
+    ) -> None:
+        self.storage = storage
+        self.clock = clock
+        self._spent = spent
+        self._config = config
+        self._log = events.get_logger()
+
+    # -- reserving ---------------------------------------------------------------------------
+
+    def reserve(self, plan: Plan) -> bool:
+        """Reserve a plan's charges; return whether the ledger holds them.
+
+        Raises:
+            BudgetExceeded: a block limit could be crossed; nothing was reserved.
+            StorageError: storage failed and ``on_storage_error`` is ``block``.
+        """
+        self._check_spent(plan)
+        if not plan.charges:
+            return True
+        ttl = plan.policy.config.reservation_ttl
+        try:
+            result = self.storage.ledger.reserve(
+                plan.reservation_id, plan.charges, now=plan.now, ttl=ttl
+            )
+        except Exception as exc:
+            return self._held_after_failure(plan, exc)
+        self._interpret_reserve(plan, result)
+        return True
+
+    async def areserve(self, plan: Plan) -> bool:
+        """Async :meth:`reserve`: never blocks the event loop."""
+        self._check_spent(plan)
+        if not plan.charges:
+            return True
+        ttl = plan.policy.config.reservation_ttl
+        try:
+            result = await self.storage.async_ledger.reserve(
+                plan.reservation_id, plan.charges, now=plan.now, ttl=ttl
+            )
+        except Exception as exc:
+            return self._held_after_failure(plan, exc)
+        self._interpret_reserve(plan, result)
+        return True
+
+    def _check_spent(self, plan: Plan) -> None:
+        """Refuse without a round trip when a counter is known to be spent for its window."""
+        if not len(self._spent):
+            return
+        now = plan.now
+        for counter, charge in zip(plan.counters, plan.charges, strict=True):
+            if charge.max is None:
+                continue
+            spent = self._spent.get(counter.key, now)
+            if spent is not None and spent.settled + charge.amount > charge.max:
+                state = CounterState(settled=spent.settled, pending=0)
+                self._refuse(plan, counter, state, charge.amount)
+
+    def _interpret_reserve(self, plan: Plan, result: ReserveResult) -> None:
+        if result.ok:
+            return
+        index = result.refused if result.refused is not None else 0
+        counter = plan.counters[index]
+        state = result.states[index]
+        self._remember_spent(counter, state)
+        self._refuse(plan, counter, state, plan.charges[index].amount)
+
+    def _remember_spent(self, counter: Counter, state: CounterState) -> None:
+        limit = counter.enforced_max
+        if limit is not None and state.settled >= limit:
+            self._spent.add(counter.key, Spent(float(counter.window.end), state.settled, counter))
+
+    def _refuse(self, plan: Plan, counter: Counter, state: CounterState, needed: int) -> None:
+        bound = counter.refusing_limit()
+        usage = limit_usage(bound, counter.window, state)
+        self._log.warning(
+            events.BUDGET_EXCEEDED,
+            user_id=plan.subject.user_id,
+            org_id=plan.subject.org_id,
+            limit=bound.spec.name,
+            scope=bound.scope,
+            unit=bound.spec.unit,
+            used=log_amount(bound.spec.unit, state.used),
+            max=log_amount(bound.spec.unit, bound.spec.max),
+            needed=log_amount(bound.spec.unit, needed),
+            resets_at=counter.window.resets_at.isoformat(),
+            model=plan.call.model,
+            request_id=plan.attribution.request_id,
+        )
+        retry_after = max(1.0, counter.window.end - plan.now)
+        raise BudgetExceeded(plan.subject.user_id, usage, retry_after)
+
+    # -- storage failures ----------------------------------------------------------------------
+
+    def _storage_failed(self, op: str, exc: BaseException, plan: Plan) -> None:
+        self._log.error(
+            events.STORAGE_ERROR,
+            op=op,
+            error=str(exc),
+            error_type=type(exc).__name__,
+            policy=self._config().on_storage_error,
+            user_id=plan.subject.user_id,
+            storage=self.storage.shown,
+        )
+
+    def _held_after_failure(self, plan: Plan, exc: BaseException) -> bool:
+        self._storage_failed("reserve", exc, plan)
+        if self._config().on_storage_error == "block":
+            if isinstance(exc, StorageError):
+                raise exc
+            raise StorageError(f"storage failed during reserve: {exc}") from exc
+        return False
+
+    # -- settling ------------------------------------------------------------------------------
+
+    def amounts(self, plan: Plan, usage: TokenUsage) -> tuple[list[int], int, bool]:
+        """What ``usage`` adds to each counter, its cost, and whether it was priced."""
+        priced = plan.rates is not None
+        cost = 0
+        if plan.rates is not None:
+            cost = plan.policy.prices.cost_with(plan.rates, usage)
+        return amounts_by_counter(plan.counters, cost, usage.total_tokens), cost, priced
+
+    def record_amounts(
+        self, plan: Plan, usage: TokenUsage, dollars: object
+    ) -> tuple[list[int], int, bool]:
+        """:meth:`amounts` of a manual event, whose cost may be given in ``dollars``.
+
+        Raises:
+            ValueError: ``dollars`` is negative or not a number.
+        """
+        if dollars is None:
+            amounts, cost, priced = self.amounts(plan, usage)
+            if not priced:
+                self._log.warning(
+                    "unknown_model",
+                    model=plan.call.model,
+                    provider=plan.call.provider,
+                    user_id=plan.subject.user_id,
+                    detail="recorded without a USD cost: no price is known for this model",
+                )
+            return amounts, cost, priced
+        cost = parse_usd(dollars)
+        return amounts_by_counter(plan.counters, cost, usage.total_tokens), cost, True
+
+    def _actual_charges(self, plan: Plan, amounts: Sequence[int]) -> list[Charge]:
+        return [
+            Charge(key=ch.key, amount=amount, max=None, expires_at=ch.expires_at)
+            for ch, amount in zip(plan.charges, amounts, strict=True)
+        ]
+
+    def commit(self, plan: Plan, amounts: Sequence[int]) -> CounterStates | None:
+        """Commit the actual amounts; return the counters' states, ``None`` on failure."""
+        if not plan.charges:
+            return ()
+        try:
+            return self.storage.ledger.commit(
+                plan.reservation_id, self._actual_charges(plan, amounts), now=self.clock.now()
+            )
+        except Exception as exc:
+            self._storage_failed("commit", exc, plan)
+            return None
+
+    async def acommit(self, plan: Plan, amounts: Sequence[int]) -> CounterStates | None:
+        """Async :meth:`commit`."""
+        if not plan.charges:
+            return ()
+        try:
+            return await self.storage.async_ledger.commit(
+                plan.reservation_id, self._actual_charges(plan, amounts), now=self.clock.now()
+            )
+        except Exception as exc:
+            self._storage_failed("commit", exc, plan)
+            return None
+
+    def release(self, plan: Plan, held: bool) -> bool:
+        """Release a reservation; return False when the storage failed (logged)."""
+        if not plan.charges or not held:
+            return True
+        try:
+            self.storage.ledger.release(
+                plan.reservation_id, [c.key for c in plan.charges], now=self.clock.now()
+            )
+        except Exception as exc:
+            self._storage_failed("release", exc, plan)
+            return False
+        return True
+
+    async def arelease(self, plan: Plan, held: bool) -> bool:
+        """Async :meth:`release`."""
+        if not plan.charges or not held:
+            return True
+        try:
+            await self.storage.async_ledger.release(
+                plan.reservation_id, [c.key for c in plan.charges], now=self.clock.now()
+            )
+        except Exception as exc:
+            self._storage_failed("release", exc, plan)
+            return False
+        return True
+
+    # -- records and what they log ---------------------------------------------------------------
+
+    def record_of(
+        self,
+        plan: Plan,
+        usage: TokenUsage | None,
+        cost: int,
+        priced: bool,
+        outcome: str,
+        started: float,
+    ) -> CallRecord:
+        """The record of a call settled (or released) now, reserved at ``started``."""
+        latency_ms = (self.clock.monotonic() - started) * 1000.0
+        return CallRecord(
+            user_id=plan.subject.user_id,
+            org_id=plan.subject.org_id,
+            model=plan.call.model,
+            provider=plan.call.provider,
+            usage=usage,
+            cost_nano=cost,
+            reserved_nano=plan.estimate_nano,
+            outcome=outcome,
+            latency_ms=round(latency_ms, 3),
+            stream=plan.call.stream,
+            priced=priced,
+        )
+
+    def recorded(
+        self,
+        plan: Plan,
+        usage: TokenUsage,
+        cost: int,
+        priced: bool,
+        states: CounterStates | None,
+        amounts: list[int],
+    ) -> CallRecord:
+        """Log a committed manual event (thresholds, ``genai_call``) and return its record."""
+        record = self.record_of(plan, usage, cost, priced, "recorded", self.clock.monotonic())
+        self.after_commit(plan, record, states, amounts)
+        return record
+
+    def after_commit(
+        self,
+        plan: Plan,
+        record: CallRecord,
+        states: CounterStates | None,
+        amounts: Sequence[int] | None,
+    ) -> None:
+        """Log what a commit (or release) caused: thresholds crossed, the call itself."""
+        if states and amounts is not None:
+            for counter, state, amount in zip(plan.counters, states, amounts, strict=True):
+                self._threshold_events(plan, counter, state, amount)
+                self._remember_spent(counter, state)
+        self._log_call(plan, record, ledger_ok=states is not None)
+
+    def _threshold_events(
+        self, plan: Plan, counter: Counter, state: CounterState, amount: int
+    ) -> None:
+        after = state.settled
+        before = after - amount
+        if amount <= 0:
+            return
+        for bound in counter.limits:
+            spec = bound.spec
+            if spec.warn_at is not None:
+                threshold_num = spec.max * spec.warn_at.numerator
+                den = spec.warn_at.denominator
+                # The one commit that moves the settled total across the threshold logs
+                # it; settled totals only grow, so that is once per window, fleet-wide.
+                if before * den < threshold_num <= after * den:
+                    self._threshold_log(events.BUDGET_WARNING, plan, bound, counter, after)
+            if before <= spec.max < after:
+                self._threshold_log(events.BUDGET_OVERRUN, plan, bound, counter, after)
+
+    def _threshold_log(
+        self, event: str, plan: Plan, bound: BoundLimit, counter: Counter, used: int
+    ) -> None:
+        spec = bound.spec
+        self._log.warning(
+            event,
+            user_id=plan.subject.user_id,
+            org_id=plan.subject.org_id,
+            limit=spec.name,
+            scope=bound.scope,
+            unit=spec.unit,
+            type=spec.type,
+            used=log_amount(spec.unit, used),
+            max=log_amount(spec.unit, spec.max),
+            resets_at=counter.window.resets_at.isoformat(),
+            request_id=plan.attribution.request_id,
+        )
+
+    def _log_call(self, plan: Plan, record: CallRecord, *, ledger_ok: bool) -> None:
+        usage = record.usage
+        attribution = plan.attribution
+        fields: dict[str, Any] = {
+            "user_id": record.user_id,
+            "org_id": record.org_id,
+            "account_name": attribution.account_name,
+            "use_case_name": attribution.use_case_name,
+            "limit_ids": list(attribution.limit_ids),
+            "model": record.model,
+            "provider": record.provider,
+            "endpoint": plan.call.endpoint,
+            "input_tokens": usage.input_tokens if usage else 0,
+            "output_tokens": usage.output_tokens if usage else 0,
+            "cache_read_tokens": usage.cache_read_tokens if usage else 0,
+            "cache_write_tokens": usage.cache_write_tokens if usage else 0,
+            "cost_usd": cost_usd(record.cost_nano),
+            "reserved_usd": cost_usd(record.reserved_nano),
+            "latency_ms": record.latency_ms,
+            "stream": record.stream,
+            "outcome": record.outcome,
+            "request_id": attribution.request_id,
+        }
+        if attribution.use_case_id is not None:
+            fields["use_case_id"] = attribution.use_case_id
+        if not record.priced:
+            fields["priced"] = False
+        if not ledger_ok:
+            fields["ledger"] = "failed"
+        if record.cost_nano > record.reserved_nano and record.outcome != "recorded":
+            fields["under_estimated_usd"] = cost_usd(record.cost_nano - record.reserved_nano)
+        self._log.info(events.GENAI_CALL, **fields)

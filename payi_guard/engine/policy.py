@@ -1,0 +1,242 @@
+"""Who a call is charged to, and which limits apply to them.
+
+:class:`Subjects` turns the attribution in effect into a :class:`Subject` (the user
+charged, the org a composite id rolls up to, pseudonyms where configured, the anonymous
+bucket where no user is known). :class:`Policy` holds everything derived from one
+config and resolves a subject's limits: the user's own entry, else their tier, else
+``default``; the org's; ``global``; and ``limit_ids`` as shared counters. A reload swaps
+the whole :class:`Policy` at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import cachetools
+
+from payi_guard.clock import Clock
+from payi_guard.config import AnonymousPolicy, GuardConfig, LimitSpec
+from payi_guard.context import Attribution, current_request
+from payi_guard.exceptions import ConfigError, InvalidUserId, UserRequired
+from payi_guard.identity import Pseudonymizer, normalize_user_id, org_of
+from payi_guard.ledger.keys import owner_tag
+from payi_guard.pricing import PriceBook
+from payi_guard.usage import LimitUsage, Scope
+from payi_guard.windows import WindowCache
+
+__all__ = ["ANONYMOUS_USER", "BoundLimit", "Policy", "Subject", "Subjects"]
+
+ANONYMOUS_USER = "anonymous"
+"""The user id that calls with no known user are charged to (``shared`` strategy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BoundLimit:
+    """A limit as it applies to one owner: whose counter, which scope."""
+
+    spec: LimitSpec
+    scope: Scope
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who a call is charged to.
+
+    Attributes:
+        user_id: the id charged and logged (the pseudonym when pseudonymisation is on).
+        org_id: the org charged and logged, for composite ids.
+        policy_user: the real user id, used to look up the user's limits.
+        policy_org: the real org id, used to look up the org's limits.
+        anonymous: True when no user was known.
+    """
+
+    user_id: str
+    org_id: str | None
+    policy_user: str | None
+    policy_org: str | None
+    anonymous: bool = False
+
+    def owner_tags(self, limit_ids: Iterable[str]) -> list[str]:
+        """The hash tags of every owner a call of this subject with ``limit_ids`` charges."""
+        tags = [owner_tag("anonymous" if self.anonymous else "user", self.user_id)]
+        tags.append(owner_tag("global", "*"))
+        if self.org_id is not None:
+            tags.append(owner_tag("org", self.org_id))
+        tags.extend(owner_tag("limit_id", limit_id) for limit_id in limit_ids)
+        return tags
+
+
+class Subjects:
+    """Resolves who is charged: user ids to :class:`Subject` objects, cached.
+
+    Args:
+        pseudonymizer: replaces user ids in counters and logs, if set.
+        cache_size: how many users' subjects are kept.
+        clock: the time source (a refused anonymous call's ``retry_after``).
+        windows: the shared window cache.
+    """
+
+    def __init__(
+        self,
+        pseudonymizer: Pseudonymizer | None,
+        cache_size: int,
+        clock: Clock,
+        windows: WindowCache,
+    ) -> None:
+        self._pseudonymizer = pseudonymizer
+        self._cache_size = cache_size
+        self._clock = clock
+        self._windows = windows
+        # user id -> Subject; plain dict reads and writes are atomic, and a Subject depends
+        # only on the id and the pseudonymizer, so no lock and no invalidation are needed.
+        self._subjects: dict[str, Subject] = {}
+
+    def for_call(
+        self, attribution: Attribution, default_user: str | None, anonymous: AnonymousPolicy
+    ) -> Subject:
+        """Return who a call made with ``attribution`` is charged to.
+
+        Raises:
+            UserRequired: no user is known and the anonymous strategy is ``reject``.
+        """
+        user = attribution.user_id or default_user
+        if user is not None:
+            return self.of(user)
+        if anonymous.strategy == "reject":
+            raise self._user_required()
+        anon_id = ANONYMOUS_USER
+        if anonymous.strategy == "session":
+            scope = current_request()
+            session = scope.extra.get("session_id") if scope is not None else None
+            if session is not None:
+                try:
+                    anon_id = normalize_user_id(f"{ANONYMOUS_USER}:{session}")
+                except InvalidUserId:
+                    anon_id = ANONYMOUS_USER
+        return Subject(anon_id, None, None, None, anonymous=True)
+
+    def of(self, user: str) -> Subject:
+        """Return the subject of a validated user id."""
+        subject = self._subjects.get(user)
+        if subject is not None:
+            return subject
+        org = org_of(user)
+        if self._pseudonymizer is None:
+            subject = Subject(user, org, user, org)
+        else:
+            charged = self._pseudonymizer(user)
+            subject = Subject(charged, org_of(charged), user, org)
+        if len(self._subjects) >= self._cache_size:
+            self._subjects.clear()  # bounded; rebuilt from hot users in microseconds
+        self._subjects[user] = subject
+        return subject
+
+    def by_id(self, user_id: str) -> Subject:
+        """Return the subject a validated id names.
+
+        ``anonymous`` (and ``anonymous:<session>``) is the anonymous bucket, as the users
+        page and :meth:`~payi_guard.Guard.usage` show it.
+        """
+        if user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":"):
+            return Subject(user_id, None, None, None, anonymous=True)
+        return self.of(user_id)
+
+    def _user_required(self) -> UserRequired:
+        now = self._clock.now()
+        window = self._windows.get("day", "UTC", now)
+        usage = LimitUsage(
+            name="anonymous:reject",
+            scope="anonymous",
+            unit="requests",
+            used=0,
+            max=0,
+            remaining=0,
+            resets_at=window.resets_at,
+            state="exceeded",
+            type="block",
+            counter=ANONYMOUS_USER,
+        )
+        return UserRequired(ANONYMOUS_USER, usage, window.end - now, message=None)
+
+
+class Policy:
+    """Everything derived from one config; swapped as a whole on reload.
+
+    Args:
+        config: the validated config.
+        cache_size: how many subjects' resolved limits are cached.
+        clock: the time source of the price book.
+
+    Attributes:
+        config: the config.
+        prices: its price book.
+    """
+
+    def __init__(self, config: GuardConfig, cache_size: int, clock: Clock) -> None:
+        self.config = config
+        self.prices = PriceBook(config.prices, config.unknown_model, clock=clock)
+        self._lock = threading.Lock()
+        self._policies: cachetools.LRUCache[
+            tuple[str, str | None, bool, str], tuple[BoundLimit, ...]
+        ]
+        self._policies = cachetools.LRUCache(maxsize=cache_size)
+
+    def limits_for(self, subject: Subject) -> tuple[BoundLimit, ...]:
+        """The limits of a subject: its own (or tier's or default), its org's, global."""
+        key = (subject.user_id, subject.policy_user, subject.anonymous, subject.org_id or "")
+        with self._lock:
+            cached = self._policies.get(key)
+        if cached is not None:
+            return cached
+        resolved = self._resolve(subject)
+        with self._lock:
+            self._policies[key] = resolved
+        return resolved
+
+    def _resolve(self, subject: Subject) -> tuple[BoundLimit, ...]:
+        cfg = self.config
+        bound: list[BoundLimit] = []
+        if subject.anonymous:
+            bound.extend(BoundLimit(s, "anonymous", subject.user_id) for s in cfg.anonymous.limits)
+        else:
+            user = subject.policy_user
+            specs = cfg.users[user] if user is not None and user in cfg.users else cfg.default
+            bound.extend(BoundLimit(s, "user", subject.user_id) for s in specs)
+        if subject.policy_org is not None and subject.org_id is not None:
+            org_specs = cfg.orgs.get(subject.policy_org, ())
+            bound.extend(BoundLimit(s, "org", subject.org_id) for s in org_specs)
+        bound.extend(BoundLimit(s, "global", "*") for s in cfg.global_limits)
+        return tuple(bound)
+
+    def limit_id_bindings(self, limit_ids: Iterable[str]) -> list[BoundLimit]:
+        """The named limits ``limit_ids`` charge, each a counter shared across users.
+
+        Raises:
+            ConfigError: an id is not defined under ``limits:``.
+        """
+        out = []
+        for limit_id in limit_ids:
+            spec = self.config.limits.get(limit_id)
+            if spec is None:
+                known = ", ".join(sorted(self.config.limits)) or "none"
+                raise ConfigError(
+                    f"limit_ids names {limit_id!r}, which is not defined under `limits:` "
+                    f"(defined: {known})",
+                    file=self.config.source,
+                    key="limit_ids",
+                )
+            out.append(BoundLimit(spec, "limit_id", limit_id))
+        return out
+
+    def bindings(self, subject: Subject, limit_ids: Sequence[str]) -> list[BoundLimit]:
+        """Every limit a call of ``subject`` with ``limit_ids`` is charged to, in order.
+
+        Raises:
+            ConfigError: ``limit_ids`` names an undefined limit.
+        """
+        bound = list(self.limits_for(subject))
+        bound.extend(self.limit_id_bindings(limit_ids))
+        return bound

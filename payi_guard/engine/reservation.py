@@ -1,0 +1,141 @@
+"""An open reservation for one GenAI call: settled or released exactly once."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+
+from payi_guard.context import Attribution
+from payi_guard.engine.bookkeeper import Bookkeeper, CounterStates
+from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.plan import Plan
+from payi_guard.money import decimal_usd
+from payi_guard.pricing import TokenUsage
+
+__all__ = ["Reservation"]
+
+
+class Reservation:
+    """An open reservation for one GenAI call; settle or release it exactly once.
+
+    ``settle``/``release`` (and their async twins) are idempotent: the first call wins,
+    later calls return the same :class:`~payi_guard.CallRecord`. Reservations are made
+    by :meth:`Guard.begin <payi_guard.Guard.begin>`.
+
+    Args:
+        books: the bookkeeper that commits, releases and logs.
+        plan: what was reserved.
+        held: whether the ledger holds the reservation (False when storage failed and
+            ``on_storage_error`` let the call through).
+    """
+
+    def __init__(self, books: Bookkeeper, plan: Plan, *, held: bool) -> None:
+        self._books = books
+        self._plan = plan
+        self._held = held
+        self._lock = threading.Lock()
+        self._claimed = False
+        self._record: CallRecord | None = None
+        self._started = books.clock.monotonic()
+
+    @property
+    def user_id(self) -> str:
+        """The user charged."""
+        return self._plan.subject.user_id
+
+    @property
+    def org_id(self) -> str | None:
+        """The org charged, if any."""
+        return self._plan.subject.org_id
+
+    @property
+    def attribution(self) -> Attribution:
+        """The attribution in effect when the call was reserved."""
+        return self._plan.attribution
+
+    @property
+    def call(self) -> CallRequest:
+        """The call this reservation is for."""
+        return self._plan.call
+
+    @property
+    def reserved_usd(self) -> Decimal:
+        """The amount reserved, in dollars."""
+        return decimal_usd(self._plan.estimate_nano)
+
+    @property
+    def done(self) -> bool:
+        """True once settled or released."""
+        return self._record is not None
+
+    @property
+    def record(self) -> CallRecord | None:
+        """The record of the settle or release, once done."""
+        return self._record
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def settle(self, usage: TokenUsage, *, outcome: str = "ok") -> CallRecord | None:
+        """Charge the actual usage and log ``genai_call``.
+
+        Args:
+            usage: the tokens the provider reported (or the best estimate of them).
+            outcome: ``ok``, ``incomplete`` or ``error`` (a partial stream).
+
+        Returns:
+            The call record; for a reservation already settled or released, the first
+            record, or ``None`` while that first settle is still running in another thread.
+        """
+        if not self._claim():
+            return self._record
+        amounts, cost, priced = self._books.amounts(self._plan, usage)
+        states = self._books.commit(self._plan, amounts)
+        return self._finish(usage, cost, priced, outcome, states, amounts)
+
+    async def asettle(self, usage: TokenUsage, *, outcome: str = "ok") -> CallRecord | None:
+        """Async :meth:`settle`."""
+        if not self._claim():
+            return self._record
+        amounts, cost, priced = self._books.amounts(self._plan, usage)
+        states = await self._books.acommit(self._plan, amounts)
+        return self._finish(usage, cost, priced, outcome, states, amounts)
+
+    def release(self, *, outcome: str = "released") -> CallRecord | None:
+        """Give the reservation back without charging; log ``genai_call``."""
+        if not self._claim():
+            return self._record
+        ok = self._books.release(self._plan, self._held)
+        return self._finish(None, 0, True, outcome, () if ok else None, None)
+
+    async def arelease(self, *, outcome: str = "released") -> CallRecord | None:
+        """Async :meth:`release`."""
+        if not self._claim():
+            return self._record
+        ok = await self._books.arelease(self._plan, self._held)
+        return self._finish(None, 0, True, outcome, () if ok else None, None)
+
+    def _finish(
+        self,
+        usage: TokenUsage | None,
+        cost: int,
+        priced: bool,
+        outcome: str,
+        states: CounterStates | None,
+        amounts: list[int] | None,
+    ) -> CallRecord:
+        record = self._books.record_of(self._plan, usage, cost, priced, outcome, self._started)
+        self._record = record
+        self._books.after_commit(self._plan, record, states, amounts)
+        return record
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "open"
+        return (
+            f"Reservation(user_id={self.user_id!r}, model={self.call.model!r}, "
+            f"reserved_usd={self.reserved_usd}, {state})"
+        )

@@ -1,0 +1,178 @@
+"""What a request reserves: its token bounds and price facts, and their upper-bound cost.
+
+:func:`estimate_request` reads a request body once for everything a reservation needs:
+the token bounds of :mod:`payi_guard.meter.tokens`, whether the prompt cache may be
+written, and the price variant it asks for. The guarding transport reserves exactly that
+(as a :class:`~payi_guard.engine.CallRequest`), and the guard prices it with
+:meth:`~payi_guard.pricing.Rates.upper_bound_nano`; :func:`estimate_cost` does the same
+pricing in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from payi_guard.meter.tokens import (
+    DEFAULT_FILE_TOKENS,
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    EndpointKind,
+    EstimateMode,
+    estimate_input_tokens,
+    image_token_bound,
+    max_output_tokens,
+)
+from payi_guard.pricing import PriceBook, Rates
+
+__all__ = ["Estimate", "RequestEstimate", "estimate_cost", "estimate_request"]
+
+
+def _price_context(body: Mapping[str, Any], endpoint: EndpointKind) -> dict[str, str]:
+    context: dict[str, str] = {}
+    tier = body.get("service_tier")
+    if endpoint != "anthropic_messages" and isinstance(tier, str) and tier != "auto":
+        context["service_tier"] = tier
+    speed = body.get("speed")
+    if endpoint == "anthropic_messages" and isinstance(speed, str):
+        context["speed"] = speed
+    return context
+
+
+def _mentions_key(obj: object, key: str) -> bool:
+    if isinstance(obj, Mapping):
+        return key in obj or any(_mentions_key(v, key) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_mentions_key(v, key) for v in obj)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """An upper bound of one request's cost.
+
+    Attributes:
+        input_tokens: upper bound of all input tokens.
+        output_tokens: upper bound of the output tokens (every choice).
+        nano: upper bound of the cost in nano-USD, to reserve.
+        rates: the rates it was priced with.
+    """
+
+    input_tokens: int
+    output_tokens: int
+    nano: int
+    rates: Rates
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEstimate:
+    """What a request body bounds before any price is applied.
+
+    Attributes:
+        input_tokens: upper bound of all input tokens.
+        output_tokens: upper bound of the output tokens (every choice).
+        cache_writes: whether the call may write the prompt cache (then cache-write
+            rates bound the input price): always on OpenAI, which caches by itself; on
+            Anthropic only when the body asks for it with ``cache_control``.
+        price_context: the request facts that select a price variant
+            (``service_tier`` other than ``auto``; Anthropic's ``speed``).
+    """
+
+    input_tokens: int
+    output_tokens: int
+    cache_writes: bool
+    price_context: Mapping[str, str]
+
+
+def estimate_request(
+    body: Mapping[str, Any],
+    endpoint: EndpointKind,
+    model: str,
+    *,
+    mode: EstimateMode = "ratio",
+    default_max_output: int = DEFAULT_MAX_OUTPUT_TOKENS,
+    image_tokens: int | None = None,
+    file_tokens: int = DEFAULT_FILE_TOKENS,
+) -> RequestEstimate:
+    """Bound a request from its body: what the guarding transport reserves for.
+
+    Args:
+        body: the parsed JSON request body.
+        endpoint: the request kind (one of :data:`ENDPOINTS`).
+        model: the model name (for its output cap and image allowance).
+        mode: see :func:`estimate_input_tokens`.
+        default_max_output: output bound for a model with no known cap when the
+            request sets none.
+        image_tokens: tokens per image part; defaults to :func:`image_token_bound`.
+        file_tokens: tokens per file passed by reference.
+
+    Raises:
+        ValueError: unknown ``endpoint`` or ``mode``.
+    """
+    return RequestEstimate(
+        input_tokens=estimate_input_tokens(
+            body,
+            mode=mode,
+            endpoint=endpoint,
+            image_tokens=image_token_bound(model) if image_tokens is None else image_tokens,
+            file_tokens=file_tokens,
+        ),
+        output_tokens=max_output_tokens(
+            body, endpoint=endpoint, model=model, default=default_max_output
+        ),
+        cache_writes=endpoint != "anthropic_messages" or _mentions_key(body, "cache_control"),
+        price_context=_price_context(body, endpoint),
+    )
+
+
+def estimate_cost(
+    book: PriceBook,
+    model: str,
+    provider: str | None,
+    body: Mapping[str, Any],
+    endpoint: EndpointKind,
+    *,
+    mode: EstimateMode = "ratio",
+    default_max_output: int = DEFAULT_MAX_OUTPUT_TOKENS,
+    image_tokens: int | None = None,
+    file_tokens: int = DEFAULT_FILE_TOKENS,
+) -> Estimate:
+    """An upper bound of a request's cost, priced as the guard prices a reservation.
+
+    :func:`estimate_request` bounds the body; the rates come from ``book`` for the
+    request's price variant, and :meth:`~payi_guard.pricing.Rates.upper_bound_nano`
+    prices every input token at the highest input-side rate of every band the input
+    bound can fall in.
+
+    Args:
+        book: the price book.
+        model: the model name.
+        provider: the provider name, if known.
+        body: the parsed JSON request body.
+        endpoint: the request kind (one of :data:`ENDPOINTS`).
+        mode: see :func:`estimate_input_tokens`.
+        default_max_output: see :func:`estimate_request`.
+        image_tokens: see :func:`estimate_request`.
+        file_tokens: see :func:`estimate_request`.
+
+    Returns:
+        The :class:`Estimate`.
+
+    Raises:
+        UnknownModel: no price is known and the policy gives none.
+        ValueError: unknown ``endpoint`` or ``mode``.
+    """
+    rates = book.rates(model, provider, price_context=_price_context(body, endpoint))
+    bound = estimate_request(
+        body,
+        endpoint,
+        model,
+        mode=mode,
+        default_max_output=default_max_output,
+        image_tokens=image_tokens,
+        file_tokens=file_tokens,
+    )
+    nano = rates.upper_bound_nano(
+        bound.input_tokens, bound.output_tokens, cache_writes=bound.cache_writes
+    )
+    return Estimate(bound.input_tokens, bound.output_tokens, nano, rates)

@@ -1,0 +1,524 @@
+"""Token bounds of a request, read from its JSON body: input and output.
+
+The guarding transport reserves what a call can cost at most, so every count here is an
+upper bound: :func:`estimate_input_tokens` bounds the input (text by
+:func:`text_token_bound`, images and files by allowances), :func:`max_output_tokens` the
+output (the request's own cap from :data:`OUTPUT_CAP_FIELDS`, else the model's from
+:func:`model_output_cap`). :mod:`payi_guard.meter.estimate` adds the facts that choose a
+price; :mod:`payi_guard.pricing` never sees a request body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal, get_args
+
+from payi_guard.money import ceil_div
+
+__all__ = [
+    "ANTHROPIC_BUILTIN_TOOL_TOKENS",
+    "ANTHROPIC_TOOLS_OVERHEAD_TOKENS",
+    "DEFAULT_FILE_TOKENS",
+    "DEFAULT_IMAGE_TOKENS",
+    "DEFAULT_MAX_OUTPUT_TOKENS",
+    "ENDPOINTS",
+    "MESSAGE_OVERHEAD_TOKENS",
+    "OPENAI_TOOLS_OVERHEAD_TOKENS",
+    "OUTPUT_CAP_FIELDS",
+    "REQUEST_OVERHEAD_TOKENS",
+    "EndpointKind",
+    "EstimateMode",
+    "estimate_input_tokens",
+    "image_token_bound",
+    "max_output_tokens",
+    "model_output_cap",
+    "request_output_cap",
+    "text_token_bound",
+]
+
+EndpointKind = Literal["chat", "responses", "embeddings", "anthropic_messages", "completions"]
+"""The request kinds estimates understand (OpenAI ``/chat/completions``, ``/responses``,
+``/embeddings``, legacy ``/completions``, and Anthropic ``/v1/messages``)."""
+
+ENDPOINTS: tuple[EndpointKind, ...] = get_args(EndpointKind)
+
+EstimateMode = Literal["ratio", "bytes"]
+"""How text is turned into a token bound; see :func:`estimate_input_tokens`."""
+
+DEFAULT_MAX_OUTPUT_TOKENS = 16_384
+"""Output bound used when a request sets no cap and the model's own cap is not known."""
+
+DEFAULT_IMAGE_TOKENS = 1_600
+"""Tokens counted per image part when the model has no entry in the image table.
+
+It covers the largest image of tile-priced OpenAI models (gpt-4o: 85 + 170 x 8 tiles =
+1,445) and of Claude (about 1.15 megapixels / 750 = 1,600).
+"""
+
+DEFAULT_FILE_TOKENS = 32_000
+"""Tokens counted for a file or document passed by reference (URL or file id).
+
+Such a file's size is not in the request, so this is a documented allowance, not a
+bound; files passed inline (base64) are counted from their data instead.
+"""
+
+
+MESSAGE_OVERHEAD_TOKENS = 10
+"""Tokens added per message / input item for the chat format's role and separators
+(OpenAI documents 3-4 per message)."""
+
+REQUEST_OVERHEAD_TOKENS = 16
+"""Tokens added per request (reply priming and format)."""
+
+OPENAI_TOOLS_OVERHEAD_TOKENS = 64
+"""Tokens added when OpenAI tools/functions are declared: their definitions are rendered
+into a system section of their own."""
+
+ANTHROPIC_TOOLS_OVERHEAD_TOKENS = 600
+"""Tokens added when Anthropic tools are declared: Anthropic documents a tool-use system
+prompt of 159 to 530 tokens depending on the model and ``tool_choice``."""
+
+ANTHROPIC_BUILTIN_TOOL_TOKENS = 1_500
+"""Tokens added per Anthropic built-in tool (``{"type": "bash_20250124", ...}``): their
+definitions are not in the request; Anthropic documents 245 to 1,234 tokens each."""
+
+_IMAGE_TOKEN_BOUNDS: tuple[tuple[str, int], ...] = (
+    # gpt-4o-mini bills images at 2,833 + 5,667 per 512px tile (up to 4 tiles).
+    ("gpt-4o-mini", 25_501),
+    # Patch-priced models: up to 1,536 patches times a per-model multiplier (<= 2.46).
+    ("gpt-4.1-mini", 3_800),
+    ("gpt-4.1-nano", 3_800),
+    ("gpt-5-mini", 3_800),
+    ("gpt-5-nano", 3_800),
+    ("o4-mini", 3_800),
+)
+
+
+def image_token_bound(model: str) -> int:
+    """Tokens counted per image part for ``model`` (longest matching name prefix).
+
+    Models billed far above :data:`DEFAULT_IMAGE_TOKENS` per image have an entry (for
+    example ``gpt-4o-mini``: 25,501); every other model uses the default.
+    """
+    name = model.rsplit("/", 1)[-1].lower()
+    best, best_len = DEFAULT_IMAGE_TOKENS, -1
+    for prefix, tokens in _IMAGE_TOKEN_BOUNDS:
+        if name.startswith(prefix) and len(prefix) > best_len:
+            best, best_len = tokens, len(prefix)
+    return best
+
+
+# Character classes for the "ratio" text bound, over UTF-8 bytes (all C-speed passes).
+_WORD_RUN = re.compile(rb"[A-Za-z\x80-\xff]+")
+_DIGIT_RUN = re.compile(rb"[0-9]+")
+_SPACE_RUN = re.compile(rb"[ \t\n\r\x0b\x0c]+")
+_MERGED_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c] (?=[^ \t\n\r\x0b\x0c0-9])")
+_UPPER = bytes(range(ord("A"), ord("Z") + 1))
+_LEAD4 = bytes(range(0xF0, 0xF8))
+
+
+def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
+    """A bound of the tokens of ``text`` (no chat-format overhead).
+
+    ``"bytes"``: the UTF-8 length. Every token of a byte-level BPE (OpenAI's
+    tokenizers, and any tokenizer with byte fallback) covers at least one byte, so this
+    can never be exceeded.
+
+    ``"ratio"``: a per-character-class bound that follows how GPT-style tokenizers split
+    text, and is at least ``ceil(bytes / 2.5)``:
+
+    * letters (ASCII and non-ASCII bytes): 2/3 token per byte, 1/3 more per ASCII
+      capital and per run, 4/3 more per 4-byte character (emoji);
+    * digits: 1/2 token per digit plus 1/2 per run (they split into groups of three);
+    * whitespace: 1 per tab/newline, 1/2 per space plus 1 per run, minus the single
+      spaces that merge into the next word;
+    * everything else (punctuation, symbols, controls): 1 per byte.
+
+    Measured with OpenAI's cl100k_base and o200k_base tokenizers it never under-counts
+    prose (English, Chinese, Japanese, Korean, Russian, Greek, Hebrew, Arabic, Hindi,
+    Thai, Vietnamese), code, JSON, numbers, UUIDs, hex, base64, URLs, LaTeX or emoji;
+    it does under-count text made of characters the vocabulary lacks (runic, rare CJK
+    ideographs: up to 3 tokens per character). Use ``"bytes"`` for a guarantee.
+
+    Args:
+        text: the text.
+        mode: ``"ratio"`` or ``"bytes"``.
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+    data = text.encode("utf-8", "surrogatepass")
+    size = len(data)
+    if mode == "bytes":
+        return size
+    if mode != "ratio":
+        raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
+    if not size:
+        return 0
+    rest, word_runs = _WORD_RUN.subn(b"", data)
+    word_bytes = size - len(rest)
+    upper = size - len(data.translate(None, _UPPER))
+    four_byte = size - len(data.translate(None, _LEAD4))
+    rest, digit_runs = _DIGIT_RUN.subn(b"", data)
+    digit_bytes = size - len(rest)
+    rest, space_runs = _SPACE_RUN.subn(b"", data)
+    space_bytes = size - len(rest)
+    spaces = data.count(b" ")
+    merged = len(_MERGED_SPACE.findall(data))
+    other = size - word_bytes - digit_bytes - space_bytes
+    tokens = (
+        ceil_div(2 * word_bytes + upper + 4 * four_byte + word_runs, 3)
+        + ceil_div(digit_bytes + digit_runs, 2)
+        + ceil_div(spaces + 2 * space_runs, 2)
+        + (space_bytes - spaces)
+        - merged
+        + other
+    )
+    return max(tokens, ceil_div(2 * size, 5))
+
+
+_IMAGE_TYPES = frozenset({"image", "image_url", "input_image", "computer_screenshot"})
+_FILE_TYPES = frozenset({"file", "input_file", "document"})
+_INLINE_SOURCES = frozenset({"base64", "text", "content"})
+_SKIPPED_KEYS = frozenset({"cache_control"})
+
+
+class _Tally:
+    """What a request body holds, gathered by :func:`_walk`."""
+
+    __slots__ = ("exact", "files", "images", "items", "text")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.items = 0
+        self.images = 0
+        self.files = 0
+        self.exact = 0
+
+    def add(self, obj: object) -> None:
+        """Walk ``obj``: strings are text; images and files by reference are counted."""
+        if isinstance(obj, str):
+            self.text.append(obj)
+        elif isinstance(obj, Mapping):
+            kind = obj.get("type")
+            if kind in _IMAGE_TYPES or (kind is None and "image_url" in obj):
+                self.images += 1
+                return
+            if kind in _FILE_TYPES and not _inline_file(obj):
+                self.files += 1
+                return
+            # One token per entry stands for the punctuation a rendering adds.
+            self.exact += len(obj)
+            for key, value in obj.items():
+                if key in _SKIPPED_KEYS:
+                    continue
+                self.text.append(str(key))
+                self.add(value)
+        elif isinstance(obj, list):
+            self.exact += len(obj)
+            for value in obj:
+                self.add(value)
+        elif obj is not None:
+            self.text.append(str(obj))
+
+    def add_items(self, items: object) -> None:
+        """Walk a list of messages / input items, counting the per-item overhead."""
+        if isinstance(items, list):
+            self.items += len(items)
+            for item in items:
+                self.add(item)
+        elif items is not None:
+            self.items += 1
+            self.add(items)
+
+    def add_prompt(self, prompt: object) -> None:
+        """Walk an embeddings ``input`` / completions ``prompt``: token ids count exactly."""
+        if _is_token_ids(prompt):
+            self.exact += len(prompt)  # type: ignore[arg-type]
+            self.items += 1
+        elif isinstance(prompt, list) and prompt and all(_is_token_ids(p) for p in prompt):
+            self.exact += sum(len(p) for p in prompt)
+            self.items += len(prompt)
+        elif isinstance(prompt, list):
+            self.items += len(prompt)
+            for part in prompt:
+                self.add(part)
+        elif prompt is not None:
+            self.items += 1
+            self.add(prompt)
+
+
+def _is_token_ids(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _inline_file(part: Mapping[str, Any]) -> bool:
+    """Whether a file/document part carries its content (counted as text) in the body."""
+    if "file_data" in part:
+        return True
+    inner = part.get("file")
+    if isinstance(inner, Mapping) and "file_data" in inner:
+        return True
+    source = part.get("source")
+    return isinstance(source, Mapping) and source.get("type") in _INLINE_SOURCES
+
+
+def _walk_body(body: Mapping[str, Any], endpoint: EndpointKind) -> tuple[_Tally, int]:
+    """Gather the input parts of ``body``; returns the tally and fixed overhead tokens."""
+    tally = _Tally()
+    overhead = REQUEST_OVERHEAD_TOKENS
+    if endpoint == "chat":
+        tally.add_items(body.get("messages"))
+        for key in ("response_format", "tool_choice", "function_call", "prediction"):
+            tally.add(body.get(key))
+        declared = [body.get("tools"), body.get("functions")]
+        if any(declared):
+            overhead += OPENAI_TOOLS_OVERHEAD_TOKENS
+            for tools in declared:
+                tally.add_items(tools)
+    elif endpoint == "responses":
+        tally.add(body.get("instructions"))
+        items = body.get("input")
+        tally.add_items(items)
+        for key in ("text", "tool_choice"):
+            tally.add(body.get(key))
+        if body.get("tools"):
+            overhead += OPENAI_TOOLS_OVERHEAD_TOKENS
+            tally.add_items(body.get("tools"))
+    elif endpoint == "anthropic_messages":
+        tally.add(body.get("system"))
+        tally.add_items(body.get("messages"))
+        tally.add(body.get("tool_choice"))
+        tools = body.get("tools")
+        if tools:
+            overhead += ANTHROPIC_TOOLS_OVERHEAD_TOKENS
+            tally.add_items(tools)
+            if isinstance(tools, list):
+                overhead += ANTHROPIC_BUILTIN_TOOL_TOKENS * sum(
+                    1
+                    for tool in tools
+                    if isinstance(tool, Mapping) and tool.get("type") not in (None, "custom")
+                )
+    elif endpoint == "embeddings":
+        tally.add_prompt(body.get("input"))
+    elif endpoint == "completions":
+        tally.add_prompt(body.get("prompt"))
+        tally.add(body.get("suffix"))
+    else:
+        raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}; got {endpoint!r}")
+    return tally, overhead
+
+
+def _infer_endpoint(body: Mapping[str, Any]) -> EndpointKind:
+    if "messages" in body:
+        return "anthropic_messages" if "system" in body else "chat"
+    if "prompt" in body:
+        return "completions"
+    if "input" in body:
+        items = body["input"]
+        if isinstance(items, str) or _is_token_ids(items):
+            return "embeddings" if "instructions" not in body else "responses"
+        if isinstance(items, list) and all(isinstance(i, str) or _is_token_ids(i) for i in items):
+            return "embeddings"
+        return "responses"
+    return "chat"
+
+
+def estimate_input_tokens(
+    body: Mapping[str, Any],
+    *,
+    mode: EstimateMode = "ratio",
+    endpoint: EndpointKind | None = None,
+    image_tokens: int = DEFAULT_IMAGE_TOKENS,
+    file_tokens: int = DEFAULT_FILE_TOKENS,
+) -> int:
+    """An upper bound of the input tokens of a request, from its JSON body.
+
+    What counts, by endpoint:
+
+    * ``chat``: ``messages`` (string or list-of-parts content, names, tool calls and
+      their arguments, tool results), ``tools`` / ``functions`` definitions (plus
+      :data:`OPENAI_TOOLS_OVERHEAD_TOKENS`), ``response_format`` (its JSON schema),
+      ``tool_choice``, ``prediction``;
+    * ``responses``: ``instructions``, ``input`` (a string or a list of items),
+      ``tools``, ``text`` (its format schema), ``tool_choice``;
+    * ``embeddings``: ``input`` (a string, a list of strings, a list of token ids or a
+      list of lists of token ids: token ids are counted exactly);
+    * ``anthropic_messages``: ``system`` (string or blocks), ``messages`` (every content
+      block: text, tool_use, tool_result, documents), ``tools`` (plus
+      :data:`ANTHROPIC_TOOLS_OVERHEAD_TOKENS`, and
+      :data:`ANTHROPIC_BUILTIN_TOOL_TOKENS` per built-in tool), ``tool_choice``;
+    * ``completions``: ``prompt`` (string, list of strings, token ids) and ``suffix``.
+
+    Text (values and keys alike) is bounded by :func:`text_token_bound`; each mapping
+    or list entry adds one token for punctuation; each message / input item adds
+    :data:`MESSAGE_OVERHEAD_TOKENS`; each request :data:`REQUEST_OVERHEAD_TOKENS`. An
+    image part counts ``image_tokens`` whatever its size or detail (its data is not
+    text); a file or document passed by reference counts ``file_tokens``; inline file
+    or audio data is counted as text (a large over-estimate). Server-side state the
+    body only points to (``previous_response_id``, ``conversation``, stored prompts)
+    is not counted.
+
+    Args:
+        body: the parsed JSON request body.
+        mode: ``"ratio"`` (the default, see :func:`text_token_bound`) or ``"bytes"``
+            (UTF-8 bytes plus overheads: a true bound for byte-level BPE text).
+        endpoint: the request kind; inferred from the body's keys when ``None``.
+        image_tokens: tokens per image part.
+        file_tokens: tokens per file passed by reference.
+
+    Returns:
+        The input token bound.
+
+    Raises:
+        ValueError: unknown ``mode`` or ``endpoint``, or a negative allowance.
+        TypeError: ``body`` is not a mapping.
+    """
+    if not isinstance(body, Mapping):
+        raise TypeError(f"body must be a mapping, not {type(body).__name__}")
+    if mode not in ("ratio", "bytes"):
+        raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
+    if image_tokens < 0 or file_tokens < 0:
+        raise ValueError("image_tokens and file_tokens must be >= 0")
+    kind = _infer_endpoint(body) if endpoint is None else endpoint
+    tally, overhead = _walk_body(body, kind)
+    per_item = 1 if kind in ("embeddings", "completions") else MESSAGE_OVERHEAD_TOKENS
+    return (
+        text_token_bound("\n".join(tally.text), mode)
+        + tally.exact
+        + tally.items * per_item
+        + tally.images * image_tokens
+        + tally.files * file_tokens
+        + overhead
+    )
+
+
+_OUTPUT_CAPS: tuple[tuple[str, int], ...] = (
+    ("gpt-3.5-turbo", 4_096),
+    ("gpt-4", 8_192),
+    ("gpt-4-turbo", 4_096),
+    ("gpt-4o", 16_384),
+    ("gpt-4o-mini", 16_384),
+    ("chatgpt-4o", 16_384),
+    ("gpt-4.1", 32_768),
+    ("gpt-4.5", 16_384),
+    ("gpt-5", 128_000),
+    ("gpt-6", 128_000),
+    ("o1", 100_000),
+    ("o1-mini", 65_536),
+    ("o1-preview", 32_768),
+    ("o3", 100_000),
+    ("o4", 100_000),
+    ("claude-2", 4_096),
+    ("claude-instant", 4_096),
+    ("claude-3-haiku", 4_096),
+    ("claude-3-opus", 4_096),
+    ("claude-3-sonnet", 4_096),
+    ("claude-3-5", 8_192),
+    ("claude-3-7", 128_000),
+    ("claude-sonnet-4", 64_000),
+    ("claude-opus-4", 32_000),
+    ("claude-opus-4-5", 64_000),
+    ("claude-haiku-4", 64_000),
+    ("claude-opus-4-6", 128_000),
+    ("claude", 128_000),
+)
+"""Longest output (completion) each model family can produce, by name prefix (the
+longest matching prefix wins). Families whose limit grew over versions use the largest
+(``claude-3-7`` allows 128k output with Anthropic's output-128k beta header)."""
+
+
+def model_output_cap(model: str, default: int = DEFAULT_MAX_OUTPUT_TOKENS) -> int:
+    """The known output cap of ``model`` (longest name-prefix match), else ``default``.
+
+    A provider prefix (``openai/``) is ignored and names compare case-insensitively.
+    """
+    name = model.rsplit("/", 1)[-1].lower()
+    best, best_len = default, -1
+    for prefix, cap in _OUTPUT_CAPS:
+        if name.startswith(prefix) and len(prefix) > best_len:
+            best, best_len = cap, len(prefix)
+    return best
+
+
+OUTPUT_CAP_FIELDS: Mapping[EndpointKind, tuple[str, ...]] = MappingProxyType(
+    {
+        "chat": ("max_completion_tokens", "max_tokens"),
+        "responses": ("max_output_tokens",),
+        "anthropic_messages": ("max_tokens",),
+        "completions": ("max_tokens",),
+        "embeddings": (),
+    }
+)
+"""The body fields that cap a request's output (per choice), first one set wins."""
+
+
+def _count_param(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def request_output_cap(endpoint: EndpointKind, body: Mapping[str, Any]) -> int | None:
+    """The output cap a request sets itself (per choice), from :data:`OUTPUT_CAP_FIELDS`.
+
+    Returns:
+        The first of the endpoint's cap fields that holds a non-negative integer, else
+        ``None`` (embeddings have none).
+    """
+    for name in OUTPUT_CAP_FIELDS.get(endpoint, ()):
+        cap = _count_param(body, name)
+        if cap is not None:
+            return cap
+    return None
+
+
+def max_output_tokens(
+    body: Mapping[str, Any],
+    *,
+    endpoint: EndpointKind,
+    model: str,
+    default: int = DEFAULT_MAX_OUTPUT_TOKENS,
+) -> int:
+    """An upper bound of the output tokens of a request.
+
+    The request's cap is ``max_completion_tokens`` (then ``max_tokens``) for chat,
+    ``max_output_tokens`` for Responses, ``max_tokens`` for Anthropic and legacy
+    completions (:func:`request_output_cap`). Without one, the model's known cap
+    (:func:`model_output_cap`), else ``default``; legacy completions too (OpenAI
+    defaults to 16 there, compatible servers differ). Chat multiplies by ``n``; legacy
+    completions by ``max(n, best_of)`` (every candidate is billed). Embeddings have no
+    output. A value that is not a non-negative
+    integer is ignored (the provider refuses such a request anyway).
+
+    Args:
+        body: the parsed JSON request body.
+        endpoint: the request kind.
+        model: the model name (for its cap).
+        default: the cap of a model not in the table.
+
+    Raises:
+        ValueError: unknown ``endpoint`` or a negative ``default``.
+    """
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}; got {endpoint!r}")
+    if default < 0:
+        raise ValueError("default must be >= 0")
+    if endpoint == "embeddings":
+        return 0
+    cap = request_output_cap(endpoint, body)
+    if cap is None:
+        cap = model_output_cap(model, default)
+    choices = 1
+    if endpoint in ("chat", "completions"):
+        choices = max(1, _count_param(body, "n") or 1)
+        if endpoint == "completions":
+            choices = max(choices, _count_param(body, "best_of") or 1)
+    return cap * choices

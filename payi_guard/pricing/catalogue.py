@@ -1,0 +1,294 @@
+"""The genai-prices catalogue: its bundled data, read offline, turned into :class:`Rates`.
+
+Only the data bundled with ``genai-prices`` is read (its updater is never started here;
+an app that starts it itself gets the updated data). Facts this relies on: a
+time-of-day price (an off-peak discount) is charged at the highest of the prices that
+can apply that day; request-context variants (``service_tier``, ``speed``) apply only
+when given in the price context; per-unit prices other than tokens and requests (web
+searches, audio, images) are not charged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from payi_guard.money import per_mtok_to_pico
+from payi_guard.pricing.rates import RateBand, Rates
+
+__all__ = ["Resolved", "candidate_names", "find_rates"]
+
+_PROVIDER_IDS: Mapping[str, str | None] = {
+    "openai": "openai",
+    "azure": "openai",
+    "azure-openai": "openai",
+    "anthropic": "anthropic",
+    "openai-compatible": None,
+}
+"""Meter provider names to genai-prices provider ids (``None``: match by model name)."""
+
+_DATE_SUFFIX = re.compile(r"(?:[-@](?:20\d{2}-\d{2}-\d{2}|20\d{6}))$")
+
+_PRICE_KEYS = (
+    "input_mtok",
+    "output_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "cache_write_1h_mtok",
+    "requests_kcount",
+)
+
+
+def candidate_names(model: str) -> list[str]:
+    """The names a model is looked up under, most specific first.
+
+    ``openai/gpt-4o-2024-08-06`` gives itself, ``gpt-4o-2024-08-06`` (provider prefix
+    stripped), then ``openai/gpt-4o`` and ``gpt-4o`` (date suffix stripped: ``-YYYY-MM-DD``,
+    ``-YYYYMMDD`` or Vertex's ``@YYYYMMDD``).
+    """
+    names = [model]
+    if "/" in model:
+        names.append(model.rsplit("/", 1)[1])
+    for name in list(names):
+        undated = _DATE_SUFFIX.sub("", name)
+        if undated != name and undated:
+            names.append(undated)
+    return list(dict.fromkeys(n for n in names if n))
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Rates (``None`` when no price applies), until when they hold, and why not."""
+
+    rates: Rates | None
+    valid_until: float
+    reason: str = ""
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _next_start(constraint: Any, today: Any, current: float) -> float:
+    """The earlier of ``current`` and the future start date of ``constraint``."""
+    start = getattr(constraint, "start_date", None)
+    if start is None or start <= today:
+        return current
+    ts = datetime(start.year, start.month, start.day, tzinfo=timezone.utc).timestamp()
+    return min(current, ts)
+
+
+def _is_time_of_day(constraint: Any) -> bool:
+    return constraint is not None and hasattr(constraint, "start_time")
+
+
+def _candidate_prices(model_info: Any, now: datetime) -> tuple[list[Any], float]:
+    """The price sets that can apply to a call made today, and when that may change.
+
+    genai-prices picks the last conditional price whose constraint holds. A time-of-day
+    price (an off-peak discount) holds only part of the day, so every time-of-day price
+    met before the first price that holds all day counts as a candidate: the rates
+    charged are their maximum, the same at any hour of the day.
+    """
+    prices = model_info.prices
+    valid_until = float("inf")
+    today = now.date()
+    if not isinstance(prices, list):
+        return [prices], valid_until
+    candidates: list[Any] = []
+    for conditional in prices:
+        valid_until = _next_start(conditional.constraint, today, valid_until)
+    for conditional in reversed(prices):
+        constraint = conditional.constraint
+        if _is_time_of_day(constraint):
+            candidates.append(conditional.prices)
+            continue
+        if constraint is None or constraint.active(now):
+            candidates.append(conditional.prices)
+            return candidates, valid_until
+    # No all-day price holds: genai-prices falls back to the first one.
+    candidates.append(prices[0].prices)
+    return candidates, valid_until
+
+
+def _apply_variants(
+    model_info: Any,
+    price: Any,
+    context: Mapping[str, str],
+    now: datetime,
+    valid_until: float,
+) -> tuple[dict[str, Any], float]:
+    """The price keys of ``price`` with the request-context variants applied."""
+    values = {key: getattr(price, key, None) for key in _PRICE_KEYS}
+    today = now.date()
+    overrides: dict[str, Any] = {}
+    for variant in getattr(model_info, "price_variants", None) or ():
+        constraint = getattr(variant, "constraint", None)
+        valid_until = _next_start(constraint, today, valid_until)
+        if not context:
+            continue
+        if constraint is not None and not constraint.active(now):
+            continue
+        if not all(context.get(k) == v for k, v in variant.when.items()):
+            continue
+        for key in _PRICE_KEYS:
+            value = getattr(variant.prices, key, None)
+            if value is not None:
+                overrides.setdefault(key, value)
+    values.update(overrides)
+    return values, valid_until
+
+
+def _price_at(value: Any, total_input_tokens: int) -> Decimal | None:
+    """One price key's USD-per-unit price for a call with this many input tokens."""
+    if value is None:
+        return None
+    tiers = getattr(value, "tiers", None)
+    if tiers is None:
+        return Decimal(value)
+    applicable = value.base
+    for tier in tiers:
+        if total_input_tokens > tier.start:
+            applicable = tier.price
+    return Decimal(applicable)
+
+
+def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> RateBand | None:
+    """The band for a call of ``total_input_tokens``: the max over candidate price sets."""
+    bands: list[RateBand] = []
+    for keys in values:
+        input_price = _price_at(keys["input_mtok"], total_input_tokens)
+        if input_price is None:
+            continue
+        output_price = _price_at(keys["output_mtok"], total_input_tokens)
+        read = _price_at(keys["cache_read_mtok"], total_input_tokens)
+        write = _price_at(keys["cache_write_mtok"], total_input_tokens)
+        write_1h = _price_at(keys["cache_write_1h_mtok"], total_input_tokens)
+        per_k = _price_at(keys["requests_kcount"], total_input_tokens)
+        # Unpriced sub-kinds are billed as their parent, as genai-prices does.
+        input_rate = per_mtok_to_pico(input_price)
+        write_rate = input_rate if write is None else per_mtok_to_pico(write)
+        bands.append(
+            RateBand(
+                input=input_rate,
+                output=0 if output_price is None else per_mtok_to_pico(output_price),
+                cache_read=input_rate if read is None else per_mtok_to_pico(read),
+                cache_write=write_rate,
+                cache_write_1h=write_rate if write_1h is None else per_mtok_to_pico(write_1h),
+                # $X per thousand requests is X * 1e12 / 1e3 pico-USD per request.
+                request=0 if per_k is None else per_mtok_to_pico(per_k) * 1_000,
+            )
+        )
+    if not bands:
+        return None
+    return bands[0] if len(bands) == 1 else RateBand.highest(bands)
+
+
+def _tier_starts(values: Sequence[Mapping[str, Any]]) -> list[int]:
+    starts: set[int] = set()
+    for keys in values:
+        for value in keys.values():
+            for tier in getattr(value, "tiers", None) or ():
+                starts.add(int(tier.start))
+    return sorted(starts)
+
+
+def _genai_lookup(name: str, provider_id: str | None) -> tuple[Any, Any] | None:
+    """Find ``(provider, model)`` in genai-prices' data, or ``None``."""
+    from genai_prices import data_snapshot
+
+    snapshot = data_snapshot.get_snapshot()
+    attempts: list[str | None] = [provider_id] if provider_id else []
+    attempts.append(None)
+    for pid in attempts:
+        try:
+            found: tuple[Any, Any] = snapshot.find_provider_model(name, None, pid, None)
+        except LookupError:
+            continue
+        return found
+    return None
+
+
+def _genai_scan(name: str) -> tuple[Any, Any] | None:
+    """Find ``name`` under any provider: the last resort when no provider is known.
+
+    genai-prices guesses a provider from name patterns that miss some models (OpenAI's
+    embeddings, for one). The providers that publish models under their own names are
+    asked first, then every other one.
+    """
+    from genai_prices import data_snapshot
+
+    snapshot = data_snapshot.get_snapshot()
+    providers = list(snapshot.providers)
+    first = {pid: i for i, pid in enumerate(_FIRST_PARTY)}
+    providers.sort(key=lambda provider: first.get(provider.id, len(first)))
+    lowered = name.lower()
+    for provider in providers:
+        model = provider.find_model(lowered, all_providers=snapshot.providers)
+        if model is not None:
+            return provider, model
+    return None
+
+
+_FIRST_PARTY = ("openai", "anthropic", "google", "mistral", "deepseek", "x-ai", "cohere", "meta")
+
+
+def find_rates(
+    model: str, provider: str | None, names: Sequence[str], context: Mapping[str, str], now: float
+) -> Resolved:
+    """Find the rates of ``model`` in genai-prices' data, under each of its ``names``.
+
+    Args:
+        model: the model name asked for.
+        provider: the provider (``azure`` uses OpenAI's prices; ``openai-compatible`` or
+            ``None`` match by model name only), if known.
+        names: the names to try, most specific first (:func:`candidate_names`).
+        context: request facts that select a price variant.
+        now: the current time, epoch seconds (prices can change on announced dates).
+
+    Returns:
+        The rates and until when they hold, or ``rates=None`` with the reason.
+    """
+    if provider is None:
+        provider_id: str | None = None
+    else:
+        provider_id = _PROVIDER_IDS.get(provider.lower(), provider.lower())
+    for name in names:
+        found = _genai_lookup(name, provider_id)
+        if found is None and provider_id is None and name == names[-1]:
+            found = _genai_scan(model)
+        if found is not None:
+            return _from_genai(model, provider, found, context, now)
+    return Resolved(None, float("inf"), "not in the price overrides nor in genai-prices' data")
+
+
+def _from_genai(
+    model: str,
+    provider: str | None,
+    found: tuple[Any, Any],
+    context: Mapping[str, str],
+    now_ts: float,
+) -> Resolved:
+    gp_provider, info = found
+    now = _utc(now_ts)
+    candidates, valid_until = _candidate_prices(info, now)
+    # genai-prices applies request variants only to the provider's own models.
+    owned = any(info is m for m in getattr(gp_provider, "models", ()))
+    values: list[dict[str, Any]] = []
+    for price in candidates:
+        keys, valid_until = _apply_variants(info, price, context if owned else {}, now, valid_until)
+        values.append(keys)
+    base = _band_from(values, 0)
+    if base is None:
+        return Resolved(None, valid_until, f"genai-prices has no token price for {info.id!r}")
+    tiers: list[tuple[int, RateBand]] = []
+    for start in _tier_starts(values):
+        band = _band_from(values, start + 1)
+        if band is not None:
+            tiers.append((start, band))
+    rates = Rates(model, provider, "genai-prices", base, tuple(tiers), str(info.id))
+    return Resolved(rates, valid_until)
