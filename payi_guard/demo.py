@@ -2,7 +2,7 @@
 
 Everything runs on this machine, offline, on the default in-memory store:
 
-1. an embedded :class:`~payi_guard.fake_provider.FakeProvider` plays OpenAI;
+1. an embedded :class:`~payi_guard.testing.FakeProvider` plays OpenAI;
 2. a FastAPI app behind Starlette's ``AuthenticationMiddleware`` and
    :class:`~payi_guard.web.GuardMiddleware` answers ``POST /chat`` with a guarded
    ``openai.AsyncOpenAI`` client (plain and streamed);
@@ -362,8 +362,8 @@ def run_demo(
         out: where to print (default: stdout).
     """
     from payi_guard.engine import Guard
-    from payi_guard.fake_provider import FakeProvider
     from payi_guard.report import main as report_main
+    from payi_guard.testing import FakeProvider
 
     out = out or sys.stdout
     sims = _users(users)

@@ -6,7 +6,7 @@ server-sent event streams, the same error bodies and headers. Point the official
 it with a dummy key::
 
     import openai
-    from payi_guard.fake_provider import FakeProvider, Scripted
+    from payi_guard.testing import FakeProvider, Scripted
 
     with FakeProvider() as fp:
         client = openai.OpenAI(base_url=fp.openai_base_url, api_key="sk-test", max_retries=0)
