@@ -152,11 +152,12 @@ def row(name: str, bare: float, guarded: float) -> None:
 
 FAKE_SERVER = """
 import sys
-from payi_guard.testing import fake_provider
+from payi_guard.testing import FakeProvider
+from payi_guard.testing.fake_provider.handler import Handler
 # The fake writes a plain answer's headers and body separately: with Nagle's algorithm
 # on, the body waits for the client's delayed ACK (about 40 ms on Linux).
-fake_provider._Handler.disable_nagle_algorithm = True
-with fake_provider.FakeProvider(gzip=False) as fake:
+Handler.disable_nagle_algorithm = True
+with FakeProvider(gzip=False) as fake:
     print(fake.openai_base_url, flush=True)
     sys.stdin.read()
 """
