@@ -35,7 +35,8 @@ from payi_guard.engine import Guard
 from payi_guard.exceptions import InvalidUserId, PayiGuardError, StorageError
 from payi_guard.identity import normalize_user_id
 from payi_guard.pricing import PriceBook, UnknownModel
-from payi_guard.web.core import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, USER_HEADER, Problem
+from payi_guard.web.options import USER_HEADER
+from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, Problem
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",

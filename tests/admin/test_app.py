@@ -36,7 +36,7 @@ from payi_guard.engine import CallRequest, Guard
 from payi_guard.identity import Pseudonymizer
 from payi_guard.pricing import TokenUsage
 from payi_guard.usage import LimitUsage
-from payi_guard.web.core import PROBLEM_CONTENT_TYPE
+from payi_guard.web.problem import PROBLEM_CONTENT_TYPE
 
 EXCEEDED_RED = (220, 38, 38)  # #dc2626, the bar of an exceeded limit
 WARNING_AMBER = (217, 119, 6)  # #d97706
