@@ -9,7 +9,7 @@ It measures, with the real openai SDK (3.x, httpx2) and the memory store:
 * per-call time of ``chat.completions.create`` bare and guarded, over an in-process
   ``httpx2.MockTransport`` (no network: the bare call is only SDK overhead, so the
   percentage is the harshest view) and over loopback HTTP to a local
-  :class:`~payi_guard.fake_provider.FakeProvider` run in a child process (the nearest
+  :class:`~payi_guard.testing.FakeProvider` run in a child process (the nearest
   thing to a real call);
 * time to the first streamed chunk, bare and guarded, over both;
 * the cost per chunk of the stream wrapper: a 1,000-chunk stream read bare and guarded
@@ -153,11 +153,12 @@ def row(name: str, bare: float, guarded: float) -> None:
 
 FAKE_SERVER = """
 import sys
-from payi_guard import fake_provider
+from payi_guard.testing import FakeProvider
+from payi_guard.testing.fake_provider.handler import Handler
 # The fake writes a plain answer's headers and body separately: with Nagle's algorithm
 # on, the body waits for the client's delayed ACK (about 40 ms on Linux).
-fake_provider._Handler.disable_nagle_algorithm = True
-with fake_provider.FakeProvider(gzip=False) as fake:
+Handler.disable_nagle_algorithm = True
+with FakeProvider(gzip=False) as fake:
     print(fake.openai_base_url, flush=True)
     sys.stdin.read()
 """

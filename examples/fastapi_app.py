@@ -37,8 +37,8 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 
 from payi_guard import Guard
-from payi_guard.fake_provider import FakeProvider
 from payi_guard.log import configure_json
+from payi_guard.testing import FakeProvider
 from payi_guard.web import GuardMiddleware
 
 BUDGETS = pathlib.Path(__file__).with_name("budgets.yaml")

@@ -27,9 +27,9 @@ import flask
 import openai
 
 from payi_guard import Guard
-from payi_guard.fake_provider import FakeProvider
 from payi_guard.flask import PayiGuard
 from payi_guard.log import configure_json
+from payi_guard.testing import FakeProvider
 
 BUDGETS = pathlib.Path(__file__).with_name("budgets.yaml")
 

@@ -2,7 +2,7 @@
 
 Everything runs on this machine, offline, on the default in-memory store:
 
-1. an embedded :class:`~payi_guard.fake_provider.FakeProvider` plays OpenAI;
+1. an embedded :class:`~payi_guard.testing.FakeProvider` plays OpenAI;
 2. a FastAPI app behind Starlette's ``AuthenticationMiddleware`` and
    :class:`~payi_guard.web.GuardMiddleware` answers ``POST /chat`` with a guarded
    ``openai.AsyncOpenAI`` client (plain and streamed);
@@ -362,8 +362,8 @@ def run_demo(
         out: where to print (default: stdout).
     """
     from payi_guard.engine import Guard
-    from payi_guard.fake_provider import FakeProvider
-    from payi_guard.report import main as report_main
+    from payi_guard.report import ReportBuilder, UnreadableLog, read_logs, write_table
+    from payi_guard.testing import FakeProvider
 
     out = out or sys.stdout
     sims = _users(users)
@@ -396,7 +396,16 @@ def run_demo(
         for line in feed.lines:
             print(f"  {line}", file=out)
     print("\nReport from the JSON logs (payi-guard report):\n", file=out, flush=True)
-    status = report_main([log_path], stdout=out)
+    builder = ReportBuilder()
+    try:
+        read_logs([log_path], builder)
+    except UnreadableLog as exc:
+        print(f"payi-guard report: error: {exc}", file=sys.stderr)
+        status = 2
+    else:
+        write_table(builder.build(), out)
+        out.flush()
+        status = 0
     if keep_log:
         print(f"\nJSON logs kept in {log_path}", file=out)
     else:

@@ -33,13 +33,9 @@ from payi_guard.exceptions import (
     MissingDependency,
     StorageError,
 )
-from payi_guard.web.core import (
-    PROBLEM_CONTENT_TYPE,
-    Problem,
-    WebCore,
-    is_guarded_request,
-    rebind_user,
-)
+from payi_guard.web.core import WebCore
+from payi_guard.web.identify import is_guarded_request, rebind_user
+from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, Problem
 
 try:
     from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -161,22 +157,24 @@ def require_budget(
     async def budget_gate(response: Response, _user: Annotated[Any, Depends(before)]) -> None:
         in_middleware = is_guarded_request()
         try:
-            limit, headers = await core.aevaluate()
+            limit, headers = await core.gate.aevaluate()
         except BudgetExceeded as exc:  # UserRequired
             if in_middleware:
                 raise
-            raise BudgetHTTPException(core.problem_for_refusal(exc)) from exc
+            raise BudgetHTTPException(core.problems.problem_for_refusal(exc)) from exc
         except StorageError as exc:
-            result = core.storage_failed(exc)
+            result = core.gate.storage_failed(exc)
             if result.problem is None:
                 return
             if in_middleware:
                 raise
             raise BudgetHTTPException(result.problem) from exc
         if limit is not None:
-            problem = core.refuse(limit)
+            problem = core.gate.refuse(limit)
             if in_middleware:
-                raise BudgetExceeded(core.refused_user(), limit, core.retry_after(limit))
+                raise BudgetExceeded(
+                    core.gate.refused_user(), limit, core.problems.retry_after(limit)
+                )
             raise BudgetHTTPException(problem)
         for name, value in headers:
             response.headers[name] = value
@@ -200,7 +198,9 @@ def install_exception_handlers(app: FastAPI, guard: Guard, *, block_status: int 
     core = WebCore(guard, block_status=block_status)
 
     async def guard_error(request: Request, exc: Exception) -> Response:
-        problem = exc.problem if isinstance(exc, BudgetHTTPException) else core.problem_for(exc)
+        problem = (
+            exc.problem if isinstance(exc, BudgetHTTPException) else core.problems.problem_for(exc)
+        )
         if problem is None:  # pragma: no cover - only registered for the classes below
             raise exc
         return problem_response(problem)

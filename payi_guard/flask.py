@@ -20,8 +20,10 @@ Nothing is recorded in ``teardown_request``: it runs twice for a response stream
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import Unpack
 
 from payi_guard.context import current_request
 from payi_guard.engine import Guard
@@ -31,15 +33,11 @@ from payi_guard.exceptions import (
     MissingDependency,
     StorageError,
 )
-from payi_guard.web.core import (
-    REQUEST_ID_HEADER,
-    USER_HEADER,
-    InvalidUserPolicy,
-    Problem,
-    WebCore,
-    rebind_user,
-    store_gate_headers,
-)
+from payi_guard.web.core import WebCore
+from payi_guard.web.gate import store_gate_headers
+from payi_guard.web.identify import rebind_user
+from payi_guard.web.options import WebOptionArgs
+from payi_guard.web.problem import Problem
 from payi_guard.web.wsgi import WSGIGuardMiddleware
 
 if TYPE_CHECKING:
@@ -70,22 +68,14 @@ class PayiGuard:
             the user id or ``None`` (replaces the flask-login / session defaults).
         session_key: the ``session`` key read when neither ``user`` nor flask-login
             names a user.
-        guarded_paths: globs of the paths gated (after ``before_request`` named the
-            user) before the view runs.
         session_id: for the ``session`` anonymous strategy: a callable without arguments
             that returns the session/device id (default: the ``session_cookie`` cookie).
-        trust_user_header: honour the ``xProxy-User-ID`` header (only behind an
-            authenticating proxy).
-        user_header: the header that names the user.
-        block_status: the status of a budget refusal.
-        gate: ``"cache"`` (default: no storage round trip) or ``"storage"`` (read the
-            counters on every guarded request); see :class:`~payi_guard.web.core.WebCore`.
-        budget_headers: add the tightest limit's ``RateLimit`` headers to successful
-            responses of guarded paths.
-        on_invalid_user: ``"reject"`` (400) or ``"anonymous"``.
-        session_cookie: the cookie read for the ``session`` strategy (hashed).
-        request_id_header: the request-id header honoured and echoed (``None``: off).
-        www_authenticate: the ``WWW-Authenticate`` challenge of a 401.
+        **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
+            (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
+            ``request_id_header``, ``www_authenticate``), each documented there.
+            ``guarded_paths`` are gated in ``before_request``, once the user is
+            named, before the view runs.
 
     Raises:
         TypeError: an option has the wrong type.
@@ -99,17 +89,8 @@ class PayiGuard:
         guard: Guard,
         user: Callable[[], Any] | None = None,
         session_key: str = "user_id",
-        guarded_paths: Sequence[str] = (),
         session_id: Callable[[], Any] | None = None,
-        trust_user_header: bool = False,
-        user_header: str = USER_HEADER,
-        block_status: int = 429,
-        budget_headers: bool = False,
-        gate: Literal["cache", "storage"] = "cache",
-        on_invalid_user: InvalidUserPolicy = "reject",
-        session_cookie: str | None = "session_id",
-        request_id_header: str | None = REQUEST_ID_HEADER,
-        www_authenticate: str | None = None,
+        **options: Unpack[WebOptionArgs],
     ) -> None:
         if user is not None and not callable(user):
             raise TypeError("user= must be a callable without arguments, or None")
@@ -119,23 +100,13 @@ class PayiGuard:
         self.user = user
         self.session_key = session_key
         self.session_id = session_id
-        self._middleware_options: dict[str, Any] = {
-            "trust_user_header": trust_user_header,
-            "user_header": user_header,
-            "block_status": block_status,
-            "on_invalid_user": on_invalid_user,
-            "session_cookie": session_cookie,
-            "request_id_header": request_id_header,
-            "www_authenticate": www_authenticate,
-        }
         # The core that gates in before_request: the user is only known there.
-        self.core = WebCore(
-            guard,
-            guarded_paths=guarded_paths,
-            budget_headers=budget_headers,
-            gate=gate,
-            **self._middleware_options,
-        )
+        self.core = WebCore(guard, **options)
+        # The middleware only opens the request and answers the guard's exceptions.
+        self._middleware_options = options.copy()
+        self._middleware_options.pop("guarded_paths", None)
+        self._middleware_options.pop("budget_headers", None)
+        self._middleware_options.pop("gate", None)
         if app is not None:
             self.init_app(app)
 
@@ -186,27 +157,31 @@ class PayiGuard:
                 value = self._find_user()
             except InvalidUserId as exc:
                 value = None
-                problem = self.core.invalid_user(exc, "flask")
+                problem = self.core.identify.invalid_user(exc, "flask")
                 if problem is not None:
                     return _response(problem)
             if value is not None:
-                problem = self.core.assign_user(rs, value, "flask")
+                problem = self.core.identify.assign_user(rs, value, "flask")
                 if problem is not None:
                     return _response(problem)
                 if rs.user_id is not None:
                     rebind_user(rs.user_id)
-        if rs.user_id is None and self.session_id is not None and self.core.wants_session():
-            self.core.set_session(rs, self.session_id())
+        if (
+            rs.user_id is None
+            and self.session_id is not None
+            and self.core.identify.wants_session()
+        ):
+            self.core.identify.set_session(rs, self.session_id())
         request = _flask().request
-        if request.method != "OPTIONS" and self.core.guarded(request.path):
-            gate = self.core.check()
+        if request.method != "OPTIONS" and self.core.gate.guarded(request.path):
+            gate = self.core.gate.check()
             if gate.problem is not None:
                 return _response(gate.problem)
             store_gate_headers(rs, gate.headers)
         return None
 
     def _handle_error(self, exc: Exception) -> Any:
-        problem = self.core.problem_for(exc)
+        problem = self.core.problems.problem_for(exc)
         if problem is None:  # pragma: no cover - only registered for these classes
             raise exc
         return _response(problem)

@@ -22,7 +22,7 @@ import httpx2
 import openai
 import pytest
 
-from payi_guard.fake_provider import (
+from payi_guard.testing import (
     DEFAULT_REPLY,
     FakeProvider,
     Scripted,

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder as OpenAISSEDecoder
 
-from payi_guard.fake_provider import DEFAULT_REPLY, FakeProvider, Scripted, ToolCall
 from payi_guard.meter.parse import (
     Endpoint,
     ParsedUsage,
@@ -31,6 +30,7 @@ from payi_guard.meter.sse import (
     StreamUsageTracker,
 )
 from payi_guard.pricing import TokenUsage
+from payi_guard.testing import DEFAULT_REPLY, FakeProvider, Scripted, ToolCall
 
 CHAT = Endpoint("chat")
 COMPLETIONS = Endpoint("completions")

@@ -22,6 +22,8 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from payi_guard.cli import add_report_parser, run_report
+from payi_guard.cli import report_main as main
 from payi_guard.clock import FakeClock
 from payi_guard.log import configure_json, get_logger
 from payi_guard.report import (
@@ -32,10 +34,7 @@ from payi_guard.report import (
     CostDistribution,
     ReportBuilder,
     ReportFilter,
-    add_report_parser,
-    main,
     parse_time_bound,
-    run_report,
 )
 
 DATA = Path(__file__).parent / "data" / "report"

@@ -20,27 +20,26 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, MutableMapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars, reset_contextvars
+from typing_extensions import Unpack
 
 from payi_guard.context import RequestScope, request_scope
 from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId
-from payi_guard.web.core import (
-    AFTER_START_EVENT,
+from payi_guard.web.core import WebCore
+from payi_guard.web.identify import (
     ORDER_EVENT,
-    REQUEST_ID_HEADER,
-    USER_HEADER,
-    InvalidUserPolicy,
-    Problem,
-    WebCore,
     mark_bound,
     rebind_user,
+    request_id_of,
     user_of_scope,
 )
+from payi_guard.web.options import WebOptionArgs
+from payi_guard.web.problem import AFTER_START_EVENT, Problem
 
 __all__ = ["GuardMiddleware"]
 
@@ -133,7 +132,7 @@ class GuardMiddleware:
     For each HTTP request it opens a :func:`~payi_guard.context.request_scope` and binds
     ``user_id`` and ``request_id`` in structlog's context variables for the whole
     request, streamed body included (undone at the end); finds the user (see
-    :mod:`payi_guard.web.core` for the order of sources); gates ``guarded_paths`` before
+    :mod:`payi_guard.web.identify` for the order of sources); gates ``guarded_paths`` before
     the app runs; turns a ``BudgetExceeded`` escaping the app into the same refusal
     response; and echoes the request id. WebSocket and lifespan scopes pass through
     untouched.
@@ -146,22 +145,12 @@ class GuardMiddleware:
         user: a resolver given the Starlette ``Request`` (built only when a resolver is
             set; the body is not available) that returns the user id or ``None``; sync
             or async. A sync resolver runs on the event loop: keep it quick.
-        trust_user_header: honour the ``xProxy-User-ID`` header (only behind an
-            authenticating proxy).
-        user_header: the header that names the user.
-        guarded_paths: globs of the paths gated before the app runs.
-        block_status: the status of a budget refusal.
-        gate: ``"cache"`` (default: no storage round trip) or ``"storage"`` (read the
-            counters on every guarded request); see :class:`~payi_guard.web.core.WebCore`.
-        budget_headers: add the tightest limit's ``RateLimit`` headers to successful
-            responses of guarded paths.
-        on_invalid_user: ``"reject"`` (400) or ``"anonymous"``.
         session_id: for the ``session`` anonymous strategy: given the ``Request``,
             return the session/device id (sync or async).
-        session_cookie: the cookie read for the ``session`` strategy when no
-            ``session_id`` is given (its value is hashed).
-        request_id_header: the request-id header honoured and echoed (``None``: off).
-        www_authenticate: the ``WWW-Authenticate`` challenge of a 401.
+        **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
+            (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
+            ``request_id_header``, ``www_authenticate``), each documented there.
 
     Raises:
         TypeError: an option has the wrong type.
@@ -174,34 +163,13 @@ class GuardMiddleware:
         *,
         guard: Guard,
         user: UserResolver | None = None,
-        trust_user_header: bool = False,
-        user_header: str = USER_HEADER,
-        guarded_paths: Sequence[str] = (),
-        block_status: int = 429,
-        budget_headers: bool = False,
-        gate: Literal["cache", "storage"] = "cache",
-        on_invalid_user: InvalidUserPolicy = "reject",
         session_id: Callable[[Request], Any] | None = None,
-        session_cookie: str | None = "session_id",
-        request_id_header: str | None = REQUEST_ID_HEADER,
-        www_authenticate: str | None = None,
+        **options: Unpack[WebOptionArgs],
     ) -> None:
         self.app = app
-        self.core = WebCore(
-            guard,
-            user=user,
-            trust_user_header=trust_user_header,
-            user_header=user_header,
-            guarded_paths=guarded_paths,
-            block_status=block_status,
-            budget_headers=budget_headers,
-            gate=gate,
-            on_invalid_user=on_invalid_user,
-            session_id=session_id,
-            session_cookie=session_cookie,
-            request_id_header=request_id_header,
-            www_authenticate=www_authenticate,
-        )
+        self.core = WebCore(guard, user=user, session_id=session_id, **options)
+        user_header = self.core.options.user_header
+        request_id_header = self.core.options.request_id_header
         self._user_key = user_header.lower().encode("latin-1")
         self._request_id_key = (
             request_id_header.lower().encode("latin-1") if request_id_header else None
@@ -223,8 +191,7 @@ class GuardMiddleware:
                 user_raw = value
             elif name == b"cookie":
                 cookie_raw = value if cookie_raw is None else cookie_raw + b"; " + value
-        core = self.core
-        request_id = core.request_id(
+        request_id = request_id_of(
             None if request_id_raw is None else request_id_raw.decode("latin-1")
         )
         with request_scope(request_id=request_id) as rs:
@@ -252,8 +219,8 @@ class GuardMiddleware:
         if self._request_id_key is not None:
             extra.append((self._request_id_key, request_id.encode("latin-1")))
         # CORS preflights never make GenAI calls, and must not need a user.
-        if problem is None and scope["method"] != "OPTIONS" and core.guarded(scope["path"]):
-            gate = await core.acheck()
+        if problem is None and scope["method"] != "OPTIONS" and core.gate.guarded(scope["path"]):
+            gate = await core.gate.acheck()
             problem = gate.problem
             extra.extend(_encode(gate.headers))
         response = _Response(send, extra)
@@ -268,7 +235,7 @@ class GuardMiddleware:
             await self.app(app_scope, receive, response)
         except Exception as exc:
             if not response.started:
-                problem = core.problem_for(exc)
+                problem = core.problems.problem_for(exc)
                 if problem is None:
                     raise
                 # The gate headers described a success; a refusal brings its own.
@@ -310,27 +277,29 @@ class GuardMiddleware:
         core = self.core
         request: Request | None = None
         try:
-            if core.resolver is not None:
+            resolver = core.options.user
+            if resolver is not None:
                 request = Request(scope)
-                value = await _maybe_await(core.resolver(request))
+                value = await _maybe_await(resolver(request))
                 if value is not None:
-                    return core.assign_user(rs, value, "resolver")
+                    return core.identify.assign_user(rs, value, "resolver")
             value = user_of_scope(scope.get("user"))
             if value is not None:
-                return core.assign_user(rs, value, "scope")
+                return core.identify.assign_user(rs, value, "scope")
             if user_raw is not None:
-                header = core.header_user(user_raw.decode("latin-1"))
+                header = core.identify.header_user(user_raw.decode("latin-1"))
                 if header is not None:
-                    return core.assign_user(rs, header, "header")
+                    return core.identify.assign_user(rs, header, "header")
         except InvalidUserId as exc:  # raised by the resolver itself
-            return core.invalid_user(exc, "resolver")
-        if core.wants_session():
-            if core.session_id is not None:
-                session = await _maybe_await(core.session_id(request or Request(scope)))
+            return core.identify.invalid_user(exc, "resolver")
+        if core.identify.wants_session():
+            session_id = core.options.session_id
+            if session_id is not None:
+                session = await _maybe_await(session_id(request or Request(scope)))
             else:
                 cookies = None if cookie_raw is None else cookie_raw.decode("latin-1")
-                session = core.session_from_cookie(cookies)
-            core.set_session(rs, session)
+                session = core.identify.session_from_cookie(cookies)
+            core.identify.set_session(rs, session)
         return None
 
     def _late_user(self, rs: RequestScope, user: object) -> None:
@@ -355,7 +324,7 @@ class GuardMiddleware:
         try:
             user_id = rs.set_user(value, source="scope")
         except InvalidUserId as exc:
-            if self.core.invalid_user(exc, "scope") is not None:
+            if self.core.identify.invalid_user(exc, "scope") is not None:
                 raise
             return
         rebind_user(user_id)

@@ -14,27 +14,22 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from structlog.contextvars import bind_contextvars, reset_contextvars
+from typing_extensions import Unpack
 
 from payi_guard.context import RequestScope, request_scope
 from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId
-from payi_guard.web.core import (
-    AFTER_START_EVENT,
-    REQUEST_ID_HEADER,
-    USER_HEADER,
-    InvalidUserPolicy,
-    Problem,
-    WebCore,
-    gate_headers,
-    mark_bound,
-    store_gate_headers,
-)
+from payi_guard.web.core import WebCore
+from payi_guard.web.gate import gate_headers, store_gate_headers
+from payi_guard.web.identify import mark_bound, request_id_of
+from payi_guard.web.options import WebOptionArgs
+from payi_guard.web.problem import AFTER_START_EVENT, Problem
 
 __all__ = ["WSGIGuardMiddleware"]
 
@@ -63,22 +58,13 @@ class WSGIGuardMiddleware:
         app: the WSGI application.
         guard: the :class:`~payi_guard.engine.Guard` that holds the budgets.
         user: a resolver given the WSGI environ that returns the user id or ``None``.
-        trust_user_header: honour the ``xProxy-User-ID`` header (only behind an
-            authenticating proxy).
-        user_header: the header that names the user.
-        guarded_paths: globs of the paths (``PATH_INFO``) gated before the app runs.
-        block_status: the status of a budget refusal.
-        gate: ``"cache"`` (default: no storage round trip) or ``"storage"`` (read the
-            counters on every guarded request); see :class:`~payi_guard.web.core.WebCore`.
-        budget_headers: add the tightest limit's ``RateLimit`` headers to successful
-            responses of guarded paths.
-        on_invalid_user: ``"reject"`` (400) or ``"anonymous"``.
         session_id: for the ``session`` anonymous strategy: given the environ, return
             the session/device id.
-        session_cookie: the cookie read for the ``session`` strategy when no
-            ``session_id`` is given (its value is hashed).
-        request_id_header: the request-id header honoured and echoed (``None``: off).
-        www_authenticate: the ``WWW-Authenticate`` challenge of a 401.
+        **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
+            (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
+            ``request_id_header``, ``www_authenticate``), each documented there.
+            ``guarded_paths`` match ``PATH_INFO``.
 
     Raises:
         TypeError: an option has the wrong type.
@@ -91,35 +77,13 @@ class WSGIGuardMiddleware:
         *,
         guard: Guard,
         user: Callable[[Environ], Any] | None = None,
-        trust_user_header: bool = False,
-        user_header: str = USER_HEADER,
-        guarded_paths: Sequence[str] = (),
-        block_status: int = 429,
-        budget_headers: bool = False,
-        gate: Literal["cache", "storage"] = "cache",
-        on_invalid_user: InvalidUserPolicy = "reject",
         session_id: Callable[[Environ], Any] | None = None,
-        session_cookie: str | None = "session_id",
-        request_id_header: str | None = REQUEST_ID_HEADER,
-        www_authenticate: str | None = None,
+        **options: Unpack[WebOptionArgs],
     ) -> None:
         self.app = app
-        self.core = WebCore(
-            guard,
-            user=user,
-            trust_user_header=trust_user_header,
-            user_header=user_header,
-            guarded_paths=guarded_paths,
-            block_status=block_status,
-            budget_headers=budget_headers,
-            gate=gate,
-            on_invalid_user=on_invalid_user,
-            session_id=session_id,
-            session_cookie=session_cookie,
-            request_id_header=request_id_header,
-            www_authenticate=www_authenticate,
-        )
-        self._user_key = _environ_key(user_header)
+        self.core = WebCore(guard, user=user, session_id=session_id, **options)
+        request_id_header = self.core.options.request_id_header
+        self._user_key = _environ_key(self.core.options.user_header)
         self._request_id_key = _environ_key(request_id_header) if request_id_header else None
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -132,7 +96,7 @@ class WSGIGuardMiddleware:
     ) -> Iterable[bytes]:
         core = self.core
         incoming = environ.get(self._request_id_key) if self._request_id_key else None
-        request_id = core.request_id(incoming)
+        request_id = request_id_of(incoming)
         stack = ExitStack()
         try:
             rs = stack.enter_context(request_scope(request_id=request_id))
@@ -143,9 +107,9 @@ class WSGIGuardMiddleware:
             if (
                 problem is None
                 and environ.get("REQUEST_METHOD") != "OPTIONS"  # CORS preflights
-                and core.guarded(environ.get("PATH_INFO") or "/")
+                and core.gate.guarded(environ.get("PATH_INFO") or "/")
             ):
-                gate = core.check()
+                gate = core.gate.check()
                 problem = gate.problem
                 store_gate_headers(rs, gate.headers)
             response = _Response(self, start_response, rs, request_id)
@@ -155,7 +119,7 @@ class WSGIGuardMiddleware:
             try:
                 iterable = self.app(environ, response.start_response)
             except Exception as exc:
-                problem = core.problem_for(exc)
+                problem = core.problems.problem_for(exc)
                 if problem is None:
                     raise
                 stack.close()
@@ -168,21 +132,23 @@ class WSGIGuardMiddleware:
     def _identify(self, environ: Environ, rs: RequestScope) -> Problem | None:
         core = self.core
         try:
-            if core.resolver is not None:
-                value = core.resolver(environ)
+            resolver = core.options.user
+            if resolver is not None:
+                value = resolver(environ)
                 if value is not None:
-                    return core.assign_user(rs, value, "resolver")
-            header = core.header_user(environ.get(self._user_key))
+                    return core.identify.assign_user(rs, value, "resolver")
+            header = core.identify.header_user(environ.get(self._user_key))
             if header is not None:
-                return core.assign_user(rs, header, "header")
+                return core.identify.assign_user(rs, header, "header")
         except InvalidUserId as exc:  # raised by the resolver itself
-            return core.invalid_user(exc, "resolver")
-        if core.wants_session():
-            if core.session_id is not None:
-                session = core.session_id(environ)
+            return core.identify.invalid_user(exc, "resolver")
+        if core.identify.wants_session():
+            session_id = core.options.session_id
+            if session_id is not None:
+                session = session_id(environ)
             else:
-                session = core.session_from_cookie(environ.get("HTTP_COOKIE"))
-            core.set_session(rs, session)
+                session = core.identify.session_from_cookie(environ.get("HTTP_COOKIE"))
+            core.identify.set_session(rs, session)
         return None
 
 
@@ -204,7 +170,7 @@ class _Response:
         self.request_id = request_id
 
     def _own_headers(self) -> list[tuple[str, str]]:
-        name = self._middleware.core.request_id_header
+        name = self._middleware.core.options.request_id_header
         return [] if name is None else [(name, self.request_id)]
 
     def start_response(
@@ -273,7 +239,7 @@ class _Body:
         return chunk
 
     def _middleware_problem(self, exc: Exception) -> Problem | None:
-        return self._response._middleware.core.problem_for(exc)
+        return self._response._middleware.core.problems.problem_for(exc)
 
     def _refused(self, exc: Exception, problem: Problem) -> bytes:
         if not self._sent:

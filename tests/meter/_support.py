@@ -8,7 +8,7 @@ from typing import Any
 
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import RecordedRequest
+from payi_guard.testing import RecordedRequest
 
 # USD per million tokens. Every rate is a whole number of nano-USD per token, so each
 # expected cost below is exact: tokens * rate / 1e6 dollars.

@@ -9,7 +9,7 @@ import pytest
 from meter._support import make_guard
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import FakeProvider
+from payi_guard.testing import FakeProvider
 
 
 @pytest.fixture(scope="session")

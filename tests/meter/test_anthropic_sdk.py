@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from meter._support import assert_charged, expected_cost, logged_usd, one_call, used, user_message
 from payi_guard import track_context
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import DEFAULT_REPLY, FakeProvider, Scripted, ToolCall
+from payi_guard.testing import DEFAULT_REPLY, FakeProvider, Scripted, ToolCall
 
 MODEL = "claude-test"
 PROMPT = user_message("Write one line about the sea")

@@ -20,7 +20,7 @@ from meter._support import calls, expected_cost, logged_usd, make_guard, used, u
 from payi_guard import BudgetExceeded, is_refusal, track_context
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import FakeProvider
+from payi_guard.testing import FakeProvider
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])

@@ -24,8 +24,8 @@ from meter._support import (
 )
 from payi_guard import is_refusal, track_context
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import DEFAULT_REPLY, FakeProvider, Scripted
 from payi_guard.meter.tokens import estimate_input_tokens
+from payi_guard.testing import DEFAULT_REPLY, FakeProvider, Scripted
 
 PROMPT = user_message("Tell me a short story about a lighthouse")
 FAST_RETRY = {"retry-after-ms": "1"}

@@ -18,8 +18,8 @@ from meter._support import calls, expected_cost, logged_usd, make_guard, used, u
 from payi_guard import BudgetExceeded, is_refusal, track_context
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import FakeProvider
 from payi_guard.meter import guarded_by, is_guarded
+from payi_guard.testing import FakeProvider
 
 PROMPT = user_message("Say something nice")
 ORIGINAL_BUILD = (OpenAIBase.__dict__["_build_request"], AnthropicBase.__dict__["_build_request"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from meter._support import PRICES, expected_cost
-from payi_guard.fake_provider import FakeProvider
+from payi_guard.testing import FakeProvider
 
 LEGACY_VERSION = "2.54.0"
 REPO = Path(__file__).resolve().parents[2]

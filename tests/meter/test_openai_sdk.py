@@ -30,7 +30,7 @@ from meter._support import (
 from payi_guard import request_scope, track_context
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import DEFAULT_REPLY, FakeProvider, Scripted, ToolCall
+from payi_guard.testing import DEFAULT_REPLY, FakeProvider, Scripted, ToolCall
 
 PROMPT = user_message("What is the weather like in Paris today")
 

@@ -12,8 +12,8 @@ from structlog.testing import capture_logs
 from meter._support import one_call, user_message
 from payi_guard import track_context
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import FakeProvider
 from payi_guard.meter.tokens import estimate_input_tokens
+from payi_guard.testing import FakeProvider
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from meter._support import make_guard, user_message
 from payi_guard import track_context
 from payi_guard.engine import Guard
 from payi_guard.exceptions import MissingDependency
-from payi_guard.fake_provider import FakeProvider
 from payi_guard.meter.payi_bridge import payi_instrumented
+from payi_guard.testing import FakeProvider
 
 PROMPT = user_message("Plan my week")
 ATTRIBUTION = {

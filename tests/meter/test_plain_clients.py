@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 from meter._support import expected_cost, logged_usd, one_call, used, user_message
 from payi_guard import track_context
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import FakeProvider, Scripted
 from payi_guard.meter import is_guarded
+from payi_guard.testing import FakeProvider, Scripted
 
 MODULES = [pytest.param(httpx2, id="httpx2"), pytest.param(httpx, id="httpx")]
 PROMPT = user_message("Name three colours")

@@ -19,7 +19,7 @@ from payi_guard import BudgetExceeded, StorageError, is_refusal, track_context
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard, UnknownModelRefused, UserRequired
 from payi_guard.exceptions import ConfigError
-from payi_guard.fake_provider import FakeProvider, Scripted
+from payi_guard.testing import FakeProvider, Scripted
 
 PROMPT = user_message("Summarise the quarterly report in detail please")
 TIGHT = {"default": [{"max": 0.000001, "per": "day"}]}  # one micro-dollar: nothing fits

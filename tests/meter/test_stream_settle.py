@@ -18,9 +18,9 @@ from meter._support import expected_cost, logged_usd, make_guard, one_call, used
 from payi_guard import track_context
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
-from payi_guard.fake_provider import FakeProvider
 from payi_guard.meter import flush_abandoned_streams
 from payi_guard.meter.tokens import estimate_input_tokens
+from payi_guard.testing import FakeProvider
 
 PROMPT = user_message("Count slowly from one to ten for me")
 

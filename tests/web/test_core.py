@@ -16,13 +16,9 @@ from payi_guard.context import request_scope
 from payi_guard.engine import Guard, UserRequired
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId, StorageError
 from payi_guard.usage import LimitUsage
-from payi_guard.web.core import (
-    PROBLEM_CONTENT_TYPE,
-    Problem,
-    WebCore,
-    parse_cookie,
-    user_of_scope,
-)
+from payi_guard.web.core import WebCore
+from payi_guard.web.identify import parse_cookie, user_of_scope
+from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, Problem
 from web._support import config, exhaust
 
 

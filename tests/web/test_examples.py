@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from payi_guard import Guard
 from payi_guard.clock import FakeClock
 from payi_guard.config import check_file
-from payi_guard.fake_provider import FakeProvider
+from payi_guard.testing import FakeProvider
 from web._support import serve_wsgi
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

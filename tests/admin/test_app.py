@@ -19,15 +19,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from structlog.testing import capture_logs
 
-from payi_guard.clock import FakeClock
-from payi_guard.engine import CallRequest, Guard
-from payi_guard.identity import Pseudonymizer
-from payi_guard.pricing import TokenUsage
-from payi_guard.usage import LimitUsage
-from payi_guard.web._directory import user_of_key, users_of_keys
-from payi_guard.web.admin import MAX_BATCH, SESSION_COOKIE, users_app
-from payi_guard.web.core import PROBLEM_CONTENT_TYPE
-from web._admin_support import (
+from admin._support import (
     MODEL,
     TOKEN,
     admin_config,
@@ -37,6 +29,14 @@ from web._admin_support import (
     run_chromium,
     serve,
 )
+from payi_guard.admin import MAX_BATCH, SESSION_COOKIE, users_app
+from payi_guard.admin.directory import user_of_key, users_of_keys
+from payi_guard.clock import FakeClock
+from payi_guard.engine import CallRequest, Guard
+from payi_guard.identity import Pseudonymizer
+from payi_guard.pricing import TokenUsage
+from payi_guard.usage import LimitUsage
+from payi_guard.web.problem import PROBLEM_CONTENT_TYPE
 
 EXCEEDED_RED = (220, 38, 38)  # #dc2626, the bar of an exceeded limit
 WARNING_AMBER = (217, 119, 6)  # #d97706

@@ -1,46 +1,7 @@
-"""The users page: who spends what against which limit, and manual usage events.
-
-:func:`users_app` builds a small ASGI application (Starlette) that an application
-mounts next to its own routes::
-
-    from payi_guard.web.admin import users_app
-
-    app.mount("/guard", users_app(guard, token=os.environ["PAYI_GUARD_ADMIN_TOKEN"]))
-
-Routes (relative to the mount point):
-
-* ``GET /``: the HTML page. Open it once as ``/guard/?token=<token>`` (or sign in with
-  the form it shows): it sets an HttpOnly, SameSite=Strict session cookie and redirects
-  to a URL without the token. The page renders offline (no CDN, no external asset).
-* ``GET /api/users``: users with their limits, as JSON (``q``, ``state``, ``sort``,
-  ``order``, ``page``; see :meth:`UsersApp.list_users`).
-* ``GET /api/users/{user_id}``: one user's limits.
-* ``POST /api/events``: manual usage events from services in other languages (one
-  event or a batch, see :meth:`UsersApp.post_events`), charged with
-  :meth:`Guard.arecord`.
-* ``GET /healthz``: liveness, without authentication or data.
-
-The API takes ``Authorization: Bearer <token>``; ``GET`` routes also accept the page's
-session cookie, ``POST /api/events`` does not (a browser session cannot post events).
-
-Flask and other WSGI apps: serve this app with any ASGI server next to the WSGI app,
-or mount it through a WSGI adapter such as ``a2wsgi`` (not a dependency)::
-
-    from a2wsgi import ASGIMiddleware
-    from werkzeug.middleware.dispatcher import DispatcherMiddleware
-
-    app.wsgi_app = DispatcherMiddleware(
-        app.wsgi_app, {"/guard": ASGIMiddleware(users_app(guard, token=token))}
-    )
-
-Users are discovered from the storage's counter keys (one ``SCAN``); see
-:mod:`payi_guard.web._directory` for how pages are cut.
-"""
+"""The users page application: :class:`UsersApp` and :func:`users_app`."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import html
 import math
 import secrets
@@ -52,19 +13,13 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from payi_guard.config import GuardConfig
-from payi_guard.engine import Guard
-from payi_guard.exceptions import InvalidUserId, PayiGuardError, StorageError
-from payi_guard.identity import normalize_user_id
-from payi_guard.pricing import PriceBook, UnknownModel
-from payi_guard.web._directory import (
+from payi_guard.admin.directory import (
     SORTS,
     STATES,
     UserDirectory,
@@ -73,8 +28,15 @@ from payi_guard.web._directory import (
     order_summaries,
     read_summaries,
 )
-from payi_guard.web._events import BodyError, parse_body, validate_events
-from payi_guard.web.core import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, USER_HEADER, Problem
+from payi_guard.admin.events import BodyError, parse_body, validate_events
+from payi_guard.admin.security import SESSION_COOKIE, SecurityHeaders, TokenAuth
+from payi_guard.config import GuardConfig
+from payi_guard.engine import Guard
+from payi_guard.exceptions import InvalidUserId, PayiGuardError, StorageError
+from payi_guard.identity import normalize_user_id
+from payi_guard.pricing import PriceBook, UnknownModel
+from payi_guard.web.options import USER_HEADER
+from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, Problem
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -98,24 +60,14 @@ MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 1000
 """The most events one ``POST /api/events`` may carry."""
 
-SESSION_COOKIE = "payi_guard_users"
-"""The name of the page's session cookie."""
-
 _MAX_ERRORS_SHOWN = 100
 _MAX_QUERY = 200
 _MAX_PAGE = 1_000_000
 _MAX_FORM_BYTES = 4096
-_SESSION_CONTEXT = b"payi_guard users session v1"
-_SECURITY_HEADERS = (
-    ("cache-control", "no-store"),
-    ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
-    ("x-frame-options", "DENY"),
-)
 
 
 def _template(name: str) -> str:
-    static = resources.files("payi_guard.web").joinpath("static")
+    static = resources.files("payi_guard.admin").joinpath("static")
     return static.joinpath(name).read_text(encoding="utf-8")
 
 
@@ -144,68 +96,6 @@ def _problem(
     return Response(
         problem.body, status, headers=dict(problem.headers), media_type=PROBLEM_CONTENT_TYPE
     )
-
-
-class _SecurityHeaders:
-    """Adds no-store, nosniff, no-referrer and frame denial to every response."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_secured(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(raw=message.setdefault("headers", []))
-                for name, value in _SECURITY_HEADERS:
-                    headers.setdefault(name, value)
-            await send(message)
-
-        await self.app(scope, receive, send_secured)
-
-
-class _Auth:
-    """The access token and the session cookie derived from it.
-
-    Comparisons are constant-time and done on digests, so neither the content nor the
-    length of the token leaks through timing. A session cookie is
-    ``v1.<expiry>.<HMAC-SHA256 keyed with the token>``: it is valid in every process
-    that knows the token, stops working when the token changes, and expires by itself.
-    """
-
-    def __init__(self, token: str, guard: Guard, ttl: float) -> None:
-        secret = token.encode("utf-8")
-        self._digest = hashlib.sha256(secret).digest()
-        self._key = hmac.new(secret, _SESSION_CONTEXT, hashlib.sha256).digest()
-        self._guard = guard
-        self.ttl = ttl
-
-    def token_ok(self, candidate: str) -> bool:
-        given = hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
-        return hmac.compare_digest(given, self._digest)
-
-    def bearer_ok(self, request: Request) -> bool:
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and bool(value) and self.token_ok(value.strip())
-
-    def _mac(self, expires: str) -> bytes:
-        return hmac.new(self._key, f"v1.{expires}".encode(), hashlib.sha256).hexdigest().encode()
-
-    def new_session(self) -> str:
-        expires = str(int(self._guard.clock.now() + self.ttl))
-        return f"v1.{expires}.{self._mac(expires).decode()}"
-
-    def session_ok(self, request: Request) -> bool:
-        parts = request.cookies.get(SESSION_COOKIE, "").split(".")
-        if len(parts) != 3 or parts[0] != "v1" or not parts[1].isdigit() or len(parts[1]) > 12:
-            return False
-        given = parts[2].encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, self._mac(parts[1])):
-            return False
-        return int(parts[1]) > self._guard.clock.now()
 
 
 class _QueryError(ValueError):
@@ -290,7 +180,7 @@ class UsersApp:
         self.max_body_bytes = max_body_bytes
         self.max_batch = max_batch
         self.directory = UserDirectory(guard, max_keys=max_keys, ttl=float(directory_ttl))
-        self._auth = _Auth(token, guard, float(session_ttl))
+        self._auth = TokenAuth(token, guard, float(session_ttl))
         self._page = _template("users.html").replace("__TITLE__", html.escape(self.title))
         self._login_page = _template("login.html").replace("__TITLE__", html.escape(self.title))
         self._prices: tuple[GuardConfig, PriceBook] | None = None
@@ -307,7 +197,7 @@ class UsersApp:
                 Route("/api/users/{user_id}", self.get_user, methods=["GET"]),
                 Route("/api/events", self.post_events, methods=["POST"]),
             ],
-            middleware=[Middleware(_SecurityHeaders)],
+            middleware=[Middleware(SecurityHeaders)],
         )
 
     # -- the HTML page ----------------------------------------------------------------------

@@ -1,14 +1,4 @@
-"""Helpers for testing applications that use payi_guard.
-
-Import them in your own tests::
-
-    from payi_guard.testing import FakeClock, FakeProvider, capture_events
-
-* :class:`FakeClock`: time that moves only when told to (windows, reservation expiry).
-* :class:`FakeProvider`: a local fake of the OpenAI and Anthropic HTTP APIs; point an SDK
-  client's ``base_url`` at it.
-* :func:`capture_events`: collect payi_guard's structlog events in a block.
-"""
+"""Capture payi_guard's structlog events in a test: :func:`capture_events`."""
 
 from __future__ import annotations
 
@@ -18,10 +8,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from payi_guard.clock import FakeClock
-from payi_guard.fake_provider import FakeProvider, Scripted, ToolCall
-
-__all__ = ["FakeClock", "FakeProvider", "Scripted", "ToolCall", "capture_events"]
+__all__ = ["capture_events"]
 
 
 class _Events(list[MutableMapping[str, Any]]):

@@ -1,0 +1,60 @@
+"""The users page: who spends what against which limit, and manual usage events.
+
+:func:`users_app` builds a small ASGI application (Starlette) that an application
+mounts next to its own routes::
+
+    from payi_guard.admin import users_app
+
+    app.mount("/guard", users_app(guard, token=os.environ["PAYI_GUARD_ADMIN_TOKEN"]))
+
+Routes (relative to the mount point):
+
+* ``GET /``: the HTML page. Open it once as ``/guard/?token=<token>`` (or sign in with
+  the form it shows): it sets an HttpOnly, SameSite=Strict session cookie and redirects
+  to a URL without the token. The page renders offline (no CDN, no external asset).
+* ``GET /api/users``: users with their limits, as JSON (``q``, ``state``, ``sort``,
+  ``order``, ``page``; see :meth:`UsersApp.list_users`).
+* ``GET /api/users/{user_id}``: one user's limits.
+* ``POST /api/events``: manual usage events from services in other languages (one
+  event or a batch, see :meth:`UsersApp.post_events`), charged with
+  :meth:`Guard.arecord`.
+* ``GET /healthz``: liveness, without authentication or data.
+
+The API takes ``Authorization: Bearer <token>``; ``GET`` routes also accept the page's
+session cookie, ``POST /api/events`` does not (a browser session cannot post events).
+
+Flask and other WSGI apps: serve this app with any ASGI server next to the WSGI app,
+or mount it through a WSGI adapter such as ``a2wsgi`` (not a dependency)::
+
+    from a2wsgi import ASGIMiddleware
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    app.wsgi_app = DispatcherMiddleware(
+        app.wsgi_app, {"/guard": ASGIMiddleware(users_app(guard, token=token))}
+    )
+
+Users are discovered from the storage's counter keys (one ``SCAN``); see
+:mod:`payi_guard.admin.directory` for how pages are cut.
+"""
+
+from __future__ import annotations
+
+from payi_guard.admin.app import (
+    DEFAULT_PAGE_SIZE,
+    MAX_BATCH,
+    MAX_BODY_BYTES,
+    MIN_TOKEN_LENGTH,
+    UsersApp,
+    users_app,
+)
+from payi_guard.admin.security import SESSION_COOKIE
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_BATCH",
+    "MAX_BODY_BYTES",
+    "MIN_TOKEN_LENGTH",
+    "SESSION_COOKIE",
+    "UsersApp",
+    "users_app",
+]

@@ -1,0 +1,222 @@
+"""The early budget gate: guarded paths are checked before the app runs.
+
+A guarded request whose user has a block limit used up is answered with the refusal
+problem without running the app; ``budget_headers=True`` adds the ``RateLimit`` fields of
+the user's tightest limit to successful responses. Each GenAI call is still reserved
+atomically by the guard, whatever the gate said.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from payi_guard import log as events
+from payi_guard.context import RequestScope, get_context
+from payi_guard.engine import ANONYMOUS_USER, Guard
+from payi_guard.exceptions import BudgetExceeded, StorageError
+from payi_guard.usage import LimitUsage
+from payi_guard.web.options import WebOptions
+from payi_guard.web.problem import Problem, Problems, json_number
+
+__all__ = ["Gate", "GateResult", "gate_headers", "store_gate_headers"]
+
+_GATE_HEADERS_KEY = "payi_guard.web.rate_headers"
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    """What the early budget gate decided for one request.
+
+    Attributes:
+        problem: the response to send instead of running the app, or ``None`` to run it.
+        headers: ``RateLimit`` headers to add to a successful response
+            (``budget_headers=True`` only).
+    """
+
+    problem: Problem | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+_PASS = GateResult()
+
+
+class Gate:
+    """Decides, before the app runs, whether a guarded request may spend.
+
+    Args:
+        guard: the guard that holds the budgets.
+        options: ``guarded_paths``, ``gate`` and ``budget_headers`` drive it.
+        problems: builds the refusal and storage problems.
+        log: where refusals and storage failures are logged.
+    """
+
+    def __init__(self, guard: Guard, options: WebOptions, problems: Problems, log: Any) -> None:
+        self.guard = guard
+        self.options = options
+        self.problems = problems
+        self.log = log
+        self._budget_headers = options.budget_headers
+        self._read_storage = options.read_storage
+        patterns = options.guarded_paths
+        # fnmatchcase semantics: paths are case-sensitive on every platform.
+        self._paths = (
+            re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+            if patterns
+            else None
+        )
+
+    def guarded(self, path: str) -> bool:
+        """Return True if ``path`` matches one of ``guarded_paths``."""
+        return self._paths is not None and self._paths.match(path) is not None
+
+    def _usage_owner(self) -> tuple[str, tuple[str, ...]]:
+        attribution = get_context()
+        subject = self.guard.subject_for(attribution)
+        owner = subject.user_id if subject.anonymous else (subject.policy_user or subject.user_id)
+        return owner, attribution.limit_ids
+
+    def evaluate(self) -> tuple[LimitUsage | None, tuple[tuple[str, str], ...]]:
+        """Read the current user's budget once (sync).
+
+        Returns:
+            The exhausted block limit (``None`` when the user may spend) and, with
+            ``budget_headers``, the ``RateLimit`` headers of the tightest limit.
+
+        Raises:
+            UserRequired: no user is known and anonymous calls are rejected.
+            StorageError: the storage failed.
+            ConfigError: ``limit_ids`` in the context names an undefined limit.
+        """
+        if self._budget_headers:
+            owner, limit_ids = self._usage_owner()
+            return self._verdict(self.guard.usage(owner, limit_ids=limit_ids))
+        return (
+            self.guard.exhausted_limit(get_context(), read_storage=self._read_storage),
+            (),
+        )
+
+    async def aevaluate(self) -> tuple[LimitUsage | None, tuple[tuple[str, str], ...]]:
+        """Async :meth:`evaluate`; never blocks the event loop."""
+        if self._budget_headers:
+            owner, limit_ids = self._usage_owner()
+            return self._verdict(await self.guard.ausage(owner, limit_ids=limit_ids))
+        return (
+            await self.guard.aexhausted_limit(get_context(), read_storage=self._read_storage),
+            (),
+        )
+
+    def check(self) -> GateResult:
+        """Gate the current request before the app runs (sync; the WSGI twin).
+
+        Returns:
+            What to do: answer a problem, or run the app (with optional headers).
+
+        Raises:
+            ConfigError: ``limit_ids`` in the context names an undefined limit.
+        """
+        try:
+            limit, headers = self.evaluate()
+        except BudgetExceeded as exc:  # UserRequired: anonymous calls are rejected
+            return GateResult(self.problems.problem_for_refusal(exc))
+        except StorageError as exc:
+            return self.storage_failed(exc)
+        return self._result(limit, headers)
+
+    async def acheck(self) -> GateResult:
+        """Async :meth:`check` (the ASGI twin); never blocks the event loop."""
+        if not self._budget_headers and not self._read_storage:
+            # The cache gate does no I/O: answer without another coroutine hop.
+            return self.check()
+        try:
+            limit, headers = await self.aevaluate()
+        except BudgetExceeded as exc:
+            return GateResult(self.problems.problem_for_refusal(exc))
+        except StorageError as exc:
+            return self.storage_failed(exc)
+        return self._result(limit, headers)
+
+    def _result(self, limit: LimitUsage | None, headers: tuple[tuple[str, str], ...]) -> GateResult:
+        if limit is not None:
+            return GateResult(self.refuse(limit))
+        return GateResult(headers=headers) if headers else _PASS
+
+    def _verdict(
+        self, usages: Sequence[LimitUsage]
+    ) -> tuple[LimitUsage | None, tuple[tuple[str, str], ...]]:
+        exhausted = [u for u in usages if u.type == "block" and u.state == "exceeded"]
+        if exhausted:
+            # The limit that resets last is the honest Retry-After.
+            return max(exhausted, key=lambda u: u.resets_at), ()
+        tightest = _tightest(usages)
+        if tightest is None:
+            return None, ()
+        return None, self.problems.rate_limit_headers(tightest)
+
+    def refused_user(self) -> str:
+        """The id a refusal of the current request is logged and raised with."""
+        try:
+            return self.guard.subject_for(get_context()).user_id
+        except BudgetExceeded:
+            return ANONYMOUS_USER
+
+    def refuse(self, limit: LimitUsage) -> Problem:
+        """Log ``budget_exceeded`` for the gate and return the refusal problem."""
+        context = get_context()
+        self.log.warning(
+            events.BUDGET_EXCEEDED,
+            user_id=self.refused_user(),
+            limit=limit.name,
+            scope=limit.scope,
+            unit=limit.unit,
+            used=json_number(limit.used, limit.unit),
+            max=json_number(limit.max, limit.unit),
+            resets_at=limit.resets_at.isoformat(),
+            request_id=context.request_id,
+            source="gate",
+        )
+        return self.problems.budget_problem(limit)
+
+    def storage_failed(self, exc: StorageError) -> GateResult:
+        """Log a gate storage failure and apply ``on_storage_error`` (503 or pass)."""
+        policy = self.guard.config.on_storage_error
+        self.log.error(
+            events.STORAGE_ERROR,
+            op="gate",
+            error=str(exc),
+            error_type=type(exc).__name__,
+            policy=policy,
+        )
+        if policy == "allow":
+            return _PASS
+        return GateResult(self.problems.storage_problem())
+
+
+def _tightest(usages: Sequence[LimitUsage]) -> LimitUsage | None:
+    """The block limit with the smallest share left (ties: the one that resets first)."""
+    best: LimitUsage | None = None
+    best_key: tuple[Decimal, float] | None = None
+    for usage in usages:
+        if usage.type != "block":
+            continue
+        share = Decimal(usage.remaining) / Decimal(usage.max) if usage.max else Decimal(0)
+        key = (share, usage.resets_at.timestamp())
+        if best_key is None or key < best_key:
+            best, best_key = usage, key
+    return best
+
+
+def gate_headers(scope: RequestScope) -> tuple[tuple[str, str], ...]:
+    """Return the ``RateLimit`` headers the gate stored for this request (internal)."""
+    headers: tuple[tuple[str, str], ...] = scope.extra.get(_GATE_HEADERS_KEY, ())
+    return headers
+
+
+def store_gate_headers(scope: RequestScope, headers: tuple[tuple[str, str], ...]) -> None:
+    """Keep the gate's ``RateLimit`` headers for the response (internal)."""
+    if headers:
+        scope.extra[_GATE_HEADERS_KEY] = headers

@@ -1,0 +1,241 @@
+"""Who a request is for: user sources, invalid ids, anonymous sessions, request ids.
+
+Where the user of a request comes from, in this order (the first source that names a
+user wins; :func:`~payi_guard.set_user` later in the request always overrides):
+
+1. the ``user=`` resolver given to the middleware;
+2. ASGI ``scope["user"]`` when it is authenticated (Starlette's
+   ``AuthenticationMiddleware``, which must run *outside* the guard middleware);
+3. the ``xProxy-User-ID`` header, only with ``trust_user_header=True``;
+4. :func:`~payi_guard.set_user` (the FastAPI dependency, any code inside the request);
+5. Flask: the :class:`payi_guard.flask.PayiGuard` extension in ``before_request``.
+
+Everything here works on plain values (header strings, a
+:class:`~payi_guard.context.RequestScope`), never on a framework's request object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, cast
+
+import structlog
+
+from payi_guard._ids import new_id
+from payi_guard.context import RequestScope, current_request
+from payi_guard.engine import Guard
+from payi_guard.exceptions import InvalidUserId
+from payi_guard.web.options import WebOptions
+from payi_guard.web.problem import Problem, Problems
+
+__all__ = [
+    "INVALID_USER_EVENT",
+    "ORDER_EVENT",
+    "UNTRUSTED_HEADER_EVENT",
+    "Identifier",
+    "is_guarded_request",
+    "mark_bound",
+    "parse_cookie",
+    "rebind_user",
+    "request_id_of",
+    "user_of_scope",
+]
+
+ORDER_EVENT = "auth_middleware_order"
+"""Logged once when ``scope["user"]`` appears inside the guard (auth added in the wrong order)."""
+
+UNTRUSTED_HEADER_EVENT = "untrusted_user_header"
+"""Logged at debug level when the user header is present but not trusted."""
+
+INVALID_USER_EVENT = "invalid_user_id"
+"""Logged when a source names an invalid user id (with the reason, never the id)."""
+
+_BOUND_KEY = "payi_guard.web"
+_HAS_IDENTITY: dict[type, bool] = {}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}\Z")
+
+
+def user_of_scope(user: object) -> object | None:
+    """Return the id of an authenticated Starlette-style user object, else ``None``.
+
+    ``identity`` is used when the user class implements it, else ``display_name``
+    (Starlette's ``SimpleUser`` only has the latter).
+
+    Args:
+        user: the value of ASGI ``scope["user"]``.
+
+    Returns:
+        The id (not yet validated), or ``None`` for a missing or unauthenticated user.
+    """
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    cls = type(user)
+    has_identity = _HAS_IDENTITY.get(cls)
+    if has_identity is not False:
+        try:
+            identity = getattr(user, "identity", None)
+        except NotImplementedError:  # starlette.authentication.BaseUser.identity
+            # Remembered per class: raising on every request costs more than the rest.
+            _HAS_IDENTITY[cls] = False
+            identity = None
+        else:
+            _HAS_IDENTITY[cls] = True
+        if identity is not None and identity != "":
+            return cast(object, identity)
+    name: object = getattr(user, "display_name", None)
+    return None if name is None or name == "" else name
+
+
+def parse_cookie(header: str | None, name: str) -> str | None:
+    """Return the value of cookie ``name`` in a ``Cookie`` header, else ``None``.
+
+    Args:
+        header: the raw ``Cookie`` request header.
+        name: the cookie name.
+
+    Returns:
+        The value with surrounding quotes removed, or ``None`` when absent or empty.
+    """
+    if not header:
+        return None
+    for part in header.split(";"):
+        key, sep, value = part.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value or None
+    return None
+
+
+def request_id_of(incoming: str | None) -> str:
+    """Return ``incoming`` when it is a safe id (1-128 of ``A-Za-z0-9._:+=/-``), else a new one.
+
+    Args:
+        incoming: the request's ``X-Request-ID`` header value, if any.
+
+    Returns:
+        The request id of this request.
+    """
+    if incoming is not None and _REQUEST_ID.match(incoming):
+        return incoming
+    return new_id()
+
+
+def rebind_user(user_id: str) -> None:
+    """Rebind ``user_id`` in the structlog context of the current guarded request.
+
+    The middleware binds ``user_id`` for the whole request and unbinds it at the end, so
+    a user named later (by a dependency, ``before_request``) can be rebound in the same
+    context and is still undone by the middleware. Outside a guarded request this does
+    nothing, so it never leaves a value behind.
+
+    Args:
+        user_id: the normalised user id.
+    """
+    scope = current_request()
+    if scope is not None and scope.extra.get(_BOUND_KEY):
+        structlog.contextvars.bind_contextvars(user_id=user_id)
+
+
+def is_guarded_request() -> bool:
+    """True inside a request served by the guard middleware (ASGI or WSGI)."""
+    scope = current_request()
+    return scope is not None and bool(scope.extra.get(_BOUND_KEY))
+
+
+def mark_bound(scope: RequestScope) -> None:
+    """Record that this request's ``user_id`` is bound by the middleware (internal)."""
+    scope.extra[_BOUND_KEY] = True
+
+
+class Identifier:
+    """Names the user of a request: validates ids, trusts or ignores the header, sessions.
+
+    Args:
+        guard: the guard whose anonymous strategy decides whether sessions matter.
+        options: the middleware's options.
+        problems: builds the 400 of a refused id.
+        log: where refused ids and ignored headers are logged.
+    """
+
+    def __init__(self, guard: Guard, options: WebOptions, problems: Problems, log: Any) -> None:
+        self.guard = guard
+        self.options = options
+        self.problems = problems
+        self.log = log
+
+    def assign_user(self, scope: RequestScope, value: object, source: str) -> Problem | None:
+        """Validate ``value`` and make it the request's user.
+
+        Args:
+            scope: the request scope.
+            value: the id a source produced.
+            source: which source (``resolver``, ``scope``, ``header``, ...), for logs.
+
+        Returns:
+            ``None`` when the user was set (or the invalid id was dropped under
+            ``on_invalid_user="anonymous"``), else the 400 problem to answer.
+        """
+        try:
+            scope.set_user(value, source=source)
+        except InvalidUserId as exc:
+            return self.invalid_user(exc, source)
+        return None
+
+    def invalid_user(self, exc: InvalidUserId, source: str) -> Problem | None:
+        """Log a refused id (its reason, never the id) and apply ``on_invalid_user``.
+
+        Args:
+            exc: the refusal.
+            source: which source named the id.
+
+        Returns:
+            The 400 problem, or ``None`` under ``on_invalid_user="anonymous"``.
+        """
+        anonymous = self.options.on_invalid_user == "anonymous"
+        self.log.warning(INVALID_USER_EVENT, reason=exc.reason, source=source, fallback=anonymous)
+        if anonymous:
+            return None
+        return self.problems.invalid_user_problem(exc)
+
+    def header_user(self, value: str | None) -> str | None:
+        """Return the user named by the user header when it is trusted, else ``None``.
+
+        An untrusted header is ignored (a debug line says so), so a client can never
+        name the user it spends for.
+        """
+        if value is None:
+            return None
+        if self.options.trust_user_header:
+            return value
+        self.log.debug(
+            UNTRUSTED_HEADER_EVENT,
+            header=self.options.user_header,
+            detail="ignored: pass trust_user_header=True only behind an authenticating proxy",
+        )
+        return None
+
+    def wants_session(self) -> bool:
+        """True when the guard's anonymous strategy is ``session``."""
+        return self.guard.config.anonymous.strategy == "session"
+
+    def session_from_cookie(self, cookie_header: str | None) -> str | None:
+        """Derive an anonymous session id from the ``session_cookie`` cookie.
+
+        The cookie value is hashed: a session cookie is often a credential, and it must
+        reach neither storage keys nor log lines.
+        """
+        if self.options.session_cookie is None:
+            return None
+        value = parse_cookie(cookie_header, self.options.session_cookie)
+        if value is None:
+            return None
+        return hashlib.blake2b(value.encode(), digest_size=12).hexdigest()
+
+    @staticmethod
+    def set_session(scope: RequestScope, session: object) -> None:
+        """Store the session id the ``session`` strategy charges anonymous calls to."""
+        if session is not None and session != "":
+            scope.extra["session_id"] = str(session)
