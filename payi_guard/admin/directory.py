@@ -2,8 +2,9 @@
 
 Users are discovered from the ledger's keys, which the Guard builds as
 ``{prefix}:{<tag>}:{unit}:{per}:{window_start}`` with tag ``u:<user id>`` for users and
-``a:<anonymous id>`` for anonymous buckets; one ``SCAN`` for ``{prefix}:{[ua]:*`` lists
-them all. Usage is then read per user with :meth:`Guard.ausage`, so every figure is
+``a:<anonymous id>`` for anonymous buckets (:mod:`payi_guard.ledger.keys` owns the
+format); one scan of those counters (:meth:`Guard.acounter_keys`) lists them all.
+Usage is then read per user with :meth:`Guard.ausage`, so every figure is
 exactly what the guard enforces; a page reads at most ``page_size`` users' usage.
 """
 
@@ -19,8 +20,8 @@ from typing import TYPE_CHECKING, Literal
 from payi_guard.engine import ANONYMOUS_USER
 from payi_guard.exceptions import InvalidUserId
 from payi_guard.identity import normalize_user_id
-from payi_guard.ledger._glob import escape
-from payi_guard.usage import LimitState, LimitUsage
+from payi_guard.ledger.keys import parse_key
+from payi_guard.usage import LimitState, LimitUsage, Scope
 
 if TYPE_CHECKING:
     from payi_guard.engine import Guard
@@ -43,21 +44,9 @@ SORTS: tuple[Sort, ...] = ("name", "spend", "state", "remaining")
 STATES: tuple[LimitState, ...] = ("ok", "warning", "exceeded")
 
 _STATE_RANK: dict[str, int] = {"ok": 0, "warning": 1, "exceeded": 2}
-_OWN_SCOPES = ("user", "anonymous")
-_TAG_KINDS = ("u", "a")
+_OWN_SCOPES: tuple[Scope, ...] = ("user", "anonymous")
 _GLOB_CHARS = frozenset("*?[")
 _READ_CONCURRENCY = 16
-
-
-def _owner_of(head: str, key: str) -> str | None:
-    """The owner in a ``u:`` or ``a:`` hash tag right after ``head``, not yet validated."""
-    if not key.startswith(head):
-        return None
-    end = key.find("}", len(head))
-    if end < 0:
-        return None
-    kind, sep, owner = key[len(head) : end].partition(":")
-    return owner if sep and kind in _TAG_KINDS else None
 
 
 def _valid(owner: str) -> str | None:
@@ -65,6 +54,11 @@ def _valid(owner: str) -> str | None:
         return normalize_user_id(owner)
     except InvalidUserId:
         return None
+
+
+def _own_owner(prefix: str, key: str) -> str | None:
+    parsed = parse_key(prefix, key)
+    return parsed.owner if parsed is not None and parsed.scope in _OWN_SCOPES else None
 
 
 def user_of_key(prefix: str, key: str) -> str | None:
@@ -75,17 +69,16 @@ def user_of_key(prefix: str, key: str) -> str | None:
         key: a counter key.
 
     Returns:
-        The id from a ``u:`` or ``a:`` hash tag, or ``None`` for other owners and keys
+        The owner of a user or anonymous counter, or ``None`` for other owners and keys
         that are not well formed (or whose id would not be accepted as a user id).
     """
-    owner = _owner_of(prefix + ":{", key)
+    owner = _own_owner(prefix, key)
     return None if owner is None else _valid(owner)
 
 
 def users_of_keys(prefix: str, keys: Iterable[str]) -> list[str]:
     """Return the sorted, distinct user ids of ``keys`` (see :func:`user_of_key`)."""
-    head = prefix + ":{"
-    owners = {owner for owner in (_owner_of(head, key) for key in keys) if owner is not None}
+    owners = {owner for owner in (_own_owner(prefix, key) for key in keys) if owner is not None}
     # Each user has several counters: validate each id once, not once per key.
     return sorted(uid for uid in map(_valid, owners) if uid is not None)
 
@@ -145,11 +138,11 @@ class UserDirectory:
         cached = self._cached
         if cached is not None and 0 <= now - cached.taken_at < self._ttl:
             return cached
-        prefix = self._guard.key_prefix
-        pattern = escape(prefix) + ":{[ua]:*"
-        keys = await self._guard.async_ledger.scan(pattern, now=now, limit=self._max_keys)
-        found = users_of_keys(prefix, keys)
-        directory = Directory(tuple(found), len(keys) >= self._max_keys, now)
+        keys, truncated = await self._guard.acounter_keys(_OWN_SCOPES, limit=self._max_keys)
+        owners = {key.owner for key in keys}
+        # Each user has several counters: validate each id once, not once per key.
+        found = sorted(uid for uid in map(_valid, owners) if uid is not None)
+        directory = Directory(tuple(found), truncated, now)
         self._cached = directory
         return directory
 

@@ -36,9 +36,9 @@ from payi_guard.engine.watch import ConfigWatcher
 from payi_guard.exceptions import ConfigError
 from payi_guard.identity import Pseudonymizer, normalize_user_id
 from payi_guard.ledger.base import AsyncLedger, CounterState, Ledger
-from payi_guard.ledger.keys import check_prefix
+from payi_guard.ledger.keys import CounterKey, check_prefix, owners_glob, parse_key
 from payi_guard.pricing import TokenUsage
-from payi_guard.usage import LimitUsage
+from payi_guard.usage import LimitUsage, Scope
 from payi_guard.windows import WindowCache
 
 __all__ = ["Guard"]
@@ -324,6 +324,22 @@ class Guard:
             return []
         states = await self.async_ledger.read([c.key for c in counters], now=self.clock.now())
         return usages_of(bound, counters, states)
+
+    async def acounter_keys(
+        self, scopes: Sequence[Scope], *, limit: int
+    ) -> tuple[list[CounterKey], bool]:
+        """The counters in storage whose owners have one of ``scopes``, parsed.
+
+        Reads at most ``limit`` keys (one ``SCAN`` pass on Redis); the flag is True when
+        that cap was reached, so some counters may be missing.
+
+        Raises:
+            StorageError: the storage could not be scanned.
+        """
+        glob = owners_glob(self.key_prefix, scopes)
+        keys = await self.async_ledger.scan(glob, now=self.clock.now(), limit=limit)
+        parsed = (parse_key(self.key_prefix, key) for key in keys)
+        return [key for key in parsed if key is not None], len(keys) >= limit
 
     def _cached_exhausted(self, attribution: Attribution | None) -> LimitUsage | None:
         attribution = attribution if attribution is not None else get_context()
