@@ -12,7 +12,10 @@ Event names (contract):
   ``outcome``, ``request_id``;
 * ``budget_warning``, ``budget_exceeded``, ``budget_overrun``: with ``user_id``,
   ``limit``, ``used``, ``max``, ``resets_at``;
-* ``storage_error``: the counter store failed.
+* ``storage_error``: the counter store failed;
+* ``usage_invalid``: a provider's usage report was missing or could not be trusted
+  (negative, not an integer); the call is charged its reservation and its
+  ``genai_call`` says ``outcome="unverified"``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "GENAI_CALL",
     "LOGGER_NAME",
     "STORAGE_ERROR",
+    "USAGE_INVALID",
     "configure_json",
     "get_logger",
 ]
@@ -43,6 +47,7 @@ BUDGET_WARNING = "budget_warning"
 BUDGET_EXCEEDED = "budget_exceeded"
 BUDGET_OVERRUN = "budget_overrun"
 STORAGE_ERROR = "storage_error"
+USAGE_INVALID = "usage_invalid"
 CONFIG_RELOADED = "config_reloaded"
 CONFIG_RELOAD_FAILED = "config_reload_failed"
 
