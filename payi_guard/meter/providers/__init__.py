@@ -87,7 +87,9 @@ def _sdk_of(client: object) -> str | None:
         root = module.partition(".")[0]
         if root in ("botocore", "boto3"):
             return "bedrock"
-        if root in ("mistralai", "groq", "litellm"):
+        if root == "mistralai":
+            return "mistral"
+        if root in ("groq", "litellm"):
             return root
     return None
 
