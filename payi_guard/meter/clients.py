@@ -262,9 +262,9 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
     if providers.wrap(guard, client, options):
         return client
     raise TypeError(
-        f"wrap() expects an OpenAI, Anthropic, Google Gen AI, Bedrock runtime (boto3), "
-        f"Mistral or Groq client, a LiteLLM HTTP handler, or an httpx/httpx2 Client or "
-        f"AsyncClient, not {type(client).__module__}.{type(client).__qualname__}"
+        f"wrap() expects an OpenAI or Anthropic client, a Google Gen AI, Bedrock runtime "
+        f"(boto3), Mistral or Groq client, a LiteLLM HTTP handler, or an httpx/httpx2 "
+        f"Client or AsyncClient, not {type(client).__module__}.{type(client).__qualname__}"
     )
 
 
