@@ -442,6 +442,15 @@ def _safe(obj: Mapping[str, Any], key: str) -> int:
         return 0
 
 
+def _signed_for_bedrock(headers: Any) -> bool:
+    """Whether a request carries a SigV4 signature scoped to the ``bedrock`` service."""
+    if headers is None:
+        return False
+    value = headers.get("authorization") or ""
+    text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return text.startswith("AWS4-HMAC-SHA256") and "/bedrock/aws4_request" in text
+
+
 class BedrockDialect(Dialect):
     """The Bedrock runtime wire format.
 
@@ -457,11 +466,17 @@ class BedrockDialect(Dialect):
     def __init__(self, *, any_host: bool = True) -> None:
         self.any_host = any_host
 
-    def classify(self, method: str, host: str, path: list[str]) -> WireEndpoint | None:
-        """``POST /model/{modelId}/{operation}`` of a metered operation."""
+    def classify(
+        self, method: str, host: str, path: list[str], headers: Any = None
+    ) -> WireEndpoint | None:
+        """``POST /model/{modelId}/{operation}`` of a metered operation.
+
+        Without ``any_host``, the request must go to a ``bedrock-runtime`` host or be
+        signed for the ``bedrock`` service (a custom or VPC endpoint).
+        """
         if method != "POST" or len(path) != 3 or path[0] != "model":
             return None
-        if not self.any_host and SERVICE not in host:
+        if not self.any_host and SERVICE not in host and not _signed_for_bedrock(headers):
             return None
         model, operation = path[1], path[2]
         if operation not in _OPERATIONS or not model:

@@ -154,7 +154,9 @@ class ChatDialect(Dialect):
             default_cap=self.default_cap,
         )
 
-    def classify(self, method: str, host: str, path: list[str]) -> WireEndpoint | None:
+    def classify(
+        self, method: str, host: str, path: list[str], headers: Any = None
+    ) -> WireEndpoint | None:
         """A ``POST`` whose path ends with a metered suffix (on one of the hosts)."""
         if method != "POST" or (self.hosts is not None and host not in self.hosts):
             return None

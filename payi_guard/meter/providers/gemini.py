@@ -235,7 +235,9 @@ class GeminiDialect(Dialect):
 
     provider = PROVIDER
 
-    def classify(self, method: str, host: str, path: list[str]) -> WireEndpoint | None:
+    def classify(
+        self, method: str, host: str, path: list[str], headers: Any = None
+    ) -> WireEndpoint | None:
         """``POST .../models/{model}:{method}`` of a generate or embed method."""
         if method != "POST" or len(path) < 2 or ":" not in path[-1]:
             return None

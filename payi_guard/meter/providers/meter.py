@@ -97,13 +97,16 @@ class Dialect(ABC):
     """Requests carry a signature over their headers (AWS SigV4): never modified."""
 
     @abstractmethod
-    def classify(self, method: str, host: str, path: list[str]) -> WireEndpoint | None:
+    def classify(
+        self, method: str, host: str, path: list[str], headers: Any = None
+    ) -> WireEndpoint | None:
         """The endpoint a request goes to, or ``None`` when it is not a metered call.
 
         Args:
             method: the HTTP method.
             host: the host, lower case.
             path: the path's segments, from :func:`split_path`.
+            headers: the request's headers, when known.
         """
 
     @abstractmethod
@@ -288,7 +291,7 @@ class ProviderMeter(TransportMeter):
         host = str(url.host).lower()
         path = split_path(url.raw_path.decode("ascii", "replace"))
         for dialect in self.dialects:
-            endpoint = dialect.classify(request.method.upper(), host, path)
+            endpoint = dialect.classify(request.method.upper(), host, path, request.headers)
             if endpoint is not None:
                 return self._plan_wire(request, dialect, endpoint)
         return super().plan(request) if self.fallback else None

@@ -124,6 +124,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     replay: ReplayServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client drops its connection (a stream closed early)."""
+
 
 class ReplayServer:
     """Serves ``exchanges`` in order on ``127.0.0.1`` (a context manager).
