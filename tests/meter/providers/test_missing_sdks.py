@@ -1,0 +1,107 @@
+"""Without the provider SDKs installed, payi_guard imports and works; naming one says which extra."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SDKS = {
+    "gemini": "google.genai",
+    "bedrock": "botocore",
+    "mistral": "mistralai",
+    "groq": "groq",
+    "litellm": "litellm",
+}
+BLOCKED = ("google.genai", "boto3", "botocore", "mistralai", "groq", "litellm")
+
+PRELUDE = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    BLOCKED = __BLOCKED__
+
+    def blocked(name):
+        return any(name == b or name.startswith(b + ".") for b in BLOCKED)
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if blocked(name):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    if __HIDE__:
+        sys.meta_path.insert(0, Blocker())
+    """
+)
+
+BODY = textwrap.dedent(
+    """
+    import httpx2, openai
+    from payi_guard import Guard
+    from payi_guard.exceptions import MissingDependency
+
+    guard = Guard({"default": [{"max": 1, "per": "day"}]})
+    guard.wrap(httpx2.Client())
+    guard.wrap(openai.OpenAI(api_key="k"))
+    errors = {}
+    if __HIDE__:
+        for name in __SDKS__:
+            try:
+                guard.instrument(sdks=[name])
+            except MissingDependency as exc:
+                errors[name] = str(exc)
+            else:
+                guard.uninstrument()
+    guard.instrument()
+    guard.uninstrument()
+    loaded = sorted(m for m in sys.modules if blocked(m))
+    print(json.dumps({"errors": errors, "loaded": loaded}))
+    """
+)
+
+
+def fill(template: str, *, hide: bool) -> str:
+    return (
+        template.replace("__BLOCKED__", repr(BLOCKED))
+        .replace("__HIDE__", repr(hide))
+        .replace("__SDKS__", repr(list(SDKS)))
+    )
+
+
+def run(*, hide: bool) -> dict[str, object]:
+    script = fill(PRELUDE + BODY, hide=hide)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_without_the_provider_sdks_the_guard_works_and_names_the_extra() -> None:
+    result = run(hide=True)
+    assert result["loaded"] == []
+    errors = result["errors"]
+    assert isinstance(errors, dict)
+    assert sorted(errors) == sorted(SDKS)
+    for name, module in SDKS.items():
+        assert f"pip install 'payi-guard[{name}]'" in errors[name]
+        assert repr(module) in errors[name]
+
+
+def test_the_provider_sdks_are_imported_only_when_instrumented_or_wrapped() -> None:
+    script = fill(PRELUDE, hide=False) + textwrap.dedent(
+        """
+        import httpx2
+        from payi_guard import Guard
+        Guard({"default": [{"max": 1, "per": "day"}]}).wrap(httpx2.Client())
+        print(json.dumps(sorted(m for m in sys.modules if blocked(m))))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
