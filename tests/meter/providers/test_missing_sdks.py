@@ -1,4 +1,4 @@
-"""Without the provider SDKs installed, payi_guard imports and works; naming one says which extra."""
+"""Without the provider SDKs, payi_guard imports and works; naming one says which extra."""
 
 from __future__ import annotations
 
