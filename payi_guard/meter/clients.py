@@ -10,6 +10,10 @@ resources, copies made with ``with_options``), goes through it.
 Anthropic client calls for each HTTP attempt: on its first use a client's HTTP client
 is guarded, so clients created before and after ``instrument()`` are both covered.
 ``uninstrument`` restores the method and the transports ``instrument`` installed.
+
+The other SDKs (Gemini, Bedrock, Mistral, Groq, LiteLLM) are dispatched to
+:mod:`payi_guard.meter.providers`, which installs its meters through
+:func:`install_meter` (and, for botocore, its own HTTP session).
 """
 
 from __future__ import annotations
