@@ -552,7 +552,7 @@ def refusal(exceptions: Any, exc: PayiGuardError, operation: str) -> BaseExcepti
         exc: the refusal.
         operation: the operation name (``Converse``...), for the error message.
     """
-    from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+    from botocore.exceptions import ClientError
 
     code, status = "ValidationException", 400
     for cls, name, http_status in _ERROR_CODES:
@@ -857,7 +857,7 @@ def _guard_on_first_use(client: Any) -> None:
 
 def instrument(guard: Guard, options: MeterOptions) -> None:
     """Guard every ``bedrock-runtime`` client on its first call (patches ``_make_request``)."""
-    from botocore.client import BaseClient  # type: ignore[import-untyped]
+    from botocore.client import BaseClient
 
     with _lock:
         if _patches:

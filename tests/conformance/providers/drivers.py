@@ -271,8 +271,8 @@ _BEDROCK_HEADERS = {
 
 
 def _bedrock_client(call: Call, url: str) -> Any:
-    import boto3  # type: ignore[import-untyped]
-    from botocore.config import Config  # type: ignore[import-untyped]
+    import boto3
+    from botocore.config import Config
 
     session = boto3.session.Session(
         aws_access_key_id="testing",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,11 +26,12 @@ from meter.providers._support import (
 )
 from payi_guard import BudgetExceeded, is_refusal
 from payi_guard.exceptions import UnknownModelRefused
+from payi_guard.meter import guarded_by
 from payi_guard.meter.providers.bedrock import GuardedSession
 from payi_guard.meter.providers.eventstream import EventStreamDecoder
 
 boto3 = pytest.importorskip("boto3")
-from botocore.config import Config  # type: ignore[import-untyped]  # noqa: E402
+from botocore.config import Config  # noqa: E402
 
 CONVERSE = "bedrock/openllmetry/test_meta_converse_with_events_with_no_content"
 CONVERSE_STREAM = "bedrock/pydantic-ai/test_bedrock_model_stream"
@@ -207,8 +209,10 @@ def test_instrument_guards_clients_made_before_and_after(server: ReplayServer) -
         other.list_buckets()
         assert not isinstance(other._endpoint.http_session, GuardedSession)  # bedrock only
         assert isinstance(after._endpoint.http_session, GuardedSession)
+        assert guarded_by(before) is guarded_by(after) is guard
     finally:
         guard.uninstrument()
+    assert guarded_by(before) is None
     calls = events(logs, "genai_call")
     assert [(c["provider"], c["output_tokens"]) for c in calls] == [("aws", 30), ("aws", 30)]
     server.load(served(CONVERSE))
@@ -252,3 +256,25 @@ def test_chunk_bytes_pass_through_unchanged(server: ReplayServer) -> None:
         for _raw, payload in _frames(served(INVOKE_STREAM)[0].body)
     ]
     assert texts == recorded
+
+
+def test_an_error_status_releases_the_reservation(server: ReplayServer) -> None:
+    uri = "https://bedrock-runtime.us-east-1.amazonaws.com/model/amazon.nova-micro-v1%3A0/converse"
+    error = made_up(uri, {"message": "Model is not ready"})
+    server.load(
+        [
+            replace(
+                error,
+                status=400,
+                headers=(*error.headers, ("x-amzn-errortype", "ValidationException")),
+            )
+        ]
+    )
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs, pytest.raises(client.exceptions.ValidationException) as info:
+        client.converse(modelId="amazon.nova-micro-v1:0", messages=MESSAGES)
+    assert not is_refusal(info.value)
+    calls = events(logs, "genai_call")
+    assert [(c["outcome"], c["cost_usd"]) for c in calls] == [("error", 0.0)]
+    assert guard.usage(USER)[0].used == 0

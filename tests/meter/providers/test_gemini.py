@@ -24,7 +24,7 @@ from meter.providers._support import (
 )
 from payi_guard import BudgetExceeded, is_refusal
 from payi_guard.exceptions import UnknownModelRefused
-from payi_guard.meter import flush_abandoned_streams
+from payi_guard.meter import flush_abandoned_streams, guarded_by
 
 genai = pytest.importorskip("google.genai")
 from google.genai import errors, types  # noqa: E402
@@ -187,8 +187,10 @@ def test_instrument_guards_clients_made_before_and_after(server: ReplayServer) -
             for client in (before, after):
                 server.load(served(GENERATE))
                 client.models.generate_content(model="gemini-2.0-flash-001", contents="Hi")
+        assert guarded_by(before) is guarded_by(after) is guard
     finally:
         guard.uninstrument()
+    assert guarded_by(before) is None
     calls = events(logs, "genai_call")
     assert [c["provider"] for c in calls] == ["google", "google"]
     assert [c["output_tokens"] for c in calls] == [11, 11]

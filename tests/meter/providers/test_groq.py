@@ -19,6 +19,7 @@ from meter.providers._support import (
     served,
 )
 from payi_guard import BudgetExceeded, is_refusal
+from payi_guard.meter import guarded_by
 
 groq = pytest.importorskip("groq")
 
@@ -99,8 +100,10 @@ def test_instrument_guards_clients_made_before_and_after(server: ReplayServer) -
             for client in (before, after):
                 server.load(served(CREATE))
                 client.chat.completions.create(model="llama-3.3-70b-versatile", messages=MESSAGES)
+        assert guarded_by(before) is guarded_by(after) is guard
     finally:
         guard.uninstrument()
+    assert guarded_by(before) is None
     calls = events(logs, "genai_call")
     assert [(c["provider"], c["input_tokens"]) for c in calls] == [("groq", 48)] * 2
     server.load(served(CREATE))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from meter.providers._support import (
     served,
 )
 from payi_guard import BudgetExceeded, is_refusal
+from payi_guard.meter import guarded_by
 
 pytest.importorskip("mistralai.client")
 from mistralai.client import Mistral, errors
@@ -110,11 +112,27 @@ def test_instrument_guards_clients_made_before_and_after(server: ReplayServer) -
             for client in (before, after):
                 server.load(served(COMPLETE))
                 client.chat.complete(model="mistral-tiny", messages=MESSAGES)
+        assert guarded_by(before) is guarded_by(after) is guard
     finally:
         guard.uninstrument()
+    assert guarded_by(before) is None
     calls = events(logs, "genai_call")
     assert [(c["provider"], c["output_tokens"]) for c in calls] == [("mistral", 96)] * 2
     server.load(served(COMPLETE))
     with capture_logs() as logs:
         before.chat.complete(model="mistral-tiny", messages=MESSAGES)
     assert not events(logs, "genai_call")
+
+
+def test_an_error_status_releases_the_reservation(server: ReplayServer) -> None:
+    error = made_up(URI, {"message": "Service unavailable"})
+    server.load([replace(error, status=503)])
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs, pytest.raises(errors.SDKError) as info:
+        client.chat.complete(model="mistral-tiny", messages=MESSAGES)
+    assert info.value.status_code == 503
+    assert not is_refusal(info.value)
+    call = events(logs, "genai_call")
+    assert [(c["outcome"], c["cost_usd"]) for c in call] == [("error", 0.0)]
+    assert guard.usage(USER)[0].used == 0
