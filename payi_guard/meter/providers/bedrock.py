@@ -58,6 +58,7 @@ from payi_guard.exceptions import (
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.eventstream import EventMessage, EventStreamDecoder
+from payi_guard.meter.providers.hooks import Patches
 from payi_guard.meter.providers.meter import Dialect, WireStreamState, media_type, split_path
 from payi_guard.meter.providers.wire import (
     Bound,
@@ -795,7 +796,7 @@ class _Installed:
 
 _lock = threading.RLock()
 _installed: weakref.WeakKeyDictionary[Any, _Installed] = weakref.WeakKeyDictionary()
-_patches: list[tuple[type[Any], str, Any]] = []
+_patches = Patches()
 
 
 def _check(client: Any) -> Any:
@@ -856,24 +857,21 @@ def _guard_on_first_use(client: Any) -> None:
 
 
 def instrument(guard: Guard, options: MeterOptions) -> None:
-    """Guard every ``bedrock-runtime`` client on its first call (patches ``_make_request``)."""
-    from botocore.client import BaseClient
+    """Guard every ``bedrock-runtime`` client on its first call.
 
-    with _lock:
-        if _patches:
-            return
-        original = BaseClient.__dict__["_make_request"]
-        BaseClient._make_request = _guarding(original)
-        _patches.append((BaseClient, "_make_request", original))
+    Patches ``botocore.client.BaseClient._make_request`` once botocore is imported.
+    """
+    if _patches.start():
+        _patches.when_imported(
+            "botocore.client",
+            lambda module: _patches.replace(module.BaseClient, "_make_request", _guarding),
+        )
 
 
 def uninstrument(guard: Guard) -> None:
     """Restore ``_make_request`` and the sessions ``instrument`` replaced."""
+    _patches.undo()
     with _lock:
-        for cls, name, original in _patches:
-            if getattr(cls.__dict__.get(name), "__wrapped__", None) is original:
-                setattr(cls, name, original)
-        _patches.clear()
         for endpoint, installed in list(_installed.items()):
             if installed.source == "instrument":
                 if isinstance(endpoint.http_session, GuardedSession):

@@ -45,6 +45,7 @@ from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, PayiGuardError
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.parse import ParsedUsage
+from payi_guard.meter.providers.hooks import Patches
 from payi_guard.meter.providers.meter import Dialect, ProviderMeter
 from payi_guard.meter.providers.wire import (
     Bound,
@@ -336,7 +337,7 @@ class _Installed:
 
 _lock = threading.RLock()
 _installed: weakref.WeakKeyDictionary[Any, _Installed] = weakref.WeakKeyDictionary()
-_patches: list[tuple[type[Any], str, Any]] = []
+_patches = Patches()
 
 
 def _meter_factory(guard: Guard, options: MeterOptions) -> Callable[[ModuleType], TransportMeter]:
@@ -511,26 +512,24 @@ def _guard_on_first_use(api: Any) -> None:
 
 
 def instrument(guard: Guard, options: MeterOptions) -> None:
-    """Guard every google-genai client on its first request (patches ``_build_request``)."""
-    from google.genai import _api_client
+    """Guard every google-genai client on its first request.
 
-    with _lock:
-        if _patches:
-            return
-        cls: type[Any] = _api_client.BaseApiClient
-        original = cls.__dict__["_build_request"]
-        cls._build_request = _guarding_build_request(original)
-        _patches.append((cls, "_build_request", original))
+    Patches ``BaseApiClient._build_request`` once ``google.genai`` is imported.
+    """
+    if _patches.start():
+        _patches.when_imported(
+            "google.genai._api_client",
+            lambda module: _patches.replace(
+                module.BaseApiClient, "_build_request", _guarding_build_request
+            ),
+        )
 
 
 def uninstrument(guard: Guard) -> None:
     """Restore ``_build_request`` and undo what ``instrument`` did to each client."""
     global _retry_args_original
+    _patches.undo()
     with _lock:
-        for cls, name, original in _patches:
-            if getattr(cls.__dict__.get(name), "__wrapped__", None) is original:
-                setattr(cls, name, original)
-        _patches.clear()
         wrapped = False
         for api, installed in list(_installed.items()):
             if installed.source == "instrument":

@@ -17,7 +17,6 @@ SDK obeys before its own retries), and the SDK's status-error hook turns it into
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Final
@@ -26,6 +25,7 @@ from payi_guard.engine import Guard
 from payi_guard.exceptions import PayiGuardError
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.providers.chat import ChatDialect
+from payi_guard.meter.providers.hooks import Patches
 from payi_guard.meter.providers.meter import ProviderMeter
 from payi_guard.meter.refusal import (
     install_status_error_hook,
@@ -95,8 +95,7 @@ def wrap(guard: Guard, client: Any, options: MeterOptions) -> None:
     _guard(http_client, guard, options, "wrap")
 
 
-_lock = threading.Lock()
-_patches: list[tuple[type[Any], str, Any]] = []
+_patches = Patches()
 _METHOD: Final = "_build_request"
 
 
@@ -116,25 +115,18 @@ def _guarding(original: Callable[..., Any]) -> Callable[..., Any]:
     return _build_request
 
 
-def instrument(guard: Guard, options: MeterOptions) -> None:
-    """Guard every ``groq`` client on its first request."""
-    from groq._base_client import BaseClient
+def _patch(module: ModuleType) -> None:
+    _patches.replace(module.BaseClient, _METHOD, _guarding)
+    install_status_error_hook("groq", "instrument")
 
-    with _lock:
-        if _patches:
-            return
-        original = BaseClient.__dict__[_METHOD]
-        setattr(BaseClient, _METHOD, _guarding(original))
-        _patches.append((BaseClient, _METHOD, original))
-        install_status_error_hook("groq", "instrument")
+
+def instrument(guard: Guard, options: MeterOptions) -> None:
+    """Guard every ``groq`` client on its first request (once ``groq`` is imported)."""
+    if _patches.start():
+        _patches.when_imported("groq._base_client", _patch)
 
 
 def uninstrument(guard: Guard) -> None:
     """Restore ``_build_request`` and drop the instrument's claim on the error hook."""
-    with _lock:
-        for cls, name, original in _patches:
-            if getattr(cls.__dict__.get(name), "__wrapped__", None) is original:
-                setattr(cls, name, original)
-        if _patches:
-            remove_status_error_hook("groq", "instrument")
-        _patches.clear()
+    if _patches.undo():
+        remove_status_error_hook("groq", "instrument")

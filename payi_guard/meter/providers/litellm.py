@@ -26,7 +26,6 @@ again before sending.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Final
@@ -36,6 +35,7 @@ from payi_guard.exceptions import BudgetExceeded, PayiGuardError, StorageError, 
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.providers import gemini, groq, mistral
 from payi_guard.meter.providers.bedrock import BedrockDialect
+from payi_guard.meter.providers.hooks import Patches
 from payi_guard.meter.providers.meter import ProviderMeter
 from payi_guard.meter.refusal import refusal_response, sdk_refusal
 from payi_guard.meter.transport import TransportMeter
@@ -190,7 +190,9 @@ def wrap(guard: Guard, handler: Any, options: MeterOptions) -> None:
             f"cannot guard {type(handler).__name__}: pass a LiteLLM HTTPHandler or "
             "AsyncHTTPHandler, or call guard.instrument() to meter every LiteLLM call"
         )
+    global _wrapped
     _guard_http(http_client, guard, options, "wrap")
+    _wrapped = True
     _install_exception_hook()
 
 
@@ -225,55 +227,41 @@ def _guarding_single(original: Callable[..., Any]) -> Callable[..., Any]:
     return single_connection_request
 
 
-_lock = threading.Lock()
-_patches: list[tuple[Any, str, Any]] = []
-_hook: list[tuple[Any, str, Any]] = []
-
-
-def _patch(owner: Any, name: str, wrapper: Callable[[Any], Any], into: list[Any]) -> None:
-    original = owner.__dict__[name]
-    setattr(owner, name, wrapper(original))
-    into.append((owner, name, original))
+_patches = Patches()
+_hook = Patches()
+_wrapped = False
 
 
 def _install_exception_hook() -> None:
-    import litellm.main
+    if _hook.start():
+        _hook.when_imported(
+            "litellm.main",
+            lambda module: _hook.replace(module, "exception_type", _hooked_exception_type),
+        )
 
-    with _lock:
-        if not _hook:
-            _patch(litellm.main, "exception_type", _hooked_exception_type, _hook)
+
+def _patch_handlers(module: ModuleType) -> None:
+    _patches.replace(module.HTTPHandler, "post", _guarding_post)
+    _patches.replace(module.AsyncHTTPHandler, "post", _guarding_post)
+    _patches.replace(module.AsyncHTTPHandler, "single_connection_request", _guarding_single)
 
 
 def instrument(guard: Guard, options: MeterOptions) -> None:
-    """Guard LiteLLM's HTTP handlers on first use and map refusals to LiteLLM's errors."""
-    from litellm.llms.custom_httpx import http_handler
+    """Guard LiteLLM's HTTP handlers on first use and map refusals to LiteLLM's errors.
 
-    with _lock:
-        if _patches:
-            return
-        _patch(http_handler.HTTPHandler, "post", _guarding_post, _patches)
-        _patch(http_handler.AsyncHTTPHandler, "post", _guarding_post, _patches)
-        _patch(
-            http_handler.AsyncHTTPHandler,
-            "single_connection_request",
-            _guarding_single,
-            _patches,
-        )
+    The patches wait until LiteLLM is imported: importing it takes seconds, so
+    ``instrument`` never does.
+    """
+    if _patches.start():
+        _patches.when_imported("litellm.llms.custom_httpx.http_handler", _patch_handlers)
     _install_exception_hook()
 
 
-def _restore(patches: list[tuple[Any, str, Any]]) -> None:
-    for owner, name, original in patches:
-        current = owner.__dict__.get(name)
-        if getattr(current, "__wrapped__", None) is original:
-            setattr(owner, name, original)
-    patches.clear()
-
-
 def uninstrument(guard: Guard) -> None:
-    """Restore LiteLLM's handlers (the refusal mapping stays: inert without refusals)."""
-    with _lock:
-        _restore(_patches)
+    """Restore LiteLLM's handlers, and its error mapping unless a handler was wrapped."""
+    _patches.undo()
+    if not _wrapped:
+        _hook.undo()
 
 
 def guarded_by(client: Any) -> Guard | None:

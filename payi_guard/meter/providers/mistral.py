@@ -18,7 +18,6 @@ a ``RetryConfig``.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Final
@@ -27,6 +26,7 @@ from payi_guard.engine import Guard
 from payi_guard.exceptions import PayiGuardError
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.providers.chat import ChatDialect
+from payi_guard.meter.providers.hooks import Patches
 from payi_guard.meter.providers.meter import ProviderMeter
 from payi_guard.meter.refusal import refusal_response, sdk_refusal
 from payi_guard.meter.transport import TransportMeter
@@ -102,8 +102,7 @@ def wrap(guard: Guard, client: Any, options: MeterOptions) -> None:
         raise TypeError(f"cannot guard {type(client).__name__}: it has no HTTP client")
 
 
-_lock = threading.Lock()
-_patches: list[tuple[type[Any], str, Any]] = []
+_patches = Patches()
 _METHOD: Final = "_build_request_with_client"
 
 
@@ -124,20 +123,13 @@ def _guarding(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def instrument(guard: Guard, options: MeterOptions) -> None:
     """Guard the HTTP client of every ``mistralai`` request on its first use."""
-    from mistralai.client.basesdk import BaseSDK
-
-    with _lock:
-        if _patches:
-            return
-        original = BaseSDK.__dict__[_METHOD]
-        setattr(BaseSDK, _METHOD, _guarding(original))
-        _patches.append((BaseSDK, _METHOD, original))
+    if _patches.start():
+        _patches.when_imported(
+            "mistralai.client.basesdk",
+            lambda module: _patches.replace(module.BaseSDK, _METHOD, _guarding),
+        )
 
 
 def uninstrument(guard: Guard) -> None:
     """Restore the method ``instrument`` patched (clients are restored by the caller)."""
-    with _lock:
-        for cls, name, original in _patches:
-            if getattr(cls.__dict__.get(name), "__wrapped__", None) is original:
-                setattr(cls, name, original)
-        _patches.clear()
+    _patches.undo()

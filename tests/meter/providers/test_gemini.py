@@ -139,8 +139,8 @@ async def test_async_stream_left_early_is_settled_once(server: ReplayServer) -> 
 
 async def settle_the_loop() -> None:
     """Let the loop finalize collected async generators (no waiting on time)."""
+    gc.collect()
     for _ in range(5):
-        gc.collect()
         await asyncio.sleep(0)
 
 

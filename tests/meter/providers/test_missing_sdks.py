@@ -91,17 +91,29 @@ def test_without_the_provider_sdks_the_guard_works_and_names_the_extra() -> None
         assert repr(module) in errors[name]
 
 
-def test_the_provider_sdks_are_imported_only_when_instrumented_or_wrapped() -> None:
+def test_instrument_waits_for_the_application_to_import_an_sdk() -> None:
     script = fill(PRELUDE, hide=False) + textwrap.dedent(
         """
         import httpx2
         from payi_guard import Guard
-        Guard({"default": [{"max": 1, "per": "day"}]}).wrap(httpx2.Client())
-        print(json.dumps(sorted(m for m in sys.modules if blocked(m))))
+        guard = Guard({"default": [{"max": 1, "per": "day"}]})
+        guard.wrap(httpx2.Client())
+        guard.instrument()
+        imported_by_instrument = sorted(m for m in sys.modules if blocked(m))
+        import groq._base_client
+        patched = hasattr(groq._base_client.BaseClient._build_request, "__wrapped__")
+        guard.uninstrument()
+        restored = not hasattr(groq._base_client.BaseClient._build_request, "__wrapped__")
+        finders = [type(f).__name__ for f in sys.meta_path if "payi_guard" in type(f).__module__]
+        print(json.dumps([imported_by_instrument, patched, restored, finders]))
         """
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    imported, patched, restored, finders = json.loads(done.stdout.strip().splitlines()[-1])
+    assert imported == []  # instrument() imported none of the provider SDKs
+    assert patched  # groq was patched when the application imported it
+    assert restored
+    assert finders == []  # nothing left waiting on imports
