@@ -210,3 +210,38 @@ def test_maximum_output_tokens_bound_the_reservation(server: ReplayServer) -> No
     call_event = one_call(logs)
     # gemini-2.0-flash-001: $0.10 / $0.40 per MTok; 20 output tokens at most.
     assert usd(call_event["reserved_usd"]) < usd("0.00002")
+
+
+def test_embeddings_without_usage_are_charged_their_reservation(server: ReplayServer) -> None:
+    uri = (
+        "https://generativelanguage.googleapis.com/v1beta/models/"
+        "gemini-embedding-001:batchEmbedContents"
+    )
+    server.load([made_up(uri, {"embeddings": [{"values": [0.1, 0.2]}]})])
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs:
+        result = client.models.embed_content(model="gemini-embedding-001", contents="Hello")
+    assert result.embeddings is not None
+    assert result.embeddings[0].values == [0.1, 0.2]
+    assert server.received[0].path.endswith(":batchEmbedContents")
+    assert_unverified(guard, logs, "reports no usage")
+    assert one_call(logs)["endpoint"] == "embeddings"
+    assert one_call(logs)["output_tokens"] == 0
+
+
+def test_embeddings_with_usage_metadata_are_charged_it(server: ReplayServer) -> None:
+    uri = (
+        "https://generativelanguage.googleapis.com/v1beta/models/"
+        "gemini-embedding-001:batchEmbedContents"
+    )
+    body = {"embeddings": [{"values": [0.1]}], "usageMetadata": {"promptTokenCount": 2000}}
+    server.load([made_up(uri, body)])
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs:
+        client.models.embed_content(model="gemini-embedding-001", contents="Hello")
+    call_event = one_call(logs)
+    assert call_event["outcome"] == "ok"
+    assert (call_event["input_tokens"], call_event["output_tokens"]) == (2000, 0)
+    assert usd(call_event["cost_usd"]) == usd("0.0003")  # $0.15 per MTok
