@@ -110,3 +110,23 @@ def test_instrument_guards_clients_made_before_and_after(server: ReplayServer) -
     with capture_logs() as logs:
         before.chat.completions.create(model="llama-3.3-70b-versatile", messages=MESSAGES)
     assert not events(logs, "genai_call")
+
+
+def test_instrument_can_be_limited_to_some_sdks(server: ReplayServer) -> None:
+    mistral_sdk = pytest.importorskip("mistralai.client")
+    guard = make_guard()
+    with pytest.raises(ValueError, match="unknown SDK"):
+        guard.instrument(sdks=["groq", "cohere"])
+    guard.instrument(sdks=["groq"])
+    try:
+        mistral = mistral_sdk.Mistral(api_key="k", server_url=server.url)
+        with capture_logs() as logs:
+            server.load(served("mistral/openllmetry/test_mistralai_chat_legacy"))
+            mistral.chat.complete(model="mistral-tiny", messages=MESSAGES)
+            server.load(served(CREATE))
+            client_for(server).chat.completions.create(
+                model="llama-3.3-70b-versatile", messages=MESSAGES
+            )
+    finally:
+        guard.uninstrument()
+    assert [c["provider"] for c in events(logs, "genai_call")] == ["groq"]
