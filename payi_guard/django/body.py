@@ -202,9 +202,15 @@ def close_in_context(response: Any, context: contextvars.Context, end: Callable[
         end: ends the request (idempotent).
     """
     original: Callable[[], None] = response.close
+    closing = False
 
     def close() -> None:
-        context.run(_close, original, end)
+        nonlocal closing
+        # Once: a closer Django runs may call response.close() again (the test client's
+        # wrapper does), and the context cannot be entered twice.
+        if not closing:
+            closing = True
+            context.run(_close, original, end)
 
     response.close = close
 

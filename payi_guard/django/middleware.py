@@ -204,7 +204,7 @@ class GuardMiddleware:
         options = self.core.options
         try:
             if options.user is not None:
-                value = _checked_id(options.user(request))
+                value = _checked_id(self._call(options.user, self._user_is_async, request))
                 if value is not None:
                     return identify.assign_user(rs, value, "resolver")
             value = self._user_of(getattr(request, "user", _NOTHING), options.user is None)
@@ -217,7 +217,7 @@ class GuardMiddleware:
             return identify.invalid_user(exc, "resolver")
         if identify.wants_session():
             if options.session_id is not None:
-                session = options.session_id(request)
+                session = self._call(options.session_id, self._session_is_async, request)
             else:
                 session = _session_of(request, loaded=False)
             identify.set_session(rs, session)
@@ -249,6 +249,13 @@ class GuardMiddleware:
                 session = _session_of(request, loaded=True)
             identify.set_session(rs, session)
         return None
+
+    def _call(
+        self, resolver: Callable[[HttpRequest], Any], is_async: bool, request: HttpRequest
+    ) -> Any:
+        if is_async:
+            return self._async_to_sync(resolver)(request)
+        return resolver(request)
 
     async def _acall(
         self, resolver: Callable[[HttpRequest], Any], is_async: bool, request: HttpRequest

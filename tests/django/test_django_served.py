@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from served import HeldProvider, Server, migrate, serve
 
 from payi_guard.testing import FakeProvider
 from payi_guard.web.identify import session_digest
-from served import HeldProvider, Server, migrate, serve
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -90,9 +90,7 @@ def test_calls_are_charged_to_the_users_primary_key(server: Server) -> None:
     assert limits[0]["used"] == "0.000044"
 
 
-def test_over_budget_user_gets_the_problem_document(
-    server: Server, provider: FakeProvider
-) -> None:
+def test_over_budget_user_gets_the_problem_document(server: Server, provider: FakeProvider) -> None:
     with server.client() as http:
         _, pk = login(http)
         statuses = []
@@ -129,9 +127,7 @@ def test_over_budget_user_gets_the_problem_document(
 
 
 @pytest.mark.parametrize("path", ["/api/stream", "/api/astream"])
-def test_streamed_response_is_settled_once_after_its_last_chunk(
-    server: Server, path: str
-) -> None:
+def test_streamed_response_is_settled_once_after_its_last_chunk(server: Server, path: str) -> None:
     with server.client() as http:
         _, pk = login(http)
         with http.stream("GET", path, params={"prompt": "Count to three"}) as response:

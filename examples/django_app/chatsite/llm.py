@@ -39,9 +39,10 @@ def base_url() -> str:
 @functools.cache
 def client() -> openai.OpenAI:
     """The sync client, shared by every request."""
-    return get_guard().wrap(
+    guarded: openai.OpenAI = get_guard().wrap(
         openai.OpenAI(base_url=base_url(), api_key=os.environ.get("OPENAI_API_KEY", "test"))
     )
+    return guarded
 
 
 def async_client() -> openai.AsyncOpenAI:
@@ -50,6 +51,7 @@ def async_client() -> openai.AsyncOpenAI:
     Under WSGI, Django runs each async view in an event loop of its own, and an async
     HTTP client must not outlive its loop.
     """
-    return get_guard().wrap(
+    guarded: openai.AsyncOpenAI = get_guard().wrap(
         openai.AsyncOpenAI(base_url=base_url(), api_key=os.environ.get("OPENAI_API_KEY", "test"))
     )
+    return guarded

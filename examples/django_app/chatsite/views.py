@@ -10,6 +10,7 @@ from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+from openai.types.chat import ChatCompletionMessageParam
 
 from chatsite import llm
 from payi_guard import get_context
@@ -22,7 +23,7 @@ def _prompt(request: HttpRequest) -> str:
     return request.GET.get("prompt", "Hello")
 
 
-def _messages(prompt: str) -> list[dict[str, str]]:
+def _messages(prompt: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": prompt}]
 
 
