@@ -32,6 +32,7 @@ from payi_guard.django import GuardMiddleware, get_guard
 from payi_guard.django.body import run_in_context
 from payi_guard.engine import Guard
 from payi_guard.testing import capture_events
+from payi_guard.web.identify import session_digest
 
 NOW = 1_795_780_800.0  # 2026-11-27T12:00:00Z
 
@@ -144,6 +145,11 @@ async def astream_waits(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(body())
 
 
+def visit(request: HttpRequest) -> HttpResponse:
+    request.session["visited"] = True
+    return HttpResponse("ok")
+
+
 def ping(request: HttpRequest) -> HttpResponse:
     return HttpResponse("pong")
 
@@ -183,6 +189,7 @@ urlpatterns = [
     path("astream", astream),
     path("astream-waits", astream_waits),
     path("api/ping", ping),
+    path("visit", visit),
     path("stream-call-first", stream_call_first),
     path("astream-call-first", astream_call_first),
     path("stream-call-late", stream_call_late),
@@ -205,19 +212,23 @@ class Answer:
         return [json.loads(line) for line in self.body.splitlines()]
 
 
-def fetch(handler: str, path: str, **headers: str) -> Answer:
+def fetch(handler: str, path: str, cookies: dict[str, str] | None = None, **headers: str) -> Answer:
     """GET ``path`` through Django's sync (``Client``) or async (``AsyncClient``) handler.
 
     Header names are keywords: ``X_Test_User`` is sent as ``X-Test-User``.
     """
     headers = {name.replace("_", "-"): value for name, value in headers.items()}
     if handler == "sync":
-        response: Any = Client().get(path, headers=headers)
+        client = Client()
+        client.cookies.load(cookies or {})
+        response: Any = client.get(path, headers=headers)
         body = b"".join(response.streaming_content) if response.streaming else response.content
         return Answer(response.status_code, dict(response.headers), body)
 
     async def get() -> Answer:
-        response: Any = await AsyncClient().get(path, headers=headers)
+        client = AsyncClient()
+        client.cookies.load(cookies or {})
+        response: Any = await client.get(path, headers=headers)
         if response.streaming:
             if response.is_async:
                 body = b"".join([chunk async for chunk in response.streaming_content])
@@ -396,6 +407,27 @@ def test_a_missing_request_user_is_logged_once(guard: Guard) -> None:
     assert first.json()["charged"] == "anonymous"
     (warning,) = events.named("auth_middleware_order")
     assert "after 'django.contrib.auth.middleware.AuthenticationMiddleware'" in warning["detail"]
+
+
+@handlers
+def test_session_strategy_uses_the_session_the_backend_knows(handler: str) -> None:
+    guard = Guard(config(anonymous={"strategy": "session"}), clock=FakeClock(NOW))
+    options = {
+        "MIDDLEWARE": ["django.contrib.sessions.middleware.SessionMiddleware", GUARD_MIDDLEWARE],
+        "SESSION_ENGINE": "django.contrib.sessions.backends.cache",
+        "PAYI_GUARD": {"guard": guard},
+    }
+    with override_settings(**options), capture_events() as events:
+        key = Client().get("/visit").cookies["sessionid"].value
+        known = fetch(handler, "/chat", cookies={"sessionid": key})
+        forged = fetch(handler, "/chat", cookies={"sessionid": "made-up-by-the-client"})
+        none = fetch(handler, "/chat")
+    assert [a.json()["charged"] for a in (known, forged, none)] == [
+        f"anonymous:{session_digest(key)}",
+        "anonymous",
+        "anonymous",
+    ]
+    assert key not in str(list(events))
 
 
 def test_trusted_user_header(guard: Guard) -> None:
