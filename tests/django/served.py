@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,13 +37,13 @@ EVENT_TIMEOUT = 60.0
 """Seconds to wait for a log line the server is about to write."""
 
 
-def site_env(**extra: str) -> dict[str, str]:
+def site_env(settings: str = "chatsite_testing", **extra: str) -> dict[str, str]:
     """The environment of a served site: its settings and import path."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "EXAMPLE_OPENAI_BASE_URL"}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(SITE), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
     )
-    env["DJANGO_SETTINGS_MODULE"] = "chatsite_testing"
+    env["DJANGO_SETTINGS_MODULE"] = settings
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -146,7 +147,9 @@ COMMANDS: Mapping[str, Callable[[int], list[str]]] = {
 
 
 @contextmanager
-def serve(kind: str, database: Path, **env: str) -> Iterator[Server]:
+def serve(
+    kind: str, database: Path, settings: str = "chatsite_testing", **env: str
+) -> Iterator[Server]:
     """Run the site under ``kind`` (``wsgi``: gunicorn, ``asgi``: uvicorn) until exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -154,11 +157,11 @@ def serve(kind: str, database: Path, **env: str) -> Iterator[Server]:
     sock.listen(64)
     sock.set_inheritable(True)
     fd = sock.fileno()
-    own_db = database.with_name(f"{kind}-{database.name}")
+    own_db = database.with_name(f"{kind}-{uuid.uuid4().hex[:8]}-{database.name}")
     shutil.copyfile(database, own_db)
     process = subprocess.Popen(
         COMMANDS[kind](fd),
-        env=site_env(CHATSITE_DB=str(own_db), **env),
+        env=site_env(settings, CHATSITE_DB=str(own_db), **env),
         cwd=SITE,
         pass_fds=(fd,),
         stdout=subprocess.PIPE,

@@ -200,3 +200,15 @@ def test_client_that_goes_away_mid_stream_is_charged_once(
     assert (call["user_id"], call["stream"]) == (pk, True)
     assert call["outcome"] != "ok"
     assert not held.release.is_set()
+
+
+def test_the_example_runs_as_shipped(database: Path) -> None:
+    # Its own settings and budgets file, its embedded fake provider, the real clock.
+    with serve("wsgi", database, settings="chatsite.settings") as site, site.client() as http:
+        _, pk = login(http)
+        answer = chat(http)
+        (call,) = site.logs.wait("genai_call", request_id=answer.headers["x-request-id"])
+    assert answer.status_code == 200
+    assert answer.json()["charged_as"] == pk
+    assert answer.headers["ratelimit-policy"]  # budget_headers: True in its settings
+    assert (call["user_id"], call["model"], call["outcome"]) == (pk, "gpt-4o-mini", "ok")
