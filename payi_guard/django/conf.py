@@ -24,7 +24,7 @@ from payi_guard.engine import Guard
 from payi_guard.exceptions import MissingDependency
 from payi_guard.web.options import WebOptionArgs, WebOptions
 
-__all__ = ["SETTING", "GuardSettings", "get_guard", "read_settings"]
+__all__ = ["SETTING", "GuardSettings", "check_order", "get_guard", "read_settings"]
 
 SETTING = "PAYI_GUARD"
 """The name of the Django setting."""
@@ -149,6 +149,35 @@ def read_settings() -> GuardSettings:
         session_id=_callable_setting(raw, "session_id"),
         web=web,
     )
+
+
+_OWN_PATHS = frozenset(
+    {"payi_guard.django.GuardMiddleware", "payi_guard.django.middleware.GuardMiddleware"}
+)
+_AUTH_PATH = "django.contrib.auth.middleware.AuthenticationMiddleware"
+
+
+def check_order(has_resolver: bool) -> None:
+    """Refuse ``MIDDLEWARE`` that lists ``AuthenticationMiddleware`` after the guard.
+
+    The guard reads ``request.user``, which ``AuthenticationMiddleware`` sets: listed
+    after the guard it runs later, and every request would look anonymous. Not checked
+    when a ``user`` callable names the user instead.
+
+    Raises:
+        ImproperlyConfigured: the order is wrong.
+    """
+    if has_resolver:
+        return
+    middleware = list(getattr(django_module("django.conf").settings, "MIDDLEWARE", None) or ())
+    ours = [i for i, path in enumerate(middleware) if path in _OWN_PATHS]
+    auth = [i for i, path in enumerate(middleware) if path == _AUTH_PATH]
+    if ours and auth and min(auth) > min(ours):
+        error: type[Exception] = django_module("django.core.exceptions").ImproperlyConfigured
+        raise error(
+            f"MIDDLEWARE lists {_AUTH_PATH!r} after {middleware[min(ours)]!r}: move the "
+            "guard after it, so that request.user is known when the guard reads it"
+        )
 
 
 def _build(settings: GuardSettings) -> Guard:

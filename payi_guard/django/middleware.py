@@ -16,7 +16,7 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from payi_guard.context import RequestScope, current_request, request_scope
 from payi_guard.django.body import AsyncBody, SyncBody, close_in_context, run_in_context
-from payi_guard.django.conf import django_module, get_guard, read_settings
+from payi_guard.django.conf import check_order, django_module, get_guard, read_settings
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId
 from payi_guard.web.core import WebCore
 from payi_guard.web.gate import gate_headers, store_gate_headers
@@ -81,7 +81,8 @@ class GuardMiddleware:
         get_response: the next handler (Django passes it).
 
     Raises:
-        ImproperlyConfigured: ``settings.PAYI_GUARD`` is missing or invalid.
+        ImproperlyConfigured: ``settings.PAYI_GUARD`` is missing or invalid, or
+            ``MIDDLEWARE`` lists ``AuthenticationMiddleware`` after the guard.
         MissingDependency: Django is not installed.
     """
 
@@ -91,6 +92,7 @@ class GuardMiddleware:
     def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         asgiref_sync = django_module("asgiref.sync")
         settings = read_settings()
+        check_order(has_resolver=settings.user is not None)
         self.get_response = get_response
         self.core = WebCore(
             get_guard(),

@@ -430,6 +430,16 @@ def test_session_strategy_uses_the_session_the_backend_knows(handler: str) -> No
     assert key not in str(list(events))
 
 
+def test_authentication_listed_after_the_guard_is_refused_at_start_up(guard: Guard) -> None:
+    wrong = [GUARD_MIDDLEWARE, "django.contrib.auth.middleware.AuthenticationMiddleware"]
+    with override_settings(MIDDLEWARE=wrong), pytest.raises(ImproperlyConfigured) as info:
+        GuardMiddleware(lambda request: HttpResponse())
+    assert "move the guard after it" in str(info.value)
+    resolver = {"guard": guard, "user": f"{__name__}.resolve_user"}
+    with override_settings(MIDDLEWARE=wrong, PAYI_GUARD=resolver):
+        GuardMiddleware(lambda request: HttpResponse())  # the callable names the user
+
+
 def test_trusted_user_header(guard: Guard) -> None:
     with override_settings(PAYI_GUARD={"guard": guard, "trust_user_header": True}):
         trusted = fetch("sync", "/chat", xProxy_User_ID="acme:9")
