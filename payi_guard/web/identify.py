@@ -39,6 +39,7 @@ __all__ = [
     "parse_cookie",
     "rebind_user",
     "request_id_of",
+    "session_digest",
     "user_of_scope",
 ]
 
@@ -107,6 +108,21 @@ def parse_cookie(header: str | None, name: str) -> str | None:
                 value = value[1:-1]
             return value or None
     return None
+
+
+def session_digest(value: str) -> str:
+    """Return the id an anonymous session is charged under: a digest of its key.
+
+    A session key or cookie is often a credential, so it must reach neither storage keys
+    nor log lines: only this digest does.
+
+    Args:
+        value: the session key or cookie value.
+
+    Returns:
+        24 hex digits (BLAKE2b, 12 bytes).
+    """
+    return hashlib.blake2b(value.encode(), digest_size=12).hexdigest()
 
 
 def request_id_of(incoming: str | None) -> str:
@@ -232,7 +248,7 @@ class Identifier:
         value = parse_cookie(cookie_header, self.options.session_cookie)
         if value is None:
             return None
-        return hashlib.blake2b(value.encode(), digest_size=12).hexdigest()
+        return session_digest(value)
 
     @staticmethod
     def set_session(scope: RequestScope, session: object) -> None:
