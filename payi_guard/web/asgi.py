@@ -29,7 +29,7 @@ from typing_extensions import Unpack
 
 from payi_guard.context import RequestScope, request_scope
 from payi_guard.engine import Guard
-from payi_guard.exceptions import BudgetExceeded, InvalidUserId
+from payi_guard.exceptions import BudgetExceeded, InvalidUserId, StorageError
 from payi_guard.web.core import WebCore
 from payi_guard.web.identify import (
     ORDER_EVENT,
@@ -99,31 +99,63 @@ class _WatchedScope(dict[str, Any]):
 
 
 class _Response:
-    """Wraps ``send``: adds the guard's headers to the start, tracks the response state."""
+    """Wraps ``send``: adds the guard's headers to the start, tracks the response state.
 
-    __slots__ = ("extra", "finished", "send", "started")
+    With ``hold`` (guarded paths), ``http.response.start`` is kept back until the first
+    body byte (or the end of the body, or any other message), then sent together with
+    it: a refusal raised before that byte can still become the refusal response instead
+    of an empty 200. Only the start is held, never a body chunk.
 
-    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+    Attributes:
+        started: ``http.response.start`` reached the server.
+        finished: the last body message reached the server.
+    """
+
+    __slots__ = ("_held", "extra", "finished", "hold", "send", "started")
+
+    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], *, hold: bool) -> None:
         self.send = send
         self.extra = extra
+        self.hold = hold
         self.started = False
         self.finished = False
+        self._held: Message | None = None
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            self.started = True
             if self.extra:
                 headers = list(message.get("headers", ()))
                 present = {name.lower() for name, _ in headers}
                 headers.extend(h for h in self.extra if h[0] not in present)
                 message = {**message, "headers": headers}
-        elif kind == "http.response.body":
-            if not message.get("more_body", False):
+            if self.hold and self._held is None and not self.started:
+                self._held = message
+                return
+            await self.release()
+            self.started = True
+        else:
+            if kind == "http.response.body":
+                more_body = message.get("more_body", False)
+                if self._held is not None and more_body and not message.get("body"):
+                    return  # carries no byte: keep holding the start
+                if not more_body:
+                    self.finished = True
+            elif kind == "http.response.pathsend":
                 self.finished = True
-        elif kind == "http.response.pathsend":
-            self.finished = True
+            await self.release()
         await self.send(message)
+
+    async def release(self) -> None:
+        """Send the held ``http.response.start``, if any."""
+        held, self._held = self._held, None
+        if held is not None:
+            self.started = True
+            await self.send(held)
+
+    def discard(self) -> None:
+        """Forget the held start: the guard answers the request itself."""
+        self._held = None
 
 
 class GuardMiddleware:
@@ -219,11 +251,12 @@ class GuardMiddleware:
         if self._request_id_key is not None:
             extra.append((self._request_id_key, request_id.encode("latin-1")))
         # CORS preflights never make GenAI calls, and must not need a user.
-        if problem is None and scope["method"] != "OPTIONS" and core.gate.guarded(scope["path"]):
+        guarded = scope["method"] != "OPTIONS" and core.gate.guarded(scope["path"])
+        if problem is None and guarded:
             gate = await core.gate.acheck()
             problem = gate.problem
             extra.extend(_encode(gate.headers))
-        response = _Response(send, extra)
+        response = _Response(send, extra, hold=guarded)
         if problem is not None:
             await self._send_problem(response, problem)
             return
@@ -235,15 +268,18 @@ class GuardMiddleware:
             await self.app(app_scope, receive, response)
         except Exception as exc:
             if not response.started:
-                problem = core.problems.problem_for(exc)
+                cause = _error_in(exc, (BudgetExceeded, InvalidUserId, StorageError))
+                problem = None if cause is None else core.problems.problem_for(cause)
                 if problem is None:
                     raise
-                # The gate headers described a success; a refusal brings its own.
+                # A held start is dropped; the gate headers described a success, and a
+                # refusal brings its own.
+                response.discard()
                 response.extra = extra[:1] if self._request_id_key is not None else []
                 await self._send_problem(response, problem)
                 return
-            refusal = _refusal_in(exc)
-            if refusal is None:
+            refusal = _error_in(exc, (BudgetExceeded,))
+            if not isinstance(refusal, BudgetExceeded):
                 raise
             core.log.error(
                 AFTER_START_EVENT,
@@ -255,6 +291,9 @@ class GuardMiddleware:
             )
             if not response.finished:
                 await response({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        # An app that ended without a body message still gets its start sent.
+        await response.release()
 
     @staticmethod
     async def _send_problem(response: _Response, problem: Problem) -> None:
@@ -336,16 +375,17 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-def _refusal_in(exc: BaseException) -> BudgetExceeded | None:
-    """The refusal behind ``exc``: itself, or a cause a framework wrapped it in.
+def _error_in(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The error of one of ``kinds`` behind ``exc``: itself, or a cause it was wrapped in.
 
     Starlette's exception middleware turns a handled exception raised after the response
-    started into ``RuntimeError(...) from exc``.
+    started (from its point of view: the guard may still hold that start) into
+    ``RuntimeError(...) from exc``.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, BudgetExceeded):
+        if isinstance(current, kinds):
             return current
         seen.add(id(current))
         current = current.__cause__

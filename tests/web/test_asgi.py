@@ -34,6 +34,7 @@ from web._support import (
     exhaust,
     free_port,
     serve_asgi,
+    spend_most,
     usd,
     used,
 )
@@ -289,9 +290,9 @@ def test_exhausted_user_gets_the_exact_429_before_the_app(guard: Guard) -> None:
         "limit": "daily",
         "scope": "user",
         "unit": "usd",
-        "used": 0.001,
-        "max": 0.001,
-        "remaining": 0,
+        "used": "0.001",
+        "max": "0.001",
+        "remaining": "0",
         "resets_at": "2026-11-28T00:00:00+00:00",
         "retry_after": 43200,
         "request_id": "r-429",
@@ -526,6 +527,156 @@ async def test_non_guard_errors_before_start_propagate(guard: Guard) -> None:
     async with client(app) as http:
         with pytest.raises(KeyError):
             await http.get("/")
+
+
+# -- a refusal before the first body byte is a 429, never an empty 200 -----------------------
+
+
+class Gauge:
+    """An app's view of what reached the server: the recorder outside the guard."""
+
+    def __init__(self) -> None:
+        self.recorder: MessageRecorder | None = None
+        self.seen: list[list[str]] = []
+
+    def snapshot(self) -> None:
+        assert self.recorder is not None
+        self.seen.append([m["type"] for m in self.recorder.messages])
+
+
+def _refused_stream_app(guard: Guard, probe: Probe, *, first: bytes | None) -> Starlette:
+    """``/api/stream`` and ``/open/stream``: a stream whose GenAI call is refused at once.
+
+    ``first`` is sent before the call (``b""``: an empty chunk, which carries no byte).
+    """
+
+    async def stream(request: Request) -> StreamingResponse:
+        probe.calls += 1
+
+        async def body() -> AsyncIterator[bytes]:
+            if first is not None:
+                yield first
+            await acall(guard)
+            yield b"data: never\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/api/stream", stream), Route("/open/stream", stream)])
+
+
+@pytest.mark.parametrize("first", [None, b""], ids=["no-chunk", "empty-chunk"])
+def test_refused_stream_before_its_first_byte_is_a_429_over_a_real_server(
+    guard: Guard, first: bytes | None
+) -> None:
+    probe = Probe()
+    spend_most(guard, "alice")
+    app = GuardMiddleware(
+        _refused_stream_app(guard, probe, first=first),
+        guard=guard,
+        trust_user_header=True,
+        guarded_paths=["/api/*"],
+    )
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        with capture_logs() as logs:
+            response = http.get("/api/stream", headers={"xProxy-User-ID": "alice"})
+    assert probe.calls == 1  # the app ran: the refusal came from inside the stream
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "43200"
+    assert response.json()["limit"] == "daily"
+    assert response.json()["remaining"] == "0.0001"
+    assert not [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+
+
+async def test_a_guarded_start_waits_for_the_first_body_chunk_and_is_sent_once(
+    guard: Guard,
+) -> None:
+    gauge = Gauge()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        gauge.snapshot()
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        gauge.snapshot()
+        await send({"type": "http.response.body", "body": b"one", "more_body": True})
+        gauge.snapshot()  # the first chunk went out at once: nothing more is buffered
+        await send({"type": "http.response.body", "body": b"two", "more_body": False})
+
+    recorder = MessageRecorder(GuardMiddleware(app, guard=guard, guarded_paths=["/api/*"]))
+    gauge.recorder = recorder
+    async with client(recorder) as http:
+        response = await http.get("/api/x")
+    assert response.text == "onetwo"
+    assert gauge.seen == [
+        [],
+        [],
+        ["http.response.start", "http.response.body"],
+    ]
+    assert len(recorder.starts()) == 1
+    assert [m.get("body") for m in recorder.messages[1:]] == [b"one", b"two"]
+
+
+async def test_a_guarded_empty_response_is_sent_at_its_end(guard: Guard) -> None:
+    async def no_content(request: Request) -> Response:
+        return Response(status_code=204)
+
+    app = GuardMiddleware(
+        Starlette(routes=[Route("/api/x", no_content)]), guard=guard, guarded_paths=["/api/*"]
+    )
+    async with client(app) as http:
+        response = await http.get("/api/x")
+    assert response.status_code == 204
+    assert response.content == b""
+
+
+async def test_unguarded_paths_send_the_start_untouched(guard: Guard) -> None:
+    gauge = Gauge()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        gauge.snapshot()
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    recorder = MessageRecorder(GuardMiddleware(app, guard=guard, guarded_paths=["/api/*"]))
+    gauge.recorder = recorder
+    async with client(recorder) as http:
+        response = await http.get("/open/x")
+    assert response.text == "ok"
+    assert gauge.seen == [["http.response.start"]]
+
+
+async def test_a_guarded_stream_refused_after_its_first_chunk_is_closed_and_logged(
+    guard: Guard,
+) -> None:
+    spend_most(guard, "alice")
+    recorder = MessageRecorder(
+        GuardMiddleware(
+            _refused_stream_app(guard, Probe(), first=b"data: one\n\n"),
+            guard=guard,
+            trust_user_header=True,
+            guarded_paths=["/api/*"],
+        )
+    )
+    async with client(recorder) as http:
+        with capture_logs() as logs:
+            response = await http.get("/api/stream", headers={"xProxy-User-ID": "alice"})
+    assert response.status_code == 200
+    assert response.text == "data: one\n\n"
+    assert len(recorder.starts()) == 1
+    after = [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+    assert [(e["user_id"], e["limit"]) for e in after] == [("alice", "daily")]
+
+
+async def test_a_guarded_non_guard_error_before_the_first_byte_propagates(guard: Guard) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("app bug")
+
+    recorder = MessageRecorder(GuardMiddleware(app, guard=guard, guarded_paths=["/api/*"]))
+    async with client(recorder) as http:
+        with pytest.raises(RuntimeError, match="app bug"):
+            await http.get("/api/x")
+    assert recorder.starts() == []  # the server, not a half-sent 200, answers it
 
 
 # -- scopes that are not http ---------------------------------------------------------------
