@@ -34,7 +34,7 @@ from payi_guard.exceptions import (
     StorageError,
 )
 from payi_guard.web.core import WebCore
-from payi_guard.web.gate import store_gate_headers
+from payi_guard.web.gate import GateResult, store_gate_headers
 from payi_guard.web.identify import rebind_user
 from payi_guard.web.options import WebOptionArgs
 from payi_guard.web.problem import Problem
@@ -102,9 +102,9 @@ class PayiGuard:
         self.session_id = session_id
         # The core that gates in before_request: the user is only known there.
         self.core = WebCore(guard, **options)
-        # The middleware only opens the request and answers the guard's exceptions.
+        # The middleware opens the request, answers the guard's exceptions and holds the
+        # start of guarded responses; it gates nothing (before_request does).
         self._middleware_options = options.copy()
-        self._middleware_options.pop("guarded_paths", None)
         self._middleware_options.pop("budget_headers", None)
         self._middleware_options.pop("gate", None)
         if app is not None:
@@ -118,7 +118,7 @@ class PayiGuard:
         """
         if _EXTENSION in app.extensions:
             raise RuntimeError("PayiGuard is already installed on this app")
-        app.wsgi_app = WSGIGuardMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app = _FlaskMiddleware(  # type: ignore[method-assign]
             app.wsgi_app, guard=self.guard, **self._middleware_options
         )
         app.before_request(self._before_request)
@@ -185,6 +185,18 @@ class PayiGuard:
         if problem is None:  # pragma: no cover - only registered for these classes
             raise exc
         return _response(problem)
+
+
+class _FlaskMiddleware(WSGIGuardMiddleware):
+    """The middleware under the extension: no early gate, the user is not known yet.
+
+    Guarded paths are gated in ``before_request``; the middleware still holds their
+    response start until the first body byte, so a refusal in a streamed body before it
+    is answered with the refusal response.
+    """
+
+    def _gate(self) -> GateResult:
+        return GateResult()
 
 
 def _response(problem: Problem) -> flask.Response:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import httpx
+import openai
 import pytest
 import structlog
 from fastapi import Depends, FastAPI, Header, HTTPException
@@ -24,6 +25,7 @@ from payi_guard.fastapi import (
     require_budget,
 )
 from payi_guard.pricing import TokenUsage
+from payi_guard.testing import FakeProvider
 from payi_guard.web import GuardMiddleware
 from web._support import (
     MODEL,
@@ -37,6 +39,7 @@ from web._support import (
     exhaust,
     exhaust_anonymous,
     serve_asgi,
+    spend_most,
     usd,
     used,
 )
@@ -366,3 +369,52 @@ def test_guard_user_validates_its_arguments() -> None:
         guard_user("not callable")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         guard_user(current_user_sync, id="id")  # type: ignore[arg-type]
+
+
+def _sdk_stream_app(guard: Guard, provider: FakeProvider, *, handlers: bool) -> FastAPI:
+    """``/api/stream`` streams a real OpenAI SDK call, as an app would write it."""
+    llm = guard.wrap(
+        openai.AsyncOpenAI(base_url=provider.openai_base_url, api_key="k", max_retries=0)
+    )
+    app = FastAPI()
+
+    @app.get("/api/stream")
+    async def stream() -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            chunks = await llm.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Count to three"}],
+                max_tokens=50,
+                stream=True,
+            )
+            async for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield f"data: {chunk.choices[0].delta.content}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    if handlers:
+        install_exception_handlers(app, guard)
+    app.add_middleware(GuardMiddleware, guard=guard, guarded_paths=["/api/*"])
+    app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+    return app
+
+
+@pytest.mark.parametrize("handlers", [False, True], ids=["plain", "with-handlers"])
+def test_a_refused_sdk_stream_is_a_429_over_a_real_server(guard: Guard, handlers: bool) -> None:
+    spend_most(guard, "alice")
+    with FakeProvider() as provider:
+        app = _sdk_stream_app(guard, provider, handlers=handlers)
+        with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+            with capture_logs() as logs:
+                response = http.get("/api/stream", headers=bearer("alice"))
+                fresh = http.get("/api/stream", headers=bearer("bob"))
+        assert len(provider.requests) == 1  # bob's; alice's call was refused before sending
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["limit"] == "daily"
+    assert fresh.status_code == 200
+    assert fresh.text.startswith("data: ")
+    refused = [e for e in logs if e["event"] == "budget_exceeded"]
+    assert [e["user_id"] for e in refused] == ["alice"]
+    assert not [e for e in logs if e["event"] == "budget_exceeded_after_start"]

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from payi_guard.context import current_request, get_context
 from payi_guard.engine import Guard
 from payi_guard.flask import PayiGuard
-from web._support import call, config, cost_nano, exhaust, serve_wsgi, usd, used
+from web._support import call, config, cost_nano, exhaust, serve_wsgi, spend_most, usd, used
 
 
 class Probe:
@@ -49,6 +49,17 @@ def make_app(guard: Guard, probe: Probe, **options: Any) -> flask.Flask:
             yield f"charged:{record.user_id}\n"
 
         return flask.Response(flask.stream_with_context(body()), mimetype="text/plain")
+
+    @app.route("/api/stream")
+    @app.route("/stream-refused")
+    def stream_refused() -> flask.Response:
+        def body() -> Iterator[str]:
+            yield ""  # flushes nothing: no body byte yet
+            call(guard)
+            yield "data: never\n\n"
+
+        probe.views += 1
+        return flask.Response(flask.stream_with_context(body()), mimetype="text/event-stream")
 
     @app.teardown_request
     def teardown(exc: BaseException | None) -> None:
@@ -87,6 +98,25 @@ def test_streamed_body_with_stream_with_context(guard: Guard) -> None:
     assert [e["user_id"] for e in logs if e["event"] == "genai_call"] == ["bob"]
     assert used(guard, "bob") == usd(cost_nano(100, 50))
     assert probe.teardowns - teardowns_before >= 1
+
+
+def test_guarded_stream_refused_before_its_first_byte_is_a_429(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe, guarded_paths=["/api/*"])
+    spend_most(guard, "bob")
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/bob")
+        with capture_logs() as logs:
+            response = http.get("/api/stream")
+            unguarded = http.get("/stream-refused")
+    assert probe.views == 2  # both views ran: the refusal came from inside the stream
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["limit"] == "daily"
+    # Unguarded paths are not held: there the refusal came after the (empty) start.
+    assert unguarded.status_code == 200
+    after = [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+    assert [e["user_id"] for e in after] == ["bob"]
 
 
 class LoginUser(UserMixin):  # type: ignore[misc]  # flask-login ships no types
