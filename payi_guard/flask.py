@@ -69,11 +69,13 @@ class PayiGuard:
         session_key: the ``session`` key read when neither ``user`` nor flask-login
             names a user.
         session_id: for the ``session`` anonymous strategy: a callable without arguments
-            that returns the session/device id (default: the ``session_cookie`` cookie).
+            that returns the session/device id (default: an id the extension keeps in
+            Flask's signed ``session``; an app without a ``secret_key`` has no session,
+            and its anonymous requests share the anonymous bucket).
         **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
             (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
-            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
-            ``request_id_header``, ``www_authenticate``), each documented there.
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``request_id_header``,
+            ``www_authenticate``), each documented there.
             ``guarded_paths`` are gated in ``before_request``, once the user is
             named, before the view runs.
 
@@ -166,12 +168,9 @@ class PayiGuard:
                     return _response(problem)
                 if rs.user_id is not None:
                     rebind_user(rs.user_id)
-        if (
-            rs.user_id is None
-            and self.session_id is not None
-            and self.core.identify.wants_session()
-        ):
-            self.core.identify.set_session(rs, self.session_id())
+        if rs.user_id is None and self.core.identify.wants_session():
+            session = self.session_id() if self.session_id is not None else _stored_session()
+            self.core.identify.set_session(rs, session)
         request = _flask().request
         if request.method != "OPTIONS" and self.core.gate.guarded(request.path):
             gate = self.core.gate.check()
@@ -185,6 +184,15 @@ class PayiGuard:
         if problem is None:  # pragma: no cover - only registered for these classes
             raise exc
         return _response(problem)
+
+
+def _stored_session() -> str | None:
+    """The id the extension keeps in Flask's signed session (none without a secret key)."""
+    fl = _flask()
+    session = fl.session
+    if fl.current_app.session_interface.is_null_session(session):
+        return None
+    return WebCore.stored_session(session)
 
 
 class _FlaskMiddleware(WSGIGuardMiddleware):

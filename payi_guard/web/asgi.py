@@ -178,11 +178,13 @@ class GuardMiddleware:
             set; the body is not available) that returns the user id or ``None``; sync
             or async. A sync resolver runs on the event loop: keep it quick.
         session_id: for the ``session`` anonymous strategy: given the ``Request``,
-            return the session/device id (sync or async).
+            return the session/device id (sync or async). Without it, the id the guard
+            keeps in Starlette's signed session (``SessionMiddleware``, added after the
+            guard so it runs outside it); without either, the shared anonymous bucket.
         **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
             (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
-            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
-            ``request_id_header``, ``www_authenticate``), each documented there.
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``request_id_header``,
+            ``www_authenticate``), each documented there.
 
     Raises:
         TypeError: an option has the wrong type.
@@ -214,20 +216,18 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request_id_raw = user_raw = cookie_raw = None
+        request_id_raw = user_raw = None
         request_id_key, user_key = self._request_id_key, self._user_key
         for name, value in scope.get("headers", ()):
             if name == request_id_key:
                 request_id_raw = value
             elif name == user_key:
                 user_raw = value
-            elif name == b"cookie":
-                cookie_raw = value if cookie_raw is None else cookie_raw + b"; " + value
         request_id = request_id_of(
             None if request_id_raw is None else request_id_raw.decode("latin-1")
         )
         with request_scope(request_id=request_id) as rs:
-            problem = await self._identify(scope, rs, user_raw, cookie_raw)
+            problem = await self._identify(scope, rs, user_raw)
             mark_bound(rs)
             # bind/reset with tokens: every write is undone exactly, a user rebound later
             # in the request included (what bound_contextvars does, at a third of the cost).
@@ -311,7 +311,6 @@ class GuardMiddleware:
         scope: Scope,
         rs: RequestScope,
         user_raw: bytes | None,
-        cookie_raw: bytes | None,
     ) -> Problem | None:
         core = self.core
         request: Request | None = None
@@ -336,8 +335,8 @@ class GuardMiddleware:
             if session_id is not None:
                 session = await _maybe_await(session_id(request or Request(scope)))
             else:
-                cookies = None if cookie_raw is None else cookie_raw.decode("latin-1")
-                session = core.identify.session_from_cookie(cookies)
+                # Starlette's SessionMiddleware (signed), when it runs outside the guard.
+                session = core.identify.stored_session(scope.get("session"))
             core.identify.set_session(rs, session)
         return None
 

@@ -10,14 +10,24 @@ user wins; :func:`~payi_guard.set_user` later in the request always overrides):
 4. :func:`~payi_guard.set_user` (the FastAPI dependency, any code inside the request);
 5. Flask: the :class:`payi_guard.flask.PayiGuard` extension in ``before_request``.
 
-Everything here works on plain values (header strings, a
+The ``session`` anonymous strategy charges a request that names no user to its
+session's own bucket, and takes the session only from where the client cannot forge or
+renew it at will: the app's ``session_id=`` callable, or the id the guard keeps in a
+signed or server-side session (Starlette's ``SessionMiddleware``, Flask's ``session``)
+under :data:`SESSION_KEY`. A session the guard has not seen before (a new visitor, or a
+client that dropped its cookie) is charged to the shared anonymous bucket, and the id is
+stored for its next request. A raw cookie is never read: a client could send a fresh one
+with every request and never reach a limit.
+
+Everything here works on plain values (header strings, a session mapping, a
 :class:`~payi_guard.context.RequestScope`), never on a framework's request object.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
+import secrets
+from collections.abc import MutableMapping
 from typing import Any, cast
 
 import structlog
@@ -32,11 +42,11 @@ from payi_guard.web.problem import Problem, Problems
 __all__ = [
     "INVALID_USER_EVENT",
     "ORDER_EVENT",
+    "SESSION_KEY",
     "UNTRUSTED_HEADER_EVENT",
     "Identifier",
     "is_guarded_request",
     "mark_bound",
-    "parse_cookie",
     "rebind_user",
     "request_id_of",
     "user_of_scope",
@@ -51,7 +61,11 @@ UNTRUSTED_HEADER_EVENT = "untrusted_user_header"
 INVALID_USER_EVENT = "invalid_user_id"
 """Logged when a source names an invalid user id (with the reason, never the id)."""
 
+SESSION_KEY = "payi_guard.session"
+"""The key of a signed or server-side session under which the guard keeps its session id."""
+
 _BOUND_KEY = "payi_guard.web"
+_SESSION_ID = re.compile(r"[0-9a-f]{32}\Z")
 _HAS_IDENTITY: dict[type, bool] = {}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}\Z")
 
@@ -85,28 +99,6 @@ def user_of_scope(user: object) -> object | None:
             return cast(object, identity)
     name: object = getattr(user, "display_name", None)
     return None if name is None or name == "" else name
-
-
-def parse_cookie(header: str | None, name: str) -> str | None:
-    """Return the value of cookie ``name`` in a ``Cookie`` header, else ``None``.
-
-    Args:
-        header: the raw ``Cookie`` request header.
-        name: the cookie name.
-
-    Returns:
-        The value with surrounding quotes removed, or ``None`` when absent or empty.
-    """
-    if not header:
-        return None
-    for part in header.split(";"):
-        key, sep, value = part.partition("=")
-        if sep and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            return value or None
-    return None
 
 
 def request_id_of(incoming: str | None) -> str:
@@ -221,18 +213,28 @@ class Identifier:
         """True when the guard's anonymous strategy is ``session``."""
         return self.guard.config.anonymous.strategy == "session"
 
-    def session_from_cookie(self, cookie_header: str | None) -> str | None:
-        """Derive an anonymous session id from the ``session_cookie`` cookie.
+    @staticmethod
+    def stored_session(session: MutableMapping[str, Any] | None) -> str | None:
+        """Return the id this guard keeps in a signed or server-side session, else ``None``.
 
-        The cookie value is hashed: a session cookie is often a credential, and it must
-        reach neither storage keys nor log lines.
+        A session that has no id yet gets one for its next request, and this request
+        gets ``None``: it is charged to the shared anonymous bucket. So a client that
+        drops its cookie, or never sends one back, gains nothing.
+
+        Args:
+            session: the request's session mapping (Starlette's ``scope["session"]``,
+                Flask's ``session``), or ``None`` when the app has none.
+
+        Returns:
+            The session id, or ``None``.
         """
-        if self.options.session_cookie is None:
+        if session is None:
             return None
-        value = parse_cookie(cookie_header, self.options.session_cookie)
-        if value is None:
-            return None
-        return hashlib.blake2b(value.encode(), digest_size=12).hexdigest()
+        value = session.get(SESSION_KEY)
+        if isinstance(value, str) and _SESSION_ID.match(value):
+            return value
+        session[SESSION_KEY] = secrets.token_hex(16)
+        return None
 
     @staticmethod
     def set_session(scope: RequestScope, session: object) -> None:

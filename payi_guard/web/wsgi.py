@@ -59,11 +59,12 @@ class WSGIGuardMiddleware:
         guard: the :class:`~payi_guard.engine.Guard` that holds the budgets.
         user: a resolver given the WSGI environ that returns the user id or ``None``.
         session_id: for the ``session`` anonymous strategy: given the environ, return
-            the session/device id.
+            the session/device id (one the client cannot forge or renew at will). Without
+            it anonymous requests share the anonymous bucket.
         **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
             (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
-            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
-            ``request_id_header``, ``www_authenticate``), each documented there.
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``request_id_header``,
+            ``www_authenticate``), each documented there.
             ``guarded_paths`` match ``PATH_INFO``.
 
     Raises:
@@ -153,10 +154,7 @@ class WSGIGuardMiddleware:
         if core.identify.wants_session():
             session_id = core.options.session_id
             if session_id is not None:
-                session = session_id(environ)
-            else:
-                session = core.identify.session_from_cookie(environ.get("HTTP_COOKIE"))
-            core.identify.set_session(rs, session)
+                core.identify.set_session(rs, session_id(environ))
         return None
 
 

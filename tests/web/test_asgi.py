@@ -13,6 +13,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -426,22 +427,63 @@ async def test_anonymous_reject_answers_401(make_guard: Callable[..., Guard]) ->
     assert authenticated.status_code == 200
 
 
-async def test_session_strategy_buckets_by_cookie(make_guard: Callable[..., Guard]) -> None:
-    guard = make_guard(
-        config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
-    )
+SESSION = config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
+"""Anonymous calls get $0.001 a day per session: five calls of $0.0002."""
+
+
+async def test_fresh_raw_session_cookies_share_one_bucket(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(SESSION)
+    statuses = []
     async with client(build_app(guard, Probe(), auth=None)) as http:
-        first = await http.get("/open/chat", headers={"cookie": "session_id=device-a"})
-        again = await http.get("/open/chat", headers={"cookie": "session_id=device-a"})
-        other = await http.get("/open/chat", headers={"cookie": "session_id=device-b"})
-        none = await http.get("/open/chat")
-    bucket = first.json()["user"]
+        with capture_logs() as logs:
+            for i in range(40):
+                cookie = f"session_id=fresh-{i}; session=fresh-{i}"
+                response = await http.get("/open/chat", headers={"cookie": cookie})
+                statuses.append(response.status_code)
+    assert statuses == [200] * 5 + [429] * 35
+    charged = {e["user_id"] for e in logs if e["event"] == "genai_call"}
+    assert charged == {ANONYMOUS_USER}
+    assert guard.usage(ANONYMOUS_USER)[0].state == "exceeded"
+
+
+def _session_app(guard: Guard) -> Starlette:
+    app = build_app(guard, Probe(), auth=None)
+    app.add_middleware(SessionMiddleware, secret_key="test-secret-not-for-production")
+    return app
+
+
+async def test_a_signed_starlette_session_gets_its_own_bucket_from_its_second_request(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(SESSION)
+    app = _session_app(guard)
+    async with client(app) as http:
+        first = await http.get("/open/chat")
+        second = await http.get("/open/chat")
+        third = await http.get("/open/chat")
+    # A session the guard had not seen yet is charged to the shared bucket: a client that
+    # drops its cookie gets nothing more than anyone else.
+    assert first.json()["user"] == ANONYMOUS_USER
+    bucket = second.json()["user"]
     assert bucket.startswith("anonymous:")
-    assert "device-a" not in bucket
-    assert again.json()["user"] == bucket
-    assert other.json()["user"] not in (bucket, ANONYMOUS_USER)
-    assert none.json()["user"] == ANONYMOUS_USER
+    assert third.json()["user"] == bucket
     assert used(guard, bucket) == usd(2 * cost_nano(100, 50))
+    assert used(guard, ANONYMOUS_USER) == usd(cost_nano(100, 50))
+    async with client(app) as other:  # another visitor, another session
+        await other.get("/open/chat")
+        assert (await other.get("/open/chat")).json()["user"] not in (bucket, ANONYMOUS_USER)
+
+
+async def test_a_forged_session_cookie_is_the_shared_bucket(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(SESSION)
+    async with client(_session_app(guard)) as http:
+        await http.get("/open/chat")
+        forged = {"cookie": "session=eyJwYXlpX2d1YXJkLnNlc3Npb24iOiAiZm9yZ2VkIn0="}
+        http.cookies.clear()
+        response = await http.get("/open/chat", headers=forged)
+    assert response.json()["user"] == ANONYMOUS_USER
 
 
 async def test_session_id_option(make_guard: Callable[..., Guard]) -> None:

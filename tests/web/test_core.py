@@ -18,7 +18,7 @@ from payi_guard.engine import Guard, UserRequired
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId, StorageError
 from payi_guard.usage import LimitUsage
 from payi_guard.web.core import WebCore
-from payi_guard.web.identify import parse_cookie, user_of_scope
+from payi_guard.web.identify import SESSION_KEY, user_of_scope
 from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, Problem
 from web._support import config, exhaust
 
@@ -45,7 +45,7 @@ def test_guarded_paths_are_fnmatch_globs_case_sensitive(guard: Guard) -> None:
         ({"on_invalid_user": "ignore"}, ValueError),
         ({"user": "alice"}, TypeError),
         ({"session_id": 3}, TypeError),
-        ({"session_cookie": "bad cookie"}, ValueError),
+        ({"session_cookie": "session_id"}, TypeError),  # raw cookies are never read
         ({"user_header": "bad header"}, ValueError),
         ({"request_id_header": "x:y"}, ValueError),
     ],
@@ -96,23 +96,23 @@ def test_user_of_scope_prefers_identity_then_display_name() -> None:
     assert user_of_scope(SimpleUser("")) is None
 
 
-def test_parse_cookie() -> None:
-    header = 'a=1; session_id="s-123"; other=x=y'
-    assert parse_cookie(header, "session_id") == "s-123"
-    assert parse_cookie(header, "other") == "x=y"
-    assert parse_cookie(header, "missing") is None
-    assert parse_cookie(None, "a") is None
-    assert parse_cookie("a=", "a") is None
+def test_a_stored_session_id_is_kept_in_the_session_and_used_from_its_next_request() -> None:
+    session: dict[str, Any] = {"cart": [1]}
+    assert WebCore.stored_session(session) is None  # first seen: the shared bucket
+    minted = session[SESSION_KEY]
+    assert len(minted) == 32
+    assert WebCore.stored_session(session) == minted
+    assert WebCore.stored_session(dict(session)) == minted
+    assert session["cart"] == [1]
+    assert WebCore.stored_session(None) is None  # no session at all
 
 
-def test_session_cookie_is_hashed_never_raw(guard: Guard) -> None:
-    core = WebCore(guard)
-    session = core.session_from_cookie("session_id=secret-token")
-    assert session is not None
-    assert "secret" not in session
-    assert session == core.session_from_cookie("session_id=secret-token")
-    assert session != core.session_from_cookie("session_id=other-token")
-    assert WebCore(guard, session_cookie=None).session_from_cookie("session_id=x") is None
+@pytest.mark.parametrize("value", ["", "short", "Z" * 32, 42, None, ["x"]])
+def test_a_stored_session_id_the_guard_did_not_write_is_replaced(value: object) -> None:
+    session: dict[str, Any] = {SESSION_KEY: value}
+    assert WebCore.stored_session(session) is None
+    assert session[SESSION_KEY] != value
+    assert WebCore.stored_session(session) == session[SESSION_KEY]
 
 
 def _limit(**overrides: Any) -> LimitUsage:

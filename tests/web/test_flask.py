@@ -230,6 +230,52 @@ def test_session_strategy_with_a_session_id_callable(make_guard: Callable[..., G
     }
 
 
+SESSION = config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
+"""Anonymous calls get $0.001 a day per session: five calls of $0.0002."""
+
+
+def test_fresh_raw_session_cookies_share_one_bucket(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(SESSION)
+    app = make_app(guard, Probe())
+    statuses, users = [], set()
+    with serve_wsgi(app) as url:
+        for i in range(40):
+            # A new client each time: no cookie jar, a fresh raw cookie.
+            with httpx.Client(base_url=url) as http:
+                response = http.get("/chat", headers={"cookie": f"session_id=fresh-{i}"})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                users.add(response.json()["user"])
+    assert statuses == [200] * 5 + [429] * 35
+    assert users == {"anonymous"}
+
+
+def test_the_flask_session_gets_its_own_bucket_from_its_second_request(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(SESSION)
+    app = make_app(guard, Probe())
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        first = http.get("/chat").json()["user"]
+        second = http.get("/chat").json()["user"]
+        third = http.get("/chat").json()["user"]
+    assert first == "anonymous"
+    assert second.startswith("anonymous:")
+    assert third == second
+    assert used(guard, second) == usd(2 * cost_nano(100, 50))
+
+
+def test_without_a_secret_key_there_is_no_session_and_one_bucket(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(SESSION)
+    app = make_app(guard, Probe())
+    app.secret_key = None
+    client = app.test_client()
+    users = {client.get("/chat").json["user"] for _ in range(3)}  # type: ignore[index]
+    assert users == {"anonymous"}
+
+
 def test_installing_twice_is_refused(guard: Guard) -> None:
     app = make_app(guard, Probe())
     with pytest.raises(RuntimeError, match="already installed"):

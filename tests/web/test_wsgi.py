@@ -357,25 +357,50 @@ def test_resolver_gets_the_environ_and_invalid_ids_get_400(guard: Guard) -> None
     assert b"frank" not in body
 
 
-def test_session_cookie_and_budget_headers(make_guard: Callable[..., Guard]) -> None:
-    guard = make_guard(
-        config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
-    )
+SESSION = config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
+"""Anonymous calls get $0.001 a day per session: five calls of $0.0002."""
 
+
+def _charging_app(guard: Guard) -> Callable[..., Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         record = call(guard)
         start_response("200 OK", [])
         return [record.user_id.encode()]
 
-    middleware = WSGIGuardMiddleware(app, guard=guard, guarded_paths=["/*"], budget_headers=True)
+    return app
+
+
+def test_fresh_raw_session_cookies_share_one_bucket(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(SESSION)
+    middleware = WSGIGuardMiddleware(_charging_app(guard), guard=guard)
+    statuses, users = [], set()
     with serve_wsgi(middleware) as url, httpx.Client(base_url=url) as http:
-        first = http.get("/", headers={"cookie": "session_id=abc"})
-        second = http.get("/", headers={"cookie": "session_id=abc"})
-    bucket = first.text
-    assert bucket.startswith("anonymous:")
-    assert second.text == bucket
-    assert first.headers["ratelimit"] == '"anonymous:0";r=1000;t=43200'
-    assert second.headers["ratelimit"] == '"anonymous:0";r=800;t=43200'
+        for i in range(40):
+            response = http.get("/", headers={"cookie": f"session_id=fresh-{i}"})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                users.add(response.text)
+    assert statuses == [200] * 5 + [429] * 35
+    assert users == {"anonymous"}
+
+
+def test_session_id_callable_and_budget_headers(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(SESSION)
+    middleware = WSGIGuardMiddleware(
+        _charging_app(guard),
+        guard=guard,
+        guarded_paths=["/*"],
+        budget_headers=True,
+        session_id=lambda environ: environ.get("REMOTE_USER"),  # a device the app vouches for
+    )
+    first_environ = _environ()
+    first_environ["REMOTE_USER"] = "device-7"
+    start = StartRecorder()
+    first = b"".join(middleware(first_environ, start))
+    second = b"".join(middleware(dict(first_environ), start))
+    assert first == second == b"anonymous:device-7"
+    assert dict(start.calls[0][1])["RateLimit"] == '"anonymous:0";r=1000;t=43200'
+    assert dict(start.calls[1][1])["RateLimit"] == '"anonymous:0";r=800;t=43200'
 
 
 def test_storage_failure_blocks_with_503(make_guard: Callable[..., Guard]) -> None:
