@@ -154,7 +154,8 @@ class PayiGuard:
         rs = current_request()
         if rs is None:  # pragma: no cover - the middleware always opens one
             return None
-        if rs.source is None:
+        # The signed-in user wins over the trusted header the middleware read.
+        if rs.source is None or rs.source == "header":
             try:
                 value = self._find_user()
             except InvalidUserId as exc:

@@ -29,7 +29,12 @@ from typing_extensions import Unpack
 
 from payi_guard.context import RequestScope, request_scope
 from payi_guard.engine import Guard
-from payi_guard.exceptions import BudgetExceeded, InvalidUserId, StorageError
+from payi_guard.exceptions import (
+    BudgetExceeded,
+    DuplicateUserHeader,
+    InvalidUserId,
+    StorageError,
+)
 from payi_guard.web.core import WebCore
 from payi_guard.web.identify import (
     ORDER_EVENT,
@@ -222,7 +227,8 @@ class GuardMiddleware:
             if name == request_id_key:
                 request_id_raw = value
             elif name == user_key:
-                user_raw = value
+                # Joined, so that the identifier sees (and refuses) a repeated header.
+                user_raw = value if user_raw is None else user_raw + b"," + value
         request_id = request_id_of(
             None if request_id_raw is None else request_id_raw.decode("latin-1")
         )
@@ -315,6 +321,13 @@ class GuardMiddleware:
         core = self.core
         request: Request | None = None
         try:
+            # Read (and refused when repeated) first, used last: the app's user wins.
+            header = (
+                None if user_raw is None else core.identify.header_user(user_raw.decode("latin-1"))
+            )
+        except DuplicateUserHeader as exc:
+            return core.identify.invalid_user(exc, "header")
+        try:
             resolver = core.options.user
             if resolver is not None:
                 request = Request(scope)
@@ -324,12 +337,10 @@ class GuardMiddleware:
             value = user_of_scope(scope.get("user"))
             if value is not None:
                 return core.identify.assign_user(rs, value, "scope")
-            if user_raw is not None:
-                header = core.identify.header_user(user_raw.decode("latin-1"))
-                if header is not None:
-                    return core.identify.assign_user(rs, header, "header")
         except InvalidUserId as exc:  # raised by the resolver itself
             return core.identify.invalid_user(exc, "resolver")
+        if header is not None:
+            return core.identify.assign_user(rs, header, "header")
         if core.identify.wants_session():
             session_id = core.options.session_id
             if session_id is not None:

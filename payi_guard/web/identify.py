@@ -10,6 +10,11 @@ user wins; :func:`~payi_guard.set_user` later in the request always overrides):
 4. :func:`~payi_guard.set_user` (the FastAPI dependency, any code inside the request);
 5. Flask: the :class:`payi_guard.flask.PayiGuard` extension in ``before_request``.
 
+One rule everywhere: the app's authenticated user wins over the header (sources 4 and
+5 run later and replace a header's user), and a trusted header that comes more than
+once, or lists several users, is answered 400 (:class:`~payi_guard.exceptions.
+DuplicateUserHeader`) whoever the request is for, whatever ``on_invalid_user`` says.
+
 The ``session`` anonymous strategy charges a request that names no user to its
 session's own bucket, and takes the session only from where the client cannot forge or
 renew it at will: the app's ``session_id=`` callable, or the id the guard keeps in a
@@ -35,7 +40,7 @@ import structlog
 from payi_guard._ids import new_id
 from payi_guard.context import RequestScope, current_request
 from payi_guard.engine import Guard
-from payi_guard.exceptions import InvalidUserId
+from payi_guard.exceptions import DuplicateUserHeader, InvalidUserId
 from payi_guard.web.options import WebOptions
 from payi_guard.web.problem import Problem, Problems
 
@@ -186,7 +191,10 @@ class Identifier:
         Returns:
             The 400 problem, or ``None`` under ``on_invalid_user="anonymous"``.
         """
-        anonymous = self.options.on_invalid_user == "anonymous"
+        # Two users named at once is never a reason to fall back to anonymity.
+        anonymous = self.options.on_invalid_user == "anonymous" and not isinstance(
+            exc, DuplicateUserHeader
+        )
         self.log.warning(INVALID_USER_EVENT, reason=exc.reason, source=source, fallback=anonymous)
         if anonymous:
             return None
@@ -197,10 +205,20 @@ class Identifier:
 
         An untrusted header is ignored (a debug line says so), so a client can never
         name the user it spends for.
+
+        Args:
+            value: the header's value; several occurrences joined with ``,`` (as WSGI
+                servers and Django join them).
+
+        Raises:
+            DuplicateUserHeader: the trusted header came more than once, or lists
+                several users (``,`` is never part of a user id).
         """
         if value is None:
             return None
         if self.options.trust_user_header:
+            if "," in value:
+                raise DuplicateUserHeader(self.options.user_header)
             return value
         self.log.debug(
             UNTRUSTED_HEADER_EVENT,

@@ -24,7 +24,7 @@ from typing_extensions import Unpack
 
 from payi_guard.context import RequestScope, request_scope
 from payi_guard.engine import Guard
-from payi_guard.exceptions import BudgetExceeded, InvalidUserId
+from payi_guard.exceptions import BudgetExceeded, DuplicateUserHeader, InvalidUserId
 from payi_guard.web.core import WebCore
 from payi_guard.web.gate import GateResult, gate_headers, store_gate_headers
 from payi_guard.web.identify import mark_bound, request_id_of
@@ -141,16 +141,21 @@ class WSGIGuardMiddleware:
     def _identify(self, environ: Environ, rs: RequestScope) -> Problem | None:
         core = self.core
         try:
+            # Read (and refused when repeated: servers join repeats with ",") first, used
+            # last: the app's user wins.
+            header = core.identify.header_user(environ.get(self._user_key))
+        except DuplicateUserHeader as exc:
+            return core.identify.invalid_user(exc, "header")
+        try:
             resolver = core.options.user
             if resolver is not None:
                 value = resolver(environ)
                 if value is not None:
                     return core.identify.assign_user(rs, value, "resolver")
-            header = core.identify.header_user(environ.get(self._user_key))
-            if header is not None:
-                return core.identify.assign_user(rs, header, "header")
         except InvalidUserId as exc:  # raised by the resolver itself
             return core.identify.invalid_user(exc, "resolver")
+        if header is not None:
+            return core.identify.assign_user(rs, header, "header")
         if core.identify.wants_session():
             session_id = core.options.session_id
             if session_id is not None:

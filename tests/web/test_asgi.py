@@ -202,6 +202,49 @@ async def test_sources_in_order_resolver_scope_header(guard: Guard) -> None:
     assert third.json()["user"] == "from-header"
 
 
+TWO_USERS = [("xProxy-User-ID", "alice"), ("xProxy-User-ID", "bob")]
+"""The user header twice: a proxy that appends instead of replacing, or a smuggling try."""
+
+
+@pytest.mark.parametrize("on_invalid_user", ["reject", "anonymous"])
+def test_duplicate_user_headers_are_a_400_over_a_real_server(
+    guard: Guard, on_invalid_user: str
+) -> None:
+    probe = Probe()
+    app = build_app(guard, probe, trust_user_header=True, on_invalid_user=on_invalid_user)
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        with capture_logs() as logs:
+            twice = http.get("/open/chat", headers=TWO_USERS)
+            signed_in = http.get("/open/chat", headers=[*TWO_USERS, *bearer("carol").items()])
+            listed = http.get("/open/chat", headers={"xProxy-User-ID": "alice,bob"})
+    for response in (twice, signed_in, listed):
+        assert response.status_code == 400, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "more than once" in response.json()["detail"]
+        assert "alice" not in response.text
+    assert probe.calls == 0
+    refused = [e for e in logs if e["event"] == "invalid_user_id"]
+    assert [e["source"] for e in refused] == ["header"] * 3
+
+
+async def test_duplicate_untrusted_user_headers_are_ignored(guard: Guard) -> None:
+    async with client(build_app(guard, Probe())) as http:
+        response = await http.get("/open/chat", headers=[*TWO_USERS, *bearer("carol").items()])
+    assert response.json()["user"] == "carol"
+
+
+async def test_the_authenticated_user_wins_over_a_trusted_header(guard: Guard) -> None:
+    app = build_app(guard, Probe(), trust_user_header=True, guarded_paths=["/api/*"])
+    exhaust(guard, "victim")
+    async with client(app) as http:
+        response = await http.get(
+            "/api/chat", headers={**bearer("carol"), "xProxy-User-ID": "victim"}
+        )
+    assert response.status_code == 200  # gated as carol, not as the spent header user
+    assert response.json()["user"] == "carol"
+    assert used(guard, "carol") == usd(cost_nano(100, 50))
+
+
 async def test_async_resolver(guard: Guard) -> None:
     async def resolver(request: Request) -> str:
         return "async-user"

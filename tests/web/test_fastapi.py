@@ -418,3 +418,28 @@ def test_a_refused_sdk_stream_is_a_429_over_a_real_server(guard: Guard, handlers
     refused = [e for e in logs if e["event"] == "budget_exceeded"]
     assert [e["user_id"] for e in refused] == ["alice"]
     assert not [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+
+
+def test_the_dependency_user_wins_over_a_trusted_header_and_duplicates_are_a_400(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(config(limits={"daily": {"max": 10, "per": "day"}}))
+    app = FastAPI()
+    user = guard_user(current_user_async, id=lambda u: u.id)
+
+    @app.get("/chat")
+    async def chat(_: Annotated[User | None, Depends(user)]) -> dict[str, Any]:
+        record = await acall(guard)
+        return {"user": record.user_id}
+
+    app.add_middleware(GuardMiddleware, guard=guard, trust_user_header=True)
+    two = [("xProxy-User-ID", "alice"), ("xProxy-User-ID", "bob")]
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        signed_in = http.get("/chat", headers={**bearer("carol"), "xProxy-User-ID": "dave"})
+        header_only = http.get("/chat", headers={"xProxy-User-ID": "dave"})
+        twice = http.get("/chat", headers=[*two, *bearer("carol").items()])
+    assert signed_in.json() == {"user": "carol"}
+    assert header_only.json() == {"user": "dave"}
+    assert twice.status_code == 400
+    assert "more than once" in twice.json()["detail"]
+    assert used(guard, "carol") == usd(cost_nano(100, 50))

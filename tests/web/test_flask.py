@@ -144,6 +144,32 @@ def test_user_from_flask_login_wins_over_the_session_key(guard: Guard) -> None:
     assert used(guard, "session-user") == 0
 
 
+def test_the_signed_in_user_wins_over_a_trusted_header(guard: Guard) -> None:
+    app = make_app(guard, Probe(), trust_user_header=True, guarded_paths=["/api/*"])
+    exhaust(guard, "victim")
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/carol")
+        signed_in = http.get("/api/chat", headers={"xProxy-User-ID": "victim"})
+        http.cookies.clear()
+        header_only = http.get("/chat", headers={"xProxy-User-ID": "dave"})
+    assert signed_in.status_code == 200, signed_in.text
+    assert signed_in.json() == {"user": "carol", "context": "carol"}
+    assert used(guard, "carol") == usd(cost_nano(100, 50))
+    assert header_only.json()["user"] == "dave"  # no signed-in user: the trusted header
+
+
+@pytest.mark.parametrize("on_invalid_user", ["reject", "anonymous"])
+def test_duplicate_user_headers_are_a_400(guard: Guard, on_invalid_user: str) -> None:
+    probe = Probe()
+    app = make_app(guard, probe, trust_user_header=True, on_invalid_user=on_invalid_user)
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/carol")
+        response = http.get("/chat", headers=[("xProxy-User-ID", "a"), ("xProxy-User-ID", "b")])
+    assert response.status_code == 400, response.text
+    assert "more than once" in response.json()["detail"]
+    assert probe.views == 0
+
+
 def test_user_callable_replaces_the_defaults(guard: Guard) -> None:
     probe = Probe()
     app = make_app(guard, probe, user=lambda: flask.request.args.get("as"))

@@ -18,6 +18,7 @@ from werkzeug.test import EnvironBuilder
 from payi_guard.context import current_request, get_context
 from payi_guard.engine import Guard
 from payi_guard.web import WSGIGuardMiddleware
+from payi_guard.web.options import InvalidUserPolicy
 from web._support import (
     call,
     config,
@@ -401,6 +402,30 @@ def test_session_id_callable_and_budget_headers(make_guard: Callable[..., Guard]
     assert first == second == b"anonymous:device-7"
     assert dict(start.calls[0][1])["RateLimit"] == '"anonymous:0";r=1000;t=43200'
     assert dict(start.calls[1][1])["RateLimit"] == '"anonymous:0";r=800;t=43200'
+
+
+@pytest.mark.parametrize("on_invalid_user", ["reject", "anonymous"])
+def test_duplicate_user_headers_are_a_400_over_a_real_server(
+    guard: Guard, on_invalid_user: InvalidUserPolicy
+) -> None:
+    middleware = WSGIGuardMiddleware(
+        _charging_app(guard),
+        guard=guard,
+        trust_user_header=True,
+        on_invalid_user=on_invalid_user,
+        user=lambda environ: environ.get("HTTP_X_APP_USER"),
+    )
+    two = [("xProxy-User-ID", "alice"), ("xProxy-User-ID", "bob")]
+    with serve_wsgi(middleware) as url, httpx.Client(base_url=url) as http:
+        twice = http.get("/", headers=two)
+        signed_in = http.get("/", headers=[*two, ("X-App-User", "carol")])
+        once = http.get("/", headers={"xProxy-User-ID": "dave", "X-App-User": "carol"})
+    for response in (twice, signed_in):
+        assert response.status_code == 400, response.text
+        assert "more than once" in response.json()["detail"]
+        assert "alice" not in response.text
+    assert once.text == "carol"  # the app's own user wins over the header
+    assert used(guard, "dave") == 0
 
 
 def test_storage_failure_blocks_with_503(make_guard: Callable[..., Guard]) -> None:
