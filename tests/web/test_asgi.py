@@ -26,6 +26,7 @@ from payi_guard.context import current_request, get_context, set_user
 from payi_guard.engine import ANONYMOUS_USER, Guard
 from payi_guard.web import GuardMiddleware
 from web._support import (
+    MODEL,
     MessageRecorder,
     TokenBackend,
     acall,
@@ -527,6 +528,25 @@ async def test_a_forged_session_cookie_is_the_shared_bucket(
         http.cookies.clear()
         response = await http.get("/open/chat", headers=forged)
     assert response.json()["user"] == ANONYMOUS_USER
+
+
+@pytest.mark.parametrize("named", ["anonymous", "anonymous:kiosk-1"])
+async def test_a_user_named_anonymous_is_the_anonymous_bucket(guard: Guard, named: str) -> None:
+    # config(): users get $0.001 a day under "daily"; the anonymous bucket has its own
+    # $0.001 as "anonymous:0". Four calls through the middleware, one recorded elsewhere.
+    app = build_app(guard, Probe(), auth=None, trust_user_header=True)
+    guard.record(user_id=named, model=MODEL, input_tokens=200, output_tokens=0)
+    async with client(app) as http:
+        statuses = [
+            (await http.get("/open/chat", headers={"xProxy-User-ID": named})).status_code
+            for _ in range(5)
+        ]
+        refused = await http.get("/open/chat", headers={"xProxy-User-ID": named})
+    assert statuses == [200, 200, 200, 200, 429]
+    problem = refused.json()
+    assert (problem["limit"], problem["scope"]) == ("anonymous:0", "anonymous")
+    (usage,) = guard.usage(named)
+    assert (usage.scope, usage.state) == ("anonymous", "exceeded")
 
 
 async def test_session_id_option(make_guard: Callable[..., Guard]) -> None:
