@@ -640,3 +640,26 @@ def test_anonymous_is_never_pseudonymised(clock: FakeClock) -> None:
     )
     with track_context(user_id="anonymous"):
         assert guard.begin(call()).user_id == "anonymous"
+
+
+async def test_an_unknown_model_refusal_is_logged_once(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"requests": 100, "per": "day"}])
+    with capture_logs() as logs:
+        with request_scope(request_id="r-7"), track_context(user_id="acme:alice"):
+            with pytest.raises(UnknownModelRefused):
+                guard.begin(call(model="no-such-model-xyz", provider="openai"))
+        with track_context(user_id="bob"), pytest.raises(UnknownModelRefused):
+            await guard.abegin(call(model="other-unknown", provider="anthropic"))
+    lines = events_named(logs, "unknown_model")
+    assert [(e["user_id"], e["model"], e["provider"]) for e in lines] == [
+        ("acme:alice", "no-such-model-xyz", "openai"),
+        ("bob", "other-unknown", "anthropic"),
+    ]
+    for line in lines:
+        assert line["log_level"] == "warning"
+        assert line["outcome"] == "refused"
+        assert line["unknown_model"] == "block"  # the policy that refused it
+    assert lines[0]["org_id"] == "acme"
+    assert lines[0]["request_id"] == "r-7"
+    assert not events_named(logs, "genai_call")
+    assert guard.usage("acme:alice")[0].used == 0

@@ -16,8 +16,9 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from structlog.testing import capture_logs
 
+from payi_guard import track_context
 from payi_guard.context import current_request, get_context, set_user
-from payi_guard.engine import CallRequest, Guard
+from payi_guard.engine import CallRequest, Guard, UnknownModelRefused
 from payi_guard.fastapi import (
     BudgetHTTPException,
     guard_user,
@@ -443,3 +444,46 @@ def test_the_dependency_user_wins_over_a_trusted_header_and_duplicates_are_a_400
     assert twice.status_code == 400
     assert "more than once" in twice.json()["detail"]
     assert used(guard, "carol") == usd(cost_nano(100, 50))
+
+
+def test_an_unknown_model_refusal_is_logged_once_through_the_middleware_and_directly(
+    guard: Guard,
+) -> None:
+    with FakeProvider() as provider:
+        llm = guard.wrap(
+            openai.OpenAI(base_url=provider.openai_base_url, api_key="k", max_retries=3)
+        )
+
+        def ask() -> None:
+            llm.chat.completions.create(
+                model="no-such-model",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=5,
+            )
+
+        app = FastAPI()
+
+        @app.get("/api/chat")
+        def chat() -> dict[str, str]:
+            ask()
+            return {"reply": "never"}
+
+        app.add_middleware(GuardMiddleware, guard=guard, guarded_paths=["/api/*"])
+        app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+        with capture_logs() as logs:
+            with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+                response = http.get(
+                    "/api/chat", headers={**bearer("acme:alice"), "X-Request-ID": "u-1"}
+                )
+            with track_context(user_id="bob"), pytest.raises(UnknownModelRefused):
+                ask()  # a direct metered call, outside any request
+        assert provider.requests == []
+    assert response.status_code == 500  # the app did not handle the SDK's 403 error
+    lines = [e for e in logs if e["event"] == "unknown_model"]
+    # The fake provider is not api.openai.com: an OpenAI-compatible endpoint.
+    assert [(e["user_id"], e["model"], e["provider"]) for e in lines] == [
+        ("acme:alice", "no-such-model", "openai-compatible"),
+        ("bob", "no-such-model", "openai-compatible"),
+    ]
+    assert [e["unknown_model"] for e in lines] == ["block", "block"]
+    assert [e["request_id"] for e in lines] == ["u-1", None]
