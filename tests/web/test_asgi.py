@@ -784,6 +784,33 @@ async def test_a_guarded_non_guard_error_before_the_first_byte_propagates(guard:
     assert recorder.starts() == []  # the server, not a half-sent 200, answers it
 
 
+# -- hostile input is never shown raw --------------------------------------------------------
+
+
+HOSTILE = "<script>alert('x')</script>\"; drop"
+
+
+@pytest.mark.parametrize("field", ["user-header", "scope-user", "request-id", "cookie"])
+def test_hostile_values_are_never_shown_raw_over_a_real_server(
+    make_guard: Callable[..., Guard], field: str
+) -> None:
+    guard = make_guard(SESSION)
+    app = build_app(guard, Probe(), trust_user_header=True, guarded_paths=["/api/*"])
+    headers = {
+        "user-header": {"xProxy-User-ID": HOSTILE},
+        "scope-user": bearer(HOSTILE),
+        "request-id": {"X-Request-ID": HOSTILE},
+        "cookie": {"cookie": f"session={HOSTILE}; session_id={HOSTILE}"},
+    }[field]
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        with capture_logs(processors=[merge]) as logs:
+            response = http.get("/api/chat", headers=headers)
+    shown = response.text + repr(response.headers) + repr(logs)
+    for piece in ("<script", "alert(", "drop"):
+        assert piece not in shown
+    assert response.status_code in (200, 400)
+
+
 # -- scopes that are not http ---------------------------------------------------------------
 
 
