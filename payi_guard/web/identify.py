@@ -12,8 +12,8 @@ user wins; :func:`~payi_guard.set_user` later in the request always overrides):
 
 One rule everywhere: the app's authenticated user wins over the header (sources 4 and
 5 run later and replace a header's user), and a trusted header that comes more than
-once, or lists several users, is answered 400 (:class:`~payi_guard.exceptions.
-DuplicateUserHeader`) whoever the request is for, whatever ``on_invalid_user`` says.
+once, or lists several users, is answered 400 whoever the request is for, whatever
+``on_invalid_user`` says (:class:`~payi_guard.exceptions.DuplicateUserHeader`).
 
 The ``session`` anonymous strategy charges a request that names no user to its
 session's own bucket, and takes the session only from where the client cannot forge or
