@@ -12,7 +12,11 @@ Event names (contract):
   ``outcome``, ``request_id``;
 * ``budget_warning``, ``budget_exceeded``, ``budget_overrun``: with ``user_id``,
   ``limit``, ``used``, ``max``, ``resets_at``;
-* ``storage_error``: the counter store failed.
+* ``storage_error``: the counter store failed;
+* ``unknown_model``: no price is known for a call's model, with ``user_id``, ``model``,
+  ``provider``, ``unknown_model`` (the policy) and ``outcome``: ``refused`` under
+  ``unknown_model: block`` (once per refused call), ``recorded`` for a manual event
+  charged without a cost.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ __all__ = [
     "GENAI_CALL",
     "LOGGER_NAME",
     "STORAGE_ERROR",
+    "UNKNOWN_MODEL",
     "configure_json",
     "get_logger",
 ]
@@ -43,6 +48,7 @@ BUDGET_WARNING = "budget_warning"
 BUDGET_EXCEEDED = "budget_exceeded"
 BUDGET_OVERRUN = "budget_overrun"
 STORAGE_ERROR = "storage_error"
+UNKNOWN_MODEL = "unknown_model"
 CONFIG_RELOADED = "config_reloaded"
 CONFIG_RELOAD_FAILED = "config_reload_failed"
 

@@ -29,7 +29,7 @@ __all__ = ["SETTING", "GuardSettings", "check_order", "get_guard", "read_setting
 SETTING = "PAYI_GUARD"
 """The name of the Django setting."""
 
-_WEB_KEYS = frozenset(WebOptionArgs.__annotations__) - {"session_cookie"}
+_WEB_KEYS = frozenset(WebOptionArgs.__annotations__)
 _OWN_KEYS = frozenset({"config", "guard", "user", "session_id"})
 _KEYS = _OWN_KEYS | _WEB_KEYS
 
@@ -62,8 +62,7 @@ class GuardSettings:
         session_id: the resolver named by ``session_id`` (``(request) -> session id or
             None``) for the ``session`` anonymous strategy, or ``None`` for Django's own
             session.
-        web: the other options, passed on to :class:`~payi_guard.web.options.WebOptions`
-            (``session_cookie`` is always ``None``).
+        web: the other options, passed on to :class:`~payi_guard.web.options.WebOptions`.
     """
 
     config: str | os.PathLike[str] | Mapping[str, Any] | None
@@ -137,7 +136,6 @@ def read_settings() -> GuardSettings:
             f"'config' must be a path or a dict, not {type(config).__name__}"
         )
     web = cast(WebOptionArgs, {key: raw[key] for key in _WEB_KEYS if key in raw})
-    web["session_cookie"] = None  # Django's own session, never a raw cookie
     try:
         WebOptions(**web)
     except (TypeError, ValueError) as exc:

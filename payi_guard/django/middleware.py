@@ -209,13 +209,14 @@ class GuardMiddleware:
                 value = _checked_id(self._call(options.user, self._user_is_async, request))
                 if value is not None:
                     return identify.assign_user(rs, value, "resolver")
+            # Read first, used last: a repeated header is a 400 even for a signed-in user.
+            header = identify.header_user(request.headers.get(self._user_header))
             value = self._user_of(getattr(request, "user", _NOTHING), options.user is None)
             if value is not None:
                 return identify.assign_user(rs, value, "django")
-            header = identify.header_user(request.headers.get(self._user_header))
             if header is not None:
                 return identify.assign_user(rs, header, "header")
-        except InvalidUserId as exc:  # raised by the resolver itself
+        except InvalidUserId as exc:  # the resolver's id, or a repeated header
             return identify.invalid_user(exc, "resolver")
         if identify.wants_session():
             if options.session_id is not None:
@@ -233,13 +234,14 @@ class GuardMiddleware:
                 value = _checked_id(await self._acall(options.user, self._user_is_async, request))
                 if value is not None:
                     return identify.assign_user(rs, value, "resolver")
+            # Read first, used last: a repeated header is a 400 even for a signed-in user.
+            header = identify.header_user(request.headers.get(self._user_header))
             value = await self._auser_of(request, options.user is None)
             if value is not None:
                 return identify.assign_user(rs, value, "django")
-            header = identify.header_user(request.headers.get(self._user_header))
             if header is not None:
                 return identify.assign_user(rs, header, "header")
-        except InvalidUserId as exc:  # raised by the resolver itself
+        except InvalidUserId as exc:  # the resolver's id, or a repeated header
             return identify.invalid_user(exc, "resolver")
         if identify.wants_session():
             if options.session_id is not None:

@@ -19,7 +19,7 @@ re-exported here.
 
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.guard import Guard
-from payi_guard.engine.policy import ANONYMOUS_USER, BoundLimit, Subject
+from payi_guard.engine.policy import ANONYMOUS_USER, BoundLimit, Subject, is_anonymous_id
 from payi_guard.engine.reservation import Reservation
 from payi_guard.exceptions import UnknownModelRefused, UserRequired
 
@@ -33,4 +33,5 @@ __all__ = [
     "Subject",
     "UnknownModelRefused",
     "UserRequired",
+    "is_anonymous_id",
 ]

@@ -15,9 +15,10 @@ from typing import Any
 from payi_guard import log as events
 from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
-from payi_guard.engine.calls import CallRecord
+from payi_guard.context import Attribution
+from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.plan import Counter, Plan, amounts_by_counter, limit_usage
-from payi_guard.engine.policy import BoundLimit
+from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.engine.spent import Spent, SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.exceptions import BudgetExceeded, StorageError
@@ -137,6 +138,23 @@ class Bookkeeper:
         retry_after = max(1.0, counter.window.end - plan.now)
         raise BudgetExceeded(plan.subject.user_id, usage, retry_after)
 
+    def unknown_model_refused(
+        self, subject: Subject, attribution: Attribution, call: CallRequest
+    ) -> None:
+        """Log a call refused because its model has no price (``unknown_model: block``)."""
+        self._log.warning(
+            events.UNKNOWN_MODEL,
+            user_id=subject.user_id,
+            org_id=subject.org_id,
+            model=call.model,
+            provider=call.provider,
+            unknown_model="block",
+            outcome="refused",
+            request_id=attribution.request_id,
+            detail="refused: no price is known for this model; add it under `prices:` or "
+            "change `unknown_model`",
+        )
+
     # -- storage failures ----------------------------------------------------------------------
 
     def _storage_failed(self, op: str, exc: BaseException, plan: Plan) -> None:
@@ -180,10 +198,12 @@ class Bookkeeper:
             amounts, cost, priced = self.amounts(plan, usage)
             if not priced:
                 self._log.warning(
-                    "unknown_model",
+                    events.UNKNOWN_MODEL,
                     model=plan.call.model,
                     provider=plan.call.provider,
                     user_id=plan.subject.user_id,
+                    unknown_model=self._config().unknown_model.action,
+                    outcome="recorded",
                     detail="recorded without a USD cost: no price is known for this model",
                 )
             return amounts, cost, priced

@@ -33,7 +33,7 @@ from payi_guard.engine.reservation import Reservation
 from payi_guard.engine.spent import SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.engine.watch import ConfigWatcher
-from payi_guard.exceptions import ConfigError
+from payi_guard.exceptions import ConfigError, UnknownModelRefused
 from payi_guard.identity import Pseudonymizer, normalize_user_id
 from payi_guard.ledger.base import AsyncLedger, CounterState, Ledger
 from payi_guard.ledger.keys import CounterKey, check_prefix, owners_glob, parse_key
@@ -170,7 +170,11 @@ class Guard:
         attribution = attribution if attribution is not None else get_context()
         subject = self.subject_for(attribution)
         policy = self._policy
-        return self._planner.for_call(policy, subject, attribution, call, self.clock.now())
+        try:
+            return self._planner.for_call(policy, subject, attribution, call, self.clock.now())
+        except UnknownModelRefused:
+            self._books.unknown_model_refused(subject, attribution, call)
+            raise
 
     def begin(self, call: CallRequest, attribution: Attribution | None = None) -> Reservation:
         """Reserve the upper-bound cost of a call before it is sent (sync).

@@ -448,6 +448,19 @@ def test_trusted_user_header(guard: Guard) -> None:
     assert (trusted.json()["charged"], ignored.json()["charged"]) == ("acme:9", "anonymous")
 
 
+@handlers
+def test_the_signed_in_user_wins_over_a_trusted_header_and_repeats_are_a_400(
+    guard: Guard, handler: str
+) -> None:
+    with override_settings(PAYI_GUARD={"guard": guard, "trust_user_header": True}):
+        signed_in = fetch(handler, "/chat", X_Test_User="42", xProxy_User_ID="acme:9")
+        # Servers join a repeated header with ",": one rule, whoever is signed in.
+        repeated = fetch(handler, "/chat", X_Test_User="42", xProxy_User_ID="acme:9,acme:10")
+    assert signed_in.json()["charged"] == "42"
+    assert repeated.status == 400
+    assert repeated.headers["Content-Type"] == "application/problem+json"
+
+
 # -- refusals ----------------------------------------------------------------------------
 
 
