@@ -35,6 +35,7 @@ __all__ = [
     "CONFIG_RELOAD_FAILED",
     "GENAI_CALL",
     "LOGGER_NAME",
+    "OBSERVER_ERROR",
     "STORAGE_ERROR",
     "UNKNOWN_MODEL",
     "configure_json",
@@ -51,6 +52,7 @@ STORAGE_ERROR = "storage_error"
 UNKNOWN_MODEL = "unknown_model"
 CONFIG_RELOADED = "config_reloaded"
 CONFIG_RELOAD_FAILED = "config_reload_failed"
+OBSERVER_ERROR = "observer_error"
 
 
 def get_logger(**initial_values: Any) -> Any:

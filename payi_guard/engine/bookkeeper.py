@@ -17,6 +17,7 @@ from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
 from payi_guard.context import Attribution
 from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.observers import CallEnded, CallRefused, Observers
 from payi_guard.engine.plan import Counter, Plan, amounts_by_counter, limit_usage
 from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.engine.spent import Spent, SpentCache
@@ -53,6 +54,7 @@ class Bookkeeper:
         self._spent = spent
         self._config = config
         self._log = events.get_logger()
+        self.observers = Observers()
 
     # -- reserving ---------------------------------------------------------------------------
 
@@ -135,6 +137,18 @@ class Bookkeeper:
             model=plan.call.model,
             request_id=plan.attribution.request_id,
         )
+        if self.observers:
+            call = plan.call
+            self.observers.call_refused(
+                CallRefused(
+                    plan.subject.user_id,
+                    plan.subject.org_id,
+                    usage,
+                    call.model,
+                    call.provider,
+                    call.endpoint,
+                )
+            )
         retry_after = max(1.0, counter.window.end - plan.now)
         raise BudgetExceeded(plan.subject.user_id, usage, retry_after)
 
@@ -390,3 +404,5 @@ class Bookkeeper:
         if record.cost_nano > record.reserved_nano and record.outcome != "recorded":
             fields["under_estimated_usd"] = cost_usd(record.cost_nano - record.reserved_nano)
         self._log.info(events.GENAI_CALL, **fields)
+        if self.observers:
+            self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))

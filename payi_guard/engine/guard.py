@@ -27,6 +27,7 @@ from payi_guard.config import GuardConfig, load_config, parse_config
 from payi_guard.context import Attribution, get_context
 from payi_guard.engine.bookkeeper import Bookkeeper
 from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.observers import Observers
 from payi_guard.engine.plan import Counter, Plan, Planner, blocking, limit_usage, usages_of
 from payi_guard.engine.policy import ANONYMOUS_USER, BoundLimit, Policy, Subject, Subjects
 from payi_guard.engine.reservation import Reservation
@@ -129,6 +130,11 @@ class Guard:
     @default_user_id.setter
     def default_user_id(self, value: object) -> None:
         self._default_user_id = None if value is None else normalize_user_id(value)
+
+    @property
+    def observers(self) -> Observers:
+        """Who is told of every call and refusal (:mod:`payi_guard.otel` adds itself here)."""
+        return self._books.observers
 
     # -- storage ------------------------------------------------------------------------------
 
