@@ -121,9 +121,16 @@ class Bill:
             total += Decimal(calc.total_price)
         return total
 
-    def nano(self) -> int:
-        """The price in nano-USD, rounded up as payi_guard charges it."""
-        return math.ceil(self.price() * NANO)
+    def nano(self) -> int | None:
+        """The price in nano-USD, rounded up as payi_guard charges it.
+
+        ``None`` when genai-prices does not know a model of the bill: such a call must
+        be logged as unpriced (``priced: false``), never as a $0 charge that looks real.
+        """
+        try:
+            return math.ceil(self.price() * NANO)
+        except LookupError:
+            return None
 
 
 def _int(value: object) -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from conformance.calls import azure_deployment
 from conformance.corpus import Interaction
-from conformance.expected import PRICED_AT, bill, provider_url
+from conformance.expected import PRICED_AT, bill
 from conformance.harness import (
     AppViewDiffers,
     Case,
@@ -28,8 +28,6 @@ from conformance.harness import (
     RequestHeadersDiffer,
     TokensDiffer,
 )
-
-_FIRST_PARTY_HOSTS = frozenset({"api.openai.com", "api.anthropic.com"})
 
 
 @dataclass(frozen=True)
@@ -73,37 +71,28 @@ def _iterations(case: Case) -> bool:
     return expected is not None and len(expected.parts) > 1
 
 
-@cache
-def _name_only_price_differs(interaction: Interaction) -> bool:
-    """Whether pricing the model by its name alone misses the host's own price."""
-    expected = bill(interaction)
-    if expected is None:
-        return False
-    usage = expected.parts[0].usage()
-    by_host = genai_prices.calc_price(
-        usage,
-        expected.model,
-        provider_api_url=provider_url(interaction),
-        genai_request_timestamp=PRICED_AT,
-    )
-    try:
-        by_name = genai_prices.calc_price(
-            usage, interaction.request.get("model", ""), genai_request_timestamp=PRICED_AT
-        )
-    except LookupError:
-        return True
-    return bool(
-        by_name.provider.id != by_host.provider.id and by_name.total_price != by_host.total_price
-    )
+def _measured(*ids: str, variant: str | None = None) -> Callable[[Case], bool]:
+    """Cases of the listed interactions (measured: the gap depends on an estimate)."""
+    listed = frozenset(ids)
+
+    def applies(case: Case) -> bool:
+        if variant is not None and case.variant != variant:
+            return False
+        if variant is None and not _full_read(case):
+            return False
+        return case.interaction.id in listed
+
+    return applies
 
 
-def _compatible_host(case: Case) -> bool:
+def _error_chunk_with_usage(case: Case) -> bool:
+    """A chat stream whose chunk carries an ``error`` and the usage together."""
     interaction = case.interaction
-    return (
-        _full_read(case)
-        and interaction.host not in _FIRST_PARTY_HOSTS
-        and azure_deployment(interaction) is None
-        and _name_only_price_differs(interaction)
+    if not _full_read(case) or interaction.kind != "chat" or not interaction.is_stream:
+        return False
+    return any(
+        isinstance(data, dict) and data.get("error") and isinstance(data.get("usage"), dict)
+        for _, data in interaction.events()
     )
 
 
@@ -131,9 +120,11 @@ GAPS: tuple[Gap, ...] = (
     ),
     Gap(
         "bytes_content_stream",
-        "a stream whose body is already read (bytes content) is settled only at garbage "
-        "collection, and its injected usage chunk reaches the app",
-        (NotSettledAtEnd, AppViewDiffers),
+        "a stream whose body is already read (bytes content) is settled only when collected, "
+        "as incomplete from the estimate, and its injected usage chunk reaches the app",
+        # When the collection happens before the app is done depends on a background
+        # thread, so the same case shows one failure or another.
+        (NotSettledAtEnd, TokensDiffer, CostDiffers, AppViewDiffers),
         lambda case: case.transport == "memory" and case.interaction.is_stream,
     ),
     Gap(
@@ -188,13 +179,25 @@ GAPS: tuple[Gap, ...] = (
         "an OpenAI-compatible host of another provider is priced by model name, not as "
         "that provider",
         (CostDiffers,),
-        _compatible_host,
+        _measured("pydantic-ai/test_groq/test_groq_native_output"),
+    ),
+    Gap(
+        "error_chunk_usage",
+        "the usage of a chat chunk that also carries an error is ignored (charged from "
+        "the estimate)",
+        (TokensDiffer, CostDiffers),
+        _error_chunk_with_usage,
     ),
     Gap(
         "early_break",
         "a stream broken off before its usage is charged the input's upper bound",
         (ChargedWrongly,),
-        lambda case: case.variant == "break" and case.interaction.kind in ("chat", "responses"),
+        _measured(
+            "pydantic-ai/test_openai/test_openai_moderation_stream",
+            "pydantic-ai/test_openai/test_run_stream_sync_streams_real_model#0",
+            "pydantic-ai/test_openai/test_run_stream_sync_streams_real_model#1",
+            variant="break",
+        ),
     ),
 )
 

@@ -20,6 +20,7 @@ expected for the one failure it causes and nothing else.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator, MutableMapping
 from contextlib import ExitStack, contextmanager
@@ -38,7 +39,7 @@ from conformance.replay import LoopbackTransport, ReplayServer, Route, memory_tr
 from payi_guard import Guard, track_context
 from payi_guard.clock import FakeClock
 
-USER = "conformance"
+_RUNS = itertools.count(1)
 
 CONFIG: dict[str, Any] = {
     # Generous: no recorded call comes near it.
@@ -135,8 +136,10 @@ class Guarded:
     used_usd: Decimal
 
 
-def _calls(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
-    return [dict(e) for e in logs if e.get("event") == "genai_call"]
+def _calls(logs: list[MutableMapping[str, Any]], user: str) -> list[MutableMapping[str, Any]]:
+    # Only this run's user: a stream abandoned by an earlier case may be settled by the
+    # guard's background thread while this case's logs are being captured.
+    return [dict(e) for e in logs if e.get("event") == "genai_call" and e.get("user_id") == user]
 
 
 def run_bare(case: Case, server: ReplayServer) -> Observed:
@@ -156,16 +159,17 @@ def run_bare(case: Case, server: ReplayServer) -> Observed:
 def run_guarded(case: Case, server: ReplayServer) -> Guarded:
     """Make the call through ``guard.wrap(client)``; snapshot the logs when the app is done."""
     guard = make_guard()
+    user = f"conformance-{next(_RUNS)}"
     hold = threading.Event() if case.variant == "break" else None
     at_end: list[MutableMapping[str, Any]] = []
     with ExitStack() as stack:
         transport = stack.enter_context(_transport(case, server, f"{case.id}/guarded", hold))
         client = guard.wrap(stack.enter_context(calls.sdk_client(case.interaction, transport)))
         logs = stack.enter_context(capture_logs())
-        stack.enter_context(track_context(user_id=USER))
+        stack.enter_context(track_context(user_id=user))
 
         def broken_off() -> None:
-            at_end.extend(_calls(logs))
+            at_end.extend(_calls(logs, user))
             if hold is not None:
                 hold.set()
 
@@ -175,8 +179,8 @@ def run_guarded(case: Case, server: ReplayServer) -> Guarded:
             if hold is not None:
                 hold.set()
         if case.variant != "break":
-            at_end.extend(_calls(logs))
-    usd = next(u for u in guard.usage(USER) if u.unit == "usd")
+            at_end.extend(_calls(logs, user))
+    usd = next(u for u in guard.usage(user) if u.unit == "usd")
     used = usd.used
     assert isinstance(used, Decimal)
     guard.close()
@@ -278,6 +282,15 @@ def _check_cost(
     want = expected.nano()
     got = _nano(line.get("cost_usd"))
     ledger = int(used * NANO)
+    if want is None:
+        if line.get("priced") is not False:
+            return [
+                CostDiffers(
+                    f"{expected.model} is unknown to genai-prices, yet the call was logged "
+                    f"as priced (cost_usd {line.get('cost_usd')})"
+                )
+            ]
+        return []
     if got != want or ledger != want:
         return [
             CostDiffers(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import http
 import itertools
 import json
+import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -223,11 +224,16 @@ class ReplayServer(ThreadingHTTPServer):
             del self.routes[key]
 
 
+_SSL_CONTEXT = ssl.create_default_context()
+"""Shared by every loopback transport: the server speaks plain HTTP, and loading the CA
+bundle for each transport would dominate the run time."""
+
+
 class LoopbackTransport(httpx2.HTTPTransport):
     """A real HTTP transport that sends every request to the replay server."""
 
     def __init__(self, port: int, key: str) -> None:
-        super().__init__()
+        super().__init__(verify=_SSL_CONTEXT)
         self._port = port
         self._key = key
 

@@ -26,6 +26,7 @@ def _cases() -> list[pytest.ParameterSet]:
     return [pytest.param(case, id=case.id, marks=marks(case)) for case in cases]
 
 
+@pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("case", _cases())
 def test_replay(case: Case, replay_server: ReplayServer) -> None:
     bare = run_bare(case, replay_server)
