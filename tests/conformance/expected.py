@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -107,19 +107,39 @@ class Bill:
     parts: tuple[Part, ...]
     tokens: Tokens
     provider_url: str
+    requested: str = ""
 
     def price(self) -> Decimal:
-        """The exact price in USD, from genai-prices."""
+        """The exact price in USD, from genai-prices.
+
+        Each part is priced as the model the response names; when genai-prices does not
+        know that name (legacy completions answer ``davinci:2023-07-21-v2``), as the
+        model the request named.
+        """
         total = Decimal(0)
         for part in self.parts:
-            calc = genai_prices.calc_price(
-                part.usage(),
-                part.model,
-                provider_api_url=self.provider_url,
-                genai_request_timestamp=PRICED_AT,
-            )
-            total += Decimal(calc.total_price)
+            names = [part.model]
+            if part.model == self.model and self.requested and self.requested != part.model:
+                names.append(self.requested)
+            total += self._price(part, names)
         return total
+
+    def _price(self, part: Part, names: list[str]) -> Decimal:
+        for name in names[:-1]:
+            try:
+                return self._calc(part, name)
+            except LookupError:
+                continue
+        return self._calc(part, names[-1])
+
+    def _calc(self, part: Part, name: str) -> Decimal:
+        calc = genai_prices.calc_price(
+            part.usage(),
+            name,
+            provider_api_url=self.provider_url,
+            genai_request_timestamp=PRICED_AT,
+        )
+        return Decimal(calc.total_price)
 
     def nano(self) -> int | None:
         """The price in nano-USD, rounded up as payi_guard charges it.
@@ -249,6 +269,14 @@ def _chat_usage(interaction: Interaction) -> tuple[Mapping[str, Any] | None, str
 
 def bill(interaction: Interaction) -> Bill | None:
     """The bill of a successful recorded call, or ``None`` when it reports no usage."""
+    found = _bill(interaction)
+    if found is None:
+        return None
+    requested = interaction.request.get("model")
+    return replace(found, requested=requested if isinstance(requested, str) else "")
+
+
+def _bill(interaction: Interaction) -> Bill | None:
     url = provider_url(interaction)
     kind = interaction.kind
     if kind == "messages":

@@ -196,6 +196,8 @@ GAPS: tuple[Gap, ...] = (
             "pydantic-ai/test_openai/test_openai_moderation_stream",
             "pydantic-ai/test_openai/test_run_stream_sync_streams_real_model#0",
             "pydantic-ai/test_openai/test_run_stream_sync_streams_real_model#1",
+            "logfire/test_openai/test_responses_stream",
+            "llm/test_openai_responses/test_responses_basic_streaming",
             variant="break",
         ),
     ),
