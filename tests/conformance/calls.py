@@ -17,7 +17,7 @@ method does not know go in ``extra_body``). A *variant* says how the app makes t
     a chat stream recorded with ``include_usage``, made without ``stream_options``;
 ``break``
     a stream the app leaves after its first item (loopback only: the server holds the
-    rest of the stream until the app has closed it);
+    rest of the stream until the app has closed it, as a provider still generating);
 ``default``
     embeddings without ``encoding_format`` (the SDK asks for base64 and decodes it).
 
@@ -50,25 +50,32 @@ _VOLATILE_HEADERS = frozenset({"date", "x-stainless-retry-count", "idempotency-k
 
 
 def variants(interaction: Interaction, transport: Transport) -> list[str]:
-    """The ways the app makes the recorded call that fit the recording."""
+    """The ways the app makes the recorded call that fit the recording.
+
+    Every interaction is made as recorded over both transports. The other variants only
+    change what the SDK does with a response, so they run on loopback, except the
+    stream variants, whose settling depends on how the body arrives.
+    """
     kind = interaction.kind
     streamed = interaction.request.get("stream") is True
     if not interaction.ok:
         return ["create"]
-    if kind == "embeddings":
-        return ["create", "default"]
-    if kind == "completions":
-        return ["create"]
+    names = ["create"]
     if streamed:
-        names = ["create", "helper"]
+        names.append("helper")
         if kind == "chat" and interaction.asked_include_usage:
             names.append("no_usage")
         if transport == "loopback":
             names.append("break")
         return names
-    names = ["create", "raw"]
-    if _json_schema(interaction) is not None:
-        names.append("parse")
+    if transport == "memory":
+        return names
+    if kind == "embeddings":
+        names.append("default")
+    elif kind != "completions":
+        names.append("raw")
+        if _json_schema(interaction) is not None:
+            names.append("parse")
     return names
 
 

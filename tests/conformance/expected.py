@@ -307,3 +307,24 @@ def _bill(interaction: Interaction) -> Bill | None:
         return None
     tokens = _openai_tokens(chat_usage, prompt="prompt_tokens", completion="completion_tokens")
     return Bill(model, (Part(model, tokens),), tokens, url)
+
+
+def input_before_output(interaction: Interaction) -> int | None:
+    """The input tokens of a streamed call before any output was generated.
+
+    What a stream broken off early is billed for on the input side: Anthropic reports it
+    in ``message_start`` (the final count can be larger, once server tools added their
+    results); an OpenAI stream reports only its final count, which is the prompt's.
+    """
+    if interaction.kind == "messages":
+        for _, data in interaction.events():
+            if isinstance(data, Mapping) and data.get("type") == "message_start":
+                usage = (data.get("message") or {}).get("usage") or {}
+                return (
+                    _int(usage.get("input_tokens"))
+                    + _int(usage.get("cache_read_input_tokens"))
+                    + _int(usage.get("cache_creation_input_tokens"))
+                )
+        return None
+    found = bill(interaction)
+    return found.tokens.total_input if found is not None else None

@@ -11,8 +11,9 @@ passes only if:
    by genai-prices, rounded up to the nano-dollar (:class:`CostDiffers`);
 4. for a provider error, nothing is charged: DESIGN section 5 releases the reservation
    of an error status (:class:`ChargedWrongly`);
-5. for a stream the app broke off, the input charged is close to the real input
-   (:class:`ChargedWrongly`; the ratio is collected in :data:`BREAK_RATIOS`).
+5. for a stream the app broke off, the input charged is close to the input the
+   provider billed before any output (:class:`ChargedWrongly`; the ratio is collected
+   in :data:`BREAK_RATIOS`).
 
 Each failure is its own ``AssertionError`` subclass, so a known gap can be marked as
 expected for the one failure it causes and nothing else.
@@ -34,7 +35,7 @@ from structlog.testing import capture_logs
 from conformance import calls
 from conformance.calls import Observed, Transport
 from conformance.corpus import Interaction
-from conformance.expected import CLOCK_START, NANO, Bill, bill
+from conformance.expected import CLOCK_START, NANO, Bill, bill, input_before_output
 from conformance.replay import LoopbackTransport, ReplayServer, Route, memory_transport
 from payi_guard import Guard, track_context
 from payi_guard.clock import FakeClock
@@ -250,16 +251,31 @@ def _accounting(case: Case, line: MutableMapping[str, Any], used: Decimal) -> li
                 )
             ]
         return []
-    expected = bill(interaction)
     if case.variant == "break":
-        return _check_break(case, line, expected)
+        return _check_break(case, line)
+    found: list[AssertionError] = []
+    if line.get("outcome") != "ok" and not _reports_error(interaction):
+        # Read to its end: a settle from the end of the body says "ok"; "incomplete"
+        # means the call was settled some other way (garbage collection).
+        found.append(
+            NotSettledAtEnd(f"a call read to its end was logged as {line.get('outcome')!r}")
+        )
+    expected = bill(interaction)
     if expected is None:
         # The recording has no usage (a stream made without include_usage against a
         # server that ignores it): only "never $0" can be checked.
         if _nano(line.get("cost_usd")) <= 0:
-            return [ChargedWrongly("a call with no reported usage was charged $0")]
-        return []
-    return [*_check_tokens(line, expected), *_check_cost(line, expected, used)]
+            found.append(ChargedWrongly("a call with no reported usage was charged $0"))
+        return found
+    return [*found, *_check_tokens(line, expected), *_check_cost(line, expected, used)]
+
+
+def _reports_error(interaction: Interaction) -> bool:
+    """Whether a recorded stream carries an error event (its outcome may say so)."""
+    return interaction.is_stream and any(
+        isinstance(data, dict) and (data.get("error") or data.get("type") == "error")
+        for _, data in interaction.events()
+    )
 
 
 def _check_tokens(line: MutableMapping[str, Any], expected: Bill) -> list[AssertionError]:
@@ -301,12 +317,10 @@ def _check_cost(
     return []
 
 
-def _check_break(
-    case: Case, line: MutableMapping[str, Any], expected: Bill | None
-) -> list[AssertionError]:
-    if expected is None:
+def _check_break(case: Case, line: MutableMapping[str, Any]) -> list[AssertionError]:
+    real = input_before_output(case.interaction)
+    if not real:
         return []
-    real = expected.tokens.total_input
     charged = sum(
         int(line.get(name) or 0)
         for name in ("input_tokens", "cache_read_tokens", "cache_write_tokens")

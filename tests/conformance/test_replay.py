@@ -1,7 +1,8 @@
 """Every recorded interaction, replayed bare and guarded through the real SDKs.
 
 One case per interaction, transport (loopback server, in-memory bytes) and variant
-(see :mod:`conformance.calls`). Cases touched by a known gap are strict xfails for the
+(see :mod:`conformance.calls`), for the copied recordings and for the synthetic cases
+derived from recordings too large to copy whole (``synthetic/*.yaml``). Cases touched by a known gap are strict xfails for the
 failures that gap causes (:mod:`conformance.gaps`); any other failure fails.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from conformance.calls import TRANSPORTS, variants
-from conformance.corpus import corpus
+from conformance.corpus import corpus, synthetic
 from conformance.gaps import expected_failures, marks
 from conformance.harness import Case, failures, run_bare, run_guarded
 from conformance.replay import ReplayServer
@@ -19,7 +20,7 @@ from conformance.replay import ReplayServer
 def _cases() -> list[pytest.ParameterSet]:
     cases = [
         Case(interaction, transport, variant)
-        for interaction in corpus()
+        for interaction in (*corpus(), *synthetic())
         for transport in TRANSPORTS
         for variant in variants(interaction, transport)
     ]
