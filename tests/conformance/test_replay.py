@@ -2,8 +2,9 @@
 
 One case per interaction, transport (loopback server, in-memory bytes) and variant
 (see :mod:`conformance.calls`), for the copied recordings and for the synthetic cases
-derived from recordings too large to copy whole (``synthetic/*.yaml``). Cases touched by a known gap are strict xfails for the
-failures that gap causes (:mod:`conformance.gaps`); any other failure fails.
+derived from recordings too large to copy whole (``synthetic/*.yaml``). Cases touched
+by a known gap are strict xfails for the failures that gap causes
+(:mod:`conformance.gaps`); any other failure fails.
 """
 
 from __future__ import annotations
