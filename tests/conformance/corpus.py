@@ -120,8 +120,12 @@ class Interaction:
 
     @property
     def is_stream(self) -> bool:
-        """Whether the response is a server-sent event stream."""
-        return self.ok and self.content_type == "text/event-stream"
+        """Whether the response is a server-sent event stream.
+
+        The request decides, as it does for the SDKs: a stream served with another
+        content type (some gateways send ``application/json``) is still a stream.
+        """
+        return self.ok and self.request.get("stream") is True
 
     @property
     def ok(self) -> bool:

@@ -2,7 +2,8 @@
 
 One case per interaction, transport (loopback server, in-memory bytes) and variant
 (see :mod:`conformance.calls`), for the copied recordings and for the synthetic cases
-derived from recordings too large to copy whole (``synthetic/*.yaml``). Cases touched
+derived from recordings too large to copy whole (``synthetic/*.yaml``) or built from one
+for what no recording shows (:mod:`conformance.derived`). Cases touched
 by a known gap are strict xfails for the failures that gap causes
 (:mod:`conformance.gaps`); any other failure fails.
 """
@@ -13,6 +14,7 @@ import pytest
 
 from conformance.calls import TRANSPORTS, variants
 from conformance.corpus import corpus, synthetic
+from conformance.derived import replayable
 from conformance.gaps import expected_failures, marks
 from conformance.harness import Case, failures, run_bare, run_guarded
 from conformance.replay import ReplayServer
@@ -21,7 +23,7 @@ from conformance.replay import ReplayServer
 def _cases() -> list[pytest.ParameterSet]:
     cases = [
         Case(interaction, transport, variant)
-        for interaction in (*corpus(), *synthetic())
+        for interaction in (*corpus(), *synthetic(), *replayable())
         for transport in TRANSPORTS
         for variant in variants(interaction, transport)
     ]
