@@ -30,6 +30,12 @@ ANTHROPIC = "pydantic-ai/test_anthropic/test_anthropic_model_instructions"
 EMBEDDING = "pydantic-ai/test_embeddings/TestOpenAI.test_instrumentation"
 """An OpenAI embedding recorded as base64 (128 dimensions)."""
 
+RESPONSES = (
+    "pydantic-ai/test_openai_responses/"
+    "test_openai_responses_gpt_5_5_drops_sampling_params_by_default"
+)
+"""A Responses call that reports ``input_tokens_details.cache_write_tokens`` (as 0)."""
+
 
 def recorded(interaction_id: str) -> Interaction:
     """The copied recording with this id."""
@@ -117,6 +123,17 @@ def invalid_usage(kind: str, *, stream: bool = False) -> Interaction:
     return _derived(source, f"stream_usage_{kind}", body=b"".join(out))
 
 
+def responses_cache_write() -> Interaction:
+    """The recorded Responses call with a 1,024-token prefix written to the cache."""
+    source = recorded(RESPONSES)
+    body = json.loads(source.body)
+    usage = body["usage"]
+    usage["input_tokens"] += 1024
+    usage["input_tokens_details"]["cache_write_tokens"] = 1024
+    usage["total_tokens"] += 1024
+    return _derived(source, "responses_cache_write", body=_json(body))
+
+
 def oversized_output_cap() -> Interaction:
     """The recorded chat asking for ``max_completion_tokens: 10**14``."""
     source = recorded(CHAT)
@@ -131,4 +148,5 @@ def replayable() -> tuple[Interaction, ...]:
         server_error_openai(),
         overloaded_anthropic(),
         event_stream_as_json(),
+        responses_cache_write(),
     )

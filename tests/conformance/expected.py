@@ -14,7 +14,8 @@ Billing rules taken from the providers' pricing pages:
 * OpenAI bills ``prompt_tokens_details.cache_write_tokens`` (Responses:
   ``input_tokens_details.cache_write_tokens``) at the model's cache-write rate; those
   tokens are part of ``prompt_tokens`` / ``input_tokens``.
-* A Responses ``web_search_call`` output item is one billed web-search tool call.
+* A Responses call is billed ``tool_usage.web_search.num_requests`` web searches where
+  the response reports it, else one per ``web_search_call`` output item.
 * Anthropic bills ``usage.server_tool_use.web_search_requests`` per request.
 * When Anthropic reports ``usage.iterations`` (compaction, advisor), the bill is the sum
   of the iterations, each at the price of its own model (the call's model when the
@@ -249,6 +250,18 @@ def _responses_object(interaction: Interaction) -> Mapping[str, Any] | None:
     return final
 
 
+def _responses_web_searches(response: Mapping[str, Any]) -> int:
+    """Web searches billed for a Responses call: ``tool_usage.web_search.num_requests``
+    where the response reports it, else one per ``web_search_call`` output item."""
+    reported = _dig(response, "tool_usage", "web_search", "num_requests")
+    if isinstance(reported, int) and not isinstance(reported, bool):
+        return reported
+    output = response.get("output") or []
+    return sum(
+        1 for item in output if isinstance(item, Mapping) and item.get("type") == "web_search_call"
+    )
+
+
 def _chat_usage(interaction: Interaction) -> tuple[Mapping[str, Any] | None, str]:
     if not interaction.is_stream:
         body = interaction.body_json()
@@ -294,12 +307,7 @@ def _bill(interaction: Interaction) -> Bill | None:
         if response is None or not isinstance(reported, Mapping):
             return None
         tokens = _openai_tokens(reported, prompt="input_tokens", completion="output_tokens")
-        output = response.get("output") or []
-        searches = sum(
-            1
-            for item in output
-            if isinstance(item, Mapping) and item.get("type") == "web_search_call"
-        )
+        searches = _responses_web_searches(response)
         model = str(response.get("model") or "")
         return Bill(model, (Part(model, tokens, web_searches=searches),), tokens, url)
     chat_usage, model = _chat_usage(interaction)
