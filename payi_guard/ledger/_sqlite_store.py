@@ -407,29 +407,24 @@ class Store:
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            # An existing ledger is only read here (a writer holding the file must not
+            # delay opening it); a new file gets WAL mode and the schema.
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StorageError(
                     f"SQLite ledger {self.path}: cannot use WAL mode (journal mode {mode!r}); "
                     "the file must be on a local file system"
                 )
-            conn.execute("BEGIN IMMEDIATE")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app_id != APPLICATION_ID and (app_id != 0 or tables):
-                raise StorageError(f"{self.path} is an SQLite file but not a payi_guard ledger")
-            if version > SCHEMA_VERSION:
-                raise StorageError(
-                    f"SQLite ledger {self.path} has layout {version}, newer than this "
-                    f"payi_guard's ({SCHEMA_VERSION}): upgrade payi_guard"
-                )
-            if version < SCHEMA_VERSION:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
+            if self._layout(conn) < SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                if self._layout(conn) < SCHEMA_VERSION:  # nobody made it meanwhile
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         finally:
@@ -437,6 +432,20 @@ class Store:
                 conn.execute("ROLLBACK")
             conn.close()
         self._ready = True
+
+    def _layout(self, conn: sqlite3.Connection) -> int:
+        """The file's layout version (0: an empty file); refuse foreign or newer files."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id != APPLICATION_ID and (app_id != 0 or tables):
+            raise StorageError(f"{self.path} is an SQLite file but not a payi_guard ledger")
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"SQLite ledger {self.path} has layout {version}, newer than this "
+                f"payi_guard's ({SCHEMA_VERSION}): upgrade payi_guard"
+            )
+        return version
 
     def _take(self, op: str) -> tuple[sqlite3.Connection, tuple[int, int]]:
         with self._pool_lock:
