@@ -23,6 +23,7 @@ are subtracted on the fly and deleted by the next write that touches their count
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -106,6 +107,10 @@ _SETUP_TIMEOUT = 5.0
 """Seconds the one-time schema setup may wait for other processes opening the file."""
 _MAX_IDLE = 32
 """Idle connections a store keeps for reuse (each holds three file descriptors)."""
+_FIRST_DELAY = 0.0001
+_MAX_DELAY = 0.001
+"""Backoff while another process holds the file (SQLite's own busy handler would first
+sleep 1 ms, then 2, 5, 10, ... ms: far longer than the ~100 µs a transaction holds it)."""
 
 
 class Settings:
@@ -381,7 +386,7 @@ class Store:
     def _connect(self, timeout: float) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path,
-            timeout=timeout,
+            timeout=timeout,  # 0 but for the setup: busy waits are retried by _busy_retry
             isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
             check_same_thread=False,  # pooled: one thread at a time, not always the same
             cached_statements=64,
@@ -459,7 +464,7 @@ class Store:
             if self._idle:
                 return self._idle.pop(), epoch
         try:
-            return self._connect(self.settings.timeout), epoch
+            return self._connect(0.0), epoch
         except sqlite3.Error as exc:
             raise self._error(op, exc) from exc
 
@@ -520,7 +525,7 @@ class Store:
                     f"{self.settings.lock_timeout:g} s for this process's other writers"
                 )
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                self._busy_retry(lambda: conn.execute("BEGIN IMMEDIATE"))
                 try:
                     pruned = 0
                     self._writes += 1
@@ -552,12 +557,16 @@ class Store:
         self.setup()
         conn, epoch = self._take(op)
         healthy = True
-        try:
+
+        def snapshot() -> T:
             conn.execute("BEGIN")
             try:
                 return work(conn)
             finally:
                 conn.execute("COMMIT")
+
+        try:
+            return self._busy_retry(snapshot)
         except sqlite3.Error as exc:
             healthy = False
             raise self._error(op, exc) from exc
@@ -566,6 +575,30 @@ class Store:
                 self._give(conn, epoch)
             else:
                 conn.close()
+
+    def _busy_retry(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` until the file is not locked by another process, up to ``timeout``.
+
+        Raises:
+            sqlite3.OperationalError: still locked after ``timeout`` seconds.
+        """
+        deadline = 0.0
+        delay = _FIRST_DELAY
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.settings.timeout
+                elif now >= deadline:
+                    raise
+            # Jitter, so that waiting processes do not retry in step.
+            pause = delay * (0.5 + random.random())  # noqa: S311 - not for security
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+            delay = min(2 * delay, _MAX_DELAY)
 
     # -- helpers for the public classes --------------------------------------------------------
 

@@ -616,3 +616,41 @@ def test_sqlite_ledger_matches_the_model(tmp_path: Path) -> None:
         return ledger, ledger.close
 
     _run(make, examples=40)
+
+
+# -- the file stays the size of the live windows -------------------------------------------------
+
+
+def _simulate_days(path: Path, users: int, days: int, prune_every: int) -> list[tuple[int, int]]:
+    """Each user calls once a day (day, month and per-minute counters); size after each day."""
+    ledger = SqliteLedger(path, prune_every=prune_every)
+    start = 1_795_737_600  # a day boundary (2026-11-27)
+    out = []
+    for day in range(days):
+        for i in range(users):
+            now = start + day * 86_400 + i * 86_400 / users
+            d, m = int(now) // 86_400 * 86_400, int(now) // 60 * 60
+            charges = [
+                Charge(f"pg:{{u:{i}}}:usd:day:{d}", 500, 10**12, d + 86_400 + 3_600),
+                Charge(f"pg:{{u:{i}}}:usd:month:1", 500, 10**12, start + 40 * 86_400),
+                Charge(f"pg:{{u:{i}}}:requests:minute:{m}", 1, 30, m + 60 + 3_600),
+            ]
+            assert ledger.reserve(f"r{day}-{i}", charges, now=now, ttl=300).ok
+            ledger.commit(f"r{day}-{i}", charges, now=now)
+        out.append((path.stat().st_size, count(path, "counters")))
+    ledger.close()
+    return out
+
+
+def test_the_file_stops_growing_once_old_windows_are_pruned(tmp_path: Path) -> None:
+    users, days = 2_000, 5
+    pruned = _simulate_days(tmp_path / "pruned.db", users, days, prune_every=8)
+    kept = _simulate_days(tmp_path / "kept.db", users, days, prune_every=10**9)
+    # Pruned: the month's and today's counters, and the minute counters of about the
+    # last hour (one call every 43.2 s), the same number at the end of every day.
+    assert len({n for _, n in pruned}) == 1
+    assert 2 * users < pruned[0][1] < 2 * users + 100
+    # Kept: one month counter per user, and a day and a minute counter per call.
+    assert [n for _, n in kept] == [users + 2 * users * (day + 1) for day in range(days)]
+    assert pruned[-1][0] <= 1.25 * pruned[1][0]  # freed pages are reused
+    assert kept[-1][0] > 2 * pruned[-1][0]
