@@ -114,7 +114,10 @@ def test_four_slashes_give_an_absolute_path(tmp_path: Path) -> None:
 def test_resolve_storage_uri_pins_a_relative_sqlite_path(tmp_path: Path) -> None:
     resolved = resolve_storage_uri("SQLite:///b.db?timeout=2", base_dir=tmp_path)
     assert resolved == f"sqlite:///{(tmp_path / 'b.db').as_posix()}?timeout=2"
-    assert parse_sqlite_uri(resolved, base_dir="/elsewhere") == (tmp_path / "b.db", {"timeout": 2.0})
+    assert parse_sqlite_uri(resolved, base_dir="/elsewhere") == (
+        tmp_path / "b.db",
+        {"timeout": 2.0},
+    )
     assert resolve_sqlite_uri(resolved, base_dir="/elsewhere") == resolved
     spaced = resolve_storage_uri("sqlite:///a%20b.db", base_dir=tmp_path)
     assert parse_sqlite_uri(spaced)[0] == tmp_path / "a b.db"
@@ -158,9 +161,9 @@ def test_bad_uris_are_config_errors(tmp_path: Path, uri: str, message: str) -> N
 
 
 def test_bad_keyword_options_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not accept the option.*socket_timeout"):
+    with pytest.raises(ConfigError, match=r"does not accept the option.*socket_timeout"):
         open_ledger("sqlite:///b.db", base_dir=tmp_path, socket_timeout=1)
-    with pytest.raises(ConfigError, match="does not accept the option.*workers"):
+    with pytest.raises(ConfigError, match=r"does not accept the option.*workers"):
         open_ledger("sqlite:///b.db", base_dir=tmp_path, workers=2)
     with pytest.raises(ConfigError, match="timeout must be a positive number"):
         open_ledger("sqlite:///b.db", base_dir=tmp_path, timeout=0)
@@ -193,7 +196,9 @@ def test_a_missing_folder_is_a_storage_error(tmp_path: Path) -> None:
         SqliteLedger(tmp_path / "missing" / "b.db")
 
 
-async def test_an_async_ledger_opens_the_file_on_first_use(tmp_path: Path, clock: FakeClock) -> None:
+async def test_an_async_ledger_opens_the_file_on_first_use(
+    tmp_path: Path, clock: FakeClock
+) -> None:
     missing = AsyncSqliteLedger(tmp_path / "missing" / "b.db")  # nothing is opened here
     with pytest.raises(StorageError, match="open"):
         await missing.read([K1], now=clock.now())
@@ -227,7 +232,9 @@ def test_counters_survive_closing_and_reopening(db: Path, clock: FakeClock) -> N
     first = SqliteLedger(db)
     now, e = clock.now(), exp(clock)
     first.commit("r0", [Charge(K1, 250, None, e)], now=now)
-    assert first.reserve("r1", [Charge(K1, 700, 1000, e), Charge(K2, 700, None, e)], now=now, ttl=60).ok
+    assert first.reserve(
+        "r1", [Charge(K1, 700, 1000, e), Charge(K2, 700, None, e)], now=now, ttl=60
+    ).ok
     first.close()
     second = SqliteLedger(db)
     assert second.read([K1, K2], now=now) == (CounterState(250, 700), CounterState(0, 700))
@@ -334,11 +341,15 @@ def test_past_windows_are_pruned_a_bounded_batch_at_a_time(db: Path, clock: Fake
 def test_pruning_runs_every_prune_every_writes(db: Path, clock: FakeClock) -> None:
     ledger = SqliteLedger(db, prune_every=4, prune_batch=1000)
     now = clock.now()
-    ledger.commit("old", [Charge(f"pg:{{u:{i}}}:usd", 1, None, now + 1) for i in range(10)], now=now)
+    ledger.commit(
+        "old", [Charge(f"pg:{{u:{i}}}:usd", 1, None, now + 1) for i in range(10)], now=now
+    )
     clock.advance(2)
     seen = []
     for i in range(3):  # writes 2, 3 and 4 (the 4th prunes, before its own work)
-        ledger.commit(f"n{i}", [Charge("pg:{u:new}:usd", 1, None, clock.now() + 60)], now=clock.now())
+        ledger.commit(
+            f"n{i}", [Charge("pg:{u:new}:usd", 1, None, clock.now() + 60)], now=clock.now()
+        )
         seen.append(count(db, "counters"))
     assert seen == [11, 11, 1]
     assert count(db, "counters") == 1
@@ -352,7 +363,9 @@ def test_prune_drops_every_expired_counter_at_once(
     exp_at = now + 3600
     ledger.reserve("r1", [Charge(K1, 10, 100, exp_at)], now=now, ttl=60)
     ledger.commit("r2", [Charge(K2, 10, None, exp_at + 1)], now=now)
-    ledger.commit("r3", [Charge(f"pg:{{u:{i}}}:usd", 1, None, exp_at) for i in range(2500)], now=now)
+    ledger.commit(
+        "r3", [Charge(f"pg:{{u:{i}}}:usd", 1, None, exp_at) for i in range(2500)], now=now
+    )
     clock.set(exp_at + 0.5)  # K1 and the 2500 are past their expiry, K2 not yet
     assert ledger.prune(clock.now()) == 2501
     assert rows(db, "SELECT key FROM counters") == [(K2,)]
@@ -490,7 +503,9 @@ def test_idempotent_commit_applies_once(idem: SqliteLedger, db: Path, clock: Fak
     ]
 
 
-def test_idempotent_release_then_commit_changes_nothing(idem: SqliteLedger, clock: FakeClock) -> None:
+def test_idempotent_release_then_commit_changes_nothing(
+    idem: SqliteLedger, clock: FakeClock
+) -> None:
     now, e = clock.now(), exp(clock)
     assert idem.reserve("r1", [Charge(K1, 500, 1000, e)], now=now, ttl=60).ok
     assert idem.release("r1", [K1], now=now) == (CounterState(0, 0),)
@@ -500,7 +515,9 @@ def test_idempotent_release_then_commit_changes_nothing(idem: SqliteLedger, cloc
 
 def test_renew_keeps_an_open_reservation(ledger: SqliteLedger, clock: FakeClock) -> None:
     start, e = clock.now(), exp(clock)
-    assert ledger.reserve("r1", [Charge(K1, 600, 1000, e), Charge(K2, 600, None, e)], now=start, ttl=30).ok
+    assert ledger.reserve(
+        "r1", [Charge(K1, 600, 1000, e), Charge(K2, 600, None, e)], now=start, ttl=30
+    ).ok
     clock.advance(20)
     assert ledger.renew("r1", [K1, K2], now=clock.now(), ttl=30)  # now due at start + 50
     clock.advance(20)

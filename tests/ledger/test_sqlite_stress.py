@@ -153,7 +153,11 @@ def test_a_worker_killed_mid_call_loses_nothing_settled(tmp_path: Path, clock: F
     assert user.pending == org.pending == sum(s.pending for s in states.values())
     after = ledger.read([USER, ORG, *slots], now=later)
     assert [s.pending for s in after] == [0] * len(after)
-    assert [s.settled for s in after] == [user.settled, org.settled, *(states[k].settled for k in slots)]
+    assert [s.settled for s in after] == [
+        user.settled,
+        org.settled,
+        *(states[k].settled for k in slots),
+    ]
     # The spend still counts against the limit.
     assert not ledger.reserve("more", [Charge(USER, limit, limit, now + 1)], now=later, ttl=1).ok
     ledger.close()
