@@ -1,23 +1,11 @@
-"""The engine under the SQLite ledger: schema, connections, one transaction per operation.
+"""Connections and transactions of the SQLite ledger.
 
-:mod:`payi_guard.ledger.sqlite` holds the public classes and documents the semantics;
-this module is the part that talks to SQLite. Every operation is a function of one open
-connection, run either in a write transaction (``BEGIN IMMEDIATE``) by
-:meth:`Store.write` or in a read transaction by :meth:`Store.read`.
-
-Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``application_id`` =
-:data:`APPLICATION_ID`)::
-
-    counters(key PRIMARY KEY, settled, pending, expires_at)      -- one row per counter
-    holds(key, rid, amount, deadline, open, PRIMARY KEY (key, rid))
-        -- open = 1: reservation ``rid`` holds ``amount`` on ``key`` until ``deadline``;
-        -- open = 0: a tombstone (``rid`` was settled on ``key``), kept until ``deadline``
-    index counters(expires_at)   -- pruning of past windows
-    index holds(key, deadline)   -- purging of expired reservations
-
-``pending`` is the sum of the open holds of a counter, kept in the row (as Redis keeps
-field ``p``) so that a reserve reads one row per key; holds whose deadline has passed
-are subtracted on the fly and deleted by the next write that touches their counter.
+:class:`Store` owns the connections to one file and runs each operation of
+:mod:`payi_guard.ledger._sqlite_sql` in one transaction: a write transaction
+(``BEGIN IMMEDIATE``) after taking this process's writer lock, or a read transaction.
+It creates the schema of a new file, waits for other processes with a fine-grained
+backoff bounded by ``timeout``, and keeps forked children away from their parent's
+connections and locks.
 """
 
 from __future__ import annotations
@@ -31,78 +19,15 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from payi_guard.exceptions import StorageError
-from payi_guard.ledger._glob import glob_regex, literal_prefix
+from payi_guard.ledger import _sqlite_sql as sql
+from payi_guard.ledger._sqlite_sql import APPLICATION_ID, SCHEMA, SCHEMA_VERSION, prune
+from payi_guard.ledger._sqlite_uri import check_options, positive_number
 from payi_guard.ledger.base import Charge, CounterState, ReserveResult
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Settings", "Store"]
+__all__ = ["Operations", "Settings", "Store", "database_file", "make_settings"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
-"""``PRAGMA user_version`` of the layout this module writes."""
-
-APPLICATION_ID = 0x70677264
-"""``PRAGMA application_id`` of a payi_guard ledger file ("pgrd")."""
-
-_SCHEMA = (
-    """CREATE TABLE counters (
-        key TEXT PRIMARY KEY NOT NULL,
-        settled INTEGER NOT NULL,
-        pending INTEGER NOT NULL,
-        expires_at REAL NOT NULL
-    ) WITHOUT ROWID""",
-    "CREATE INDEX counters_by_expiry ON counters (expires_at)",
-    """CREATE TABLE holds (
-        key TEXT NOT NULL,
-        rid TEXT NOT NULL,
-        amount INTEGER NOT NULL,
-        deadline REAL NOT NULL,
-        open INTEGER NOT NULL,
-        PRIMARY KEY (key, rid)
-    ) WITHOUT ROWID""",
-    "CREATE INDEX holds_by_deadline ON holds (key, deadline)",
-)
-
-# One row per key: the totals, what expired holds still count in ``pending`` (NULL when
-# no hold or tombstone of the key has expired, so the purge can be skipped), and the
-# state of reservation ?2 on the key if it has not expired (open 1, tombstone 0, NULL).
-_STATE = """
-SELECT c.settled, c.pending, c.expires_at,
-       (SELECT sum(x.amount * x.open) FROM holds AS x WHERE x.key = ?1 AND x.deadline <= ?3),
-       h.open, h.amount
-FROM counters AS c
-LEFT JOIN holds AS h ON h.key = ?1 AND h.rid = ?2 AND h.deadline > ?3
-WHERE c.key = ?1
-"""
-_READ = """
-SELECT c.settled,
-       c.pending - coalesce((SELECT sum(x.amount * x.open) FROM holds AS x
-                             WHERE x.key = ?1 AND x.deadline <= ?2), 0)
-FROM counters AS c WHERE c.key = ?1 AND c.expires_at > ?2
-"""
-_PURGE = "DELETE FROM holds WHERE key = ?1 AND deadline <= ?2"
-_DROP_HOLDS = "DELETE FROM holds WHERE key = ?1"
-_DROP_HOLD = "DELETE FROM holds WHERE key = ?1 AND rid = ?2"
-_PUT_COUNTER = """
-INSERT INTO counters (key, settled, pending, expires_at) VALUES (?1, ?2, ?3, ?4)
-ON CONFLICT (key) DO UPDATE SET
-    settled = excluded.settled, pending = excluded.pending, expires_at = excluded.expires_at
-"""
-_SET_COUNTER = "UPDATE counters SET settled = ?2, pending = ?3, expires_at = ?4 WHERE key = ?1"
-_PUT_HOLD = """
-INSERT INTO holds (key, rid, amount, deadline, open) VALUES (?1, ?2, ?3, ?4, ?5)
-ON CONFLICT (key, rid) DO UPDATE SET
-    amount = excluded.amount, deadline = excluded.deadline, open = excluded.open
-"""
-_RENEW = """
-UPDATE holds SET deadline = max(deadline, ?4)
-WHERE key = ?1 AND rid = ?2 AND open = 1 AND deadline > ?3
-  AND EXISTS (SELECT 1 FROM counters WHERE key = ?1 AND expires_at > ?3)
-"""
-_DUE = "SELECT key FROM counters WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
-_DROP_COUNTER = "DELETE FROM counters WHERE key = ?1"
-
-_ZERO = CounterState(0, 0)
 _SETUP_TIMEOUT = 5.0
 """Seconds the one-time schema setup may wait for other processes opening the file."""
 _MAX_IDLE = 32
@@ -171,182 +96,15 @@ if hasattr(os, "register_at_fork"):
 def _writer_lock(path: str) -> threading.Lock:
     """The lock the writers of this process take before ``BEGIN IMMEDIATE`` on ``path``.
 
-    The threads of one process queue on it (woken in turn, no polling) instead of in
-    SQLite's busy handler, which polls with sleeps of up to 100 ms; only one thread per
-    process then competes for the file's write lock with the other processes.
+    The threads of one process queue on it (each woken when the previous one is done)
+    rather than all polling the file: only one thread per process competes for the
+    file's write lock with the other processes.
     """
     with _registry_lock:
         lock = _writer_locks.get(path)
         if lock is None:
             lock = _writer_locks[path] = threading.Lock()
         return lock
-
-
-# -- operations (each runs inside one transaction) ------------------------------------------
-
-_Row = tuple[int, int, float, "int | None", "int | None", "int | None"]
-"""settled, pending, expires_at, expired (see ``_STATE``), hold open, hold amount."""
-
-
-def _state(conn: sqlite3.Connection, key: str, rid: str, now: float) -> tuple[_Row | None, bool]:
-    """The row of ``key`` (or None) and whether it is live (not past its expiry)."""
-    row: _Row | None = conn.execute(_STATE, (key, rid, now)).fetchone()
-    return row, row is not None and row[2] > now
-
-
-def _held(row: _Row) -> int:
-    """What the reservation of the ``_STATE`` query holds on the row's counter."""
-    return (row[5] or 0) if row[4] == 1 else 0
-
-
-def reserve(
-    conn: sqlite3.Connection, rid: str, charges: Sequence[Charge], now: float, deadline: float
-) -> tuple[ReserveResult, bool]:
-    """Reserve every charge or none; the flag says whether to commit the transaction."""
-    found = [_state(conn, charge.key, rid, now) for charge in charges]
-    states: list[CounterState] = []
-    refused: int | None = None
-    for index, (charge, (row, live)) in enumerate(zip(charges, found, strict=True)):
-        used = 0
-        if row is None or not live:  # missing, or past its expiry: counts as zero
-            states.append(_ZERO)
-        else:
-            state = CounterState(row[0], row[1] - (row[3] or 0))
-            states.append(state)
-            # An id already open here is replaced: its old amount does not count.
-            used = state.used - _held(row)
-        if refused is None and charge.max is not None and used + charge.amount > charge.max:
-            refused = index
-    if refused is not None:
-        return ReserveResult(False, refused, tuple(states)), False
-    out: list[CounterState] = []
-    for charge, (row, live), state in zip(charges, found, states, strict=True):
-        key = charge.key
-        if row is None or not live:
-            if row is not None:  # a past window's row: start afresh
-                conn.execute(_DROP_HOLDS, (key,))
-            conn.execute(_PUT_COUNTER, (key, 0, charge.amount, charge.expires_at))
-            new = CounterState(0, charge.amount)
-        else:
-            if row[3] is not None:
-                conn.execute(_PURGE, (key, now))
-            new = CounterState(state.settled, state.pending - _held(row) + charge.amount)
-            expires_at = max(row[2], charge.expires_at)
-            conn.execute(_SET_COUNTER, (key, new.settled, new.pending, expires_at))
-        conn.execute(_PUT_HOLD, (key, rid, charge.amount, deadline, 1))
-        out.append(new)
-    return ReserveResult(True, None, tuple(out)), True
-
-
-def settle(
-    conn: sqlite3.Connection,
-    rid: str,
-    charges: Sequence[Charge],
-    now: float,
-    tombstone_until: float | None,
-) -> tuple[tuple[CounterState, ...], bool]:
-    """Close ``rid`` where it is open and add the amounts (a release adds zeros).
-
-    With ``tombstone_until`` (idempotent mode) each counter keeps a tombstone of ``rid``
-    until then, and a counter that already has one is left alone.
-    """
-    out: list[CounterState] = []
-    wrote = False
-    for charge in charges:
-        key, amount = charge.key, charge.amount
-        row, live = _state(conn, key, rid, now)
-        if row is None or not live:
-            if amount == 0:  # nothing to add: create nothing
-                out.append(_ZERO)
-                continue
-            if row is not None:  # a past window's row: start afresh
-                conn.execute(_DROP_HOLDS, (key,))
-            conn.execute(_PUT_COUNTER, (key, amount, 0, charge.expires_at))
-            if tombstone_until is not None:
-                conn.execute(_PUT_HOLD, (key, rid, 0, tombstone_until, 0))
-            out.append(CounterState(amount, 0))
-            wrote = True
-            continue
-        settled, pending = row[0], row[1] - (row[3] or 0)
-        if tombstone_until is not None and row[4] == 0:  # settled here before: a retry
-            out.append(CounterState(settled, pending))
-            continue
-        if row[3] is not None:
-            conn.execute(_PURGE, (key, now))
-        pending -= _held(row)
-        if tombstone_until is not None:
-            conn.execute(_PUT_HOLD, (key, rid, 0, tombstone_until, 0))
-        elif row[4] is not None:
-            conn.execute(_DROP_HOLD, (key, rid))
-        settled += amount
-        # Only an actual charge extends a counter's life (as in the memory ledger).
-        expires_at = max(row[2], charge.expires_at) if amount else row[2]
-        conn.execute(_SET_COUNTER, (key, settled, pending, expires_at))
-        out.append(CounterState(settled, pending))
-        wrote = True
-    return tuple(out), wrote
-
-
-def renew(
-    conn: sqlite3.Connection, rid: str, keys: Sequence[str], now: float, deadline: float
-) -> tuple[bool, bool]:
-    """Push the deadline of ``rid`` on ``keys`` to ``deadline``; True if open on them all."""
-    renewed = sum(conn.execute(_RENEW, (key, rid, now, deadline)).rowcount for key in keys)
-    return renewed == len(keys), renewed > 0
-
-
-def read(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> tuple[CounterState, ...]:
-    """The state of each counter (missing or past its expiry: zero)."""
-    out: list[CounterState] = []
-    for key in keys:
-        row = conn.execute(_READ, (key, now)).fetchone()
-        out.append(_ZERO if row is None else CounterState(row[0], row[1]))
-    return tuple(out)
-
-
-def _upper_bound(prefix: str) -> str | None:
-    """The smallest string above every string that starts with ``prefix`` (or None)."""
-    while prefix:
-        code = ord(prefix[-1]) + 1
-        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be encoded: skip them
-            code = 0xE000
-        if code <= 0x10FFFF:
-            return prefix[:-1] + chr(code)
-        prefix = prefix[:-1]
-    return None
-
-
-def scan(conn: sqlite3.Connection, match: str, now: float, limit: int | None) -> list[str]:
-    """The live counters whose key matches the Redis glob ``match``."""
-    regex = glob_regex(match)
-    prefix = literal_prefix(match)
-    upper = _upper_bound(prefix)
-    if upper is None:
-        cursor = conn.execute(
-            "SELECT key FROM counters WHERE key >= ?1 AND expires_at > ?2", (prefix, now)
-        )
-    else:
-        cursor = conn.execute(
-            "SELECT key FROM counters WHERE key >= ?1 AND key < ?2 AND expires_at > ?3",
-            (prefix, upper, now),
-        )
-    found: list[str] = []
-    for (key,) in cursor:
-        if regex.fullmatch(key) is not None:
-            found.append(key)
-            if limit is not None and len(found) >= limit:
-                break
-    cursor.close()
-    return found
-
-
-def prune(conn: sqlite3.Connection, now: float, batch: int) -> int:
-    """Delete up to ``batch`` counters past their expiry, with their holds."""
-    due = conn.execute(_DUE, (now, batch)).fetchall()
-    if due:
-        conn.executemany(_DROP_HOLDS, due)
-        conn.executemany(_DROP_COUNTER, due)
-    return len(due)
 
 
 # -- connections and transactions -----------------------------------------------------------
@@ -425,7 +183,7 @@ class Store:
             if self._layout(conn) < SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
                 if self._layout(conn) < SCHEMA_VERSION:  # nobody made it meanwhile
-                    for statement in _SCHEMA:
+                    for statement in SCHEMA:
                         conn.execute(statement)
                     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -452,14 +210,17 @@ class Store:
             )
         return version
 
+    def _after_fork(self) -> None:
+        """In a forked child, drop the parent's connections and lock (pool lock held)."""
+        if self._epoch[0] != _fork_generation:
+            _abandoned.extend(self._idle)
+            self._idle = []
+            self._writer = _writer_lock(self.path)
+            self._epoch = (_fork_generation, 0)
+
     def _take(self, op: str) -> tuple[sqlite3.Connection, tuple[int, int]]:
         with self._pool_lock:
-            if self._epoch[0] != _fork_generation:
-                # A forked child: the parent's connections must not be touched.
-                _abandoned.extend(self._idle)
-                self._idle = []
-                self._writer = _writer_lock(self.path)
-                self._epoch = (_fork_generation, 0)
+            self._after_fork()
             epoch = self._epoch
             if self._idle:
                 return self._idle.pop(), epoch
@@ -479,11 +240,11 @@ class Store:
     def close(self) -> None:
         """Close the idle connections; those in use are closed when given back."""
         with self._pool_lock:
+            self._after_fork()
             idle, self._idle = self._idle, []
             self._epoch = (self._epoch[0], self._epoch[1] + 1)
-        if self._epoch[0] == _fork_generation:
-            for conn in idle:
-                conn.close()
+        for conn in idle:
+            conn.close()
 
     # -- transactions ------------------------------------------------------------------------
 
@@ -540,7 +301,9 @@ class Store:
             finally:
                 writer.release()
         except (sqlite3.Error, OverflowError) as exc:
-            healthy = False
+            # A connection that merely waited too long is fine; any other failure
+            # may have left it in a bad state.
+            healthy = isinstance(exc, sqlite3.Error) and _is_busy(exc)
             raise self._error(op, exc) from exc
         finally:
             if healthy:
@@ -568,7 +331,7 @@ class Store:
         try:
             return self._busy_retry(snapshot)
         except sqlite3.Error as exc:
-            healthy = False
+            healthy = _is_busy(exc)
             raise self._error(op, exc) from exc
         finally:
             if healthy:
@@ -619,3 +382,103 @@ class Store:
             total += dropped
             if dropped < 1000:
                 return total
+
+
+# -- the operations, as run by both twins ------------------------------------------------------
+
+
+def make_settings(
+    timeout: float,
+    lock_timeout: float,
+    synchronous: str,
+    idempotent: bool,
+    tombstone_ttl: float,
+    prune_every: int,
+    prune_batch: int,
+) -> Settings:
+    """Validate the ledger options into :class:`Settings`.
+
+    Raises:
+        ConfigError: a timeout, ``synchronous`` or ``tombstone_ttl`` is wrong.
+        ValueError: ``idempotent`` is not a bool or a pruning setting not a positive int.
+    """
+    checked = check_options(
+        {"timeout": timeout, "lock_timeout": lock_timeout, "synchronous": synchronous}
+    )
+    if not isinstance(idempotent, bool):
+        raise ValueError(f"idempotent must be a bool, got {idempotent!r}")
+    for name, value in (("prune_every", prune_every), ("prune_batch", prune_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return Settings(
+        timeout=checked["timeout"],
+        lock_timeout=checked["lock_timeout"],
+        synchronous=checked["synchronous"],
+        idempotent=idempotent,
+        tombstone_ttl=positive_number("tombstone_ttl", tombstone_ttl),
+        prune_every=prune_every,
+        prune_batch=prune_batch,
+    )
+
+
+def database_file(path: str | os.PathLike[str]) -> str:
+    """The absolute path of the database file (refuses ``""`` and ``":memory:"``)."""
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or text == ":memory:":
+        raise ValueError("path must name a database file")
+    return os.path.abspath(text)
+
+
+class Operations:
+    """The ledger operations on a store, each one transaction (run by either twin)."""
+
+    def __init__(self, path: str, settings: Settings) -> None:
+        self.store = Store(path, settings)
+
+    def reserve(
+        self, rid: str, charges: Sequence[Charge], now: float, ttl: float, started: float
+    ) -> ReserveResult:
+        if not charges:
+            return ReserveResult(True, None, ())
+        deadline = now + ttl
+        return self.store.write(
+            "reserve", started, now, lambda c: sql.reserve(c, rid, charges, now, deadline)
+        )
+
+    def commit(
+        self, rid: str, charges: Sequence[Charge], now: float, started: float
+    ) -> tuple[CounterState, ...]:
+        if not charges:
+            return ()
+        until = self.store.tombstone_until(now)
+        return self.store.write(
+            "commit", started, now, lambda c: sql.settle(c, rid, charges, now, until)
+        )
+
+    def release(
+        self, rid: str, keys: Sequence[str], now: float, started: float
+    ) -> tuple[CounterState, ...]:
+        if not keys:
+            return ()
+        # A release is a commit of zero, which neither creates nor extends a counter.
+        charges = [Charge(key, 0, None, 0.0) for key in keys]
+        until = self.store.tombstone_until(now)
+        return self.store.write(
+            "release", started, now, lambda c: sql.settle(c, rid, charges, now, until)
+        )
+
+    def renew(self, rid: str, keys: Sequence[str], now: float, ttl: float, started: float) -> bool:
+        if not keys:
+            return True
+        deadline = now + ttl
+        return self.store.write(
+            "renew", started, now, lambda c: sql.renew(c, rid, keys, now, deadline)
+        )
+
+    def read(self, keys: Sequence[str], now: float) -> tuple[CounterState, ...]:
+        if not keys:
+            return ()
+        return self.store.read("read", lambda c: sql.read(c, keys, now))
+
+    def scan(self, match: str, now: float, limit: int | None) -> list[str]:
+        return self.store.read("scan", lambda c: sql.scan(c, match, now, limit))

@@ -36,16 +36,16 @@ How it works:
   bounded batch at a time (``prune_batch`` counters every ``prune_every`` writes), so
   the file stays the size of the live windows; SQLite reuses the freed pages.
 
-Layout and the one transaction behind each operation are in
-:mod:`payi_guard.ledger._sqlite_store`. The file must be on a local file system (WAL
-needs shared memory between the processes; network file systems do not provide it).
+The layout and the SQL of each operation are in :mod:`payi_guard.ledger._sqlite_sql`,
+connections and transactions in :mod:`payi_guard.ledger._sqlite_store`. The file must be
+on a local file system (WAL needs memory shared between the processes; network file
+systems do not provide it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import os
 import threading
 import time
@@ -53,10 +53,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, quote, unquote
 
 from payi_guard.exceptions import ConfigError, StorageError
-from payi_guard.ledger import _sqlite_store as store
 from payi_guard.ledger._checks import (
     check_charges,
     check_id,
@@ -65,6 +63,8 @@ from payi_guard.ledger._checks import (
     check_scan,
     check_ttl,
 )
+from payi_guard.ledger._sqlite_store import Operations, database_file, make_settings
+from payi_guard.ledger._sqlite_uri import parse_sqlite_uri, resolve_sqlite_uri
 from payi_guard.ledger.base import Charge, CounterState, ReserveResult
 from payi_guard.ledger.factory import DEFAULT_POOL_TIMEOUT, DEFAULT_TIMEOUT
 
@@ -80,217 +80,11 @@ __all__ = [
 T = TypeVar("T")
 
 
-_SCHEME = "sqlite"
-_SYNCHRONOUS = ("normal", "full")
-_URI_OPTIONS = ("timeout", "lock_timeout", "synchronous")
 _SYNC_OPTIONS = (
-    *_URI_OPTIONS, "idempotent", "tombstone_ttl", "prune_every", "prune_batch",
+    "timeout", "lock_timeout", "synchronous", "idempotent", "tombstone_ttl", "prune_every",
+    "prune_batch",
 )  # fmt: skip
 _ASYNC_OPTIONS = (*_SYNC_OPTIONS, "workers")
-_FORMS = "sqlite:///relative/file.db or sqlite:////absolute/file.db"
-
-
-# -- URIs ------------------------------------------------------------------------------------
-
-
-def _split(uri: str) -> tuple[str, str]:
-    """The percent-decoded path and the query of a ``sqlite://`` URI."""
-    if not isinstance(uri, str):
-        raise ConfigError(f"storage must be a URI string, got {type(uri).__name__}")
-    scheme, sep, rest = uri.partition("://")
-    if not sep or scheme.lower() != _SCHEME:
-        raise ConfigError(f"not a sqlite:// URI; write {_FORMS}")
-    rest, _, query = rest.partition("?")
-    if not rest.startswith("/"):
-        raise ConfigError(
-            f"sqlite:// takes a file path, not a host: write {_FORMS} (three slashes, "
-            "then the path; a relative path is relative to the budgets file's folder)"
-        )
-    path = unquote(rest[1:])
-    if not path:
-        raise ConfigError(f"sqlite:/// needs a file name: write {_FORMS}")
-    if "\x00" in path:
-        raise ConfigError("the sqlite:// path contains a NUL character")
-    if path == ":memory:" or path.startswith("file:"):
-        raise ConfigError(
-            "sqlite:// needs a file that the worker processes share; for a store in one "
-            "process write memory://"
-        )
-    if path.endswith(("/", os.sep)):
-        raise ConfigError(f"sqlite:// path {path!r} names a folder, not a file")
-    return path, query
-
-
-def _number(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"sqlite:// option {name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
-        raise ConfigError(f"sqlite:// option {name} must be a positive number, got {value!r}")
-    return number
-
-
-def _options(given: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate ``timeout``, ``lock_timeout`` and ``synchronous`` (strings or numbers)."""
-    out: dict[str, Any] = {}
-    for name, value in given.items():
-        if name in ("timeout", "lock_timeout"):
-            out[name] = _number(name, value)
-        elif name == "synchronous":
-            text = str(value).lower()
-            if text not in _SYNCHRONOUS:
-                raise ConfigError(
-                    f"sqlite:// option synchronous must be normal or full, got {value!r}"
-                )
-            out[name] = text
-        else:
-            out[name] = value
-    return out
-
-
-def parse_sqlite_uri(
-    uri: str, *, base_dir: str | os.PathLike[str] | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """Parse a ``sqlite://`` storage URI.
-
-    Args:
-        uri: ``sqlite:///relative.db`` or ``sqlite:////absolute.db``, optionally with
-            ``?timeout=SECONDS&lock_timeout=SECONDS&synchronous=normal|full``.
-        base_dir: the folder a relative path is relative to (the budgets file's
-            folder); the current directory when omitted.
-
-    Returns:
-        The absolute file path and the options given in the query.
-
-    Raises:
-        ConfigError: the URI is not a valid ``sqlite://`` URI or an option is wrong.
-    """
-    path_text, query = _split(uri)
-    options: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name not in _URI_OPTIONS:
-            raise ConfigError(
-                f"sqlite:// does not accept the option {name!r} "
-                f"(accepted: {', '.join(_URI_OPTIONS)})"
-            )
-        options[name] = value
-    path = Path(path_text)
-    if not path.is_absolute():
-        path = Path(base_dir if base_dir is not None else os.getcwd()) / path
-    return Path(os.path.abspath(path)), _options(options)
-
-
-def resolve_sqlite_uri(uri: str, *, base_dir: str | os.PathLike[str]) -> str:
-    """Return ``uri`` with a relative path made absolute against ``base_dir``.
-
-    Args:
-        uri: a ``sqlite://`` URI.
-        base_dir: the folder of the budgets file the URI was read from.
-
-    Returns:
-        An equivalent ``sqlite:///`` URI naming an absolute path (query kept).
-
-    Raises:
-        ConfigError: the URI is not a valid ``sqlite://`` URI.
-    """
-    path, _ = parse_sqlite_uri(uri, base_dir=base_dir)
-    _, _, query = uri.partition("?")
-    text = quote(path.as_posix(), safe="/:")
-    return f"sqlite:///{text}" + (f"?{query}" if query else "")
-
-
-# -- shared by the sync and async ledgers ----------------------------------------------------
-
-
-def _settings(
-    timeout: float,
-    lock_timeout: float,
-    synchronous: str,
-    idempotent: bool,
-    tombstone_ttl: float,
-    prune_every: int,
-    prune_batch: int,
-) -> store.Settings:
-    checked = _options(
-        {"timeout": timeout, "lock_timeout": lock_timeout, "synchronous": synchronous}
-    )
-    if not isinstance(idempotent, bool):
-        raise ValueError(f"idempotent must be a bool, got {idempotent!r}")
-    for name, value in (("prune_every", prune_every), ("prune_batch", prune_batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return store.Settings(
-        timeout=checked["timeout"],
-        lock_timeout=checked["lock_timeout"],
-        synchronous=checked["synchronous"],
-        idempotent=idempotent,
-        tombstone_ttl=_number("tombstone_ttl", tombstone_ttl),
-        prune_every=prune_every,
-        prune_batch=prune_batch,
-    )
-
-
-def _file(path: str | os.PathLike[str]) -> str:
-    text = os.fspath(path)
-    if not isinstance(text, str) or not text or text == ":memory:":
-        raise ValueError("path must name a database file")
-    return os.path.abspath(text)
-
-
-class _Operations:
-    """The ledger operations on a store, each one transaction (run by either twin)."""
-
-    def __init__(self, path: str, settings: store.Settings) -> None:
-        self.store = store.Store(path, settings)
-
-    def reserve(
-        self, rid: str, charges: Sequence[Charge], now: float, ttl: float, started: float
-    ) -> ReserveResult:
-        if not charges:
-            return ReserveResult(True, None, ())
-        deadline = now + ttl
-        return self.store.write(
-            "reserve", started, now, lambda c: store.reserve(c, rid, charges, now, deadline)
-        )
-
-    def commit(
-        self, rid: str, charges: Sequence[Charge], now: float, started: float
-    ) -> tuple[CounterState, ...]:
-        if not charges:
-            return ()
-        until = self.store.tombstone_until(now)
-        return self.store.write(
-            "commit", started, now, lambda c: store.settle(c, rid, charges, now, until)
-        )
-
-    def release(
-        self, rid: str, keys: Sequence[str], now: float, started: float
-    ) -> tuple[CounterState, ...]:
-        if not keys:
-            return ()
-        # A release is a commit of zero, which neither creates nor extends a counter.
-        charges = [Charge(key, 0, None, 0.0) for key in keys]
-        until = self.store.tombstone_until(now)
-        return self.store.write(
-            "release", started, now, lambda c: store.settle(c, rid, charges, now, until)
-        )
-
-    def renew(self, rid: str, keys: Sequence[str], now: float, ttl: float, started: float) -> bool:
-        if not keys:
-            return True
-        deadline = now + ttl
-        return self.store.write(
-            "renew", started, now, lambda c: store.renew(c, rid, keys, now, deadline)
-        )
-
-    def read(self, keys: Sequence[str], now: float) -> tuple[CounterState, ...]:
-        if not keys:
-            return ()
-        return self.store.read("read", lambda c: store.read(c, keys, now))
-
-    def scan(self, match: str, now: float, limit: int | None) -> list[str]:
-        return self.store.read("scan", lambda c: store.scan(c, match, now, limit))
 
 
 def _check_renew(reservation_id: str, keys: Sequence[str], now: float, ttl: float) -> None:
@@ -344,11 +138,11 @@ class SqliteLedger:
         prune_every: int = 8,
         prune_batch: int = 64,
     ) -> None:
-        settings = _settings(
+        settings = make_settings(
             timeout, lock_timeout, synchronous, idempotent, tombstone_ttl, prune_every,
             prune_batch,
         )  # fmt: skip
-        self._ops = _Operations(_file(path), settings)
+        self._ops = Operations(database_file(path), settings)
         self._ops.store.setup()
 
     @property
@@ -559,11 +353,11 @@ class AsyncSqliteLedger:
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
-        settings = _settings(
+        settings = make_settings(
             timeout, lock_timeout, synchronous, idempotent, tombstone_ttl, prune_every,
             prune_batch,
         )  # fmt: skip
-        self._ops = _Operations(_file(path), settings)
+        self._ops = Operations(database_file(path), settings)
         self._workers = workers
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
