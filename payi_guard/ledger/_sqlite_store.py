@@ -150,7 +150,11 @@ class Store:
             cached_statements=64,
         )
         try:
-            conn.execute(f"PRAGMA synchronous = {self.settings.synchronous}")
+            # The first statement reads the schema, which can find the file busy (a
+            # process that died mid-write leaves the WAL index to be rebuilt).
+            self._busy_retry(
+                lambda: conn.execute(f"PRAGMA synchronous = {self.settings.synchronous}")
+            )
             conn.execute("PRAGMA journal_size_limit = 8388608")
         except BaseException:
             conn.close()

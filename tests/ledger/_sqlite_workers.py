@@ -6,6 +6,7 @@ import random
 import sqlite3
 import threading
 import time
+import traceback
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -16,6 +17,10 @@ from payi_guard.ledger import Charge, SqliteLedger
 
 PATIENT = 60.0
 """Seconds a worker's call may wait for the file: these tests check exactness, not speed."""
+
+
+def _describe(error: BaseException) -> str:
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__))
 
 
 def _threads(threads: int, run: Any) -> list[BaseException]:
@@ -58,7 +63,7 @@ def hammer_sqlite_process(
     errors = _threads(threads, run)
     ledger.close()
     if errors:
-        out.put(("error", repr(errors[0])))
+        out.put(("error", _describe(errors[0])))
     else:
         out.put(("ok", [sum(column) for column in zip(*results, strict=True)]))
 
@@ -116,7 +121,7 @@ def logged_worker_process(
 
     errors = _threads(threads, run)
     ledger.close()
-    out.put(("error", repr(errors[0])) if errors else ("ok", process))
+    out.put(("error", _describe(errors[0])) if errors else ("ok", process))
 
 
 def die_mid_transaction(path: Path, key: str, ready: Event) -> None:
@@ -130,3 +135,40 @@ def die_mid_transaction(path: Path, key: str, ready: Event) -> None:
     )
     ready.set()
     time.sleep(120)
+
+
+GUARD_PRICES = {"test-model": {"input_per_mtok": 1, "output_per_mtok": 2}}
+GUARD_CONFIG: dict[str, Any] = {
+    "prices": GUARD_PRICES,
+    "default": [{"max": 0.05, "per": "month"}],
+    "orgs": {"acme": [{"max": 0.04, "per": "month"}]},
+}
+
+
+def guard_worker(storage: str, log_path: Path, process: int) -> None:
+    """One app worker: a Guard on the shared file, 4 threads calling, JSON logs to a file."""
+    from payi_guard import BudgetExceeded, Guard, TokenUsage, track_context
+    from payi_guard.engine import CallRequest
+    from payi_guard.log import configure_json
+
+    with log_path.open("w") as stream:
+        configure_json(stream)
+        guard = Guard(GUARD_CONFIG, storage=storage)
+
+        def run(index: int) -> None:
+            for j in range(40):
+                user = f"acme:user{(process * 4 + index + j) % 6}"
+                with track_context(user_id=user):
+                    try:
+                        reservation = guard.begin(
+                            CallRequest(model="test-model", input_tokens=400, max_output_tokens=100)
+                        )
+                    except BudgetExceeded:
+                        continue
+                    # Actual usage never exceeds the estimate: the hard limit must hold.
+                    reservation.settle(TokenUsage(200 + (j * 7) % 200, (j * 13) % 100))
+
+        errors = _threads(4, run)
+        guard.close()
+    if errors:
+        raise errors[0]

@@ -1,21 +1,28 @@
-"""Many processes on one SQLite file: a hard limit holds exactly, and a worker killed with
-SIGKILL (mid-call, or mid-transaction) loses nothing that was settled."""
+"""Many processes on one SQLite file: a hard limit holds exactly (ledger and Guard), and a
+worker killed with SIGKILL (mid-call, or mid-transaction) loses nothing that was settled."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import signal
 import time
 from collections import defaultdict
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ledger._sqlite_workers import (
+    GUARD_CONFIG,
     die_mid_transaction,
+    guard_worker,
     hammer_sqlite_process,
     logged_worker_process,
     slot_key,
 )
+from payi_guard import Guard
 from payi_guard.clock import FakeClock
 from payi_guard.ledger import Charge, CounterState, SqliteLedger
 
@@ -37,7 +44,9 @@ def _check(user: CounterState, org: CounterState, sums: list[int]) -> None:
 
 def _reports(out: Any, count: int) -> list[Any]:
     reports = [out.get(timeout=BOUND) for _ in range(count)]
-    assert all(kind == "ok" for kind, _ in reports), reports
+    errors = [body for kind, body in reports if kind != "ok"]
+    if errors:
+        pytest.fail("a worker failed:\n" + "\n".join(errors), pytrace=False)
     return [body for _, body in reports]
 
 
@@ -192,3 +201,29 @@ def test_a_writer_killed_mid_transaction_leaves_no_trace_and_no_lock(
     reopened = SqliteLedger(path)
     assert reopened.read([USER], now=now) == (CounterState(200, 800),)
     reopened.close()
+
+
+def test_guards_in_four_processes_share_one_budget_and_the_logs_reconcile(
+    tmp_path: Path,
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'budgets.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    logs = [tmp_path / f"p{i}.jsonl" for i in range(4)]
+    workers = [
+        ctx.Process(target=guard_worker, args=(storage, path, i)) for i, path in enumerate(logs)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=BOUND)
+        assert worker.exitcode == 0
+    events = [json.loads(line, parse_float=Decimal) for path in logs for line in path.open()]
+    logged = sum((e["cost_usd"] for e in events if e["event"] == "genai_call"), Decimal(0))
+    guard = Guard(GUARD_CONFIG, storage=storage)
+    org = guard.usage("acme:user0")[1]
+    assert org.scope == "org"
+    assert org.used <= Decimal("0.04")  # no overshoot of the hard org limit...
+    assert org.used == logged  # ...and the ledger equals the logged spend
+    assert org.used > Decimal("0.039")
+    assert any(e["event"] == "budget_exceeded" for e in events)
+    guard.close()
