@@ -632,7 +632,7 @@ def test_sqlite_ledger_matches_the_model(tmp_path: Path) -> None:
         ledger = SqliteLedger(tmp_path / f"{prefix.rsplit(':', 1)[-1]}.db", prune_every=3)
         return ledger, ledger.close
 
-    _run(make, examples=40)
+    _run(make, examples=100)
 
 
 # -- the file stays the size of the live windows -------------------------------------------------
