@@ -459,8 +459,12 @@ def open_sqlite_ledger(
 ) -> SqliteLedger:
     """Open a :class:`SqliteLedger` from a ``sqlite://`` URI.
 
-    Keyword options override the URI's query options. Used by
-    :func:`payi_guard.ledger.factory.open_ledger`.
+    Used by :func:`payi_guard.ledger.factory.open_ledger`.
+
+    Args:
+        uri: ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (with options).
+        base_dir: the folder a relative path is relative to (default: the current one).
+        **options: :class:`SqliteLedger` arguments; they override the URI's options.
 
     Raises:
         ConfigError: the URI or an option is wrong.
@@ -474,6 +478,11 @@ def open_async_sqlite_ledger(
     uri: str, *, base_dir: str | os.PathLike[str] | None = None, **options: Any
 ) -> AsyncSqliteLedger:
     """Open an :class:`AsyncSqliteLedger` from a ``sqlite://`` URI (nothing is opened yet).
+
+    Args:
+        uri: as for :func:`open_sqlite_ledger`.
+        base_dir: as for :func:`open_sqlite_ledger`.
+        **options: :class:`AsyncSqliteLedger` arguments; they override the URI's options.
 
     Raises:
         ConfigError: the URI or an option is wrong.
