@@ -527,7 +527,9 @@ def test_invalid_org_id_is_refused() -> None:
 # -- top-level settings ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", [scheme for scheme in STORAGE_SCHEMES if scheme != "memory"])
+@pytest.mark.parametrize(
+    "scheme", [scheme for scheme in STORAGE_SCHEMES if scheme not in ("memory", "sqlite")]
+)
 def test_every_redis_flavour_is_accepted(scheme: str) -> None:
     uri = f"{scheme}://user:pw@cache.internal:6380/1"
     assert parse_config({"storage": uri}).storage == uri
@@ -537,8 +539,8 @@ def test_every_redis_flavour_is_accepted(scheme: str) -> None:
     ("uri", "message"),
     [
         (
-            "mysql://db/x",
-            "unsupported storage scheme 'mysql://'; supported are memory://, redis://, rediss://",
+            "http://db/x",
+            "unsupported storage scheme 'http://'; supported are memory://, sqlite://, redis://",
         ),
         ("memory://x", "memory storage takes no address"),
         ("redis://host:99999999/0", "invalid storage URI: Port out of range"),
@@ -841,3 +843,32 @@ def test_describe_counts_and_hides_the_password() -> None:
         "0 named limits, 0 tiers, 0 users, 0 orgs, 0 global limits, 0 price overrides; "
     )
     assert "anonymous: reject" in describe(parse_config("anonymous: reject"), verbose=True)
+
+
+# -- sqlite stores named by a budgets file -------------------------------------------------
+
+
+def test_a_relative_sqlite_store_is_the_budgets_files_neighbour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf dir"
+    folder.mkdir()
+    budgets = folder / "budgets.yaml"
+    budgets.write_text("version: 1\nstorage: sqlite:///state/budgets.db\n", encoding="utf-8")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    storage = load_config(budgets).storage
+    assert storage == "sqlite:///" + str(folder).replace(" ", "%20") + "/state/budgets.db"
+    absolute = tmp_path / "abs.db"
+    budgets.write_text(f"version: 1\nstorage: sqlite:///{absolute}\n", encoding="utf-8")
+    assert load_config(budgets).storage == f"sqlite:///{absolute}"
+    # Text without a file has no folder: the path is left for the ledger (current directory).
+    assert parse_config("version: 1\nstorage: sqlite:///b.db\n").storage == "sqlite:///b.db"
+
+
+@pytest.mark.parametrize("uri", ["sqlite://", "sqlite:///", "sqlite://host/b.db", "sqlite:///?x=1"])
+def test_a_sqlite_store_must_name_a_file(uri: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape("sqlite:///budgets.db")) as info:
+        parse_config(f"version: 1\nstorage: {uri}\n")
+    assert info.value.line == 2

@@ -17,6 +17,7 @@ Entry points: :func:`load_config` (a file), :func:`parse_config` (YAML text or a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from decimal import Decimal
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from payi_guard.config.model import (
     STORAGE_SCHEMES,
@@ -193,7 +194,8 @@ class _Parser(NodeReader):
         match = _SCHEME.match(uri)
         if match is None:
             raise self._error(
-                f"{uri!r} is not a storage URI; use memory:// or redis://host:6379/0",
+                f"{uri!r} is not a storage URI; use memory://, sqlite:///budgets.db or "
+                "redis://host:6379/0",
                 node.line,
                 path,
             )
@@ -208,6 +210,16 @@ class _Parser(NodeReader):
         uri = scheme + uri[match.end(1) :]
         if scheme == "memory" and uri[match.end() :] not in ("", "/"):
             raise self._error("memory storage takes no address: write memory://", node.line, path)
+        if scheme == "sqlite":
+            rest = uri[match.end() :]
+            if not rest.startswith("/") or not rest.split("?", 1)[0].strip("/"):
+                raise self._error(
+                    "a sqlite store names a file: sqlite:///budgets.db (relative to this "
+                    "file's folder) or sqlite:////abs/path.db",
+                    node.line,
+                    path,
+                )
+            return uri  # the ledger checks the rest (options, path) when it opens
         if not scheme.endswith(("+sentinel", "+cluster")):  # those list several hosts
             try:
                 urlsplit(uri).port  # noqa: B018 - raises ValueError on a malformed port
@@ -539,7 +551,21 @@ def load_config(path: str | os.PathLike[str]) -> GuardConfig:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError("the file is not UTF-8 text", file=name, line=line) from None
-    return parse_config(text, source=name)
+    return _with_local_store(parse_config(text, source=name), name)
+
+
+def _with_local_store(config: GuardConfig, name: str) -> GuardConfig:
+    """Resolve a relative ``sqlite:///file.db`` against the budgets file's own folder.
+
+    The app, ``payi-guard usage`` and a reload then all open the same file, wherever
+    each is started from.
+    """
+    head = "sqlite:///"
+    uri = config.storage
+    if not uri.startswith(head) or uri.startswith(head + "/"):
+        return config
+    folder = quote(os.path.dirname(os.path.abspath(name)))
+    return dataclasses.replace(config, storage=f"{head}{folder}/{uri[len(head) :]}")
 
 
 def check_file(path: str | os.PathLike[str]) -> GuardConfig:
