@@ -656,6 +656,52 @@ def test_recursive_alias_is_refused() -> None:
     assert error.line == 1
 
 
+@pytest.mark.parametrize(
+    ("form", "depth"),
+    # 5,000 block levels would be 25 MB of indentation: refused for its size instead.
+    [("flow", 66), ("flow", 500), ("flow", 5_000), ("block", 66), ("block", 500)],
+)
+def test_deep_nesting_is_a_config_error_naming_the_limit(depth: int, form: str) -> None:
+    if form == "flow":
+        document = "version: 1\nlimits:\n  x: " + "[" * depth + "]" * depth + "\n"
+    else:
+        document = "version: 1\nlimits:\n" + "".join(
+            "  " * (i + 1) + f"k{i}:\n" for i in range(depth)
+        )
+    error = error_of(document)  # never a RecursionError
+    assert error.message.startswith(f"nested deeper than {_yaml.MAX_DEPTH} levels")
+    assert error.line is not None
+    assert 3 <= error.line <= 3 + _yaml.MAX_DEPTH + 1
+
+
+def test_an_oversized_document_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    limit = _yaml.MAX_DOCUMENT_BYTES
+    assert limit == 1 << 20
+    # One byte over the limit, as text and as a file; the limit itself is fine.
+    filler = "# " + "x" * 97 + "\n"
+    at_limit = "version: 1\n" + filler * ((limit - 11) // 100)
+    at_limit += "#" * (limit - len(at_limit.encode()) - 1) + "\n"
+    assert len(at_limit.encode()) == limit
+    assert parse_config(at_limit).version == 1
+    error = error_of(at_limit + "\n")
+    assert error.message == (
+        f"the document is {limit + 1:,} bytes; a budgets file may be at most "
+        f"{limit:,} bytes (1 MiB)"
+    )
+    # Multi-byte characters count as the bytes they take in UTF-8.
+    assert "at most" in error_of("version: 1\n#" + "é" * (limit // 2)).message
+    # A huge file (sparse: nothing is written to disk) is refused from its size alone.
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as handle:
+        handle.truncate(64 << 20)
+    with pytest.raises(ConfigError) as caught:
+        load_config(huge)
+    assert caught.value.file == str(huge)
+    assert caught.value.message == (
+        f"the file is {64 << 20:,} bytes; a budgets file may be at most {limit:,} bytes (1 MiB)"
+    )
+
+
 def test_python_recursive_structure_is_refused() -> None:
     loop: list[Any] = []
     loop.append(loop)

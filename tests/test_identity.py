@@ -164,7 +164,7 @@ def test_pseudonymizer_validates() -> None:
 
 def _collision_bound(ids: int, digest_chars: int) -> float:
     """The birthday bound: the chance that any two of ``ids`` distinct ids share a digest."""
-    return ids * (ids - 1) / 2 / 16**digest_chars
+    return ids * (ids - 1) / 2 / float(16**digest_chars)
 
 
 def test_digests_too_short_to_be_unique_are_refused() -> None:
