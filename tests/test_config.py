@@ -197,6 +197,43 @@ def test_bad_file_names_line_and_problem(path: Path) -> None:
     assert str(error).startswith(f"{path}:{line}: ")
 
 
+PYYAML_WORDING = (
+    "<block",
+    "<scalar>",
+    "<flow",
+    "<stream",
+    "<document",
+    "simple key",
+    "while parsing",
+    "while scanning",
+    "but found",
+    "but got",
+    "not allowed here",
+)
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=lambda p: p.name)
+def test_syntax_errors_are_said_in_plain_words(path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_file(path)
+    for wording in PYYAML_WORDING:
+        assert wording not in caught.value.message
+
+
+def test_the_yaml_corpus_covers_the_common_mistakes() -> None:
+    names = {path.name for path in BAD_FILES}
+    assert {
+        "yaml_indent_deeper.yaml",
+        "yaml_indent_shallower.yaml",
+        "yaml_value_runs_on.yaml",
+        "yaml_unclosed_mapping.yaml",
+        "yaml_missing_colon.yaml",
+        "yaml_unclosed_quote.yaml",
+        "yaml_no_space_after_colon.yaml",
+        "syntax_error.yaml",
+    } <= names
+
+
 @pytest.mark.parametrize(
     ("document", "key"),
     [

@@ -24,6 +24,7 @@ from typing import TypeAlias
 
 import yaml
 
+from payi_guard.config.yaml_errors import syntax_error
 from payi_guard.exceptions import ConfigError
 
 __all__ = [
@@ -198,34 +199,6 @@ class _Loader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def _syntax_error(exc: yaml.YAMLError, text: str, source: str | None) -> ConfigError:
-    """Turn a PyYAML error into a ConfigError naming the line."""
-    if isinstance(exc, yaml.reader.ReaderError):
-        line = text.count("\n", 0, max(exc.position, 0)) + 1
-        if isinstance(exc.character, int):
-            code = exc.character
-        else:
-            code = ord(exc.character) if exc.character else 0
-        return ConfigError(
-            f"invalid character U+{code:04X}: YAML does not allow control characters",
-            file=source,
-            line=line,
-        )
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        problem = exc.problem or "invalid YAML"
-        if "'\\t'" in problem:
-            message = "a tab character where YAML expects spaces: indent with spaces, not tabs"
-        elif isinstance(exc, yaml.composer.ComposerError) and "another document" in problem:
-            message = "only one YAML document is allowed: remove the second '---' and what follows"
-        else:
-            message = f"invalid YAML: {problem} (column {mark.column + 1})"
-            if exc.context and exc.context_mark is not None:
-                message += f"; {exc.context} that starts on line {exc.context_mark.line + 1}"
-        return ConfigError(message, file=source, line=mark.line + 1)
-    return ConfigError(f"invalid YAML: {exc}", file=source)
-
-
 def from_yaml(text: str, *, source: str | None = None) -> Node | None:
     """Compose YAML text into a tree of line-aware nodes.
 
@@ -250,12 +223,12 @@ def from_yaml(text: str, *, source: str | None = None) -> Node | None:
         # The reader checks every character up front, in the constructor.
         loader = _Loader(text)
     except yaml.YAMLError as exc:
-        raise _syntax_error(exc, text, source) from None
+        raise syntax_error(exc, text, source) from None
     try:
         try:
             root = loader.get_single_node()
         except yaml.YAMLError as exc:
-            raise _syntax_error(exc, text, source) from None
+            raise syntax_error(exc, text, source) from None
         except _TooDeep as exc:
             raise ConfigError(
                 f"nested deeper than {MAX_DEPTH} levels (a budgets file needs 4)",
