@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, TextIO
@@ -26,6 +27,7 @@ from payi_guard.report import (
     write_table,
 )
 from payi_guard.report.aggregate import KEY_FIELDS
+from payi_guard.report.table import terminal_width
 
 __all__ = ["add_report_parser", "build_parser", "main", "report_main", "run_report"]
 
@@ -42,11 +44,21 @@ def _time_arg(text: str) -> datetime | timedelta:
 
 def _top_arg(text: str) -> int:
     try:
-        value = int(text)
+        value = int(text) if text.isascii() else 0
     except ValueError:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _width_arg(text: str) -> int:
+    try:
+        value = int(text) if text.isascii() else 0
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of columns")
     return value
 
 
@@ -111,6 +123,13 @@ def _configure_report(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         default="table",
         help="output format (default: table)",
     )
+    parser.add_argument(
+        "--width",
+        type=_width_arg,
+        metavar="COLS",
+        help="the table's width (default: the terminal's, else $COLUMNS, else 80; "
+        "at least 40); columns that do not fit are left out and named",
+    )
     parser.set_defaults(func=run_report)
     return parser
 
@@ -155,7 +174,8 @@ def run_report(
 
     Args:
         args: the namespace from the ``report`` parser (``logs``, ``since``, ``until``,
-            ``user``, ``org``, ``model``, ``by``, ``sort``, ``top``, ``format``).
+            ``user``, ``org``, ``model``, ``by``, ``sort``, ``top``, ``format``,
+            ``width``).
         stdin: the binary stream ``-`` reads (default: ``sys.stdin.buffer``).
         stdout: where the report goes (default: ``sys.stdout``).
         stderr: where errors, and the summary of csv and json, go (default: ``sys.stderr``).
@@ -185,10 +205,11 @@ def run_report(
         return 2
     report = builder.build(sort=args.sort, top=args.top)
     if args.format == "table":
-        write_table(report, out)
+        write_table(report, out, width=getattr(args, "width", None))
     else:
         (write_csv if args.format == "csv" else write_json)(report, out)
-        err.write(f"payi-guard report: {summary(report)}\n")
+        line = f"payi-guard report: {summary(report)}"
+        err.write(textwrap.fill(line, terminal_width(args.width), subsequent_indent="  ") + "\n")
     out.flush()
     return 0
 
