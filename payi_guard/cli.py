@@ -510,7 +510,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from payi_guard.demo import run_demo
 
-    return run_demo(json_logs=args.json_logs, users=args.users, quiet=args.quiet)
+    return run_demo(json_logs=args.json_logs, users=args.users, quiet=args.quiet, serve=args.serve)
 
 
 def _positive_int(text: str) -> int:
@@ -634,6 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated users (default 6)",
     )
     demo.add_argument("--quiet", action="store_true", help="no live table, just the report")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the app and its users page running after the report, until Ctrl+C",
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 
