@@ -29,7 +29,7 @@ from payi_guard.admin.directory import (
     read_summaries,
 )
 from payi_guard.admin.events import BodyError, parse_body, validate_events
-from payi_guard.admin.security import SESSION_COOKIE, SecurityHeaders, TokenAuth
+from payi_guard.admin.security import SESSION_COOKIE, SecurityHeaders, TokenAuth, from_this_site
 from payi_guard.config import GuardConfig
 from payi_guard.engine import Guard
 from payi_guard.exceptions import InvalidUserId, PayiGuardError, StorageError
@@ -202,9 +202,15 @@ class UsersApp:
 
     # -- the HTML page ----------------------------------------------------------------------
 
-    def _html(self, template: str, status: int = 200, message: str = "") -> HTMLResponse:
+    def _html(
+        self, template: str, status: int = 200, message: str = "", csrf: str = ""
+    ) -> HTMLResponse:
         nonce = secrets.token_urlsafe(18)
-        body = template.replace("__NONCE__", nonce).replace("__MESSAGE__", html.escape(message))
+        body = (
+            template.replace("__NONCE__", nonce)
+            .replace("__MESSAGE__", html.escape(message))
+            .replace("__CSRF__", html.escape(csrf))
+        )
         policy = (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
             "connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; "
@@ -232,19 +238,32 @@ class UsersApp:
     async def page(self, request: Request) -> Response:
         """``GET /``: the page, or the sign-in form (401) without a valid session.
 
-        A valid ``?token=`` starts a session and redirects to the page without it.
+        A ``?token=`` in the address is refused (400, the form instead): an address ends
+        up in access logs, proxies and browser history, so the token is only taken from
+        the form (``POST /``) or an ``Authorization: Bearer`` header.
         """
-        supplied = request.query_params.get("token")
-        if supplied is not None:
-            if self._auth.token_ok(supplied):
-                return self._signed_in(request)
-            return self._html(self._login_page, 401, "That token is not valid.")
+        if "token" in request.query_params:
+            return self._html(
+                self._login_page,
+                400,
+                "The token goes in this form, not in the address: addresses end up in "
+                "access logs and browser history. Enter it below.",
+            )
         if self._auth.session_ok(request) or self._auth.bearer_ok(request):
-            return self._html(self._page)
+            return self._html(self._page, csrf=self._auth.csrf_token(request))
         return self._html(self._login_page, 401)
 
+    def _refused(self, what: str) -> Response:
+        return self._html(
+            self._login_page,
+            403,
+            f"{what} refused: the request did not come from this page. Use the page's own form.",
+        )
+
     async def sign_in(self, request: Request) -> Response:
-        """``POST /``: the sign-in form (``token`` field, URL-encoded)."""
+        """``POST /``: the sign-in form (``token`` field, URL-encoded), from this site."""
+        if not from_this_site(request):
+            return self._refused("Sign-in")
         body = await _read_limited(request, _MAX_FORM_BYTES)
         if body is None:
             return self._html(self._login_page, 413, "That request is too large.")
@@ -255,7 +274,21 @@ class UsersApp:
         return self._html(self._login_page, 401, "That token is not valid.")
 
     async def sign_out(self, request: Request) -> Response:
-        """``POST /logout``: end the session."""
+        """``POST /logout``: end the session; takes the page's CSRF token, from this site.
+
+        A post from another site, or without the session's CSRF token, changes nothing
+        (403): otherwise any site could sign the user out. Without a valid session there
+        is nothing to end: the answer goes back to the sign-in form.
+        """
+        if not from_this_site(request):
+            return self._refused("Sign-out")
+        body = await _read_limited(request, _MAX_FORM_BYTES)
+        form = parse_qs((body or b"").decode("utf-8", "replace"), max_num_fields=8)
+        if not self._auth.session_ok(request):
+            return RedirectResponse("./", status_code=303)
+        given = form.get("csrf", [])
+        if len(given) != 1 or not self._auth.csrf_ok(request, given[0]):
+            return self._refused("Sign-out")
         response = RedirectResponse("./", status_code=303)
         response.delete_cookie(
             SESSION_COOKIE, path=self._cookie_path(request), httponly=True, samesite="strict"

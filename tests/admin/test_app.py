@@ -16,17 +16,18 @@ import httpx
 import pytest
 import redis
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.responses import HTMLResponse
+from starlette.routing import Mount, Route
 from structlog.testing import capture_logs
 
 from admin._support import (
     MODEL,
     TOKEN,
+    Browser,
     admin_config,
     bearer,
     chromium,
     read_png,
-    run_chromium,
     serve,
 )
 from payi_guard.admin import MAX_BATCH, SESSION_COOKIE, users_app
@@ -170,7 +171,14 @@ async def test_healthz_needs_no_token_and_shows_no_data(memory_guard: Guard) -> 
     assert response.json() == {"status": "ok"}
 
 
-async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
+def csrf_of(page: httpx.Response) -> str:
+    """The sign-out form's CSRF token, from the page's HTML."""
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found is not None, page.text[:500]
+    return found.group(1)
+
+
+async def test_the_page_signs_in_with_a_posted_token_then_uses_a_cookie(
     memory_guard: Guard, clock: FakeClock
 ) -> None:
     spend(memory_guard, "alice-secret", "0.10")
@@ -178,19 +186,20 @@ async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
     async with client_for(app) as client:
         login = await client.get("/")
         assert login.status_code == 401
+        assert '<form method="post"' in login.text
         assert 'name="token"' in login.text
         assert "alice-secret" not in login.text
 
-        wrong = await client.get("/", params={"token": "not-the-token-at-all"})
+        wrong = await client.post("/", data={"token": "not-the-token-at-all"})
         assert wrong.status_code == 401
         assert "not valid" in wrong.text
         assert "set-cookie" not in wrong.headers
 
-        signed = await client.get("/", params={"token": TOKEN})
+        signed = await client.post("/", data={"token": TOKEN})
         assert signed.status_code == 303
-        assert signed.headers["location"] == "./"  # the token leaves the address bar
+        assert signed.headers["location"] == "./"
         cookie = signed.headers["set-cookie"]
-        assert cookie.startswith(f"{SESSION_COOKIE}=v1.")
+        assert cookie.startswith(f"{SESSION_COOKIE}=v2.")
         for flag in ("HttpOnly", "SameSite=strict", "Path=/", "Max-Age=600"):
             assert flag in cookie
         assert "Secure" not in cookie  # plain http
@@ -199,6 +208,7 @@ async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
         page = await client.get("/")
         assert page.status_code == 200
         assert "<table" in page.text
+        assert TOKEN not in page.text
         listing = await client.get("/api/users")
         assert ids_of(listing) == ["alice-secret"]
         # The session cookie reads, it never posts events: that takes the Bearer token.
@@ -206,12 +216,14 @@ async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
 
         # A forged or tampered cookie is refused.
         value = client.cookies[SESSION_COOKIE]
-        expiry, mac = value.split(".")[1:]
+        expiry, nonce, mac = value.split(".")[1:]
         client.cookies.clear()
         for forged in (
-            f"v1.{expiry}.{mac[:-1]}{'0' if mac[-1] != '0' else '1'}",
-            f"v1.{int(expiry) + 1}.{mac}",
-            f"v2.{expiry}.{mac}",
+            f"v2.{expiry}.{nonce}.{mac[:-1]}{'0' if mac[-1] != '0' else '1'}",
+            f"v2.{int(expiry) + 1}.{nonce}.{mac}",
+            f"v2.{expiry}.{nonce[:-1]}{'0' if nonce[-1] != '0' else '1'}.{mac}",
+            f"v1.{expiry}.{mac}",
+            f"v3.{expiry}.{nonce}.{mac}",
             "garbage",
         ):
             cookie_header = {"cookie": f"{SESSION_COOKIE}={forged}"}
@@ -225,6 +237,18 @@ async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
         assert_problem(await client.get("/api/users"), 401)
 
 
+async def test_a_token_in_the_address_never_signs_in(memory_guard: Guard) -> None:
+    async with client_for(users_app(memory_guard, token=TOKEN)) as client:
+        for params in ({"token": TOKEN}, {"token": "wrong-token-0123456789"}):
+            response = await client.get("/", params=params)
+            assert response.status_code == 400
+            assert "set-cookie" not in response.headers
+            assert 'name="token"' in response.text  # the form to use instead
+            assert "not in the address" in response.text
+            assert TOKEN not in response.text
+        assert (await client.get("/")).status_code == 401
+
+
 async def test_the_sign_in_form_and_sign_out(memory_guard: Guard) -> None:
     async with client_for(users_app(memory_guard, token=TOKEN), "https://testserver") as client:
         refused = await client.post("/", data={"token": "nope-nope-nope-nope"})
@@ -233,8 +257,9 @@ async def test_the_sign_in_form_and_sign_out(memory_guard: Guard) -> None:
         signed = await client.post("/", data={"token": TOKEN})
         assert signed.status_code == 303
         assert "Secure" in signed.headers["set-cookie"]  # https
-        assert (await client.get("/")).status_code == 200
-        out = await client.post("/logout")
+        page = await client.get("/")
+        assert page.status_code == 200
+        out = await client.post("/logout", data={"csrf": csrf_of(page)})
         assert out.status_code == 303
         assert f'{SESSION_COOKIE}=""' in out.headers["set-cookie"]
         assert (await client.get("/")).status_code == 401
@@ -242,11 +267,55 @@ async def test_the_sign_in_form_and_sign_out(memory_guard: Guard) -> None:
         assert huge.status_code == 413
 
 
+async def test_state_changing_posts_are_refused_from_another_site(memory_guard: Guard) -> None:
+    app = users_app(memory_guard, token=TOKEN)
+    evil = {"origin": "https://evil.example"}
+    async with client_for(app) as client:
+        # Signing in from another site's form.
+        refused = await client.post("/", data={"token": TOKEN}, headers=evil)
+        assert refused.status_code == 403
+        assert "set-cookie" not in refused.headers
+        cross = {"sec-fetch-site": "cross-site"}
+        assert (await client.post("/", data={"token": TOKEN}, headers=cross)).status_code == 403
+
+        signed = await client.post(
+            "/", data={"token": TOKEN}, headers={"origin": "http://testserver"}
+        )
+        assert signed.status_code == 303
+        page = await client.get("/")
+        csrf = csrf_of(page)
+        # Signing out takes the page's CSRF token, from the page's own origin.
+        for data, headers in (
+            ({}, {}),
+            ({"csrf": "forged"}, {}),
+            ({"csrf": csrf}, evil),
+            ({"csrf": csrf}, cross),
+        ):
+            response = await client.post("/logout", data=data, headers=headers)
+            assert response.status_code == 403, (data, headers)
+            assert "set-cookie" not in response.headers
+            assert (await client.get("/")).status_code == 200  # still signed in
+        # Another session's token does not sign this one out.
+        other = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
+        async with other:
+            await other.post("/", data={"token": TOKEN})
+            other_csrf = csrf_of(await other.get("/"))
+        assert other_csrf != csrf
+        assert (await client.post("/logout", data={"csrf": other_csrf})).status_code == 403
+        done = await client.post(
+            "/logout", data={"csrf": csrf}, headers={"origin": "http://testserver"}
+        )
+        assert done.status_code == 303
+        assert (await client.get("/")).status_code == 401
+
+
 async def test_mounted_under_a_path_the_cookie_is_scoped_to_it(memory_guard: Guard) -> None:
     spend(memory_guard, "alice", "0.10")
     parent = Starlette(routes=[Mount("/guard", users_app(memory_guard, token=TOKEN))])
     async with client_for(parent) as client:
-        signed = await client.get("/guard/", params={"token": TOKEN})
+        signed = await client.post("/guard/", data={"token": TOKEN})
         assert signed.status_code == 303
         assert "Path=/guard/" in signed.headers["set-cookie"]
         assert (await client.get("/guard/")).status_code == 200
@@ -782,6 +851,17 @@ def _seed_page(guard: Guard) -> None:
     spend(guard, "dave", "0.20", tokens=1_000, limit_ids=["project"])
 
 
+def sign_in(browser: Browser, url: str) -> None:
+    """Sign in as a person does: open the page, type the token, press Sign in."""
+    browser.open(f"{url}/")
+    assert browser.evaluate("document.querySelector('input[name=token]') !== null")
+    browser.submit(
+        f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+        "document.querySelector('form button[type=submit]').click()"
+    )
+    assert browser.evaluate("location.href") == f"{url}/"  # no token in the address
+
+
 @pytest.mark.browser
 def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock) -> None:
     chromium()  # skip (or fail under CI=true) before starting anything
@@ -789,16 +869,22 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock)
     _seed_page(guard)
     app = users_app(guard, token=TOKEN, title="Acme <b>budgets</b>")
     shot = tmp_path / "users.png"
-    with serve(app) as url:
-        page = f"{url}/?token={TOKEN}"
-        dom = run_chromium(page, tmp_path / "profile-dom", "--dump-dom")
-        run_chromium(page, tmp_path / "profile-shot", f"--screenshot={shot}")
-        login = run_chromium(f"{url}/?token=wrong-token-000000", tmp_path / "p3", "--dump-dom")
+    with serve(app) as url, Browser(tmp_path / "profile") as browser:
+        sign_in(browser, url)
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 4")
+        browser.wait_for("document.getElementById('status').textContent.includes('4 of 4')")
+        html = browser.evaluate("document.documentElement.outerHTML")
+        browser.screenshot(shot)
+        browser.command("Network.clearBrowserCookies")  # a new visitor, with a wrong token
+        browser.open(f"{url}/")
+        browser.submit(
+            "document.getElementById('token').value = 'wrong-token-000000';"
+            "document.querySelector('form button[type=submit]').click()"
+        )
+        login = browser.evaluate("document.documentElement.outerHTML")
     print(f"screenshot: {shot}")
     assert shot.exists(), "Chromium wrote no screenshot"
 
-    html = dom.stdout.decode()
-    assert dom.returncode == 0, dom.stderr.decode()[-2000:]
     # The rows exist only if the page's script fetched the API (with the cookie) and
     # rendered it: the served HTML has an empty table body.
     rows = re.findall(r'<tr data-user="([^"]+)" data-state="([^"]+)"', html)
@@ -822,9 +908,9 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock)
     assert "<h1>Acme &lt;b&gt;budgets&lt;/b&gt;</h1>" in html  # the title is text, not markup
     assert "4 of 4 users" in html
 
-    assert login.returncode == 0
-    assert 'name="token"' in login.stdout.decode()
-    assert "data-user" not in login.stdout.decode()
+    assert 'name="token"' in login
+    assert "not valid" in login
+    assert "data-user" not in login
 
     image = read_png(shot.read_bytes())
     assert (image.width, image.height) == (1280, 900)
@@ -834,3 +920,99 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock)
     assert image.count_near(EXCEEDED_RED) >= 300  # the exceeded bars
     assert image.count_near(WARNING_AMBER) >= 100
     assert image.count_near(OK_GREEN) >= 100
+
+
+EVIL_PAGE = """<!doctype html><html><body>
+<form id="f" method="post" action="{target}"><input name="csrf" value="guess"></form>
+<script>document.getElementById("f").submit();</script>
+</body></html>"""
+
+
+@pytest.mark.browser
+def test_sign_in_and_sign_out_in_a_browser(tmp_path: Path, clock: FakeClock) -> None:
+    chromium()
+    guard = Guard(admin_config(), clock=clock)
+    _seed_page(guard)
+    app = users_app(guard, token=TOKEN)
+    with serve(app) as url, Browser(tmp_path / "profile") as browser:
+        evil_app = Starlette(
+            routes=[
+                Route("/", lambda request: HTMLResponse(EVIL_PAGE.format(target=f"{url}/logout")))
+            ]
+        )
+        # The old address form does not sign in, and says what to do instead.
+        browser.open(f"{url}/?token={TOKEN}")
+        assert browser.evaluate("document.querySelector('tr[data-user]')") is None
+        assert "not in the address" in browser.evaluate("document.body.innerText")
+
+        sign_in(browser, url)
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 4")
+
+        # Another site (localhost is not 127.0.0.1) posts a sign-out form: refused.
+        with serve(evil_app) as evil_url:
+            evil = evil_url.replace("127.0.0.1", "localhost")
+            browser.command("Page.navigate", {"url": f"{evil}/"})
+            # The page posts its form at once: wait for the answer to that post.
+            browser.wait_for(
+                f"location.href === {json.dumps(url + '/logout')}"
+                " && document.readyState === 'complete'"
+            )
+            assert "refused" in browser.evaluate("document.body.innerText")
+        browser.open(f"{url}/")
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 4")
+
+        # The page's own Sign out button works.
+        browser.submit(
+            "[...document.querySelectorAll('button')]"
+            ".find(b => b.textContent === 'Sign out').click()"
+        )
+        assert browser.evaluate("location.href") == f"{url}/"
+        assert browser.evaluate("document.querySelector('input[name=token]') !== null")
+        browser.open(f"{url}/")
+        assert browser.evaluate("document.querySelector('tr[data-user]')") is None
+
+
+@pytest.mark.browser
+def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
+    chromium()
+    guard = Guard(admin_config(), clock=clock)
+    _seed_page(guard)
+    spend(guard, "acme:" + "a-very-long-user-id-without-spaces" * 3, "0.30", limit_ids=["project"])
+    app = users_app(guard, token=TOKEN, title="Acme Corporation GenAI budgets")
+    shot = tmp_path / "phone.png"
+    with (
+        serve(app) as url,
+        Browser(tmp_path / "profile", width=390, height=844, mobile=True) as browser,
+    ):
+        browser.open(f"{url}/")
+        login_fits = browser.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
+        sign_in(browser, url)
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 5")
+        metrics = browser.evaluate(
+            """(() => {
+              const button = [...document.querySelectorAll('button')]
+                .find(b => b.textContent === 'Sign out');
+              const box = button.getBoundingClientRect();
+              const hit = document.elementFromPoint(
+                box.left + box.width / 2, box.top + box.height / 2);
+              return {
+                innerWidth: window.innerWidth,
+                scrollWidth: document.scrollingElement.scrollWidth,
+                left: box.left, right: box.right, width: box.width, height: box.height,
+                hit: hit === button || button.contains(hit),
+                visible: getComputedStyle(button).visibility === 'visible',
+              };
+            })()"""
+        )
+        browser.screenshot(shot)
+    print(f"screenshot: {shot}", metrics)
+    assert login_fits
+    assert metrics["innerWidth"] == 390
+    assert metrics["scrollWidth"] <= metrics["innerWidth"], metrics  # no sideways scroll
+    assert 0 <= metrics["left"] < metrics["right"] <= metrics["innerWidth"], metrics
+    assert metrics["width"] > 0
+    assert metrics["height"] > 0
+    assert metrics["hit"], metrics  # nothing covers it
+    assert metrics["visible"]
+    image = read_png(shot.read_bytes())
+    assert image.width == 390
