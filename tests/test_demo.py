@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import threading
 import unicodedata
 from decimal import Decimal
 from pathlib import Path
+
+import httpx
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 REDRAW = re.compile(r"\x1b\[(\d+)F\x1b\[J")
@@ -173,3 +176,41 @@ def test_on_a_wider_terminal_the_table_uses_the_room() -> None:
     report = output.split("Report from the JSON logs")[-1]
     assert " p50 " in report
     assert "left out" not in report
+
+
+def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "payi_guard", "demo", "--quiet", "--serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=demo_env(COLUMNS="80"),
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in process.stdout:  # ends when the demo exits, or at the marker
+            lines.append(line)
+            if "Ctrl+C stops them" in line:
+                break
+        text = " ".join("".join(lines).split())
+        found = re.search(r"stay up: (http://127\.0\.0\.1:\d+/guard/) \(token (\S+)\)", text)
+        assert found is not None, "".join(lines)
+        url, token = found.groups()
+        assert "token=" not in text
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("").status_code == 401
+            signed = client.post("", data={"token": token}, headers={"origin": url[:-7]})
+            assert signed.status_code == 303
+            users = client.get("api/users").json()["users"]
+        assert {"acme:alice", "globex:carol"} <= {u["user_id"] for u in users}
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        assert process.stderr is not None
+        process.stderr.close()
+    assert process.returncode == 0
