@@ -184,19 +184,27 @@ class UserSummary:
         return self.user_id == ANONYMOUS_USER or self.user_id.startswith(ANONYMOUS_USER + ":")
 
     def as_dict(self) -> dict[str, object]:
-        """Return the JSON form: figures as strings with exact decimals."""
+        """Return the JSON form: figures as strings with exact decimals (no exponent)."""
         spend = self.spend
         return {
             "user_id": self.user_id,
             "kind": "anonymous" if self.anonymous else "user",
             "state": self.state,
             "blocked": self.blocked,
-            "spend_usd": None if spend is None else str(spend.used),
-            "remaining_usd": None if spend is None else str(spend.remaining),
-            "max_usd": None if spend is None else str(spend.max),
+            "spend_usd": None if spend is None else money_text(spend.used),
+            "remaining_usd": None if spend is None else money_text(spend.remaining),
+            "max_usd": None if spend is None else money_text(spend.max),
             "spend_limit": None if spend is None else spend.name,
             "limits": [limit.as_dict() for limit in self.limits],
         }
+
+
+def money_text(value: Decimal | int) -> str:
+    """Exact fixed-point text of an amount for JSON: ``0.000000034``, never ``3.4E-8``."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
 
 
 def _headroom(limit: LimitUsage) -> tuple[Decimal, Decimal, str]:

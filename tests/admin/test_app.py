@@ -578,6 +578,7 @@ async def test_an_event_is_charged_and_logged_exactly_like_record(
             }
         ],
         "count": 1,
+        "duplicates": 0,
         "cost_usd": "0.0012",
     }
     after = _limits(guard, "acme:dana", "project")
@@ -711,6 +712,8 @@ INVALID_EVENTS: list[tuple[str, dict[str, object], str | None, str]] = [
     ("cost too large", {**BASE, "cost_usd": "1e400"}, "cost_usd", "decimal number"),
     ("cost as bool", {**BASE, "cost_usd": True}, "cost_usd", "decimal number"),
     ("cost as list", {**BASE, "cost_usd": [1]}, "cost_usd", "decimal number"),
+    ("cost in arabic digits", {**BASE, "cost_usd": "\u0661"}, "cost_usd", "decimal number"),
+    ("cost in wide digits", {**BASE, "cost_usd": "\uff10.5"}, "cost_usd", "decimal number"),
     ("user with space", {**BASE, "user_id": "kim lee"}, "user_id", "whitespace"),
     ("user as float", {**BASE, "user_id": 1.5}, "user_id", "must be a string"),
     ("user empty", {**BASE, "user_id": ""}, "user_id", "empty"),
@@ -835,7 +838,7 @@ async def test_a_full_batch_is_charged_in_order(any_guard: CountingGuard) -> Non
     body = response.json()
     assert body["count"] == MAX_BATCH
     assert [r["index"] for r in body["results"]] == list(range(MAX_BATCH))
-    assert body["cost_usd"] == "1.000"
+    assert body["cost_usd"] == "1"
     assert _limits(guard, "batch042")["daily"] == Decimal("0.010")
     assert _limits(guard, "batch042")["tph"] == 70
     assert assert_problem(too_many, 400)["title"] == "Batch too large"
@@ -1016,3 +1019,208 @@ def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
     assert metrics["visible"]
     image = read_png(shot.read_bytes())
     assert image.width == 390
+
+
+# -- events: idempotent per request_id, all or nothing ---------------------------------------
+
+
+async def test_the_same_request_id_is_charged_once(any_guard: CountingGuard) -> None:
+    guard = any_guard
+    event = {"user_id": "ivy", "model": MODEL, "cost_usd": "0.25", "request_id": "svc-1:42"}
+    async with client_for(users_app(guard, token=TOKEN)) as client:
+        with capture_logs() as logs:
+            first = await client.post("/api/events", json=event, headers=bearer())
+            again = await client.post("/api/events", json=event, headers=bearer())
+            # In a batch with new events, the repeated one is skipped, the others charged.
+            mixed = await client.post(
+                "/api/events",
+                json=[{**event, "user_id": "ivy"}, {**event, "request_id": "svc-1:43"}],
+                headers=bearer(),
+            )
+    assert first.status_code == 200
+    [result] = first.json()["results"]
+    assert (result["outcome"], result["cost_usd"]) == ("recorded", "0.25")
+    assert again.status_code == 200
+    [repeat] = again.json()["results"]
+    assert (repeat["outcome"], repeat["cost_usd"], repeat["request_id"]) == (
+        "duplicate",
+        "0",
+        "svc-1:42",
+    )
+    assert again.json()["cost_usd"] == "0"
+    assert again.json()["duplicates"] == 1
+    assert mixed.status_code == 200
+    assert [r["outcome"] for r in mixed.json()["results"]] == ["duplicate", "recorded"]
+    assert _limits(guard, "ivy")["daily"] == Decimal("0.50")  # 0.25 twice, not three times
+    assert [line["request_id"] for line in logs if line["event"] == "genai_call"] == [
+        "svc-1:42",
+        "svc-1:43",
+    ]
+
+
+async def test_request_ids_are_remembered_across_processes_through_the_store(
+    redis_url: str, key_prefix: str, clock: FakeClock
+) -> None:
+    # Two guards on one Redis, as two worker processes would have.
+    guards = [
+        Guard(admin_config(), storage=redis_url, key_prefix=key_prefix, clock=clock)
+        for _ in range(2)
+    ]
+    event = {"user_id": "jon", "model": MODEL, "cost_usd": "0.125", "request_id": "r-7"}
+    try:
+        outcomes = []
+        for guard in guards:
+            async with client_for(users_app(guard, token=TOKEN)) as client:
+                response = await client.post("/api/events", json=event, headers=bearer())
+                assert response.status_code == 200, response.text
+                outcomes.append(response.json()["results"][0]["outcome"])
+        assert outcomes == ["recorded", "duplicate"]
+        assert _limits(guards[0], "jon")["daily"] == Decimal("0.125")
+    finally:
+        for guard in guards:
+            await guard.aclose()
+        _delete_prefix(redis_url, key_prefix)
+
+
+async def test_a_request_id_is_kept_for_the_dedupe_window(
+    memory_guard: Guard, clock: FakeClock
+) -> None:
+    event = {"user_id": "kay", "model": MODEL, "cost_usd": "0.01", "request_id": "once"}
+    app = users_app(memory_guard, token=TOKEN, request_id_ttl=3600)
+    async with client_for(app) as client:
+        assert (await client.post("/api/events", json=event, headers=bearer())).status_code == 200
+        clock.advance(3599)
+        again = await client.post("/api/events", json=event, headers=bearer())
+        assert again.json()["results"][0]["outcome"] == "duplicate"
+        clock.advance(2)
+        later = await client.post("/api/events", json=event, headers=bearer())
+        assert later.json()["results"][0]["outcome"] == "recorded"
+    with pytest.raises(ValueError, match="request_id_ttl"):
+        users_app(memory_guard, token=TOKEN, request_id_ttl=0)
+
+
+async def test_concurrent_posts_of_one_request_id_charge_it_once(
+    any_guard: CountingGuard,
+) -> None:
+    import asyncio
+
+    event = {"user_id": "lee", "model": MODEL, "cost_usd": "0.01", "request_id": "race"}
+    async with client_for(users_app(any_guard, token=TOKEN)) as client:
+        with capture_logs():
+            answers = await asyncio.gather(
+                *(client.post("/api/events", json=event, headers=bearer()) for _ in range(8))
+            )
+    outcomes = []
+    for answer in answers:
+        if answer.status_code == 409:
+            assert "being recorded" in assert_problem(answer, 409)["detail"]
+            outcomes.append("busy")
+        else:
+            assert answer.status_code == 200, answer.text
+            outcomes.append(answer.json()["results"][0]["outcome"])
+    assert outcomes.count("recorded") == 1
+    assert _limits(any_guard, "lee")["daily"] == Decimal("0.01")
+
+
+async def test_a_request_id_twice_in_one_batch_is_refused(memory_guard: Guard) -> None:
+    batch = [
+        {"user_id": "max", "model": MODEL, "cost_usd": "0.01", "request_id": "dup"},
+        {"user_id": "max", "model": MODEL, "cost_usd": "0.02", "request_id": "other"},
+        {"user_id": "max", "model": MODEL, "cost_usd": "0.03", "request_id": "dup"},
+    ]
+    async with client_for(users_app(memory_guard, token=TOKEN)) as client:
+        with capture_logs() as logs:
+            response = await client.post("/api/events", json=batch, headers=bearer())
+    document = assert_problem(response, 400)
+    [error] = document["errors"]
+    assert (error["index"], error["field"]) == (2, "request_id")
+    assert "event 0" in error["message"]
+    assert logs == []
+    assert _limits(memory_guard, "max")["daily"] == 0
+
+
+async def test_an_event_too_costly_for_a_counter_refuses_the_whole_batch(
+    any_guard: CountingGuard,
+) -> None:
+    guard = any_guard
+    # 10^12 output tokens of gpt-4o cost $10,000,000: more than a counter holds.
+    overflowing = [
+        {"user_id": "ned", "model": MODEL, "cost_usd": "0.50"},
+        {"user_id": "ned", "model": "gpt-4o", "output_tokens": 10**12},
+        {"user_id": "ned", "model": MODEL, "cost_usd": "0.25"},
+    ]
+    # Each event fits, but together they are more than one counter (global) holds.
+    too_much = [{"user_id": f"u{i}", "model": MODEL, "cost_usd": "1000000"} for i in range(10)]
+    async with client_for(users_app(guard, token=TOKEN, directory_ttl=0)) as client:
+        with capture_logs() as logs:
+            single = await client.post("/api/events", json=overflowing, headers=bearer())
+            total = await client.post("/api/events", json=too_much, headers=bearer())
+        users = ids_of(await client.get("/api/users", headers=bearer()))
+    document = assert_problem(single, 400)
+    [error] = document["errors"]
+    assert error["index"] == 1
+    assert "$10,000,000" in error["message"]
+    assert "nothing was charged" in document["detail"]
+    document = assert_problem(total, 400)
+    [error] = document["errors"]
+    assert error["index"] == 9
+    assert "split the batch" in error["message"]
+    assert logs == []  # no storage_error, no genai_call: nothing was charged
+    assert users == []
+    assert _limits(guard, "ned")["daily"] == 0
+
+
+async def test_user_money_in_the_api_is_never_in_exponent_notation(memory_guard: Guard) -> None:
+    spend(memory_guard, "tiny", "0.000000034")
+    async with client_for(users_app(memory_guard, token=TOKEN)) as client:
+        one = (await client.get("/api/users/tiny", headers=bearer())).json()
+        listed = (await client.get("/api/users", headers=bearer())).json()["users"][0]
+        recorded = await client.post(
+            "/api/events",
+            json={"user_id": "tiny", "model": MODEL, "cost_usd": "0.00000001"},
+            headers=bearer(),
+        )
+    for summary in (one, listed):
+        assert summary["spend_usd"] == "0.000000034"
+        assert summary["remaining_usd"] == "0.999999966"
+        assert summary["max_usd"] == "1"
+    assert recorded.json()["results"][0]["cost_usd"] == "0.00000001"
+    assert recorded.json()["cost_usd"] == "0.00000001"
+
+
+class PausingGuard(Guard):
+    """A Guard whose manual records wait for the test's go (then run for real)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        import asyncio
+
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def arecord(self, **kwargs: Any) -> Any:
+        self.entered.set()
+        await self.go.wait()
+        return await super().arecord(**kwargs)
+
+
+async def test_a_request_id_being_recorded_refuses_a_second_delivery(clock: FakeClock) -> None:
+    import asyncio
+
+    guard = PausingGuard(admin_config(), clock=clock)
+    event = {"user_id": "olga", "model": MODEL, "cost_usd": "0.02", "request_id": "slow-1"}
+    async with client_for(users_app(guard, token=TOKEN)) as client:
+        with capture_logs():
+            first = asyncio.ensure_future(client.post("/api/events", json=event, headers=bearer()))
+            await guard.entered.wait()  # the first delivery holds the id, mid-charge
+            second = await client.post(
+                "/api/events", json=[{**event, "request_id": "fresh"}, event], headers=bearer()
+            )
+            guard.go.set()
+            assert (await first).status_code == 200
+            third = await client.post("/api/events", json=event, headers=bearer())
+    document = assert_problem(second, 409)
+    assert document["index"] == 1
+    assert "nothing was charged" in document["detail"]
+    assert third.json()["results"][0]["outcome"] == "duplicate"
+    assert _limits(guard, "olga")["daily"] == Decimal("0.02")  # "fresh" was not charged
