@@ -981,6 +981,7 @@ def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
     guard = Guard(admin_config(), clock=clock)
     _seed_page(guard)
     spend(guard, "acme:" + "a-very-long-user-id-without-spaces" * 3, "0.30", limit_ids=["project"])
+    spend(guard, "tiny", "0.000000034")
     app = users_app(guard, token=TOKEN, title="Acme Corporation GenAI budgets")
     shot = tmp_path / "phone.png"
     with (
@@ -990,7 +991,8 @@ def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
         browser.open(f"{url}/")
         login_fits = browser.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
         sign_in(browser, url)
-        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 5")
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 6")
+        tiny = browser.evaluate("document.querySelector('tr[data-user=tiny]').innerText")
         metrics = browser.evaluate(
             """(() => {
               const button = [...document.querySelectorAll('button')]
@@ -1010,6 +1012,8 @@ def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
         browser.screenshot(shot)
     print(f"screenshot: {shot}", metrics)
     assert login_fits
+    assert "$0.000000034" in tiny  # money as people read it: never "$0." nor "3.4e-8"
+    assert "e-" not in tiny.lower()
     assert metrics["innerWidth"] == 390
     assert metrics["scrollWidth"] <= metrics["innerWidth"], metrics  # no sideways scroll
     assert 0 <= metrics["left"] < metrics["right"] <= metrics["innerWidth"], metrics
