@@ -36,6 +36,7 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 from payi_guard.exceptions import MissingDependency
+from payi_guard.money import decimal_text
 from payi_guard.report.table import printable, shorten, terminal_width
 from payi_guard.usage import LimitUsage
 
@@ -115,10 +116,7 @@ def _figure(value: object, unit: object = "usd") -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         return printable(str(value))
     number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-    text = format(number, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return ("$" if unit == "usd" else "") + text
+    return ("$" if unit == "usd" else "") + decimal_text(number)
 
 
 def _configure_logs(stream: TextIO, feed: _Feed) -> None:

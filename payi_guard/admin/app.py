@@ -27,7 +27,6 @@ from payi_guard.admin.directory import (
     UserDirectory,
     UserSummary,
     match_query,
-    money_text,
     order_summaries,
     read_summaries,
 )
@@ -44,7 +43,7 @@ from payi_guard.config import MAX_AMOUNT, GuardConfig
 from payi_guard.engine import Guard
 from payi_guard.exceptions import InvalidUserId, PayiGuardError, StorageError
 from payi_guard.identity import normalize_user_id
-from payi_guard.money import NANO_USD, decimal_usd, parse_usd
+from payi_guard.money import NANO_USD, decimal_text, decimal_usd, parse_usd
 from payi_guard.pricing import PriceBook, TokenUsage, UnknownModel
 from payi_guard.web.options import USER_HEADER
 from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, Problem
@@ -638,7 +637,7 @@ class UsersApp:
                 {
                     "index": index,
                     "user_id": record.user_id,
-                    "cost_usd": money_text(record.cost_usd),
+                    "cost_usd": decimal_text(record.cost_usd),
                     "outcome": record.outcome,
                     "priced": record.priced,
                     "request_id": event.request_id,
@@ -650,7 +649,7 @@ class UsersApp:
                 "results": results,
                 "count": len(results),
                 "duplicates": len(duplicates),
-                "cost_usd": money_text(total),
+                "cost_usd": decimal_text(total),
             }
         )
 

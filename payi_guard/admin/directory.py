@@ -21,6 +21,7 @@ from payi_guard.engine import ANONYMOUS_USER
 from payi_guard.exceptions import InvalidUserId
 from payi_guard.identity import normalize_user_id
 from payi_guard.ledger.keys import parse_key
+from payi_guard.money import decimal_text
 from payi_guard.usage import LimitState, LimitUsage, Scope
 
 if TYPE_CHECKING:
@@ -191,20 +192,12 @@ class UserSummary:
             "kind": "anonymous" if self.anonymous else "user",
             "state": self.state,
             "blocked": self.blocked,
-            "spend_usd": None if spend is None else money_text(spend.used),
-            "remaining_usd": None if spend is None else money_text(spend.remaining),
-            "max_usd": None if spend is None else money_text(spend.max),
+            "spend_usd": None if spend is None else decimal_text(spend.used),
+            "remaining_usd": None if spend is None else decimal_text(spend.remaining),
+            "max_usd": None if spend is None else decimal_text(spend.max),
             "spend_limit": None if spend is None else spend.name,
             "limits": [limit.as_dict() for limit in self.limits],
         }
-
-
-def money_text(value: Decimal | int) -> str:
-    """Exact fixed-point text of an amount for JSON: ``0.000000034``, never ``3.4E-8``."""
-    text = format(value, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
 
 
 def _headroom(limit: LimitUsage) -> tuple[Decimal, Decimal, str]:

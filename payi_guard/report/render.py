@@ -8,6 +8,7 @@ import textwrap
 from decimal import Decimal
 from typing import TextIO
 
+from payi_guard.money import decimal_text
 from payi_guard.report.aggregate import KEY_FIELDS, Report, ReportRow
 from payi_guard.report.percentiles import EXACT_SAMPLES, PERCENTILE_RELATIVE_ERROR
 from payi_guard.report.table import Column, fit_table, printable, terminal_width
@@ -20,14 +21,6 @@ _GROUP_NOUNS: dict[str, tuple[str, str]] = {
     "model": ("model", "models"),
     "use_case": ("use case", "use cases"),
 }
-
-
-def _plain(value: Decimal) -> str:
-    """Exact fixed-point text of a Decimal, without trailing fractional zeros."""
-    text = format(value, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
 
 
 def _money(value: Decimal) -> str:
@@ -61,7 +54,7 @@ def _json_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Decimal):
-        return _plain(value)  # a raw JSON number token: exact, unlike a float
+        return decimal_text(value)  # a raw JSON number token: exact, unlike a float
     if isinstance(value, int):
         return str(value)
     # ASCII only (json escapes the rest); DEL is ASCII but no terminal should get it raw.
@@ -109,7 +102,7 @@ def _csv_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Decimal):
-        return _plain(value)
+        return decimal_text(value)
     return str(value)
 
 
