@@ -504,9 +504,19 @@ class UsersApp:
                 "Batch too large",
                 f"A batch holds at most {self.max_batch} events; this one has {len(raw_events)}.",
             )
+        named = request.headers.getlist(USER_HEADER)
+        if len(named) > 1 or any("," in value for value in named):
+            # The rule of every integration: two users named at once is never guessed.
+            return _problem(
+                400,
+                "invalid-user-header",
+                "Invalid user header",
+                f"The {USER_HEADER} header came more than once, or lists several users: "
+                "name one user; nothing was charged.",
+            )
         events, errors = validate_events(
             raw_events,
-            header_user=request.headers.get(USER_HEADER),
+            header_user=named[0] if named else None,
             limit_ids=self.guard.config.limits.keys(),
             can_price=self._can_price,
         )

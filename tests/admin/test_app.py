@@ -1228,3 +1228,24 @@ async def test_a_request_id_being_recorded_refuses_a_second_delivery(clock: Fake
     assert "nothing was charged" in document["detail"]
     assert third.json()["results"][0]["outcome"] == "duplicate"
     assert _limits(guard, "olga")["daily"] == Decimal("0.02")  # "fresh" was not charged
+
+
+async def test_a_repeated_user_header_is_refused_like_everywhere_else(memory_guard: Guard) -> None:
+    event = {"model": MODEL, "cost_usd": "0.01"}
+    async with client_for(users_app(memory_guard, token=TOKEN)) as client:
+        with capture_logs() as logs:
+            twice = await client.post(
+                "/api/events",
+                json=event,
+                headers=[*bearer().items(), ("xProxy-User-ID", "ann"), ("xProxy-User-ID", "bo")],
+            )
+            joined = await client.post(
+                "/api/events", json=event, headers={**bearer(), "xProxy-User-ID": "ann,bo"}
+            )
+    for response in (twice, joined):
+        document = assert_problem(response, 400)
+        assert "more than once" in document["detail"]
+        assert "ann" not in response.text
+    assert logs == []
+    assert _limits(memory_guard, "ann")["daily"] == 0
+    assert _limits(memory_guard, "bo")["daily"] == 0
