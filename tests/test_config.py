@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from payi_guard.config import (
@@ -218,6 +218,64 @@ def test_syntax_errors_are_said_in_plain_words(path: Path) -> None:
         check_file(path)
     for wording in PYYAML_WORDING:
         assert wording not in caught.value.message
+
+
+_EDITS = st.lists(
+    st.tuples(
+        st.floats(min_value=0, max_value=1),
+        st.sampled_from(
+            [
+                " ",
+                "\n",
+                "\t",
+                ":",
+                "-",
+                "[",
+                "]",
+                "{",
+                "}",
+                ",",
+                "'",
+                '"',
+                "#",
+                "&",
+                "*",
+                "!",
+                "|",
+                ">",
+                "%",
+                "@",
+                "`",
+                "?",
+                "  ",
+                "\n  ",
+                ": ",
+                "- ",
+                "",
+            ]
+        ),
+        st.integers(min_value=0, max_value=3),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(GOOD_FILES), _EDITS)
+def test_any_broken_file_is_a_config_error_in_plain_words(
+    path: Path, edits: list[tuple[float, str, int]]
+) -> None:
+    text = path.read_text(encoding="utf-8")
+    for where, insert, delete in edits:
+        at = int(where * len(text))
+        text = text[:at] + insert + text[at + delete :]
+    message = ""
+    try:
+        parse_config(text)
+    except ConfigError as exc:  # anything else (a crash in the messages) fails the test
+        message = exc.message
+    assert not any(wording in message for wording in PYYAML_WORDING[:5]), message
 
 
 def test_the_yaml_corpus_covers_the_common_mistakes() -> None:

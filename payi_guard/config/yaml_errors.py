@@ -113,6 +113,12 @@ def _flow(
     problem = exc.problem or ""
     if "expected the node content, but found ','" in problem:
         return mark.line, f"an empty entry: remove the extra ',' at column {mark.column + 1}"
+    if "expected the node content" in problem and "<stream end>" not in problem:
+        char = lines.text(mark.line)[mark.column : mark.column + 1]
+        return mark.line, (
+            f"a value is missing before {char!r} at column {mark.column + 1}: write the "
+            "value, or quote it if it is text"
+        )
     if not scan.open_brackets:
         return None
     opener = scan.open_brackets[-1]
@@ -240,6 +246,22 @@ def _explain(exc: yaml.MarkedYAMLError, text: str, mark: yaml.Mark) -> tuple[int
         return mark.line, (
             f"an unknown escape (column {mark.column + 1}) inside a double-quoted value: "
             "use single quotes, or write a backslash as '\\\\'"
+        )
+    if "while scanning an anchor" in context or "while scanning an alias" in context:
+        sign = "&" if "anchor" in context else "*"
+        return mark.line, (
+            f"'{sign}' must be followed by a name (an anchor or an alias), at column "
+            f"{mark.column + 1}: quote the value if it is text"
+        )
+    if "block scalar" in context or "expected a comment or a line break" in problem:
+        return mark.line, (
+            f"unexpected text at column {mark.column + 1} after '|' or '>' (which start a "
+            "block of text): quote the value, or start the text on the next line"
+        )
+    if "sequence entries are not allowed here" in problem:
+        return mark.line, (
+            f"a '- ' list item at column {mark.column + 1} where a value is expected: put "
+            "the list on the next lines, indented under its key"
         )
     scan = _scan(text, mark)
     if "flow" in context or "<stream end>" in problem:
