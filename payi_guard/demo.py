@@ -317,14 +317,20 @@ def _table(guard: Any, users: list[_SimUser], colour: bool, width: int) -> list[
     widths[4] = max(_BAR_MIN, min(_BAR_MAX, width - fixed))
     right = {2, 3, 5, 6}
 
+    last = len(header) - 1
+
     def line(cells: list[str], painted: dict[int, str]) -> str:
         parts = []
         for i, cell in enumerate(cells):
             if widths[i] == 0:
                 continue
             text = shorten(cell, widths[i])
-            text = text.rjust(widths[i]) if i in right else text.ljust(widths[i])
-            parts.append(painted.get(i, "").join(("", text)) + (_RESET if i in painted else ""))
+            if i in right:
+                text = text.rjust(widths[i])
+            elif i != last:  # no padding after the last cell
+                text = text.ljust(widths[i])
+            colour_code = painted.get(i)
+            parts.append(f"{colour_code}{text}{_RESET}" if colour_code else text)
         return "  ".join(parts).rstrip()
 
     head = list(header)
