@@ -37,6 +37,7 @@ from payi_guard.config.model import (
 )
 from payi_guard.config.reader import NodeReader, first_line, kind_of, node_text, one_of, suggest
 from payi_guard.config.yaml_tree import (
+    MAX_DOCUMENT_BYTES,
     Entry,
     Map,
     Node,
@@ -46,6 +47,7 @@ from payi_guard.config.yaml_tree import (
     from_python,
     from_yaml,
     item_path,
+    too_large,
 )
 from payi_guard.exceptions import ConfigError, InvalidUserId
 from payi_guard.identity import normalize_user_id
@@ -539,13 +541,21 @@ def load_config(path: str | os.PathLike[str]) -> GuardConfig:
     name = os.fspath(path)
     try:
         with open(name, "rb") as handle:
-            raw = handle.read()
+            # Checked before reading: a huge file is refused without being loaded.
+            too_big = too_large(os.fstat(handle.fileno()).st_size, "file", name)
+            if too_big is not None:
+                raise too_big
+            raw = handle.read(MAX_DOCUMENT_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError("no such file", file=name) from None
     except IsADirectoryError:
         raise ConfigError("is a directory, not a budgets file", file=name) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=name) from None
+    # A file that grew, or a pipe: what was read is checked too.
+    too_big = too_large(len(raw), "file", name)
+    if too_big is not None:
+        raise too_big
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
