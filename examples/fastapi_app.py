@@ -12,8 +12,10 @@ then, in another shell::
     curl -s localhost:8000/usage -H 'Authorization: Bearer bob-token'
 
 Repeat the chat call as bob (default tier) and the daily limit answers 429 with
-``application/problem+json``, ``Retry-After`` and ``RateLimit`` headers. Every call is
-logged as one JSON ``genai_call`` line naming the user.
+``application/problem+json``, ``Retry-After`` and ``RateLimit`` headers; so does the
+stream (``/api/*`` is guarded: the response start waits for the first body byte, so a
+refused stream is never an empty 200). Every call is logged as one JSON ``genai_call``
+line naming the user.
 """
 
 from __future__ import annotations

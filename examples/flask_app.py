@@ -13,7 +13,8 @@ then, in another shell (``-c``/``-b`` keep the session cookie)::
     curl -s -c jar -b jar localhost:8001/usage
 
 The session's ``user_id`` names the user (flask-login's ``current_user`` would too);
-repeat the chat call as a default-tier user and the daily limit answers 429.
+repeat the chat call as a default-tier user and the daily limit answers 429, and so
+does the stream (``/api/*`` is guarded: its response waits for the first body byte).
 """
 
 from __future__ import annotations

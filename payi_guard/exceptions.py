@@ -5,6 +5,7 @@ Every error the library raises on purpose derives from :class:`PayiGuardError`::
     PayiGuardError
      ├── ConfigError          a budgets file or a config dict is wrong (names file, line, key)
      ├── InvalidUserId        a user id is refused (names the reason, never echoes the id)
+     │    └── DuplicateUserHeader  ... because the trusted user header came more than once
      ├── BudgetExceeded       a call was refused before it was sent
      │    └── UserRequired    ... because no user is known and anonymous calls are rejected
      ├── UnknownModelRefused  a call was refused: no price is known for its model
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BudgetExceeded",
     "ConfigError",
+    "DuplicateUserHeader",
     "InvalidUserId",
     "MissingDependency",
     "NoRequestScope",
@@ -94,6 +96,22 @@ class InvalidUserId(PayiGuardError, ValueError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"invalid user id: {reason}")
+
+
+class DuplicateUserHeader(InvalidUserId):
+    """The trusted user header came more than once (or listed several users).
+
+    Never a fallback to anonymity, whatever ``on_invalid_user`` says: a request that
+    names two users is malformed, or someone is trying to slip a second one in. The
+    middleware answers 400.
+
+    Attributes:
+        header: the header's name.
+    """
+
+    def __init__(self, header: str) -> None:
+        self.header = header
+        super().__init__(f"the {header} header appears more than once")
 
 
 class BudgetExceeded(PayiGuardError):

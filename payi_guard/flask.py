@@ -34,7 +34,7 @@ from payi_guard.exceptions import (
     StorageError,
 )
 from payi_guard.web.core import WebCore
-from payi_guard.web.gate import store_gate_headers
+from payi_guard.web.gate import GateResult, store_gate_headers
 from payi_guard.web.identify import rebind_user
 from payi_guard.web.options import WebOptionArgs
 from payi_guard.web.problem import Problem
@@ -69,11 +69,13 @@ class PayiGuard:
         session_key: the ``session`` key read when neither ``user`` nor flask-login
             names a user.
         session_id: for the ``session`` anonymous strategy: a callable without arguments
-            that returns the session/device id (default: the ``session_cookie`` cookie).
+            that returns the session/device id (default: an id the extension keeps in
+            Flask's signed ``session``; an app without a ``secret_key`` has no session,
+            and its anonymous requests share the anonymous bucket).
         **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
             (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
-            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
-            ``request_id_header``, ``www_authenticate``), each documented there.
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``request_id_header``,
+            ``www_authenticate``), each documented there.
             ``guarded_paths`` are gated in ``before_request``, once the user is
             named, before the view runs.
 
@@ -102,9 +104,9 @@ class PayiGuard:
         self.session_id = session_id
         # The core that gates in before_request: the user is only known there.
         self.core = WebCore(guard, **options)
-        # The middleware only opens the request and answers the guard's exceptions.
+        # The middleware opens the request, answers the guard's exceptions and holds the
+        # start of guarded responses; it gates nothing (before_request does).
         self._middleware_options = options.copy()
-        self._middleware_options.pop("guarded_paths", None)
         self._middleware_options.pop("budget_headers", None)
         self._middleware_options.pop("gate", None)
         if app is not None:
@@ -118,7 +120,7 @@ class PayiGuard:
         """
         if _EXTENSION in app.extensions:
             raise RuntimeError("PayiGuard is already installed on this app")
-        app.wsgi_app = WSGIGuardMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app = _FlaskMiddleware(  # type: ignore[method-assign]
             app.wsgi_app, guard=self.guard, **self._middleware_options
         )
         app.before_request(self._before_request)
@@ -152,7 +154,8 @@ class PayiGuard:
         rs = current_request()
         if rs is None:  # pragma: no cover - the middleware always opens one
             return None
-        if rs.source is None:
+        # The signed-in user wins over the trusted header the middleware read.
+        if rs.source is None or rs.source == "header":
             try:
                 value = self._find_user()
             except InvalidUserId as exc:
@@ -166,12 +169,9 @@ class PayiGuard:
                     return _response(problem)
                 if rs.user_id is not None:
                     rebind_user(rs.user_id)
-        if (
-            rs.user_id is None
-            and self.session_id is not None
-            and self.core.identify.wants_session()
-        ):
-            self.core.identify.set_session(rs, self.session_id())
+        if rs.user_id is None and self.core.identify.wants_session():
+            session = self.session_id() if self.session_id is not None else _stored_session()
+            self.core.identify.set_session(rs, session)
         request = _flask().request
         if request.method != "OPTIONS" and self.core.gate.guarded(request.path):
             gate = self.core.gate.check()
@@ -185,6 +185,27 @@ class PayiGuard:
         if problem is None:  # pragma: no cover - only registered for these classes
             raise exc
         return _response(problem)
+
+
+def _stored_session() -> str | None:
+    """The id the extension keeps in Flask's signed session (none without a secret key)."""
+    fl = _flask()
+    session = fl.session
+    if fl.current_app.session_interface.is_null_session(session):
+        return None
+    return WebCore.stored_session(session)
+
+
+class _FlaskMiddleware(WSGIGuardMiddleware):
+    """The middleware under the extension: no early gate, the user is not known yet.
+
+    Guarded paths are gated in ``before_request``; the middleware still holds their
+    response start until the first body byte, so a refusal in a streamed body before it
+    is answered with the refusal response.
+    """
+
+    def _gate(self) -> GateResult:
+        return GateResult()
 
 
 def _response(problem: Problem) -> flask.Response:

@@ -13,6 +13,10 @@ Event names (contract):
 * ``budget_warning``, ``budget_exceeded``, ``budget_overrun``: with ``user_id``,
   ``limit``, ``used``, ``max``, ``resets_at``;
 * ``storage_error``: the counter store failed;
+* ``unknown_model``: no price is known for a call's model, with ``user_id``, ``model``,
+  ``provider``, ``unknown_model`` (the policy) and ``outcome``: ``refused`` under
+  ``unknown_model: block`` (once per refused call), ``recorded`` for a manual event
+  charged without a cost;
 * ``usage_invalid``: a provider's usage report was missing or could not be trusted
   (negative, not an integer); the call is charged its reservation and its
   ``genai_call`` says ``outcome="unverified"``.
@@ -34,7 +38,9 @@ __all__ = [
     "CONFIG_RELOAD_FAILED",
     "GENAI_CALL",
     "LOGGER_NAME",
+    "OBSERVER_ERROR",
     "STORAGE_ERROR",
+    "UNKNOWN_MODEL",
     "USAGE_INVALID",
     "configure_json",
     "get_logger",
@@ -47,9 +53,11 @@ BUDGET_WARNING = "budget_warning"
 BUDGET_EXCEEDED = "budget_exceeded"
 BUDGET_OVERRUN = "budget_overrun"
 STORAGE_ERROR = "storage_error"
+UNKNOWN_MODEL = "unknown_model"
 USAGE_INVALID = "usage_invalid"
 CONFIG_RELOADED = "config_reloaded"
 CONFIG_RELOAD_FAILED = "config_reload_failed"
+OBSERVER_ERROR = "observer_error"
 
 
 def get_logger(**initial_values: Any) -> Any:

@@ -10,8 +10,10 @@ under-charge). Floats appear only on the way out, in log fields.
 from __future__ import annotations
 
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
-from payi_guard.usage import Unit
+if TYPE_CHECKING:  # usage.py formats its amounts with decimal_text()
+    from payi_guard.usage import Unit
 
 __all__ = [
     "NANO_USD",
@@ -19,6 +21,7 @@ __all__ = [
     "PICO_USD",
     "ceil_div",
     "cost_usd",
+    "decimal_text",
     "decimal_usd",
     "display_amount",
     "log_amount",
@@ -58,6 +61,21 @@ def decimal_usd(nano: int) -> Decimal:
     :func:`nano_to_decimal` it keeps no trailing zeros.
     """
     return Decimal(nano) / NANO_USD
+
+
+def decimal_text(value: Decimal | int) -> str:
+    """Exact fixed-point text of an amount, for people: never exponent notation.
+
+    ``Decimal("6.3E-5")`` is ``"0.000063"``, ``Decimal("1E+3")`` is ``"1000"``; trailing
+    zeros after the point are dropped (``"0.0010"`` is ``"0.001"``).
+
+    Args:
+        value: a ``Decimal`` (or an ``int``) amount.
+    """
+    text = format(value, "f") if isinstance(value, Decimal) else str(value)
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
 
 
 def display_amount(unit: Unit, amount: int) -> Decimal | int:

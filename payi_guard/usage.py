@@ -7,6 +7,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
+from payi_guard.money import decimal_text
+
 __all__ = ["LimitState", "LimitUsage", "Scope", "Unit"]
 
 Unit = Literal["usd", "requests", "tokens"]
@@ -46,14 +48,14 @@ class LimitUsage:
     counter: str = ""
 
     def as_dict(self) -> dict[str, object]:
-        """Return a JSON-friendly dict (money as strings, time as ISO 8601)."""
+        """Return a JSON-friendly dict (amounts as exact decimal strings, time as ISO 8601)."""
         return {
             "name": self.name,
             "scope": self.scope,
             "unit": self.unit,
-            "used": str(self.used),
-            "max": str(self.max),
-            "remaining": str(self.remaining),
+            "used": decimal_text(self.used),
+            "max": decimal_text(self.max),
+            "remaining": decimal_text(self.remaining),
             "resets_at": self.resets_at.isoformat(),
             "state": self.state,
             "type": self.type,

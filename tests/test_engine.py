@@ -609,3 +609,81 @@ def test_record_for_anonymous_charges_the_anonymous_bucket(clock: FakeClock) -> 
     guard.begin(call()).settle(TokenUsage(1, 1))  # a real anonymous call: same bucket
     with pytest.raises(BudgetExceeded):
         guard.begin(call())
+
+
+def test_anonymous_ids_have_one_meaning_calls_usage_and_record(clock: FakeClock) -> None:
+    guard = make_guard(
+        clock,
+        default=[{"requests": 100, "per": "day"}],
+        anonymous={"strategy": "shared", "limits": [{"requests": 2, "per": "day"}]},
+    )
+    # An app (or its trusted proxy) naming "anonymous" names the anonymous bucket.
+    with track_context(user_id="anonymous"):
+        reservation = guard.begin(call())
+        assert reservation.user_id == "anonymous"
+        reservation.settle(TokenUsage(1, 1))
+    guard.record(user_id="anonymous", model="test-model", input_tokens=1)
+    (usage,) = guard.usage("anonymous")
+    assert (usage.name, usage.scope, usage.used, usage.max) == ("anonymous:0", "anonymous", 2, 2)
+    assert guard.usage(None) == [usage]
+    with track_context(user_id="anonymous"), pytest.raises(BudgetExceeded) as info:
+        guard.begin(call())
+    assert info.value.limit.scope == "anonymous"
+    with pytest.raises(BudgetExceeded):
+        guard.begin(call())  # a call with no user at all: the same bucket
+
+    # anonymous:<session> is that session's anonymous bucket, read and charged the same way.
+    with track_context(user_id="anonymous:kiosk-1"):
+        guard.begin(call()).settle(TokenUsage(1, 1))
+    guard.record(user_id="anonymous:kiosk-1", model="test-model", input_tokens=1)
+    (kiosk,) = guard.usage("anonymous:kiosk-1")
+    assert (kiosk.scope, kiosk.used, kiosk.counter) == ("anonymous", 2, "anonymous:kiosk-1")
+
+
+def test_naming_anonymous_is_refused_when_anonymous_calls_are(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"requests": 100, "per": "day"}], anonymous="reject")
+    for name in ("anonymous", "anonymous:kiosk-1"):
+        with track_context(user_id=name), pytest.raises(UserRequired):
+            guard.begin(call())
+    guard.default_user_id = "anonymous"
+    with pytest.raises(UserRequired):
+        guard.begin(call())
+    with track_context(user_id="anonymously"):  # only the exact id and its sessions
+        guard.begin(call()).release()
+
+
+def test_anonymous_is_never_pseudonymised(clock: FakeClock) -> None:
+    pseudo = Pseudonymizer(b"a-long-enough-secret-key")
+    guard = Guard(
+        {
+            "prices": PRICES,
+            "anonymous": {"strategy": "shared", "limits": [{"requests": 5, "per": "day"}]},
+        },
+        clock=clock,
+        pseudonymizer=pseudo,
+    )
+    with track_context(user_id="anonymous"):
+        assert guard.begin(call()).user_id == "anonymous"
+
+
+async def test_an_unknown_model_refusal_is_logged_once(clock: FakeClock) -> None:
+    guard = make_guard(clock, default=[{"requests": 100, "per": "day"}])
+    with capture_logs() as logs:
+        with request_scope(request_id="r-7"), track_context(user_id="acme:alice"):
+            with pytest.raises(UnknownModelRefused):
+                guard.begin(call(model="no-such-model-xyz", provider="openai"))
+        with track_context(user_id="bob"), pytest.raises(UnknownModelRefused):
+            await guard.abegin(call(model="other-unknown", provider="anthropic"))
+    lines = events_named(logs, "unknown_model")
+    assert [(e["user_id"], e["model"], e["provider"]) for e in lines] == [
+        ("acme:alice", "no-such-model-xyz", "openai"),
+        ("bob", "other-unknown", "anthropic"),
+    ]
+    for line in lines:
+        assert line["log_level"] == "warning"
+        assert line["outcome"] == "refused"
+        assert line["unknown_model"] == "block"  # the policy that refused it
+    assert lines[0]["org_id"] == "acme"
+    assert lines[0]["request_id"] == "r-7"
+    assert not events_named(logs, "genai_call")
+    assert guard.usage("acme:alice")[0].used == 0

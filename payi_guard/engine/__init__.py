@@ -10,7 +10,8 @@
 * :mod:`~payi_guard.engine.reservation`: :class:`Reservation`, settled exactly once;
 * :mod:`~payi_guard.engine.spent`: counters known to be spent, refused locally;
 * :mod:`~payi_guard.engine.storage`: the ledgers, opened on first use;
-* :mod:`~payi_guard.engine.watch`: reload on file change.
+* :mod:`~payi_guard.engine.watch`: reload on file change;
+* :mod:`~payi_guard.engine.observers`: code told of every call and refusal (telemetry).
 
 The refusals it raises (:class:`~payi_guard.UserRequired`,
 :class:`~payi_guard.UnknownModelRefused`) live in :mod:`payi_guard.exceptions` and are
@@ -19,18 +20,24 @@ re-exported here.
 
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.guard import Guard
-from payi_guard.engine.policy import ANONYMOUS_USER, BoundLimit, Subject
+from payi_guard.engine.observers import CallEnded, CallRefused, Observer, Observers
+from payi_guard.engine.policy import ANONYMOUS_USER, BoundLimit, Subject, is_anonymous_id
 from payi_guard.engine.reservation import Reservation
 from payi_guard.exceptions import UnknownModelRefused, UserRequired
 
 __all__ = [
     "ANONYMOUS_USER",
     "BoundLimit",
+    "CallEnded",
     "CallRecord",
+    "CallRefused",
     "CallRequest",
     "Guard",
+    "Observer",
+    "Observers",
     "Reservation",
     "Subject",
     "UnknownModelRefused",
     "UserRequired",
+    "is_anonymous_id",
 ]

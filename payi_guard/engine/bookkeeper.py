@@ -15,9 +15,11 @@ from typing import Any
 from payi_guard import log as events
 from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
-from payi_guard.engine.calls import CallRecord
+from payi_guard.context import Attribution
+from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.observers import CallEnded, CallRefused, Observers
 from payi_guard.engine.plan import Counter, Plan, amounts_by_counter, limit_usage
-from payi_guard.engine.policy import BoundLimit
+from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.engine.spent import Spent, SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.exceptions import BudgetExceeded, StorageError
@@ -52,6 +54,7 @@ class Bookkeeper:
         self._spent = spent
         self._config = config
         self._log = events.get_logger()
+        self.observers = Observers()
 
     # -- reserving ---------------------------------------------------------------------------
 
@@ -134,8 +137,37 @@ class Bookkeeper:
             model=plan.call.model,
             request_id=plan.attribution.request_id,
         )
+        if self.observers:
+            call = plan.call
+            self.observers.call_refused(
+                CallRefused(
+                    plan.subject.user_id,
+                    plan.subject.org_id,
+                    usage,
+                    call.model,
+                    call.provider,
+                    call.endpoint,
+                )
+            )
         retry_after = max(1.0, counter.window.end - plan.now)
         raise BudgetExceeded(plan.subject.user_id, usage, retry_after)
+
+    def unknown_model_refused(
+        self, subject: Subject, attribution: Attribution, call: CallRequest
+    ) -> None:
+        """Log a call refused because its model has no price (``unknown_model: block``)."""
+        self._log.warning(
+            events.UNKNOWN_MODEL,
+            user_id=subject.user_id,
+            org_id=subject.org_id,
+            model=call.model,
+            provider=call.provider,
+            unknown_model="block",
+            outcome="refused",
+            request_id=attribution.request_id,
+            detail="refused: no price is known for this model; add it under `prices:` or "
+            "change `unknown_model`",
+        )
 
     # -- storage failures ----------------------------------------------------------------------
 
@@ -180,10 +212,12 @@ class Bookkeeper:
             amounts, cost, priced = self.amounts(plan, usage)
             if not priced:
                 self._log.warning(
-                    "unknown_model",
+                    events.UNKNOWN_MODEL,
                     model=plan.call.model,
                     provider=plan.call.provider,
                     user_id=plan.subject.user_id,
+                    unknown_model=self._config().unknown_model.action,
+                    outcome="recorded",
                     detail="recorded without a USD cost: no price is known for this model",
                 )
             return amounts, cost, priced
@@ -370,3 +404,5 @@ class Bookkeeper:
         if record.cost_nano > record.reserved_nano and record.outcome != "recorded":
             fields["under_estimated_usd"] = cost_usd(record.cost_nano - record.reserved_nano)
         self._log.info(events.GENAI_CALL, **fields)
+        if self.observers:
+            self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))

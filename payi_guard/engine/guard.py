@@ -27,13 +27,14 @@ from payi_guard.config import GuardConfig, load_config, parse_config
 from payi_guard.context import Attribution, get_context
 from payi_guard.engine.bookkeeper import Bookkeeper
 from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.observers import Observers
 from payi_guard.engine.plan import Counter, Plan, Planner, blocking, limit_usage, usages_of
 from payi_guard.engine.policy import ANONYMOUS_USER, BoundLimit, Policy, Subject, Subjects
 from payi_guard.engine.reservation import Reservation
 from payi_guard.engine.spent import SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.engine.watch import ConfigWatcher
-from payi_guard.exceptions import ConfigError
+from payi_guard.exceptions import ConfigError, UnknownModelRefused
 from payi_guard.identity import Pseudonymizer, normalize_user_id
 from payi_guard.ledger.base import AsyncLedger, CounterState, Ledger
 from payi_guard.ledger.keys import CounterKey, check_prefix, owners_glob, parse_key
@@ -130,6 +131,11 @@ class Guard:
     def default_user_id(self, value: object) -> None:
         self._default_user_id = None if value is None else normalize_user_id(value)
 
+    @property
+    def observers(self) -> Observers:
+        """Who is told of every call and refusal (:mod:`payi_guard.otel` adds itself here)."""
+        return self._books.observers
+
     # -- storage ------------------------------------------------------------------------------
 
     @property
@@ -170,7 +176,11 @@ class Guard:
         attribution = attribution if attribution is not None else get_context()
         subject = self.subject_for(attribution)
         policy = self._policy
-        return self._planner.for_call(policy, subject, attribution, call, self.clock.now())
+        try:
+            return self._planner.for_call(policy, subject, attribution, call, self.clock.now())
+        except UnknownModelRefused:
+            self._books.unknown_model_refused(subject, attribution, call)
+            raise
 
     def begin(self, call: CallRequest, attribution: Attribution | None = None) -> Reservation:
         """Reserve the upper-bound cost of a call before it is sent (sync).

@@ -26,10 +26,31 @@ from payi_guard.pricing import PriceBook
 from payi_guard.usage import LimitUsage, Scope
 from payi_guard.windows import WindowCache
 
-__all__ = ["ANONYMOUS_USER", "BoundLimit", "Policy", "Subject", "Subjects"]
+__all__ = [
+    "ANONYMOUS_USER",
+    "BoundLimit",
+    "Policy",
+    "Subject",
+    "Subjects",
+    "is_anonymous_id",
+]
 
 ANONYMOUS_USER = "anonymous"
 """The user id that calls with no known user are charged to (``shared`` strategy)."""
+
+
+def is_anonymous_id(user_id: str) -> bool:
+    """True for ``anonymous`` and ``anonymous:<session>``: the anonymous bucket, never a user.
+
+    An id means the same wherever it appears: a call whose attribution (or the
+    middleware, or ``default_user_id``) names it, :meth:`~payi_guard.Guard.usage`,
+    :meth:`~payi_guard.Guard.record` and the users page all read and charge the anonymous
+    bucket with the ``anonymous`` limits, never a user of that name with ``default``.
+
+    Args:
+        user_id: a validated user id.
+    """
+    return user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +121,16 @@ class Subjects:
         """Return who a call made with ``attribution`` is charged to.
 
         Raises:
-            UserRequired: no user is known and the anonymous strategy is ``reject``.
+            UserRequired: no user is known (or the one named is the anonymous bucket,
+                see :func:`is_anonymous_id`) and the anonymous strategy is ``reject``.
         """
         user = attribution.user_id or default_user
-        if user is not None:
+        if user is not None and not is_anonymous_id(user):
             return self.of(user)
         if anonymous.strategy == "reject":
             raise self._user_required()
+        if user is not None:
+            return self.by_id(user)
         anon_id = ANONYMOUS_USER
         if anonymous.strategy == "session":
             scope = current_request()
@@ -137,10 +161,11 @@ class Subjects:
     def by_id(self, user_id: str) -> Subject:
         """Return the subject a validated id names.
 
-        ``anonymous`` (and ``anonymous:<session>``) is the anonymous bucket, as the users
-        page and :meth:`~payi_guard.Guard.usage` show it.
+        ``anonymous`` (and ``anonymous:<session>``) is the anonymous bucket
+        (:func:`is_anonymous_id`), as calls, the users page and
+        :meth:`~payi_guard.Guard.usage` see it.
         """
-        if user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":"):
+        if is_anonymous_id(user_id):
             return Subject(user_id, None, None, None, anonymous=True)
         return self.of(user_id)
 

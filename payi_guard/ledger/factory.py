@@ -4,6 +4,10 @@
 URI                                                         ledger
 ==========================================================  =============================
 ``memory://``                                               :class:`MemoryLedger`
+``sqlite:///relative.db``, ``sqlite:////absolute.db``       :class:`SqliteLedger` (one
+                                                            file shared by the processes
+                                                            of one host; see
+                                                            ``ledger.sqlite``)
 ``redis://[[user]:[password]@]host[:port][/db]``            redis-py client (``from_url``)
 ``rediss://…``                                              the same over TLS
 ``redis+unix:///path/to/redis.sock[?db=0]``                 a Unix socket
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote
@@ -41,7 +46,13 @@ from payi_guard.exceptions import ConfigError, StorageError
 from payi_guard.ledger.base import AsyncLedger, Ledger
 from payi_guard.ledger.memory import AsyncMemoryLedger, MemoryLedger
 
-__all__ = ["DEFAULT_POOL_TIMEOUT", "DEFAULT_TIMEOUT", "open_async_ledger", "open_ledger"]
+__all__ = [
+    "DEFAULT_POOL_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "open_async_ledger",
+    "open_ledger",
+    "resolve_storage_uri",
+]
 
 DEFAULT_TIMEOUT = 0.25
 """Seconds allowed to connect to, and to hear back from, a storage server."""
@@ -60,7 +71,8 @@ _URL_SCHEMES = {
 _SENTINEL_SCHEMES = ("redis+sentinel", "valkey+sentinel")
 _CLUSTER_SCHEMES = ("redis+cluster", "valkey+cluster")
 _SUPPORTED = (
-    "memory://, redis://, rediss://, redis+unix://, valkey://, redis+sentinel://, redis+cluster://"
+    "memory://, sqlite:///, redis://, rediss://, redis+unix://, valkey://, redis+sentinel://, "
+    "redis+cluster://"
 )
 _FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
 _TRUE = ("1", "true", "yes", "on")
@@ -243,23 +255,35 @@ def _sync_client(target: _Target, options: dict[str, Any]) -> Any:
         raise StorageError(f"cannot reach the Redis storage: {exc}") from exc
 
 
-def open_ledger(uri: str, **options: Any) -> Ledger:
+def open_ledger(
+    uri: str, *, base_dir: str | os.PathLike[str] | None = None, **options: Any
+) -> Ledger:
     """Open a synchronous ledger from a storage URI.
 
     Args:
-        uri: ``memory://`` or a Redis-family URI (see the module documentation).
-        **options: for ``memory://``, :class:`MemoryLedger` arguments; otherwise
-            ``group_by_slot`` for the ledger and anything else for the redis-py client
-            (``socket_timeout=1.0``, ``max_connections=50``, ...).
+        uri: ``memory://``, ``sqlite:///…`` or a Redis-family URI (see the module
+            documentation).
+        base_dir: the folder a relative ``sqlite:///`` path is relative to (the budgets
+            file's folder); the current directory when omitted. Other schemes ignore it.
+        **options: for ``memory://``, :class:`MemoryLedger` arguments; for
+            ``sqlite://``, :class:`~payi_guard.ledger.sqlite.SqliteLedger` arguments;
+            otherwise ``group_by_slot`` for the ledger and anything else for the
+            redis-py client (``socket_timeout=1.0``, ``max_connections=50``, ...).
 
     Returns:
-        A :class:`MemoryLedger` or a :class:`~payi_guard.ledger.redis.RedisLedger`.
+        A :class:`MemoryLedger`, :class:`~payi_guard.ledger.sqlite.SqliteLedger` or
+        :class:`~payi_guard.ledger.redis.RedisLedger`.
 
     Raises:
         ConfigError: when the URI is malformed or its scheme is not supported.
         MissingDependency: for a Redis URI when redis-py is not installed.
-        StorageError: when a Redis Cluster cannot be reached to learn its slots.
+        StorageError: when an SQLite file cannot be opened, or a Redis Cluster cannot be
+            reached to learn its slots.
     """
+    if _is_sqlite(uri):
+        from payi_guard.ledger.sqlite import open_sqlite_ledger
+
+        return open_sqlite_ledger(uri, base_dir=base_dir, **options)
     target = _parse(uri)
     if target.kind == "memory":
         return MemoryLedger(**options)
@@ -271,21 +295,30 @@ def open_ledger(uri: str, **options: Any) -> Ledger:
 
 
 def open_async_ledger(
-    uri: str, *, shared: MemoryLedger | None = None, **options: Any
+    uri: str,
+    *,
+    shared: MemoryLedger | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    **options: Any,
 ) -> AsyncLedger:
     """Open an async ledger from a storage URI.
 
     Args:
-        uri: ``memory://`` or a Redis-family URI (see the module documentation).
+        uri: ``memory://``, ``sqlite:///…`` or a Redis-family URI (see the module
+            documentation).
         shared: for ``memory://``, the :class:`MemoryLedger` whose counters the async
             ledger must share (a Guard's sync and async paths charge one store); a new
             store when omitted. With ``shared``, memory options are ignored (they were
             given when ``shared`` was made).
-        **options: as for :func:`open_ledger`. Redis clients are made lazily, one per
-            running event loop, so nothing connects here.
+        base_dir: as for :func:`open_ledger`.
+        **options: as for :func:`open_ledger` (``sqlite://`` also takes ``workers``, the
+            size of its thread pool). Redis clients are made lazily, one per running
+            event loop, and an SQLite file is opened by the first operation, so nothing
+            connects here.
 
     Returns:
-        An :class:`AsyncMemoryLedger` or a
+        An :class:`AsyncMemoryLedger`,
+        :class:`~payi_guard.ledger.sqlite.AsyncSqliteLedger` or
         :class:`~payi_guard.ledger.redis.AsyncRedisLedger`.
 
     Raises:
@@ -293,6 +326,12 @@ def open_async_ledger(
             ``shared`` is given for a non-memory URI.
         MissingDependency: for a Redis URI when redis-py is not installed.
     """
+    if _is_sqlite(uri):
+        if shared is not None:
+            raise ConfigError("shared applies to memory:// only")
+        from payi_guard.ledger.sqlite import open_async_sqlite_ledger
+
+        return open_async_sqlite_ledger(uri, base_dir=base_dir, **options)
     target = _parse(uri)
     if target.kind == "memory":
         if shared is not None:
@@ -310,3 +349,34 @@ def open_async_ledger(
     return AsyncRedisLedger(
         functools.partial(_make_client, target, options, "async"), group_by_slot=group_by_slot
     )
+
+
+# -- sqlite:// (the parsing lives in ledger.sqlite) ---------------------------------------
+
+
+def _is_sqlite(uri: object) -> bool:
+    return isinstance(uri, str) and uri[:9].lower() == "sqlite://"
+
+
+def resolve_storage_uri(uri: str, *, base_dir: str | os.PathLike[str]) -> str:
+    """Make a storage URI independent of the current directory.
+
+    A ``sqlite:///relative.db`` URI read from a budgets file names a file relative to
+    that file's folder: it is returned with the path made absolute against
+    ``base_dir``. Every other URI is returned unchanged.
+
+    Args:
+        uri: a storage URI.
+        base_dir: the folder of the budgets file the URI comes from.
+
+    Returns:
+        The URI to open.
+
+    Raises:
+        ConfigError: a ``sqlite://`` URI is malformed.
+    """
+    if not _is_sqlite(uri):
+        return uri
+    from payi_guard.ledger.sqlite import resolve_sqlite_uri
+
+    return resolve_sqlite_uri(uri, base_dir=base_dir)

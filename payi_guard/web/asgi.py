@@ -29,7 +29,12 @@ from typing_extensions import Unpack
 
 from payi_guard.context import RequestScope, request_scope
 from payi_guard.engine import Guard
-from payi_guard.exceptions import BudgetExceeded, InvalidUserId
+from payi_guard.exceptions import (
+    BudgetExceeded,
+    DuplicateUserHeader,
+    InvalidUserId,
+    StorageError,
+)
 from payi_guard.web.core import WebCore
 from payi_guard.web.identify import (
     ORDER_EVENT,
@@ -99,31 +104,63 @@ class _WatchedScope(dict[str, Any]):
 
 
 class _Response:
-    """Wraps ``send``: adds the guard's headers to the start, tracks the response state."""
+    """Wraps ``send``: adds the guard's headers to the start, tracks the response state.
 
-    __slots__ = ("extra", "finished", "send", "started")
+    With ``hold`` (guarded paths), ``http.response.start`` is kept back until the first
+    body byte (or the end of the body, or any other message), then sent together with
+    it: a refusal raised before that byte can still become the refusal response instead
+    of an empty 200. Only the start is held, never a body chunk.
 
-    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+    Attributes:
+        started: ``http.response.start`` reached the server.
+        finished: the last body message reached the server.
+    """
+
+    __slots__ = ("_held", "extra", "finished", "hold", "send", "started")
+
+    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], *, hold: bool) -> None:
         self.send = send
         self.extra = extra
+        self.hold = hold
         self.started = False
         self.finished = False
+        self._held: Message | None = None
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            self.started = True
             if self.extra:
                 headers = list(message.get("headers", ()))
                 present = {name.lower() for name, _ in headers}
                 headers.extend(h for h in self.extra if h[0] not in present)
                 message = {**message, "headers": headers}
-        elif kind == "http.response.body":
-            if not message.get("more_body", False):
+            if self.hold and self._held is None and not self.started:
+                self._held = message
+                return
+            await self.release()
+            self.started = True
+        else:
+            if kind == "http.response.body":
+                more_body = message.get("more_body", False)
+                if self._held is not None and more_body and not message.get("body"):
+                    return  # carries no byte: keep holding the start
+                if not more_body:
+                    self.finished = True
+            elif kind == "http.response.pathsend":
                 self.finished = True
-        elif kind == "http.response.pathsend":
-            self.finished = True
+            await self.release()
         await self.send(message)
+
+    async def release(self) -> None:
+        """Send the held ``http.response.start``, if any."""
+        held, self._held = self._held, None
+        if held is not None:
+            self.started = True
+            await self.send(held)
+
+    def discard(self) -> None:
+        """Forget the held start: the guard answers the request itself."""
+        self._held = None
 
 
 class GuardMiddleware:
@@ -146,11 +183,13 @@ class GuardMiddleware:
             set; the body is not available) that returns the user id or ``None``; sync
             or async. A sync resolver runs on the event loop: keep it quick.
         session_id: for the ``session`` anonymous strategy: given the ``Request``,
-            return the session/device id (sync or async).
+            return the session/device id (sync or async). Without it, the id the guard
+            keeps in Starlette's signed session (``SessionMiddleware``, added after the
+            guard so it runs outside it); without either, the shared anonymous bucket.
         **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
             (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
-            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
-            ``request_id_header``, ``www_authenticate``), each documented there.
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``request_id_header``,
+            ``www_authenticate``), each documented there.
 
     Raises:
         TypeError: an option has the wrong type.
@@ -182,20 +221,19 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request_id_raw = user_raw = cookie_raw = None
+        request_id_raw = user_raw = None
         request_id_key, user_key = self._request_id_key, self._user_key
         for name, value in scope.get("headers", ()):
             if name == request_id_key:
                 request_id_raw = value
             elif name == user_key:
-                user_raw = value
-            elif name == b"cookie":
-                cookie_raw = value if cookie_raw is None else cookie_raw + b"; " + value
+                # Joined, so that the identifier sees (and refuses) a repeated header.
+                user_raw = value if user_raw is None else user_raw + b"," + value
         request_id = request_id_of(
             None if request_id_raw is None else request_id_raw.decode("latin-1")
         )
         with request_scope(request_id=request_id) as rs:
-            problem = await self._identify(scope, rs, user_raw, cookie_raw)
+            problem = await self._identify(scope, rs, user_raw)
             mark_bound(rs)
             # bind/reset with tokens: every write is undone exactly, a user rebound later
             # in the request included (what bound_contextvars does, at a third of the cost).
@@ -219,11 +257,12 @@ class GuardMiddleware:
         if self._request_id_key is not None:
             extra.append((self._request_id_key, request_id.encode("latin-1")))
         # CORS preflights never make GenAI calls, and must not need a user.
-        if problem is None and scope["method"] != "OPTIONS" and core.gate.guarded(scope["path"]):
+        guarded = scope["method"] != "OPTIONS" and core.gate.guarded(scope["path"])
+        if problem is None and guarded:
             gate = await core.gate.acheck()
             problem = gate.problem
             extra.extend(_encode(gate.headers))
-        response = _Response(send, extra)
+        response = _Response(send, extra, hold=guarded)
         if problem is not None:
             await self._send_problem(response, problem)
             return
@@ -235,15 +274,18 @@ class GuardMiddleware:
             await self.app(app_scope, receive, response)
         except Exception as exc:
             if not response.started:
-                problem = core.problems.problem_for(exc)
+                cause = _error_in(exc, (BudgetExceeded, InvalidUserId, StorageError))
+                problem = None if cause is None else core.problems.problem_for(cause)
                 if problem is None:
                     raise
-                # The gate headers described a success; a refusal brings its own.
+                # A held start is dropped; the gate headers described a success, and a
+                # refusal brings its own.
+                response.discard()
                 response.extra = extra[:1] if self._request_id_key is not None else []
                 await self._send_problem(response, problem)
                 return
-            refusal = _refusal_in(exc)
-            if refusal is None:
+            refusal = _error_in(exc, (BudgetExceeded,))
+            if not isinstance(refusal, BudgetExceeded):
                 raise
             core.log.error(
                 AFTER_START_EVENT,
@@ -255,6 +297,9 @@ class GuardMiddleware:
             )
             if not response.finished:
                 await response({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        # An app that ended without a body message still gets its start sent.
+        await response.release()
 
     @staticmethod
     async def _send_problem(response: _Response, problem: Problem) -> None:
@@ -272,10 +317,16 @@ class GuardMiddleware:
         scope: Scope,
         rs: RequestScope,
         user_raw: bytes | None,
-        cookie_raw: bytes | None,
     ) -> Problem | None:
         core = self.core
         request: Request | None = None
+        try:
+            # Read (and refused when repeated) first, used last: the app's user wins.
+            header = (
+                None if user_raw is None else core.identify.header_user(user_raw.decode("latin-1"))
+            )
+        except DuplicateUserHeader as exc:
+            return core.identify.invalid_user(exc, "header")
         try:
             resolver = core.options.user
             if resolver is not None:
@@ -286,19 +337,17 @@ class GuardMiddleware:
             value = user_of_scope(scope.get("user"))
             if value is not None:
                 return core.identify.assign_user(rs, value, "scope")
-            if user_raw is not None:
-                header = core.identify.header_user(user_raw.decode("latin-1"))
-                if header is not None:
-                    return core.identify.assign_user(rs, header, "header")
         except InvalidUserId as exc:  # raised by the resolver itself
             return core.identify.invalid_user(exc, "resolver")
+        if header is not None:
+            return core.identify.assign_user(rs, header, "header")
         if core.identify.wants_session():
             session_id = core.options.session_id
             if session_id is not None:
                 session = await _maybe_await(session_id(request or Request(scope)))
             else:
-                cookies = None if cookie_raw is None else cookie_raw.decode("latin-1")
-                session = core.identify.session_from_cookie(cookies)
+                # Starlette's SessionMiddleware (signed), when it runs outside the guard.
+                session = core.identify.stored_session(scope.get("session"))
             core.identify.set_session(rs, session)
         return None
 
@@ -336,16 +385,17 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-def _refusal_in(exc: BaseException) -> BudgetExceeded | None:
-    """The refusal behind ``exc``: itself, or a cause a framework wrapped it in.
+def _error_in(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The error of one of ``kinds`` behind ``exc``: itself, or a cause it was wrapped in.
 
     Starlette's exception middleware turns a handled exception raised after the response
-    started into ``RuntimeError(...) from exc``.
+    started (from its point of view: the guard may still hold that start) into
+    ``RuntimeError(...) from exc``.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, BudgetExceeded):
+        if isinstance(current, kinds):
             return current
         seen.add(id(current))
         current = current.__cause__

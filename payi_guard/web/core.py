@@ -12,7 +12,7 @@ responses the guard writes itself).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, MutableMapping
 from typing import Any
 
 from typing_extensions import Unpack
@@ -103,9 +103,10 @@ class WebCore:
         """True when the guard's anonymous strategy is ``session``."""
         return self.identify.wants_session()
 
-    def session_from_cookie(self, cookie_header: str | None) -> str | None:
-        """Derive an anonymous session id from the (hashed) ``session_cookie`` cookie."""
-        return self.identify.session_from_cookie(cookie_header)
+    @staticmethod
+    def stored_session(session: MutableMapping[str, Any] | None) -> str | None:
+        """The id kept in a signed or server-side session (see :mod:`~payi_guard.web.identify`)."""
+        return Identifier.stored_session(session)
 
     @staticmethod
     def set_session(scope: RequestScope, session: object) -> None:

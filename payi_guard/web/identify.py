@@ -10,7 +10,21 @@ user wins; :func:`~payi_guard.set_user` later in the request always overrides):
 4. :func:`~payi_guard.set_user` (the FastAPI dependency, any code inside the request);
 5. Flask: the :class:`payi_guard.flask.PayiGuard` extension in ``before_request``.
 
-Everything here works on plain values (header strings, a
+One rule everywhere: the app's authenticated user wins over the header (sources 4 and
+5 run later and replace a header's user), and a trusted header that comes more than
+once, or lists several users, is answered 400 whoever the request is for, whatever
+``on_invalid_user`` says (:class:`~payi_guard.exceptions.DuplicateUserHeader`).
+
+The ``session`` anonymous strategy charges a request that names no user to its
+session's own bucket, and takes the session only from where the client cannot forge or
+renew it at will: the app's ``session_id=`` callable, or the id the guard keeps in a
+signed or server-side session (Starlette's ``SessionMiddleware``, Flask's ``session``)
+under :data:`SESSION_KEY`. A session the guard has not seen before (a new visitor, or a
+client that dropped its cookie) is charged to the shared anonymous bucket, and the id is
+stored for its next request. A raw cookie is never read: a client could send a fresh one
+with every request and never reach a limit.
+
+Everything here works on plain values (header strings, a session mapping, a
 :class:`~payi_guard.context.RequestScope`), never on a framework's request object.
 """
 
@@ -18,6 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
+from collections.abc import MutableMapping
 from typing import Any, cast
 
 import structlog
@@ -25,20 +41,21 @@ import structlog
 from payi_guard._ids import new_id
 from payi_guard.context import RequestScope, current_request
 from payi_guard.engine import Guard
-from payi_guard.exceptions import InvalidUserId
+from payi_guard.exceptions import DuplicateUserHeader, InvalidUserId
 from payi_guard.web.options import WebOptions
 from payi_guard.web.problem import Problem, Problems
 
 __all__ = [
     "INVALID_USER_EVENT",
     "ORDER_EVENT",
+    "SESSION_KEY",
     "UNTRUSTED_HEADER_EVENT",
     "Identifier",
     "is_guarded_request",
     "mark_bound",
-    "parse_cookie",
     "rebind_user",
     "request_id_of",
+    "session_digest",
     "user_of_scope",
 ]
 
@@ -51,7 +68,11 @@ UNTRUSTED_HEADER_EVENT = "untrusted_user_header"
 INVALID_USER_EVENT = "invalid_user_id"
 """Logged when a source names an invalid user id (with the reason, never the id)."""
 
+SESSION_KEY = "payi_guard.session"
+"""The key of a signed or server-side session under which the guard keeps its session id."""
+
 _BOUND_KEY = "payi_guard.web"
+_SESSION_ID = re.compile(r"[0-9a-f]{32}\Z")
 _HAS_IDENTITY: dict[type, bool] = {}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}\Z")
 
@@ -87,26 +108,19 @@ def user_of_scope(user: object) -> object | None:
     return None if name is None or name == "" else name
 
 
-def parse_cookie(header: str | None, name: str) -> str | None:
-    """Return the value of cookie ``name`` in a ``Cookie`` header, else ``None``.
+def session_digest(value: str) -> str:
+    """Return the id an anonymous session is charged under: a digest of its key.
+
+    A session key or cookie is often a credential, so it must reach neither storage keys
+    nor log lines: only this digest does.
 
     Args:
-        header: the raw ``Cookie`` request header.
-        name: the cookie name.
+        value: the session key or cookie value.
 
     Returns:
-        The value with surrounding quotes removed, or ``None`` when absent or empty.
+        24 hex digits (BLAKE2b, 12 bytes).
     """
-    if not header:
-        return None
-    for part in header.split(";"):
-        key, sep, value = part.partition("=")
-        if sep and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            return value or None
-    return None
+    return hashlib.blake2b(value.encode(), digest_size=12).hexdigest()
 
 
 def request_id_of(incoming: str | None) -> str:
@@ -194,7 +208,10 @@ class Identifier:
         Returns:
             The 400 problem, or ``None`` under ``on_invalid_user="anonymous"``.
         """
-        anonymous = self.options.on_invalid_user == "anonymous"
+        # Two users named at once is never a reason to fall back to anonymity.
+        anonymous = self.options.on_invalid_user == "anonymous" and not isinstance(
+            exc, DuplicateUserHeader
+        )
         self.log.warning(INVALID_USER_EVENT, reason=exc.reason, source=source, fallback=anonymous)
         if anonymous:
             return None
@@ -205,10 +222,20 @@ class Identifier:
 
         An untrusted header is ignored (a debug line says so), so a client can never
         name the user it spends for.
+
+        Args:
+            value: the header's value; several occurrences joined with ``,`` (as WSGI
+                servers and Django join them).
+
+        Raises:
+            DuplicateUserHeader: the trusted header came more than once, or lists
+                several users (``,`` is never part of a user id).
         """
         if value is None:
             return None
         if self.options.trust_user_header:
+            if "," in value:
+                raise DuplicateUserHeader(self.options.user_header)
             return value
         self.log.debug(
             UNTRUSTED_HEADER_EVENT,
@@ -221,18 +248,28 @@ class Identifier:
         """True when the guard's anonymous strategy is ``session``."""
         return self.guard.config.anonymous.strategy == "session"
 
-    def session_from_cookie(self, cookie_header: str | None) -> str | None:
-        """Derive an anonymous session id from the ``session_cookie`` cookie.
+    @staticmethod
+    def stored_session(session: MutableMapping[str, Any] | None) -> str | None:
+        """Return the id this guard keeps in a signed or server-side session, else ``None``.
 
-        The cookie value is hashed: a session cookie is often a credential, and it must
-        reach neither storage keys nor log lines.
+        A session that has no id yet gets one for its next request, and this request
+        gets ``None``: it is charged to the shared anonymous bucket. So a client that
+        drops its cookie, or never sends one back, gains nothing.
+
+        Args:
+            session: the request's session mapping (Starlette's ``scope["session"]``,
+                Flask's ``session``), or ``None`` when the app has none.
+
+        Returns:
+            The session id, or ``None``.
         """
-        if self.options.session_cookie is None:
+        if session is None:
             return None
-        value = parse_cookie(cookie_header, self.options.session_cookie)
-        if value is None:
-            return None
-        return hashlib.blake2b(value.encode(), digest_size=12).hexdigest()
+        value = session.get(SESSION_KEY)
+        if isinstance(value, str) and _SESSION_ID.match(value):
+            return value
+        session[SESSION_KEY] = secrets.token_hex(16)
+        return None
 
     @staticmethod
     def set_session(scope: RequestScope, session: object) -> None:

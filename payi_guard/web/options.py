@@ -37,7 +37,6 @@ GateMode = Literal["cache", "storage"]
 """How guarded paths are checked before the app runs (see :attr:`WebOptions.gate`)."""
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
-_COOKIE_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+\Z")
 
 
 class WebOptionArgs(TypedDict, total=False):
@@ -50,7 +49,6 @@ class WebOptionArgs(TypedDict, total=False):
     budget_headers: bool
     gate: GateMode
     on_invalid_user: InvalidUserPolicy
-    session_cookie: str | None
     request_id_header: str | None
     www_authenticate: str | None
 
@@ -90,9 +88,9 @@ class WebOptions:
         on_invalid_user: ``"reject"`` answers 400 when a source names an invalid user
             id; ``"anonymous"`` treats the request as anonymous instead.
         session_id: for the ``session`` anonymous strategy: a callable given the request
-            that returns the session or device id, or ``None``.
-        session_cookie: for the ``session`` strategy without ``session_id``: the cookie
-            whose (hashed) value identifies an anonymous session; ``None`` disables it.
+            that returns the session or device id, or ``None``. Without it the id comes
+            from a signed or server-side session (see :mod:`payi_guard.web.identify`),
+            never from a raw cookie.
         request_id_header: the request-id header honoured and echoed; ``None`` to only
             generate ids (still logged, not echoed).
         www_authenticate: the ``WWW-Authenticate`` challenge sent with a 401.
@@ -111,7 +109,6 @@ class WebOptions:
     gate: GateMode = "cache"
     on_invalid_user: InvalidUserPolicy = "reject"
     session_id: Callable[[Any], Any] | None = None
-    session_cookie: str | None = "session_id"
     request_id_header: str | None = REQUEST_ID_HEADER
     www_authenticate: str | None = None
 
@@ -135,8 +132,6 @@ class WebOptions:
             raise ValueError(
                 f"on_invalid_user must be 'reject' or 'anonymous', not {self.on_invalid_user!r}"
             )
-        if self.session_cookie is not None and not _COOKIE_NAME.match(self.session_cookie):
-            raise ValueError(f"session_cookie must be a cookie name, not {self.session_cookie!r}")
         _check_header_name("user_header", self.user_header)
         if self.request_id_header is not None:
             _check_header_name("request_id_header", self.request_id_header)

@@ -34,6 +34,7 @@ from payi_guard.config import GuardConfig, LimitSpec
 from payi_guard.context import get_context
 from payi_guard.engine import Guard, UserRequired
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId, StorageError
+from payi_guard.money import decimal_text
 from payi_guard.usage import LimitUsage
 from payi_guard.web.options import WebOptions
 from payi_guard.windows import window_at
@@ -45,6 +46,7 @@ __all__ = [
     "PROBLEM_TYPE_BASE",
     "Problem",
     "Problems",
+    "json_amount",
     "json_number",
 ]
 
@@ -125,8 +127,19 @@ def _money_units(value: Decimal | int, unit: str) -> int:
     return int(value)
 
 
+def json_amount(value: Decimal | int, unit: str) -> str | int:
+    """An amount as people read it: a decimal string for money, an int for counts.
+
+    Money is never a JSON number: a float would show ``6.3e-05`` and round; the string is
+    exact (``"0.000063"``).
+    """
+    if unit == "usd":
+        return decimal_text(value)
+    return int(value)
+
+
 def json_number(value: Decimal | int, unit: str) -> float | int:
-    """An amount as a JSON number: a float for money, an int for requests and tokens."""
+    """An amount for a log field: a float for money (as ``cost_usd``), an int otherwise."""
     if unit == "usd":
         return float(value)
     return int(value)
@@ -194,17 +207,19 @@ class Problems:
         retry_after = self.retry_after(limit)
         unit = "USD" if limit.unit == "usd" else limit.unit
         resets = limit.resets_at.isoformat()
+        used, max_, remaining = (
+            json_amount(amount, limit.unit) for amount in (limit.used, limit.max, limit.remaining)
+        )
         if limit.remaining > 0:
             # A call refused at reserve time: its upper-bound cost does not fit.
             detail = (
-                f"The {limit.scope} limit {limit.name!r} has {limit.remaining} {unit} left "
-                f"({limit.used} of {limit.max} used), not enough for this call; it resets "
-                f"at {resets}."
+                f"The {limit.scope} limit {limit.name!r} has {remaining} {unit} left "
+                f"({used} of {max_} used), not enough for this call; it resets at {resets}."
             )
         else:
             detail = (
-                f"The {limit.scope} limit {limit.name!r} is used up ({limit.used} of "
-                f"{limit.max} {unit}); it resets at {resets}."
+                f"The {limit.scope} limit {limit.name!r} is used up ({used} of {max_} "
+                f"{unit}); it resets at {resets}."
             )
         document: dict[str, Any] = {
             "type": PROBLEM_TYPE_BASE + "budget-exceeded",
@@ -214,9 +229,9 @@ class Problems:
             "limit": limit.name,
             "scope": limit.scope,
             "unit": limit.unit,
-            "used": json_number(limit.used, limit.unit),
-            "max": json_number(limit.max, limit.unit),
-            "remaining": json_number(limit.remaining, limit.unit),
+            "used": used,
+            "max": max_,
+            "remaining": remaining,
             "resets_at": limit.resets_at.isoformat(),
             "retry_after": retry_after,
             **self._request_id_member(),

@@ -24,9 +24,9 @@ from typing_extensions import Unpack
 
 from payi_guard.context import RequestScope, request_scope
 from payi_guard.engine import Guard
-from payi_guard.exceptions import BudgetExceeded, InvalidUserId
+from payi_guard.exceptions import BudgetExceeded, DuplicateUserHeader, InvalidUserId
 from payi_guard.web.core import WebCore
-from payi_guard.web.gate import gate_headers, store_gate_headers
+from payi_guard.web.gate import GateResult, gate_headers, store_gate_headers
 from payi_guard.web.identify import mark_bound, request_id_of
 from payi_guard.web.options import WebOptionArgs
 from payi_guard.web.problem import AFTER_START_EVENT, Problem
@@ -59,11 +59,12 @@ class WSGIGuardMiddleware:
         guard: the :class:`~payi_guard.engine.Guard` that holds the budgets.
         user: a resolver given the WSGI environ that returns the user id or ``None``.
         session_id: for the ``session`` anonymous strategy: given the environ, return
-            the session/device id.
+            the session/device id (one the client cannot forge or renew at will). Without
+            it anonymous requests share the anonymous bucket.
         **options: the shared options of :class:`~payi_guard.web.options.WebOptions`
             (``guarded_paths``, ``trust_user_header``, ``user_header``, ``block_status``,
-            ``gate``, ``budget_headers``, ``on_invalid_user``, ``session_cookie``,
-            ``request_id_header``, ``www_authenticate``), each documented there.
+            ``gate``, ``budget_headers``, ``on_invalid_user``, ``request_id_header``,
+            ``www_authenticate``), each documented there.
             ``guarded_paths`` match ``PATH_INFO``.
 
     Raises:
@@ -104,15 +105,15 @@ class WSGIGuardMiddleware:
             mark_bound(rs)
             tokens = bind_contextvars(user_id=rs.user_id, request_id=request_id)
             stack.callback(reset_contextvars, **tokens)
-            if (
-                problem is None
-                and environ.get("REQUEST_METHOD") != "OPTIONS"  # CORS preflights
+            guarded = (
+                environ.get("REQUEST_METHOD") != "OPTIONS"  # CORS preflights
                 and core.gate.guarded(environ.get("PATH_INFO") or "/")
-            ):
-                gate = core.gate.check()
+            )
+            if problem is None and guarded:
+                gate = self._gate()
                 problem = gate.problem
                 store_gate_headers(rs, gate.headers)
-            response = _Response(self, start_response, rs, request_id)
+            response = _Response(self, start_response, rs, request_id, hold=guarded)
             if problem is not None:
                 stack.close()
                 return response.problem(problem, None)
@@ -129,33 +130,64 @@ class WSGIGuardMiddleware:
             raise
         return _Body(context, iterable, stack, response)
 
+    def _gate(self) -> GateResult:
+        """The early gate of a guarded request, before the app runs.
+
+        The Flask extension overrides it: there the user is only known inside the app,
+        so it gates in ``before_request``.
+        """
+        return self.core.gate.check()
+
     def _identify(self, environ: Environ, rs: RequestScope) -> Problem | None:
         core = self.core
+        try:
+            # Read (and refused when repeated: servers join repeats with ",") first, used
+            # last: the app's user wins.
+            header = core.identify.header_user(environ.get(self._user_key))
+        except DuplicateUserHeader as exc:
+            return core.identify.invalid_user(exc, "header")
         try:
             resolver = core.options.user
             if resolver is not None:
                 value = resolver(environ)
                 if value is not None:
                     return core.identify.assign_user(rs, value, "resolver")
-            header = core.identify.header_user(environ.get(self._user_key))
-            if header is not None:
-                return core.identify.assign_user(rs, header, "header")
         except InvalidUserId as exc:  # raised by the resolver itself
             return core.identify.invalid_user(exc, "resolver")
+        if header is not None:
+            return core.identify.assign_user(rs, header, "header")
         if core.identify.wants_session():
             session_id = core.options.session_id
             if session_id is not None:
-                session = session_id(environ)
-            else:
-                session = core.identify.session_from_cookie(environ.get("HTTP_COOKIE"))
-            core.identify.set_session(rs, session)
+                core.identify.set_session(rs, session_id(environ))
         return None
 
 
 class _Response:
-    """The guard's ``start_response`` (adds its headers) and its problem responses."""
+    """The guard's ``start_response`` (adds its headers) and its problem responses.
 
-    __slots__ = ("_middleware", "_rs", "_start_response", "request_id")
+    With ``hold`` (guarded paths), the app's ``start_response`` is kept back until the
+    first non-empty body chunk, a ``write()``, or the end of the body (PEP 3333 only
+    requires servers to wait for the first non-empty chunk, and some send the headers
+    on an empty one): a refusal raised before the first body byte can then still become
+    the refusal response, with one ``start_response`` call.
+
+    Attributes:
+        forwarded: the server's ``start_response`` was called.
+        sent: a body byte went to the server.
+    """
+
+    __slots__ = (
+        "_held",
+        "_middleware",
+        "_rs",
+        "_server_write",
+        "_start_response",
+        "forwarded",
+        "hold",
+        "request_id",
+        "sent",
+    )
 
     def __init__(
         self,
@@ -163,15 +195,27 @@ class _Response:
         start_response: StartResponse,
         rs: RequestScope,
         request_id: str,
+        *,
+        hold: bool,
     ) -> None:
         self._middleware = middleware
         self._start_response = start_response
         self._rs = rs
         self.request_id = request_id
+        self.hold = hold
+        self.forwarded = False
+        self.sent = False
+        self._held: tuple[str, list[tuple[str, str]]] | None = None
+        self._server_write: Callable[[bytes], object] | None = None
 
     def _own_headers(self) -> list[tuple[str, str]]:
         name = self._middleware.core.options.request_id_header
         return [] if name is None else [(name, self.request_id)]
+
+    @property
+    def holding(self) -> bool:
+        """True while the app's start is held back (guarded paths, no byte sent yet)."""
+        return self.hold and not self.forwarded
 
     def start_response(
         self,
@@ -182,24 +226,53 @@ class _Response:
         present = {name.lower() for name, _ in headers}
         extra = [*self._own_headers(), *gate_headers(self._rs)]
         headers = headers + [h for h in extra if h[0].lower() not in present]
+        if self.holding:
+            # Nothing reached the server: a later call (with exc_info) simply replaces it.
+            self._held = (status, headers)
+            return self._write
+        return self._forward(status, headers, exc_info)
+
+    def _forward(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        self.forwarded = True
         if exc_info is None:
-            return self._start_response(status, headers)
-        return self._start_response(status, headers, exc_info)
+            self._server_write = self._start_response(status, headers)
+        else:
+            self._server_write = self._start_response(status, headers, exc_info)
+        return self._server_write
+
+    def release(self) -> None:
+        """Call the server's ``start_response`` with the held start, if any."""
+        held, self._held = self._held, None
+        if held is not None:
+            self._forward(*held)
+
+    def _write(self, data: bytes) -> object:
+        """The ``write()`` callable of a held start: sends the start first."""
+        self.release()
+        if self._server_write is None:  # pragma: no cover - only returned with a start
+            raise RuntimeError("write() called before start_response()")
+        if data:
+            self.sent = True
+        return self._server_write(data)
 
     def problem(self, problem: Problem, exc_info: ExcInfo | Any) -> list[bytes]:
+        """Answer ``problem`` instead of the app's response (nothing of it was sent)."""
         headers = [*problem.all_headers(), *self._own_headers()]
-        if exc_info is None or exc_info[0] is None:
-            self._start_response(problem.wsgi_status(), headers)
+        self._held = None
+        if not self.forwarded or exc_info is None or exc_info[0] is None:
+            self._forward(problem.wsgi_status(), headers)
         else:
             # Replaces headers the app set but the server has not sent yet (PEP 3333).
-            self._start_response(problem.wsgi_status(), headers, exc_info)
+            self._forward(problem.wsgi_status(), headers, exc_info)
         return [problem.body]
 
 
 class _Body:
     """The response iterable: every step and the close run in the request's context."""
 
-    __slots__ = ("_closed", "_context", "_iterable", "_iterator", "_response", "_sent", "_stack")
+    __slots__ = ("_closed", "_context", "_iterable", "_iterator", "_response", "_stack")
 
     def __init__(
         self,
@@ -213,7 +286,6 @@ class _Body:
         self._iterator: Iterator[bytes] | None = None
         self._stack = stack
         self._response = response
-        self._sent = False
         self._closed = False
 
     def __iter__(self) -> _Body:
@@ -225,35 +297,43 @@ class _Body:
     def _next(self) -> bytes:
         if self._iterator is None:
             self._iterator = iter(self._iterable)
-        try:
-            chunk = next(self._iterator)
-        except StopIteration:
-            raise
-        except Exception as exc:
-            problem = self._middleware_problem(exc)
-            if problem is None:
+        response = self._response
+        while True:
+            try:
+                chunk = next(self._iterator)
+            except StopIteration:
+                response.release()  # an empty body: the start goes out now
                 raise
-            return self._refused(exc, problem)
+            except Exception as exc:
+                problem = self._middleware_problem(exc)
+                if problem is None:
+                    raise
+                return self._refused(exc, problem)
+            if chunk or not response.holding:
+                break
+            # An empty chunk carries no byte: keep holding the start.
+        response.release()
         # Some servers send the headers on an empty chunk too (werkzeug does).
-        self._sent = True
+        response.sent = True
         return chunk
 
     def _middleware_problem(self, exc: Exception) -> Problem | None:
         return self._response._middleware.core.problems.problem_for(exc)
 
     def _refused(self, exc: Exception, problem: Problem) -> bytes:
-        if not self._sent:
+        response = self._response
+        if not response.sent:
             # Nothing was yielded yet, so the server cannot have sent the headers.
-            self._sent = True
+            response.sent = True
             self._iterator = iter(())
-            return self._response.problem(problem, sys.exc_info())[0]
+            return response.problem(problem, sys.exc_info())[0]
         if not isinstance(exc, BudgetExceeded):
             raise exc
-        self._response._middleware.core.log.error(
+        response._middleware.core.log.error(
             AFTER_START_EVENT,
             user_id=exc.user_id,
             limit=exc.limit.name,
-            request_id=self._response.request_id,
+            request_id=response.request_id,
             detail="a GenAI call was refused after the response started; the response was "
             "closed early",
         )

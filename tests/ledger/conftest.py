@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -10,12 +11,16 @@ import redis
 from ledger._support import LedgerAdapter, delete_prefix
 from payi_guard.ledger import (
     AsyncMemoryLedger,
+    AsyncSqliteLedger,
     MemoryLedger,
+    SqliteLedger,
     open_async_ledger,
     open_ledger,
 )
 
-BACKENDS = ["memory-sync", "memory-async", "redis-sync", "redis-async"]
+BACKENDS = [
+    "memory-sync", "memory-async", "sqlite-sync", "sqlite-async", "redis-sync", "redis-async",
+]  # fmt: skip
 
 
 @pytest.fixture
@@ -37,6 +42,13 @@ async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncItera
             yield LedgerAdapter(kind, memory, memory=memory)
         else:
             yield LedgerAdapter(kind, AsyncMemoryLedger(memory), memory=memory)
+        return
+    if kind.startswith("sqlite"):
+        path: Path = request.getfixturevalue("tmp_path") / "ledger.db"
+        sqlite = SqliteLedger(path) if kind == "sqlite-sync" else AsyncSqliteLedger(path)
+        adapter = LedgerAdapter(kind, sqlite)
+        yield adapter
+        await adapter.close()
         return
     redis_url: str = request.getfixturevalue("redis_url")
     raw: redis.Redis = request.getfixturevalue("raw_redis")

@@ -78,6 +78,15 @@ def exhaust(guard: Guard, user_id: str) -> None:
     guard.record(user_id=user_id, model=MODEL, input_tokens=1000, output_tokens=0)
 
 
+def spend_most(guard: Guard, user_id: str) -> None:
+    """Spend $0.0009 of the $0.001 daily limit: the rest is too little for one call.
+
+    The user is not spent (the gate lets them through), but every call, whose upper
+    bound is $0.0002, is refused when it reserves: inside the app.
+    """
+    guard.record(user_id=user_id, model=MODEL, input_tokens=900, output_tokens=0)
+
+
 def exhaust_anonymous(guard: Guard) -> None:
     """Spend the shared anonymous bucket's $0.001 with five anonymous calls."""
     for _ in range(5):

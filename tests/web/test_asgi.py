@@ -13,6 +13,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -25,6 +26,7 @@ from payi_guard.context import current_request, get_context, set_user
 from payi_guard.engine import ANONYMOUS_USER, Guard
 from payi_guard.web import GuardMiddleware
 from web._support import (
+    MODEL,
     MessageRecorder,
     TokenBackend,
     acall,
@@ -34,6 +36,7 @@ from web._support import (
     exhaust,
     free_port,
     serve_asgi,
+    spend_most,
     usd,
     used,
 )
@@ -200,6 +203,49 @@ async def test_sources_in_order_resolver_scope_header(guard: Guard) -> None:
     assert third.json()["user"] == "from-header"
 
 
+TWO_USERS = [("xProxy-User-ID", "alice"), ("xProxy-User-ID", "bob")]
+"""The user header twice: a proxy that appends instead of replacing, or a smuggling try."""
+
+
+@pytest.mark.parametrize("on_invalid_user", ["reject", "anonymous"])
+def test_duplicate_user_headers_are_a_400_over_a_real_server(
+    guard: Guard, on_invalid_user: str
+) -> None:
+    probe = Probe()
+    app = build_app(guard, probe, trust_user_header=True, on_invalid_user=on_invalid_user)
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        with capture_logs() as logs:
+            twice = http.get("/open/chat", headers=TWO_USERS)
+            signed_in = http.get("/open/chat", headers=[*TWO_USERS, *bearer("carol").items()])
+            listed = http.get("/open/chat", headers={"xProxy-User-ID": "alice,bob"})
+    for response in (twice, signed_in, listed):
+        assert response.status_code == 400, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "more than once" in response.json()["detail"]
+        assert "alice" not in response.text
+    assert probe.calls == 0
+    refused = [e for e in logs if e["event"] == "invalid_user_id"]
+    assert [e["source"] for e in refused] == ["header"] * 3
+
+
+async def test_duplicate_untrusted_user_headers_are_ignored(guard: Guard) -> None:
+    async with client(build_app(guard, Probe())) as http:
+        response = await http.get("/open/chat", headers=[*TWO_USERS, *bearer("carol").items()])
+    assert response.json()["user"] == "carol"
+
+
+async def test_the_authenticated_user_wins_over_a_trusted_header(guard: Guard) -> None:
+    app = build_app(guard, Probe(), trust_user_header=True, guarded_paths=["/api/*"])
+    exhaust(guard, "victim")
+    async with client(app) as http:
+        response = await http.get(
+            "/api/chat", headers={**bearer("carol"), "xProxy-User-ID": "victim"}
+        )
+    assert response.status_code == 200  # gated as carol, not as the spent header user
+    assert response.json()["user"] == "carol"
+    assert used(guard, "carol") == usd(cost_nano(100, 50))
+
+
 async def test_async_resolver(guard: Guard) -> None:
     async def resolver(request: Request) -> str:
         return "async-user"
@@ -289,9 +335,9 @@ def test_exhausted_user_gets_the_exact_429_before_the_app(guard: Guard) -> None:
         "limit": "daily",
         "scope": "user",
         "unit": "usd",
-        "used": 0.001,
-        "max": 0.001,
-        "remaining": 0,
+        "used": "0.001",
+        "max": "0.001",
+        "remaining": "0",
         "resets_at": "2026-11-28T00:00:00+00:00",
         "retry_after": 43200,
         "request_id": "r-429",
@@ -425,22 +471,82 @@ async def test_anonymous_reject_answers_401(make_guard: Callable[..., Guard]) ->
     assert authenticated.status_code == 200
 
 
-async def test_session_strategy_buckets_by_cookie(make_guard: Callable[..., Guard]) -> None:
-    guard = make_guard(
-        config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
-    )
+SESSION = config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
+"""Anonymous calls get $0.001 a day per session: five calls of $0.0002."""
+
+
+async def test_fresh_raw_session_cookies_share_one_bucket(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(SESSION)
+    statuses = []
     async with client(build_app(guard, Probe(), auth=None)) as http:
-        first = await http.get("/open/chat", headers={"cookie": "session_id=device-a"})
-        again = await http.get("/open/chat", headers={"cookie": "session_id=device-a"})
-        other = await http.get("/open/chat", headers={"cookie": "session_id=device-b"})
-        none = await http.get("/open/chat")
-    bucket = first.json()["user"]
+        with capture_logs() as logs:
+            for i in range(40):
+                cookie = f"session_id=fresh-{i}; session=fresh-{i}"
+                response = await http.get("/open/chat", headers={"cookie": cookie})
+                statuses.append(response.status_code)
+    assert statuses == [200] * 5 + [429] * 35
+    charged = {e["user_id"] for e in logs if e["event"] == "genai_call"}
+    assert charged == {ANONYMOUS_USER}
+    assert guard.usage(ANONYMOUS_USER)[0].state == "exceeded"
+
+
+def _session_app(guard: Guard) -> Starlette:
+    app = build_app(guard, Probe(), auth=None)
+    app.add_middleware(SessionMiddleware, secret_key="test-secret-not-for-production")
+    return app
+
+
+async def test_a_signed_starlette_session_gets_its_own_bucket_from_its_second_request(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(SESSION)
+    app = _session_app(guard)
+    async with client(app) as http:
+        first = await http.get("/open/chat")
+        second = await http.get("/open/chat")
+        third = await http.get("/open/chat")
+    # A session the guard had not seen yet is charged to the shared bucket: a client that
+    # drops its cookie gets nothing more than anyone else.
+    assert first.json()["user"] == ANONYMOUS_USER
+    bucket = second.json()["user"]
     assert bucket.startswith("anonymous:")
-    assert "device-a" not in bucket
-    assert again.json()["user"] == bucket
-    assert other.json()["user"] not in (bucket, ANONYMOUS_USER)
-    assert none.json()["user"] == ANONYMOUS_USER
+    assert third.json()["user"] == bucket
     assert used(guard, bucket) == usd(2 * cost_nano(100, 50))
+    assert used(guard, ANONYMOUS_USER) == usd(cost_nano(100, 50))
+    async with client(app) as other:  # another visitor, another session
+        await other.get("/open/chat")
+        assert (await other.get("/open/chat")).json()["user"] not in (bucket, ANONYMOUS_USER)
+
+
+async def test_a_forged_session_cookie_is_the_shared_bucket(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(SESSION)
+    async with client(_session_app(guard)) as http:
+        await http.get("/open/chat")
+        forged = {"cookie": "session=eyJwYXlpX2d1YXJkLnNlc3Npb24iOiAiZm9yZ2VkIn0="}
+        http.cookies.clear()
+        response = await http.get("/open/chat", headers=forged)
+    assert response.json()["user"] == ANONYMOUS_USER
+
+
+@pytest.mark.parametrize("named", ["anonymous", "anonymous:kiosk-1"])
+async def test_a_user_named_anonymous_is_the_anonymous_bucket(guard: Guard, named: str) -> None:
+    # config(): users get $0.001 a day under "daily"; the anonymous bucket has its own
+    # $0.001 as "anonymous:0". Four calls through the middleware, one recorded elsewhere.
+    app = build_app(guard, Probe(), auth=None, trust_user_header=True)
+    guard.record(user_id=named, model=MODEL, input_tokens=200, output_tokens=0)
+    async with client(app) as http:
+        statuses = [
+            (await http.get("/open/chat", headers={"xProxy-User-ID": named})).status_code
+            for _ in range(5)
+        ]
+        refused = await http.get("/open/chat", headers={"xProxy-User-ID": named})
+    assert statuses == [200, 200, 200, 200, 429]
+    problem = refused.json()
+    assert (problem["limit"], problem["scope"]) == ("anonymous:0", "anonymous")
+    (usage,) = guard.usage(named)
+    assert (usage.scope, usage.state) == ("anonymous", "exceeded")
 
 
 async def test_session_id_option(make_guard: Callable[..., Guard]) -> None:
@@ -526,6 +632,183 @@ async def test_non_guard_errors_before_start_propagate(guard: Guard) -> None:
     async with client(app) as http:
         with pytest.raises(KeyError):
             await http.get("/")
+
+
+# -- a refusal before the first body byte is a 429, never an empty 200 -----------------------
+
+
+class Gauge:
+    """An app's view of what reached the server: the recorder outside the guard."""
+
+    def __init__(self) -> None:
+        self.recorder: MessageRecorder | None = None
+        self.seen: list[list[str]] = []
+
+    def snapshot(self) -> None:
+        assert self.recorder is not None
+        self.seen.append([m["type"] for m in self.recorder.messages])
+
+
+def _refused_stream_app(guard: Guard, probe: Probe, *, first: bytes | None) -> Starlette:
+    """``/api/stream`` and ``/open/stream``: a stream whose GenAI call is refused at once.
+
+    ``first`` is sent before the call (``b""``: an empty chunk, which carries no byte).
+    """
+
+    async def stream(request: Request) -> StreamingResponse:
+        probe.calls += 1
+
+        async def body() -> AsyncIterator[bytes]:
+            if first is not None:
+                yield first
+            await acall(guard)
+            yield b"data: never\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/api/stream", stream), Route("/open/stream", stream)])
+
+
+@pytest.mark.parametrize("first", [None, b""], ids=["no-chunk", "empty-chunk"])
+def test_refused_stream_before_its_first_byte_is_a_429_over_a_real_server(
+    guard: Guard, first: bytes | None
+) -> None:
+    probe = Probe()
+    spend_most(guard, "alice")
+    app = GuardMiddleware(
+        _refused_stream_app(guard, probe, first=first),
+        guard=guard,
+        trust_user_header=True,
+        guarded_paths=["/api/*"],
+    )
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        with capture_logs() as logs:
+            response = http.get("/api/stream", headers={"xProxy-User-ID": "alice"})
+    assert probe.calls == 1  # the app ran: the refusal came from inside the stream
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "43200"
+    assert response.json()["limit"] == "daily"
+    assert response.json()["remaining"] == "0.0001"
+    assert not [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+
+
+async def test_a_guarded_start_waits_for_the_first_body_chunk_and_is_sent_once(
+    guard: Guard,
+) -> None:
+    gauge = Gauge()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        gauge.snapshot()
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        gauge.snapshot()
+        await send({"type": "http.response.body", "body": b"one", "more_body": True})
+        gauge.snapshot()  # the first chunk went out at once: nothing more is buffered
+        await send({"type": "http.response.body", "body": b"two", "more_body": False})
+
+    recorder = MessageRecorder(GuardMiddleware(app, guard=guard, guarded_paths=["/api/*"]))
+    gauge.recorder = recorder
+    async with client(recorder) as http:
+        response = await http.get("/api/x")
+    assert response.text == "onetwo"
+    assert gauge.seen == [
+        [],
+        [],
+        ["http.response.start", "http.response.body"],
+    ]
+    assert len(recorder.starts()) == 1
+    assert [m.get("body") for m in recorder.messages[1:]] == [b"one", b"two"]
+
+
+async def test_a_guarded_empty_response_is_sent_at_its_end(guard: Guard) -> None:
+    async def no_content(request: Request) -> Response:
+        return Response(status_code=204)
+
+    app = GuardMiddleware(
+        Starlette(routes=[Route("/api/x", no_content)]), guard=guard, guarded_paths=["/api/*"]
+    )
+    async with client(app) as http:
+        response = await http.get("/api/x")
+    assert response.status_code == 204
+    assert response.content == b""
+
+
+async def test_unguarded_paths_send_the_start_untouched(guard: Guard) -> None:
+    gauge = Gauge()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        gauge.snapshot()
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    recorder = MessageRecorder(GuardMiddleware(app, guard=guard, guarded_paths=["/api/*"]))
+    gauge.recorder = recorder
+    async with client(recorder) as http:
+        response = await http.get("/open/x")
+    assert response.text == "ok"
+    assert gauge.seen == [["http.response.start"]]
+
+
+async def test_a_guarded_stream_refused_after_its_first_chunk_is_closed_and_logged(
+    guard: Guard,
+) -> None:
+    spend_most(guard, "alice")
+    recorder = MessageRecorder(
+        GuardMiddleware(
+            _refused_stream_app(guard, Probe(), first=b"data: one\n\n"),
+            guard=guard,
+            trust_user_header=True,
+            guarded_paths=["/api/*"],
+        )
+    )
+    async with client(recorder) as http:
+        with capture_logs() as logs:
+            response = await http.get("/api/stream", headers={"xProxy-User-ID": "alice"})
+    assert response.status_code == 200
+    assert response.text == "data: one\n\n"
+    assert len(recorder.starts()) == 1
+    after = [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+    assert [(e["user_id"], e["limit"]) for e in after] == [("alice", "daily")]
+
+
+async def test_a_guarded_non_guard_error_before_the_first_byte_propagates(guard: Guard) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("app bug")
+
+    recorder = MessageRecorder(GuardMiddleware(app, guard=guard, guarded_paths=["/api/*"]))
+    async with client(recorder) as http:
+        with pytest.raises(RuntimeError, match="app bug"):
+            await http.get("/api/x")
+    assert recorder.starts() == []  # the server, not a half-sent 200, answers it
+
+
+# -- hostile input is never shown raw --------------------------------------------------------
+
+
+HOSTILE = "<script>alert('x')</script>\"; drop"
+
+
+@pytest.mark.parametrize("field", ["user-header", "scope-user", "request-id", "cookie"])
+def test_hostile_values_are_never_shown_raw_over_a_real_server(
+    make_guard: Callable[..., Guard], field: str
+) -> None:
+    guard = make_guard(SESSION)
+    app = build_app(guard, Probe(), trust_user_header=True, guarded_paths=["/api/*"])
+    headers = {
+        "user-header": {"xProxy-User-ID": HOSTILE},
+        "scope-user": bearer(HOSTILE),
+        "request-id": {"X-Request-ID": HOSTILE},
+        "cookie": {"cookie": f"session={HOSTILE}; session_id={HOSTILE}"},
+    }[field]
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        with capture_logs(processors=[merge]) as logs:
+            response = http.get("/api/chat", headers=headers)
+    shown = response.text + repr(response.headers) + repr(logs)
+    for piece in ("<script", "alert(", "drop"):
+        assert piece not in shown
+    assert response.status_code in (200, 400)
 
 
 # -- scopes that are not http ---------------------------------------------------------------

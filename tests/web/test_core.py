@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -17,7 +18,7 @@ from payi_guard.engine import Guard, UserRequired
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId, StorageError
 from payi_guard.usage import LimitUsage
 from payi_guard.web.core import WebCore
-from payi_guard.web.identify import parse_cookie, user_of_scope
+from payi_guard.web.identify import SESSION_KEY, user_of_scope
 from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, Problem
 from web._support import config, exhaust
 
@@ -44,7 +45,7 @@ def test_guarded_paths_are_fnmatch_globs_case_sensitive(guard: Guard) -> None:
         ({"on_invalid_user": "ignore"}, ValueError),
         ({"user": "alice"}, TypeError),
         ({"session_id": 3}, TypeError),
-        ({"session_cookie": "bad cookie"}, ValueError),
+        ({"session_cookie": "session_id"}, TypeError),  # raw cookies are never read
         ({"user_header": "bad header"}, ValueError),
         ({"request_id_header": "x:y"}, ValueError),
     ],
@@ -95,23 +96,23 @@ def test_user_of_scope_prefers_identity_then_display_name() -> None:
     assert user_of_scope(SimpleUser("")) is None
 
 
-def test_parse_cookie() -> None:
-    header = 'a=1; session_id="s-123"; other=x=y'
-    assert parse_cookie(header, "session_id") == "s-123"
-    assert parse_cookie(header, "other") == "x=y"
-    assert parse_cookie(header, "missing") is None
-    assert parse_cookie(None, "a") is None
-    assert parse_cookie("a=", "a") is None
+def test_a_stored_session_id_is_kept_in_the_session_and_used_from_its_next_request() -> None:
+    session: dict[str, Any] = {"cart": [1]}
+    assert WebCore.stored_session(session) is None  # first seen: the shared bucket
+    minted = session[SESSION_KEY]
+    assert len(minted) == 32
+    assert WebCore.stored_session(session) == minted
+    assert WebCore.stored_session(dict(session)) == minted
+    assert session["cart"] == [1]
+    assert WebCore.stored_session(None) is None  # no session at all
 
 
-def test_session_cookie_is_hashed_never_raw(guard: Guard) -> None:
-    core = WebCore(guard)
-    session = core.session_from_cookie("session_id=secret-token")
-    assert session is not None
-    assert "secret" not in session
-    assert session == core.session_from_cookie("session_id=secret-token")
-    assert session != core.session_from_cookie("session_id=other-token")
-    assert WebCore(guard, session_cookie=None).session_from_cookie("session_id=x") is None
+@pytest.mark.parametrize("value", ["", "short", "Z" * 32, 42, None, ["x"]])
+def test_a_stored_session_id_the_guard_did_not_write_is_replaced(value: object) -> None:
+    session: dict[str, Any] = {SESSION_KEY: value}
+    assert WebCore.stored_session(session) is None
+    assert session[SESSION_KEY] != value
+    assert WebCore.stored_session(session) == session[SESSION_KEY]
 
 
 def _limit(**overrides: Any) -> LimitUsage:
@@ -143,9 +144,9 @@ def test_budget_problem_document_and_headers(guard: Guard) -> None:
         "limit": "daily",
         "scope": "user",
         "unit": "usd",
-        "used": 0.0012,
-        "max": 0.001,
-        "remaining": 0,
+        "used": "0.0012",
+        "max": "0.001",
+        "remaining": "0",
         "resets_at": "2026-11-28T00:00:00+00:00",
         "retry_after": 43200,
         "request_id": "req-1",
@@ -167,8 +168,39 @@ def test_detail_of_a_call_that_does_not_fit(guard: Guard) -> None:
         "The user limit 'daily' has 0.0003 USD left (0.0007 of 0.001 used), not enough for "
         "this call; it resets at 2026-11-28T00:00:00+00:00."
     )
-    assert problem.document["remaining"] == 0.0003
+    assert problem.document["remaining"] == "0.0003"
     assert dict(problem.headers)["RateLimit"] == '"daily";r=300;t=43200'
+
+
+@pytest.mark.parametrize(
+    ("amounts", "texts"),
+    [
+        # Quotients as the ledger makes them; str() of some is '6.3E-5' or '1E-9'.
+        (("0.000063", "0.0001", "0.000037"), ("0.000063", "0.0001", "0.000037")),
+        (("1E-9", "0.000001", "9.99E-7"), ("0.000000001", "0.000001", "0.000000999")),
+        (("1E+3", "2E+3", "1E+3"), ("1000", "2000", "1000")),
+    ],
+    ids=["micro", "nano", "thousands"],
+)
+def test_money_in_problem_documents_is_a_decimal_string(
+    guard: Guard, amounts: tuple[str, str, str], texts: tuple[str, str, str]
+) -> None:
+    used_, max_, remaining = (Decimal(a) for a in amounts)
+    problem = WebCore(guard).budget_problem(
+        _limit(used=used_, max=max_, remaining=remaining, state="ok")
+    )
+    document = json.loads(problem.body)
+    assert (document["used"], document["max"], document["remaining"]) == texts
+    assert (Decimal(texts[0]), Decimal(texts[1]), Decimal(texts[2])) == (used_, max_, remaining)
+    assert re.search(r"\d[eE][+-]?\d", problem.body.decode()) is None
+    assert f"{texts[2]} USD left ({texts[0]} of {texts[1]} used)" in document["detail"]
+
+
+def test_counts_in_problem_documents_stay_integers(guard: Guard) -> None:
+    limit = _limit(unit="requests", used=30, max=30, remaining=0)
+    document = json.loads(WebCore(guard).budget_problem(limit).body)
+    assert (document["used"], document["max"], document["remaining"]) == (30, 30, 0)
+    assert "(30 of 30 requests)" in document["detail"]
 
 
 def test_block_status_is_configurable(guard: Guard) -> None:

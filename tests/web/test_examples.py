@@ -16,7 +16,7 @@ from payi_guard import Guard
 from payi_guard.clock import FakeClock
 from payi_guard.config import check_file
 from payi_guard.testing import FakeProvider
-from web._support import serve_wsgi
+from web._support import serve_asgi, serve_wsgi
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -95,3 +95,49 @@ def test_flask_example_charges_the_session_user(provider: FakeProvider, clock: F
     assert [e["user_id"] for e in calls] == ["carol", "carol"]
     assert usage[0]["counter"] == "carol"
     assert float(usage[0]["used"]) == pytest.approx(sum(e["cost_usd"] for e in calls))
+
+
+def _chat_until_refused(http: httpx.Client, headers: dict[str, str]) -> httpx.Response:
+    for _ in range(30):
+        response = http.post("/api/chat", json={"prompt": "Say hello"}, headers=headers)
+        if response.status_code != 200:
+            return response
+    raise AssertionError("the daily limit never refused a call")
+
+
+def test_fastapi_example_refuses_a_stream_with_a_429_over_a_real_server(
+    provider: FakeProvider, clock: FakeClock
+) -> None:
+    example = _load("fastapi_app")
+    guard = Guard.from_yaml(example.BUDGETS, clock=clock)
+    app = example.create_app(guard, provider.openai_base_url)
+    bob = {"authorization": "Bearer bob-token"}
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        chat = _chat_until_refused(http, bob)
+        sent = len(provider.requests)
+        stream = http.get("/api/stream", params={"prompt": "Count"}, headers=bob)
+    assert chat.status_code == 429
+    assert len(provider.requests) == sent  # the refused stream never reached the provider
+    assert stream.status_code == 429, stream.text
+    assert stream.headers["content-type"] == "application/problem+json"
+    problem = stream.json()
+    assert problem["limit"] == "daily"
+    assert isinstance(problem["used"], str)
+    assert "e-" not in stream.text
+    assert int(stream.headers["retry-after"]) >= 1
+
+
+def test_flask_example_refuses_a_stream_with_a_429_over_a_real_server(
+    provider: FakeProvider, clock: FakeClock
+) -> None:
+    example = _load("flask_app")
+    guard = Guard.from_yaml(example.BUDGETS, clock=clock)
+    app = example.create_app(guard, provider.openai_base_url)
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/carol")
+        chat = _chat_until_refused(http, {})
+        stream = http.get("/api/stream", params={"prompt": "Count"})
+    assert chat.status_code == 429
+    assert stream.status_code == 429, stream.text
+    assert stream.headers["content-type"] == "application/problem+json"
+    assert stream.json()["limit"] == "daily"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import httpx
+import openai
 import pytest
 import structlog
 from fastapi import Depends, FastAPI, Header, HTTPException
@@ -15,8 +16,9 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from structlog.testing import capture_logs
 
+from payi_guard import track_context
 from payi_guard.context import current_request, get_context, set_user
-from payi_guard.engine import CallRequest, Guard
+from payi_guard.engine import CallRequest, Guard, UnknownModelRefused
 from payi_guard.fastapi import (
     BudgetHTTPException,
     guard_user,
@@ -24,6 +26,7 @@ from payi_guard.fastapi import (
     require_budget,
 )
 from payi_guard.pricing import TokenUsage
+from payi_guard.testing import FakeProvider
 from payi_guard.web import GuardMiddleware
 from web._support import (
     MODEL,
@@ -37,6 +40,7 @@ from web._support import (
     exhaust,
     exhaust_anonymous,
     serve_asgi,
+    spend_most,
     usd,
     used,
 )
@@ -366,3 +370,120 @@ def test_guard_user_validates_its_arguments() -> None:
         guard_user("not callable")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         guard_user(current_user_sync, id="id")  # type: ignore[arg-type]
+
+
+def _sdk_stream_app(guard: Guard, provider: FakeProvider, *, handlers: bool) -> FastAPI:
+    """``/api/stream`` streams a real OpenAI SDK call, as an app would write it."""
+    llm = guard.wrap(
+        openai.AsyncOpenAI(base_url=provider.openai_base_url, api_key="k", max_retries=0)
+    )
+    app = FastAPI()
+
+    @app.get("/api/stream")
+    async def stream() -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            chunks = await llm.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Count to three"}],
+                max_tokens=50,
+                stream=True,
+            )
+            async for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield f"data: {chunk.choices[0].delta.content}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    if handlers:
+        install_exception_handlers(app, guard)
+    app.add_middleware(GuardMiddleware, guard=guard, guarded_paths=["/api/*"])
+    app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+    return app
+
+
+@pytest.mark.parametrize("handlers", [False, True], ids=["plain", "with-handlers"])
+def test_a_refused_sdk_stream_is_a_429_over_a_real_server(guard: Guard, handlers: bool) -> None:
+    spend_most(guard, "alice")
+    with FakeProvider() as provider:
+        app = _sdk_stream_app(guard, provider, handlers=handlers)
+        with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+            with capture_logs() as logs:
+                response = http.get("/api/stream", headers=bearer("alice"))
+                fresh = http.get("/api/stream", headers=bearer("bob"))
+        assert len(provider.requests) == 1  # bob's; alice's call was refused before sending
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["limit"] == "daily"
+    assert fresh.status_code == 200
+    assert fresh.text.startswith("data: ")
+    refused = [e for e in logs if e["event"] == "budget_exceeded"]
+    assert [e["user_id"] for e in refused] == ["alice"]
+    assert not [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+
+
+def test_the_dependency_user_wins_over_a_trusted_header_and_duplicates_are_a_400(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(config(limits={"daily": {"max": 10, "per": "day"}}))
+    app = FastAPI()
+    user = guard_user(current_user_async, id=lambda u: u.id)
+
+    @app.get("/chat")
+    async def chat(_: Annotated[User | None, Depends(user)]) -> dict[str, Any]:
+        record = await acall(guard)
+        return {"user": record.user_id}
+
+    app.add_middleware(GuardMiddleware, guard=guard, trust_user_header=True)
+    two = [("xProxy-User-ID", "alice"), ("xProxy-User-ID", "bob")]
+    with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+        signed_in = http.get("/chat", headers={**bearer("carol"), "xProxy-User-ID": "dave"})
+        header_only = http.get("/chat", headers={"xProxy-User-ID": "dave"})
+        twice = http.get("/chat", headers=[*two, *bearer("carol").items()])
+    assert signed_in.json() == {"user": "carol"}
+    assert header_only.json() == {"user": "dave"}
+    assert twice.status_code == 400
+    assert "more than once" in twice.json()["detail"]
+    assert used(guard, "carol") == usd(cost_nano(100, 50))
+
+
+def test_an_unknown_model_refusal_is_logged_once_through_the_middleware_and_directly(
+    guard: Guard,
+) -> None:
+    with FakeProvider() as provider:
+        llm = guard.wrap(
+            openai.OpenAI(base_url=provider.openai_base_url, api_key="k", max_retries=3)
+        )
+
+        def ask() -> None:
+            llm.chat.completions.create(
+                model="no-such-model",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=5,
+            )
+
+        app = FastAPI()
+
+        @app.get("/api/chat")
+        def chat() -> dict[str, str]:
+            ask()
+            return {"reply": "never"}
+
+        app.add_middleware(GuardMiddleware, guard=guard, guarded_paths=["/api/*"])
+        app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
+        with capture_logs() as logs:
+            with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
+                response = http.get(
+                    "/api/chat", headers={**bearer("acme:alice"), "X-Request-ID": "u-1"}
+                )
+            with track_context(user_id="bob"), pytest.raises(UnknownModelRefused):
+                ask()  # a direct metered call, outside any request
+        assert provider.requests == []
+    assert response.status_code == 500  # the app did not handle the SDK's 403 error
+    lines = [e for e in logs if e["event"] == "unknown_model"]
+    # The fake provider is not api.openai.com: an OpenAI-compatible endpoint.
+    assert [(e["user_id"], e["model"], e["provider"]) for e in lines] == [
+        ("acme:alice", "no-such-model", "openai-compatible"),
+        ("bob", "no-such-model", "openai-compatible"),
+    ]
+    assert [e["unknown_model"] for e in lines] == ["block", "block"]
+    assert [e["request_id"] for e in lines] == ["u-1", None]

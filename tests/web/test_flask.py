@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from payi_guard.context import current_request, get_context
 from payi_guard.engine import Guard
 from payi_guard.flask import PayiGuard
-from web._support import call, config, cost_nano, exhaust, serve_wsgi, usd, used
+from web._support import call, config, cost_nano, exhaust, serve_wsgi, spend_most, usd, used
 
 
 class Probe:
@@ -49,6 +49,17 @@ def make_app(guard: Guard, probe: Probe, **options: Any) -> flask.Flask:
             yield f"charged:{record.user_id}\n"
 
         return flask.Response(flask.stream_with_context(body()), mimetype="text/plain")
+
+    @app.route("/api/stream")
+    @app.route("/stream-refused")
+    def stream_refused() -> flask.Response:
+        def body() -> Iterator[str]:
+            yield ""  # flushes nothing: no body byte yet
+            call(guard)
+            yield "data: never\n\n"
+
+        probe.views += 1
+        return flask.Response(flask.stream_with_context(body()), mimetype="text/event-stream")
 
     @app.teardown_request
     def teardown(exc: BaseException | None) -> None:
@@ -89,6 +100,25 @@ def test_streamed_body_with_stream_with_context(guard: Guard) -> None:
     assert probe.teardowns - teardowns_before >= 1
 
 
+def test_guarded_stream_refused_before_its_first_byte_is_a_429(guard: Guard) -> None:
+    probe = Probe()
+    app = make_app(guard, probe, guarded_paths=["/api/*"])
+    spend_most(guard, "bob")
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/bob")
+        with capture_logs() as logs:
+            response = http.get("/api/stream")
+            unguarded = http.get("/stream-refused")
+    assert probe.views == 2  # both views ran: the refusal came from inside the stream
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["limit"] == "daily"
+    # Unguarded paths are not held: there the refusal came after the (empty) start.
+    assert unguarded.status_code == 200
+    after = [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+    assert [e["user_id"] for e in after] == ["bob"]
+
+
 class LoginUser(UserMixin):  # type: ignore[misc]  # flask-login ships no types
     def __init__(self, user_id: str) -> None:
         self.id = user_id
@@ -112,6 +142,32 @@ def test_user_from_flask_login_wins_over_the_session_key(guard: Guard) -> None:
         response = http.get("/chat")
     assert response.json()["user"] == "acme:grace"
     assert used(guard, "session-user") == 0
+
+
+def test_the_signed_in_user_wins_over_a_trusted_header(guard: Guard) -> None:
+    app = make_app(guard, Probe(), trust_user_header=True, guarded_paths=["/api/*"])
+    exhaust(guard, "victim")
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/carol")
+        signed_in = http.get("/api/chat", headers={"xProxy-User-ID": "victim"})
+        http.cookies.clear()
+        header_only = http.get("/chat", headers={"xProxy-User-ID": "dave"})
+    assert signed_in.status_code == 200, signed_in.text
+    assert signed_in.json() == {"user": "carol", "context": "carol"}
+    assert used(guard, "carol") == usd(cost_nano(100, 50))
+    assert header_only.json()["user"] == "dave"  # no signed-in user: the trusted header
+
+
+@pytest.mark.parametrize("on_invalid_user", ["reject", "anonymous"])
+def test_duplicate_user_headers_are_a_400(guard: Guard, on_invalid_user: str) -> None:
+    probe = Probe()
+    app = make_app(guard, probe, trust_user_header=True, on_invalid_user=on_invalid_user)
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        http.get("/login/carol")
+        response = http.get("/chat", headers=[("xProxy-User-ID", "a"), ("xProxy-User-ID", "b")])
+    assert response.status_code == 400, response.text
+    assert "more than once" in response.json()["detail"]
+    assert probe.views == 0
 
 
 def test_user_callable_replaces_the_defaults(guard: Guard) -> None:
@@ -198,6 +254,52 @@ def test_session_strategy_with_a_session_id_callable(make_guard: Callable[..., G
         "user": "anonymous:d1",
         "context": None,
     }
+
+
+SESSION = config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
+"""Anonymous calls get $0.001 a day per session: five calls of $0.0002."""
+
+
+def test_fresh_raw_session_cookies_share_one_bucket(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(SESSION)
+    app = make_app(guard, Probe())
+    statuses, users = [], set()
+    with serve_wsgi(app) as url:
+        for i in range(40):
+            # A new client each time: no cookie jar, a fresh raw cookie.
+            with httpx.Client(base_url=url) as http:
+                response = http.get("/chat", headers={"cookie": f"session_id=fresh-{i}"})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                users.add(response.json()["user"])
+    assert statuses == [200] * 5 + [429] * 35
+    assert users == {"anonymous"}
+
+
+def test_the_flask_session_gets_its_own_bucket_from_its_second_request(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(SESSION)
+    app = make_app(guard, Probe())
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
+        first = http.get("/chat").json()["user"]
+        second = http.get("/chat").json()["user"]
+        third = http.get("/chat").json()["user"]
+    assert first == "anonymous"
+    assert second.startswith("anonymous:")
+    assert third == second
+    assert used(guard, second) == usd(2 * cost_nano(100, 50))
+
+
+def test_without_a_secret_key_there_is_no_session_and_one_bucket(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(SESSION)
+    app = make_app(guard, Probe())
+    app.secret_key = None
+    client = app.test_client()
+    users = {client.get("/chat").json["user"] for _ in range(3)}  # type: ignore[index]
+    assert users == {"anonymous"}
 
 
 def test_installing_twice_is_refused(guard: Guard) -> None:

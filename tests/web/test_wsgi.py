@@ -18,7 +18,18 @@ from werkzeug.test import EnvironBuilder
 from payi_guard.context import current_request, get_context
 from payi_guard.engine import Guard
 from payi_guard.web import WSGIGuardMiddleware
-from web._support import call, config, cost_nano, exhaust, free_port, serve_wsgi, usd, used
+from payi_guard.web.options import InvalidUserPolicy
+from web._support import (
+    call,
+    config,
+    cost_nano,
+    exhaust,
+    free_port,
+    serve_wsgi,
+    spend_most,
+    usd,
+    used,
+)
 
 StartResponse = Callable[..., Any]
 
@@ -192,6 +203,105 @@ def test_refusal_before_the_first_chunk_replaces_the_headers(guard: Guard) -> No
     assert response.json()["limit"] == "daily"
 
 
+def _refused_after(first: bytes, guard: Guard) -> Callable[..., Iterable[bytes]]:
+    """A streamed body that sends ``first``, then makes a GenAI call."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+
+        def body() -> Iterator[bytes]:
+            yield first
+            call(guard)
+            yield b"data: never\n\n"
+
+        return body()
+
+    return app
+
+
+def test_guarded_stream_refused_after_an_empty_chunk_is_a_429_over_a_real_server(
+    guard: Guard,
+) -> None:
+    spend_most(guard, "alice")
+    middleware = WSGIGuardMiddleware(
+        _refused_after(b"", guard), guard=guard, trust_user_header=True, guarded_paths=["/api/*"]
+    )
+    with serve_wsgi(middleware) as url, httpx.Client(base_url=url) as http:
+        with capture_logs() as logs:
+            response = http.get("/api/stream", headers={"xProxy-User-ID": "alice"})
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["remaining"] == "0.0001"
+    assert not [e for e in logs if e["event"] == "budget_exceeded_after_start"]
+
+
+def test_a_guarded_start_response_waits_for_the_first_non_empty_chunk(guard: Guard) -> None:
+    start = StartRecorder()
+    seen: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body() -> Iterator[bytes]:
+            seen.append(len(start.calls))
+            yield b""
+            seen.append(len(start.calls))
+            yield b"one"
+            seen.append(len(start.calls))
+            yield b"two"
+
+        return body()
+
+    middleware = WSGIGuardMiddleware(app, guard=guard, guarded_paths=["/api/*"])
+    result = middleware(_environ("/api/x"), start)
+    assert start.calls == []  # held
+    chunks = list(result)
+    result.close()  # type: ignore[attr-defined]
+    assert chunks == [b"one", b"two"]  # the empty chunk carried nothing
+    assert seen == [0, 0, 1]  # sent with the first byte; no chunk is buffered
+    assert [c[0] for c in start.calls] == ["200 OK"]
+
+
+@pytest.mark.parametrize("body", [[], [b""]], ids=["no-chunk", "empty-chunk"])
+def test_a_guarded_empty_body_sends_its_start_at_the_end(guard: Guard, body: list[bytes]) -> None:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("204 No Content", [])
+        return body
+
+    start = StartRecorder()
+    result = WSGIGuardMiddleware(app, guard=guard, guarded_paths=["/api/*"])(
+        _environ("/api/x"), start
+    )
+    assert list(result) == []
+    assert [c[0] for c in start.calls] == ["204 No Content"]
+
+
+def test_a_guarded_write_callable_sends_the_start_first(guard: Guard) -> None:
+    def legacy(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"written")
+        return [b"-returned"]
+
+    middleware = WSGIGuardMiddleware(legacy, guard=guard, guarded_paths=["/api/*"])
+    with serve_wsgi(middleware) as url, httpx.Client(base_url=url) as http:
+        response = http.get("/api/x")
+    assert response.status_code == 200
+    assert response.text == "written-returned"
+
+
+def test_unguarded_paths_pass_start_response_through_at_once(guard: Guard) -> None:
+    start = StartRecorder()
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return [b"", b"x"]
+
+    middleware = WSGIGuardMiddleware(app, guard=guard, guarded_paths=["/api/*"])
+    result = middleware(_environ("/open"), start)
+    assert [c[0] for c in start.calls] == ["200 OK"]
+    assert list(result) == [b"", b"x"]
+
+
 def test_refusal_after_the_first_chunk_is_logged_and_ends_the_body(guard: Guard) -> None:
     closed = []
 
@@ -248,25 +358,74 @@ def test_resolver_gets_the_environ_and_invalid_ids_get_400(guard: Guard) -> None
     assert b"frank" not in body
 
 
-def test_session_cookie_and_budget_headers(make_guard: Callable[..., Guard]) -> None:
-    guard = make_guard(
-        config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
-    )
+SESSION = config(anonymous={"strategy": "session", "limits": [{"max": 0.001, "per": "day"}]})
+"""Anonymous calls get $0.001 a day per session: five calls of $0.0002."""
 
+
+def _charging_app(guard: Guard) -> Callable[..., Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         record = call(guard)
         start_response("200 OK", [])
         return [record.user_id.encode()]
 
-    middleware = WSGIGuardMiddleware(app, guard=guard, guarded_paths=["/*"], budget_headers=True)
+    return app
+
+
+def test_fresh_raw_session_cookies_share_one_bucket(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(SESSION)
+    middleware = WSGIGuardMiddleware(_charging_app(guard), guard=guard)
+    statuses, users = [], set()
     with serve_wsgi(middleware) as url, httpx.Client(base_url=url) as http:
-        first = http.get("/", headers={"cookie": "session_id=abc"})
-        second = http.get("/", headers={"cookie": "session_id=abc"})
-    bucket = first.text
-    assert bucket.startswith("anonymous:")
-    assert second.text == bucket
-    assert first.headers["ratelimit"] == '"anonymous:0";r=1000;t=43200'
-    assert second.headers["ratelimit"] == '"anonymous:0";r=800;t=43200'
+        for i in range(40):
+            response = http.get("/", headers={"cookie": f"session_id=fresh-{i}"})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                users.add(response.text)
+    assert statuses == [200] * 5 + [429] * 35
+    assert users == {"anonymous"}
+
+
+def test_session_id_callable_and_budget_headers(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard(SESSION)
+    middleware = WSGIGuardMiddleware(
+        _charging_app(guard),
+        guard=guard,
+        guarded_paths=["/*"],
+        budget_headers=True,
+        session_id=lambda environ: environ.get("REMOTE_USER"),  # a device the app vouches for
+    )
+    first_environ = _environ()
+    first_environ["REMOTE_USER"] = "device-7"
+    start = StartRecorder()
+    first = b"".join(middleware(first_environ, start))
+    second = b"".join(middleware(dict(first_environ), start))
+    assert first == second == b"anonymous:device-7"
+    assert dict(start.calls[0][1])["RateLimit"] == '"anonymous:0";r=1000;t=43200'
+    assert dict(start.calls[1][1])["RateLimit"] == '"anonymous:0";r=800;t=43200'
+
+
+@pytest.mark.parametrize("on_invalid_user", ["reject", "anonymous"])
+def test_duplicate_user_headers_are_a_400_over_a_real_server(
+    guard: Guard, on_invalid_user: InvalidUserPolicy
+) -> None:
+    middleware = WSGIGuardMiddleware(
+        _charging_app(guard),
+        guard=guard,
+        trust_user_header=True,
+        on_invalid_user=on_invalid_user,
+        user=lambda environ: environ.get("HTTP_X_APP_USER"),
+    )
+    two = [("xProxy-User-ID", "alice"), ("xProxy-User-ID", "bob")]
+    with serve_wsgi(middleware) as url, httpx.Client(base_url=url) as http:
+        twice = http.get("/", headers=two)
+        signed_in = http.get("/", headers=[*two, ("X-App-User", "carol")])
+        once = http.get("/", headers={"xProxy-User-ID": "dave", "X-App-User": "carol"})
+    for response in (twice, signed_in):
+        assert response.status_code == 400, response.text
+        assert "more than once" in response.json()["detail"]
+        assert "alice" not in response.text
+    assert once.text == "carol"  # the app's own user wins over the header
+    assert used(guard, "dave") == 0
 
 
 def test_storage_failure_blocks_with_503(make_guard: Callable[..., Guard]) -> None:

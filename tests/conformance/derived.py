@@ -1,0 +1,152 @@
+"""Synthetic cases built in code from real recordings, for what no public recording shows.
+
+Each function takes one copied recording and changes exactly what its name says; the
+rest of the interaction (headers, ids, the other fields of the body) stays as recorded.
+Their ids start with ``synthetic/`` and name the recording they come from.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from dataclasses import replace
+from typing import Any
+
+from conformance.corpus import Interaction, corpus, sse_events
+
+CHAT = "pydantic-ai/test_openai/test_max_completion_tokens[gpt-4o-mini]"
+"""A plain OpenAI chat completion (gpt-4o-mini, 8 + 9 tokens)."""
+
+CHAT_STREAM = "pydantic-ai/test_openai/test_run_stream_sync_streams_real_model#1"
+"""An OpenAI chat stream recorded with ``include_usage`` (78 + 9 tokens)."""
+
+OPENAI_ERROR = "pydantic-ai/test_openai/test_openai_o1_mini_system_role[system]"
+"""An OpenAI 400 response."""
+
+ANTHROPIC = "pydantic-ai/test_anthropic/test_anthropic_model_instructions"
+"""A plain Anthropic message (claude-3-opus)."""
+
+EMBEDDING = "pydantic-ai/test_embeddings/TestOpenAI.test_instrumentation"
+"""An OpenAI embedding recorded as base64 (128 dimensions)."""
+
+RESPONSES = (
+    "pydantic-ai/test_openai_responses/"
+    "test_openai_responses_gpt_5_5_drops_sampling_params_by_default"
+)
+"""A Responses call that reports ``input_tokens_details.cache_write_tokens`` (as 0)."""
+
+
+def recorded(interaction_id: str) -> Interaction:
+    """The copied recording with this id."""
+    for interaction in corpus():
+        if interaction.id == interaction_id:
+            return interaction
+    raise LookupError(interaction_id)
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _derived(source: Interaction, name: str, **changes: Any) -> Interaction:
+    return replace(source, file=f"synthetic/{name}.yaml", index=0, multiple=False, **changes)
+
+
+def _with_header(source: Interaction, name: str, value: str) -> tuple[tuple[str, str], ...]:
+    kept = [(k, v) for k, v in source.headers if k != name]
+    return tuple(sorted([*kept, (name, value)]))
+
+
+def float_embedding() -> Interaction:
+    """The base64 embedding as OpenAI sends it for ``encoding_format: float``."""
+    source = recorded(EMBEDDING)
+    body = json.loads(source.body)
+    for item in body["data"]:
+        raw = base64.b64decode(item["embedding"])
+        item["embedding"] = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    request = {**source.request, "encoding_format": "float"}
+    return _derived(source, "embeddings_float", request=request, body=_json(body))
+
+
+def server_error_openai() -> Interaction:
+    """An OpenAI 500, with the body OpenAI sends for one, in place of the recorded 400."""
+    source = recorded(OPENAI_ERROR)
+    body = {
+        "error": {
+            "message": "The server had an error while processing your request. Sorry about that!",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    return _derived(source, "openai_500", status=500, body=_json(body))
+
+
+def overloaded_anthropic() -> Interaction:
+    """An Anthropic 529 ``overloaded_error`` for the recorded request."""
+    source = recorded(ANTHROPIC)
+    body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    return _derived(source, "anthropic_529", status=529, body=_json(body))
+
+
+def event_stream_as_json() -> Interaction:
+    """The recorded chat stream, served with ``content-type: application/json``."""
+    source = recorded(CHAT_STREAM)
+    headers = _with_header(source, "content-type", "application/json")
+    return _derived(source, "chat_stream_json_content_type", headers=headers)
+
+
+INVALID_USAGE: dict[str, Any] = {
+    "negative": -8,
+    "string": "8",
+    "float": 8.5,
+}
+"""``prompt_tokens`` values that cannot be trusted, by name."""
+
+
+def invalid_usage(kind: str, *, stream: bool = False) -> Interaction:
+    """The recorded chat (or chat stream) with an untrustworthy ``prompt_tokens``."""
+    value = INVALID_USAGE[kind]
+    if not stream:
+        source = recorded(CHAT)
+        body = json.loads(source.body)
+        body["usage"]["prompt_tokens"] = value
+        return _derived(source, f"usage_{kind}", body=_json(body))
+    source = recorded(CHAT_STREAM)
+    out: list[bytes] = []
+    for _, data, raw in sse_events(source.body):
+        if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+            data["usage"]["prompt_tokens"] = value
+            raw = b"data: " + _json(data) + b"\n\n"
+        out.append(raw)
+    return _derived(source, f"stream_usage_{kind}", body=b"".join(out))
+
+
+def responses_cache_write() -> Interaction:
+    """The recorded Responses call with a 1,024-token prefix written to the cache."""
+    source = recorded(RESPONSES)
+    body = json.loads(source.body)
+    usage = body["usage"]
+    usage["input_tokens"] += 1024
+    usage["input_tokens_details"]["cache_write_tokens"] = 1024
+    usage["total_tokens"] += 1024
+    return _derived(source, "responses_cache_write", body=_json(body))
+
+
+def oversized_output_cap() -> Interaction:
+    """The recorded chat asking for ``max_completion_tokens: 10**14``."""
+    source = recorded(CHAT)
+    request = {**source.request, "max_completion_tokens": 10**14}
+    return _derived(source, "max_tokens_overflow", request=request)
+
+
+def replayable() -> tuple[Interaction, ...]:
+    """The derived cases that the ordinary replay checks apply to."""
+    return (
+        float_embedding(),
+        server_error_openai(),
+        overloaded_anthropic(),
+        event_stream_as_json(),
+        responses_cache_write(),
+    )

@@ -1,0 +1,237 @@
+"""Known gaps: where payi_guard is not yet exact on recorded traffic.
+
+Each :class:`Gap` says which cases it affects and which failure it causes there. A case
+touched by gaps is marked ``xfail(strict=True, raises=...)`` for exactly those
+failures: any other failure still fails the suite, and once a gap is fixed its cases
+pass, which strict mode reports as a failure until the gap is removed from
+:data:`GAPS`. Removing a gap is the last step of fixing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import genai_prices
+import pytest
+
+from conformance.calls import azure_deployment
+from conformance.corpus import Interaction
+from conformance.expected import PRICED_AT, bill
+from conformance.harness import (
+    AppViewDiffers,
+    Case,
+    ChargedWrongly,
+    CostDiffers,
+    NotSettledAtEnd,
+    RequestHeadersDiffer,
+    TokensDiffer,
+)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A known way the package falls short.
+
+    Attributes:
+        name: a short key.
+        reason: the gap, one line (the xfail reason).
+        failures: the failures it causes.
+        applies: whether it affects a case.
+    """
+
+    name: str
+    reason: str
+    failures: tuple[type[AssertionError], ...]
+    applies: Callable[[Case], bool]
+
+
+def _searches(interaction: Interaction) -> int:
+    expected = bill(interaction) if interaction.ok else None
+    return sum(p.web_searches for p in expected.parts) if expected else 0
+
+
+def _full_read(case: Case) -> bool:
+    return case.interaction.ok and case.variant != "break"
+
+
+def _cache_writes(case: Case) -> bool:
+    interaction = case.interaction
+    if not _full_read(case) or interaction.kind not in ("chat", "responses"):
+        return False
+    expected = bill(interaction)
+    return expected is not None and expected.tokens.cache_write_tokens > 0
+
+
+def _iterations(case: Case) -> bool:
+    if not _full_read(case) or case.interaction.kind != "messages":
+        return False
+    expected = bill(case.interaction)
+    return expected is not None and len(expected.parts) > 1
+
+
+def _measured(*ids: str, variant: str | None = None) -> Callable[[Case], bool]:
+    """Cases of the listed interactions (measured: the gap depends on an estimate)."""
+    listed = frozenset(ids)
+
+    def applies(case: Case) -> bool:
+        if variant is not None and case.variant != variant:
+            return False
+        if variant is None and not _full_read(case):
+            return False
+        return case.interaction.id in listed
+
+    return applies
+
+
+def _error_chunk_with_usage(case: Case) -> bool:
+    """A chat stream whose chunk carries an ``error`` and the usage together."""
+    interaction = case.interaction
+    if not _full_read(case) or interaction.kind != "chat" or not interaction.is_stream:
+        return False
+    return any(
+        isinstance(data, dict) and data.get("error") and isinstance(data.get("usage"), dict)
+        for _, data in interaction.events()
+    )
+
+
+@cache
+def _deployment_unpriced(interaction: Interaction) -> bool:
+    deployment = azure_deployment(interaction)
+    if deployment is None:
+        return False
+    try:
+        genai_prices.calc_price(
+            genai_prices.Usage(input_tokens=1), deployment, genai_request_timestamp=PRICED_AT
+        )
+    except LookupError:
+        return True
+    return False
+
+
+GAPS: tuple[Gap, ...] = (
+    Gap(
+        "request_headers",
+        "the guard sets accept-encoding: identity on the app's own request object "
+        "(raw.http_request.headers)",
+        (RequestHeadersDiffer,),
+        lambda case: case.variant == "raw",
+    ),
+    Gap(
+        "bytes_content_stream",
+        "a stream whose body is already read (bytes content) is settled only when collected, "
+        "as incomplete from the estimate, and its injected usage chunk reaches the app",
+        # When the collection happens before the app is done depends on a background
+        # thread, so the same case shows one failure or another.
+        (NotSettledAtEnd, TokensDiffer, CostDiffers, AppViewDiffers),
+        lambda case: (
+            case.transport == "memory"
+            and case.interaction.is_stream
+            and case.interaction.content_type == "text/event-stream"
+        ),
+    ),
+    Gap(
+        "include_usage_visible",
+        "chunks carry usage: null (to_json, model_fields_set) when the guard injected "
+        "stream_options.include_usage",
+        (AppViewDiffers,),
+        lambda case: case.variant == "no_usage",
+    ),
+    Gap(
+        "json_event_stream",
+        "an event stream served with a JSON content type is read as one body and charged "
+        "the whole reservation as ok",
+        (TokensDiffer, CostDiffers, ChargedWrongly),
+        lambda case: (
+            case.interaction.is_stream and case.interaction.content_type != "text/event-stream"
+        ),
+    ),
+    Gap(
+        "cache_write",
+        "OpenAI cache_write_tokens (prompt_tokens_details / input_tokens_details) are "
+        "logged as input and priced at the input rate",
+        (TokensDiffer, CostDiffers),
+        _cache_writes,
+    ),
+    Gap(
+        "server_tools",
+        "Anthropic usage.server_tool_use.web_search_requests is not charged",
+        (CostDiffers,),
+        lambda case: (
+            _full_read(case)
+            and case.interaction.kind == "messages"
+            and _searches(case.interaction) > 0
+        ),
+    ),
+    Gap(
+        "builtin_tools",
+        "Responses web_search_call items are not charged",
+        (CostDiffers,),
+        lambda case: (
+            _full_read(case)
+            and case.interaction.kind == "responses"
+            and _searches(case.interaction) > 0
+        ),
+    ),
+    Gap(
+        "iterations",
+        "Anthropic usage.iterations (compaction, advisor) is not what is charged",
+        (TokensDiffer, CostDiffers),
+        _iterations,
+    ),
+    Gap(
+        "azure_deployment",
+        "an Azure deployment name is priced as a model (unknown: $0) although the "
+        "response names the model",
+        (CostDiffers,),
+        lambda case: _full_read(case) and _deployment_unpriced(case.interaction),
+    ),
+    Gap(
+        "compatible_host",
+        "an OpenAI-compatible host of another provider is priced by model name, not as "
+        "that provider",
+        (CostDiffers,),
+        _measured("pydantic-ai/test_groq/test_groq_native_output"),
+    ),
+    Gap(
+        "error_chunk_usage",
+        "the usage of a chat chunk that also carries an error is ignored (charged from "
+        "the estimate)",
+        (TokensDiffer, CostDiffers),
+        _error_chunk_with_usage,
+    ),
+    Gap(
+        "early_break",
+        "a stream broken off before its usage is charged the input's upper bound",
+        (ChargedWrongly,),
+        _measured(
+            "pydantic-ai/test_openai/test_openai_moderation_stream",
+            "pydantic-ai/test_openai/test_run_stream_sync_streams_real_model#0",
+            "pydantic-ai/test_openai/test_run_stream_sync_streams_real_model#1",
+            "logfire/test_openai/test_responses_stream",
+            "llm/test_openai_responses/test_responses_basic_streaming",
+            variant="break",
+        ),
+    ),
+)
+
+
+def gaps_of(case: Case) -> list[Gap]:
+    """The known gaps that affect ``case``."""
+    return [gap for gap in GAPS if gap.applies(case)]
+
+
+def marks(case: Case) -> list[pytest.MarkDecorator]:
+    """The strict xfail mark of a case touched by known gaps (none otherwise)."""
+    found = gaps_of(case)
+    if not found:
+        return []
+    raises = tuple(dict.fromkeys(f for gap in found for f in gap.failures))
+    reason = "; ".join(gap.reason for gap in found)
+    return [pytest.mark.xfail(strict=True, raises=raises, reason=reason)]
+
+
+def expected_failures(case: Case) -> tuple[type[AssertionError], ...]:
+    """The failures the known gaps of ``case`` explain."""
+    return tuple(dict.fromkeys(f for gap in gaps_of(case) for f in gap.failures))
