@@ -208,7 +208,11 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
     ``AsyncAzureOpenAI``, ``anthropic.Anthropic`` / ``AsyncAnthropic`` (and the other
     clients of those SDKs), and plain ``httpx`` / ``httpx2`` ``Client`` /
     ``AsyncClient`` objects aimed at any OpenAI-compatible (or Anthropic-compatible)
-    ``base_url``. Wrapping twice does nothing more; wrapping a client ``instrument()``
+    ``base_url``; also ``google.genai`` ``Client`` / ``AsyncClient``, boto3
+    ``bedrock-runtime`` clients, ``mistralai`` ``Mistral``, ``groq`` ``Groq`` /
+    ``AsyncGroq`` and LiteLLM ``HTTPHandler`` / ``AsyncHTTPHandler`` objects
+    (:mod:`payi_guard.meter.providers`; a refusal is then the SDK's own rate-limit
+    exception). Wrapping twice does nothing more; wrapping a client ``instrument()``
     already guards makes it keep this guard after ``uninstrument()``.
 
     The provider charged is ``openai`` for ``api.openai.com``, ``azure`` for Azure
