@@ -16,7 +16,10 @@ Event names (contract):
 * ``unknown_model``: no price is known for a call's model, with ``user_id``, ``model``,
   ``provider``, ``unknown_model`` (the policy) and ``outcome``: ``refused`` under
   ``unknown_model: block`` (once per refused call), ``recorded`` for a manual event
-  charged without a cost.
+  charged without a cost;
+* ``usage_invalid``: a provider's usage report was missing or could not be trusted
+  (negative, not an integer); the call is charged its reservation and its
+  ``genai_call`` says ``outcome="unverified"``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "OBSERVER_ERROR",
     "STORAGE_ERROR",
     "UNKNOWN_MODEL",
+    "USAGE_INVALID",
     "configure_json",
     "get_logger",
 ]
@@ -50,6 +54,7 @@ BUDGET_EXCEEDED = "budget_exceeded"
 BUDGET_OVERRUN = "budget_overrun"
 STORAGE_ERROR = "storage_error"
 UNKNOWN_MODEL = "unknown_model"
+USAGE_INVALID = "usage_invalid"
 CONFIG_RELOADED = "config_reloaded"
 CONFIG_RELOAD_FAILED = "config_reload_failed"
 OBSERVER_ERROR = "observer_error"

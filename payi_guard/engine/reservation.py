@@ -8,11 +8,15 @@ from decimal import Decimal
 from payi_guard.context import Attribution
 from payi_guard.engine.bookkeeper import Bookkeeper, CounterStates
 from payi_guard.engine.calls import CallRecord, CallRequest
-from payi_guard.engine.plan import Plan
+from payi_guard.engine.plan import Plan, amounts_by_counter
 from payi_guard.money import decimal_usd
 from payi_guard.pricing import TokenUsage
 
-__all__ = ["Reservation"]
+__all__ = ["UNVERIFIED", "Reservation"]
+
+UNVERIFIED = "unverified"
+"""The outcome of a call whose reported usage cannot be trusted (missing, negative,
+not an integer): it is charged exactly what was reserved, never $0."""
 
 
 class Reservation:
@@ -85,7 +89,10 @@ class Reservation:
 
         Args:
             usage: the tokens the provider reported (or the best estimate of them).
-            outcome: ``ok``, ``incomplete`` or ``error`` (a partial stream).
+            outcome: ``ok``, ``incomplete`` or ``error`` (a partial stream), or
+                :data:`UNVERIFIED`: the provider's usage cannot be trusted, so ``usage``
+                is ignored and exactly the reservation is charged (its token bounds
+                and its upper-bound cost).
 
         Returns:
             The call record; for a reservation already settled or released, the first
@@ -93,7 +100,7 @@ class Reservation:
         """
         if not self._claim():
             return self._record
-        amounts, cost, priced = self._books.amounts(self._plan, usage)
+        usage, (amounts, cost, priced) = self._charge(usage, outcome)
         states = self._books.commit(self._plan, amounts)
         return self._finish(usage, cost, priced, outcome, states, amounts)
 
@@ -101,7 +108,7 @@ class Reservation:
         """Async :meth:`settle`."""
         if not self._claim():
             return self._record
-        amounts, cost, priced = self._books.amounts(self._plan, usage)
+        usage, (amounts, cost, priced) = self._charge(usage, outcome)
         states = await self._books.acommit(self._plan, amounts)
         return self._finish(usage, cost, priced, outcome, states, amounts)
 
@@ -118,6 +125,17 @@ class Reservation:
             return self._record
         ok = await self._books.arelease(self._plan, self._held)
         return self._finish(None, 0, True, outcome, () if ok else None, None)
+
+    def _charge(
+        self, usage: TokenUsage, outcome: str
+    ) -> tuple[TokenUsage, tuple[list[int], int, bool]]:
+        """The usage charged and its amounts; :data:`UNVERIFIED` charges the reservation."""
+        plan = self._plan
+        if outcome != UNVERIFIED:
+            return usage, self._books.amounts(plan, usage)
+        reserved = TokenUsage(plan.call.input_tokens, plan.call.max_output_tokens)
+        amounts = amounts_by_counter(plan.counters, plan.estimate_nano, reserved.total_tokens)
+        return reserved, (amounts, plan.estimate_nano, plan.rates is not None)
 
     def _finish(
         self,
