@@ -129,19 +129,32 @@ def redis_server_binary() -> str:
 
 @dataclass
 class RedisServer:
-    """A private redis-server process that a test may stop, freeze and restart."""
+    """A private redis-server process that a test may stop, freeze and restart.
+
+    ``appendonly`` turns on AOF persistence (``appendfsync`` says how often it is
+    synced); a restart on the same ``workdir`` then reloads what the AOF holds.
+    """
 
     port: int
     extra: list[str] = field(default_factory=list)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pg-redis-")))
     process: subprocess.Popen[bytes] | None = None
+    appendonly: bool = False
+    appendfsync: str = "everysec"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, *, sentinel: bool = False, timeout: float = 10.0) -> None:
         command = [redis_server_binary()]
         if sentinel:
             command += [str(self.workdir / "sentinel.conf"), "--sentinel"]
+        persistence = ["--appendonly", "no"]
+        if self.appendonly:
+            persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         command += [
-            "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
             "--daemonize", "no", "--dir", str(self.workdir), *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(
@@ -154,20 +167,33 @@ class RedisServer:
                 client.ping()
                 client.close()
                 return
+            except redis.BusyLoadingError:
+                time.sleep(0.02)  # replaying its AOF
             except redis.RedisError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server on port {self.port} did not start") from None
                 time.sleep(0.02)
 
     def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing is answered."""
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw a frozen server (SIGCONT): it then serves what was queued meanwhile."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()  # SIGKILL works on a stopped process too
             self.process.wait(timeout=10)
         self.process = None
+
+    def restart(self) -> None:
+        """SIGKILL the server and start it again on the same port and directory."""
+        self.kill()
+        self.start()
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
