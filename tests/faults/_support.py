@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from ledger._support import store_time
 
 # The fake provider's import path is kept in this one place.
 from payi_guard.fake_provider import FakeProvider
@@ -33,12 +34,6 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
-
-
-def store_time(client: redis.Redis) -> float:
-    """The store's own clock (``TIME``), in epoch seconds."""
-    seconds, micros = client.time()
-    return float(seconds) + micros / 1_000_000
 
 
 def wait_store_time(client: redis.Redis, target: float, *, timeout: float = 60.0) -> None:

@@ -20,8 +20,9 @@ from payi_guard.ledger import Charge, CounterState, open_async_ledger, open_ledg
 from payi_guard.ledger.factory import DEFAULT_TIMEOUT
 
 EXPIRES = time.time() + 3 * 86_400
-ALLOWANCE = 0.5
-"""Seconds a loaded machine may add to a wait on top of what the timeouts allow."""
+ALLOWANCE = 1.0
+"""Seconds a loaded machine may add to a wait on top of what the timeouts allow (hundreds
+of requests timing out at once are hundreds of exceptions for one event loop)."""
 BOUND = 2 * DEFAULT_TIMEOUT + ALLOWANCE
 
 
@@ -141,18 +142,20 @@ class Chaos:
         self.server.resume()
 
 
-def _check_waits(waits: list[float], failures: Counter[str]) -> None:
+def _check_waits(waits: list[float], failures: Counter[tuple[str, str]]) -> None:
     assert waits
     assert max(waits) <= BOUND, (max(waits), BOUND, failures)
-    # Only storage errors escape the ledger (timeouts, refused connections).
-    assert all(name.startswith("StorageError") or "Unknown" in name for name in failures)
+    # Only storage errors escape the ledger, and none of them is a wait for a pooled
+    # connection: a call waits on the store, never on the calls ahead of it.
+    assert all(kind.startswith("Storage") for kind, _ in failures), failures
+    assert not [why for _, why in failures if "No connection available" in why], failures
 
 
 def test_threads_wait_at_most_twice_the_timeout_on_a_frozen_store(server: RedisServer) -> None:
     ledger = open_ledger(server.url)
     key = "f:{u:slow}:usd"
     waits: list[float] = []
-    failures: Counter[str] = Counter()
+    failures: Counter[tuple[str, str]] = Counter()
     lock = threading.Lock()
     ledger.read([key], now=time.time())
 
@@ -169,7 +172,7 @@ def test_threads_wait_at_most_twice_the_timeout_on_a_frozen_store(server: RedisS
                         ledger.commit(rid, charge, now=time.time())
                 except Exception as exc:
                     with lock:
-                        failures[type(exc).__name__] += 1
+                        failures[type(exc).__name__, str(exc)[:80]] += 1
                 took = time.perf_counter() - started
                 with lock:
                     waits.append(took)
@@ -194,7 +197,7 @@ async def test_async_tasks_wait_at_most_twice_the_timeout_on_a_frozen_store(
     ledger = open_async_ledger(server.url)
     key = "f:{u:slow}:usd"
     waits: list[float] = []
-    failures: Counter[str] = Counter()
+    failures: Counter[tuple[str, str]] = Counter()
     await ledger.read([key], now=time.time())
 
     async def run(chaos: Chaos) -> None:
@@ -210,7 +213,7 @@ async def test_async_tasks_wait_at_most_twice_the_timeout_on_a_frozen_store(
                     else:
                         await ledger.commit(rid, [Charge(key, 1, None, EXPIRES)], now=time.time())
                 except Exception as exc:
-                    failures[type(exc).__name__] += 1
+                    failures[type(exc).__name__, str(exc)[:80]] += 1
                 waits.append(time.perf_counter() - started)
             await asyncio.sleep(0.005)
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from payi_guard.clock import FakeClock
 from payi_guard.ledger import AsyncLedger, Charge, CounterState, Ledger, MemoryLedger, ReserveResult
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -35,11 +36,18 @@ class LedgerAdapter:
         *,
         memory: MemoryLedger | None = None,
         raw: redis.Redis | None = None,
+        make: Callable[..., Ledger | AsyncLedger] | None = None,
     ) -> None:
         self.kind = kind
         self.ledger = ledger
         self.memory = memory
         self.raw = raw
+        self._make = make
+
+    def with_options(self, **options: Any) -> LedgerAdapter:
+        """Another ledger of the same kind on the same store, built with ``options``."""
+        assert self._make is not None, "this adapter cannot build another ledger"
+        return LedgerAdapter(self.kind, self._make(**options), raw=self.raw, make=self._make)
 
     @property
     def is_redis(self) -> bool:
@@ -71,6 +79,35 @@ class LedgerAdapter:
             return self.ledger.read(keys, now=now)
         return await self.ledger.read(keys, now=now)
 
+    async def renew(self, rid: str, keys: Sequence[str], *, now: float, ttl: float) -> bool:
+        if isinstance(self.ledger, Ledger):
+            return self.ledger.renew(rid, keys, now=now, ttl=ttl)
+        return await self.ledger.renew(rid, keys, now=now, ttl=ttl)
+
+    async def renew_many(
+        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
+    ) -> tuple[bool, ...]:
+        if isinstance(self.ledger, Ledger):
+            return self.ledger.renew_many(reservations, now=now, ttl=ttl)
+        return await self.ledger.renew_many(reservations, now=now, ttl=ttl)
+
+    @property
+    def short_ttl(self) -> float:
+        """A reservation ttl that :meth:`elapse` can pass quickly on this backend's clock."""
+        return 0.3 if self.raw is not None else 30.0
+
+    async def elapse(self, clock: FakeClock, seconds: float) -> None:
+        """Let ``seconds`` pass on the store's clock: the fake clock for memory, the
+        server's own clock (waited for, never guessed) for Redis."""
+        if self.raw is not None:
+            raw = self.raw
+            start = store_time(raw)
+            deadline = time.monotonic() + 60 + seconds
+            while store_time(raw) < start + seconds:
+                assert time.monotonic() < deadline, "the store's clock did not move"
+                time.sleep(0.02)
+        clock.advance(seconds)
+
     async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
         if isinstance(self.ledger, Ledger):
             return self.ledger.scan(match, now=now, limit=limit)
@@ -81,6 +118,12 @@ class LedgerAdapter:
             self.ledger.close()
         else:
             await self.ledger.aclose()
+
+
+def store_time(client: redis.Redis) -> float:
+    """The store's own clock (``TIME``), in epoch seconds."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1_000_000
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> int:
@@ -199,13 +242,22 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
 
 
+def _count(connection: object) -> None:
+    # The ledger's factory subclasses the class it is given: count on the class that
+    # holds the counter, not on the subclass.
+    for cls in type(connection).__mro__:
+        if "sent" in vars(cls):
+            cls.sent += 1  # type: ignore[attr-defined]
+            return
+
+
 class CountingConnection(redis.Connection):
     """A redis-py connection that counts the requests it sends (one per round trip)."""
 
     sent = 0
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).sent += 1
+        _count(self)
         parent: Any = super()
         parent.send_packed_command(command, check_health)
 
@@ -216,7 +268,7 @@ class AsyncCountingConnection(redis.asyncio.Connection):
     sent = 0
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).sent += 1
+        _count(self)
         parent: Any = super()
         await parent.send_packed_command(command, check_health)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -34,15 +36,18 @@ async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncItera
     if kind.startswith("memory"):
         memory = MemoryLedger()
         if kind == "memory-sync":
-            yield LedgerAdapter(kind, memory, memory=memory)
+            yield LedgerAdapter(kind, memory, memory=memory, make=MemoryLedger)
         else:
-            yield LedgerAdapter(kind, AsyncMemoryLedger(memory), memory=memory)
+
+            def make_async(**options: Any) -> AsyncMemoryLedger:
+                return AsyncMemoryLedger(MemoryLedger(**options))
+
+            yield LedgerAdapter(kind, AsyncMemoryLedger(memory), memory=memory, make=make_async)
         return
     redis_url: str = request.getfixturevalue("redis_url")
     raw: redis.Redis = request.getfixturevalue("raw_redis")
-    if kind == "redis-sync":
-        adapter = LedgerAdapter(kind, open_ledger(redis_url), raw=raw)
-    else:
-        adapter = LedgerAdapter(kind, open_async_ledger(redis_url), raw=raw)
+    opener = open_ledger if kind == "redis-sync" else open_async_ledger
+    make = functools.partial(opener, redis_url)
+    adapter = LedgerAdapter(kind, make(), raw=raw, make=make)
     yield adapter
     await adapter.close()
