@@ -4,11 +4,14 @@ redis-py does the protocol work; the connection classes made here add four thing
 whichever connection class a pool uses (TCP, TLS, Unix socket, Sentinel-managed, or a
 caller's own):
 
-* **one deadline per ledger operation.** :func:`budget` opens a deadline (a context
-  variable, so per thread and per asyncio task); connecting, the handshake and every
-  reply then wait at most until it, whatever the configured timeouts say. With the
-  pool's own wait capped at the socket timeout, no operation waits on the store for
-  more than its budget (twice the socket timeout).
+* **a time budget per ledger operation.** :func:`budget` opens one (a context
+  variable, so per thread and per asyncio task): getting a connection (a free one, or
+  connecting, the handshake, the marker check) may take one socket timeout, and the
+  requests another one from the moment the first is sent; so no operation waits on the
+  store for much more than twice its socket timeout, and time the process spends on
+  itself between the two (a busy event loop, threads waiting for the GIL) never eats a
+  request's time. On asyncio, timeouts are judged by :class:`_Verdict`, which a busy
+  event loop cannot fake.
 * **requests whose outcome is unknown.** An error while reading the reply of a
   request sent on a connection that was ready (a read timeout, a connection closed by
   the server) is tagged as *sent* (:func:`was_sent`); an error before that (refused
@@ -65,47 +68,72 @@ _MARKER_SCRIPT = (
     "return {1, ARGV[1]}"
 )
 
-_DEADLINE: ContextVar[float | None] = ContextVar("payi_guard_ledger_deadline", default=None)
 _SENT = "payi_guard_sent"
+
+FLOOR = 0.25
+"""The least share of its timeout a request gets, however little of its phase is left."""
+
+
+class _Budget:
+    """The two phases of one ledger operation, each allowed one socket timeout.
+
+    Getting a connection (waiting for a free one, or connecting: the socket, the
+    handshake, the marker check) must end within ``seconds`` of the start; the requests
+    themselves within ``seconds`` of the first one being sent. Time this process spends
+    between the two (a busy event loop, threads waiting for the GIL) is nobody's
+    timeout: a request always gets its full time once it is on the wire.
+    """
+
+    __slots__ = ("connect_by", "seconds", "sent_at")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.connect_by = time.monotonic() + seconds
+        self.sent_at: float | None = None
+
+    def deadline(self, sending: bool) -> float:
+        if sending:
+            if self.sent_at is None:
+                self.sent_at = time.monotonic()
+            return self.sent_at + self.seconds
+        return self.connect_by
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("payi_guard_ledger_budget", default=None)
 
 
 @contextlib.contextmanager
 def budget(seconds: float | None) -> Iterator[None]:
-    """Bound every wait on the store inside the block to ``seconds`` in total."""
+    """Bound the waits on the store inside the block (see :class:`_Budget`).
+
+    Getting a connection and the requests each get ``seconds``: an operation waits on
+    the store at most twice its socket timeout.
+    """
     if seconds is None:
         yield
         return
-    token = _DEADLINE.set(time.monotonic() + seconds)
+    token = _BUDGET.set(_Budget(seconds))
     try:
         yield
     finally:
-        _DEADLINE.reset(token)
+        _BUDGET.reset(token)
 
 
-FLOOR = 0.25
-"""The least share of its timeout a request gets, however little of the budget is left."""
+def _in_budget() -> bool:
+    return _BUDGET.get() is not None
 
 
-def _remaining() -> float | None:
-    """Seconds left before the current deadline (a tiny positive value once it passed)."""
-    deadline = _DEADLINE.get()
-    if deadline is None:
-        return None
-    return max(deadline - time.monotonic(), 0.001)
+def _limit(configured: float | None, *, sending: bool) -> float | None:
+    """How long one wait may last: its own timeout, cut to what is left of its phase.
 
-
-def _limit(configured: float | None) -> float | None:
-    """How long one request may wait.
-
-    Its own timeout, cut to what is left of the operation's budget, but never below
-    :data:`FLOOR` of its timeout. The floor keeps a budget spent by this process itself
-    (a busy event loop, threads waiting for the GIL) from leaving a request no time at
-    all: past the budget, each further round trip of the operation may take up to a
-    quarter of its timeout.
+    Never below :data:`FLOOR` of its timeout, so a phase spent by this process itself
+    leaves a request some time: past its phase, each further round trip (reconnecting,
+    reloading a script after a restart) may take up to a quarter of its timeout.
     """
-    left = _remaining()
-    if left is None or configured is None:
-        return configured if left is None else left
+    state = _BUDGET.get()
+    if state is None or configured is None:
+        return configured
+    left = max(state.deadline(sending) - time.monotonic(), 0.0)
     return max(min(configured, left), configured * FLOOR)
 
 
@@ -261,10 +289,10 @@ class _SyncMixin:
     def connect(self, *args: Any, **kwargs: Any) -> Any:
         parent: Any = super()
         this: Any = self
-        if _DEADLINE.get() is None or getattr(self, "_sock", None) is not None:
+        if not _in_budget() or getattr(self, "_sock", None) is not None:
             return parent.connect(*args, **kwargs)
         saved = this.socket_connect_timeout
-        this.socket_connect_timeout = _limit(saved)
+        this.socket_connect_timeout = _limit(saved, sending=False)
         try:
             return parent.connect(*args, **kwargs)
         finally:
@@ -292,9 +320,9 @@ class _SyncMixin:
         sock: Any = getattr(self, "_sock", None)
         saved: Any = None
         capped = False
-        if _DEADLINE.get() is not None and sock is not None:
+        if _in_budget() and sock is not None:
             saved = sock.gettimeout()
-            limit = _limit(saved)
+            limit = _limit(saved, sending=ready)
             if limit is not None and limit != saved:
                 sock.settimeout(limit)
                 capped = True
@@ -371,7 +399,7 @@ class _AsyncMixin:
         parent: Any = super()
         this: Any = self
         saved = this.socket_connect_timeout
-        limit = _limit(saved)
+        limit = _limit(saved, sending=False)
         if limit is None:
             return await parent._connect()
         this.socket_connect_timeout = None
@@ -441,7 +469,7 @@ class _AsyncMixin:
         parent: Any = super()
         this: Any = self
         ready = self._pg_ready
-        limit = _limit(timeout if timeout is not None else this.socket_timeout)
+        limit = _limit(timeout if timeout is not None else this.socket_timeout, sending=ready)
         verdict = None
         saved = this.socket_timeout
         if limit is not None and limit != math.inf:

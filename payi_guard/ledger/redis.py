@@ -439,11 +439,14 @@ def _storage_error(name: str, exc: BaseException, wiring: _Wiring) -> StorageErr
 
 
 def _budget_of(client: Any) -> float | None:
-    """Twice the socket timeout of a client's connections (None: no timeout)."""
+    """What each phase of an operation may take: its client's socket timeout.
+
+    The phases are getting a connection, then the requests (None: no timeout).
+    """
     pool = getattr(client, "connection_pool", None)
     kwargs = getattr(pool, "connection_kwargs", None) or {}
     timeout = kwargs.get("socket_timeout")
-    return None if timeout is None else 2 * float(timeout)
+    return None if timeout is None else float(timeout)
 
 
 def _deliver(wiring: _Wiring, seen: int) -> int:

@@ -16,7 +16,14 @@ from ledger._support import store_time
 # The fake provider's import path is kept in this one place.
 from payi_guard.fake_provider import FakeProvider
 
-__all__ = ["FakeProvider", "Proxy", "store_time", "wait_store_time", "wait_until"]
+__all__ = [
+    "FakeProvider",
+    "Proxy",
+    "scripts_run",
+    "store_time",
+    "wait_store_time",
+    "wait_until",
+]
 
 
 def wait_until(
@@ -34,6 +41,14 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def scripts_run(client: redis.Redis) -> int:
+    """How many ledger scripts the server has run so far."""
+    stats: Any = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) + int(
+        stats.get("cmdstat_eval", {}).get("calls", 0)
+    )
 
 
 def wait_store_time(client: redis.Redis, target: float, *, timeout: float = 60.0) -> None:

@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-import redis
 from ledger._support import LedgerAdapter, RedisServer
 
-from faults._support import Proxy, wait_until
+from faults._support import Proxy, scripts_run, wait_until
 from payi_guard.exceptions import StorageError
 from payi_guard.ledger import Charge, CounterState, open_async_ledger, open_ledger
 
 EXPIRES = time.time() + 3 * 86_400
 KEY = "a:{u:alice}:usd"
-
-
-def scripts_run(client: redis.Redis) -> int:
-    """How many ledger scripts the server has run so far."""
-    stats: Any = client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) + int(
-        stats.get("cmdstat_eval", {}).get("calls", 0)
-    )
 
 
 async def warm(ledger: LedgerAdapter) -> None:

@@ -21,8 +21,14 @@ import redis
 from ledger._support import RedisServer
 from structlog.testing import capture_logs
 
-from faults._support import FakeProvider, Proxy, store_time, wait_store_time, wait_until
-from faults.test_ambiguity import scripts_run
+from faults._support import (
+    FakeProvider,
+    Proxy,
+    scripts_run,
+    store_time,
+    wait_store_time,
+    wait_until,
+)
 from payi_guard import BudgetExceeded, Guard, StorageError, track_context
 
 PRICES = {"gpt-test": {"input_per_mtok": 1, "output_per_mtok": 2}}
@@ -227,3 +233,28 @@ def test_a_reserve_that_timed_out_holds_no_budget_once_the_store_is_back(
         raw.close()
         guard.close()
         direct.close()
+
+
+@pytest.mark.xfail(strict=True, reason=f"capacity errors are storage errors: {ENGINE_FIX}")
+def test_a_call_above_what_a_counter_holds_is_a_refusal_not_a_storage_error(
+    fake: FakeProvider,
+) -> None:
+    # $1 per output token: ten million tokens are above what a counter holds (2**53 - 1
+    # nano-USD, about $9 million). Even with on_storage_error: allow, that is a refusal.
+    guard = Guard(
+        {
+            "prices": {"gpt-test": {"input_per_mtok": 1, "output_per_mtok": 1_000_000}},
+            "default": [{"max": 1, "per": "day"}],
+            "on_storage_error": "allow",
+        }
+    )
+    client = sync_client(guard, fake)
+    try:
+        with track_context(user_id="alice"), capture_logs() as logs:
+            with pytest.raises(BudgetExceeded):
+                client.chat.completions.create(
+                    model="gpt-test", messages=PROMPT, max_tokens=10_000_000
+                )
+        assert not [e for e in logs if e["event"] == "storage_error"]
+    finally:
+        guard.close()
