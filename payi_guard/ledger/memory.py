@@ -18,13 +18,14 @@ for a whole window's worth of users and memory stays bounded. A counter whose
 ``expires_at`` has passed reads as zero even before it is swept, as Redis would.
 
 Closed ids (committed or released) are remembered per id, with the keys they were closed
-on, for ``closed_ttl`` seconds (about 250 bytes per call); they are swept the same
+on, for ``closed_ttl`` seconds (about 300 bytes per call); they are swept the same
 incremental way. The store's clock is the ``now`` passed in: one process, one clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import threading
 from collections.abc import Sequence
@@ -128,16 +129,6 @@ class _Counter:
             heapq.heapify(self.deadlines)
 
 
-class _Closed:
-    """An id closed (committed or released) on some keys, remembered until ``until``."""
-
-    __slots__ = ("keys", "until")
-
-    def __init__(self, until: float, key: str) -> None:
-        self.until = until
-        self.keys = {key}
-
-
 class MemoryLedger:
     """An in-process :class:`~payi_guard.ledger.Ledger`, safe to share between threads.
 
@@ -162,8 +153,10 @@ class MemoryLedger:
         check_closed_ttl(closed_ttl)
         self._sweep_batch = sweep_batch
         self._closed_ttl = float(closed_ttl)
-        self._closed: dict[str, _Closed] = {}
-        self._closed_times: list[tuple[float, str]] = []
+        # id -> (until, keys it was closed on); a FIFO of (until, id) to forget them in
+        # order (entries superseded by a later close of the same id are skipped).
+        self._closed: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._closed_times: collections.deque[tuple[float, str]] = collections.deque()
         self._lock = threading.Lock()
         self._counters: dict[str, _Counter] = {}
         # expires_at -> keys filed under it, and a heap of those expires_at values.
@@ -212,30 +205,24 @@ class MemoryLedger:
         return dropped
 
     def _sweep_closed(self, now: float, budget: int) -> None:
-        times = self._closed_times
+        times, closed = self._closed_times, self._closed
         while times and times[0][0] <= now and budget > 0:
-            until, rid = heapq.heappop(times)
-            entry = self._closed.get(rid)
-            # A stale heap entry: the id was closed again later, with a later end.
-            if entry is not None and entry.until == until:
-                del self._closed[rid]
+            until, rid = times.popleft()
+            entry = closed.get(rid)
+            if entry is not None and entry[0] == until:
+                del closed[rid]
             budget -= 1
 
-    def _is_closed(self, rid: str, key: str, now: float) -> bool:
+    def _closed_keys(self, rid: str, now: float) -> tuple[str, ...]:
+        """The keys ``rid`` is closed on (none once it is forgotten)."""
         entry = self._closed.get(rid)
-        return entry is not None and entry.until > now and key in entry.keys
+        return () if entry is None or entry[0] <= now else entry[1]
 
-    def _close_id(self, rid: str, key: str, now: float) -> None:
+    def _close(self, rid: str, already: tuple[str, ...], keys: list[str], now: float) -> None:
+        """Remember ``rid`` as closed on ``keys`` (besides ``already``) from now on."""
         until = now + self._closed_ttl
-        entry = self._closed.get(rid)
-        if entry is None or entry.until <= now:
-            self._closed[rid] = _Closed(until, key)
-            heapq.heappush(self._closed_times, (until, rid))
-            return
-        entry.keys.add(key)
-        if until > entry.until:
-            entry.until = until
-            heapq.heappush(self._closed_times, (until, rid))
+        self._closed[rid] = (until, already + tuple(keys))
+        self._closed_times.append((until, rid))
 
     def _housekeeping(self, now: float) -> None:
         if self._bucket_times and self._bucket_times[0] <= now:
@@ -291,7 +278,8 @@ class MemoryLedger:
         check_ttl(ttl)
         with self._lock:
             self._housekeeping(now)
-            if self._closed and any(self._is_closed(reservation_id, c.key, now) for c in charges):
+            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            if closed and any(c.key in closed for c in charges):
                 lives = [self._live(charge.key, now) for charge in charges]
                 current = tuple(_ZERO if c is None else c.state() for c in lives)
                 return ReserveResult(False, None, current, closed=True)
@@ -346,14 +334,16 @@ class MemoryLedger:
         check_now(now)
         with self._lock:
             self._housekeeping(now)
+            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            closing: list[str] = []
             out: list[CounterState] = []
             for charge in charges:
                 key = charge.key
-                if self._closed and self._is_closed(reservation_id, key, now):
+                if closed and key in closed:
                     live = self._live(key, now)
                     out.append(_ZERO if live is None else live.state())
                     continue
-                self._close_id(reservation_id, key, now)
+                closing.append(key)
                 if charge.amount == 0:
                     # Nothing to add: close the reservation without creating a counter.
                     counter = self._live(key, now)
@@ -365,6 +355,8 @@ class MemoryLedger:
                 counter.close(reservation_id)
                 counter.settled += charge.amount
                 out.append(counter.state())
+            if closing:
+                self._close(reservation_id, closed, closing, now)
             return tuple(out)
 
     def release(
@@ -391,14 +383,18 @@ class MemoryLedger:
         check_now(now)
         with self._lock:
             self._housekeeping(now)
+            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            closing: list[str] = []
             out: list[CounterState] = []
             for key in keys:
                 counter = self._live(key, now)
-                if not (self._closed and self._is_closed(reservation_id, key, now)):
-                    self._close_id(reservation_id, key, now)
+                if not (closed and key in closed):
+                    closing.append(key)
                     if counter is not None:
                         counter.close(reservation_id)
                 out.append(_ZERO if counter is None else counter.state())
+            if closing:
+                self._close(reservation_id, closed, closing, now)
             return tuple(out)
 
     def renew(self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float) -> bool:

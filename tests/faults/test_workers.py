@@ -34,15 +34,18 @@ SPAWN = multiprocessing.get_context("spawn")
 class Fleet:
     """Worker processes plus asyncio tasks (in a thread of this process) on one store."""
 
-    def __init__(self, url: str, *, processes: int, threads: int, tasks: int) -> None:
+    def __init__(
+        self, url: str, *, processes: int, threads: int, tasks: int, limit: int = LIMIT
+    ) -> None:
         self.url = url
+        self.limit = limit
         self.stop = SPAWN.Event()
         self.out: Any = SPAWN.Queue()
         self.started = [SPAWN.Event() for _ in range(processes)]
         self.children = [
             SPAWN.Process(
                 target=worker_process,
-                args=(url, KEYS, LIMIT, threads, seed, 30.0, started, self.stop, self.out),
+                args=(url, KEYS, limit, threads, seed, 30.0, started, self.stop, self.out),
             )
             for seed, started in enumerate(self.started)
         ]
@@ -54,7 +57,7 @@ class Fleet:
     def _run_tasks(self) -> None:
         try:
             self.async_tally.append(
-                async_worker(self.url, KEYS, LIMIT, self.tasks, self.stop.is_set, seed=99)
+                async_worker(self.url, KEYS, self.limit, self.tasks, self.stop.is_set, seed=99)
             )
         except BaseException as exc:  # reported by finish()
             self.async_errors.append(exc)
@@ -96,8 +99,8 @@ class Fleet:
 def fleet_factory() -> Iterator[Callable[..., Fleet]]:
     fleets: list[Fleet] = []
 
-    def make(url: str, **sizes: int) -> Fleet:
-        fleet = Fleet(url, **sizes)
+    def make(url: str, **options: int) -> Fleet:
+        fleet = Fleet(url, **options)
         fleets.append(fleet)
         return fleet
 
@@ -124,7 +127,9 @@ def test_a_freeze_mid_run_leaves_every_counter_exact(
     server: RedisServer, fleet_factory: Callable[..., Fleet]
 ) -> None:
     raw = server.client()
-    fleet = fleet_factory(server.url, processes=2, threads=3, tasks=60)
+    # A limit the workers reach only after the freezes, so commits are in flight then.
+    limit = 50 * LIMIT
+    fleet = fleet_factory(server.url, processes=2, threads=3, tasks=60, limit=limit)
     fleet.start()
     wait_until(progress(raw, 1), timeout=60, what="the workers to start")
     for _ in range(2):
@@ -139,7 +144,7 @@ def test_a_freeze_mid_run_leaves_every_counter_exact(
     assert tally.granted > 0
     assert user == CounterState(tally.committed, 0)  # exact: nothing lost, nothing twice
     assert org == CounterState(tally.committed, 0)
-    assert user.settled <= LIMIT
+    assert user.settled <= limit
     assert max(tally.waits) <= BOUND, max(tally.waits)
 
 
