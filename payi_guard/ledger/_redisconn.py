@@ -356,6 +356,7 @@ class _Verdict:
         self.task = asyncio.current_task()
         self.hops = hops
         self.readable = readable
+        self.extra = 64
         self.done = False
         self.expired = False
         self.handle = self.loop.call_later(limit, self._hop, hops)
@@ -363,8 +364,14 @@ class _Verdict:
     def _hop(self, left: int) -> None:
         if self.done or self.task is None:
             return
-        if left > 0 or (self.readable is not None and self.readable()):
-            self.loop.call_soon(self._hop, max(left - 1, 0))
+        if left > 0:
+            self.loop.call_soon(self._hop, left - 1)
+            return
+        # Bytes waiting in the socket: the store answered, the loop has yet to read them.
+        # Bounded, should the loop have stopped reading that socket for good.
+        if self.readable is not None and self.extra > 0 and self.readable():
+            self.extra -= 1
+            self.loop.call_soon(self._hop, 0)
             return
         self.expired = True
         self.task.cancel()

@@ -224,3 +224,32 @@ async def test_async_tasks_wait_at_most_twice_the_timeout_on_a_frozen_store(
         _check_waits(waits, failures)
     finally:
         await ledger.aclose()
+
+
+async def test_a_busy_event_loop_is_not_taken_for_a_slow_store(
+    redis_url: str, key_prefix: str, cleanup: Callable[[], None]
+) -> None:
+    key = f"{key_prefix}:{{u:busy}}:usd"
+
+    async def hog() -> None:
+        # Runs while the call waits on the store (connecting, then for its reply) and
+        # holds the event loop longer than the whole time budget: what the store sent
+        # meanwhile sits unread.
+        await asyncio.sleep(0)
+        busy(3 * DEFAULT_TIMEOUT)
+
+    try:
+        for held in range(2):
+            # A new client each time: the connection is made while the loop is held.
+            ledger = open_async_ledger(redis_url)
+            try:
+                states, _ = await asyncio.gather(ledger.read([key], now=time.time()), hog())
+                assert states == (CounterState(0, held),)
+                charge = [Charge(key, 1, 10, EXPIRES)]
+                reserve = ledger.reserve(uuid.uuid4().hex, charge, now=time.time(), ttl=60)
+                reserved, _ = await asyncio.gather(reserve, hog())
+                assert reserved.ok
+            finally:
+                await ledger.aclose()
+    finally:
+        cleanup()
