@@ -285,6 +285,12 @@ def _share_key(flavour: str, uri: str, options: dict[str, Any]) -> Hashable:
     return (flavour, uri, tuple(sorted((name, _hashable(v)) for name, v in options.items())))
 
 
+def _drop_store_options(options: dict[str, Any]) -> None:
+    # An in-process store has no marker to watch: its data lives as long as its process.
+    options.pop("on_event", None)
+    options.pop("marker_key", None)
+
+
 def _ledger_options(options: dict[str, Any]) -> dict[str, Any]:
     return {name: options.pop(name) for name in _LEDGER_OPTIONS if name in options}
 
@@ -308,9 +314,9 @@ def open_ledger(uri: str, **options: Any) -> Ledger:
 
     Args:
         uri: ``memory://`` or a Redis-family URI (see the module documentation).
-        **options: for ``memory://``, :class:`MemoryLedger` arguments (``on_event`` is
-            accepted and never called: an in-process store cannot lose its data while
-            its process lives); otherwise the ledger's own options (``group_by_slot``,
+        **options: for ``memory://``, :class:`MemoryLedger` arguments (``on_event`` and
+            ``marker_key`` are accepted and unused: an in-process store cannot lose its
+            data while its process lives); otherwise the ledger's own options (``group_by_slot``,
             ``closed_ttl``, ``on_event``, ``marker_key``) and anything else for the
             redis-py client (``socket_timeout=1.0``, ``max_connections=50``, ...).
 
@@ -324,7 +330,7 @@ def open_ledger(uri: str, **options: Any) -> Ledger:
     """
     target = _parse(uri)
     if target.kind == "memory":
-        options.pop("on_event", None)
+        _drop_store_options(options)
         return MemoryLedger(**options)
     from payi_guard.ledger import _redisconn
     from payi_guard.ledger.redis import RedisLedger, import_redis
@@ -381,7 +387,7 @@ def open_async_ledger(
             if not isinstance(shared, MemoryLedger):
                 raise ConfigError(f"shared must be a MemoryLedger, got {type(shared).__name__}")
             return AsyncMemoryLedger(shared)
-        options.pop("on_event", None)
+        _drop_store_options(options)
         return AsyncMemoryLedger(MemoryLedger(**options))
     if shared is not None:
         raise ConfigError("shared applies to memory:// only")

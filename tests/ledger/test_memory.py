@@ -145,3 +145,15 @@ def test_closed_ids_stay_bounded(clock: FakeClock) -> None:
     assert ledger.commit("c0", [Charge(key, 1, None, exp)], now=clock.now()) == (
         CounterState(502, 0),
     )
+
+
+def test_store_options_are_accepted_by_memory(clock: FakeClock) -> None:
+    events: list[object] = []
+    ledger = open_ledger("memory://", on_event=events.append, marker_key="x", closed_ttl=5)
+    assert isinstance(ledger, MemoryLedger)
+    key, exp = "pg:{u:a}:usd", clock.now() + 86_400
+    ledger.commit("c", [Charge(key, 1, None, exp)], now=clock.now())
+    clock.advance(5)
+    ledger.commit("c", [Charge(key, 1, None, exp)], now=clock.now())  # forgotten after 5 s
+    assert ledger.read([key], now=clock.now()) == (CounterState(2, 0),)
+    assert events == []
