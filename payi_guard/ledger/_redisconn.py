@@ -1,6 +1,6 @@
 """Connections of the Redis ledgers: deadlines, unknown outcomes, the store marker, pools.
 
-redis-py does the protocol work; the connection classes made here add four things to
+redis-py does the protocol work; the connection classes made here add three things to
 whichever connection class a pool uses (TCP, TLS, Unix socket, Sentinel-managed, or a
 caller's own):
 
@@ -22,7 +22,10 @@ caller's own):
   :class:`StoreWatch` of the store compares it with what this process saw before and
   records a :class:`~payi_guard.ledger.StorageEvent` when the store is new or lost
   its data. It costs one round trip per new connection, nothing per operation.
-* nothing else: retries stay off, and pooled connections are checked by redis-py.
+
+Retries stay off; redis-py checks pooled connections before use (and an asyncio one
+that has something to read before it sent anything, a connection the server closed
+while the loop was not looking, is made again rather than used).
 
 Clients are shared: one per storage URI and options per process (sync), and per event
 loop (async), whichever ledger or Guard asks, counted so the last ledger to close

@@ -47,10 +47,10 @@ EXPIRES = 1_795_780_800.0 + 3 * 86_400
 async def _round_trips(
     adapter: LedgerAdapter, sent: Callable[[], int], rid: str, keys: list[str], now: float
 ) -> list[int]:
-    """How many requests each of reserve, commit, reserve, release, read sent."""
+    """How many requests each of reserve, commit, reserve, renew, release, read sent."""
     charges = [Charge(k, 10, 1000, EXPIRES) for k in keys]
     counts = []
-    for step in ("reserve", "commit", "reserve-again", "release", "read"):
+    for step in ("reserve", "commit", "reserve-again", "renew", "release", "read"):
         before = sent()
         if step == "reserve":
             assert (await adapter.reserve(rid, charges, now=now, ttl=60)).ok
@@ -58,6 +58,9 @@ async def _round_trips(
             await adapter.commit(rid, charges, now=now)
         elif step == "reserve-again":
             assert (await adapter.reserve(rid + "x", charges, now=now, ttl=60)).ok
+        elif step == "renew":
+            batch = [(rid + "x", keys), (rid + "y", keys), (rid, keys)]
+            assert await adapter.renew_many(batch, now=now, ttl=60) == (True, False, False)
         elif step == "release":
             await adapter.release(rid + "x", keys, now=now)
         else:
@@ -78,8 +81,8 @@ async def test_one_round_trip_per_operation(
     await _round_trips(sync, lambda: sync_cls.sent, "warm-s", keys, now)
     await _round_trips(aio, lambda: async_cls.sent, "warm-a", keys, now)
     for i in range(5):
-        assert await _round_trips(sync, lambda: sync_cls.sent, f"s{i}", keys, now) == [1] * 5
-        assert await _round_trips(aio, lambda: async_cls.sent, f"a{i}", keys, now) == [1] * 5
+        assert await _round_trips(sync, lambda: sync_cls.sent, f"s{i}", keys, now) == [1] * 6
+        assert await _round_trips(aio, lambda: async_cls.sent, f"a{i}", keys, now) == [1] * 6
     await sync.close()
     await aio.close()
 
