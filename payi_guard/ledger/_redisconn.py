@@ -5,13 +5,12 @@ whichever connection class a pool uses (TCP, TLS, Unix socket, Sentinel-managed,
 caller's own):
 
 * **a time budget per ledger operation.** :func:`budget` opens one (a context
-  variable, so per thread and per asyncio task): getting a connection (a free one, or
-  connecting, the handshake, the marker check) may take one socket timeout, and the
-  requests another one from the moment the first is sent; so no operation waits on the
-  store for much more than twice its socket timeout, and time the process spends on
-  itself between the two (a busy event loop, threads waiting for the GIL) never eats a
-  request's time. On asyncio, timeouts are judged by :class:`_Verdict`, which a busy
-  event loop cannot fake.
+  variable, so per thread and per asyncio task): opening a connection (the handshake,
+  the marker check) may wait one socket timeout for the store's replies in total, and
+  the requests another one from the moment the first is sent; so no operation waits on
+  the store for much more than twice its socket timeout, and time the process spends on
+  itself (a busy event loop, threads waiting for the GIL) never eats a wait's time. On
+  asyncio, timeouts are judged by :class:`_Verdict`, which a busy event loop cannot fake.
 * **requests whose outcome is unknown.** An error while reading the reply of a
   request sent on a connection that was ready (a read timeout, a connection closed by
   the server) is tagged as *sent* (:func:`was_sent`); an error before that (refused
@@ -80,26 +79,28 @@ FLOOR = 0.25
 class _Budget:
     """The two phases of one ledger operation, each allowed one socket timeout.
 
-    Getting a connection (waiting for a free one, or connecting: the socket, the
-    handshake, the marker check) must end within ``seconds`` of the start; the requests
-    themselves within ``seconds`` of the first one being sent. Time this process spends
-    between the two (a busy event loop, threads waiting for the GIL) is nobody's
-    timeout: a request always gets its full time once it is on the wire.
+    Opening a connection (the handshake and the marker check) may spend ``seconds``
+    waiting for the store's replies in total; the requests themselves must be answered
+    within ``seconds`` of the first one being sent. Time the process spends on itself
+    (a busy event loop, threads waiting for the GIL) is counted in neither: only waits
+    for the store are. A wait for a free pooled connection has its own bound (the pool's
+    ``timeout``, the socket timeout by default) and happens only past 1000 connections.
     """
 
-    __slots__ = ("connect_by", "seconds", "sent_at")
+    __slots__ = ("seconds", "sent_at", "spent")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.connect_by = time.monotonic() + seconds
+        self.spent = 0.0
         self.sent_at: float | None = None
 
-    def deadline(self, sending: bool) -> float:
+    def left(self, sending: bool) -> float:
+        """What is left of the phase a wait belongs to."""
         if sending:
             if self.sent_at is None:
                 self.sent_at = time.monotonic()
-            return self.sent_at + self.seconds
-        return self.connect_by
+            return self.sent_at + self.seconds - time.monotonic()
+        return self.seconds - self.spent
 
 
 _BUDGET: ContextVar[_Budget | None] = ContextVar("payi_guard_ledger_budget", default=None)
@@ -109,8 +110,8 @@ _BUDGET: ContextVar[_Budget | None] = ContextVar("payi_guard_ledger_budget", def
 def budget(seconds: float | None) -> Iterator[None]:
     """Bound the waits on the store inside the block (see :class:`_Budget`).
 
-    Getting a connection and the requests each get ``seconds``: an operation waits on
-    the store at most twice its socket timeout.
+    Opening a connection and the requests each get ``seconds`` of waiting for the
+    store: an operation waits on it about twice its socket timeout at most.
     """
     if seconds is None:
         yield
@@ -136,8 +137,15 @@ def _limit(configured: float | None, *, sending: bool) -> float | None:
     state = _BUDGET.get()
     if state is None or configured is None:
         return configured
-    left = max(state.deadline(sending) - time.monotonic(), 0.0)
+    left = max(state.left(sending), 0.0)
     return max(min(configured, left), configured * FLOOR)
+
+
+def _spent_connecting(started: float) -> None:
+    """Count a wait of the connection phase (one reply of the handshake) against it."""
+    state = _BUDGET.get()
+    if state is not None:
+        state.spent += time.monotonic() - started
 
 
 def was_sent(exc: BaseException) -> bool:
@@ -329,6 +337,7 @@ class _SyncMixin:
             if limit is not None and limit != saved:
                 sock.settimeout(limit)
                 capped = True
+        started = time.monotonic()
         try:
             return parent.read_response(*args, **kwargs)
         except self._pg_errors as exc:
@@ -336,6 +345,8 @@ class _SyncMixin:
                 _mark_sent(exc)
             raise
         finally:
+            if not ready:
+                _spent_connecting(started)
             # Restore the socket's own timeout unless the connection was dropped.
             current: Any = getattr(self, "_sock", None)
             if capped and current is not None and current is sock:
@@ -487,6 +498,7 @@ class _AsyncMixin:
             verdict = _Verdict(limit, hops=1, readable=self._pg_readable)
             this.socket_timeout = None
             timeout = None
+        started = time.monotonic()
         try:
             return await parent.read_response(disable_decoding, timeout, **kwargs)
         except asyncio.CancelledError:
@@ -501,6 +513,8 @@ class _AsyncMixin:
                 _mark_sent(exc)
             raise
         finally:
+            if not ready:
+                _spent_connecting(started)
             if verdict is not None:
                 verdict.close()
                 this.socket_timeout = saved
