@@ -1,16 +1,30 @@
-"""Counter ledgers: atomic reserve / commit / release on memory, SQLite and Redis."""
+"""Counter ledgers: atomic reserve / commit / release / renew on memory, SQLite and Redis."""
 
-from payi_guard.ledger.base import AsyncLedger, Charge, CounterState, Ledger, ReserveResult
+from payi_guard.ledger.base import (
+    DEFAULT_CLOSED_TTL,
+    MAX_UNITS,
+    AsyncLedger,
+    CapacityExceeded,
+    Charge,
+    CounterState,
+    Ledger,
+    ReserveResult,
+    StorageEvent,
+    StorageOutcomeUnknown,
+)
 from payi_guard.ledger.factory import open_async_ledger, open_ledger
 from payi_guard.ledger.memory import AsyncMemoryLedger, MemoryLedger
 from payi_guard.ledger.redis import AsyncRedisLedger, RedisLedger
 from payi_guard.ledger.sqlite import AsyncSqliteLedger, SqliteLedger
 
 __all__ = [
+    "DEFAULT_CLOSED_TTL",
+    "MAX_UNITS",
     "AsyncLedger",
     "AsyncMemoryLedger",
     "AsyncRedisLedger",
     "AsyncSqliteLedger",
+    "CapacityExceeded",
     "Charge",
     "CounterState",
     "Ledger",
@@ -18,6 +32,8 @@ __all__ = [
     "RedisLedger",
     "ReserveResult",
     "SqliteLedger",
+    "StorageEvent",
+    "StorageOutcomeUnknown",
     "open_async_ledger",
     "open_ledger",
 ]
