@@ -7,7 +7,7 @@ for writes); it returns its result and whether the transaction is to be committe
 Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``application_id`` =
 :data:`APPLICATION_ID`)::
 
-    counters(key PRIMARY KEY, settled, pending, expires_at)      -- one row per counter
+    counters(key PRIMARY KEY, settled, pending, refused, expires_at) -- one row per counter
     holds(key, rid, amount, deadline, PRIMARY KEY (key, rid))
         -- reservation ``rid`` holds ``amount`` on ``key`` until ``deadline``
     closed(rid PRIMARY KEY, keys, until)
@@ -20,6 +20,9 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``application_id`` =
 ``pending`` is the sum of the open holds of a counter, kept in the row (as Redis keeps
 field ``p``) so that a reserve reads one row per key; holds whose deadline has passed
 are subtracted on the fly and deleted by the next write that touches their counter.
+``refused`` is what the last reserve the counter refused needed (Redis field ``f``),
+written by that refusal and cleared by the next reserve on it that fits.
+
 Closed ids live in a table of their own, whether their counters exist or not (a release
 that arrives before its reserve closes the id on keys that have no counter yet, as Redis
 keeps ``K:d`` apart from ``K``): one row per id, naming the keys it is closed on, as
@@ -27,9 +30,11 @@ the memory ledger keeps them, so a reserve or a settle looks an id up once and a
 adds one row whatever its number of counters. The store's pruning turns forget expired
 ones, oldest first through the ``until`` index, at least as many as were closed since
 the previous turn, so the table stays the size of the calls settled within
-``closed_ttl``. Amounts are computed in Python and written back
-whole, so an integer never overflows into SQLite's floating point. Every table is
-``WITHOUT ROWID``: a row is found by its key in one B-tree descent.
+``closed_ttl``.
+
+Amounts are computed in Python and written back whole, so an integer never overflows
+into SQLite's floating point. Every table is ``WITHOUT ROWID``: a row is found by its
+key in one B-tree descent.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ SCHEMA = (
         key TEXT PRIMARY KEY NOT NULL,
         settled INTEGER NOT NULL,
         pending INTEGER NOT NULL,
+        refused INTEGER NOT NULL DEFAULT 0,
         expires_at REAL NOT NULL
     ) WITHOUT ROWID""",
     "CREATE INDEX counters_by_expiry ON counters (expires_at)",
@@ -86,12 +92,12 @@ SCHEMA = (
 )
 
 # One row per key: the totals, what expired holds still count in ``pending`` (NULL when
-# no hold of the key has expired, so the purge can be skipped), and what reservation ?2
-# holds on the key if it has not expired (NULL when it holds nothing).
+# no hold of the key has expired, so the purge can be skipped), what reservation ?2
+# holds on the key if it has not expired (NULL when it holds nothing), and ``refused``.
 _STATE = """
 SELECT c.settled, c.pending, c.expires_at,
        (SELECT sum(x.amount) FROM holds AS x WHERE x.key = ?1 AND x.deadline <= ?3),
-       h.amount
+       h.amount, c.refused
 FROM counters AS c
 LEFT JOIN holds AS h ON h.key = ?1 AND h.rid = ?2 AND h.deadline > ?3
 WHERE c.key = ?1
@@ -99,7 +105,8 @@ WHERE c.key = ?1
 _READ = """
 SELECT c.settled,
        c.pending - coalesce((SELECT sum(x.amount) FROM holds AS x
-                             WHERE x.key = ?1 AND x.deadline <= ?2), 0)
+                             WHERE x.key = ?1 AND x.deadline <= ?2), 0),
+       c.refused
 FROM counters AS c WHERE c.key = ?1 AND c.expires_at > ?2
 """
 _CLOSED_KEYS = "SELECT keys FROM closed WHERE rid = ?1 AND until > ?2"
@@ -114,12 +121,21 @@ DELETE FROM closed WHERE rid IN
 _PURGE = "DELETE FROM holds WHERE key = ?1 AND deadline <= ?2"
 _DROP_HOLDS = "DELETE FROM holds WHERE key = ?1"
 _DROP_HOLD = "DELETE FROM holds WHERE key = ?1 AND rid = ?2"
+# A counter afresh (a new one, or a past window's row started again): nothing refused.
 _PUT_COUNTER = """
 INSERT INTO counters (key, settled, pending, expires_at) VALUES (?1, ?2, ?3, ?4)
 ON CONFLICT (key) DO UPDATE SET
-    settled = excluded.settled, pending = excluded.pending, expires_at = excluded.expires_at
+    settled = excluded.settled, pending = excluded.pending, refused = 0,
+    expires_at = excluded.expires_at
 """
 _SET_COUNTER = "UPDATE counters SET settled = ?2, pending = ?3, expires_at = ?4 WHERE key = ?1"
+_HOLD_COUNTER = "UPDATE counters SET pending = ?2, refused = 0, expires_at = ?3 WHERE key = ?1"
+_REFUSE = "UPDATE counters SET refused = ?2, expires_at = max(expires_at, ?3) WHERE key = ?1"
+_PUT_REFUSED = """
+INSERT INTO counters (key, settled, pending, refused, expires_at) VALUES (?1, 0, 0, ?2, ?3)
+ON CONFLICT (key) DO UPDATE SET
+    settled = 0, pending = 0, refused = excluded.refused, expires_at = excluded.expires_at
+"""
 _PUT_HOLD = """
 INSERT INTO holds (key, rid, amount, deadline) VALUES (?1, ?2, ?3, ?4)
 ON CONFLICT (key, rid) DO UPDATE SET amount = excluded.amount, deadline = excluded.deadline
@@ -135,8 +151,9 @@ _DROP_COUNTER = "DELETE FROM counters WHERE key = ?1"
 _ZERO = CounterState(0, 0)
 
 
-_Row = tuple[int, int, float, "int | None", "int | None"]
-"""settled, pending, expires_at, expired (see ``_STATE``), what the reservation holds."""
+_Row = tuple[int, int, float, "int | None", "int | None", int]
+"""settled, pending, expires_at, expired (see ``_STATE``), what the reservation holds,
+refused."""
 
 
 def _state(conn: sqlite3.Connection, key: str, rid: str, now: float) -> tuple[_Row | None, bool]:
@@ -149,7 +166,7 @@ def _current(row: _Row | None, live: bool) -> CounterState:
     """The visible state of a ``_STATE`` row (zero when missing or past its expiry)."""
     if row is None or not live:
         return _ZERO
-    return CounterState(row[0], row[1] - (row[3] or 0))
+    return CounterState(row[0], row[1] - (row[3] or 0), row[5])
 
 
 def _closed_keys(conn: sqlite3.Connection, rid: str, now: float) -> list[str]:
@@ -178,7 +195,20 @@ def reserve(
             refused = index
             break
     if refused is not None:
-        return ReserveResult(False, refused, tuple(states)), False
+        # The counter that refused remembers what the call needed, so that readers see
+        # a limit that refuses calls; it lives as long as a reserve would make it live.
+        charge = charges[refused]
+        row, live = found[refused]
+        if row is None or not live:
+            if row is not None:  # a past window's row: start afresh
+                conn.execute(_DROP_HOLDS, (charge.key,))
+            conn.execute(_PUT_REFUSED, (charge.key, charge.amount, charge.expires_at))
+            states[refused] = CounterState(0, 0, charge.amount)
+        else:
+            conn.execute(_REFUSE, (charge.key, charge.amount, charge.expires_at))
+            current = states[refused]
+            states[refused] = CounterState(current.settled, current.pending, charge.amount)
+        return ReserveResult(False, refused, tuple(states)), True
     out: list[CounterState] = []
     for charge, (row, live), state in zip(charges, found, states, strict=True):
         key = charge.key
@@ -192,7 +222,7 @@ def reserve(
                 conn.execute(_PURGE, (key, now))
             new = CounterState(state.settled, state.pending - (row[4] or 0) + charge.amount)
             expires_at = max(row[2], charge.expires_at)
-            conn.execute(_SET_COUNTER, (key, new.settled, new.pending, expires_at))
+            conn.execute(_HOLD_COUNTER, (key, new.pending, expires_at))
         conn.execute(_PUT_HOLD, (key, rid, charge.amount, deadline))
         out.append(new)
     return ReserveResult(True, None, tuple(out)), True
@@ -235,7 +265,7 @@ def settle(
         # Only an actual charge extends a counter's life (as in the memory ledger).
         expires_at = max(row[2], charge.expires_at) if amount else row[2]
         conn.execute(_SET_COUNTER, (key, settled, pending, expires_at))
-        out.append(CounterState(settled, pending))
+        out.append(CounterState(settled, pending, row[5]))
     if closing:
         conn.execute(_CLOSE, (rid, json.dumps(closed + closing), until))
     return tuple(out), bool(closing)
@@ -266,7 +296,7 @@ def read(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> tuple[Cou
     out: list[CounterState] = []
     for key in keys:
         row = conn.execute(_READ, (key, now)).fetchone()
-        out.append(_ZERO if row is None else CounterState(row[0], row[1]))
+        out.append(_ZERO if row is None else CounterState(*row))
     return tuple(out)
 
 

@@ -171,7 +171,8 @@ class SqliteLedger:
             ttl: seconds the reservation holds budget if it is never committed.
 
         Returns:
-            The outcome; when refused, nothing was changed.
+            The outcome; when refused, no total changed (the counter that refused
+            records what it needed, as :class:`~payi_guard.ledger.MemoryLedger` does).
 
         Raises:
             ValueError: on invalid input (see :class:`~payi_guard.ledger.MemoryLedger`).

@@ -228,7 +228,10 @@ def test_killed_workers_hold_nothing_after_their_ttl_and_live_calls_keep_theirs(
             holders[name].join(timeout=30)
             assert holders[name].exitcode == -signal.SIGKILL
         # Nobody renews the dead ones: the store's clock frees them within a ttl.
-        wait_until(lambda: totals(raw)[0] == CounterState(0, share), what="the dead to expire")
+        wait_until(
+            lambda: totals(raw)[0] == CounterState(0, share, refused=2 * share),  # greedy's
+            what="the dead to expire",
+        )
         assert ledger.reserve("fits", [_charge(2 * share)], now=time.time(), ttl=60).ok
         ledger.release("fits", [USER], now=time.time())
 

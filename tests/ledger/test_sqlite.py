@@ -308,8 +308,9 @@ def test_sync_and_async_ledgers_and_other_handles_share_the_file(
         finally:
             await three.aclose()
 
-    assert asyncio.run(from_async()) == (CounterState(100, 0),)
-    assert one.read([K1], now=now) == two.read([K1], now=now) == (CounterState(100, 0),)
+    # The refusal that `two` noted is seen by every handle.
+    assert asyncio.run(from_async()) == (CounterState(100, 0, refused=600),)
+    assert one.read([K1], now=now) == two.read([K1], now=now) == (CounterState(100, 0, 600),)
     one.close()
     two.close()
 
@@ -643,12 +644,12 @@ def test_renew_keeps_an_open_reservation(ledger: SqliteLedger, clock: FakeClock)
     # A renew never shortens a deadline.
     assert ledger.renew("r1", [K1], now=clock.now(), ttl=1)
     clock.advance(9.5)
-    assert ledger.read([K1], now=clock.now()) == (CounterState(0, 600),)
+    assert ledger.read([K1], now=clock.now()) == (CounterState(0, 600, refused=600),)
     clock.advance(0.5)  # start + 50
-    assert ledger.read([K1], now=clock.now()) == (CounterState(0, 0),)
+    assert ledger.read([K1], now=clock.now()) == (CounterState(0, 0, refused=600),)
     # An expired reservation is not revived, nor is one that is not there.
     assert not ledger.renew("r1", [K1, K2], now=clock.now(), ttl=30)
-    assert ledger.read([K1, K2], now=clock.now()) == (CounterState(0, 0),) * 2
+    assert ledger.read([K1, K2], now=clock.now()) == (CounterState(0, 0, 600), CounterState(0, 0))
     assert not ledger.renew("nope", [K1], now=clock.now(), ttl=30)
     assert ledger.renew("r1", [], now=clock.now(), ttl=30)
 
