@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from payi_guard import log as events
 from payi_guard._ids import new_id
+from payi_guard.config import MAX_AMOUNT
 from payi_guard.engine.parts import Parts
 from payi_guard.engine.plan import Counter, limit_usage
 from payi_guard.engine.policy import BoundLimit, Subject
@@ -72,16 +73,20 @@ def parse_amount(unit: Unit, amount: object) -> int:
         ValueError: not a number of that kind (or finer than a nano-dollar).
     """
     if unit == "usd":
-        return parse_usd_change(amount)
-    if isinstance(amount, bool):
-        raise ValueError(f"an amount of {unit} must be a whole number")
-    try:
-        count = int(amount) if isinstance(amount, (int, str)) else None
-    except ValueError:
-        count = None
-    if count is None:
-        raise ValueError(f"an amount of {unit} must be a whole number, not {amount!r:.40}")
-    return count
+        units = parse_usd_change(amount)
+    else:
+        if isinstance(amount, bool):
+            raise ValueError(f"an amount of {unit} must be a whole number")
+        try:
+            count = int(amount) if isinstance(amount, (int, str)) else None
+        except ValueError:
+            count = None
+        if count is None:
+            raise ValueError(f"an amount of {unit} must be a whole number, not {amount!r:.40}")
+        units = count
+    if abs(units) > MAX_AMOUNT:
+        raise ValueError(f"{amount!r:.40} is more than a counter holds")
+    return units
 
 
 @dataclass(frozen=True, slots=True)
