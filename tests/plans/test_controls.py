@@ -234,9 +234,11 @@ def test_the_history_keeps_every_adjustment_newest_first(
         "day",
     )
     assert oldest.window_start == datetime(2026, 11, 27, tzinfo=timezone.utc)
-    assert newest.adjustment_id and newest.adjustment_id != oldest.adjustment_id
+    assert newest.adjustment_id
+    assert newest.adjustment_id != oldest.adjustment_id
     document = oldest.as_dict()
-    assert document["amount"] == "-0.001" and document["limits"] == ["daily"]
+    assert document["amount"] == "-0.001"
+    assert document["limits"] == ["daily"]
     json.dumps(document)
     assert guard.adjustments("acme:bob") == []
     assert len(guard.adjustments(ALICE, limit=1)) == 1
@@ -273,7 +275,8 @@ def test_the_anonymous_bucket_and_pseudonyms(store: str, key_prefix: str, clock:
     with capture_events() as events:
         hidden.adjust(ALICE, "daily", "0.001")
     (line,) = events.named("budget_adjusted")
-    assert line["user_id"] != ALICE and "alice" not in line["user_id"]
+    assert line["user_id"] != ALICE
+    assert "alice" not in line["user_id"]
     assert [h.user_id for h in hidden.adjustments(ALICE)] == [line["user_id"]]
     hidden.close()
 
