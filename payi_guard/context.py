@@ -226,7 +226,7 @@ class request_scope:
 
 
 def check_tier(tier: object) -> str | None:
-    """Return ``tier`` if it can name a tier: ``None`` or a non-empty string.
+    """Return ``tier`` if it can name a tier: a string (``""`` is no tier) or ``None``.
 
     Whether the budgets file defines it is decided when limits are resolved (an unknown
     tier is logged and gets ``default``).
@@ -234,7 +234,9 @@ def check_tier(tier: object) -> str | None:
     Raises:
         TypeError: anything else (a tier is a name, never a list of limits).
     """
-    if tier is None or (isinstance(tier, str) and tier):
+    if tier is None or tier == "":
+        return None
+    if isinstance(tier, str):
         return tier
     raise TypeError(
         f"a tier is the name of a tier under `tiers:` (a non-empty str) or None, "

@@ -175,10 +175,12 @@ def test_a_track_context_user_never_inherits_the_requests_tier(
 
 
 def test_set_user_refuses_a_tier_that_is_not_a_name() -> None:
-    with request_scope():
-        for bad in (["pro"], 3, ""):
+    with request_scope() as scope:
+        for bad in (["pro"], 3, {"name": "pro"}):
             with pytest.raises(TypeError, match="tier"):
                 set_user("alice", tier=bad)  # type: ignore[arg-type]
+        set_user("alice", tier="")  # an empty plan column is no tier
+        assert scope.tier is None
 
 
 # -- caching --------------------------------------------------------------------------------
