@@ -94,8 +94,9 @@ def _width_arg(text: str) -> int:
 
 
 _DESCRIPTION = """\
-Per-user spend from payi_guard's JSON logs (genai_call, budget_warning, budget_exceeded
-and budget_overrun events). Costs are summed exactly. Lines that are not JSON are skipped
+Per-user spend from payi_guard's JSON logs (genai_call, budget_warning, budget_exceeded,
+budget_overrun and budget_adjusted events). Costs are summed exactly; operators'
+adjustments are shown apart from what calls cost. Lines that are not JSON are skipped
 and counted, never fatal. Memory grows with the number of groups, not of lines.
 """
 
