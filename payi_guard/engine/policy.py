@@ -229,6 +229,10 @@ class Policy:
             else TierCache(tier_of, config.tier_cache_ttl, cache_size, clock)
         )
         self._log = events.get_logger()
+        # (user id, tier) -> the subject with that tier; plain dict reads and writes are
+        # atomic, and a stale entry is only ever replaced by an equal one.
+        self._with_tiers: dict[tuple[str, str | None], Subject] = {}
+        self._cache_size = cache_size
 
     # -- tiers assigned at run time -------------------------------------------------------
 
@@ -238,6 +242,18 @@ class Policy:
         if subject.anonymous or user is None or user in self.config.users:
             return None  # the user's own entry under users: comes first
         return user
+
+    def _tiered(self, subject: Subject, tier: str | None) -> Subject:
+        """``subject`` with ``tier`` (one object per user and tier, reused call after call)."""
+        if tier == subject.tier:
+            return subject
+        key = (subject.user_id, tier)
+        tiered = self._with_tiers.get(key)
+        if tiered is None or tiered.policy_user != subject.policy_user:
+            if len(self._with_tiers) >= self._cache_size:
+                self._with_tiers.clear()  # bounded; hot users come back at once
+            tiered = self._with_tiers[key] = replace(subject, tier=tier)
+        return tiered
 
     def with_tier(self, subject: Subject, requested: str | None) -> Subject:
         """``subject`` with its run-time tier: the request's, else ``tier_of``'s (sync).
@@ -252,7 +268,7 @@ class Policy:
         tier = requested
         if tier is None and self._tiers is not None:
             tier = self._tiers.lookup(user, subject.user_id)
-        return subject if tier == subject.tier else replace(subject, tier=tier)
+        return self._tiered(subject, tier)
 
     async def awith_tier(self, subject: Subject, requested: str | None) -> Subject:
         """Async :meth:`with_tier`: an app function is never run on the event loop."""
@@ -262,7 +278,7 @@ class Policy:
         tier = requested
         if tier is None and self._tiers is not None:
             tier = await self._tiers.alookup(user, subject.user_id)
-        return subject if tier == subject.tier else replace(subject, tier=tier)
+        return self._tiered(subject, tier)
 
     def cached_tier(self, subject: Subject, requested: str | None) -> Subject | None:
         """:meth:`with_tier` without asking the app: ``None`` when that would be needed."""
@@ -274,7 +290,7 @@ class Policy:
             known, tier = self._tiers.peek(user)
             if not known:
                 return None
-        return subject if tier == subject.tier else replace(subject, tier=tier)
+        return self._tiered(subject, tier)
 
     # -- limits ---------------------------------------------------------------------------
 
