@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int])
     except (ConfigError, InvalidUserId, ValueError, TypeError) as exc:
         _say(sys.stderr, f"error: {exc}")
         return 2
-    except PayiGuardError as exc:  # the store failed: nothing was changed
+    except PayiGuardError as exc:  # the store failed (the message says if it may have applied)
         _say(sys.stderr, f"error: {exc}")
         return 1
 
@@ -239,7 +239,8 @@ def run_adjust(args: argparse.Namespace) -> int:
 
     Returns:
         0 done; 2 a bad argument, file, user, limit or amount, or a ``memory://`` store;
-        1 the store failed (nothing was changed).
+        1 the store failed: nothing was changed, unless the message says the store did
+        not answer in time (then the user's history tells).
     """
     return _run(args, _adjust)
 

@@ -34,6 +34,7 @@ from payi_guard.admin.security import TokenAuth, from_this_site
 from payi_guard.engine import Guard
 from payi_guard.exceptions import InvalidUserId, StorageError
 from payi_guard.identity import normalize_user_id
+from payi_guard.ledger import StorageOutcomeUnknown
 from payi_guard.usage import LimitUsage
 
 __all__ = ["MAX_ACTION_BYTES", "PAGE_OPERATOR", "Actions"]
@@ -187,6 +188,14 @@ class Actions:
             return refusal.response
         except (ValueError, TypeError) as exc:
             return problem(400, "invalid-action", "Invalid action", f"{exc}.")
+        except StorageOutcomeUnknown:
+            return problem(
+                503,
+                "outcome-unknown",
+                "Outcome unknown",
+                "The budget storage did not answer in time: the change may have been "
+                "applied. Check the user's adjustments before trying again.",
+            )
         except StorageError:
             return self._storage_failed()
 

@@ -35,7 +35,7 @@ from payi_guard.engine.policy import Subject
 from payi_guard.engine.reservation import Reservation
 from payi_guard.engine.tiers import TierFunction
 from payi_guard.engine.views import Planning, Views
-from payi_guard.engine.watch import ConfigWatcher
+from payi_guard.engine.watch import Watching
 from payi_guard.exceptions import ConfigError
 from payi_guard.identity import Pseudonymizer, normalize_user_id
 from payi_guard.ledger.base import AsyncLedger, Ledger
@@ -115,7 +115,7 @@ class Guard:
         self._views = Views(self._parts)
         self._operator = Operator(self._parts)
         self._default_user_id: str | None = None
-        self._watcher: ConfigWatcher | None = None
+        self._watching = Watching()
 
     # -- construction ---------------------------------------------------------------------
 
@@ -335,20 +335,16 @@ class Guard:
             StorageError: the storage could not be read (``read_storage=True``).
         """
         attribution = attribution if attribution is not None else get_context()
-        if not read_storage:  # subject_for refuses an anonymous caller under `reject`
-            return self._views.cached_exhausted(self.subject_for(attribution), attribution)
-        subject = self._planning.tiered(self.subject_for(attribution), attribution)
-        return self._views.exhausted(subject, attribution.limit_ids)
+        subject = self.subject_for(attribution)  # refuses an anonymous caller under `reject`
+        return self._views.exhausted(subject, attribution, read_storage)
 
     async def aexhausted_limit(
         self, attribution: Attribution | None = None, *, read_storage: bool = False
     ) -> LimitUsage | None:
         """Async :meth:`exhausted_limit`."""
         attribution = attribution if attribution is not None else get_context()
-        if not read_storage:
-            return self._views.cached_exhausted(self.subject_for(attribution), attribution)
-        subject = await self._planning.atiered(self.subject_for(attribution), attribution)
-        return await self._views.aexhausted(subject, attribution.limit_ids)
+        subject = self.subject_for(attribution)
+        return await self._views.aexhausted(subject, attribution, read_storage)
 
     # -- operator controls ---------------------------------------------------------------------
 
@@ -450,15 +446,11 @@ class Guard:
         """
         if self.config.source is None:
             raise ConfigError("watch() needs a Guard built with Guard.from_yaml(path)")
-        if self._watcher is None:
-            self._watcher = ConfigWatcher(self.reload, self.config.source, interval)
-            self._watcher.start()
+        self._watching.start(self.reload, self.config.source, interval)
 
     def stop_watching(self) -> None:
         """Stop the file watcher started by :meth:`watch`."""
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
+        self._watching.stop()
 
     # -- SDK integration -----------------------------------------------------------------------
     # The contract puts wrap() and instrument() on Guard, but the meter sits above the

@@ -32,7 +32,12 @@ from payi_guard.config import MAX_AMOUNT
 from payi_guard.engine.parts import Parts
 from payi_guard.engine.plan import Counter, limit_usage
 from payi_guard.engine.policy import BoundLimit, Subject
-from payi_guard.ledger.base import Adjustment, CounterState, JournalEntry
+from payi_guard.ledger.base import (
+    Adjustment,
+    CounterState,
+    JournalEntry,
+    StorageOutcomeUnknown,
+)
 from payi_guard.ledger.keys import journal_key, parse_key
 from payi_guard.money import display_amount, log_amount, parse_usd_change
 from payi_guard.usage import BudgetAdjustment, LimitUsage, Scope, Unit
@@ -226,31 +231,39 @@ class Operator:
         """Apply ``plan`` in one ledger step (sync); log it; return the limits after.
 
         Raises:
-            StorageError: the store failed (nothing was logged).
+            StorageOutcomeUnknown: the store did not answer in time: the adjustment may
+                have been applied (the user's history tells; it is not retried).
+            StorageError: the store failed; nothing was changed (nothing is logged).
             ValueError: a counter would go out of range (nothing was changed).
         """
         if not plan.adjustments:
             return []
-        entries = self._parts.storage.ledger.adjust(
-            plan.adjustments,
-            now=plan.now,
-            journal=plan.journal,
-            keep=HISTORY_KEEP,
-            journal_expires_at=plan.now + HISTORY_DAYS * 86_400,
-        )
+        try:
+            entries = self._parts.storage.ledger.adjust(
+                plan.adjustments,
+                now=plan.now,
+                journal=plan.journal,
+                keep=HISTORY_KEEP,
+                journal_expires_at=plan.now + HISTORY_DAYS * 86_400,
+            )
+        except StorageOutcomeUnknown as exc:
+            raise _unknown(exc) from exc
         return self._done(plan, entries)
 
     async def aapply(self, plan: OperatorPlan) -> list[LimitUsage]:
         """Async :meth:`apply`."""
         if not plan.adjustments:
             return []
-        entries = await self._parts.storage.async_ledger.adjust(
-            plan.adjustments,
-            now=plan.now,
-            journal=plan.journal,
-            keep=HISTORY_KEEP,
-            journal_expires_at=plan.now + HISTORY_DAYS * 86_400,
-        )
+        try:
+            entries = await self._parts.storage.async_ledger.adjust(
+                plan.adjustments,
+                now=plan.now,
+                journal=plan.journal,
+                keep=HISTORY_KEEP,
+                journal_expires_at=plan.now + HISTORY_DAYS * 86_400,
+            )
+        except StorageOutcomeUnknown as exc:
+            raise _unknown(exc) from exc
         return self._done(plan, entries)
 
     def _done(self, plan: OperatorPlan, entries: Sequence[JournalEntry]) -> list[LimitUsage]:
@@ -295,6 +308,13 @@ class Operator:
             if adjustment is not None:
                 out.append(adjustment)
         return out
+
+
+def _unknown(exc: StorageOutcomeUnknown) -> StorageOutcomeUnknown:
+    return StorageOutcomeUnknown(
+        f"{exc}; the adjustment may have been applied: read the user's history "
+        "(guard.adjustments(), the users page) before trying again"
+    )
 
 
 def _find(

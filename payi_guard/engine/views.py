@@ -145,19 +145,29 @@ class Views:
         _, counters = self._plan(tiered, attribution.limit_ids)
         return spent.exhausted(counters, parts.clock.now())
 
-    def exhausted(self, subject: Subject, limit_ids: Sequence[str]) -> LimitUsage | None:
-        """The exhausted block limit of a tiered ``subject``, read from the store."""
+    def exhausted(
+        self, subject: Subject, attribution: Attribution, read_storage: bool
+    ) -> LimitUsage | None:
+        """The exhausted block limit of ``subject``: from the spent cache, or the store."""
+        if not read_storage:
+            return self.cached_exhausted(subject, attribution)
         parts = self._parts
-        bound, counters = self._plan(subject, limit_ids)
+        subject = parts.policy.with_tier(subject, attribution.tier)
+        bound, counters = self._plan(subject, attribution.limit_ids)
         if not counters:
             return None
         states = parts.storage.ledger.read([c.key for c in counters], now=parts.clock.now())
         return blocking(usages_of(bound, counters, states))
 
-    async def aexhausted(self, subject: Subject, limit_ids: Sequence[str]) -> LimitUsage | None:
+    async def aexhausted(
+        self, subject: Subject, attribution: Attribution, read_storage: bool
+    ) -> LimitUsage | None:
         """Async :meth:`exhausted`."""
+        if not read_storage:
+            return self.cached_exhausted(subject, attribution)
         parts = self._parts
-        bound, counters = self._plan(subject, limit_ids)
+        subject = await parts.policy.awith_tier(subject, attribution.tier)
+        bound, counters = self._plan(subject, attribution.limit_ids)
         if not counters:
             return None
         keys = [c.key for c in counters]

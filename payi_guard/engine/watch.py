@@ -14,7 +14,7 @@ from typing import Any
 from payi_guard.config import GuardConfig, load_config, parse_config
 from payi_guard.exceptions import ConfigError
 
-__all__ = ["ConfigWatcher", "config_from"]
+__all__ = ["ConfigWatcher", "Watching", "config_from"]
 
 
 def config_from(
@@ -88,3 +88,22 @@ class ConfigWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self.poll()
+
+
+class Watching:
+    """At most one :class:`ConfigWatcher` of a guard: started once, stopped on demand."""
+
+    def __init__(self) -> None:
+        self._watcher: ConfigWatcher | None = None
+
+    def start(self, reload: Callable[[str], object], path: str, interval: float) -> None:
+        """Start watching ``path`` (nothing happens when a watcher already runs)."""
+        if self._watcher is None:
+            self._watcher = ConfigWatcher(reload, path, interval)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        """Stop the watcher, if one runs."""
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
