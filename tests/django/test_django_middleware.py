@@ -272,6 +272,9 @@ def test_guard_from_a_dotted_path_or_a_yaml_file(tmp_path: Any) -> None:
     budgets.write_text("version: 1\nlimits:\n  tiny: {max: 0.5, per: day}\ndefault: [tiny]\n")
     with override_settings(PAYI_GUARD={"config": budgets}):
         assert list(get_guard().config.limits) == ["tiny"]
+    store = f"sqlite:///{tmp_path / 'other.db'}"
+    with override_settings(PAYI_GUARD={"config": budgets, "storage": store}):
+        assert get_guard().storage_uri == store  # the environment's store wins
 
 
 def make_guard() -> Guard:
@@ -292,6 +295,8 @@ def make_guard() -> Guard:
         ({"config": config(), "user": 42}, "'user' must be the dotted path of a callable"),
         ({"config": 42}, "'config' must be a path or a dict"),
         ({"guard": f"{__name__}.NOW"}, "'guard' must name a payi_guard Guard"),
+        ({"guard": f"{__name__}.make_guard", "storage": "memory://"}, "goes with 'config'"),
+        ({"config": config(), "storage": 42}, "'storage' must be a storage URI"),
     ],
 )
 def test_invalid_settings_are_refused_when_the_middleware_is_built(
