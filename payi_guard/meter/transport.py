@@ -189,29 +189,33 @@ class TransportMeter:
         )
 
     def outgoing(self, request: Any, planned: PlannedCall, reservation: Reservation) -> Any:
-        """The request to send: rebuilt body, identity encoding, Pay-i headers."""
+        """The request to send: rebuilt body, identity encoding, Pay-i headers.
+
+        Always a new request object: the app's own (reachable as
+        ``raw.http_request``) keeps the headers and body it was built with.
+        """
+        headers = request.headers.copy()  # Host and the rest are already there
         body = planned.body
         if body is None:
-            out = request
+            body = request.content
         else:
-            headers = request.headers.copy()  # Host and the rest are already there
             headers["content-length"] = str(len(body))
             if "transfer-encoding" in headers:
                 del headers["transfer-encoding"]
-            out = self.module.Request(
-                request.method,
-                request.url,
-                headers=headers,
-                stream=self.module.ByteStream(body),
-                extensions=dict(request.extensions),
-            )
-            out.read()  # makes ``content`` available, as for any request built from bytes
-        out.headers["accept-encoding"] = "identity"
+        headers["accept-encoding"] = "identity"
         if self.bridge.enabled():
             attribution = planned.attribution
             anonymous = attribution.user_id is None and self.guard.default_user_id is None
             user = None if anonymous else reservation.user_id
-            self.bridge.apply(out.headers, attribution, user)
+            self.bridge.apply(headers, attribution, user)
+        out = self.module.Request(
+            request.method,
+            request.url,
+            headers=headers,
+            stream=self.module.ByteStream(body),
+            extensions=dict(request.extensions),
+        )
+        out.read()  # makes ``content`` available, as for any request built from bytes
         return out
 
     # -- after the response ---------------------------------------------------------------

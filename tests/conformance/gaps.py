@@ -112,13 +112,6 @@ def _deployment_unpriced(interaction: Interaction) -> bool:
 
 GAPS: tuple[Gap, ...] = (
     Gap(
-        "request_headers",
-        "the guard sets accept-encoding: identity on the app's own request object "
-        "(raw.http_request.headers)",
-        (RequestHeadersDiffer,),
-        lambda case: case.variant == "raw",
-    ),
-    Gap(
         "bytes_content_stream",
         "a stream whose body is already read (bytes content) is settled only when collected, "
         "as incomplete from the estimate, and its injected usage chunk reaches the app",
