@@ -583,17 +583,26 @@ def _data(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _chunk(delta: dict[str, Any], finish_reason: str | None = None, index: int = 0) -> bytes:
+def _chunk(
+    delta: dict[str, Any], finish_reason: str | None = None, index: int = 0, *, usage: bool = True
+) -> bytes:
+    """A chat chunk; with ``usage``, the ``"usage":null`` member ``include_usage`` adds."""
     choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    return _data({**CHUNK_BASE, "choices": [choice], "usage": None})
+    return _data({**CHUNK_BASE, "choices": [choice], **({"usage": None} if usage else {})})
 
 
-CHAT_STREAM = (
-    _chunk({"role": "assistant", "content": ""})
-    + _chunk({"content": "Hello"})
-    + _chunk({"content": " world!"})
-    + _chunk({}, "stop")
-)
+def _chat_stream(*, usage: bool = True) -> bytes:
+    return (
+        _chunk({"role": "assistant", "content": ""}, usage=usage)
+        + _chunk({"content": "Hello"}, usage=usage)
+        + _chunk({"content": " world!"}, usage=usage)
+        + _chunk({}, "stop", usage=usage)
+    )
+
+
+CHAT_STREAM = _chat_stream()
+CHAT_STREAM_AS_UNASKED = _chat_stream(usage=False)
+"""The chunks of :data:`CHAT_STREAM` as OpenAI sends them without ``include_usage``."""
 USAGE_CHUNK = _data(
     {
         **CHUNK_BASE,
@@ -622,7 +631,8 @@ def test_chat_stream_usage_chunk_is_dropped_only_when_the_guard_added_it() -> No
     dropped, tracker = _meter(CHAT, stream, added=True)
     kept, kept_tracker = _meter(CHAT, stream, added=False)
 
-    assert dropped == CHAT_STREAM + DONE
+    # The guard's option leaves no trace: no usage-only chunk, no "usage":null members.
+    assert dropped == CHAT_STREAM_AS_UNASKED + DONE
     assert kept == stream
     for t in (tracker, kept_tracker):
         assert t.usage == ParsedUsage(
@@ -667,7 +677,7 @@ def test_chat_stream_counts_tool_arguments_refusals_and_reasoning() -> None:
     assert tracker.output_deltas == 4
 
 
-def test_chat_stream_keeps_usage_chunks_that_carry_choices_and_azure_filter_chunks() -> None:
+def test_chat_stream_keeps_azure_filter_chunks_and_hides_usage_it_caused() -> None:
     azure_filter = _data(
         {
             "choices": [],
@@ -692,9 +702,66 @@ def test_chat_stream_keeps_usage_chunks_that_carry_choices_and_azure_filter_chun
     )
     stream = azure_filter + running + final + DONE
     out, tracker = _meter(CHAT, stream, added=True)
+    kept, _ = _meter(CHAT, stream, added=False)
 
-    assert out == stream
+    # Usage on chunks that carry choices is what the guard's include_usage caused: the
+    # chunks are forwarded without it (re-encoded, compact), the usage is charged.
+    assert kept == stream
+    assert out == (
+        azure_filter
+        + _data({"choices": [{"index": 0, "delta": {"content": "hi"}}]})
+        + _data({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        + DONE
+    )
     assert tracker.usage == ParsedUsage(input_tokens=3, output_tokens=2, complete=True)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        (b'data: {"id":"c","usage":null}\n\n', b'data: {"id":"c"}\n\n'),
+        (b'data: {"usage":null,"id":"c"}\n\n', b'data: {"id":"c"}\n\n'),
+        (b'data: {"a":1,"usage":null,"b":2}\r\n\r\n', b'data: {"a":1,"b":2}\r\n\r\n'),
+        (b'data: {"a": 1, "usage" : null }\n\n', b'data: {"a": 1 }\n\n'),
+        # A string that mentions the member is text, not a member.
+        (
+            b'data: {"c":"say \\"usage\\":null","usage":null}\n\n',
+            b'data: {"c":"say \\"usage\\":null"}\n\n',
+        ),
+        # The key twice (nested too): the chunk is re-encoded without the top-level one.
+        (
+            b'id: 7\ndata: {"usage":null,"x":{"usage":null}}\n\n',
+            b'id: 7\ndata: {"x":{"usage":null}}\n\n',
+        ),
+        # The only member: re-encoded.
+        (b'data: {"usage":null}\n\n', b"data: {}\n\n"),
+    ],
+)
+def test_usage_null_member_is_cut_from_the_bytes(chunk: bytes, expected: bytes) -> None:
+    out, tracker = _meter(CHAT, chunk, added=True)
+
+    assert out == expected
+    assert json.loads(expected.split(b"data: ", 1)[1]) == {
+        k: v for k, v in json.loads(chunk.split(b"data: ", 1)[1]).items() if k != "usage"
+    }
+    assert tracker.dropped == 0
+
+
+def test_chat_stream_error_chunk_with_usage_is_charged_and_forwarded() -> None:
+    usage = {"prompt_tokens": 43, "completion_tokens": 0, "total_tokens": 43}
+    choice = {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}
+    error = {"code": 502, "message": "Provider returned error"}
+    base = {"id": "gen-1", "model": "m", "choices": [choice], "error": error}
+    chunk = _data({**base, "usage": usage})
+
+    kept, tracker = _meter(CHAT, chunk + DONE)
+    hidden, hidden_tracker = _meter(CHAT, chunk + DONE, added=True)
+
+    assert kept == chunk + DONE
+    assert hidden == _data(base) + DONE
+    for t in (tracker, hidden_tracker):
+        assert [(e.type, e.message) for e in t.errors] == [(None, "Provider returned error")]
+        assert t.usage == ParsedUsage(input_tokens=43, output_tokens=0, complete=True)
 
 
 def test_chat_stream_error_chunk_is_recorded_and_forwarded() -> None:
@@ -739,21 +806,26 @@ def test_non_json_and_non_object_data_are_forwarded() -> None:
 
 @st.composite
 def chat_streams(draw: st.DrawFn) -> tuple[bytes, bytes]:
-    """A chat stream with the usage-only chunk, and the same stream without it."""
+    """A chat stream as sent with ``include_usage``, and as sent without it."""
     newline = draw(st.sampled_from(["\n", "\r\n"]))
     words = draw(st.lists(_TEXT, max_size=5))
-    events = [
-        f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': w}}], 'usage': None})}"
-        f"{newline}{newline}"
-        for w in words
-    ]
+
+    def chunk(word: str, *, usage: bool) -> str:
+        body: dict[str, Any] = {"choices": [{"index": 0, "delta": {"content": word}}]}
+        if usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}{newline}{newline}"
+
+    events = [chunk(w, usage=True) for w in words]
+    unasked = [chunk(w, usage=False) for w in words]
     if draw(st.booleans()):
         events.insert(0, f": ping{newline}{newline}")
+        unasked.insert(0, f": ping{newline}{newline}")
     usage = {"prompt_tokens": 5, "completion_tokens": len(words)}
     usage_event = f"data: {json.dumps({'choices': [], 'usage': usage})}{newline}{newline}"
     done = f"data: [DONE]{newline}{newline}"
     kept = "".join(events).encode()
-    return kept + usage_event.encode() + done.encode(), kept + done.encode()
+    return kept + usage_event.encode() + done.encode(), "".join(unasked).encode() + done.encode()
 
 
 @settings(max_examples=200, deadline=None)
@@ -1005,7 +1077,14 @@ def test_metering_the_fakes_chat_stream(fake: FakeProvider) -> None:
     assert tracker.status == "tool_calls"
     assert tracker.output_bytes == len(DEFAULT_REPLY) + len('{"x": 1}')
     events = _decode(raw)
-    assert [e.raw for e in events if b'"choices":[]' not in e.raw] == [e.raw for e in _decode(out)]
+    # What the client gets is the stream minus the usage chunk, and minus the
+    # ``"usage":null`` member the option added to every other chunk.
+    expected = [
+        e.raw.replace(b',"usage":null}', b"}") for e in events if b'"choices":[]' not in e.raw
+    ]
+    assert expected == [e.raw for e in _decode(out)]
+    assert b'"usage":null' in raw
+    assert b'"usage"' not in out
     assert len(_decode(out)) == len(events) - 1
 
 

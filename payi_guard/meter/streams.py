@@ -180,6 +180,7 @@ def stream_state(
     added_include_usage: bool,
     fallback_input: int,
     max_output: int,
+    loaded: bool = False,
 ) -> StreamState:
     """The state of a stream about to be wrapped; fixes the response's headers.
 
@@ -190,12 +191,16 @@ def stream_state(
         added_include_usage: whether the guard added ``stream_options.include_usage``.
         fallback_input: the input tokens to charge if the stream never reports them.
         max_output: the output bound reserved (charged when the body cannot be read).
+        loaded: the body was already read, and decoded, by the HTTP module.
     """
     headers = response.headers
     encoding = headers.get("content-encoding", "").strip().lower()
     inflater: _Inflater | None = None
     raw = False
-    if encoding and encoding != "identity":
+    if loaded:
+        if "content-encoding" in headers:
+            del headers["content-encoding"]
+    elif encoding and encoding != "identity":
         if encoding in DECODABLE_ENCODINGS:
             inflater = _Inflater("deflate" if encoding == "deflate" else "gzip")
             del headers["content-encoding"]

@@ -238,24 +238,36 @@ class TransportMeter:
         return True
 
     @staticmethod
-    def response_kind(response: Any) -> Literal["error", "stream", "plain"]:
+    def response_kind(planned: PlannedCall, response: Any) -> Literal["error", "stream", "plain"]:
         """What to do with a response.
 
         Returns:
-            ``error`` for a non-2xx status (released), ``stream`` for a server-sent
-            event stream (wrapped), ``plain`` for any other body (read and settled).
+            ``error`` for a non-2xx status (released); ``stream`` for a server-sent event
+            stream (wrapped): the request asked for one (``stream: true``: the SDKs read
+            the body as events whatever its content type, and some gateways send
+            ``application/json``) or the response says ``text/event-stream``; ``plain``
+            for any other body (read and settled).
         """
         if not 200 <= int(response.status_code) < 300:
             return "error"
+        if planned.info.stream:
+            return "stream"
         ctype: str = response.headers.get("content-type", "")
         if ctype.split(";", 1)[0].strip().lower() == "text/event-stream":
             return "stream"
         return "plain"
 
     def stream_state(
-        self, planned: PlannedCall, reservation: Reservation, response: Any
+        self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
     ) -> StreamState:
-        """The state of a stream about to be wrapped; fixes the response's headers."""
+        """The state of a stream about to be wrapped; fixes the response's headers.
+
+        Args:
+            planned: the planned call.
+            reservation: its reservation.
+            response: the response whose stream is wrapped (or read, when ``loaded``).
+            loaded: the body is already read and decoded (see :meth:`read_loaded`).
+        """
         return stream_state(
             response,
             reservation,
@@ -263,6 +275,33 @@ class TransportMeter:
             added_include_usage=planned.added_include_usage,
             fallback_input=planned.call.input_tokens,
             max_output=planned.call.max_output_tokens,
+            loaded=loaded,
+        )
+
+    @staticmethod
+    def is_loaded(response: Any) -> bool:
+        """Whether a response's body was read before the transport returned it.
+
+        A transport that answers from memory (``httpx.MockTransport``, respx, a test's
+        own) builds ``Response(content=bytes)``, which is read at once: the client then
+        hands the app those bytes and never iterates the stream.
+        """
+        return bool(response.is_stream_consumed)
+
+    def read_loaded(self, state: StreamState, response: Any) -> Any:
+        """Meter an already-read stream whole; return the response the app gets.
+
+        The events go through ``state`` at once (the guard's usage chunk and usage
+        members are taken out as for a network stream), so the call can be settled now,
+        before the app reads a byte. The response returned carries the bytes the app
+        would have seen, with a ``content-length`` that matches them.
+        """
+        body = state.feed(response.content) + state.end()
+        return self.module.Response(
+            response.status_code,
+            headers=response.headers,
+            content=body,
+            extensions=response.extensions,
         )
 
     @staticmethod
@@ -377,11 +416,16 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                     response.close()
                     outgoing = meter.outgoing(request, planned, reservation)
                     response = self._inner.handle_request(outgoing)
-            kind = meter.response_kind(response)
+            kind = meter.response_kind(planned, response)
             if kind == "error":
                 reservation.release(outcome="error")
                 return response
             if kind == "stream":
+                if meter.is_loaded(response):
+                    state = meter.stream_state(planned, reservation, response, loaded=True)
+                    response = meter.read_loaded(state, response)
+                    state.settle("end")
+                    return response
                 state = meter.stream_state(planned, reservation, response)
                 response.stream = MeteredStream(response.stream, state)
                 return response
@@ -447,11 +491,16 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                     await response.aclose()
                     outgoing = meter.outgoing(request, planned, reservation)
                     response = await self._inner.handle_async_request(outgoing)
-            kind = meter.response_kind(response)
+            kind = meter.response_kind(planned, response)
             if kind == "error":
                 await reservation.arelease(outcome="error")
                 return response
             if kind == "stream":
+                if meter.is_loaded(response):
+                    state = meter.stream_state(planned, reservation, response, loaded=True)
+                    response = meter.read_loaded(state, response)
+                    await state.asettle("end")
+                    return response
                 state = meter.stream_state(planned, reservation, response)
                 response.stream = AsyncMeteredStream(response.stream, state)
                 return response

@@ -20,12 +20,9 @@ from conformance.calls import azure_deployment
 from conformance.corpus import Interaction
 from conformance.expected import PRICED_AT, bill
 from conformance.harness import (
-    AppViewDiffers,
     Case,
     ChargedWrongly,
     CostDiffers,
-    NotSettledAtEnd,
-    RequestHeadersDiffer,
     TokensDiffer,
 )
 
@@ -112,35 +109,6 @@ def _deployment_unpriced(interaction: Interaction) -> bool:
 
 GAPS: tuple[Gap, ...] = (
     Gap(
-        "bytes_content_stream",
-        "a stream whose body is already read (bytes content) is settled only when collected, "
-        "as incomplete from the estimate, and its injected usage chunk reaches the app",
-        # When the collection happens before the app is done depends on a background
-        # thread, so the same case shows one failure or another.
-        (NotSettledAtEnd, TokensDiffer, CostDiffers, AppViewDiffers),
-        lambda case: (
-            case.transport == "memory"
-            and case.interaction.is_stream
-            and case.interaction.content_type == "text/event-stream"
-        ),
-    ),
-    Gap(
-        "include_usage_visible",
-        "chunks carry usage: null (to_json, model_fields_set) when the guard injected "
-        "stream_options.include_usage",
-        (AppViewDiffers,),
-        lambda case: case.variant == "no_usage",
-    ),
-    Gap(
-        "json_event_stream",
-        "an event stream served with a JSON content type is read as one body and charged "
-        "the whole reservation as ok",
-        (TokensDiffer, CostDiffers, ChargedWrongly),
-        lambda case: (
-            case.interaction.is_stream and case.interaction.content_type != "text/event-stream"
-        ),
-    ),
-    Gap(
         "cache_write",
         "OpenAI cache_write_tokens (prompt_tokens_details / input_tokens_details) are "
         "logged as input and priced at the input rate",
@@ -186,13 +154,6 @@ GAPS: tuple[Gap, ...] = (
         "that provider",
         (CostDiffers,),
         _measured("pydantic-ai/test_groq/test_groq_native_output"),
-    ),
-    Gap(
-        "error_chunk_usage",
-        "the usage of a chat chunk that also carries an error is ignored (charged from "
-        "the estimate)",
-        (TokensDiffer, CostDiffers),
-        _error_chunk_with_usage,
     ),
     Gap(
         "early_break",
