@@ -276,6 +276,51 @@ def test_openai_chat_usage_excludes_cached_tokens_from_input() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "usage"),
+    [
+        (
+            "chat",
+            {
+                "prompt_tokens": 2500,
+                "completion_tokens": 10,
+                "prompt_tokens_details": {"cached_tokens": 1024, "cache_write_tokens": 1200},
+            },
+        ),
+        (
+            "responses",
+            {
+                "input_tokens": 2500,
+                "output_tokens": 10,
+                "input_tokens_details": {"cached_tokens": 1024, "cache_write_tokens": 1200},
+            },
+        ),
+    ],
+)
+def test_openai_cache_writes_are_split_out_of_the_input(
+    endpoint: str, usage: dict[str, Any]
+) -> None:
+    parsed = usage_from_response(Endpoint(endpoint), {"usage": usage})  # type: ignore[arg-type]
+
+    assert parsed == ParsedUsage(
+        input_tokens=276,
+        output_tokens=10,
+        cache_read_tokens=1024,
+        cache_write_tokens=1200,
+        complete=True,
+    )
+    assert parsed.total_input_tokens == 2500
+
+
+def test_openai_cache_counts_never_exceed_the_input() -> None:
+    usage = {
+        "prompt_tokens": 100,
+        "prompt_tokens_details": {"cached_tokens": 60, "cache_write_tokens": 90},
+    }
+    parsed = usage_from_response(CHAT, {"usage": usage})
+    assert (parsed.input_tokens, parsed.cache_read_tokens, parsed.cache_write_tokens) == (0, 60, 40)
+
+
 def test_openai_usage_without_details_and_legacy_completions() -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
     for endpoint in (CHAT, COMPLETIONS):

@@ -266,15 +266,16 @@ class ParsedUsage:
 
     Attributes:
         input_tokens: input tokens billed at the full input rate: cache reads and cache
-            writes excluded. For OpenAI, ``prompt_tokens - cached_tokens`` (OpenAI bills
-            cache writes at the input rate, so they stay here); Anthropic's
+            writes excluded. For OpenAI, ``prompt_tokens - cached_tokens -
+            cache_write_tokens`` (both in ``prompt_tokens_details``; Responses:
+            ``input_tokens`` and ``input_tokens_details``); Anthropic's
             ``input_tokens`` already excludes its cache fields.
         output_tokens: output tokens, reasoning (thinking) tokens included, as every
             provider bills them.
         cache_read_tokens: input tokens read from the prompt cache.
         cache_write_tokens: input tokens written to the prompt cache with the default
             (5 minute) lifetime: Anthropic's ``cache_creation_input_tokens`` minus the
-            1-hour writes.
+            1-hour writes; OpenAI's ``cache_write_tokens``.
         cache_write_1h_tokens: input tokens written with a 1-hour lifetime (Anthropic's
             ``cache_creation.ephemeral_1h_input_tokens``), billed at a higher rate.
         reasoning_tokens: the part of ``output_tokens`` spent on reasoning (informative).
@@ -341,31 +342,47 @@ def usage_from_response(endpoint: Endpoint, json_obj: object) -> ParsedUsage:
 def openai_usage(usage: Mapping[str, Any]) -> ParsedUsage:
     """Read an OpenAI ``usage`` object of chat, legacy completions or embeddings.
 
-    These count ``prompt_tokens`` (cache reads included) and ``completion_tokens``.
+    These count ``prompt_tokens`` (cache reads and cache writes included, as
+    ``prompt_tokens_details.cached_tokens`` and ``.cache_write_tokens``) and
+    ``completion_tokens``.
     """
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
-    cached = min(prompt, _int(_dig(usage, "prompt_tokens_details", "cached_tokens")))
-    reasoning = _int(_dig(usage, "completion_tokens_details", "reasoning_tokens"))
-    return ParsedUsage(
-        input_tokens=prompt - cached,
-        output_tokens=completion,
-        cache_read_tokens=cached,
-        reasoning_tokens=min(reasoning, completion),
-        complete=True,
+    return _openai_style(
+        usage, ("prompt_tokens", "prompt_tokens_details"), ("completion_tokens", "completion")
     )
 
 
 def responses_usage(usage: Mapping[str, Any]) -> ParsedUsage:
-    """Read a Responses API ``usage`` object (``input_tokens`` include cache reads)."""
-    total_input = _int(usage.get("input_tokens"))
-    output = _int(usage.get("output_tokens"))
-    cached = min(total_input, _int(_dig(usage, "input_tokens_details", "cached_tokens")))
-    reasoning = _int(_dig(usage, "output_tokens_details", "reasoning_tokens"))
+    """Read a Responses API ``usage`` object.
+
+    Its ``input_tokens`` include cache reads and writes (``input_tokens_details``'s
+    ``cached_tokens`` and ``cache_write_tokens``).
+    """
+    return _openai_style(
+        usage, ("input_tokens", "input_tokens_details"), ("output_tokens", "output")
+    )
+
+
+def _openai_style(
+    usage: Mapping[str, Any], prompt: tuple[str, str], completion: tuple[str, str]
+) -> ParsedUsage:
+    """The usage of an OpenAI-style object.
+
+    ``prompt`` names the input count and its details object; ``completion`` the output
+    count and the stem of its details object (``{stem}_tokens_details``).
+    """
+    total_input = _int(usage.get(prompt[0]))
+    output = _int(usage.get(completion[0]))
+    details = usage.get(prompt[1])
+    cached = written = 0
+    if isinstance(details, Mapping):
+        cached = min(total_input, _int(details.get("cached_tokens")))
+        written = min(total_input - cached, _int(details.get("cache_write_tokens")))
+    reasoning = _int(_dig(usage, f"{completion[1]}_tokens_details", "reasoning_tokens"))
     return ParsedUsage(
-        input_tokens=total_input - cached,
+        input_tokens=total_input - cached - written,
         output_tokens=output,
         cache_read_tokens=cached,
+        cache_write_tokens=written,
         reasoning_tokens=min(reasoning, output),
         complete=True,
     )

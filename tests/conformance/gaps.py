@@ -109,13 +109,6 @@ def _deployment_unpriced(interaction: Interaction) -> bool:
 
 GAPS: tuple[Gap, ...] = (
     Gap(
-        "cache_write",
-        "OpenAI cache_write_tokens (prompt_tokens_details / input_tokens_details) are "
-        "logged as input and priced at the input rate",
-        (TokensDiffer, CostDiffers),
-        _cache_writes,
-    ),
-    Gap(
         "server_tools",
         "Anthropic usage.server_tool_use.web_search_requests is not charged",
         (CostDiffers,),
