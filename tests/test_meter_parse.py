@@ -965,6 +965,32 @@ def test_responses_failed_without_usage_and_error_events() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("extra", "searches"),
+    [
+        ({"tool_usage": {"web_search": {"num_requests": 3}}}, 3),
+        ({"output": [{"type": "web_search_call"}, {"type": "message"}] * 2}, 2),
+        # The reported count wins over the items.
+        (
+            {
+                "tool_usage": {"web_search": {"num_requests": 1}},
+                "output": [{"type": "web_search_call"}] * 2,
+            },
+            1,
+        ),
+        ({"output": "not a list"}, 0),
+    ],
+)
+def test_responses_web_searches(extra: dict[str, Any], searches: int) -> None:
+    response = {**_response("completed", RESPONSES_USAGE), **extra}
+    plain = usage_from_response(RESPONSES, response)
+    _, tracker = _meter(RESPONSES, _response_event("response.completed", 1, response=response))
+
+    assert plain.web_searches == searches
+    assert tracker.usage == plain
+    assert plain.to_token_usage().web_searches == searches
+
+
 # --- stream usage: Anthropic ------------------------------------------------------------
 
 ANTHROPIC_START: dict[str, Any] = {
@@ -1021,6 +1047,20 @@ def test_anthropic_merges_start_and_delta_usage_keeping_cache_fields() -> None:
     assert (tracker.status, tracker.finished) == ("end_turn", True)
     assert tracker.model == "claude-opus-4-6"
     assert tracker.response_id == "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY"
+
+
+def test_anthropic_web_searches_are_counted() -> None:
+    usage = {
+        "input_tokens": 22397,
+        "output_tokens": 637,
+        "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 1},
+    }
+    delta = _typed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage})
+    _, tracker = _meter(ANTHROPIC, ANTHROPIC_STREAM + delta)
+
+    assert usage_from_response(ANTHROPIC, {"usage": usage}).web_searches == 2
+    assert tracker.usage is not None
+    assert tracker.usage.web_searches == 2
 
 
 def test_anthropic_later_fields_win() -> None:

@@ -395,6 +395,8 @@ class Bookkeeper:
             "outcome": record.outcome,
             "request_id": attribution.request_id,
         }
+        if usage is not None and usage.web_searches:
+            fields["web_searches"] = usage.web_searches
         if attribution.use_case_id is not None:
             fields["use_case_id"] = attribution.use_case_id
         if not record.priced:

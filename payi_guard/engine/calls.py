@@ -28,6 +28,7 @@ class CallRequest:
             ``cache_control``); cache-write rates then bound the input price.
         price_context: request facts that select a price variant, such as
             ``{"service_tier": "priority"}``.
+        max_web_searches: an upper bound of the server-side web searches (billed each).
     """
 
     model: str
@@ -38,6 +39,7 @@ class CallRequest:
     stream: bool = False
     cache_writes: bool = True
     price_context: Mapping[str, str] | None = None
+    max_web_searches: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -39,6 +39,7 @@ __all__ = [
     "inject_include_usage",
     "openai_usage",
     "responses_usage",
+    "responses_web_searches",
     "usage_from_response",
 ]
 
@@ -281,6 +282,10 @@ class ParsedUsage:
         reasoning_tokens: the part of ``output_tokens`` spent on reasoning (informative).
         complete: whether the provider's final usage report was seen. When false, some
             counts may be missing or partial.
+        web_searches: server-side web searches billed per search (Anthropic's
+            ``server_tool_use.web_search_requests``; for the Responses API
+            ``tool_usage.web_search.num_requests``, else one per ``web_search_call``
+            output item).
     """
 
     input_tokens: int = 0
@@ -290,6 +295,7 @@ class ParsedUsage:
     cache_write_1h_tokens: int = 0
     reasoning_tokens: int = 0
     complete: bool = False
+    web_searches: int = 0
 
     @property
     def total_input_tokens(self) -> int:
@@ -309,6 +315,7 @@ class ParsedUsage:
             cache_read_tokens=self.cache_read_tokens,
             cache_write_tokens=self.cache_write_tokens,
             cache_write_1h_tokens=self.cache_write_1h_tokens,
+            web_searches=self.web_searches,
         )
 
 
@@ -329,14 +336,33 @@ def usage_from_response(endpoint: Endpoint, json_obj: object) -> ParsedUsage:
     if endpoint.kind == "responses" and not isinstance(usage, Mapping):
         # Responses stream events wrap the response object; accept either.
         inner = json_obj.get("response")
-        usage = inner.get("usage") if isinstance(inner, Mapping) else None
+        if isinstance(inner, Mapping):
+            json_obj = inner
+            usage = inner.get("usage")
     if not isinstance(usage, Mapping):
         return ParsedUsage()
     if endpoint.kind == "anthropic_messages":
         return anthropic_usage(usage, complete=True)
     if endpoint.kind == "responses":
-        return responses_usage(usage)
+        return replace(responses_usage(usage), web_searches=responses_web_searches(json_obj))
     return openai_usage(usage)
+
+
+def responses_web_searches(response: Mapping[str, Any]) -> int:
+    """The web searches a Responses API call is billed for.
+
+    ``tool_usage.web_search.num_requests`` where the response reports it, else one per
+    ``web_search_call`` item of its ``output``.
+    """
+    reported = _dig(response, "tool_usage", "web_search", "num_requests")
+    if isinstance(reported, int) and not isinstance(reported, bool) and reported >= 0:
+        return reported
+    output = response.get("output")
+    if not isinstance(output, list):
+        return 0
+    return sum(
+        1 for item in output if isinstance(item, Mapping) and item.get("type") == "web_search_call"
+    )
 
 
 def openai_usage(usage: Mapping[str, Any]) -> ParsedUsage:
@@ -407,6 +433,7 @@ def anthropic_usage(usage: Mapping[str, Any], *, complete: bool) -> ParsedUsage:
         cache_write_1h_tokens=writes_1h,
         reasoning_tokens=min(thinking, output),
         complete=complete,
+        web_searches=_int(_dig(usage, "server_tool_use", "web_search_requests")),
     )
 
 

@@ -22,6 +22,7 @@ from payi_guard.meter.parse import (
     anthropic_usage,
     openai_usage,
     responses_usage,
+    responses_web_searches,
 )
 
 __all__ = [
@@ -400,8 +401,9 @@ class StreamUsageTracker:
             status = response.get("status") if isinstance(response, Mapping) else None
             self.status = status if isinstance(status, str) else kind.rsplit(".", 1)[1]
             usage = response.get("usage") if isinstance(response, Mapping) else None
-            if isinstance(usage, Mapping):
-                self._usage = responses_usage(usage)
+            if isinstance(usage, Mapping) and isinstance(response, Mapping):
+                searches = responses_web_searches(response)
+                self._usage = replace(responses_usage(usage), web_searches=searches)
                 self._input_reported = True
             if kind == "response.failed" and isinstance(response, Mapping):
                 self._add_openai_error(response.get("error") or {"type": "failed"})

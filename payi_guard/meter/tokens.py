@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_FILE_TOKENS",
     "DEFAULT_IMAGE_TOKENS",
     "DEFAULT_MAX_OUTPUT_TOKENS",
+    "DEFAULT_WEB_SEARCHES",
     "ENDPOINTS",
     "MESSAGE_OVERHEAD_TOKENS",
     "OPENAI_TOOLS_OVERHEAD_TOKENS",
@@ -36,6 +37,7 @@ __all__ = [
     "model_output_cap",
     "request_output_cap",
     "text_token_bound",
+    "web_search_bound",
 ]
 
 EndpointKind = Literal["chat", "responses", "embeddings", "anthropic_messages", "completions"]
@@ -64,6 +66,10 @@ Such a file's size is not in the request, so this is a documented allowance, not
 bound; files passed inline (base64) are counted from their data instead.
 """
 
+
+DEFAULT_WEB_SEARCHES = 10
+"""Web searches reserved for a web search tool that sets no ``max_uses`` (Anthropic) or
+for a Responses web search tool (which has no cap): each search is billed on its own."""
 
 MESSAGE_OVERHEAD_TOKENS = 10
 """Tokens added per message / input item for the chat format's role and separators
@@ -522,3 +528,26 @@ def max_output_tokens(
         if endpoint == "completions":
             choices = max(choices, _count_param(body, "best_of") or 1)
     return cap * choices
+
+
+def web_search_bound(body: Mapping[str, Any], endpoint: EndpointKind) -> int:
+    """An upper bound of the web searches a request lets the provider run (billed each).
+
+    Anthropic ``web_search_*`` tools count their ``max_uses``, or
+    :data:`DEFAULT_WEB_SEARCHES` without one; each Responses ``web_search*`` tool
+    counts :data:`DEFAULT_WEB_SEARCHES`. Other requests run none (chat completions'
+    ``web_search_options`` are billed per call, which genai-prices does not price).
+    """
+    if endpoint not in ("anthropic_messages", "responses"):
+        return 0
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return 0
+    total = 0
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, Mapping) else None
+        if not isinstance(kind, str) or not kind.startswith("web_search"):
+            continue
+        cap = _count_param(tool, "max_uses") if endpoint == "anthropic_messages" else None
+        total += DEFAULT_WEB_SEARCHES if cap is None else cap
+    return total

@@ -177,6 +177,7 @@ class TransportMeter:
             stream=info.stream,
             cache_writes=estimate.cache_writes,
             price_context=estimate.price_context or None,
+            max_web_searches=estimate.web_searches,
         )
         return PlannedCall(endpoint, info, call, get_context(), send, added, url)
 

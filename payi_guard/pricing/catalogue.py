@@ -4,8 +4,8 @@ Only the data bundled with ``genai-prices`` is read (its updater is never starte
 an app that starts it itself gets the updated data). Facts this relies on: a
 time-of-day price (an off-peak discount) is charged at the highest of the prices that
 can apply that day; request-context variants (``service_tier``, ``speed``) apply only
-when given in the price context; per-unit prices other than tokens and requests (web
-searches, audio, images) are not charged.
+when given in the price context; of the prices per unit other than tokens, requests and
+web searches are charged, the others (audio, images, file searches) are not.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ _PRICE_KEYS = (
     "cache_write_mtok",
     "cache_write_1h_mtok",
     "requests_kcount",
+    "web_searches_kcount",
 )
 
 
@@ -169,6 +170,7 @@ def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> 
         write = _price_at(keys["cache_write_mtok"], total_input_tokens)
         write_1h = _price_at(keys["cache_write_1h_mtok"], total_input_tokens)
         per_k = _price_at(keys["requests_kcount"], total_input_tokens)
+        per_k_searches = _price_at(keys["web_searches_kcount"], total_input_tokens)
         # Unpriced sub-kinds are billed as their parent, as genai-prices does.
         input_rate = per_mtok_to_pico(input_price)
         write_rate = input_rate if write is None else per_mtok_to_pico(write)
@@ -181,6 +183,9 @@ def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> 
                 cache_write_1h=write_rate if write_1h is None else per_mtok_to_pico(write_1h),
                 # $X per thousand requests is X * 1e12 / 1e3 pico-USD per request.
                 request=0 if per_k is None else per_mtok_to_pico(per_k) * 1_000,
+                web_search=0
+                if per_k_searches is None
+                else per_mtok_to_pico(per_k_searches) * 1_000,
             )
         )
     if not bands:

@@ -109,26 +109,6 @@ def _deployment_unpriced(interaction: Interaction) -> bool:
 
 GAPS: tuple[Gap, ...] = (
     Gap(
-        "server_tools",
-        "Anthropic usage.server_tool_use.web_search_requests is not charged",
-        (CostDiffers,),
-        lambda case: (
-            _full_read(case)
-            and case.interaction.kind == "messages"
-            and _searches(case.interaction) > 0
-        ),
-    ),
-    Gap(
-        "builtin_tools",
-        "Responses web_search_call items are not charged",
-        (CostDiffers,),
-        lambda case: (
-            _full_read(case)
-            and case.interaction.kind == "responses"
-            and _searches(case.interaction) > 0
-        ),
-    ),
-    Gap(
         "iterations",
         "Anthropic usage.iterations (compaction, advisor) is not what is charged",
         (TokensDiffer, CostDiffers),

@@ -34,6 +34,7 @@ from payi_guard.meter.tokens import (
     DEFAULT_FILE_TOKENS,
     DEFAULT_IMAGE_TOKENS,
     DEFAULT_MAX_OUTPUT_TOKENS,
+    DEFAULT_WEB_SEARCHES,
     MESSAGE_OVERHEAD_TOKENS,
     OPENAI_TOOLS_OVERHEAD_TOKENS,
     REQUEST_OVERHEAD_TOKENS,
@@ -42,6 +43,7 @@ from payi_guard.meter.tokens import (
     max_output_tokens,
     model_output_cap,
     text_token_bound,
+    web_search_bound,
 )
 from payi_guard.pricing import PriceBook
 
@@ -495,3 +497,38 @@ def test_estimate_cost_bounds_a_tiered_model_by_its_input() -> None:
     big = estimate_cost(book, "claude-sonnet-4-5", "anthropic", long, "anthropic_messages")
     assert big.input_tokens > 200_000
     assert big.nano == -(-(big.input_tokens * 6_000_000 + 10 * 22_500_000) // 1_000)
+
+
+def test_web_search_bound() -> None:
+    anthropic_tools = [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+        {"type": "web_search_20260209", "name": "web_search"},
+        {"name": "get_weather", "input_schema": {}},
+    ]
+    assert web_search_bound({"tools": anthropic_tools}, "anthropic_messages") == (
+        3 + DEFAULT_WEB_SEARCHES
+    )
+    responses_tools = [{"type": "web_search"}, {"type": "web_search_preview", "max_uses": 1}]
+    assert web_search_bound({"tools": responses_tools}, "responses") == 2 * DEFAULT_WEB_SEARCHES
+    assert web_search_bound({"tools": responses_tools}, "chat") == 0
+    assert web_search_bound({"tools": "x"}, "responses") == 0
+    assert web_search_bound({}, "anthropic_messages") == 0
+
+
+def test_estimate_reserves_web_searches() -> None:
+    clock = FakeClock(datetime(2026, 1, 15, tzinfo=timezone.utc).timestamp())
+    price_book = PriceBook(clock=clock)
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "news?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 4}],
+    }
+    with_tool = estimate_cost(
+        price_book, "claude-sonnet-4-5", "anthropic", body, "anthropic_messages"
+    )
+    without = estimate_cost(
+        price_book, "claude-sonnet-4-5", "anthropic", {**body, "tools": []}, "anthropic_messages"
+    )
+    # $10 per thousand searches: 10,000,000 nano-USD each; the tool's own tokens too.
+    assert with_tool.nano - without.nano >= 4 * 10_000_000
