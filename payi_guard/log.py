@@ -13,6 +13,10 @@ Event names (contract):
 * ``budget_warning``, ``budget_exceeded``, ``budget_overrun``: with ``user_id``,
   ``limit``, ``used``, ``max``, ``resets_at``;
 * ``storage_error``: the counter store failed;
+* ``usage_invalid``: the usage a provider reported cannot be trusted (a count that is
+  negative, not an integer, or missing), with ``user_id``, ``model``, ``provider``,
+  ``problems`` and ``reserved_usd``; the call is charged what was reserved and its
+  ``genai_call`` has outcome ``unverified``;
 * ``unknown_model``: no price is known for a call's model, with ``user_id``, ``model``,
   ``provider``, ``unknown_model`` (the policy) and ``outcome``: ``refused`` under
   ``unknown_model: block`` (once per refused call), ``recorded`` for a manual event
@@ -38,6 +42,7 @@ __all__ = [
     "OBSERVER_ERROR",
     "STORAGE_ERROR",
     "UNKNOWN_MODEL",
+    "USAGE_INVALID",
     "configure_json",
     "get_logger",
 ]
@@ -50,6 +55,7 @@ BUDGET_EXCEEDED = "budget_exceeded"
 BUDGET_OVERRUN = "budget_overrun"
 STORAGE_ERROR = "storage_error"
 UNKNOWN_MODEL = "unknown_model"
+USAGE_INVALID = "usage_invalid"
 CONFIG_RELOADED = "config_reloaded"
 CONFIG_RELOAD_FAILED = "config_reload_failed"
 OBSERVER_ERROR = "observer_error"

@@ -400,11 +400,55 @@ def test_malformed_counts_never_go_negative_or_crash() -> None:
     }
     parsed = usage_from_response(CHAT, {"usage": usage})
     assert (parsed.input_tokens, parsed.cache_read_tokens, parsed.output_tokens) == (0, 10, 0)
+    assert parsed.problems == ("completion_tokens: '12'",)
 
     floats = usage_from_response(CHAT, {"usage": {"prompt_tokens": 3.0, "completion_tokens": -4}})
-    assert (floats.input_tokens, floats.output_tokens) == (3, 0)
+    assert (floats.input_tokens, floats.output_tokens) == (0, 0)
+    assert floats.problems == ("prompt_tokens: 3.0", "completion_tokens: -4")
     bools = usage_from_response(ANTHROPIC, {"usage": {"input_tokens": True, "output_tokens": 2}})
     assert (bools.input_tokens, bools.output_tokens) == (0, 2)
+    assert bools.problems == ("input_tokens: True",)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "usage", "problems"),
+    [
+        ("chat", {"prompt_tokens": 8, "completion_tokens": 9}, ()),
+        ("chat", {"prompt_tokens": 8, "completion_tokens": None}, ("completion_tokens: missing",)),
+        ("chat", {"completion_tokens": 9}, ("prompt_tokens: missing",)),
+        ("embeddings", {"prompt_tokens": 8, "total_tokens": 8}, ()),
+        ("embeddings", {"prompt_tokens": 8.5}, ("prompt_tokens: 8.5",)),
+        (
+            "chat",
+            {
+                "prompt_tokens": 8,
+                "completion_tokens": 1,
+                "prompt_tokens_details": {"cached_tokens": -1},
+            },
+            ("prompt_tokens_details.cached_tokens: -1",),
+        ),
+        ("responses", {"input_tokens": 8, "output_tokens": 9}, ()),
+        ("responses", {"input_tokens": "8", "output_tokens": 9}, ("input_tokens: '8'",)),
+        ("anthropic_messages", {"input_tokens": 8, "output_tokens": 9}, ()),
+        ("anthropic_messages", {"output_tokens": 9}, ("input_tokens: missing",)),
+        (
+            "anthropic_messages",
+            {"input_tokens": 8, "output_tokens": 9, "server_tool_use": {"web_search_requests": -2}},
+            ("web_search_requests: -2",),
+        ),
+        (
+            "anthropic_messages",
+            {"input_tokens": 8, "output_tokens": 9, "iterations": [{"input_tokens": 8}]},
+            ("iterations[0].output_tokens: missing",),
+        ),
+    ],
+)
+def test_untrustworthy_counts_are_named(
+    endpoint: Any, usage: dict[str, Any], problems: tuple[str, ...]
+) -> None:
+    parsed = usage_from_response(Endpoint(endpoint), {"usage": usage})
+    assert parsed.problems == problems
+    assert parsed.complete
 
 
 def test_anthropic_one_hour_cache_writes_are_split_out() -> None:
@@ -1061,6 +1105,71 @@ def test_anthropic_web_searches_are_counted() -> None:
     assert usage_from_response(ANTHROPIC, {"usage": usage}).web_searches == 2
     assert tracker.usage is not None
     assert tracker.usage.web_searches == 2
+
+
+def _iteration(kind: str, inp: int, out: int, write: int = 0, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "input_tokens": inp,
+        "output_tokens": out,
+        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": write,
+        **extra,
+    }
+
+
+def test_anthropic_iterations_are_what_is_billed() -> None:
+    # Compaction: the top level reports only the last iteration.
+    compaction = {
+        "model": "claude-sonnet-4-6",
+        "usage": {
+            "input_tokens": 180,
+            "output_tokens": 8,
+            "iterations": [
+                _iteration("compaction", 100, 82, write=55096),
+                _iteration("message", 180, 8),
+            ],
+        },
+    }
+    assert usage_from_response(ANTHROPIC, compaction) == ParsedUsage(
+        input_tokens=280, output_tokens=90, cache_write_tokens=55096, complete=True
+    )
+    # The advisor tool: its iteration names another model and is priced as that one.
+    advisor = {
+        "model": "claude-sonnet-5",
+        "usage": {
+            "input_tokens": 2390,
+            "output_tokens": 121,
+            "iterations": [
+                _iteration("message", 1128, 110),
+                _iteration("advisor_message", 2518, 22, model="claude-opus-4-8"),
+                _iteration("message", 1262, 11, model="claude-sonnet-5"),
+            ],
+        },
+    }
+    parsed = usage_from_response(ANTHROPIC, advisor)
+    assert (parsed.input_tokens, parsed.output_tokens) == (2390, 121)
+    assert parsed.other_models == (("claude-opus-4-8", TokenUsage(2518, 22)),)
+
+
+def test_anthropic_stream_iterations_arrive_with_message_delta() -> None:
+    usage = {
+        "input_tokens": 2411,
+        "output_tokens": 145,
+        "iterations": [
+            _iteration("message", 1128, 135),
+            _iteration("advisor_message", 2543, 18, model="claude-opus-4-8"),
+            _iteration("message", 1283, 10),
+        ],
+    }
+    delta = _typed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage})
+    _, tracker = _meter(ANTHROPIC, ANTHROPIC_STREAM + delta)
+
+    assert tracker.usage is not None
+    assert (tracker.usage.input_tokens, tracker.usage.output_tokens) == (2411, 145)
+    # The cache counts of message_start were the first iteration's: the iterations win.
+    assert tracker.usage.cache_read_tokens == 0
+    assert tracker.usage.other_models == (("claude-opus-4-8", TokenUsage(2543, 18)),)
 
 
 def test_anthropic_later_fields_win() -> None:

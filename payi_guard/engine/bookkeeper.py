@@ -25,7 +25,7 @@ from payi_guard.engine.storage import Storage
 from payi_guard.exceptions import BudgetExceeded, StorageError
 from payi_guard.ledger.base import Charge, CounterState, ReserveResult
 from payi_guard.money import cost_usd, log_amount, parse_usd
-from payi_guard.pricing import TokenUsage
+from payi_guard.pricing import Rates, TokenUsage, UnknownModel
 
 __all__ = ["Bookkeeper"]
 
@@ -192,13 +192,81 @@ class Bookkeeper:
 
     # -- settling ------------------------------------------------------------------------------
 
-    def amounts(self, plan: Plan, usage: TokenUsage) -> tuple[list[int], int, bool]:
-        """What ``usage`` adds to each counter, its cost, and whether it was priced."""
-        priced = plan.rates is not None
-        cost = 0
-        if plan.rates is not None:
-            cost = plan.policy.prices.cost_with(plan.rates, usage)
-        return amounts_by_counter(plan.counters, cost, usage.total_tokens), cost, priced
+    def amounts(
+        self,
+        plan: Plan,
+        usage: TokenUsage,
+        *,
+        response_model: str | None = None,
+        other_models: Sequence[tuple[str, TokenUsage]] = (),
+    ) -> tuple[list[int], int, bool]:
+        """What ``usage`` adds to each counter, its cost, and whether it was priced.
+
+        ``usage`` is priced as ``response_model`` when that model has a price and the
+        requested model's price is not an override (:meth:`_rates_for`); each of
+        ``other_models`` at its own model's price (unpriced when it has none).
+        """
+        rates = self._rates_for(plan, response_model)
+        prices = plan.policy.prices
+        priced = rates is not None
+        cost = 0 if rates is None else prices.cost_with(rates, usage)
+        tokens = usage.total_tokens
+        for model, part in other_models:
+            tokens += part.total_tokens
+            try:
+                cost += prices.cost(
+                    model, plan.call.provider, part, price_context=plan.call.price_context
+                )
+            except UnknownModel:
+                priced = False
+        return amounts_by_counter(plan.counters, cost, tokens), cost, priced
+
+    @staticmethod
+    def _rates_for(plan: Plan, response_model: str | None) -> Rates | None:
+        """The rates a call is charged at.
+
+        Those of the model the response names, when it is another model with a price of
+        its own (not the unknown-model fallback), else the reservation's. A requested
+        model priced by an override keeps its override.
+        """
+        rates = plan.rates
+        call = plan.call
+        if not response_model or response_model == call.model:
+            return rates
+        if rates is not None and rates.source == "override":
+            return rates
+        try:
+            named = plan.policy.prices.rates(
+                response_model, call.provider, price_context=call.price_context
+            )
+        except UnknownModel:
+            return rates
+        if named.source == "unknown_model" and rates is not None:
+            return rates
+        return named
+
+    @staticmethod
+    def reserved_amounts(plan: Plan) -> list[int]:
+        """What the reservation holds on each counter (charged when usage is untrusted)."""
+        return [charge.amount for charge in plan.charges]
+
+    def usage_invalid(
+        self, plan: Plan, problems: Sequence[str], response_model: str | None
+    ) -> None:
+        """Log ``usage_invalid``: the provider's usage cannot be trusted."""
+        self._log.warning(
+            events.USAGE_INVALID,
+            user_id=plan.subject.user_id,
+            org_id=plan.subject.org_id,
+            model=plan.call.model,
+            response_model=response_model,
+            provider=plan.call.provider,
+            endpoint=plan.call.endpoint,
+            problems=list(problems),
+            reserved_usd=cost_usd(plan.estimate_nano),
+            request_id=plan.attribution.request_id,
+            detail="the provider's usage cannot be trusted: the call is charged what was reserved",
+        )
 
     def record_amounts(
         self, plan: Plan, usage: TokenUsage, dollars: object
@@ -290,6 +358,9 @@ class Bookkeeper:
         priced: bool,
         outcome: str,
         started: float,
+        *,
+        response_model: str | None = None,
+        other_models: tuple[tuple[str, TokenUsage], ...] = (),
     ) -> CallRecord:
         """The record of a call settled (or released) now, reserved at ``started``."""
         latency_ms = (self.clock.monotonic() - started) * 1000.0
@@ -305,6 +376,8 @@ class Bookkeeper:
             latency_ms=round(latency_ms, 3),
             stream=plan.call.stream,
             priced=priced,
+            response_model=response_model,
+            other_models=other_models,
         )
 
     def recorded(
@@ -395,8 +468,21 @@ class Bookkeeper:
             "outcome": record.outcome,
             "request_id": attribution.request_id,
         }
+        if record.response_model is not None:
+            fields["response_model"] = record.response_model
         if usage is not None and usage.web_searches:
             fields["web_searches"] = usage.web_searches
+        if record.other_models:
+            fields["other_models"] = [
+                {
+                    "model": model,
+                    "input_tokens": part.input_tokens,
+                    "output_tokens": part.output_tokens,
+                    "cache_read_tokens": part.cache_read_tokens,
+                    "cache_write_tokens": part.cache_write_tokens + part.cache_write_1h_tokens,
+                }
+                for model, part in record.other_models
+            ]
         if attribution.use_case_id is not None:
             fields["use_case_id"] = attribution.use_case_id
         if not record.priced:

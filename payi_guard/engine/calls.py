@@ -54,10 +54,17 @@ class CallRecord:
         usage: the token usage charged (``None`` for a release).
         cost_nano: the amount charged to the ledger, nano-USD.
         reserved_nano: the amount that was reserved before the call, nano-USD.
-        outcome: ``ok``, ``error``, ``incomplete``, ``released`` or ``recorded``.
+        outcome: ``ok``, ``error``, ``incomplete``, ``unverified`` (the provider's usage
+            could not be trusted: the reservation was charged), ``released`` or
+            ``recorded``.
         latency_ms: wall time from reserve to settle.
         stream: whether the call streamed.
         priced: False when no price was known and nothing was charged in USD.
+        response_model: the model the provider's response names (``None`` when it names
+            none): an Azure deployment's model, the dated version of an alias.
+        other_models: usage billed at another model's prices within the call, as
+            ``(model, usage)`` pairs (Anthropic's advisor tool); included in
+            ``cost_nano``, not in ``usage``.
     """
 
     user_id: str
@@ -71,6 +78,8 @@ class CallRecord:
     latency_ms: float
     stream: bool
     priced: bool = True
+    response_model: str | None = None
+    other_models: tuple[tuple[str, TokenUsage], ...] = ()
 
     @property
     def cost_usd(self) -> Decimal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from decimal import Decimal
 
 from payi_guard.context import Attribution
@@ -12,7 +13,10 @@ from payi_guard.engine.plan import Plan
 from payi_guard.money import decimal_usd
 from payi_guard.pricing import TokenUsage
 
-__all__ = ["Reservation"]
+__all__ = ["OtherModels", "Reservation"]
+
+OtherModels = Sequence[tuple[str, TokenUsage]]
+"""Usage within one call billed at other models' prices, as ``(model, usage)`` pairs."""
 
 
 class Reservation:
@@ -80,12 +84,24 @@ class Reservation:
             self._claimed = True
             return True
 
-    def settle(self, usage: TokenUsage, *, outcome: str = "ok") -> CallRecord | None:
+    def settle(
+        self,
+        usage: TokenUsage,
+        *,
+        outcome: str = "ok",
+        response_model: str | None = None,
+        other_models: OtherModels = (),
+    ) -> CallRecord | None:
         """Charge the actual usage and log ``genai_call``.
 
         Args:
             usage: the tokens the provider reported (or the best estimate of them).
             outcome: ``ok``, ``incomplete`` or ``error`` (a partial stream).
+            response_model: the model the provider's response names. The call is priced
+                as that model when it has a price (an Azure deployment, a dated
+                version), unless the requested model's price is an override.
+            other_models: usage billed at other models' prices (see
+                :attr:`CallRecord.other_models`).
 
         Returns:
             The call record; for a reservation already settled or released, the first
@@ -93,17 +109,72 @@ class Reservation:
         """
         if not self._claim():
             return self._record
-        amounts, cost, priced = self._books.amounts(self._plan, usage)
+        amounts, cost, priced = self._books.amounts(
+            self._plan, usage, response_model=response_model, other_models=other_models
+        )
         states = self._books.commit(self._plan, amounts)
-        return self._finish(usage, cost, priced, outcome, states, amounts)
+        return self._finish(
+            usage, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
+        )
 
-    async def asettle(self, usage: TokenUsage, *, outcome: str = "ok") -> CallRecord | None:
+    async def asettle(
+        self,
+        usage: TokenUsage,
+        *,
+        outcome: str = "ok",
+        response_model: str | None = None,
+        other_models: OtherModels = (),
+    ) -> CallRecord | None:
         """Async :meth:`settle`."""
         if not self._claim():
             return self._record
-        amounts, cost, priced = self._books.amounts(self._plan, usage)
+        amounts, cost, priced = self._books.amounts(
+            self._plan, usage, response_model=response_model, other_models=other_models
+        )
         states = await self._books.acommit(self._plan, amounts)
-        return self._finish(usage, cost, priced, outcome, states, amounts)
+        return self._finish(
+            usage, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
+        )
+
+    def settle_unverified(
+        self, problems: Sequence[str], *, response_model: str | None = None
+    ) -> CallRecord | None:
+        """Charge what was reserved: the provider's usage cannot be trusted.
+
+        Logs ``usage_invalid`` with the ``problems``, then ``genai_call`` with outcome
+        ``unverified``, the reservation's token bounds and its cost.
+
+        Args:
+            problems: what is wrong with the usage (``"prompt_tokens: -8"``).
+            response_model: the model the provider's response names, if any.
+        """
+        if not self._claim():
+            return self._record
+        self._books.usage_invalid(self._plan, problems, response_model)
+        amounts = self._books.reserved_amounts(self._plan)
+        states = self._books.commit(self._plan, amounts)
+        return self._finish_unverified(states, amounts, response_model)
+
+    async def asettle_unverified(
+        self, problems: Sequence[str], *, response_model: str | None = None
+    ) -> CallRecord | None:
+        """Async :meth:`settle_unverified`."""
+        if not self._claim():
+            return self._record
+        self._books.usage_invalid(self._plan, problems, response_model)
+        amounts = self._books.reserved_amounts(self._plan)
+        states = await self._books.acommit(self._plan, amounts)
+        return self._finish_unverified(states, amounts, response_model)
+
+    def _finish_unverified(
+        self, states: CounterStates | None, amounts: list[int], response_model: str | None
+    ) -> CallRecord:
+        plan = self._plan
+        usage = TokenUsage(plan.call.input_tokens, plan.call.max_output_tokens)
+        priced = plan.rates is not None
+        return self._finish(
+            usage, plan.estimate_nano, priced, "unverified", states, amounts, response_model
+        )
 
     def release(self, *, outcome: str = "released") -> CallRecord | None:
         """Give the reservation back without charging; log ``genai_call``."""
@@ -127,8 +198,19 @@ class Reservation:
         outcome: str,
         states: CounterStates | None,
         amounts: list[int] | None,
+        response_model: str | None = None,
+        other_models: tuple[tuple[str, TokenUsage], ...] = (),
     ) -> CallRecord:
-        record = self._books.record_of(self._plan, usage, cost, priced, outcome, self._started)
+        record = self._books.record_of(
+            self._plan,
+            usage,
+            cost,
+            priced,
+            outcome,
+            self._started,
+            response_model=response_model,
+            other_models=other_models,
+        )
         self._record = record
         self._books.after_commit(self._plan, record, states, amounts)
         return record

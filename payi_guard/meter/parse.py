@@ -22,6 +22,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -286,6 +287,12 @@ class ParsedUsage:
             ``server_tool_use.web_search_requests``; for the Responses API
             ``tool_usage.web_search.num_requests``, else one per ``web_search_call``
             output item).
+        other_models: usage billed at another model's prices, as ``(model, usage)``
+            pairs: Anthropic ``usage.iterations`` that name another model (the advisor
+            tool's). The counts above are the call's own model's only.
+        problems: the counts that cannot be trusted (negative, not an integer, or
+            missing where the provider always sends them), each as ``"name: value"``;
+            empty when the usage can be trusted.
     """
 
     input_tokens: int = 0
@@ -296,6 +303,8 @@ class ParsedUsage:
     reasoning_tokens: int = 0
     complete: bool = False
     web_searches: int = 0
+    other_models: tuple[tuple[str, TokenUsage], ...] = ()
+    problems: tuple[str, ...] = ()
 
     @property
     def total_input_tokens(self) -> int:
@@ -342,10 +351,13 @@ def usage_from_response(endpoint: Endpoint, json_obj: object) -> ParsedUsage:
     if not isinstance(usage, Mapping):
         return ParsedUsage()
     if endpoint.kind == "anthropic_messages":
-        return anthropic_usage(usage, complete=True)
+        model = json_obj.get("model")
+        return anthropic_usage(
+            usage, complete=True, model=model if isinstance(model, str) else None
+        )
     if endpoint.kind == "responses":
         return replace(responses_usage(usage), web_searches=responses_web_searches(json_obj))
-    return openai_usage(usage)
+    return openai_usage(usage, output=endpoint.kind != "embeddings")
 
 
 def responses_web_searches(response: Mapping[str, Any]) -> int:
@@ -365,15 +377,22 @@ def responses_web_searches(response: Mapping[str, Any]) -> int:
     )
 
 
-def openai_usage(usage: Mapping[str, Any]) -> ParsedUsage:
+def openai_usage(usage: Mapping[str, Any], *, output: bool = True) -> ParsedUsage:
     """Read an OpenAI ``usage`` object of chat, legacy completions or embeddings.
 
     These count ``prompt_tokens`` (cache reads and cache writes included, as
     ``prompt_tokens_details.cached_tokens`` and ``.cache_write_tokens``) and
     ``completion_tokens``.
+
+    Args:
+        usage: the object.
+        output: whether ``completion_tokens`` must be there (not for embeddings).
     """
     return _openai_style(
-        usage, ("prompt_tokens", "prompt_tokens_details"), ("completion_tokens", "completion")
+        usage,
+        ("prompt_tokens", "prompt_tokens_details"),
+        ("completion_tokens", "completion"),
+        output_required=output,
     )
 
 
@@ -389,20 +408,26 @@ def responses_usage(usage: Mapping[str, Any]) -> ParsedUsage:
 
 
 def _openai_style(
-    usage: Mapping[str, Any], prompt: tuple[str, str], completion: tuple[str, str]
+    usage: Mapping[str, Any],
+    prompt: tuple[str, str],
+    completion: tuple[str, str],
+    *,
+    output_required: bool = True,
 ) -> ParsedUsage:
     """The usage of an OpenAI-style object.
 
     ``prompt`` names the input count and its details object; ``completion`` the output
     count and the stem of its details object (``{stem}_tokens_details``).
     """
-    total_input = _int(usage.get(prompt[0]))
-    output = _int(usage.get(completion[0]))
+    counts = _Counts()
+    total_input = counts.read(usage, prompt[0], required=True)
+    output = counts.read(usage, completion[0], required=output_required)
     details = usage.get(prompt[1])
     cached = written = 0
     if isinstance(details, Mapping):
-        cached = min(total_input, _int(details.get("cached_tokens")))
-        written = min(total_input - cached, _int(details.get("cache_write_tokens")))
+        cached = min(total_input, counts.read(details, "cached_tokens", prompt[1]))
+        written = counts.read(details, "cache_write_tokens", prompt[1])
+        written = min(total_input - cached, written)
     reasoning = _int(_dig(usage, f"{completion[1]}_tokens_details", "reasoning_tokens"))
     return ParsedUsage(
         input_tokens=total_input - cached - written,
@@ -411,30 +436,105 @@ def _openai_style(
         cache_write_tokens=written,
         reasoning_tokens=min(reasoning, output),
         complete=True,
+        problems=counts.problems,
     )
 
 
-def anthropic_usage(usage: Mapping[str, Any], *, complete: bool) -> ParsedUsage:
+def anthropic_usage(
+    usage: Mapping[str, Any], *, complete: bool, model: str | None = None
+) -> ParsedUsage:
     """Read an Anthropic ``usage`` object (its ``input_tokens`` exclude cache tokens).
+
+    When it lists ``iterations`` (compaction, the advisor tool), the call is billed the
+    sum of the iterations, not the top-level counts (which cover only the last ones):
+    the iterations of the call's own model (those naming no model, or ``model``) add up
+    to the counts returned; those naming another model are returned in
+    :attr:`ParsedUsage.other_models`, to be priced as that model.
 
     Args:
         usage: the object, or the fields of a stream's events merged so far.
         complete: whether this is the final usage report.
+        model: the model the response names.
     """
-    output = _int(usage.get("output_tokens"))
+    counts = _Counts()
+    own = _anthropic_counts(usage, counts)
+    others: list[tuple[str, TokenUsage]] = []
+    iterations = usage.get("iterations")
+    if isinstance(iterations, list) and iterations:
+        own = TokenUsage(0, 0)
+        for index, iteration in enumerate(iterations):
+            if not isinstance(iteration, Mapping):
+                counts.problems += (f"iterations[{index}] is not an object",)
+                continue
+            part = _anthropic_counts(iteration, counts, f"iterations[{index}]")
+            name = iteration.get("model")
+            if isinstance(name, str) and name and name != model:
+                others.append((name, part))
+            else:
+                own = own + part
+    output = own.output_tokens
     thinking = _int(_dig(usage, "output_tokens_details", "thinking_tokens"))
-    writes = _int(usage.get("cache_creation_input_tokens"))
-    writes_1h = min(writes, _int(_dig(usage, "cache_creation", "ephemeral_1h_input_tokens")))
     return ParsedUsage(
-        input_tokens=_int(usage.get("input_tokens")),
+        input_tokens=own.input_tokens,
         output_tokens=output,
-        cache_read_tokens=_int(usage.get("cache_read_input_tokens")),
-        cache_write_tokens=writes - writes_1h,
-        cache_write_1h_tokens=writes_1h,
+        cache_read_tokens=own.cache_read_tokens,
+        cache_write_tokens=own.cache_write_tokens,
+        cache_write_1h_tokens=own.cache_write_1h_tokens,
         reasoning_tokens=min(thinking, output),
         complete=complete,
-        web_searches=_int(_dig(usage, "server_tool_use", "web_search_requests")),
+        web_searches=counts.read(_as_map(usage.get("server_tool_use")), "web_search_requests"),
+        other_models=tuple(others),
+        problems=counts.problems,
     )
+
+
+def _anthropic_counts(usage: Mapping[str, Any], counts: _Counts, where: str = "") -> TokenUsage:
+    """The token counts of one Anthropic usage object (or one of its iterations)."""
+    writes = counts.read(usage, "cache_creation_input_tokens", where)
+    creation = _as_map(usage.get("cache_creation"))
+    nested = f"{where}.cache_creation" if where else "cache_creation"
+    writes_1h = min(writes, counts.read(creation, "ephemeral_1h_input_tokens", nested))
+    return TokenUsage(
+        input_tokens=counts.read(usage, "input_tokens", where, required=True),
+        output_tokens=counts.read(usage, "output_tokens", where, required=True),
+        cache_read_tokens=counts.read(usage, "cache_read_input_tokens", where),
+        cache_write_tokens=writes - writes_1h,
+        cache_write_1h_tokens=writes_1h,
+    )
+
+
+class _Counts:
+    """Reads token counts from usage objects, noting every value that cannot be trusted.
+
+    A count is a non-negative JSON integer. A count that is there but is anything else
+    (negative, a float, a string, a boolean), or a required count that is missing or
+    ``null``, reads as 0 and is noted in :attr:`problems`.
+    """
+
+    __slots__ = ("problems",)
+
+    def __init__(self) -> None:
+        self.problems: tuple[str, ...] = ()
+
+    def read(
+        self, obj: Mapping[str, Any], key: str, where: str = "", *, required: bool = False
+    ) -> int:
+        """The count ``obj[key]`` (0 when absent); ``where`` names ``obj`` in problems."""
+        value = obj.get(key)
+        if type(value) is int and value >= 0:
+            return value
+        if value is not None or required:
+            name = f"{where}.{key}" if where else key
+            shown = "missing" if value is None else f"{value!r:.40}"
+            self.problems += (f"{name}: {shown}",)
+        return 0
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _as_map(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else _EMPTY
 
 
 def _int(value: object) -> int:

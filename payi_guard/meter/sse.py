@@ -450,7 +450,7 @@ class StreamUsageTracker:
             self._input_reported = True
         was_complete = self._usage is not None and self._usage.complete
         complete = (final or was_complete) and self._input_reported
-        self._usage = anthropic_usage(self._anthropic, complete=complete)
+        self._usage = anthropic_usage(self._anthropic, complete=complete, model=self.model)
 
     def _note_identity(self, model: object, response_id: object) -> None:
         if self.model is None and isinstance(model, str) and model:

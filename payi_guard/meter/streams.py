@@ -17,6 +17,7 @@ import threading
 import weakref
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DECODABLE_ENCODINGS",
+    "Settlement",
     "StreamState",
     "flush_abandoned_streams",
     "stream_classes",
@@ -66,6 +68,50 @@ class _Inflater:
 
     def flush(self) -> bytes:
         return self._obj.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to charge for one call, once its response was read (or given up on).
+
+    Attributes:
+        usage: the tokens to charge (the provider's report, or the best estimate).
+        outcome: ``ok``, ``incomplete`` or ``error``.
+        response_model: the model the response names, if any.
+        other_models: usage billed at other models' prices.
+        problems: why the provider's usage cannot be trusted; when there are any, the
+            reservation itself is charged (outcome ``unverified``) and ``usage`` is not.
+    """
+
+    usage: TokenUsage
+    outcome: str
+    response_model: str | None = None
+    other_models: tuple[tuple[str, TokenUsage], ...] = ()
+    problems: tuple[str, ...] = ()
+
+    def apply(self, reservation: Reservation) -> None:
+        """Settle ``reservation`` with this (sync ledger)."""
+        if self.problems:
+            reservation.settle_unverified(self.problems, response_model=self.response_model)
+            return
+        reservation.settle(
+            self.usage,
+            outcome=self.outcome,
+            response_model=self.response_model,
+            other_models=self.other_models,
+        )
+
+    async def aapply(self, reservation: Reservation) -> None:
+        """Async :meth:`apply`."""
+        if self.problems:
+            await reservation.asettle_unverified(self.problems, response_model=self.response_model)
+            return
+        await reservation.asettle(
+            self.usage,
+            outcome=self.outcome,
+            response_model=self.response_model,
+            other_models=self.other_models,
+        )
 
 
 class StreamState:
@@ -121,8 +167,8 @@ class StreamState:
             out = self.meter.feed(self.inflater.flush())
         return out + self.meter.finish()
 
-    def result(self, reason: str) -> tuple[TokenUsage, str]:
-        """The usage to charge and the outcome, for a stream that ``reason`` ended.
+    def result(self, reason: str) -> Settlement:
+        """What to charge for a stream that ``reason`` ended.
 
         ``reason`` is ``end`` (the body ended), ``close`` (closed before that), ``error``
         (reading failed) or ``gc`` (collected while open).
@@ -130,9 +176,9 @@ class StreamState:
         if self.raw:
             # An encoding that cannot be decoded here hides the usage: charge the bound.
             usage = TokenUsage(self.fallback_input, self.max_output)
-            return usage, "ok" if reason == "end" else "incomplete"
+            return Settlement(usage, "ok" if reason == "end" else "incomplete")
         tracker = self.meter.tracker
-        usage = tracker.best_usage(self.fallback_input).to_token_usage()
+        parsed = tracker.best_usage(self.fallback_input)
         if tracker.errors or tracker.status == "failed":
             outcome = "error"
         elif tracker.finished:
@@ -143,7 +189,13 @@ class StreamState:
             outcome = "error"
         else:
             outcome = "incomplete"
-        return usage, outcome
+        return Settlement(
+            parsed.to_token_usage(),
+            outcome,
+            response_model=tracker.model,
+            other_models=parsed.other_models,
+            problems=parsed.problems,
+        )
 
     def _claim(self) -> bool:
         if self.settled:
@@ -156,8 +208,7 @@ class StreamState:
         if not self._claim():
             return
         try:
-            usage, outcome = self.result(reason)
-            self.reservation.settle(usage, outcome=outcome)
+            self.result(reason).apply(self.reservation)
         except Exception as exc:
             _log.error("meter_error", op="settle", error=str(exc), error_type=type(exc).__name__)
 
@@ -166,8 +217,7 @@ class StreamState:
         if not self._claim():
             return
         try:
-            usage, outcome = self.result(reason)
-            await self.reservation.asettle(usage, outcome=outcome)
+            await self.result(reason).aapply(self.reservation)
         except Exception as exc:
             _log.error("meter_error", op="settle", error=str(exc), error_type=type(exc).__name__)
 

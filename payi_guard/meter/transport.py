@@ -60,6 +60,7 @@ from payi_guard.meter.refusal import refusal_response
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
 from payi_guard.meter.streams import (
     DECODABLE_ENCODINGS,
+    Settlement,
     StreamState,
     stream_classes,
     stream_state,
@@ -315,27 +316,35 @@ class TransportMeter:
             headers["content-length"] = str(len(response.content))
 
     @staticmethod
-    def plain_result(planned: PlannedCall, content: bytes) -> tuple[TokenUsage, str]:
-        """The usage and outcome of a JSON (non-stream) response body."""
+    def plain_result(planned: PlannedCall, content: bytes) -> Settlement:
+        """What to charge for a JSON (non-stream) response body.
+
+        A body without a usage object, or whose counts cannot be trusted, is charged the
+        reservation (outcome ``unverified``).
+        """
         try:
             obj: Any = json.loads(content)
         except (ValueError, UnicodeDecodeError):
             obj = None
         parsed = usage_from_response(planned.endpoint, obj)
-        call = planned.call
-        if parsed.complete:
-            usage = parsed.to_token_usage()
-        else:
-            # No usage object (some compatible servers): charge what was reserved.
-            usage = TokenUsage(call.input_tokens, call.max_output_tokens)
+        problems = parsed.problems if parsed.complete else ("usage: missing",)
         outcome = "ok"
-        if planned.endpoint.kind == "responses" and isinstance(obj, dict):
-            status = obj.get("status")
-            if status == "incomplete":
-                outcome = "incomplete"
-            elif status == "failed":
-                outcome = "error"
-        return usage, outcome
+        model: Any = None
+        if isinstance(obj, dict):
+            model = obj.get("model")
+            if planned.endpoint.kind == "responses":
+                status = obj.get("status")
+                if status == "incomplete":
+                    outcome = "incomplete"
+                elif status == "failed":
+                    outcome = "error"
+        return Settlement(
+            parsed.to_token_usage(),
+            outcome,
+            response_model=model if isinstance(model, str) and model else None,
+            other_models=parsed.other_models,
+            problems=problems,
+        )
 
     @staticmethod
     def lost_body_usage(planned: PlannedCall) -> TokenUsage:
@@ -436,8 +445,7 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                 reservation.settle(meter.lost_body_usage(planned), outcome="error")
                 raise
             meter.after_read(response)
-            usage, outcome = meter.plain_result(planned, response.content)
-            reservation.settle(usage, outcome=outcome)
+            meter.plain_result(planned, response.content).apply(reservation)
             return response
 
         def close(self) -> None:
@@ -511,8 +519,7 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                 await reservation.asettle(meter.lost_body_usage(planned), outcome="error")
                 raise
             meter.after_read(response)
-            usage, outcome = meter.plain_result(planned, response.content)
-            await reservation.asettle(usage, outcome=outcome)
+            await meter.plain_result(planned, response.content).aapply(reservation)
             return response
 
         async def aclose(self) -> None:
