@@ -65,7 +65,7 @@ from payi_guard.meter.streams import (
     stream_classes,
     stream_state,
 )
-from payi_guard.pricing import TokenUsage
+from payi_guard.pricing import TokenUsage, provider_for_url
 
 __all__ = [
     "UNKNOWN_MODEL",
@@ -132,17 +132,25 @@ class TransportMeter:
 
     # -- before sending ------------------------------------------------------------------
 
-    def provider_for(self, endpoint: Endpoint, host: str) -> str:
-        """The provider a call to ``endpoint`` on ``host`` is charged under."""
+    def provider_for(self, endpoint: Endpoint, url: Any) -> str:
+        """The provider a call to ``endpoint`` at ``url`` is charged under.
+
+        The ``provider`` option if given; Anthropic and Azure by their endpoints; OpenAI
+        for ``api.openai.com``; a host genai-prices knows as another provider's API
+        (Groq, DeepSeek, OpenRouter...) as that provider; else ``openai-compatible``.
+        """
         if self.options.provider is not None:
             return self.options.provider
         if endpoint.provider in ("anthropic", "azure"):
             return endpoint.provider
         if self.provider_hint == "azure":
             return "azure"
+        host: str = url.host
         if host.lower() in _OPENAI_HOSTS:
             return "openai"
-        return "openai-compatible"
+        port = f":{url.port}" if url.port else ""
+        known = provider_for_url(f"{url.scheme}://{host}{port}{url.path}")
+        return known or "openai-compatible"
 
     def plan(self, request: Any) -> PlannedCall | None:
         """Plan a request, or return ``None`` when it is not metered (passthrough)."""
@@ -171,7 +179,7 @@ class TransportMeter:
         estimate = estimate_request(body, kind, model, mode=self.options.estimate_mode)
         call = CallRequest(
             model=model,
-            provider=self.provider_for(endpoint, host),
+            provider=self.provider_for(endpoint, url),
             endpoint=kind,
             input_tokens=estimate.input_tokens,
             max_output_tokens=estimate.output_tokens,

@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from payi_guard.money import per_mtok_to_pico
 from payi_guard.pricing.rates import RateBand, Rates
 
-__all__ = ["Resolved", "candidate_names", "find_rates"]
+__all__ = ["Resolved", "candidate_names", "find_rates", "provider_for_url"]
 
 _PROVIDER_IDS: Mapping[str, str | None] = {
     "openai": "openai",
@@ -42,6 +43,26 @@ _PRICE_KEYS = (
     "requests_kcount",
     "web_searches_kcount",
 )
+
+
+@lru_cache(maxsize=512)
+def provider_for_url(url: str) -> str | None:
+    """The genai-prices provider whose API address ``url`` is, or ``None``.
+
+    Matched against each provider's URL pattern in genai-prices' data, so an
+    OpenAI-compatible client aimed at ``https://api.groq.com/openai/v1`` is priced as
+    Groq, ``https://api.deepseek.com`` as DeepSeek, ``https://openrouter.ai/api/v1`` as
+    OpenRouter (likewise Together, Fireworks, xAI, Mistral, Cerebras and the others).
+
+    Args:
+        url: the request URL (scheme, host and path; a query is ignored by the patterns).
+    """
+    from genai_prices import data_snapshot
+
+    for provider in data_snapshot.get_snapshot().providers:
+        if re.match(provider.api_pattern, url):
+            return str(provider.id)
+    return None
 
 
 def candidate_names(model: str) -> list[str]:

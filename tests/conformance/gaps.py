@@ -22,7 +22,6 @@ from conformance.expected import PRICED_AT, bill
 from conformance.harness import (
     Case,
     ChargedWrongly,
-    CostDiffers,
 )
 
 
@@ -107,13 +106,6 @@ def _deployment_unpriced(interaction: Interaction) -> bool:
 
 
 GAPS: tuple[Gap, ...] = (
-    Gap(
-        "compatible_host",
-        "an OpenAI-compatible host of another provider is priced by model name, not as "
-        "that provider",
-        (CostDiffers,),
-        _measured("pydantic-ai/test_groq/test_groq_native_output"),
-    ),
     Gap(
         "early_break",
         "a stream broken off before its usage is charged the input's upper bound",

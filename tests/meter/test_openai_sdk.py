@@ -518,5 +518,6 @@ def test_provider_is_openai_for_api_openai_com_and_can_be_forced(
     meter = TransportMeter(guard, MeterOptions(), __import__("httpx2"))
     endpoint = classify("POST", "/v1/chat/completions", "api.openai.com")
     assert endpoint is not None
-    assert meter.provider_for(endpoint, default.base_url.host) == "openai"
-    assert meter.provider_for(endpoint, "llm.internal") == "openai-compatible"
+    assert meter.provider_for(endpoint, default.base_url) == "openai"
+    internal = __import__("httpx2").URL("http://llm.internal:8000/v1/chat/completions")
+    assert meter.provider_for(endpoint, internal) == "openai-compatible"
