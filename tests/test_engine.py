@@ -327,6 +327,33 @@ async def test_untrusted_usage_is_charged_the_reservation(clock: FakeClock, sync
     assert guard.usage("alice")[0].used == Decimal("0.002")
 
 
+@pytest.mark.parametrize("on_storage_error", ["block", "allow"])
+@pytest.mark.parametrize(
+    ("limit", "output_tokens"),
+    [
+        ({"max": 1000, "per": "day"}, 10**14),  # $1e9 in nano-USD: above 2**53
+        ({"max": 1000, "per": "day", "type": "allow"}, 10**14),
+        ({"tokens": 10**6, "per": "day"}, 10**16),
+    ],
+)
+async def test_a_bound_above_a_counters_capacity_is_a_refusal(
+    clock: FakeClock, on_storage_error: str, limit: dict[str, Any], output_tokens: int
+) -> None:
+    guard = make_guard(clock, default=[limit], on_storage_error=on_storage_error)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        with pytest.raises(BudgetExceeded) as sync_refusal:
+            guard.begin(call(10, output_tokens))
+        with pytest.raises(BudgetExceeded):
+            await guard.abegin(call(10, output_tokens))
+    assert is_refusal(sync_refusal.value)
+    assert sync_refusal.value.limit.name == guard.usage("alice")[0].name
+    refused = events_named(logs, "budget_exceeded")
+    assert len(refused) == 2
+    assert "more than a counter can hold" in refused[0]["detail"]
+    assert not events_named(logs, "storage_error")
+    assert guard.usage("alice")[0].used == 0
+
+
 async def test_async_path_shares_counters_with_sync(clock: FakeClock) -> None:
     guard = make_guard(clock, default=[{"max": 0.005, "per": "day"}])
     async with track_context(user_id="alice"):

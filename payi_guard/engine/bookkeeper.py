@@ -23,6 +23,7 @@ from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.engine.spent import Spent, SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.exceptions import BudgetExceeded, StorageError
+from payi_guard.ledger._checks import MAX_UNITS
 from payi_guard.ledger.base import Charge, CounterState, ReserveResult
 from payi_guard.money import cost_usd, log_amount, parse_usd
 from payi_guard.pricing import Rates, TokenUsage, UnknownModel
@@ -62,9 +63,11 @@ class Bookkeeper:
         """Reserve a plan's charges; return whether the ledger holds them.
 
         Raises:
-            BudgetExceeded: a block limit could be crossed; nothing was reserved.
+            BudgetExceeded: a block limit could be crossed, or the call's bound is more
+                than a counter can hold; nothing was reserved.
             StorageError: storage failed and ``on_storage_error`` is ``block``.
         """
+        self._check_capacity(plan)
         self._check_spent(plan)
         if not plan.charges:
             return True
@@ -80,6 +83,7 @@ class Bookkeeper:
 
     async def areserve(self, plan: Plan) -> bool:
         """Async :meth:`reserve`: never blocks the event loop."""
+        self._check_capacity(plan)
         self._check_spent(plan)
         if not plan.charges:
             return True
@@ -92,6 +96,23 @@ class Bookkeeper:
             return self._held_after_failure(plan, exc)
         self._interpret_reserve(plan, result)
         return True
+
+    def _check_capacity(self, plan: Plan) -> None:
+        """Refuse a call whose bound is more than a counter can hold (``max_tokens=1e14``).
+
+        The ledger cannot take such an amount: it is a refusal before anything is sent,
+        whatever ``on_storage_error`` says, never a storage error. Whether the counter's
+        limits block or allow, no limit can account for the call.
+        """
+        for counter, charge in zip(plan.counters, plan.charges, strict=True):
+            if charge.amount > MAX_UNITS:
+                bound = min(counter.limits, key=lambda b: (not b.spec.blocks, b.spec.max))
+                state = CounterState(settled=0, pending=0)  # not read: nothing was sent
+                detail = (
+                    "the call's upper bound is more than a counter can hold "
+                    f"({MAX_UNITS} units): lower its max_tokens"
+                )
+                self._refuse(plan, counter, state, charge.amount, bound=bound, detail=detail)
 
     def _check_spent(self, plan: Plan) -> None:
         """Refuse without a round trip when a counter is known to be spent for its window."""
@@ -120,9 +141,19 @@ class Bookkeeper:
         if limit is not None and state.settled >= limit:
             self._spent.add(counter.key, Spent(float(counter.window.end), state.settled, counter))
 
-    def _refuse(self, plan: Plan, counter: Counter, state: CounterState, needed: int) -> None:
-        bound = counter.refusing_limit()
+    def _refuse(
+        self,
+        plan: Plan,
+        counter: Counter,
+        state: CounterState,
+        needed: int,
+        *,
+        bound: BoundLimit | None = None,
+        detail: str | None = None,
+    ) -> None:
+        bound = counter.refusing_limit() if bound is None else bound
         usage = limit_usage(bound, counter.window, state)
+        extra = {} if detail is None else {"detail": detail}
         self._log.warning(
             events.BUDGET_EXCEEDED,
             user_id=plan.subject.user_id,
@@ -136,6 +167,7 @@ class Bookkeeper:
             resets_at=counter.window.resets_at.isoformat(),
             model=plan.call.model,
             request_id=plan.attribution.request_id,
+            **extra,
         )
         if self.observers:
             call = plan.call

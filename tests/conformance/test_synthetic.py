@@ -53,12 +53,6 @@ def test_invalid_usage_is_charged_the_reservation(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotRefused,
-    reason="an upper bound above a counter's capacity is a storage error (sent without a "
-    "reservation under on_storage_error: allow), not a refusal",
-)
 @pytest.mark.parametrize("on_storage_error", ["block", "allow"])
 def test_counter_overflow_is_refused_before_sending(
     on_storage_error: str, replay_server: ReplayServer
