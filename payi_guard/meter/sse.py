@@ -486,6 +486,15 @@ class StreamUsageTracker:
         return self._usage
 
     @property
+    def input_reported(self) -> bool:
+        """Whether the provider reported the input tokens.
+
+        Anthropic does in ``message_start``, before any output; OpenAI only with the
+        final usage.
+        """
+        return self._input_reported
+
+    @property
     def usage_complete(self) -> bool:
         """Whether the provider's final usage report was seen."""
         return self._usage is not None and self._usage.complete

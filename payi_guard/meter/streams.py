@@ -16,7 +16,7 @@ import queue
 import threading
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DECODABLE_ENCODINGS",
+    "InputCounter",
     "Settlement",
     "StreamState",
     "flush_abandoned_streams",
@@ -114,6 +115,11 @@ class Settlement:
         )
 
 
+InputCounter = Callable[[str | None], int | None]
+"""Counts a request's input tokens with a tokenizer, given the model the response
+names (``None`` when none yet); ``None`` when it cannot."""
+
+
 class StreamState:
     """Everything a metered response stream needs to settle, without the stream itself.
 
@@ -122,6 +128,7 @@ class StreamState:
     """
 
     __slots__ = (
+        "count_input",
         "fallback_input",
         "inflater",
         "max_output",
@@ -141,8 +148,10 @@ class StreamState:
         max_output: int,
         inflater: _Inflater | None,
         raw: bool,
+        count_input: InputCounter | None = None,
     ) -> None:
         self.reservation = reservation
+        self.count_input = count_input
         self.meter = StreamMeter(endpoint, added_include_usage=added_include_usage)
         self.fallback_input = fallback_input
         self.max_output = max_output
@@ -178,7 +187,14 @@ class StreamState:
             usage = TokenUsage(self.fallback_input, self.max_output)
             return Settlement(usage, "ok" if reason == "end" else "incomplete")
         tracker = self.meter.tracker
-        parsed = tracker.best_usage(self.fallback_input)
+        fallback = self.fallback_input
+        if not tracker.input_reported and self.count_input is not None:
+            # Ended before the provider reported the input: the tokenizer's count of the
+            # request is closer to the bill than the reservation's bound.
+            counted = self.count_input(tracker.model)
+            if counted is not None:
+                fallback = counted
+        parsed = tracker.best_usage(fallback)
         if tracker.errors or tracker.status == "failed":
             outcome = "error"
         elif tracker.finished:
@@ -231,6 +247,7 @@ def stream_state(
     fallback_input: int,
     max_output: int,
     loaded: bool = False,
+    count_input: InputCounter | None = None,
 ) -> StreamState:
     """The state of a stream about to be wrapped; fixes the response's headers.
 
@@ -242,6 +259,7 @@ def stream_state(
         fallback_input: the input tokens to charge if the stream never reports them.
         max_output: the output bound reserved (charged when the body cannot be read).
         loaded: the body was already read, and decoded, by the HTTP module.
+        count_input: counts the request's input when the stream never reports it.
     """
     headers = response.headers
     encoding = headers.get("content-encoding", "").strip().lower()
@@ -266,6 +284,7 @@ def stream_state(
         max_output=max_output,
         inflater=inflater,
         raw=raw,
+        count_input=count_input,
     )
 
 

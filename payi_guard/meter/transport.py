@@ -65,6 +65,7 @@ from payi_guard.meter.streams import (
     stream_classes,
     stream_state,
 )
+from payi_guard.meter.tokenizer import count_input_tokens
 from payi_guard.pricing import TokenUsage, provider_for_url
 
 __all__ = [
@@ -278,6 +279,16 @@ class TransportMeter:
             response: the response whose stream is wrapped (or read, when ``loaded``).
             loaded: the body is already read and decoded (see :meth:`read_loaded`).
         """
+        body = planned.info.body
+        kind = planned.endpoint.kind
+        requested = planned.call.model
+
+        def count_input(response_model: str | None) -> int | None:
+            counted = None
+            if response_model:
+                counted = count_input_tokens(body, kind, response_model)
+            return counted if counted is not None else count_input_tokens(body, kind, requested)
+
         return stream_state(
             response,
             reservation,
@@ -286,6 +297,7 @@ class TransportMeter:
             fallback_input=planned.call.input_tokens,
             max_output=planned.call.max_output_tokens,
             loaded=loaded,
+            count_input=count_input,
         )
 
     @staticmethod
