@@ -121,6 +121,7 @@ _WORD_RUN = re.compile(rb"[A-Za-z\x80-\xff]+")
 _DIGIT_RUN = re.compile(rb"[0-9]+")
 _SPACE_RUN = re.compile(rb"[ \t\n\r\x0b\x0c]+")
 _MERGED_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c] (?=[^ \t\n\r\x0b\x0c0-9])")
+_CASE_SWITCH = re.compile(rb"[a-z](?=[A-Z])")
 _UPPER = bytes(range(ord("A"), ord("Z") + 1))
 _LEAD4 = bytes(range(0xF0, 0xF8))
 
@@ -136,7 +137,9 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     text, and is at least ``ceil(bytes / 2.5)``:
 
     * letters (ASCII and non-ASCII bytes): 2/3 token per byte, 1/3 more per ASCII
-      capital and per run, 4/3 more per 4-byte character (emoji);
+      capital, per run and per switch from a lowercase to a capital letter inside a run
+      (camelCase, base64: rare letter pairs a tokenizer may split one letter at a
+      time), 4/3 more per 4-byte character (emoji);
     * digits: 1/2 token per digit plus 1/2 per run (they split into groups of three);
     * whitespace: 1 per tab/newline, 1/2 per space plus 1 per run, minus the single
       spaces that merge into the next word;
@@ -166,6 +169,7 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     rest, word_runs = _WORD_RUN.subn(b"", data)
     word_bytes = size - len(rest)
     upper = size - len(data.translate(None, _UPPER))
+    switches = len(_CASE_SWITCH.findall(data)) if upper else 0
     four_byte = size - len(data.translate(None, _LEAD4))
     rest, digit_runs = _DIGIT_RUN.subn(b"", data)
     digit_bytes = size - len(rest)
@@ -175,7 +179,7 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     merged = len(_MERGED_SPACE.findall(data))
     other = size - word_bytes - digit_bytes - space_bytes
     tokens = (
-        ceil_div(2 * word_bytes + upper + 4 * four_byte + word_runs, 3)
+        ceil_div(2 * word_bytes + upper + switches + 4 * four_byte + word_runs, 3)
         + ceil_div(digit_bytes + digit_runs, 2)
         + ceil_div(spaces + 2 * space_runs, 2)
         + (space_bytes - spaces)
