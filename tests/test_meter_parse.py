@@ -1026,6 +1026,7 @@ def test_responses_failed_without_usage_and_error_events() -> None:
     ],
 )
 def test_responses_web_searches(extra: dict[str, Any], searches: int) -> None:
+    """Web searches; file searches (``file_search``) are read the same way."""
     response = {**_response("completed", RESPONSES_USAGE), **extra}
     plain = usage_from_response(RESPONSES, response)
     _, tracker = _meter(RESPONSES, _response_event("response.completed", 1, response=response))
@@ -1033,6 +1034,14 @@ def test_responses_web_searches(extra: dict[str, Any], searches: int) -> None:
     assert plain.web_searches == searches
     assert tracker.usage == plain
     assert plain.to_token_usage().web_searches == searches
+    as_files = json.loads(
+        json.dumps(extra)
+        .replace("web_search_call", "file_search_call")
+        .replace('"web_search"', '"file_search"')
+    )
+    files = usage_from_response(RESPONSES, {**_response("completed", RESPONSES_USAGE), **as_files})
+    assert (files.file_searches, files.web_searches) == (searches, 0)
+    assert files.to_token_usage().file_searches == searches
 
 
 # --- stream usage: Anthropic ------------------------------------------------------------

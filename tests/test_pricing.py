@@ -265,9 +265,20 @@ def test_web_searches_are_priced_per_search() -> None:
         TokenUsage(1, 1, web_searches=-1)
 
 
+def test_file_searches_are_priced_per_call() -> None:
+    # gpt-4o: $2.50 per thousand file search calls, 2,500,000 nano-USD each.
+    rates = book().rates("gpt-4o", "openai")
+    with_calls = TokenUsage(1_000, 100, file_searches=4)
+    assert rates.cost(with_calls) - rates.cost(TokenUsage(1_000, 100)) == 4 * 2_500_000
+    bound = rates.upper_bound_nano(1_000, 100, file_searches=2)
+    assert bound - rates.upper_bound_nano(1_000, 100) == 2 * 2_500_000
+    # Anthropic has no such tool: no price.
+    assert book().rates("claude-sonnet-4-5", "anthropic").base.file_search == 0
+
+
 def test_token_usages_add_up() -> None:
-    a = TokenUsage(1, 2, 3, 4, 5, 6)
-    assert a + TokenUsage(10, 20, 30, 40, 50, 60) == TokenUsage(11, 22, 33, 44, 55, 66)
+    a = TokenUsage(1, 2, 3, 4, 5, 6, 7)
+    assert a + TokenUsage(10, 20, 30, 40, 50, 60, 70) == TokenUsage(11, 22, 33, 44, 55, 66, 77)
 
 
 def test_rates_refuse_unsorted_tiers() -> None:

@@ -504,6 +504,8 @@ class Bookkeeper:
             fields["response_model"] = record.response_model
         if usage is not None and usage.web_searches:
             fields["web_searches"] = usage.web_searches
+        if usage is not None and usage.file_searches:
+            fields["file_searches"] = usage.file_searches
         if record.other_models:
             fields["other_models"] = [
                 {

@@ -29,6 +29,7 @@ class CallRequest:
         price_context: request facts that select a price variant, such as
             ``{"service_tier": "priority"}``.
         max_web_searches: an upper bound of the server-side web searches (billed each).
+        max_file_searches: an upper bound of the server-side file search calls.
     """
 
     model: str
@@ -40,6 +41,7 @@ class CallRequest:
     cache_writes: bool = True
     price_context: Mapping[str, str] | None = None
     max_web_searches: int = 0
+    max_file_searches: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,7 +171,8 @@ class Guard:
         return self._subjects.for_call(attribution, self._default_user_id, anonymous)
 
     def _plan(self, call: CallRequest, attribution: Attribution | None) -> Plan:
-        if call.input_tokens < 0 or call.max_output_tokens < 0 or call.max_web_searches < 0:
+        bounds = (call.input_tokens, call.max_output_tokens, call.max_web_searches)
+        if min(*bounds, call.max_file_searches) < 0:
             raise ValueError("token estimates must not be negative")
         attribution = attribution if attribution is not None else get_context()
         subject = self.subject_for(attribution)

@@ -209,6 +209,7 @@ class Planner:
                 call.max_output_tokens,
                 cache_writes=call.cache_writes,
                 web_searches=call.max_web_searches,
+                file_searches=call.max_file_searches,
             )
         )
         amounts = amounts_by_counter(counters, estimate, call.input_tokens + call.max_output_tokens)

@@ -39,6 +39,7 @@ __all__ = [
     "encode_body",
     "inject_include_usage",
     "openai_usage",
+    "responses_file_searches",
     "responses_usage",
     "responses_web_searches",
     "usage_from_response",
@@ -287,6 +288,9 @@ class ParsedUsage:
             ``server_tool_use.web_search_requests``; for the Responses API
             ``tool_usage.web_search.num_requests``, else one per ``web_search_call``
             output item).
+        file_searches: server-side file search calls billed per call (the Responses
+            API's ``tool_usage.file_search.num_requests``, else one per
+            ``file_search_call`` output item).
         other_models: usage billed at another model's prices, as ``(model, usage)``
             pairs: Anthropic ``usage.iterations`` that name another model (the advisor
             tool's). The counts above are the call's own model's only.
@@ -303,6 +307,7 @@ class ParsedUsage:
     reasoning_tokens: int = 0
     complete: bool = False
     web_searches: int = 0
+    file_searches: int = 0
     other_models: tuple[tuple[str, TokenUsage], ...] = ()
     problems: tuple[str, ...] = ()
 
@@ -325,6 +330,7 @@ class ParsedUsage:
             cache_write_tokens=self.cache_write_tokens,
             cache_write_1h_tokens=self.cache_write_1h_tokens,
             web_searches=self.web_searches,
+            file_searches=self.file_searches,
         )
 
 
@@ -356,7 +362,11 @@ def usage_from_response(endpoint: Endpoint, json_obj: object) -> ParsedUsage:
             usage, complete=True, model=model if isinstance(model, str) else None
         )
     if endpoint.kind == "responses":
-        return replace(responses_usage(usage), web_searches=responses_web_searches(json_obj))
+        return replace(
+            responses_usage(usage),
+            web_searches=responses_web_searches(json_obj),
+            file_searches=responses_file_searches(json_obj),
+        )
     return openai_usage(usage, output=endpoint.kind != "embeddings")
 
 
@@ -366,15 +376,27 @@ def responses_web_searches(response: Mapping[str, Any]) -> int:
     ``tool_usage.web_search.num_requests`` where the response reports it, else one per
     ``web_search_call`` item of its ``output``.
     """
-    reported = _dig(response, "tool_usage", "web_search", "num_requests")
+    return _tool_calls(response, "web_search")
+
+
+def responses_file_searches(response: Mapping[str, Any]) -> int:
+    """The file search calls a Responses API call is billed for.
+
+    ``tool_usage.file_search.num_requests`` where the response reports it, else one per
+    ``file_search_call`` item of its ``output``.
+    """
+    return _tool_calls(response, "file_search")
+
+
+def _tool_calls(response: Mapping[str, Any], tool: str) -> int:
+    reported = _dig(response, "tool_usage", tool, "num_requests")
     if isinstance(reported, int) and not isinstance(reported, bool) and reported >= 0:
         return reported
     output = response.get("output")
     if not isinstance(output, list):
         return 0
-    return sum(
-        1 for item in output if isinstance(item, Mapping) and item.get("type") == "web_search_call"
-    )
+    item_type = f"{tool}_call"
+    return sum(1 for item in output if isinstance(item, Mapping) and item.get("type") == item_type)
 
 
 def openai_usage(usage: Mapping[str, Any], *, output: bool = True) -> ParsedUsage:

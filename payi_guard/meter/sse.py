@@ -21,6 +21,7 @@ from payi_guard.meter.parse import (
     ParsedUsage,
     anthropic_usage,
     openai_usage,
+    responses_file_searches,
     responses_usage,
     responses_web_searches,
 )
@@ -402,8 +403,11 @@ class StreamUsageTracker:
             self.status = status if isinstance(status, str) else kind.rsplit(".", 1)[1]
             usage = response.get("usage") if isinstance(response, Mapping) else None
             if isinstance(usage, Mapping) and isinstance(response, Mapping):
-                searches = responses_web_searches(response)
-                self._usage = replace(responses_usage(usage), web_searches=searches)
+                self._usage = replace(
+                    responses_usage(usage),
+                    web_searches=responses_web_searches(response),
+                    file_searches=responses_file_searches(response),
+                )
                 self._input_reported = True
             if kind == "response.failed" and isinstance(response, Mapping):
                 self._add_openai_error(response.get("error") or {"type": "failed"})

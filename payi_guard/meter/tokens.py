@@ -20,6 +20,7 @@ from payi_guard.money import ceil_div
 __all__ = [
     "ANTHROPIC_BUILTIN_TOOL_TOKENS",
     "ANTHROPIC_TOOLS_OVERHEAD_TOKENS",
+    "DEFAULT_FILE_SEARCHES",
     "DEFAULT_FILE_TOKENS",
     "DEFAULT_IMAGE_TOKENS",
     "DEFAULT_MAX_OUTPUT_TOKENS",
@@ -32,6 +33,7 @@ __all__ = [
     "EndpointKind",
     "EstimateMode",
     "estimate_input_tokens",
+    "file_search_bound",
     "image_token_bound",
     "max_output_tokens",
     "model_output_cap",
@@ -70,6 +72,10 @@ bound; files passed inline (base64) are counted from their data instead.
 DEFAULT_WEB_SEARCHES = 10
 """Web searches reserved for a web search tool that sets no ``max_uses`` (Anthropic) or
 for a Responses web search tool (which has no cap): each search is billed on its own."""
+
+DEFAULT_FILE_SEARCHES = 10
+"""File search calls reserved for each Responses ``file_search`` tool (billed per call;
+the tool sets no cap on how often the model calls it)."""
 
 MESSAGE_OVERHEAD_TOKENS = 10
 """Tokens added per message / input item for the chat format's role and separators
@@ -555,3 +561,18 @@ def web_search_bound(body: Mapping[str, Any], endpoint: EndpointKind) -> int:
         cap = _count_param(tool, "max_uses") if endpoint == "anthropic_messages" else None
         total += DEFAULT_WEB_SEARCHES if cap is None else cap
     return total
+
+
+def file_search_bound(body: Mapping[str, Any], endpoint: EndpointKind) -> int:
+    """An upper bound of the file search calls a request lets the provider run.
+
+    Each Responses ``file_search`` tool counts :data:`DEFAULT_FILE_SEARCHES`; other
+    requests run none.
+    """
+    if endpoint != "responses":
+        return 0
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return 0
+    kinds = (tool.get("type") for tool in tools if isinstance(tool, Mapping))
+    return DEFAULT_FILE_SEARCHES * sum(1 for kind in kinds if kind == "file_search")

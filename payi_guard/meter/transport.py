@@ -188,6 +188,7 @@ class TransportMeter:
             cache_writes=estimate.cache_writes,
             price_context=estimate.price_context or None,
             max_web_searches=estimate.web_searches,
+            max_file_searches=estimate.file_searches,
         )
         return PlannedCall(endpoint, info, call, get_context(), send, added, url)
 

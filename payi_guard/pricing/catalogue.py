@@ -5,7 +5,7 @@ an app that starts it itself gets the updated data). Facts this relies on: a
 time-of-day price (an off-peak discount) is charged at the highest of the prices that
 can apply that day; request-context variants (``service_tier``, ``speed``) apply only
 when given in the price context; of the prices per unit other than tokens, requests and
-web searches are charged, the others (audio, images, file searches) are not.
+web and file searches are charged, the others (audio, images) are not.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ _PRICE_KEYS = (
     "cache_write_1h_mtok",
     "requests_kcount",
     "web_searches_kcount",
+    "storage_searches_kcount",
 )
 
 
@@ -192,6 +193,7 @@ def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> 
         write_1h = _price_at(keys["cache_write_1h_mtok"], total_input_tokens)
         per_k = _price_at(keys["requests_kcount"], total_input_tokens)
         per_k_searches = _price_at(keys["web_searches_kcount"], total_input_tokens)
+        per_k_files = _price_at(keys["storage_searches_kcount"], total_input_tokens)
         # Unpriced sub-kinds are billed as their parent, as genai-prices does.
         input_rate = per_mtok_to_pico(input_price)
         write_rate = input_rate if write is None else per_mtok_to_pico(write)
@@ -207,6 +209,7 @@ def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> 
                 web_search=0
                 if per_k_searches is None
                 else per_mtok_to_pico(per_k_searches) * 1_000,
+                file_search=0 if per_k_files is None else per_mtok_to_pico(per_k_files) * 1_000,
             )
         )
     if not bands:

@@ -59,6 +59,8 @@ class TokenUsage:
         web_searches: server-side web searches the provider ran for the call (billed per
             search: Anthropic's ``server_tool_use.web_search_requests``, the Responses
             API's ``web_search_call`` items); not tokens, so not in :attr:`total_tokens`.
+        file_searches: server-side file (vector store) searches, billed per call (the
+            Responses API's ``file_search_call`` items); not in :attr:`total_tokens`.
 
     Raises:
         TypeError: a count is not an ``int`` (``bool`` is refused too).
@@ -71,6 +73,7 @@ class TokenUsage:
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
     web_searches: int = 0
+    file_searches: int = 0
 
     def __post_init__(self) -> None:
         _check_count("input_tokens", self.input_tokens)
@@ -79,6 +82,7 @@ class TokenUsage:
         _check_count("cache_write_tokens", self.cache_write_tokens)
         _check_count("cache_write_1h_tokens", self.cache_write_1h_tokens)
         _check_count("web_searches", self.web_searches)
+        _check_count("file_searches", self.file_searches)
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         """The usage of two parts of one call together, count by count."""
@@ -89,6 +93,7 @@ class TokenUsage:
             self.cache_write_tokens + other.cache_write_tokens,
             self.cache_write_1h_tokens + other.cache_write_1h_tokens,
             self.web_searches + other.web_searches,
+            self.file_searches + other.file_searches,
         )
 
     @property
@@ -122,6 +127,7 @@ class RateBand:
         cache_write_1h: 1-hour cache writes.
         request: a fixed fee per call (pico-USD), for the few models that have one.
         web_search: the price of one server-side web search (pico-USD).
+        file_search: the price of one server-side file search call (pico-USD).
     """
 
     input: int
@@ -131,6 +137,7 @@ class RateBand:
     cache_write_1h: int
     request: int = 0
     web_search: int = 0
+    file_search: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -141,6 +148,7 @@ class RateBand:
             "cache_write_1h",
             "request",
             "web_search",
+            "file_search",
         ):
             _check_count(name, getattr(self, name))
 
@@ -153,6 +161,7 @@ class RateBand:
             + usage.cache_write_tokens * self.cache_write
             + usage.cache_write_1h_tokens * self.cache_write_1h
             + usage.web_searches * self.web_search
+            + usage.file_searches * self.file_search
             + self.request
         )
 
@@ -182,6 +191,7 @@ class RateBand:
             cache_write_1h=max(b.cache_write_1h for b in items),
             request=max(b.request for b in items),
             web_search=max(b.web_search for b in items),
+            file_search=max(b.file_search for b in items),
         )
 
 
@@ -298,6 +308,7 @@ class Rates:
         *,
         cache_writes: bool = True,
         web_searches: int = 0,
+        file_searches: int = 0,
     ) -> int:
         """An upper bound, in nano-USD, of a call of at most these many tokens.
 
@@ -309,17 +320,19 @@ class Rates:
             output_tokens: an upper bound of the output tokens.
             cache_writes: whether the call may write the prompt cache.
             web_searches: an upper bound of the server-side web searches.
+            file_searches: an upper bound of the server-side file search calls.
 
         Raises:
             ValueError: a count is negative.
         """
-        if input_tokens < 0 or output_tokens < 0 or web_searches < 0:
+        if min(input_tokens, output_tokens, web_searches, file_searches) < 0:
             raise ValueError("token bounds must not be negative")
         band = self.bound_for(input_tokens) if self.tiers else self.base
         pico = (
             input_tokens * band.input_ceiling(cache_writes=cache_writes)
             + output_tokens * band.output
             + web_searches * band.web_search
+            + file_searches * band.file_search
             + band.request
         )
         return ceil_div(pico, PICO_PER_NANO)

@@ -31,6 +31,7 @@ from payi_guard.meter.estimate import estimate_cost
 from payi_guard.meter.tokens import (
     ANTHROPIC_BUILTIN_TOOL_TOKENS,
     ANTHROPIC_TOOLS_OVERHEAD_TOKENS,
+    DEFAULT_FILE_SEARCHES,
     DEFAULT_FILE_TOKENS,
     DEFAULT_IMAGE_TOKENS,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -39,6 +40,7 @@ from payi_guard.meter.tokens import (
     OPENAI_TOOLS_OVERHEAD_TOKENS,
     REQUEST_OVERHEAD_TOKENS,
     estimate_input_tokens,
+    file_search_bound,
     image_token_bound,
     max_output_tokens,
     model_output_cap,
@@ -515,6 +517,13 @@ def test_web_search_bound() -> None:
     assert web_search_bound({"tools": responses_tools}, "chat") == 0
     assert web_search_bound({"tools": "x"}, "responses") == 0
     assert web_search_bound({}, "anthropic_messages") == 0
+
+
+def test_file_search_bound() -> None:
+    tools = [{"type": "file_search", "vector_store_ids": ["vs_1"]}, {"type": "web_search"}]
+    assert file_search_bound({"tools": tools}, "responses") == DEFAULT_FILE_SEARCHES
+    assert file_search_bound({"tools": tools}, "chat") == 0
+    assert file_search_bound({"tools": None}, "responses") == 0
 
 
 def test_estimate_reserves_web_searches() -> None:
