@@ -44,6 +44,8 @@ DECODABLE_ENCODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
 
 _log = events.get_logger()
 
+_UNREADABLE: Final = "not readable (the body's content-encoding cannot be decoded here)"
+
 
 class _Inflater:
     """Incremental gzip / deflate decoding of a stream a server compressed anyway."""
@@ -183,9 +185,11 @@ class StreamState:
         (reading failed) or ``gc`` (collected while open).
         """
         if self.raw:
-            # An encoding that cannot be decoded here hides the usage: charge the bound.
+            # An encoding that cannot be decoded here hides the usage: it cannot be
+            # verified, so what was reserved is charged.
             usage = TokenUsage(self.fallback_input, self.max_output)
-            return Settlement(usage, "ok" if reason == "end" else "incomplete")
+            outcome = "ok" if reason == "end" else "incomplete"
+            return Settlement(usage, outcome, problems=(f"usage: {_UNREADABLE}",))
         tracker = self.meter.tracker
         fallback = self.fallback_input
         if not tracker.input_reported and self.count_input is not None:

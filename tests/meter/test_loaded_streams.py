@@ -148,3 +148,22 @@ async def test_an_async_loaded_stream_is_settled_at_once(guard: Guard) -> None:
     assert event["outcome"] == "ok"
     assert logged_usd(event) == _expected_usd()
     assert [c.choices[0].delta.content for c in chunks] == ["Hel", "lo"]
+
+
+def test_a_stream_in_an_encoding_the_guard_cannot_read_is_unverified(guard: Guard) -> None:
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "text/event-stream", "content-encoding": "x-private"}
+        stream = httpx2.ByteStream(chat_stream(usage=True))
+        return httpx2.Response(200, headers=headers, stream=stream)
+
+    client = _client(guard, handler)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        for _ in client.chat.completions.create(
+            model="gpt-test", messages=PROMPT, stream=True, max_tokens=20
+        ):
+            pass
+    event = one_call(logs)
+    (invalid,) = [e for e in logs if e["event"] == "usage_invalid"]
+    assert event["outcome"] == "unverified"
+    assert event["cost_usd"] == event["reserved_usd"] > 0
+    assert "content-encoding" in invalid["problems"][0]
