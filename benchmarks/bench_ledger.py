@@ -1,4 +1,4 @@
-"""Ledger benchmark: reserve+commit on memory and Redis next to ``limits``' FixedWindow hit.
+"""Ledger benchmark: reserve+commit on memory, SQLite and Redis beside `limits` FixedWindow.
 
 Run by hand from the repository root::
 
@@ -6,10 +6,15 @@ Run by hand from the repository root::
 
 In one run on one machine it measures:
 
-* throughput and latency (p50 / p99) of one reserve+commit pair on memory, Redis sync
-  and Redis async (sequential and 32 concurrent tasks), with 1 and 3 counters per call,
-  next to ``FixedWindowRateLimiter.hit`` on limits' MemoryStorage, RedisStorage and
-  async RedisStorage (``implementation="redispy"``);
+* throughput and latency (p50 / p99) of one reserve+commit pair on memory, SQLite
+  (sync, and async with 1 and 32 tasks), Redis sync and Redis async (sequential and 32
+  concurrent tasks), with 1 and 3 counters per call, next to
+  ``FixedWindowRateLimiter.hit`` on limits' MemoryStorage, RedisStorage and async
+  RedisStorage (``implementation="redispy"``);
+* reserve+commit latency (p50 / p99) with 1 and with 4 worker processes calling at once
+  (3 counters per call, the org and global counters shared by every process), for
+  memory (each process its own store: not shared, shown for scale), SQLite (one file)
+  and Redis;
 * Redis requests sent per reserve and per commit (a counting connection class), and
   per limits hit;
 * the worst event-loop lag seen by a 1 ms ticker task while the async ledger runs, next
@@ -18,7 +23,9 @@ In one run on one machine it measures:
   ``MEMORY USAGE`` on a sample of keys for Redis).
 
 Every Redis key it writes is under a unique ``pgbench:<hex>`` prefix, expires within
-ten minutes and is deleted at the end; it never flushes anything.
+ten minutes and is deleted at the end; it never flushes anything. The SQLite file is
+made in a temporary folder (``--sqlite-dir`` to choose one: put it on the disk the app
+would use) and deleted at the end.
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import multiprocessing
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -45,9 +55,11 @@ from limits.strategies import FixedWindowRateLimiter
 
 from payi_guard.ledger import (
     AsyncLedger,
+    AsyncSqliteLedger,
     Charge,
     Ledger,
     MemoryLedger,
+    SqliteLedger,
     open_async_ledger,
     open_ledger,
 )
@@ -313,6 +325,58 @@ async def redis_memory_per_counter(url: str, prefix: str, users: int) -> float:
     return statistics.mean(s for s in sizes if s)
 
 
+# -- several processes at once -----------------------------------------------------------------
+
+
+def process_worker(
+    kind: str, target: str, index: int, n: int, prefix: str, start: Any, out: Any
+) -> None:
+    """One benchmark process: warm up, wait for the others, time ``n`` reserve+commit pairs."""
+    ledger: Ledger
+    if kind == "memory":
+        ledger = MemoryLedger()
+    elif kind == "sqlite":
+        ledger = SqliteLedger(target)
+    else:
+        ledger = open_ledger(target)
+    now = time.time()
+    charges = charges_for(prefix, f"acme:proc{index}", 3, now + 600)
+    for i in range(min(200, n)):
+        ledger.reserve(f"w{index}-{i}", charges, now=now, ttl=60)
+        ledger.commit(f"w{index}-{i}", charges, now=now)
+    start.wait()
+    perf = time.perf_counter_ns
+    latencies = []
+    began = time.perf_counter()
+    for i in range(n):
+        rid = f"p{index}-{i}"
+        t0 = perf()
+        ledger.reserve(rid, charges, now=now, ttl=60)
+        ledger.commit(rid, charges, now=now)
+        latencies.append(perf() - t0)
+    out.put((time.perf_counter() - began, latencies))
+    ledger.close()
+
+
+def bench_processes(kind: str, target: str, processes: int, n: int, prefix: str) -> Row:
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(processes)
+    out: Any = ctx.Queue()
+    children = [
+        ctx.Process(target=process_worker, args=(kind, target, i, n, prefix, start, out))
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    results = [out.get(timeout=600) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    latencies = [latency for _, part in results for latency in part]
+    seconds = max(elapsed for elapsed, _ in results)
+    name = f"{kind} reserve+commit, 3 keys, {processes} process(es)"
+    return Row(name, processes * n, seconds, latencies)
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -349,11 +413,15 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--sqlite-dir", help="folder for the SQLite file (default: a temp dir)")
     args = parser.parse_args()
     url: str = args.redis
     scale = 5 if args.quick else 1
     n_mem, n_redis = 50_000 // scale, 5_000 // scale
+    n_sqlite = 5_000 // scale
     prefix = f"pgbench:{uuid.uuid4().hex[:12]}"
+    folder = Path(tempfile.mkdtemp(prefix="pgbench-", dir=args.sqlite_dir))
+    sqlite_path = str(folder / "bench.db")
     expires = time.time() + 600
     rows: list[Row] = []
     lags: dict[str, float] = {}
@@ -375,6 +443,15 @@ def main() -> None:
             )
         )
 
+        sqlite = SqliteLedger(sqlite_path)
+        for count in (1, 3):
+            ch = charges_for("pg", f"acme:sqlite{count}", count, expires)
+            rows.append(
+                bench_sync_ledger(
+                    f"payi_guard SQLite sync reserve+commit, {count} key(s)", sqlite, ch, n_sqlite
+                )
+            )
+
         sync = open_ledger(url)
         for count in (1, 3):
             ch = charges_for(prefix, f"acme:sync{count}", count, expires)
@@ -393,6 +470,24 @@ def main() -> None:
         )
 
         async def run_async() -> None:
+            aio_sqlite = AsyncSqliteLedger(sqlite_path)
+            for count in (1, 3):
+                ch = charges_for("pg", f"acme:asqlite{count}", count, expires)
+                for concurrency in (1, 32):
+                    name = (
+                        f"payi_guard SQLite async reserve+commit, {count} key(s), "
+                        f"{concurrency} task(s)"
+                    )
+
+                    async def sqlite_work(
+                        ch: list[Charge] = ch, c: int = concurrency, name: str = name
+                    ) -> Row:
+                        return await bench_async_ledger(name, aio_sqlite, ch, n_sqlite, c)
+
+                    row, lag = await with_ticker(sqlite_work)
+                    rows.append(row)
+                    lags[row.name] = lag
+            await aio_sqlite.aclose()
             aio = open_async_ledger(url)
             for count in (1, 3):
                 ch = charges_for(prefix, f"acme:async{count}", count, expires)
@@ -435,6 +530,7 @@ def main() -> None:
 
         asyncio.run(run_async())
         sync.close()
+        sqlite.close()
 
         print()
         print_table(rows, lags)
@@ -445,6 +541,15 @@ def main() -> None:
             f"\nyields) blocked it for up to "
             f"{lags['(sync Redis ledger called inside the loop: do not)'] * 1000:.2f} ms."
         )
+
+        process_rows = []
+        n_proc = 5_000 // scale
+        for kind, target in (("memory", ""), ("sqlite", sqlite_path), ("redis", url)):
+            for processes in (1, 4):
+                process_rows.append(bench_processes(kind, target, processes, n_proc, prefix))
+        print("\nreserve+commit with 1 and 4 processes calling at once (3 keys per call;")
+        print("org and global counters shared; memory: one unshared store per process):")
+        print_table(process_rows, {})
 
         reserve_rt, commit_rt = sync_round_trips(url, prefix)
         areserve_rt, acommit_rt = asyncio.run(async_round_trips(url, prefix))
@@ -471,6 +576,9 @@ def main() -> None:
         )
     finally:
         print(f"\ncleaned up {cleanup(url, prefix)} benchmark keys under {prefix}")
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        folder.rmdir()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The ``payi-guard`` command: ``report``, ``check``, ``usage`` and ``demo``."""
+"""The ``payi-guard`` command: ``report``, ``check``, ``usage`` and ``demo``.
+
+Everything it prints for people fits the terminal (80 columns unless it is wider):
+tables leave out optional columns and say so, messages wrap.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,17 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any, BinaryIO, TextIO
 
 from payi_guard.clock import Clock, SystemClock
-from payi_guard.exceptions import ConfigError, InvalidUserId, PayiGuardError
+from payi_guard.config import GuardConfig, LimitSpec
+from payi_guard.exceptions import ConfigError, InvalidUserId, PayiGuardError, UnknownModel
+from payi_guard.money import decimal_usd
+from payi_guard.pricing import PriceBook
 from payi_guard.report import (
     EXACT_SAMPLES,
     PERCENTILE_RELATIVE_ERROR,
@@ -26,8 +35,19 @@ from payi_guard.report import (
     write_table,
 )
 from payi_guard.report.aggregate import KEY_FIELDS
+from payi_guard.report.table import Column, fit_table, terminal_width
 
-__all__ = ["add_report_parser", "build_parser", "main", "report_main", "run_report"]
+__all__ = [
+    "REFERENCE_INPUT_TOKENS",
+    "REFERENCE_MODEL",
+    "REFERENCE_OUTPUT_TOKENS",
+    "add_report_parser",
+    "build_parser",
+    "config_warnings",
+    "main",
+    "report_main",
+    "run_report",
+]
 
 
 # ---------------------------------------------------------------------------- report
@@ -42,11 +62,32 @@ def _time_arg(text: str) -> datetime | timedelta:
 
 def _top_arg(text: str) -> int:
     try:
-        value = int(text)
+        value = int(text) if text.isascii() else 0
     except ValueError:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+class _Paragraphs(argparse.HelpFormatter):
+    """Help text wrapped to the terminal, paragraph by paragraph (blank lines kept)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = [" ".join(p.split()) for p in text.strip().split("\n\n")]
+        return "\n\n".join(
+            textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent)
+            for p in paragraphs
+        )
+
+
+def _width_arg(text: str) -> int:
+    try:
+        value = int(text) if text.isascii() else 0
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of columns")
     return value
 
 
@@ -111,6 +152,13 @@ def _configure_report(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         default="table",
         help="output format (default: table)",
     )
+    parser.add_argument(
+        "--width",
+        type=_width_arg,
+        metavar="COLS",
+        help="the table's width (default: $COLUMNS, else the terminal's, else 80; "
+        "at least 40); columns that do not fit are left out and named",
+    )
     parser.set_defaults(func=run_report)
     return parser
 
@@ -132,7 +180,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="per-user spend, calls and budget events from the logs",
         description=_DESCRIPTION,
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Paragraphs,
     )
     return _configure_report(parser)
 
@@ -155,7 +203,8 @@ def run_report(
 
     Args:
         args: the namespace from the ``report`` parser (``logs``, ``since``, ``until``,
-            ``user``, ``org``, ``model``, ``by``, ``sort``, ``top``, ``format``).
+            ``user``, ``org``, ``model``, ``by``, ``sort``, ``top``, ``format``,
+            ``width``).
         stdin: the binary stream ``-`` reads (default: ``sys.stdin.buffer``).
         stdout: where the report goes (default: ``sys.stdout``).
         stderr: where errors, and the summary of csv and json, go (default: ``sys.stderr``).
@@ -166,7 +215,8 @@ def run_report(
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
-    now = datetime.fromtimestamp((clock or SystemClock()).now(), tz=timezone.utc)
+    clock = clock or getattr(args, "clock", None) or SystemClock()
+    now = datetime.fromtimestamp(clock.now(), tz=timezone.utc)
     filters = ReportFilter(
         since=_resolve(args.since, now),
         until=_resolve(args.until, now),
@@ -185,10 +235,11 @@ def run_report(
         return 2
     report = builder.build(sort=args.sort, top=args.top)
     if args.format == "table":
-        write_table(report, out)
+        write_table(report, out, width=getattr(args, "width", None))
     else:
         (write_csv if args.format == "csv" else write_json)(report, out)
-        err.write(f"payi-guard report: {summary(report)}\n")
+        line = f"payi-guard report: {summary(report)}"
+        err.write(textwrap.fill(line, terminal_width(args.width), subsequent_indent="  ") + "\n")
     out.flush()
     return 0
 
@@ -218,7 +269,7 @@ def report_main(
             prog="payi-guard report",
             description=_DESCRIPTION,
             epilog=_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Paragraphs,
         )
     )
     try:
@@ -239,63 +290,265 @@ def report_main(
 # ----------------------------------------------------------------- check, usage, demo
 
 
+_GLUE = "\x00"
+
+
+def _say(stream: TextIO, text: str, width: int | None = None) -> None:
+    """Write ``text`` wrapped to the terminal (continuation lines indented by two).
+
+    The first two words stay on one line: ``error: budgets.yaml:7:`` is what editors
+    and terminals recognise as a place to jump to.
+    """
+    head, space, rest = text.partition(" ")
+    glued = head + _GLUE + rest if space else text
+    filled = textwrap.fill(
+        glued,
+        terminal_width(width),
+        subsequent_indent="  ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    stream.write(filled.replace(_GLUE, " ") + "\n")
+
+
+def _decimal(value: Decimal | int) -> str:
+    """Exact fixed-point text with thousands separators, never exponent notation."""
+    text = format(value, ",f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def _amount(unit: str, value: Decimal | int) -> str:
+    """An amount as people read it: ``$0.000075``, ``30 req``, ``200,000 tok``."""
+    if unit == "usd":
+        return "$" + _decimal(value)
+    return f"{_decimal(value)} {'req' if unit == 'requests' else 'tok'}"
+
+
+REFERENCE_MODEL = "gpt-4o-mini"
+"""The model of ``payi-guard check``'s reference call (a common, inexpensive one)."""
+
+REFERENCE_INPUT_TOKENS = 100
+"""Input tokens of the reference call: a short prompt."""
+
+REFERENCE_OUTPUT_TOKENS = 100
+"""Output tokens of the reference call: a short answer (``max_tokens: 100``)."""
+
+_MEMORY_WARNING = (
+    "storage memory:// is per process: every worker of gunicorn -w 4 or uvicorn "
+    "--workers 4 keeps counters of its own, so each limit is multiplied by the number of "
+    "workers, and nothing survives a restart; use redis:// (or valkey://) for more than "
+    "one process"
+)
+
+
+def _block_limits(config: GuardConfig) -> list[LimitSpec]:
+    """Every hard limit the file defines or applies, once each, in file order."""
+    groups: list[tuple[LimitSpec, ...]] = [
+        tuple(config.limits.values()),
+        config.default,
+        *config.tiers.values(),
+        *config.users.values(),
+        *config.orgs.values(),
+        config.global_limits,
+    ]
+    if config.anonymous.strategy != "reject":
+        groups.append(config.anonymous.limits)
+    seen: dict[tuple[str, int | None], LimitSpec] = {}
+    for specs in groups:
+        for spec in specs:
+            if spec.blocks:
+                seen.setdefault((spec.name, spec.line), spec)
+    return sorted(seen.values(), key=lambda s: (s.line is None, s.line or 0, s.name))
+
+
+def config_warnings(
+    config: GuardConfig,
+    *,
+    model: str = REFERENCE_MODEL,
+    output_tokens: int = REFERENCE_OUTPUT_TOKENS,
+) -> list[str]:
+    """What a valid budgets file may still get wrong, for ``payi-guard check``.
+
+    * ``storage: memory://`` keeps counters inside each process (one budget per worker);
+    * a hard limit below one *reference call* refuses every call: the reference call is
+      :data:`REFERENCE_INPUT_TOKENS` input tokens and ``output_tokens`` output tokens
+      (:data:`REFERENCE_OUTPUT_TOKENS`: a short prompt with ``max_tokens: 100``) to
+      ``model``, priced as the guard reserves it (every input token at the highest
+      input-side rate). A call that sets no ``max_tokens`` reserves the model's whole
+      output cap, more still.
+
+    Args:
+        config: a validated configuration.
+        model: the reference call's model.
+        output_tokens: the reference call's output tokens.
+
+    Returns:
+        The warnings, each starting with ``file:line: `` when the line is known.
+    """
+    where = f"{config.source}: " if config.source else ""
+    warnings: list[str] = []
+    if config.storage.startswith("memory:"):
+        warnings.append(where + _MEMORY_WARNING)
+    tokens = REFERENCE_INPUT_TOKENS + output_tokens
+    call = f"{model}, {REFERENCE_INPUT_TOKENS} input and {output_tokens} output tokens"
+    try:
+        rates = PriceBook(config.prices, config.unknown_model).rates(model)
+        cost: int | None = rates.upper_bound_nano(REFERENCE_INPUT_TOKENS, output_tokens)
+    except UnknownModel:
+        cost = None
+        warnings.append(
+            f"{where}no price is known for the reference model {model!r}: money limits "
+            "are not checked against a reference call (--model names another)"
+        )
+    for spec in _block_limits(config):
+        needed = cost if spec.unit == "usd" else tokens if spec.unit == "tokens" else 1
+        if needed is None or spec.max >= needed:
+            continue
+        at = f"{config.source}:{spec.line}: " if config.source and spec.line else where
+        shown = _amount(spec.unit, spec.max_display()).replace(" tok", " tokens")
+        reserved = "$" + _decimal(decimal_usd(needed)) if spec.unit == "usd" else f"{needed} tokens"
+        warnings.append(
+            f"{at}limit {spec.name!r} (max {shown} per {spec.per}) cannot admit one "
+            f"reference call, which reserves {reserved} ({call}): it refuses every such call"
+        )
+    return warnings
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from payi_guard.config import check_file, describe
 
     try:
         config = check_file(args.file)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(sys.stderr, f"error: {exc}")
         return 1
-    print(f"{args.file}: ok ({describe(config)})")
-    return 0
+    _say(sys.stdout, f"{args.file}: ok ({describe(config)})")
+    warnings = config_warnings(config, model=args.model, output_tokens=args.max_tokens)
+    for warning in warnings:
+        _say(sys.stderr, f"warning: {warning}")
+    return 1 if warnings and args.strict else 0
+
+
+_MEMORY_REFUSAL = (
+    "error: {file} keeps its counters in memory://, inside each app process: this command "
+    "runs in a process of its own and would show nothing spent. Read usage where the app "
+    "runs (guard.usage(), the users page), or name the shared store: --storage "
+    "redis://HOST:6379/0 (and --key-prefix if the app sets one). --storage memory:// shows "
+    "which limits apply, with nothing spent."
+)
+
+_USAGE_COLUMNS = (
+    Column("limit", align="<", shrink=8),
+    Column("scope", align="<", drop=2),
+    Column("used"),
+    Column("max"),
+    Column("remaining", drop=3),
+    Column("state", align="<"),
+    Column("resets", align="<", drop=1),
+)
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
     from payi_guard.engine import Guard
 
+    guard: Guard | None = None
     try:
-        guard = Guard.from_yaml(args.config, storage=args.storage)
+        guard = Guard.from_yaml(
+            args.config,
+            storage=args.storage,
+            key_prefix=args.key_prefix,
+            clock=getattr(args, "clock", None) or SystemClock(),
+        )
         usages = guard.usage(args.user, limit_ids=args.limit_id or ())
-    except (ConfigError, InvalidUserId) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        in_memory = guard.storage_uri.startswith("memory:")
+    except (ConfigError, InvalidUserId, ValueError) as exc:
+        _say(sys.stderr, f"error: {exc}")
         return 2
     except PayiGuardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(sys.stderr, f"error: {exc}")
         return 1
     finally:
-        if "guard" in locals():
+        if guard is not None:
             guard.close()
+    if in_memory:
+        if args.storage is None:
+            _say(sys.stderr, _MEMORY_REFUSAL.format(file=args.config))
+            return 2
+        _say(
+            sys.stderr,
+            "note: memory:// starts empty in this process: every amount used below is 0, "
+            "whatever the app has spent",
+        )
     if args.format == "json":
         print(json.dumps([u.as_dict() for u in usages], indent=2))
         return 0
     if not usages:
         print(f"{args.user}: no limits apply (tracked only)")
         return 0
-    header = ("limit", "scope", "unit", "used", "max", "remaining", "state", "resets_at")
     rows = [
         (
             u.name,
             u.scope,
-            u.unit,
-            str(u.used),
-            str(u.max),
-            str(u.remaining),
+            _amount(u.unit, u.used),
+            _amount(u.unit, u.max),
+            _amount(u.unit, u.remaining),
             u.state + ("" if u.type == "block" else " (soft)"),
-            u.resets_at.strftime("%Y-%m-%d %H:%M:%SZ"),
+            u.resets_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%MZ"),
         )
         for u in usages
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    table = fit_table(_USAGE_COLUMNS, rows, terminal_width())
+    for line in table.lines:
+        print(line)
+    if table.dropped:
+        _say(sys.stdout, f"(left out to fit: {', '.join(table.dropped)}; --format json has all)")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from payi_guard.demo import run_demo
 
-    return run_demo(json_logs=args.json_logs, users=args.users, quiet=args.quiet)
+    return run_demo(json_logs=args.json_logs, users=args.users, quiet=args.quiet, serve=args.serve)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text) if text.isascii() and text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _version() -> str:
+    from payi_guard import __version__
+
+    return __version__
+
+
+_CHECK_DESCRIPTION = f"""\
+Validate a budgets file: exit 1 naming the file, line, key and what is wrong, else
+print a summary and exit 0. Warnings go to stderr: storage memory:// (one budget per
+worker process), and any hard limit that cannot admit one reference call ({
+    REFERENCE_INPUT_TOKENS
+} input and {REFERENCE_OUTPUT_TOKENS} output tokens to {
+    REFERENCE_MODEL
+}, priced as the guard reserves it).
+"""
+
+_USAGE_DESCRIPTION = """\
+Show one user's live usage of every limit that applies (user or tier, org, global,
+and --limit-id limits), read from the store the budgets file names. A memory:// store
+lives inside each app process, so this command refuses it unless --storage memory://
+is given (then it only shows which limits apply).
+"""
+
+_DEMO_DESCRIPTION = """\
+Run a FastAPI app, an embedded fake OpenAI and simulated users on this machine,
+offline: a live table of spend against limits (redrawn in place on a terminal, plain
+lines otherwise), a warning and a 429, the users page, then the report from the JSON
+logs. Fits the terminal (80 columns unless it is wider).
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,35 +556,104 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="payi-guard",
         description="Per-user attribution and budgets for GenAI calls.",
+        formatter_class=_Paragraphs,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"payi-guard {_version()}",
+        help="print the version and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add_report_parser(sub)
 
-    check = sub.add_parser("check", help="validate a budgets YAML file")
+    check = sub.add_parser(
+        "check",
+        help="validate a budgets YAML file",
+        description=_CHECK_DESCRIPTION,
+        formatter_class=_Paragraphs,
+    )
     check.add_argument("file", help="the budgets file")
+    check.add_argument(
+        "--strict", action="store_true", help="exit 1 when there is any warning (for CI)"
+    )
+    check.add_argument(
+        "--model",
+        default=REFERENCE_MODEL,
+        metavar="NAME",
+        help=f"the reference call's model (default: {REFERENCE_MODEL})",
+    )
+    check.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=REFERENCE_OUTPUT_TOKENS,
+        metavar="N",
+        help=f"the reference call's output tokens (default: {REFERENCE_OUTPUT_TOKENS})",
+    )
     check.set_defaults(func=_cmd_check)
 
-    usage = sub.add_parser("usage", help="show a user's live usage of every limit")
+    usage = sub.add_parser(
+        "usage",
+        help="show a user's live usage of every limit",
+        description=_USAGE_DESCRIPTION,
+        formatter_class=_Paragraphs,
+    )
     usage.add_argument("user", help="the user id (org:user for composite ids)")
     usage.add_argument("--config", "-c", required=True, help="the budgets file")
-    usage.add_argument("--storage", help="storage URI (default: the file's `storage`)")
-    usage.add_argument("--limit-id", action="append", help="also show this named limit")
-    usage.add_argument("--format", choices=("table", "json"), default="table")
+    usage.add_argument("--storage", metavar="URI", help="storage URI (default: the file's storage)")
+    usage.add_argument(
+        "--key-prefix",
+        default="pg",
+        metavar="PREFIX",
+        help="the key prefix the app's Guard uses (default: pg)",
+    )
+    usage.add_argument(
+        "--limit-id", action="append", metavar="NAME", help="also show this named limit"
+    )
+    usage.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output format (default: table; json has exact amounts as strings)",
+    )
     usage.set_defaults(func=_cmd_usage)
 
-    demo = sub.add_parser("demo", help="run a self-contained demo with simulated users")
+    demo = sub.add_parser(
+        "demo",
+        help="run a self-contained demo with simulated users",
+        description=_DEMO_DESCRIPTION,
+        formatter_class=_Paragraphs,
+    )
     demo.add_argument("--json-logs", metavar="PATH", help="also keep the JSON logs here")
-    demo.add_argument("--users", type=int, default=6, help="simulated users (default 6)")
+    demo.add_argument(
+        "--users",
+        type=_positive_int,
+        default=6,
+        metavar="N",
+        help="simulated users (default 6)",
+    )
     demo.add_argument("--quiet", action="store_true", help="no live table, just the report")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the app and its users page running after the report, until Ctrl+C",
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``payi-guard`` command; return its exit code."""
+def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> int:
+    """Run the ``payi-guard`` command; return its exit code.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+        clock: the clock ``usage`` reads windows with and ``report`` counts ages back
+            from (default: the system clock).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.clock = clock
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

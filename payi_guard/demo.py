@@ -7,8 +7,13 @@ Everything runs on this machine, offline, on the default in-memory store:
    :class:`~payi_guard.web.GuardMiddleware` answers ``POST /chat`` with a guarded
    ``openai.AsyncOpenAI`` client (plain and streamed);
 3. simulated users of different tiers call it over real HTTP, a live table shows each
-   one's spend against their limits, a warning and a ``429`` happen;
+   one's spend against their limits, a warning and a ``429`` happen; the app also
+   serves the users page (its address and sign-in token are printed);
 4. the JSON logs are turned into the per-user report.
+
+Everything printed fits the terminal (80 columns unless it is wider). On a terminal the
+live table is redrawn in place (ANSI cursor movement and colours); written to a file or
+a pipe, the demo prints plain lines, one per event.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import contextlib
 import io
 import json
 import os
+import secrets
 import socket
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Iterator, MutableMapping
@@ -29,9 +36,11 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 from payi_guard.exceptions import MissingDependency
+from payi_guard.money import decimal_text
+from payi_guard.report.table import printable, shorten, terminal_width
 from payi_guard.usage import LimitUsage
 
-__all__ = ["DEMO_BUDGETS", "run_demo"]
+__all__ = ["DEMO_BUDGETS", "USERS_PAGE", "run_demo"]
 
 DEMO_BUDGETS = """\
 version: 1
@@ -50,6 +59,9 @@ orgs:
 global: [{max: 5.00, per: month}]
 anonymous: {strategy: shared, limits: [{max: 0.004, per: day}]}
 """
+
+USERS_PAGE = "/guard"
+"""Where the demo app mounts the users page."""
 
 MODEL = "gpt-4o"
 REPLY = (
@@ -99,29 +111,38 @@ def _require(module: str, extra: str) -> Any:
         raise MissingDependency(module, extra) from None
 
 
+def _figure(value: object, unit: object = "usd") -> str:
+    """A logged amount as people read it: ``$0.00521`` (never ``5.21e-03``), or a count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return printable(str(value))
+    number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    return ("$" if unit == "usd" else "") + decimal_text(number)
+
+
 def _configure_logs(stream: TextIO, feed: _Feed) -> None:
     """JSON lines to ``stream``; warnings and refusals also go to the live feed."""
     import structlog
 
     def tap(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         name = event.get("event")
+        user = printable(str(event.get("user_id")))
+        limit = printable(str(event.get("limit")))
         if name == "budget_warning":
             feed.warnings += 1
             feed.add(
-                f"WARN  {event.get('user_id')}: {event.get('limit')} at "
-                f"${event.get('used')} of ${event.get('max')}"
+                f"WARN  {user}: {limit} at {_figure(event.get('used'))} "
+                f"of {_figure(event.get('max'))}"
             )
         elif name == "budget_exceeded":
             feed.exceeded += 1
-            first = (str(event.get("user_id")), str(event.get("limit")))
+            first = (user, limit)
             if first in feed.seen:  # later refusals are counted in the table
                 return event
             feed.seen.add(first)
-            unit = "$" if event.get("unit") == "usd" else ""
+            unit = event.get("unit")
             feed.add(
-                f"429   {event.get('user_id')}: {event.get('limit')} ({event.get('scope')}) "
-                f"{unit}{event.get('used')} of {unit}{event.get('max')}, "
-                f"needs {unit}{event.get('needed')}"
+                f"429   {user}: {limit} {_figure(event.get('used'), unit)} of "
+                f"{_figure(event.get('max'), unit)}, needs {_figure(event.get('needed'), unit)}"
             )
         return event
 
@@ -138,7 +159,7 @@ def _configure_logs(stream: TextIO, feed: _Feed) -> None:
     )
 
 
-def _build_app(guard: Any, base_url: str, tokens: dict[str, str]) -> Any:
+def _build_app(guard: Any, base_url: str, tokens: dict[str, str], admin_token: str) -> Any:
     _require("fastapi", "fastapi")
     _require("openai", "openai")
     import fastapi
@@ -153,6 +174,7 @@ def _build_app(guard: Any, base_url: str, tokens: dict[str, str]) -> Any:
     from starlette.requests import HTTPConnection
     from starlette.responses import StreamingResponse
 
+    from payi_guard.admin import users_app
     from payi_guard.web import GuardMiddleware
 
     class DemoUser(BaseUser):
@@ -202,6 +224,7 @@ def _build_app(guard: Any, base_url: str, tokens: dict[str, str]) -> Any:
         return {"reply": reply.choices[0].message.content}
 
     app.add_api_route("/chat", chat, methods=["POST"])
+    app.mount(USERS_PAGE, users_app(guard, token=admin_token, directory_ttl=0.5))
 
     # Added first, so it sits inside AuthenticationMiddleware and sees scope["user"].
     app.add_middleware(GuardMiddleware, guard=guard, guarded_paths=["/chat"])
@@ -254,35 +277,72 @@ def _money_limit(usages: list[LimitUsage]) -> LimitUsage | None:
 
 
 _COLOURS = {"ok": "\x1b[32m", "warning": "\x1b[33m", "exceeded": "\x1b[31m"}
+_RESET = "\x1b[0m"
+_BAR_MIN, _BAR_MAX = 6, 40
 
 
-def _bar(used: Decimal, limit: Decimal, width: int, colour: bool, state: str) -> str:
-    ratio = min(Decimal(1), used / limit) if limit else Decimal(1)
-    full = int(ratio * width)
-    bar = "█" * full + "░" * (width - full)
-    if colour:
-        return f"{_COLOURS.get(state, '')}{bar}\x1b[0m"
-    return bar
+def _bar(ratio: Decimal, width: int) -> str:
+    full = int(min(Decimal(1), max(Decimal(0), ratio)) * width)
+    return "█" * full + "░" * (width - full)
 
 
-def _table(guard: Any, users: list[_SimUser], colour: bool) -> list[str]:
-    lines = [
-        f"{'user':<14} {'tier':<9} {'calls':>5} {'429s':>4}  "
-        f"{'spend vs daily budget':<26} {'used':>9} {'max':>7}  state"
-    ]
+def _table(guard: Any, users: list[_SimUser], colour: bool, width: int) -> list[str]:
+    """The live table, at most ``width`` columns wide: the spend bar takes what is left."""
+    header = ["user", "tier", "calls", "429s", "daily budget", "used", "max", "state"]
+    rows: list[tuple[list[str], Decimal, str, str]] = []
     for sim in users:
         limit = _money_limit(guard.usage(sim.user_id))
         if limit is None:
             continue
         used, cap = Decimal(limit.used), Decimal(limit.max)
-        state = limit.state
-        shown = "blocked (429)" if sim.last_status == 429 else state
-        label = f"{_COLOURS['exceeded' if sim.last_status == 429 else state]}{shown}\x1b[0m"
-        label = label if colour else shown
-        lines.append(
-            f"{sim.user_id:<14} {sim.tier:<9} {sim.calls:>5} {sim.blocked:>4}  "
-            f"{_bar(used, cap, 26, colour, state)} ${used:>8.5f} ${cap:>6.3f}  {label}"
-        )
+        blocked = sim.last_status == 429
+        shown: str = "blocked" if blocked else limit.state
+        cells = [
+            printable(sim.user_id),
+            sim.tier,
+            str(sim.calls),
+            str(sim.blocked),
+            "",
+            f"${used:.5f}",
+            _figure(cap),
+            shown,
+        ]
+        rows.append((cells, used / cap if cap else Decimal(1), limit.state, shown))
+    widths = [max([len(header[i]), *(len(r[0][i]) for r in rows)]) for i in range(8)]
+    widths[0] = min(widths[0], 16)
+    fixed = sum(w for i, w in enumerate(widths) if i != 4) + 2 * 7
+    if width - fixed < _BAR_MIN:
+        widths[1] = 0  # no room for the tier: leave it out
+        fixed = sum(w for i, w in enumerate(widths) if i not in (1, 4)) + 2 * 6
+    widths[4] = max(_BAR_MIN, min(_BAR_MAX, width - fixed))
+    right = {2, 3, 5, 6}
+
+    last = len(header) - 1
+
+    def line(cells: list[str], painted: dict[int, str]) -> str:
+        parts = []
+        for i, cell in enumerate(cells):
+            if widths[i] == 0:
+                continue
+            text = shorten(cell, widths[i])
+            if i in right:
+                text = text.rjust(widths[i])
+            elif i != last:  # no padding after the last cell
+                text = text.ljust(widths[i])
+            colour_code = painted.get(i)
+            parts.append(f"{colour_code}{text}{_RESET}" if colour_code else text)
+        return "  ".join(parts).rstrip()
+
+    head = list(header)
+    head[4] = shorten(header[4], widths[4])
+    lines = [line(head, {})]
+    for cells, ratio, state, shown in rows:
+        cells[4] = _bar(ratio, widths[4])
+        painted: dict[int, str] = {}
+        if colour:
+            painted[4] = _COLOURS.get(state, "")
+            painted[7] = _COLOURS["exceeded" if shown == "blocked" else state]
+        lines.append(line(cells, painted))
     return lines
 
 
@@ -318,26 +378,48 @@ async def _drive(base: str, users: list[_SimUser], stop: asyncio.Event) -> None:
 
 
 async def _run(
-    guard: Any, base: str, users: list[_SimUser], feed: _Feed, out: TextIO, seconds: float
+    guard: Any,
+    base: str,
+    users: list[_SimUser],
+    feed: _Feed,
+    out: TextIO,
+    seconds: float,
+    width: int,
+    live: bool,
 ) -> None:
+    """Drive the users until a warning and a block happened, showing the table.
+
+    On a terminal (``live``) the table and the latest events are redrawn in place, one
+    frame over the last; every frame line fits ``width - 1`` columns, so no line wraps
+    and the cursor moves back exactly over the frame. Otherwise each event is printed
+    once as a plain line when it happens.
+    """
     stop = asyncio.Event()
     driver = asyncio.ensure_future(_drive(base, users, stop))
-    live = out.isatty()
     drawn = 0
+    printed = 0
     started = time.monotonic()
     heavy = [u for u in users if u.heavy and u.tier != "pro"]
+    frame_width = width - 1
     while True:
         await asyncio.sleep(0.25)
         elapsed = time.monotonic() - started
         done = feed.warnings > 0 and all(u.blocked > 0 for u in heavy) and elapsed > 4
         if live:
-            lines = _table(guard, users, colour=True)
+            lines = _table(guard, users, colour=True, width=frame_width)
             lines.append("")
-            lines.extend(f"  {line}" for line in feed.tail(6))
+            lines.extend("  " + shorten(line, frame_width - 2) for line in feed.tail(6))
+            # Up to the frame's first line, clear to the end of the screen, redraw.
             out.write(f"\x1b[{drawn}F\x1b[J" if drawn else "")
             out.write("\n".join(lines) + "\n")
             out.flush()
             drawn = len(lines)
+        else:
+            news = feed.lines[printed:]
+            printed += len(news)
+            for line in news:
+                out.write("  " + shorten(line, width - 2) + "\n")
+            out.flush()
         if done or elapsed > seconds:
             break
     stop.set()
@@ -351,6 +433,8 @@ def run_demo(
     quiet: bool = False,
     seconds: float = 20.0,
     out: TextIO | None = None,
+    serve: bool = False,
+    width: int | None = None,
 ) -> int:
     """Run the demo; return 0 when a warning, a 429 and the report were all shown.
 
@@ -359,56 +443,76 @@ def run_demo(
         users: how many simulated users (at least the 6 built-in ones are used).
         quiet: print only the final table and the report.
         seconds: stop after this long even if not everything happened yet.
-        out: where to print (default: stdout).
+        out: where to print (default: stdout). The live table is redrawn in place only
+            when it is a terminal; otherwise events are printed as plain lines.
+        serve: keep the app and its users page running after the report, until Ctrl+C.
+        width: the most columns a line may take (default: the terminal's, else 80).
     """
     from payi_guard.engine import Guard
     from payi_guard.report import ReportBuilder, UnreadableLog, read_logs, write_table
     from payi_guard.testing import FakeProvider
 
     out = out or sys.stdout
+    columns = terminal_width(width)
+    live = out.isatty() and not quiet
     sims = _users(users)
     tokens = {u.token: u.user_id for u in sims if u.token}
+    admin_token = secrets.token_urlsafe(18)
     feed = _Feed()
     log_path = json_logs or tempfile.mkstemp(prefix="payi-guard-demo-", suffix=".jsonl")[1]
     keep_log = json_logs is not None
 
-    def say(text: str) -> None:
-        if not quiet:
-            print(text, file=out, flush=True)
+    def say(text: str, *, always: bool = False) -> None:
+        if always or not quiet:
+            lines = textwrap.wrap(text, columns, subsequent_indent="  ") or [""]
+            print("\n".join(lines), file=out, flush=True)
 
     say("payi_guard demo: a FastAPI app, a fake OpenAI, simulated users (offline).")
     say("budgets: free users $0.010/day (warn at 50%), pro $0.050/day, anonymous $0.004/day")
     say("")
+    status = 0
     with open(log_path, "w", encoding="utf-8") as log_stream:
         _configure_logs(log_stream, feed)
         guard = Guard(DEMO_BUDGETS)
         with FakeProvider(reply=REPLY, chunk_delay=0.002) as provider:
-            app = _build_app(guard, provider.openai_base_url, tokens)
+            app = _build_app(guard, provider.openai_base_url, tokens, admin_token)
             with _serve(app) as base:
-                say(f"app on {base}, provider on {provider.base_url}\n")
+                say(f"app on {base}, provider on {provider.base_url}")
+                say(f"users page: {base}{USERS_PAGE}/ (sign in with the token {admin_token})")
+                say("")
                 screen: TextIO = _Null() if quiet else out
-                asyncio.run(_run(guard, base, sims, feed, screen, seconds))
-        log_stream.flush()
-    print("", file=out)
-    if quiet or not out.isatty():
-        print("\n".join(_table(guard, sims, colour=False)), file=out)
-        print("", file=out)
-        for line in feed.lines:
-            print(f"  {line}", file=out)
-    print("\nReport from the JSON logs (payi-guard report):\n", file=out, flush=True)
-    builder = ReportBuilder()
-    try:
-        read_logs([log_path], builder)
-    except UnreadableLog as exc:
-        print(f"payi-guard report: error: {exc}", file=sys.stderr)
-        status = 2
-    else:
-        write_table(builder.build(), out)
-        out.flush()
-        status = 0
-    if keep_log:
-        print(f"\nJSON logs kept in {log_path}", file=out)
-    else:
+                asyncio.run(_run(guard, base, sims, feed, screen, seconds, columns, live))
+                log_stream.flush()
+                print("", file=out)
+                if not live:
+                    print("\n".join(_table(guard, sims, colour=False, width=columns)), file=out)
+                    print("", file=out)
+                    if quiet:
+                        for line in feed.lines:
+                            print("  " + shorten(line, columns - 2), file=out)
+                say("Report from the JSON logs (payi-guard report):", always=True)
+                print("", file=out, flush=True)
+                builder = ReportBuilder()
+                try:
+                    read_logs([log_path], builder)
+                except UnreadableLog as exc:
+                    print(f"payi-guard report: error: {exc}", file=sys.stderr)
+                    status = 2
+                else:
+                    write_table(builder.build(), out, width=columns)
+                    out.flush()
+                if keep_log:
+                    say(f"\nJSON logs kept in {log_path}", always=True)
+                if serve and status == 0:
+                    say("", always=True)
+                    say(
+                        f"The app and its users page stay up: {base}{USERS_PAGE}/ "
+                        f"(token {admin_token}). Ctrl+C stops them.",
+                        always=True,
+                    )
+                    with contextlib.suppress(KeyboardInterrupt):
+                        threading.Event().wait()
+    if not keep_log:
         os.unlink(log_path)
     ok = feed.warnings > 0 and any(u.blocked for u in sims) and status == 0
     if not ok:

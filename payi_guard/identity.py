@@ -19,6 +19,9 @@ from payi_guard.exceptions import InvalidUserId
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
+    "MIN_DIGEST_CHARS",
+    "PSEUDONYM_COLLISION_BOUND",
+    "PSEUDONYM_SCALE",
     "Pseudonymizer",
     "UserRef",
     "normalize_user_id",
@@ -28,6 +31,31 @@ __all__ = [
 
 DEFAULT_MAX_LENGTH = 128
 """Longest user id accepted unless a caller asks for another bound."""
+
+PSEUDONYM_SCALE = 10**9
+"""How many distinct user ids pseudonyms must keep apart (a billion)."""
+
+PSEUDONYM_COLLISION_BOUND = 1e-6
+"""The highest accepted chance that two of :data:`PSEUDONYM_SCALE` ids share a pseudonym."""
+
+
+def _min_digest_chars() -> int:
+    # Birthday bound: n distinct ids hashed to d hex characters share a digest with
+    # probability at most n(n-1)/2 / 16**d.
+    pairs = PSEUDONYM_SCALE * (PSEUDONYM_SCALE - 1) // 2
+    chars = 1
+    while pairs > PSEUDONYM_COLLISION_BOUND * 16**chars:
+        chars += 1
+    return chars
+
+
+MIN_DIGEST_CHARS = _min_digest_chars()
+"""The shortest digest (hex characters) :class:`Pseudonymizer` accepts: 20 (80 bits).
+
+At 20 characters, a billion distinct ids share a pseudonym with probability at most
+4.1e-7 (the birthday bound); at 8 characters (32 bits), 200,000 ids already share one
+about 4.7 times.
+"""
 
 SEPARATOR = ":"
 _SEGMENT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
@@ -126,19 +154,31 @@ class Pseudonymizer:
 
     Args:
         key: the secret key (at least 16 bytes). Keep it out of source control.
-        digest_chars: hex characters kept from each digest (8 to 64).
+        digest_chars: hex characters kept from each digest, from
+            :data:`MIN_DIGEST_CHARS` (20: a billion ids collide with probability under
+            one in a million) to 64.
         keep_org: leave the org segment in clear text.
 
     Raises:
-        ValueError: the key is too short or ``digest_chars`` is out of range.
+        ValueError: the key is too short, or ``digest_chars`` is out of range (too short
+            a digest makes different users share a pseudonym, and so a budget).
     """
 
     def __init__(self, key: bytes | str, *, digest_chars: int = 20, keep_org: bool = False) -> None:
         raw = key.encode() if isinstance(key, str) else bytes(key)
         if len(raw) < 16:
             raise ValueError("a pseudonymisation key needs at least 16 bytes")
-        if not 8 <= digest_chars <= 64:
-            raise ValueError("digest_chars must be between 8 and 64")
+        if isinstance(digest_chars, bool) or not isinstance(digest_chars, int):
+            raise ValueError(f"digest_chars must be an int, got {digest_chars!r}")
+        if digest_chars < MIN_DIGEST_CHARS:
+            raise ValueError(
+                f"digest_chars={digest_chars} is too short to keep users apart: use at least "
+                f"{MIN_DIGEST_CHARS} hex characters, so that {PSEUDONYM_SCALE:,} ids share a "
+                f"pseudonym with probability under {PSEUDONYM_COLLISION_BOUND:g} "
+                "(two users with one pseudonym would share one budget)"
+            )
+        if digest_chars > 64:
+            raise ValueError(f"digest_chars must be at most 64, got {digest_chars}")
         self._key = raw
         self._chars = digest_chars
         self._keep_org = keep_org

@@ -13,14 +13,14 @@ Event names (contract):
 * ``budget_warning``, ``budget_exceeded``, ``budget_overrun``: with ``user_id``,
   ``limit``, ``used``, ``max``, ``resets_at``;
 * ``storage_error``: the counter store failed;
-* ``usage_invalid``: the usage a provider reported cannot be trusted (a count that is
-  negative, not an integer, or missing), with ``user_id``, ``model``, ``provider``,
-  ``problems`` and ``reserved_usd``; the call is charged what was reserved and its
-  ``genai_call`` has outcome ``unverified``;
 * ``unknown_model``: no price is known for a call's model, with ``user_id``, ``model``,
   ``provider``, ``unknown_model`` (the policy) and ``outcome``: ``refused`` under
   ``unknown_model: block`` (once per refused call), ``recorded`` for a manual event
-  charged without a cost.
+  charged without a cost;
+* ``usage_invalid``: a provider's usage report was missing or could not be trusted
+  (a count that is negative, not an integer, or missing), with ``user_id``, ``model``,
+  ``provider``, ``reason`` (the values at fault) and ``reserved_usd``; the call is
+  charged its reservation and its ``genai_call`` says ``outcome="unverified"``.
 """
 
 from __future__ import annotations

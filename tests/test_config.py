@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from payi_guard.config import (
@@ -195,6 +195,101 @@ def test_bad_file_names_line_and_problem(path: Path) -> None:
     assert expected in error.message
     assert error.file == str(path)
     assert str(error).startswith(f"{path}:{line}: ")
+
+
+PYYAML_WORDING = (
+    "<block",
+    "<scalar>",
+    "<flow",
+    "<stream",
+    "<document",
+    "simple key",
+    "while parsing",
+    "while scanning",
+    "but found",
+    "but got",
+    "not allowed here",
+)
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=lambda p: p.name)
+def test_syntax_errors_are_said_in_plain_words(path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_file(path)
+    for wording in PYYAML_WORDING:
+        assert wording not in caught.value.message
+
+
+_EDITS = st.lists(
+    st.tuples(
+        st.floats(min_value=0, max_value=1),
+        st.sampled_from(
+            [
+                " ",
+                "\n",
+                "\t",
+                ":",
+                "-",
+                "[",
+                "]",
+                "{",
+                "}",
+                ",",
+                "'",
+                '"',
+                "#",
+                "&",
+                "*",
+                "!",
+                "|",
+                ">",
+                "%",
+                "@",
+                "`",
+                "?",
+                "  ",
+                "\n  ",
+                ": ",
+                "- ",
+                "",
+            ]
+        ),
+        st.integers(min_value=0, max_value=3),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(GOOD_FILES), _EDITS)
+def test_any_broken_file_is_a_config_error_in_plain_words(
+    path: Path, edits: list[tuple[float, str, int]]
+) -> None:
+    text = path.read_text(encoding="utf-8")
+    for where, insert, delete in edits:
+        at = int(where * len(text))
+        text = text[:at] + insert + text[at + delete :]
+    message = ""
+    try:
+        parse_config(text)
+    except ConfigError as exc:  # anything else (a crash in the messages) fails the test
+        message = exc.message
+    assert not any(wording in message for wording in PYYAML_WORDING[:5]), message
+
+
+def test_the_yaml_corpus_covers_the_common_mistakes() -> None:
+    names = {path.name for path in BAD_FILES}
+    assert {
+        "yaml_indent_deeper.yaml",
+        "yaml_indent_shallower.yaml",
+        "yaml_value_runs_on.yaml",
+        "yaml_unclosed_mapping.yaml",
+        "yaml_missing_colon.yaml",
+        "yaml_unclosed_quote.yaml",
+        "yaml_no_space_after_colon.yaml",
+        "syntax_error.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize(
@@ -527,7 +622,9 @@ def test_invalid_org_id_is_refused() -> None:
 # -- top-level settings ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", [scheme for scheme in STORAGE_SCHEMES if scheme != "memory"])
+@pytest.mark.parametrize(
+    "scheme", [scheme for scheme in STORAGE_SCHEMES if scheme not in ("memory", "sqlite")]
+)
 def test_every_redis_flavour_is_accepted(scheme: str) -> None:
     uri = f"{scheme}://user:pw@cache.internal:6380/1"
     assert parse_config({"storage": uri}).storage == uri
@@ -537,8 +634,8 @@ def test_every_redis_flavour_is_accepted(scheme: str) -> None:
     ("uri", "message"),
     [
         (
-            "mysql://db/x",
-            "unsupported storage scheme 'mysql://'; supported are memory://, redis://, rediss://",
+            "http://db/x",
+            "unsupported storage scheme 'http://'; supported are memory://, sqlite://, redis://",
         ),
         ("memory://x", "memory storage takes no address"),
         ("redis://host:99999999/0", "invalid storage URI: Port out of range"),
@@ -654,6 +751,52 @@ def test_recursive_alias_is_refused() -> None:
     error = error_of("default: &loop [*loop]\n")
     assert "nested deeper than" in error.message
     assert error.line == 1
+
+
+@pytest.mark.parametrize(
+    ("form", "depth"),
+    # 5,000 block levels would be 25 MB of indentation: refused for its size instead.
+    [("flow", 66), ("flow", 500), ("flow", 5_000), ("block", 66), ("block", 500)],
+)
+def test_deep_nesting_is_a_config_error_naming_the_limit(depth: int, form: str) -> None:
+    if form == "flow":
+        document = "version: 1\nlimits:\n  x: " + "[" * depth + "]" * depth + "\n"
+    else:
+        document = "version: 1\nlimits:\n" + "".join(
+            "  " * (i + 1) + f"k{i}:\n" for i in range(depth)
+        )
+    error = error_of(document)  # never a RecursionError
+    assert error.message.startswith(f"nested deeper than {_yaml.MAX_DEPTH} levels")
+    assert error.line is not None
+    assert 3 <= error.line <= 3 + _yaml.MAX_DEPTH + 1
+
+
+def test_an_oversized_document_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    limit = _yaml.MAX_DOCUMENT_BYTES
+    assert limit == 1 << 20
+    # One byte over the limit, as text and as a file; the limit itself is fine.
+    filler = "# " + "x" * 97 + "\n"
+    at_limit = "version: 1\n" + filler * ((limit - 11) // 100)
+    at_limit += "#" * (limit - len(at_limit.encode()) - 1) + "\n"
+    assert len(at_limit.encode()) == limit
+    assert parse_config(at_limit).version == 1
+    error = error_of(at_limit + "\n")
+    assert error.message == (
+        f"the document is {limit + 1:,} bytes; a budgets file may be at most "
+        f"{limit:,} bytes (1 MiB)"
+    )
+    # Multi-byte characters count as the bytes they take in UTF-8.
+    assert "at most" in error_of("version: 1\n#" + "é" * (limit // 2)).message
+    # A huge file (sparse: nothing is written to disk) is refused from its size alone.
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as handle:
+        handle.truncate(64 << 20)
+    with pytest.raises(ConfigError) as caught:
+        load_config(huge)
+    assert caught.value.file == str(huge)
+    assert caught.value.message == (
+        f"the file is {64 << 20:,} bytes; a budgets file may be at most {limit:,} bytes (1 MiB)"
+    )
 
 
 def test_python_recursive_structure_is_refused() -> None:
@@ -841,3 +984,32 @@ def test_describe_counts_and_hides_the_password() -> None:
         "0 named limits, 0 tiers, 0 users, 0 orgs, 0 global limits, 0 price overrides; "
     )
     assert "anonymous: reject" in describe(parse_config("anonymous: reject"), verbose=True)
+
+
+# -- sqlite stores named by a budgets file -------------------------------------------------
+
+
+def test_a_relative_sqlite_store_is_the_budgets_files_neighbour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf dir"
+    folder.mkdir()
+    budgets = folder / "budgets.yaml"
+    budgets.write_text("version: 1\nstorage: sqlite:///state/budgets.db\n", encoding="utf-8")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    storage = load_config(budgets).storage
+    assert storage == "sqlite:///" + str(folder).replace(" ", "%20") + "/state/budgets.db"
+    absolute = tmp_path / "abs.db"
+    budgets.write_text(f"version: 1\nstorage: sqlite:///{absolute}\n", encoding="utf-8")
+    assert load_config(budgets).storage == f"sqlite:///{absolute}"
+    # Text without a file has no folder: the path is left for the ledger (current directory).
+    assert parse_config("version: 1\nstorage: sqlite:///b.db\n").storage == "sqlite:///b.db"
+
+
+@pytest.mark.parametrize("uri", ["sqlite://", "sqlite:///", "sqlite://host/b.db", "sqlite:///?x=1"])
+def test_a_sqlite_store_must_name_a_file(uri: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape("sqlite:///budgets.db")) as info:
+        parse_config(f"version: 1\nstorage: {uri}\n")
+    assert info.value.line == 2

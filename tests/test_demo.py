@@ -1,37 +1,75 @@
-"""`payi-guard demo` runs end to end in a subprocess, offline, and exits 0."""
+"""`payi-guard demo` runs end to end in a subprocess, offline, and exits 0.
+
+It is run as users see it: written to a pipe (plain lines) and on a pseudo-terminal
+(the live table redrawn in place), at 80 columns and wider; every line must fit.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
+import signal
+import struct
 import subprocess
 import sys
-import time
+import termios
+import threading
+import unicodedata
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+REDRAW = re.compile(r"\x1b\[(\d+)F\x1b\[J")
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def visible_width(line: str) -> int:
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in line
+    )
+
+
+def demo_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update(extra)
+    return env
+
+
+def test_demo_runs_end_to_end_in_plain_lines_at_80_columns(tmp_path: Path) -> None:
     logs = tmp_path / "demo.jsonl"
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "payi_guard", "demo", "--json-logs", str(logs)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=demo_env(COLUMNS="80"),
     )
-    elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
-    assert elapsed < 30
     out = done.stdout
-    # The live table, a warning, a 429 block, then the report.
-    assert "spend vs daily budget" in out
+    # Not a terminal: no cursor movement, no colour, only plain lines.
+    assert "\x1b" not in out
+    for line in out.splitlines():
+        assert visible_width(line) <= 80, line
+    # The live table, a warning, a 429 block, the users page, then the report.
+    assert "daily budget" in out
     assert "WARN " in out
     assert "429 " in out
-    assert "blocked (429)" in out
+    assert " blocked" in out
     assert "Report from the JSON logs" in out
     assert "user_id" in out
     assert "TOTAL" in out
+    page = re.search(r"users page: (http://127\.0\.0\.1:\d+/guard/)", out)
+    assert page is not None, out
+    assert "token=" not in out  # the sign-in token never travels in a URL
+    # The line wraps where the port numbers put it: any white space between the words.
+    assert re.search(r"sign\s+in\s+with\s+the\s+token\s+\S{20,}", out)
 
     events = [json.loads(line, parse_float=Decimal) for line in logs.read_text().splitlines()]
     calls = [e for e in events if e["event"] == "genai_call"]
@@ -43,3 +81,137 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     total = sum((e["cost_usd"] for e in calls), Decimal(0))
     # The report's total equals the exact sum of the logged costs.
     assert f"${total}" in out or f"${total:.6f}" in out
+
+
+def run_on_a_terminal(columns: int, rows: int = 40) -> tuple[int, str]:
+    """Run the demo with its stdout on a pseudo-terminal of ``columns`` x ``rows``."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "payi_guard", "demo"],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=demo_env(TERM="xterm"),
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(timeout=30)
+        os.close(master)
+    assert process.returncode == 0, err.decode(errors="replace")
+    # The terminal turns "\n" into "\r\n".
+    return process.returncode, b"".join(chunks).decode("utf-8").replace("\r\n", "\n")
+
+
+def check_frames(output: str, columns: int) -> list[list[str]]:
+    """Split the live part into frames and check each is redrawn exactly over the last.
+
+    Each redraw moves the cursor up by the number of lines the previous frame took; it
+    only lands on the frame's first line if no line wrapped, so every frame line must be
+    narrower than the terminal.
+    """
+    parts = REDRAW.split(output)
+    # parts: before, n1, frame1, n2, frame2, ... ; the first frame follows "before".
+    before, rest = parts[0], parts[1:]
+    counts = [int(n) for n in rest[0::2]]
+    frames_text = rest[1::2]
+    assert len(counts) >= 3, "the live table was not redrawn"
+    # The first frame is the end of what came before the first redraw (after the intro);
+    # every later frame is checked against the count of the redraw that replaces it.
+    first = "\n".join(before.split("\n")[-counts[0] - 1 :])
+    assert first.lstrip("\n").startswith("user"), before
+    frames = [first.lstrip("\n"), *frames_text]
+    seen: list[list[str]] = []
+    for index, count in enumerate(counts):
+        frame = frames[index]
+        lines = frame.split("\n")
+        assert lines[-1] == "", "a frame ends with a newline"
+        lines = lines[:-1]
+        assert len(lines) == count, (index, count, lines)
+        seen.append(lines)
+    for lines in seen:
+        for line in lines:
+            plain = COLOUR.sub("", line)
+            assert "\x1b" not in plain, repr(line)  # only colours inside a frame
+            assert visible_width(plain) < columns, (columns, plain)
+    return seen
+
+
+def test_on_an_80_column_terminal_the_table_is_redrawn_in_place() -> None:
+    _, output = run_on_a_terminal(80)
+    frames = check_frames(output, 80)
+    assert frames[-1][0].split()[:4] == ["user", "tier", "calls", "429s"]
+    assert "\x1b[31m" in output  # red, for a refused user
+    after = REDRAW.split(output)[-1]
+    for line in after.split("\n"):
+        assert "\x1b" not in COLOUR.sub("", line)
+        assert visible_width(COLOUR.sub("", line)) <= 80, line
+    assert "Report from the JSON logs" in after
+    assert "users page: http://127.0.0.1:" in output
+
+
+def test_on_a_wider_terminal_the_table_uses_the_room() -> None:
+    _, output = run_on_a_terminal(140)
+    frames = check_frames(output, 140)
+    widest = max(visible_width(COLOUR.sub("", line)) for line in frames[-1])
+    assert 80 < widest < 140
+    # The report shows every column at this width.
+    report = output.split("Report from the JSON logs")[-1]
+    assert " p50 " in report
+    assert "left out" not in report
+
+
+def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "payi_guard", "demo", "--quiet", "--serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=demo_env(COLUMNS="80"),
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in process.stdout:  # ends when the demo exits, or at the marker
+            lines.append(line)
+            if "Ctrl+C stops them" in line:
+                break
+        text = " ".join("".join(lines).split())
+        found = re.search(r"stay up: (http://127\.0\.0\.1:\d+/guard/) \(token (\S+)\)", text)
+        assert found is not None, "".join(lines)
+        url, token = found.groups()
+        assert "token=" not in text
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("").status_code == 401
+            signed = client.post("", data={"token": token}, headers={"origin": url[:-7]})
+            assert signed.status_code == 303
+            users = client.get("api/users").json()["users"]
+        assert {"acme:alice", "globex:carol"} <= {u["user_id"] for u in users}
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        assert process.stderr is not None
+        process.stderr.close()
+    assert process.returncode == 0

@@ -160,3 +160,33 @@ def test_pseudonymizer_validates() -> None:
     with pytest.raises(InvalidUserId):
         Pseudonymizer(KEY)("bad id")
     assert "0123" not in repr(Pseudonymizer(KEY))
+
+
+def _collision_bound(ids: int, digest_chars: int) -> float:
+    """The birthday bound: the chance that any two of ``ids`` distinct ids share a digest."""
+    return ids * (ids - 1) / 2 / float(16**digest_chars)
+
+
+def test_digests_too_short_to_be_unique_are_refused() -> None:
+    from payi_guard.identity import (
+        MIN_DIGEST_CHARS,
+        PSEUDONYM_COLLISION_BOUND,
+        PSEUDONYM_SCALE,
+    )
+
+    # The documented minimum is the shortest digest that keeps the stated scale under
+    # the stated bound: one hex character fewer would not.
+    assert _collision_bound(PSEUDONYM_SCALE, MIN_DIGEST_CHARS) <= PSEUDONYM_COLLISION_BOUND
+    assert _collision_bound(PSEUDONYM_SCALE, MIN_DIGEST_CHARS - 1) > PSEUDONYM_COLLISION_BOUND
+    assert (PSEUDONYM_SCALE, PSEUDONYM_COLLISION_BOUND, MIN_DIGEST_CHARS) == (10**9, 1e-6, 20)
+    # 8 hex characters (32 bits) would collide about 4.7 times among 200,000 ids.
+    assert _collision_bound(200_000, 8) > 4
+    for short in (8, 12, MIN_DIGEST_CHARS - 1):
+        with pytest.raises(ValueError, match=r"at least 20 .*1,000,000,000 ids") as caught:
+            Pseudonymizer(KEY, digest_chars=short)
+        assert f"digest_chars={short}" in str(caught.value)
+    assert len(Pseudonymizer(KEY, digest_chars=MIN_DIGEST_CHARS)("alice")) == 20
+    assert len(Pseudonymizer(KEY, digest_chars=64)("alice")) == 64
+    for bad in (65, 20.5, True):
+        with pytest.raises(ValueError, match="digest_chars"):
+            Pseudonymizer(KEY, digest_chars=bad)  # type: ignore[arg-type]

@@ -56,13 +56,21 @@ CSV_HEADER = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables are as wide as the terminal: 80 columns here, whatever runs the tests."""
+    monkeypatch.setenv("COLUMNS", "80")
+
+
 class Result:
     """Exit status and both output streams of one in-process run."""
 
     def __init__(self, code: int, out: str, err: str) -> None:
         self.code = code
         self.out = out
-        self.err = err
+        # The summary on stderr is wrapped to the terminal: read it as one line.
+        self.raw_err = err
+        self.err = err.replace("\n  ", " ")
 
     def rows(self) -> list[dict[str, Any]]:
         """The JSON rows, numbers parsed as Decimal (exact)."""
@@ -173,7 +181,7 @@ def test_totals_are_exact_on_a_generated_log_with_noise(tmp_path: Path) -> None:
     assert sum((row["cost_usd"] for row in rows.values()), Decimal(0)) == grand
     assert f"{len(lines):,} lines read: {skipped:,} skipped, {other:,} other events" in result.err
 
-    table = report(path)
+    table = report(path, "--width", "200")
     footer = table.out.splitlines()[-1]
     whole, _, fraction = f"{grand:,f}".partition(".")
     assert f"total ${whole}.{fraction.rstrip('0').ljust(6, '0')} over 6,000 calls" in footer
@@ -256,7 +264,7 @@ def test_hand_checked_sample_log() -> None:
     # A budget_exceeded without request_id (refused at the gate) counts on its own.
     assert (solo["calls"], solo["errors"], solo["overruns"], solo["blocked"]) == (1, 1, 1, 1)
 
-    table = report(SAMPLE)
+    table = report(SAMPLE, "--width", "200")
     assert table.code == 0
     lines = table.out.splitlines()
     assert lines[0].split() == [
@@ -408,11 +416,11 @@ def test_by_each_value_names_the_key_field(tmp_path: Path) -> None:
             assert "user_id" not in row or key_field == "user_id"
         got = {row["key"]: row["cost_usd"] for row in rows}
         assert got == {k: Decimal(v) for k, v in costs.items()}, by
-        header = report(path, "--by", by).out.splitlines()[0]
+        header = report(path, "--by", by, "--width", "200").out.splitlines()[0]
         assert header.split()[0] == key_field
         csv_header = report(path, "--format", "csv", "--by", by).out.splitlines()[0]
         assert csv_header.split(",")[0] == key_field
-    table = report(path, "--by", "org").out
+    table = report(path, "--by", "org", "--width", "200").out
     assert "(none)" in table
     assert "3 orgs" in table
 
@@ -481,7 +489,7 @@ def test_a_group_past_the_exact_limit_switches_to_the_histogram(tmp_path: Path) 
         got = heavy[f"p{p}_usd"]
         assert abs(got - exact) <= exact * Decimal(PERCENTILE_RELATIVE_ERROR), p
     assert heavy["cost_usd"] == sum((Decimal(n) for n in nanos), Decimal(0)).scaleb(-9)
-    table = report(path).out
+    table = report(path, "--width", "200").out
     assert "~$" in table
     assert "percentile from a histogram" in table
 
@@ -631,7 +639,7 @@ def test_table_money_is_exact_and_trimmed(tmp_path: Path) -> None:
             call("1e-12", user_id="d"),
         ],
     )
-    out = report(path).out
+    out = report(path, "--width", "200").out
     assert "$0.004200 " in out
     assert "$0.000000123 " in out
     assert "$1,234.500000 " in out
@@ -639,6 +647,147 @@ def test_table_money_is_exact_and_trimmed(tmp_path: Path) -> None:
     assert "$1,234.504200123001" in out.splitlines()[-1]
     # a, b and d spent next to nothing, but not nothing: not shown as 0.0%.
     assert all("<0.1%" in line for line in out.splitlines()[2:5])
+
+
+# -------------------------------------------------------------------- hostile input
+
+
+def test_lines_with_unusable_values_are_skipped_counted_and_said(tmp_path: Path) -> None:
+    lines = [
+        call("0.001", user_id="alice", input_tokens=10, output_tokens=5),
+        # Each of these would abort, or be read as something it is not: skipped.
+        call("0.002", user_id="huge", output_tokens=1e28),
+        call("0.002", user_id="negative", input_tokens=-1),
+        call("0.002", user_id="text", output_tokens="12"),
+        call("0.002", user_id="fraction", output_tokens=1.5),
+        call("0.002", user_id="boolean", input_tokens=True),
+        call("0.002", user_id="over", input_tokens=10**16),
+        call('"\u0661"', user_id="arabic"),  # "١" is not $1
+        call('"\uff11.5"', user_id="fullwidth"),  # "１.5" is not $1.5
+        call('"1e400"', user_id="exponent"),
+        call('"0.25"', user_id="string"),  # a numeric string is fine
+        call("0.5", user_id="bob", output_tokens=2.0),  # 2.0 is a whole count
+    ]
+    path = write(tmp_path / "a.log", lines)
+    result = report(path, "--format", "json")
+    assert result.code == 0, result.err
+    rows = result.by_key()
+    assert sorted(rows) == ["alice", "bob", "string"]
+    assert rows["alice"]["output_tokens"] == 5
+    assert rows["bob"]["output_tokens"] == 2
+    assert rows["string"]["cost_usd"] == Decimal("0.25")
+    assert "12 lines read: 9 skipped" in result.err
+    assert all(len(line) <= 80 for line in result.raw_err.splitlines())
+    table = report(path, "--width", "200")
+    assert table.code == 0
+    assert "9 skipped" in table.out.splitlines()[-1]
+
+
+def test_unicode_digits_are_not_numbers() -> None:
+    for text in ("\u0661h", "\u0662\u0660\u0662\u0666-11-27", "7\u0664d"):
+        with pytest.raises(ValueError, match="is not a time"):
+            parse_time_bound(text)
+    builder = ReportBuilder(filters=ReportFilter(since=parse_time_bound("2026-11-27")))  # type: ignore[arg-type]
+    builder.feed(
+        [call("1", user_id="a", timestamp="\u0662\u0660\u0662\u0667-01-01T00:00Z").encode()]
+    )
+    report_ = builder.build()
+    assert report_.rows == ()
+    assert report_.undated == 1
+
+
+HOSTILE_IDS = [
+    "bob\x1b[31m\nFAKE-ROW 999 $1,000,000",
+    "\u202eevil",  # right-to-left override
+    "carol\r\x00\x7f\x85\u2028end",
+    "back\\slash",
+]
+
+
+def test_user_text_cannot_forge_rows_in_a_table_or_csv(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "a.log",
+        [
+            call("0.001", user_id=uid, model=f"m-{i}\x1b]0;title\x07")
+            for i, uid in enumerate(HOSTILE_IDS)
+        ]
+        + [call("0.001", user_id='=HYPERLINK("http://x")'), call("0.001", user_id="plain")],
+    )
+    table = report(path, "--width", "200")
+    assert table.code == 0
+    for line in table.out.splitlines():
+        assert line.isprintable(), repr(line)
+    # header, 6 rows, rule, totals, summary: no row was forged by a newline
+    assert len(table.out.splitlines()) == 10
+    assert "bob\\x1b[31m\\nFAKE-ROW 999 $1,000,000" in table.out
+    assert "\\u202eevil" in table.out
+    assert "carol\\r\\x00\\x7f\\x85\\u2028end" in table.out
+    assert "back\\\\slash" in table.out
+
+    by_model = report(path, "--width", "200", "--by", "model")
+    assert all(line.isprintable() for line in by_model.out.splitlines())
+    assert "m-0\\x1b]0;title\\x07" in by_model.out
+
+    csv_out = report(path, "--format", "csv")
+    assert csv_out.code == 0
+    assert all(line.isprintable() for line in csv_out.out.splitlines())
+    assert len(csv_out.out.splitlines()) == 7  # header and 6 rows, one physical line each
+    cells = {row["user_id"] for row in csv.DictReader(io.StringIO(csv_out.out))}
+    assert "bob\\x1b[31m\\nFAKE-ROW 999 $1,000,000" in cells
+    assert '\'=HYPERLINK("http://x")' in cells  # a spreadsheet shows it, never runs it
+    assert "plain" in cells
+
+    # JSON keeps the exact values, escaped by JSON itself (ASCII only on the wire).
+    json_out = report(path, "--format", "json")
+    assert json_out.out.isascii()
+    assert "\x7f" not in json_out.out
+    assert set(HOSTILE_IDS) <= set(json_out.by_key())
+
+
+def _visible(line: str) -> int:
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in line
+    )
+
+
+def test_the_table_fits_80_columns_and_uses_a_wider_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()
+    lines += [
+        call(
+            "1234567.123456789", user_id="acme:" + "a-very-long-user-name" * 3, input_tokens=10**9
+        ),
+        call("0.000000001", user_id="\u6771\u4eac\u306e\u30e6\u30fc\u30b6\u30fc" * 4),
+    ]
+    path = write(tmp_path / "a.log", lines)
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = report(path)
+    assert narrow.code == 0
+    out = narrow.out.splitlines()
+    assert max(_visible(line) for line in out) <= 80, narrow.out
+    header = out[0].split()
+    assert header[:3] == ["user_id", "calls", "cost_usd"]
+    assert "share" in header
+    assert "blocked" in header
+    assert "$1,234,567.123456789" in narrow.out  # money stays exact, never 1.2E+6
+    assert "p50" not in header
+    assert "left out to fit 80 columns: p50, p90" in narrow.out
+    assert "--format csv" in narrow.out
+    assert "…" in narrow.out  # the long ids are shortened, not wrapped
+
+    monkeypatch.setenv("COLUMNS", "200")
+    wide = report(path)
+    assert wide.out.splitlines()[0].split() == [
+        *("user_id", "calls", "in_tokens", "out_tokens", "cost_usd", "share"),
+        *("p50", "p90", "p99", "blocked", "warned", "overruns", "errors"),
+    ]
+    assert "left out" not in wide.out
+    # --width wins over the terminal.
+    assert max(_visible(line) for line in report(path, "--width", "60").out.splitlines()) <= 60
 
 
 # ------------------------------------------------------------------------------- inputs

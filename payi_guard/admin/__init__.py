@@ -9,15 +9,21 @@ mounts next to its own routes::
 
 Routes (relative to the mount point):
 
-* ``GET /``: the HTML page. Open it once as ``/guard/?token=<token>`` (or sign in with
-  the form it shows): it sets an HttpOnly, SameSite=Strict session cookie and redirects
-  to a URL without the token. The page renders offline (no CDN, no external asset).
+* ``GET /``: the HTML page, or its sign-in form. The token is typed into the form
+  (``POST /``), never put in the address: addresses end up in access logs and browser
+  history, so ``/guard/?token=...`` is refused (400). Signing in sets an HttpOnly,
+  SameSite=Strict session cookie. The page renders offline (no CDN, no external asset)
+  and fits a phone's screen.
+* ``POST /logout``: signs out; it takes the CSRF token the page embeds. Every form post
+  must come from the page's own site (``Sec-Fetch-Site`` / ``Origin``), so another site
+  can neither sign a user in nor out.
 * ``GET /api/users``: users with their limits, as JSON (``q``, ``state``, ``sort``,
   ``order``, ``page``; see :meth:`UsersApp.list_users`).
 * ``GET /api/users/{user_id}``: one user's limits.
 * ``POST /api/events``: manual usage events from services in other languages (one
   event or a batch, see :meth:`UsersApp.post_events`), charged with
-  :meth:`Guard.arecord`.
+  :meth:`Guard.arecord`: all validated and priced before anything is charged, and each
+  ``request_id`` charged once (see :mod:`payi_guard.admin.dedupe`).
 * ``GET /healthz``: liveness, without authentication or data.
 
 The API takes ``Authorization: Bearer <token>``; ``GET`` routes also accept the page's
@@ -34,13 +40,15 @@ or mount it through a WSGI adapter such as ``a2wsgi`` (not a dependency)::
     )
 
 Users are discovered from the storage's counter keys (one ``SCAN``); see
-:mod:`payi_guard.admin.directory` for how pages are cut.
+:mod:`payi_guard.admin.directory` for how pages are cut. Money in the JSON is a decimal
+string (``"0.000000034"``), never exponent notation.
 """
 
 from __future__ import annotations
 
 from payi_guard.admin.app import (
     DEFAULT_PAGE_SIZE,
+    DEFAULT_REQUEST_ID_TTL,
     MAX_BATCH,
     MAX_BODY_BYTES,
     MIN_TOKEN_LENGTH,
@@ -51,6 +59,7 @@ from payi_guard.admin.security import SESSION_COOKIE
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
+    "DEFAULT_REQUEST_ID_TTL",
     "MAX_BATCH",
     "MAX_BODY_BYTES",
     "MIN_TOKEN_LENGTH",

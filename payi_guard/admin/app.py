@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
 import secrets
@@ -19,6 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from payi_guard.admin.dedupe import Claim, RequestIds
 from payi_guard.admin.directory import (
     SORTS,
     STATES,
@@ -28,18 +30,27 @@ from payi_guard.admin.directory import (
     order_summaries,
     read_summaries,
 )
-from payi_guard.admin.events import BodyError, parse_body, validate_events
-from payi_guard.admin.security import SESSION_COOKIE, SecurityHeaders, TokenAuth
-from payi_guard.config import GuardConfig
+from payi_guard.admin.events import (
+    MAX_COST_USD,
+    BodyError,
+    EventError,
+    ManualEvent,
+    parse_body,
+    validate_events,
+)
+from payi_guard.admin.security import SESSION_COOKIE, SecurityHeaders, TokenAuth, from_this_site
+from payi_guard.config import MAX_AMOUNT, GuardConfig
 from payi_guard.engine import Guard
 from payi_guard.exceptions import InvalidUserId, PayiGuardError, StorageError
 from payi_guard.identity import normalize_user_id
-from payi_guard.pricing import PriceBook, UnknownModel
+from payi_guard.money import NANO_USD, decimal_text, decimal_usd, parse_usd
+from payi_guard.pricing import PriceBook, TokenUsage, UnknownModel
 from payi_guard.web.options import USER_HEADER
 from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, Problem
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
+    "DEFAULT_REQUEST_ID_TTL",
     "MAX_BATCH",
     "MAX_BODY_BYTES",
     "MIN_TOKEN_LENGTH",
@@ -60,10 +71,22 @@ MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 1000
 """The most events one ``POST /api/events`` may carry."""
 
+DEFAULT_REQUEST_ID_TTL = 7 * 86400
+"""Seconds a recorded ``request_id`` is remembered by default (a week)."""
+
+_MAX_EVENT_NANO = int(MAX_COST_USD) * NANO_USD
 _MAX_ERRORS_SHOWN = 100
 _MAX_QUERY = 200
 _MAX_PAGE = 1_000_000
 _MAX_FORM_BYTES = 4096
+
+
+def _dollars(nano: int) -> str:
+    """``10,000,000`` or ``9,007,199.254740991``: exact, grouped, never in exponent form."""
+    text = format(decimal_usd(nano), ",f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
 
 
 def _template(name: str) -> str:
@@ -133,6 +156,8 @@ class UsersApp:
         max_keys: the most counter keys one discovery scan reads.
         directory_ttl: seconds a discovery scan is reused.
         session_ttl: seconds a page session lasts.
+        request_id_ttl: seconds a recorded event ``request_id`` is remembered (an event
+            with the same id in that time is not charged again).
 
     Raises:
         ValueError: an argument is out of range, the token is too short, or the guard
@@ -151,6 +176,7 @@ class UsersApp:
         max_keys: int = 200_000,
         directory_ttl: float = 5.0,
         session_ttl: float = 12 * 3600,
+        request_id_ttl: float = DEFAULT_REQUEST_ID_TTL,
     ) -> None:
         if not isinstance(guard, Guard):
             raise ValueError(f"guard must be a payi_guard.Guard, got {type(guard).__name__}")
@@ -174,6 +200,12 @@ class UsersApp:
         for name, seconds in (("directory_ttl", directory_ttl), ("session_ttl", session_ttl)):
             if not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0")
+        if (
+            isinstance(request_id_ttl, bool)
+            or not isinstance(request_id_ttl, (int, float))
+            or not 0 < request_id_ttl < math.inf
+        ):
+            raise ValueError("request_id_ttl must be a finite number of seconds > 0")
         self.guard = guard
         self.title = str(title)
         self.page_size = page_size
@@ -181,6 +213,7 @@ class UsersApp:
         self.max_batch = max_batch
         self.directory = UserDirectory(guard, max_keys=max_keys, ttl=float(directory_ttl))
         self._auth = TokenAuth(token, guard, float(session_ttl))
+        self._request_ids = RequestIds(guard, float(request_id_ttl))
         self._page = _template("users.html").replace("__TITLE__", html.escape(self.title))
         self._login_page = _template("login.html").replace("__TITLE__", html.escape(self.title))
         self._prices: tuple[GuardConfig, PriceBook] | None = None
@@ -202,9 +235,15 @@ class UsersApp:
 
     # -- the HTML page ----------------------------------------------------------------------
 
-    def _html(self, template: str, status: int = 200, message: str = "") -> HTMLResponse:
+    def _html(
+        self, template: str, status: int = 200, message: str = "", csrf: str = ""
+    ) -> HTMLResponse:
         nonce = secrets.token_urlsafe(18)
-        body = template.replace("__NONCE__", nonce).replace("__MESSAGE__", html.escape(message))
+        body = (
+            template.replace("__NONCE__", nonce)
+            .replace("__MESSAGE__", html.escape(message))
+            .replace("__CSRF__", html.escape(csrf))
+        )
         policy = (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
             "connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; "
@@ -232,19 +271,32 @@ class UsersApp:
     async def page(self, request: Request) -> Response:
         """``GET /``: the page, or the sign-in form (401) without a valid session.
 
-        A valid ``?token=`` starts a session and redirects to the page without it.
+        A ``?token=`` in the address is refused (400, the form instead): an address ends
+        up in access logs, proxies and browser history, so the token is only taken from
+        the form (``POST /``) or an ``Authorization: Bearer`` header.
         """
-        supplied = request.query_params.get("token")
-        if supplied is not None:
-            if self._auth.token_ok(supplied):
-                return self._signed_in(request)
-            return self._html(self._login_page, 401, "That token is not valid.")
+        if "token" in request.query_params:
+            return self._html(
+                self._login_page,
+                400,
+                "The token goes in this form, not in the address: addresses end up in "
+                "access logs and browser history. Enter it below.",
+            )
         if self._auth.session_ok(request) or self._auth.bearer_ok(request):
-            return self._html(self._page)
+            return self._html(self._page, csrf=self._auth.csrf_token(request))
         return self._html(self._login_page, 401)
 
+    def _refused(self, what: str) -> Response:
+        return self._html(
+            self._login_page,
+            403,
+            f"{what} refused: the request did not come from this page. Use the page's own form.",
+        )
+
     async def sign_in(self, request: Request) -> Response:
-        """``POST /``: the sign-in form (``token`` field, URL-encoded)."""
+        """``POST /``: the sign-in form (``token`` field, URL-encoded), from this site."""
+        if not from_this_site(request):
+            return self._refused("Sign-in")
         body = await _read_limited(request, _MAX_FORM_BYTES)
         if body is None:
             return self._html(self._login_page, 413, "That request is too large.")
@@ -255,7 +307,21 @@ class UsersApp:
         return self._html(self._login_page, 401, "That token is not valid.")
 
     async def sign_out(self, request: Request) -> Response:
-        """``POST /logout``: end the session."""
+        """``POST /logout``: end the session; takes the page's CSRF token, from this site.
+
+        A post from another site, or without the session's CSRF token, changes nothing
+        (403): otherwise any site could sign the user out. Without a valid session there
+        is nothing to end: the answer goes back to the sign-in form.
+        """
+        if not from_this_site(request):
+            return self._refused("Sign-out")
+        body = await _read_limited(request, _MAX_FORM_BYTES)
+        form = parse_qs((body or b"").decode("utf-8", "replace"), max_num_fields=8)
+        if not self._auth.session_ok(request):
+            return RedirectResponse("./", status_code=303)
+        given = form.get("csrf", [])
+        if len(given) != 1 or not self._auth.csrf_ok(request, given[0]):
+            return self._refused("Sign-out")
         response = RedirectResponse("./", status_code=303)
         response.delete_cookie(
             SESSION_COOKIE, path=self._cookie_path(request), httponly=True, samesite="strict"
@@ -365,19 +431,23 @@ class UsersApp:
         summary = UserSummary.of(user_id, limits).as_dict()
         return JSONResponse({**summary, "now": _iso(self.guard.clock.now())})
 
-    def _can_price(self, model: str, provider: str) -> bool:
-        """False when ``model`` has no price and ``unknown_model`` is ``block``."""
+    def _book(self) -> PriceBook:
+        """A price book of the guard's current config (rebuilt after a reload)."""
         config = self.guard.config
-        if config.unknown_model.action != "block":
-            return True
         cached = self._prices
         if cached is None or cached[0] is not config:
             cached = self._prices = (
                 config,
                 PriceBook(config.prices, config.unknown_model, clock=self.guard.clock),
             )
+        return cached[1]
+
+    def _can_price(self, model: str, provider: str) -> bool:
+        """False when ``model`` has no price and ``unknown_model`` is ``block``."""
+        if self.guard.config.unknown_model.action != "block":
+            return True
         try:
-            cached[1].rates(model, provider)
+            self._book().rates(model, provider)
         except UnknownModel:
             return False
         return True
@@ -389,13 +459,21 @@ class UsersApp:
         has ``model`` and optionally ``user_id`` (else the ``xProxy-User-ID`` header),
         ``provider`` (``openai``), the four token counts, ``cost_usd`` (a string or
         number of dollars, used instead of the model's price), ``use_case_name``,
-        ``limit_ids`` and ``request_id``. Every event is validated before anything is
-        charged: one bad event refuses the whole batch (400, with every error found).
-        Valid events are charged and logged by :meth:`Guard.arecord`, in order.
+        ``limit_ids`` and ``request_id``. Every event is validated and priced before
+        anything is charged: one bad event, or one whose cost a counter cannot hold,
+        refuses the whole batch (400, with every error found, naming each event). Valid
+        events are charged and logged by :meth:`Guard.arecord`, in order.
+
+        A ``request_id`` names one event: an event whose id was already recorded (within
+        ``request_id_ttl``, by any process sharing the store) is not charged again and
+        is reported as ``duplicate``; an id repeated within one batch is an error; an id
+        another request is recording at this very moment refuses the batch (409, nothing
+        charged). So a delivery can be retried safely when every event has an id.
 
         Returns 200 with one result per event: ``user_id``, ``cost_usd`` (the exact
-        amount charged, as a string), ``outcome`` (``recorded``), ``priced`` and
-        ``request_id``.
+        amount charged, as a decimal string), ``outcome`` (``recorded`` or
+        ``duplicate``), ``priced`` and ``request_id``; and ``count``, ``duplicates`` and
+        the total ``cost_usd``.
         """
         if not self._auth.bearer_ok(request):
             return self._unauthorized()
@@ -426,12 +504,24 @@ class UsersApp:
                 "Batch too large",
                 f"A batch holds at most {self.max_batch} events; this one has {len(raw_events)}.",
             )
+        named = request.headers.getlist(USER_HEADER)
+        if len(named) > 1 or any("," in value for value in named):
+            # The rule of every integration: two users named at once is never guessed.
+            return _problem(
+                400,
+                "invalid-user-header",
+                "Invalid user header",
+                f"The {USER_HEADER} header came more than once, or lists several users: "
+                "name one user; nothing was charged.",
+            )
         events, errors = validate_events(
             raw_events,
-            header_user=request.headers.get(USER_HEADER),
+            header_user=named[0] if named else None,
             limit_ids=self.guard.config.limits.keys(),
             can_price=self._can_price,
         )
+        if not errors:
+            errors = self._priced(events)
         if errors:
             detail = (
                 f"{len(errors)} error(s) in {'the batch' if batch else 'the event'}; "
@@ -445,32 +535,153 @@ class UsersApp:
                 errors=[e.as_dict() for e in errors[:_MAX_ERRORS_SHOWN]],
                 error_count=len(errors),
             )
+        return await self._charge(events)
+
+    def _priced(self, events: list[ManualEvent]) -> list[EventError]:
+        """Price every event as the guard will, and refuse what a counter cannot hold.
+
+        One event may charge at most ``MAX_COST_USD``; the whole batch at most what one
+        counter holds (the global counter, for one, takes every event of the batch).
+        """
+        errors: list[EventError] = []
+        total = 0
+        for index, event in enumerate(events):
+            cost = self._cost_nano(event)
+            if cost > _MAX_EVENT_NANO:
+                errors.append(
+                    EventError(
+                        index,
+                        None,
+                        f"its tokens cost ${_dollars(cost)} at the price of this model, more "
+                        f"than one event may charge (${_dollars(_MAX_EVENT_NANO)}): check the "
+                        "token counts, or send cost_usd",
+                    )
+                )
+                continue
+            total += cost
+            if total > MAX_AMOUNT:
+                errors.append(
+                    EventError(
+                        index,
+                        None,
+                        f"the events up to this one cost ${_dollars(total)} together, more "
+                        f"than one counter holds (${_dollars(MAX_AMOUNT)}): split the batch",
+                    )
+                )
+                break
+        return errors
+
+    def _cost_nano(self, event: ManualEvent) -> int:
+        """What :meth:`Guard.arecord` will charge for ``event``, in nano-USD."""
+        if event.cost_usd is not None:
+            return parse_usd(event.cost_usd)
+        book = self._book()
+        try:
+            rates = book.rates(event.model, event.provider)
+        except UnknownModel:
+            return 0  # allowed and recorded without a USD cost (validation checked)
+        usage = TokenUsage(
+            event.input_tokens,
+            event.output_tokens,
+            event.cache_read_tokens,
+            event.cache_write_tokens,
+        )
+        return book.cost_with(rates, usage)
+
+    async def _charge(self, events: list[ManualEvent]) -> Response:
+        """Charge valid, priced events; each ``request_id`` at most once.
+
+        See :mod:`payi_guard.admin.dedupe` for how ids are remembered in the store.
+        """
+        ids = [(i, e.request_id) for i, e in enumerate(events) if e.request_id is not None]
+        try:
+            seen = await self._request_ids.check([rid for _, rid in ids])
+        except StorageError:
+            return self._storage_failed()
+        busy = [index for (index, _), state in zip(ids, seen, strict=True) if state == "busy"]
+        if busy:
+            return self._busy(busy[0])
+        duplicates = {index for (index, _), state in zip(ids, seen, strict=True) if state != "new"}
+        fresh = [(index, rid) for index, rid in ids if index not in duplicates]
+        try:
+            claim, taken = await self._request_ids.claim([rid for _, rid in fresh])
+        except StorageError:
+            return self._storage_failed()
+        if claim is None:
+            return self._busy(fresh[taken or 0][0])
+        marker = dict(zip((index for index, _ in fresh), claim.keys, strict=True))
         results: list[dict[str, object]] = []
         total = Decimal(0)
+        charged: list[str] = []
         for index, event in enumerate(events):
+            if index in duplicates:
+                results.append(
+                    {
+                        "index": index,
+                        "user_id": event.user_id,
+                        "cost_usd": "0",
+                        "outcome": "duplicate",
+                        "priced": True,
+                        "request_id": event.request_id,
+                    }
+                )
+                continue
             try:
                 record = await self.guard.arecord(**event.record_kwargs())
             except (PayiGuardError, ValueError):
                 # Validation ran first, so only a config reloaded meanwhile lands here.
+                pending = [key for i, key in marker.items() if i >= index]
+                await self._settle_markers(claim, charged, pending)
                 return _problem(
                     500,
                     "record-failed",
                     "Recording failed",
-                    f"Event {index} could not be recorded; the events before it were.",
+                    f"Event {index} could not be recorded; the events before it were "
+                    "(a retry with the same request_ids charges only the others).",
                     charged=index,
                 )
+            if index in marker:
+                charged.append(marker[index])
             total += record.cost_usd
             results.append(
                 {
                     "index": index,
                     "user_id": record.user_id,
-                    "cost_usd": str(record.cost_usd),
+                    "cost_usd": decimal_text(record.cost_usd),
                     "outcome": record.outcome,
                     "priced": record.priced,
                     "request_id": event.request_id,
                 }
             )
-        return JSONResponse({"results": results, "count": len(results), "cost_usd": str(total)})
+        await self._settle_markers(claim, charged, [])
+        return JSONResponse(
+            {
+                "results": results,
+                "count": len(results),
+                "duplicates": len(duplicates),
+                "cost_usd": decimal_text(total),
+            }
+        )
+
+    async def _settle_markers(self, claim: Claim, charged: list[str], pending: list[str]) -> None:
+        """Mark the charged events' ids as recorded; give back the others' claims.
+
+        A store that fails here leaves the claims to expire after ``reservation_ttl``.
+        """
+        with contextlib.suppress(StorageError):
+            await self._request_ids.confirm(claim, charged)
+            await self._request_ids.release(claim, pending)
+
+    @staticmethod
+    def _busy(index: int) -> Response:
+        return _problem(
+            409,
+            "request-in-progress",
+            "Request in progress",
+            f"Event {index}'s request_id is being recorded by another request right now; "
+            "nothing was charged. Retry shortly: events already recorded are skipped.",
+            index=index,
+        )
 
 
 async def _read_limited(request: Request, limit: int) -> bytes | None:
@@ -499,6 +710,7 @@ def users_app(
     max_keys: int = 200_000,
     directory_ttl: float = 5.0,
     session_ttl: float = 12 * 3600,
+    request_id_ttl: float = DEFAULT_REQUEST_ID_TTL,
 ) -> ASGIApp:
     """Build the users page and events endpoint as an ASGI app to mount.
 
@@ -513,6 +725,9 @@ def users_app(
             listing is marked ``truncated``.
         directory_ttl: seconds the discovered user list is reused (0: scan every time).
         session_ttl: seconds a page session (cookie) lasts.
+        request_id_ttl: seconds a recorded event ``request_id`` is remembered in the
+            store (default: a week); within it, an event with the same id is reported as
+            a ``duplicate`` and not charged again, by every process sharing the store.
 
     Returns:
         The ASGI application.
@@ -531,4 +746,5 @@ def users_app(
         max_keys=max_keys,
         directory_ttl=directory_ttl,
         session_ttl=session_ttl,
+        request_id_ttl=request_id_ttl,
     ).asgi()

@@ -21,6 +21,7 @@ from payi_guard.engine import ANONYMOUS_USER
 from payi_guard.exceptions import InvalidUserId
 from payi_guard.identity import normalize_user_id
 from payi_guard.ledger.keys import parse_key
+from payi_guard.money import decimal_text
 from payi_guard.usage import LimitState, LimitUsage, Scope
 
 if TYPE_CHECKING:
@@ -184,16 +185,16 @@ class UserSummary:
         return self.user_id == ANONYMOUS_USER or self.user_id.startswith(ANONYMOUS_USER + ":")
 
     def as_dict(self) -> dict[str, object]:
-        """Return the JSON form: figures as strings with exact decimals."""
+        """Return the JSON form: figures as strings with exact decimals (no exponent)."""
         spend = self.spend
         return {
             "user_id": self.user_id,
             "kind": "anonymous" if self.anonymous else "user",
             "state": self.state,
             "blocked": self.blocked,
-            "spend_usd": None if spend is None else str(spend.used),
-            "remaining_usd": None if spend is None else str(spend.remaining),
-            "max_usd": None if spend is None else str(spend.max),
+            "spend_usd": None if spend is None else decimal_text(spend.used),
+            "remaining_usd": None if spend is None else decimal_text(spend.remaining),
+            "max_usd": None if spend is None else decimal_text(spend.max),
             "spend_limit": None if spend is None else spend.name,
             "limits": [limit.as_dict() for limit in self.limits],
         }

@@ -55,7 +55,8 @@ _MAX_TEXT = 256
 _MAX_LIMIT_IDS = 32
 _PROVIDER = re.compile(r"[A-Za-z0-9._/-]{1,64}\Z")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}\Z")
-_DECIMAL = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\Z")
+# ASCII digits only: "\d" (and Decimal) would also read "١" or "１" as digits.
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 
 
 class BodyError(ValueError):
@@ -212,6 +213,7 @@ class _Checker:
         self.limit_ids = limit_ids
         self.can_price = can_price
         self.errors: list[EventError] = []
+        self.request_ids: dict[str, int] = {}
 
     def fail(self, index: int, field: str | None, message: str) -> None:
         self.errors.append(EventError(index, field, message))
@@ -311,6 +313,14 @@ class _Checker:
             not isinstance(request_id, str) or not _REQUEST_ID.match(request_id)
         ):
             self.fail(index, "request_id", "must be 1 to 128 letters, digits or '._:+=/-'")
+        elif isinstance(request_id, str):
+            first = self.request_ids.setdefault(request_id, index)
+            if first != index:
+                self.fail(
+                    index,
+                    "request_id",
+                    f"repeats the request_id of event {first}: a request_id names one event",
+                )
         if len(self.errors) > before:
             return None
         model_name, provider_name = str(model), str(provider)

@@ -157,6 +157,7 @@ class GuardConfig:
 
 STORAGE_SCHEMES: tuple[str, ...] = (
     "memory",
+    "sqlite",
     "redis",
     "rediss",
     "redis+unix",
@@ -168,7 +169,7 @@ STORAGE_SCHEMES: tuple[str, ...] = (
     "valkey+sentinel",
     "valkey+cluster",
 )
-"""URI schemes accepted for ``storage:`` (``memory://`` or a Redis/Valkey flavour).
+"""URI schemes accepted for ``storage:`` (``memory://``, ``sqlite://``, Redis or Valkey).
 
 TLS for the sentinel and cluster forms is the ``?ssl=true`` option, not an ``s`` scheme.
 """

@@ -17,6 +17,7 @@ Entry points: :func:`load_config` (a file), :func:`parse_config` (YAML text or a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from decimal import Decimal
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from payi_guard.config.model import (
     STORAGE_SCHEMES,
@@ -36,6 +37,7 @@ from payi_guard.config.model import (
 )
 from payi_guard.config.reader import NodeReader, first_line, kind_of, node_text, one_of, suggest
 from payi_guard.config.yaml_tree import (
+    MAX_DOCUMENT_BYTES,
     Entry,
     Map,
     Node,
@@ -45,6 +47,7 @@ from payi_guard.config.yaml_tree import (
     from_python,
     from_yaml,
     item_path,
+    too_large,
 )
 from payi_guard.exceptions import ConfigError, InvalidUserId
 from payi_guard.identity import normalize_user_id
@@ -193,7 +196,8 @@ class _Parser(NodeReader):
         match = _SCHEME.match(uri)
         if match is None:
             raise self._error(
-                f"{uri!r} is not a storage URI; use memory:// or redis://host:6379/0",
+                f"{uri!r} is not a storage URI; use memory://, sqlite:///budgets.db or "
+                "redis://host:6379/0",
                 node.line,
                 path,
             )
@@ -208,6 +212,16 @@ class _Parser(NodeReader):
         uri = scheme + uri[match.end(1) :]
         if scheme == "memory" and uri[match.end() :] not in ("", "/"):
             raise self._error("memory storage takes no address: write memory://", node.line, path)
+        if scheme == "sqlite":
+            rest = uri[match.end() :]
+            if not rest.startswith("/") or not rest.split("?", 1)[0].strip("/"):
+                raise self._error(
+                    "a sqlite store names a file: sqlite:///budgets.db (relative to this "
+                    "file's folder) or sqlite:////abs/path.db",
+                    node.line,
+                    path,
+                )
+            return uri  # the ledger checks the rest (options, path) when it opens
         if not scheme.endswith(("+sentinel", "+cluster")):  # those list several hosts
             try:
                 urlsplit(uri).port  # noqa: B018 - raises ValueError on a malformed port
@@ -527,19 +541,41 @@ def load_config(path: str | os.PathLike[str]) -> GuardConfig:
     name = os.fspath(path)
     try:
         with open(name, "rb") as handle:
-            raw = handle.read()
+            # Checked before reading: a huge file is refused without being loaded.
+            too_big = too_large(os.fstat(handle.fileno()).st_size, "file", name)
+            if too_big is not None:
+                raise too_big
+            raw = handle.read(MAX_DOCUMENT_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError("no such file", file=name) from None
     except IsADirectoryError:
         raise ConfigError("is a directory, not a budgets file", file=name) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=name) from None
+    # A file that grew, or a pipe: what was read is checked too.
+    too_big = too_large(len(raw), "file", name)
+    if too_big is not None:
+        raise too_big
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError("the file is not UTF-8 text", file=name, line=line) from None
-    return parse_config(text, source=name)
+    return _with_local_store(parse_config(text, source=name), name)
+
+
+def _with_local_store(config: GuardConfig, name: str) -> GuardConfig:
+    """Resolve a relative ``sqlite:///file.db`` against the budgets file's own folder.
+
+    The app, ``payi-guard usage`` and a reload then all open the same file, wherever
+    each is started from.
+    """
+    head = "sqlite:///"
+    uri = config.storage
+    if not uri.startswith(head) or uri.startswith(head + "/"):
+        return config
+    folder = quote(os.path.dirname(os.path.abspath(name)))
+    return dataclasses.replace(config, storage=f"{head}{folder}/{uri[len(head) :]}")
 
 
 def check_file(path: str | os.PathLike[str]) -> GuardConfig:

@@ -8,7 +8,8 @@ serves both.
 
 The conversion also rejects what PyYAML lets through silently: duplicate keys in a
 mapping (PyYAML keeps the last one), documents that expand to huge trees through aliases,
-and recursive aliases.
+and recursive aliases. Documents larger than :data:`MAX_DOCUMENT_BYTES` or nested deeper
+than :data:`MAX_DEPTH` are refused before they can exhaust time, memory or the stack.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from typing import TypeAlias
 
 import yaml
 
+from payi_guard.config.yaml_errors import syntax_error
 from payi_guard.exceptions import ConfigError
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_DOCUMENT_BYTES",
     "Entry",
     "Map",
     "Node",
@@ -35,6 +39,7 @@ __all__ = [
     "from_python",
     "from_yaml",
     "item_path",
+    "too_large",
 ]
 
 ALIAS_EXPANSION = 100_000
@@ -46,7 +51,13 @@ alias bomb (a few lines that expand exponentially) long before it exhausts memor
 """
 
 MAX_DEPTH = 64
-"""Deepest nesting accepted: stops recursive aliases before Python's recursion limit."""
+"""Deepest nesting accepted (a budgets file needs 4): stops recursive aliases and deeply
+nested documents long before Python's recursion limit."""
+
+MAX_DOCUMENT_BYTES = 1 << 20
+"""The largest budgets document accepted, in UTF-8 bytes (1 MiB: tens of thousands of
+``users:`` entries). PyYAML's pure-Python parser takes seconds per megabyte and many
+times the text in memory, so a larger document is refused before it is parsed."""
 
 _TAG = "tag:yaml.org,2002:"
 # Scalars of these tags are built by SafeLoader's own constructors; every other scalar
@@ -141,32 +152,51 @@ class _Counter:
             )
 
 
-def _syntax_error(exc: yaml.YAMLError, text: str, source: str | None) -> ConfigError:
-    """Turn a PyYAML error into a ConfigError naming the line."""
-    if isinstance(exc, yaml.reader.ReaderError):
-        line = text.count("\n", 0, max(exc.position, 0)) + 1
-        if isinstance(exc.character, int):
-            code = exc.character
-        else:
-            code = ord(exc.character) if exc.character else 0
-        return ConfigError(
-            f"invalid character U+{code:04X}: YAML does not allow control characters",
-            file=source,
-            line=line,
-        )
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        problem = exc.problem or "invalid YAML"
-        if "'\\t'" in problem:
-            message = "a tab character where YAML expects spaces: indent with spaces, not tabs"
-        elif isinstance(exc, yaml.composer.ComposerError) and "another document" in problem:
-            message = "only one YAML document is allowed: remove the second '---' and what follows"
-        else:
-            message = f"invalid YAML: {problem} (column {mark.column + 1})"
-            if exc.context and exc.context_mark is not None:
-                message += f"; {exc.context} that starts on line {exc.context_mark.line + 1}"
-        return ConfigError(message, file=source, line=mark.line + 1)
-    return ConfigError(f"invalid YAML: {exc}", file=source)
+def too_large(size: int, what: str, source: str | None) -> ConfigError | None:
+    """The error for a document of ``size`` bytes, or ``None`` when it is small enough.
+
+    Args:
+        size: the size in bytes.
+        what: ``"file"`` or ``"document"``, for the message.
+        source: the file name, for the message.
+    """
+    if size <= MAX_DOCUMENT_BYTES:
+        return None
+    return ConfigError(
+        f"the {what} is {size:,} bytes; a budgets file may be at most "
+        f"{MAX_DOCUMENT_BYTES:,} bytes ({MAX_DOCUMENT_BYTES >> 20} MiB)",
+        file=source,
+    )
+
+
+class _TooDeep(Exception):
+    """Raised by :class:`_Loader` when nesting goes past the limit."""
+
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__()
+        self.mark = mark
+
+
+class _Loader(yaml.SafeLoader):
+    """``SafeLoader`` whose composer stops at :data:`MAX_DEPTH` levels.
+
+    PyYAML composes a document recursively (a few Python frames per level), so a
+    document nested a few hundred levels deep would raise ``RecursionError``.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        """Compose one node, counting how deep it is."""
+        if self._depth > MAX_DEPTH:
+            raise _TooDeep(self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def from_yaml(text: str, *, source: str | None = None) -> Node | None:
@@ -184,16 +214,27 @@ def from_yaml(text: str, *, source: str | None = None) -> Node | None:
         ConfigError: a syntax error, several documents, a duplicate key, an unsupported
             tag, or a document that expands to too many nodes; always with its line.
     """
+    # A character takes at least one byte: only a long text needs encoding to be measured.
+    if len(text) * 4 > MAX_DOCUMENT_BYTES:
+        error = too_large(len(text.encode("utf-8", "surrogatepass")), "document", source)
+        if error is not None:
+            raise error
     try:
         # The reader checks every character up front, in the constructor.
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
     except yaml.YAMLError as exc:
-        raise _syntax_error(exc, text, source) from None
+        raise syntax_error(exc, text, source) from None
     try:
         try:
             root = loader.get_single_node()
         except yaml.YAMLError as exc:
-            raise _syntax_error(exc, text, source) from None
+            raise syntax_error(exc, text, source) from None
+        except _TooDeep as exc:
+            raise ConfigError(
+                f"nested deeper than {MAX_DEPTH} levels (a budgets file needs 4)",
+                file=source,
+                line=exc.mark.line + 1,
+            ) from None
         if root is None:
             return None
         return _Converter(loader, source, len(text) + ALIAS_EXPANSION).convert(root, "", 0)

@@ -294,7 +294,7 @@ class Bookkeeper:
             response_model=response_model,
             provider=plan.call.provider,
             endpoint=plan.call.endpoint,
-            problems=list(problems),
+            reason="; ".join(problems),
             reserved_usd=cost_usd(plan.estimate_nano),
             request_id=plan.attribution.request_id,
             detail="the provider's usage cannot be trusted: the call is charged what was reserved",

@@ -470,7 +470,10 @@ class Guard:
     # engine (it imports it): these import it when called, never at module level.
 
     def wrap(self, client: Any, **options: Any) -> Any:
-        """Guard one OpenAI / Anthropic / httpx / httpx2 client and return it.
+        """Guard one client and return it.
+
+        OpenAI, Anthropic, ``google.genai``, boto3 ``bedrock-runtime``, ``mistralai``,
+        ``groq``, a LiteLLM ``HTTPHandler``, or a plain httpx / httpx2 client.
 
         See :func:`payi_guard.meter.wrap` for the options.
         """
@@ -479,7 +482,10 @@ class Guard:
         return wrap(self, client, **options)
 
     def instrument(self, default_user_id: object = None, **options: Any) -> Guard:
-        """Guard every OpenAI and Anthropic client, existing and future (idempotent).
+        """Guard every client of the installed GenAI SDKs, existing and future (idempotent).
+
+        OpenAI, Anthropic, Gemini (``google-genai``), Bedrock (``boto3``), Mistral, Groq
+        and LiteLLM; ``sdks=[...]`` picks some.
 
         Args:
             default_user_id: the user charged where no context names one (before any

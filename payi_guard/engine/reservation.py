@@ -13,7 +13,11 @@ from payi_guard.engine.plan import Plan
 from payi_guard.money import decimal_usd
 from payi_guard.pricing import TokenUsage
 
-__all__ = ["OtherModels", "Reservation"]
+__all__ = ["UNVERIFIED", "OtherModels", "Reservation"]
+
+UNVERIFIED = "unverified"
+"""The outcome of a call whose reported usage cannot be trusted (missing, negative,
+not an integer): it is charged exactly what was reserved, never $0."""
 
 OtherModels = Sequence[tuple[str, TokenUsage]]
 """Usage within one call billed at other models' prices, as ``(model, usage)`` pairs."""
@@ -96,7 +100,10 @@ class Reservation:
 
         Args:
             usage: the tokens the provider reported (or the best estimate of them).
-            outcome: ``ok``, ``incomplete`` or ``error`` (a partial stream).
+            outcome: ``ok``, ``incomplete`` or ``error`` (a partial stream), or
+                :data:`UNVERIFIED`: the provider's usage cannot be trusted, so ``usage``
+                is ignored and exactly the reservation is charged (its token bounds
+                and its upper-bound cost; :meth:`settle_unverified` also logs why).
             response_model: the model the provider's response names. The call is priced
                 as that model when it has a price (an Azure deployment, a dated
                 version), unless the requested model's price is an override.
@@ -109,13 +116,7 @@ class Reservation:
         """
         if not self._claim():
             return self._record
-        amounts, cost, priced = self._books.amounts(
-            self._plan, usage, response_model=response_model, other_models=other_models
-        )
-        states = self._books.commit(self._plan, amounts)
-        return self._finish(
-            usage, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
-        )
+        return self._commit(usage, outcome, response_model, other_models)
 
     async def asettle(
         self,
@@ -128,32 +129,27 @@ class Reservation:
         """Async :meth:`settle`."""
         if not self._claim():
             return self._record
-        amounts, cost, priced = self._books.amounts(
-            self._plan, usage, response_model=response_model, other_models=other_models
-        )
-        states = await self._books.acommit(self._plan, amounts)
-        return self._finish(
-            usage, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
-        )
+        return await self._acommit(usage, outcome, response_model, other_models)
 
     def settle_unverified(
         self, problems: Sequence[str], *, response_model: str | None = None
     ) -> CallRecord | None:
-        """Charge what was reserved: the provider's usage cannot be trusted.
+        """Charge what was reserved because the provider's usage cannot be trusted.
 
         Logs ``usage_invalid`` with the ``problems``, then ``genai_call`` with outcome
-        ``unverified``, the reservation's token bounds and its cost.
+        :data:`UNVERIFIED`, the reservation's token bounds and its cost.
 
         Args:
             problems: what is wrong with the usage (``"prompt_tokens: -8"``).
             response_model: the model the provider's response names, if any.
+
+        Returns:
+            As :meth:`settle`.
         """
         if not self._claim():
             return self._record
         self._books.usage_invalid(self._plan, problems, response_model)
-        amounts = self._books.reserved_amounts(self._plan)
-        states = self._books.commit(self._plan, amounts)
-        return self._finish_unverified(states, amounts, response_model)
+        return self._commit(TokenUsage(0, 0), UNVERIFIED, response_model, ())
 
     async def asettle_unverified(
         self, problems: Sequence[str], *, response_model: str | None = None
@@ -162,19 +158,7 @@ class Reservation:
         if not self._claim():
             return self._record
         self._books.usage_invalid(self._plan, problems, response_model)
-        amounts = self._books.reserved_amounts(self._plan)
-        states = await self._books.acommit(self._plan, amounts)
-        return self._finish_unverified(states, amounts, response_model)
-
-    def _finish_unverified(
-        self, states: CounterStates | None, amounts: list[int], response_model: str | None
-    ) -> CallRecord:
-        plan = self._plan
-        usage = TokenUsage(plan.call.input_tokens, plan.call.max_output_tokens)
-        priced = plan.rates is not None
-        return self._finish(
-            usage, plan.estimate_nano, priced, "unverified", states, amounts, response_model
-        )
+        return await self._acommit(TokenUsage(0, 0), UNVERIFIED, response_model, ())
 
     def release(self, *, outcome: str = "released") -> CallRecord | None:
         """Give the reservation back without charging; log ``genai_call``."""
@@ -189,6 +173,54 @@ class Reservation:
             return self._record
         ok = await self._books.arelease(self._plan, self._held)
         return self._finish(None, 0, True, outcome, () if ok else None, None)
+
+    def _commit(
+        self,
+        usage: TokenUsage,
+        outcome: str,
+        response_model: str | None,
+        other_models: OtherModels,
+    ) -> CallRecord:
+        charged, (amounts, cost, priced) = self._charge(
+            usage, outcome, response_model, other_models
+        )
+        states = self._books.commit(self._plan, amounts)
+        return self._finish(
+            charged, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
+        )
+
+    async def _acommit(
+        self,
+        usage: TokenUsage,
+        outcome: str,
+        response_model: str | None,
+        other_models: OtherModels,
+    ) -> CallRecord:
+        charged, (amounts, cost, priced) = self._charge(
+            usage, outcome, response_model, other_models
+        )
+        states = await self._books.acommit(self._plan, amounts)
+        return self._finish(
+            charged, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
+        )
+
+    def _charge(
+        self,
+        usage: TokenUsage,
+        outcome: str,
+        response_model: str | None,
+        other_models: OtherModels,
+    ) -> tuple[TokenUsage, tuple[list[int], int, bool]]:
+        """The usage charged and its amounts; :data:`UNVERIFIED` charges the reservation."""
+        plan = self._plan
+        if outcome != UNVERIFIED:
+            amounts = self._books.amounts(
+                plan, usage, response_model=response_model, other_models=other_models
+            )
+            return usage, amounts
+        reserved = TokenUsage(plan.call.input_tokens, plan.call.max_output_tokens)
+        amounts_reserved = self._books.reserved_amounts(plan)
+        return reserved, (amounts_reserved, plan.estimate_nano, plan.rates is not None)
 
     def _finish(
         self,

@@ -1,20 +1,39 @@
-"""Counter ledgers: atomic reserve / commit / release on memory and Redis."""
+"""Counter ledgers: atomic reserve / commit / release / renew on memory, SQLite and Redis."""
 
-from payi_guard.ledger.base import AsyncLedger, Charge, CounterState, Ledger, ReserveResult
+from payi_guard.ledger.base import (
+    DEFAULT_CLOSED_TTL,
+    MAX_UNITS,
+    AsyncLedger,
+    CapacityExceeded,
+    Charge,
+    CounterState,
+    Ledger,
+    ReserveResult,
+    StorageEvent,
+    StorageOutcomeUnknown,
+)
 from payi_guard.ledger.factory import open_async_ledger, open_ledger
 from payi_guard.ledger.memory import AsyncMemoryLedger, MemoryLedger
 from payi_guard.ledger.redis import AsyncRedisLedger, RedisLedger
+from payi_guard.ledger.sqlite import AsyncSqliteLedger, SqliteLedger
 
 __all__ = [
+    "DEFAULT_CLOSED_TTL",
+    "MAX_UNITS",
     "AsyncLedger",
     "AsyncMemoryLedger",
     "AsyncRedisLedger",
+    "AsyncSqliteLedger",
+    "CapacityExceeded",
     "Charge",
     "CounterState",
     "Ledger",
     "MemoryLedger",
     "RedisLedger",
     "ReserveResult",
+    "SqliteLedger",
+    "StorageEvent",
+    "StorageOutcomeUnknown",
     "open_async_ledger",
     "open_ledger",
 ]

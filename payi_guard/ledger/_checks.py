@@ -11,20 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from payi_guard.ledger.base import Charge
+from payi_guard.ledger.base import MAX_UNITS, CapacityExceeded, Charge
 
 __all__ = [
     "MAX_UNITS",
     "check_charges",
+    "check_closed_ttl",
     "check_id",
     "check_keys",
     "check_now",
+    "check_renewals",
     "check_scan",
     "check_ttl",
 ]
-
-MAX_UNITS = 2**53 - 1
-"""The largest amount or max a counter accepts (exact in a double, hence in Lua)."""
 
 
 def check_id(reservation_id: str) -> None:
@@ -56,7 +55,7 @@ def _check_units(value: object, what: str, index: int) -> None:
     if value < 0:
         raise ValueError(f"charge {index}: {what} must not be negative, got {value}")
     if value > MAX_UNITS:
-        raise ValueError(f"charge {index}: {what} {value} is above the maximum {MAX_UNITS}")
+        raise CapacityExceeded(index, what, value)
 
 
 def check_charges(charges: Sequence[Charge]) -> None:
@@ -106,6 +105,33 @@ def _check_charges_slowly(charges: Sequence[Charge]) -> None:
             raise ValueError(f"charge {index}: expires_at must be finite epoch seconds")
     if len(charges) > 1 and len({charge.key for charge in charges}) != len(charges):
         raise ValueError("a key may appear only once per call")
+
+
+def check_closed_ttl(closed_ttl: float) -> None:
+    """Refuse a ``closed_ttl`` that is not a positive finite number of seconds."""
+    if (
+        isinstance(closed_ttl, bool)
+        or not isinstance(closed_ttl, (int, float))
+        or not math.isfinite(closed_ttl)
+        or closed_ttl <= 0
+    ):
+        raise ValueError(f"closed_ttl must be a positive number of seconds, got {closed_ttl!r}")
+
+
+def check_renewals(reservations: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Refuse malformed ``(reservation_id, keys)`` pairs (an id may appear only once)."""
+    if not isinstance(reservations, (list, tuple)):
+        raise ValueError("reservations must be a list of (reservation_id, keys) pairs")
+    seen: set[str] = set()
+    for index, pair in enumerate(reservations):
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise ValueError(f"reservation {index}: expected a (reservation_id, keys) pair")
+        rid, keys = pair
+        check_id(rid)
+        check_keys(keys)
+        if rid in seen:
+            raise ValueError(f"reservation {index}: id {rid!r} appears twice")
+        seen.add(rid)
 
 
 def check_keys(keys: Sequence[str]) -> None:

@@ -19,26 +19,120 @@ window and never makes a counter of the new window negative. ``release`` is a co
 zero. A commit of an id that is not open (expired, or never reserved: a manual
 ``record``) just adds the amounts.
 
+Reservation ids are closed once: a commit or a release *closes* the id on each of its
+keys, and the counter remembers that for ``closed_ttl`` seconds (600 by default). While
+it does, a second commit or release of the id changes nothing (so a commit whose reply
+was lost can be retried and counts once), and a reserve of the id reserves nothing and
+answers ``closed`` (a reserve that reached the store after the caller gave up and
+released it holds no budget). A reservation that merely expired is not closed: its late
+commit still adds its amount.
+
+Time: the ``now`` passed to every operation places counters in their windows and sets
+their expiry (``expires_at - now`` from now on); it is the caller's clock. Reservation
+deadlines (``ttl``, :meth:`Ledger.renew`) and closed ids are measured on the *store's*
+clock: the server's for Redis (so hosts whose clocks disagree agree on every deadline),
+the ``now`` passed in for the in-process memory store (one process, one clock).
+
+``renew`` pushes the deadline of reservations that are still open to ``ttl`` seconds from
+the store's now (never earlier than it was), so a call that outlives ``ttl`` keeps its
+budget while its process lives; ``renew_many`` does it for many reservations in one
+step (one round trip on one Redis server).
+
 ``scan`` lists the keys of the live counters that match a Redis glob pattern, so that
 callers can discover whose counters exist (the users page does). It is weakly
 consistent, like Redis ``SCAN``: a counter that exists for the whole scan is listed
 exactly once, one created or dropped meanwhile may or may not be; the order is
 unspecified.
+
+Failures: input errors raise :class:`ValueError` (:class:`CapacityExceeded` for an
+amount or a max above :data:`MAX_UNITS`); a store that fails raises
+:class:`~payi_guard.StorageError`, and :class:`StorageOutcomeUnknown` (a subclass) when
+the request was sent and may have been applied (retry the same operation with the
+same id: it is applied at most once). A plain :class:`~payi_guard.StorageError` means
+nothing was applied. A store that lost its data is reported through the ``on_event``
+callback as a :class:`StorageEvent`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
+
+from payi_guard.exceptions import PayiGuardError, StorageError
 
 __all__ = [
+    "DEFAULT_CLOSED_TTL",
+    "MAX_UNITS",
     "AsyncLedger",
+    "CapacityExceeded",
     "Charge",
     "CounterState",
     "Ledger",
     "ReserveResult",
+    "StorageEvent",
+    "StorageOutcomeUnknown",
 ]
+
+MAX_UNITS = 2**53 - 1
+"""The largest amount or max a counter accepts (exact in a double, hence in Lua)."""
+
+DEFAULT_CLOSED_TTL = 600.0
+"""Seconds a counter remembers a committed or released reservation id."""
+
+
+class StorageOutcomeUnknown(StorageError):
+    """A request reached the store (or may have) and no answer came back in time.
+
+    Raised instead of a plain :class:`~payi_guard.StorageError` when the request was
+    sent and the reply was lost: a read timeout, a connection closed by the server in
+    the middle of a request. The operation may have been applied, now or later (a
+    frozen server applies what it had queued once it thaws). Retrying the same commit
+    or release with the same reservation id is safe (it is applied once); a reserve
+    whose outcome is unknown is undone by releasing its id, which also keeps a late
+    arrival of that reserve from holding budget.
+    """
+
+
+class CapacityExceeded(PayiGuardError, ValueError):
+    """An amount or a max is above :data:`MAX_UNITS`, what a counter can hold.
+
+    Not a storage failure: the call cannot be counted at all, so the engine refuses it.
+
+    Attributes:
+        index: the index of the offending charge.
+        field: ``"amount"`` or ``"max"``.
+        value: the offending value.
+        capacity: :data:`MAX_UNITS`.
+    """
+
+    def __init__(self, index: int, field: str, value: int) -> None:
+        super().__init__(f"charge {index}: {field} {value} is above the maximum {MAX_UNITS}")
+        self.index = index
+        self.field = field
+        self.value = value
+        self.capacity = MAX_UNITS
+
+
+@dataclass(frozen=True, slots=True)
+class StorageEvent:
+    """Something the ledger noticed about the store itself (never about a counter).
+
+    Attributes:
+        kind: ``"reset"``: the store's marker key is gone or was replaced since this
+            process last saw it, so the store lost its data (a restart without
+            persistence, a flush, a failover to an empty replica); ``"new"``: the
+            first contact of this process found no marker, so the store is new, or
+            lost its data before this process first connected (it cannot tell which).
+        server: where it was seen (``host:port`` or a socket path; never credentials).
+        marker: the marker now in place.
+        previous: the marker seen before (``"reset"`` only).
+    """
+
+    kind: Literal["new", "reset"]
+    server: str
+    marker: str
+    previous: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +174,18 @@ class ReserveResult:
     Attributes:
         ok: True if every charge was reserved; False if none was.
         refused: the index (into the charges) of the first charge that did not fit,
-            or ``None`` when ``ok``.
+            or ``None`` when ``ok`` or ``closed``.
         states: the state of every counter after the operation (after the reservation
             when ``ok``; unchanged totals when refused).
+        closed: True when nothing was reserved because the id was already committed
+            or released (``ok`` is False and ``refused`` is None): a reserve that
+            arrived after its caller gave up on it, or an id used twice.
     """
 
     ok: bool
     refused: int | None
     states: tuple[CounterState, ...]
+    closed: bool = False
 
 
 @runtime_checkable
@@ -110,6 +208,19 @@ class Ledger(Protocol):
         self, reservation_id: str, keys: Sequence[str], *, now: float
     ) -> tuple[CounterState, ...]:
         """Drop the reservation without charging anything."""
+        ...
+
+    def renew(self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float) -> bool:
+        """Push an open reservation's deadline to ``ttl`` s from the store's now.
+
+        Returns True when it was still open on every key (it never shortens a deadline).
+        """
+        ...
+
+    def renew_many(
+        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
+    ) -> tuple[bool, ...]:
+        """:meth:`renew` for many ``(reservation_id, keys)`` pairs in one step."""
         ...
 
     def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
@@ -145,6 +256,18 @@ class AsyncLedger(Protocol):
         self, reservation_id: str, keys: Sequence[str], *, now: float
     ) -> tuple[CounterState, ...]:
         """Async :meth:`Ledger.release`."""
+        ...
+
+    async def renew(
+        self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float
+    ) -> bool:
+        """Async :meth:`Ledger.renew`."""
+        ...
+
+    async def renew_many(
+        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
+    ) -> tuple[bool, ...]:
+        """Async :meth:`Ledger.renew_many`."""
         ...
 
     async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:

@@ -4,6 +4,10 @@
 URI                                                         ledger
 ==========================================================  =============================
 ``memory://``                                               :class:`MemoryLedger`
+``sqlite:///relative.db``, ``sqlite:////absolute.db``       :class:`SqliteLedger` (one
+                                                            file shared by the processes
+                                                            of one host; see
+                                                            ``ledger.sqlite``)
 ``redis://[[user]:[password]@]host[:port][/db]``            redis-py client (``from_url``)
 ``rediss://…``                                              the same over TLS
 ``redis+unix:///path/to/redis.sock[?db=0]``                 a Unix socket
@@ -19,35 +23,64 @@ URI                                                         ledger
 the ``redis``/``valkey`` forms are passed to redis-py (``?socket_timeout=1``); the
 sentinel and cluster forms accept ``socket_timeout``, ``socket_connect_timeout``,
 ``ssl`` and, for sentinel, ``sentinel_password``. Keyword options are passed to the
-client constructor, except ``group_by_slot``, which goes to the ledger.
+client constructor, except the ledger's own: ``group_by_slot``, ``closed_ttl``,
+``on_event`` (a callback taking each :class:`~payi_guard.ledger.StorageEvent`) and
+``marker_key`` (the key of the store marker, ``payi_guard:store-marker``).
 
-Unless the URI or the options say otherwise, clients get a 0.25 s connect and read
-timeout and no automatic retry, so a dead server fails a call within a fraction of a
-second instead of hanging it (``on_storage_error`` then decides). The ``redis://``
-forms use a blocking connection pool (redis-py's default of 50 connections): a burst
-of more concurrent calls waits up to ``timeout`` (1 s) for a free connection rather
-than failing; ``max_connections`` and ``timeout`` options change that.
+Timeouts: unless the URI or the options say otherwise, clients get a 0.25 s connect and
+read timeout and no automatic retry, so a dead server fails a call within a fraction of
+a second instead of hanging it (``on_storage_error`` then decides). Every operation of a
+``redis://`` or Sentinel ledger waits on the store at most twice the socket timeout in
+total (a free connection, connecting, the handshake, the reply); a Sentinel lookup of
+the master and a Redis Cluster's own redirections may add to that.
+
+Pools: the ``redis://`` forms use a blocking pool of up to 1000 connections (opened on
+demand), so hundreds of concurrent calls never wait for one; beyond that a call waits
+for a free connection up to the socket timeout. ``max_connections`` and ``timeout``
+(the pool wait) change that. Ledgers opened with the same URI and options in one
+process share one client (the async ones, one per event loop), so several Guards on one
+store share its connections; the last ledger to close closes it.
+
+Restarts: the ``redis://`` and Sentinel forms check the store marker on every new
+connection, which is how a restart without persistence is noticed (see
+:class:`~payi_guard.ledger.StorageEvent`); Redis Cluster connections do not (a node's
+slots would need a marker each), nor do they bound the total wait or tell an unknown
+outcome from a failure (every timeout is reported as an unknown outcome).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
+import os
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 from payi_guard.exceptions import ConfigError, StorageError
-from payi_guard.ledger.base import AsyncLedger, Ledger
+from payi_guard.ledger.base import DEFAULT_CLOSED_TTL, AsyncLedger, Ledger
 from payi_guard.ledger.memory import AsyncMemoryLedger, MemoryLedger
 
-__all__ = ["DEFAULT_POOL_TIMEOUT", "DEFAULT_TIMEOUT", "open_async_ledger", "open_ledger"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_POOL_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "open_async_ledger",
+    "open_ledger",
+    "resolve_storage_uri",
+]
 
 DEFAULT_TIMEOUT = 0.25
 """Seconds allowed to connect to, and to hear back from, a storage server."""
 
 DEFAULT_POOL_TIMEOUT = 1.0
-"""Seconds a call may wait for a free pooled connection (``redis://`` forms)."""
+"""Seconds an SQLite ledger waits for the file's write lock by default (Redis pools wait
+for a free connection no longer than their socket timeout)."""
+
+DEFAULT_MAX_CONNECTIONS = 1000
+"""Connections a ``redis://`` pool may open (on demand) per process, or per event loop."""
+
+_LEDGER_OPTIONS = ("group_by_slot", "closed_ttl", "on_event", "marker_key")
 
 _URL_SCHEMES = {
     "redis": "redis",
@@ -60,7 +93,8 @@ _URL_SCHEMES = {
 _SENTINEL_SCHEMES = ("redis+sentinel", "valkey+sentinel")
 _CLUSTER_SCHEMES = ("redis+cluster", "valkey+cluster")
 _SUPPORTED = (
-    "memory://, redis://, rediss://, redis+unix://, valkey://, redis+sentinel://, redis+cluster://"
+    "memory://, sqlite:///, redis://, rediss://, redis+unix://, valkey://, redis+sentinel://, "
+    "redis+cluster://"
 )
 _FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
 _TRUE = ("1", "true", "yes", "on")
@@ -205,18 +239,27 @@ _MODULES = {
 }
 
 
-def _make_client(target: _Target, options: dict[str, Any], flavour: str) -> Any:
+def _make_client(target: _Target, options: dict[str, Any], flavour: str, watch: Any) -> Any:
     """Build the sync or async redis-py client a target names (no I/O but for a cluster)."""
+    from payi_guard.ledger import _redisconn
+
     client_mod, retry_mod, sentinel_mod, cluster_mod = (
         importlib.import_module(name) for name in _MODULES[flavour]
     )
     backoff = importlib.import_module("redis.backoff")
     kwargs = _client_options(target, options, retry_mod.Retry(backoff.NoBackoff(), 0))
+    wrap = (
+        _redisconn.sync_connection_class if flavour == "sync" else _redisconn.async_connection_class
+    )
     if target.kind == "url":
-        # A blocking pool makes a burst above max_connections wait (up to ``timeout``)
-        # for a free connection instead of failing at once.
-        kwargs.setdefault("timeout", DEFAULT_POOL_TIMEOUT)
+        # Enough connections that a burst never waits for one; past that, a call waits
+        # for a free one no longer than for a reply (the URI's timeout wins, as in
+        # redis-py's from_url).
+        in_uri = importlib.import_module("redis.connection").parse_url(target.url)
+        kwargs.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
+        kwargs.setdefault("timeout", in_uri.get("socket_timeout", kwargs.get("socket_timeout")))
         pool = client_mod.BlockingConnectionPool.from_url(target.url, **kwargs)
+        pool.connection_class = wrap(pool.connection_class, watch)
         return client_mod.Redis.from_pool(pool)
     if target.kind == "sentinel":
         sentinel_kwargs = {
@@ -228,64 +271,149 @@ def _make_client(target: _Target, options: dict[str, Any], flavour: str) -> Any:
         sentinel = sentinel_mod.Sentinel(
             list(target.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs
         )
-        return sentinel.master_for(target.service, db=target.db)
+        client = sentinel.master_for(target.service, db=target.db)
+        pool = client.connection_pool
+        pool.connection_class = wrap(pool.connection_class, watch)
+        return client
     nodes = [cluster_mod.ClusterNode(host, port) for host, port in target.hosts]
     return cluster_mod.RedisCluster(startup_nodes=nodes, **kwargs)
 
 
-def _sync_client(target: _Target, options: dict[str, Any]) -> Any:
+def _sync_client(target: _Target, options: dict[str, Any], watch: Any) -> Any:
     redis = importlib.import_module("redis")
     try:
         # A sync RedisCluster learns the slot map while it is built, so it is the one
         # client that talks to the server here.
-        return _make_client(target, options, "sync")
+        return _make_client(target, options, "sync", watch)
     except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         raise StorageError(f"cannot reach the Redis storage: {exc}") from exc
 
 
-def open_ledger(uri: str, **options: Any) -> Ledger:
+def _hashable(value: Any) -> Hashable:
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", id(value))
+    return value  # type: ignore[no-any-return]
+
+
+def _share_key(flavour: str, uri: str, options: dict[str, Any]) -> Hashable:
+    """Ledgers with equal keys share one client (per process, or per event loop)."""
+    return (flavour, uri, tuple(sorted((name, _hashable(v)) for name, v in options.items())))
+
+
+def _drop_store_options(options: dict[str, Any]) -> None:
+    # Memory and SQLite stores have no marker to watch: the data of the one lives as long
+    # as its process, the other's is a file that a restart does not empty.
+    options.pop("on_event", None)
+    options.pop("marker_key", None)
+
+
+def _ledger_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {name: options.pop(name) for name in _LEDGER_OPTIONS if name in options}
+
+
+def _wiring_for(target: _Target, uri: str, own: dict[str, Any]) -> Any:
+    """The wiring of the ledgers a target gets (its watch, whether errors are tagged)."""
+    from payi_guard.ledger import _redisconn
+    from payi_guard.ledger.redis import _Wiring
+
+    redis = importlib.import_module("redis")
+    ambiguous = (redis.ConnectionError, redis.TimeoutError, OSError)
+    if target.kind == "cluster":
+        return _Wiring(None, None, False, None, ambiguous)
+    store = (target.kind, target.url or uri)
+    watch = _redisconn.store_watch(store, own.get("marker_key") or _redisconn.DEFAULT_MARKER_KEY)
+    return _Wiring(watch, None, True, None, ambiguous)
+
+
+def open_ledger(
+    uri: str, *, base_dir: str | os.PathLike[str] | None = None, **options: Any
+) -> Ledger:
     """Open a synchronous ledger from a storage URI.
 
     Args:
-        uri: ``memory://`` or a Redis-family URI (see the module documentation).
-        **options: for ``memory://``, :class:`MemoryLedger` arguments; otherwise
-            ``group_by_slot`` for the ledger and anything else for the redis-py client
-            (``socket_timeout=1.0``, ``max_connections=50``, ...).
+        uri: ``memory://``, ``sqlite:///…`` or a Redis-family URI (see the module
+            documentation).
+        base_dir: the folder a relative ``sqlite:///`` path is relative to (the budgets
+            file's folder); the current directory when omitted. Other schemes ignore it.
+        **options: for ``memory://``, :class:`MemoryLedger` arguments (``on_event`` and
+            ``marker_key`` are accepted and unused: an in-process store cannot lose its
+            data while its process lives); for ``sqlite://``,
+            :class:`~payi_guard.ledger.sqlite.SqliteLedger` arguments; otherwise the
+            ledger's own options (``group_by_slot``, ``closed_ttl``, ``on_event``,
+            ``marker_key``) and anything else for the
+            redis-py client (``socket_timeout=1.0``, ``max_connections=50``, ...).
 
     Returns:
-        A :class:`MemoryLedger` or a :class:`~payi_guard.ledger.redis.RedisLedger`.
+        A :class:`MemoryLedger`, :class:`~payi_guard.ledger.sqlite.SqliteLedger` or
+        :class:`~payi_guard.ledger.redis.RedisLedger`.
 
     Raises:
         ConfigError: when the URI is malformed or its scheme is not supported.
         MissingDependency: for a Redis URI when redis-py is not installed.
-        StorageError: when a Redis Cluster cannot be reached to learn its slots.
+        StorageError: when an SQLite file cannot be opened, or a Redis Cluster cannot be
+            reached to learn its slots.
     """
+    if _is_sqlite(uri):
+        from payi_guard.ledger.sqlite import open_sqlite_ledger
+
+        _drop_store_options(options)
+        return open_sqlite_ledger(uri, base_dir=base_dir, **options)
     target = _parse(uri)
     if target.kind == "memory":
+        _drop_store_options(options)
         return MemoryLedger(**options)
+    from payi_guard.ledger import _redisconn
     from payi_guard.ledger.redis import RedisLedger, import_redis
 
     import_redis()
-    group_by_slot = options.pop("group_by_slot", None)
-    return RedisLedger(_sync_client(target, options), group_by_slot=group_by_slot)
+    own = _ledger_options(options)
+    wiring = _wiring_for(target, uri, own)
+    client, release = _redisconn.shared_sync_client(
+        _share_key("sync", uri, {**options, "marker_key": own.get("marker_key")}),
+        lambda: _sync_client(target, dict(options), wiring.watch),
+    )
+    try:
+        ledger = RedisLedger(
+            client,
+            group_by_slot=own.get("group_by_slot"),
+            closed_ttl=own.get("closed_ttl", DEFAULT_CLOSED_TTL),
+            on_event=own.get("on_event"),
+        )
+    except BaseException:
+        release()
+        raise
+    ledger._attach(wiring, release)
+    return ledger
 
 
 def open_async_ledger(
-    uri: str, *, shared: MemoryLedger | None = None, **options: Any
+    uri: str,
+    *,
+    shared: MemoryLedger | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    **options: Any,
 ) -> AsyncLedger:
     """Open an async ledger from a storage URI.
 
     Args:
-        uri: ``memory://`` or a Redis-family URI (see the module documentation).
+        uri: ``memory://``, ``sqlite:///…`` or a Redis-family URI (see the module
+            documentation).
         shared: for ``memory://``, the :class:`MemoryLedger` whose counters the async
             ledger must share (a Guard's sync and async paths charge one store); a new
             store when omitted. With ``shared``, memory options are ignored (they were
             given when ``shared`` was made).
-        **options: as for :func:`open_ledger`. Redis clients are made lazily, one per
-            running event loop, so nothing connects here.
+        base_dir: as for :func:`open_ledger`.
+        **options: as for :func:`open_ledger` (``sqlite://`` also takes ``workers``, the
+            size of its thread pool). Redis clients are made lazily, one per running
+            event loop (shared by the ledgers of that loop opened with the same URI and
+            options), and an SQLite file is opened by the first operation, so nothing
+            connects here.
 
     Returns:
-        An :class:`AsyncMemoryLedger` or a
+        An :class:`AsyncMemoryLedger`,
+        :class:`~payi_guard.ledger.sqlite.AsyncSqliteLedger` or
         :class:`~payi_guard.ledger.redis.AsyncRedisLedger`.
 
     Raises:
@@ -293,6 +421,13 @@ def open_async_ledger(
             ``shared`` is given for a non-memory URI.
         MissingDependency: for a Redis URI when redis-py is not installed.
     """
+    if _is_sqlite(uri):
+        if shared is not None:
+            raise ConfigError("shared applies to memory:// only")
+        from payi_guard.ledger.sqlite import open_async_sqlite_ledger
+
+        _drop_store_options(options)
+        return open_async_sqlite_ledger(uri, base_dir=base_dir, **options)
     target = _parse(uri)
     if target.kind == "memory":
         if shared is not None:
@@ -300,13 +435,60 @@ def open_async_ledger(
             if not isinstance(shared, MemoryLedger):
                 raise ConfigError(f"shared must be a MemoryLedger, got {type(shared).__name__}")
             return AsyncMemoryLedger(shared)
+        _drop_store_options(options)
         return AsyncMemoryLedger(MemoryLedger(**options))
     if shared is not None:
         raise ConfigError("shared applies to memory:// only")
+    from payi_guard.ledger import _redisconn
     from payi_guard.ledger.redis import AsyncRedisLedger, import_redis
 
     import_redis()
-    group_by_slot = options.pop("group_by_slot", None)
-    return AsyncRedisLedger(
-        functools.partial(_make_client, target, options, "async"), group_by_slot=group_by_slot
+    own = _ledger_options(options)
+    wiring = _wiring_for(target, uri, own)
+    key = _share_key("async", uri, {**options, "marker_key": own.get("marker_key")})
+
+    def make() -> Any:
+        return _make_client(target, dict(options), "async", wiring.watch)
+
+    def lease() -> tuple[Any, Callable[[], Any]]:
+        return _redisconn.shared_async_client(key, make)
+
+    ledger = AsyncRedisLedger(
+        make,
+        group_by_slot=own.get("group_by_slot"),
+        closed_ttl=own.get("closed_ttl", DEFAULT_CLOSED_TTL),
+        on_event=own.get("on_event"),
     )
+    ledger._attach(wiring, lease)
+    return ledger
+
+
+# -- sqlite:// (the parsing lives in ledger.sqlite) ---------------------------------------
+
+
+def _is_sqlite(uri: object) -> bool:
+    return isinstance(uri, str) and uri[:9].lower() == "sqlite://"
+
+
+def resolve_storage_uri(uri: str, *, base_dir: str | os.PathLike[str]) -> str:
+    """Make a storage URI independent of the current directory.
+
+    A ``sqlite:///relative.db`` URI read from a budgets file names a file relative to
+    that file's folder: it is returned with the path made absolute against
+    ``base_dir``. Every other URI is returned unchanged.
+
+    Args:
+        uri: a storage URI.
+        base_dir: the folder of the budgets file the URI comes from.
+
+    Returns:
+        The URI to open.
+
+    Raises:
+        ConfigError: a ``sqlite://`` URI is malformed.
+    """
+    if not _is_sqlite(uri):
+        return uri
+    from payi_guard.ledger.sqlite import resolve_sqlite_uri
+
+    return resolve_sqlite_uri(uri, base_dir=base_dir)

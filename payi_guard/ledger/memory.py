@@ -16,25 +16,32 @@ open. Expired counters are swept incrementally: counters are filed in buckets by
 drops at most ``sweep_batch`` counters whose time has passed, so no single call pays
 for a whole window's worth of users and memory stays bounded. A counter whose
 ``expires_at`` has passed reads as zero even before it is swept, as Redis would.
+
+Closed ids (committed or released) are remembered per id, with the keys they were closed
+on, for ``closed_ttl`` seconds (about 300 bytes per call); they are swept the same
+incremental way. The store's clock is the ``now`` passed in: one process, one clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import threading
 from collections.abc import Sequence
 
 from payi_guard.ledger._checks import (
     check_charges,
+    check_closed_ttl,
     check_id,
     check_keys,
     check_now,
+    check_renewals,
     check_scan,
     check_ttl,
 )
 from payi_guard.ledger._glob import glob_regex, literal_prefix
-from payi_guard.ledger.base import Charge, CounterState, ReserveResult
+from payi_guard.ledger.base import DEFAULT_CLOSED_TTL, Charge, CounterState, ReserveResult
 
 __all__ = ["AsyncMemoryLedger", "MemoryLedger"]
 
@@ -94,6 +101,18 @@ class _Counter:
         self.pending += amount
         heapq.heappush(self.deadlines, (deadline, rid))
 
+    def renew(self, rid: str, deadline: float) -> bool:
+        """Push ``rid``'s deadline to ``deadline`` (never earlier); False if it is not open."""
+        open_ = self.open
+        entry = None if open_ is None else open_.get(rid)
+        if open_ is None or entry is None or self.deadlines is None:
+            return False
+        amount, current = entry
+        if deadline > current:
+            open_[rid] = (amount, deadline)
+            heapq.heappush(self.deadlines, (deadline, rid))
+        return True
+
     def close(self, rid: str) -> None:
         """Close reservation ``rid`` if it is open."""
         open_ = self.open
@@ -115,20 +134,29 @@ class MemoryLedger:
 
     Every operation is O(1) per charge (plus a heap operation on the charge's own open
     reservations) under a single lock. Time is whatever ``now`` the caller passes:
-    reservations expire at ``now + ttl`` and counters at their ``expires_at``.
+    reservations expire at ``now + ttl``, counters at their ``expires_at`` and closed
+    ids at ``now + closed_ttl``.
 
     Args:
         sweep_batch: the most expired counters one reserve or commit drops (bounds the latency
             an operation can pay for cleanup; the rest go on the next operations).
+        closed_ttl: seconds a committed or released id is remembered.
 
     Raises:
-        ValueError: if ``sweep_batch`` is not a positive int.
+        ValueError: if ``sweep_batch`` is not a positive int or ``closed_ttl`` not a
+            positive number.
     """
 
-    def __init__(self, *, sweep_batch: int = 256) -> None:
+    def __init__(self, *, sweep_batch: int = 256, closed_ttl: float = DEFAULT_CLOSED_TTL) -> None:
         if isinstance(sweep_batch, bool) or not isinstance(sweep_batch, int) or sweep_batch < 1:
             raise ValueError(f"sweep_batch must be a positive int, got {sweep_batch!r}")
+        check_closed_ttl(closed_ttl)
         self._sweep_batch = sweep_batch
+        self._closed_ttl = float(closed_ttl)
+        # id -> (until, keys it was closed on); a FIFO of (until, id) to forget them in
+        # order (entries superseded by a later close of the same id are skipped).
+        self._closed: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._closed_times: collections.deque[tuple[float, str]] = collections.deque()
         self._lock = threading.Lock()
         self._counters: dict[str, _Counter] = {}
         # expires_at -> keys filed under it, and a heap of those expires_at values.
@@ -176,6 +204,32 @@ class MemoryLedger:
                 heapq.heappop(times)
         return dropped
 
+    def _sweep_closed(self, now: float, budget: int) -> None:
+        times, closed = self._closed_times, self._closed
+        while times and times[0][0] <= now and budget > 0:
+            until, rid = times.popleft()
+            entry = closed.get(rid)
+            if entry is not None and entry[0] == until:
+                del closed[rid]
+            budget -= 1
+
+    def _closed_keys(self, rid: str, now: float) -> tuple[str, ...]:
+        """The keys ``rid`` is closed on (none once it is forgotten)."""
+        entry = self._closed.get(rid)
+        return () if entry is None or entry[0] <= now else entry[1]
+
+    def _close(self, rid: str, already: tuple[str, ...], keys: list[str], now: float) -> None:
+        """Remember ``rid`` as closed on ``keys`` (besides ``already``) from now on."""
+        until = now + self._closed_ttl
+        self._closed[rid] = (until, already + tuple(keys))
+        self._closed_times.append((until, rid))
+
+    def _housekeeping(self, now: float) -> None:
+        if self._bucket_times and self._bucket_times[0] <= now:
+            self._sweep(now, self._sweep_batch)
+        if self._closed_times and self._closed_times[0][0] <= now:
+            self._sweep_closed(now, self._sweep_batch)
+
     def _live(self, key: str, now: float) -> _Counter | None:
         counter = self._counters.get(key)
         if counter is None or counter.expires_at <= now:
@@ -202,7 +256,8 @@ class MemoryLedger:
 
         Each charge with a ``max`` must satisfy ``settled + pending + amount <= max``
         (an id already open on a counter is replaced, so its old amount does not count).
-        The reservation expires at ``now + ttl``.
+        The reservation expires at ``now + ttl``. An id already committed or released
+        on any of the keys reserves nothing (the result says ``closed``).
 
         Args:
             reservation_id: a fresh id naming this reservation.
@@ -222,8 +277,12 @@ class MemoryLedger:
         check_now(now)
         check_ttl(ttl)
         with self._lock:
-            if self._bucket_times and self._bucket_times[0] <= now:
-                self._sweep(now, self._sweep_batch)
+            self._housekeeping(now)
+            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            if closed and any(c.key in closed for c in charges):
+                lives = [self._live(charge.key, now) for charge in charges]
+                current = tuple(_ZERO if c is None else c.state() for c in lives)
+                return ReserveResult(False, None, current, closed=True)
             found: list[_Counter | None] = []
             refused: int | None = None
             for index, charge in enumerate(charges):
@@ -256,6 +315,8 @@ class MemoryLedger:
         """Close the reservation where it is open and add each actual amount to ``settled``.
 
         A reservation that expired or was never made (a manual record) is simply added.
+        The id is then closed on each key: committing or releasing it again there
+        changes nothing (a retried commit counts once).
 
         Args:
             reservation_id: the id given to :meth:`reserve` (or any id for a record).
@@ -272,27 +333,39 @@ class MemoryLedger:
         check_charges(charges)
         check_now(now)
         with self._lock:
-            if self._bucket_times and self._bucket_times[0] <= now:
-                self._sweep(now, self._sweep_batch)
+            self._housekeeping(now)
+            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            closing: list[str] = []
             out: list[CounterState] = []
             for charge in charges:
+                key = charge.key
+                if closed and key in closed:
+                    live = self._live(key, now)
+                    out.append(_ZERO if live is None else live.state())
+                    continue
+                closing.append(key)
                 if charge.amount == 0:
                     # Nothing to add: close the reservation without creating a counter.
-                    counter = self._live(charge.key, now)
+                    counter = self._live(key, now)
                     if counter is None:
                         out.append(_ZERO)
                         continue
                 else:
-                    counter = self._touch(charge.key, charge.expires_at, now)
+                    counter = self._touch(key, charge.expires_at, now)
                 counter.close(reservation_id)
                 counter.settled += charge.amount
                 out.append(counter.state())
+            if closing:
+                self._close(reservation_id, closed, closing, now)
             return tuple(out)
 
     def release(
         self, reservation_id: str, keys: Sequence[str], *, now: float
     ) -> tuple[CounterState, ...]:
         """Drop the reservation without charging anything (a commit of zero).
+
+        The id is closed on each key, even where it was never reserved, so a reserve
+        of it arriving later holds nothing.
 
         Args:
             reservation_id: the id given to :meth:`reserve`.
@@ -309,15 +382,64 @@ class MemoryLedger:
         check_keys(keys)
         check_now(now)
         with self._lock:
+            self._housekeeping(now)
+            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            closing: list[str] = []
             out: list[CounterState] = []
             for key in keys:
                 counter = self._live(key, now)
-                if counter is None:
-                    out.append(_ZERO)
-                    continue
-                counter.close(reservation_id)
-                out.append(counter.state())
+                if not (closed and key in closed):
+                    closing.append(key)
+                    if counter is not None:
+                        counter.close(reservation_id)
+                out.append(_ZERO if counter is None else counter.state())
+            if closing:
+                self._close(reservation_id, closed, closing, now)
             return tuple(out)
+
+    def renew(self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float) -> bool:
+        """Push an open reservation's deadline to ``now + ttl`` (never earlier).
+
+        Args:
+            reservation_id: the id given to :meth:`reserve`.
+            keys: the keys that were reserved.
+            now: the current time, epoch seconds.
+            ttl: seconds from ``now`` the reservation holds budget from now on.
+
+        Returns:
+            True when the reservation was still open on every key (its deadline not
+            reached, neither committed nor released); keys where it was not are left alone.
+
+        Raises:
+            ValueError: on an empty id or key, a repeated key or a ttl that is not positive.
+        """
+        return self.renew_many([(reservation_id, keys)], now=now, ttl=ttl)[0]
+
+    def renew_many(
+        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
+    ) -> tuple[bool, ...]:
+        """:meth:`renew` each ``(reservation_id, keys)`` pair, under one lock.
+
+        Returns:
+            One flag per pair, in order: True when that reservation was still open.
+
+        Raises:
+            ValueError: on a malformed pair, an id given twice, or an invalid time or ttl.
+        """
+        check_renewals(reservations)
+        check_now(now)
+        check_ttl(ttl)
+        deadline = now + ttl
+        out: list[bool] = []
+        with self._lock:
+            for rid, keys in reservations:
+                alive = True
+                for key in keys:
+                    counter = self._live(key, now)
+                    if counter is None or not counter.renew(rid, deadline):
+                        alive = False
+                out.append(alive)
+        return tuple(out)
 
     def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
         """Return the state of each counter (missing or expired counters are zero).
@@ -435,6 +557,18 @@ class AsyncMemoryLedger:
     ) -> tuple[CounterState, ...]:
         """Async :meth:`MemoryLedger.release` (same arguments, result and errors)."""
         return self._ledger.release(reservation_id, keys, now=now)
+
+    async def renew(
+        self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float
+    ) -> bool:
+        """Async :meth:`MemoryLedger.renew` (same arguments, result and errors)."""
+        return self._ledger.renew(reservation_id, keys, now=now, ttl=ttl)
+
+    async def renew_many(
+        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
+    ) -> tuple[bool, ...]:
+        """Async :meth:`MemoryLedger.renew_many` (same arguments, result and errors)."""
+        return self._ledger.renew_many(reservations, now=now, ttl=ttl)
 
     async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
         """Async :meth:`MemoryLedger.read` (same arguments, result and errors)."""

@@ -2,7 +2,9 @@
 
 Every OpenAI, Anthropic or OpenAI-compatible call goes through one guarding transport
 installed on the client's HTTP client (``httpx2`` for openai 3.x and anthropic 2.x,
-``httpx`` for older SDKs and plain clients). Before a call is sent the guard reserves
+``httpx`` for older SDKs and plain clients). Gemini, Bedrock, Mistral, Groq and LiteLLM
+are metered the same way by :mod:`payi_guard.meter.providers` (Bedrock at botocore's
+HTTP session). Before a call is sent the guard reserves
 its upper-bound cost for the user in the attribution context; after it, the actual
 usage is settled (streams included, whenever and however they end) or the reservation
 is released (error statuses, each SDK retry on its own). A refused call never reaches
@@ -11,7 +13,7 @@ the provider and arrives as exactly one exception the SDK does not retry.
 Entry points (the usual way in is through :class:`payi_guard.Guard`)::
 
     client = guard.wrap(openai.OpenAI())        # one client
-    guard.instrument(default_user_id="system")  # every OpenAI / Anthropic client
+    guard.instrument(default_user_id="system")  # every client of every installed SDK
     guard.uninstrument()
 
 * :func:`wrap`, :func:`instrument`, :func:`uninstrument`: see
@@ -34,7 +36,8 @@ Modules, from the pure ones up:
 * :mod:`~payi_guard.meter.payi_bridge`: Pay-i attribution headers;
 * :mod:`~payi_guard.meter.streams`: metered response streams, settled exactly once;
 * :mod:`~payi_guard.meter.transport`: the guarding transport;
-* :mod:`~payi_guard.meter.clients`: installing it (``wrap``, ``instrument``).
+* :mod:`~payi_guard.meter.clients`: installing it (``wrap``, ``instrument``);
+* :mod:`~payi_guard.meter.providers`: the other SDKs' wire formats and installation.
 
 Streams: chat and legacy completions streams are sent with
 ``stream_options.include_usage`` (when the caller did not ask for it, the extra

@@ -10,11 +10,16 @@ resources, copies made with ``with_options``), goes through it.
 Anthropic client calls for each HTTP attempt: on its first use a client's HTTP client
 is guarded, so clients created before and after ``instrument()`` are both covered.
 ``uninstrument`` restores the method and the transports ``instrument`` installed.
+
+The other SDKs (Gemini, Bedrock, Mistral, Groq, LiteLLM) are dispatched to
+:mod:`payi_guard.meter.providers`, which installs its meters through
+:func:`install_meter` (and, for botocore, its own HTTP session).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import threading
 import weakref
@@ -25,12 +30,22 @@ from typing import Any, Final
 
 from payi_guard.engine import Guard
 from payi_guard.exceptions import MissingDependency
+from payi_guard.meter import providers
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.refusal import install_status_error_hook, remove_status_error_hook
 from payi_guard.meter.transport import TransportMeter, transport_classes
 
-__all__ = ["guarded_by", "instrument", "is_guarded", "uninstrument", "wrap"]
+__all__ = [
+    "guarded_by",
+    "install_meter",
+    "installed_source",
+    "instrument",
+    "instrumenting",
+    "is_guarded",
+    "uninstrument",
+    "wrap",
+]
 
 _SDKS: Final = ("openai", "anthropic")
 _HTTP_MODULES: Final = ("httpx2", "httpx")
@@ -116,6 +131,7 @@ def _install(
     provider_hint: str | None,
     source: str,
     sdk: str | None,
+    meter_factory: Callable[[ModuleType], TransportMeter] | None = None,
 ) -> None:
     module = _http_module(http_client)
     if module is None:
@@ -133,9 +149,56 @@ def _install(
                 del _installed[http_client]
             else:
                 return
-        meter = TransportMeter(guard, options, module, provider_hint)
+        if meter_factory is None:
+            meter = TransportMeter(guard, options, module, provider_hint)
+        else:
+            meter = meter_factory(module)
         original, mounts = _guard_transports(http_client, module, meter)
         _installed[http_client] = _Installation(original, mounts, source, meter, sdk)
+
+
+# -- provider SDKs (payi_guard.meter.providers) ----------------------------------------------
+
+
+def install_meter(
+    http_client: Any,
+    guard: Guard,
+    options: MeterOptions,
+    meter_factory: Callable[[ModuleType], TransportMeter],
+    *,
+    source: str,
+    sdk: str,
+) -> None:
+    """Guard one httpx / httpx2 client of a provider SDK.
+
+    The meter is the one ``meter_factory`` builds for the client's HTTP module.
+    Idempotent; ``wrap`` takes over a client ``instrument`` guarded.
+
+    Raises:
+        TypeError: ``http_client`` is not an httpx or httpx2 client.
+    """
+    _install(
+        http_client,
+        guard,
+        options,
+        provider_hint=None,
+        source=source,
+        sdk=sdk,
+        meter_factory=meter_factory,
+    )
+
+
+def installed_source(http_client: Any) -> str | None:
+    """``wrap`` or ``instrument`` when ``http_client`` is guarded, else ``None``."""
+    with _lock:
+        installation = _installed.get(http_client)
+    return None if installation is None else installation.source
+
+
+def instrumenting() -> tuple[Guard, MeterOptions] | None:
+    """The guard and options of the current ``instrument()``, if any."""
+    current = _instrumentation
+    return None if current is None else (current.guard, current.options)
 
 
 def wrap(guard: Guard, client: Any, **options: Any) -> Any:
@@ -145,7 +208,11 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
     ``AsyncAzureOpenAI``, ``anthropic.Anthropic`` / ``AsyncAnthropic`` (and the other
     clients of those SDKs), and plain ``httpx`` / ``httpx2`` ``Client`` /
     ``AsyncClient`` objects aimed at any OpenAI-compatible (or Anthropic-compatible)
-    ``base_url``. Wrapping twice does nothing more; wrapping a client ``instrument()``
+    ``base_url``; also ``google.genai`` ``Client`` / ``AsyncClient``, boto3
+    ``bedrock-runtime`` clients, ``mistralai`` ``Mistral``, ``groq`` ``Groq`` /
+    ``AsyncGroq`` and LiteLLM ``HTTPHandler`` / ``AsyncHTTPHandler`` objects
+    (:mod:`payi_guard.meter.providers`; a refusal is then the SDK's own rate-limit
+    exception). Wrapping twice does nothing more; wrapping a client ``instrument()``
     already guards makes it keep this guard after ``uninstrument()``.
 
     The provider charged is ``openai`` for ``api.openai.com``, ``azure`` for Azure
@@ -202,9 +269,12 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
         meter_options = MeterOptions.from_kwargs(options, refusal="raise")
         _install(client, guard, meter_options, provider_hint=None, source="wrap", sdk=None)
         return client
+    if providers.wrap(guard, client, options):
+        return client
     raise TypeError(
-        f"wrap() expects an OpenAI or Anthropic client or an httpx/httpx2 Client or "
-        f"AsyncClient, not {type(client).__module__}.{type(client).__qualname__}"
+        f"wrap() expects an OpenAI or Anthropic client, a Google Gen AI, Bedrock runtime "
+        f"(boto3), Mistral or Groq client, a LiteLLM HTTP handler, or an httpx/httpx2 "
+        f"Client or AsyncClient, not {type(client).__module__}.{type(client).__qualname__}"
     )
 
 
@@ -239,20 +309,54 @@ def _guarding_build_request(original: Callable[..., Any]) -> Callable[..., Any]:
     return _build_request
 
 
-def instrument(guard: Guard, **options: Any) -> None:
-    """Guard every OpenAI and Anthropic client, created before or after this call.
+def _chosen_sdks(sdks: object) -> list[str] | None:
+    """Validate the ``sdks`` option of :func:`instrument`: SDK names, or ``None`` (all).
 
+    Raises:
+        TypeError: not a list of names.
+        ValueError: an unknown name.
+        MissingDependency: a named SDK is not installed.
+    """
+    if sdks is None:
+        return None
+    if isinstance(sdks, str):
+        sdks = [sdks]
+    if not isinstance(sdks, (list, tuple, set, frozenset)) or not all(
+        isinstance(name, str) for name in sdks
+    ):
+        raise TypeError("sdks must be a list of SDK names")
+    names = list(dict.fromkeys(sdks))
+    known = (*_SDKS, *providers.SDK_MODULES)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown SDK(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for name in names:
+        if name in _SDKS and importlib.util.find_spec(name) is None:
+            raise MissingDependency(name, name)
+        if name in providers.SDK_MODULES and not providers.installed(name):
+            raise MissingDependency(providers.SDK_MODULES[name], providers.EXTRAS[name])
+    return names
+
+
+def instrument(guard: Guard, **options: Any) -> None:
+    """Guard every client of the supported GenAI SDKs, created before or after this call.
+
+    The SDKs: ``openai``, ``anthropic``, ``google-genai`` (``gemini``), ``boto3``
+    ``bedrock-runtime`` (``bedrock``), ``mistralai`` (``mistral``), ``groq`` and
+    ``litellm``; each one that is installed, or only those named in ``sdks``.
     Idempotent for the same guard. The user charged where no context names one is
     ``guard.default_user_id`` (``Guard.instrument(default_user_id=...)`` sets it).
 
     Args:
         guard: the guard.
-        **options: as for :func:`wrap` (``refusal`` excepted).
+        **options: as for :func:`wrap` (``refusal`` excepted), and ``sdks``: the SDKs
+            to instrument, by the names above (default: every one installed).
 
     Raises:
         RuntimeError: another guard already instrumented the SDKs.
-        MissingDependency: neither ``openai`` nor ``anthropic`` is installed, or
-            ``payi=True`` without the ``payi`` package.
+        MissingDependency: no supported SDK is installed, an SDK named in ``sdks`` is
+            not (the message names the extra to install), or ``payi=True`` without
+            the ``payi`` package.
         TypeError: an unknown option.
         ValueError: an option value is out of range.
     """
@@ -266,10 +370,14 @@ def instrument(guard: Guard, **options: Any) -> None:
                 "the OpenAI/Anthropic SDKs are already instrumented by another Guard: call "
                 "its uninstrument() first"
             )
+        options = dict(options)
+        sdks = _chosen_sdks(options.pop("sdks", None))
         meter_options = MeterOptions.from_kwargs(options, refusal="sdk")
         PayiBridge(meter_options.payi)  # fails now, not at the first request
         state = _Instrumentation(guard, meter_options)
         for sdk in _SDKS:
+            if sdks is not None and sdk not in sdks:
+                continue
             try:
                 base_client = importlib.import_module(f"{sdk}._base_client")
             except ImportError:
@@ -279,7 +387,9 @@ def instrument(guard: Guard, **options: Any) -> None:
             setattr(cls, _PATCHED_METHOD, _guarding_build_request(original))
             install_status_error_hook(sdk, "instrument")
             state.patches.append((cls, original, sdk))
-        if not state.patches:
+        others = None if sdks is None else [name for name in sdks if name not in _SDKS]
+        instrumented_providers = providers.instrument(guard, meter_options, others)
+        if not state.patches and not instrumented_providers:
             raise MissingDependency("openai", "openai")
         _instrumentation = state
 
@@ -311,15 +421,21 @@ def uninstrument(guard: Guard) -> None:
         for sdk in _SDKS:
             if sdk not in wrapped_sdks:
                 remove_status_error_hook(sdk, "wrap")
+        providers.uninstrument(guard)
         _instrumentation = None
 
 
 def _http_client_of(client: Any) -> Any:
-    return getattr(client, "_client", None) if _sdk_of(client) is not None else client
+    if _sdk_of(client) is not None:
+        return getattr(client, "_client", None)
+    return providers.http_client_of(client)
 
 
 def is_guarded(client: Any) -> bool:
     """Whether ``client`` (an SDK client or an httpx/httpx2 client) is guarded now."""
+    found = providers.guarded_by(client)
+    if found is not None:
+        return True
     http_client = _http_client_of(client)
     if http_client is None:
         return False
@@ -329,6 +445,9 @@ def is_guarded(client: Any) -> bool:
 
 def guarded_by(client: Any) -> Guard | None:
     """The guard metering ``client``, or ``None`` when it is not guarded."""
+    found = providers.guarded_by(client)
+    if found is not None:
+        return found
     http_client = _http_client_of(client)
     if http_client is None:
         return None

@@ -1,4 +1,4 @@
-"""``payi-guard report``: per-user spend, calls and budget events from payi_guard's logs.
+r"""``payi-guard report``: per-user spend, calls and budget events from payi_guard's logs.
 
 The report reads the JSON lines that payi_guard's structlog events produce (one object per
 line, as :func:`payi_guard.log.configure_json` writes them) and prints one row per user, org,
@@ -10,9 +10,11 @@ Reading rules:
 * A line is parsed from its first ``{``, so a JSON object after a plain-text prefix
   (``2026-11-27 12:00:00 {...}``) is read too. A line that is not a JSON object, or a
   ``genai_call`` whose ``cost_usd`` is unusable (not a number, negative, not finite, over
-  one billion USD), is *skipped* and counted. Blank lines count as read, not as skipped.
-  JSON objects of other events are *other events*, also counted. Reading never
-  stops on a bad line.
+  one billion USD, digits other than ASCII ``0-9``) or whose ``input_tokens`` /
+  ``output_tokens`` are not whole numbers from 0 to :data:`MAX_TOKENS`, is *skipped*
+  and counted, and the summary at the end says how many. Blank lines count as read,
+  not as skipped. JSON objects of other events are *other events*, also counted.
+  Reading never stops on a bad line.
 * ``cost_usd`` is parsed as :class:`~decimal.Decimal` and summed exactly: a total equals the
   exact decimal sum of the lines' values. A missing or ``null`` ``cost_usd`` counts as zero;
   a numeric string is accepted.
@@ -43,11 +45,19 @@ a fixed-size log-bucket histogram over integer nano-USD whose answers are within
 and ``percentiles_exact: false`` in CSV and JSON. Memory grows with the number of groups
 (at most about 110 KB each), never with the number of lines.
 
+Output never shows user text raw: the table and CSV escape control characters in keys
+(``\x1b``, ``\n``; a newline in a user id can never forge a row), CSV keys that a
+spreadsheet would run as formulas get a leading ``'``, and JSON escapes everything
+outside printable ASCII. The table fits the terminal (80 columns unless it is wider,
+or ``--width``): long keys are cut with ``…`` and optional columns are left out, named
+in a note.
+
 Run it as ``payi-guard report LOG... [options]`` or ``python -m payi_guard.report``.
 
 The package reads (:mod:`~payi_guard.report.read`), aggregates
 (:mod:`~payi_guard.report.aggregate`, :mod:`~payi_guard.report.percentiles`) and renders
-(:mod:`~payi_guard.report.render`); the command line lives in :mod:`payi_guard.cli`.
+(:mod:`~payi_guard.report.render`, with :mod:`~payi_guard.report.table` for terminal
+text); the command line lives in :mod:`payi_guard.cli`.
 """
 
 from __future__ import annotations
@@ -65,12 +75,19 @@ from payi_guard.report.percentiles import (
     PERCENTILE_RELATIVE_ERROR,
     CostDistribution,
 )
-from payi_guard.report.read import MAX_LINE_BYTES, UnreadableLog, parse_time_bound, read_logs
+from payi_guard.report.read import (
+    MAX_LINE_BYTES,
+    MAX_TOKENS,
+    UnreadableLog,
+    parse_time_bound,
+    read_logs,
+)
 from payi_guard.report.render import summary, write_csv, write_json, write_table
 
 __all__ = [
     "EXACT_SAMPLES",
     "MAX_LINE_BYTES",
+    "MAX_TOKENS",
     "PAIRING_WINDOW",
     "PERCENTILE_RELATIVE_ERROR",
     "CostDistribution",

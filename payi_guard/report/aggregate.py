@@ -316,7 +316,9 @@ class ReportBuilder:
 
     def _call(self, obj: dict[str, Any]) -> None:
         cost = as_cost(obj.get("cost_usd"))
-        if cost is None:
+        input_tokens = as_tokens(obj.get("input_tokens"))
+        output_tokens = as_tokens(obj.get("output_tokens"))
+        if cost is None or input_tokens is None or output_tokens is None:
             self.skipped += 1
             return
         user = as_key(obj.get("user_id"))
@@ -334,8 +336,8 @@ class ReportBuilder:
         group = self._group(obj, user, org)
         # Never raises: a group's sum has no more digits than the total.
         group.cost_usd = _EXACT.add(group.cost_usd, cost)
-        group.input_tokens += as_tokens(obj.get("input_tokens"))
-        group.output_tokens += as_tokens(obj.get("output_tokens"))
+        group.input_tokens += input_tokens
+        group.output_tokens += output_tokens
         if user is not None:
             self._users.add(user)
         outcome = obj.get("outcome")

@@ -20,6 +20,7 @@ from typing import IO, BinaryIO, Protocol, cast
 
 __all__ = [
     "MAX_LINE_BYTES",
+    "MAX_TOKENS",
     "LineSink",
     "UnreadableLog",
     "as_cost",
@@ -36,8 +37,13 @@ __all__ = [
 MAX_LINE_BYTES = 1 << 20
 """Longer lines are skipped without being held in memory whole."""
 
+MAX_TOKENS = 10**15
+"""The largest token count a line may carry; a line with more is skipped."""
+
 _ZERO = Decimal(0)
 _MAX_COST = Decimal(1_000_000_000)
+# ASCII digits only: str.isdigit(), int() and Decimal() also read "١" or "１" as digits.
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 
 decode_json = json.JSONDecoder(parse_float=Decimal).decode
 """Decode a JSON document with every non-integer number as an exact :class:`~decimal.Decimal`."""
@@ -53,19 +59,21 @@ class LineSink(Protocol):
         """Count a line that could not be read at all (too long)."""
 
 
-_RELATIVE = re.compile(r"(\d+)([smhdw])")
+_RELATIVE = re.compile(r"([0-9]+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ISO = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})"
     r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
     r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?",
-    re.IGNORECASE,
+    re.IGNORECASE | re.ASCII,
 )
 
 
 def _parse_iso(text: str) -> datetime | None:
     """Parse an ISO 8601 date or datetime; a value without an offset is UTC."""
     value = text.strip()
+    if not value.isascii():
+        return None
     if value[-1:] in ("Z", "z"):
         value = value[:-1] + "+00:00"
     try:
@@ -155,13 +163,23 @@ def as_key(value: object) -> str | None:
     return None
 
 
-def as_tokens(value: object) -> int:
-    """A token count from a field: a non-negative whole number, else 0."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value if value >= 0 else 0
-    if isinstance(value, Decimal) and value.is_finite() and value >= 0 and value % 1 == 0:
+def as_tokens(value: object) -> int | None:
+    """A token count from a field: a whole number from 0 to MAX_TOKENS.
+
+    A missing field (``None``) is 0; anything else (negative, fractional, huge, text,
+    a boolean) is ``None``: the line is not to be trusted.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Decimal):
+        if not value.is_finite() or not 0 <= value <= MAX_TOKENS or value != value.to_integral():
+            return None
         return int(value)
-    return 0
+    if isinstance(value, int) and 0 <= value <= MAX_TOKENS:
+        return value
+    return None
 
 
 def as_cost(value: object) -> Decimal | None:
@@ -173,8 +191,11 @@ def as_cost(value: object) -> Decimal | None:
     elif isinstance(value, int) and not isinstance(value, bool):
         cost = Decimal(value)
     elif isinstance(value, str):
+        text = value.strip()
+        if not _NUMBER_TEXT.match(text):
+            return None
         try:
-            cost = Decimal(value.strip())
+            cost = Decimal(text)
         except InvalidOperation:
             return None
     else:

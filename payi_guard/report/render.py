@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import textwrap
 from decimal import Decimal
 from typing import TextIO
 
+from payi_guard.money import decimal_text
 from payi_guard.report.aggregate import KEY_FIELDS, Report, ReportRow
 from payi_guard.report.percentiles import EXACT_SAMPLES, PERCENTILE_RELATIVE_ERROR
+from payi_guard.report.table import Column, fit_table, printable, terminal_width
 
 __all__ = ["summary", "write_csv", "write_json", "write_table"]
 
@@ -18,14 +21,6 @@ _GROUP_NOUNS: dict[str, tuple[str, str]] = {
     "model": ("model", "models"),
     "use_case": ("use case", "use cases"),
 }
-
-
-def _plain(value: Decimal) -> str:
-    """Exact fixed-point text of a Decimal, without trailing fractional zeros."""
-    text = format(value, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
 
 
 def _money(value: Decimal) -> str:
@@ -59,14 +54,18 @@ def _json_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Decimal):
-        return _plain(value)  # a raw JSON number token: exact, unlike a float
+        return decimal_text(value)  # a raw JSON number token: exact, unlike a float
     if isinstance(value, int):
         return str(value)
-    return json.dumps(value)
+    # ASCII only (json escapes the rest); DEL is ASCII but no terminal should get it raw.
+    return json.dumps(value).replace("\x7f", "\\u007f")
 
 
 def write_json(report: Report, out: TextIO) -> None:
     """Write the rows as a JSON array of objects (money as exact JSON numbers).
+
+    Keys keep their exact value; every character outside printable ASCII is a JSON
+    escape, so the output is safe to show on a terminal.
 
     Args:
         report: the report.
@@ -80,9 +79,21 @@ def write_json(report: Report, out: TextIO) -> None:
     for index, row in enumerate(report.rows):
         items = [(key_field, row.key), ("key", row.key)]
         items += [(name, getattr(row, name)) for name in _FIELDS]
-        body = ", ".join(f"{json.dumps(k)}: {_json_value(v)}" for k, v in items)
+        body = ", ".join(f"{_json_value(k)}: {_json_value(v)}" for k, v in items)
         out.write("  {" + body + ("}\n" if index == len(report.rows) - 1 else "},\n"))
     out.write("]\n")
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_key(value: str | None) -> str:
+    """A key cell: escaped like the table, and never read as a formula by a spreadsheet."""
+    if value is None:
+        return ""
+    text = printable(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _csv_value(value: object) -> str:
@@ -91,12 +102,16 @@ def _csv_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Decimal):
-        return _plain(value)
+        return decimal_text(value)
     return str(value)
 
 
 def write_csv(report: Report, out: TextIO) -> None:
-    """Write a header row and one row per group.
+    r"""Write a header row and one row per group.
+
+    The key column is escaped as in the table (``\x1b``, ``\n``, ``\\``): every row is
+    one physical line and shows no control character; a key that a spreadsheet would
+    run as a formula (starting with ``=``, ``+``, ``-`` or ``@``) is prefixed with ``'``.
 
     Args:
         report: the report.
@@ -105,7 +120,7 @@ def write_csv(report: Report, out: TextIO) -> None:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([KEY_FIELDS[report.by], *_FIELDS])
     for row in report.rows:
-        writer.writerow([_csv_value(row.key)] + [_csv_value(getattr(row, n)) for n in _FIELDS])
+        writer.writerow([_csv_key(row.key)] + [_csv_value(getattr(row, n)) for n in _FIELDS])
 
 
 def _table_cells(row: ReportRow, label: str) -> list[str]:
@@ -168,32 +183,58 @@ def summary(report: Report) -> str:
     return ", ".join(parts) + "; " + read
 
 
-def write_table(report: Report, out: TextIO) -> None:
-    """Write an aligned table, a totals row and the summary line.
+_TABLE_COLUMNS = (
+    # Left out first when the terminal is narrow: p50, p90, the token counts, p99, then
+    # the event counts; the key, calls and cost are always shown.
+    Column("calls"),
+    Column("in_tokens", drop=3),
+    Column("out_tokens", drop=4),
+    Column("cost_usd"),
+    Column("share", drop=9),
+    Column("p50", drop=1),
+    Column("p90", drop=2),
+    Column("p99", drop=5),
+    Column("blocked", drop=10),
+    Column("warned", drop=8),
+    Column("overruns", drop=7),
+    Column("errors", drop=6),
+)
+
+
+def write_table(report: Report, out: TextIO, *, width: int | None = None) -> None:
+    """Write an aligned table, a totals row and the summary, within ``width`` columns.
+
+    Keys (user ids, models, ...) are escaped with :func:`~payi_guard.report.table.printable`
+    and cut with ``…`` when too long; when the table is still too wide, optional columns
+    are left out (a note names them). Money is exact and never in exponent notation.
 
     Args:
         report: the report.
         out: the text stream.
+        width: the most columns a line may take (see
+            :func:`~payi_guard.report.table.terminal_width`; default: the terminal's).
     """
-    header = [KEY_FIELDS[report.by], "calls", "in_tokens", "out_tokens", "cost_usd", "share"]
-    header += ["p50", "p90", "p99", "blocked", "warned", "overruns", "errors"]
-    body = [_table_cells(row, "(none)" if row.key is None else row.key) for row in report.rows]
+    fit_width = terminal_width(width)
+    key = Column(KEY_FIELDS[report.by], align="<", shrink=12)
+    body = [
+        _table_cells(row, "(none)" if row.key is None else printable(row.key))
+        for row in report.rows
+    ]
     totals = _table_cells(report.totals, "TOTAL")
-    widths = [max(len(r[i]) for r in [header, totals, *body]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
-
-    out.write(line(header) + "\n")
-    for cells in body:
-        out.write(line(cells) + "\n")
-    out.write("  ".join("-" * w for w in widths) + "\n")
-    out.write(line(totals) + "\n")
-    out.write(summary(report) + "\n")
+    table = fit_table((key, *_TABLE_COLUMNS), [*body, totals], fit_width, rules_before=(len(body),))
+    for line in table.lines:
+        out.write(line + "\n")
+    notes = [summary(report)]
     if any(not r.percentiles_exact for r in (*report.rows, report.totals)):
-        out.write(
+        notes.append(
             f"~ percentile from a histogram, within {PERCENTILE_RELATIVE_ERROR:.2%} "
-            f"(groups of more than {EXACT_SAMPLES:,} calls)\n"
+            f"(groups of more than {EXACT_SAMPLES:,} calls)"
         )
+    if table.dropped:
+        notes.append(
+            f"columns left out to fit {fit_width} columns: {', '.join(table.dropped)} "
+            f"(--width {table.needed} shows them; --format csv has every column)"
+        )
+    for note in notes:
+        out.write(textwrap.fill(note, fit_width, subsequent_indent="  ", break_on_hyphens=False))
+        out.write("\n")

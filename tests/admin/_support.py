@@ -1,13 +1,19 @@
 """Helpers for the users-page tests: a budgets config, a real uvicorn server, headless
-Chromium driven through its command line, and a PNG reader built on zlib and struct."""
+Chromium driven through its command line or through the DevTools protocol on a pipe,
+and a PNG reader built on zlib and struct."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import select
 import shutil
 import signal
 import struct
 import subprocess
+import sys
+import time
 import zlib
 from collections import Counter
 from contextlib import suppress
@@ -68,43 +74,180 @@ def chromium() -> str:
     return path
 
 
-def run_chromium(
-    url: str, profile: Path, *extra: str, size: tuple[int, int] = (1280, 900), timeout: float = 60
-) -> subprocess.CompletedProcess[bytes]:
-    """Run headless Chromium once on ``url``; the whole process group dies afterwards."""
-    command = [
-        chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        "--force-color-profile=srgb",
-        f"--user-data-dir={profile}",
-        f"--window-size={size[0]},{size[1]}",
-        "--virtual-time-budget=5000",
-        *extra,
-        url,
-    ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-        else:
-            # Chromium leaves helper processes (zygote, crashpad) behind at times.
+class Browser:
+    """Headless Chromium driven over the DevTools protocol, on a pipe (no extra package).
+
+    Chromium reads protocol commands from its fd 3 and writes replies and events to its
+    fd 4, each message a JSON text ended by a NUL byte. One page (tab) is opened; every
+    command waits for its reply, so the tests read as a sequence of user actions.
+
+    Args:
+        profile: a fresh profile folder.
+        width: the viewport width in CSS pixels.
+        height: the viewport height in CSS pixels.
+        mobile: emulate a phone (``<meta name=viewport>`` applies, touch screen).
+    """
+
+    def __init__(
+        self, profile: Path, *, width: int = 1280, height: int = 900, mobile: bool = False
+    ) -> None:
+        commands_r, self._commands = os.pipe()
+        self._replies, replies_w = os.pipe()
+        arguments = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--force-color-profile=srgb",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
+        # A fresh Python puts the pipe ends on fds 3 and 4, then becomes Chromium (no
+        # preexec_fn: that is unsafe while the test's server threads run).
+        wiring = (
+            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+            "os.execv(sys.argv[3], sys.argv[3:])"
+        )
+        command = [sys.executable, "-c", wiring, str(commands_r), str(replies_w)]
+        self._process = subprocess.Popen(
+            [*command, chromium(), *arguments],
+            pass_fds=(commands_r, replies_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.close(commands_r)
+        os.close(replies_w)
+        self._buffer = b""
+        self._next_id = 0
+        self._events: list[dict[str, Any]] = []
+        target = self._call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self._session: str | None = self._call(
+            "Target.attachToTarget", {"targetId": target, "flatten": True}
+        )["sessionId"]
+        self.command("Page.enable")
+        self.command("Runtime.enable")
+        self.command(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile},
+        )
+        if mobile:
+            self.command("Emulation.setTouchEmulationEnabled", {"enabled": True})
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while b"\0" not in self._buffer:
+            ready, _, _ = select.select([self._replies], [], [], deadline - time.monotonic())
+            if not ready:
+                raise TimeoutError("Chromium did not answer")
+            chunk = os.read(self._replies, 1 << 16)
+            if not chunk:
+                raise RuntimeError("Chromium closed the protocol pipe")
+            self._buffer += chunk
+        message, _, self._buffer = self._buffer.partition(b"\0")
+        decoded: dict[str, Any] = json.loads(message)
+        return decoded
+
+    def _call(
+        self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None
+    ) -> dict[str, Any]:
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self._read(60)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                result: dict[str, Any] = reply.get("result", {})
+                return result
+            if "method" in reply:
+                self._events.append(reply)
+
+    def command(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send one protocol command to the page and return its result."""
+        return self._call(method, params, session=self._session)
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (promises are awaited)."""
+        result = self.command(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
+        """Evaluate ``expression`` until it is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"never true: {expression}")
+            time.sleep(0.05)
+
+    def wait_event(self, method: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for the next protocol event ``method`` (``Page.loadEventFired``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for index, event in enumerate(self._events):
+                if event["method"] == method:
+                    del self._events[: index + 1]
+                    return event
+            self._events.clear()
+            message = self._read(max(0.0, deadline - time.monotonic()))
+            if "method" in message:
+                self._events.append(message)
+
+    def open(self, url: str) -> None:
+        """Navigate to ``url`` and wait until the new document has loaded."""
+        self._events.clear()
+        self.command("Page.navigate", {"url": url})
+        self.wait_event("Page.loadEventFired")
+
+    def submit(self, script: str) -> None:
+        """Run ``script`` (which submits a form or follows a link); wait for the next page."""
+        self._events.clear()
+        self.evaluate(script)
+        self.wait_event("Page.loadEventFired")
+
+    def screenshot(self, path: Path) -> None:
+        """Save the viewport as a PNG."""
+        data = self.command("Page.captureScreenshot", {"format": "png"})["data"]
+        path.write_bytes(base64.b64decode(data))
+
+    def close(self) -> None:
+        """Close Chromium and every process it started."""
+        try:
+            self._call("Browser.close")
+            self._process.wait(timeout=20)
+        except Exception:  # killed below either way
+            pass
+        finally:
             with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+            os.close(self._commands)
+            os.close(self._replies)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,18 @@ import httpx
 import pytest
 import redis
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.responses import HTMLResponse
+from starlette.routing import Mount, Route
 from structlog.testing import capture_logs
 
 from admin._support import (
     MODEL,
     TOKEN,
+    Browser,
     admin_config,
     bearer,
     chromium,
     read_png,
-    run_chromium,
     serve,
 )
 from payi_guard.admin import MAX_BATCH, SESSION_COOKIE, users_app
@@ -170,7 +171,14 @@ async def test_healthz_needs_no_token_and_shows_no_data(memory_guard: Guard) -> 
     assert response.json() == {"status": "ok"}
 
 
-async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
+def csrf_of(page: httpx.Response) -> str:
+    """The sign-out form's CSRF token, from the page's HTML."""
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found is not None, page.text[:500]
+    return found.group(1)
+
+
+async def test_the_page_signs_in_with_a_posted_token_then_uses_a_cookie(
     memory_guard: Guard, clock: FakeClock
 ) -> None:
     spend(memory_guard, "alice-secret", "0.10")
@@ -178,19 +186,20 @@ async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
     async with client_for(app) as client:
         login = await client.get("/")
         assert login.status_code == 401
+        assert '<form method="post"' in login.text
         assert 'name="token"' in login.text
         assert "alice-secret" not in login.text
 
-        wrong = await client.get("/", params={"token": "not-the-token-at-all"})
+        wrong = await client.post("/", data={"token": "not-the-token-at-all"})
         assert wrong.status_code == 401
         assert "not valid" in wrong.text
         assert "set-cookie" not in wrong.headers
 
-        signed = await client.get("/", params={"token": TOKEN})
+        signed = await client.post("/", data={"token": TOKEN})
         assert signed.status_code == 303
-        assert signed.headers["location"] == "./"  # the token leaves the address bar
+        assert signed.headers["location"] == "./"
         cookie = signed.headers["set-cookie"]
-        assert cookie.startswith(f"{SESSION_COOKIE}=v1.")
+        assert cookie.startswith(f"{SESSION_COOKIE}=v2.")
         for flag in ("HttpOnly", "SameSite=strict", "Path=/", "Max-Age=600"):
             assert flag in cookie
         assert "Secure" not in cookie  # plain http
@@ -199,6 +208,7 @@ async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
         page = await client.get("/")
         assert page.status_code == 200
         assert "<table" in page.text
+        assert TOKEN not in page.text
         listing = await client.get("/api/users")
         assert ids_of(listing) == ["alice-secret"]
         # The session cookie reads, it never posts events: that takes the Bearer token.
@@ -206,12 +216,14 @@ async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
 
         # A forged or tampered cookie is refused.
         value = client.cookies[SESSION_COOKIE]
-        expiry, mac = value.split(".")[1:]
+        expiry, nonce, mac = value.split(".")[1:]
         client.cookies.clear()
         for forged in (
-            f"v1.{expiry}.{mac[:-1]}{'0' if mac[-1] != '0' else '1'}",
-            f"v1.{int(expiry) + 1}.{mac}",
-            f"v2.{expiry}.{mac}",
+            f"v2.{expiry}.{nonce}.{mac[:-1]}{'0' if mac[-1] != '0' else '1'}",
+            f"v2.{int(expiry) + 1}.{nonce}.{mac}",
+            f"v2.{expiry}.{nonce[:-1]}{'0' if nonce[-1] != '0' else '1'}.{mac}",
+            f"v1.{expiry}.{mac}",
+            f"v3.{expiry}.{nonce}.{mac}",
             "garbage",
         ):
             cookie_header = {"cookie": f"{SESSION_COOKIE}={forged}"}
@@ -225,6 +237,18 @@ async def test_the_page_signs_in_with_the_token_once_then_uses_a_cookie(
         assert_problem(await client.get("/api/users"), 401)
 
 
+async def test_a_token_in_the_address_never_signs_in(memory_guard: Guard) -> None:
+    async with client_for(users_app(memory_guard, token=TOKEN)) as client:
+        for params in ({"token": TOKEN}, {"token": "wrong-token-0123456789"}):
+            response = await client.get("/", params=params)
+            assert response.status_code == 400
+            assert "set-cookie" not in response.headers
+            assert 'name="token"' in response.text  # the form to use instead
+            assert "not in the address" in response.text
+            assert TOKEN not in response.text
+        assert (await client.get("/")).status_code == 401
+
+
 async def test_the_sign_in_form_and_sign_out(memory_guard: Guard) -> None:
     async with client_for(users_app(memory_guard, token=TOKEN), "https://testserver") as client:
         refused = await client.post("/", data={"token": "nope-nope-nope-nope"})
@@ -233,8 +257,9 @@ async def test_the_sign_in_form_and_sign_out(memory_guard: Guard) -> None:
         signed = await client.post("/", data={"token": TOKEN})
         assert signed.status_code == 303
         assert "Secure" in signed.headers["set-cookie"]  # https
-        assert (await client.get("/")).status_code == 200
-        out = await client.post("/logout")
+        page = await client.get("/")
+        assert page.status_code == 200
+        out = await client.post("/logout", data={"csrf": csrf_of(page)})
         assert out.status_code == 303
         assert f'{SESSION_COOKIE}=""' in out.headers["set-cookie"]
         assert (await client.get("/")).status_code == 401
@@ -242,11 +267,55 @@ async def test_the_sign_in_form_and_sign_out(memory_guard: Guard) -> None:
         assert huge.status_code == 413
 
 
+async def test_state_changing_posts_are_refused_from_another_site(memory_guard: Guard) -> None:
+    app = users_app(memory_guard, token=TOKEN)
+    evil = {"origin": "https://evil.example"}
+    async with client_for(app) as client:
+        # Signing in from another site's form.
+        refused = await client.post("/", data={"token": TOKEN}, headers=evil)
+        assert refused.status_code == 403
+        assert "set-cookie" not in refused.headers
+        cross = {"sec-fetch-site": "cross-site"}
+        assert (await client.post("/", data={"token": TOKEN}, headers=cross)).status_code == 403
+
+        signed = await client.post(
+            "/", data={"token": TOKEN}, headers={"origin": "http://testserver"}
+        )
+        assert signed.status_code == 303
+        page = await client.get("/")
+        csrf = csrf_of(page)
+        # Signing out takes the page's CSRF token, from the page's own origin.
+        for data, headers in (
+            ({}, {}),
+            ({"csrf": "forged"}, {}),
+            ({"csrf": csrf}, evil),
+            ({"csrf": csrf}, cross),
+        ):
+            response = await client.post("/logout", data=data, headers=headers)
+            assert response.status_code == 403, (data, headers)
+            assert "set-cookie" not in response.headers
+            assert (await client.get("/")).status_code == 200  # still signed in
+        # Another session's token does not sign this one out.
+        other = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
+        async with other:
+            await other.post("/", data={"token": TOKEN})
+            other_csrf = csrf_of(await other.get("/"))
+        assert other_csrf != csrf
+        assert (await client.post("/logout", data={"csrf": other_csrf})).status_code == 403
+        done = await client.post(
+            "/logout", data={"csrf": csrf}, headers={"origin": "http://testserver"}
+        )
+        assert done.status_code == 303
+        assert (await client.get("/")).status_code == 401
+
+
 async def test_mounted_under_a_path_the_cookie_is_scoped_to_it(memory_guard: Guard) -> None:
     spend(memory_guard, "alice", "0.10")
     parent = Starlette(routes=[Mount("/guard", users_app(memory_guard, token=TOKEN))])
     async with client_for(parent) as client:
-        signed = await client.get("/guard/", params={"token": TOKEN})
+        signed = await client.post("/guard/", data={"token": TOKEN})
         assert signed.status_code == 303
         assert "Path=/guard/" in signed.headers["set-cookie"]
         assert (await client.get("/guard/")).status_code == 200
@@ -509,6 +578,7 @@ async def test_an_event_is_charged_and_logged_exactly_like_record(
             }
         ],
         "count": 1,
+        "duplicates": 0,
         "cost_usd": "0.0012",
     }
     after = _limits(guard, "acme:dana", "project")
@@ -642,6 +712,8 @@ INVALID_EVENTS: list[tuple[str, dict[str, object], str | None, str]] = [
     ("cost too large", {**BASE, "cost_usd": "1e400"}, "cost_usd", "decimal number"),
     ("cost as bool", {**BASE, "cost_usd": True}, "cost_usd", "decimal number"),
     ("cost as list", {**BASE, "cost_usd": [1]}, "cost_usd", "decimal number"),
+    ("cost in arabic digits", {**BASE, "cost_usd": "\u0661"}, "cost_usd", "decimal number"),
+    ("cost in wide digits", {**BASE, "cost_usd": "\uff10.5"}, "cost_usd", "decimal number"),
     ("user with space", {**BASE, "user_id": "kim lee"}, "user_id", "whitespace"),
     ("user as float", {**BASE, "user_id": 1.5}, "user_id", "must be a string"),
     ("user empty", {**BASE, "user_id": ""}, "user_id", "empty"),
@@ -766,7 +838,7 @@ async def test_a_full_batch_is_charged_in_order(any_guard: CountingGuard) -> Non
     body = response.json()
     assert body["count"] == MAX_BATCH
     assert [r["index"] for r in body["results"]] == list(range(MAX_BATCH))
-    assert body["cost_usd"] == "1.000"
+    assert body["cost_usd"] == "1"
     assert _limits(guard, "batch042")["daily"] == Decimal("0.010")
     assert _limits(guard, "batch042")["tph"] == 70
     assert assert_problem(too_many, 400)["title"] == "Batch too large"
@@ -782,6 +854,17 @@ def _seed_page(guard: Guard) -> None:
     spend(guard, "dave", "0.20", tokens=1_000, limit_ids=["project"])
 
 
+def sign_in(browser: Browser, url: str) -> None:
+    """Sign in as a person does: open the page, type the token, press Sign in."""
+    browser.open(f"{url}/")
+    assert browser.evaluate("document.querySelector('input[name=token]') !== null")
+    browser.submit(
+        f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+        "document.querySelector('form button[type=submit]').click()"
+    )
+    assert browser.evaluate("location.href") == f"{url}/"  # no token in the address
+
+
 @pytest.mark.browser
 def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock) -> None:
     chromium()  # skip (or fail under CI=true) before starting anything
@@ -789,16 +872,22 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock)
     _seed_page(guard)
     app = users_app(guard, token=TOKEN, title="Acme <b>budgets</b>")
     shot = tmp_path / "users.png"
-    with serve(app) as url:
-        page = f"{url}/?token={TOKEN}"
-        dom = run_chromium(page, tmp_path / "profile-dom", "--dump-dom")
-        run_chromium(page, tmp_path / "profile-shot", f"--screenshot={shot}")
-        login = run_chromium(f"{url}/?token=wrong-token-000000", tmp_path / "p3", "--dump-dom")
+    with serve(app) as url, Browser(tmp_path / "profile") as browser:
+        sign_in(browser, url)
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 4")
+        browser.wait_for("document.getElementById('status').textContent.includes('4 of 4')")
+        html = browser.evaluate("document.documentElement.outerHTML")
+        browser.screenshot(shot)
+        browser.command("Network.clearBrowserCookies")  # a new visitor, with a wrong token
+        browser.open(f"{url}/")
+        browser.submit(
+            "document.getElementById('token').value = 'wrong-token-000000';"
+            "document.querySelector('form button[type=submit]').click()"
+        )
+        login = browser.evaluate("document.documentElement.outerHTML")
     print(f"screenshot: {shot}")
     assert shot.exists(), "Chromium wrote no screenshot"
 
-    html = dom.stdout.decode()
-    assert dom.returncode == 0, dom.stderr.decode()[-2000:]
     # The rows exist only if the page's script fetched the API (with the cookie) and
     # rendered it: the served HTML has an empty table body.
     rows = re.findall(r'<tr data-user="([^"]+)" data-state="([^"]+)"', html)
@@ -822,9 +911,9 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock)
     assert "<h1>Acme &lt;b&gt;budgets&lt;/b&gt;</h1>" in html  # the title is text, not markup
     assert "4 of 4 users" in html
 
-    assert login.returncode == 0
-    assert 'name="token"' in login.stdout.decode()
-    assert "data-user" not in login.stdout.decode()
+    assert 'name="token"' in login
+    assert "not valid" in login
+    assert "data-user" not in login
 
     image = read_png(shot.read_bytes())
     assert (image.width, image.height) == (1280, 900)
@@ -834,3 +923,329 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock)
     assert image.count_near(EXCEEDED_RED) >= 300  # the exceeded bars
     assert image.count_near(WARNING_AMBER) >= 100
     assert image.count_near(OK_GREEN) >= 100
+
+
+EVIL_PAGE = """<!doctype html><html><body>
+<form id="f" method="post" action="{target}"><input name="csrf" value="guess"></form>
+<script>document.getElementById("f").submit();</script>
+</body></html>"""
+
+
+@pytest.mark.browser
+def test_sign_in_and_sign_out_in_a_browser(tmp_path: Path, clock: FakeClock) -> None:
+    chromium()
+    guard = Guard(admin_config(), clock=clock)
+    _seed_page(guard)
+    app = users_app(guard, token=TOKEN)
+    with serve(app) as url, Browser(tmp_path / "profile") as browser:
+        evil_app = Starlette(
+            routes=[
+                Route("/", lambda request: HTMLResponse(EVIL_PAGE.format(target=f"{url}/logout")))
+            ]
+        )
+        # The old address form does not sign in, and says what to do instead.
+        browser.open(f"{url}/?token={TOKEN}")
+        assert browser.evaluate("document.querySelector('tr[data-user]')") is None
+        assert "not in the address" in browser.evaluate("document.body.innerText")
+
+        sign_in(browser, url)
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 4")
+
+        # Another site (localhost is not 127.0.0.1) posts a sign-out form: refused.
+        with serve(evil_app) as evil_url:
+            evil = evil_url.replace("127.0.0.1", "localhost")
+            browser.command("Page.navigate", {"url": f"{evil}/"})
+            # The page posts its form at once: wait for the answer to that post.
+            browser.wait_for(
+                f"location.href === {json.dumps(url + '/logout')}"
+                " && document.readyState === 'complete'"
+            )
+            assert "refused" in browser.evaluate("document.body.innerText")
+        browser.open(f"{url}/")
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 4")
+
+        # The page's own Sign out button works.
+        browser.submit(
+            "[...document.querySelectorAll('button')]"
+            ".find(b => b.textContent === 'Sign out').click()"
+        )
+        assert browser.evaluate("location.href") == f"{url}/"
+        assert browser.evaluate("document.querySelector('input[name=token]') !== null")
+        browser.open(f"{url}/")
+        assert browser.evaluate("document.querySelector('tr[data-user]')") is None
+
+
+@pytest.mark.browser
+def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
+    chromium()
+    guard = Guard(admin_config(), clock=clock)
+    _seed_page(guard)
+    spend(guard, "acme:" + "a-very-long-user-id-without-spaces" * 3, "0.30", limit_ids=["project"])
+    spend(guard, "tiny", "0.000000034")
+    app = users_app(guard, token=TOKEN, title="Acme Corporation GenAI budgets")
+    shot = tmp_path / "phone.png"
+    with (
+        serve(app) as url,
+        Browser(tmp_path / "profile", width=390, height=844, mobile=True) as browser,
+    ):
+        browser.open(f"{url}/")
+        login_fits = browser.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
+        sign_in(browser, url)
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 6")
+        tiny = browser.evaluate("document.querySelector('tr[data-user=tiny]').innerText")
+        metrics = browser.evaluate(
+            """(() => {
+              const button = [...document.querySelectorAll('button')]
+                .find(b => b.textContent === 'Sign out');
+              const box = button.getBoundingClientRect();
+              const hit = document.elementFromPoint(
+                box.left + box.width / 2, box.top + box.height / 2);
+              return {
+                innerWidth: window.innerWidth,
+                scrollWidth: document.scrollingElement.scrollWidth,
+                left: box.left, right: box.right, width: box.width, height: box.height,
+                hit: hit === button || button.contains(hit),
+                visible: getComputedStyle(button).visibility === 'visible',
+              };
+            })()"""
+        )
+        browser.screenshot(shot)
+    print(f"screenshot: {shot}", metrics)
+    assert login_fits
+    assert "$0.000000034" in tiny  # money as people read it: never "$0." nor "3.4e-8"
+    assert "e-" not in tiny.lower()
+    assert metrics["innerWidth"] == 390
+    assert metrics["scrollWidth"] <= metrics["innerWidth"], metrics  # no sideways scroll
+    assert 0 <= metrics["left"] < metrics["right"] <= metrics["innerWidth"], metrics
+    assert metrics["width"] > 0
+    assert metrics["height"] > 0
+    assert metrics["hit"], metrics  # nothing covers it
+    assert metrics["visible"]
+    image = read_png(shot.read_bytes())
+    assert image.width == 390
+
+
+# -- events: idempotent per request_id, all or nothing ---------------------------------------
+
+
+async def test_the_same_request_id_is_charged_once(any_guard: CountingGuard) -> None:
+    guard = any_guard
+    event = {"user_id": "ivy", "model": MODEL, "cost_usd": "0.25", "request_id": "svc-1:42"}
+    async with client_for(users_app(guard, token=TOKEN)) as client:
+        with capture_logs() as logs:
+            first = await client.post("/api/events", json=event, headers=bearer())
+            again = await client.post("/api/events", json=event, headers=bearer())
+            # In a batch with new events, the repeated one is skipped, the others charged.
+            mixed = await client.post(
+                "/api/events",
+                json=[{**event, "user_id": "ivy"}, {**event, "request_id": "svc-1:43"}],
+                headers=bearer(),
+            )
+    assert first.status_code == 200
+    [result] = first.json()["results"]
+    assert (result["outcome"], result["cost_usd"]) == ("recorded", "0.25")
+    assert again.status_code == 200
+    [repeat] = again.json()["results"]
+    assert (repeat["outcome"], repeat["cost_usd"], repeat["request_id"]) == (
+        "duplicate",
+        "0",
+        "svc-1:42",
+    )
+    assert again.json()["cost_usd"] == "0"
+    assert again.json()["duplicates"] == 1
+    assert mixed.status_code == 200
+    assert [r["outcome"] for r in mixed.json()["results"]] == ["duplicate", "recorded"]
+    assert _limits(guard, "ivy")["daily"] == Decimal("0.50")  # 0.25 twice, not three times
+    assert [line["request_id"] for line in logs if line["event"] == "genai_call"] == [
+        "svc-1:42",
+        "svc-1:43",
+    ]
+
+
+async def test_request_ids_are_remembered_across_processes_through_the_store(
+    redis_url: str, key_prefix: str, clock: FakeClock
+) -> None:
+    # Two guards on one Redis, as two worker processes would have.
+    guards = [
+        Guard(admin_config(), storage=redis_url, key_prefix=key_prefix, clock=clock)
+        for _ in range(2)
+    ]
+    event = {"user_id": "jon", "model": MODEL, "cost_usd": "0.125", "request_id": "r-7"}
+    try:
+        outcomes = []
+        for guard in guards:
+            async with client_for(users_app(guard, token=TOKEN)) as client:
+                response = await client.post("/api/events", json=event, headers=bearer())
+                assert response.status_code == 200, response.text
+                outcomes.append(response.json()["results"][0]["outcome"])
+        assert outcomes == ["recorded", "duplicate"]
+        assert _limits(guards[0], "jon")["daily"] == Decimal("0.125")
+    finally:
+        for guard in guards:
+            await guard.aclose()
+        _delete_prefix(redis_url, key_prefix)
+
+
+async def test_a_request_id_is_kept_for_the_dedupe_window(
+    memory_guard: Guard, clock: FakeClock
+) -> None:
+    event = {"user_id": "kay", "model": MODEL, "cost_usd": "0.01", "request_id": "once"}
+    app = users_app(memory_guard, token=TOKEN, request_id_ttl=3600)
+    async with client_for(app) as client:
+        assert (await client.post("/api/events", json=event, headers=bearer())).status_code == 200
+        clock.advance(3599)
+        again = await client.post("/api/events", json=event, headers=bearer())
+        assert again.json()["results"][0]["outcome"] == "duplicate"
+        clock.advance(2)
+        later = await client.post("/api/events", json=event, headers=bearer())
+        assert later.json()["results"][0]["outcome"] == "recorded"
+    with pytest.raises(ValueError, match="request_id_ttl"):
+        users_app(memory_guard, token=TOKEN, request_id_ttl=0)
+
+
+async def test_concurrent_posts_of_one_request_id_charge_it_once(
+    any_guard: CountingGuard,
+) -> None:
+    import asyncio
+
+    event = {"user_id": "lee", "model": MODEL, "cost_usd": "0.01", "request_id": "race"}
+    async with client_for(users_app(any_guard, token=TOKEN)) as client:
+        with capture_logs():
+            answers = await asyncio.gather(
+                *(client.post("/api/events", json=event, headers=bearer()) for _ in range(8))
+            )
+    outcomes = []
+    for answer in answers:
+        if answer.status_code == 409:
+            assert "being recorded" in assert_problem(answer, 409)["detail"]
+            outcomes.append("busy")
+        else:
+            assert answer.status_code == 200, answer.text
+            outcomes.append(answer.json()["results"][0]["outcome"])
+    assert outcomes.count("recorded") == 1
+    assert _limits(any_guard, "lee")["daily"] == Decimal("0.01")
+
+
+async def test_a_request_id_twice_in_one_batch_is_refused(memory_guard: Guard) -> None:
+    batch = [
+        {"user_id": "max", "model": MODEL, "cost_usd": "0.01", "request_id": "dup"},
+        {"user_id": "max", "model": MODEL, "cost_usd": "0.02", "request_id": "other"},
+        {"user_id": "max", "model": MODEL, "cost_usd": "0.03", "request_id": "dup"},
+    ]
+    async with client_for(users_app(memory_guard, token=TOKEN)) as client:
+        with capture_logs() as logs:
+            response = await client.post("/api/events", json=batch, headers=bearer())
+    document = assert_problem(response, 400)
+    [error] = document["errors"]
+    assert (error["index"], error["field"]) == (2, "request_id")
+    assert "event 0" in error["message"]
+    assert logs == []
+    assert _limits(memory_guard, "max")["daily"] == 0
+
+
+async def test_an_event_too_costly_for_a_counter_refuses_the_whole_batch(
+    any_guard: CountingGuard,
+) -> None:
+    guard = any_guard
+    # 10^12 output tokens of gpt-4o cost $10,000,000: more than a counter holds.
+    overflowing = [
+        {"user_id": "ned", "model": MODEL, "cost_usd": "0.50"},
+        {"user_id": "ned", "model": "gpt-4o", "output_tokens": 10**12},
+        {"user_id": "ned", "model": MODEL, "cost_usd": "0.25"},
+    ]
+    # Each event fits, but together they are more than one counter (global) holds.
+    too_much = [{"user_id": f"u{i}", "model": MODEL, "cost_usd": "1000000"} for i in range(10)]
+    async with client_for(users_app(guard, token=TOKEN, directory_ttl=0)) as client:
+        with capture_logs() as logs:
+            single = await client.post("/api/events", json=overflowing, headers=bearer())
+            total = await client.post("/api/events", json=too_much, headers=bearer())
+        users = ids_of(await client.get("/api/users", headers=bearer()))
+    document = assert_problem(single, 400)
+    [error] = document["errors"]
+    assert error["index"] == 1
+    assert "$10,000,000" in error["message"]
+    assert "nothing was charged" in document["detail"]
+    document = assert_problem(total, 400)
+    [error] = document["errors"]
+    assert error["index"] == 9
+    assert "split the batch" in error["message"]
+    assert logs == []  # no storage_error, no genai_call: nothing was charged
+    assert users == []
+    assert _limits(guard, "ned")["daily"] == 0
+
+
+async def test_user_money_in_the_api_is_never_in_exponent_notation(memory_guard: Guard) -> None:
+    spend(memory_guard, "tiny", "0.000000034")
+    async with client_for(users_app(memory_guard, token=TOKEN)) as client:
+        one = (await client.get("/api/users/tiny", headers=bearer())).json()
+        listed = (await client.get("/api/users", headers=bearer())).json()["users"][0]
+        recorded = await client.post(
+            "/api/events",
+            json={"user_id": "tiny", "model": MODEL, "cost_usd": "0.00000001"},
+            headers=bearer(),
+        )
+    for summary in (one, listed):
+        assert summary["spend_usd"] == "0.000000034"
+        assert summary["remaining_usd"] == "0.999999966"
+        assert summary["max_usd"] == "1"
+    assert recorded.json()["results"][0]["cost_usd"] == "0.00000001"
+    assert recorded.json()["cost_usd"] == "0.00000001"
+
+
+class PausingGuard(Guard):
+    """A Guard whose manual records wait for the test's go (then run for real)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        import asyncio
+
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def arecord(self, **kwargs: Any) -> Any:
+        self.entered.set()
+        await self.go.wait()
+        return await super().arecord(**kwargs)
+
+
+async def test_a_request_id_being_recorded_refuses_a_second_delivery(clock: FakeClock) -> None:
+    import asyncio
+
+    guard = PausingGuard(admin_config(), clock=clock)
+    event = {"user_id": "olga", "model": MODEL, "cost_usd": "0.02", "request_id": "slow-1"}
+    async with client_for(users_app(guard, token=TOKEN)) as client:
+        with capture_logs():
+            first = asyncio.ensure_future(client.post("/api/events", json=event, headers=bearer()))
+            await guard.entered.wait()  # the first delivery holds the id, mid-charge
+            second = await client.post(
+                "/api/events", json=[{**event, "request_id": "fresh"}, event], headers=bearer()
+            )
+            guard.go.set()
+            assert (await first).status_code == 200
+            third = await client.post("/api/events", json=event, headers=bearer())
+    document = assert_problem(second, 409)
+    assert document["index"] == 1
+    assert "nothing was charged" in document["detail"]
+    assert third.json()["results"][0]["outcome"] == "duplicate"
+    assert _limits(guard, "olga")["daily"] == Decimal("0.02")  # "fresh" was not charged
+
+
+async def test_a_repeated_user_header_is_refused_like_everywhere_else(memory_guard: Guard) -> None:
+    event = {"model": MODEL, "cost_usd": "0.01"}
+    async with client_for(users_app(memory_guard, token=TOKEN)) as client:
+        with capture_logs() as logs:
+            twice = await client.post(
+                "/api/events",
+                json=event,
+                headers=[*bearer().items(), ("xProxy-User-ID", "ann"), ("xProxy-User-ID", "bo")],
+            )
+            joined = await client.post(
+                "/api/events", json=event, headers={**bearer(), "xProxy-User-ID": "ann,bo"}
+            )
+    for response in (twice, joined):
+        document = assert_problem(response, 400)
+        assert "more than once" in document["detail"]
+        assert "ann" not in response.text
+    assert logs == []
+    assert _limits(memory_guard, "ann")["daily"] == 0
+    assert _limits(memory_guard, "bo")["daily"] == 0

@@ -4,6 +4,7 @@ processes (for the tests that stop a server or need one in a special mode)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -11,15 +12,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 import redis.asyncio
 
+from payi_guard.clock import FakeClock
 from payi_guard.ledger import AsyncLedger, Charge, CounterState, Ledger, MemoryLedger, ReserveResult
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -35,11 +37,23 @@ class LedgerAdapter:
         *,
         memory: MemoryLedger | None = None,
         raw: redis.Redis | None = None,
+        make: Callable[..., Ledger | AsyncLedger] | None = None,
     ) -> None:
         self.kind = kind
         self.ledger = ledger
+        # By the shape of its methods, not the Ledger protocol: a backend that lacks an
+        # operation still runs every other test.
+        sync = not inspect.iscoroutinefunction(type(ledger).reserve)
+        self._sync: Ledger | None = cast("Ledger", ledger) if sync else None
+        self._async: AsyncLedger | None = None if sync else cast("AsyncLedger", ledger)
         self.memory = memory
         self.raw = raw
+        self._make = make
+
+    def with_options(self, **options: Any) -> LedgerAdapter:
+        """Another ledger of the same kind on the same store, built with ``options``."""
+        assert self._make is not None, "this adapter cannot build another ledger"
+        return LedgerAdapter(self.kind, self._make(**options), raw=self.raw, make=self._make)
 
     @property
     def is_redis(self) -> bool:
@@ -48,39 +62,82 @@ class LedgerAdapter:
     async def reserve(
         self, rid: str, charges: Sequence[Charge], *, now: float, ttl: float
     ) -> ReserveResult:
-        if isinstance(self.ledger, Ledger):
-            return self.ledger.reserve(rid, charges, now=now, ttl=ttl)
-        return await self.ledger.reserve(rid, charges, now=now, ttl=ttl)
+        if self._sync is not None:
+            return self._sync.reserve(rid, charges, now=now, ttl=ttl)
+        assert self._async is not None
+        return await self._async.reserve(rid, charges, now=now, ttl=ttl)
 
     async def commit(
         self, rid: str, charges: Sequence[Charge], *, now: float
     ) -> tuple[CounterState, ...]:
-        if isinstance(self.ledger, Ledger):
-            return self.ledger.commit(rid, charges, now=now)
-        return await self.ledger.commit(rid, charges, now=now)
+        if self._sync is not None:
+            return self._sync.commit(rid, charges, now=now)
+        assert self._async is not None
+        return await self._async.commit(rid, charges, now=now)
 
     async def release(
         self, rid: str, keys: Sequence[str], *, now: float
     ) -> tuple[CounterState, ...]:
-        if isinstance(self.ledger, Ledger):
-            return self.ledger.release(rid, keys, now=now)
-        return await self.ledger.release(rid, keys, now=now)
+        if self._sync is not None:
+            return self._sync.release(rid, keys, now=now)
+        assert self._async is not None
+        return await self._async.release(rid, keys, now=now)
 
     async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
-        if isinstance(self.ledger, Ledger):
-            return self.ledger.read(keys, now=now)
-        return await self.ledger.read(keys, now=now)
+        if self._sync is not None:
+            return self._sync.read(keys, now=now)
+        assert self._async is not None
+        return await self._async.read(keys, now=now)
+
+    async def renew(self, rid: str, keys: Sequence[str], *, now: float, ttl: float) -> bool:
+        if self._sync is not None:
+            return self._sync.renew(rid, keys, now=now, ttl=ttl)
+        assert self._async is not None
+        return await self._async.renew(rid, keys, now=now, ttl=ttl)
+
+    async def renew_many(
+        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
+    ) -> tuple[bool, ...]:
+        if self._sync is not None:
+            return self._sync.renew_many(reservations, now=now, ttl=ttl)
+        assert self._async is not None
+        return await self._async.renew_many(reservations, now=now, ttl=ttl)
+
+    @property
+    def short_ttl(self) -> float:
+        """A reservation ttl that :meth:`elapse` can pass quickly on this backend's clock."""
+        return 0.3 if self.raw is not None else 30.0
+
+    async def elapse(self, clock: FakeClock, seconds: float) -> None:
+        """Let ``seconds`` pass on the store's clock: the fake clock for memory, the
+        server's own clock (waited for, never guessed) for Redis."""
+        if self.raw is not None:
+            raw = self.raw
+            start = store_time(raw)
+            deadline = time.monotonic() + 60 + seconds
+            while store_time(raw) < start + seconds:
+                assert time.monotonic() < deadline, "the store's clock did not move"
+                time.sleep(0.02)
+        clock.advance(seconds)
 
     async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
-        if isinstance(self.ledger, Ledger):
-            return self.ledger.scan(match, now=now, limit=limit)
-        return await self.ledger.scan(match, now=now, limit=limit)
+        if self._sync is not None:
+            return self._sync.scan(match, now=now, limit=limit)
+        assert self._async is not None
+        return await self._async.scan(match, now=now, limit=limit)
 
     async def close(self) -> None:
-        if isinstance(self.ledger, Ledger):
-            self.ledger.close()
+        if self._sync is not None:
+            self._sync.close()
         else:
-            await self.ledger.aclose()
+            assert self._async is not None
+            await self._async.aclose()
+
+
+def store_time(client: redis.Redis) -> float:
+    """The store's own clock (``TIME``), in epoch seconds."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1_000_000
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> int:
@@ -129,19 +186,32 @@ def redis_server_binary() -> str:
 
 @dataclass
 class RedisServer:
-    """A private redis-server process that a test may stop, freeze and restart."""
+    """A private redis-server process that a test may stop, freeze and restart.
+
+    ``appendonly`` turns on AOF persistence (``appendfsync`` says how often it is
+    synced); a restart on the same ``workdir`` then reloads what the AOF holds.
+    """
 
     port: int
     extra: list[str] = field(default_factory=list)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pg-redis-")))
     process: subprocess.Popen[bytes] | None = None
+    appendonly: bool = False
+    appendfsync: str = "everysec"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, *, sentinel: bool = False, timeout: float = 10.0) -> None:
         command = [redis_server_binary()]
         if sentinel:
             command += [str(self.workdir / "sentinel.conf"), "--sentinel"]
+        persistence = ["--appendonly", "no"]
+        if self.appendonly:
+            persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         command += [
-            "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
             "--daemonize", "no", "--dir", str(self.workdir), *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(
@@ -154,14 +224,22 @@ class RedisServer:
                 client.ping()
                 client.close()
                 return
+            except redis.BusyLoadingError:
+                time.sleep(0.02)  # replaying its AOF
             except redis.RedisError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server on port {self.port} did not start") from None
                 time.sleep(0.02)
 
     def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing is answered."""
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw a frozen server (SIGCONT): it then serves what was queued meanwhile."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -169,8 +247,22 @@ class RedisServer:
             self.process.wait(timeout=10)
         self.process = None
 
+    def restart(self) -> None:
+        """SIGKILL the server and start it again on the same port and directory."""
+        self.kill()
+        self.start()
+
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
+
+
+def _count(connection: object) -> None:
+    # The ledger's factory subclasses the class it is given: count on the class that
+    # holds the counter, not on the subclass.
+    for cls in type(connection).__mro__:
+        if "sent" in vars(cls):
+            cls.sent += 1  # type: ignore[attr-defined]
+            return
 
 
 class CountingConnection(redis.Connection):
@@ -179,7 +271,7 @@ class CountingConnection(redis.Connection):
     sent = 0
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).sent += 1
+        _count(self)
         parent: Any = super()
         parent.send_packed_command(command, check_health)
 
@@ -190,7 +282,7 @@ class AsyncCountingConnection(redis.asyncio.Connection):
     sent = 0
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).sent += 1
+        _count(self)
         parent: Any = super()
         await parent.send_packed_command(command, check_health)
 

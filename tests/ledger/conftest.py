@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -10,12 +13,16 @@ import redis
 from ledger._support import LedgerAdapter, delete_prefix
 from payi_guard.ledger import (
     AsyncMemoryLedger,
+    AsyncSqliteLedger,
     MemoryLedger,
+    SqliteLedger,
     open_async_ledger,
     open_ledger,
 )
 
-BACKENDS = ["memory-sync", "memory-async", "redis-sync", "redis-async"]
+BACKENDS = [
+    "memory-sync", "memory-async", "sqlite-sync", "sqlite-async", "redis-sync", "redis-async",
+]  # fmt: skip
 
 
 @pytest.fixture
@@ -34,15 +41,51 @@ async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncItera
     if kind.startswith("memory"):
         memory = MemoryLedger()
         if kind == "memory-sync":
-            yield LedgerAdapter(kind, memory, memory=memory)
+            yield LedgerAdapter(kind, memory, memory=memory, make=MemoryLedger)
         else:
-            yield LedgerAdapter(kind, AsyncMemoryLedger(memory), memory=memory)
+
+            def make_async(**options: Any) -> AsyncMemoryLedger:
+                return AsyncMemoryLedger(MemoryLedger(**options))
+
+            yield LedgerAdapter(kind, AsyncMemoryLedger(memory), memory=memory, make=make_async)
+        return
+    if kind.startswith("sqlite"):
+        path: Path = request.getfixturevalue("tmp_path") / "ledger.db"
+        cls = SqliteLedger if kind == "sqlite-sync" else AsyncSqliteLedger
+
+        def make_sqlite(**options: Any) -> SqliteLedger | AsyncSqliteLedger:
+            # The contract's closed ids are the SQLite ledger's tombstones.
+            if "closed_ttl" in options:
+                options["tombstone_ttl"] = options.pop("closed_ttl")
+            return cls(path, idempotent=True, **options)
+
+        adapter = LedgerAdapter(kind, make_sqlite(), make=make_sqlite)
+        yield adapter
+        await adapter.close()
         return
     redis_url: str = request.getfixturevalue("redis_url")
     raw: redis.Redis = request.getfixturevalue("raw_redis")
-    if kind == "redis-sync":
-        adapter = LedgerAdapter(kind, open_ledger(redis_url), raw=raw)
-    else:
-        adapter = LedgerAdapter(kind, open_async_ledger(redis_url), raw=raw)
+    opener = open_ledger if kind == "redis-sync" else open_async_ledger
+    make = functools.partial(opener, redis_url)
+    adapter = LedgerAdapter(kind, make(), raw=raw, make=make)
     yield adapter
     await adapter.close()
+
+
+# What the SQLite ledger does not do yet of the ledger contract: each must pass once it does.
+SQLITE_GAPS = {
+    "test_a_reserve_of_a_closed_id_holds_nothing": "a reserve of a released id reserves it",
+    "test_renew_many_renews_each_reservation_in_one_step": "no renew_many",
+    "test_invalid_renewals_raise_value_error": "no renew_many",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        name = getattr(item, "originalname", item.name)
+        if callspec is None or name not in SQLITE_GAPS:
+            continue
+        if str(callspec.params.get("backend", "")).startswith("sqlite"):
+            reason = f"SQLite ledger: {SQLITE_GAPS[name]}"
+            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))

@@ -1,4 +1,4 @@
-"""The ledger contract, run over memory (sync, async) and real Redis (sync, async)."""
+"""The ledger contract, run over memory, SQLite and real Redis (each sync and async)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 
 from ledger._support import LedgerAdapter
 from payi_guard.clock import FakeClock
-from payi_guard.ledger import Charge, CounterState
+from payi_guard.exceptions import StorageError
+from payi_guard.ledger import MAX_UNITS, CapacityExceeded, Charge, CounterState
 from payi_guard.ledger._glob import escape
-from payi_guard.ledger.redis import INDEX_SUFFIX
+from payi_guard.ledger.redis import CLOSED_SUFFIX, INDEX_SUFFIX
 
 DAY = 86_400
 WINDOW = 1_795_737_600  # the day of the `clock` fixture
@@ -84,7 +85,7 @@ async def test_reserve_over_max_is_refused_and_changes_nothing(
     assert states == (CounterState(50, 0),)
     if backend.raw is not None:
         assert not backend.raw.hexists(k2, "r:r2")
-        assert backend.raw.zscore(k2 + INDEX_SUFFIX, "r2") is None
+        assert backend.raw.zscore(k2 + INDEX_SUFFIX, "r:r2") is None
 
 
 async def test_reserve_is_all_or_nothing_across_keys(
@@ -127,9 +128,9 @@ async def test_commit_adds_actual_more_or_less_than_reserved(
     assert await backend.commit("r2", [Charge(k1, 250, None, exp)], now=now) == (
         CounterState(280, 0),
     )
-    # A second commit of a closed id is a plain add, never a second release.
-    assert await backend.commit("r2", [Charge(k1, 5, None, exp)], now=now) == (
-        CounterState(285, 0),
+    # A second commit of a closed id changes nothing: a retried commit counts once.
+    assert await backend.commit("r2", [Charge(k1, 250, None, exp)], now=now) == (
+        CounterState(280, 0),
     )
 
 
@@ -146,6 +147,7 @@ async def test_commit_applies_to_the_reserved_keys_only(
     )
     assert states == (CounterState(70, 40), CounterState(70, 0))
     assert await backend.read([k3], now=now) == (CounterState(0, 0),)
+    await backend.release("other", [k1], now=now)
 
     # After the window rolled over the commit still lands on the keys it names (the
     # old window): the new window's counter is untouched and never negative.
@@ -187,18 +189,21 @@ async def test_release_of_missing_counter_creates_nothing(
 
 
 async def test_reservation_expires_after_ttl(
-    backend: LedgerAdapter, clock: FakeClock, k1: str
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
 ) -> None:
     exp = expiry(clock)
-    start = clock.now()
-    assert (await backend.reserve("r1", [Charge(k1, 800, 1000, exp)], now=start, ttl=30)).ok
-    clock.advance(29.5)
-    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 800),)
-    refused = await backend.reserve("r2", [Charge(k1, 800, 1000, exp)], now=clock.now(), ttl=30)
+    ttl = backend.short_ttl
+    assert (await backend.reserve("r1", [Charge(k1, 800, 1000, exp)], now=clock.now(), ttl=ttl)).ok
+    # A reservation with a long ttl on another counter outlives the first.
+    assert (await backend.reserve("r9", [Charge(k2, 5, 10, exp)], now=clock.now(), ttl=3600)).ok
+    refused = await backend.reserve("r2", [Charge(k1, 800, 1000, exp)], now=clock.now(), ttl=ttl)
     assert not refused.ok
-    clock.advance(0.5)  # deadline reached: the reservation no longer counts
-    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 0),)
-    result = await backend.reserve("r2", [Charge(k1, 800, 1000, exp)], now=clock.now(), ttl=30)
+    await backend.elapse(clock, ttl)  # deadline reached: the reservation no longer counts
+    assert await backend.read([k1, k2], now=clock.now()) == (
+        CounterState(0, 0),
+        CounterState(0, 5),
+    )
+    result = await backend.reserve("r2", [Charge(k1, 800, 1000, exp)], now=clock.now(), ttl=60)
     assert result.ok
     assert result.states == (CounterState(0, 800),)
 
@@ -207,9 +212,10 @@ async def test_commit_after_expiry_still_adds(
     backend: LedgerAdapter, clock: FakeClock, k1: str
 ) -> None:
     exp = expiry(clock)
-    await backend.reserve("r1", [Charge(k1, 500, 1000, exp)], now=clock.now(), ttl=30)
-    clock.advance(31)
-    await backend.reserve("r2", [Charge(k1, 300, 1000, exp)], now=clock.now(), ttl=30)
+    ttl = backend.short_ttl
+    await backend.reserve("r1", [Charge(k1, 500, 1000, exp)], now=clock.now(), ttl=ttl)
+    await backend.elapse(clock, ttl)
+    await backend.reserve("r2", [Charge(k1, 300, 1000, exp)], now=clock.now(), ttl=3600)
     states = await backend.commit("r1", [Charge(k1, 450, None, exp)], now=clock.now())
     assert states == (CounterState(450, 300),)  # r2 still holds its 300
 
@@ -288,15 +294,16 @@ async def test_key_expiry_is_set_and_derived_keys_keep_the_hash_tag(
         # The bound is loose by design: the test only waits on Redis, never on time.
         for key, ttl_ms in ((k1, 3_600_000), (k1 + INDEX_SUFFIX, 3_600_000), (k2, 3_601_000)):
             assert ttl_ms - 600_000 < raw.pttl(key) <= ttl_ms
+        # The committed id is remembered for the closed ttl (600 s), whatever the window.
+        assert 0 < raw.pttl(k2 + CLOSED_SUFFIX) <= 600_000
         keys = sorted(k.decode() for k in raw.scan_iter(match=f"{key_prefix}*"))
-        assert keys == sorted([k1, k1 + INDEX_SUFFIX, k2])
+        assert keys == sorted([k1, k1 + INDEX_SUFFIX, k2, k2 + CLOSED_SUFFIX])
         for stored in keys:
             assert "{u:alice}" in stored or "{u:acme}" in stored
             tag = stored[stored.index("{") : stored.index("}") + 1]
             assert stored.startswith(f"{key_prefix}:{tag}")
-    else:
+    elif backend.memory is not None:
         memory = backend.memory
-        assert memory is not None
         assert len(memory) == 2
         clock.set(exp + 0.5)  # k1 is past its expiry, k2 not yet
         assert memory.sweep(clock.now()) == 1
@@ -312,7 +319,8 @@ BAD_CHARGES: list[tuple[str, Any]] = [
     ("float amount", lambda k, e: [Charge(k, 1.5, 10, e)]),  # type: ignore[arg-type]
     ("bool amount", lambda k, e: [Charge(k, True, 10, e)]),
     ("negative max", lambda k, e: [Charge(k, 1, -10, e)]),
-    ("amount too large", lambda k, e: [Charge(k, 2**53, None, e)]),
+    ("amount too large", lambda k, e: [Charge(k, MAX_UNITS + 1, None, e)]),
+    ("max too large", lambda k, e: [Charge(k, 1, MAX_UNITS + 1, e)]),
     ("empty key", lambda k, e: [Charge("", 1, 10, e)]),
     ("repeated key", lambda k, e: [Charge(k, 1, 10, e), Charge(k, 2, 10, e)]),
     ("nan expiry", lambda k, e: [Charge(k, 1, 10, float("nan"))]),
@@ -355,6 +363,199 @@ async def test_invalid_ids_times_and_keys_raise_value_error(
     with pytest.raises(ValueError, match="sequence"):
         await backend.read(k1, now=now)
     assert await backend.read([k1], now=now) == (CounterState(0, 0),)
+
+
+# -- closed ids: idempotent commits and releases --------------------------------------------
+
+
+async def test_commit_and_release_are_applied_once_per_id(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    charges = [Charge(k1, 400, 1000, exp), Charge(k2, 400, None, exp)]
+    assert (await backend.reserve("r1", charges, now=now, ttl=60)).ok
+    actual = [Charge(k1, 300, None, exp), Charge(k2, 300, None, exp)]
+    first = await backend.commit("r1", actual, now=now)
+    assert first == (CounterState(300, 0), CounterState(300, 0))
+    # A retry (its first reply was lost) and a late release change nothing.
+    assert await backend.commit("r1", actual, now=now) == first
+    assert await backend.release("r1", [k1, k2], now=now) == first
+    # A manual record is closed the same way: recorded once.
+    assert await backend.commit("rec", [Charge(k1, 7, None, exp)], now=now) == (
+        CounterState(307, 0),
+    )
+    assert await backend.commit("rec", [Charge(k1, 7, None, exp)], now=now) == (
+        CounterState(307, 0),
+    )
+
+
+async def test_a_released_id_is_not_committed_later(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    assert (await backend.reserve("r1", [Charge(k1, 400, 1000, exp)], now=now, ttl=60)).ok
+    assert await backend.release("r1", [k1], now=now) == (CounterState(0, 0),)
+    assert await backend.release("r1", [k1], now=now) == (CounterState(0, 0),)
+    assert await backend.commit("r1", [Charge(k1, 300, None, exp)], now=now) == (
+        CounterState(0, 0),
+    )
+
+
+async def test_a_reserve_of_a_closed_id_holds_nothing(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    await backend.commit("r0", [Charge(k1, 100, None, exp)], now=now)
+    # Released before its reserve ever arrived (the caller gave up on it).
+    assert await backend.release("late", [k1, k2], now=now) == (
+        CounterState(100, 0),
+        CounterState(0, 0),
+    )
+    charges = [Charge(k1, 500, 1000, exp), Charge(k2, 500, None, exp)]
+    result = await backend.reserve("late", charges, now=now, ttl=60)
+    assert (result.ok, result.refused, result.closed) == (False, None, True)
+    assert result.states == (CounterState(100, 0), CounterState(0, 0))
+    assert await backend.read([k1, k2], now=now) == result.states
+    # So is a committed id reserved again, on any one of its keys.
+    again = await backend.reserve("r0", [Charge(k2, 1, None, exp), Charge(k1, 1, 1000, exp)],
+                                  now=now, ttl=60)  # fmt: skip
+    assert again.closed
+    assert await backend.read([k1, k2], now=now) == result.states
+
+
+async def test_a_refused_or_expired_reservation_is_not_closed(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    assert not (await backend.reserve("r1", [Charge(k1, 2000, 1000, exp)], now=now, ttl=60)).ok
+    assert (await backend.reserve("r1", [Charge(k1, 200, 1000, exp)], now=now, ttl=60)).ok
+    ttl = backend.short_ttl
+    assert (await backend.reserve("r2", [Charge(k1, 300, 1000, exp)], now=now, ttl=ttl)).ok
+    await backend.elapse(clock, ttl)
+    # The expired reservation's late commit is still charged.
+    states = await backend.commit("r2", [Charge(k1, 250, None, exp)], now=clock.now())
+    assert states == (CounterState(250, 200),)
+
+
+async def test_closed_ids_are_forgotten_after_the_closed_ttl(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    closed_ttl = 0.3 if backend.raw is not None else 600.0
+    ledger = backend.with_options(closed_ttl=closed_ttl)
+    now, exp = clock.now(), expiry(clock)
+    try:
+        await ledger.commit("r1", [Charge(k1, 10, None, exp)], now=now)
+        await ledger.commit("r1", [Charge(k1, 10, None, exp)], now=now)
+        assert await ledger.read([k1], now=now) == (CounterState(10, 0),)
+        await ledger.elapse(clock, closed_ttl)
+        # Past the closed ttl the id is a new one again.
+        await ledger.commit("r1", [Charge(k1, 10, None, exp)], now=clock.now())
+        assert await ledger.read([k1], now=clock.now()) == (CounterState(20, 0),)
+    finally:
+        await ledger.close()
+
+
+# -- renew -------------------------------------------------------------------------------------
+
+
+async def test_renew_keeps_a_live_reservation(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    exp, ttl = expiry(clock), backend.short_ttl
+    charges = [Charge(k1, 600, 1000, exp), Charge(k2, 5, None, exp)]
+    assert (await backend.reserve("r1", charges, now=clock.now(), ttl=ttl)).ok
+    assert await backend.renew("r1", [k1, k2], now=clock.now(), ttl=3600)
+    await backend.elapse(clock, ttl)
+    assert await backend.read([k1, k2], now=clock.now()) == (
+        CounterState(0, 600),
+        CounterState(0, 5),
+    )
+    assert not (await backend.reserve("r2", charges, now=clock.now(), ttl=60)).ok
+    # A renewal never shortens a deadline.
+    assert await backend.renew("r1", [k1, k2], now=clock.now(), ttl=ttl)
+    await backend.elapse(clock, ttl)
+    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 600),)
+    await backend.commit("r1", [Charge(k1, 500, None, exp), Charge(k2, 5, None, exp)],
+                         now=clock.now())  # fmt: skip
+    assert not await backend.renew("r1", [k1, k2], now=clock.now(), ttl=3600)
+
+
+async def test_renew_reports_what_is_no_longer_open(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    exp, ttl = expiry(clock), backend.short_ttl
+    assert (
+        await backend.reserve("gone", [Charge(k1, 100, 1000, exp)], now=clock.now(), ttl=ttl)
+    ).ok
+    assert (
+        await backend.reserve("live", [Charge(k1, 100, 1000, exp)], now=clock.now(), ttl=3600)
+    ).ok
+    await backend.elapse(clock, ttl)
+    assert not await backend.renew("gone", [k1], now=clock.now(), ttl=3600)
+    assert not await backend.renew("never", [k1, k2], now=clock.now(), ttl=3600)
+    # Open on one key only: not open as a whole.
+    assert not await backend.renew("live", [k1, k2], now=clock.now(), ttl=3600)
+    assert await backend.renew("live", [k1], now=clock.now(), ttl=3600)
+    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 100),)
+
+
+async def test_renew_many_renews_each_reservation_in_one_step(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str
+) -> None:
+    exp, ttl = expiry(clock), backend.short_ttl
+    keys = [key(key_prefix, f"user{i}") for i in range(6)]
+    shared = key(key_prefix, "org")
+    for i, k in enumerate(keys):
+        charges = [Charge(k, 10, 100, exp), Charge(shared, 10, None, exp)]
+        assert (await backend.reserve(f"r{i}", charges, now=clock.now(), ttl=ttl)).ok
+    await backend.release("r5", [keys[5], shared], now=clock.now())
+    batch = [(f"r{i}", [k, shared]) for i, k in enumerate(keys)] + [("ghost", [keys[0]])]
+    flags = await backend.renew_many(batch, now=clock.now(), ttl=3600)
+    assert flags == (True, True, True, True, True, False, False)
+    await backend.elapse(clock, ttl)
+    states = await backend.read([*keys, shared], now=clock.now())
+    assert states == (*[CounterState(0, 10)] * 5, CounterState(0, 0), CounterState(0, 50))
+    assert await backend.renew_many([], now=clock.now(), ttl=60) == ()
+
+
+async def test_invalid_renewals_raise_value_error(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    now = clock.now()
+    with pytest.raises(ValueError, match="reservation_id"):
+        await backend.renew("", [k1], now=now, ttl=60)
+    with pytest.raises(ValueError, match="ttl"):
+        await backend.renew("r1", [k1], now=now, ttl=0)
+    with pytest.raises(ValueError, match="once"):
+        await backend.renew("r1", [k1, k1], now=now, ttl=60)
+    with pytest.raises(ValueError, match="twice"):
+        await backend.renew_many([("r1", [k1]), ("r1", [k1])], now=now, ttl=60)
+    with pytest.raises(ValueError, match="pair"):
+        await backend.renew_many([("r1",)], now=now, ttl=60)  # type: ignore[list-item]
+
+
+# -- capacity ----------------------------------------------------------------------------------
+
+
+async def test_amounts_above_the_capacity_are_refused_as_such(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    with pytest.raises(CapacityExceeded) as caught:
+        await backend.reserve("r1", [Charge(k1, MAX_UNITS + 1, None, exp)], now=now, ttl=60)
+    assert (caught.value.index, caught.value.field) == (0, "amount")
+    assert (caught.value.value, caught.value.capacity) == (MAX_UNITS + 1, MAX_UNITS)
+    assert not isinstance(caught.value, StorageError)
+    with pytest.raises(CapacityExceeded, match="max"):
+        await backend.reserve(
+            "r1", [Charge(k1, 1, 10, exp), Charge(k1 + "b", 1, MAX_UNITS + 1, exp)], now=now, ttl=60
+        )
+    with pytest.raises(CapacityExceeded):
+        await backend.commit("r1", [Charge(k1, MAX_UNITS + 1, None, exp)], now=now)
+    # The capacity itself fits.
+    assert (
+        await backend.reserve("r1", [Charge(k1, MAX_UNITS, MAX_UNITS, exp)], now=now, ttl=60)
+    ).ok
 
 
 # -- scan ------------------------------------------------------------------------------------

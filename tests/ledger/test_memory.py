@@ -114,3 +114,46 @@ def test_separate_memory_ledgers_do_not_share(clock: FakeClock) -> None:
 def test_sweep_batch_is_validated() -> None:
     with pytest.raises(ValueError, match="sweep_batch"):
         MemoryLedger(sweep_batch=0)
+    with pytest.raises(ValueError, match="closed_ttl"):
+        MemoryLedger(closed_ttl=0)
+
+
+def test_a_reservation_holds_until_its_deadline_exactly(clock: FakeClock) -> None:
+    # The memory store's clock is the caller's: its deadlines can be read to the instant.
+    ledger = MemoryLedger()
+    key, exp = "pg:{u:a}:usd", clock.now() + 86_400
+    assert ledger.reserve("r1", [Charge(key, 800, 1000, exp)], now=clock.now(), ttl=30).ok
+    clock.advance(29.5)
+    assert ledger.read([key], now=clock.now()) == (CounterState(0, 800),)
+    assert ledger.renew("r1", [key], now=clock.now(), ttl=0.25)  # never shortens
+    clock.advance(0.5)
+    assert ledger.read([key], now=clock.now()) == (CounterState(0, 0),)
+    assert not ledger.renew("r1", [key], now=clock.now(), ttl=30)
+
+
+def test_closed_ids_stay_bounded(clock: FakeClock) -> None:
+    ledger = MemoryLedger(closed_ttl=60, sweep_batch=1000)
+    key, exp = "pg:{u:a}:usd", clock.now() + 86_400
+    for i in range(500):
+        ledger.commit(f"c{i}", [Charge(key, 1, None, exp)], now=clock.now())
+    assert len(ledger._closed) == 500
+    clock.advance(61)
+    ledger.commit("last", [Charge(key, 1, None, exp)], now=clock.now())
+    assert list(ledger._closed) == ["last"]
+    assert len(ledger._closed_times) == 1
+    # Forgotten ids are new ids again.
+    assert ledger.commit("c0", [Charge(key, 1, None, exp)], now=clock.now()) == (
+        CounterState(502, 0),
+    )
+
+
+def test_store_options_are_accepted_by_memory(clock: FakeClock) -> None:
+    events: list[object] = []
+    ledger = open_ledger("memory://", on_event=events.append, marker_key="x", closed_ttl=5)
+    assert isinstance(ledger, MemoryLedger)
+    key, exp = "pg:{u:a}:usd", clock.now() + 86_400
+    ledger.commit("c", [Charge(key, 1, None, exp)], now=clock.now())
+    clock.advance(5)
+    ledger.commit("c", [Charge(key, 1, None, exp)], now=clock.now())  # forgotten after 5 s
+    assert ledger.read([key], now=clock.now()) == (CounterState(2, 0),)
+    assert events == []

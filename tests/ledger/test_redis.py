@@ -30,10 +30,13 @@ from payi_guard.ledger import (
     Charge,
     CounterState,
     RedisLedger,
+    StorageEvent,
+    StorageOutcomeUnknown,
     open_async_ledger,
     open_ledger,
 )
 from payi_guard.ledger.factory import DEFAULT_TIMEOUT
+from payi_guard.ledger.redis import CLOSED_SUFFIX, INDEX_SUFFIX
 
 EXPIRES = 1_795_780_800.0 + 3 * 86_400
 
@@ -44,10 +47,10 @@ EXPIRES = 1_795_780_800.0 + 3 * 86_400
 async def _round_trips(
     adapter: LedgerAdapter, sent: Callable[[], int], rid: str, keys: list[str], now: float
 ) -> list[int]:
-    """How many requests each of reserve, commit, reserve, release, read sent."""
+    """How many requests each of reserve, commit, reserve, renew, release, read sent."""
     charges = [Charge(k, 10, 1000, EXPIRES) for k in keys]
     counts = []
-    for step in ("reserve", "commit", "reserve-again", "release", "read"):
+    for step in ("reserve", "commit", "reserve-again", "renew", "release", "read"):
         before = sent()
         if step == "reserve":
             assert (await adapter.reserve(rid, charges, now=now, ttl=60)).ok
@@ -55,6 +58,9 @@ async def _round_trips(
             await adapter.commit(rid, charges, now=now)
         elif step == "reserve-again":
             assert (await adapter.reserve(rid + "x", charges, now=now, ttl=60)).ok
+        elif step == "renew":
+            batch = [(rid + "x", keys), (rid + "y", keys), (rid, keys)]
+            assert await adapter.renew_many(batch, now=now, ttl=60) == (True, False, False)
         elif step == "release":
             await adapter.release(rid + "x", keys, now=now)
         else:
@@ -75,8 +81,8 @@ async def test_one_round_trip_per_operation(
     await _round_trips(sync, lambda: sync_cls.sent, "warm-s", keys, now)
     await _round_trips(aio, lambda: async_cls.sent, "warm-a", keys, now)
     for i in range(5):
-        assert await _round_trips(sync, lambda: sync_cls.sent, f"s{i}", keys, now) == [1] * 5
-        assert await _round_trips(aio, lambda: async_cls.sent, f"a{i}", keys, now) == [1] * 5
+        assert await _round_trips(sync, lambda: sync_cls.sent, f"s{i}", keys, now) == [1] * 6
+        assert await _round_trips(aio, lambda: async_cls.sent, f"a{i}", keys, now) == [1] * 6
     await sync.close()
     await aio.close()
 
@@ -128,6 +134,8 @@ async def _grouping_scenario(
     assert await adapter.read(every, now=now) == before
     assert not raw.hexists(a, "r:no")
     assert not raw.hexists(b, "r:no")
+    # A rollback is not a release: the refused id is not closed (as on one slot).
+    assert raw.zscore(a + CLOSED_SUFFIX, "no") is None
 
     # The first group refuses at index 2 but a later group has a lower failing index:
     # that one is reported, as a single script would.
@@ -150,6 +158,24 @@ async def _grouping_scenario(
 
     with pytest.raises(ValueError, match="hash tag"):
         await adapter.reserve("tagless", [Charge(f"{prefix}:plain", 1, 5, EXPIRES)], now=now, ttl=1)
+
+    # Renewals: one script run per slot for the whole batch.
+    held = [Charge(a, 1, None, EXPIRES), Charge(b, 1, None, EXPIRES), Charge(c, 1, None, EXPIRES)]
+    assert (await adapter.reserve("long-1", held, now=now, ttl=60)).ok
+    assert (await adapter.reserve("long-2", held[:2], now=now, ttl=60)).ok
+    start = sent()
+    batch = [("long-1", [a, b, c]), ("long-2", [a, b]), ("gone", [c])]
+    assert await adapter.renew_many(batch, now=now, ttl=3600) == (True, True, False)
+    assert sent() - start == 3
+    for key in (a, b):
+        assert raw.zscore(key + INDEX_SUFFIX, "r:long-2") is not None
+    # A retried commit that half failed completes on the other slots only.
+    await adapter.commit("long-2", [Charge(a, 1, None, EXPIRES)], now=now)
+    states = await adapter.commit(
+        "long-2", [Charge(a, 1, None, EXPIRES), Charge(b, 1, None, EXPIRES)], now=now
+    )
+    assert states[0].settled == before[0].settled + 1
+    assert states[1].settled == before[2].settled + 1
 
 
 async def test_slot_grouping_sync(
@@ -228,6 +254,87 @@ def test_dead_server_fails_fast_and_the_same_ledger_recovers(clock: FakeClock) -
         loop.run_until_complete(aio.aclose())
         loop.close()
         sync.close()
+        server.kill()
+
+
+# -- shared clients, store events, clients built elsewhere ----------------------------------------
+
+
+async def test_ledgers_of_one_uri_share_one_client(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    key = f"{key_prefix}:{{u:a}}:usd"
+    first, second = open_ledger(redis_url), open_ledger(redis_url)
+    other = open_ledger(redis_url, socket_timeout=1)
+    assert isinstance(first, RedisLedger)
+    assert isinstance(second, RedisLedger)
+    assert isinstance(other, RedisLedger)
+    assert first.client is second.client
+    assert other.client is not first.client
+    first.close()
+    first.close()  # twice: still one release
+    # The other holder still works; after its close a new ledger gets a new client.
+    assert second.commit("c1", [Charge(key, 5, None, EXPIRES)], now=clock.now()) == (
+        CounterState(5, 0),
+    )
+    second.close()
+    third = open_ledger(redis_url)
+    assert isinstance(third, RedisLedger)
+    assert third.client is not first.client
+    third.close()
+    other.close()
+
+    aio_first, aio_second = open_async_ledger(redis_url), open_async_ledger(redis_url)
+    assert isinstance(aio_first, AsyncRedisLedger)
+    assert isinstance(aio_second, AsyncRedisLedger)
+    await aio_first.read([key], now=clock.now())
+    await aio_second.read([key], now=clock.now())
+    assert aio_first._binding().client is aio_second._binding().client
+    await aio_first.aclose()
+    assert await aio_second.read([key], now=clock.now()) == (CounterState(5, 0),)
+    await aio_second.aclose()
+
+
+def test_a_failing_event_callback_never_fails_the_operation(clock: FakeClock) -> None:
+    from structlog.testing import capture_logs
+
+    server = RedisServer(free_port())
+    server.start()
+
+    def broken(event: StorageEvent) -> None:
+        raise RuntimeError("the callback is broken")
+
+    ledger = open_ledger(server.url, on_event=broken)
+    try:
+        with capture_logs() as logs:
+            result = ledger.commit("c", [Charge("k:{u:a}", 5, None, EXPIRES)], now=clock.now())
+        assert result == (CounterState(5, 0),)
+        (logged,) = [e for e in logs if e["event"] == "storage_event_callback_failed"]
+        assert (logged["kind"], logged["error_type"]) == ("new", "RuntimeError")
+    finally:
+        ledger.close()
+        server.kill()
+
+
+def test_a_client_built_elsewhere_reports_timeouts_as_unknown_outcomes(clock: FakeClock) -> None:
+    server = RedisServer(free_port())
+    server.start()
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis(port=server.port, socket_timeout=0.25, retry=Retry(NoBackoff(), 0))
+    ledger = RedisLedger(client)
+    key = "k:{u:a}"
+    try:
+        ledger.read([key], now=clock.now())
+        server.pause()
+        # Without the factory's connections the ledger cannot tell when a request was
+        # sent: a timeout may have been applied.
+        with pytest.raises(StorageOutcomeUnknown):
+            ledger.commit("c", [Charge(key, 5, None, EXPIRES)], now=clock.now())
+    finally:
+        server.resume()
+        ledger.close()
         server.kill()
 
 
@@ -312,6 +419,12 @@ async def test_real_cluster_groups_by_slot(cluster_port: int, clock: FakeClock) 
     assert sync.read(keys, now=now) == (CounterState(0, 200),) * 3
     assert await aio.commit("a1", charges, now=now) == (CounterState(100, 100),) * 3
     assert sync.release("s1", keys, now=now) == (CounterState(100, 0),) * 3
+    # Idempotent per id on every slot; renewals reach every slot.
+    assert await aio.commit("a1", charges, now=now) == (CounterState(100, 0),) * 3
+    assert sync.reserve("s3", charges, now=now, ttl=60).ok
+    assert sync.renew_many([("s3", keys), ("a1", keys)], now=now, ttl=600) == (True, False)
+    assert await aio.renew("s3", keys, now=now, ttl=600)
+    assert sync.release("s3", keys, now=now) == (CounterState(100, 0),) * 3
 
     # Without grouping the server itself refuses the cross-slot script.
     client: Any = sync.client
@@ -350,10 +463,15 @@ def test_sentinel_uri_reaches_the_master(clock: FakeClock) -> None:
     )
     try:
         sentinel.start(sentinel=True)
-        ledger = open_ledger(f"redis+sentinel://127.0.0.1:{sentinel.port}/pgmaster/0")
+        events: list[StorageEvent] = []
+        uri = f"redis+sentinel://127.0.0.1:{sentinel.port}/pgmaster/0"
+        ledger = open_ledger(uri, on_event=events.append)
         key = "pgtest:sentinel:{u:a}:usd"
         assert ledger.reserve("r", [Charge(key, 5, 10, EXPIRES)], now=clock.now(), ttl=60).ok
         assert master.client().hget(key, "p") == b"5"
+        # The master's connections check the store marker too.
+        assert [event.kind for event in events] == ["new"]
+        assert master.client().get("payi_guard:store-marker") == events[0].marker.encode()
         ledger.close()
     finally:
         sentinel.kill()

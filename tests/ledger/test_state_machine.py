@@ -1,8 +1,14 @@
-"""A model-based test: random reserve / commit / release / record / time / window steps
-against memory and real Redis, checked after every step against a plain model."""
+"""A model-based test: random reserve / commit / release / record / renew / retry / time /
+window steps against memory and real Redis, checked after every step against a plain model.
+
+Memory runs on the caller's clock, so reservations and closed ids expire as the model's
+time moves; Redis runs deadlines on its own clock, which hardly moves during a run, so
+there the model's reservations and closed ids never expire (the caller's time still
+moves, and only decides where counters live)."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ from payi_guard.ledger import Charge, CounterState, Ledger, MemoryLedger, open_l
 START = 1_795_780_800.0
 EXPIRES = START + 30 * 86_400  # no counter expires during a run
 MAXES: tuple[int | None, ...] = (1000, 600, None)  # per window: two limited counters, one not
+CLOSED_TTL = 600.0
 
 
 @dataclass
@@ -37,6 +44,10 @@ class LedgerMachine(RuleBasedStateMachine):
     """Drives one ledger and a model; ``make`` builds the ledger and a cleanup."""
 
     make: Callable[[str], tuple[Ledger, Callable[[], None]]]
+    store_clock = False
+    """True when deadlines follow the store's own clock rather than the model's time."""
+    closed_reserves = True
+    """True when a reserve of a closed id answers ``closed`` (the ledger contract)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,6 +59,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.settled: dict[str, int] = {}
         self.maxes: dict[str, int | None] = {}
         self.open: dict[str, Reservation] = {}
+        # Committed or released ids: their charges and until when they are remembered.
+        self.closed: dict[str, tuple[list[Charge], float]] = {}
         # Counters an honest caller could not have pushed past max: a late commit of an
         # expired reservation, an actual above its estimate or a manual record did.
         self.tainted: set[str] = set()
@@ -70,6 +83,17 @@ class LedgerMachine(RuleBasedStateMachine):
     def new_id(self) -> str:
         self.seq += 1
         return f"r{self.seq}"
+
+    def deadline(self, ttl: float) -> float:
+        return math.inf if self.store_clock else self.now + ttl
+
+    def ledger_ttl(self, ttl: float) -> float:
+        # On the store's clock a run must never outlive a reservation, however slow.
+        return 86_400.0 if self.store_clock else ttl
+
+    def close(self, rid: str, charges: list[Charge]) -> None:
+        until = math.inf if self.store_clock else self.now + CLOSED_TTL
+        self.closed[rid] = (charges, until)
 
     # -- rules ---------------------------------------------------------------------------
 
@@ -96,11 +120,12 @@ class LedgerMachine(RuleBasedStateMachine):
                 break
         rid = self.new_id()
         before = tuple(self.state(c.key) for c in charges)
-        result = self.ledger.reserve(rid, charges, now=self.now, ttl=ttl)
+        result = self.ledger.reserve(rid, charges, now=self.now, ttl=self.ledger_ttl(ttl))
         assert result.refused == refused
         assert result.ok == (refused is None)
+        assert not result.closed
         if result.ok:
-            self.open[rid] = Reservation({c.key: c.amount for c in charges}, self.now + ttl)
+            self.open[rid] = Reservation({c.key: c.amount for c in charges}, self.deadline(ttl))
             assert result.states == tuple(self.state(c.key) for c in charges)
         else:
             assert result.states == before
@@ -122,6 +147,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.settled[key] += actual
         states = self.ledger.commit(rid, charges, now=self.now)
         assert states == tuple(self.state(c.key) for c in charges)
+        self.close(rid, charges)
 
     @precondition(lambda self: bool(self.open))
     @rule(data=st.data())
@@ -131,6 +157,46 @@ class LedgerMachine(RuleBasedStateMachine):
         keys = list(reservation.amounts)
         states = self.ledger.release(rid, keys, now=self.now)
         assert states == tuple(self.state(k) for k in keys)
+        self.close(rid, [Charge(k, 0, None, EXPIRES) for k in keys])
+
+    @precondition(lambda self: bool(self.closed))
+    @rule(data=st.data(), late_reserve=st.booleans())
+    def retry_a_closed_id(self, data: st.DataObject, late_reserve: bool) -> None:
+        """A commit retried after a lost reply, or a reserve that arrives late."""
+        rid = data.draw(st.sampled_from(sorted(self.closed)))
+        charges, until = self.closed[rid]
+        remembered = until > self.now
+        if late_reserve and self.closed_reserves:
+            keys = [c.key for c in charges]
+            limits = [Charge(k, 1, self.maxes.get(k), EXPIRES) for k in keys]
+            before = tuple(self.state(k) for k in keys)
+            result = self.ledger.reserve(rid, limits, now=self.now, ttl=self.ledger_ttl(30.0))
+            if remembered:
+                assert result.closed
+                assert result.states == before
+            elif result.ok:  # forgotten: an ordinary new reservation
+                self.open[rid] = Reservation(dict.fromkeys(keys, 1), self.deadline(30.0))
+                del self.closed[rid]
+            return
+        if not remembered:
+            for charge in charges:
+                self.settled[charge.key] += charge.amount
+                if charge.amount:
+                    self.tainted.add(charge.key)
+            self.close(rid, charges)
+        states = self.ledger.commit(rid, charges, now=self.now)
+        assert states == tuple(self.state(c.key) for c in charges)
+
+    @precondition(lambda self: bool(self.open))
+    @rule(data=st.data(), ttl=st.sampled_from([30.0, 300.0]))
+    def renew(self, data: st.DataObject, ttl: float) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.open)))
+        reservation = self.open[rid]
+        alive = reservation.deadline > self.now
+        keys = list(reservation.amounts)
+        assert self.ledger.renew(rid, keys, now=self.now, ttl=self.ledger_ttl(ttl)) == alive
+        if alive:
+            reservation.deadline = max(reservation.deadline, self.deadline(ttl))
 
     @rule(index=st.integers(0, len(MAXES) - 1), amount=st.integers(0, 300))
     def record(self, index: int, amount: int) -> None:
@@ -138,10 +204,11 @@ class LedgerMachine(RuleBasedStateMachine):
         if amount:
             self.tainted.add(key)
         self.settled[key] += amount
-        states = self.ledger.commit(
-            self.new_id(), [Charge(key, amount, None, EXPIRES)], now=self.now
-        )
+        rid = self.new_id()
+        charges = [Charge(key, amount, None, EXPIRES)]
+        states = self.ledger.commit(rid, charges, now=self.now)
         assert states == (self.state(key),)
+        self.close(rid, charges)
 
     @rule(seconds=st.sampled_from([0.5, 1.0, 29.5, 30.0, 59.0, 60.0, 299.0, 300.0, 301.0]))
     def advance(self, seconds: float) -> None:
@@ -173,8 +240,19 @@ class LedgerMachine(RuleBasedStateMachine):
         self.cleanup()
 
 
-def _run(make: Callable[[str], tuple[Ledger, Callable[[], None]]], examples: int) -> None:
-    machine = type("Machine", (LedgerMachine,), {"make": staticmethod(make)})
+def _run(
+    make: Callable[[str], tuple[Ledger, Callable[[], None]]],
+    examples: int,
+    *,
+    store_clock: bool = False,
+    closed_reserves: bool = True,
+) -> None:
+    attributes = {
+        "make": staticmethod(make),
+        "store_clock": store_clock,
+        "closed_reserves": closed_reserves,
+    }
+    machine = type("Machine", (LedgerMachine,), attributes)
     run_state_machine_as_test(
         machine,
         settings=settings(
@@ -206,6 +284,6 @@ def test_redis_ledger_matches_the_model(redis_url: str) -> None:
         return ledger, cleanup
 
     try:
-        _run(make, examples=60)
+        _run(make, examples=60, store_clock=True)
     finally:
         raw.close()

@@ -6,15 +6,26 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import threading
+import time
 from typing import Any
 
 import redis
 
+from ledger._support import store_time
 from ledger._workers import hammer, hammer_process, hold_reservation
 from payi_guard.clock import FakeClock
 from payi_guard.ledger import Charge, CounterState, MemoryLedger, open_ledger
+from payi_guard.ledger.redis import INDEX_SUFFIX
 
 LIMIT = 5_000_000_000  # $5 in nano-USD
+
+
+def wait_store_time(client: redis.Redis, target: float) -> None:
+    """Wait until the store's own clock reads at least ``target`` (bounded)."""
+    deadline = time.monotonic() + 60
+    while store_time(client) < target:
+        assert time.monotonic() < deadline, "the store's clock did not move"
+        time.sleep(0.02)
 
 
 def _check(settled: CounterState, org: CounterState, sums: list[int]) -> None:
@@ -81,7 +92,7 @@ def test_killed_process_budget_comes_back_after_ttl(
     redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
 ) -> None:
     key = f"{key_prefix}:{{u:acme:bob}}:usd:day:1"
-    ttl = 300.0
+    ttl = 2.0
     start = clock.now()
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
@@ -96,15 +107,28 @@ def test_killed_process_budget_comes_back_after_ttl(
         child.join(timeout=30)
     assert child.exitcode == -signal.SIGKILL
 
+    # The deadline is on the store's clock: wait for it there, never on this host's.
+    deadline = raw_redis.zscore(key + INDEX_SUFFIX, "r:doomed")
+    assert deadline is not None
     ledger = open_ledger(redis_url)
     charge = [Charge(key, 2_000_000_000, LIMIT, start + 86_400)]
-    clock.advance(ttl - 1)
-    assert ledger.read([key], now=clock.now()) == (CounterState(0, 4_000_000_000),)
-    assert not ledger.reserve("after-crash-1", charge, now=clock.now(), ttl=ttl).ok
-    clock.advance(1)
-    result = ledger.reserve("after-crash-2", charge, now=clock.now(), ttl=ttl)
+    wait_store_time(raw_redis, deadline)
+    result = ledger.reserve("after-crash", charge, now=clock.now(), ttl=60)
     assert result.ok
     assert result.states == (CounterState(0, 2_000_000_000),)
     # The dead reservation is gone from storage too, not only from the totals.
     assert not raw_redis.hexists(key, "r:doomed")
+    ledger.close()
+
+
+def test_a_live_reservation_holds_until_its_store_deadline(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    key = f"{key_prefix}:{{u:acme:carol}}:usd:day:1"
+    ledger = open_ledger(redis_url)
+    charge = [Charge(key, 4_000_000_000, LIMIT, clock.now() + 86_400)]
+    assert ledger.reserve("held", charge, now=clock.now(), ttl=3600).ok
+    # A caller whose clock is a day ahead frees nothing: the store's clock decides.
+    assert not ledger.reserve("other", charge, now=clock.now() + 86_000, ttl=60).ok
+    assert ledger.read([key], now=clock.now() + 86_000) == (CounterState(0, 4_000_000_000),)
     ledger.close()

@@ -425,7 +425,7 @@ def test_untrusted_usage_of_a_plain_call_is_charged_the_reservation(
     assert event["cost_usd"] == event["reserved_usd"] > 0
     assert logged_usd(event) == used(guard, "alice")
     assert event["output_tokens"] == 50
-    assert invalid["problems"] == (problems or ["prompt_tokens_details.cached_tokens: 1.5"])
+    assert invalid["reason"] == "; ".join(problems or ["prompt_tokens_details.cached_tokens: 1.5"])
 
 
 async def test_untrusted_usage_of_an_anthropic_stream_is_charged_the_reservation(
@@ -443,7 +443,7 @@ async def test_untrusted_usage_of_an_anthropic_stream_is_charged_the_reservation
     event = one_call(logs)
     assert event["outcome"] == "unverified"
     assert event["cost_usd"] == event["reserved_usd"]
-    assert [e["problems"] for e in logs if e["event"] == "usage_invalid"] == [["output_tokens: -1"]]
+    assert [e["reason"] for e in logs if e["event"] == "usage_invalid"] == ["output_tokens: -1"]
 
 
 def test_a_stream_without_usage_is_charged_its_estimate_not_the_reservation(

@@ -166,4 +166,4 @@ def test_a_stream_in_an_encoding_the_guard_cannot_read_is_unverified(guard: Guar
     (invalid,) = [e for e in logs if e["event"] == "usage_invalid"]
     assert event["outcome"] == "unverified"
     assert event["cost_usd"] == event["reserved_usd"] > 0
-    assert "content-encoding" in invalid["problems"][0]
+    assert "content-encoding" in invalid["reason"]

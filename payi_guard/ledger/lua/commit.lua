@@ -1,38 +1,43 @@
--- Close a reservation (if still open) and add the actual amounts to "s"; also release.
--- KEYS: per charge, the counter hash and its reservation index (2 keys per charge).
--- ARGV: reservation id, now, then per charge: amount, time to live in milliseconds
---       ('' = leave the expiry alone, as release does).
+-- Close a reservation (if still open), add the actual amounts to "s", and remember the
+-- id as closed on every key; also release (amounts of 0). An id already closed on a
+-- key changes nothing there: a retried commit or release is applied once.
+-- KEYS: per charge, the three keys of its counter (see lib.lua).
+-- ARGV: reservation id, seconds to remember the id, then per charge: amount, time to
+--       live of the counter in milliseconds ('' = leave the expiry alone, as release does).
 -- Returns {settled_1, pending_1, settled_2, pending_2, ...}.
 local id = ARGV[1]
-local now = ARGV[2]
+local keep = tonumber(ARGV[2])
+local now = store_now()
 local field = 'r:' .. id
 local out = {}
 
-for i = 1, #KEYS / 2 do
-  local key, index = KEYS[2 * i - 1], KEYS[2 * i]
+for i = 1, #KEYS / 3 do
+  local key, index, closed = counter_keys(i)
   local amount = ARGV[2 * i + 1]
   local ttl = ARGV[2 * i + 2]
   purge(key, index, now)
-  local held = redis.call('HGET', key, field)
-  if held then
-    redis.call('HDEL', key, field)
-    redis.call('ZREM', index, id)
-    if held ~= '0' then
-      redis.call('HINCRBY', key, 'p', fmt(-tonumber(held)))
+  trim_closed(closed, now)
+  if not is_closed(closed, id, now) then
+    local held = redis.call('HGET', key, field)
+    if held then
+      redis.call('HDEL', key, field)
+      redis.call('ZREM', index, field)
+      if held ~= '0' then
+        redis.call('HINCRBY', key, 'p', fmt(-tonumber(held)))
+      end
+    end
+    if amount ~= '0' then
+      redis.call('HINCRBY', key, 's', amount)
+    end
+    close_id(closed, id, now, keep)
+    if ttl ~= '' then
+      -- PEXPIRE on a missing key is a no-op, so a zero commit creates no counter.
+      redis.call('PEXPIRE', key, ttl)
+      redis.call('PEXPIRE', index, ttl)
     end
   end
-  local settled
-  if amount ~= '0' then
-    settled = redis.call('HINCRBY', key, 's', amount)
-  else
-    settled = tonumber(redis.call('HGET', key, 's')) or 0
-  end
+  local settled, pending = totals(key)
   out[2 * i - 1] = settled
-  out[2 * i] = tonumber(redis.call('HGET', key, 'p')) or 0
-  if ttl ~= '' then
-    -- PEXPIRE on a missing key is a no-op, so a zero commit creates nothing.
-    redis.call('PEXPIRE', key, ttl)
-    redis.call('PEXPIRE', index, ttl)
-  end
+  out[2 * i] = pending
 end
 return out

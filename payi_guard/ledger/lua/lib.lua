@@ -1,33 +1,84 @@
--- Shared prelude of the ledger scripts (prepended to reserve.lua, commit.lua, read.lua).
+-- Shared prelude of the ledger scripts (prepended to each of them).
 --
 -- Counter K is a hash: field "s" = settled, "p" = pending (sum of open reservations),
 -- "r:<id>" = amount of open reservation <id>. The sorted set K .. ":x" maps each open
--- reservation id to its deadline (epoch seconds) so expired ones are found in O(log n).
+-- reservation's field name ("r:<id>") to its deadline, so expired ones are found in
+-- O(log n). The sorted set K .. ":d" maps each closed (committed or released) id to
+-- the time until which it is remembered. Every script receives the three keys of each
+-- counter, in this order, in KEYS.
+--
+-- Deadlines are on the store's clock (TIME), never the caller's: hosts whose clocks
+-- disagree still agree on when a reservation ends.
 --
 -- Arithmetic results are written back with string.format('%d', ...): Lua 5.1 turns a
--- number above 1e14 into "1e+15" with tostring, which HINCRBY refuses.
+-- number above 1e14 into "1e+15" with tostring, which HINCRBY refuses. Times are
+-- written with '%.6f' (tostring keeps only 14 significant digits).
+
+if redis.replicate_commands then
+  -- Redis < 5 replicates scripts verbatim unless told otherwise; TIME needs effects.
+  redis.replicate_commands()
+end
 
 local function fmt(n)
   return string.format('%d', n)
 end
 
+local function fmt_time(t)
+  return string.format('%.6f', t)
+end
+
+-- The store's clock, in epoch seconds.
+local function store_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- The keys of counter i (1-based) in KEYS: the hash, its reservations, its closed ids.
+local function counter_keys(i)
+  return KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+end
+
 -- Drop the reservations of `key` whose deadline is <= now and take them off "p".
 local function purge(key, index, now)
-  local expired = redis.call('ZRANGEBYSCORE', index, '-inf', now)
+  local expired = redis.call('ZRANGEBYSCORE', index, '-inf', fmt_time(now))
   if #expired == 0 then
     return
   end
   local freed = 0
-  for _, id in ipairs(expired) do
-    local field = 'r:' .. id
+  for _, field in ipairs(expired) do
     local held = redis.call('HGET', key, field)
     if held then
       freed = freed + tonumber(held)
       redis.call('HDEL', key, field)
     end
   end
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', fmt_time(now))
   if freed ~= 0 then
     redis.call('HINCRBY', key, 'p', fmt(-freed))
   end
+end
+
+-- Forget up to 64 closed ids whose time is over (enough to keep up: each close adds one).
+local function trim_closed(closed, now)
+  local over = redis.call('ZCOUNT', closed, '-inf', fmt_time(now))
+  if over > 0 then
+    redis.call('ZREMRANGEBYRANK', closed, 0, math.min(over, 64) - 1)
+  end
+end
+
+local function is_closed(closed, id, now)
+  local until_ = redis.call('ZSCORE', closed, id)
+  return until_ ~= false and tonumber(until_) > now
+end
+
+-- Remember that `id` is closed on this counter for `keep` seconds.
+local function close_id(closed, id, now, keep)
+  redis.call('ZADD', closed, fmt_time(now + keep), id)
+  redis.call('PEXPIRE', closed, math.ceil(keep * 1000))
+end
+
+-- {settled, pending} of a counter.
+local function totals(key)
+  local v = redis.call('HMGET', key, 's', 'p')
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0
 end

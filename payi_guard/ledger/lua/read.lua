@@ -1,15 +1,15 @@
 -- Read counters, dropping expired reservations on the way.
--- KEYS: per counter, the counter hash and its reservation index (2 keys per counter).
--- ARGV: now.
+-- KEYS: per counter, its three keys (see lib.lua).
+-- ARGV: none.
 -- Returns {settled_1, pending_1, settled_2, pending_2, ...}.
-local now = ARGV[1]
+local now = store_now()
 local out = {}
 
-for i = 1, #KEYS / 2 do
-  local key, index = KEYS[2 * i - 1], KEYS[2 * i]
+for i = 1, #KEYS / 3 do
+  local key, index = counter_keys(i)
   purge(key, index, now)
-  local v = redis.call('HMGET', key, 's', 'p')
-  out[2 * i - 1] = tonumber(v[1]) or 0
-  out[2 * i] = tonumber(v[2]) or 0
+  local settled, pending = totals(key)
+  out[2 * i - 1] = settled
+  out[2 * i] = pending
 end
 return out

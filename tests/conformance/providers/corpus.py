@@ -29,8 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from conformance.providers.drivers import Call
+
+PRICED_AT = datetime(2026, 6, 1, tzinfo=timezone.utc)
+"""The day prices are resolved at: genai-prices carries dated price changes."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ request says, and the tests compare the request path the SDK built with the reco
 one. Bedrock ``InvokeModel`` sends the recorded request body unchanged (the body is the
 model family's own JSON, opaque to the SDK).
 
+Besides the usage, each driver writes a transcript of everything the application got:
+every response object and every stream chunk or event, in JSON form
+(:func:`app_view`). The guarded replays compare it with the bare one.
+
 Every client gets dummy credentials and no retries, so a replay that went wrong fails at
 once instead of retrying against a server with nothing left to send. ``prepare`` is
 called with each SDK client right after it is built and its result is used instead (the
@@ -34,6 +38,59 @@ TIMEOUT = 30.0
 T = TypeVar("T")
 Usage = dict[str, int]
 Prepare = Callable[[Any], Any]
+Transcript = list[Any]
+
+VOLATILE_HEADERS = frozenset(
+    {"date", "server", "content-length", "content-encoding", "transfer-encoding"}
+)
+"""Response headers left out of a transcript: the loopback server writes its own
+``Date`` and ``Server``, and framing headers change when a body is decoded on the way
+(the server sends recorded gzip bodies whatever ``Accept-Encoding`` asked for). Header
+names are kept lower-cased: HTTP compares them so, and google-genai's async calls keep
+the server's spelling through aiohttp but not through httpx (the guard sends them
+through httpx)."""
+
+
+@dataclass
+class Run:
+    """What one driver run gave the application."""
+
+    usage: list[Usage] = field(default_factory=list)
+    """Per SDK call, the token counts the SDK exposed."""
+    transcript: Transcript = field(default_factory=list)
+    """Every response object, chunk and event, in order, in JSON form."""
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json", exclude_none=True)
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj).decode("utf-8", "backslashreplace")
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    return repr(obj)
+
+
+def _scrub(obj: Any, in_headers: bool = False) -> Any:
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if in_headers:
+                key = str(key).lower()
+                if key in VOLATILE_HEADERS:
+                    continue
+            out[key] = _scrub(value, str(key).lower() in ("headers", "httpheaders"))
+        return out
+    if isinstance(obj, list):
+        return [_scrub(value) for value in obj]
+    return obj
+
+
+def app_view(obj: Any) -> Any:
+    """``obj`` as the application sees it, in JSON form, without volatile headers."""
+    return _scrub(json.loads(json.dumps(obj, default=_jsonable)))
 
 
 def same(client: T) -> T:
@@ -98,7 +155,7 @@ def _dump(model: Any) -> Any:
     return vars(model)
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def _arun(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
@@ -136,62 +193,67 @@ def _genai_usage(responses: Sequence[Any]) -> Usage:
     return flatten_counts(_dump(usage))
 
 
-def genai_generate(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
+def genai_generate(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     client = prepare(_genai_client(call, url))
+    run = Run()
     try:
-        return [
-            _genai_usage([client.models.generate_content(model=call.model, contents="Hi")])
-            for _ in range(call.calls)
-        ]
+        for _ in range(call.calls):
+            response = client.models.generate_content(model=call.model, contents="Hi")
+            run.transcript.append(app_view(response))
+            run.usage.append(_genai_usage([response]))
+        return run
     finally:
         client.close()
 
 
-def genai_stream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
+def genai_stream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     client = prepare(_genai_client(call, url))
+    run = Run()
     try:
-        return [
-            _genai_usage(
-                list(client.models.generate_content_stream(model=call.model, contents="Hi"))
-            )
-            for _ in range(call.calls)
-        ]
+        for _ in range(call.calls):
+            chunks = list(client.models.generate_content_stream(model=call.model, contents="Hi"))
+            run.transcript.extend(app_view(chunk) for chunk in chunks)
+            run.usage.append(_genai_usage(chunks))
+        return run
     finally:
         client.close()
 
 
-def genai_agenerate(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
-    async def run() -> list[Usage]:
+def genai_agenerate(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
+    async def run() -> Run:
         client = prepare(_genai_client(call, url))
+        out = Run()
         try:
-            out = []
             for _ in range(call.calls):
                 response = await client.aio.models.generate_content(model=call.model, contents="Hi")
-                out.append(_genai_usage([response]))
+                out.transcript.append(app_view(response))
+                out.usage.append(_genai_usage([response]))
             return out
         finally:
             await client.aio.aclose()
             client.close()
 
-    return _run(run())
+    return _arun(run())
 
 
-def genai_astream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
-    async def run() -> list[Usage]:
+def genai_astream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
+    async def run() -> Run:
         client = prepare(_genai_client(call, url))
+        out = Run()
         try:
-            out = []
             for _ in range(call.calls):
                 stream = await client.aio.models.generate_content_stream(
                     model=call.model, contents="Hi"
                 )
-                out.append(_genai_usage([chunk async for chunk in stream]))
+                chunks = [chunk async for chunk in stream]
+                out.transcript.extend(app_view(chunk) for chunk in chunks)
+                out.usage.append(_genai_usage(chunks))
             return out
         finally:
             await client.aio.aclose()
             client.close()
 
-    return _run(run())
+    return _arun(run())
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,8 +271,8 @@ _BEDROCK_HEADERS = {
 
 
 def _bedrock_client(call: Call, url: str) -> Any:
-    import boto3  # type: ignore[import-untyped]
-    from botocore.config import Config  # type: ignore[import-untyped]
+    import boto3
+    from botocore.config import Config
 
     session = boto3.session.Session(
         aws_access_key_id="testing",
@@ -230,59 +292,60 @@ def _bedrock_header_counts(response: Mapping[str, Any]) -> Usage:
     return {key: int(headers[name]) for name, key in _BEDROCK_HEADERS.items() if name in headers}
 
 
-def bedrock_converse(
-    call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare
-) -> list[Usage]:
+def bedrock_converse(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     client = prepare(_bedrock_client(call, url))
-    out = []
+    out = Run()
     for _ in range(call.calls):
         response = client.converse(modelId=call.model, messages=_CONVERSE_MESSAGES)
-        out.append(flatten_counts({"usage": response["usage"]}))
+        out.transcript.append(app_view(response))
+        out.usage.append(flatten_counts({"usage": response["usage"]}))
     return out
 
 
-def bedrock_converse_stream(
-    call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare
-) -> list[Usage]:
+def bedrock_converse_stream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     client = prepare(_bedrock_client(call, url))
-    out = []
+    out = Run()
     for _ in range(call.calls):
         response = client.converse_stream(modelId=call.model, messages=_CONVERSE_MESSAGES)
+        out.transcript.append(app_view({k: v for k, v in response.items() if k != "stream"}))
         usage: Usage = {}
         for event in response["stream"]:
+            out.transcript.append(app_view(event))
             if "metadata" in event:
                 usage = flatten_counts({"usage": event["metadata"]["usage"]})
-        out.append(usage)
+        out.usage.append(usage)
     return out
 
 
-def bedrock_invoke(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
+def bedrock_invoke(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     client = prepare(_bedrock_client(call, url))
-    out = []
+    out = Run()
     for body in bodies:
         response = client.invoke_model(
             modelId=call.model, body=body, contentType="application/json", accept="application/json"
         )
+        data = response["body"].read()
+        out.transcript.append(app_view({**response, "body": data}))
         usage = _bedrock_header_counts(response)
-        usage.update(flatten_counts({"body": json.loads(response["body"].read())}))
-        out.append(usage)
+        usage.update(flatten_counts({"body": json.loads(data)}))
+        out.usage.append(usage)
     return out
 
 
-def bedrock_invoke_stream(
-    call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare
-) -> list[Usage]:
+def bedrock_invoke_stream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     client = prepare(_bedrock_client(call, url))
-    out = []
+    out = Run()
     for body in bodies:
         response = client.invoke_model_with_response_stream(
             modelId=call.model, body=body, contentType="application/json", accept="application/json"
         )
+        out.transcript.append(app_view({k: v for k, v in response.items() if k != "body"}))
         usage: Usage = {}
         for event in response["body"]:
+            out.transcript.append(app_view(event))
             chunk = json.loads(event["chunk"]["bytes"])
             usage.update(flatten_counts({chunk.get("type", "chunk"): chunk}))
-        out.append(usage)
+        out.usage.append(usage)
     return out
 
 
@@ -303,48 +366,50 @@ def _mistral_usage(usage: Any) -> Usage:
     return flatten_counts({"usage": _dump(usage)})
 
 
-def mistral_complete(
-    call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare
-) -> list[Usage]:
+def mistral_complete(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
+    out = Run()
     with prepare(_mistral_client(url)) as client:
-        return [
-            _mistral_usage(client.chat.complete(model=call.model, messages=_MESSAGES).usage)
-            for _ in range(call.calls)
-        ]
+        for _ in range(call.calls):
+            response = client.chat.complete(model=call.model, messages=_MESSAGES)
+            out.transcript.append(app_view(response))
+            out.usage.append(_mistral_usage(response.usage))
+    return out
 
 
-def mistral_acomplete(
-    call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare
-) -> list[Usage]:
-    async def run() -> list[Usage]:
+def mistral_acomplete(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
+    async def run() -> Run:
+        out = Run()
         async with prepare(_mistral_client(url)) as client:
-            out = []
             for _ in range(call.calls):
                 response = await client.chat.complete_async(model=call.model, messages=_MESSAGES)
-                out.append(_mistral_usage(response.usage))
-            return out
+                out.transcript.append(app_view(response))
+                out.usage.append(_mistral_usage(response.usage))
+        return out
 
-    return _run(run())
+    return _arun(run())
 
 
-def mistral_stream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
+def mistral_stream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
+    out = Run()
     with prepare(_mistral_client(url)) as client:
-        out = []
         for _ in range(call.calls):
             usage: Usage = {}
             for event in client.chat.stream(model=call.model, messages=_MESSAGES):
+                out.transcript.append(app_view(event))
                 if event.data.usage is not None:
                     usage = _mistral_usage(event.data.usage)
-            out.append(usage)
-        return out
+            out.usage.append(usage)
+    return out
 
 
-def mistral_embed(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
+def mistral_embed(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
+    out = Run()
     with prepare(_mistral_client(url)) as client:
-        return [
-            _mistral_usage(client.embeddings.create(model=call.model, inputs="Hi").usage)
-            for _ in range(call.calls)
-        ]
+        for _ in range(call.calls):
+            response = client.embeddings.create(model=call.model, inputs="Hi")
+            out.transcript.append(app_view(response))
+            out.usage.append(_mistral_usage(response.usage))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,34 +423,31 @@ def _groq_client(url: str) -> Any:
     return Groq(api_key=DUMMY_KEY, base_url=url, max_retries=0, timeout=TIMEOUT)
 
 
-def groq_create(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
+def groq_create(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
+    out = Run()
     with prepare(_groq_client(url)) as client:
-        return [
-            flatten_counts(
-                {
-                    "usage": _dump(
-                        client.chat.completions.create(model=call.model, messages=_MESSAGES).usage
-                    )
-                }
-            )
-            for _ in range(call.calls)
-        ]
+        for _ in range(call.calls):
+            response = client.chat.completions.create(model=call.model, messages=_MESSAGES)
+            out.transcript.append(app_view(response))
+            out.usage.append(flatten_counts({"usage": _dump(response.usage)}))
+    return out
 
 
-def groq_stream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
+def groq_stream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
+    out = Run()
     with prepare(_groq_client(url)) as client:
-        out = []
         for _ in range(call.calls):
             usage: Usage = {}
             stream = client.chat.completions.create(
                 model=call.model, messages=_MESSAGES, stream=True
             )
             for chunk in stream:
+                out.transcript.append(app_view(chunk))
                 x_groq = chunk.x_groq
                 if x_groq is not None and x_groq.usage is not None:
                     usage = flatten_counts({"x_groq": {"usage": _dump(x_groq.usage)}})
-            out.append(usage)
-        return out
+            out.usage.append(usage)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,54 +470,68 @@ def _litellm_kwargs(call: Call, url: str) -> dict[str, Any]:
     }
 
 
+LITELLM_MADE_UP = frozenset({"id", "created"})
+"""Fields LiteLLM makes up per call where the provider sent none (a fresh id, the clock)."""
+
+
+def _litellm_view(response: Any) -> Any:
+    view = app_view(response)
+    if isinstance(view, dict):
+        for key in LITELLM_MADE_UP:
+            view.pop(key, None)
+    return view
+
+
 def _litellm_usage(response: Any) -> Usage:
     return flatten_counts({"usage": _dump(getattr(response, "usage", None))})
 
 
-def litellm_completion(
-    call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare
-) -> list[Usage]:
+def litellm_completion(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     import litellm
 
-    return [
-        _litellm_usage(litellm.completion(**_litellm_kwargs(call, url))) for _ in range(call.calls)
-    ]
+    out = Run()
+    for _ in range(call.calls):
+        response = litellm.completion(**_litellm_kwargs(call, url))
+        out.transcript.append(_litellm_view(response))
+        out.usage.append(_litellm_usage(response))
+    return out
 
 
-def litellm_acompletion(
-    call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare
-) -> list[Usage]:
+def litellm_acompletion(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     import litellm
 
-    async def run() -> list[Usage]:
-        return [
-            _litellm_usage(await litellm.acompletion(**_litellm_kwargs(call, url)))
-            for _ in range(call.calls)
-        ]
+    async def run() -> Run:
+        out = Run()
+        for _ in range(call.calls):
+            response = await litellm.acompletion(**_litellm_kwargs(call, url))
+            out.transcript.append(_litellm_view(response))
+            out.usage.append(_litellm_usage(response))
+        return out
 
-    return _run(run())
+    return _arun(run())
 
 
-def litellm_astream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> list[Usage]:
+def litellm_astream(call: Call, url: str, bodies: Sequence[bytes], prepare: Prepare) -> Run:
     import litellm
 
-    async def run() -> list[Usage]:
-        out = []
+    async def run() -> Run:
+        out = Run()
         for _ in range(call.calls):
             stream = await litellm.acompletion(
                 **_litellm_kwargs(call, url), stream=True, stream_options={"include_usage": True}
             )
             usage: Usage = {}
             async for chunk in stream:
+                out.transcript.append(_litellm_view(chunk))
                 if getattr(chunk, "usage", None) is not None:
                     usage = _litellm_usage(chunk)
-            out.append(usage)
+            out.usage.append(usage)
         return out
 
-    return _run(run())
+    return _arun(run())
 
 
-Driver = Callable[[Call, str, Sequence[bytes], Prepare], list[Usage]]
+Driver = Callable[[Call, str, Sequence[bytes], Prepare], Run]
 
 DRIVERS: dict[str, Driver] = {
     "genai.generate": genai_generate,

@@ -16,7 +16,14 @@ import pytest
 
 from conformance.providers.cassette import Exchange, load
 from conformance.providers.corpus import Recording
-from conformance.providers.drivers import DRIVERS, SDK_MODULES, Prepare, Usage, same
+from conformance.providers.drivers import (
+    DRIVERS,
+    SDK_MODULES,
+    Prepare,
+    Transcript,
+    Usage,
+    same,
+)
 from conformance.providers.server import Received, ReplayServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -28,6 +35,8 @@ class Replayed:
 
     usage: list[Usage]
     """Per SDK call, the token counts the SDK exposed."""
+    transcript: Transcript
+    """Everything the application got, in JSON form (see ``drivers.app_view``)."""
     received: list[Received]
     """What the SDK sent, in order."""
     exchanges: tuple[Exchange, ...]
@@ -58,18 +67,35 @@ def require_sdk(recording: Recording) -> None:
     pytest.skip(message)
 
 
-def replay(recording: Recording, prepare: Prepare = same) -> Replayed:
+def replay(
+    recording: Recording, prepare: Prepare = same, server: ReplayServer | None = None
+) -> Replayed:
     """Serve ``recording`` on loopback and drive its SDK through every recorded call.
 
     Args:
         recording: the recording.
         prepare: called with each SDK client once built; its result is used instead.
+        server: the server to serve it from (loaded with the recording's exchanges);
+            a new one when ``None``.
 
     Returns:
         What the SDK exposed and sent.
     """
     exchanges = exchanges_of(recording)
+    if server is None:
+        with ReplayServer(exchanges) as own:
+            return _drive(recording, prepare, own, exchanges)
+    server.load(exchanges)
+    return _drive(recording, prepare, server, exchanges)
+
+
+def _drive(
+    recording: Recording,
+    prepare: Prepare,
+    server: ReplayServer,
+    exchanges: tuple[Exchange, ...],
+) -> Replayed:
     driver = DRIVERS[recording.call.driver]
-    with ReplayServer(exchanges) as server:
-        usage = driver(recording.call, server.url, [e.request_body for e in exchanges], prepare)
-        return Replayed(usage, list(server.received), exchanges, server.served_all)
+    bodies = [e.request_body for e in exchanges]
+    run = driver(recording.call, server.url, bodies, prepare)
+    return Replayed(run.usage, run.transcript, list(server.received), exchanges, server.served_all)

@@ -124,23 +124,39 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     replay: ReplayServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client drops its connection (a stream closed early)."""
+
 
 class ReplayServer:
     """Serves ``exchanges`` in order on ``127.0.0.1`` (a context manager).
+
+    One server can serve many replays, one after the other: :meth:`load` gives it the
+    next recording's exchanges and forgets what it received (the tests keep one
+    server per module).
 
     Args:
         exchanges: the recorded exchanges to answer with, one per request.
     """
 
-    def __init__(self, exchanges: Sequence[Exchange]) -> None:
+    def __init__(self, exchanges: Sequence[Exchange] = ()) -> None:
         self._pending = list(exchanges)
         self._lock = threading.Lock()
         self.received: list[Received] = []
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.replay = self
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="replay-server", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="replay-server",
+            daemon=True,
         )
+
+    def load(self, exchanges: Sequence[Exchange]) -> None:
+        """Serve ``exchanges`` next, and forget the requests received so far."""
+        with self._lock:
+            self._pending = list(exchanges)
+            self.received = []
 
     @property
     def url(self) -> str:

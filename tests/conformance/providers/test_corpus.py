@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timezone
 
 import pytest
 
 from conformance.providers.cassette import CASSETTES, cassette_files, load
-from conformance.providers.corpus import PROVIDERS, RECORDINGS, Recording, charge_of
-
-# Prices are resolved as of a fixed day: genai-prices carries dated price changes.
-PRICED_AT = datetime(2026, 6, 1, tzinfo=timezone.utc)
+from conformance.providers.corpus import PRICED_AT, PROVIDERS, RECORDINGS, Recording, charge_of
 
 
 def test_every_cassette_has_one_recording() -> None:

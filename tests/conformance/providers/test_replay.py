@@ -12,13 +12,14 @@ import pytest
 
 from conformance.providers.corpus import RECORDINGS, Recording
 from conformance.providers.harness import replay, require_sdk
+from conformance.providers.server import ReplayServer
 
 
 @pytest.mark.parametrize("recording", RECORDINGS, ids=lambda r: r.id)
-def test_sdk_exposes_recorded_usage(recording: Recording) -> None:
+def test_sdk_exposes_recorded_usage(recording: Recording, replay_server: ReplayServer) -> None:
     require_sdk(recording)
 
-    result = replay(recording)
+    result = replay(recording, server=replay_server)
 
     assert result.served_all
     assert len(result.received) == len(result.exchanges) == recording.call.calls

@@ -1,0 +1,274 @@
+"""The SQLite ledger's schema and the SQL of each operation.
+
+Every operation here is a function of one open connection, run inside the transaction
+that :class:`payi_guard.ledger._sqlite_store.Store` opens around it (``BEGIN IMMEDIATE``
+for writes); it returns its result and whether the transaction is to be committed.
+
+Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``application_id`` =
+:data:`APPLICATION_ID`)::
+
+    counters(key PRIMARY KEY, settled, pending, expires_at)      -- one row per counter
+    holds(key, rid, amount, deadline, open, PRIMARY KEY (key, rid))
+        -- open = 1: reservation ``rid`` holds ``amount`` on ``key`` until ``deadline``;
+        -- open = 0: a tombstone (``rid`` was settled on ``key``), kept until ``deadline``
+    index counters(expires_at)   -- pruning of past windows
+    index holds(key, deadline)   -- purging of expired reservations
+
+``pending`` is the sum of the open holds of a counter, kept in the row (as Redis keeps
+field ``p``) so that a reserve reads one row per key; holds whose deadline has passed
+are subtracted on the fly and deleted by the next write that touches their counter.
+Amounts are computed in Python and written back whole, so an integer never overflows
+into SQLite's floating point. Both tables are ``WITHOUT ROWID``: a counter is found by
+its key in one B-tree descent.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from payi_guard.ledger._glob import glob_regex, literal_prefix
+from payi_guard.ledger.base import Charge, CounterState, ReserveResult
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "prune",
+    "read",
+    "renew",
+    "reserve",
+    "scan",
+    "settle",
+]
+
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of the layout this module writes."""
+
+APPLICATION_ID = 0x70677264
+"""``PRAGMA application_id`` of a payi_guard ledger file ("pgrd")."""
+
+SCHEMA = (
+    """CREATE TABLE counters (
+        key TEXT PRIMARY KEY NOT NULL,
+        settled INTEGER NOT NULL,
+        pending INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX counters_by_expiry ON counters (expires_at)",
+    """CREATE TABLE holds (
+        key TEXT NOT NULL,
+        rid TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        deadline REAL NOT NULL,
+        open INTEGER NOT NULL,
+        PRIMARY KEY (key, rid)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX holds_by_deadline ON holds (key, deadline)",
+)
+
+# One row per key: the totals, what expired holds still count in ``pending`` (NULL when
+# no hold or tombstone of the key has expired, so the purge can be skipped), and the
+# state of reservation ?2 on the key if it has not expired (open 1, tombstone 0, NULL).
+_STATE = """
+SELECT c.settled, c.pending, c.expires_at,
+       (SELECT sum(x.amount * x.open) FROM holds AS x WHERE x.key = ?1 AND x.deadline <= ?3),
+       h.open, h.amount
+FROM counters AS c
+LEFT JOIN holds AS h ON h.key = ?1 AND h.rid = ?2 AND h.deadline > ?3
+WHERE c.key = ?1
+"""
+_READ = """
+SELECT c.settled,
+       c.pending - coalesce((SELECT sum(x.amount * x.open) FROM holds AS x
+                             WHERE x.key = ?1 AND x.deadline <= ?2), 0)
+FROM counters AS c WHERE c.key = ?1 AND c.expires_at > ?2
+"""
+_PURGE = "DELETE FROM holds WHERE key = ?1 AND deadline <= ?2"
+_DROP_HOLDS = "DELETE FROM holds WHERE key = ?1"
+_DROP_HOLD = "DELETE FROM holds WHERE key = ?1 AND rid = ?2"
+_PUT_COUNTER = """
+INSERT INTO counters (key, settled, pending, expires_at) VALUES (?1, ?2, ?3, ?4)
+ON CONFLICT (key) DO UPDATE SET
+    settled = excluded.settled, pending = excluded.pending, expires_at = excluded.expires_at
+"""
+_SET_COUNTER = "UPDATE counters SET settled = ?2, pending = ?3, expires_at = ?4 WHERE key = ?1"
+_PUT_HOLD = """
+INSERT INTO holds (key, rid, amount, deadline, open) VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (key, rid) DO UPDATE SET
+    amount = excluded.amount, deadline = excluded.deadline, open = excluded.open
+"""
+_RENEW = """
+UPDATE holds SET deadline = max(deadline, ?4)
+WHERE key = ?1 AND rid = ?2 AND open = 1 AND deadline > ?3
+  AND EXISTS (SELECT 1 FROM counters WHERE key = ?1 AND expires_at > ?3)
+"""
+_DUE = "SELECT key FROM counters WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+_DROP_COUNTER = "DELETE FROM counters WHERE key = ?1"
+
+_ZERO = CounterState(0, 0)
+
+
+_Row = tuple[int, int, float, "int | None", "int | None", "int | None"]
+"""settled, pending, expires_at, expired (see ``_STATE``), hold open, hold amount."""
+
+
+def _state(conn: sqlite3.Connection, key: str, rid: str, now: float) -> tuple[_Row | None, bool]:
+    """The row of ``key`` (or None) and whether it is live (not past its expiry)."""
+    row: _Row | None = conn.execute(_STATE, (key, rid, now)).fetchone()
+    return row, row is not None and row[2] > now
+
+
+def _held(row: _Row) -> int:
+    """What the reservation of the ``_STATE`` query holds on the row's counter."""
+    return (row[5] or 0) if row[4] == 1 else 0
+
+
+def reserve(
+    conn: sqlite3.Connection, rid: str, charges: Sequence[Charge], now: float, deadline: float
+) -> tuple[ReserveResult, bool]:
+    """Reserve every charge or none; the flag says whether to commit the transaction."""
+    found = [_state(conn, charge.key, rid, now) for charge in charges]
+    states: list[CounterState] = []
+    refused: int | None = None
+    for index, (charge, (row, live)) in enumerate(zip(charges, found, strict=True)):
+        used = 0
+        if row is None or not live:  # missing, or past its expiry: counts as zero
+            states.append(_ZERO)
+        else:
+            state = CounterState(row[0], row[1] - (row[3] or 0))
+            states.append(state)
+            # An id already open here is replaced: its old amount does not count.
+            used = state.used - _held(row)
+        if refused is None and charge.max is not None and used + charge.amount > charge.max:
+            refused = index
+    if refused is not None:
+        return ReserveResult(False, refused, tuple(states)), False
+    out: list[CounterState] = []
+    for charge, (row, live), state in zip(charges, found, states, strict=True):
+        key = charge.key
+        if row is None or not live:
+            if row is not None:  # a past window's row: start afresh
+                conn.execute(_DROP_HOLDS, (key,))
+            conn.execute(_PUT_COUNTER, (key, 0, charge.amount, charge.expires_at))
+            new = CounterState(0, charge.amount)
+        else:
+            if row[3] is not None:
+                conn.execute(_PURGE, (key, now))
+            new = CounterState(state.settled, state.pending - _held(row) + charge.amount)
+            expires_at = max(row[2], charge.expires_at)
+            conn.execute(_SET_COUNTER, (key, new.settled, new.pending, expires_at))
+        conn.execute(_PUT_HOLD, (key, rid, charge.amount, deadline, 1))
+        out.append(new)
+    return ReserveResult(True, None, tuple(out)), True
+
+
+def settle(
+    conn: sqlite3.Connection,
+    rid: str,
+    charges: Sequence[Charge],
+    now: float,
+    tombstone_until: float | None,
+) -> tuple[tuple[CounterState, ...], bool]:
+    """Close ``rid`` where it is open and add the amounts (a release adds zeros).
+
+    With ``tombstone_until`` (idempotent mode) each counter keeps a tombstone of ``rid``
+    until then, and a counter that already has one is left alone.
+    """
+    out: list[CounterState] = []
+    wrote = False
+    for charge in charges:
+        key, amount = charge.key, charge.amount
+        row, live = _state(conn, key, rid, now)
+        if row is None or not live:
+            if amount == 0:  # nothing to add: create nothing
+                out.append(_ZERO)
+                continue
+            if row is not None:  # a past window's row: start afresh
+                conn.execute(_DROP_HOLDS, (key,))
+            conn.execute(_PUT_COUNTER, (key, amount, 0, charge.expires_at))
+            if tombstone_until is not None:
+                conn.execute(_PUT_HOLD, (key, rid, 0, tombstone_until, 0))
+            out.append(CounterState(amount, 0))
+            wrote = True
+            continue
+        settled, pending = row[0], row[1] - (row[3] or 0)
+        if tombstone_until is not None and row[4] == 0:  # settled here before: a retry
+            out.append(CounterState(settled, pending))
+            continue
+        if row[3] is not None:
+            conn.execute(_PURGE, (key, now))
+        pending -= _held(row)
+        if tombstone_until is not None:
+            conn.execute(_PUT_HOLD, (key, rid, 0, tombstone_until, 0))
+        elif row[4] is not None:
+            conn.execute(_DROP_HOLD, (key, rid))
+        settled += amount
+        # Only an actual charge extends a counter's life (as in the memory ledger).
+        expires_at = max(row[2], charge.expires_at) if amount else row[2]
+        conn.execute(_SET_COUNTER, (key, settled, pending, expires_at))
+        out.append(CounterState(settled, pending))
+        wrote = True
+    return tuple(out), wrote
+
+
+def renew(
+    conn: sqlite3.Connection, rid: str, keys: Sequence[str], now: float, deadline: float
+) -> tuple[bool, bool]:
+    """Push the deadline of ``rid`` on ``keys`` to ``deadline``; True if open on them all."""
+    renewed = sum(conn.execute(_RENEW, (key, rid, now, deadline)).rowcount for key in keys)
+    return renewed == len(keys), renewed > 0
+
+
+def read(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> tuple[CounterState, ...]:
+    """The state of each counter (missing or past its expiry: zero)."""
+    out: list[CounterState] = []
+    for key in keys:
+        row = conn.execute(_READ, (key, now)).fetchone()
+        out.append(_ZERO if row is None else CounterState(row[0], row[1]))
+    return tuple(out)
+
+
+def _upper_bound(prefix: str) -> str | None:
+    """The smallest string above every string that starts with ``prefix`` (or None)."""
+    while prefix:
+        code = ord(prefix[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be encoded: skip them
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return prefix[:-1] + chr(code)
+        prefix = prefix[:-1]
+    return None
+
+
+def scan(conn: sqlite3.Connection, match: str, now: float, limit: int | None) -> list[str]:
+    """The live counters whose key matches the Redis glob ``match``."""
+    regex = glob_regex(match)
+    prefix = literal_prefix(match)
+    upper = _upper_bound(prefix)
+    if upper is None:
+        cursor = conn.execute(
+            "SELECT key FROM counters WHERE key >= ?1 AND expires_at > ?2", (prefix, now)
+        )
+    else:
+        cursor = conn.execute(
+            "SELECT key FROM counters WHERE key >= ?1 AND key < ?2 AND expires_at > ?3",
+            (prefix, upper, now),
+        )
+    found: list[str] = []
+    for (key,) in cursor:
+        if regex.fullmatch(key) is not None:
+            found.append(key)
+            if limit is not None and len(found) >= limit:
+                break
+    cursor.close()
+    return found
+
+
+def prune(conn: sqlite3.Connection, now: float, batch: int) -> int:
+    """Delete up to ``batch`` counters past their expiry, with their holds."""
+    due = conn.execute(_DUE, (now, batch)).fetchall()
+    if due:
+        conn.executemany(_DROP_HOLDS, due)
+        conn.executemany(_DROP_COUNTER, due)
+    return len(due)

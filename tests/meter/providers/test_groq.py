@@ -1,0 +1,132 @@
+"""groq through the guard: refusals, streams left early, untrusted usage, instrument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conformance.providers.server import ReplayServer
+from structlog.testing import capture_logs
+
+from meter.providers._support import (
+    TIGHT,
+    USER,
+    assert_settled_early,
+    assert_unverified,
+    events,
+    made_up,
+    make_guard,
+    served,
+)
+from payi_guard import BudgetExceeded, is_refusal
+from payi_guard.meter import guarded_by
+
+groq = pytest.importorskip("groq")
+
+CREATE = "groq/pydantic-ai/test_extra_headers"
+STREAM = "groq/openllmetry/test_chat_streaming_with_events_with_no_content"
+MESSAGES: Any = [{"role": "user", "content": "Hi"}]
+
+
+def client_for(server: ReplayServer, mode: str = "sync", retries: int = 0) -> Any:
+    cls = groq.AsyncGroq if mode == "async" else groq.Groq
+    return cls(api_key="k", base_url=server.url, max_retries=retries)
+
+
+async def call(client: Any, mode: str, stream: bool) -> Any:
+    result = client.chat.completions.create(
+        model="llama-3.3-70b-versatile", messages=MESSAGES, stream=stream
+    )
+    if mode == "async":
+        result = await result
+        return [chunk async for chunk in result] if stream else result
+    return list(result) if stream else result
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_refusal_is_one_rate_limit_error_never_retried(
+    server: ReplayServer, mode: str, stream: bool
+) -> None:
+    server.load(served(STREAM if stream else CREATE))
+    guard = make_guard(TIGHT)
+    client = guard.wrap(client_for(server, mode, retries=5))
+    with capture_logs() as logs, pytest.raises(groq.RateLimitError) as info:
+        await call(client, mode, stream)
+    exc = info.value
+    assert isinstance(exc, BudgetExceeded)
+    assert is_refusal(exc)
+    assert exc.user_id == USER
+    assert server.received == []
+    assert len(events(logs, "budget_exceeded")) == 1  # max_retries=5 did not retry it
+    assert not events(logs, "genai_call")
+
+
+def test_stream_closed_early_is_settled_once(server: ReplayServer) -> None:
+    server.load(served(STREAM))
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs:
+        stream = client.chat.completions.create(
+            model="llama3-8b-8192", messages=MESSAGES, stream=True
+        )
+        next(iter(stream))
+        stream.close()
+    assert_settled_early(guard, logs)
+
+
+def test_stream_that_never_reports_usage_is_charged_its_reservation(server: ReplayServer) -> None:
+    chunk = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"llama3-8b-8192",'
+        b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    uri = "https://api.groq.com/openai/v1/chat/completions"
+    server.load([made_up(uri, chunk, content_type="text/event-stream")])
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs:
+        list(client.chat.completions.create(model="llama3-8b-8192", messages=MESSAGES, stream=True))
+    assert_unverified(guard, logs, "no usage reported")
+
+
+def test_instrument_guards_clients_made_before_and_after(server: ReplayServer) -> None:
+    guard = make_guard()
+    before = client_for(server)
+    guard.instrument()
+    try:
+        after = client_for(server)
+        with capture_logs() as logs:
+            for client in (before, after):
+                server.load(served(CREATE))
+                client.chat.completions.create(model="llama-3.3-70b-versatile", messages=MESSAGES)
+        assert guarded_by(before) is guarded_by(after) is guard
+    finally:
+        guard.uninstrument()
+    assert guarded_by(before) is None
+    calls = events(logs, "genai_call")
+    assert [(c["provider"], c["input_tokens"]) for c in calls] == [("groq", 48)] * 2
+    server.load(served(CREATE))
+    with capture_logs() as logs:
+        before.chat.completions.create(model="llama-3.3-70b-versatile", messages=MESSAGES)
+    assert not events(logs, "genai_call")
+
+
+def test_instrument_can_be_limited_to_some_sdks(server: ReplayServer) -> None:
+    mistral_sdk = pytest.importorskip("mistralai.client")
+    guard = make_guard()
+    with pytest.raises(ValueError, match="unknown SDK"):
+        guard.instrument(sdks=["groq", "cohere"])
+    guard.instrument(sdks=["groq"])
+    try:
+        mistral = mistral_sdk.Mistral(api_key="k", server_url=server.url)
+        with capture_logs() as logs:
+            server.load(served("mistral/openllmetry/test_mistralai_chat_legacy"))
+            mistral.chat.complete(model="mistral-tiny", messages=MESSAGES)
+            server.load(served(CREATE))
+            client_for(server).chat.completions.create(
+                model="llama-3.3-70b-versatile", messages=MESSAGES
+            )
+    finally:
+        guard.uninstrument()
+    assert [c["provider"] for c in events(logs, "genai_call")] == ["groq"]
