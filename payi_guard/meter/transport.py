@@ -16,16 +16,21 @@ Per request (see :mod:`payi_guard.meter.parse` for the parsing):
    guard prices and reserves it with the attribution in effect **now**
    (``Guard.begin``). A refusal never reaches the inner transport
    (:mod:`payi_guard.meter.refusal`).
-3. The request goes out with ``accept-encoding: identity`` (a compressed body hides its
-   usage; a server that compresses anyway is decoded here), the rebuilt body and its
-   ``content-length``, and Pay-i headers when the bridge is on.
+3. A copy of the request goes out (the app's own request object is left as it built
+   it) with ``accept-encoding: identity`` (a compressed body hides its usage; a server
+   that compresses anyway is decoded here), the rebuilt body and its
+   ``content-length``, and Pay-i headers when the bridge is on. The provider is the
+   one the URL names (genai-prices' API addresses: Groq, DeepSeek, OpenRouter...).
 4. An error status releases the reservation (each SDK retry is a new transport call with
    its own reservation). A JSON body is read here and settled with its ``usage``. An
    event stream is handed back wrapped (:mod:`payi_guard.meter.streams`): bytes pass
    through unchanged (minus the usage-only chunk the guard caused) while the usage is
    tracked, and the reservation is settled exactly once, whichever comes first: the end
    of the stream, ``close()`` (``break``, ``with``), an error while reading, or garbage
-   collection.
+   collection. A request that asked for a stream gets one whatever its content type. A
+   body the inner transport already read (``Response(content=...)``) is metered whole
+   and settled before it is returned. Usage that cannot be trusted is charged the
+   reservation (``unverified``).
 
 Servers that refuse ``stream_options`` (HTTP 400/422 whose body names it): when the
 guard added the option, the request is sent once more without it and the base URL is
