@@ -5,7 +5,7 @@
     PAYI_GUARD = {
         "config": BASE_DIR / "budgets.yaml",   # or a dict; or "guard": "myapp.llm.guard"
         "guarded_paths": ["/api/*"],
-        "user": "myapp.auth.guard_user_id",      # optional: (request) -> user id
+        "user": "myapp.auth.guard_user_id",      # optional: (request) -> id or (id, tier)
     }
 
 Django is imported only when a function here is called, never when the module is.

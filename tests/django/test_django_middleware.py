@@ -341,13 +341,34 @@ def test_user_setting_names_another_id(guard: Guard, handler: str, resolver: str
 
 
 def resolve_with_tier(request: HttpRequest) -> object:
-    return ("42", "pro")
+    return (request.headers.get("X-Account"), request.headers.get("X-Plan"))
 
 
-def test_user_setting_returns_an_id_not_a_tier(guard: Guard) -> None:
+async def aresolve_with_tier(request: HttpRequest) -> object:
+    return (request.headers.get("X-Account"), request.headers.get("X-Plan"))
+
+
+@handlers
+@pytest.mark.parametrize("resolver", ["resolve_with_tier", "aresolve_with_tier"])
+def test_user_setting_may_name_the_users_tier(handler: str, resolver: str) -> None:
+    guard = Guard(config(tiers={"pro": [{"max": 1, "per": "day"}]}), clock=FakeClock(NOW))
+    exhaust(guard, "acme:7")  # the default $0.001 is spent
+    with override_settings(PAYI_GUARD={"guard": guard, "user": f"{__name__}.{resolver}"}):
+        pro = fetch(handler, "/chat", X_Account="acme:7", X_Plan="pro")
+        plain = fetch(handler, "/chat", X_Account="acme:7")  # (id, None): no tier
+        unknown = fetch(handler, "/chat", X_Account="acme:7", X_Plan="platinum")
+    assert (pro.status, pro.json()["charged"]) == (200, "acme:7")
+    assert plain.status == unknown.status == 429  # default limits, never "no limits"
+
+
+def resolve_triple(request: HttpRequest) -> object:
+    return ("42", "pro", "extra")
+
+
+def test_user_setting_returns_an_id_or_a_pair(guard: Guard) -> None:
     with (
-        override_settings(PAYI_GUARD={"guard": guard, "user": f"{__name__}.resolve_with_tier"}),
-        pytest.raises(TypeError, match="not a tuple"),
+        override_settings(PAYI_GUARD={"guard": guard, "user": f"{__name__}.resolve_triple"}),
+        pytest.raises(TypeError, match=r"\(user_id, tier\) pair"),
     ):
         fetch("sync", "/chat")
 

@@ -186,9 +186,9 @@ def test_bad_keyword_options_are_refused(tmp_path: Path) -> None:
 
 def test_the_file_is_a_wal_ledger_with_its_schema(ledger: SqliteLedger, db: Path) -> None:
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-    assert rows(db, "PRAGMA user_version") == [(1,)]
+    assert rows(db, "PRAGMA user_version") == [(2,)]
     tables = {name for (name,) in rows(db, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"counters", "holds"}
+    assert tables == {"counters", "holds", "journal"}
 
 
 def test_a_missing_folder_is_a_storage_error(tmp_path: Path) -> None:
