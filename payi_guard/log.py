@@ -18,8 +18,9 @@ Event names (contract):
   ``unknown_model: block`` (once per refused call), ``recorded`` for a manual event
   charged without a cost;
 * ``usage_invalid``: a provider's usage report was missing or could not be trusted
-  (negative, not an integer); the call is charged its reservation and its
-  ``genai_call`` says ``outcome="unverified"``;
+  (a count that is negative, not an integer, or missing), with ``user_id``, ``model``,
+  ``provider``, ``reason`` (the values at fault) and ``reserved_usd``; the call is
+  charged its reservation and its ``genai_call`` says ``outcome="unverified"``;
 * ``budget_adjusted``: an operator's ``adjust`` or ``reset``, with ``user_id``,
   ``limit``, ``amount``, ``used``, ``max``, ``reason`` (and ``by``, ``op``, ``unit``,
   ``adjustment_id``), one line per limit adjusted.

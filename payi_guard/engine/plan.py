@@ -236,7 +236,11 @@ class Planner:
             0
             if rates is None
             else rates.upper_bound_nano(
-                call.input_tokens, call.max_output_tokens, cache_writes=call.cache_writes
+                call.input_tokens,
+                call.max_output_tokens,
+                cache_writes=call.cache_writes,
+                web_searches=call.max_web_searches,
+                file_searches=call.max_file_searches,
             )
         )
         amounts = amounts_by_counter(counters, estimate, call.input_tokens + call.max_output_tokens)

@@ -55,7 +55,8 @@ class Planning:
                 (logged).
             ConfigError: ``limit_ids`` names an undefined limit.
         """
-        if call.input_tokens < 0 or call.max_output_tokens < 0:
+        bounds = (call.input_tokens, call.max_output_tokens, call.max_web_searches)
+        if min(*bounds, call.max_file_searches) < 0:
             raise ValueError("token estimates must not be negative")
         parts = self._parts
         try:
