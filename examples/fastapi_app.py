@@ -21,6 +21,7 @@ line naming the user.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -111,7 +112,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
     configure_json()
-    guard = Guard.from_yaml(BUDGETS)
+    # The budgets file's store (sqlite:///budgets.db, beside it: every worker process
+    # shares it), unless the environment names another (redis://... for several hosts).
+    guard = Guard.from_yaml(BUDGETS, storage=os.environ.get("PAYI_GUARD_STORAGE"))
     with FakeProvider() as provider:
         app = create_app(guard, provider.openai_base_url)
         uvicorn.run(app, host="127.0.0.1", port=args.port)

@@ -20,6 +20,7 @@ does the stream (``/api/*`` is guarded: its response waits for the first body by
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -88,7 +89,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args()
     configure_json()
-    guard = Guard.from_yaml(BUDGETS)
+    # The budgets file's store (sqlite:///budgets.db, beside it: every worker process
+    # shares it), unless the environment names another (redis://... for several hosts).
+    guard = Guard.from_yaml(BUDGETS, storage=os.environ.get("PAYI_GUARD_STORAGE"))
     with FakeProvider() as provider:
         app = create_app(guard, provider.openai_base_url)
         app.run(host="127.0.0.1", port=args.port, threaded=True)

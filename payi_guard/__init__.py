@@ -31,7 +31,7 @@ from payi_guard.exceptions import (
 )
 from payi_guard.identity import Pseudonymizer, normalize_user_id, parse_user_id
 from payi_guard.pricing import TokenUsage
-from payi_guard.usage import LimitUsage
+from payi_guard.usage import BudgetAdjustment, LimitUsage
 from payi_guard.web import GuardMiddleware, WSGIGuardMiddleware
 
 try:
@@ -41,6 +41,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "Attribution",
+    "BudgetAdjustment",
     "BudgetExceeded",
     "CallRecord",
     "ConfigError",

@@ -1,4 +1,6 @@
-"""The ``payi-guard`` command: ``report``, ``check``, ``usage`` and ``demo``.
+"""The ``payi-guard`` command: ``report``, ``check``, ``usage``, ``demo``, and more.
+
+The operator's ``adjust``, ``reset`` and ``users`` are run by :mod:`payi_guard.operate`.
 
 Everything it prints for people fits the terminal (80 columns unless it is wider):
 tables leave out optional columns and say so, messages wrap.
@@ -92,8 +94,9 @@ def _width_arg(text: str) -> int:
 
 
 _DESCRIPTION = """\
-Per-user spend from payi_guard's JSON logs (genai_call, budget_warning, budget_exceeded
-and budget_overrun events). Costs are summed exactly. Lines that are not JSON are skipped
+Per-user spend from payi_guard's JSON logs (genai_call, budget_warning, budget_exceeded,
+budget_overrun and budget_adjusted events). Costs are summed exactly; operators'
+adjustments are shown apart from what calls cost. Lines that are not JSON are skipped
 and counted, never fatal. Memory grows with the number of groups, not of lines.
 """
 
@@ -551,6 +554,131 @@ logs. Fits the terminal (80 columns unless it is wider).
 """
 
 
+_ADJUST_DESCRIPTION = """\
+Add AMOUNT to the current window of one of USER's own limits, in the store the budgets
+file names: dollars for a money limit (5, -2.50: a negative amount gives budget back),
+a whole number for requests and tokens. Atomic; every process sharing the store sees
+it. Logged as budget_adjusted (JSON on stderr) and kept in the user's history. A
+counter past its max refuses the user's calls until the window ends.
+"""
+
+_RESET_DESCRIPTION = """\
+Zero the current window of one of USER's own limits (--limit), or of all of them, in
+the store the budgets file names. Calls in flight keep their reservations. Logged as
+budget_adjusted (JSON on stderr) and kept in the user's history.
+"""
+
+_USERS_DESCRIPTION = """\
+List every user (and anonymous bucket) with counters in the store the budgets file
+names, with their state and the spend of their tightest money limit in its current
+window. json is an array of objects with user_id, cost_usd, state and every limit.
+"""
+
+
+def _store_arguments(parser: argparse.ArgumentParser, *, tier: bool) -> None:
+    """``--config``, ``--storage``, ``--key-prefix`` and the tier options."""
+    parser.add_argument("--config", "-c", required=True, help="the budgets file")
+    parser.add_argument("--storage", metavar="URI", help="storage URI (default: the file's)")
+    parser.add_argument(
+        "--key-prefix",
+        default="pg",
+        metavar="PREFIX",
+        help="the key prefix the app's Guard uses (default: pg)",
+    )
+    if tier:
+        parser.add_argument(
+            "--tier", metavar="NAME", help="the user's tier, when the app assigns tiers"
+        )
+    parser.add_argument(
+        "--tier-of",
+        metavar="MODULE:FUNCTION",
+        help="the app's tier_of function, to read users with the limits of their tier",
+    )
+
+
+def _operator_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", metavar="TEXT", help="why (kept in the history and logs)")
+    parser.add_argument("--by", metavar="WHO", help="who (default: your login name)")
+    parser.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output format (default: table; json has exact amounts as strings)",
+    )
+
+
+def _cmd_operate(args: argparse.Namespace) -> int:
+    from payi_guard import operate  # the users page's directory: imported when used
+
+    run = {"adjust": operate.run_adjust, "reset": operate.run_reset, "users": operate.run_users}
+    return run[args.command](args)
+
+
+def _add_operator_parsers(sub: Any) -> None:
+    """Register ``adjust``, ``reset`` and ``users``."""
+    adjust = sub.add_parser(
+        "adjust",
+        help="add to (or give back from) a user's current window",
+        description=_ADJUST_DESCRIPTION,
+        formatter_class=_Paragraphs,
+    )
+    adjust.add_argument(
+        "user", metavar="USER", help="the user id (anonymous for the anonymous bucket)"
+    )
+    adjust.add_argument(
+        "amount", metavar="AMOUNT", help="dollars for a money limit, else a whole number"
+    )
+    adjust.add_argument("--limit", required=True, metavar="NAME", help="the user's limit")
+    _store_arguments(adjust, tier=True)
+    _operator_arguments(adjust)
+    adjust.set_defaults(func=_cmd_operate)
+
+    reset = sub.add_parser(
+        "reset",
+        help="zero a user's current window(s)",
+        description=_RESET_DESCRIPTION,
+        formatter_class=_Paragraphs,
+    )
+    reset.add_argument(
+        "user", metavar="USER", help="the user id (anonymous for the anonymous bucket)"
+    )
+    reset.add_argument("--limit", metavar="NAME", help="only this limit (default: all theirs)")
+    _store_arguments(reset, tier=True)
+    _operator_arguments(reset)
+    reset.set_defaults(func=_cmd_operate)
+
+    users = sub.add_parser(
+        "users",
+        help="list users and where each stands",
+        description=_USERS_DESCRIPTION,
+        formatter_class=_Paragraphs,
+    )
+    _store_arguments(users, tier=False)
+    users.add_argument(
+        "--state", choices=("ok", "warning", "exceeded"), help="only users in this state"
+    )
+    users.add_argument(
+        "--sort",
+        choices=("name", "spend", "state", "remaining"),
+        default="name",
+        help="order (default: name; spend, state and remaining: largest first)",
+    )
+    users.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output format (default: table)",
+    )
+    users.add_argument(
+        "--max-keys",
+        type=_positive_int,
+        default=200_000,
+        metavar="N",
+        help="the most counter keys read to find users (default: 200000)",
+    )
+    users.set_defaults(func=_cmd_operate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``payi-guard`` command."""
     parser = argparse.ArgumentParser(
@@ -640,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the app and its users page running after the report, until Ctrl+C",
     )
     demo.set_defaults(func=_cmd_demo)
+    _add_operator_parsers(sub)
     return parser
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "ContextThreadPoolExecutor",
     "RequestScope",
     "bind_context",
+    "check_tier",
     "current_request",
     "get_context",
     "request_scope",
@@ -82,6 +83,8 @@ class Attribution:
         request_properties: free-form properties of the request.
         use_case_properties: free-form properties of the use case.
         request_id: the id of the web request, when a request scope is open.
+        tier: the tier the request named for its user (:func:`set_user`'s ``tier``);
+            ``None`` when the user comes from ``track_context`` or no tier was named.
     """
 
     user_id: str | None = None
@@ -94,6 +97,7 @@ class Attribution:
     request_properties: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     use_case_properties: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     request_id: str | None = None
+    tier: str | None = None
 
     @property
     def org_id(self) -> str | None:
@@ -130,26 +134,38 @@ class RequestScope:
         user_id: the request's user, or ``None`` until something names one.
         request_id: the request id (``X-Request-ID`` or generated).
         source: what named the user (``"scope"``, ``"resolver"``, ``"set_user"``, ...).
+        tier: the user's tier named with it (``None``: the budgets file, ``tier_of`` or
+            ``default`` decide).
         extra: free-form values an integration wants to keep for the request.
     """
 
-    __slots__ = ("_lock", "_snapshot", "extra", "request_id", "source", "user_id")
+    __slots__ = ("_lock", "_snapshot", "extra", "request_id", "source", "tier", "user_id")
 
     def __init__(self, user_id: str | None = None, request_id: str | None = None) -> None:
         self._lock = threading.Lock()
         self.user_id = user_id
         self.request_id = request_id
         self.source: str | None = "initial" if user_id is not None else None
+        self.tier: str | None = None
         self.extra: dict[str, Any] = {}
-        # (frame, user_id, request_id, snapshot): get_context() is called on every
+        # (frame, user_id, request_id, tier, snapshot): get_context() is called on every
         # GenAI call and gate, so the merged snapshot is reused while nothing changed.
-        self._snapshot: tuple[object, str | None, str | None, Attribution] | None = None
+        self._snapshot: tuple[object, str | None, str | None, str | None, Attribution] | None = None
 
-    def set_user(self, user_id: object, *, source: str = "set_user") -> str:
-        """Validate and store the request's user; return the normalised id."""
+    def set_user(
+        self, user_id: object, *, source: str = "set_user", tier: str | None = None
+    ) -> str:
+        """Validate and store the request's user (and tier); return the normalised id.
+
+        Raises:
+            InvalidUserId: the id is not valid.
+            TypeError: ``tier`` is neither a string nor ``None``.
+        """
         normalized = normalize_user_id(user_id)
+        checked = check_tier(tier)
         with self._lock:
             self.user_id = normalized
+            self.tier = checked
             self.source = source
         return normalized
 
@@ -209,20 +225,44 @@ class request_scope:
             _request.reset(self._token)
 
 
-def set_user(user_id: object) -> str:
-    """Set the user of the current request from anywhere inside it.
+def check_tier(tier: object) -> str | None:
+    """Return ``tier`` if it can name a tier: a string (``""`` is no tier) or ``None``.
+
+    Whether the budgets file defines it is decided when limits are resolved (an unknown
+    tier is logged and gets ``default``).
+
+    Raises:
+        TypeError: anything else (a tier is a name, never a list of limits).
+    """
+    if tier is None or tier == "":
+        return None
+    if isinstance(tier, str):
+        return tier
+    raise TypeError(
+        f"a tier is the name of a tier under `tiers:` (a non-empty str) or None, "
+        f"not {type(tier).__name__}"
+    )
+
+
+def set_user(user_id: object, *, tier: str | None = None) -> str:
+    """Set the user of the current request (and their tier) from anywhere inside it.
 
     Works from async code, from sync code the framework runs in a thread pool (a sync
     FastAPI dependency) and from threads started with :func:`bind_context`.
 
     Args:
         user_id: the authenticated user (``str``, ``int`` or ``UUID``).
+        tier: the user's plan, a tier under ``tiers:`` in the budgets file (from the
+            app's own database, say). A user listed under ``users:`` keeps that entry;
+            an unknown tier is logged and gets ``default``. Each call replaces both the
+            user and the tier.
 
     Returns:
         The normalised user id.
 
     Raises:
         InvalidUserId: the id is not valid.
+        TypeError: ``tier`` is neither a string nor ``None``.
         NoRequestScope: no request scope is open (add the middleware, or wrap the work in
             :func:`request_scope`; outside requests use :func:`track_context`).
     """
@@ -234,41 +274,46 @@ def set_user(user_id: object) -> str:
             "payi_guard.context.request_scope(); outside a request use "
             "track_context(user_id=...)"
         )
-    return scope.set_user(user_id)
+    return scope.set_user(user_id, tier=tier)
 
 
 def get_context() -> Attribution:
     """Return an immutable snapshot of the attribution in effect here.
 
     The user is the innermost ``track_context``/``@track`` user, else the request's user
-    (middleware or :func:`set_user`), else ``None``.
+    (middleware or :func:`set_user`), else ``None``. The request's tier comes along only
+    with the request's user: a ``track_context`` user never inherits it.
     """
     frame = _frames.get()
     attribution = frame.attribution
     scope = _request.get()
     if scope is None:
         return attribution
-    user_id, request_id = scope.user_id, scope.request_id
+    user_id, request_id, tier = scope.user_id, scope.request_id, scope.tier
     cached = scope._snapshot
     if (
         cached is not None
         and cached[0] is frame
         and cached[1] == user_id
         and cached[2] == request_id
+        and cached[3] == tier
     ):
-        return cached[3]
+        return cached[4]
     if frame is _ROOT:
         # The common case in a request (no track_context): build directly, ~2x faster
         # than dataclasses.replace.
-        snapshot = Attribution(user_id=user_id, request_id=request_id)
+        snapshot = Attribution(
+            user_id=user_id, request_id=request_id, tier=tier if user_id is not None else None
+        )
     else:
         updates: dict[str, Any] = {}
         if attribution.user_id is None and not frame.user_cleared and user_id is not None:
             updates["user_id"] = user_id
+            updates["tier"] = tier
         if request_id is not None:
             updates["request_id"] = request_id
         snapshot = replace(attribution, **updates) if updates else attribution
-    scope._snapshot = (frame, user_id, request_id, snapshot)
+    scope._snapshot = (frame, user_id, request_id, tier, snapshot)
     return snapshot
 
 

@@ -9,7 +9,7 @@
     app = FastAPI()
     app.add_middleware(GuardMiddleware, guard=guard)
 
-    current_user = guard_user(get_current_user, id=lambda u: u.id)
+    current_user = guard_user(get_current_user, id=lambda u: u.id, tier=lambda u: u.plan)
     budget = require_budget(guard, user=current_user)
 
     @app.post("/chat", dependencies=[Depends(budget)])
@@ -85,6 +85,7 @@ def guard_user(
     dependency: Callable[..., Any],
     *,
     id: Callable[[Any], object] | None = None,
+    tier: Callable[[Any], str | None] | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     """Wrap an authentication dependency so that it also names the request's user.
 
@@ -93,13 +94,17 @@ def guard_user(
             sub-dependencies) that returns the current user, or ``None``.
         id: turns that user into its id (``lambda u: u.id``); default: the returned
             value is the id itself.
+        tier: turns that user into the name of their tier (``lambda u: u.plan``), a
+            tier under ``tiers:`` (``None``: the budgets file, ``tier_of`` or
+            ``default`` decide).
 
     Returns:
         A dependency for ``Depends(...)`` that returns what ``dependency`` returned,
-        after :func:`~payi_guard.set_user` of its id (when not ``None``).
+        after :func:`~payi_guard.set_user` of its id and tier (when the id is not
+        ``None``).
 
     Raises:
-        TypeError: ``dependency`` or ``id`` is not callable.
+        TypeError: ``dependency``, ``id`` or ``tier`` is not callable.
 
     The returned dependency raises ``InvalidUserId`` (answered 400 by the middleware)
     for an invalid id, and ``NoRequestScope`` when no ``GuardMiddleware`` runs.
@@ -108,13 +113,16 @@ def guard_user(
         raise TypeError("guard_user() needs the app's authentication dependency")
     if id is not None and not callable(id):
         raise TypeError("id= must be a callable that returns the user id")
-    to_id = id
+    if tier is not None and not callable(tier):
+        raise TypeError("tier= must be a callable that returns the user's tier name or None")
+    to_id, to_tier = id, tier
 
     async def attributed_user(user: Annotated[Any, Depends(dependency)]) -> Any:
         if user is not None:
             value = to_id(user) if to_id is not None else user
             if value is not None:
-                rebind_user(set_user(value))
+                plan = to_tier(user) if to_tier is not None else None
+                rebind_user(set_user(value, tier=plan))
         return user
 
     attributed_user.__name__ = f"guard_user_{getattr(dependency, '__name__', 'dependency')}"

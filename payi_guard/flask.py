@@ -35,7 +35,7 @@ from payi_guard.exceptions import (
 )
 from payi_guard.web.core import WebCore
 from payi_guard.web.gate import GateResult, store_gate_headers
-from payi_guard.web.identify import rebind_user
+from payi_guard.web.identify import rebind_user, split_user
 from payi_guard.web.options import WebOptionArgs
 from payi_guard.web.problem import Problem
 from payi_guard.web.wsgi import WSGIGuardMiddleware
@@ -65,7 +65,8 @@ class PayiGuard:
         app: the Flask app (or ``None`` to call :meth:`init_app` later).
         guard: the :class:`~payi_guard.engine.Guard` that holds the budgets.
         user: a callable without arguments, called in ``before_request``, that returns
-            the user id or ``None`` (replaces the flask-login / session defaults).
+            the user id, a ``(user_id, tier)`` pair (the user's plan), or ``None``
+            (replaces the flask-login / session defaults).
         session_key: the ``session`` key read when neither ``user`` nor flask-login
             names a user.
         session_id: for the ``session`` anonymous strategy: a callable without arguments
@@ -156,15 +157,16 @@ class PayiGuard:
             return None
         # The signed-in user wins over the trusted header the middleware read.
         if rs.source is None or rs.source == "header":
+            tier: str | None = None
             try:
-                value = self._find_user()
+                value, tier = split_user(self._find_user())
             except InvalidUserId as exc:
                 value = None
                 problem = self.core.identify.invalid_user(exc, "flask")
                 if problem is not None:
                     return _response(problem)
             if value is not None:
-                problem = self.core.identify.assign_user(rs, value, "flask")
+                problem = self.core.identify.assign_user(rs, value, "flask", tier)
                 if problem is not None:
                     return _response(problem)
                 if rs.user_id is not None:

@@ -18,8 +18,16 @@ Event names (contract):
   ``unknown_model: block`` (once per refused call), ``recorded`` for a manual event
   charged without a cost;
 * ``usage_invalid``: a provider's usage report was missing or could not be trusted
-  (negative, not an integer); the call is charged its reservation and its
-  ``genai_call`` says ``outcome="unverified"``.
+  (a count that is negative, not an integer, or missing), with ``user_id``, ``model``,
+  ``provider``, ``reason`` (the values at fault) and ``reserved_usd``; the call is
+  charged its reservation and its ``genai_call`` says ``outcome="unverified"``;
+* ``budget_adjusted``: an operator's ``adjust`` or ``reset``, with ``user_id``,
+  ``limit``, ``amount``, ``used``, ``max``, ``reason`` (and ``by``, ``op``, ``unit``,
+  ``adjustment_id``), one line per limit adjusted.
+
+Also: ``tier_unknown`` (a tier from the request or ``tier_of`` that the budgets file does
+not define: the user gets ``default``) and ``tier_lookup_failed`` (``tier_of`` raised or
+returned something that is not a tier name).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any, TextIO
 import structlog
 
 __all__ = [
+    "BUDGET_ADJUSTED",
     "BUDGET_EXCEEDED",
     "BUDGET_OVERRUN",
     "BUDGET_WARNING",
@@ -40,6 +49,8 @@ __all__ = [
     "LOGGER_NAME",
     "OBSERVER_ERROR",
     "STORAGE_ERROR",
+    "TIER_LOOKUP_FAILED",
+    "TIER_UNKNOWN",
     "UNKNOWN_MODEL",
     "USAGE_INVALID",
     "configure_json",
@@ -58,6 +69,9 @@ USAGE_INVALID = "usage_invalid"
 CONFIG_RELOADED = "config_reloaded"
 CONFIG_RELOAD_FAILED = "config_reload_failed"
 OBSERVER_ERROR = "observer_error"
+BUDGET_ADJUSTED = "budget_adjusted"
+TIER_UNKNOWN = "tier_unknown"
+TIER_LOOKUP_FAILED = "tier_lookup_failed"
 
 
 def get_logger(**initial_values: Any) -> Any:

@@ -27,6 +27,7 @@ __all__ = [
     "log_amount",
     "nano_to_decimal",
     "parse_usd",
+    "parse_usd_change",
     "per_mtok_to_pico",
 ]
 
@@ -120,6 +121,31 @@ def parse_usd(value: object) -> int:
         raise ValueError("cost_usd must be a finite number >= 0")
     nano = amount * NANO_USD
     return int(nano.to_integral_value(rounding=ROUND_CEILING))
+
+
+def parse_usd_change(value: object) -> int:
+    """A change of dollars (may be negative) to nano-USD, exactly.
+
+    Args:
+        value: ``Decimal``, ``str`` or ``int`` dollars (``"-2.50"``); a ``float`` is
+            read through its shortest ``repr``.
+
+    Raises:
+        ValueError: not a number (a ``bool`` neither), not finite, or finer than a
+            nano-dollar (nine decimals).
+    """
+    if isinstance(value, bool):
+        raise ValueError("an amount of dollars must be a number")
+    try:
+        amount = Decimal(str(value)) if isinstance(value, float) else Decimal(value)  # type: ignore[arg-type]
+    except (InvalidOperation, TypeError, ValueError) as exc:
+        raise ValueError(f"an amount of dollars must be a number, not {value!r:.40}") from exc
+    if not amount.is_finite():
+        raise ValueError("an amount of dollars must be finite")
+    nano = amount * NANO_USD
+    if nano != nano.to_integral_value():
+        raise ValueError(f"{value!r:.40} is finer than a nano-dollar (nine decimals)")
+    return int(nano)
 
 
 def per_mtok_to_pico(usd_per_mtok: Decimal | int | str) -> int:

@@ -115,16 +115,15 @@ class Instrumentation:
         """Record one call's metrics and span attributes."""
         record = event.record
         attributes = self._attributes(record.provider, event.endpoint, record.model)
-        response_model = getattr(record, "response_model", None)
-        if response_model:
-            attributes["gen_ai.response.model"] = response_model
+        if record.response_model:
+            attributes["gen_ai.response.model"] = record.response_model
         if record.outcome not in _GOOD_OUTCOMES:
             attributes["error.type"] = record.outcome
         if self.user_id_attribute:
             attributes["payi_guard.user_id"] = record.user_id
         usage = record.usage
         if usage is not None:
-            input_tokens = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
+            input_tokens = usage.total_input_tokens
             self._tokens.record(input_tokens, {**attributes, "gen_ai.token.type": "input"})
             self._tokens.record(usage.output_tokens, {**attributes, "gen_ai.token.type": "output"})
         seconds = record.latency_ms / 1000.0

@@ -1,4 +1,8 @@
-"""The read-only view of one limit as it applies to one user: :class:`LimitUsage`."""
+"""Read-only views of budgets: a limit, an adjustment.
+
+One limit as it applies to one user (:class:`LimitUsage`), and one operator's adjustment of
+a user's counter (:class:`BudgetAdjustment`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Literal
 
 from payi_guard.money import decimal_text
 
-__all__ = ["LimitState", "LimitUsage", "Scope", "Unit"]
+__all__ = ["BudgetAdjustment", "LimitState", "LimitUsage", "Scope", "Unit"]
 
 Unit = Literal["usd", "requests", "tokens"]
 Scope = Literal["user", "org", "global", "anonymous", "limit_id"]
@@ -62,4 +66,56 @@ class LimitUsage:
             "state": self.state,
             "type": self.type,
             "counter": self.counter,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAdjustment:
+    """One operator's change to one of a user's counters, as its history keeps it.
+
+    Attributes:
+        at: when it was made (aware UTC ``datetime``).
+        op: ``"adjust"`` (an amount added) or ``"reset"`` (the window zeroed).
+        user_id: whose counter.
+        limits: the limits on that counter (every limit of the user with the same unit
+            and period shares it), the one named first.
+        unit: ``"usd"``, ``"requests"`` or ``"tokens"``.
+        per: the calendar period of the counter.
+        window_start: the first instant of the window adjusted (aware UTC).
+        amount: what was added (negative: given back; a reset: minus what it held).
+            ``Decimal`` for ``usd``, ``int`` otherwise.
+        used: the counter's total right after (settled plus reserved).
+        reason: why, as given.
+        by: who, as given.
+        adjustment_id: the id shared by every counter one call changed.
+    """
+
+    at: datetime
+    op: Literal["adjust", "reset"]
+    user_id: str
+    limits: tuple[str, ...]
+    unit: Unit
+    per: str
+    window_start: datetime
+    amount: Decimal | int
+    used: Decimal | int
+    reason: str | None = None
+    by: str | None = None
+    adjustment_id: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        """Return a JSON-friendly dict (amounts as exact decimal strings, times in ISO 8601)."""
+        return {
+            "at": self.at.isoformat(),
+            "op": self.op,
+            "user_id": self.user_id,
+            "limits": list(self.limits),
+            "unit": self.unit,
+            "per": self.per,
+            "window_start": self.window_start.isoformat(),
+            "amount": decimal_text(self.amount),
+            "used": decimal_text(self.used),
+            "reason": self.reason,
+            "by": self.by,
+            "adjustment_id": self.adjustment_id,
         }

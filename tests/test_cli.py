@@ -437,4 +437,4 @@ def test_the_example_budgets_admit_a_reference_call(capsys: pytest.CaptureFixtur
     assert main(["check", str(path)]) == 0
     captured = capsys.readouterr()
     assert "reference call" not in captured.err
-    assert "memory:// is per process" in " ".join(captured.err.split())
+    assert "per process" not in captured.err  # the examples share one SQLite file

@@ -247,6 +247,140 @@ def test_settle_is_idempotent(clock: FakeClock) -> None:
     assert guard.usage("alice")[0].used == Decimal("0.001")
 
 
+PRICED_PAIR = {
+    "test-model": {"input_per_mtok": 1, "output_per_mtok": 2},
+    "test-model-2026-01-01": {"input_per_mtok": 3, "output_per_mtok": 4},
+    "advisor-model": {"input_per_mtok": 10, "output_per_mtok": 20},
+}
+
+
+def test_a_call_is_priced_as_the_model_its_response_names(clock: FakeClock) -> None:
+    guard = Guard(
+        {"prices": PRICED_PAIR, "default": [{"max": 1, "per": "day"}], "unknown_model": "allow"},
+        clock=clock,
+    )
+    with track_context(user_id="alice"), capture_logs() as logs:
+        # genai-prices: gpt-4o is $2.50 / $10, the 2024-05-13 snapshot $5 / $15.
+        named = guard.begin(call(100, 10, model="gpt-4o")).settle(
+            TokenUsage(100, 10), response_model="gpt-4o-2024-05-13"
+        )
+        # An Azure deployment: unknown, reserved nothing; priced by the response's model.
+        deployment = guard.begin(call(100, 10, model="my-deployment"))
+        assert deployment.reserved_usd == 0
+        by_response = deployment.settle(TokenUsage(100, 10), response_model="test-model")
+        # A response model without a price keeps the reservation's price.
+        unknown = guard.begin(call(100, 10, model="gpt-4o")).settle(
+            TokenUsage(100, 10), response_model="x"
+        )
+    assert named is not None
+    assert by_response is not None
+    assert unknown is not None
+    assert named.cost_nano == 100 * 5_000 + 10 * 15_000
+    assert (by_response.cost_nano, by_response.priced) == (100 * 1_000 + 10 * 2_000, True)
+    assert unknown.cost_nano == 100 * 2_500 + 10 * 10_000
+    assert named.response_model == "gpt-4o-2024-05-13"
+    lines = events_named(logs, "genai_call")
+    assert [(e["model"], e["response_model"]) for e in lines] == [
+        ("gpt-4o", "gpt-4o-2024-05-13"),
+        ("my-deployment", "test-model"),
+        ("gpt-4o", "x"),
+    ]
+    assert "priced" not in lines[1]
+
+
+def test_an_override_of_the_requested_model_is_kept(clock: FakeClock) -> None:
+    guard = Guard({"prices": PRICED_PAIR}, clock=clock)
+    with track_context(user_id="alice"):
+        record = guard.begin(call(100, 10)).settle(
+            TokenUsage(100, 10), response_model="test-model-2026-01-01"
+        )
+    assert record is not None
+    assert record.cost_nano == 100 * 1_000 + 10 * 2_000  # not the dated name's override
+
+
+def test_usage_of_other_models_is_priced_as_each_model(clock: FakeClock) -> None:
+    guard = Guard(
+        {
+            "prices": PRICED_PAIR,
+            "default": [{"max": 1, "per": "day"}, {"tokens": 10**6, "per": "day"}],
+        },
+        clock=clock,
+    )
+    with track_context(user_id="alice"), capture_logs() as logs:
+        reservation = guard.begin(call(1000, 100))
+        record = reservation.settle(
+            TokenUsage(200, 20),
+            other_models=[
+                ("advisor-model", TokenUsage(300, 30)),
+                ("nobody-knows", TokenUsage(1, 1)),
+            ],
+        )
+    assert record is not None
+    assert record.cost_nano == (200 * 1_000 + 20 * 2_000) + (300 * 10_000 + 30 * 20_000)
+    assert not record.priced  # one part had no price
+    (line,) = events_named(logs, "genai_call")
+    assert (line["input_tokens"], line["output_tokens"]) == (200, 20)  # the call's own model
+    assert [p["model"] for p in line["other_models"]] == ["advisor-model", "nobody-knows"]
+    usd, tokens = guard.usage("alice")
+    assert usd.used == Decimal(record.cost_nano) / 10**9
+    assert tokens.used == 200 + 20 + 300 + 30 + 1 + 1
+
+
+@pytest.mark.parametrize("sync", [True, False])
+async def test_untrusted_usage_is_charged_the_reservation(clock: FakeClock, sync: bool) -> None:
+    guard = make_guard(clock, default=[{"max": 1, "per": "day"}])
+    with request_scope(request_id="r1"), track_context(user_id="alice"), capture_logs() as logs:
+        reservation = guard.begin(call(1000, 500))
+        if sync:
+            record = reservation.settle_unverified(["prompt_tokens: -8"], response_model="m")
+        else:
+            record = await reservation.asettle_unverified(["prompt_tokens: -8"])
+        again = reservation.settle(TokenUsage(1, 1))
+    assert record is not None
+    assert again is record
+    assert record.outcome == "unverified"
+    assert record.cost_nano == record.reserved_nano == 1000 * 1_000 + 500 * 2_000
+    (invalid,) = events_named(logs, "usage_invalid")
+    assert invalid["reason"] == "prompt_tokens: -8"
+    assert (invalid["user_id"], invalid["request_id"], invalid["reserved_usd"]) == (
+        "alice",
+        "r1",
+        0.002,
+    )
+    (line,) = events_named(logs, "genai_call")
+    assert line["outcome"] == "unverified"
+    assert line["cost_usd"] == line["reserved_usd"] == 0.002
+    assert (line["input_tokens"], line["output_tokens"]) == (1000, 500)
+    assert guard.usage("alice")[0].used == Decimal("0.002")
+
+
+@pytest.mark.parametrize("on_storage_error", ["block", "allow"])
+@pytest.mark.parametrize(
+    ("limit", "output_tokens"),
+    [
+        ({"max": 1000, "per": "day"}, 10**14),  # $1e9 in nano-USD: above 2**53
+        ({"max": 1000, "per": "day", "type": "allow"}, 10**14),
+        ({"tokens": 10**6, "per": "day"}, 10**16),
+    ],
+)
+async def test_a_bound_above_a_counters_capacity_is_a_refusal(
+    clock: FakeClock, on_storage_error: str, limit: dict[str, Any], output_tokens: int
+) -> None:
+    guard = make_guard(clock, default=[limit], on_storage_error=on_storage_error)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        with pytest.raises(BudgetExceeded) as sync_refusal:
+            guard.begin(call(10, output_tokens))
+        with pytest.raises(BudgetExceeded):
+            await guard.abegin(call(10, output_tokens))
+    assert is_refusal(sync_refusal.value)
+    assert sync_refusal.value.limit.name == guard.usage("alice")[0].name
+    refused = events_named(logs, "budget_exceeded")
+    assert len(refused) == 2
+    assert "more than a counter can hold" in refused[0]["detail"]
+    assert not events_named(logs, "storage_error")
+    assert guard.usage("alice")[0].used == 0
+
+
 async def test_async_path_shares_counters_with_sync(clock: FakeClock) -> None:
     guard = make_guard(clock, default=[{"max": 0.005, "per": "day"}])
     async with track_context(user_id="alice"):

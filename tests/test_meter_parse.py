@@ -276,6 +276,51 @@ def test_openai_chat_usage_excludes_cached_tokens_from_input() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "usage"),
+    [
+        (
+            "chat",
+            {
+                "prompt_tokens": 2500,
+                "completion_tokens": 10,
+                "prompt_tokens_details": {"cached_tokens": 1024, "cache_write_tokens": 1200},
+            },
+        ),
+        (
+            "responses",
+            {
+                "input_tokens": 2500,
+                "output_tokens": 10,
+                "input_tokens_details": {"cached_tokens": 1024, "cache_write_tokens": 1200},
+            },
+        ),
+    ],
+)
+def test_openai_cache_writes_are_split_out_of_the_input(
+    endpoint: str, usage: dict[str, Any]
+) -> None:
+    parsed = usage_from_response(Endpoint(endpoint), {"usage": usage})  # type: ignore[arg-type]
+
+    assert parsed == ParsedUsage(
+        input_tokens=276,
+        output_tokens=10,
+        cache_read_tokens=1024,
+        cache_write_tokens=1200,
+        complete=True,
+    )
+    assert parsed.total_input_tokens == 2500
+
+
+def test_openai_cache_counts_never_exceed_the_input() -> None:
+    usage = {
+        "prompt_tokens": 100,
+        "prompt_tokens_details": {"cached_tokens": 60, "cache_write_tokens": 90},
+    }
+    parsed = usage_from_response(CHAT, {"usage": usage})
+    assert (parsed.input_tokens, parsed.cache_read_tokens, parsed.cache_write_tokens) == (0, 60, 40)
+
+
 def test_openai_usage_without_details_and_legacy_completions() -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
     for endpoint in (CHAT, COMPLETIONS):
@@ -355,11 +400,55 @@ def test_malformed_counts_never_go_negative_or_crash() -> None:
     }
     parsed = usage_from_response(CHAT, {"usage": usage})
     assert (parsed.input_tokens, parsed.cache_read_tokens, parsed.output_tokens) == (0, 10, 0)
+    assert parsed.problems == ("completion_tokens: '12'",)
 
     floats = usage_from_response(CHAT, {"usage": {"prompt_tokens": 3.0, "completion_tokens": -4}})
-    assert (floats.input_tokens, floats.output_tokens) == (3, 0)
+    assert (floats.input_tokens, floats.output_tokens) == (0, 0)
+    assert floats.problems == ("prompt_tokens: 3.0", "completion_tokens: -4")
     bools = usage_from_response(ANTHROPIC, {"usage": {"input_tokens": True, "output_tokens": 2}})
     assert (bools.input_tokens, bools.output_tokens) == (0, 2)
+    assert bools.problems == ("input_tokens: True",)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "usage", "problems"),
+    [
+        ("chat", {"prompt_tokens": 8, "completion_tokens": 9}, ()),
+        ("chat", {"prompt_tokens": 8, "completion_tokens": None}, ("completion_tokens: missing",)),
+        ("chat", {"completion_tokens": 9}, ("prompt_tokens: missing",)),
+        ("embeddings", {"prompt_tokens": 8, "total_tokens": 8}, ()),
+        ("embeddings", {"prompt_tokens": 8.5}, ("prompt_tokens: 8.5",)),
+        (
+            "chat",
+            {
+                "prompt_tokens": 8,
+                "completion_tokens": 1,
+                "prompt_tokens_details": {"cached_tokens": -1},
+            },
+            ("prompt_tokens_details.cached_tokens: -1",),
+        ),
+        ("responses", {"input_tokens": 8, "output_tokens": 9}, ()),
+        ("responses", {"input_tokens": "8", "output_tokens": 9}, ("input_tokens: '8'",)),
+        ("anthropic_messages", {"input_tokens": 8, "output_tokens": 9}, ()),
+        ("anthropic_messages", {"output_tokens": 9}, ("input_tokens: missing",)),
+        (
+            "anthropic_messages",
+            {"input_tokens": 8, "output_tokens": 9, "server_tool_use": {"web_search_requests": -2}},
+            ("web_search_requests: -2",),
+        ),
+        (
+            "anthropic_messages",
+            {"input_tokens": 8, "output_tokens": 9, "iterations": [{"input_tokens": 8}]},
+            ("iterations[0].output_tokens: missing",),
+        ),
+    ],
+)
+def test_untrustworthy_counts_are_named(
+    endpoint: Any, usage: dict[str, Any], problems: tuple[str, ...]
+) -> None:
+    parsed = usage_from_response(Endpoint(endpoint), {"usage": usage})
+    assert parsed.problems == problems
+    assert parsed.complete
 
 
 def test_anthropic_one_hour_cache_writes_are_split_out() -> None:
@@ -583,17 +672,26 @@ def _data(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _chunk(delta: dict[str, Any], finish_reason: str | None = None, index: int = 0) -> bytes:
+def _chunk(
+    delta: dict[str, Any], finish_reason: str | None = None, index: int = 0, *, usage: bool = True
+) -> bytes:
+    """A chat chunk; with ``usage``, the ``"usage":null`` member ``include_usage`` adds."""
     choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    return _data({**CHUNK_BASE, "choices": [choice], "usage": None})
+    return _data({**CHUNK_BASE, "choices": [choice], **({"usage": None} if usage else {})})
 
 
-CHAT_STREAM = (
-    _chunk({"role": "assistant", "content": ""})
-    + _chunk({"content": "Hello"})
-    + _chunk({"content": " world!"})
-    + _chunk({}, "stop")
-)
+def _chat_stream(*, usage: bool = True) -> bytes:
+    return (
+        _chunk({"role": "assistant", "content": ""}, usage=usage)
+        + _chunk({"content": "Hello"}, usage=usage)
+        + _chunk({"content": " world!"}, usage=usage)
+        + _chunk({}, "stop", usage=usage)
+    )
+
+
+CHAT_STREAM = _chat_stream()
+CHAT_STREAM_AS_UNASKED = _chat_stream(usage=False)
+"""The chunks of :data:`CHAT_STREAM` as OpenAI sends them without ``include_usage``."""
 USAGE_CHUNK = _data(
     {
         **CHUNK_BASE,
@@ -622,7 +720,8 @@ def test_chat_stream_usage_chunk_is_dropped_only_when_the_guard_added_it() -> No
     dropped, tracker = _meter(CHAT, stream, added=True)
     kept, kept_tracker = _meter(CHAT, stream, added=False)
 
-    assert dropped == CHAT_STREAM + DONE
+    # The guard's option leaves no trace: no usage-only chunk, no "usage":null members.
+    assert dropped == CHAT_STREAM_AS_UNASKED + DONE
     assert kept == stream
     for t in (tracker, kept_tracker):
         assert t.usage == ParsedUsage(
@@ -667,7 +766,7 @@ def test_chat_stream_counts_tool_arguments_refusals_and_reasoning() -> None:
     assert tracker.output_deltas == 4
 
 
-def test_chat_stream_keeps_usage_chunks_that_carry_choices_and_azure_filter_chunks() -> None:
+def test_chat_stream_keeps_azure_filter_chunks_and_hides_usage_it_caused() -> None:
     azure_filter = _data(
         {
             "choices": [],
@@ -692,9 +791,66 @@ def test_chat_stream_keeps_usage_chunks_that_carry_choices_and_azure_filter_chun
     )
     stream = azure_filter + running + final + DONE
     out, tracker = _meter(CHAT, stream, added=True)
+    kept, _ = _meter(CHAT, stream, added=False)
 
-    assert out == stream
+    # Usage on chunks that carry choices is what the guard's include_usage caused: the
+    # chunks are forwarded without it (re-encoded, compact), the usage is charged.
+    assert kept == stream
+    assert out == (
+        azure_filter
+        + _data({"choices": [{"index": 0, "delta": {"content": "hi"}}]})
+        + _data({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        + DONE
+    )
     assert tracker.usage == ParsedUsage(input_tokens=3, output_tokens=2, complete=True)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        (b'data: {"id":"c","usage":null}\n\n', b'data: {"id":"c"}\n\n'),
+        (b'data: {"usage":null,"id":"c"}\n\n', b'data: {"id":"c"}\n\n'),
+        (b'data: {"a":1,"usage":null,"b":2}\r\n\r\n', b'data: {"a":1,"b":2}\r\n\r\n'),
+        (b'data: {"a": 1, "usage" : null }\n\n', b'data: {"a": 1 }\n\n'),
+        # A string that mentions the member is text, not a member.
+        (
+            b'data: {"c":"say \\"usage\\":null","usage":null}\n\n',
+            b'data: {"c":"say \\"usage\\":null"}\n\n',
+        ),
+        # The key twice (nested too): the chunk is re-encoded without the top-level one.
+        (
+            b'id: 7\ndata: {"usage":null,"x":{"usage":null}}\n\n',
+            b'id: 7\ndata: {"x":{"usage":null}}\n\n',
+        ),
+        # The only member: re-encoded.
+        (b'data: {"usage":null}\n\n', b"data: {}\n\n"),
+    ],
+)
+def test_usage_null_member_is_cut_from_the_bytes(chunk: bytes, expected: bytes) -> None:
+    out, tracker = _meter(CHAT, chunk, added=True)
+
+    assert out == expected
+    assert json.loads(expected.split(b"data: ", 1)[1]) == {
+        k: v for k, v in json.loads(chunk.split(b"data: ", 1)[1]).items() if k != "usage"
+    }
+    assert tracker.dropped == 0
+
+
+def test_chat_stream_error_chunk_with_usage_is_charged_and_forwarded() -> None:
+    usage = {"prompt_tokens": 43, "completion_tokens": 0, "total_tokens": 43}
+    choice = {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}
+    error = {"code": 502, "message": "Provider returned error"}
+    base = {"id": "gen-1", "model": "m", "choices": [choice], "error": error}
+    chunk = _data({**base, "usage": usage})
+
+    kept, tracker = _meter(CHAT, chunk + DONE)
+    hidden, hidden_tracker = _meter(CHAT, chunk + DONE, added=True)
+
+    assert kept == chunk + DONE
+    assert hidden == _data(base) + DONE
+    for t in (tracker, hidden_tracker):
+        assert [(e.type, e.message) for e in t.errors] == [(None, "Provider returned error")]
+        assert t.usage == ParsedUsage(input_tokens=43, output_tokens=0, complete=True)
 
 
 def test_chat_stream_error_chunk_is_recorded_and_forwarded() -> None:
@@ -739,21 +895,26 @@ def test_non_json_and_non_object_data_are_forwarded() -> None:
 
 @st.composite
 def chat_streams(draw: st.DrawFn) -> tuple[bytes, bytes]:
-    """A chat stream with the usage-only chunk, and the same stream without it."""
+    """A chat stream as sent with ``include_usage``, and as sent without it."""
     newline = draw(st.sampled_from(["\n", "\r\n"]))
     words = draw(st.lists(_TEXT, max_size=5))
-    events = [
-        f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': w}}], 'usage': None})}"
-        f"{newline}{newline}"
-        for w in words
-    ]
+
+    def chunk(word: str, *, usage: bool) -> str:
+        body: dict[str, Any] = {"choices": [{"index": 0, "delta": {"content": word}}]}
+        if usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}{newline}{newline}"
+
+    events = [chunk(w, usage=True) for w in words]
+    unasked = [chunk(w, usage=False) for w in words]
     if draw(st.booleans()):
         events.insert(0, f": ping{newline}{newline}")
+        unasked.insert(0, f": ping{newline}{newline}")
     usage = {"prompt_tokens": 5, "completion_tokens": len(words)}
     usage_event = f"data: {json.dumps({'choices': [], 'usage': usage})}{newline}{newline}"
     done = f"data: [DONE]{newline}{newline}"
     kept = "".join(events).encode()
-    return kept + usage_event.encode() + done.encode(), kept + done.encode()
+    return kept + usage_event.encode() + done.encode(), "".join(unasked).encode() + done.encode()
 
 
 @settings(max_examples=200, deadline=None)
@@ -848,6 +1009,41 @@ def test_responses_failed_without_usage_and_error_events() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("extra", "searches"),
+    [
+        ({"tool_usage": {"web_search": {"num_requests": 3}}}, 3),
+        ({"output": [{"type": "web_search_call"}, {"type": "message"}] * 2}, 2),
+        # The reported count wins over the items.
+        (
+            {
+                "tool_usage": {"web_search": {"num_requests": 1}},
+                "output": [{"type": "web_search_call"}] * 2,
+            },
+            1,
+        ),
+        ({"output": "not a list"}, 0),
+    ],
+)
+def test_responses_web_searches(extra: dict[str, Any], searches: int) -> None:
+    """Web searches; file searches (``file_search``) are read the same way."""
+    response = {**_response("completed", RESPONSES_USAGE), **extra}
+    plain = usage_from_response(RESPONSES, response)
+    _, tracker = _meter(RESPONSES, _response_event("response.completed", 1, response=response))
+
+    assert plain.web_searches == searches
+    assert tracker.usage == plain
+    assert plain.to_token_usage().web_searches == searches
+    as_files = json.loads(
+        json.dumps(extra)
+        .replace("web_search_call", "file_search_call")
+        .replace('"web_search"', '"file_search"')
+    )
+    files = usage_from_response(RESPONSES, {**_response("completed", RESPONSES_USAGE), **as_files})
+    assert (files.file_searches, files.web_searches) == (searches, 0)
+    assert files.to_token_usage().file_searches == searches
+
+
 # --- stream usage: Anthropic ------------------------------------------------------------
 
 ANTHROPIC_START: dict[str, Any] = {
@@ -904,6 +1100,85 @@ def test_anthropic_merges_start_and_delta_usage_keeping_cache_fields() -> None:
     assert (tracker.status, tracker.finished) == ("end_turn", True)
     assert tracker.model == "claude-opus-4-6"
     assert tracker.response_id == "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY"
+
+
+def test_anthropic_web_searches_are_counted() -> None:
+    usage = {
+        "input_tokens": 22397,
+        "output_tokens": 637,
+        "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 1},
+    }
+    delta = _typed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage})
+    _, tracker = _meter(ANTHROPIC, ANTHROPIC_STREAM + delta)
+
+    assert usage_from_response(ANTHROPIC, {"usage": usage}).web_searches == 2
+    assert tracker.usage is not None
+    assert tracker.usage.web_searches == 2
+
+
+def _iteration(kind: str, inp: int, out: int, write: int = 0, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "input_tokens": inp,
+        "output_tokens": out,
+        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": write,
+        **extra,
+    }
+
+
+def test_anthropic_iterations_are_what_is_billed() -> None:
+    # Compaction: the top level reports only the last iteration.
+    compaction = {
+        "model": "claude-sonnet-4-6",
+        "usage": {
+            "input_tokens": 180,
+            "output_tokens": 8,
+            "iterations": [
+                _iteration("compaction", 100, 82, write=55096),
+                _iteration("message", 180, 8),
+            ],
+        },
+    }
+    assert usage_from_response(ANTHROPIC, compaction) == ParsedUsage(
+        input_tokens=280, output_tokens=90, cache_write_tokens=55096, complete=True
+    )
+    # The advisor tool: its iteration names another model and is priced as that one.
+    advisor = {
+        "model": "claude-sonnet-5",
+        "usage": {
+            "input_tokens": 2390,
+            "output_tokens": 121,
+            "iterations": [
+                _iteration("message", 1128, 110),
+                _iteration("advisor_message", 2518, 22, model="claude-opus-4-8"),
+                _iteration("message", 1262, 11, model="claude-sonnet-5"),
+            ],
+        },
+    }
+    parsed = usage_from_response(ANTHROPIC, advisor)
+    assert (parsed.input_tokens, parsed.output_tokens) == (2390, 121)
+    assert parsed.other_models == (("claude-opus-4-8", TokenUsage(2518, 22)),)
+
+
+def test_anthropic_stream_iterations_arrive_with_message_delta() -> None:
+    usage = {
+        "input_tokens": 2411,
+        "output_tokens": 145,
+        "iterations": [
+            _iteration("message", 1128, 135),
+            _iteration("advisor_message", 2543, 18, model="claude-opus-4-8"),
+            _iteration("message", 1283, 10),
+        ],
+    }
+    delta = _typed({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage})
+    _, tracker = _meter(ANTHROPIC, ANTHROPIC_STREAM + delta)
+
+    assert tracker.usage is not None
+    assert (tracker.usage.input_tokens, tracker.usage.output_tokens) == (2411, 145)
+    # The cache counts of message_start were the first iteration's: the iterations win.
+    assert tracker.usage.cache_read_tokens == 0
+    assert tracker.usage.other_models == (("claude-opus-4-8", TokenUsage(2543, 18)),)
 
 
 def test_anthropic_later_fields_win() -> None:
@@ -1005,7 +1280,14 @@ def test_metering_the_fakes_chat_stream(fake: FakeProvider) -> None:
     assert tracker.status == "tool_calls"
     assert tracker.output_bytes == len(DEFAULT_REPLY) + len('{"x": 1}')
     events = _decode(raw)
-    assert [e.raw for e in events if b'"choices":[]' not in e.raw] == [e.raw for e in _decode(out)]
+    # What the client gets is the stream minus the usage chunk, and minus the
+    # ``"usage":null`` member the option added to every other chunk.
+    expected = [
+        e.raw.replace(b',"usage":null}', b"}") for e in events if b'"choices":[]' not in e.raw
+    ]
+    assert expected == [e.raw for e in _decode(out)]
+    assert b'"usage":null' in raw
+    assert b'"usage"' not in out
     assert len(_decode(out)) == len(events) - 1
 
 

@@ -123,9 +123,12 @@ def test_cost_rounds_up_to_the_nano() -> None:
 
 
 def test_cache_reads_and_writes_are_priced() -> None:
-    # claude-opus-4-1: $15 in, $75 out, $1.50 cache read, $18.75 5m write, $30 1h write
+    # claude-opus-4-1: $15 in, $75 out, $1.50 cache read, $18.75 5m write, $30 1h write,
+    # $10 per thousand web searches
     rates = book().rates("claude-opus-4-1", "anthropic")
-    assert rates.base == RateBand(15_000_000, 75_000_000, 1_500_000, 18_750_000, 30_000_000)
+    assert rates.base == RateBand(
+        15_000_000, 75_000_000, 1_500_000, 18_750_000, 30_000_000, web_search=10_000_000_000
+    )
     usage = TokenUsage(
         input_tokens=10,
         output_tokens=20,
@@ -243,6 +246,39 @@ def test_upper_bound_uses_only_reachable_tiers() -> None:
     assert rates.upper_bound_nano(10, 0) == 10 * 6_000_000 // 1_000
     with pytest.raises(ValueError, match="negative"):
         rates.upper_bound_nano(-1, 0)
+
+
+def test_web_searches_are_priced_per_search() -> None:
+    # claude-sonnet-4-5 and gpt-4o: $10 per thousand searches, 10,000,000 nano-USD each.
+    price_book = book()
+    for model, provider in (("claude-sonnet-4-5", "anthropic"), ("gpt-4o", "openai")):
+        rates = price_book.rates(model, provider)
+        tokens = TokenUsage(1_000, 100)
+        with_searches = TokenUsage(1_000, 100, web_searches=3)
+        assert rates.cost(with_searches) - rates.cost(tokens) == 3 * 10_000_000
+        assert with_searches.total_tokens == tokens.total_tokens
+        bound = rates.upper_bound_nano(1_000, 100, web_searches=2)
+        assert bound - rates.upper_bound_nano(1_000, 100) == 2 * 10_000_000
+    with pytest.raises(ValueError, match="negative"):
+        price_book.rates("gpt-4o", "openai").upper_bound_nano(1, 1, web_searches=-1)
+    with pytest.raises(ValueError, match="web_searches"):
+        TokenUsage(1, 1, web_searches=-1)
+
+
+def test_file_searches_are_priced_per_call() -> None:
+    # gpt-4o: $2.50 per thousand file search calls, 2,500,000 nano-USD each.
+    rates = book().rates("gpt-4o", "openai")
+    with_calls = TokenUsage(1_000, 100, file_searches=4)
+    assert rates.cost(with_calls) - rates.cost(TokenUsage(1_000, 100)) == 4 * 2_500_000
+    bound = rates.upper_bound_nano(1_000, 100, file_searches=2)
+    assert bound - rates.upper_bound_nano(1_000, 100) == 2 * 2_500_000
+    # Anthropic has no such tool: no price.
+    assert book().rates("claude-sonnet-4-5", "anthropic").base.file_search == 0
+
+
+def test_token_usages_add_up() -> None:
+    a = TokenUsage(1, 2, 3, 4, 5, 6, 7)
+    assert a + TokenUsage(10, 20, 30, 40, 50, 60, 70) == TokenUsage(11, 22, 33, 44, 55, 66, 77)
 
 
 def test_rates_refuse_unsorted_tiers() -> None:

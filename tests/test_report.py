@@ -53,6 +53,8 @@ CSV_HEADER = [
     "warned",
     "overruns",
     "errors",
+    "adjustments",
+    "adjusted_usd",
 ]
 
 
@@ -253,6 +255,8 @@ def test_hand_checked_sample_log() -> None:
         "warned": 0,
         "overruns": 0,
         "errors": 0,
+        "adjustments": 0,
+        "adjusted_usd": 0,
     }
     # The refused call and the budget_exceeded of request r4 are one refusal.
     assert (bob["calls"], bob["blocked"], bob["warned"], bob["cost_usd"]) == (

@@ -20,6 +20,12 @@ Routes (relative to the mount point):
 * ``GET /api/users``: users with their limits, as JSON (``q``, ``state``, ``sort``,
   ``order``, ``page``; see :meth:`UsersApp.list_users`).
 * ``GET /api/users/{user_id}``: one user's limits.
+* ``POST /api/users/{user_id}/adjust`` and ``POST /api/users/{user_id}/reset``: an
+  operator adds to (or gives back from) one of a user's current windows, or zeroes them
+  (:meth:`Guard.aadjust`, :meth:`Guard.areset`); ``GET /api/users/{user_id}/adjustments``
+  is the user's history of both. The page offers them on each user ("Manage"); see
+  :mod:`payi_guard.admin.actions` for who may post (the token, or the page's own session
+  with its CSRF token).
 * ``POST /api/events``: manual usage events from services in other languages (one
   event or a batch, see :meth:`UsersApp.post_events`), charged with
   :meth:`Guard.arecord`: all validated and priced before anything is charged, and each
@@ -27,7 +33,8 @@ Routes (relative to the mount point):
 * ``GET /healthz``: liveness, without authentication or data.
 
 The API takes ``Authorization: Bearer <token>``; ``GET`` routes also accept the page's
-session cookie, ``POST /api/events`` does not (a browser session cannot post events).
+session cookie, ``POST /api/events`` does not (a browser session cannot post events), and
+the operator actions accept it only with the session's CSRF token.
 
 Flask and other WSGI apps: serve this app with any ASGI server next to the WSGI app,
 or mount it through a WSGI adapter such as ``a2wsgi`` (not a dependency)::

@@ -6,7 +6,6 @@ import contextlib
 import html
 import math
 import secrets
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from decimal import Decimal
 from importlib import resources
@@ -20,6 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from payi_guard.admin.actions import Actions
 from payi_guard.admin.dedupe import Claim, RequestIds
 from payi_guard.admin.directory import (
     SORTS,
@@ -38,6 +38,8 @@ from payi_guard.admin.events import (
     parse_body,
     validate_events,
 )
+from payi_guard.admin.responses import problem as _problem
+from payi_guard.admin.responses import read_limited as _read_limited
 from payi_guard.admin.security import SESSION_COOKIE, SecurityHeaders, TokenAuth, from_this_site
 from payi_guard.config import MAX_AMOUNT, GuardConfig
 from payi_guard.engine import Guard
@@ -46,7 +48,6 @@ from payi_guard.identity import normalize_user_id
 from payi_guard.money import NANO_USD, decimal_text, decimal_usd, parse_usd
 from payi_guard.pricing import PriceBook, TokenUsage, UnknownModel
 from payi_guard.web.options import USER_HEADER
-from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, Problem
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -96,29 +97,6 @@ def _template(name: str) -> str:
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
-
-
-def _problem(
-    status: int,
-    slug: str,
-    title: str,
-    detail: str,
-    *,
-    headers: Mapping[str, str] | None = None,
-    **members: object,
-) -> Response:
-    """An ``application/problem+json`` response (RFC 9457)."""
-    document = {
-        "type": PROBLEM_TYPE_BASE + slug,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        **members,
-    }
-    problem = Problem.build(status, document, (headers or {}).items())
-    return Response(
-        problem.body, status, headers=dict(problem.headers), media_type=PROBLEM_CONTENT_TYPE
-    )
 
 
 class _QueryError(ValueError):
@@ -214,6 +192,7 @@ class UsersApp:
         self.directory = UserDirectory(guard, max_keys=max_keys, ttl=float(directory_ttl))
         self._auth = TokenAuth(token, guard, float(session_ttl))
         self._request_ids = RequestIds(guard, float(request_id_ttl))
+        self._actions = Actions(guard, self._auth, self._unauthorized, self._storage_failed)
         self._page = _template("users.html").replace("__TITLE__", html.escape(self.title))
         self._login_page = _template("login.html").replace("__TITLE__", html.escape(self.title))
         self._prices: tuple[GuardConfig, PriceBook] | None = None
@@ -228,6 +207,9 @@ class UsersApp:
                 Route("/healthz", self.health, methods=["GET"]),
                 Route("/api/users", self.list_users, methods=["GET"]),
                 Route("/api/users/{user_id}", self.get_user, methods=["GET"]),
+                Route("/api/users/{user_id}/adjust", self._actions.adjust, methods=["POST"]),
+                Route("/api/users/{user_id}/reset", self._actions.reset, methods=["POST"]),
+                Route("/api/users/{user_id}/adjustments", self._actions.history, methods=["GET"]),
                 Route("/api/events", self.post_events, methods=["POST"]),
             ],
             middleware=[Middleware(SecurityHeaders)],
@@ -682,21 +664,6 @@ class UsersApp:
             "nothing was charged. Retry shortly: events already recorded are skipped.",
             index=index,
         )
-
-
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    """The request body, or ``None`` as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def users_app(

@@ -134,6 +134,8 @@ class GuardConfig:
         anonymous: the anonymous policy.
         timezone: the default IANA zone windows are aligned to.
         reservation_ttl: seconds after which an unsettled reservation is dropped.
+        tier_cache_ttl: seconds a tier the app's ``tier_of`` function gave is reused
+            (0: ask it for every call).
         source: the file the config was loaded from, if any.
     """
 
@@ -152,6 +154,7 @@ class GuardConfig:
     anonymous: AnonymousPolicy = field(default_factory=AnonymousPolicy)
     timezone: str = "UTC"
     reservation_ttl: float = 300.0
+    tier_cache_ttl: float = 60.0
     source: str | None = None
 
 

@@ -71,6 +71,7 @@ _TOP_KEYS = (
     "anonymous",
     "timezone",
     "reservation_ttl",
+    "tier_cache_ttl",
 )
 _UNITS: tuple[tuple[str, Unit], ...] = (
     ("max", "usd"),
@@ -165,6 +166,9 @@ class _Parser(NodeReader):
         reservation_ttl = 300.0
         if (entry := get("reservation_ttl")) is not None:
             reservation_ttl = self._ttl(entry.value, "reservation_ttl")
+        tier_cache_ttl = 60.0
+        if (entry := get("tier_cache_ttl")) is not None:
+            tier_cache_ttl = self._seconds(entry.value, "tier_cache_ttl")
 
         return GuardConfig(
             version=version,
@@ -182,6 +186,7 @@ class _Parser(NodeReader):
             anonymous=anonymous,
             timezone=self._timezone,
             reservation_ttl=reservation_ttl,
+            tier_cache_ttl=tier_cache_ttl,
             source=self._source,
         )
 
@@ -357,6 +362,12 @@ class _Parser(NodeReader):
             raise self._error(
                 f"must be more than 0 seconds, got {node_text(node)}", node.line, path
             )
+        return float(seconds)
+
+    def _seconds(self, node: Node, path: str) -> float:
+        seconds = self._decimal(node, path, "a number of seconds (0 asks every time)")
+        if seconds < 0:
+            raise self._error(f"must be 0 seconds or more, got {node_text(node)}", node.line, path)
         return float(seconds)
 
     def _named_limits(self, entry: Entry | None) -> None:

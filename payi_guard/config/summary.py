@@ -77,6 +77,7 @@ def config_fingerprint(config: GuardConfig) -> str:
         "anonymous": [config.anonymous.strategy, _canonical_limits(config.anonymous.limits)],
         "timezone": config.timezone,
         "reservation_ttl": repr(config.reservation_ttl),
+        "tier_cache_ttl": repr(config.tier_cache_ttl),
     }
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -26,9 +26,10 @@
   dotted path of a :class:`~payi_guard.Guard` (or of a callable returning one), for a
   guard built with more options (a clock, a pseudonymizer, ``storage``);
 * ``user``: the dotted path of a callable ``(request) -> user id or None`` (sync or
-  async; an async one saves a thread hop under ASGI). Default: ``request.user.pk`` of
-  an authenticated user, as a string: never a username or an e-mail address. It
-  returns an id only: tiers come from the budgets file;
+  async; an async one saves a thread hop under ASGI), or ``(request) -> (user id,
+  tier)`` to name the user's plan too (a tier under ``tiers:``; a user listed under
+  ``users:`` keeps their own entry). Default: ``request.user.pk`` of an authenticated
+  user, as a string: never a username or an e-mail address;
 * ``session_id``: for the ``session`` anonymous strategy, the dotted path of a callable
   ``(request) -> session id or None``; default: Django's own session, once its backend
   has checked it;

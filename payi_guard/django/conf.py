@@ -5,7 +5,7 @@
     PAYI_GUARD = {
         "config": BASE_DIR / "budgets.yaml",   # or a dict; or "guard": "myapp.llm.guard"
         "guarded_paths": ["/api/*"],
-        "user": "myapp.auth.guard_user_id",      # optional: (request) -> user id
+        "user": "myapp.auth.guard_user_id",      # optional: (request) -> id or (id, tier)
     }
 
 Django is imported only when a function here is called, never when the module is.
@@ -30,7 +30,7 @@ SETTING = "PAYI_GUARD"
 """The name of the Django setting."""
 
 _WEB_KEYS = frozenset(WebOptionArgs.__annotations__)
-_OWN_KEYS = frozenset({"config", "guard", "user", "session_id"})
+_OWN_KEYS = frozenset({"config", "guard", "storage", "user", "session_id"})
 _KEYS = _OWN_KEYS | _WEB_KEYS
 
 
@@ -57,6 +57,8 @@ class GuardSettings:
         config: the budgets YAML path or dict (``config``), or ``None``.
         guard: a ``Guard``, a callable returning one, or the dotted path of either
             (``guard``), or ``None``. Exactly one of ``config`` and ``guard`` is set.
+        storage: a storage URI that replaces the one ``config`` names (``storage``; e.g.
+            from the environment), or ``None``. Only with ``config``.
         user: the resolver named by ``user`` (``(request) -> user id or None``, sync or
             async), or ``None`` for the default, ``str(request.user.pk)``.
         session_id: the resolver named by ``session_id`` (``(request) -> session id or
@@ -67,6 +69,7 @@ class GuardSettings:
 
     config: str | os.PathLike[str] | Mapping[str, Any] | None
     guard: object
+    storage: str | None
     user: Callable[[Any], Any] | None
     session_id: Callable[[Any], Any] | None
     web: WebOptionArgs
@@ -135,6 +138,12 @@ def read_settings() -> GuardSettings:
         raise _improperly_configured(
             f"'config' must be a path or a dict, not {type(config).__name__}"
         )
+    storage = raw.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not has_config):
+        raise _improperly_configured(
+            "'storage' must be a storage URI string, and goes with 'config' (a 'guard' "
+            "names its own store)"
+        )
     web = cast(WebOptionArgs, {key: raw[key] for key in _WEB_KEYS if key in raw})
     try:
         WebOptions(**web)
@@ -143,6 +152,7 @@ def read_settings() -> GuardSettings:
     return GuardSettings(
         config=config,
         guard=raw.get("guard"),
+        storage=storage,
         user=_callable_setting(raw, "user"),
         session_id=_callable_setting(raw, "session_id"),
         web=web,
@@ -180,9 +190,9 @@ def check_order(has_resolver: bool) -> None:
 
 def _build(settings: GuardSettings) -> Guard:
     if isinstance(settings.config, Mapping):
-        return Guard(config=dict(settings.config))
+        return Guard(config=dict(settings.config), storage=settings.storage)
     if settings.config is not None:
-        return Guard.from_yaml(settings.config)
+        return Guard.from_yaml(settings.config, storage=settings.storage)
     value = settings.guard
     if isinstance(value, str):
         import_string = django_module("django.utils.module_loading").import_string

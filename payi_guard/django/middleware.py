@@ -20,7 +20,13 @@ from payi_guard.django.conf import check_order, django_module, get_guard, read_s
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId
 from payi_guard.web.core import WebCore
 from payi_guard.web.gate import gate_headers, store_gate_headers
-from payi_guard.web.identify import ORDER_EVENT, mark_bound, request_id_of, session_digest
+from payi_guard.web.identify import (
+    ORDER_EVENT,
+    mark_bound,
+    request_id_of,
+    session_digest,
+    split_user,
+)
 from payi_guard.web.problem import AFTER_START_EVENT, Problem
 
 if TYPE_CHECKING:
@@ -206,9 +212,9 @@ class GuardMiddleware:
         options = self.core.options
         try:
             if options.user is not None:
-                value = _checked_id(self._call(options.user, self._user_is_async, request))
+                value, tier = split_user(self._call(options.user, self._user_is_async, request))
                 if value is not None:
-                    return identify.assign_user(rs, value, "resolver")
+                    return identify.assign_user(rs, value, "resolver", tier)
             # Read first, used last: a repeated header is a 400 even for a signed-in user.
             header = identify.header_user(request.headers.get(self._user_header))
             value = self._user_of(getattr(request, "user", _NOTHING), options.user is None)
@@ -231,9 +237,10 @@ class GuardMiddleware:
         options = self.core.options
         try:
             if options.user is not None:
-                value = _checked_id(await self._acall(options.user, self._user_is_async, request))
+                resolved = await self._acall(options.user, self._user_is_async, request)
+                value, tier = split_user(resolved)
                 if value is not None:
-                    return identify.assign_user(rs, value, "resolver")
+                    return identify.assign_user(rs, value, "resolver", tier)
             # Read first, used last: a repeated header is a 400 even for a signed-in user.
             header = identify.header_user(request.headers.get(self._user_header))
             value = await self._auser_of(request, options.user is None)
@@ -420,15 +427,6 @@ def _streams(response: HttpResponseBase) -> bool:
     # streaming_content: reading ahead would lose its first block. Files make no GenAI
     # calls anyway.
     return bool(response.streaming) and getattr(response, "file_to_stream", None) is None
-
-
-def _checked_id(value: object) -> object:
-    if isinstance(value, tuple):
-        raise TypeError(
-            "PAYI_GUARD['user'] must return the user id (or None), not a tuple; a user's "
-            "tier is set in the budgets file (users: or tiers:)"
-        )
-    return value
 
 
 def _session_of(request: HttpRequest, *, loaded: bool) -> str | None:

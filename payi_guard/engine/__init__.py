@@ -2,8 +2,14 @@
 
 * :mod:`~payi_guard.engine.guard`: :class:`Guard`, the public facade;
 * :mod:`~payi_guard.engine.calls`: :class:`CallRequest` and :class:`CallRecord`;
+* :mod:`~payi_guard.engine.parts`: what one guard is made of, shared by its helpers;
 * :mod:`~payi_guard.engine.policy`: who is charged (:class:`Subject`) and which limits
-  apply (:class:`BoundLimit`);
+  apply (:class:`BoundLimit`), a user's tier included;
+* :mod:`~payi_guard.engine.tiers`: the app's ``tier_of``, called from sync and async code
+  and cached;
+* :mod:`~payi_guard.engine.views`: planning calls, reading usage and exhausted limits;
+* :mod:`~payi_guard.engine.operator`: an operator's ``adjust`` and ``reset``, and the
+  history of both;
 * :mod:`~payi_guard.engine.plan`: counters, charges and the upper-bound cost of a call;
 * :mod:`~payi_guard.engine.bookkeeper`: reserve, commit and release in the ledger under
   the storage-error policy, and the log events;

@@ -23,9 +23,10 @@ from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.engine.spent import Spent, SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.exceptions import BudgetExceeded, StorageError
+from payi_guard.ledger._checks import MAX_UNITS
 from payi_guard.ledger.base import Charge, CounterState, ReserveResult
 from payi_guard.money import cost_usd, log_amount, parse_usd
-from payi_guard.pricing import TokenUsage
+from payi_guard.pricing import Rates, TokenUsage, UnknownModel
 
 __all__ = ["Bookkeeper"]
 
@@ -62,9 +63,11 @@ class Bookkeeper:
         """Reserve a plan's charges; return whether the ledger holds them.
 
         Raises:
-            BudgetExceeded: a block limit could be crossed; nothing was reserved.
+            BudgetExceeded: a block limit could be crossed, or the call's bound is more
+                than a counter can hold; nothing was reserved.
             StorageError: storage failed and ``on_storage_error`` is ``block``.
         """
+        self._check_capacity(plan)
         self._check_spent(plan)
         if not plan.charges:
             return True
@@ -80,6 +83,7 @@ class Bookkeeper:
 
     async def areserve(self, plan: Plan) -> bool:
         """Async :meth:`reserve`: never blocks the event loop."""
+        self._check_capacity(plan)
         self._check_spent(plan)
         if not plan.charges:
             return True
@@ -92,6 +96,23 @@ class Bookkeeper:
             return self._held_after_failure(plan, exc)
         self._interpret_reserve(plan, result)
         return True
+
+    def _check_capacity(self, plan: Plan) -> None:
+        """Refuse a call whose bound is more than a counter can hold (``max_tokens=1e14``).
+
+        The ledger cannot take such an amount: it is a refusal before anything is sent,
+        whatever ``on_storage_error`` says, never a storage error. Whether the counter's
+        limits block or allow, no limit can account for the call.
+        """
+        for counter, charge in zip(plan.counters, plan.charges, strict=True):
+            if charge.amount > MAX_UNITS:
+                bound = min(counter.limits, key=lambda b: (not b.spec.blocks, b.spec.max))
+                state = CounterState(settled=0, pending=0)  # not read: nothing was sent
+                detail = (
+                    "the call's upper bound is more than a counter can hold "
+                    f"({MAX_UNITS} units): lower its max_tokens"
+                )
+                self._refuse(plan, counter, state, charge.amount, bound=bound, detail=detail)
 
     def _check_spent(self, plan: Plan) -> None:
         """Refuse without a round trip when a counter is known to be spent for its window."""
@@ -120,9 +141,19 @@ class Bookkeeper:
         if limit is not None and state.settled >= limit:
             self._spent.add(counter.key, Spent(float(counter.window.end), state.settled, counter))
 
-    def _refuse(self, plan: Plan, counter: Counter, state: CounterState, needed: int) -> None:
-        bound = counter.refusing_limit()
+    def _refuse(
+        self,
+        plan: Plan,
+        counter: Counter,
+        state: CounterState,
+        needed: int,
+        *,
+        bound: BoundLimit | None = None,
+        detail: str | None = None,
+    ) -> None:
+        bound = counter.refusing_limit() if bound is None else bound
         usage = limit_usage(bound, counter.window, state)
+        extra = {} if detail is None else {"detail": detail}
         self._log.warning(
             events.BUDGET_EXCEEDED,
             user_id=plan.subject.user_id,
@@ -136,6 +167,7 @@ class Bookkeeper:
             resets_at=counter.window.resets_at.isoformat(),
             model=plan.call.model,
             request_id=plan.attribution.request_id,
+            **extra,
         )
         if self.observers:
             call = plan.call
@@ -192,13 +224,81 @@ class Bookkeeper:
 
     # -- settling ------------------------------------------------------------------------------
 
-    def amounts(self, plan: Plan, usage: TokenUsage) -> tuple[list[int], int, bool]:
-        """What ``usage`` adds to each counter, its cost, and whether it was priced."""
-        priced = plan.rates is not None
-        cost = 0
-        if plan.rates is not None:
-            cost = plan.policy.prices.cost_with(plan.rates, usage)
-        return amounts_by_counter(plan.counters, cost, usage.total_tokens), cost, priced
+    def amounts(
+        self,
+        plan: Plan,
+        usage: TokenUsage,
+        *,
+        response_model: str | None = None,
+        other_models: Sequence[tuple[str, TokenUsage]] = (),
+    ) -> tuple[list[int], int, bool]:
+        """What ``usage`` adds to each counter, its cost, and whether it was priced.
+
+        ``usage`` is priced as ``response_model`` when that model has a price and the
+        requested model's price is not an override (:meth:`_rates_for`); each of
+        ``other_models`` at its own model's price (unpriced when it has none).
+        """
+        rates = self._rates_for(plan, response_model)
+        prices = plan.policy.prices
+        priced = rates is not None
+        cost = 0 if rates is None else prices.cost_with(rates, usage)
+        tokens = usage.total_tokens
+        for model, part in other_models:
+            tokens += part.total_tokens
+            try:
+                cost += prices.cost(
+                    model, plan.call.provider, part, price_context=plan.call.price_context
+                )
+            except UnknownModel:
+                priced = False
+        return amounts_by_counter(plan.counters, cost, tokens), cost, priced
+
+    @staticmethod
+    def _rates_for(plan: Plan, response_model: str | None) -> Rates | None:
+        """The rates a call is charged at.
+
+        Those of the model the response names, when it is another model with a price of
+        its own (not the unknown-model fallback), else the reservation's. A requested
+        model priced by an override keeps its override.
+        """
+        rates = plan.rates
+        call = plan.call
+        if not response_model or response_model == call.model:
+            return rates
+        if rates is not None and rates.source == "override":
+            return rates
+        try:
+            named = plan.policy.prices.rates(
+                response_model, call.provider, price_context=call.price_context
+            )
+        except UnknownModel:
+            return rates
+        if named.source == "unknown_model" and rates is not None:
+            return rates
+        return named
+
+    @staticmethod
+    def reserved_amounts(plan: Plan) -> list[int]:
+        """What the reservation holds on each counter (charged when usage is untrusted)."""
+        return [charge.amount for charge in plan.charges]
+
+    def usage_invalid(
+        self, plan: Plan, problems: Sequence[str], response_model: str | None
+    ) -> None:
+        """Log ``usage_invalid``: the provider's usage cannot be trusted."""
+        self._log.warning(
+            events.USAGE_INVALID,
+            user_id=plan.subject.user_id,
+            org_id=plan.subject.org_id,
+            model=plan.call.model,
+            response_model=response_model,
+            provider=plan.call.provider,
+            endpoint=plan.call.endpoint,
+            reason="; ".join(problems),
+            reserved_usd=cost_usd(plan.estimate_nano),
+            request_id=plan.attribution.request_id,
+            detail="the provider's usage cannot be trusted: the call is charged what was reserved",
+        )
 
     def record_amounts(
         self, plan: Plan, usage: TokenUsage, dollars: object
@@ -290,6 +390,9 @@ class Bookkeeper:
         priced: bool,
         outcome: str,
         started: float,
+        *,
+        response_model: str | None = None,
+        other_models: tuple[tuple[str, TokenUsage], ...] = (),
     ) -> CallRecord:
         """The record of a call settled (or released) now, reserved at ``started``."""
         latency_ms = (self.clock.monotonic() - started) * 1000.0
@@ -305,6 +408,8 @@ class Bookkeeper:
             latency_ms=round(latency_ms, 3),
             stream=plan.call.stream,
             priced=priced,
+            response_model=response_model,
+            other_models=other_models,
         )
 
     def recorded(
@@ -395,6 +500,23 @@ class Bookkeeper:
             "outcome": record.outcome,
             "request_id": attribution.request_id,
         }
+        if record.response_model is not None:
+            fields["response_model"] = record.response_model
+        if usage is not None and usage.web_searches:
+            fields["web_searches"] = usage.web_searches
+        if usage is not None and usage.file_searches:
+            fields["file_searches"] = usage.file_searches
+        if record.other_models:
+            fields["other_models"] = [
+                {
+                    "model": model,
+                    "input_tokens": part.input_tokens,
+                    "output_tokens": part.output_tokens,
+                    "cache_read_tokens": part.cache_read_tokens,
+                    "cache_write_tokens": part.cache_write_tokens + part.cache_write_1h_tokens,
+                }
+                for model, part in record.other_models
+            ]
         if attribution.use_case_id is not None:
             fields["use_case_id"] = attribution.use_case_id
         if not record.priced:

@@ -28,6 +28,8 @@ class CallRequest:
             ``cache_control``); cache-write rates then bound the input price.
         price_context: request facts that select a price variant, such as
             ``{"service_tier": "priority"}``.
+        max_web_searches: an upper bound of the server-side web searches (billed each).
+        max_file_searches: an upper bound of the server-side file search calls.
     """
 
     model: str
@@ -38,6 +40,8 @@ class CallRequest:
     stream: bool = False
     cache_writes: bool = True
     price_context: Mapping[str, str] | None = None
+    max_web_searches: int = 0
+    max_file_searches: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +56,17 @@ class CallRecord:
         usage: the token usage charged (``None`` for a release).
         cost_nano: the amount charged to the ledger, nano-USD.
         reserved_nano: the amount that was reserved before the call, nano-USD.
-        outcome: ``ok``, ``error``, ``incomplete``, ``released`` or ``recorded``.
+        outcome: ``ok``, ``error``, ``incomplete``, ``unverified`` (the provider's usage
+            could not be trusted: the reservation was charged), ``released`` or
+            ``recorded``.
         latency_ms: wall time from reserve to settle.
         stream: whether the call streamed.
         priced: False when no price was known and nothing was charged in USD.
+        response_model: the model the provider's response names (``None`` when it names
+            none): an Azure deployment's model, the dated version of an alias.
+        other_models: usage billed at another model's prices within the call, as
+            ``(model, usage)`` pairs (Anthropic's advisor tool); included in
+            ``cost_nano``, not in ``usage``.
     """
 
     user_id: str
@@ -69,6 +80,8 @@ class CallRecord:
     latency_ms: float
     stream: bool
     priced: bool = True
+    response_model: str | None = None
+    other_models: tuple[tuple[str, TokenUsage], ...] = ()
 
     @property
     def cost_usd(self) -> Decimal:

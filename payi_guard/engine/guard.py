@@ -9,9 +9,10 @@ limit with the same unit and period shares one counter and one number per window
 :class:`Guard` is the facade over the engine's parts: :mod:`~payi_guard.engine.policy`
 (who is charged, which limits apply), :mod:`~payi_guard.engine.plan` (counters and
 charges), :mod:`~payi_guard.engine.bookkeeper` (the ledger and the logs),
-:mod:`~payi_guard.engine.reservation`, :mod:`~payi_guard.engine.spent` and
-:mod:`~payi_guard.engine.watch`. The sync and async paths share every decision; only
-the ledger call differs.
+:mod:`~payi_guard.engine.reservation`, :mod:`~payi_guard.engine.spent`,
+:mod:`~payi_guard.engine.tiers` (plans from the app), :mod:`~payi_guard.engine.operator`
+(operator controls) and :mod:`~payi_guard.engine.watch`. The sync and async paths share
+every decision; only the ledger call (and the app's ``tier_of``) differs.
 """
 
 from __future__ import annotations
@@ -21,28 +22,31 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from payi_guard import log as events
 from payi_guard.clock import Clock, SystemClock
 from payi_guard.config import GuardConfig, load_config, parse_config
 from payi_guard.context import Attribution, get_context
 from payi_guard.engine.bookkeeper import Bookkeeper
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.observers import Observers
-from payi_guard.engine.plan import Counter, Plan, Planner, blocking, limit_usage, usages_of
-from payi_guard.engine.policy import ANONYMOUS_USER, BoundLimit, Policy, Subject, Subjects
+from payi_guard.engine.operator import HISTORY_KEEP, Operator
+from payi_guard.engine.parts import Parts
+from payi_guard.engine.plan import record_attribution
+from payi_guard.engine.policy import Subject
 from payi_guard.engine.reservation import Reservation
-from payi_guard.engine.spent import SpentCache
-from payi_guard.engine.storage import Storage
-from payi_guard.engine.watch import ConfigWatcher
-from payi_guard.exceptions import ConfigError, UnknownModelRefused
+from payi_guard.engine.tiers import TierFunction
+from payi_guard.engine.views import Planning, Views
+from payi_guard.engine.watch import Watching
+from payi_guard.exceptions import ConfigError
 from payi_guard.identity import Pseudonymizer, normalize_user_id
-from payi_guard.ledger.base import AsyncLedger, CounterState, Ledger
-from payi_guard.ledger.keys import CounterKey, check_prefix, owners_glob, parse_key
+from payi_guard.ledger.base import AsyncLedger, Ledger
+from payi_guard.ledger.keys import CounterKey, check_prefix
 from payi_guard.pricing import TokenUsage
-from payi_guard.usage import LimitUsage, Scope
-from payi_guard.windows import WindowCache
+from payi_guard.usage import BudgetAdjustment, LimitUsage, Scope
 
 __all__ = ["Guard"]
+
+Line = str | None
+"""An operator's ``reason`` or ``by``: one printable line (at most 200 characters), or none."""
 
 
 class Guard:
@@ -55,10 +59,16 @@ class Guard:
         clock: the time source (tests pass a :class:`~payi_guard.clock.FakeClock`).
         key_prefix: prefix of every storage key (several apps can share one Redis).
         pseudonymizer: replace user ids in counters and logs by keyed pseudonyms.
-        policy_cache_size: how many users' resolved limits are cached.
+        policy_cache_size: how many users' resolved limits (and tiers) are cached.
         exhausted_cache_size: how many exhausted counters are remembered, so a blocked
             user is refused without a storage round trip.
+        exhausted_cache_ttl: the most seconds such a counter is trusted (an operator's
+            adjustment made in another process is seen within it).
         storage_options: extra keyword arguments for the storage client.
+        tier_of: ``fn(user_id) -> tier name | None``, sync or async: the tier of a user
+            not listed under ``users:`` (the app's plans; cached ``tier_cache_ttl``
+            seconds; a failure is logged and gives ``default``). A tier named by the
+            request (``set_user(..., tier=)``) comes first.
 
     Raises:
         ConfigError: the config is invalid.
@@ -76,7 +86,9 @@ class Guard:
         pseudonymizer: Pseudonymizer | None = None,
         policy_cache_size: int = 10_000,
         exhausted_cache_size: int = 10_000,
+        exhausted_cache_ttl: float = 5.0,
         storage_options: Mapping[str, Any] | None = None,
+        tier_of: TierFunction | None = None,
     ) -> None:
         if config is None:
             config = GuardConfig()
@@ -85,17 +97,25 @@ class Guard:
         self.key_prefix = check_prefix(key_prefix)
         self.clock: Clock = clock or SystemClock()
         self.pseudonymizer = pseudonymizer
-        self._policy_cache_size = policy_cache_size
-        self._policy = Policy(config, policy_cache_size, self.clock)
-        windows = WindowCache()
-        self._subjects = Subjects(pseudonymizer, policy_cache_size, self.clock, windows)
-        self._planner = Planner(key_prefix, windows, policy_cache_size)
-        self._spent = SpentCache(exhausted_cache_size)
-        self._storage = Storage(storage or config.storage, storage_options)
-        self._books = Bookkeeper(self._storage, self.clock, self._spent, lambda: self.config)
+        self._parts = Parts.build(
+            config,
+            storage=storage,
+            storage_options=storage_options,
+            clock=self.clock,
+            key_prefix=key_prefix,
+            pseudonymizer=pseudonymizer,
+            cache_size=policy_cache_size,
+            spent_size=exhausted_cache_size,
+            spent_ttl=exhausted_cache_ttl,
+            tier_of=tier_of,
+        )
+        self._storage = self._parts.storage
+        self._books = Bookkeeper(self._storage, self.clock, self._parts.spent, lambda: self.config)
+        self._planning = Planning(self._parts, self._books)
+        self._views = Views(self._parts)
+        self._operator = Operator(self._parts)
         self._default_user_id: str | None = None
-        self._log = events.get_logger()
-        self._watcher: ConfigWatcher | None = None
+        self._watching = Watching()
 
     # -- construction ---------------------------------------------------------------------
 
@@ -115,7 +135,7 @@ class Guard:
     @property
     def config(self) -> GuardConfig:
         """The config in effect."""
-        return self._policy.config
+        return self._parts.policy.config
 
     @property
     def storage_uri(self) -> str:
@@ -149,9 +169,9 @@ class Guard:
         return self._storage.async_ledger
 
     def close(self) -> None:
-        """Stop the file watcher and close the sync storage client."""
+        """Stop the file watcher (and ``tier_of``'s loop) and close the sync storage client."""
         self.stop_watching()
-        self._storage.close()
+        self._parts.close()
 
     async def aclose(self) -> None:
         """Close both storage clients."""
@@ -167,20 +187,8 @@ class Guard:
             UserRequired: no user is known and the anonymous strategy is ``reject``.
         """
         attribution = attribution if attribution is not None else get_context()
-        anonymous = self._policy.config.anonymous
-        return self._subjects.for_call(attribution, self._default_user_id, anonymous)
-
-    def _plan(self, call: CallRequest, attribution: Attribution | None) -> Plan:
-        if call.input_tokens < 0 or call.max_output_tokens < 0:
-            raise ValueError("token estimates must not be negative")
-        attribution = attribution if attribution is not None else get_context()
-        subject = self.subject_for(attribution)
-        policy = self._policy
-        try:
-            return self._planner.for_call(policy, subject, attribution, call, self.clock.now())
-        except UnknownModelRefused:
-            self._books.unknown_model_refused(subject, attribution, call)
-            raise
+        anonymous = self.config.anonymous
+        return self._parts.subjects.for_call(attribution, self._default_user_id, anonymous)
 
     def begin(self, call: CallRequest, attribution: Attribution | None = None) -> Reservation:
         """Reserve the upper-bound cost of a call before it is sent (sync).
@@ -199,40 +207,21 @@ class Guard:
             StorageError: storage failed and ``on_storage_error`` is ``block``.
             ConfigError: ``limit_ids`` names an undefined limit.
         """
-        plan = self._plan(call, attribution)
+        attribution = attribution if attribution is not None else get_context()
+        subject = self._planning.tiered(self.subject_for(attribution), attribution)
+        plan = self._planning.call(call, attribution, subject)
         return Reservation(self._books, plan, held=self._books.reserve(plan))
 
     async def abegin(
         self, call: CallRequest, attribution: Attribution | None = None
     ) -> Reservation:
         """Async :meth:`begin`: never blocks the event loop."""
-        plan = self._plan(call, attribution)
+        attribution = attribution if attribution is not None else get_context()
+        subject = await self._planning.atiered(self.subject_for(attribution), attribution)
+        plan = self._planning.call(call, attribution, subject)
         return Reservation(self._books, plan, held=await self._books.areserve(plan))
 
     # -- manual events ----------------------------------------------------------------------
-
-    def _record_plan(
-        self,
-        user_id: object,
-        model: str,
-        provider: str,
-        limit_ids: Sequence[str],
-        use_case_name: str | None,
-        request_id: str | None,
-    ) -> Plan:
-        uid = normalize_user_id(user_id)
-        base = get_context()
-        attribution = Attribution(
-            user_id=uid,
-            account_name=base.account_name,
-            use_case_name=use_case_name if use_case_name is not None else base.use_case_name,
-            use_case_id=base.use_case_id,
-            limit_ids=tuple(dict.fromkeys([*base.limit_ids, *limit_ids])),
-            request_id=request_id if request_id is not None else base.request_id,
-        )
-        subject = self._subjects.by_id(uid)
-        policy, now = self._policy, self.clock.now()
-        return self._planner.for_record(policy, subject, attribution, model, provider, now)
 
     def record(
         self,
@@ -260,11 +249,9 @@ class Guard:
             ValueError: negative token counts or cost.
             ConfigError: ``limit_ids`` names an undefined limit.
         """
-        plan = self._record_plan(user_id, model, provider, limit_ids, use_case_name, request_id)
+        attribution = record_attribution(user_id, limit_ids, use_case_name, request_id)
         usage = TokenUsage(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
-        amounts, cost, priced = self._books.record_amounts(plan, usage, cost_usd)
-        states = self._books.commit(plan, amounts)
-        return self._books.recorded(plan, usage, cost, priced, states, amounts)
+        return self._planning.record(attribution, CallRequest(model, provider), usage, cost_usd)
 
     async def arecord(
         self,
@@ -282,36 +269,22 @@ class Guard:
         request_id: str | None = None,
     ) -> CallRecord:
         """Async :meth:`record`."""
-        plan = self._record_plan(user_id, model, provider, limit_ids, use_case_name, request_id)
+        attribution = record_attribution(user_id, limit_ids, use_case_name, request_id)
         usage = TokenUsage(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
-        amounts, cost, priced = self._books.record_amounts(plan, usage, cost_usd)
-        states = await self._books.acommit(plan, amounts)
-        return self._books.recorded(plan, usage, cost, priced, states, amounts)
+        call = CallRequest(model, provider)
+        return await self._planning.arecord(attribution, call, usage, cost_usd)
 
     # -- reading usage ---------------------------------------------------------------------------
 
-    def _read_plan(
-        self, subject: Subject, limit_ids: Sequence[str]
-    ) -> tuple[list[BoundLimit], list[Counter]]:
-        bound = self._policy.bindings(subject, limit_ids)
-        return bound, self._planner.counters(bound, self.clock.now())
-
-    def _usage_plan(
-        self, user_id: object, limit_ids: Sequence[str]
-    ) -> tuple[list[BoundLimit], list[Counter]]:
-        uid = ANONYMOUS_USER if user_id is None else normalize_user_id(user_id)
-        return self._read_plan(self._subjects.by_id(uid), limit_ids)
-
-    def _gate_plan(self, attribution: Attribution | None) -> tuple[list[BoundLimit], list[Counter]]:
-        attribution = attribution if attribution is not None else get_context()
-        return self._read_plan(self.subject_for(attribution), attribution.limit_ids)
-
-    def usage(self, user_id: object, *, limit_ids: Sequence[str] = ()) -> list[LimitUsage]:
+    def usage(
+        self, user_id: object, *, limit_ids: Sequence[str] = (), tier: str | None = None
+    ) -> list[LimitUsage]:
         """Return every limit that applies to ``user_id`` with its current usage.
 
         Args:
             user_id: the user (``"anonymous"`` for the shared anonymous bucket).
             limit_ids: named limits to include as well.
+            tier: the user's tier as a request names it (else ``tier_of``'s is used).
 
         Returns:
             One :class:`~payi_guard.LimitUsage` per limit: the user's (or tier's or
@@ -321,19 +294,13 @@ class Guard:
             InvalidUserId: the user id is invalid.
             StorageError: the storage could not be read.
         """
-        bound, counters = self._usage_plan(user_id, limit_ids)
-        if not counters:
-            return []
-        states = self.ledger.read([c.key for c in counters], now=self.clock.now())
-        return usages_of(bound, counters, states)
+        return self._views.usage(self._parts.user(user_id), limit_ids, tier)
 
-    async def ausage(self, user_id: object, *, limit_ids: Sequence[str] = ()) -> list[LimitUsage]:
+    async def ausage(
+        self, user_id: object, *, limit_ids: Sequence[str] = (), tier: str | None = None
+    ) -> list[LimitUsage]:
         """Async :meth:`usage`."""
-        bound, counters = self._usage_plan(user_id, limit_ids)
-        if not counters:
-            return []
-        states = await self.async_ledger.read([c.key for c in counters], now=self.clock.now())
-        return usages_of(bound, counters, states)
+        return await self._views.ausage(self._parts.user(user_id), limit_ids, tier)
 
     async def acounter_keys(
         self, scopes: Sequence[Scope], *, limit: int
@@ -346,27 +313,7 @@ class Guard:
         Raises:
             StorageError: the storage could not be scanned.
         """
-        glob = owners_glob(self.key_prefix, scopes)
-        keys = await self.async_ledger.scan(glob, now=self.clock.now(), limit=limit)
-        parsed = (parse_key(self.key_prefix, key) for key in keys)
-        return [key for key in parsed if key is not None], len(keys) >= limit
-
-    def _cached_exhausted(self, attribution: Attribution | None) -> LimitUsage | None:
-        attribution = attribution if attribution is not None else get_context()
-        # subject_for runs first: an anonymous caller under `reject` is refused here.
-        tags = self.subject_for(attribution).owner_tags(attribution.limit_ids)
-        if not len(self._spent) or not self._spent.any_tag(tags):
-            return None
-        _, counters = self._gate_plan(attribution)
-        now = self.clock.now()
-        usages: list[LimitUsage] = []
-        for counter in counters:
-            spent = self._spent.get(counter.key, now)
-            if spent is None:
-                continue
-            state = CounterState(settled=spent.settled, pending=0)
-            usages.extend(limit_usage(b, counter.window, state) for b in counter.limits)
-        return blocking(usages)
+        return await self._views.acounter_keys(scopes, limit)
 
     def exhausted_limit(
         self, attribution: Attribution | None = None, *, read_storage: bool = False
@@ -387,25 +334,92 @@ class Guard:
             UserRequired: no user is known and anonymous calls are rejected.
             StorageError: the storage could not be read (``read_storage=True``).
         """
-        if not read_storage:
-            return self._cached_exhausted(attribution)
-        bound, counters = self._gate_plan(attribution)
-        if not counters:
-            return None
-        states = self.ledger.read([c.key for c in counters], now=self.clock.now())
-        return blocking(usages_of(bound, counters, states))
+        attribution = attribution if attribution is not None else get_context()
+        subject = self.subject_for(attribution)  # refuses an anonymous caller under `reject`
+        return self._views.exhausted(subject, attribution, read_storage)
 
     async def aexhausted_limit(
         self, attribution: Attribution | None = None, *, read_storage: bool = False
     ) -> LimitUsage | None:
         """Async :meth:`exhausted_limit`."""
-        if not read_storage:
-            return self._cached_exhausted(attribution)
-        bound, counters = self._gate_plan(attribution)
-        if not counters:
-            return None
-        states = await self.async_ledger.read([c.key for c in counters], now=self.clock.now())
-        return blocking(usages_of(bound, counters, states))
+        attribution = attribution if attribution is not None else get_context()
+        subject = self.subject_for(attribution)
+        return await self._views.aexhausted(subject, attribution, read_storage)
+
+    # -- operator controls ---------------------------------------------------------------------
+
+    def adjust(
+        self, user_id: object, limit: str, amount: object, reason: Line = None, *, by: Line = None
+    ) -> LimitUsage:
+        """Add ``amount`` to the current window of one of the user's own limits (atomic).
+
+        A negative amount gives budget back (the counter may go below zero: a credit
+        for the rest of the window); a positive one may take it past max, and the user
+        is then refused. Limits with the same unit and period share one counter, so the
+        others move too. Calls in flight keep their reservations. Logged as
+        ``budget_adjusted``; kept in the user's history (:meth:`adjustments`). The org's
+        and global limits are never adjusted through a user.
+
+        Args:
+            user_id: the user (``"anonymous"`` for the anonymous bucket).
+            limit: the name of one of the user's limits (``daily``, ``user:0``).
+            amount: dollars for a money limit (``Decimal``, ``str`` or ``int``, exact to
+                the nano-dollar), a whole number for requests and tokens.
+            reason: why (one printable line, at most 200 characters).
+            by: who (same form).
+
+        Returns:
+            The limit's usage right after.
+
+        Raises:
+            InvalidUserId: the user id is invalid.
+            ValueError: no such limit of the user's own, or a bad amount, reason or by.
+            StorageError: the store failed; nothing was changed.
+        """
+        subject = self._parts.user(user_id)
+        return self._operator.change("adjust", subject, limit, amount, reason, by)[0]
+
+    async def aadjust(
+        self, user_id: object, limit: str, amount: object, reason: Line = None, *, by: Line = None
+    ) -> LimitUsage:
+        """Async :meth:`adjust`."""
+        subject = self._parts.user(user_id)
+        return (await self._operator.achange("adjust", subject, limit, amount, reason, by))[0]
+
+    def reset(
+        self, user_id: object, limit: str | None = None, *, reason: Line = None, by: Line = None
+    ) -> list[LimitUsage]:
+        """Zero the current window of one of the user's own limits, or of all (atomic).
+
+        Calls in flight keep their reservations and are charged to the reset window when
+        they end. Arguments, logs and errors as for :meth:`adjust`.
+
+        Returns:
+            The usage of each limit reset, right after.
+        """
+        return self._operator.change("reset", self._parts.user(user_id), limit, 0, reason, by)
+
+    async def areset(
+        self, user_id: object, limit: str | None = None, *, reason: Line = None, by: Line = None
+    ) -> list[LimitUsage]:
+        """Async :meth:`reset`."""
+        subject = self._parts.user(user_id)
+        return await self._operator.achange("reset", subject, limit, 0, reason, by)
+
+    def adjustments(self, user_id: object, *, limit: int = HISTORY_KEEP) -> list[BudgetAdjustment]:
+        """The user's adjustments and resets, newest first (the last 100, for 90 days).
+
+        Raises:
+            InvalidUserId: the user id is invalid.
+            StorageError: the storage could not be read.
+        """
+        return self._operator.history(self._parts.user(user_id), limit)
+
+    async def aadjustments(
+        self, user_id: object, *, limit: int = HISTORY_KEEP
+    ) -> list[BudgetAdjustment]:
+        """Async :meth:`adjustments`."""
+        return await self._operator.ahistory(self._parts.user(user_id), limit)
 
     # -- configuration changes ------------------------------------------------------------------
 
@@ -422,29 +436,7 @@ class Guard:
             True if the new config is in effect, False if it was refused (the reason is
             logged as ``config_reload_failed``).
         """
-        try:
-            if source is None:
-                if self.config.source is None:
-                    raise ConfigError("this Guard was not built from a file: pass a source")
-                new = load_config(self.config.source)
-            elif isinstance(source, GuardConfig):
-                new = source
-            elif isinstance(source, Mapping):
-                new = parse_config(source)
-            else:
-                new = load_config(os.fspath(source))
-        except (ConfigError, OSError) as exc:
-            self._log.error(events.CONFIG_RELOAD_FAILED, error=str(exc), kept=self.config.source)
-            return False
-        if new.storage != self.config.storage and new.storage != self.storage_uri:
-            self._log.warning(
-                events.CONFIG_RELOADED,
-                detail="the storage URI changed; it takes effect after a restart",
-            )
-        self._policy = Policy(new, self._policy_cache_size, self.clock)
-        self._spent.clear()
-        self._log.info(events.CONFIG_RELOADED, source=new.source)
-        return True
+        return self._parts.reload(source)
 
     def watch(self, interval: float = 2.0) -> None:
         """Reload the config file whenever it changes (polls its mtime in a daemon thread).
@@ -454,15 +446,11 @@ class Guard:
         """
         if self.config.source is None:
             raise ConfigError("watch() needs a Guard built with Guard.from_yaml(path)")
-        if self._watcher is None:
-            self._watcher = ConfigWatcher(self.reload, self.config.source, interval)
-            self._watcher.start()
+        self._watching.start(self.reload, self.config.source, interval)
 
     def stop_watching(self) -> None:
         """Stop the file watcher started by :meth:`watch`."""
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
+        self._watching.stop()
 
     # -- SDK integration -----------------------------------------------------------------------
     # The contract puts wrap() and instrument() on Guard, but the meter sits above the

@@ -12,10 +12,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from payi_guard._ids import new_id
-from payi_guard.context import Attribution
+from payi_guard.context import Attribution, get_context
 from payi_guard.engine.calls import CallRequest
 from payi_guard.engine.policy import BoundLimit, Policy, Subject
 from payi_guard.exceptions import UnknownModel, UnknownModelRefused
+from payi_guard.identity import normalize_user_id
 from payi_guard.ledger.base import Charge, CounterState
 from payi_guard.ledger.keys import counter_key
 from payi_guard.money import display_amount
@@ -30,6 +31,7 @@ __all__ = [
     "amounts_by_counter",
     "blocking",
     "limit_usage",
+    "record_attribution",
     "usages_of",
 ]
 
@@ -120,6 +122,28 @@ def usages_of(
     return out
 
 
+def record_attribution(
+    user_id: object,
+    limit_ids: Sequence[str],
+    use_case_name: str | None,
+    request_id: str | None,
+) -> Attribution:
+    """The attribution of a manual event: its user, over the context in effect.
+
+    Raises:
+        InvalidUserId: the user id is invalid.
+    """
+    base = get_context()
+    return Attribution(
+        user_id=normalize_user_id(user_id),
+        account_name=base.account_name,
+        use_case_name=use_case_name if use_case_name is not None else base.use_case_name,
+        use_case_id=base.use_case_id,
+        limit_ids=tuple(dict.fromkeys([*base.limit_ids, *limit_ids])),
+        request_id=request_id if request_id is not None else base.request_id,
+    )
+
+
 def blocking(usages: Iterable[LimitUsage]) -> LimitUsage | None:
     """The exhausted block limit that resets last (the honest ``Retry-After``), if any."""
     exhausted = [u for u in usages if u.type == "block" and u.state == "exceeded"]
@@ -142,7 +166,7 @@ class Planner:
         self._windows = windows
         self._cache_size = cache_size
         self._cache: dict[
-            tuple[int, str, bool, str | None, tuple[str, ...]],
+            tuple[int, str, bool, str | None, tuple[str, ...], str | None],
             tuple[Policy, float, float, list[Counter]],
         ] = {}
 
@@ -172,7 +196,14 @@ class Planner:
         limit ids and the windows in effect, so they are rebuilt only when one of those
         changes: most calls skip the key formatting and window lookups.
         """
-        key = (id(policy), subject.user_id, subject.anonymous, subject.org_id, limit_ids)
+        key = (
+            id(policy),
+            subject.user_id,
+            subject.anonymous,
+            subject.org_id,
+            limit_ids,
+            subject.tier,
+        )
         cached = self._cache.get(key)
         if cached is not None and cached[0] is policy and cached[1] <= now < cached[2]:
             return cached[3]
@@ -211,7 +242,11 @@ class Planner:
             0
             if rates is None
             else rates.upper_bound_nano(
-                call.input_tokens, call.max_output_tokens, cache_writes=call.cache_writes
+                call.input_tokens,
+                call.max_output_tokens,
+                cache_writes=call.cache_writes,
+                web_searches=call.max_web_searches,
+                file_searches=call.max_file_searches,
             )
         )
         amounts = amounts_by_counter(counters, estimate, call.input_tokens + call.max_output_tokens)

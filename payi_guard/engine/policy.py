@@ -3,22 +3,27 @@
 :class:`Subjects` turns the attribution in effect into a :class:`Subject` (the user
 charged, the org a composite id rolls up to, pseudonyms where configured, the anonymous
 bucket where no user is known). :class:`Policy` holds everything derived from one
-config and resolves a subject's limits: the user's own entry, else their tier, else
-``default``; the org's; ``global``; and ``limit_ids`` as shared counters. A reload swaps
-the whole :class:`Policy` at once.
+config and resolves a subject's limits: the user's own entry under ``users:``, else the
+tier the request named (``set_user(..., tier=)``), else the tier the app's ``tier_of``
+gives (cached, :mod:`~payi_guard.engine.tiers`), else ``default``; the org's;
+``global``; and ``limit_ids`` as shared counters. A tier the file does not define is
+logged (``tier_unknown``) and gets ``default``, never "no limits". A reload swaps the
+whole :class:`Policy` at once (and with it the tier cache).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cachetools
 
+from payi_guard import log as events
 from payi_guard.clock import Clock
 from payi_guard.config import AnonymousPolicy, GuardConfig, LimitSpec
 from payi_guard.context import Attribution, current_request
+from payi_guard.engine.tiers import TierCache, TierSource, shown_tier
 from payi_guard.exceptions import ConfigError, InvalidUserId, UserRequired
 from payi_guard.identity import Pseudonymizer, normalize_user_id, org_of
 from payi_guard.ledger.keys import owner_tag
@@ -72,6 +77,8 @@ class Subject:
         policy_user: the real user id, used to look up the user's limits.
         policy_org: the real org id, used to look up the org's limits.
         anonymous: True when no user was known.
+        tier: the tier assigned at run time (the request's, or ``tier_of``'s), when the
+            user has no entry of their own under ``users:``.
     """
 
     user_id: str
@@ -79,6 +86,7 @@ class Subject:
     policy_user: str | None
     policy_org: str | None
     anonymous: bool = False
+    tier: str | None = None
 
     def owner_tags(self, limit_ids: Iterable[str]) -> list[str]:
         """The hash tags of every owner a call of this subject with ``limit_ids`` charges."""
@@ -192,26 +200,109 @@ class Policy:
 
     Args:
         config: the validated config.
-        cache_size: how many subjects' resolved limits are cached.
-        clock: the time source of the price book.
+        cache_size: how many subjects' resolved limits (and tiers) are cached.
+        clock: the time source of the price book and the tier cache.
+        tier_of: the app's tier function, if it gave one.
 
     Attributes:
         config: the config.
         prices: its price book.
     """
 
-    def __init__(self, config: GuardConfig, cache_size: int, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: GuardConfig,
+        cache_size: int,
+        clock: Clock,
+        tier_of: TierSource | None = None,
+    ) -> None:
         self.config = config
         self.prices = PriceBook(config.prices, config.unknown_model, clock=clock)
         self._lock = threading.Lock()
         self._policies: cachetools.LRUCache[
-            tuple[str, str | None, bool, str], tuple[BoundLimit, ...]
+            tuple[str, str | None, bool, str, str | None], tuple[BoundLimit, ...]
         ]
         self._policies = cachetools.LRUCache(maxsize=cache_size)
+        self._tiers = (
+            None
+            if tier_of is None
+            else TierCache(tier_of, config.tier_cache_ttl, cache_size, clock)
+        )
+        self._log = events.get_logger()
+        # (user id, tier) -> the subject with that tier; plain dict reads and writes are
+        # atomic, and a stale entry is only ever replaced by an equal one.
+        self._with_tiers: dict[tuple[str, str | None], Subject] = {}
+        self._cache_size = cache_size
+
+    # -- tiers assigned at run time -------------------------------------------------------
+
+    def _assignable(self, subject: Subject) -> str | None:
+        """The real id of a user whose tier is decided at run time, else ``None``."""
+        user = subject.policy_user
+        if subject.anonymous or user is None or user in self.config.users:
+            return None  # the user's own entry under users: comes first
+        return user
+
+    def _tiered(self, subject: Subject, tier: str | None) -> Subject:
+        """``subject`` with ``tier`` (one object per user and tier, reused call after call)."""
+        if tier == subject.tier:
+            return subject
+        key = (subject.user_id, tier)
+        tiered = self._with_tiers.get(key)
+        if tiered is None or tiered.policy_user != subject.policy_user:
+            if len(self._with_tiers) >= self._cache_size:
+                self._with_tiers.clear()  # bounded; hot users come back at once
+            tiered = self._with_tiers[key] = replace(subject, tier=tier)
+        return tiered
+
+    def with_tier(self, subject: Subject, requested: str | None) -> Subject:
+        """``subject`` with its run-time tier: the request's, else ``tier_of``'s (sync).
+
+        Args:
+            subject: who is charged.
+            requested: the tier the request named (``set_user(..., tier=)``), if any.
+        """
+        user = self._assignable(subject)
+        if user is None:
+            return subject
+        tier = requested
+        if tier is None and self._tiers is not None:
+            tier = self._tiers.lookup(user, subject.user_id)
+        return self._tiered(subject, tier)
+
+    async def awith_tier(self, subject: Subject, requested: str | None) -> Subject:
+        """Async :meth:`with_tier`: an app function is never run on the event loop."""
+        user = self._assignable(subject)
+        if user is None:
+            return subject
+        tier = requested
+        if tier is None and self._tiers is not None:
+            tier = await self._tiers.alookup(user, subject.user_id)
+        return self._tiered(subject, tier)
+
+    def cached_tier(self, subject: Subject, requested: str | None) -> Subject | None:
+        """:meth:`with_tier` without asking the app: ``None`` when that would be needed."""
+        user = self._assignable(subject)
+        if user is None:
+            return subject
+        tier = requested
+        if tier is None and self._tiers is not None:
+            known, tier = self._tiers.peek(user)
+            if not known:
+                return None
+        return self._tiered(subject, tier)
+
+    # -- limits ---------------------------------------------------------------------------
 
     def limits_for(self, subject: Subject) -> tuple[BoundLimit, ...]:
         """The limits of a subject: its own (or tier's or default), its org's, global."""
-        key = (subject.user_id, subject.policy_user, subject.anonymous, subject.org_id or "")
+        key = (
+            subject.user_id,
+            subject.policy_user,
+            subject.anonymous,
+            subject.org_id or "",
+            subject.tier,
+        )
         with self._lock:
             cached = self._policies.get(key)
         if cached is not None:
@@ -227,14 +318,32 @@ class Policy:
         if subject.anonymous:
             bound.extend(BoundLimit(s, "anonymous", subject.user_id) for s in cfg.anonymous.limits)
         else:
-            user = subject.policy_user
-            specs = cfg.users[user] if user is not None and user in cfg.users else cfg.default
-            bound.extend(BoundLimit(s, "user", subject.user_id) for s in specs)
+            bound.extend(BoundLimit(s, "user", subject.user_id) for s in self._user_specs(subject))
         if subject.policy_org is not None and subject.org_id is not None:
             org_specs = cfg.orgs.get(subject.policy_org, ())
             bound.extend(BoundLimit(s, "org", subject.org_id) for s in org_specs)
         bound.extend(BoundLimit(s, "global", "*") for s in cfg.global_limits)
         return tuple(bound)
+
+    def _user_specs(self, subject: Subject) -> tuple[LimitSpec, ...]:
+        cfg = self.config
+        user = subject.policy_user
+        if user is not None and user in cfg.users:
+            return cfg.users[user]
+        if subject.tier is None:
+            return cfg.default
+        specs = cfg.tiers.get(subject.tier)
+        if specs is not None:
+            return specs
+        # Once per user and tier while cached: never "no limits" for a typo in a plan name.
+        self._log.warning(
+            events.TIER_UNKNOWN,
+            user_id=subject.user_id,
+            tier=shown_tier(subject.tier),
+            tiers=sorted(cfg.tiers),
+            detail="no such tier under `tiers:`: the user gets the `default` limits",
+        )
+        return cfg.default
 
     def limit_id_bindings(self, limit_ids: Iterable[str]) -> list[BoundLimit]:
         """The named limits ``limit_ids`` charge, each a counter shared across users.

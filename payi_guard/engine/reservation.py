@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from decimal import Decimal
 
 from payi_guard.context import Attribution
 from payi_guard.engine.bookkeeper import Bookkeeper, CounterStates
 from payi_guard.engine.calls import CallRecord, CallRequest
-from payi_guard.engine.plan import Plan, amounts_by_counter
+from payi_guard.engine.plan import Plan
 from payi_guard.money import decimal_usd
 from payi_guard.pricing import TokenUsage
 
-__all__ = ["UNVERIFIED", "Reservation"]
+__all__ = ["UNVERIFIED", "OtherModels", "Reservation"]
 
 UNVERIFIED = "unverified"
 """The outcome of a call whose reported usage cannot be trusted (missing, negative,
 not an integer): it is charged exactly what was reserved, never $0."""
+
+OtherModels = Sequence[tuple[str, TokenUsage]]
+"""Usage within one call billed at other models' prices, as ``(model, usage)`` pairs."""
 
 
 class Reservation:
@@ -84,7 +88,14 @@ class Reservation:
             self._claimed = True
             return True
 
-    def settle(self, usage: TokenUsage, *, outcome: str = "ok") -> CallRecord | None:
+    def settle(
+        self,
+        usage: TokenUsage,
+        *,
+        outcome: str = "ok",
+        response_model: str | None = None,
+        other_models: OtherModels = (),
+    ) -> CallRecord | None:
         """Charge the actual usage and log ``genai_call``.
 
         Args:
@@ -92,7 +103,12 @@ class Reservation:
             outcome: ``ok``, ``incomplete`` or ``error`` (a partial stream), or
                 :data:`UNVERIFIED`: the provider's usage cannot be trusted, so ``usage``
                 is ignored and exactly the reservation is charged (its token bounds
-                and its upper-bound cost).
+                and its upper-bound cost; :meth:`settle_unverified` also logs why).
+            response_model: the model the provider's response names. The call is priced
+                as that model when it has a price (an Azure deployment, a dated
+                version), unless the requested model's price is an override.
+            other_models: usage billed at other models' prices (see
+                :attr:`CallRecord.other_models`).
 
         Returns:
             The call record; for a reservation already settled or released, the first
@@ -100,17 +116,49 @@ class Reservation:
         """
         if not self._claim():
             return self._record
-        usage, (amounts, cost, priced) = self._charge(usage, outcome)
-        states = self._books.commit(self._plan, amounts)
-        return self._finish(usage, cost, priced, outcome, states, amounts)
+        return self._commit(usage, outcome, response_model, other_models)
 
-    async def asettle(self, usage: TokenUsage, *, outcome: str = "ok") -> CallRecord | None:
+    async def asettle(
+        self,
+        usage: TokenUsage,
+        *,
+        outcome: str = "ok",
+        response_model: str | None = None,
+        other_models: OtherModels = (),
+    ) -> CallRecord | None:
         """Async :meth:`settle`."""
         if not self._claim():
             return self._record
-        usage, (amounts, cost, priced) = self._charge(usage, outcome)
-        states = await self._books.acommit(self._plan, amounts)
-        return self._finish(usage, cost, priced, outcome, states, amounts)
+        return await self._acommit(usage, outcome, response_model, other_models)
+
+    def settle_unverified(
+        self, problems: Sequence[str], *, response_model: str | None = None
+    ) -> CallRecord | None:
+        """Charge what was reserved because the provider's usage cannot be trusted.
+
+        Logs ``usage_invalid`` with the ``problems``, then ``genai_call`` with outcome
+        :data:`UNVERIFIED`, the reservation's token bounds and its cost.
+
+        Args:
+            problems: what is wrong with the usage (``"prompt_tokens: -8"``).
+            response_model: the model the provider's response names, if any.
+
+        Returns:
+            As :meth:`settle`.
+        """
+        if not self._claim():
+            return self._record
+        self._books.usage_invalid(self._plan, problems, response_model)
+        return self._commit(TokenUsage(0, 0), UNVERIFIED, response_model, ())
+
+    async def asettle_unverified(
+        self, problems: Sequence[str], *, response_model: str | None = None
+    ) -> CallRecord | None:
+        """Async :meth:`settle_unverified`."""
+        if not self._claim():
+            return self._record
+        self._books.usage_invalid(self._plan, problems, response_model)
+        return await self._acommit(TokenUsage(0, 0), UNVERIFIED, response_model, ())
 
     def release(self, *, outcome: str = "released") -> CallRecord | None:
         """Give the reservation back without charging; log ``genai_call``."""
@@ -126,16 +174,53 @@ class Reservation:
         ok = await self._books.arelease(self._plan, self._held)
         return self._finish(None, 0, True, outcome, () if ok else None, None)
 
+    def _commit(
+        self,
+        usage: TokenUsage,
+        outcome: str,
+        response_model: str | None,
+        other_models: OtherModels,
+    ) -> CallRecord:
+        charged, (amounts, cost, priced) = self._charge(
+            usage, outcome, response_model, other_models
+        )
+        states = self._books.commit(self._plan, amounts)
+        return self._finish(
+            charged, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
+        )
+
+    async def _acommit(
+        self,
+        usage: TokenUsage,
+        outcome: str,
+        response_model: str | None,
+        other_models: OtherModels,
+    ) -> CallRecord:
+        charged, (amounts, cost, priced) = self._charge(
+            usage, outcome, response_model, other_models
+        )
+        states = await self._books.acommit(self._plan, amounts)
+        return self._finish(
+            charged, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
+        )
+
     def _charge(
-        self, usage: TokenUsage, outcome: str
+        self,
+        usage: TokenUsage,
+        outcome: str,
+        response_model: str | None,
+        other_models: OtherModels,
     ) -> tuple[TokenUsage, tuple[list[int], int, bool]]:
         """The usage charged and its amounts; :data:`UNVERIFIED` charges the reservation."""
         plan = self._plan
         if outcome != UNVERIFIED:
-            return usage, self._books.amounts(plan, usage)
+            amounts = self._books.amounts(
+                plan, usage, response_model=response_model, other_models=other_models
+            )
+            return usage, amounts
         reserved = TokenUsage(plan.call.input_tokens, plan.call.max_output_tokens)
-        amounts = amounts_by_counter(plan.counters, plan.estimate_nano, reserved.total_tokens)
-        return reserved, (amounts, plan.estimate_nano, plan.rates is not None)
+        amounts_reserved = self._books.reserved_amounts(plan)
+        return reserved, (amounts_reserved, plan.estimate_nano, plan.rates is not None)
 
     def _finish(
         self,
@@ -145,8 +230,19 @@ class Reservation:
         outcome: str,
         states: CounterStates | None,
         amounts: list[int] | None,
+        response_model: str | None = None,
+        other_models: tuple[tuple[str, TokenUsage], ...] = (),
     ) -> CallRecord:
-        record = self._books.record_of(self._plan, usage, cost, priced, outcome, self._started)
+        record = self._books.record_of(
+            self._plan,
+            usage,
+            cost,
+            priced,
+            outcome,
+            self._started,
+            response_model=response_model,
+            other_models=other_models,
+        )
         self._record = record
         self._books.after_commit(self._plan, record, states, amounts)
         return record

@@ -3,10 +3,12 @@
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
     MAX_UNITS,
+    Adjustment,
     AsyncLedger,
     CapacityExceeded,
     Charge,
     CounterState,
+    JournalEntry,
     Ledger,
     ReserveResult,
     StorageEvent,
@@ -20,6 +22,7 @@ from payi_guard.ledger.sqlite import AsyncSqliteLedger, SqliteLedger
 __all__ = [
     "DEFAULT_CLOSED_TTL",
     "MAX_UNITS",
+    "Adjustment",
     "AsyncLedger",
     "AsyncMemoryLedger",
     "AsyncRedisLedger",
@@ -27,6 +30,7 @@ __all__ = [
     "CapacityExceeded",
     "Charge",
     "CounterState",
+    "JournalEntry",
     "Ledger",
     "MemoryLedger",
     "RedisLedger",

@@ -7,15 +7,22 @@ for writes); it returns its result and whether the transaction is to be committe
 Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``application_id`` =
 :data:`APPLICATION_ID`)::
 
-    counters(key PRIMARY KEY, settled, pending, refused, expires_at) -- one row per counter
+    counters(key PRIMARY KEY, settled, pending, expires_at, refused) -- one row per counter
     holds(key, rid, amount, deadline, PRIMARY KEY (key, rid))
         -- reservation ``rid`` holds ``amount`` on ``key`` until ``deadline``
     closed(rid PRIMARY KEY, keys, until)
         -- ``rid`` was committed or released on ``keys`` (a JSON array); remembered
         -- until ``until``
+    journal(journal, seq, at, key, amount, settled, pending, note, expires_at,
+            PRIMARY KEY (journal, seq))                          -- operators' adjustments
     index counters(expires_at)   -- pruning of past windows
     index holds(key, deadline)   -- purging of expired reservations
     index closed(until)          -- forgetting closed ids, oldest first
+    index journal(expires_at)    -- pruning of journals nobody adjusted for a while
+
+Layout 1 had no journal, and layouts 1 and 2 kept closed ids as rows of ``holds`` (an
+``open`` column) and had no ``refused``: opening such a file brings it to this layout
+(:data:`MIGRATIONS`; the closed ids it remembered are forgotten, nothing else is).
 
 ``pending`` is the sum of the open holds of a counter, kept in the row (as Redis keeps
 field ``p``) so that a reserve reads one row per key; holds whose deadline has passed
@@ -43,25 +50,28 @@ import json
 import sqlite3
 from collections.abc import Sequence
 
+from payi_guard.ledger._adjust import MAX_UNITS, adjusted, out_of_range
 from payi_guard.ledger._glob import glob_regex, literal_prefix
-from payi_guard.ledger.base import Charge, CounterState, ReserveResult
+from payi_guard.ledger.base import Adjustment, Charge, CounterState, JournalEntry, ReserveResult
 
 __all__ = [
     "APPLICATION_ID",
+    "MIGRATIONS",
     "SCHEMA",
     "SCHEMA_VERSION",
+    "adjust",
     "forget",
     "prune",
     "read",
+    "read_journal",
     "renew_many",
     "reserve",
     "scan",
     "settle",
 ]
 
-SCHEMA_VERSION = 2
-"""``PRAGMA user_version`` of the layout this module writes (1 was a development layout
-with closed ids kept in ``holds``; such a file is refused, never reinterpreted)."""
+SCHEMA_VERSION = 3
+"""``PRAGMA user_version`` of the layout this module writes."""
 
 APPLICATION_ID = 0x70677264
 """``PRAGMA application_id`` of a payi_guard ledger file ("pgrd")."""
@@ -71,7 +81,6 @@ SCHEMA = (
         key TEXT PRIMARY KEY NOT NULL,
         settled INTEGER NOT NULL,
         pending INTEGER NOT NULL,
-        refused INTEGER NOT NULL DEFAULT 0,
         expires_at REAL NOT NULL
     ) WITHOUT ROWID""",
     "CREATE INDEX counters_by_expiry ON counters (expires_at)",
@@ -80,8 +89,45 @@ SCHEMA = (
         rid TEXT NOT NULL,
         amount INTEGER NOT NULL,
         deadline REAL NOT NULL,
+        open INTEGER NOT NULL,
         PRIMARY KEY (key, rid)
     ) WITHOUT ROWID""",
+    "CREATE INDEX holds_by_deadline ON holds (key, deadline)",
+)
+"""The statements of layout 1."""
+
+JOURNAL_SCHEMA = (
+    """CREATE TABLE journal (
+        journal TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at REAL NOT NULL,
+        key TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        settled INTEGER NOT NULL,
+        pending INTEGER NOT NULL,
+        note TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (journal, seq)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX journal_by_expiry ON journal (expires_at)",
+)
+"""What layout 2 adds: the operators' adjustments journal."""
+
+CLOSED_SCHEMA = (
+    "ALTER TABLE counters ADD COLUMN refused INTEGER NOT NULL DEFAULT 0",
+    # Holds keep the open reservations only (a table is rebuilt, never altered in place,
+    # so that any SQLite 3 does it); the closed ids get a table of their own.
+    """CREATE TABLE open_holds (
+        key TEXT NOT NULL,
+        rid TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        deadline REAL NOT NULL,
+        PRIMARY KEY (key, rid)
+    ) WITHOUT ROWID""",
+    """INSERT INTO open_holds (key, rid, amount, deadline)
+        SELECT key, rid, amount, deadline FROM holds WHERE open = 1""",
+    "DROP TABLE holds",
+    "ALTER TABLE open_holds RENAME TO holds",
     "CREATE INDEX holds_by_deadline ON holds (key, deadline)",
     """CREATE TABLE closed (
         rid TEXT PRIMARY KEY NOT NULL,
@@ -90,6 +136,10 @@ SCHEMA = (
     ) WITHOUT ROWID""",
     "CREATE INDEX closed_by_until ON closed (until)",
 )
+"""What layout 3 changes: ``counters.refused``; closed ids in ``closed``, not ``holds``."""
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (SCHEMA, JOURNAL_SCHEMA, CLOSED_SCHEMA)
+"""``MIGRATIONS[v]`` takes a file from layout ``v`` to ``v + 1`` (0: an empty file)."""
 
 # One row per key: the totals, what expired holds still count in ``pending`` (NULL when
 # no hold of the key has expired, so the purge can be skipped), what reservation ?2
@@ -144,6 +194,21 @@ _RENEW = """
 UPDATE holds SET deadline = max(deadline, ?4)
 WHERE key = ?1 AND rid = ?2 AND deadline > ?3
   AND EXISTS (SELECT 1 FROM counters WHERE key = ?1 AND expires_at > ?3)
+"""
+_JOURNAL_LAST = "SELECT max(seq), max(expires_at) FROM journal WHERE journal = ?1"
+_JOURNAL_PUT = """
+INSERT INTO journal (journal, seq, at, key, amount, settled, pending, note, expires_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+"""
+_JOURNAL_TRIM = "DELETE FROM journal WHERE journal = ?1 AND seq <= ?2"
+_JOURNAL_EXTEND = "UPDATE journal SET expires_at = ?2 WHERE journal = ?1"
+_JOURNAL_READ = """
+SELECT at, key, amount, settled, pending, note FROM journal
+WHERE journal = ?1 AND expires_at > ?2 ORDER BY seq DESC LIMIT ?3
+"""
+_JOURNAL_DUE = """
+DELETE FROM journal WHERE (journal, seq) IN
+    (SELECT journal, seq FROM journal WHERE expires_at <= ?1 LIMIT ?2)
 """
 _DUE = "SELECT key FROM counters WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
 _DROP_COUNTER = "DELETE FROM counters WHERE key = ?1"
@@ -271,6 +336,64 @@ def settle(
     return tuple(out), bool(closing)
 
 
+def adjust(
+    conn: sqlite3.Connection,
+    adjustments: Sequence[Adjustment],
+    now: float,
+    journal: str,
+    keep: int,
+    journal_expires_at: float,
+) -> tuple[tuple[JournalEntry, ...], bool]:
+    """Apply every adjustment or none, and journal them (see ``Ledger.adjust``).
+
+    Raises:
+        ValueError: a counter would go out of range (the transaction is rolled back).
+    """
+    found = [_state(conn, item.key, "", now) for item in adjustments]
+    changes: list[tuple[int, int, int]] = []
+    for index, (item, (row, live)) in enumerate(zip(adjustments, found, strict=True)):
+        settled, pending = (row[0], row[1] - (row[3] or 0)) if row is not None and live else (0, 0)
+        new, added = adjusted(settled, item.amount)
+        if abs(new) > MAX_UNITS:
+            raise out_of_range(index, new)
+        changes.append((new, added, pending))
+    entries: list[JournalEntry] = []
+    for item, (row, live), (new, added, pending) in zip(adjustments, found, changes, strict=True):
+        key = item.key
+        if row is None or not live:
+            if new != 0:
+                if row is not None:  # a past window's row: start afresh
+                    conn.execute(_DROP_HOLDS, (key,))
+                conn.execute(_PUT_COUNTER, (key, new, 0, item.expires_at))
+        else:
+            if row[3] is not None:
+                conn.execute(_PURGE, (key, now))
+            expires_at = max(row[2], item.expires_at) if added else row[2]
+            conn.execute(_SET_COUNTER, (key, new, pending, expires_at))
+        entries.append(JournalEntry(now, key, added, new, pending, item.note))
+    last, until = conn.execute(_JOURNAL_LAST, (journal,)).fetchone()
+    seq = last or 0
+    until = journal_expires_at if until is None else max(until, journal_expires_at)
+    for entry in entries:
+        seq += 1
+        conn.execute(
+            _JOURNAL_PUT,
+            (journal, seq, entry.at, entry.key, entry.amount, entry.settled, entry.pending,
+             entry.note, until),
+        )  # fmt: skip
+    conn.execute(_JOURNAL_TRIM, (journal, seq - keep))
+    conn.execute(_JOURNAL_EXTEND, (journal, until))
+    return tuple(entries), True
+
+
+def read_journal(
+    conn: sqlite3.Connection, journal: str, now: float, limit: int
+) -> tuple[JournalEntry, ...]:
+    """The ``limit`` newest entries of ``journal`` (newest first; none once it expired)."""
+    rows = conn.execute(_JOURNAL_READ, (journal, now, limit)).fetchall()
+    return tuple(JournalEntry(*row) for row in rows)
+
+
 def renew_many(
     conn: sqlite3.Connection,
     reservations: Sequence[tuple[str, Sequence[str]]],
@@ -342,9 +465,13 @@ def forget(conn: sqlite3.Connection, now: float, batch: int) -> int:
 
 
 def prune(conn: sqlite3.Connection, now: float, batch: int) -> int:
-    """Delete up to ``batch`` counters past their expiry, with their holds."""
+    """Delete up to ``batch`` counters past their expiry, with their holds.
+
+    Up to ``batch`` expired journal entries go too (they are not counted).
+    """
     due = conn.execute(_DUE, (now, batch)).fetchall()
     if due:
         conn.executemany(_DROP_HOLDS, due)
         conn.executemany(_DROP_COUNTER, due)
+    conn.execute(_JOURNAL_DUE, (now, batch))
     return len(due)

@@ -21,9 +21,9 @@ from typing import TypeVar
 from payi_guard.exceptions import StorageError
 from payi_guard.ledger import _sqlite_sql as sql
 from payi_guard.ledger._checks import check_closed_ttl
-from payi_guard.ledger._sqlite_sql import APPLICATION_ID, SCHEMA, SCHEMA_VERSION, forget, prune
+from payi_guard.ledger._sqlite_sql import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, forget, prune
 from payi_guard.ledger._sqlite_uri import check_options
-from payi_guard.ledger.base import Charge, CounterState, ReserveResult
+from payi_guard.ledger.base import Adjustment, Charge, CounterState, JournalEntry, ReserveResult
 
 __all__ = ["Operations", "Settings", "Store", "database_file", "make_settings"]
 
@@ -188,9 +188,11 @@ class Store:
                 )
             if self._layout(conn) < SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
-                if self._layout(conn) < SCHEMA_VERSION:  # nobody made it meanwhile
-                    for statement in SCHEMA:
+                layout = self._layout(conn)  # another process may have moved it meanwhile
+                for statements in MIGRATIONS[layout:]:
+                    for statement in statements:
                         conn.execute(statement)
+                if layout < SCHEMA_VERSION:
                     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
@@ -209,12 +211,6 @@ class Store:
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if app_id != APPLICATION_ID and (app_id != 0 or tables):
             raise StorageError(f"{self.path} is an SQLite file but not a payi_guard ledger")
-        if 0 < version < SCHEMA_VERSION:
-            raise StorageError(
-                f"SQLite ledger {self.path} has layout {version}, written by a development "
-                f"version of payi_guard (this one writes layout {SCHEMA_VERSION}): move the "
-                "file away and a new ledger is made"
-            )
         if version > SCHEMA_VERSION:
             raise StorageError(
                 f"SQLite ledger {self.path} has layout {version}, newer than this "
@@ -516,3 +512,22 @@ class Operations:
 
     def scan(self, match: str, now: float, limit: int | None) -> list[str]:
         return self.store.read("scan", lambda c: sql.scan(c, match, now, limit))
+
+    def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+        started: float,
+    ) -> tuple[JournalEntry, ...]:
+        return self.store.write(
+            "adjust",
+            started,
+            now,
+            lambda c: sql.adjust(c, adjustments, now, journal, keep, journal_expires_at),
+        )
+
+    def read_journal(self, journal: str, now: float, limit: int) -> tuple[JournalEntry, ...]:
+        return self.store.read("read_journal", lambda c: sql.read_journal(c, journal, now, limit))

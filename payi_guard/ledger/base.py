@@ -6,7 +6,7 @@ all-or-nothing reservations to several counters at once.
 
 Every counter has two parts:
 
-* ``settled``: the sum of settled amounts (never decreases);
+* ``settled``: the sum of settled amounts (only an operator's ``adjust`` lowers it);
 * ``pending``: the sum of open reservations, each of which expires at its own deadline
   (a reservation whose process died gives its budget back after the ttl).
 
@@ -42,6 +42,12 @@ the store's now (never earlier than it was), so a call that outlives ``ttl`` kee
 budget while its process lives; ``renew_many`` does it for many reservations in one
 step (one round trip on one Redis server).
 
+``adjust`` is the operator's change: it adds an amount (negative gives budget back) to
+``settled`` of some counters, or sets it to zero (a reset), leaving open reservations
+alone, and appends what it did to a bounded *journal* in the same atomic step;
+``read_journal`` returns the newest entries. These are the only operations that lower
+``settled``, which may then be below zero (a credit for the rest of the window).
+
 ``scan`` lists the keys of the live counters that match a Redis glob pattern, so that
 callers can discover whose counters exist (the users page does). It is weakly
 consistent, like Redis ``SCAN``: a counter that exists for the whole scan is listed
@@ -68,10 +74,12 @@ from payi_guard.exceptions import PayiGuardError, StorageError
 __all__ = [
     "DEFAULT_CLOSED_TTL",
     "MAX_UNITS",
+    "Adjustment",
     "AsyncLedger",
     "CapacityExceeded",
     "Charge",
     "CounterState",
+    "JournalEntry",
     "Ledger",
     "ReserveResult",
     "StorageEvent",
@@ -201,6 +209,51 @@ class ReserveResult:
     closed: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """An operator's change to one counter (see :meth:`Ledger.adjust`).
+
+    Attributes:
+        key: the counter's key.
+        amount: units added to ``settled`` (negative takes some off), or ``None`` to
+            set ``settled`` to zero (a reset). Open reservations are left alone.
+        expires_at: as for a :class:`Charge`: when the counter may be deleted (used when
+            the adjustment creates it).
+        note: opaque text kept with the journal entry (at most 4096 characters).
+    """
+
+    key: str
+    amount: int | None
+    expires_at: float
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One adjustment as a journal keeps it.
+
+    Attributes:
+        at: the ``now`` of the :meth:`Ledger.adjust` call, epoch seconds.
+        key: the counter adjusted.
+        amount: what was added to ``settled`` (a reset: minus what it held).
+        settled: ``settled`` of the counter right after the adjustment.
+        pending: ``pending`` of the counter at that moment.
+        note: the adjustment's note.
+    """
+
+    at: float
+    key: str
+    amount: int
+    settled: int
+    pending: int
+    note: str
+
+    @property
+    def state(self) -> CounterState:
+        """The counter's state right after the adjustment."""
+        return CounterState(self.settled, self.pending)
+
+
 @runtime_checkable
 class Ledger(Protocol):
     """Synchronous ledger. Implementations are safe to share between threads."""
@@ -242,6 +295,30 @@ class Ledger(Protocol):
 
     def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
         """Return the keys of the live counters matching the glob ``match`` (at most ``limit``)."""
+        ...
+
+    def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        *,
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+    ) -> tuple[JournalEntry, ...]:
+        """Apply every adjustment or none, journal each one, in one atomic step.
+
+        A counter the adjustment would take outside ``[-MAX_UNITS, MAX_UNITS]`` refuses
+        the whole call (``ValueError``). An amount of zero, or a reset of a counter that
+        does not exist, creates nothing (and is journaled all the same). ``journal``
+        keeps its ``keep`` newest entries and lives at least until
+        ``journal_expires_at``. Every key and the journal carry the same ``{hash tag}``
+        (one owner: one Redis Cluster slot).
+        """
+        ...
+
+    def read_journal(self, journal: str, *, now: float, limit: int) -> tuple[JournalEntry, ...]:
+        """Return the ``limit`` newest entries of ``journal``, newest first."""
         ...
 
     def close(self) -> None:
@@ -289,6 +366,24 @@ class AsyncLedger(Protocol):
 
     async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
         """Async :meth:`Ledger.scan`."""
+        ...
+
+    async def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        *,
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+    ) -> tuple[JournalEntry, ...]:
+        """Async :meth:`Ledger.adjust`."""
+        ...
+
+    async def read_journal(
+        self, journal: str, *, now: float, limit: int
+    ) -> tuple[JournalEntry, ...]:
+        """Async :meth:`Ledger.read_journal`."""
         ...
 
     async def aclose(self) -> None:

@@ -16,6 +16,11 @@ for example ``pg:{u:acme:alice}:usd:day:1795737600``:
   counter of its own, and an old one simply expires.
 
 Every limit of one owner with the same unit and period shares one counter.
+
+An owner's adjustments journal (an operator's ``adjust`` and ``reset``) is
+``{prefix}:{<kind>:<owner>}:adjustments`` (:func:`journal_key`): the same hash tag as the
+owner's counters, so one atomic step covers both; :func:`parse_key` never takes it for a
+counter.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "check_prefix",
     "counter_key",
     "hash_tag",
+    "journal_key",
     "owner_tag",
     "owners_glob",
     "parse_key",
@@ -82,6 +88,17 @@ def counter_key(
         window_start: the window's first instant, epoch seconds.
     """
     return f"{prefix}:{{{owner_tag(scope, owner)}}}:{unit}:{per}:{window_start}"
+
+
+def journal_key(prefix: str, scope: Scope, owner: str) -> str:
+    """The key of the adjustments journal of ``owner`` in ``scope``.
+
+    Args:
+        prefix: the key prefix (see :func:`check_prefix`).
+        scope: the owner's scope.
+        owner: the user, org, anonymous bucket or limit id.
+    """
+    return f"{prefix}:{{{owner_tag(scope, owner)}}}:adjustments"
 
 
 def hash_tag(key: str) -> str:

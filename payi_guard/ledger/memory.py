@@ -31,6 +31,13 @@ import heapq
 import threading
 from collections.abc import Sequence
 
+from payi_guard.ledger._adjust import (
+    MAX_UNITS,
+    adjusted,
+    check_adjust,
+    check_journal_read,
+    out_of_range,
+)
 from payi_guard.ledger._checks import (
     check_charges,
     check_closed_ttl,
@@ -42,7 +49,14 @@ from payi_guard.ledger._checks import (
     check_ttl,
 )
 from payi_guard.ledger._glob import glob_regex, literal_prefix
-from payi_guard.ledger.base import DEFAULT_CLOSED_TTL, Charge, CounterState, ReserveResult
+from payi_guard.ledger.base import (
+    DEFAULT_CLOSED_TTL,
+    Adjustment,
+    Charge,
+    CounterState,
+    JournalEntry,
+    ReserveResult,
+)
 
 __all__ = ["AsyncMemoryLedger", "MemoryLedger"]
 
@@ -164,6 +178,9 @@ class MemoryLedger:
         # expires_at -> keys filed under it, and a heap of those expires_at values.
         self._buckets: dict[float, list[str]] = {}
         self._bucket_times: list[float] = []
+        # journal -> (entries, oldest first; expires_at), and a heap to drop expired ones.
+        self._journals: dict[str, tuple[list[JournalEntry], float]] = {}
+        self._journal_times: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         """The number of counters stored (expired ones count until they are swept)."""
@@ -518,6 +535,92 @@ class MemoryLedger:
                     break
         return found
 
+    def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        *,
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+    ) -> tuple[JournalEntry, ...]:
+        """Apply every adjustment or none and journal each one (one step under the lock).
+
+        See :meth:`payi_guard.ledger.Ledger.adjust`.
+
+        Args:
+            adjustments: the changes, one per counter.
+            now: the current time, epoch seconds (also the entries' time).
+            journal: the journal's key (same hash tag as the counters).
+            keep: how many newest entries the journal keeps.
+            journal_expires_at: the journal lives at least until then.
+
+        Returns:
+            One journal entry per adjustment, in order.
+
+        Raises:
+            ValueError: on invalid input, or a counter that would go out of range
+                (nothing is changed then).
+        """
+        check_adjust(adjustments, now, journal, keep, journal_expires_at)
+        with self._lock:
+            found = [self._live(item.key, now) for item in adjustments]
+            changes: list[tuple[int, int]] = []
+            for index, (item, counter) in enumerate(zip(adjustments, found, strict=True)):
+                new, added = adjusted(0 if counter is None else counter.settled, item.amount)
+                if abs(new) > MAX_UNITS:
+                    raise out_of_range(index, new)
+                changes.append((new, added))
+            entries: list[JournalEntry] = []
+            for item, counter, (new, added) in zip(adjustments, found, changes, strict=True):
+                if counter is None and new != 0:
+                    counter = self._new_counter(item.key, item.expires_at)
+                elif counter is not None and added and item.expires_at > counter.expires_at:
+                    counter.expires_at = item.expires_at
+                    self._file(item.key, item.expires_at)
+                pending = 0
+                if counter is not None:
+                    counter.settled = new
+                    pending = counter.pending
+                entries.append(JournalEntry(now, item.key, added, new, pending, item.note))
+            self._journal(journal, entries, keep, journal_expires_at, now)
+            return tuple(entries)
+
+    def _journal(
+        self, journal: str, entries: list[JournalEntry], keep: int, until: float, now: float
+    ) -> None:
+        times = self._journal_times
+        while times and times[0][0] <= now:
+            _, name = heapq.heappop(times)
+            held = self._journals.get(name)
+            if held is not None and held[1] <= now:
+                del self._journals[name]
+        held = self._journals.get(journal)
+        kept = [] if held is None else held[0]
+        kept.extend(entries)
+        del kept[:-keep]
+        expires_at = until if held is None else max(held[1], until)
+        self._journals[journal] = (kept, expires_at)
+        heapq.heappush(times, (expires_at, journal))
+
+    def read_journal(self, journal: str, *, now: float, limit: int) -> tuple[JournalEntry, ...]:
+        """Return the ``limit`` newest entries of ``journal``, newest first.
+
+        Args:
+            journal: the journal's key.
+            now: the current time, epoch seconds (an expired journal is empty).
+            limit: the most entries returned.
+
+        Raises:
+            ValueError: on invalid input.
+        """
+        check_journal_read(journal, now, limit)
+        with self._lock:
+            held = self._journals.get(journal)
+            if held is None or held[1] <= now:
+                return ()
+            return tuple(reversed(held[0][-limit:]))
+
     def sweep(self, now: float) -> int:
         """Drop every counter whose ``expires_at`` is ``<= now``, at once.
 
@@ -602,6 +705,26 @@ class AsyncMemoryLedger:
         check_scan(match, limit)
         check_now(now)
         return await asyncio.to_thread(self._ledger.scan, match, now=now, limit=limit)
+
+    async def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        *,
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+    ) -> tuple[JournalEntry, ...]:
+        """Async :meth:`MemoryLedger.adjust` (same arguments, result and errors)."""
+        return self._ledger.adjust(
+            adjustments, now=now, journal=journal, keep=keep, journal_expires_at=journal_expires_at
+        )
+
+    async def read_journal(
+        self, journal: str, *, now: float, limit: int
+    ) -> tuple[JournalEntry, ...]:
+        """Async :meth:`MemoryLedger.read_journal` (same arguments, result and errors)."""
+        return self._ledger.read_journal(journal, now=now, limit=limit)
 
     async def aclose(self) -> None:
         """Nothing to release (the shared store stays usable)."""

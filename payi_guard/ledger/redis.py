@@ -76,6 +76,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from payi_guard.exceptions import MissingDependency, StorageError
+from payi_guard.ledger._adjust import (
+    check_adjust,
+    check_journal_read,
+    decode_entry,
+    out_of_range,
+)
 from payi_guard.ledger._checks import (
     check_charges,
     check_closed_ttl,
@@ -89,8 +95,10 @@ from payi_guard.ledger._checks import (
 from payi_guard.ledger._redisconn import StoreWatch, budget, was_sent
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
+    Adjustment,
     Charge,
     CounterState,
+    JournalEntry,
     ReserveResult,
     StorageEvent,
     StorageOutcomeUnknown,
@@ -117,7 +125,7 @@ CLOSED_SUFFIX = ":d"
 
 EventCallback = Callable[[StorageEvent], object]
 
-_SCRIPT_NAMES = ("reserve", "commit", "read", "renew")
+_SCRIPT_NAMES = ("reserve", "commit", "read", "renew", "adjust")
 _ZERO = CounterState(0, 0)
 _SCAN_COUNT = 1000
 """The ``COUNT`` hint of each ``SCAN`` call: keys the server visits per round trip."""
@@ -398,6 +406,62 @@ def _renew_plan(
         for (position, _, _), flag in zip(entries, _decode_flags(reply, len(entries)), strict=True):
             alive[position] = alive[position] and flag
     return tuple(alive)
+
+
+def _adjust_call(
+    adjustments: Sequence[Adjustment],
+    now: float,
+    journal: str,
+    keep: int,
+    journal_expires_at: float,
+) -> _Call:
+    args = [_seconds(now), str(keep), _ttl_millis(journal_expires_at, now)]
+    for item in adjustments:
+        args.append("" if item.amount is None else str(item.amount))
+        args.append(_ttl_millis(item.expires_at, now))
+        args.append(item.note)
+    return ("adjust", [item.key for item in adjustments] + [journal], args)
+
+
+def _adjust_plan(
+    adjustments: Sequence[Adjustment],
+    now: float,
+    journal: str,
+    keep: int,
+    journal_expires_at: float,
+) -> _Plan[tuple[JournalEntry, ...]]:
+    # Every key shares the journal's hash tag (checked): one slot, one script run.
+    reply = yield _adjust_call(adjustments, now, journal, keep, journal_expires_at)
+    if not isinstance(reply, list) or not reply:
+        raise StorageError(f"unexpected reply from the adjust script: {reply!r:.200}")
+    try:
+        if reply[0] == 0 and len(reply) == 3:
+            raise out_of_range(int(reply[1]), int(reply[2]))
+        if reply[0] != 1 or len(reply) != 1 + 3 * len(adjustments):
+            raise StorageError(f"unexpected reply from the adjust script: {reply!r:.200}")
+        return tuple(
+            JournalEntry(
+                float(_seconds(now)),
+                item.key,
+                int(reply[3 * i + 1]),
+                int(reply[3 * i + 2]),
+                int(reply[3 * i + 3]),
+                item.note,
+            )
+            for i, item in enumerate(adjustments)
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith("adjustment "):
+            raise
+        raise StorageError(f"unexpected reply from the adjust script: {reply!r:.200}") from exc
+
+
+def _journal_entries(raw: Any) -> tuple[JournalEntry, ...]:
+    """The entries of an ``LRANGE`` reply (malformed ones are skipped)."""
+    if not isinstance(raw, list):
+        raise StorageError(f"unexpected reply to LRANGE: {raw!r:.200}")
+    entries = (decode_entry(_key_text(item)) for item in raw)
+    return tuple(entry for entry in entries if entry is not None)
 
 
 def _key_text(raw: bytes | str) -> str:
@@ -729,6 +793,48 @@ class RedisLedger:
             self._seen = _deliver(self._wiring, self._seen)
         return list(found)
 
+    def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        *,
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+    ) -> tuple[JournalEntry, ...]:
+        """Apply every adjustment or none and journal them, in one script run.
+
+        See :meth:`payi_guard.ledger.Ledger.adjust`. The ``pending`` the entries report
+        is the counter's as stored: reservations past their deadline still count there
+        until the next reserve, commit or read of the counter drops them.
+
+        Raises:
+            ValueError: on invalid input or a counter that would go out of range.
+            StorageOutcomeUnknown: the request was sent and its reply lost: the
+                adjustment may have been applied (it is not idempotent: read the
+                journal before trying again).
+            StorageError: when Redis fails or cannot be reached in time.
+        """
+        check_adjust(adjustments, now, journal, keep, journal_expires_at)
+        return self._run(_adjust_plan(adjustments, now, journal, keep, journal_expires_at))
+
+    def read_journal(self, journal: str, *, now: float, limit: int) -> tuple[JournalEntry, ...]:
+        """Return the ``limit`` newest entries of ``journal``, newest first (one ``LRANGE``).
+
+        Raises:
+            ValueError: on invalid input.
+            StorageError: when Redis fails or cannot be reached in time.
+        """
+        check_journal_read(journal, now, limit)
+        try:
+            with budget(self._wiring.budget):
+                raw = self._client.lrange(journal, 0, limit - 1)
+        except self._errors as exc:
+            raise _storage_error("read_journal", exc, self._wiring) from exc
+        finally:
+            self._seen = _deliver(self._wiring, self._seen)
+        return _journal_entries(raw)
+
     def close(self) -> None:
         """Close the client (a shared one once its last ledger closes it).
 
@@ -975,6 +1081,36 @@ class AsyncRedisLedger:
                 await aclose()
             self._seen = _deliver(self._wiring, self._seen)
         return list(found)
+
+    async def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        *,
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+    ) -> tuple[JournalEntry, ...]:
+        """Async :meth:`RedisLedger.adjust` (same arguments, result and errors)."""
+        check_adjust(adjustments, now, journal, keep, journal_expires_at)
+        binding = self._binding()
+        plan = _adjust_plan(adjustments, now, journal, keep, journal_expires_at)
+        return await self._run(binding, plan)
+
+    async def read_journal(
+        self, journal: str, *, now: float, limit: int
+    ) -> tuple[JournalEntry, ...]:
+        """Async :meth:`RedisLedger.read_journal` (same arguments, result and errors)."""
+        check_journal_read(journal, now, limit)
+        binding = self._binding()
+        try:
+            with budget(self._wiring.budget):
+                raw = await binding.client.lrange(journal, 0, limit - 1)
+        except self._errors as exc:
+            raise _storage_error("read_journal", exc, self._wiring) from exc
+        finally:
+            self._seen = _deliver(self._wiring, self._seen)
+        return _journal_entries(raw)
 
     async def aclose(self) -> None:
         """Close the running loop's client and forget those of closed loops.

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from payi_guard.exceptions import ConfigError, StorageError
+from payi_guard.ledger._adjust import check_adjust, check_journal_read
 from payi_guard.ledger._checks import (
     check_charges,
     check_id,
@@ -75,7 +76,14 @@ from payi_guard.ledger._checks import (
 )
 from payi_guard.ledger._sqlite_store import Operations, database_file, make_settings
 from payi_guard.ledger._sqlite_uri import parse_sqlite_uri, resolve_sqlite_uri
-from payi_guard.ledger.base import DEFAULT_CLOSED_TTL, Charge, CounterState, ReserveResult
+from payi_guard.ledger.base import (
+    DEFAULT_CLOSED_TTL,
+    Adjustment,
+    Charge,
+    CounterState,
+    JournalEntry,
+    ReserveResult,
+)
 from payi_guard.ledger.factory import DEFAULT_POOL_TIMEOUT, DEFAULT_TIMEOUT
 
 __all__ = [
@@ -311,6 +319,37 @@ class SqliteLedger:
         check_now(now)
         return self._ops.scan(match, now, limit)
 
+    def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        *,
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+    ) -> tuple[JournalEntry, ...]:
+        """Apply every adjustment or none and journal them, in one write transaction.
+
+        See :meth:`payi_guard.ledger.Ledger.adjust`.
+
+        Raises:
+            ValueError: on invalid input or a counter that would go out of range.
+            StorageError: the file could not be locked in time or SQLite failed.
+        """
+        started = time.monotonic()
+        check_adjust(adjustments, now, journal, keep, journal_expires_at)
+        return self._ops.adjust(adjustments, now, journal, keep, journal_expires_at, started)
+
+    def read_journal(self, journal: str, *, now: float, limit: int) -> tuple[JournalEntry, ...]:
+        """Return the ``limit`` newest entries of ``journal``, newest first.
+
+        Raises:
+            ValueError: on invalid input.
+            StorageError: SQLite failed.
+        """
+        check_journal_read(journal, now, limit)
+        return self._ops.read_journal(journal, now, limit)
+
     def prune(self, now: float) -> int:
         """Delete every counter past its expiry now (writes also do it a batch at a time).
 
@@ -463,6 +502,29 @@ class AsyncSqliteLedger:
         check_scan(match, limit)
         check_now(now)
         return await self._run(self._ops.scan, match, now, limit)
+
+    async def adjust(
+        self,
+        adjustments: Sequence[Adjustment],
+        *,
+        now: float,
+        journal: str,
+        keep: int,
+        journal_expires_at: float,
+    ) -> tuple[JournalEntry, ...]:
+        """Async :meth:`SqliteLedger.adjust` (same arguments, result and errors)."""
+        started = time.monotonic()
+        check_adjust(adjustments, now, journal, keep, journal_expires_at)
+        return await self._run(
+            self._ops.adjust, adjustments, now, journal, keep, journal_expires_at, started
+        )
+
+    async def read_journal(
+        self, journal: str, *, now: float, limit: int
+    ) -> tuple[JournalEntry, ...]:
+        """Async :meth:`SqliteLedger.read_journal` (same arguments, result and errors)."""
+        check_journal_read(journal, now, limit)
+        return await self._run(self._ops.read_journal, journal, now, limit)
 
     async def prune(self, now: float) -> int:
         """Async :meth:`SqliteLedger.prune` (same arguments, result and errors)."""

@@ -27,6 +27,7 @@ Entry points (the usual way in is through :class:`payi_guard.Guard`)::
 Modules, from the pure ones up:
 
 * :mod:`~payi_guard.meter.tokens`: token bounds of a request body (input and output);
+* :mod:`~payi_guard.meter.tokenizer`: a request's input counted with its tokenizer;
 * :mod:`~payi_guard.meter.estimate`: what a request reserves, and its upper-bound cost;
 * :mod:`~payi_guard.meter.parse`: endpoints, request bodies and usage objects;
 * :mod:`~payi_guard.meter.sse`: server-sent events and the usage they report;
@@ -44,8 +45,11 @@ usage-only chunk is removed before the caller sees it, so ``chunk.choices[0]`` c
 keeps working). A server that refuses the option with a 400/422 naming it gets the
 request again without it, once, and its base URL is remembered; ``include_usage=False``
 or ``skip_include_usage=[url, ...]`` switch it off up front. A stream closed early, cut
-by the network or garbage-collected is charged the input the provider reported (or the
-request's estimate) plus the output received, counted from its text plus a margin.
+by the network or garbage-collected is charged the input the provider reported (else the
+request counted by the model's tokenizer, see :mod:`~payi_guard.meter.tokenizer`, else
+the request's bound) plus the output received, counted from its text plus a margin.
+A stream whose body was already read (a mock transport's ``Response(content=...)``) is
+metered and settled at once.
 """
 
 from __future__ import annotations

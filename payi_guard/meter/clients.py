@@ -217,7 +217,9 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
 
     The provider charged is ``openai`` for ``api.openai.com``, ``azure`` for Azure
     clients, ``*.openai.azure.com`` hosts and ``/openai/deployments/...`` paths,
-    ``anthropic`` for the Messages API, ``openai-compatible`` for any other base URL.
+    ``anthropic`` for the Messages API, the genai-prices provider whose API address the
+    base URL is (``groq`` for ``https://api.groq.com/openai/v1``, ``deepseek``,
+    ``openrouter``...), and ``openai-compatible`` for any other base URL.
 
     Args:
         guard: the guard that reserves and settles.

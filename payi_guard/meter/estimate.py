@@ -20,8 +20,10 @@ from payi_guard.meter.tokens import (
     EndpointKind,
     EstimateMode,
     estimate_input_tokens,
+    file_search_bound,
     image_token_bound,
     max_output_tokens,
+    web_search_bound,
 )
 from payi_guard.pricing import PriceBook, Rates
 
@@ -76,12 +78,18 @@ class RequestEstimate:
             Anthropic only when the body asks for it with ``cache_control``.
         price_context: the request facts that select a price variant
             (``service_tier`` other than ``auto``; Anthropic's ``speed``).
+        web_searches: upper bound of the server-side web searches
+            (:func:`~payi_guard.meter.tokens.web_search_bound`).
+        file_searches: upper bound of the server-side file search calls
+            (:func:`~payi_guard.meter.tokens.file_search_bound`).
     """
 
     input_tokens: int
     output_tokens: int
     cache_writes: bool
     price_context: Mapping[str, str]
+    web_searches: int = 0
+    file_searches: int = 0
 
 
 def estimate_request(
@@ -122,6 +130,8 @@ def estimate_request(
         ),
         cache_writes=endpoint != "anthropic_messages" or _mentions_key(body, "cache_control"),
         price_context=_price_context(body, endpoint),
+        web_searches=web_search_bound(body, endpoint),
+        file_searches=file_search_bound(body, endpoint),
     )
 
 
@@ -173,6 +183,10 @@ def estimate_cost(
         file_tokens=file_tokens,
     )
     nano = rates.upper_bound_nano(
-        bound.input_tokens, bound.output_tokens, cache_writes=bound.cache_writes
+        bound.input_tokens,
+        bound.output_tokens,
+        cache_writes=bound.cache_writes,
+        web_searches=bound.web_searches,
+        file_searches=bound.file_searches,
     )
     return Estimate(bound.input_tokens, bound.output_tokens, nano, rates)

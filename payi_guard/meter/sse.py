@@ -14,14 +14,16 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from payi_guard.meter.parse import (
     Endpoint,
     ParsedUsage,
     anthropic_usage,
     openai_usage,
+    responses_file_searches,
     responses_usage,
+    responses_web_searches,
 )
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "StreamError",
     "StreamMeter",
     "StreamUsageTracker",
+    "without_usage_member",
 ]
 
 ESTIMATE_BYTES_PER_TOKEN: Final = 2.5
@@ -293,6 +296,10 @@ class StreamUsageTracker:
         """Number of events with data observed."""
         self.dropped = 0
         """Number of events :meth:`observe` said to drop."""
+        self.strip_usage: Literal["", "null", "value"] = ""
+        """Whether the event :meth:`observe` just took is forwarded without its
+        ``usage`` member (a chat chunk when the guard added ``include_usage``), and
+        what that member holds: ``"null"``, ``"value"``, or ``""`` (forward as is)."""
         self._usage: ParsedUsage | None = None
         self._anthropic: dict[str, Any] = {}
         self._input_reported = False
@@ -309,6 +316,7 @@ class StreamUsageTracker:
             True if the event's bytes go to the client; false only for the usage-only
             chunk the guard caused with ``include_usage``.
         """
+        self.strip_usage = ""
         if not event.has_data:
             return True
         self.events += 1
@@ -337,8 +345,9 @@ class StreamUsageTracker:
     def _observe_chat(self, obj: dict[str, Any]) -> bool:
         error = obj.get("error")
         if error:
+            # Some servers end a failed stream with one chunk carrying the error and the
+            # usage billed so far: both count.
             self._add_openai_error(error)
-            return True
         self._note_identity(obj.get("model"), obj.get("id"))
         usage = obj.get("usage")
         if isinstance(usage, Mapping):
@@ -349,8 +358,18 @@ class StreamUsageTracker:
             for choice in choices:
                 if isinstance(choice, Mapping):
                     self._count_chat_choice(choice)
-        # Only the chunk the guard caused is dropped: usage and no choices.
-        return not (self.added_include_usage and isinstance(usage, Mapping) and not choices)
+        if not self.added_include_usage or "usage" not in obj:
+            return True
+        # What the guard's include_usage caused is taken back out: the usage-only chunk
+        # is dropped, and the "usage" member of every other chunk (null, or the usage
+        # some servers put on their last chunk) is removed from the bytes forwarded.
+        if usage is None:
+            self.strip_usage = "null"
+        elif isinstance(usage, Mapping):
+            if not choices and not error:
+                return False
+            self.strip_usage = "value"
+        return True
 
     def _count_chat_choice(self, choice: Mapping[str, Any]) -> None:
         finish = choice.get("finish_reason")
@@ -383,8 +402,12 @@ class StreamUsageTracker:
             status = response.get("status") if isinstance(response, Mapping) else None
             self.status = status if isinstance(status, str) else kind.rsplit(".", 1)[1]
             usage = response.get("usage") if isinstance(response, Mapping) else None
-            if isinstance(usage, Mapping):
-                self._usage = responses_usage(usage)
+            if isinstance(usage, Mapping) and isinstance(response, Mapping):
+                self._usage = replace(
+                    responses_usage(usage),
+                    web_searches=responses_web_searches(response),
+                    file_searches=responses_file_searches(response),
+                )
                 self._input_reported = True
             if kind == "response.failed" and isinstance(response, Mapping):
                 self._add_openai_error(response.get("error") or {"type": "failed"})
@@ -431,7 +454,7 @@ class StreamUsageTracker:
             self._input_reported = True
         was_complete = self._usage is not None and self._usage.complete
         complete = (final or was_complete) and self._input_reported
-        self._usage = anthropic_usage(self._anthropic, complete=complete)
+        self._usage = anthropic_usage(self._anthropic, complete=complete, model=self.model)
 
     def _note_identity(self, model: object, response_id: object) -> None:
         if self.model is None and isinstance(model, str) and model:
@@ -465,6 +488,15 @@ class StreamUsageTracker:
         after ``message_start``.
         """
         return self._usage
+
+    @property
+    def input_reported(self) -> bool:
+        """Whether the provider reported the input tokens.
+
+        Anthropic does in ``message_start``, before any output; OpenAI only with the
+        final usage.
+        """
+        return self._input_reported
 
     @property
     def usage_complete(self) -> bool:
@@ -536,4 +568,55 @@ class StreamMeter:
         return self._forward(self.decoder.finish())
 
     def _forward(self, events: Iterable[SSEEvent]) -> bytes:
-        return b"".join(event.raw for event in events if self.tracker.observe(event))
+        tracker = self.tracker
+        out: list[bytes] = []
+        for event in events:
+            if not tracker.observe(event):
+                continue
+            strip = tracker.strip_usage
+            out.append(without_usage_member(event, null=strip == "null") if strip else event.raw)
+        return b"".join(out)
+
+
+# ``"usage": null`` as a member of an object, with the comma that joins it to the next
+# (first member) or to the previous one. Inside a JSON string every quote is escaped,
+# so a match is always a key; the caller checks that it is the only one.
+_USAGE_NULL: Final = re.compile(
+    rb',[ \t\r\n]*"usage"[ \t\r\n]*:[ \t\r\n]*null(?=[ \t\r\n]*[,}])'
+    rb'|"usage"[ \t\r\n]*:[ \t\r\n]*null[ \t\r\n]*,'
+)
+
+
+def without_usage_member(event: SSEEvent, *, null: bool) -> bytes:
+    """The bytes of a chat chunk event without the top-level ``usage`` member.
+
+    The common case, a top-level ``"usage":null`` (``null``) that is the chunk's only
+    ``"usage":null``, is cut out of the bytes as they are (no re-encoding). Anything
+    else (a usage object, the key appearing more than once) re-encodes the chunk's
+    JSON without the member, keeping the event's other lines.
+
+    Args:
+        event: the chunk's event.
+        null: whether the chunk's top-level ``usage`` is ``null``.
+    """
+    raw = event.raw
+    if null and len(_USAGE_NULL.findall(raw)) == 1:
+        return _USAGE_NULL.sub(b"", raw, count=1)
+    try:
+        obj = json.loads(event.data)
+    except ValueError:
+        return raw
+    if not isinstance(obj, dict) or "usage" not in obj:
+        return raw
+    del obj["usage"]
+    data = b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    out: list[bytes] = []
+    for line in raw.splitlines(keepends=True):
+        if line.startswith(b"data:"):
+            # The first data line becomes the re-encoded chunk, the others go.
+            if data:
+                out.append(data + line[len(line.rstrip(b"\r\n")) :])
+                data = b""
+            continue
+        out.append(line)
+    return b"".join(out)

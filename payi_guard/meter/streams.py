@@ -16,7 +16,8 @@ import queue
 import threading
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DECODABLE_ENCODINGS",
+    "InputCounter",
+    "Settlement",
     "StreamState",
     "flush_abandoned_streams",
     "stream_classes",
@@ -40,6 +43,8 @@ DECODABLE_ENCODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
 """Content encodings decoded here when a server compresses despite ``identity``."""
 
 _log = events.get_logger()
+
+_UNREADABLE: Final = "not readable (the body's content-encoding cannot be decoded here)"
 
 
 class _Inflater:
@@ -68,6 +73,55 @@ class _Inflater:
         return self._obj.flush()
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to charge for one call, once its response was read (or given up on).
+
+    Attributes:
+        usage: the tokens to charge (the provider's report, or the best estimate).
+        outcome: ``ok``, ``incomplete`` or ``error``.
+        response_model: the model the response names, if any.
+        other_models: usage billed at other models' prices.
+        problems: why the provider's usage cannot be trusted; when there are any, the
+            reservation itself is charged (outcome ``unverified``) and ``usage`` is not.
+    """
+
+    usage: TokenUsage
+    outcome: str
+    response_model: str | None = None
+    other_models: tuple[tuple[str, TokenUsage], ...] = ()
+    problems: tuple[str, ...] = ()
+
+    def apply(self, reservation: Reservation) -> None:
+        """Settle ``reservation`` with this (sync ledger)."""
+        if self.problems:
+            reservation.settle_unverified(self.problems, response_model=self.response_model)
+            return
+        reservation.settle(
+            self.usage,
+            outcome=self.outcome,
+            response_model=self.response_model,
+            other_models=self.other_models,
+        )
+
+    async def aapply(self, reservation: Reservation) -> None:
+        """Async :meth:`apply`."""
+        if self.problems:
+            await reservation.asettle_unverified(self.problems, response_model=self.response_model)
+            return
+        await reservation.asettle(
+            self.usage,
+            outcome=self.outcome,
+            response_model=self.response_model,
+            other_models=self.other_models,
+        )
+
+
+InputCounter = Callable[[str | None], int | None]
+"""Counts a request's input tokens with a tokenizer, given the model the response
+names (``None`` when none yet); ``None`` when it cannot."""
+
+
 class StreamState:
     """Everything a metered response stream needs to settle, without the stream itself.
 
@@ -76,6 +130,7 @@ class StreamState:
     """
 
     __slots__ = (
+        "count_input",
         "fallback_input",
         "inflater",
         "max_output",
@@ -95,8 +150,10 @@ class StreamState:
         max_output: int,
         inflater: _Inflater | None,
         raw: bool,
+        count_input: InputCounter | None = None,
     ) -> None:
         self.reservation = reservation
+        self.count_input = count_input
         self.meter = StreamMeter(endpoint, added_include_usage=added_include_usage)
         self.fallback_input = fallback_input
         self.max_output = max_output
@@ -121,18 +178,27 @@ class StreamState:
             out = self.meter.feed(self.inflater.flush())
         return out + self.meter.finish()
 
-    def result(self, reason: str) -> tuple[TokenUsage, str]:
-        """The usage to charge and the outcome, for a stream that ``reason`` ended.
+    def result(self, reason: str) -> Settlement:
+        """What to charge for a stream that ``reason`` ended.
 
         ``reason`` is ``end`` (the body ended), ``close`` (closed before that), ``error``
         (reading failed) or ``gc`` (collected while open).
         """
         if self.raw:
-            # An encoding that cannot be decoded here hides the usage: charge the bound.
+            # An encoding that cannot be decoded here hides the usage: it cannot be
+            # verified, so what was reserved is charged.
             usage = TokenUsage(self.fallback_input, self.max_output)
-            return usage, "ok" if reason == "end" else "incomplete"
+            outcome = "ok" if reason == "end" else "incomplete"
+            return Settlement(usage, outcome, problems=(f"usage: {_UNREADABLE}",))
         tracker = self.meter.tracker
-        usage = tracker.best_usage(self.fallback_input).to_token_usage()
+        fallback = self.fallback_input
+        if not tracker.input_reported and self.count_input is not None:
+            # Ended before the provider reported the input: the tokenizer's count of the
+            # request is closer to the bill than the reservation's bound.
+            counted = self.count_input(tracker.model)
+            if counted is not None:
+                fallback = counted
+        parsed = tracker.best_usage(fallback)
         if tracker.errors or tracker.status == "failed":
             outcome = "error"
         elif tracker.finished:
@@ -143,7 +209,13 @@ class StreamState:
             outcome = "error"
         else:
             outcome = "incomplete"
-        return usage, outcome
+        return Settlement(
+            parsed.to_token_usage(),
+            outcome,
+            response_model=tracker.model,
+            other_models=parsed.other_models,
+            problems=parsed.problems,
+        )
 
     def _claim(self) -> bool:
         if self.settled:
@@ -156,8 +228,7 @@ class StreamState:
         if not self._claim():
             return
         try:
-            usage, outcome = self.result(reason)
-            self.reservation.settle(usage, outcome=outcome)
+            self.result(reason).apply(self.reservation)
         except Exception as exc:
             _log.error("meter_error", op="settle", error=str(exc), error_type=type(exc).__name__)
 
@@ -166,8 +237,7 @@ class StreamState:
         if not self._claim():
             return
         try:
-            usage, outcome = self.result(reason)
-            await self.reservation.asettle(usage, outcome=outcome)
+            await self.result(reason).aapply(self.reservation)
         except Exception as exc:
             _log.error("meter_error", op="settle", error=str(exc), error_type=type(exc).__name__)
 
@@ -180,6 +250,8 @@ def stream_state(
     added_include_usage: bool,
     fallback_input: int,
     max_output: int,
+    loaded: bool = False,
+    count_input: InputCounter | None = None,
 ) -> StreamState:
     """The state of a stream about to be wrapped; fixes the response's headers.
 
@@ -190,12 +262,17 @@ def stream_state(
         added_include_usage: whether the guard added ``stream_options.include_usage``.
         fallback_input: the input tokens to charge if the stream never reports them.
         max_output: the output bound reserved (charged when the body cannot be read).
+        loaded: the body was already read, and decoded, by the HTTP module.
+        count_input: counts the request's input when the stream never reports it.
     """
     headers = response.headers
     encoding = headers.get("content-encoding", "").strip().lower()
     inflater: _Inflater | None = None
     raw = False
-    if encoding and encoding != "identity":
+    if loaded:
+        if "content-encoding" in headers:
+            del headers["content-encoding"]
+    elif encoding and encoding != "identity":
         if encoding in DECODABLE_ENCODINGS:
             inflater = _Inflater("deflate" if encoding == "deflate" else "gzip")
             del headers["content-encoding"]
@@ -211,6 +288,7 @@ def stream_state(
         max_output=max_output,
         inflater=inflater,
         raw=raw,
+        count_input=count_input,
     )
 
 

@@ -20,9 +20,11 @@ from payi_guard.money import ceil_div
 __all__ = [
     "ANTHROPIC_BUILTIN_TOOL_TOKENS",
     "ANTHROPIC_TOOLS_OVERHEAD_TOKENS",
+    "DEFAULT_FILE_SEARCHES",
     "DEFAULT_FILE_TOKENS",
     "DEFAULT_IMAGE_TOKENS",
     "DEFAULT_MAX_OUTPUT_TOKENS",
+    "DEFAULT_WEB_SEARCHES",
     "ENDPOINTS",
     "MESSAGE_OVERHEAD_TOKENS",
     "OPENAI_TOOLS_OVERHEAD_TOKENS",
@@ -31,11 +33,13 @@ __all__ = [
     "EndpointKind",
     "EstimateMode",
     "estimate_input_tokens",
+    "file_search_bound",
     "image_token_bound",
     "max_output_tokens",
     "model_output_cap",
     "request_output_cap",
     "text_token_bound",
+    "web_search_bound",
 ]
 
 EndpointKind = Literal["chat", "responses", "embeddings", "anthropic_messages", "completions"]
@@ -64,6 +68,14 @@ Such a file's size is not in the request, so this is a documented allowance, not
 bound; files passed inline (base64) are counted from their data instead.
 """
 
+
+DEFAULT_WEB_SEARCHES = 10
+"""Web searches reserved for a web search tool that sets no ``max_uses`` (Anthropic) or
+for a Responses web search tool (which has no cap): each search is billed on its own."""
+
+DEFAULT_FILE_SEARCHES = 10
+"""File search calls reserved for each Responses ``file_search`` tool (billed per call;
+the tool sets no cap on how often the model calls it)."""
 
 MESSAGE_OVERHEAD_TOKENS = 10
 """Tokens added per message / input item for the chat format's role and separators
@@ -115,6 +127,7 @@ _WORD_RUN = re.compile(rb"[A-Za-z\x80-\xff]+")
 _DIGIT_RUN = re.compile(rb"[0-9]+")
 _SPACE_RUN = re.compile(rb"[ \t\n\r\x0b\x0c]+")
 _MERGED_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c] (?=[^ \t\n\r\x0b\x0c0-9])")
+_CASE_SWITCH = re.compile(rb"[a-z](?=[A-Z])")
 _UPPER = bytes(range(ord("A"), ord("Z") + 1))
 _LEAD4 = bytes(range(0xF0, 0xF8))
 
@@ -130,7 +143,9 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     text, and is at least ``ceil(bytes / 2.5)``:
 
     * letters (ASCII and non-ASCII bytes): 2/3 token per byte, 1/3 more per ASCII
-      capital and per run, 4/3 more per 4-byte character (emoji);
+      capital, per run and per switch from a lowercase to a capital letter inside a run
+      (camelCase, base64: rare letter pairs a tokenizer may split one letter at a
+      time), 4/3 more per 4-byte character (emoji);
     * digits: 1/2 token per digit plus 1/2 per run (they split into groups of three);
     * whitespace: 1 per tab/newline, 1/2 per space plus 1 per run, minus the single
       spaces that merge into the next word;
@@ -160,6 +175,7 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     rest, word_runs = _WORD_RUN.subn(b"", data)
     word_bytes = size - len(rest)
     upper = size - len(data.translate(None, _UPPER))
+    switches = len(_CASE_SWITCH.findall(data)) if upper else 0
     four_byte = size - len(data.translate(None, _LEAD4))
     rest, digit_runs = _DIGIT_RUN.subn(b"", data)
     digit_bytes = size - len(rest)
@@ -169,7 +185,7 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     merged = len(_MERGED_SPACE.findall(data))
     other = size - word_bytes - digit_bytes - space_bytes
     tokens = (
-        ceil_div(2 * word_bytes + upper + 4 * four_byte + word_runs, 3)
+        ceil_div(2 * word_bytes + upper + switches + 4 * four_byte + word_runs, 3)
         + ceil_div(digit_bytes + digit_runs, 2)
         + ceil_div(spaces + 2 * space_runs, 2)
         + (space_bytes - spaces)
@@ -522,3 +538,41 @@ def max_output_tokens(
         if endpoint == "completions":
             choices = max(choices, _count_param(body, "best_of") or 1)
     return cap * choices
+
+
+def web_search_bound(body: Mapping[str, Any], endpoint: EndpointKind) -> int:
+    """An upper bound of the web searches a request lets the provider run (billed each).
+
+    Anthropic ``web_search_*`` tools count their ``max_uses``, or
+    :data:`DEFAULT_WEB_SEARCHES` without one; each Responses ``web_search*`` tool
+    counts :data:`DEFAULT_WEB_SEARCHES`. Other requests run none (chat completions'
+    ``web_search_options`` are billed per call, which genai-prices does not price).
+    """
+    if endpoint not in ("anthropic_messages", "responses"):
+        return 0
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return 0
+    total = 0
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, Mapping) else None
+        if not isinstance(kind, str) or not kind.startswith("web_search"):
+            continue
+        cap = _count_param(tool, "max_uses") if endpoint == "anthropic_messages" else None
+        total += DEFAULT_WEB_SEARCHES if cap is None else cap
+    return total
+
+
+def file_search_bound(body: Mapping[str, Any], endpoint: EndpointKind) -> int:
+    """An upper bound of the file search calls a request lets the provider run.
+
+    Each Responses ``file_search`` tool counts :data:`DEFAULT_FILE_SEARCHES`; other
+    requests run none.
+    """
+    if endpoint != "responses":
+        return 0
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return 0
+    kinds = (tool.get("type") for tool in tools if isinstance(tool, Mapping))
+    return DEFAULT_FILE_SEARCHES * sum(1 for kind in kinds if kind == "file_search")

@@ -16,16 +16,21 @@ Per request (see :mod:`payi_guard.meter.parse` for the parsing):
    guard prices and reserves it with the attribution in effect **now**
    (``Guard.begin``). A refusal never reaches the inner transport
    (:mod:`payi_guard.meter.refusal`).
-3. The request goes out with ``accept-encoding: identity`` (a compressed body hides its
-   usage; a server that compresses anyway is decoded here), the rebuilt body and its
-   ``content-length``, and Pay-i headers when the bridge is on.
+3. A copy of the request goes out (the app's own request object is left as it built
+   it) with ``accept-encoding: identity`` (a compressed body hides its usage; a server
+   that compresses anyway is decoded here), the rebuilt body and its
+   ``content-length``, and Pay-i headers when the bridge is on. The provider is the
+   one the URL names (genai-prices' API addresses: Groq, DeepSeek, OpenRouter...).
 4. An error status releases the reservation (each SDK retry is a new transport call with
    its own reservation). A JSON body is read here and settled with its ``usage``. An
    event stream is handed back wrapped (:mod:`payi_guard.meter.streams`): bytes pass
    through unchanged (minus the usage-only chunk the guard caused) while the usage is
    tracked, and the reservation is settled exactly once, whichever comes first: the end
    of the stream, ``close()`` (``break``, ``with``), an error while reading, or garbage
-   collection.
+   collection. A request that asked for a stream gets one whatever its content type. A
+   body the inner transport already read (``Response(content=...)``) is metered whole
+   and settled before it is returned. Usage that cannot be trusted is charged the
+   reservation (``unverified``).
 
 Servers that refuse ``stream_options`` (HTTP 400/422 whose body names it): when the
 guard added the option, the request is sent once more without it and the base URL is
@@ -60,11 +65,13 @@ from payi_guard.meter.refusal import refusal_response
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
 from payi_guard.meter.streams import (
     DECODABLE_ENCODINGS,
+    Settlement,
     StreamState,
     stream_classes,
     stream_state,
 )
-from payi_guard.pricing import TokenUsage
+from payi_guard.meter.tokenizer import count_input_tokens
+from payi_guard.pricing import TokenUsage, provider_for_url
 
 __all__ = [
     "UNKNOWN_MODEL",
@@ -131,17 +138,25 @@ class TransportMeter:
 
     # -- before sending ------------------------------------------------------------------
 
-    def provider_for(self, endpoint: Endpoint, host: str) -> str:
-        """The provider a call to ``endpoint`` on ``host`` is charged under."""
+    def provider_for(self, endpoint: Endpoint, url: Any) -> str:
+        """The provider a call to ``endpoint`` at ``url`` is charged under.
+
+        The ``provider`` option if given; Anthropic and Azure by their endpoints; OpenAI
+        for ``api.openai.com``; a host genai-prices knows as another provider's API
+        (Groq, DeepSeek, OpenRouter...) as that provider; else ``openai-compatible``.
+        """
         if self.options.provider is not None:
             return self.options.provider
         if endpoint.provider in ("anthropic", "azure"):
             return endpoint.provider
         if self.provider_hint == "azure":
             return "azure"
+        host: str = url.host
         if host.lower() in _OPENAI_HOSTS:
             return "openai"
-        return "openai-compatible"
+        port = f":{url.port}" if url.port else ""
+        known = provider_for_url(f"{url.scheme}://{host}{port}{url.path}")
+        return known or "openai-compatible"
 
     def plan(self, request: Any) -> PlannedCall | None:
         """Plan a request, or return ``None`` when it is not metered (passthrough)."""
@@ -170,13 +185,15 @@ class TransportMeter:
         estimate = estimate_request(body, kind, model, mode=self.options.estimate_mode)
         call = CallRequest(
             model=model,
-            provider=self.provider_for(endpoint, host),
+            provider=self.provider_for(endpoint, url),
             endpoint=kind,
             input_tokens=estimate.input_tokens,
             max_output_tokens=estimate.output_tokens,
             stream=info.stream,
             cache_writes=estimate.cache_writes,
             price_context=estimate.price_context or None,
+            max_web_searches=estimate.web_searches,
+            max_file_searches=estimate.file_searches,
         )
         return PlannedCall(endpoint, info, call, get_context(), send, added, url)
 
@@ -189,29 +206,33 @@ class TransportMeter:
         )
 
     def outgoing(self, request: Any, planned: PlannedCall, reservation: Reservation) -> Any:
-        """The request to send: rebuilt body, identity encoding, Pay-i headers."""
+        """The request to send: rebuilt body, identity encoding, Pay-i headers.
+
+        Always a new request object: the app's own (reachable as
+        ``raw.http_request``) keeps the headers and body it was built with.
+        """
+        headers = request.headers.copy()  # Host and the rest are already there
         body = planned.body
         if body is None:
-            out = request
+            body = request.content
         else:
-            headers = request.headers.copy()  # Host and the rest are already there
             headers["content-length"] = str(len(body))
             if "transfer-encoding" in headers:
                 del headers["transfer-encoding"]
-            out = self.module.Request(
-                request.method,
-                request.url,
-                headers=headers,
-                stream=self.module.ByteStream(body),
-                extensions=dict(request.extensions),
-            )
-            out.read()  # makes ``content`` available, as for any request built from bytes
-        out.headers["accept-encoding"] = "identity"
+        headers["accept-encoding"] = "identity"
         if self.bridge.enabled():
             attribution = planned.attribution
             anonymous = attribution.user_id is None and self.guard.default_user_id is None
             user = None if anonymous else reservation.user_id
-            self.bridge.apply(out.headers, attribution, user)
+            self.bridge.apply(headers, attribution, user)
+        out = self.module.Request(
+            request.method,
+            request.url,
+            headers=headers,
+            stream=self.module.ByteStream(body),
+            extensions=dict(request.extensions),
+        )
+        out.read()  # makes ``content`` available, as for any request built from bytes
         return out
 
     # -- after the response ---------------------------------------------------------------
@@ -234,24 +255,46 @@ class TransportMeter:
         return True
 
     @staticmethod
-    def response_kind(response: Any) -> Literal["error", "stream", "plain"]:
+    def response_kind(planned: PlannedCall, response: Any) -> Literal["error", "stream", "plain"]:
         """What to do with a response.
 
         Returns:
-            ``error`` for a non-2xx status (released), ``stream`` for a server-sent
-            event stream (wrapped), ``plain`` for any other body (read and settled).
+            ``error`` for a non-2xx status (released); ``stream`` for a server-sent event
+            stream (wrapped): the request asked for one (``stream: true``: the SDKs read
+            the body as events whatever its content type, and some gateways send
+            ``application/json``) or the response says ``text/event-stream``; ``plain``
+            for any other body (read and settled).
         """
         if not 200 <= int(response.status_code) < 300:
             return "error"
+        if planned.info.stream:
+            return "stream"
         ctype: str = response.headers.get("content-type", "")
         if ctype.split(";", 1)[0].strip().lower() == "text/event-stream":
             return "stream"
         return "plain"
 
     def stream_state(
-        self, planned: PlannedCall, reservation: Reservation, response: Any
+        self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
     ) -> StreamState:
-        """The state of a stream about to be wrapped; fixes the response's headers."""
+        """The state of a stream about to be wrapped; fixes the response's headers.
+
+        Args:
+            planned: the planned call.
+            reservation: its reservation.
+            response: the response whose stream is wrapped (or read, when ``loaded``).
+            loaded: the body is already read and decoded (see :meth:`read_loaded`).
+        """
+        body = planned.info.body
+        kind = planned.endpoint.kind
+        requested = planned.call.model
+
+        def count_input(response_model: str | None) -> int | None:
+            counted = None
+            if response_model:
+                counted = count_input_tokens(body, kind, response_model)
+            return counted if counted is not None else count_input_tokens(body, kind, requested)
+
         return stream_state(
             response,
             reservation,
@@ -259,6 +302,34 @@ class TransportMeter:
             added_include_usage=planned.added_include_usage,
             fallback_input=planned.call.input_tokens,
             max_output=planned.call.max_output_tokens,
+            loaded=loaded,
+            count_input=count_input,
+        )
+
+    @staticmethod
+    def is_loaded(response: Any) -> bool:
+        """Whether a response's body was read before the transport returned it.
+
+        A transport that answers from memory (``httpx.MockTransport``, respx, a test's
+        own) builds ``Response(content=bytes)``, which is read at once: the client then
+        hands the app those bytes and never iterates the stream.
+        """
+        return bool(response.is_stream_consumed)
+
+    def read_loaded(self, state: StreamState, response: Any) -> Any:
+        """Meter an already-read stream whole; return the response the app gets.
+
+        The events go through ``state`` at once (the guard's usage chunk and usage
+        members are taken out as for a network stream), so the call can be settled now,
+        before the app reads a byte. The response returned carries the bytes the app
+        would have seen, with a ``content-length`` that matches them.
+        """
+        body = state.feed(response.content) + state.end()
+        return self.module.Response(
+            response.status_code,
+            headers=response.headers,
+            content=body,
+            extensions=response.extensions,
         )
 
     @staticmethod
@@ -271,27 +342,35 @@ class TransportMeter:
             headers["content-length"] = str(len(response.content))
 
     @staticmethod
-    def plain_result(planned: PlannedCall, content: bytes) -> tuple[TokenUsage, str]:
-        """The usage and outcome of a JSON (non-stream) response body."""
+    def plain_result(planned: PlannedCall, content: bytes) -> Settlement:
+        """What to charge for a JSON (non-stream) response body.
+
+        A body without a usage object, or whose counts cannot be trusted, is charged the
+        reservation (outcome ``unverified``).
+        """
         try:
             obj: Any = json.loads(content)
         except (ValueError, UnicodeDecodeError):
             obj = None
         parsed = usage_from_response(planned.endpoint, obj)
-        call = planned.call
-        if parsed.complete:
-            usage = parsed.to_token_usage()
-        else:
-            # No usage object (some compatible servers): charge what was reserved.
-            usage = TokenUsage(call.input_tokens, call.max_output_tokens)
+        problems = parsed.problems if parsed.complete else ("usage: missing",)
         outcome = "ok"
-        if planned.endpoint.kind == "responses" and isinstance(obj, dict):
-            status = obj.get("status")
-            if status == "incomplete":
-                outcome = "incomplete"
-            elif status == "failed":
-                outcome = "error"
-        return usage, outcome
+        model: Any = None
+        if isinstance(obj, dict):
+            model = obj.get("model")
+            if planned.endpoint.kind == "responses":
+                status = obj.get("status")
+                if status == "incomplete":
+                    outcome = "incomplete"
+                elif status == "failed":
+                    outcome = "error"
+        return Settlement(
+            parsed.to_token_usage(),
+            outcome,
+            response_model=model if isinstance(model, str) and model else None,
+            other_models=parsed.other_models,
+            problems=problems,
+        )
 
     @staticmethod
     def lost_body_usage(planned: PlannedCall) -> TokenUsage:
@@ -373,11 +452,16 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                     response.close()
                     outgoing = meter.outgoing(request, planned, reservation)
                     response = self._inner.handle_request(outgoing)
-            kind = meter.response_kind(response)
+            kind = meter.response_kind(planned, response)
             if kind == "error":
                 reservation.release(outcome="error")
                 return response
             if kind == "stream":
+                if meter.is_loaded(response):
+                    state = meter.stream_state(planned, reservation, response, loaded=True)
+                    response = meter.read_loaded(state, response)
+                    state.settle("end")
+                    return response
                 state = meter.stream_state(planned, reservation, response)
                 response.stream = MeteredStream(response.stream, state)
                 return response
@@ -387,8 +471,7 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                 reservation.settle(meter.lost_body_usage(planned), outcome="error")
                 raise
             meter.after_read(response)
-            usage, outcome = meter.plain_result(planned, response.content)
-            reservation.settle(usage, outcome=outcome)
+            meter.plain_result(planned, response.content).apply(reservation)
             return response
 
         def close(self) -> None:
@@ -443,11 +526,16 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                     await response.aclose()
                     outgoing = meter.outgoing(request, planned, reservation)
                     response = await self._inner.handle_async_request(outgoing)
-            kind = meter.response_kind(response)
+            kind = meter.response_kind(planned, response)
             if kind == "error":
                 await reservation.arelease(outcome="error")
                 return response
             if kind == "stream":
+                if meter.is_loaded(response):
+                    state = meter.stream_state(planned, reservation, response, loaded=True)
+                    response = meter.read_loaded(state, response)
+                    await state.asettle("end")
+                    return response
                 state = meter.stream_state(planned, reservation, response)
                 response.stream = AsyncMeteredStream(response.stream, state)
                 return response
@@ -457,8 +545,7 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                 await reservation.asettle(meter.lost_body_usage(planned), outcome="error")
                 raise
             meter.after_read(response)
-            usage, outcome = meter.plain_result(planned, response.content)
-            await reservation.asettle(usage, outcome=outcome)
+            await meter.plain_result(planned, response.content).aapply(reservation)
             return response
 
         async def aclose(self) -> None:

@@ -12,7 +12,7 @@ is read from its body by :mod:`payi_guard.meter.estimate`.
 
 from payi_guard.exceptions import UnknownModel
 from payi_guard.pricing.book import PriceBook
-from payi_guard.pricing.catalogue import candidate_names
+from payi_guard.pricing.catalogue import candidate_names, provider_for_url
 from payi_guard.pricing.rates import PriceSource, RateBand, Rates, TokenUsage
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "TokenUsage",
     "UnknownModel",
     "candidate_names",
+    "provider_for_url",
 ]

@@ -4,8 +4,8 @@ Only the data bundled with ``genai-prices`` is read (its updater is never starte
 an app that starts it itself gets the updated data). Facts this relies on: a
 time-of-day price (an off-peak discount) is charged at the highest of the prices that
 can apply that day; request-context variants (``service_tier``, ``speed``) apply only
-when given in the price context; per-unit prices other than tokens and requests (web
-searches, audio, images) are not charged.
+when given in the price context; of the prices per unit other than tokens, requests and
+web and file searches are charged, the others (audio, images) are not.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from payi_guard.money import per_mtok_to_pico
 from payi_guard.pricing.rates import RateBand, Rates
 
-__all__ = ["Resolved", "candidate_names", "find_rates"]
+__all__ = ["Resolved", "candidate_names", "find_rates", "provider_for_url"]
 
 _PROVIDER_IDS: Mapping[str, str | None] = {
     "openai": "openai",
@@ -40,7 +41,29 @@ _PRICE_KEYS = (
     "cache_write_mtok",
     "cache_write_1h_mtok",
     "requests_kcount",
+    "web_searches_kcount",
+    "storage_searches_kcount",
 )
+
+
+@lru_cache(maxsize=512)
+def provider_for_url(url: str) -> str | None:
+    """The genai-prices provider whose API address ``url`` is, or ``None``.
+
+    Matched against each provider's URL pattern in genai-prices' data, so an
+    OpenAI-compatible client aimed at ``https://api.groq.com/openai/v1`` is priced as
+    Groq, ``https://api.deepseek.com`` as DeepSeek, ``https://openrouter.ai/api/v1`` as
+    OpenRouter (likewise Together, Fireworks, xAI, Mistral, Cerebras and the others).
+
+    Args:
+        url: the request URL (scheme, host and path; a query is ignored by the patterns).
+    """
+    from genai_prices import data_snapshot
+
+    for provider in data_snapshot.get_snapshot().providers:
+        if re.match(provider.api_pattern, url):
+            return str(provider.id)
+    return None
 
 
 def candidate_names(model: str) -> list[str]:
@@ -169,6 +192,8 @@ def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> 
         write = _price_at(keys["cache_write_mtok"], total_input_tokens)
         write_1h = _price_at(keys["cache_write_1h_mtok"], total_input_tokens)
         per_k = _price_at(keys["requests_kcount"], total_input_tokens)
+        per_k_searches = _price_at(keys["web_searches_kcount"], total_input_tokens)
+        per_k_files = _price_at(keys["storage_searches_kcount"], total_input_tokens)
         # Unpriced sub-kinds are billed as their parent, as genai-prices does.
         input_rate = per_mtok_to_pico(input_price)
         write_rate = input_rate if write is None else per_mtok_to_pico(write)
@@ -181,6 +206,10 @@ def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> 
                 cache_write_1h=write_rate if write_1h is None else per_mtok_to_pico(write_1h),
                 # $X per thousand requests is X * 1e12 / 1e3 pico-USD per request.
                 request=0 if per_k is None else per_mtok_to_pico(per_k) * 1_000,
+                web_search=0
+                if per_k_searches is None
+                else per_mtok_to_pico(per_k_searches) * 1_000,
+                file_search=0 if per_k_files is None else per_mtok_to_pico(per_k_files) * 1_000,
             )
         )
     if not bands:

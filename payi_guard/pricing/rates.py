@@ -56,6 +56,11 @@ class TokenUsage:
         cache_write_1h_tokens: input tokens written to the prompt cache with a 1-hour
             lifetime (Anthropic's ``cache_creation.ephemeral_1h_input_tokens``), billed at
             a higher rate where the model has one.
+        web_searches: server-side web searches the provider ran for the call (billed per
+            search: Anthropic's ``server_tool_use.web_search_requests``, the Responses
+            API's ``web_search_call`` items); not tokens, so not in :attr:`total_tokens`.
+        file_searches: server-side file (vector store) searches, billed per call (the
+            Responses API's ``file_search_call`` items); not in :attr:`total_tokens`.
 
     Raises:
         TypeError: a count is not an ``int`` (``bool`` is refused too).
@@ -67,6 +72,8 @@ class TokenUsage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    web_searches: int = 0
+    file_searches: int = 0
 
     def __post_init__(self) -> None:
         _check_count("input_tokens", self.input_tokens)
@@ -74,6 +81,20 @@ class TokenUsage:
         _check_count("cache_read_tokens", self.cache_read_tokens)
         _check_count("cache_write_tokens", self.cache_write_tokens)
         _check_count("cache_write_1h_tokens", self.cache_write_1h_tokens)
+        _check_count("web_searches", self.web_searches)
+        _check_count("file_searches", self.file_searches)
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        """The usage of two parts of one call together, count by count."""
+        return TokenUsage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
+            self.web_searches + other.web_searches,
+            self.file_searches + other.file_searches,
+        )
 
     @property
     def total_input_tokens(self) -> int:
@@ -105,6 +126,8 @@ class RateBand:
         cache_write: 5-minute cache writes.
         cache_write_1h: 1-hour cache writes.
         request: a fixed fee per call (pico-USD), for the few models that have one.
+        web_search: the price of one server-side web search (pico-USD).
+        file_search: the price of one server-side file search call (pico-USD).
     """
 
     input: int
@@ -113,19 +136,32 @@ class RateBand:
     cache_write: int
     cache_write_1h: int
     request: int = 0
+    web_search: int = 0
+    file_search: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("input", "output", "cache_read", "cache_write", "cache_write_1h", "request"):
+        for name in (
+            "input",
+            "output",
+            "cache_read",
+            "cache_write",
+            "cache_write_1h",
+            "request",
+            "web_search",
+            "file_search",
+        ):
             _check_count(name, getattr(self, name))
 
     def cost_pico(self, usage: TokenUsage) -> int:
-        """The exact cost of ``usage`` at these rates, in pico-USD (fee included)."""
+        """The exact cost of ``usage`` at these rates, in pico-USD (fees included)."""
         return (
             usage.input_tokens * self.input
             + usage.output_tokens * self.output
             + usage.cache_read_tokens * self.cache_read
             + usage.cache_write_tokens * self.cache_write
             + usage.cache_write_1h_tokens * self.cache_write_1h
+            + usage.web_searches * self.web_search
+            + usage.file_searches * self.file_search
             + self.request
         )
 
@@ -154,6 +190,8 @@ class RateBand:
             cache_write=max(b.cache_write for b in items),
             cache_write_1h=max(b.cache_write_1h for b in items),
             request=max(b.request for b in items),
+            web_search=max(b.web_search for b in items),
+            file_search=max(b.file_search for b in items),
         )
 
 
@@ -264,7 +302,13 @@ class Rates:
         return ceil_div(band.cost_pico(usage), PICO_PER_NANO)
 
     def upper_bound_nano(
-        self, input_tokens: int, output_tokens: int, *, cache_writes: bool = True
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        cache_writes: bool = True,
+        web_searches: int = 0,
+        file_searches: int = 0,
     ) -> int:
         """An upper bound, in nano-USD, of a call of at most these many tokens.
 
@@ -275,16 +319,20 @@ class Rates:
             input_tokens: an upper bound of all input tokens (cache included).
             output_tokens: an upper bound of the output tokens.
             cache_writes: whether the call may write the prompt cache.
+            web_searches: an upper bound of the server-side web searches.
+            file_searches: an upper bound of the server-side file search calls.
 
         Raises:
             ValueError: a count is negative.
         """
-        if input_tokens < 0 or output_tokens < 0:
+        if min(input_tokens, output_tokens, web_searches, file_searches) < 0:
             raise ValueError("token bounds must not be negative")
         band = self.bound_for(input_tokens) if self.tiers else self.base
         pico = (
             input_tokens * band.input_ceiling(cache_writes=cache_writes)
             + output_tokens * band.output
+            + web_searches * band.web_search
+            + file_searches * band.file_search
             + band.request
         )
         return ceil_div(pico, PICO_PER_NANO)

@@ -29,6 +29,13 @@ Reading rules:
   the web gate, before any call) always counts.
 * ``warned`` and ``overruns`` count ``budget_warning`` and ``budget_overrun`` events;
   ``errors`` counts calls with ``outcome == "error"``.
+* ``adjustments`` counts operators' actions (``budget_adjusted`` events: an ``adjust`` or
+  a ``reset``, one line per limit it changed, counted once by ``adjustment_id``) and
+  ``adjusted_usd`` sums what they added to money counters (negative: gave back), each
+  action once, on the first money limit it changed. They are kept apart from
+  ``cost_usd``, which stays what the calls cost: a user's ledger spend for a window is
+  their calls' cost plus that window's adjustments. The table shows an ``adjusted``
+  column only when the logs hold adjustments.
 * Budget events carry no model or use case: with ``--by model`` or ``--by use_case`` they
   land in the ``(none)`` row unless the line names one, and ``--model`` drops them. With
   ``--by org`` (and ``--org``) the org is ``org_id``, else the first segment of a

@@ -18,9 +18,15 @@ from fnmatch import translate
 from typing import Any, Literal, cast
 
 from payi_guard.identity import org_of
-from payi_guard.log import BUDGET_EXCEEDED, BUDGET_OVERRUN, BUDGET_WARNING, GENAI_CALL
+from payi_guard.log import (
+    BUDGET_ADJUSTED,
+    BUDGET_EXCEEDED,
+    BUDGET_OVERRUN,
+    BUDGET_WARNING,
+    GENAI_CALL,
+)
 from payi_guard.report.percentiles import PERCENTILES, CostDistribution
-from payi_guard.report.read import as_cost, as_key, as_tokens, decode_json, line_time
+from payi_guard.report.read import as_change, as_cost, as_key, as_tokens, decode_json, line_time
 
 __all__ = [
     "KEY_FIELDS",
@@ -116,6 +122,10 @@ class _Group:
     warned: int = 0
     overruns: int = 0
     errors: int = 0
+    adjustments: int = 0
+    adjusted_usd: Decimal = _ZERO
+    last_adjustment: str | None = None
+    money_counted: bool = False
     costs: CostDistribution = field(default_factory=CostDistribution)
 
 
@@ -148,6 +158,11 @@ class ReportRow:
         warned: ``budget_warning`` events.
         overruns: ``budget_overrun`` events.
         errors: calls whose outcome is ``error``.
+        adjustments: operators' actions (``budget_adjusted``: an ``adjust`` or a
+            ``reset``, counted once however many limits it changed).
+        adjusted_usd: what those actions added to the money counters (negative: gave
+            back), each action counted once, on the first money limit it changed; apart
+            from ``cost_usd``, which stays what the calls cost.
     """
 
     key: str | None
@@ -164,6 +179,8 @@ class ReportRow:
     warned: int
     overruns: int
     errors: int
+    adjustments: int = 0
+    adjusted_usd: Decimal = _ZERO
 
 
 @dataclass(frozen=True)
@@ -265,6 +282,8 @@ class ReportBuilder:
             self._call(obj)
         elif event in _BUDGET_EVENTS:
             self._budget(obj, cast(str, event))
+        elif event == BUDGET_ADJUSTED:
+            self._adjusted(obj)
         else:
             self.other_events += 1
 
@@ -368,6 +387,31 @@ class ReportBuilder:
         else:
             self._pair(obj, user, group.key, refused=False)
 
+    def _adjusted(self, obj: dict[str, Any]) -> None:
+        """An operator's action: one line per limit it changed, sharing ``adjustment_id``."""
+        amount = as_change(obj.get("amount"))
+        if amount is None:
+            self.skipped += 1
+            return
+        user = as_key(obj.get("user_id"))
+        org = self._org(obj, user)
+        if not self._keep(obj, user, org):
+            self.filtered_out += 1
+            return
+        group = self._group(obj, user, org)
+        if user is not None:
+            self._users.add(user)
+        action = as_key(obj.get("adjustment_id"))
+        # The lines of one action are logged back to back: its id, remembered per group,
+        # is enough to count it once. A line without an id is an action of its own.
+        if action is None or action != group.last_adjustment:
+            group.adjustments += 1
+            group.last_adjustment = action
+            group.money_counted = False
+        if obj.get("unit") == "usd" and not group.money_counted:
+            group.adjusted_usd = _EXACT.add(group.adjusted_usd, amount)
+            group.money_counted = action is not None
+
     def _pair(self, obj: dict[str, Any], user: str | None, key: str | None, refused: bool) -> None:
         """Count a refusal once whether it was logged as a call, an event, or both."""
         request_id = as_key(obj.get("request_id"))
@@ -437,6 +481,8 @@ class ReportBuilder:
             sums.warned += g.warned
             sums.overruns += g.overruns
             sums.errors += g.errors
+            sums.adjustments += g.adjustments
+            sums.adjusted_usd = _EXACT.add(sums.adjusted_usd, g.adjusted_usd)
         return Report(
             by=self.by,
             rows=rows,
@@ -475,4 +521,6 @@ def _row(key: str | None, g: _Group, costs: CostDistribution, total: Decimal) ->
         warned=g.warned,
         overruns=g.overruns,
         errors=g.errors,
+        adjustments=g.adjustments,
+        adjusted_usd=g.adjusted_usd,
     )

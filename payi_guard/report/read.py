@@ -23,6 +23,7 @@ __all__ = [
     "MAX_TOKENS",
     "LineSink",
     "UnreadableLog",
+    "as_change",
     "as_cost",
     "as_key",
     "as_tokens",
@@ -203,6 +204,24 @@ def as_cost(value: object) -> Decimal | None:
     if not cost.is_finite() or cost < 0 or cost > _MAX_COST:
         return None
     return cost
+
+
+def as_change(value: object) -> Decimal | None:
+    """An amount that may be negative (an operator's adjustment), or None when unusable.
+
+    The rules of :func:`as_cost` apply to its magnitude.
+    """
+    negative = False
+    if isinstance(value, str):
+        text = value.strip()
+        negative = text.startswith("-")
+        value = text[1:] if negative else text
+    elif isinstance(value, (Decimal, int)) and not isinstance(value, bool) and value < 0:
+        negative, value = True, -value
+    amount = as_cost(value)
+    if amount is None:
+        return None
+    return -amount if negative else amount
 
 
 def open_log(path: str, stdin: BinaryIO | None) -> IO[bytes]:

@@ -45,6 +45,8 @@ _FIELDS = (
     "warned",
     "overruns",
     "errors",
+    "adjustments",
+    "adjusted_usd",
 )
 
 
@@ -123,6 +125,15 @@ def write_csv(report: Report, out: TextIO) -> None:
         writer.writerow([_csv_key(row.key)] + [_csv_value(getattr(row, n)) for n in _FIELDS])
 
 
+def _adjusted(row: ReportRow) -> str:
+    """``-$0.250000 (2)``: the money operators added (signed) and how many actions."""
+    if not row.adjustments:
+        return "-"
+    amount = row.adjusted_usd
+    money = ("-" if amount < 0 else "+" if amount > 0 else "") + _money(abs(amount))
+    return f"{money} ({row.adjustments:,})"
+
+
 def _table_cells(row: ReportRow, label: str) -> list[str]:
     def money(value: Decimal | None) -> str:
         if value is None:
@@ -169,6 +180,12 @@ def summary(report: Report) -> str:
     noun = _GROUP_NOUNS[report.by]
     parts = [f"total {_money(totals.cost_usd)} over {_plural(totals.calls, ('call', 'calls'))}"]
     parts.append(_plural(report.users, ("user", "users")))
+    if totals.adjustments:
+        sign = "-" if totals.adjusted_usd < 0 else "+"
+        parts.append(
+            f"{_plural(totals.adjustments, ('adjustment', 'adjustments'))} by operators "
+            f"({sign}{_money(abs(totals.adjusted_usd))}, apart from the total)"
+        )
     if report.by != "user":
         parts.append(_plural(report.groups, noun))
     if len(report.rows) < report.groups:
@@ -201,6 +218,10 @@ _TABLE_COLUMNS = (
 )
 
 
+_ADJUSTED_COLUMN = Column("adjusted", drop=11)
+"""Shown when the logs hold operators' adjustments: left out last of all."""
+
+
 def write_table(report: Report, out: TextIO, *, width: int | None = None) -> None:
     """Write an aligned table, a totals row and the summary, within ``width`` columns.
 
@@ -216,12 +237,15 @@ def write_table(report: Report, out: TextIO, *, width: int | None = None) -> Non
     """
     fit_width = terminal_width(width)
     key = Column(KEY_FIELDS[report.by], align="<", shrink=12)
-    body = [
-        _table_cells(row, "(none)" if row.key is None else printable(row.key))
-        for row in report.rows
-    ]
-    totals = _table_cells(report.totals, "TOTAL")
-    table = fit_table((key, *_TABLE_COLUMNS), [*body, totals], fit_width, rules_before=(len(body),))
+    adjusted = report.totals.adjustments > 0
+    columns = (key, *_TABLE_COLUMNS, *((_ADJUSTED_COLUMN,) if adjusted else ()))
+
+    def cells(row: ReportRow, label: str) -> list[str]:
+        return _table_cells(row, label) + ([_adjusted(row)] if adjusted else [])
+
+    body = [cells(row, "(none)" if row.key is None else printable(row.key)) for row in report.rows]
+    totals = cells(report.totals, "TOTAL")
+    table = fit_table(columns, [*body, totals], fit_width, rules_before=(len(body),))
     for line in table.lines:
         out.write(line + "\n")
     notes = [summary(report)]

@@ -41,6 +41,7 @@ from payi_guard.web.identify import (
     mark_bound,
     rebind_user,
     request_id_of,
+    split_user,
     user_of_scope,
 )
 from payi_guard.web.options import WebOptionArgs
@@ -49,7 +50,8 @@ from payi_guard.web.problem import AFTER_START_EVENT, Problem
 __all__ = ["GuardMiddleware"]
 
 UserResolver = Callable[[Request], Any]
-"""A resolver: given the Starlette ``Request``, return the user id or ``None`` (may be async)."""
+"""A resolver: given the Starlette ``Request``, return the user id, a ``(user_id, tier)``
+pair, or ``None`` (may be async)."""
 
 
 def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
@@ -180,8 +182,9 @@ class GuardMiddleware:
         app: the ASGI application.
         guard: the :class:`~payi_guard.engine.Guard` that holds the budgets.
         user: a resolver given the Starlette ``Request`` (built only when a resolver is
-            set; the body is not available) that returns the user id or ``None``; sync
-            or async. A sync resolver runs on the event loop: keep it quick.
+            set; the body is not available) that returns the user id, a
+            ``(user_id, tier)`` pair (the user's plan, from the app's database) or
+            ``None``; sync or async. A sync resolver runs on the event loop: keep it quick.
         session_id: for the ``session`` anonymous strategy: given the ``Request``,
             return the session/device id (sync or async). Without it, the id the guard
             keeps in Starlette's signed session (``SessionMiddleware``, added after the
@@ -331,9 +334,9 @@ class GuardMiddleware:
             resolver = core.options.user
             if resolver is not None:
                 request = Request(scope)
-                value = await _maybe_await(resolver(request))
+                value, tier = split_user(await _maybe_await(resolver(request)))
                 if value is not None:
-                    return core.identify.assign_user(rs, value, "resolver")
+                    return core.identify.assign_user(rs, value, "resolver", tier)
             value = user_of_scope(scope.get("user"))
             if value is not None:
                 return core.identify.assign_user(rs, value, "scope")

@@ -87,9 +87,11 @@ class WebCore:
 
     # -- users ----------------------------------------------------------------------------
 
-    def assign_user(self, scope: RequestScope, value: object, source: str) -> Problem | None:
+    def assign_user(
+        self, scope: RequestScope, value: object, source: str, tier: str | None = None
+    ) -> Problem | None:
         """See :meth:`Identifier.assign_user <payi_guard.web.identify.Identifier.assign_user>`."""
-        return self.identify.assign_user(scope, value, source)
+        return self.identify.assign_user(scope, value, source, tier)
 
     def invalid_user(self, exc: InvalidUserId, source: str) -> Problem | None:
         """See :meth:`Identifier.invalid_user <payi_guard.web.identify.Identifier.invalid_user>`."""

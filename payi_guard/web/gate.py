@@ -74,11 +74,11 @@ class Gate:
         """Return True if ``path`` matches one of ``guarded_paths``."""
         return self._paths is not None and self._paths.match(path) is not None
 
-    def _usage_owner(self) -> tuple[str, tuple[str, ...]]:
+    def _usage_owner(self) -> tuple[str, tuple[str, ...], str | None]:
         attribution = get_context()
         subject = self.guard.subject_for(attribution)
         owner = subject.user_id if subject.anonymous else (subject.policy_user or subject.user_id)
-        return owner, attribution.limit_ids
+        return owner, attribution.limit_ids, attribution.tier
 
     def evaluate(self) -> tuple[LimitUsage | None, tuple[tuple[str, str], ...]]:
         """Read the current user's budget once (sync).
@@ -93,8 +93,8 @@ class Gate:
             ConfigError: ``limit_ids`` in the context names an undefined limit.
         """
         if self._budget_headers:
-            owner, limit_ids = self._usage_owner()
-            return self._verdict(self.guard.usage(owner, limit_ids=limit_ids))
+            owner, limit_ids, tier = self._usage_owner()
+            return self._verdict(self.guard.usage(owner, limit_ids=limit_ids, tier=tier))
         return (
             self.guard.exhausted_limit(get_context(), read_storage=self._read_storage),
             (),
@@ -103,8 +103,8 @@ class Gate:
     async def aevaluate(self) -> tuple[LimitUsage | None, tuple[tuple[str, str], ...]]:
         """Async :meth:`evaluate`; never blocks the event loop."""
         if self._budget_headers:
-            owner, limit_ids = self._usage_owner()
-            return self._verdict(await self.guard.ausage(owner, limit_ids=limit_ids))
+            owner, limit_ids, tier = self._usage_owner()
+            return self._verdict(await self.guard.ausage(owner, limit_ids=limit_ids, tier=tier))
         return (
             await self.guard.aexhausted_limit(get_context(), read_storage=self._read_storage),
             (),

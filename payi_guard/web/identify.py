@@ -10,6 +10,10 @@ user wins; :func:`~payi_guard.set_user` later in the request always overrides):
 4. :func:`~payi_guard.set_user` (the FastAPI dependency, any code inside the request);
 5. Flask: the :class:`payi_guard.flask.PayiGuard` extension in ``before_request``.
 
+A resolver (and Flask's ``user=`` callable, Django's ``PAYI_GUARD["user"]``) returns the
+user id, or a ``(user_id, tier)`` pair naming the user's plan too (:func:`split_user`);
+the tier is the request's, as with ``set_user(user_id, tier=...)``.
+
 One rule everywhere: the app's authenticated user wins over the header (sources 4 and
 5 run later and replace a header's user), and a trusted header that comes more than
 once, or lists several users, is answered 400 whoever the request is for, whatever
@@ -39,7 +43,7 @@ from typing import Any, cast
 import structlog
 
 from payi_guard._ids import new_id
-from payi_guard.context import RequestScope, current_request
+from payi_guard.context import RequestScope, check_tier, current_request
 from payi_guard.engine import Guard
 from payi_guard.exceptions import DuplicateUserHeader, InvalidUserId
 from payi_guard.web.options import WebOptions
@@ -56,6 +60,7 @@ __all__ = [
     "rebind_user",
     "request_id_of",
     "session_digest",
+    "split_user",
     "user_of_scope",
 ]
 
@@ -106,6 +111,26 @@ def user_of_scope(user: object) -> object | None:
             return cast(object, identity)
     name: object = getattr(user, "display_name", None)
     return None if name is None or name == "" else name
+
+
+def split_user(value: object) -> tuple[object | None, str | None]:
+    """A resolver's answer as ``(user id, tier)``: an id alone, or a ``(user_id, tier)`` pair.
+
+    Args:
+        value: what the resolver returned (an id, ``None``, or a pair).
+
+    Raises:
+        TypeError: a tuple that is not a pair, or a tier that is not a name or ``None``.
+    """
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise TypeError(
+                "a user resolver returns the user id (or None), or a (user_id, tier) pair; "
+                f"got a tuple of {len(value)}"
+            )
+        user, tier = value
+        return user, check_tier(tier)
+    return value, None
 
 
 def session_digest(value: str) -> str:
@@ -180,20 +205,23 @@ class Identifier:
         self.problems = problems
         self.log = log
 
-    def assign_user(self, scope: RequestScope, value: object, source: str) -> Problem | None:
-        """Validate ``value`` and make it the request's user.
+    def assign_user(
+        self, scope: RequestScope, value: object, source: str, tier: str | None = None
+    ) -> Problem | None:
+        """Validate ``value`` and make it the request's user (with ``tier``, if named).
 
         Args:
             scope: the request scope.
             value: the id a source produced.
             source: which source (``resolver``, ``scope``, ``header``, ...), for logs.
+            tier: the user's tier, when the source named one.
 
         Returns:
             ``None`` when the user was set (or the invalid id was dropped under
             ``on_invalid_user="anonymous"``), else the 400 problem to answer.
         """
         try:
-            scope.set_user(value, source=source)
+            scope.set_user(value, source=source, tier=tier)
         except InvalidUserId as exc:
             return self.invalid_user(exc, source)
         return None

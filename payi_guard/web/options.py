@@ -66,7 +66,7 @@ class WebOptions:
     Attributes:
         user: a resolver called with the request (the adapter decides the type: a
             Starlette ``Request`` for ASGI, the environ for WSGI) that returns the user
-            id or ``None``.
+            id, a ``(user_id, tier)`` pair, or ``None``.
         trust_user_header: honour the ``user_header`` request header. Only for apps
             behind their own authenticating proxy: otherwise anyone could spend someone
             else's budget.

@@ -27,7 +27,7 @@ from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, DuplicateUserHeader, InvalidUserId
 from payi_guard.web.core import WebCore
 from payi_guard.web.gate import GateResult, gate_headers, store_gate_headers
-from payi_guard.web.identify import mark_bound, request_id_of
+from payi_guard.web.identify import mark_bound, request_id_of, split_user
 from payi_guard.web.options import WebOptionArgs
 from payi_guard.web.problem import AFTER_START_EVENT, Problem
 
@@ -57,7 +57,8 @@ class WSGIGuardMiddleware:
     Args:
         app: the WSGI application.
         guard: the :class:`~payi_guard.engine.Guard` that holds the budgets.
-        user: a resolver given the WSGI environ that returns the user id or ``None``.
+        user: a resolver given the WSGI environ that returns the user id, a
+            ``(user_id, tier)`` pair, or ``None``.
         session_id: for the ``session`` anonymous strategy: given the environ, return
             the session/device id (one the client cannot forge or renew at will). Without
             it anonymous requests share the anonymous bucket.
@@ -149,9 +150,9 @@ class WSGIGuardMiddleware:
         try:
             resolver = core.options.user
             if resolver is not None:
-                value = resolver(environ)
+                value, tier = split_user(resolver(environ))
                 if value is not None:
-                    return core.identify.assign_user(rs, value, "resolver")
+                    return core.identify.assign_user(rs, value, "resolver", tier)
         except InvalidUserId as exc:  # raised by the resolver itself
             return core.identify.invalid_user(exc, "resolver")
         if header is not None:

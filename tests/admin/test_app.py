@@ -52,9 +52,11 @@ class CountingGuard(Guard):
         super().__init__(*args, **kwargs)
         self.reads: list[str] = []
 
-    async def ausage(self, user_id: object, *, limit_ids: Sequence[str] = ()) -> list[LimitUsage]:
+    async def ausage(
+        self, user_id: object, *, limit_ids: Sequence[str] = (), tier: str | None = None
+    ) -> list[LimitUsage]:
         self.reads.append(str(user_id))
-        return await super().ausage(user_id, limit_ids=limit_ids)
+        return await super().ausage(user_id, limit_ids=limit_ids, tier=tier)
 
 
 def _delete_prefix(url: str, prefix: str) -> None:

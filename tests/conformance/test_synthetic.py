@@ -28,11 +28,6 @@ class NotRefused(AssertionError):
     """An oversized call was not refused before it was sent."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UsageTrusted,
-    reason="usage that is negative, a string or a float is read as 0 and charged with outcome ok",
-)
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("kind", sorted(derived.INVALID_USAGE))
 def test_invalid_usage_is_charged_the_reservation(
@@ -58,12 +53,6 @@ def test_invalid_usage_is_charged_the_reservation(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotRefused,
-    reason="an upper bound above a counter's capacity is a storage error (sent without a "
-    "reservation under on_storage_error: allow), not a refusal",
-)
 @pytest.mark.parametrize("on_storage_error", ["block", "allow"])
 def test_counter_overflow_is_refused_before_sending(
     on_storage_error: str, replay_server: ReplayServer

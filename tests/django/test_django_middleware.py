@@ -272,6 +272,9 @@ def test_guard_from_a_dotted_path_or_a_yaml_file(tmp_path: Any) -> None:
     budgets.write_text("version: 1\nlimits:\n  tiny: {max: 0.5, per: day}\ndefault: [tiny]\n")
     with override_settings(PAYI_GUARD={"config": budgets}):
         assert list(get_guard().config.limits) == ["tiny"]
+    store = f"sqlite:///{tmp_path / 'other.db'}"
+    with override_settings(PAYI_GUARD={"config": budgets, "storage": store}):
+        assert get_guard().storage_uri == store  # the environment's store wins
 
 
 def make_guard() -> Guard:
@@ -292,6 +295,8 @@ def make_guard() -> Guard:
         ({"config": config(), "user": 42}, "'user' must be the dotted path of a callable"),
         ({"config": 42}, "'config' must be a path or a dict"),
         ({"guard": f"{__name__}.NOW"}, "'guard' must name a payi_guard Guard"),
+        ({"guard": f"{__name__}.make_guard", "storage": "memory://"}, "goes with 'config'"),
+        ({"config": config(), "storage": 42}, "'storage' must be a storage URI"),
     ],
 )
 def test_invalid_settings_are_refused_when_the_middleware_is_built(
@@ -341,13 +346,34 @@ def test_user_setting_names_another_id(guard: Guard, handler: str, resolver: str
 
 
 def resolve_with_tier(request: HttpRequest) -> object:
-    return ("42", "pro")
+    return (request.headers.get("X-Account"), request.headers.get("X-Plan"))
 
 
-def test_user_setting_returns_an_id_not_a_tier(guard: Guard) -> None:
+async def aresolve_with_tier(request: HttpRequest) -> object:
+    return (request.headers.get("X-Account"), request.headers.get("X-Plan"))
+
+
+@handlers
+@pytest.mark.parametrize("resolver", ["resolve_with_tier", "aresolve_with_tier"])
+def test_user_setting_may_name_the_users_tier(handler: str, resolver: str) -> None:
+    guard = Guard(config(tiers={"pro": [{"max": 1, "per": "day"}]}), clock=FakeClock(NOW))
+    exhaust(guard, "acme:7")  # the default $0.001 is spent
+    with override_settings(PAYI_GUARD={"guard": guard, "user": f"{__name__}.{resolver}"}):
+        pro = fetch(handler, "/chat", X_Account="acme:7", X_Plan="pro")
+        plain = fetch(handler, "/chat", X_Account="acme:7")  # (id, None): no tier
+        unknown = fetch(handler, "/chat", X_Account="acme:7", X_Plan="platinum")
+    assert (pro.status, pro.json()["charged"]) == (200, "acme:7")
+    assert plain.status == unknown.status == 429  # default limits, never "no limits"
+
+
+def resolve_triple(request: HttpRequest) -> object:
+    return ("42", "pro", "extra")
+
+
+def test_user_setting_returns_an_id_or_a_pair(guard: Guard) -> None:
     with (
-        override_settings(PAYI_GUARD={"guard": guard, "user": f"{__name__}.resolve_with_tier"}),
-        pytest.raises(TypeError, match="not a tuple"),
+        override_settings(PAYI_GUARD={"guard": guard, "user": f"{__name__}.resolve_triple"}),
+        pytest.raises(TypeError, match=r"\(user_id, tier\) pair"),
     ):
         fetch("sync", "/chat")
 

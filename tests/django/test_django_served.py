@@ -205,7 +205,11 @@ def test_client_that_goes_away_mid_stream_is_charged_once(
 
 def test_the_example_runs_as_shipped(database: Path) -> None:
     # Its own settings and budgets file, its embedded fake provider, the real clock.
-    with serve("wsgi", database, settings="chatsite.settings") as site, site.client() as http:
+    # Its store is the budgets file's SQLite file unless the environment names another:
+    # a file of the test's own, so runs never share spend.
+    store = f"sqlite:///{database.parent / 'budgets.db'}"
+    served = serve("wsgi", database, settings="chatsite.settings", PAYI_GUARD_STORAGE=store)
+    with served as site, site.client() as http:
         _, pk = login(http)
         answer = chat(http)
         (call,) = site.logs.wait("genai_call", request_id=answer.headers["x-request-id"])

@@ -235,7 +235,6 @@ def test_a_reserve_that_timed_out_holds_no_budget_once_the_store_is_back(
         direct.close()
 
 
-@pytest.mark.xfail(strict=True, reason=f"capacity errors are storage errors: {ENGINE_FIX}")
 def test_a_call_above_what_a_counter_holds_is_a_refusal_not_a_storage_error(
     fake: FakeProvider,
 ) -> None:

@@ -33,6 +33,7 @@ from payi_guard.ledger import (
     open_async_ledger,
     open_ledger,
 )
+from payi_guard.ledger._sqlite_sql import APPLICATION_ID, MIGRATIONS
 from payi_guard.ledger.factory import resolve_storage_uri
 from payi_guard.ledger.sqlite import parse_sqlite_uri, resolve_sqlite_uri
 
@@ -209,9 +210,9 @@ def test_the_options_every_ledger_takes_are_accepted(tmp_path: Path, clock: Fake
 
 def test_the_file_is_a_wal_ledger_with_its_schema(ledger: SqliteLedger, db: Path) -> None:
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-    assert rows(db, "PRAGMA user_version") == [(2,)]
+    assert rows(db, "PRAGMA user_version") == [(3,)]
     tables = {name for (name,) in rows(db, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"counters", "holds", "closed"}
+    assert tables == {"counters", "holds", "closed", "journal"}
 
 
 def test_a_missing_folder_is_a_storage_error(tmp_path: Path) -> None:
@@ -251,23 +252,34 @@ def test_a_newer_layout_is_refused(ledger: SqliteLedger, db: Path) -> None:
         SqliteLedger(db)
 
 
-def test_a_development_layout_is_refused_never_reinterpreted(tmp_path: Path) -> None:
-    # Layout 1 kept closed ids as rows of `holds`: read as layout 2, a retried commit
-    # would be charged again. The file is refused, and left as it was.
+def test_a_layout_2_file_moves_its_closed_ids_out_of_holds(
+    tmp_path: Path, clock: FakeClock
+) -> None:
     old = tmp_path / "old.db"
-    conn = sqlite3.connect(old)
-    conn.execute("CREATE TABLE counters (key TEXT PRIMARY KEY, settled, pending, expires_at)")
-    conn.execute("PRAGMA application_id = 1885827684")  # "pgrd"
-    conn.execute("PRAGMA user_version = 1")
+    now, e = clock.now(), exp(clock)
+    conn = sqlite3.connect(old)  # a file layout 2 wrote: closed ids were holds with open = 0
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
+        conn.execute(statement)
+    conn.execute("INSERT INTO counters VALUES (?, 100, 50, ?)", (K1, e))
+    conn.execute("INSERT INTO holds VALUES (?, 'r1', 50, ?, 1)", (K1, now + 60))
+    conn.execute("INSERT INTO holds VALUES (?, 'r0', 0, ?, 0)", (K1, now + 600))
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 2")
     conn.commit()
     conn.close()
-    with pytest.raises(StorageError, match="layout 1, written by a development version"):
-        SqliteLedger(old)
-    assert rows(old, "PRAGMA user_version") == [(1,)]
-    assert {name for (name,) in rows(old, "SELECT name FROM sqlite_master")} == {
-        "counters",
-        "sqlite_autoindex_counters_1",
-    }
+    ledger = SqliteLedger(old)
+    assert rows(old, "PRAGMA user_version") == [(3,)]
+    tables = {name for (name,) in rows(old, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"counters", "holds", "closed", "journal"}
+    # The open reservation is kept; the old closed id is forgotten, nothing else.
+    assert rows(old, "SELECT key, rid, amount, deadline FROM holds") == [(K1, "r1", 50, now + 60)]
+    assert ledger.read([K1], now=now) == (CounterState(100, 50),)
+    assert ledger.commit("r1", [Charge(K1, 30, None, e)], now=now) == (CounterState(130, 0),)
+    assert ledger.commit("r1", [Charge(K1, 30, None, e)], now=now) == (CounterState(130, 0),)
+    refused = ledger.reserve("r2", [Charge(K1, 900, 1000, e)], now=now, ttl=60)
+    assert refused.states == (CounterState(130, 0, refused=900),)
+    ledger.close()
 
 
 def test_counters_survive_closing_and_reopening(db: Path, clock: FakeClock) -> None:

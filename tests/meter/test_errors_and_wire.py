@@ -398,3 +398,67 @@ async def test_async_plain_client_error_and_success(
     released, settled = calls(logs)
     assert released["outcome"] == "error"
     assert logged_usd(settled) == expected_cost(fake.requests[1], "gpt-test")
+
+
+# -- usage that cannot be trusted ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "problems"),
+    [
+        (Scripted(omit_usage=True), ["usage: missing"]),
+        (Scripted(usage={"prompt_tokens": -3}), ["prompt_tokens: -3"]),
+        (Scripted(usage={"completion_tokens": "12"}), ["completion_tokens: '12'"]),
+        (Scripted(usage={"prompt_tokens_details": {"cached_tokens": 1.5}}), None),
+    ],
+)
+def test_untrusted_usage_of_a_plain_call_is_charged_the_reservation(
+    guard: Guard, fake: FakeProvider, script: Scripted, problems: list[str] | None
+) -> None:
+    fake.enqueue(script)
+    client = openai_client(guard, fake)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=50)
+    event = one_call(logs)
+    (invalid,) = [e for e in logs if e["event"] == "usage_invalid"]
+    assert event["outcome"] == "unverified"
+    assert event["cost_usd"] == event["reserved_usd"] > 0
+    assert logged_usd(event) == used(guard, "alice")
+    assert event["output_tokens"] == 50
+    assert invalid["reason"] == "; ".join(problems or ["prompt_tokens_details.cached_tokens: 1.5"])
+
+
+async def test_untrusted_usage_of_an_anthropic_stream_is_charged_the_reservation(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    fake.enqueue(Scripted(usage={"output_tokens": -1}))
+    client = anthropic.AsyncAnthropic(base_url=fake.anthropic_base_url, api_key="k", max_retries=0)
+    guard.wrap(client)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        async with client.messages.stream(
+            model="claude-test", max_tokens=40, messages=PROMPT
+        ) as stream:
+            await stream.get_final_message()
+    await client.close()
+    event = one_call(logs)
+    assert event["outcome"] == "unverified"
+    assert event["cost_usd"] == event["reserved_usd"]
+    assert [e["reason"] for e in logs if e["event"] == "usage_invalid"] == ["output_tokens: -1"]
+
+
+def test_a_stream_without_usage_is_charged_its_estimate_not_the_reservation(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    # A server that ignores stream_options sends no usage: that is expected of it, so
+    # the call is charged from what it streamed (outcome ok), not as untrusted.
+    fake.enqueue(Scripted(omit_usage=True))
+    client = openai_client(guard, fake)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        for _ in client.chat.completions.create(
+            model="gpt-test", messages=PROMPT, max_tokens=500, stream=True
+        ):
+            pass
+    event = one_call(logs)
+    assert event["outcome"] == "ok"
+    assert logged_usd(event) < Decimal(str(event["reserved_usd"]))
+    assert not [e for e in logs if e["event"] == "usage_invalid"]

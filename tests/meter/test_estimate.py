@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from payi_guard.clock import FakeClock
@@ -31,17 +31,21 @@ from payi_guard.meter.estimate import estimate_cost
 from payi_guard.meter.tokens import (
     ANTHROPIC_BUILTIN_TOOL_TOKENS,
     ANTHROPIC_TOOLS_OVERHEAD_TOKENS,
+    DEFAULT_FILE_SEARCHES,
     DEFAULT_FILE_TOKENS,
     DEFAULT_IMAGE_TOKENS,
     DEFAULT_MAX_OUTPUT_TOKENS,
+    DEFAULT_WEB_SEARCHES,
     MESSAGE_OVERHEAD_TOKENS,
     OPENAI_TOOLS_OVERHEAD_TOKENS,
     REQUEST_OVERHEAD_TOKENS,
     estimate_input_tokens,
+    file_search_bound,
     image_token_bound,
     max_output_tokens,
     model_output_cap,
     text_token_bound,
+    web_search_bound,
 )
 from payi_guard.pricing import PriceBook
 
@@ -194,6 +198,8 @@ separators = st.sampled_from([" ", " ", " ", "\n", ", ", "", "\t", ": ", "  "])
 
 @settings(max_examples=400, deadline=None)
 @given(parts=st.lists(st.tuples(pieces, separators), min_size=1, max_size=60))
+# Found by hypothesis: mixed-case base64 that cl100k_base splits letter by letter.
+@example(parts=[("BfzBzEg=", " "), ("BfzBzEg=", " ")])
 def test_ratio_mode_bounds_realistic_mixtures(
     encoders: list[Any], parts: list[tuple[str, str]]
 ) -> None:
@@ -495,3 +501,45 @@ def test_estimate_cost_bounds_a_tiered_model_by_its_input() -> None:
     big = estimate_cost(book, "claude-sonnet-4-5", "anthropic", long, "anthropic_messages")
     assert big.input_tokens > 200_000
     assert big.nano == -(-(big.input_tokens * 6_000_000 + 10 * 22_500_000) // 1_000)
+
+
+def test_web_search_bound() -> None:
+    anthropic_tools = [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+        {"type": "web_search_20260209", "name": "web_search"},
+        {"name": "get_weather", "input_schema": {}},
+    ]
+    assert web_search_bound({"tools": anthropic_tools}, "anthropic_messages") == (
+        3 + DEFAULT_WEB_SEARCHES
+    )
+    responses_tools = [{"type": "web_search"}, {"type": "web_search_preview", "max_uses": 1}]
+    assert web_search_bound({"tools": responses_tools}, "responses") == 2 * DEFAULT_WEB_SEARCHES
+    assert web_search_bound({"tools": responses_tools}, "chat") == 0
+    assert web_search_bound({"tools": "x"}, "responses") == 0
+    assert web_search_bound({}, "anthropic_messages") == 0
+
+
+def test_file_search_bound() -> None:
+    tools = [{"type": "file_search", "vector_store_ids": ["vs_1"]}, {"type": "web_search"}]
+    assert file_search_bound({"tools": tools}, "responses") == DEFAULT_FILE_SEARCHES
+    assert file_search_bound({"tools": tools}, "chat") == 0
+    assert file_search_bound({"tools": None}, "responses") == 0
+
+
+def test_estimate_reserves_web_searches() -> None:
+    clock = FakeClock(datetime(2026, 1, 15, tzinfo=timezone.utc).timestamp())
+    price_book = PriceBook(clock=clock)
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "news?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 4}],
+    }
+    with_tool = estimate_cost(
+        price_book, "claude-sonnet-4-5", "anthropic", body, "anthropic_messages"
+    )
+    without = estimate_cost(
+        price_book, "claude-sonnet-4-5", "anthropic", {**body, "tools": []}, "anthropic_messages"
+    )
+    # $10 per thousand searches: 10,000,000 nano-USD each; the tool's own tokens too.
+    assert with_tool.nano - without.nano >= 4 * 10_000_000

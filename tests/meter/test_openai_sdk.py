@@ -29,7 +29,7 @@ from meter._support import (
 )
 from payi_guard import request_scope, track_context
 from payi_guard.clock import FakeClock
-from payi_guard.engine import Guard
+from payi_guard.engine import Guard, UnknownModelRefused
 from payi_guard.testing import DEFAULT_REPLY, FakeProvider, Scripted, ToolCall
 
 PROMPT = user_message("What is the weather like in Paris today")
@@ -489,6 +489,37 @@ async def test_azure_model_is_the_deployment_when_the_body_has_none(
     assert logged_usd(event) == expected_cost(record, "gpt-other")
 
 
+async def test_an_azure_deployment_is_priced_as_the_model_its_response_names(
+    clock: FakeClock, fake: FakeProvider, mode: str, alice: None
+) -> None:
+    # Before the call only the deployment is known: unknown_model decides (allow: sent
+    # with nothing reserved). After it, the response's model prices it.
+    guard = make_guard(clock, unknown_model="allow")
+    fake.enqueue(Scripted(model="gpt-other"))
+    client = azure_client(guard, fake, mode)
+    with capture_logs() as logs:
+        await maybe(client.chat.completions.create(model="prod-chat", messages=PROMPT))
+    (record,) = fake.requests
+    assert record.path == "/openai/deployments/prod-chat/chat/completions"
+    event = one_call(logs)
+    assert (event["model"], event["response_model"]) == ("prod-chat", "gpt-other")
+    assert event["reserved_usd"] == 0
+    assert "priced" not in event
+    assert logged_usd(event) == expected_cost(record, "gpt-other") > 0
+
+
+async def test_an_unknown_azure_deployment_is_refused_under_block(
+    clock: FakeClock, fake: FakeProvider, mode: str, alice: None
+) -> None:
+    guard = make_guard(clock, unknown_model="block")
+    client = azure_client(guard, fake, mode)
+    with capture_logs() as logs, pytest.raises(openai.PermissionDeniedError) as refused:
+        await maybe(client.chat.completions.create(model="prod-chat", messages=PROMPT))
+    assert isinstance(refused.value, UnknownModelRefused)
+    assert fake.requests == []
+    assert [e["model"] for e in logs if e["event"] == "unknown_model"] == ["prod-chat"]
+
+
 async def test_azure_responses_without_deployment_path(
     guard: Guard, fake: FakeProvider, mode: str, alice: None
 ) -> None:
@@ -518,5 +549,6 @@ def test_provider_is_openai_for_api_openai_com_and_can_be_forced(
     meter = TransportMeter(guard, MeterOptions(), __import__("httpx2"))
     endpoint = classify("POST", "/v1/chat/completions", "api.openai.com")
     assert endpoint is not None
-    assert meter.provider_for(endpoint, default.base_url.host) == "openai"
-    assert meter.provider_for(endpoint, "llm.internal") == "openai-compatible"
+    assert meter.provider_for(endpoint, default.base_url) == "openai"
+    internal = __import__("httpx2").URL("http://llm.internal:8000/v1/chat/completions")
+    assert meter.provider_for(endpoint, internal) == "openai-compatible"

@@ -95,6 +95,7 @@ def test_a_call_gives_the_semantic_convention_metrics_and_its_cost(
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "openai-compatible",
         "gen_ai.request.model": "gpt-test",
+        "gen_ai.response.model": "gpt-test",
         "gen_ai.token.type": "input",
     }
     (duration,) = telemetry.points("gen_ai.client.operation.duration")

@@ -36,8 +36,14 @@ def provider() -> Iterator[FakeProvider]:
         yield fake
 
 
+def _store(folder: Path) -> str:
+    """A store of the example's kind (SQLite) of the test's own, not the one beside it."""
+    return f"sqlite:///{folder / 'budgets.db'}"
+
+
 def test_the_budgets_file_is_valid_and_covers_every_section() -> None:
     config = check_file(EXAMPLES / "budgets.yaml")
+    assert config.storage == f"sqlite:///{EXAMPLES.resolve() / 'budgets.db'}"
     assert config.tiers
     assert config.orgs
     assert config.global_limits
@@ -47,10 +53,10 @@ def test_the_budgets_file_is_valid_and_covers_every_section() -> None:
 
 
 def test_fastapi_example_charges_users_and_refuses_over_budget(
-    provider: FakeProvider, clock: FakeClock
+    provider: FakeProvider, clock: FakeClock, tmp_path: Path
 ) -> None:
     example = _load("fastapi_app")
-    guard = Guard.from_yaml(example.BUDGETS, clock=clock)
+    guard = Guard.from_yaml(example.BUDGETS, clock=clock, storage=_store(tmp_path))
     app = example.create_app(guard, provider.openai_base_url)
     bob = {"authorization": "Bearer bob-token"}
     with TestClient(app) as client, capture_logs() as logs:
@@ -79,9 +85,11 @@ def test_fastapi_example_charges_users_and_refuses_over_budget(
     assert float(guard.usage("acme:bob")[0].used) == pytest.approx(spent)
 
 
-def test_flask_example_charges_the_session_user(provider: FakeProvider, clock: FakeClock) -> None:
+def test_flask_example_charges_the_session_user(
+    provider: FakeProvider, clock: FakeClock, tmp_path: Path
+) -> None:
     example = _load("flask_app")
-    guard = Guard.from_yaml(example.BUDGETS, clock=clock)
+    guard = Guard.from_yaml(example.BUDGETS, clock=clock, storage=_store(tmp_path))
     app = example.create_app(guard, provider.openai_base_url)
     with serve_wsgi(app) as url, httpx.Client(base_url=url) as http, capture_logs() as logs:
         http.get("/login/carol")
@@ -106,10 +114,10 @@ def _chat_until_refused(http: httpx.Client, headers: dict[str, str]) -> httpx.Re
 
 
 def test_fastapi_example_refuses_a_stream_with_a_429_over_a_real_server(
-    provider: FakeProvider, clock: FakeClock
+    provider: FakeProvider, clock: FakeClock, tmp_path: Path
 ) -> None:
     example = _load("fastapi_app")
-    guard = Guard.from_yaml(example.BUDGETS, clock=clock)
+    guard = Guard.from_yaml(example.BUDGETS, clock=clock, storage=_store(tmp_path))
     app = example.create_app(guard, provider.openai_base_url)
     bob = {"authorization": "Bearer bob-token"}
     with serve_asgi(app) as url, httpx.Client(base_url=url) as http:
@@ -128,10 +136,10 @@ def test_fastapi_example_refuses_a_stream_with_a_429_over_a_real_server(
 
 
 def test_flask_example_refuses_a_stream_with_a_429_over_a_real_server(
-    provider: FakeProvider, clock: FakeClock
+    provider: FakeProvider, clock: FakeClock, tmp_path: Path
 ) -> None:
     example = _load("flask_app")
-    guard = Guard.from_yaml(example.BUDGETS, clock=clock)
+    guard = Guard.from_yaml(example.BUDGETS, clock=clock, storage=_store(tmp_path))
     app = example.create_app(guard, provider.openai_base_url)
     with serve_wsgi(app) as url, httpx.Client(base_url=url) as http:
         http.get("/login/carol")

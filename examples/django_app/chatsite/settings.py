@@ -27,6 +27,9 @@ MIDDLEWARE = [
 
 PAYI_GUARD = {
     "config": BASE_DIR.parent / "budgets.yaml",  # shared with the other examples
+    # The store the budgets file names (sqlite:///budgets.db, beside it), unless the
+    # environment names another one (redis://... when the site runs on several hosts).
+    "storage": os.environ.get("PAYI_GUARD_STORAGE"),
     "guarded_paths": ["/api/*"],  # refused before the view once the budget is spent
     "budget_headers": True,  # RateLimit headers on successful /api/* answers
 }

@@ -34,7 +34,6 @@ from urllib.parse import unquote
 from payi_guard import log as events
 from payi_guard.context import get_context
 from payi_guard.engine import CallRequest, Guard
-from payi_guard.engine.reservation import UNVERIFIED
 from payi_guard.exceptions import PayiGuardError
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.parse import Endpoint, ParsedUsage, RequestInfo, usage_from_response
@@ -45,7 +44,7 @@ from payi_guard.meter.providers.wire import (
     WireRequest,
     WireTracker,
 )
-from payi_guard.meter.streams import StreamState, _Inflater, stream_state
+from payi_guard.meter.streams import Settlement, StreamState, _Inflater, stream_state
 from payi_guard.meter.transport import UNKNOWN_MODEL, PlannedCall, TransportMeter
 from payi_guard.pricing import TokenUsage
 
@@ -59,7 +58,6 @@ __all__ = [
     "Refuse",
     "WireCall",
     "WireStreamState",
-    "log_usage_invalid",
     "split_path",
 ]
 
@@ -135,22 +133,6 @@ class WireCall(PlannedCall):
     wire: WireEndpoint | None = None
 
 
-def log_usage_invalid(reservation: Reservation, reason: str) -> None:
-    """Log ``usage_invalid`` for a call charged its reservation because of ``reason``."""
-    call = reservation.call
-    _log.warning(
-        events.USAGE_INVALID,
-        user_id=reservation.user_id,
-        model=call.model,
-        provider=call.provider,
-        endpoint=call.endpoint,
-        reason=reason,
-        request_id=reservation.attribution.request_id,
-        detail="the provider's usage report cannot be trusted: the call is charged what "
-        "was reserved",
-    )
-
-
 class WireStreamState(StreamState):
     """A :class:`~payi_guard.meter.streams.StreamState` whose usage comes from a tracker.
 
@@ -221,20 +203,24 @@ class WireStreamState(StreamState):
         self.tracker.finish()
         return tail if self.forward_decoded else b""
 
-    def result(self, reason: str) -> tuple[TokenUsage, str]:
-        """The usage and outcome of a body that ``reason`` ended (see the module doc)."""
+    def result(self, reason: str) -> Settlement:
+        """What to charge for a body that ``reason`` ended (see the module doc)."""
         if self.raw:
             return super().result(reason)
         tracker = self.tracker
         report = tracker.report
         if report is not None and report.usage is not None:
-            return report.usage.to_token_usage(), "error" if tracker.errors else "ok"
+            reported = report.usage
+            return Settlement(
+                reported.to_token_usage(),
+                "error" if tracker.errors else "ok",
+                other_models=reported.other_models,
+                problems=reported.problems,
+            )
         if report is not None and report.invalid is not None:
-            log_usage_invalid(self.reservation, report.invalid)
-            return TokenUsage(0, 0), UNVERIFIED
+            return Settlement(TokenUsage(0, 0), "ok", problems=(report.invalid,))
         if reason == "end" and not tracker.errors:
-            log_usage_invalid(self.reservation, "no usage reported")
-            return TokenUsage(0, 0), UNVERIFIED
+            return Settlement(TokenUsage(0, 0), "ok", problems=("no usage reported",))
         partial = tracker.partial or ParsedUsage(input_tokens=max(0, self.fallback_input))
         usage = TokenUsage(
             input_tokens=partial.input_tokens,
@@ -244,7 +230,7 @@ class WireStreamState(StreamState):
             cache_write_1h_tokens=partial.cache_write_1h_tokens,
         )
         outcome = "error" if reason == "error" or tracker.errors else "incomplete"
-        return usage, outcome
+        return Settlement(usage, outcome)
 
 
 def _openai_report(endpoint: Endpoint) -> Callable[[Any], Report]:
@@ -339,16 +325,22 @@ class ProviderMeter(TransportMeter):
         return super().outgoing(request, planned, reservation)
 
     @staticmethod
-    def response_kind(response: Any) -> Literal["error", "stream", "plain"]:
+    def response_kind(planned: PlannedCall, response: Any) -> Literal["error", "stream", "plain"]:
         """``error`` for a non-2xx status; every other body is wrapped and metered."""
         if not 200 <= int(response.status_code) < 300:
             return "error"
         return "stream"
 
     def stream_state(
-        self, planned: PlannedCall, reservation: Reservation, response: Any
+        self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
     ) -> StreamState:
         """The state of a response body about to be wrapped; fixes its headers."""
+        wire = isinstance(planned, WireCall) and planned.dialect is not None
+        if not wire and (
+            planned.info.stream or media_type(response.headers) in _EVENT_STREAM_TYPES
+        ):
+            # An OpenAI / Anthropic stream: the shared state meters it.
+            return super().stream_state(planned, reservation, response, loaded=loaded)
         base = stream_state(
             response,
             reservation,
@@ -356,13 +348,12 @@ class ProviderMeter(TransportMeter):
             added_include_usage=planned.added_include_usage,
             fallback_input=planned.call.input_tokens,
             max_output=planned.call.max_output_tokens,
+            loaded=loaded,
         )
         ctype = media_type(response.headers)
         tracker: WireTracker
         if isinstance(planned, WireCall) and planned.dialect is not None and planned.wire:
             tracker = planned.dialect.tracker(planned.wire, ctype, response.headers)
-        elif ctype in _EVENT_STREAM_TYPES:
-            return base  # an OpenAI / Anthropic stream: the shared state meters it
         else:
             tracker = JsonBodyTracker(_openai_report(planned.endpoint))
         return WireStreamState.adopt(base, tracker)
