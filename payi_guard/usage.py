@@ -34,8 +34,10 @@ class LimitUsage:
         max: the limit. Same type as ``used``.
         remaining: ``max - used``, never below zero.
         resets_at: when the current calendar window ends (timezone-aware).
-        state: ``"exceeded"`` when nothing remains, ``"warning"`` at or past ``warn_at``,
-            else ``"ok"``.
+        state: ``"exceeded"`` while the limit refuses calls (nothing remains, or less
+            than the last call it refused needed: that user is blocked until a smaller
+            call fits, budget is given back or the window ends), ``"warning"`` at or
+            past ``warn_at``, else ``"ok"``.
         type: ``"block"`` (refuses calls) or ``"allow"`` (only logs overruns).
         counter: the owner of the counter (user id, org id, limit id or ``"*"``).
     """

@@ -16,9 +16,11 @@ import redis
 from structlog.testing import capture_logs
 
 import payi_guard
+from payi_guard import BudgetExceeded, track_context
 from payi_guard.cli import build_parser, main
 from payi_guard.clock import FakeClock
-from payi_guard.engine import Guard
+from payi_guard.engine import CallRequest, Guard
+from payi_guard.pricing import TokenUsage
 
 SAMPLE = Path(__file__).parent / "data" / "report" / "sample.log"
 
@@ -308,6 +310,59 @@ def test_usage_money_is_a_decimal_and_the_table_fits_80_columns(
     assert "E-" not in captured.out
     assert "E+" not in captured.out
     assert "exceeded" in daily
+
+
+BLOCKING = """\
+version: 1
+storage: sqlite:///budgets.db
+prices:
+  test-model: {input_per_mtok: 1.0, output_per_mtok: 2.0}
+limits:
+  daily: {max: 0.000434, per: day}
+default: [daily]
+"""
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_usage_says_exceeded_when_the_limit_refuses_the_users_calls(
+    request: pytest.FixtureRequest,
+    store: str,
+    key_prefix: str,
+    clock: FakeClock,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = Path("blocking.yaml")
+    path.write_text(BLOCKING, encoding="utf-8")
+    argv = ["usage", "alice", "-c", str(path), "--key-prefix", key_prefix]
+    redis_url = None
+    if store == "redis":
+        redis_url = request.getfixturevalue("redis_url")
+        argv += ["--storage", redis_url]
+    guard = Guard.from_yaml(path, storage=redis_url, key_prefix=key_prefix, clock=clock)
+    try:
+        with capture_logs():
+            for _ in range(10):  # $0.00004 each, $0.00007 reserved
+                with track_context(user_id="alice"):
+                    reservation = guard.begin(CallRequest(model="test-model", input_tokens=30,
+                                                          max_output_tokens=20))  # fmt: skip
+                    reservation.settle(TokenUsage(30, 5))
+            with track_context(user_id="alice"), pytest.raises(BudgetExceeded):
+                guard.begin(CallRequest(model="test-model", input_tokens=30, max_output_tokens=20))
+        # Another process, later: the table and the JSON say what the app's 429 says.
+        assert main(argv, clock=clock) == 0
+        daily = next(line for line in capsys.readouterr().out.splitlines() if "daily" in line)
+        assert daily.split()[1:6] == ["user", "$0.0004", "$0.000434", "$0.000034", "exceeded"]
+        assert main([*argv, "--format", "json"], clock=clock) == 0
+        (shown,) = json.loads(capsys.readouterr().out)
+        assert (shown["remaining"], shown["state"]) == ("0.000034", "exceeded")
+    finally:
+        guard.close()
+        if redis_url is not None:
+            client = redis.Redis.from_url(redis_url)
+            keys = list(client.scan_iter(match=f"{key_prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
 
 
 # -- check: what a valid file may still get wrong ---------------------------------------------

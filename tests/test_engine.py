@@ -1,15 +1,17 @@
-"""The Guard engine on the in-memory store: limits, refusals, events, usage, reload."""
+"""The Guard engine on the in-memory store: limits, refusals, events, usage, reload; the
+state users see, on every store."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import structlog
 from structlog.testing import capture_logs
 
@@ -24,6 +26,7 @@ from payi_guard import (
     track_context,
 )
 from payi_guard.clock import FakeClock
+from payi_guard.context import Attribution
 from payi_guard.engine import CallRequest, Guard, UnknownModelRefused, UserRequired
 from payi_guard.pricing import TokenUsage
 
@@ -821,3 +824,89 @@ async def test_an_unknown_model_refusal_is_logged_once(clock: FakeClock) -> None
     assert lines[0]["request_id"] == "r-7"
     assert not events_named(logs, "genai_call")
     assert guard.usage("acme:alice")[0].used == 0
+
+
+# --- what users see is true, on every store ------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def on_store(
+    request: pytest.FixtureRequest, tmp_path: Path, key_prefix: str
+) -> Iterator[dict[str, Any]]:
+    """Guard keyword arguments for each store: memory, an SQLite file, the shared Redis."""
+    if request.param == "memory":
+        yield {}
+    elif request.param == "sqlite":
+        yield {"storage": f"sqlite:///{tmp_path / 'budgets.db'}"}
+    else:
+        url: str = request.getfixturevalue("redis_url")
+        yield {"storage": url, "key_prefix": key_prefix}
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter(match=f"{key_prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def test_a_user_whose_calls_are_refused_is_shown_exceeded_until_one_fits(
+    clock: FakeClock, on_store: dict[str, Any]
+) -> None:
+    # Each call reserves $0.00007 (30 tokens in, up to 20 out) and costs $0.00004.
+    guard = Guard(
+        {"prices": PRICES, "default": [{"max": 0.000434, "per": "day", "warn_at": 0.99}]},
+        clock=clock,
+        **on_store,
+    )
+    try:
+        for _ in range(10):
+            spend(guard, "alice", 30, 5, est=(30, 20))
+        (usage,) = guard.usage("alice")
+        assert (usage.used, usage.remaining, usage.state) == (
+            Decimal("0.0004"),
+            Decimal("0.000034"),
+            "ok",  # no call was refused: nothing says the next one needs more
+        )
+        for _ in range(3):  # every call now: "0.000034 left, not enough for this call"
+            with track_context(user_id="alice"), pytest.raises(BudgetExceeded) as info:
+                guard.begin(call(30, 20))
+            assert info.value.limit.state == "exceeded"  # the 429 says so
+        (usage,) = guard.usage("alice")
+        assert (usage.used, usage.remaining, usage.state) == (
+            Decimal("0.0004"),
+            Decimal("0.000034"),
+            "exceeded",
+        )
+        assert guard.exhausted_limit(Attribution(user_id="alice"), read_storage=True) == usage
+        # Another user on the same limit is not blocked by alice's refusals.
+        spend(guard, "bob", 30, 5, est=(30, 20))
+        assert guard.usage("bob")[0].state == "ok"
+        # A smaller call fits: the limit admits calls again, and says so.
+        spend(guard, "alice", 10, 5, est=(10, 10))
+        (usage,) = guard.usage("alice")
+        assert (usage.used, usage.state) == (Decimal("0.00042"), "ok")
+        # Refused again, then the window rolls over: a new window owes nothing.
+        with track_context(user_id="alice"), pytest.raises(BudgetExceeded):
+            guard.begin(call(30, 20))
+        assert guard.usage("alice")[0].state == "exceeded"
+        clock.advance(86_400)
+        assert guard.usage("alice")[0].state == "ok"
+    finally:
+        guard.close()
+
+
+async def test_a_reservation_given_back_unblocks_a_user_async(
+    clock: FakeClock, on_store: dict[str, Any]
+) -> None:
+    guard = Guard(
+        {"prices": PRICES, "default": [{"max": 0.01, "per": "day"}]}, clock=clock, **on_store
+    )
+    try:
+        with track_context(user_id="alice"):
+            held = await guard.abegin(call(3000, 2000))  # $0.007 reserved
+            with pytest.raises(BudgetExceeded):
+                await guard.abegin(call(3000, 2000))  # $0.003 left
+            assert [u.state for u in await guard.ausage("alice")] == ["exceeded"]
+            await held.arelease()  # the budget comes back: the next call fits again
+            assert [u.state for u in await guard.ausage("alice")] == ["ok"]
+    finally:
+        await guard.aclose()

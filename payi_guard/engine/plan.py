@@ -78,12 +78,18 @@ def amounts_by_counter(counters: Iterable[Counter], usd: int, tokens: int) -> li
 
 
 def limit_usage(bound: BoundLimit, window: Window, state: CounterState) -> LimitUsage:
-    """The :class:`~payi_guard.LimitUsage` of one limit, given its counter's state."""
+    """The :class:`~payi_guard.LimitUsage` of one limit, given its counter's state.
+
+    The limit is ``exceeded`` while it refuses calls: nothing remains, or the last call
+    its counter refused needs more than remains (``state.refused``, written by that
+    refusal in the store, so every process and host reads the same). A smaller call
+    that fits, a give-back or a new window makes it admit calls again, and say so.
+    """
     spec = bound.spec
     used = state.used
     remaining = max(0, spec.max - used)
     status: LimitState = "ok"
-    if used >= spec.max:
+    if used >= spec.max or (state.refused > 0 and spec.max - used < state.refused):
         status = "exceeded"
     elif spec.warn_at is not None and used * spec.warn_at.denominator >= (
         spec.max * spec.warn_at.numerator

@@ -20,8 +20,9 @@ from typing import TypeVar
 
 from payi_guard.exceptions import StorageError
 from payi_guard.ledger import _sqlite_sql as sql
-from payi_guard.ledger._sqlite_sql import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, prune
-from payi_guard.ledger._sqlite_uri import check_options, positive_number
+from payi_guard.ledger._checks import check_closed_ttl
+from payi_guard.ledger._sqlite_sql import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, forget, prune
+from payi_guard.ledger._sqlite_uri import check_options
 from payi_guard.ledger.base import Adjustment, Charge, CounterState, JournalEntry, ReserveResult
 
 __all__ = ["Operations", "Settings", "Store", "database_file", "make_settings"]
@@ -42,13 +43,12 @@ class Settings:
     """The tunables of a :class:`Store` (validated by the public classes)."""
 
     __slots__ = (
-        "idempotent",
+        "closed_ttl",
         "lock_timeout",
         "prune_batch",
         "prune_every",
         "synchronous",
         "timeout",
-        "tombstone_ttl",
     )
 
     def __init__(
@@ -57,16 +57,14 @@ class Settings:
         timeout: float,
         lock_timeout: float,
         synchronous: str,
-        idempotent: bool,
-        tombstone_ttl: float,
+        closed_ttl: float,
         prune_every: int,
         prune_batch: int,
     ) -> None:
         self.timeout = timeout
         self.lock_timeout = lock_timeout
         self.synchronous = synchronous
-        self.idempotent = idempotent
-        self.tombstone_ttl = tombstone_ttl
+        self.closed_ttl = closed_ttl
         self.prune_every = prune_every
         self.prune_batch = prune_batch
 
@@ -138,6 +136,10 @@ class Store:
         self._writer = _writer_lock(path)
         self._ready = False
         self._writes = 0
+        # Closed ids this process wrote since it last forgot expired ones: it forgets at
+        # least as many on its next pruning turn, so the closed table cannot outgrow
+        # the ids closed within closed_ttl, whatever the size of the calls.
+        self._closes = 0
 
     # -- connections -------------------------------------------------------------------------
 
@@ -268,14 +270,21 @@ class Store:
         started: float,
         now: float,
         work: Callable[[sqlite3.Connection], tuple[T, bool]],
+        *,
+        closes: int = 0,
     ) -> T:
         """Run ``work`` in one write transaction; commit if it says so, else roll back.
+
+        Every ``prune_every`` writes it also deletes up to ``prune_batch`` counters past
+        their expiry, and expired closed ids: ``prune_batch`` more than this process
+        closed since its previous turn.
 
         Args:
             op: the operation's name, for error messages.
             started: ``time.monotonic()`` when the call began (queueing counts).
             now: the caller's time, for pruning past windows.
             work: returns the result and whether anything is to be committed.
+            closes: how many closed ids ``work`` may write.
 
         Raises:
             StorageError: the file could not be locked in time or SQLite failed.
@@ -296,8 +305,12 @@ class Store:
                 try:
                     pruned = 0
                     self._writes += 1
+                    self._closes += closes
                     if self._writes % self.settings.prune_every == 0:
-                        pruned = prune(conn, now, self.settings.prune_batch)
+                        batch = self.settings.prune_batch
+                        pruned = prune(conn, now, batch)
+                        pruned += forget(conn, now, batch + self._closes)
+                        self._closes = 0
                     result, keep = work(conn)
                     conn.execute("COMMIT" if keep or pruned else "ROLLBACK")
                     return result
@@ -371,22 +384,21 @@ class Store:
 
     # -- helpers for the public classes --------------------------------------------------------
 
-    def tombstone_until(self, now: float) -> float | None:
-        """When a tombstone written at ``now`` expires, or None when commits add plainly."""
-        return now + self.settings.tombstone_ttl if self.settings.idempotent else None
-
     def prune_all(self, now: float) -> int:
-        """Delete every counter past its expiry, batch by batch (one transaction each)."""
+        """Delete every counter past its expiry and every closed id past its time.
 
-        def batch(conn: sqlite3.Connection) -> tuple[int, bool]:
-            dropped = prune(conn, now, 1000)
-            return dropped, dropped > 0
+        Batch by batch, one transaction each; returns the number of counters deleted.
+        """
+
+        def batch(conn: sqlite3.Connection) -> tuple[tuple[int, int], bool]:
+            dropped, forgotten = prune(conn, now, 1000), forget(conn, now, 1000)
+            return (dropped, forgotten), dropped + forgotten > 0
 
         total = 0
         while True:
-            dropped = self.write("prune", time.monotonic(), now, batch)
+            dropped, forgotten = self.write("prune", time.monotonic(), now, batch)
             total += dropped
-            if dropped < 1000:
+            if dropped < 1000 and forgotten < 1000:
                 return total
 
 
@@ -397,22 +409,21 @@ def make_settings(
     timeout: float,
     lock_timeout: float,
     synchronous: str,
-    idempotent: bool,
-    tombstone_ttl: float,
+    closed_ttl: float,
     prune_every: int,
     prune_batch: int,
 ) -> Settings:
     """Validate the ledger options into :class:`Settings`.
 
     Raises:
-        ConfigError: a timeout, ``synchronous`` or ``tombstone_ttl`` is wrong.
-        ValueError: ``idempotent`` is not a bool or a pruning setting not a positive int.
+        ConfigError: a timeout or ``synchronous`` is wrong.
+        ValueError: ``closed_ttl`` is not a positive number of seconds, or a pruning
+            setting not a positive int (as for the other ledgers).
     """
     checked = check_options(
         {"timeout": timeout, "lock_timeout": lock_timeout, "synchronous": synchronous}
     )
-    if not isinstance(idempotent, bool):
-        raise ValueError(f"idempotent must be a bool, got {idempotent!r}")
+    check_closed_ttl(closed_ttl)
     for name, value in (("prune_every", prune_every), ("prune_batch", prune_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -420,8 +431,7 @@ def make_settings(
         timeout=checked["timeout"],
         lock_timeout=checked["lock_timeout"],
         synchronous=checked["synchronous"],
-        idempotent=idempotent,
-        tombstone_ttl=positive_number("tombstone_ttl", tombstone_ttl),
+        closed_ttl=float(closed_ttl),
         prune_every=prune_every,
         prune_batch=prune_batch,
     )
@@ -456,9 +466,13 @@ class Operations:
     ) -> tuple[CounterState, ...]:
         if not charges:
             return ()
-        until = self.store.tombstone_until(now)
+        until = now + self.store.settings.closed_ttl
         return self.store.write(
-            "commit", started, now, lambda c: sql.settle(c, rid, charges, now, until)
+            "commit",
+            started,
+            now,
+            lambda c: sql.settle(c, rid, charges, now, until),
+            closes=1,
         )
 
     def release(
@@ -468,17 +482,27 @@ class Operations:
             return ()
         # A release is a commit of zero, which neither creates nor extends a counter.
         charges = [Charge(key, 0, None, 0.0) for key in keys]
-        until = self.store.tombstone_until(now)
+        until = now + self.store.settings.closed_ttl
         return self.store.write(
-            "release", started, now, lambda c: sql.settle(c, rid, charges, now, until)
+            "release",
+            started,
+            now,
+            lambda c: sql.settle(c, rid, charges, now, until),
+            closes=1,
         )
 
-    def renew(self, rid: str, keys: Sequence[str], now: float, ttl: float, started: float) -> bool:
-        if not keys:
-            return True
+    def renew_many(
+        self,
+        reservations: Sequence[tuple[str, Sequence[str]]],
+        now: float,
+        ttl: float,
+        started: float,
+    ) -> tuple[bool, ...]:
+        if not any(keys for _, keys in reservations):
+            return (True,) * len(reservations)
         deadline = now + ttl
         return self.store.write(
-            "renew", started, now, lambda c: sql.renew(c, rid, keys, now, deadline)
+            "renew", started, now, lambda c: sql.renew_many(c, reservations, now, deadline)
         )
 
     def read(self, keys: Sequence[str], now: float) -> tuple[CounterState, ...]:

@@ -11,8 +11,12 @@ Every counter has two parts:
   (a reservation whose process died gives its budget back after the ttl).
 
 ``reserve`` checks, for every charge with a ``max``, that
-``settled + pending + amount <= max``; if any fails nothing at all is changed (expired
-reservations may be purged, which changes no visible total). ``commit`` removes the
+``settled + pending + amount <= max``; if any fails no total is changed (expired
+reservations may be purged, which changes no visible total), and the counter of the
+first charge that did not fit records what it needed as its ``refused`` amount, in the
+same atomic step (the counter is made if missing, with the expiry a reserve would give
+it), so that anyone reading it can tell that the limit refuses calls; a reserve that
+fits on a counter clears it. ``commit`` removes the
 reservation (if it is still open) and adds the actual amount to ``settled`` of the very
 keys that were reserved, so a settle after the window rolled over lands in the old
 window and never makes a counter of the new window negative. ``release`` is a commit of
@@ -164,10 +168,18 @@ class Charge:
 
 @dataclass(frozen=True, slots=True)
 class CounterState:
-    """The totals of one counter at the moment an operation ran."""
+    """The totals of one counter at the moment an operation ran.
+
+    Attributes:
+        settled: the sum of settled amounts.
+        pending: the sum of open reservations.
+        refused: what the last refused reserve needed on this counter, when this
+            counter refused it (0 when none did, or a reserve on it fitted since).
+    """
 
     settled: int
     pending: int
+    refused: int = 0
 
     @property
     def used(self) -> int:
@@ -184,7 +196,8 @@ class ReserveResult:
         refused: the index (into the charges) of the first charge that did not fit,
             or ``None`` when ``ok`` or ``closed``.
         states: the state of every counter after the operation (after the reservation
-            when ``ok``; unchanged totals when refused).
+            when ``ok``; unchanged totals when refused, the refused counter's
+            ``refused`` being the amount it needed).
         closed: True when nothing was reserved because the id was already committed
             or released (``ok`` is False and ``refused`` is None): a reserve that
             arrived after its caller gave up on it, or an id used twice.

@@ -6,7 +6,8 @@ code (a Guard charges sync and async calls to one set of counters); its operatio
 too short to be worth a thread hop, so they run inline on the event loop (all but
 ``scan``, which visits every counter and runs in a worker thread).
 
-Per counter the store keeps ``settled``, ``pending``, its ``expires_at`` and, only while
+Per counter the store keeps ``settled``, ``pending``, ``refused`` (what the last call it
+refused needed, until a reserve on it fits), its ``expires_at`` and, only while
 reservations are open, a dict ``id -> (amount, deadline)`` with a min-heap of deadlines.
 Expired reservations are purged lazily when their counter is touched (a heap pop each);
 closed reservations leave stale heap entries that are skipped on pop, and the heap is
@@ -65,17 +66,18 @@ _ZERO = CounterState(0, 0)
 class _Counter:
     """One counter: totals, expiry, and the reservations open on it."""
 
-    __slots__ = ("deadlines", "expires_at", "open", "pending", "settled")
+    __slots__ = ("deadlines", "expires_at", "open", "pending", "refused", "settled")
 
     def __init__(self, expires_at: float) -> None:
         self.settled = 0
         self.pending = 0
+        self.refused = 0
         self.expires_at = expires_at
         self.open: dict[str, tuple[int, float]] | None = None
         self.deadlines: list[tuple[float, str]] | None = None
 
     def state(self) -> CounterState:
-        return CounterState(self.settled, self.pending)
+        return CounterState(self.settled, self.pending, self.refused)
 
     def purge(self, now: float) -> None:
         """Drop the reservations whose deadline is ``<= now``."""
@@ -254,6 +256,18 @@ class MemoryLedger:
         counter.purge(now)
         return counter
 
+    def _place(self, charge: Charge, counter: _Counter | None) -> _Counter:
+        """The live counter of a charge being reserved (made if missing).
+
+        It lives at least until the charge's ``expires_at``.
+        """
+        if counter is None:
+            return self._new_counter(charge.key, charge.expires_at)
+        if charge.expires_at > counter.expires_at:
+            counter.expires_at = charge.expires_at
+            self._file(charge.key, charge.expires_at)
+        return counter
+
     def _touch(self, key: str, expires_at: float, now: float) -> _Counter:
         counter = self._counters.get(key)
         if counter is None or counter.expires_at <= now:
@@ -274,7 +288,9 @@ class MemoryLedger:
         Each charge with a ``max`` must satisfy ``settled + pending + amount <= max``
         (an id already open on a counter is replaced, so its old amount does not count).
         The reservation expires at ``now + ttl``. An id already committed or released
-        on any of the keys reserves nothing (the result says ``closed``).
+        on any of the keys reserves nothing (the result says ``closed``). A refusal
+        records on the counter that refused what the charge needed (``refused``, made
+        to live as a reserve would make it); a reserve that fits clears it.
 
         Args:
             reservation_id: a fresh id naming this reservation.
@@ -283,7 +299,7 @@ class MemoryLedger:
             ttl: seconds the reservation holds budget if it is never committed.
 
         Returns:
-            The outcome; when refused, nothing was changed.
+            The outcome; when refused, no total changed.
 
         Raises:
             ValueError: on an empty id, a negative or non-int amount, a repeated key,
@@ -312,17 +328,20 @@ class MemoryLedger:
                     if used + charge.amount > charge.max:
                         refused = index
             if refused is not None:
+                # The counter that refused remembers what the call needed (so readers see
+                # a limit that refuses calls), living as long as a reserve makes it live.
+                charge = charges[refused]
+                refusing = self._place(charge, found[refused])
+                refusing.refused = charge.amount
+                found[refused] = refusing
                 states = tuple(_ZERO if c is None else c.state() for c in found)
                 return ReserveResult(False, refused, states)
             deadline = now + ttl
             out: list[CounterState] = []
             for charge, counter in zip(charges, found, strict=True):
-                if counter is None:
-                    counter = self._new_counter(charge.key, charge.expires_at)
-                elif charge.expires_at > counter.expires_at:
-                    counter.expires_at = charge.expires_at
-                    self._file(charge.key, charge.expires_at)
+                counter = self._place(charge, counter)
                 counter.hold(reservation_id, charge.amount, deadline)
+                counter.refused = 0
                 out.append(counter.state())
             return ReserveResult(True, None, tuple(out))
 

@@ -12,7 +12,9 @@ round trip per 1000 keys the server visits.
 Layout, per counter key ``K`` (chosen by the caller, with a ``{...}`` hash tag):
 
 * hash ``K``: field ``s`` = settled, field ``p`` = pending (the sum of the open
-  reservations), and one field ``r:<id>`` per open reservation holding its amount;
+  reservations), field ``f`` = what the last reserve this counter refused needed (gone
+  once a reserve on it fits), and one field ``r:<id>`` per open reservation holding its
+  amount;
 * sorted set ``K:x``: ``r:<id>`` -> the reservation's deadline, so expired reservations
   are found without a scan;
 * sorted set ``K:d``: ``<id>`` -> until when the id is remembered as closed (committed
@@ -50,7 +52,10 @@ not fit. If a group fails with a storage error, the groups already reserved are 
 back on a best-effort basis (what a failed rollback leaves is freed by the
 reservation's ttl) and the error is raised. Each counter's check-and-add stays atomic,
 so a ``max`` is never exceeded; what is lost is atomicity across slots: two concurrent
-multi-slot reserves may both be refused where one alone would have fitted. Commits,
+multi-slot reserves may both be refused where one alone would have fitted, and the
+counter that records a refusal's ``refused`` amount is the first that refused in its
+own slot, which may come after the charge reported as ``refused`` (and the groups
+reserved, then rolled back, have cleared their counters' ``refused``). Commits,
 releases, renewals and reads run group by group too; if a commit fails part-way, the
 groups before the failure stay committed and a retry completes the others (each key
 applies an id once). Every key must carry a non-empty ``{...}`` hash tag in this mode.
@@ -218,12 +223,12 @@ def _bad_reply(reply: Any) -> StorageError:
 
 
 def _decode_states(reply: Any, count: int, offset: int = 0) -> tuple[CounterState, ...]:
-    if not isinstance(reply, list) or len(reply) != offset + 2 * count:
+    """``count`` states (settled, pending, refused) from ``reply[offset:]``."""
+    if not isinstance(reply, list) or len(reply) != offset + 3 * count:
         raise _bad_reply(reply)
     try:
         return tuple(
-            CounterState(int(reply[offset + 2 * i]), int(reply[offset + 2 * i + 1]))
-            for i in range(count)
+            CounterState(*(int(reply[offset + 3 * i + j]) for j in range(3))) for i in range(count)
         )
     except (TypeError, ValueError) as exc:
         raise _bad_reply(reply) from exc

@@ -16,9 +16,10 @@ URIs (the path is percent-decoded; options are query parameters)::
 How it works:
 
 * the file is in WAL mode (readers never wait for writers); every reserve, commit,
-  release and renew is one short ``BEGIN IMMEDIATE`` write transaction, so the
-  check-and-add of a reserve is atomic across processes; ``read`` and ``scan`` run in a
-  read transaction and never take the write lock;
+  release and renewal (``renew_many``: any number of reservations) is one short
+  ``BEGIN IMMEDIATE`` write transaction, so the check-and-add of a reserve is atomic
+  across processes; ``read`` and ``scan`` run in a read transaction and never take
+  the write lock;
 * the threads of one process queue on an in-process lock before asking SQLite for the
   file's write lock (``lock_timeout``, default 1 s, like the wait for a pooled Redis
   connection), and a transaction waits at most ``timeout`` (default 0.25 s, the Redis
@@ -32,9 +33,17 @@ How it works:
   with the process. Its open reservations give their budget back after their ttl. With
   ``synchronous=normal`` (the default) a power cut may lose the last transactions
   before it; ``synchronous=full`` syncs every commit to disk (slower);
+* a committed or released reservation id is closed on each of its keys for
+  ``closed_ttl`` seconds (600 by default), whether the key has a counter or not: a
+  retried commit counts once, and a reserve that arrives after its release holds
+  nothing. Expired ones are deleted with the past windows, at least as many as were
+  closed meanwhile, so they take the room of the last ``closed_ttl`` seconds' calls;
 * counters past their ``expires_at`` read as zero and are deleted by later writes, a
   bounded batch at a time (``prune_batch`` counters every ``prune_every`` writes), so
   the file stays the size of the live windows; SQLite reuses the freed pages.
+
+Time: reservation deadlines and closed ids are measured on the ``now`` passed in, the
+clock of the host the file lives on (every process using the file shares it).
 
 The layout and the SQL of each operation are in :mod:`payi_guard.ledger._sqlite_sql`,
 connections and transactions in :mod:`payi_guard.ledger._sqlite_store`. The file must be
@@ -61,12 +70,20 @@ from payi_guard.ledger._checks import (
     check_id,
     check_keys,
     check_now,
+    check_renewals,
     check_scan,
     check_ttl,
 )
 from payi_guard.ledger._sqlite_store import Operations, database_file, make_settings
 from payi_guard.ledger._sqlite_uri import parse_sqlite_uri, resolve_sqlite_uri
-from payi_guard.ledger.base import Adjustment, Charge, CounterState, JournalEntry, ReserveResult
+from payi_guard.ledger.base import (
+    DEFAULT_CLOSED_TTL,
+    Adjustment,
+    Charge,
+    CounterState,
+    JournalEntry,
+    ReserveResult,
+)
 from payi_guard.ledger.factory import DEFAULT_POOL_TIMEOUT, DEFAULT_TIMEOUT
 
 __all__ = [
@@ -82,15 +99,13 @@ T = TypeVar("T")
 
 
 _SYNC_OPTIONS = (
-    "timeout", "lock_timeout", "synchronous", "idempotent", "tombstone_ttl", "prune_every",
-    "prune_batch",
+    "timeout", "lock_timeout", "synchronous", "closed_ttl", "prune_every", "prune_batch",
 )  # fmt: skip
 _ASYNC_OPTIONS = (*_SYNC_OPTIONS, "workers")
 
 
-def _check_renew(reservation_id: str, keys: Sequence[str], now: float, ttl: float) -> None:
-    check_id(reservation_id)
-    check_keys(keys)
+def _check_renew(reservations: Sequence[tuple[str, Sequence[str]]], now: float, ttl: float) -> None:
+    check_renewals(reservations)
     check_now(now)
     check_ttl(ttl)
 
@@ -111,20 +126,19 @@ class SqliteLedger:
         lock_timeout: seconds a call may wait for the other writers of this process.
         synchronous: ``"normal"`` (durable across process crashes) or ``"full"``
             (across power loss too; every commit waits for the disk).
-        idempotent: commits and releases are idempotent per reservation id: each counter
-            keeps a tombstone of a settled id for ``tombstone_ttl`` seconds, and a
-            commit or release of that id again on that counter changes nothing. Off by
-            default: a second commit of an id then adds again, as in the other ledgers.
-        tombstone_ttl: seconds a tombstone lasts (``idempotent`` only).
+        closed_ttl: seconds a committed or released reservation id is remembered on
+            each of its keys (a commit or release of it again there changes nothing, a
+            reserve of it reserves nothing), as in the other ledgers.
         prune_every: every this many write transactions (per process), delete up to
             ``prune_batch`` counters past their expiry.
         prune_batch: see ``prune_every``.
 
     Raises:
         ConfigError: an option has a wrong value.
-        ValueError: ``path`` is empty or a pruning setting is not a positive int.
+        ValueError: ``path`` is empty, ``closed_ttl`` is not a positive number or a
+            pruning setting is not a positive int.
         StorageError: the file cannot be opened, is not a payi_guard ledger, or was
-            written by a newer layout.
+            written by another layout.
     """
 
     def __init__(
@@ -134,15 +148,13 @@ class SqliteLedger:
         timeout: float = DEFAULT_TIMEOUT,
         lock_timeout: float = DEFAULT_POOL_TIMEOUT,
         synchronous: str = "normal",
-        idempotent: bool = False,
-        tombstone_ttl: float = 600.0,
+        closed_ttl: float = DEFAULT_CLOSED_TTL,
         prune_every: int = 8,
         prune_batch: int = 64,
     ) -> None:
         settings = make_settings(
-            timeout, lock_timeout, synchronous, idempotent, tombstone_ttl, prune_every,
-            prune_batch,
-        )  # fmt: skip
+            timeout, lock_timeout, synchronous, closed_ttl, prune_every, prune_batch
+        )
         self._ops = Operations(database_file(path), settings)
         self._ops.store.setup()
 
@@ -167,7 +179,8 @@ class SqliteLedger:
             ttl: seconds the reservation holds budget if it is never committed.
 
         Returns:
-            The outcome; when refused, nothing was changed.
+            The outcome; when refused, no total changed (the counter that refused
+            records what it needed, as :class:`~payi_guard.ledger.MemoryLedger` does).
 
         Raises:
             ValueError: on invalid input (see :class:`~payi_guard.ledger.MemoryLedger`).
@@ -246,9 +259,24 @@ class SqliteLedger:
             ValueError: on invalid input.
             StorageError: the file could not be locked in time or SQLite failed.
         """
+        return self.renew_many([(reservation_id, keys)], now=now, ttl=ttl)[0]
+
+    def renew_many(
+        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
+    ) -> tuple[bool, ...]:
+        """:meth:`renew` each ``(reservation_id, keys)`` pair, in one write transaction.
+
+        Returns:
+            One flag per pair, in order: True when that reservation was still open on
+            every one of its keys.
+
+        Raises:
+            ValueError: on a malformed pair, an id given twice, or an invalid time or ttl.
+            StorageError: the file could not be locked in time or SQLite failed.
+        """
         started = time.monotonic()
-        _check_renew(reservation_id, keys, now, ttl)
-        return self._ops.renew(reservation_id, keys, now, ttl, started)
+        _check_renew(reservations, now, ttl)
+        return self._ops.renew_many(reservations, now, ttl, started)
 
     def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
         """Return the state of each counter (missing or expired counters are zero).
@@ -362,8 +390,7 @@ class AsyncSqliteLedger:
         path: the database file.
         workers: threads in the pool.
         **options: as for :class:`SqliteLedger` (``timeout``, ``lock_timeout``,
-            ``synchronous``, ``idempotent``, ``tombstone_ttl``, ``prune_every``,
-            ``prune_batch``).
+            ``synchronous``, ``closed_ttl``, ``prune_every``, ``prune_batch``).
 
     Raises:
         ConfigError: an option has a wrong value.
@@ -378,17 +405,15 @@ class AsyncSqliteLedger:
         timeout: float = DEFAULT_TIMEOUT,
         lock_timeout: float = DEFAULT_POOL_TIMEOUT,
         synchronous: str = "normal",
-        idempotent: bool = False,
-        tombstone_ttl: float = 600.0,
+        closed_ttl: float = DEFAULT_CLOSED_TTL,
         prune_every: int = 8,
         prune_batch: int = 64,
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         settings = make_settings(
-            timeout, lock_timeout, synchronous, idempotent, tombstone_ttl, prune_every,
-            prune_batch,
-        )  # fmt: skip
+            timeout, lock_timeout, synchronous, closed_ttl, prune_every, prune_batch
+        )
         self._ops = Operations(database_file(path), settings)
         self._workers = workers
         self._lock = threading.Lock()
@@ -456,9 +481,15 @@ class AsyncSqliteLedger:
         self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float
     ) -> bool:
         """Async :meth:`SqliteLedger.renew` (same arguments, result and errors)."""
+        return (await self.renew_many([(reservation_id, keys)], now=now, ttl=ttl))[0]
+
+    async def renew_many(
+        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
+    ) -> tuple[bool, ...]:
+        """Async :meth:`SqliteLedger.renew_many` (same arguments, result and errors)."""
         started = time.monotonic()
-        _check_renew(reservation_id, keys, now, ttl)
-        return await self._run(self._ops.renew, reservation_id, keys, now, ttl, started)
+        _check_renew(reservations, now, ttl)
+        return await self._run(self._ops.renew_many, reservations, now, ttl, started)
 
     async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
         """Async :meth:`SqliteLedger.read` (same arguments, result and errors)."""

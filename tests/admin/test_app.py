@@ -1,5 +1,5 @@
-"""The users page: token and cookie auth, listing over memory and real Redis, manual
-usage events, and the page itself rendered by headless Chromium."""
+"""The users page: token and cookie auth, listing over memory, SQLite and real Redis,
+manual usage events, and the page itself rendered by headless Chromium."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from admin._support import (
     read_png,
     serve,
 )
+from payi_guard import BudgetExceeded, track_context
 from payi_guard.admin import MAX_BATCH, SESSION_COOKIE, users_app
 from payi_guard.admin.directory import user_of_key, users_of_keys
 from payi_guard.clock import FakeClock
@@ -447,6 +448,59 @@ async def test_filters_sorts_and_pages_many_users(any_guard: CountingGuard) -> N
         assert ids_of(await get(sort="spend", order="desc", page="3")) == users[20:][::-1]
         assert ids_of(await get(state="exceeded", page="2")) == []
         assert ids_of(await get(state="exceeded", page="3")) == users[20:]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store_guard(
+    request: pytest.FixtureRequest, clock: FakeClock, key_prefix: str, tmp_path: Path
+) -> AsyncIterator[Guard]:
+    """A guard on each store: memory, an SQLite file, the shared Redis (a fresh prefix)."""
+    if request.param == "memory":
+        yield Guard(admin_config(), clock=clock)
+        return
+    url = f"sqlite:///{tmp_path / 'budgets.db'}"
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    guard = Guard(admin_config(), storage=url, key_prefix=key_prefix, clock=clock)
+    try:
+        yield guard
+    finally:
+        await guard.aclose()
+        if request.param == "redis":
+            _delete_prefix(url, key_prefix)
+
+
+async def test_a_user_whose_calls_are_refused_is_listed_as_exceeded(store_guard: Guard) -> None:
+    guard = store_guard
+    spend(guard, "dave", "0.999966")  # $0.000034 of the daily $1 left
+    spend(guard, "carol", "0.10")
+    small = CallRequest(model=MODEL, input_tokens=10, max_output_tokens=10)  # $0.00003
+    big = CallRequest(model=MODEL, input_tokens=30, max_output_tokens=20)  # $0.00007
+    app = users_app(guard, token=TOKEN, directory_ttl=0)
+
+    async def shown() -> tuple[dict[str, Any], list[str]]:
+        async with client_for(app) as client:
+            everyone = await client.get("/api/users", headers=bearer())
+            exceeded = await client.get(
+                "/api/users", params={"state": "exceeded"}, headers=bearer()
+            )
+        users = {u["user_id"]: u for u in everyone.json()["users"]}
+        return users["dave"], ids_of(exceeded)
+
+    dave, exceeded = await shown()
+    assert (dave["state"], dave["blocked"], exceeded) == ("warning", False, [])
+    with capture_logs(), track_context(user_id="dave"), pytest.raises(BudgetExceeded) as info:
+        guard.begin(big)  # "0.000034 USD left, not enough for this call"
+    dave, exceeded = await shown()
+    assert (dave["state"], dave["blocked"], exceeded) == ("exceeded", True, ["dave"])
+    daily = next(limit for limit in dave["limits"] if limit["name"] == "daily")
+    assert (daily["remaining"], daily["state"]) == ("0.000034", "exceeded")
+    assert daily == info.value.limit.as_dict()  # the page and the 429 agree
+    # A smaller call still fits: the user is no longer blocked.
+    with capture_logs(), track_context(user_id="dave"):
+        guard.begin(small).settle(TokenUsage(10, 10))
+    dave, exceeded = await shown()
+    assert (dave["state"], dave["blocked"], exceeded) == ("warning", False, [])
 
 
 @pytest.mark.parametrize(

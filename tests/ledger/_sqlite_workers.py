@@ -130,7 +130,7 @@ def die_mid_transaction(path: Path, key: str, ready: Event) -> None:
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("UPDATE counters SET settled = settled + 1000000 WHERE key = ?", (key,))
     conn.execute(
-        "INSERT INTO holds (key, rid, amount, deadline, open) VALUES (?, 'ghost', 5, 1e12, 1)",
+        "INSERT INTO holds (key, rid, amount, deadline) VALUES (?, 'ghost', 5, 1e12)",
         (key,),
     )
     ready.set()

@@ -54,10 +54,7 @@ async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncItera
         cls = SqliteLedger if kind == "sqlite-sync" else AsyncSqliteLedger
 
         def make_sqlite(**options: Any) -> SqliteLedger | AsyncSqliteLedger:
-            # The contract's closed ids are the SQLite ledger's tombstones.
-            if "closed_ttl" in options:
-                options["tombstone_ttl"] = options.pop("closed_ttl")
-            return cls(path, idempotent=True, **options)
+            return cls(path, **options)
 
         adapter = LedgerAdapter(kind, make_sqlite(), make=make_sqlite)
         yield adapter
@@ -70,22 +67,3 @@ async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncItera
     adapter = LedgerAdapter(kind, make(), raw=raw, make=make)
     yield adapter
     await adapter.close()
-
-
-# What the SQLite ledger does not do yet of the ledger contract: each must pass once it does.
-SQLITE_GAPS = {
-    "test_a_reserve_of_a_closed_id_holds_nothing": "a reserve of a released id reserves it",
-    "test_renew_many_renews_each_reservation_in_one_step": "no renew_many",
-    "test_invalid_renewals_raise_value_error": "no renew_many",
-}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        name = getattr(item, "originalname", item.name)
-        if callspec is None or name not in SQLITE_GAPS:
-            continue
-        if str(callspec.params.get("backend", "")).startswith("sqlite"):
-            reason = f"SQLite ledger: {SQLITE_GAPS[name]}"
-            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))

@@ -20,6 +20,7 @@ from payi_guard.ledger import (
     JournalEntry,
     SqliteLedger,
 )
+from payi_guard.ledger._sqlite_sql import APPLICATION_ID, SCHEMA, SCHEMA_VERSION
 
 DAY = 86_400
 WINDOW = 1_795_737_600
@@ -133,7 +134,12 @@ async def test_an_adjustment_may_push_a_counter_past_max_which_then_refuses(
     assert entry.settled == 1500  # above a max of 1000: the operator meant it
     refused = await backend.reserve("r1", [Charge(k1, 1, 1000, exp)], now=now, ttl=60)
     assert not refused.ok
-    assert refused.states == (CounterState(1500, 0),)
+    assert refused.states == (CounterState(1500, 0, refused=1),)
+    # Given back below max: the next call fits, and the refusal is cleared.
+    await adjust(backend, [Adjustment(k1, -600, exp)], now=now, journal=j1)
+    assert await backend.read([k1], now=now) == (CounterState(900, 0, refused=1),)
+    assert (await backend.reserve("r2", [Charge(k1, 1, 1000, exp)], now=now, ttl=60)).ok
+    assert await backend.read([k1], now=now) == (CounterState(900, 1),)
 
 
 async def test_zero_and_resets_of_missing_counters_create_nothing(
@@ -293,13 +299,14 @@ def test_a_layout_1_file_gains_the_journal_and_keeps_its_counters(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     db = tmp_path / "old.db"
-    first = SqliteLedger(db)
     now, exp = clock.now(), expiry(clock)
     k = key("pg", "alice")
-    first.commit("r0", [Charge(k, 250, None, exp)], now=now)
-    first.close()
-    conn = sqlite3.connect(db)  # make it a file the previous release wrote
-    conn.execute("DROP TABLE journal")
+    conn = sqlite3.connect(db)  # a file the first layout wrote
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO counters VALUES (?, 250, 0, ?)", (k, exp))
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -315,7 +322,7 @@ def test_a_layout_1_file_gains_the_journal_and_keeps_its_counters(
     assert second.read([k], now=now) == (CounterState(0, 0),)
     second.close()
     conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     conn.close()
 
 

@@ -64,7 +64,7 @@ async def test_reserve_exactly_at_max_fits(
     assert refused.refused == 0
 
 
-async def test_reserve_over_max_is_refused_and_changes_nothing(
+async def test_reserve_over_max_is_refused_and_changes_no_total(
     backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
 ) -> None:
     now, exp = clock.now(), expiry(clock)
@@ -78,8 +78,9 @@ async def test_reserve_over_max_is_refused_and_changes_nothing(
     )
     assert not result.ok
     assert result.refused == 1
-    assert result.states == (CounterState(50, 0), CounterState(300, 200))
-    assert await backend.read([k1, k2], now=now) == before
+    # Only what the refused charge needed is noted, on the counter that refused it.
+    assert result.states == (CounterState(50, 0), CounterState(300, 200, refused=501))
+    assert await backend.read([k1, k2], now=now) == (result.states[1], result.states[0])
     # The refused id holds nothing anywhere: committing it only adds the amount.
     states = await backend.commit("r2", [Charge(k2, 0, None, exp)], now=now)
     assert states == (CounterState(50, 0),)
@@ -97,14 +98,18 @@ async def test_reserve_is_all_or_nothing_across_keys(
     result = await backend.reserve("r1", charges, now=now, ttl=60)
     assert not result.ok
     assert result.refused == 1  # the first charge that does not fit, though k3 fails too
-    assert result.states == (CounterState(0, 0), CounterState(100, 0), CounterState(0, 0))
+    assert result.states == (
+        CounterState(0, 0),
+        CounterState(100, 0, refused=100),
+        CounterState(0, 0),
+    )
     assert await backend.read([k1, k2, k3], now=now) == result.states
 
     ok = await backend.reserve(
         "r2", [Charge(k1, 100, 1000, exp), Charge(k2, 50, 150, exp)], now=now, ttl=60
     )
     assert ok.ok
-    assert ok.states == (CounterState(0, 100), CounterState(100, 50))
+    assert ok.states == (CounterState(0, 100), CounterState(100, 50))  # k2 fits: cleared
 
 
 async def test_max_none_never_refuses(backend: LedgerAdapter, clock: FakeClock, k1: str) -> None:
@@ -170,7 +175,7 @@ async def test_release_gives_the_budget_back(
     assert (await backend.reserve("r1", charges, now=now, ttl=60)).ok
     assert not (await backend.reserve("r2", charges, now=now, ttl=60)).ok
     assert await backend.release("r1", [k1, k2], now=now) == (
-        CounterState(0, 0),
+        CounterState(0, 0, refused=1000),  # r2's, until a reserve fits
         CounterState(0, 0),
     )
     assert (await backend.reserve("r2", charges, now=now, ttl=60)).ok
@@ -200,7 +205,7 @@ async def test_reservation_expires_after_ttl(
     assert not refused.ok
     await backend.elapse(clock, ttl)  # deadline reached: the reservation no longer counts
     assert await backend.read([k1, k2], now=clock.now()) == (
-        CounterState(0, 0),
+        CounterState(0, 0, refused=800),
         CounterState(0, 5),
     )
     result = await backend.reserve("r2", [Charge(k1, 800, 1000, exp)], now=clock.now(), ttl=60)
@@ -365,6 +370,60 @@ async def test_invalid_ids_times_and_keys_raise_value_error(
     assert await backend.read([k1], now=now) == (CounterState(0, 0),)
 
 
+# -- refusals: what the counter that refused needed ---------------------------------------
+
+
+async def test_a_refusal_records_what_it_needed_until_a_reserve_fits(
+    backend: LedgerAdapter, clock: FakeClock, k1: str, k2: str
+) -> None:
+    now, exp = clock.now(), expiry(clock)
+    await backend.commit("r0", [Charge(k1, 600, None, exp)], now=now)
+    # k2 fits and k1 does not: only the counter that refused records the amount.
+    result = await backend.reserve(
+        "r1", [Charge(k2, 500, 1000, exp), Charge(k1, 500, 1000, exp)], now=now, ttl=60
+    )
+    assert (result.ok, result.refused) == (False, 1)
+    assert result.states == (CounterState(0, 0), CounterState(600, 0, refused=500))
+    assert await backend.read([k2, k1], now=now) == result.states
+    # The last refusal is what the counter remembers, smaller or larger.
+    again = await backend.reserve("r2", [Charge(k1, 401, 1000, exp)], now=now, ttl=60)
+    assert again.states == (CounterState(600, 0, refused=401),)
+    # Commits, releases and reads leave it; a closed id's reserve is no refusal.
+    await backend.commit("rec", [Charge(k1, 0, None, exp)], now=now)
+    await backend.release("gone", [k1], now=now)
+    closed = await backend.reserve("gone", [Charge(k1, 10**6, 1000, exp)], now=now, ttl=60)
+    assert closed.closed
+    assert await backend.read([k1], now=now) == (CounterState(600, 0, refused=401),)
+    # A reserve that fits on the counter clears it (a smaller call went through).
+    ok = await backend.reserve("r3", [Charge(k1, 400, 1000, exp)], now=now, ttl=60)
+    assert ok.ok
+    assert ok.states == (CounterState(600, 400),)
+    assert await backend.read([k1], now=now) == (CounterState(600, 400, refused=0),)
+    # A counter that never refused and has no max records nothing.
+    assert (await backend.reserve("r4", [Charge(k2, 10**9, None, exp)], now=now, ttl=60)).ok
+    assert (await backend.read([k2], now=now))[0].refused == 0
+
+
+async def test_a_refusal_on_a_missing_counter_makes_it_for_the_window(
+    backend: LedgerAdapter, clock: FakeClock, key_prefix: str, k1: str
+) -> None:
+    now = clock.now()
+    exp = now + 3600
+    # A call larger than the whole limit: the counter exists from then on, so the
+    # owner's refusal is seen (the users page lists owners by their counters).
+    result = await backend.reserve("r1", [Charge(k1, 2000, 1000, exp)], now=now, ttl=60)
+    assert (result.refused, result.states) == (0, (CounterState(0, 0, refused=2000),))
+    assert await backend.read([k1], now=now) == result.states
+    assert await backend.scan(escape(key_prefix) + ":*", now=now) == [k1]
+    # It lives as long as a reserve would have made it live.
+    if backend.raw is not None:
+        assert 3_000_000 < backend.raw.pttl(k1) <= 3_600_000
+    else:
+        clock.set(exp)
+        assert await backend.read([k1], now=clock.now()) == (CounterState(0, 0),)
+        assert await backend.scan(escape(key_prefix) + ":*", now=clock.now()) == []
+
+
 # -- closed ids: idempotent commits and releases --------------------------------------------
 
 
@@ -474,7 +533,7 @@ async def test_renew_keeps_a_live_reservation(
     # A renewal never shortens a deadline.
     assert await backend.renew("r1", [k1, k2], now=clock.now(), ttl=ttl)
     await backend.elapse(clock, ttl)
-    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 600),)
+    assert await backend.read([k1], now=clock.now()) == (CounterState(0, 600, refused=600),)
     await backend.commit("r1", [Charge(k1, 500, None, exp), Charge(k2, 5, None, exp)],
                          now=clock.now())  # fmt: skip
     assert not await backend.renew("r1", [k1, k2], now=clock.now(), ttl=3600)

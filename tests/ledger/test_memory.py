@@ -73,7 +73,7 @@ def test_open_reservations_stay_bounded(clock: FakeClock) -> None:
     assert _sizes(counter) == (0, 0)
 
 
-def test_a_refused_reserve_creates_no_counter(clock: FakeClock) -> None:
+def test_a_refused_reserve_creates_only_the_counter_that_refused(clock: FakeClock) -> None:
     memory = MemoryLedger()
     exp = clock.now() + 60
     result = memory.reserve(
@@ -83,7 +83,9 @@ def test_a_refused_reserve_creates_no_counter(clock: FakeClock) -> None:
         ttl=60,
     )
     assert not result.ok
-    assert len(memory) == 0
+    assert len(memory) == 1  # {u:b}: what it refused is shown until its window ends
+    clock.set(exp)
+    assert memory.sweep(clock.now()) == 1
 
 
 async def test_async_ledger_shares_the_sync_store(clock: FakeClock) -> None:
@@ -96,10 +98,10 @@ async def test_async_ledger_shares_the_sync_store(clock: FakeClock) -> None:
     assert (await aio.reserve("r1", [Charge(key, 70, 100, exp)], now=now, ttl=30)).ok
     assert not memory.reserve("r2", [Charge(key, 40, 100, exp)], now=now, ttl=30).ok
     memory.commit("r1", [Charge(key, 50, None, exp)], now=now)
-    assert await aio.read([key], now=now) == (CounterState(50, 0),)
+    assert await aio.read([key], now=now) == (CounterState(50, 0, refused=40),)
     await aio.aclose()
     memory.close()
-    assert memory.read([key], now=now) == (CounterState(50, 0),)
+    assert memory.read([key], now=now) == (CounterState(50, 0, refused=40),)
 
 
 def test_separate_memory_ledgers_do_not_share(clock: FakeClock) -> None:

@@ -130,7 +130,10 @@ async def _grouping_scenario(
     assert sent() - start == 3 + 2  # three reserves, two rollbacks
     assert not result.ok
     assert result.refused == 2
-    assert result.states == (before[0], before[2], before[3])
+    # c refused 100: it notes so; a and b are as they were.
+    noted = CounterState(before[3].settled, before[3].pending, refused=100)
+    assert result.states == (before[0], before[2], noted)
+    before = (*before[:3], noted)
     assert await adapter.read(every, now=now) == before
     assert not raw.hexists(a, "r:no")
     assert not raw.hexists(b, "r:no")
@@ -144,6 +147,9 @@ async def _grouping_scenario(
     result = await adapter.reserve("mixed", mixed, now=now, ttl=60)
     assert not result.ok
     assert result.refused == 1
+    # The counter that refused in its own slot notes what it needed (a_tokens: it does
+    # refuse this call), not the one reported; nothing else changed.
+    before = (before[0], CounterState(before[1].settled, before[1].pending, 100), *before[2:])
     assert await adapter.read(every, now=now) == before
 
     # A storage error in a later group rolls back the earlier ones, then is raised.
@@ -380,7 +386,7 @@ async def test_concurrent_async_reserves_never_overshoot(
 
     granted = await asyncio.gather(*(one(i) for i in range(200)))
     assert sum(granted) == 500 // 7
-    assert await aio.read([key], now=clock.now()) == (CounterState(0, 7 * (500 // 7)),)
+    assert await aio.read([key], now=clock.now()) == (CounterState(0, 7 * (500 // 7), 7),)
     await aio.aclose()
 
 
@@ -416,11 +422,17 @@ async def test_real_cluster_groups_by_slot(cluster_port: int, clock: FakeClock) 
     assert (await aio.reserve("a1", charges, now=now, ttl=60)).ok
     refused = [Charge(keys[0], 100, 1000, EXPIRES), Charge(keys[2], 900, 1000, EXPIRES)]
     assert not sync.reserve("s2", refused, now=now, ttl=60).ok
-    assert sync.read(keys, now=now) == (CounterState(0, 200),) * 3
-    assert await aio.commit("a1", charges, now=now) == (CounterState(100, 100),) * 3
-    assert sync.release("s1", keys, now=now) == (CounterState(100, 0),) * 3
+    assert sync.read(keys, now=now) == (*[CounterState(0, 200)] * 2, CounterState(0, 200, 900))
+    assert await aio.commit("a1", charges, now=now) == (
+        *[CounterState(100, 100)] * 2,
+        CounterState(100, 100, 900),
+    )
+    assert sync.release("s1", keys, now=now) == (
+        *[CounterState(100, 0)] * 2,
+        CounterState(100, 0, 900),
+    )
     # Idempotent per id on every slot; renewals reach every slot.
-    assert await aio.commit("a1", charges, now=now) == (CounterState(100, 0),) * 3
+    assert await aio.commit("a1", charges, now=now) == sync.read(keys, now=now)
     assert sync.reserve("s3", charges, now=now, ttl=60).ok
     assert sync.renew_many([("s3", keys), ("a1", keys)], now=now, ttl=600) == (True, False)
     assert await aio.renew("s3", keys, now=now, ttl=600)

@@ -1,5 +1,5 @@
 """What only the SQLite ledger has: URIs and paths, the file itself, locking and timeouts,
-pruning, durability across reopening, idempotent settles, renew, fork safety.
+pruning, durability across reopening, closed ids, renew, fork safety.
 
 The ledger semantics shared with memory and Redis are in ``test_contract.py``; many
 processes on one file are in ``test_sqlite_stress.py``.
@@ -8,6 +8,7 @@ processes on one file are in ``test_sqlite_stress.py``.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import sqlite3
@@ -32,6 +33,7 @@ from payi_guard.ledger import (
     open_async_ledger,
     open_ledger,
 )
+from payi_guard.ledger._sqlite_sql import APPLICATION_ID, MIGRATIONS
 from payi_guard.ledger.factory import resolve_storage_uri
 from payi_guard.ledger.sqlite import parse_sqlite_uri, resolve_sqlite_uri
 
@@ -173,6 +175,12 @@ def test_bad_keyword_options_are_refused(tmp_path: Path) -> None:
         AsyncSqliteLedger(tmp_path / "b.db", workers=0)
     with pytest.raises(ValueError, match="prune_batch"):
         SqliteLedger(tmp_path / "b.db", prune_batch=0)
+    with pytest.raises(ValueError, match="closed_ttl"):
+        SqliteLedger(tmp_path / "b.db", closed_ttl=0)
+    # One name everywhere: the ledger's closed ids are always on.
+    for gone in ("idempotent", "tombstone_ttl"):
+        with pytest.raises(ConfigError, match=f"does not accept the option.*{gone}"):
+            open_ledger("sqlite:///b.db", base_dir=tmp_path, **{gone: True})
     with pytest.raises(ValueError, match="path"):
         SqliteLedger("")
     # Keyword options win over the URI's.
@@ -181,14 +189,30 @@ def test_bad_keyword_options_are_refused(tmp_path: Path) -> None:
     assert "workers=2" in repr(ledger)
 
 
+def test_the_options_every_ledger_takes_are_accepted(tmp_path: Path, clock: FakeClock) -> None:
+    seen: list[object] = []
+    # on_event and marker_key are accepted and unused: a restart does not empty a file.
+    options: dict[str, Any] = {"closed_ttl": 30, "on_event": seen.append, "marker_key": "pg:m"}
+    assert isinstance(open_async_ledger("sqlite:///b.db", base_dir=tmp_path, **options),
+                      AsyncSqliteLedger)  # fmt: skip
+    ledger = open_ledger("sqlite:///b.db", base_dir=tmp_path, **options)
+    now, e = clock.now(), exp(clock)
+    ledger.commit("r1", [Charge(K1, 5, None, e)], now=now)
+    ledger.commit("r1", [Charge(K1, 5, None, e)], now=now + 29)
+    ledger.commit("r1", [Charge(K1, 5, None, e)], now=now + 30)  # forgotten: a new id
+    assert ledger.read([K1], now=now + 30) == (CounterState(10, 0),)
+    assert seen == []
+    ledger.close()
+
+
 # -- the file --------------------------------------------------------------------------------
 
 
 def test_the_file_is_a_wal_ledger_with_its_schema(ledger: SqliteLedger, db: Path) -> None:
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-    assert rows(db, "PRAGMA user_version") == [(2,)]
+    assert rows(db, "PRAGMA user_version") == [(3,)]
     tables = {name for (name,) in rows(db, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"counters", "holds", "journal"}
+    assert tables == {"counters", "holds", "closed", "journal"}
 
 
 def test_a_missing_folder_is_a_storage_error(tmp_path: Path) -> None:
@@ -226,6 +250,36 @@ def test_a_newer_layout_is_refused(ledger: SqliteLedger, db: Path) -> None:
     conn.close()
     with pytest.raises(StorageError, match="upgrade payi_guard"):
         SqliteLedger(db)
+
+
+def test_a_layout_2_file_moves_its_closed_ids_out_of_holds(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    old = tmp_path / "old.db"
+    now, e = clock.now(), exp(clock)
+    conn = sqlite3.connect(old)  # a file layout 2 wrote: closed ids were holds with open = 0
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
+        conn.execute(statement)
+    conn.execute("INSERT INTO counters VALUES (?, 100, 50, ?)", (K1, e))
+    conn.execute("INSERT INTO holds VALUES (?, 'r1', 50, ?, 1)", (K1, now + 60))
+    conn.execute("INSERT INTO holds VALUES (?, 'r0', 0, ?, 0)", (K1, now + 600))
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    ledger = SqliteLedger(old)
+    assert rows(old, "PRAGMA user_version") == [(3,)]
+    tables = {name for (name,) in rows(old, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"counters", "holds", "closed", "journal"}
+    # The open reservation is kept; the old closed id is forgotten, nothing else.
+    assert rows(old, "SELECT key, rid, amount, deadline FROM holds") == [(K1, "r1", 50, now + 60)]
+    assert ledger.read([K1], now=now) == (CounterState(100, 50),)
+    assert ledger.commit("r1", [Charge(K1, 30, None, e)], now=now) == (CounterState(130, 0),)
+    assert ledger.commit("r1", [Charge(K1, 30, None, e)], now=now) == (CounterState(130, 0),)
+    refused = ledger.reserve("r2", [Charge(K1, 900, 1000, e)], now=now, ttl=60)
+    assert refused.states == (CounterState(130, 0, refused=900),)
+    ledger.close()
 
 
 def test_counters_survive_closing_and_reopening(db: Path, clock: FakeClock) -> None:
@@ -266,8 +320,9 @@ def test_sync_and_async_ledgers_and_other_handles_share_the_file(
         finally:
             await three.aclose()
 
-    assert asyncio.run(from_async()) == (CounterState(100, 0),)
-    assert one.read([K1], now=now) == two.read([K1], now=now) == (CounterState(100, 0),)
+    # The refusal that `two` noted is seen by every handle.
+    assert asyncio.run(from_async()) == (CounterState(100, 0, refused=600),)
+    assert one.read([K1], now=now) == two.read([K1], now=now) == (CounterState(100, 0, 600),)
     one.close()
     two.close()
 
@@ -289,13 +344,14 @@ def test_threads_reuse_pooled_connections(ledger: SqliteLedger, db: Path, clock:
 # -- what the contract suite cannot see from outside ------------------------------------------
 
 
-def test_nothing_is_written_for_a_refused_reserve_or_a_zero_commit(
+def test_no_counter_is_made_for_a_refused_reserve_or_a_zero_commit(
     ledger: SqliteLedger, db: Path, clock: FakeClock
 ) -> None:
     now, e = clock.now(), exp(clock)
     assert ledger.release("r0", [K1], now=now) == (CounterState(0, 0),)
-    assert ledger.commit("r0", [Charge(K1, 0, None, e)], now=now) == (CounterState(0, 0),)
+    assert ledger.commit("r0b", [Charge(K1, 0, None, e)], now=now) == (CounterState(0, 0),)
     assert count(db, "counters") == 0
+    assert [rid for (rid,) in rows(db, "SELECT rid FROM closed")] == ["r0", "r0b"]
     ledger.commit("r1", [Charge(K2, 50, None, e)], now=now)
     refused = ledger.reserve("r2", [Charge(K1, 5, 100, e), Charge(K2, 60, 100, e)], now=now, ttl=60)
     assert not refused.ok
@@ -472,45 +528,119 @@ async def test_the_async_ledger_works_across_event_loops_and_after_aclose(
     await ledger.aclose()  # twice is fine
 
 
-# -- idempotent settles and renew --------------------------------------------------------------
+# -- closed ids and renew ------------------------------------------------------------------
 
 
 @pytest.fixture
-def idem(db: Path) -> Iterator[SqliteLedger]:
-    opened = SqliteLedger(db, idempotent=True, tombstone_ttl=300)
+def short(db: Path) -> Iterator[SqliteLedger]:
+    opened = SqliteLedger(db, closed_ttl=300, prune_every=10**6)
     yield opened
     opened.close()
 
 
-def test_idempotent_commit_applies_once(idem: SqliteLedger, db: Path, clock: FakeClock) -> None:
-    now, e = clock.now(), exp(clock)
-    charges = [Charge(K1, 100, 1000, e), Charge(K2, 100, None, e)]
-    assert idem.reserve("r1", charges, now=now, ttl=60).ok
-    actual = [Charge(K1, 30, None, e), Charge(K2, 30, None, e)]
-    first = idem.commit("r1", actual, now=now)
-    assert first == (CounterState(30, 0), CounterState(30, 0))
-    assert idem.commit("r1", actual, now=now) == first  # a retry after a lost reply
-    assert idem.release("r1", [K1, K2], now=now) == first
-    # A record (never reserved) is idempotent too.
-    assert idem.commit("rec", [Charge(K1, 5, None, e)], now=now) == (CounterState(35, 0),)
-    assert idem.commit("rec", [Charge(K1, 5, None, e)], now=now) == (CounterState(35, 0),)
-    # The tombstones last tombstone_ttl; then the id is unknown again (and they are gone).
-    clock.advance(300)
-    assert idem.commit("r1", [Charge(K1, 1, None, e)], now=clock.now()) == (CounterState(36, 0),)
-    assert rows(db, "SELECT key, rid, open FROM holds ORDER BY key") == [
-        (K2, "r1", 0),  # K2 was not touched since: its tombstone waits for its next write
-        (K1, "r1", 0),
-    ]
+def closed_rows(db: Path) -> list[tuple[str, list[str], float]]:
+    """The closed ids in the file: id, the keys it is closed on, until when."""
+    found = rows(db, "SELECT rid, keys, until FROM closed ORDER BY rid")
+    return [(rid, json.loads(keys), until) for rid, keys, until in found]
 
 
-def test_idempotent_release_then_commit_changes_nothing(
-    idem: SqliteLedger, clock: FakeClock
+def test_a_closed_id_is_one_row_until_the_closed_ttl(
+    short: SqliteLedger, db: Path, clock: FakeClock
 ) -> None:
     now, e = clock.now(), exp(clock)
-    assert idem.reserve("r1", [Charge(K1, 500, 1000, e)], now=now, ttl=60).ok
-    assert idem.release("r1", [K1], now=now) == (CounterState(0, 0),)
-    assert idem.commit("r1", [Charge(K1, 400, None, e)], now=now) == (CounterState(0, 0),)
-    assert idem.reserve("r2", [Charge(K1, 1000, 1000, e)], now=now, ttl=60).ok
+    charges = [Charge(K1, 100, 1000, e), Charge(K2, 100, None, e)]
+    assert short.reserve("r1", charges, now=now, ttl=60).ok
+    actual = [Charge(K1, 30, None, e), Charge(K2, 30, None, e)]
+    first = short.commit("r1", actual, now=now)
+    assert first == (CounterState(30, 0), CounterState(30, 0))
+    assert short.commit("r1", actual, now=now) == first  # a retry after a lost reply
+    assert count(db, "holds") == 0
+    assert closed_rows(db) == [("r1", [K1, K2], now + 300)]
+    # Closed on one more key later: the same row names it too, from then on.
+    clock.advance(100)
+    k3 = "pg:{g:*}:usd:month:1793491200"
+    assert short.release("r1", [K1, k3], now=clock.now()) == (
+        CounterState(30, 0),
+        CounterState(0, 0),
+    )
+    assert closed_rows(db) == [("r1", [K1, K2, k3], clock.now() + 300)]
+    # Past closed_ttl the id is unknown again.
+    clock.advance(300)
+    assert short.commit("r1", [Charge(K1, 1, None, e)], now=clock.now()) == (CounterState(31, 0),)
+    assert closed_rows(db) == [("r1", [K1], clock.now() + 300)]
+
+
+def test_a_release_closes_the_id_where_no_counter_exists_yet(
+    short: SqliteLedger, db: Path, clock: FakeClock
+) -> None:
+    now, e = clock.now(), exp(clock)
+    # The caller gave up before its reserve reached the file: release it first.
+    assert short.release("late", [K1, K2], now=now) == (CounterState(0, 0),) * 2
+    assert count(db, "counters") == 0
+    assert closed_rows(db) == [("late", [K1, K2], now + 300)]
+    late = short.reserve(
+        "late", [Charge(K1, 500, 1000, e), Charge(K2, 5, None, e)], now=now, ttl=60
+    )
+    assert late.closed
+    assert count(db, "counters") == 0
+    assert count(db, "holds") == 0
+
+
+def test_keys_of_any_text_survive_being_closed(short: SqliteLedger, clock: FakeClock) -> None:
+    now, e = clock.now(), exp(clock)
+    odd = ['pg:{u:"quoted"}', "pg:{u:a,b}", "pg:{u:\\n}", "pg:{u:\u00e9\u4e16}", "pg:[x]"]
+    charges = [Charge(k, 1, None, e) for k in odd]
+    assert short.commit("r1", charges, now=now) == (CounterState(1, 0),) * len(odd)
+    assert short.commit("r1", charges, now=now) == (CounterState(1, 0),) * len(odd)
+    assert short.reserve("r1", [Charge(odd[3], 1, 10, e)], now=now, ttl=60).closed
+
+
+def test_expired_closed_ids_are_forgotten_as_fast_as_they_are_made(
+    db: Path, clock: FakeClock
+) -> None:
+    ledger = SqliteLedger(db, closed_ttl=300, prune_every=4, prune_batch=5)
+    now, e = clock.now(), exp(clock)
+    # 100 ids closed on keys that never had a counter: nothing else would delete them.
+    for i in range(100):
+        ledger.release(f"gone{i}", [f"pg:{{u:{i}}}:usd:day:1", K2], now=now)
+    assert count(db, "closed") == 100  # none expired yet: the pruning turns left them
+    clock.advance(300)
+    left = []
+    for i in range(8):
+        ledger.commit(f"new{i}", [Charge(K1, 1, None, e), Charge(K2, 1, None, e)], now=clock.now())
+        left.append(count(db, "closed"))
+    # Every 4th write forgets what the last 4 writes closed, plus prune_batch: a backlog
+    # shrinks by 5 a turn however many ids each call closes.
+    assert left == [101, 102, 103, 95, 96, 97, 98, 90]
+    assert ledger.prune(clock.now()) == 0  # no counter expired; every old id goes
+    assert [rid for rid, _, _ in closed_rows(db)] == [f"new{i}" for i in range(8)]
+    ledger.close()
+
+
+def test_periodic_pruning_forgets_expired_closed_ids_too(db: Path, clock: FakeClock) -> None:
+    ledger = SqliteLedger(db, closed_ttl=60, prune_every=2, prune_batch=30)
+    now = clock.now()
+    for i in range(50):
+        ledger.release(f"gone{i}", [f"pg:{{u:{i}}}:usd:day:1"], now=now)
+    assert count(db, "closed") == 50
+    clock.advance(60)
+    # Renewals of nothing change nothing, yet the second one's pruning turn is committed.
+    for _ in range(2):
+        assert not ledger.renew("nothing", [K1], now=clock.now(), ttl=1)
+    assert count(db, "closed") == 20
+    ledger.close()
+
+
+def test_forgetting_closed_ids_reads_only_the_expired_ones(
+    short: SqliteLedger, db: Path, clock: FakeClock
+) -> None:
+    from payi_guard.ledger._sqlite_sql import _FORGET
+
+    short.release("r1", [K1], now=clock.now())
+    plan = " | ".join(str(r[-1]) for r in rows(db, "EXPLAIN QUERY PLAN " + _FORGET, 0.0, 10))
+    # The oldest first, through the index on `until`: never a scan of the whole table.
+    assert "closed_by_until" in plan, plan
+    assert "SCAN closed" not in plan.replace("USING COVERING INDEX", ""), plan
 
 
 def test_renew_keeps_an_open_reservation(ledger: SqliteLedger, clock: FakeClock) -> None:
@@ -526,12 +656,12 @@ def test_renew_keeps_an_open_reservation(ledger: SqliteLedger, clock: FakeClock)
     # A renew never shortens a deadline.
     assert ledger.renew("r1", [K1], now=clock.now(), ttl=1)
     clock.advance(9.5)
-    assert ledger.read([K1], now=clock.now()) == (CounterState(0, 600),)
+    assert ledger.read([K1], now=clock.now()) == (CounterState(0, 600, refused=600),)
     clock.advance(0.5)  # start + 50
-    assert ledger.read([K1], now=clock.now()) == (CounterState(0, 0),)
+    assert ledger.read([K1], now=clock.now()) == (CounterState(0, 0, refused=600),)
     # An expired reservation is not revived, nor is one that is not there.
     assert not ledger.renew("r1", [K1, K2], now=clock.now(), ttl=30)
-    assert ledger.read([K1, K2], now=clock.now()) == (CounterState(0, 0),) * 2
+    assert ledger.read([K1, K2], now=clock.now()) == (CounterState(0, 0, 600), CounterState(0, 0))
     assert not ledger.renew("nope", [K1], now=clock.now(), ttl=30)
     assert ledger.renew("r1", [], now=clock.now(), ttl=30)
 
@@ -630,11 +760,10 @@ def test_a_forked_child_neither_reuses_nor_waits_on_its_parents_state(
 def test_sqlite_ledger_matches_the_model(tmp_path: Path) -> None:
     def make(prefix: str) -> tuple[Ledger, Callable[[], None]]:
         path = tmp_path / f"{prefix.rsplit(':', 1)[-1]}.db"
-        ledger = SqliteLedger(path, prune_every=3, idempotent=True)
-        return ledger, ledger.close  # type: ignore[return-value]
+        ledger = SqliteLedger(path, prune_every=3)
+        return ledger, ledger.close
 
-    # A reserve of a closed id is not refused yet (a strict xfail of the contract suite).
-    _run(make, examples=100, closed_reserves=False)
+    _run(make, examples=100)
 
 
 # -- the file stays the size of the live windows -------------------------------------------------

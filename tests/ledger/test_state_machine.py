@@ -57,6 +57,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.window = 0
         self.seq = 0
         self.settled: dict[str, int] = {}
+        # What the last reserve each counter refused needed (0 once a reserve on it fits).
+        self.refused: dict[str, int] = {}
         self.maxes: dict[str, int | None] = {}
         self.open: dict[str, Reservation] = {}
         # Committed or released ids: their charges and until when they are remembered.
@@ -72,13 +74,22 @@ class LedgerMachine(RuleBasedStateMachine):
         for key, limit in zip(out, MAXES, strict=True):
             self.maxes.setdefault(key, limit)
             self.settled.setdefault(key, 0)
+            self.refused.setdefault(key, 0)
         return out
 
     def pending(self, key: str) -> int:
         return sum(r.amounts.get(key, 0) for r in self.open.values() if r.deadline > self.now)
 
     def state(self, key: str) -> CounterState:
-        return CounterState(self.settled[key], self.pending(key))
+        return CounterState(self.settled[key], self.pending(key), self.refused[key])
+
+    def reserved(self, charges: list[Charge], refused: int | None) -> None:
+        """What a reserve that was not closed does to ``refused``."""
+        if refused is not None:
+            self.refused[charges[refused].key] = charges[refused].amount
+        else:
+            for charge in charges:
+                self.refused[charge.key] = 0
 
     def new_id(self) -> str:
         self.seq += 1
@@ -119,16 +130,14 @@ class LedgerMachine(RuleBasedStateMachine):
                 refused = index
                 break
         rid = self.new_id()
-        before = tuple(self.state(c.key) for c in charges)
         result = self.ledger.reserve(rid, charges, now=self.now, ttl=self.ledger_ttl(ttl))
         assert result.refused == refused
         assert result.ok == (refused is None)
         assert not result.closed
+        self.reserved(charges, refused)
         if result.ok:
             self.open[rid] = Reservation({c.key: c.amount for c in charges}, self.deadline(ttl))
-            assert result.states == tuple(self.state(c.key) for c in charges)
-        else:
-            assert result.states == before
+        assert result.states == tuple(self.state(c.key) for c in charges)
 
     @precondition(lambda self: bool(self.open))
     @rule(data=st.data(), generous=st.booleans())
@@ -174,9 +183,13 @@ class LedgerMachine(RuleBasedStateMachine):
             if remembered:
                 assert result.closed
                 assert result.states == before
-            elif result.ok:  # forgotten: an ordinary new reservation
+                return
+            # Forgotten: an ordinary new reservation, admitted or refused.
+            self.reserved(limits, result.refused)
+            if result.ok:
                 self.open[rid] = Reservation(dict.fromkeys(keys, 1), self.deadline(30.0))
                 del self.closed[rid]
+            assert result.states == tuple(self.state(k) for k in keys)
             return
         if not remembered:
             for charge in charges:

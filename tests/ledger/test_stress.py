@@ -130,5 +130,7 @@ def test_a_live_reservation_holds_until_its_store_deadline(
     assert ledger.reserve("held", charge, now=clock.now(), ttl=3600).ok
     # A caller whose clock is a day ahead frees nothing: the store's clock decides.
     assert not ledger.reserve("other", charge, now=clock.now() + 86_000, ttl=60).ok
-    assert ledger.read([key], now=clock.now() + 86_000) == (CounterState(0, 4_000_000_000),)
+    assert ledger.read([key], now=clock.now() + 86_000) == (
+        CounterState(0, 4_000_000_000, refused=4_000_000_000),
+    )
     ledger.close()

@@ -4,7 +4,7 @@
 -- KEYS: per charge, the three keys of its counter (see lib.lua).
 -- ARGV: reservation id, seconds to remember the id, then per charge: amount, time to
 --       live of the counter in milliseconds ('' = leave the expiry alone, as release does).
--- Returns {settled_1, pending_1, settled_2, pending_2, ...}.
+-- Returns {settled_1, pending_1, refused_1, settled_2, ...}.
 local id = ARGV[1]
 local keep = tonumber(ARGV[2])
 local now = store_now()
@@ -36,8 +36,6 @@ for i = 1, #KEYS / 3 do
       redis.call('PEXPIRE', index, ttl)
     end
   end
-  local settled, pending = totals(key)
-  out[2 * i - 1] = settled
-  out[2 * i] = pending
+  put_totals(out, 0, i, totals(key))
 end
 return out

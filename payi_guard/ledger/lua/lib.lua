@@ -1,6 +1,7 @@
 -- Shared prelude of the ledger scripts (prepended to each of them).
 --
 -- Counter K is a hash: field "s" = settled, "p" = pending (sum of open reservations),
+-- "f" = what the last reserve this counter refused needed (absent once one fits),
 -- "r:<id>" = amount of open reservation <id>. The sorted set K .. ":x" maps each open
 -- reservation's field name ("r:<id>") to its deadline, so expired ones are found in
 -- O(log n). The sorted set K .. ":d" maps each closed (committed or released) id to
@@ -77,8 +78,15 @@ local function close_id(closed, id, now, keep)
   redis.call('PEXPIRE', closed, math.ceil(keep * 1000))
 end
 
--- {settled, pending} of a counter.
+-- settled, pending, refused of a counter.
 local function totals(key)
-  local v = redis.call('HMGET', key, 's', 'p')
-  return tonumber(v[1]) or 0, tonumber(v[2]) or 0
+  local v = redis.call('HMGET', key, 's', 'p', 'f')
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+end
+
+-- Put the state of counter i (1-based) into a reply, from index `base` + 1 on.
+local function put_totals(out, base, i, settled, pending, refused)
+  out[base + 3 * i - 2] = settled
+  out[base + 3 * i - 1] = pending
+  out[base + 3 * i] = refused
 end

@@ -2,8 +2,10 @@
 -- KEYS: per charge, the three keys of its counter (see lib.lua).
 -- ARGV: reservation id, ttl in seconds, then per charge: amount, max ('' = no max),
 --       time to live of the counter in milliseconds.
--- Returns {status, refused index (0-based, -1 if none), settled_1, pending_1, ...};
--- status 1 = reserved, 0 = refused, -1 = the id is already closed (nothing reserved).
+-- Returns {status, refused index (0-based, -1 if none), settled_1, pending_1, refused_1,
+-- ...}; status 1 = reserved, 0 = refused, -1 = the id is already closed on one of the
+-- keys (nothing reserved). A refusal changes no total: the counter that refused records
+-- what the charge needed (field "f"), and a reserve that fits clears it.
 local id = ARGV[1]
 local now = store_now()
 local deadline = fmt_time(now + tonumber(ARGV[2]))
@@ -11,19 +13,20 @@ local field = 'r:' .. id
 local n = #KEYS / 3
 local out = {1, -1}
 local held = {}
+local closed_here = false
 
 for i = 1, n do
   local key, index, closed = counter_keys(i)
   purge(key, index, now)
   trim_closed(closed, now)
-  if out[1] == 1 and is_closed(closed, id, now) then
-    out[1] = -1
+  if is_closed(closed, id, now) then
+    closed_here = true
   end
-  local v = redis.call('HMGET', key, 's', 'p', field)
+  local v = redis.call('HMGET', key, 's', 'p', 'f', field)
   local settled = tonumber(v[1]) or 0
   local pending = tonumber(v[2]) or 0
   -- Reserving an id that is already open replaces it: a retried reserve counts once.
-  held[i] = tonumber(v[3]) or 0
+  held[i] = tonumber(v[4]) or 0
   local base = 2 + 3 * (i - 1)
   local limit = ARGV[base + 2]
   if out[1] == 1 and limit ~= ''
@@ -31,11 +34,22 @@ for i = 1, n do
     out[1] = 0
     out[2] = i - 1
   end
-  out[2 * i + 1] = settled
-  out[2 * i + 2] = pending
+  put_totals(out, 2, i, settled, pending, tonumber(v[3]) or 0)
 end
 
-if out[1] ~= 1 then
+if closed_here then
+  out[1] = -1
+  out[2] = -1
+  return out
+end
+
+if out[1] == 0 then
+  local i = out[2] + 1
+  local key = counter_keys(i)
+  local base = 2 + 3 * (i - 1)
+  redis.call('HSET', key, 'f', ARGV[base + 1])
+  redis.call('PEXPIRE', key, ARGV[base + 3])
+  out[2 + 3 * i] = tonumber(ARGV[base + 1])
   return out
 end
 
@@ -45,7 +59,9 @@ for i = 1, n do
   local amount = ARGV[base + 1]
   local ttl = ARGV[base + 3]
   redis.call('HSET', key, field, amount)
-  out[2 * i + 2] = redis.call('HINCRBY', key, 'p', fmt(tonumber(amount) - held[i]))
+  redis.call('HDEL', key, 'f')
+  out[2 + 3 * i - 1] = redis.call('HINCRBY', key, 'p', fmt(tonumber(amount) - held[i]))
+  out[2 + 3 * i] = 0
   redis.call('ZADD', index, deadline, field)
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', index, ttl)
