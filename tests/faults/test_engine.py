@@ -1,10 +1,9 @@
 """The same faults seen through the Guard and the real openai SDK.
 
-Bursts are fixed in the ledger's connection handling. The other failures here live in
-the engine (settles cancelled by the SDK's stream clean-up, no renewal of live calls, no
-``storage_reset`` line, ambiguous commits and reserves not retried or released): each
-is reproduced against the current engine and marked ``xfail(strict=True)``, so the mark
-must come off with the fix.
+Bursts of plain and streamed calls on a healthy store; settles cut by the SDK's stream
+clean-up deadline; calls that outlive the reservation ttl; a store restarted without
+persistence; commits and reserves whose replies were lost; a call larger than a counter.
+Each was first reproduced against the engine that lacked the fix.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from structlog.testing import capture_logs
 from faults._support import (
     FakeProvider,
     Proxy,
+    async_wait_until,
     scripts_run,
     store_time,
     wait_store_time,
@@ -33,7 +33,6 @@ from payi_guard import BudgetExceeded, Guard, StorageError, track_context
 
 PRICES = {"gpt-test": {"input_per_mtok": 1, "output_per_mtok": 2}}
 PROMPT: Any = [{"role": "user", "content": "Tell me about the weather today"}]
-ENGINE_FIX = "needs the engine-side wiring of the fault-tolerant ledger"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,6 @@ async def test_200_concurrent_sdk_calls_on_a_healthy_store_never_fail(
         await guard.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason=f"the SDK's 0.1 s drain cancels settles: {ENGINE_FIX}")
 async def test_an_async_stream_settle_outlives_the_sdk_clean_up_deadline(
     server: RedisServer, make_proxy: Callable[..., Proxy], fake: FakeProvider
 ) -> None:
@@ -129,7 +127,7 @@ async def test_an_async_stream_settle_outlives_the_sdk_clean_up_deadline(
                 )
                 async for _ in stream:
                     pass
-            events = wait_until(lambda: calls(logs), timeout=3, what="the genai_call line")
+            events = await async_wait_until(lambda: calls(logs), what="the genai_call line")
         assert len(events) == 1
         assert used(guard, "alice") == Decimal(str(events[0]["cost_usd"]))
     finally:
@@ -138,7 +136,6 @@ async def test_an_async_stream_settle_outlives_the_sdk_clean_up_deadline(
         await guard.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason=f"live calls are not renewed: {ENGINE_FIX}")
 async def test_a_call_longer_than_the_reservation_ttl_keeps_its_reservation(
     server: RedisServer, fake: FakeProvider
 ) -> None:
@@ -167,7 +164,6 @@ async def test_a_call_longer_than_the_reservation_ttl_keeps_its_reservation(
         await guard.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason=f"storage_reset is never logged: {ENGINE_FIX}")
 def test_a_store_restarted_without_persistence_is_logged(
     server: RedisServer, fake: FakeProvider
 ) -> None:
@@ -184,7 +180,6 @@ def test_a_store_restarted_without_persistence_is_logged(
         guard.close()
 
 
-@pytest.mark.xfail(strict=True, reason=f"ambiguous commits are not retried: {ENGINE_FIX}")
 def test_a_commit_whose_reply_was_lost_is_not_logged_as_failed(
     server: RedisServer, make_proxy: Callable[..., Proxy], fake: FakeProvider
 ) -> None:
@@ -200,16 +195,15 @@ def test_a_commit_whose_reply_was_lost_is_not_logged_as_failed(
             for _ in stream:
                 pass
             proxy.open()
-            events = wait_until(lambda: calls(logs)[1:], timeout=3, what="the genai_call line")
+            events = wait_until(lambda: calls(logs)[1:], what="the genai_call line")
         logged = sum(Decimal(str(e["cost_usd"])) for e in calls(logs))
-        wait_until(lambda: used(direct, "alice") == logged, timeout=5, what="the late commit")
+        wait_until(lambda: used(direct, "alice") == logged, what="the late commit")
         assert "ledger" not in events[0], events[0]
     finally:
         guard.close()
         direct.close()
 
 
-@pytest.mark.xfail(strict=True, reason=f"timed-out reserves are not released: {ENGINE_FIX}")
 def test_a_reserve_that_timed_out_holds_no_budget_once_the_store_is_back(
     server: RedisServer, make_proxy: Callable[..., Proxy], fake: FakeProvider
 ) -> None:
@@ -228,7 +222,7 @@ def test_a_reserve_that_timed_out_holds_no_budget_once_the_store_is_back(
                 client.chat.completions.create(model="gpt-test", messages=PROMPT)
             proxy.open()
             wait_until(lambda: scripts_run(raw) > before, what="the late reserve")
-        wait_until(lambda: used(direct, "alice") == spent, timeout=3, what="nothing held")
+        wait_until(lambda: used(direct, "alice") == spent, what="nothing held")
     finally:
         raw.close()
         guard.close()
