@@ -169,11 +169,7 @@ class Guard:
         return self._storage.async_ledger
 
     def close(self) -> None:
-        """Stop the watcher, the renewals and ``tier_of``'s loop; close the sync storage.
-
-        Commits and releases still waiting to be retried get a last chance (about four
-        socket timeouts); what does not get through is logged as given up.
-        """
+        """Stop the watcher, renewals, retries and ``tier_of``'s loop; close sync storage."""
         self.stop_watching()
         self._books.close()
         self._parts.close()
