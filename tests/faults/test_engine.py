@@ -73,6 +73,18 @@ def sync_client(guard: Guard, fake: FakeProvider) -> Any:
     return guard.wrap(openai.OpenAI(base_url=fake.openai_base_url, api_key="k", max_retries=0))
 
 
+async def drain(stream: Any) -> None:
+    async for _ in stream:
+        pass
+
+
+def assert_ledger_equals_logs(guard: Guard, events: Sequence[MutableMapping[str, Any]]) -> None:
+    """Each user's counter holds exactly the logged costs: nothing pending, nothing lost."""
+    for user in {e["user_id"] for e in events}:
+        logged = sum(Decimal(str(e["cost_usd"])) for e in events if e["user_id"] == user)
+        assert used(guard, user) == logged, user
+
+
 @pytest.mark.slow
 async def test_200_concurrent_sdk_calls_on_a_healthy_store_never_fail(
     redis_url: str, key_prefix: str, raw_redis: redis.Redis, fake: FakeProvider
@@ -86,28 +98,74 @@ async def test_200_concurrent_sdk_calls_on_a_healthy_store_never_fail(
     failures: list[BaseException] = []
 
     async def one(task: int) -> None:
-        # Plain calls: a stream's settle may still be cut by the SDK's clean-up deadline
-        # (the test of that is below), which is not what this one is about.
         async with track_context(user_id=f"user-{task % 25}"):
-            for _ in range(2):
+            try:
+                await client.chat.completions.create(model="gpt-test", messages=PROMPT)
+                await drain(
+                    await client.chat.completions.create(
+                        model="gpt-test", messages=PROMPT, stream=True
+                    )
+                )
+            except Exception as exc:
+                failures.append(exc)
+
+    try:
+        with capture_logs() as logs:
+            await asyncio.gather(*(one(task) for task in range(200)))
+            # A stream's settle may outlive its caller's wait (the SDK's clean-up
+            # deadline): it still ends, and logs.
+            events = await async_wait_until(
+                lambda: len(calls(logs)) >= 400 and calls(logs), what="every settle"
+            )
+        assert not failures, failures[:3]
+        assert not [e for e in logs if e["event"] == "storage_error"]
+        assert len(events) == 400
+        assert sum(e["stream"] for e in events) == 200
+        assert_ledger_equals_logs(guard, events)
+    finally:
+        await client.close()
+        await guard.aclose()
+
+
+@pytest.mark.slow
+async def test_100_concurrent_streaming_tasks_charge_and_log_every_stream(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, fake: FakeProvider
+) -> None:
+    # openai drains each finished stream under a 0.1 s deadline; with 100 tasks on one
+    # event loop, many settles take longer than that and are cancelled mid-commit.
+    guard = Guard(
+        {"prices": PRICES, "default": [{"max": 100, "per": "day"}]},
+        storage=redis_url,
+        key_prefix=key_prefix,
+    )
+    client = async_client(guard, fake, connections=100)
+    failures: list[BaseException] = []
+
+    async def one(task: int) -> None:
+        async with track_context(user_id=f"user-{task % 20}"):
+            for _ in range(10):
                 try:
-                    await client.chat.completions.create(model="gpt-test", messages=PROMPT)
+                    await drain(
+                        await client.chat.completions.create(
+                            model="gpt-test", messages=PROMPT, stream=True
+                        )
+                    )
                 except Exception as exc:
                     failures.append(exc)
 
     try:
         with capture_logs() as logs:
-            await asyncio.gather(*(one(task) for task in range(200)))
+            await asyncio.gather(*(one(task) for task in range(100)))
+            events = await async_wait_until(
+                lambda: len(calls(logs)) >= 1000 and calls(logs), what="every settle"
+            )
         assert not failures, failures[:3]
         assert not [e for e in logs if e["event"] == "storage_error"]
-        events = calls(logs)
-        assert len(events) == 400
-        for user in {e["user_id"] for e in events}:
-            logged = sum(Decimal(str(e["cost_usd"])) for e in events if e["user_id"] == user)
-            assert used(guard, user) == logged  # nothing pending, nothing lost
+        assert len(events) == 1000
+        assert all(e["outcome"] == "ok" and "ledger" not in e for e in events)
+        assert_ledger_equals_logs(guard, events)
     finally:
         await client.close()
-        guard.close()
         await guard.aclose()
 
 
