@@ -16,6 +16,7 @@ one.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -38,6 +39,18 @@ MIN_INTERVAL = 0.05
 _Entry = tuple["weakref.ref[object]", tuple[str, ...], str]
 """The owner of a live reservation (held weakly), its keys, and the user charged."""
 
+_RENEWERS: weakref.WeakSet[Renewer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child has no renewal thread, and its parent's calls are not its own.
+    for renewer in list(_RENEWERS):
+        renewer._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class Renewer:
     """Renews the reservations of live calls every ``ttl() / 3`` seconds.
@@ -57,9 +70,21 @@ class Renewer:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._log = events.get_logger()
+        _RENEWERS.add(self)
+
+    def _forked(self) -> None:
+        self._cond = threading.Condition()
+        self._live = {}
+        self._thread = None
+        self._closing = False
 
     def __len__(self) -> int:
         return len(self._live)
+
+    @property
+    def running(self) -> bool:
+        """Whether the renewal thread runs (only while calls are live, and one interval after)."""
+        return self._thread is not None
 
     def add(self, reservation_id: str, keys: Sequence[str], owner: object, user_id: str) -> None:
         """Keep a reservation alive while ``owner`` (its call) lives and until :meth:`discard`."""

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -145,6 +147,19 @@ def _safely(job: Closing, callback: Callable[..., object], *args: Any) -> None:
         )
 
 
+_RETRIERS: weakref.WeakSet[Retrier] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child has no retry thread, and its parent's operations are not its own.
+    for retrier in list(_RETRIERS):
+        retrier._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Retrier:
     """One daemon thread that retries, in order, the operations callers could not apply.
 
@@ -166,6 +181,13 @@ class Retrier:
         self._thread: threading.Thread | None = None
         self._deadline: float | None = None
         self._log = events.get_logger()
+        _RETRIERS.add(self)
+
+    def _forked(self) -> None:
+        self._cond = threading.Condition()
+        self._queue = deque()
+        self._thread = None
+        self._deadline = None
 
     def __len__(self) -> int:
         return len(self._queue)
