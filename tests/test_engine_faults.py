@@ -139,17 +139,18 @@ def test_a_reservation_the_store_no_longer_holds_is_logged_and_dropped(clock: Fa
 def test_the_renewal_thread_runs_only_while_calls_are_live(clock: FakeClock) -> None:
     storage = Storage("memory://")
     renewer = Renewer(storage, clock, lambda: 0.3)
-    assert not renewer.running
+    seen = [renewer.running]
     call = Call()
     reserve(storage, clock, "r1", 30)
     renewer.add("r1", [KEY], call, "alice")
-    assert renewer.running
+    seen.append(renewer.running)
     renewer.discard("r1")
     wait_until(lambda: not renewer.running)  # one interval with nothing live
     renewer.add("r1", [KEY], call, "alice")  # a new call starts it again
-    assert renewer.running
+    seen.append(renewer.running)
     renewer.close()
-    assert not renewer.running
+    seen.append(renewer.running)
+    assert seen == [False, True, True, False]
 
 
 def test_a_guard_renews_held_reservations_until_they_settle(clock: FakeClock) -> None:
@@ -159,12 +160,13 @@ def test_a_guard_renews_held_reservations_until_they_settle(clock: FakeClock) ->
     )
     with track_context(user_id="alice"):
         reservation = guard.begin(CallRequest(model="test-model", max_output_tokens=1))
-    assert guard._books.renewer.running
-    assert len(guard._books.renewer) == 1
+    renewer = guard._books.renewer
+    seen = [(renewer.running, len(renewer))]
     reservation.settle(TokenUsage(0, 1))
-    assert len(guard._books.renewer) == 0
+    seen.append((renewer.running, len(renewer)))
     guard.close()
-    assert not guard._books.renewer.running
+    seen.append((renewer.running, len(renewer)))
+    assert seen == [(True, 1), (True, 0), (False, 0)]
 
 
 # --- the storage settings --------------------------------------------------------------------

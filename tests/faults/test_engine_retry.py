@@ -33,6 +33,7 @@ at $0.2 and costs $0.12 when it uses 60 + 30."""
 CALL = CallRequest(model="m", input_tokens=100, max_output_tokens=50)
 USED = TokenUsage(60, 30)
 COST = Decimal("0.12")
+NOTHING = Decimal(0)
 BOUND = 2 * DEFAULT_TIMEOUT + 1.0
 """The longest a caller may wait on a failing store: twice the socket timeout, plus a
 generous allowance for a loaded machine."""
@@ -90,7 +91,7 @@ def test_a_commit_while_the_store_is_down_is_applied_and_logged_once_it_is_back(
             wait_until(lambda: named(logs, "storage_recovered"), what="storage_recovered")
         assert "ledger" not in line
         assert Decimal(str(line["cost_usd"])) == COST
-        assert state(guard) == (COST, 0)
+        assert state(guard) == (COST, NOTHING)
     finally:
         guard.close()
 
@@ -110,7 +111,7 @@ async def test_an_async_release_while_the_store_is_down_frees_the_budget_once_it
             (line,) = await async_wait_until(lambda: named(logs, "genai_call"), what="the line")
         assert line["outcome"] == "error"
         assert "ledger" not in line
-        assert state(guard) == (0, 0)
+        assert state(guard) == (NOTHING, NOTHING)
     finally:
         await guard.aclose()
 
@@ -148,7 +149,8 @@ def test_a_commit_whose_reply_was_lost_is_never_logged_as_failed(server: RedisSe
             server.resume()
         assert line["ledger"] == "unknown"  # it may have been applied...
         assert named(logs, "storage_gave_up")[0]["applied"] == "unknown"
-        wait_until(lambda: state(guard) == (2 * COST, 0), what="the queued commit")  # ...it was
+        # ...and it was: the store ran the queued commit when it thawed.
+        wait_until(lambda: state(guard) == (2 * COST, NOTHING), what="the queued commit")
     finally:
         guard.close()
 
@@ -181,7 +183,7 @@ def test_a_reserve_whose_reply_was_lost_under_allow_is_charged_once(
             wait_until(lambda: named(logs, "storage_recovered"), what="the reserve undone")
         assert named(logs, "storage_error")[0]["outcome_unknown"] is True
         assert named(logs, "storage_recovered")[0]["undoes_reserve"] is True
-        wait_until(lambda: state(direct) == (2 * COST, 0), what="two commits, nothing held")
+        wait_until(lambda: state(direct) == (2 * COST, NOTHING), what="two commits, nothing held")
     finally:
         guard.close()
         direct.close()
@@ -207,7 +209,7 @@ async def test_a_cancelled_reserve_holds_nothing(
                     lambda: named(logs, "storage_recovered"), what="the reserve undone"
                 )
         assert named(logs, "storage_recovered")[0]["undoes_reserve"] is True
-        assert state(direct) == (COST, 0)
+        assert state(direct) == (COST, NOTHING)
     finally:
         await guard.aclose()
         direct.close()
@@ -238,7 +240,7 @@ async def test_a_cancelled_settle_still_commits_and_logs_once(
             await guard.aclose()  # waits for what is under way: nothing more is logged
         assert len(named(logs, "genai_call")) == 1
         expected = COST if end == "asettle" else Decimal(0)
-        assert state(direct) == (expected, 0)
+        assert state(direct) == (expected, NOTHING)
     finally:
         await guard.aclose()
         direct.close()
@@ -267,6 +269,6 @@ async def test_a_restart_without_persistence_is_logged_once_and_forgets_the_spen
         (reset,) = named(logs, "storage_reset")
         assert reset["previous"] != reset["marker"]
         assert len(named(logs, "storage_marker_created")) == 1
-        assert state(guard) == (COST, 0)
+        assert state(guard) == (COST, NOTHING)
     finally:
         await guard.aclose()
