@@ -82,7 +82,7 @@ class Bookkeeper:
         self._detached = Detached()
 
     def close(self) -> None:
-        """Stop renewing; try what waits to be retried for a moment, then give it up."""
+        """Stop renewing; retry what waits for four socket timeouts more, then give it up."""
         self.renewer.close()
         self._closer.retrier.close(timeout=4 * self.storage.timeout)
 
@@ -90,11 +90,6 @@ class Bookkeeper:
         """Let this event loop's settles finish (bounded), then :meth:`close`."""
         await self._detached.drain(timeout=8 * self.storage.timeout + 1.0)
         self.close()
-
-    @property
-    def retrying(self) -> int:
-        """How many commits and releases wait to be retried in the background."""
-        return len(self._closer.retrier)
 
     # -- reserving ---------------------------------------------------------------------------
 

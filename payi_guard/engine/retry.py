@@ -98,15 +98,16 @@ class Closing:
             self.unknown = True
         self.error = f"{type(exc).__name__}: {exc}"
 
-    def pause_before_retry(self, timeout: float) -> float | None:
+    def pause_before_retry(self, timeout: float, *, store_down: bool) -> float | None:
         """How long the caller pauses before trying again, or ``None``: leave it to the retrier.
 
         Only failures that came back fast are retried by the caller (the store refused
         or dropped a connection: it may be back at once); one that took half the
         socket timeout or more means a slow or frozen store, which another attempt
-        would only wait on again.
+        would only wait on again. Nor does the caller retry while the retrier has
+        work (``store_down``): the store is known to be failing.
         """
-        if self.attempts >= FOREGROUND_ATTEMPTS:
+        if store_down or self.attempts >= FOREGROUND_ATTEMPTS:
             return None
         pause = FOREGROUND_PAUSES[min(self.attempts, len(FOREGROUND_PAUSES)) - 1]
         if time.monotonic() - self.started + pause >= timeout / 2:
@@ -357,7 +358,7 @@ class Closer:
                     return apply(self._storage.ledger, job, self._clock.now())
                 except StorageError as exc:
                     self._failure(job, exc)
-                pause = job.pause_before_retry(self._storage.timeout)
+                pause = job.pause_before_retry(self._storage.timeout, store_down=bool(self.retrier))
                 if pause is None:
                     break
                 time.sleep(pause)
@@ -379,7 +380,7 @@ class Closer:
                     return await aapply(self._storage.async_ledger, job, self._clock.now())
                 except StorageError as exc:
                     self._failure(job, exc)
-                pause = job.pause_before_retry(self._storage.timeout)
+                pause = job.pause_before_retry(self._storage.timeout, store_down=bool(self.retrier))
                 if pause is None:
                     break
                 await asyncio.sleep(pause)
