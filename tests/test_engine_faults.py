@@ -1,8 +1,10 @@
 """The engine's fault handling on the in-memory store: calls larger than a counter,
-renewal of live reservations, what the guard reads from the storage settings."""
+renewal of live reservations, work that outlives a cancelled caller, what the guard
+reads from the storage settings."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import MutableMapping, Sequence
@@ -14,6 +16,7 @@ from structlog.testing import capture_logs
 from payi_guard import BudgetExceeded, track_context
 from payi_guard.clock import FakeClock
 from payi_guard.engine import CallRequest, Guard
+from payi_guard.engine.detached import Detached
 from payi_guard.engine.renewer import Renewer
 from payi_guard.engine.storage import Storage
 from payi_guard.ledger import Charge
@@ -191,3 +194,39 @@ def test_the_storage_knows_its_socket_timeout(
 def test_the_storage_knows_how_long_closed_ids_are_kept() -> None:
     assert Storage("memory://").closed_ttl == 600.0
     assert Storage("memory://", {"closed_ttl": 30}).closed_ttl == 30.0
+
+
+# --- work that outlives a cancelled caller -------------------------------------------------
+
+
+async def test_detached_work_goes_on_when_its_caller_is_cancelled() -> None:
+    detached = Detached()
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def work() -> str:
+        await release.wait()
+        finished.append("done")
+        return "done"
+
+    caller = asyncio.create_task(detached.run(work()))
+    await asyncio.sleep(0)  # the caller starts the work and waits for it
+    await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert len(detached) == 1  # held until done, though nobody awaits it
+    release.set()
+    assert await detached.drain(timeout=30)
+    assert finished == ["done"]
+    assert len(detached) == 0
+
+
+def test_detached_work_runs_in_place_outside_asyncio() -> None:
+    async def work() -> int:
+        return 42
+
+    runner = Detached().run(work())
+    with pytest.raises(StopIteration) as done:
+        runner.send(None)
+    assert done.value.value == 42

@@ -34,7 +34,11 @@ class Detached:
         Raises:
             asyncio.CancelledError: the caller was cancelled (``work`` goes on).
         """
-        task = asyncio.get_running_loop().create_task(work)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: nothing to detach into, run it here
+            return await work
+        task = loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)

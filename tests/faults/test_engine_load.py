@@ -42,7 +42,7 @@ PROMPT: Any = [{"role": "user", "content": "Tell me about the weather today"}]
 USERS = 12
 TINY_USERS = 4
 """Users ``user-0`` to ``user-3`` are on a tier that runs out mid-run."""
-TINY_MAX = Decimal("0.0005")
+TINY_MAX = Decimal("0.0003")
 DEFAULT_MAX = Decimal(100)
 TASKS = 40
 THREADS = 6
