@@ -242,9 +242,8 @@ class Guard:
     ) -> CallRecord:
         """Charge a call that happened elsewhere (never refused for the budget).
 
-        The cost comes from the model's price unless ``cost_usd`` is given. Crossing a
-        limit logs ``budget_overrun``; the call is logged as ``genai_call`` with outcome
-        ``recorded``.
+        The cost is the model's price unless ``cost_usd`` is given. Crossing a limit
+        logs ``budget_overrun``; the call is logged as ``genai_call`` (``recorded``).
 
         Raises:
             BudgetExceeded: the cost is more than a counter can hold (about $9 million).
