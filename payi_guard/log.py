@@ -23,11 +23,19 @@ Event names (contract):
   charged its reservation and its ``genai_call`` says ``outcome="unverified"``;
 * ``budget_adjusted``: an operator's ``adjust`` or ``reset``, with ``user_id``,
   ``limit``, ``amount``, ``used``, ``max``, ``reason`` (and ``by``, ``op``, ``unit``,
-  ``adjustment_id``), one line per limit adjusted.
+  ``adjustment_id``), one line per limit adjusted;
+* ``storage_reset``: the store lost its data (a restart without persistence, a flush):
+  logged at the first storage operation after it, with ``server``, ``previous`` and
+  ``marker``.
 
 Also: ``tier_unknown`` (a tier from the request or ``tier_of`` that the budgets file does
 not define: the user gets ``default``) and ``tier_lookup_failed`` (``tier_of`` raised or
-returned something that is not a tier name).
+returned something that is not a tier name); ``storage_marker_created`` (info: this
+process found a store without its marker: new, or emptied before the process started);
+``storage_recovered`` (info) and ``storage_gave_up`` (error): a commit or release that
+failed (or whose reply was lost) went through when retried in the background, or was
+given up; ``reservation_lost``: a live call's reservation could not be renewed (it
+expired, or the store lost it), the call goes on unreserved.
 """
 
 from __future__ import annotations
@@ -48,7 +56,12 @@ __all__ = [
     "GENAI_CALL",
     "LOGGER_NAME",
     "OBSERVER_ERROR",
+    "RESERVATION_LOST",
     "STORAGE_ERROR",
+    "STORAGE_GAVE_UP",
+    "STORAGE_MARKER_CREATED",
+    "STORAGE_RECOVERED",
+    "STORAGE_RESET",
     "TIER_LOOKUP_FAILED",
     "TIER_UNKNOWN",
     "UNKNOWN_MODEL",
@@ -64,6 +77,11 @@ BUDGET_WARNING = "budget_warning"
 BUDGET_EXCEEDED = "budget_exceeded"
 BUDGET_OVERRUN = "budget_overrun"
 STORAGE_ERROR = "storage_error"
+STORAGE_RESET = "storage_reset"
+STORAGE_MARKER_CREATED = "storage_marker_created"
+STORAGE_RECOVERED = "storage_recovered"
+STORAGE_GAVE_UP = "storage_gave_up"
+RESERVATION_LOST = "reservation_lost"
 UNKNOWN_MODEL = "unknown_model"
 USAGE_INVALID = "usage_invalid"
 CONFIG_RELOADED = "config_reloaded"

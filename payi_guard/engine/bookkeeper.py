@@ -5,6 +5,15 @@ call's actual cost or releases it, all under the ``on_storage_error`` policy; it
 over-budget calls (``budget_exceeded``), remembers spent counters, and writes the
 threshold events (``budget_warning``, ``budget_overrun``) and the ``genai_call`` line.
 The guard plans; reservations and manual events go through the bookkeeper to settle.
+
+Faults (its collaborators do the work): commits and releases that fail or whose reply
+was lost are retried with the same id until applied (:mod:`~payi_guard.engine.retry`),
+and ``genai_call`` is written once, when the commit is applied (or given up: never
+"failed" for a commit that may have been applied); a reserve whose outcome is unknown is
+undone in the background; live calls' reservations are renewed
+(:mod:`~payi_guard.engine.renewer`); async settles run to their end even when their
+caller is cancelled (:mod:`~payi_guard.engine.detached`). A call whose upper bound is
+more than a counter can hold is refused, never a storage error.
 """
 
 from __future__ import annotations
@@ -13,24 +22,36 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from payi_guard import log as events
+from payi_guard._ids import new_id
 from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
 from payi_guard.context import Attribution
 from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.detached import Detached
 from payi_guard.engine.observers import CallEnded, CallRefused, Observers
 from payi_guard.engine.plan import Counter, Plan, amounts_by_counter, limit_usage
 from payi_guard.engine.policy import BoundLimit, Subject
+from payi_guard.engine.renewer import Renewer
+from payi_guard.engine.retry import Closer, Closing
 from payi_guard.engine.spent import Spent, SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.exceptions import BudgetExceeded, StorageError
-from payi_guard.ledger._checks import MAX_UNITS
-from payi_guard.ledger.base import Charge, CounterState, ReserveResult
+from payi_guard.ledger.base import (
+    MAX_UNITS,
+    CapacityExceeded,
+    Charge,
+    CounterState,
+    ReserveResult,
+    StorageOutcomeUnknown,
+)
 from payi_guard.money import cost_usd, log_amount, parse_usd
 from payi_guard.pricing import Rates, TokenUsage, UnknownModel
 
 __all__ = ["Bookkeeper"]
 
 CounterStates = tuple[CounterState, ...]
+
+_BOUND_TOO_LARGE = "the call's upper bound (lower its max_tokens)"
 
 
 class Bookkeeper:
@@ -56,6 +77,19 @@ class Bookkeeper:
         self._config = config
         self._log = events.get_logger()
         self.observers = Observers()
+        self._closer = Closer(storage, clock, self._close_failed)
+        self.renewer = Renewer(storage, clock, lambda: self._config().reservation_ttl)
+        self._detached = Detached()
+
+    def close(self) -> None:
+        """Stop renewing; retry what waits for four socket timeouts more, then give it up."""
+        self.renewer.close()
+        self._closer.retrier.close(timeout=4 * self.storage.timeout)
+
+    async def aclose(self) -> None:
+        """Let this event loop's settles finish (bounded), then :meth:`close`."""
+        await self._detached.drain(timeout=8 * self.storage.timeout + 1.0)
+        self.close()
 
     # -- reserving ---------------------------------------------------------------------------
 
@@ -67,7 +101,7 @@ class Bookkeeper:
                 than a counter can hold; nothing was reserved.
             StorageError: storage failed and ``on_storage_error`` is ``block``.
         """
-        self._check_capacity(plan)
+        self._check_capacity(plan, [c.amount for c in plan.charges], _BOUND_TOO_LARGE)
         self._check_spent(plan)
         if not plan.charges:
             return True
@@ -76,14 +110,20 @@ class Bookkeeper:
             result = self.storage.ledger.reserve(
                 plan.reservation_id, plan.charges, now=plan.now, ttl=ttl
             )
+        except CapacityExceeded as exc:  # a max the config let through
+            amount = plan.charges[exc.index].amount
+            self._refuse_capacity(plan, exc.index, amount, _BOUND_TOO_LARGE)
         except Exception as exc:
             return self._held_after_failure(plan, exc)
+        except BaseException:
+            self._undo_reserve(plan)
+            raise
         self._interpret_reserve(plan, result)
         return True
 
     async def areserve(self, plan: Plan) -> bool:
         """Async :meth:`reserve`: never blocks the event loop."""
-        self._check_capacity(plan)
+        self._check_capacity(plan, [c.amount for c in plan.charges], _BOUND_TOO_LARGE)
         self._check_spent(plan)
         if not plan.charges:
             return True
@@ -92,27 +132,16 @@ class Bookkeeper:
             result = await self.storage.async_ledger.reserve(
                 plan.reservation_id, plan.charges, now=plan.now, ttl=ttl
             )
+        except CapacityExceeded as exc:  # a max the config let through
+            amount = plan.charges[exc.index].amount
+            self._refuse_capacity(plan, exc.index, amount, _BOUND_TOO_LARGE)
         except Exception as exc:
             return self._held_after_failure(plan, exc)
+        except BaseException:  # cancelled: the reserve may be applied, nobody will settle it
+            self._undo_reserve(plan)
+            raise
         self._interpret_reserve(plan, result)
         return True
-
-    def _check_capacity(self, plan: Plan) -> None:
-        """Refuse a call whose bound is more than a counter can hold (``max_tokens=1e14``).
-
-        The ledger cannot take such an amount: it is a refusal before anything is sent,
-        whatever ``on_storage_error`` says, never a storage error. Whether the counter's
-        limits block or allow, no limit can account for the call.
-        """
-        for counter, charge in zip(plan.counters, plan.charges, strict=True):
-            if charge.amount > MAX_UNITS:
-                bound = min(counter.limits, key=lambda b: (not b.spec.blocks, b.spec.max))
-                state = CounterState(settled=0, pending=0)  # not read: nothing was sent
-                detail = (
-                    "the call's upper bound is more than a counter can hold "
-                    f"({MAX_UNITS} units): lower its max_tokens"
-                )
-                self._refuse(plan, counter, state, charge.amount, bound=bound, detail=detail)
 
     def _check_spent(self, plan: Plan) -> None:
         """Refuse without a round trip when a counter is known to be spent for its window."""
@@ -140,6 +169,25 @@ class Bookkeeper:
         limit = counter.enforced_max
         if limit is not None and state.settled >= limit:
             self._spent.add(counter.key, Spent(float(counter.window.end), state.settled, counter))
+
+    def _check_capacity(self, plan: Plan, amounts: Sequence[int], what: str) -> None:
+        """Refuse ``amounts`` that no counter can hold (``max_tokens=1e14``, a huge cost).
+
+        The ledger cannot take such an amount: a refusal before anything is sent,
+        whatever ``on_storage_error`` says, never a storage error. Whether the counter's
+        limits block or allow, no limit can account for the call; the refusal names the
+        smallest block limit (the smallest limit when none blocks).
+        """
+        for index, amount in enumerate(amounts):
+            if amount > MAX_UNITS:
+                self._refuse_capacity(plan, index, amount, what)
+
+    def _refuse_capacity(self, plan: Plan, index: int, amount: int, what: str) -> None:
+        counter = plan.counters[index]
+        bound = min(counter.limits, key=lambda b: (not b.spec.blocks, b.spec.max))
+        state = CounterState(settled=0, pending=0)  # not read: nothing was sent
+        detail = f"{what} is more than a counter can hold ({MAX_UNITS} units)"
+        self._refuse(plan, counter, state, amount, bound=bound, detail=detail)
 
     def _refuse(
         self,
@@ -203,24 +251,44 @@ class Bookkeeper:
 
     # -- storage failures ----------------------------------------------------------------------
 
-    def _storage_failed(self, op: str, exc: BaseException, plan: Plan) -> None:
+    def _storage_failed(self, op: str, exc: BaseException, user_id: str, **extra: Any) -> None:
         self._log.error(
             events.STORAGE_ERROR,
             op=op,
             error=str(exc),
             error_type=type(exc).__name__,
             policy=self._config().on_storage_error,
-            user_id=plan.subject.user_id,
+            user_id=user_id,
             storage=self.storage.shown,
+            **extra,
         )
 
+    def _close_failed(self, job: Closing, exc: BaseException) -> None:
+        retried = isinstance(exc, StorageError)
+        self._storage_failed(job.op, exc, job.user_id, retried=retried)
+
     def _held_after_failure(self, plan: Plan, exc: BaseException) -> bool:
-        self._storage_failed("reserve", exc, plan)
+        unknown = isinstance(exc, StorageOutcomeUnknown)
+        self._storage_failed("reserve", exc, plan.subject.user_id, outcome_unknown=unknown)
+        if unknown:
+            # It may have been applied (or be applied later): release its id until that
+            # gets through, so it never holds budget the caller does not know about.
+            self._undo_reserve(plan)
         if self._config().on_storage_error == "block":
             if isinstance(exc, StorageError):
                 raise exc
             raise StorageError(f"storage failed during reserve: {exc}") from exc
         return False
+
+    def _undo_reserve(self, plan: Plan) -> None:
+        """Release a reserve whose outcome is unknown, in the background.
+
+        The plan gets a fresh id: the call, if it goes on unreserved, commits under that
+        one, which the release of the old id cannot cancel.
+        """
+        keys = [c.key for c in plan.charges]
+        self._closer.undo_reserve(plan.reservation_id, keys, plan.subject.user_id)
+        plan.reservation_id = new_id()
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -324,61 +392,89 @@ class Bookkeeper:
         cost = parse_usd(dollars)
         return amounts_by_counter(plan.counters, cost, usage.total_tokens), cost, True
 
-    def _actual_charges(self, plan: Plan, amounts: Sequence[int]) -> list[Charge]:
-        return [
+    def _actual_charges(self, plan: Plan, amounts: Sequence[int]) -> tuple[Charge, ...]:
+        return tuple(
             Charge(key=ch.key, amount=amount, max=None, expires_at=ch.expires_at)
             for ch, amount in zip(plan.charges, amounts, strict=True)
-        ]
+        )
 
-    def commit(self, plan: Plan, amounts: Sequence[int]) -> CounterStates | None:
-        """Commit the actual amounts; return the counters' states, ``None`` on failure."""
+    def _closing(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> Closing:
+        """The commit (``amounts``) or release of ``plan``; logged once, when it ends."""
+
+        def applied(states: CounterStates) -> None:
+            self.after_commit(plan, record, states, amounts)
+
+        def abandoned(unknown: bool) -> None:
+            self._log_call(plan, record, ledger="unknown" if unknown else "failed")
+
+        charges = None if amounts is None else self._actual_charges(plan, amounts)
+        return Closing(
+            "release" if amounts is None else "commit",
+            plan.reservation_id,
+            tuple(c.key for c in plan.charges),
+            charges,
+            plan.subject.user_id,
+            applied,
+            abandoned,
+        )
+
+    def settle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:
+        """Commit ``amounts`` (``None``: release) and log ``record``.
+
+        Logged now, or once the retries got it through: a store that fails makes the
+        retrier take over (this never raises for it).
+        """
         if not plan.charges:
-            return ()
-        try:
-            return self.storage.ledger.commit(
-                plan.reservation_id, self._actual_charges(plan, amounts), now=self.clock.now()
-            )
-        except Exception as exc:
-            self._storage_failed("commit", exc, plan)
-            return None
+            self.after_commit(plan, record, (), amounts)
+            return
+        self._closer.run(self._closing(plan, record, amounts))
 
-    async def acommit(self, plan: Plan, amounts: Sequence[int]) -> CounterStates | None:
-        """Async :meth:`commit`."""
+    async def asettle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:
+        """Async :meth:`settle`: it runs to its end even if the caller is cancelled."""
         if not plan.charges:
-            return ()
-        try:
-            return await self.storage.async_ledger.commit(
-                plan.reservation_id, self._actual_charges(plan, amounts), now=self.clock.now()
-            )
-        except Exception as exc:
-            self._storage_failed("commit", exc, plan)
-            return None
+            self.after_commit(plan, record, (), amounts)
+            return
+        await self._detached.run(self._closer.arun(self._closing(plan, record, amounts)))
 
-    def release(self, plan: Plan, held: bool) -> bool:
-        """Release a reservation; return False when the storage failed (logged)."""
-        if not plan.charges or not held:
-            return True
-        try:
-            self.storage.ledger.release(
-                plan.reservation_id, [c.key for c in plan.charges], now=self.clock.now()
-            )
-        except Exception as exc:
-            self._storage_failed("release", exc, plan)
-            return False
-        return True
+    def unreserved(self, plan: Plan, record: CallRecord) -> None:
+        """Log the end of a call the ledger held nothing for (nothing to release)."""
+        self.after_commit(plan, record, (), None)
 
-    async def arelease(self, plan: Plan, held: bool) -> bool:
-        """Async :meth:`release`."""
-        if not plan.charges or not held:
-            return True
-        try:
-            await self.storage.async_ledger.release(
-                plan.reservation_id, [c.key for c in plan.charges], now=self.clock.now()
-            )
-        except Exception as exc:
-            self._storage_failed("release", exc, plan)
-            return False
-        return True
+    def live(self, plan: Plan, owner: object) -> None:
+        """Renew ``plan``'s reservation while ``owner`` (its call) is under way."""
+        if plan.charges:
+            keys = [c.key for c in plan.charges]
+            self.renewer.add(plan.reservation_id, keys, owner, plan.subject.user_id)
+
+    def ended(self, plan: Plan) -> None:
+        """Stop renewing ``plan``'s reservation: its call ended."""
+        if plan.charges:
+            self.renewer.discard(plan.reservation_id)
+
+    def record(self, plan: Plan, usage: TokenUsage, dollars: object) -> CallRecord:
+        """Commit and log a manual event (see :meth:`Guard.record`); its record.
+
+        Raises:
+            BudgetExceeded: its cost is more than a counter can hold.
+            ValueError: ``dollars`` is negative or not a number.
+        """
+        record, amounts = self._record_of(plan, usage, dollars)
+        self.settle(plan, record, amounts)
+        return record
+
+    async def arecord(self, plan: Plan, usage: TokenUsage, dollars: object) -> CallRecord:
+        """Async :meth:`record`."""
+        record, amounts = self._record_of(plan, usage, dollars)
+        await self.asettle(plan, record, amounts)
+        return record
+
+    def _record_of(
+        self, plan: Plan, usage: TokenUsage, dollars: object
+    ) -> tuple[CallRecord, list[int]]:
+        amounts, cost, priced = self.record_amounts(plan, usage, dollars)
+        self._check_capacity(plan, amounts, "the recorded cost")
+        record = self.record_of(plan, usage, cost, priced, "recorded", self.clock.monotonic())
+        return record, amounts
 
     # -- records and what they log ---------------------------------------------------------------
 
@@ -412,25 +508,11 @@ class Bookkeeper:
             other_models=other_models,
         )
 
-    def recorded(
-        self,
-        plan: Plan,
-        usage: TokenUsage,
-        cost: int,
-        priced: bool,
-        states: CounterStates | None,
-        amounts: list[int],
-    ) -> CallRecord:
-        """Log a committed manual event (thresholds, ``genai_call``) and return its record."""
-        record = self.record_of(plan, usage, cost, priced, "recorded", self.clock.monotonic())
-        self.after_commit(plan, record, states, amounts)
-        return record
-
     def after_commit(
         self,
         plan: Plan,
         record: CallRecord,
-        states: CounterStates | None,
+        states: CounterStates,
         amounts: Sequence[int] | None,
     ) -> None:
         """Log what a commit (or release) caused: thresholds crossed, the call itself."""
@@ -438,7 +520,7 @@ class Bookkeeper:
             for counter, state, amount in zip(plan.counters, states, amounts, strict=True):
                 self._threshold_events(plan, counter, state, amount)
                 self._remember_spent(counter, state)
-        self._log_call(plan, record, ledger_ok=states is not None)
+        self._log_call(plan, record)
 
     def _threshold_events(
         self, plan: Plan, counter: Counter, state: CounterState, amount: int
@@ -477,7 +559,12 @@ class Bookkeeper:
             request_id=plan.attribution.request_id,
         )
 
-    def _log_call(self, plan: Plan, record: CallRecord, *, ledger_ok: bool) -> None:
+    def _log_call(self, plan: Plan, record: CallRecord, *, ledger: str | None = None) -> None:
+        """Log ``genai_call``.
+
+        ``ledger`` is set when the commit was given up: ``failed`` (it was not applied)
+        or ``unknown`` (an attempt may have been).
+        """
         usage = record.usage
         attribution = plan.attribution
         fields: dict[str, Any] = {
@@ -521,8 +608,8 @@ class Bookkeeper:
             fields["use_case_id"] = attribution.use_case_id
         if not record.priced:
             fields["priced"] = False
-        if not ledger_ok:
-            fields["ledger"] = "failed"
+        if ledger is not None:
+            fields["ledger"] = ledger
         if record.cost_nano > record.reserved_nano and record.outcome != "recorded":
             fields["under_estimated_usd"] = cost_usd(record.cost_nano - record.reserved_nano)
         self._log.info(events.GENAI_CALL, **fields)

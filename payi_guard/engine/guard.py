@@ -169,12 +169,14 @@ class Guard:
         return self._storage.async_ledger
 
     def close(self) -> None:
-        """Stop the file watcher (and ``tier_of``'s loop) and close the sync storage client."""
+        """Stop the watcher, renewals, retries and ``tier_of``'s loop; close sync storage."""
         self.stop_watching()
+        self._books.close()
         self._parts.close()
 
     async def aclose(self) -> None:
-        """Close both storage clients."""
+        """Let this event loop's settles finish, then close both storage clients."""
+        await self._books.aclose()
         self.close()
         await self._storage.aclose()
 
@@ -238,13 +240,13 @@ class Guard:
         use_case_name: str | None = None,
         request_id: str | None = None,
     ) -> CallRecord:
-        """Charge a call that happened elsewhere (never refuses).
+        """Charge a call that happened elsewhere (never refused for the budget).
 
-        The cost comes from the model's price unless ``cost_usd`` is given. Crossing a
-        limit logs ``budget_overrun``; the call is logged as ``genai_call`` with outcome
-        ``recorded``.
+        The cost is the model's price unless ``cost_usd`` is given. Crossing a limit
+        logs ``budget_overrun``; the call is logged as ``genai_call`` (``recorded``).
 
         Raises:
+            BudgetExceeded: the cost is more than a counter can hold (about $9 million).
             InvalidUserId: the user id is invalid.
             ValueError: negative token counts or cost.
             ConfigError: ``limit_ids`` names an undefined limit.

@@ -73,12 +73,14 @@ class Parts:
         """Make the parts of a new guard (nothing is connected)."""
         source = None if tier_of is None else TierSource(tier_of)
         windows = WindowCache()
+        spent = SpentCache(spent_size, clock, spent_ttl)
         return cls(
             policy=Policy(config, cache_size, clock, source),
             subjects=Subjects(pseudonymizer, cache_size, clock, windows),
             planner=Planner(key_prefix, windows, cache_size),
-            spent=SpentCache(spent_size, clock, spent_ttl),
-            storage=Storage(storage or config.storage, storage_options),
+            spent=spent,
+            # A store that lost its data lost the spent counters too.
+            storage=Storage(storage or config.storage, storage_options, on_reset=spent.clear),
             clock=clock,
             key_prefix=key_prefix,
             tier_of=source,

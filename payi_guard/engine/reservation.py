@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 from payi_guard.context import Attribution
-from payi_guard.engine.bookkeeper import Bookkeeper, CounterStates
+from payi_guard.engine.bookkeeper import Bookkeeper
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.plan import Plan
 from payi_guard.money import decimal_usd
@@ -30,6 +30,13 @@ class Reservation:
     later calls return the same :class:`~payi_guard.CallRecord`. Reservations are made
     by :meth:`Guard.begin <payi_guard.Guard.begin>`.
 
+    While the call is under way the guard renews the reservation, so it lasts as long
+    as the call (a reservation dropped without being settled is no longer renewed and
+    expires after ``reservation_ttl``). Once started, a settle or release completes and
+    logs ``genai_call`` exactly once: an async one goes on when its caller is cancelled,
+    and one the store did not take is retried in the background and logged when it
+    gets through.
+
     Args:
         books: the bookkeeper that commits, releases and logs.
         plan: what was reserved.
@@ -45,6 +52,8 @@ class Reservation:
         self._claimed = False
         self._record: CallRecord | None = None
         self._started = books.clock.monotonic()
+        if held:
+            books.live(plan, self)
 
     @property
     def user_id(self) -> str:
@@ -86,7 +95,9 @@ class Reservation:
             if self._claimed:
                 return False
             self._claimed = True
-            return True
+        if self._held:
+            self._books.ended(self._plan)
+        return True
 
     def settle(
         self,
@@ -112,11 +123,15 @@ class Reservation:
 
         Returns:
             The call record; for a reservation already settled or released, the first
-            record, or ``None`` while that first settle is still running in another thread.
+            record (``None`` while that first settle is still pricing the call in another
+            thread). The record is returned once the commit went through or was handed to
+            the background retries.
         """
         if not self._claim():
             return self._record
-        return self._commit(usage, outcome, response_model, other_models)
+        record, amounts = self._settling(usage, outcome, response_model, other_models)
+        self._books.settle(self._plan, record, amounts)
+        return record
 
     async def asettle(
         self,
@@ -126,10 +141,12 @@ class Reservation:
         response_model: str | None = None,
         other_models: OtherModels = (),
     ) -> CallRecord | None:
-        """Async :meth:`settle`."""
+        """Async :meth:`settle`; it completes even if the awaiting task is cancelled."""
         if not self._claim():
             return self._record
-        return await self._acommit(usage, outcome, response_model, other_models)
+        record, amounts = self._settling(usage, outcome, response_model, other_models)
+        await self._books.asettle(self._plan, record, amounts)
+        return record
 
     def settle_unverified(
         self, problems: Sequence[str], *, response_model: str | None = None
@@ -149,7 +166,9 @@ class Reservation:
         if not self._claim():
             return self._record
         self._books.usage_invalid(self._plan, problems, response_model)
-        return self._commit(TokenUsage(0, 0), UNVERIFIED, response_model, ())
+        record, amounts = self._settling(TokenUsage(0, 0), UNVERIFIED, response_model, ())
+        self._books.settle(self._plan, record, amounts)
+        return record
 
     async def asettle_unverified(
         self, problems: Sequence[str], *, response_model: str | None = None
@@ -158,51 +177,60 @@ class Reservation:
         if not self._claim():
             return self._record
         self._books.usage_invalid(self._plan, problems, response_model)
-        return await self._acommit(TokenUsage(0, 0), UNVERIFIED, response_model, ())
+        record, amounts = self._settling(TokenUsage(0, 0), UNVERIFIED, response_model, ())
+        await self._books.asettle(self._plan, record, amounts)
+        return record
 
     def release(self, *, outcome: str = "released") -> CallRecord | None:
         """Give the reservation back without charging; log ``genai_call``."""
         if not self._claim():
             return self._record
-        ok = self._books.release(self._plan, self._held)
-        return self._finish(None, 0, True, outcome, () if ok else None, None)
+        record = self._released(outcome)
+        if self._held:
+            self._books.settle(self._plan, record, None)
+        else:
+            self._books.unreserved(self._plan, record)
+        return record
 
     async def arelease(self, *, outcome: str = "released") -> CallRecord | None:
-        """Async :meth:`release`."""
+        """Async :meth:`release`; it completes even if the awaiting task is cancelled."""
         if not self._claim():
             return self._record
-        ok = await self._books.arelease(self._plan, self._held)
-        return self._finish(None, 0, True, outcome, () if ok else None, None)
+        record = self._released(outcome)
+        if self._held:
+            await self._books.asettle(self._plan, record, None)
+        else:
+            self._books.unreserved(self._plan, record)
+        return record
 
-    def _commit(
+    def _settling(
         self,
         usage: TokenUsage,
         outcome: str,
         response_model: str | None,
         other_models: OtherModels,
-    ) -> CallRecord:
+    ) -> tuple[CallRecord, list[int]]:
+        """The record of a settle (kept at once) and the amounts to commit."""
         charged, (amounts, cost, priced) = self._charge(
             usage, outcome, response_model, other_models
         )
-        states = self._books.commit(self._plan, amounts)
-        return self._finish(
-            charged, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
+        record = self._books.record_of(
+            self._plan,
+            charged,
+            cost,
+            priced,
+            outcome,
+            self._started,
+            response_model=response_model,
+            other_models=tuple(other_models),
         )
+        self._record = record
+        return record, amounts
 
-    async def _acommit(
-        self,
-        usage: TokenUsage,
-        outcome: str,
-        response_model: str | None,
-        other_models: OtherModels,
-    ) -> CallRecord:
-        charged, (amounts, cost, priced) = self._charge(
-            usage, outcome, response_model, other_models
-        )
-        states = await self._books.acommit(self._plan, amounts)
-        return self._finish(
-            charged, cost, priced, outcome, states, amounts, response_model, tuple(other_models)
-        )
+    def _released(self, outcome: str) -> CallRecord:
+        record = self._books.record_of(self._plan, None, 0, True, outcome, self._started)
+        self._record = record
+        return record
 
     def _charge(
         self,
@@ -221,31 +249,6 @@ class Reservation:
         reserved = TokenUsage(plan.call.input_tokens, plan.call.max_output_tokens)
         amounts_reserved = self._books.reserved_amounts(plan)
         return reserved, (amounts_reserved, plan.estimate_nano, plan.rates is not None)
-
-    def _finish(
-        self,
-        usage: TokenUsage | None,
-        cost: int,
-        priced: bool,
-        outcome: str,
-        states: CounterStates | None,
-        amounts: list[int] | None,
-        response_model: str | None = None,
-        other_models: tuple[tuple[str, TokenUsage], ...] = (),
-    ) -> CallRecord:
-        record = self._books.record_of(
-            self._plan,
-            usage,
-            cost,
-            priced,
-            outcome,
-            self._started,
-            response_model=response_model,
-            other_models=other_models,
-        )
-        self._record = record
-        self._books.after_commit(self._plan, record, states, amounts)
-        return record
 
     def __repr__(self) -> str:
         state = "done" if self.done else "open"

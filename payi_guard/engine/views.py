@@ -79,9 +79,7 @@ class Planning:
         """Charge a manual event (sync); see :meth:`payi_guard.Guard.record`."""
         subject = self._parts.policy.with_tier(self._parts.user(attribution.user_id), None)
         plan = self._record_plan(attribution, subject, call)
-        amounts, cost, priced = self._books.record_amounts(plan, usage, cost_usd)
-        states = self._books.commit(plan, amounts)
-        return self._books.recorded(plan, usage, cost, priced, states, amounts)
+        return self._books.record(plan, usage, cost_usd)
 
     async def arecord(
         self, attribution: Attribution, call: CallRequest, usage: TokenUsage, cost_usd: object
@@ -89,9 +87,7 @@ class Planning:
         """Async :meth:`record`."""
         subject = await self._parts.policy.awith_tier(self._parts.user(attribution.user_id), None)
         plan = self._record_plan(attribution, subject, call)
-        amounts, cost, priced = self._books.record_amounts(plan, usage, cost_usd)
-        states = await self._books.acommit(plan, amounts)
-        return self._books.recorded(plan, usage, cost, priced, states, amounts)
+        return await self._books.arecord(plan, usage, cost_usd)
 
 
 class Views:

@@ -3,6 +3,7 @@ holds requests or slows replies, and the one import of the fake provider."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -19,6 +20,7 @@ from payi_guard.testing import FakeProvider
 __all__ = [
     "FakeProvider",
     "Proxy",
+    "async_wait_until",
     "scripts_run",
     "store_time",
     "wait_store_time",
@@ -41,6 +43,21 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+async def async_wait_until(
+    condition: Callable[[], Any], *, timeout: float = 30.0, what: str = "the condition"
+) -> Any:
+    """:func:`wait_until` for a test on an event loop: it polls without blocking the loop,
+    so the loop's own tasks (a settle under way) go on meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def scripts_run(client: redis.Redis) -> int:

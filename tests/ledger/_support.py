@@ -163,13 +163,23 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports :func:`free_port` gave out in this process: never given twice, since the
+process remembers each store it saw by address (a new server on an old port would be
+taken for that store, restarted without its data)."""
+
+
 def free_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    """A free port, never given before in this process, whose cluster bus port
+    (port + 10000) is free and valid too."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
+        if port in _HANDED_OUT:
+            continue
         if port + 10000 < 65536 and _port_is_free(port + 10000):
+            _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free port pair found")
 
