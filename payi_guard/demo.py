@@ -464,7 +464,10 @@ def run_demo(
 
     def say(text: str, *, always: bool = False) -> None:
         if always or not quiet:
-            lines = textwrap.wrap(text, columns, subsequent_indent="  ") or [""]
+            # Never at a hyphen: a token or a path must stay whole to be copied.
+            lines = textwrap.wrap(
+                text, columns, subsequent_indent="  ", break_on_hyphens=False
+            ) or [""]
             print("\n".join(lines), file=out, flush=True)
 
     say("payi_guard demo: a FastAPI app, a fake OpenAI, simulated users (offline).")
