@@ -5,7 +5,8 @@ config; pricing; ledger; engine; then meter and web side by side (neither import
 other). Whatever is not listed (the framework integrations, reports, the CLI, testing
 helpers) sits above them all. Imports under ``TYPE_CHECKING`` are free; an import inside
 a function counts like any other, except the few :data:`LAZY_UPWARD` ones the public
-contract needs.
+contract needs. And no module is over :data:`MAX_LINES` lines, but those of
+:data:`OVER_MAX_LINES`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,21 @@ LAZY_UPWARD = {
 }
 
 SIDE_BY_SIDE = ("payi_guard.meter", "payi_guard.web")
+
+MAX_LINES = 600
+
+OVER_MAX_LINES = {
+    # Being split by other work now; each entry goes as its module shrinks.
+    "payi_guard.admin.app",
+    "payi_guard.cli",
+    "payi_guard.ledger.redis",
+    # Also over the limit when this check came in.
+    "payi_guard.config.parser",
+    "payi_guard.context",
+    "payi_guard.engine.bookkeeper",
+    "payi_guard.ledger.memory",
+    "payi_guard.meter.sse",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -147,6 +163,14 @@ def test_no_layer_imports_one_above_it() -> None:
             if (upward or across) and not allowed:
                 wrong.append(f"{name} -> {target}")
     assert wrong == []
+
+
+def test_no_module_is_over_the_line_limit() -> None:
+    lines = {
+        name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in MODULES.items()
+    }
+    over = {name: n for name, n in lines.items() if n > MAX_LINES and name not in OVER_MAX_LINES}
+    assert over == {}
 
 
 def test_the_checks_see_real_imports() -> None:

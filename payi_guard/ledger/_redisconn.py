@@ -29,6 +29,10 @@ while the loop was not looking, is made again rather than used).
 Clients are shared: one per storage URI and options per process (sync), and per event
 loop (async), whichever ledger or Guard asks, counted so the last ledger to close
 closes it.
+
+This module holds the time budget and the connection classes;
+:mod:`~payi_guard.ledger._redis_marker` the store marker and
+:mod:`~payi_guard.ledger._redis_clients` the shared clients (both re-exported here).
 """
 
 from __future__ import annotations
@@ -37,16 +41,18 @@ import asyncio
 import contextlib
 import math
 import select
-import threading
 import time
-import uuid
-import weakref
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
-from payi_guard.ledger.base import StorageEvent
+from payi_guard.ledger._redis_clients import shared_async_client, shared_sync_client
+from payi_guard.ledger._redis_marker import (
+    DEFAULT_MARKER_KEY,
+    StoreWatch,
+    server_label,
+    store_watch,
+)
 
 __all__ = [
     "DEFAULT_MARKER_KEY",
@@ -59,16 +65,6 @@ __all__ = [
     "sync_connection_class",
     "was_sent",
 ]
-
-DEFAULT_MARKER_KEY = "payi_guard:store-marker"
-"""The key whose value identifies one life of the store's data."""
-
-_MARKER_SCRIPT = (
-    "local v = redis.call('GET', KEYS[1]) "
-    "if v then return {0, v} end "
-    "redis.call('SET', KEYS[1], ARGV[1]) "
-    "return {1, ARGV[1]}"
-)
 
 _SENT = "payi_guard_sent"
 
@@ -156,123 +152,6 @@ def was_sent(exc: BaseException) -> bool:
 def _mark_sent(exc: BaseException) -> None:
     with contextlib.suppress(AttributeError, TypeError):
         setattr(exc, _SENT, True)
-
-
-def _server_label(connection: Any) -> str:
-    path = getattr(connection, "path", None)
-    if path:
-        return str(path)
-    return f"{getattr(connection, 'host', '?')}:{getattr(connection, 'port', '?')}"
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-# -- the store marker ----------------------------------------------------------------------
-
-
-class StoreWatch:
-    """What one process knows about one store's marker, and the events it saw.
-
-    Every ledger on the store subscribes its ``on_event`` callback; each callback gets
-    each event once, at the end of the first operation (of any ledger using it) after
-    the event was seen. The sync and async ledgers of one Guard, given the same
-    callback, therefore report a reset once.
-
-    Args:
-        key: the marker key.
-    """
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self._lock = threading.Lock()
-        self._known: str | None = None
-        self._events: list[StorageEvent] = []
-        self._subscribers: dict[Callable[[StorageEvent], object], list[int]] = {}
-
-    @property
-    def seq(self) -> int:
-        """How many events were recorded (changes whenever one is)."""
-        return len(self._events)
-
-    def request(self) -> tuple[Any, ...]:
-        """The command a new connection runs: read the marker, creating it when missing."""
-        return ("EVAL", _MARKER_SCRIPT, 1, self.key, f"{uuid.uuid4().hex}")
-
-    def observe(self, server: str, reply: Any) -> None:
-        """Record what a new connection found (the reply of :meth:`request`)."""
-        if not isinstance(reply, (list, tuple)) or len(reply) != 2:
-            return
-        created, marker = int(reply[0]) == 1, _text(reply[1])
-        with self._lock:
-            previous = self._known
-            if previous == marker:
-                return
-            self._known = marker
-            if previous is not None:
-                self._events.append(StorageEvent("reset", server, marker, previous))
-            elif created:
-                self._events.append(StorageEvent("new", server, marker))
-
-    def check(self, connection: Any) -> None:
-        """Run the marker check on a freshly connected sync connection."""
-        connection.send_command(*self.request())
-        self.observe(_server_label(connection), connection.read_response())
-
-    async def acheck(self, connection: Any) -> None:
-        """Async :meth:`check`."""
-        await connection.send_command(*self.request())
-        self.observe(_server_label(connection), await connection.read_response())
-
-    def subscribe(self, callback: Callable[[StorageEvent], object]) -> None:
-        """Deliver the events recorded from now on to ``callback`` (counted per caller)."""
-        with self._lock:
-            entry = self._subscribers.setdefault(callback, [len(self._events), 0])
-            entry[1] += 1
-
-    def unsubscribe(self, callback: Callable[[StorageEvent], object]) -> None:
-        """Undo one :meth:`subscribe`."""
-        with self._lock:
-            entry = self._subscribers.get(callback)
-            if entry is not None:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del self._subscribers[callback]
-
-    def deliver(self, callback: Callable[[StorageEvent], object]) -> None:
-        """Call ``callback`` with the events it has not had yet (outside any lock)."""
-        with self._lock:
-            entry = self._subscribers.get(callback)
-            if entry is None or entry[0] >= len(self._events):
-                return
-            fresh = self._events[entry[0] :]
-            entry[0] = len(self._events)
-        for event in fresh:
-            try:
-                callback(event)
-            except Exception as exc:  # the operation itself succeeded: never undo it
-                from payi_guard.log import get_logger
-
-                get_logger().error(
-                    "storage_event_callback_failed",
-                    kind=event.kind,
-                    error=str(exc),
-                    error_type=type(exc).__name__,
-                )
-
-
-_WATCHES: dict[Hashable, StoreWatch] = {}
-_WATCHES_LOCK = threading.Lock()
-
-
-def store_watch(store: Hashable, key: str) -> StoreWatch:
-    """The process-wide :class:`StoreWatch` of one store (``store`` names it)."""
-    with _WATCHES_LOCK:
-        watch = _WATCHES.get((store, key))
-        if watch is None:
-            watch = _WATCHES[(store, key)] = StoreWatch(key)
-        return watch
 
 
 # -- connection classes ---------------------------------------------------------------------
@@ -504,7 +383,7 @@ class _AsyncMixin:
         except asyncio.CancelledError:
             if verdict is None or not verdict.timed_out():
                 raise
-            error = redis.TimeoutError(f"Timeout reading from {_server_label(self)}")
+            error = redis.TimeoutError(f"Timeout reading from {server_label(self)}")
             if ready:
                 _mark_sent(error)
             raise error from None
@@ -532,83 +411,3 @@ def async_connection_class(base: type[Any], watch: StoreWatch | None) -> type[An
     if issubclass(base, _AsyncMixin) and base._pg_watch is watch:
         return base
     return type(f"Ledger{base.__name__}", (_AsyncMixin, base), {"_pg_watch": watch})
-
-
-# -- shared clients -------------------------------------------------------------------------
-
-
-@dataclass
-class _Shared:
-    client: Any
-    refs: int
-
-
-_SYNC: dict[Hashable, _Shared] = {}
-_ASYNC: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, _Shared]] = (
-    weakref.WeakKeyDictionary()
-)
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_sync_client(key: Hashable, make: Callable[[], Any]) -> tuple[Any, Callable[[], None]]:
-    """The process's client for ``key`` (made on first use) and a function releasing it.
-
-    The client is closed when its last holder releases it.
-    """
-    with _SHARED_LOCK:
-        shared = _SYNC.get(key)
-        if shared is None:
-            shared = _SYNC[key] = _Shared(make(), 0)
-        shared.refs += 1
-        client = shared.client
-
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        with _SHARED_LOCK:
-            if released:
-                return
-            released = True
-            shared.refs -= 1
-            last = shared.refs <= 0 and _SYNC.get(key) is shared
-            if last:
-                del _SYNC[key]
-        if last:
-            client.close()
-
-    return client, release
-
-
-def shared_async_client(
-    key: Hashable, make: Callable[[], Any]
-) -> tuple[Any, Callable[[], Awaitable[None]]]:
-    """The running loop's client for ``key`` and an async function releasing it."""
-    loop = asyncio.get_running_loop()
-    with _SHARED_LOCK:
-        for gone in [other for other in _ASYNC if other.is_closed()]:
-            del _ASYNC[gone]
-        clients = _ASYNC.setdefault(loop, {})
-        shared = clients.get(key)
-        if shared is None:
-            shared = clients[key] = _Shared(make(), 0)
-        shared.refs += 1
-        client = shared.client
-
-    released = False
-
-    async def release() -> None:
-        nonlocal released
-        with _SHARED_LOCK:
-            if released:
-                return
-            released = True
-            shared.refs -= 1
-            mine = _ASYNC.get(loop, {})
-            last = shared.refs <= 0 and mine.get(key) is shared
-            if last:
-                del mine[key]
-        if last:
-            await client.aclose()
-
-    return client, release

@@ -34,7 +34,7 @@ from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, PayiGuardError, StorageError, UnknownModelRefused
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.providers import gemini, groq, mistral
-from payi_guard.meter.providers.bedrock import BedrockDialect
+from payi_guard.meter.providers.bedrock_wire import BedrockDialect
 from payi_guard.meter.providers.hooks import Patches
 from payi_guard.meter.providers.meter import ProviderMeter
 from payi_guard.meter.refusal import refusal_response, sdk_refusal

@@ -9,13 +9,8 @@ from typing import Any
 import pytest
 
 from meter.providers._support import served
-from payi_guard.meter.providers.bedrock import (
-    BedrockDialect,
-    base_model,
-    converse_usage,
-    family_usage,
-    header_report,
-)
+from payi_guard.meter.providers.bedrock_usage import converse_usage, family_usage, header_report
+from payi_guard.meter.providers.bedrock_wire import BedrockDialect, base_model
 from payi_guard.meter.providers.chat import chat_usage
 from payi_guard.meter.providers.eventstream import EventStreamDecoder
 from payi_guard.meter.providers.gemini import DIALECT as GEMINI
