@@ -171,8 +171,16 @@ class Store:
         """
         if self._ready:
             return
+        # The threads of this process open the file one at a time (the first one does
+        # the work, the others find it done): only one of them competes with the other
+        # processes for the lock a new file's schema needs.
+        with self._writer:
+            if not self._ready:
+                self._open()
+
+    def _open(self) -> None:
         try:
-            conn = self._connect(max(_SETUP_TIMEOUT, self.settings.timeout))
+            conn = self._connect(max(_SETUP_TIMEOUT, self.settings.lock_timeout))
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         try:

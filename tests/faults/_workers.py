@@ -19,6 +19,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from typing import Any
 
+from faults._stall import unstalled
 from payi_guard.exceptions import StorageError
 from payi_guard.ledger import (
     AsyncLedger,
@@ -69,7 +70,8 @@ class Tally:
 
 
 def _timed(tally: Tally, started: float) -> None:
-    tally.waits.append(time.perf_counter() - started)
+    # The wait on the store, less the time this process was kept from running meanwhile.
+    tally.waits.append(unstalled(started, time.monotonic()))
 
 
 def careful_call(
@@ -80,7 +82,7 @@ def careful_call(
     rid = uuid.uuid4().hex
     charges = [Charge(keys[0], estimate, limit, EXPIRES)]
     charges += [Charge(key, estimate, None, EXPIRES) for key in keys[1:]]
-    started = time.perf_counter()
+    started = time.monotonic()
     try:
         result = ledger.reserve(rid, charges, now=time.time(), ttl=ttl)
     except StorageError as exc:
@@ -104,7 +106,7 @@ def _retry(operation: Callable[[], object], tally: Tally, *, commit: bool = Fals
     give_up = time.monotonic() + GIVE_UP
     first = True
     while True:
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             operation()
             _timed(tally, started)
@@ -133,7 +135,7 @@ async def careful_call_async(
     rid = uuid.uuid4().hex
     charges = [Charge(keys[0], estimate, limit, EXPIRES)]
     charges += [Charge(key, estimate, None, EXPIRES) for key in keys[1:]]
-    started = time.perf_counter()
+    started = time.monotonic()
     try:
         result = await ledger.reserve(rid, charges, now=time.time(), ttl=ttl)
     except StorageError as exc:
@@ -157,7 +159,7 @@ async def _aretry(operation: Callable[[], Any], tally: Tally, *, commit: bool = 
     give_up = time.monotonic() + GIVE_UP
     first = True
     while True:
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             await operation()
             _timed(tally, started)
