@@ -73,6 +73,7 @@ class Settings:
 
 _registry_lock = threading.Lock()
 _writer_locks: dict[str, threading.Lock] = {}
+_opening_locks: dict[str, threading.Lock] = {}
 _fork_generation = 0
 # Connections inherited through fork() are never used nor closed in the child (SQLite
 # forbids carrying a connection across fork); they are kept here so that garbage
@@ -84,11 +85,21 @@ def _after_fork_in_child() -> None:
     global _registry_lock, _fork_generation
     _registry_lock = threading.Lock()
     _writer_locks.clear()
+    _opening_locks.clear()
     _fork_generation += 1
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _opening_lock(path: str) -> threading.Lock:
+    """The lock the threads of this process take to open ``path`` (schema and checks)."""
+    with _registry_lock:
+        lock = _opening_locks.get(path)
+        if lock is None:
+            lock = _opening_locks[path] = threading.Lock()
+        return lock
 
 
 def _writer_lock(path: str) -> threading.Lock:
@@ -173,10 +184,19 @@ class Store:
             return
         # The threads of this process open the file one at a time (the first one does
         # the work, the others find it done): only one of them competes with the other
-        # processes for the lock a new file's schema needs.
-        with self._writer:
+        # processes for the lock a new file's schema needs. Writers of a ledger already
+        # open do not hold this lock, so opening never waits for them.
+        lock = _opening_lock(self.path)
+        if not lock.acquire(True, max(_SETUP_TIMEOUT, self.settings.lock_timeout)):
+            raise StorageError(
+                f"SQLite ledger open failed: {self.path} is being opened by another thread "
+                "of this process that has not finished"
+            )
+        try:
             if not self._ready:
                 self._open()
+        finally:
+            lock.release()
 
     def _open(self) -> None:
         try:
