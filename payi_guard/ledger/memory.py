@@ -25,7 +25,6 @@ incremental way. The store's clock is the ``now`` passed in: one process, one cl
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import heapq
 import threading
@@ -49,6 +48,8 @@ from payi_guard.ledger._checks import (
     check_ttl,
 )
 from payi_guard.ledger._glob import glob_regex, literal_prefix
+from payi_guard.ledger._memory_async import AsyncMemoryLedger
+from payi_guard.ledger._memory_counter import _Counter
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
     Adjustment,
@@ -61,88 +62,6 @@ from payi_guard.ledger.base import (
 __all__ = ["AsyncMemoryLedger", "MemoryLedger"]
 
 _ZERO = CounterState(0, 0)
-
-
-class _Counter:
-    """One counter: totals, expiry, and the reservations open on it."""
-
-    __slots__ = ("deadlines", "expires_at", "open", "pending", "refused", "settled")
-
-    def __init__(self, expires_at: float) -> None:
-        self.settled = 0
-        self.pending = 0
-        self.refused = 0
-        self.expires_at = expires_at
-        self.open: dict[str, tuple[int, float]] | None = None
-        self.deadlines: list[tuple[float, str]] | None = None
-
-    def state(self) -> CounterState:
-        return CounterState(self.settled, self.pending, self.refused)
-
-    def purge(self, now: float) -> None:
-        """Drop the reservations whose deadline is ``<= now``."""
-        deadlines = self.deadlines
-        if not deadlines or deadlines[0][0] > now:
-            return
-        open_ = self.open
-        if open_ is None:  # unreachable: both are set and cleared together
-            self.deadlines = None
-            return
-        while deadlines and deadlines[0][0] <= now:
-            deadline, rid = heapq.heappop(deadlines)
-            entry = open_.get(rid)
-            # A stale heap entry (closed, or replaced by a later reserve) is skipped.
-            if entry is not None and entry[1] == deadline:
-                del open_[rid]
-                self.pending -= entry[0]
-        if not open_:
-            self.open = self.deadlines = None
-
-    def held(self, rid: str) -> int:
-        """The amount reservation ``rid`` holds on this counter (0 if not open)."""
-        if self.open is None:
-            return 0
-        entry = self.open.get(rid)
-        return 0 if entry is None else entry[0]
-
-    def hold(self, rid: str, amount: int, deadline: float) -> None:
-        """Open (or replace) reservation ``rid``."""
-        if self.open is None or self.deadlines is None:
-            self.open = {}
-            self.deadlines = []
-        previous = self.open.get(rid)
-        if previous is not None:
-            self.pending -= previous[0]
-        self.open[rid] = (amount, deadline)
-        self.pending += amount
-        heapq.heappush(self.deadlines, (deadline, rid))
-
-    def renew(self, rid: str, deadline: float) -> bool:
-        """Push ``rid``'s deadline to ``deadline`` (never earlier); False if it is not open."""
-        open_ = self.open
-        entry = None if open_ is None else open_.get(rid)
-        if open_ is None or entry is None or self.deadlines is None:
-            return False
-        amount, current = entry
-        if deadline > current:
-            open_[rid] = (amount, deadline)
-            heapq.heappush(self.deadlines, (deadline, rid))
-        return True
-
-    def close(self, rid: str) -> None:
-        """Close reservation ``rid`` if it is open."""
-        open_ = self.open
-        if open_ is None:
-            return
-        entry = open_.pop(rid, None)
-        if entry is None:
-            return
-        self.pending -= entry[0]
-        if not open_:
-            self.open = self.deadlines = None
-        elif self.deadlines is not None and len(self.deadlines) > 2 * len(open_) + 16:
-            self.deadlines = [(deadline, key) for key, (_, deadline) in open_.items()]
-            heapq.heapify(self.deadlines)
 
 
 class MemoryLedger:
@@ -639,92 +558,3 @@ class MemoryLedger:
 
     def close(self) -> None:
         """Nothing to release: the counters stay readable (other users may share them)."""
-
-
-class AsyncMemoryLedger:
-    """The async face of a :class:`MemoryLedger`, sharing its counters.
-
-    Operations take microseconds under a lock that is never held across an ``await``,
-    so they run inline on the event loop; ``scan`` alone runs in a worker thread.
-
-    Args:
-        ledger: the store to share; a new :class:`MemoryLedger` if omitted.
-    """
-
-    def __init__(self, ledger: MemoryLedger | None = None) -> None:
-        self._ledger = MemoryLedger() if ledger is None else ledger
-
-    @property
-    def ledger(self) -> MemoryLedger:
-        """The shared synchronous store."""
-        return self._ledger
-
-    def __repr__(self) -> str:
-        return f"AsyncMemoryLedger({self._ledger!r})"
-
-    async def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
-    ) -> ReserveResult:
-        """Async :meth:`MemoryLedger.reserve` (same arguments, result and errors)."""
-        return self._ledger.reserve(reservation_id, charges, now=now, ttl=ttl)
-
-    async def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
-    ) -> tuple[CounterState, ...]:
-        """Async :meth:`MemoryLedger.commit` (same arguments, result and errors)."""
-        return self._ledger.commit(reservation_id, charges, now=now)
-
-    async def release(
-        self, reservation_id: str, keys: Sequence[str], *, now: float
-    ) -> tuple[CounterState, ...]:
-        """Async :meth:`MemoryLedger.release` (same arguments, result and errors)."""
-        return self._ledger.release(reservation_id, keys, now=now)
-
-    async def renew(
-        self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float
-    ) -> bool:
-        """Async :meth:`MemoryLedger.renew` (same arguments, result and errors)."""
-        return self._ledger.renew(reservation_id, keys, now=now, ttl=ttl)
-
-    async def renew_many(
-        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
-    ) -> tuple[bool, ...]:
-        """Async :meth:`MemoryLedger.renew_many` (same arguments, result and errors)."""
-        return self._ledger.renew_many(reservations, now=now, ttl=ttl)
-
-    async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
-        """Async :meth:`MemoryLedger.read` (same arguments, result and errors)."""
-        return self._ledger.read(keys, now=now)
-
-    async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
-        """Async :meth:`MemoryLedger.scan` (same arguments, result and errors).
-
-        Unlike the other operations it runs in a worker thread: matching every key of a
-        large store is too long to run on the event loop.
-        """
-        check_scan(match, limit)
-        check_now(now)
-        return await asyncio.to_thread(self._ledger.scan, match, now=now, limit=limit)
-
-    async def adjust(
-        self,
-        adjustments: Sequence[Adjustment],
-        *,
-        now: float,
-        journal: str,
-        keep: int,
-        journal_expires_at: float,
-    ) -> tuple[JournalEntry, ...]:
-        """Async :meth:`MemoryLedger.adjust` (same arguments, result and errors)."""
-        return self._ledger.adjust(
-            adjustments, now=now, journal=journal, keep=keep, journal_expires_at=journal_expires_at
-        )
-
-    async def read_journal(
-        self, journal: str, *, now: float, limit: int
-    ) -> tuple[JournalEntry, ...]:
-        """Async :meth:`MemoryLedger.read_journal` (same arguments, result and errors)."""
-        return self._ledger.read_journal(journal, now=now, limit=limit)
-
-    async def aclose(self) -> None:
-        """Nothing to release (the shared store stays usable)."""
