@@ -36,6 +36,7 @@ from payi_guard.engine.retry import Closer, Closing
 from payi_guard.engine.spent import Spent, SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.exceptions import BudgetExceeded, StorageError
+from payi_guard.ledger.analytics import call_tallies, owners_of, prefix_of, refusal_tallies
 from payi_guard.ledger.base import (
     MAX_UNITS,
     CapacityExceeded,
@@ -43,6 +44,7 @@ from payi_guard.ledger.base import (
     CounterState,
     ReserveResult,
     StorageOutcomeUnknown,
+    Tally,
 )
 from payi_guard.money import cost_usd, log_amount, parse_usd
 from payi_guard.pricing import Rates, TokenUsage, UnknownModel
@@ -108,7 +110,11 @@ class Bookkeeper:
         ttl = plan.policy.config.reservation_ttl
         try:
             result = self.storage.ledger.reserve(
-                plan.reservation_id, plan.charges, now=plan.now, ttl=ttl
+                plan.reservation_id,
+                plan.charges,
+                now=plan.now,
+                ttl=ttl,
+                tallies=self._refusal(plan),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -130,7 +136,11 @@ class Bookkeeper:
         ttl = plan.policy.config.reservation_ttl
         try:
             result = await self.storage.async_ledger.reserve(
-                plan.reservation_id, plan.charges, now=plan.now, ttl=ttl
+                plan.reservation_id,
+                plan.charges,
+                now=plan.now,
+                ttl=ttl,
+                tallies=self._refusal(plan),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -416,7 +426,29 @@ class Bookkeeper:
             plan.subject.user_id,
             applied,
             abandoned,
+            tallies=() if amounts is None else self._tallies(plan, record),
         )
+
+    def _tallies(self, plan: Plan, record: CallRecord) -> tuple[Tally, ...]:
+        """The usage analytics of a settled call (see :mod:`payi_guard.ledger.analytics`)."""
+        usage = record.usage
+        return call_tallies(
+            prefix_of(plan.charges[0].key),
+            owners_of(plan.subject.user_id, plan.subject.org_id, plan.subject.anonymous),
+            now=plan.now,
+            keep_days=self._config().analytics_days,
+            cost=record.cost_nano,
+            input_tokens=usage.input_tokens if usage else 0,
+            output_tokens=usage.output_tokens if usage else 0,
+            model=plan.call.model,
+            use_case=plan.attribution.use_case_name,
+        )
+
+    def _refusal(self, plan: Plan) -> tuple[Tally, ...]:
+        subject = plan.subject
+        owners = owners_of(subject.user_id, subject.org_id, subject.anonymous)
+        keep = self._config().analytics_days
+        return refusal_tallies(prefix_of(plan.charges[0].key), owners, now=plan.now, keep_days=keep)
 
     def settle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:
         """Commit ``amounts`` (``None``: release) and log ``record``.

@@ -13,6 +13,7 @@ from payi_guard.ledger.base import (
     CounterState,
     JournalEntry,
     ReserveResult,
+    Tally,
 )
 
 if TYPE_CHECKING:
@@ -47,16 +48,31 @@ class AsyncMemoryLedger:
         return f"AsyncMemoryLedger({self._ledger!r})"
 
     async def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        ttl: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         """Async :meth:`MemoryLedger.reserve` (same arguments, result and errors)."""
-        return self._ledger.reserve(reservation_id, charges, now=now, ttl=ttl)
+        return self._ledger.reserve(reservation_id, charges, now=now, ttl=ttl, tallies=tallies)
 
     async def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         """Async :meth:`MemoryLedger.commit` (same arguments, result and errors)."""
-        return self._ledger.commit(reservation_id, charges, now=now)
+        return self._ledger.commit(reservation_id, charges, now=now, tallies=tallies)
+
+    async def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
+        """Async :meth:`MemoryLedger.read_tallies` (same arguments, result and errors)."""
+        return self._ledger.read_tallies(keys, now=now)
 
     async def release(
         self, reservation_id: str, keys: Sequence[str], *, now: float

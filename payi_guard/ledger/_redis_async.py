@@ -49,11 +49,13 @@ from payi_guard.ledger._redis_plans import (
     _reserve_plan,
     _script_source,
     _storage_error,
+    _tallies_plan,
     _Wiring,
     _wiring,
     import_redis,
 )
 from payi_guard.ledger._redisconn import budget
+from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
     Adjustment,
@@ -61,6 +63,7 @@ from payi_guard.ledger.base import (
     CounterState,
     JournalEntry,
     ReserveResult,
+    Tally,
 )
 
 if TYPE_CHECKING:
@@ -224,27 +227,49 @@ class AsyncRedisLedger:
             self._seen = _deliver(self._wiring, self._seen)
 
     async def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        ttl: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         """Async :meth:`RedisLedger.reserve` (same arguments, result and errors)."""
         check_id(reservation_id)
         check_charges(charges)
         check_now(now)
         check_ttl(ttl)
+        check_tallies(tallies)
         binding = self._binding()
-        plan = _reserve_plan(reservation_id, charges, now, ttl, binding.grouped)
+        plan = _reserve_plan(reservation_id, charges, now, ttl, binding.grouped, tallies)
         return await self._run(binding, plan)
 
     async def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         """Async :meth:`RedisLedger.commit` (same arguments, result and errors)."""
         check_id(reservation_id)
         check_charges(charges)
         check_now(now)
+        check_tallies(tallies)
         binding = self._binding()
-        plan = _commit_plan(reservation_id, charges, now, self._closed_ttl, binding.grouped)
+        plan = _commit_plan(
+            reservation_id, charges, now, self._closed_ttl, binding.grouped, tallies
+        )
         return await self._run(binding, plan)
+
+    async def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
+        """Async :meth:`RedisLedger.read_tallies` (same arguments, result and errors)."""
+        check_keys(keys)
+        check_now(now)
+        binding = self._binding()
+        return await self._run(binding, _tallies_plan(keys, binding.grouped))
 
     async def release(
         self, reservation_id: str, keys: Sequence[str], *, now: float

@@ -30,6 +30,7 @@ from payi_guard.ledger.base import (
     ReserveResult,
     StorageEvent,
     StorageOutcomeUnknown,
+    Tally,
 )
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ CLOSED_SUFFIX = ":d"
 
 EventCallback = Callable[[StorageEvent], object]
 
-_SCRIPT_NAMES = ("reserve", "commit", "read", "renew", "adjust")
+_SCRIPT_NAMES = ("reserve", "commit", "read", "renew", "adjust", "tallies")
 _ZERO = CounterState(0, 0)
 _SCAN_COUNT = 1000
 """The ``COUNT`` hint of each ``SCAN`` call: keys the server visits per round trip."""
@@ -108,28 +109,74 @@ def _script_keys(keys: Sequence[str]) -> list[str]:
     return out
 
 
-def _reserve_call(rid: str, charges: Sequence[Charge], now: float, ttl: float) -> _Call:
-    args = [rid, _seconds(ttl)]
+def _tally_part(tallies: Sequence[Tally], now: float) -> tuple[list[str], list[str]]:
+    """The KEYS and ARGV that carry ``tallies`` (see ``add_tallies`` in lib.lua)."""
+    keys: list[str] = []
+    args: list[str] = []
+    for tally in tallies:
+        ttl = _ttl_millis(tally.expires_at, now)
+        if int(ttl) <= 0 or not tally.fields:
+            continue  # already past its life: nothing to keep
+        keys.append(tally.key)
+        args += (ttl, str(len(tally.fields)))
+        for name, value in tally.fields:
+            args += (name, str(value))
+    return keys, args
+
+
+def _reserve_call(
+    rid: str, charges: Sequence[Charge], now: float, ttl: float, tallies: Sequence[Tally] = ()
+) -> _Call:
+    args = [rid, _seconds(ttl), str(len(charges))]
     for charge in charges:
         args.append(str(charge.amount))
         args.append("" if charge.max is None else str(charge.max))
         args.append(_ttl_millis(charge.expires_at, now))
-    return ("reserve", _script_keys([charge.key for charge in charges]), args)
+    tally_keys, tally_args = _tally_part(tallies, now)
+    keys = _script_keys([charge.key for charge in charges]) + tally_keys
+    return ("reserve", keys, args + tally_args)
 
 
-def _commit_call(rid: str, charges: Sequence[Charge], now: float, keep: float) -> _Call:
-    args = [rid, _seconds(keep)]
+def _commit_call(
+    rid: str, charges: Sequence[Charge], now: float, keep: float, tallies: Sequence[Tally] = ()
+) -> _Call:
+    args = [rid, _seconds(keep), str(len(charges))]
     for charge in charges:
         args.append(str(charge.amount))
         args.append(_ttl_millis(charge.expires_at, now))
-    return ("commit", _script_keys([charge.key for charge in charges]), args)
+    tally_keys, tally_args = _tally_part(tallies, now)
+    keys = _script_keys([charge.key for charge in charges]) + tally_keys
+    return ("commit", keys, args + tally_args)
 
 
 def _release_call(rid: str, keys: Sequence[str], keep: float) -> _Call:
-    args = [rid, _seconds(keep)]
+    args = [rid, _seconds(keep), str(len(keys))]
     for _ in keys:
         args += ("0", "")
     return ("commit", _script_keys(keys), args)
+
+
+def _tallies_call(keys: Sequence[str]) -> _Call:
+    return ("tallies", list(keys), [])
+
+
+def _decode_tallies(reply: Any, count: int) -> tuple[dict[str, int], ...]:
+    if not isinstance(reply, list) or len(reply) != count:
+        raise _bad_reply(reply)
+    try:
+        return tuple(
+            {_key_text(flat[j]): int(flat[j + 1]) for j in range(0, len(flat), 2)} for flat in reply
+        )
+    except (TypeError, ValueError, IndexError) as exc:
+        raise _bad_reply(reply) from exc
+
+
+def _in_slot(tallies: Sequence[Tally], key: str) -> list[Tally]:
+    """The tallies that share ``key``'s cluster hash slot."""
+    from redis.crc import key_slot
+
+    slot = key_slot(key.encode("utf-8"))
+    return [t for t in tallies if key_slot(t.key.encode("utf-8")) == slot]
 
 
 def _read_call(keys: Sequence[str]) -> _Call:
@@ -214,7 +261,7 @@ def _groups(keys: Sequence[str], grouped: bool) -> list[list[int]] | None:
 
 def _rollback(rid: str, keys: Sequence[str], now: float) -> _Call:
     # A rollback of this very reserve: not a close (``keep`` of 0 remembers nothing).
-    return ("commit", _script_keys(keys), [rid, "0", *(["0", ""] * len(keys))])
+    return ("commit", _script_keys(keys), [rid, "0", str(len(keys)), *(["0", ""] * len(keys))])
 
 
 def _undo(rid: str, keys: Sequence[str], done: Sequence[Sequence[int]], now: float) -> _Plan[None]:
@@ -227,12 +274,19 @@ def _undo(rid: str, keys: Sequence[str], done: Sequence[Sequence[int]], now: flo
 
 
 def _reserve_plan(
-    rid: str, charges: Sequence[Charge], now: float, ttl: float, grouped: bool
+    rid: str,
+    charges: Sequence[Charge],
+    now: float,
+    ttl: float,
+    grouped: bool,
+    tallies: Sequence[Tally] = (),
 ) -> _Plan[ReserveResult]:
     keys = [charge.key for charge in charges]
     groups = _groups(keys, grouped)
     if groups is None:
-        reply = yield _reserve_call(rid, charges, now, ttl)
+        if grouped and tallies and keys:
+            tallies = _in_slot(tallies, keys[0])
+        reply = yield _reserve_call(rid, charges, now, ttl, tallies)
         return _decode_reserve(reply, len(charges))
 
     states = [_ZERO] * len(charges)
@@ -240,7 +294,7 @@ def _reserve_plan(
     for position, group in enumerate(groups):
         part = [charges[i] for i in group]
         try:
-            reply = yield _reserve_call(rid, part, now, ttl)
+            reply = yield _reserve_call(rid, part, now, ttl, _in_slot(tallies, part[0].key))
         except StorageError:
             yield from _undo(rid, keys, done, now)
             raise
@@ -287,10 +341,17 @@ def _per_group(
 
 
 def _commit_plan(
-    rid: str, charges: Sequence[Charge], now: float, keep: float, grouped: bool
+    rid: str,
+    charges: Sequence[Charge],
+    now: float,
+    keep: float,
+    grouped: bool,
+    tallies: Sequence[Tally] = (),
 ) -> _Plan[tuple[CounterState, ...]]:
     def call(group: list[int]) -> _Call:
-        return _commit_call(rid, [charges[i] for i in group], now, keep)
+        part = [charges[i] for i in group]
+        mine = _in_slot(tallies, part[0].key) if grouped and tallies and part else tallies
+        return _commit_call(rid, part, now, keep, mine)
 
     return _per_group(call, [charge.key for charge in charges], grouped)
 
@@ -302,6 +363,20 @@ def _release_plan(
         return _release_call(rid, [keys[i] for i in group], keep)
 
     return _per_group(call, keys, grouped)
+
+
+def _tallies_plan(keys: Sequence[str], grouped: bool) -> _Plan[tuple[dict[str, int], ...]]:
+    if not keys:
+        return ()
+    if not grouped:
+        reply = yield _tallies_call(keys)
+        return _decode_tallies(reply, len(keys))
+    out: list[dict[str, int]] = [{} for _ in keys]
+    for group in _slot_groups(keys):
+        reply = yield _tallies_call([keys[i] for i in group])
+        for index, fields in zip(group, _decode_tallies(reply, len(group)), strict=True):
+            out[index] = fields
+    return tuple(out)
 
 
 def _read_plan(keys: Sequence[str], grouped: bool) -> _Plan[tuple[CounterState, ...]]:

@@ -22,8 +22,16 @@ from payi_guard.exceptions import StorageError
 from payi_guard.ledger import _sqlite_sql as sql
 from payi_guard.ledger._checks import check_closed_ttl
 from payi_guard.ledger._sqlite_sql import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, forget, prune
+from payi_guard.ledger._sqlite_tally import read_tallies
 from payi_guard.ledger._sqlite_uri import check_options
-from payi_guard.ledger.base import Adjustment, Charge, CounterState, JournalEntry, ReserveResult
+from payi_guard.ledger.base import (
+    Adjustment,
+    Charge,
+    CounterState,
+    JournalEntry,
+    ReserveResult,
+    Tally,
+)
 
 __all__ = ["Operations", "Settings", "Store", "database_file", "make_settings"]
 
@@ -452,17 +460,31 @@ class Operations:
         self.store = Store(path, settings)
 
     def reserve(
-        self, rid: str, charges: Sequence[Charge], now: float, ttl: float, started: float
+        self,
+        rid: str,
+        charges: Sequence[Charge],
+        now: float,
+        ttl: float,
+        started: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         if not charges:
             return ReserveResult(True, None, ())
         deadline = now + ttl
         return self.store.write(
-            "reserve", started, now, lambda c: sql.reserve(c, rid, charges, now, deadline)
+            "reserve",
+            started,
+            now,
+            lambda c: sql.reserve(c, rid, charges, now, deadline, tallies),
         )
 
     def commit(
-        self, rid: str, charges: Sequence[Charge], now: float, started: float
+        self,
+        rid: str,
+        charges: Sequence[Charge],
+        now: float,
+        started: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         if not charges:
             return ()
@@ -471,9 +493,14 @@ class Operations:
             "commit",
             started,
             now,
-            lambda c: sql.settle(c, rid, charges, now, until),
+            lambda c: sql.settle(c, rid, charges, now, until, tallies),
             closes=1,
         )
+
+    def read_tallies(self, keys: Sequence[str], now: float) -> tuple[dict[str, int], ...]:
+        if not keys:
+            return ()
+        return self.store.read("read_tallies", lambda c: read_tallies(c, keys, now))
 
     def release(
         self, rid: str, keys: Sequence[str], now: float, started: float

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import math
 import threading
 from collections.abc import Sequence
 
@@ -50,6 +51,7 @@ from payi_guard.ledger._checks import (
 from payi_guard.ledger._glob import glob_regex, literal_prefix
 from payi_guard.ledger._memory_async import AsyncMemoryLedger
 from payi_guard.ledger._memory_counter import _Counter
+from payi_guard.ledger._tally import TallyStore, check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
     Adjustment,
@@ -57,6 +59,7 @@ from payi_guard.ledger.base import (
     CounterState,
     JournalEntry,
     ReserveResult,
+    Tally,
 )
 
 __all__ = ["AsyncMemoryLedger", "MemoryLedger"]
@@ -100,6 +103,7 @@ class MemoryLedger:
         # journal -> (entries, oldest first; expires_at), and a heap to drop expired ones.
         self._journals: dict[str, tuple[list[JournalEntry], float]] = {}
         self._journal_times: list[tuple[float, str]] = []
+        self._tallies = TallyStore()
 
     def __len__(self) -> int:
         """The number of counters stored (expired ones count until they are swept)."""
@@ -167,6 +171,8 @@ class MemoryLedger:
             self._sweep(now, self._sweep_batch)
         if self._closed_times and self._closed_times[0][0] <= now:
             self._sweep_closed(now, self._sweep_batch)
+        if self._tallies.due(now):
+            self._tallies.sweep(now, self._sweep_batch)
 
     def _live(self, key: str, now: float) -> _Counter | None:
         counter = self._counters.get(key)
@@ -200,7 +206,13 @@ class MemoryLedger:
     # -- the Ledger protocol ---------------------------------------------------------------
 
     def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        ttl: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         """Reserve every charge or none.
 
@@ -216,6 +228,7 @@ class MemoryLedger:
             charges: one per counter (each key at most once).
             now: the current time, epoch seconds.
             ttl: seconds the reservation holds budget if it is never committed.
+            tallies: added in the same step when the reserve refuses.
 
         Returns:
             The outcome; when refused, no total changed.
@@ -226,6 +239,7 @@ class MemoryLedger:
         """
         check_id(reservation_id)
         check_charges(charges)
+        check_tallies(tallies)
         check_now(now)
         check_ttl(ttl)
         with self._lock:
@@ -253,6 +267,7 @@ class MemoryLedger:
                 refusing = self._place(charge, found[refused])
                 refusing.refused = charge.amount
                 found[refused] = refusing
+                self._tallies.add(tallies, now)
                 states = tuple(_ZERO if c is None else c.state() for c in found)
                 return ReserveResult(False, refused, states)
             deadline = now + ttl
@@ -265,7 +280,12 @@ class MemoryLedger:
             return ReserveResult(True, None, tuple(out))
 
     def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         """Close the reservation where it is open and add each actual amount to ``settled``.
 
@@ -277,6 +297,7 @@ class MemoryLedger:
             reservation_id: the id given to :meth:`reserve` (or any id for a record).
             charges: the actual amounts, on the keys that were reserved (``max`` ignored).
             now: the current time, epoch seconds.
+            tallies: added in the same step when this commit closes the id somewhere.
 
         Returns:
             The state of each counter after the commit.
@@ -286,6 +307,7 @@ class MemoryLedger:
         """
         check_id(reservation_id)
         check_charges(charges)
+        check_tallies(tallies)
         check_now(now)
         with self._lock:
             self._housekeeping(now)
@@ -312,7 +334,19 @@ class MemoryLedger:
                 out.append(counter.state())
             if closing:
                 self._close(reservation_id, closed, closing, now)
+                self._tallies.add(tallies, now)
             return tuple(out)
+
+    def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
+        """Return the fields of each tally (a missing or expired one is empty).
+
+        Raises:
+            ValueError: on an empty or repeated key, or a non-finite time.
+        """
+        check_keys(keys)
+        check_now(now)
+        with self._lock:
+            return self._tallies.read(keys, now)
 
     def release(
         self, reservation_id: str, keys: Sequence[str], *, now: float
@@ -443,10 +477,11 @@ class MemoryLedger:
         regex = glob_regex(match)
         prefix = literal_prefix(match)
         with self._lock:
-            snapshot = list(self._counters.items())
+            snapshot = [(key, c.expires_at) for key, c in self._counters.items()]
+            snapshot += [(key, math.inf) for key in self._tallies.live_keys(now)]
         found: list[str] = []
-        for key, counter in snapshot:
-            if not key.startswith(prefix) or counter.expires_at <= now:
+        for key, expires_at in snapshot:
+            if not key.startswith(prefix) or expires_at <= now:
                 continue
             if regex.fullmatch(key) is not None:
                 found.append(key)

@@ -104,11 +104,13 @@ from payi_guard.ledger._redis_plans import (
     _reserve_plan,
     _script_source,
     _storage_error,
+    _tallies_plan,
     _Wiring,
     _wiring,
     import_redis,
 )
 from payi_guard.ledger._redisconn import budget
+from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
     Adjustment,
@@ -116,6 +118,7 @@ from payi_guard.ledger.base import (
     CounterState,
     JournalEntry,
     ReserveResult,
+    Tally,
 )
 
 if TYPE_CHECKING:
@@ -226,7 +229,13 @@ class RedisLedger:
             self._seen = _deliver(self._wiring, self._seen)
 
     def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        ttl: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         """Reserve every charge or none, in one script run (one per slot in cluster mode).
 
@@ -236,6 +245,7 @@ class RedisLedger:
             now: the current time, epoch seconds (sets the counters' lifetime).
             ttl: seconds, on the server's clock, the reservation holds budget unless it
                 is renewed, committed or released.
+            tallies: added in the same script run when the reserve refuses.
 
         Returns:
             The outcome; when refused (or ``closed``), no counter was changed.
@@ -251,10 +261,16 @@ class RedisLedger:
         check_charges(charges)
         check_now(now)
         check_ttl(ttl)
-        return self._run(_reserve_plan(reservation_id, charges, now, ttl, self._grouped))
+        check_tallies(tallies)
+        return self._run(_reserve_plan(reservation_id, charges, now, ttl, self._grouped, tallies))
 
     def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         """Close the reservation (if open) and add the actual amounts, in one script run.
 
@@ -265,6 +281,7 @@ class RedisLedger:
             reservation_id: the id given to :meth:`reserve` (or any id for a record).
             charges: the actual amounts, on the keys that were reserved (``max`` ignored).
             now: the current time, epoch seconds.
+            tallies: added in the same script run when it closes the id somewhere.
 
         Returns:
             The state of each counter after the commit.
@@ -277,8 +294,20 @@ class RedisLedger:
         check_id(reservation_id)
         check_charges(charges)
         check_now(now)
-        plan = _commit_plan(reservation_id, charges, now, self._closed_ttl, self._grouped)
+        check_tallies(tallies)
+        plan = _commit_plan(reservation_id, charges, now, self._closed_ttl, self._grouped, tallies)
         return self._run(plan)
+
+    def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
+        """Return the fields of each tally, in one script run (one per slot in cluster mode).
+
+        Raises:
+            ValueError: on invalid input.
+            StorageError: when Redis fails or cannot be reached in time.
+        """
+        check_keys(keys)
+        check_now(now)
+        return self._run(_tallies_plan(keys, self._grouped))
 
     def release(
         self, reservation_id: str, keys: Sequence[str], *, now: float
