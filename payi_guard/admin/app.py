@@ -28,7 +28,9 @@ from payi_guard.admin.directory import (
     order_summaries,
     read_summaries,
 )
+from payi_guard.admin.history import UserPages
 from payi_guard.admin.ingest import EventsEndpoint
+from payi_guard.admin.recent import RecentCalls
 from payi_guard.admin.responses import problem as _problem
 from payi_guard.admin.responses import read_limited as _read_limited
 from payi_guard.admin.security import SESSION_COOKIE, SecurityHeaders, TokenAuth, from_this_site
@@ -172,6 +174,11 @@ class UsersApp:
         self._actions = Actions(guard, self._auth, self._unauthorized, self._storage_failed)
         self._page = _template("users.html").replace("__TITLE__", html.escape(self.title))
         self._login_page = _template("login.html").replace("__TITLE__", html.escape(self.title))
+        self.recent = RecentCalls(guard.clock.now)
+        guard.observers.add(self.recent)
+        self._pages = UserPages(
+            guard, self._auth, self.recent, self._unauthorized, self._storage_failed, self.title
+        )
         self._events = EventsEndpoint(
             guard,
             self._auth,
@@ -195,6 +202,9 @@ class UsersApp:
                 Route("/api/users/{user_id}/adjust", self._actions.adjust, methods=["POST"]),
                 Route("/api/users/{user_id}/reset", self._actions.reset, methods=["POST"]),
                 Route("/api/users/{user_id}/adjustments", self._actions.history, methods=["GET"]),
+                Route("/api/users/{user_id}/history", self._pages.user_history, methods=["GET"]),
+                Route("/api/orgs/{org_id}/history", self._pages.org_history, methods=["GET"]),
+                Route("/users/{user_id}", self._pages.page, methods=["GET"]),
                 Route("/api/events", self.post_events, methods=["POST"]),
             ],
             middleware=[Middleware(SecurityHeaders)],
