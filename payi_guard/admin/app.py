@@ -5,9 +5,9 @@ from __future__ import annotations
 import html
 import math
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
@@ -20,8 +20,6 @@ from starlette.types import ASGIApp
 from payi_guard.admin.actions import Actions
 from payi_guard.admin.dedupe import RequestIds
 from payi_guard.admin.directory import (
-    SORTS,
-    STATES,
     UserDirectory,
     UserSummary,
     match_query,
@@ -30,6 +28,7 @@ from payi_guard.admin.directory import (
 )
 from payi_guard.admin.history import UserPages
 from payi_guard.admin.ingest import EventsEndpoint
+from payi_guard.admin.listing import ListQuery, QueryError, to_csv
 from payi_guard.admin.recent import RecentCalls
 from payi_guard.admin.responses import problem as _problem
 from payi_guard.admin.responses import read_limited as _read_limited
@@ -61,12 +60,19 @@ MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 1000
 """The most events one ``POST /api/events`` may carry."""
 
+MAX_EXPORT = 5000
+"""The most users one CSV export reads."""
+
 DEFAULT_REQUEST_ID_TTL = 7 * 86400
 """Seconds a recorded ``request_id`` is remembered by default (a week)."""
 
-_MAX_QUERY = 200
-_MAX_PAGE = 1_000_000
 _MAX_FORM_BYTES = 4096
+
+
+def _invalid(exc: QueryError) -> Response:
+    return _problem(
+        400, "invalid-parameter", "Invalid parameter", str(exc), parameter=exc.parameter
+    )
 
 
 def _template(name: str) -> str:
@@ -76,28 +82,6 @@ def _template(name: str) -> str:
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
-
-
-class _QueryError(ValueError):
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(message)
-        self.parameter = parameter
-
-
-def _choice(request: Request, name: str, options: tuple[str, ...], default: str | None) -> Any:
-    value = request.query_params.get(name)
-    if value is None or value == "":
-        return default
-    if value not in options:
-        raise _QueryError(name, f"{name} must be one of {', '.join(options)}")
-    return value
-
-
-def _page_number(request: Request) -> int:
-    value = request.query_params.get("page", "1")
-    if not value.isdigit() or not 1 <= int(value) <= _MAX_PAGE:
-        raise _QueryError("page", f"page must be a whole number from 1 to {_MAX_PAGE}")
-    return int(value)
 
 
 class UsersApp:
@@ -198,6 +182,7 @@ class UsersApp:
                 Route("/logout", self.sign_out, methods=["POST"]),
                 Route("/healthz", self.health, methods=["GET"]),
                 Route("/api/users", self.list_users, methods=["GET"]),
+                Route("/api/users.csv", self.export_csv, methods=["GET"]),
                 Route("/api/users/{user_id}", self.get_user, methods=["GET"]),
                 Route("/api/users/{user_id}/adjust", self._actions.adjust, methods=["POST"]),
                 Route("/api/users/{user_id}/reset", self._actions.reset, methods=["POST"]),
@@ -332,63 +317,89 @@ class UsersApp:
     async def list_users(self, request: Request) -> Response:
         """``GET /api/users``: users with their limits.
 
-        Query parameters: ``q`` (a case-insensitive substring of the user id, or a glob
-        with ``*?[``), ``state`` (``ok|warning|exceeded``), ``sort``
-        (``name|spend|state|remaining``), ``order`` (``asc|desc``), ``page`` (from 1).
+        Query parameters: see :class:`~payi_guard.admin.listing.ListQuery` (``q``,
+        ``state``, ``org``, ``tier``, ``min_spend``, ``max_spend``, ``sort``, ``order``,
+        ``page``); an invalid one is a 400 naming it.
 
         Pages are cut from the user ids in order, so a request never reads more than
-        ``page_size`` users' usage however many users there are. ``sort=name`` orders
-        across all pages; the other sorts and ``state`` need each user's usage, so they
-        apply to the users of the requested page, and the response says so with
-        ``"scope": "page"`` (``"all"`` when the order and filter hold across every page,
-        as they do whenever a single page holds every matching user). ``spend`` and
-        ``remaining`` are those of the user's own money limit with the least headroom.
+        ``page_size`` users' usage however many users there are. ``sort=name`` (and
+        ``q``, ``org``) order and filter across all pages; the other sorts and filters
+        need each user's usage, so they apply to the users of the requested page, and
+        the response says so with ``"scope": "page"`` (``"all"`` when the order and
+        filter hold across every page, as they do whenever a single page holds every
+        matching user). ``spend`` and ``remaining`` are those of the user's own money
+        limit with the least headroom.
         """
         if not (self._auth.bearer_ok(request) or self._auth.session_ok(request)):
             return self._unauthorized()
         try:
-            query = request.query_params.get("q") or None
-            if query is not None and len(query) > _MAX_QUERY:
-                raise _QueryError("q", f"q must be at most {_MAX_QUERY} characters")
-            state = _choice(request, "state", STATES, None)
-            sort = _choice(request, "sort", SORTS, "name")
-            order = _choice(request, "order", ("asc", "desc"), "asc")
-            page = _page_number(request)
-        except _QueryError as exc:
-            return _problem(
-                400, "invalid-parameter", "Invalid parameter", str(exc), parameter=exc.parameter
-            )
+            query = ListQuery.parse(request)
+        except QueryError as exc:
+            return _invalid(exc)
         try:
             directory = await self.directory.get()
-            ids = list(directory.user_ids)
-            if query is not None:
-                ids = [uid for uid in ids if match_query(uid, query)]
-            if sort == "name" and order == "desc":
-                ids.reverse()
+            ids = self._ids(directory.user_ids, query)
             pages = max(1, math.ceil(len(ids) / self.page_size))
-            start = (page - 1) * self.page_size
+            start = (query.page - 1) * self.page_size
             summaries = await read_summaries(self.guard, ids[start : start + self.page_size])
         except StorageError:
             return self._storage_failed()
-        if state is not None:
-            summaries = [s for s in summaries if s.state == state]
-        summaries = order_summaries(summaries, sort, descending=order == "desc")
-        whole = pages == 1 or (sort == "name" and state is None)
+        summaries = [s for s in summaries if query.keeps(s)]
+        summaries = order_summaries(summaries, query.sort, descending=query.order == "desc")
+        whole = pages == 1 or (query.sort == "name" and not query.filters_usage)
         return JSONResponse(
             {
                 "users": [s.as_dict() for s in summaries],
-                "page": page,
+                "page": query.page,
                 "pages": pages,
                 "page_size": self.page_size,
                 "total": len(ids),
                 "truncated": directory.truncated,
-                "q": query,
-                "state": state,
-                "sort": sort,
-                "order": order,
+                **query.as_dict(),
                 "scope": "all" if whole else "page",
                 "now": _iso(self.guard.clock.now()),
             }
+        )
+
+    @staticmethod
+    def _ids(user_ids: Sequence[str], query: ListQuery) -> list[str]:
+        ids = [uid for uid in user_ids if query.keeps_id(uid)]
+        if query.q is not None:
+            ids = [uid for uid in ids if match_query(uid, query.q)]
+        if query.sort == "name" and query.order == "desc":
+            ids.reverse()
+        return ids
+
+    async def export_csv(self, request: Request) -> Response:
+        """``GET /api/users.csv``: the users the list's query selects, as CSV.
+
+        Same parameters as :meth:`list_users` but ``page``: every matching user (up to
+        :data:`MAX_EXPORT`; beyond, the answer has ``X-Truncated: true``), filtered and
+        sorted as a whole.
+        """
+        if not (self._auth.bearer_ok(request) or self._auth.session_ok(request)):
+            return self._unauthorized()
+        try:
+            query = ListQuery.parse(request)
+        except QueryError as exc:
+            return _invalid(exc)
+        try:
+            directory = await self.directory.get()
+            ids = self._ids(directory.user_ids, query)
+            summaries = await read_summaries(self.guard, ids[:MAX_EXPORT])
+        except StorageError:
+            return self._storage_failed()
+        summaries = [s for s in summaries if query.keeps(s)]
+        summaries = order_summaries(summaries, query.sort, descending=query.order == "desc")
+        truncated = len(ids) > MAX_EXPORT or directory.truncated
+        return Response(
+            to_csv(summaries),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "content-disposition": 'attachment; filename="users.csv"',
+                "x-truncated": "true" if truncated else "false",
+                "cache-control": "no-store",
+            },
         )
 
     async def get_user(self, request: Request) -> Response:
