@@ -21,7 +21,8 @@ from payi_guard.config import GuardConfig
 from payi_guard.engine import ANONYMOUS_USER
 from payi_guard.exceptions import InvalidUserId
 from payi_guard.identity import normalize_user_id
-from payi_guard.ledger.keys import parse_key
+from payi_guard.ledger.analytics import analytics_owner
+from payi_guard.ledger.keys import owners_glob, parse_key
 from payi_guard.money import decimal_text
 from payi_guard.usage import LimitState, LimitUsage, Scope
 
@@ -141,8 +142,21 @@ class UserDirectory:
         cached = self._cached
         if cached is not None and 0 <= now - cached.taken_at < self._ttl:
             return cached
-        keys, truncated = await self._guard.acounter_keys(_OWN_SCOPES, limit=self._max_keys)
-        owners = {key.owner for key in keys}
+        guard = self._guard
+        glob = owners_glob(guard.key_prefix, _OWN_SCOPES)
+        found_keys = await guard.async_ledger.scan(glob, now=now, limit=self._max_keys)
+        truncated = len(found_keys) >= self._max_keys
+        # Counters name those who spent in a live window, tallies those who spent in the
+        # days analytics keep: a user is listed while either remains.
+        owners: set[str] = set()
+        for raw in found_keys:
+            parsed = parse_key(guard.key_prefix, raw)
+            if parsed is not None:
+                owners.add(parsed.owner)
+                continue
+            tally = analytics_owner(guard.key_prefix, raw)
+            if tally is not None:
+                owners.add(tally[1])
         # Each user has several counters: validate each id once, not once per key.
         found = sorted(uid for uid in map(_valid, owners) if uid is not None)
         directory = Directory(tuple(found), truncated, now)

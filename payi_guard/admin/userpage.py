@@ -22,7 +22,7 @@ from payi_guard.usage import LimitUsage
 
 __all__ = ["render_user_page", "user_link"]
 
-_CHART_W, _CHART_H, _PAD_L, _PAD_B, _PAD_T = 720, 220, 64, 28, 12
+_CHART_W, _CHART_H, _PAD_L, _PAD_B, _PAD_T = 720, 220, 92, 28, 12
 
 
 def user_link(user_id: str) -> str:

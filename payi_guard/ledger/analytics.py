@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from payi_guard.ledger.base import AsyncLedger, Ledger, Tally
-from payi_guard.ledger.keys import owner_tag
+from payi_guard.ledger.keys import SCOPE_KINDS, owner_tag
 from payi_guard.usage import Scope
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "History",
     "NamedUsage",
     "analytics_key",
+    "analytics_owner",
     "aread_history",
     "call_tallies",
     "day_of",
@@ -47,6 +48,7 @@ DEFAULT_KEEP_DAYS = 90
 """Days of analytics kept by default (the ``analytics_days`` config key)."""
 
 _DAY = 86_400
+_SCOPES: dict[str, Scope] = {kind: scope for scope, kind in SCOPE_KINDS.items()}
 
 
 def day_of(now: float) -> str:
@@ -68,6 +70,23 @@ def owners_of(user_id: str, org_id: str | None, anonymous: bool) -> tuple[tuple[
     """Whose analytics a call of ``user_id`` adds to: the user (or bucket), and its org."""
     user: tuple[Scope, str] = ("anonymous" if anonymous else "user", user_id)
     return (user,) if org_id is None else (user, ("org", org_id))
+
+
+def analytics_owner(prefix: str, key: str) -> tuple[Scope, str, str] | None:
+    """``(scope, owner, day)`` of a tally key built with ``prefix``; ``None`` for others."""
+    head = prefix + ":{"
+    if not key.startswith(head):
+        return None
+    end = key.find("}", len(head))
+    kind, sep, owner = key[len(head) : max(end, 0)].partition(":")
+    tail = key[end + 1 :] if end >= 0 else ""
+    scope = _SCOPES.get(kind)
+    if not sep or not owner or scope is None or not tail.startswith(":an:"):
+        return None
+    day = tail[4:]
+    if len(day) != 10 or day[4] != "-" or day[7] != "-":
+        return None
+    return scope, owner, day
 
 
 def _expires_at(now: float, keep_days: int) -> float:
