@@ -73,7 +73,7 @@ def seed(guard: Guard, clock: FakeClock) -> list[dict[str, Any]]:
         call(guard, MODEL, 30_000, 3_000, "chat")
         call(guard, MODEL_B, 1_000, 500, None)
         refused(guard)
-    return [event for event in logs if event["event"] == "genai_call"]
+    return [dict(event) for event in logs if event["event"] == "genai_call"]
 
 
 def expected(events: list[dict[str, Any]]) -> dict[str, Any]:
