@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, TextIO
 
 from payi_guard.clock import Clock, SystemClock
+from payi_guard.exceptions import ConfigError, StorageError
 from payi_guard.report import (
     EXACT_SAMPLES,
     PERCENTILE_RELATIVE_ERROR,
@@ -29,6 +30,7 @@ from payi_guard.report import (
     write_table,
 )
 from payi_guard.report.aggregate import KEY_FIELDS
+from payi_guard.report.store import store_report
 from payi_guard.report.table import terminal_width
 
 __all__ = ["add_report_parser", "report_main", "run_report"]
@@ -92,9 +94,32 @@ csv and json write the summary line to stderr.
 """
 
 
+def _days_arg(text: str) -> int:
+    value = int(text) if text.isascii() and text.isdigit() else 0
+    if not 1 <= value <= 3660:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days from 1 to 3660")
+    return value
+
+
 def _configure_report(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
-        "logs", nargs="+", metavar="LOG", help="log files (gzip is detected), or - for stdin"
+        "logs", nargs="*", metavar="LOG", help="log files (gzip is detected), or - for stdin"
+    )
+    store = parser.add_argument_group(
+        "from the store (no log files)",
+        "--from-store reads the usage analytics the store keeps per user and day "
+        "(analytics_days in the budgets file) instead of logs.",
+    )
+    store.add_argument(
+        "--from-store", action="store_true", help="report from the store's analytics"
+    )
+    store.add_argument("--config", "-c", metavar="FILE", help="the budgets file (its storage)")
+    store.add_argument("--storage", metavar="URI", help="storage URI (default: the file's)")
+    store.add_argument(
+        "--key-prefix", default="pg", metavar="PREFIX", help="the app's key prefix (default: pg)"
+    )
+    store.add_argument(
+        "--days", type=_days_arg, metavar="N", help="the last N UTC days, today included (30)"
     )
     parser.add_argument(
         "--since",
@@ -144,7 +169,7 @@ def _configure_report(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="the table's width (default: $COLUMNS, else the terminal's, else 80; "
         "at least 40); columns that do not fit are left out and named",
     )
-    parser.set_defaults(func=run_report)
+    parser.set_defaults(func=run_report, report_parser=parser)
     return parser
 
 
@@ -201,6 +226,17 @@ def run_report(
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     clock = clock or getattr(args, "clock", None) or SystemClock()
+    if getattr(args, "from_store", False) or getattr(args, "days", None) is not None:
+        return _run_from_store(args, out, err, clock)
+    if not args.logs:
+        parser = getattr(args, "report_parser", None)
+        if parser is not None:  # usage and exit status 2, as for any bad argument
+            parser.error("name LOG files (or - for stdin), or use --from-store --config FILE")
+        err.write(
+            "payi-guard report: error: name LOG files (or - for stdin), "
+            "or use --from-store --config FILE\n"
+        )
+        return 2
     now = datetime.fromtimestamp(clock.now(), tz=timezone.utc)
     filters = ReportFilter(
         since=_resolve(args.since, now),
@@ -224,6 +260,67 @@ def run_report(
     else:
         (write_csv if args.format == "csv" else write_json)(report, out)
         line = f"payi-guard report: {summary(report)}"
+        err.write(textwrap.fill(line, terminal_width(args.width), subsequent_indent="  ") + "\n")
+    out.flush()
+    return 0
+
+
+def _run_from_store(args: argparse.Namespace, out: TextIO, err: TextIO, clock: Clock) -> int:
+    """``--from-store``: the report of the store's analytics.
+
+    Exit status 2 for bad arguments or config, 1 when the store cannot be read.
+    """
+
+    def fail(message: str, status: int = 2) -> int:
+        err.write(textwrap.fill(f"payi-guard report: error: {message}", terminal_width(None)))
+        err.write("\n")
+        return status
+
+    if not getattr(args, "from_store", False):
+        return fail("--days goes with --from-store")
+    if args.logs:
+        return fail("give LOG files or --from-store, not both")
+    if args.since is not None or args.until is not None:
+        return fail("--since and --until read logs; with --from-store use --days N")
+    if not args.config:
+        return fail("--from-store needs --config FILE (the budgets file naming the store)")
+    from payi_guard.engine import Guard
+
+    try:
+        guard = Guard.from_yaml(args.config, storage=args.storage, key_prefix=args.key_prefix)
+    except (ConfigError, OSError, ValueError) as exc:
+        return fail(str(exc))
+    try:
+        if guard.storage_uri.startswith("memory:"):
+            return fail(
+                f"{args.config} keeps budgets in memory://, inside each app process: there "
+                "is no shared store to read. Name it with --storage (redis://... or "
+                "sqlite:///...)."
+            )
+        report = store_report(
+            guard.ledger,
+            guard.key_prefix,
+            now=clock.now(),
+            days=args.days or 30,
+            by=args.by,
+            users=tuple(args.user),
+            orgs=tuple(args.org),
+            models=tuple(args.model),
+            sort=args.sort,
+            top=args.top,
+        )
+    except StorageError as exc:
+        return fail(f"cannot read the store {guard.storage_uri}: {exc}", 1)
+    finally:
+        guard.close()
+    if args.format == "table":
+        write_table(report, out, width=getattr(args, "width", None))
+    else:
+        (write_csv if args.format == "csv" else write_json)(report, out)
+        line = (
+            f"payi-guard report: {len(report.rows)} rows from the store's analytics, "
+            f"the last {args.days or 30} days"
+        )
         err.write(textwrap.fill(line, terminal_width(args.width), subsequent_indent="  ") + "\n")
     out.flush()
     return 0
@@ -259,6 +356,8 @@ def report_main(
     )
     try:
         args = parser.parse_args(argv)
+        if not args.logs and not args.from_store and args.days is None:
+            parser.error("name LOG files (or - for stdin), or use --from-store --config FILE")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     try:
