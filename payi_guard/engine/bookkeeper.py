@@ -26,6 +26,7 @@ from payi_guard._ids import new_id
 from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
 from payi_guard.context import Attribution
+from payi_guard.engine.analytics import refused_tallies, settled_tallies
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.detached import Detached
 from payi_guard.engine.observers import CallEnded, CallRefused, Observers
@@ -36,7 +37,6 @@ from payi_guard.engine.retry import Closer, Closing
 from payi_guard.engine.spent import Spent, SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.exceptions import BudgetExceeded, StorageError
-from payi_guard.ledger.analytics import call_tallies, owners_of, prefix_of, refusal_tallies
 from payi_guard.ledger.base import (
     MAX_UNITS,
     CapacityExceeded,
@@ -44,7 +44,6 @@ from payi_guard.ledger.base import (
     CounterState,
     ReserveResult,
     StorageOutcomeUnknown,
-    Tally,
 )
 from payi_guard.money import cost_usd, log_amount, parse_usd
 from payi_guard.pricing import Rates, TokenUsage, UnknownModel
@@ -83,6 +82,10 @@ class Bookkeeper:
         self.renewer = Renewer(storage, clock, lambda: self._config().reservation_ttl)
         self._detached = Detached()
 
+    @property
+    def _analytics(self) -> int:
+        return self._config().analytics_days
+
     def close(self) -> None:
         """Stop renewing; retry what waits for four socket timeouts more, then give it up."""
         self.renewer.close()
@@ -114,7 +117,7 @@ class Bookkeeper:
                 plan.charges,
                 now=plan.now,
                 ttl=ttl,
-                tallies=self._refusal(plan),
+                tallies=refused_tallies(plan, self._analytics),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -140,7 +143,7 @@ class Bookkeeper:
                 plan.charges,
                 now=plan.now,
                 ttl=ttl,
-                tallies=self._refusal(plan),
+                tallies=refused_tallies(plan, self._analytics),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -426,29 +429,8 @@ class Bookkeeper:
             plan.subject.user_id,
             applied,
             abandoned,
-            tallies=() if amounts is None else self._tallies(plan, record),
+            tallies=() if amounts is None else settled_tallies(plan, record, self._analytics),
         )
-
-    def _tallies(self, plan: Plan, record: CallRecord) -> tuple[Tally, ...]:
-        """The usage analytics of a settled call (see :mod:`payi_guard.ledger.analytics`)."""
-        usage = record.usage
-        return call_tallies(
-            prefix_of(plan.charges[0].key),
-            owners_of(plan.subject.user_id, plan.subject.org_id, plan.subject.anonymous),
-            now=plan.now,
-            keep_days=self._config().analytics_days,
-            cost=record.cost_nano,
-            input_tokens=usage.input_tokens if usage else 0,
-            output_tokens=usage.output_tokens if usage else 0,
-            model=plan.call.model,
-            use_case=plan.attribution.use_case_name,
-        )
-
-    def _refusal(self, plan: Plan) -> tuple[Tally, ...]:
-        subject = plan.subject
-        owners = owners_of(subject.user_id, subject.org_id, subject.anonymous)
-        keep = self._config().analytics_days
-        return refusal_tallies(prefix_of(plan.charges[0].key), owners, now=plan.now, keep_days=keep)
 
     def settle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:
         """Commit ``amounts`` (``None``: release) and log ``record``.
