@@ -52,7 +52,7 @@ from collections.abc import Sequence
 
 from payi_guard.ledger._adjust import MAX_UNITS, adjusted, out_of_range
 from payi_guard.ledger._glob import glob_regex, literal_prefix
-from payi_guard.ledger._sqlite_tally import TALLY_SCHEMA, add_tallies, prune_tallies, tally_keys
+from payi_guard.ledger._sqlite_tally import TALLY_SCHEMA, add_tallies, tally_keys
 from payi_guard.ledger.base import (
     Adjustment,
     Charge,
@@ -496,5 +496,4 @@ def prune(conn: sqlite3.Connection, now: float, batch: int) -> int:
         conn.executemany(_DROP_HOLDS, due)
         conn.executemany(_DROP_COUNTER, due)
     conn.execute(_JOURNAL_DUE, (now, batch))
-    prune_tallies(conn, now, batch)
     return len(due)

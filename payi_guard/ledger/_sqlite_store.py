@@ -22,7 +22,7 @@ from payi_guard.exceptions import StorageError
 from payi_guard.ledger import _sqlite_sql as sql
 from payi_guard.ledger._checks import check_closed_ttl
 from payi_guard.ledger._sqlite_sql import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, forget, prune
-from payi_guard.ledger._sqlite_tally import read_tallies
+from payi_guard.ledger._sqlite_tally import prune_tallies, read_tallies
 from payi_guard.ledger._sqlite_uri import check_options
 from payi_guard.ledger.base import (
     Adjustment,
@@ -318,6 +318,7 @@ class Store:
                         batch = self.settings.prune_batch
                         pruned = prune(conn, now, batch)
                         pruned += forget(conn, now, batch + self._closes)
+                        pruned += prune_tallies(conn, now, batch)
                         self._closes = 0
                     result, keep = work(conn)
                     conn.execute("COMMIT" if keep or pruned else "ROLLBACK")
@@ -393,13 +394,14 @@ class Store:
     # -- helpers for the public classes --------------------------------------------------------
 
     def prune_all(self, now: float) -> int:
-        """Delete every counter past its expiry and every closed id past its time.
+        """Delete every counter, closed id and tally past its time.
 
         Batch by batch, one transaction each; returns the number of counters deleted.
         """
 
         def batch(conn: sqlite3.Connection) -> tuple[tuple[int, int], bool]:
             dropped, forgotten = prune(conn, now, 1000), forget(conn, now, 1000)
+            forgotten = max(forgotten, prune_tallies(conn, now, 1000))
             return (dropped, forgotten), dropped + forgotten > 0
 
         total = 0

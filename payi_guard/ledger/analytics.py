@@ -19,6 +19,7 @@ drops it (Redis: key expiry; SQLite: pruning; memory: sweeping).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -53,7 +54,13 @@ _SCOPES: dict[str, Scope] = {kind: scope for scope, kind in SCOPE_KINDS.items()}
 
 def day_of(now: float) -> str:
     """The UTC day of an epoch time, ``YYYY-MM-DD``."""
-    return datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%d")
+    return _day_text(int(now // _DAY))
+
+
+@functools.lru_cache(maxsize=64)
+def _day_text(day: int) -> str:
+    # Called on every reserve and commit: the text of a day is made once.
+    return datetime.fromtimestamp(day * _DAY, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
 def analytics_key(prefix: str, scope: Scope, owner: str, day: str) -> str:

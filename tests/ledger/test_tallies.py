@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 from ledger._support import LedgerAdapter
 from payi_guard.clock import FakeClock
-from payi_guard.ledger import Charge, CounterState, Tally
+from payi_guard.ledger import Charge, CounterState, SqliteLedger, Tally
 
 DAY = 86_400
 WINDOW = 1_795_737_600
@@ -132,3 +135,18 @@ async def test_malformed_tallies_are_refused(
             "r1", [Charge(k, 1, None, clock.now() + DAY)], now=clock.now(), tallies=[bad]
         )
     assert await backend.read([k], now=clock.now()) == (CounterState(0, 0),)
+
+
+def test_sqlite_prunes_tallies_past_their_expiry(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = SqliteLedger(path)
+    now = clock.now()
+    k = key("p", "gina")
+    kept = Tally(tally_key("p", "gina", "20261126"), (("c", 1),), now + 1000)
+    gone = Tally(tally_key("p", "gina"), (("c", 5), ("n", 1)), now + 100)
+    ledger.commit("r1", [Charge(k, 5, None, now + DAY)], now=now, tallies=[gone, kept])
+    ledger.prune(now + 101)
+    with sqlite3.connect(path) as conn:
+        left = conn.execute("SELECT key, field FROM tallies ORDER BY key, field").fetchall()
+    ledger.close()
+    assert left == [(kept.key, "c")]
