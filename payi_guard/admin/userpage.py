@@ -92,7 +92,7 @@ def _breakdown(title: str, css_id: str, items: Sequence[NamedUsage], empty_name:
         rows.append(
             f'<tr><td class="name">{_e(name)}</td>'
             f'<td class="num">{_usd(item.cost)}</td><td class="num">{item.calls:,}</td>'
-            f'<td><svg class="mini" viewBox="0 0 160 10" width="160" height="10">'
+            f'<td><svg class="mini" viewBox="0 0 160 10" preserveAspectRatio="none" height="10">'
             f'<rect x="0" y="0" width="{width}" height="10" class="bar"/></svg></td></tr>'
         )
     body = "".join(rows) or '<tr><td colspan="4" class="empty">No calls in these days.</td></tr>'
@@ -193,8 +193,10 @@ td.empty { color:var(--muted); }
 .chart .bar, .mini .bar { fill:var(--accent); }
 .chart .axis { stroke:#9ca3af; }
 .chart .tick { fill:var(--muted); font-size:11px; }
+.mini { display:block; width:100%; max-width:160px; min-width:48px; }
 @media (max-width: 800px) { .cards { grid-template-columns:1fr 1fr; }
-  .two { grid-template-columns:1fr; } main { padding:12px; } }
+  .two { grid-template-columns:1fr; } main { padding:12px; }
+  th, td { padding:6px 8px; } td.name { word-break:normal; overflow-wrap:anywhere; } }
 """
 
 

@@ -576,7 +576,7 @@ class MemoryLedger:
             return tuple(reversed(held[0][-limit:]))
 
     def sweep(self, now: float) -> int:
-        """Drop every counter whose ``expires_at`` is ``<= now``, at once.
+        """Drop every counter (and tally) whose ``expires_at`` is ``<= now``, at once.
 
         Operations already sweep incrementally; this is for callers that want memory
         back immediately (and for tests).
@@ -589,6 +589,7 @@ class MemoryLedger:
         """
         check_now(now)
         with self._lock:
+            self._tallies.sweep(now, len(self._tallies) + 1)
             return self._sweep(now, len(self._counters) + 1)
 
     def close(self) -> None:
