@@ -9,7 +9,7 @@ import pytest
 
 from ledger._support import LedgerAdapter
 from payi_guard.clock import FakeClock
-from payi_guard.ledger import Charge, CounterState, SqliteLedger, Tally
+from payi_guard.ledger import Charge, CounterState, SqliteLedger, Tally, open_ledger
 
 DAY = 86_400
 WINDOW = 1_795_737_600
@@ -150,3 +150,29 @@ def test_sqlite_prunes_tallies_past_their_expiry(tmp_path: Path, clock: FakeCloc
         left = conn.execute("SELECT key, field FROM tallies ORDER BY key, field").fetchall()
     ledger.close()
     assert left == [(kept.key, "c")]
+
+
+def test_slot_grouped_redis_writes_each_tally_with_its_own_slot(
+    redis_url: str, clock: FakeClock, key_prefix: str
+) -> None:
+    ledger = open_ledger(redis_url, group_by_slot=True)
+    now, exp = clock.now(), clock.now() + 2 * DAY
+    user, org = key(key_prefix, "acme:hal"), f"{key_prefix}:{{o:acme}}:usd:day:{WINDOW}"
+    tallies = [
+        Tally(tally_key(key_prefix, "acme:hal"), (("c", 4), ("n", 1)), exp),
+        Tally(f"{key_prefix}:{{o:acme}}:an:20261125", (("c", 4), ("n", 1)), exp),
+        # No charge shares this one's slot: it cannot ride in an atomic step.
+        Tally(f"{key_prefix}:{{o:elsewhere}}:an:20261125", (("c", 4),), exp),
+    ]
+    charges = [Charge(user, 4, 100, exp), Charge(org, 4, 100, exp)]
+    try:
+        assert ledger.reserve("r1", charges, now=now, ttl=60).ok
+        ledger.commit("r1", charges, now=now, tallies=tallies)
+        ledger.commit("r1", charges, now=now, tallies=tallies)  # a retry adds nothing
+        refused = [Charge(user, 500, 100, exp), Charge(org, 1, 100, exp)]
+        refusal = [Tally(tallies[0].key, (("f", 1),), exp)]
+        assert not ledger.reserve("r2", refused, now=now, ttl=60, tallies=refusal).ok
+        read = ledger.read_tallies([t.key for t in tallies], now=now)
+    finally:
+        ledger.close()
+    assert read == ({"c": 4, "n": 1, "f": 1}, {"c": 4, "n": 1}, {})
