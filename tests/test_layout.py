@@ -47,14 +47,9 @@ SIDE_BY_SIDE = ("payi_guard.meter", "payi_guard.web")
 MAX_LINES = 600
 
 OVER_MAX_LINES = {
-    # Being split by other work now; each entry goes as its module shrinks.
-    "payi_guard.admin.app",
-    "payi_guard.cli",
-    "payi_guard.ledger.redis",
-    # Also over the limit when this check came in.
+    # Over the limit when this check came in; each entry goes as its module shrinks.
     "payi_guard.context",
     "payi_guard.engine.bookkeeper",
-    "payi_guard.ledger.memory",
     "payi_guard.meter.sse",
 }
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import html
 import math
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timezone
-from decimal import Decimal
 from importlib import resources
-from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
@@ -20,34 +18,24 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from payi_guard.admin.actions import Actions
-from payi_guard.admin.dedupe import Claim, RequestIds
+from payi_guard.admin.dedupe import RequestIds
 from payi_guard.admin.directory import (
-    SORTS,
-    STATES,
     UserDirectory,
     UserSummary,
     match_query,
     order_summaries,
     read_summaries,
 )
-from payi_guard.admin.events import (
-    MAX_COST_USD,
-    BodyError,
-    EventError,
-    ManualEvent,
-    parse_body,
-    validate_events,
-)
+from payi_guard.admin.history import UserPages
+from payi_guard.admin.ingest import EventsEndpoint
+from payi_guard.admin.listing import ListQuery, QueryError, to_csv
+from payi_guard.admin.recent import RecentCalls
 from payi_guard.admin.responses import problem as _problem
 from payi_guard.admin.responses import read_limited as _read_limited
 from payi_guard.admin.security import SESSION_COOKIE, SecurityHeaders, TokenAuth, from_this_site
-from payi_guard.config import MAX_AMOUNT, GuardConfig
 from payi_guard.engine import Guard
-from payi_guard.exceptions import InvalidUserId, PayiGuardError, StorageError
+from payi_guard.exceptions import InvalidUserId, StorageError
 from payi_guard.identity import normalize_user_id
-from payi_guard.money import NANO_USD, decimal_text, decimal_usd, parse_usd
-from payi_guard.pricing import PriceBook, TokenUsage, UnknownModel
-from payi_guard.web.options import USER_HEADER
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -72,22 +60,19 @@ MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 1000
 """The most events one ``POST /api/events`` may carry."""
 
+MAX_EXPORT = 5000
+"""The most users one CSV export reads."""
+
 DEFAULT_REQUEST_ID_TTL = 7 * 86400
 """Seconds a recorded ``request_id`` is remembered by default (a week)."""
 
-_MAX_EVENT_NANO = int(MAX_COST_USD) * NANO_USD
-_MAX_ERRORS_SHOWN = 100
-_MAX_QUERY = 200
-_MAX_PAGE = 1_000_000
 _MAX_FORM_BYTES = 4096
 
 
-def _dollars(nano: int) -> str:
-    """``10,000,000`` or ``9,007,199.254740991``: exact, grouped, never in exponent form."""
-    text = format(decimal_usd(nano), ",f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text
+def _invalid(exc: QueryError) -> Response:
+    return _problem(
+        400, "invalid-parameter", "Invalid parameter", str(exc), parameter=exc.parameter
+    )
 
 
 def _template(name: str) -> str:
@@ -97,28 +82,6 @@ def _template(name: str) -> str:
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
-
-
-class _QueryError(ValueError):
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(message)
-        self.parameter = parameter
-
-
-def _choice(request: Request, name: str, options: tuple[str, ...], default: str | None) -> Any:
-    value = request.query_params.get(name)
-    if value is None or value == "":
-        return default
-    if value not in options:
-        raise _QueryError(name, f"{name} must be one of {', '.join(options)}")
-    return value
-
-
-def _page_number(request: Request) -> int:
-    value = request.query_params.get("page", "1")
-    if not value.isdigit() or not 1 <= int(value) <= _MAX_PAGE:
-        raise _QueryError("page", f"page must be a whole number from 1 to {_MAX_PAGE}")
-    return int(value)
 
 
 class UsersApp:
@@ -195,7 +158,20 @@ class UsersApp:
         self._actions = Actions(guard, self._auth, self._unauthorized, self._storage_failed)
         self._page = _template("users.html").replace("__TITLE__", html.escape(self.title))
         self._login_page = _template("login.html").replace("__TITLE__", html.escape(self.title))
-        self._prices: tuple[GuardConfig, PriceBook] | None = None
+        self.recent = RecentCalls(guard.clock.now)
+        guard.observers.add(self.recent)
+        self._pages = UserPages(
+            guard, self._auth, self.recent, self._unauthorized, self._storage_failed, self.title
+        )
+        self._events = EventsEndpoint(
+            guard,
+            self._auth,
+            self._request_ids,
+            self._unauthorized,
+            self._storage_failed,
+            max_body_bytes=max_body_bytes,
+            max_batch=max_batch,
+        )
 
     def asgi(self) -> ASGIApp:
         """Return the Starlette application serving every route."""
@@ -206,10 +182,14 @@ class UsersApp:
                 Route("/logout", self.sign_out, methods=["POST"]),
                 Route("/healthz", self.health, methods=["GET"]),
                 Route("/api/users", self.list_users, methods=["GET"]),
+                Route("/api/users.csv", self.export_csv, methods=["GET"]),
                 Route("/api/users/{user_id}", self.get_user, methods=["GET"]),
                 Route("/api/users/{user_id}/adjust", self._actions.adjust, methods=["POST"]),
                 Route("/api/users/{user_id}/reset", self._actions.reset, methods=["POST"]),
                 Route("/api/users/{user_id}/adjustments", self._actions.history, methods=["GET"]),
+                Route("/api/users/{user_id}/history", self._pages.user_history, methods=["GET"]),
+                Route("/api/orgs/{org_id}/history", self._pages.org_history, methods=["GET"]),
+                Route("/users/{user_id}", self._pages.page, methods=["GET"]),
                 Route("/api/events", self.post_events, methods=["POST"]),
             ],
             middleware=[Middleware(SecurityHeaders)],
@@ -337,63 +317,89 @@ class UsersApp:
     async def list_users(self, request: Request) -> Response:
         """``GET /api/users``: users with their limits.
 
-        Query parameters: ``q`` (a case-insensitive substring of the user id, or a glob
-        with ``*?[``), ``state`` (``ok|warning|exceeded``), ``sort``
-        (``name|spend|state|remaining``), ``order`` (``asc|desc``), ``page`` (from 1).
+        Query parameters: see :class:`~payi_guard.admin.listing.ListQuery` (``q``,
+        ``state``, ``org``, ``tier``, ``min_spend``, ``max_spend``, ``sort``, ``order``,
+        ``page``); an invalid one is a 400 naming it.
 
         Pages are cut from the user ids in order, so a request never reads more than
-        ``page_size`` users' usage however many users there are. ``sort=name`` orders
-        across all pages; the other sorts and ``state`` need each user's usage, so they
-        apply to the users of the requested page, and the response says so with
-        ``"scope": "page"`` (``"all"`` when the order and filter hold across every page,
-        as they do whenever a single page holds every matching user). ``spend`` and
-        ``remaining`` are those of the user's own money limit with the least headroom.
+        ``page_size`` users' usage however many users there are. ``sort=name`` (and
+        ``q``, ``org``) order and filter across all pages; the other sorts and filters
+        need each user's usage, so they apply to the users of the requested page, and
+        the response says so with ``"scope": "page"`` (``"all"`` when the order and
+        filter hold across every page, as they do whenever a single page holds every
+        matching user). ``spend`` and ``remaining`` are those of the user's own money
+        limit with the least headroom.
         """
         if not (self._auth.bearer_ok(request) or self._auth.session_ok(request)):
             return self._unauthorized()
         try:
-            query = request.query_params.get("q") or None
-            if query is not None and len(query) > _MAX_QUERY:
-                raise _QueryError("q", f"q must be at most {_MAX_QUERY} characters")
-            state = _choice(request, "state", STATES, None)
-            sort = _choice(request, "sort", SORTS, "name")
-            order = _choice(request, "order", ("asc", "desc"), "asc")
-            page = _page_number(request)
-        except _QueryError as exc:
-            return _problem(
-                400, "invalid-parameter", "Invalid parameter", str(exc), parameter=exc.parameter
-            )
+            query = ListQuery.parse(request)
+        except QueryError as exc:
+            return _invalid(exc)
         try:
             directory = await self.directory.get()
-            ids = list(directory.user_ids)
-            if query is not None:
-                ids = [uid for uid in ids if match_query(uid, query)]
-            if sort == "name" and order == "desc":
-                ids.reverse()
+            ids = self._ids(directory.user_ids, query)
             pages = max(1, math.ceil(len(ids) / self.page_size))
-            start = (page - 1) * self.page_size
+            start = (query.page - 1) * self.page_size
             summaries = await read_summaries(self.guard, ids[start : start + self.page_size])
         except StorageError:
             return self._storage_failed()
-        if state is not None:
-            summaries = [s for s in summaries if s.state == state]
-        summaries = order_summaries(summaries, sort, descending=order == "desc")
-        whole = pages == 1 or (sort == "name" and state is None)
+        summaries = [s for s in summaries if query.keeps(s)]
+        summaries = order_summaries(summaries, query.sort, descending=query.order == "desc")
+        whole = pages == 1 or (query.sort == "name" and not query.filters_usage)
         return JSONResponse(
             {
                 "users": [s.as_dict() for s in summaries],
-                "page": page,
+                "page": query.page,
                 "pages": pages,
                 "page_size": self.page_size,
                 "total": len(ids),
                 "truncated": directory.truncated,
-                "q": query,
-                "state": state,
-                "sort": sort,
-                "order": order,
+                **query.as_dict(),
                 "scope": "all" if whole else "page",
                 "now": _iso(self.guard.clock.now()),
             }
+        )
+
+    @staticmethod
+    def _ids(user_ids: Sequence[str], query: ListQuery) -> list[str]:
+        ids = [uid for uid in user_ids if query.keeps_id(uid)]
+        if query.q is not None:
+            ids = [uid for uid in ids if match_query(uid, query.q)]
+        if query.sort == "name" and query.order == "desc":
+            ids.reverse()
+        return ids
+
+    async def export_csv(self, request: Request) -> Response:
+        """``GET /api/users.csv``: the users the list's query selects, as CSV.
+
+        Same parameters as :meth:`list_users` but ``page``: every matching user (up to
+        :data:`MAX_EXPORT`; beyond, the answer has ``X-Truncated: true``), filtered and
+        sorted as a whole.
+        """
+        if not (self._auth.bearer_ok(request) or self._auth.session_ok(request)):
+            return self._unauthorized()
+        try:
+            query = ListQuery.parse(request)
+        except QueryError as exc:
+            return _invalid(exc)
+        try:
+            directory = await self.directory.get()
+            ids = self._ids(directory.user_ids, query)
+            summaries = await read_summaries(self.guard, ids[:MAX_EXPORT])
+        except StorageError:
+            return self._storage_failed()
+        summaries = [s for s in summaries if query.keeps(s)]
+        summaries = order_summaries(summaries, query.sort, descending=query.order == "desc")
+        truncated = len(ids) > MAX_EXPORT or directory.truncated
+        return Response(
+            to_csv(summaries),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "content-disposition": 'attachment; filename="users.csv"',
+                "x-truncated": "true" if truncated else "false",
+                "cache-control": "no-store",
+            },
         )
 
     async def get_user(self, request: Request) -> Response:
@@ -413,257 +419,9 @@ class UsersApp:
         summary = UserSummary.of(user_id, limits).as_dict()
         return JSONResponse({**summary, "now": _iso(self.guard.clock.now())})
 
-    def _book(self) -> PriceBook:
-        """A price book of the guard's current config (rebuilt after a reload)."""
-        config = self.guard.config
-        cached = self._prices
-        if cached is None or cached[0] is not config:
-            cached = self._prices = (
-                config,
-                PriceBook(config.prices, config.unknown_model, clock=self.guard.clock),
-            )
-        return cached[1]
-
-    def _can_price(self, model: str, provider: str) -> bool:
-        """False when ``model`` has no price and ``unknown_model`` is ``block``."""
-        if self.guard.config.unknown_model.action != "block":
-            return True
-        try:
-            self._book().rates(model, provider)
-        except UnknownModel:
-            return False
-        return True
-
     async def post_events(self, request: Request) -> Response:
-        """``POST /api/events``: charge manual usage events (Bearer token only).
-
-        The body is one event or a JSON array of up to ``max_batch`` events; each event
-        has ``model`` and optionally ``user_id`` (else the ``xProxy-User-ID`` header),
-        ``provider`` (``openai``), the four token counts, ``cost_usd`` (a string or
-        number of dollars, used instead of the model's price), ``use_case_name``,
-        ``limit_ids`` and ``request_id``. Every event is validated and priced before
-        anything is charged: one bad event, or one whose cost a counter cannot hold,
-        refuses the whole batch (400, with every error found, naming each event). Valid
-        events are charged and logged by :meth:`Guard.arecord`, in order.
-
-        A ``request_id`` names one event: an event whose id was already recorded (within
-        ``request_id_ttl``, by any process sharing the store) is not charged again and
-        is reported as ``duplicate``; an id repeated within one batch is an error; an id
-        another request is recording at this very moment refuses the batch (409, nothing
-        charged). So a delivery can be retried safely when every event has an id.
-
-        Returns 200 with one result per event: ``user_id``, ``cost_usd`` (the exact
-        amount charged, as a decimal string), ``outcome`` (``recorded`` or
-        ``duplicate``), ``priced`` and ``request_id``; and ``count``, ``duplicates`` and
-        the total ``cost_usd``.
-        """
-        if not self._auth.bearer_ok(request):
-            return self._unauthorized()
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            return _problem(
-                415,
-                "unsupported-media-type",
-                "Unsupported media type",
-                "Send the events as JSON with `Content-Type: application/json`.",
-            )
-        body = await _read_limited(request, self.max_body_bytes)
-        if body is None:
-            return _problem(
-                413,
-                "body-too-large",
-                "Body too large",
-                f"The body is over {self.max_body_bytes} bytes: split the batch.",
-            )
-        try:
-            raw_events, batch = parse_body(body)
-        except BodyError as exc:
-            return _problem(400, "invalid-body", "Invalid body", f"{exc}.")
-        if len(raw_events) > self.max_batch:
-            return _problem(
-                400,
-                "batch-too-large",
-                "Batch too large",
-                f"A batch holds at most {self.max_batch} events; this one has {len(raw_events)}.",
-            )
-        named = request.headers.getlist(USER_HEADER)
-        if len(named) > 1 or any("," in value for value in named):
-            # The rule of every integration: two users named at once is never guessed.
-            return _problem(
-                400,
-                "invalid-user-header",
-                "Invalid user header",
-                f"The {USER_HEADER} header came more than once, or lists several users: "
-                "name one user; nothing was charged.",
-            )
-        events, errors = validate_events(
-            raw_events,
-            header_user=named[0] if named else None,
-            limit_ids=self.guard.config.limits.keys(),
-            can_price=self._can_price,
-        )
-        if not errors:
-            errors = self._priced(events)
-        if errors:
-            detail = (
-                f"{len(errors)} error(s) in {'the batch' if batch else 'the event'}; "
-                "nothing was charged."
-            )
-            return _problem(
-                400,
-                "invalid-event",
-                "Invalid usage event",
-                detail,
-                errors=[e.as_dict() for e in errors[:_MAX_ERRORS_SHOWN]],
-                error_count=len(errors),
-            )
-        return await self._charge(events)
-
-    def _priced(self, events: list[ManualEvent]) -> list[EventError]:
-        """Price every event as the guard will, and refuse what a counter cannot hold.
-
-        One event may charge at most ``MAX_COST_USD``; the whole batch at most what one
-        counter holds (the global counter, for one, takes every event of the batch).
-        """
-        errors: list[EventError] = []
-        total = 0
-        for index, event in enumerate(events):
-            cost = self._cost_nano(event)
-            if cost > _MAX_EVENT_NANO:
-                errors.append(
-                    EventError(
-                        index,
-                        None,
-                        f"its tokens cost ${_dollars(cost)} at the price of this model, more "
-                        f"than one event may charge (${_dollars(_MAX_EVENT_NANO)}): check the "
-                        "token counts, or send cost_usd",
-                    )
-                )
-                continue
-            total += cost
-            if total > MAX_AMOUNT:
-                errors.append(
-                    EventError(
-                        index,
-                        None,
-                        f"the events up to this one cost ${_dollars(total)} together, more "
-                        f"than one counter holds (${_dollars(MAX_AMOUNT)}): split the batch",
-                    )
-                )
-                break
-        return errors
-
-    def _cost_nano(self, event: ManualEvent) -> int:
-        """What :meth:`Guard.arecord` will charge for ``event``, in nano-USD."""
-        if event.cost_usd is not None:
-            return parse_usd(event.cost_usd)
-        book = self._book()
-        try:
-            rates = book.rates(event.model, event.provider)
-        except UnknownModel:
-            return 0  # allowed and recorded without a USD cost (validation checked)
-        usage = TokenUsage(
-            event.input_tokens,
-            event.output_tokens,
-            event.cache_read_tokens,
-            event.cache_write_tokens,
-        )
-        return book.cost_with(rates, usage)
-
-    async def _charge(self, events: list[ManualEvent]) -> Response:
-        """Charge valid, priced events; each ``request_id`` at most once.
-
-        See :mod:`payi_guard.admin.dedupe` for how ids are remembered in the store.
-        """
-        ids = [(i, e.request_id) for i, e in enumerate(events) if e.request_id is not None]
-        try:
-            seen = await self._request_ids.check([rid for _, rid in ids])
-        except StorageError:
-            return self._storage_failed()
-        busy = [index for (index, _), state in zip(ids, seen, strict=True) if state == "busy"]
-        if busy:
-            return self._busy(busy[0])
-        duplicates = {index for (index, _), state in zip(ids, seen, strict=True) if state != "new"}
-        fresh = [(index, rid) for index, rid in ids if index not in duplicates]
-        try:
-            claim, taken = await self._request_ids.claim([rid for _, rid in fresh])
-        except StorageError:
-            return self._storage_failed()
-        if claim is None:
-            return self._busy(fresh[taken or 0][0])
-        marker = dict(zip((index for index, _ in fresh), claim.keys, strict=True))
-        results: list[dict[str, object]] = []
-        total = Decimal(0)
-        charged: list[str] = []
-        for index, event in enumerate(events):
-            if index in duplicates:
-                results.append(
-                    {
-                        "index": index,
-                        "user_id": event.user_id,
-                        "cost_usd": "0",
-                        "outcome": "duplicate",
-                        "priced": True,
-                        "request_id": event.request_id,
-                    }
-                )
-                continue
-            try:
-                record = await self.guard.arecord(**event.record_kwargs())
-            except (PayiGuardError, ValueError):
-                # Validation ran first, so only a config reloaded meanwhile lands here.
-                pending = [key for i, key in marker.items() if i >= index]
-                await self._settle_markers(claim, charged, pending)
-                return _problem(
-                    500,
-                    "record-failed",
-                    "Recording failed",
-                    f"Event {index} could not be recorded; the events before it were "
-                    "(a retry with the same request_ids charges only the others).",
-                    charged=index,
-                )
-            if index in marker:
-                charged.append(marker[index])
-            total += record.cost_usd
-            results.append(
-                {
-                    "index": index,
-                    "user_id": record.user_id,
-                    "cost_usd": decimal_text(record.cost_usd),
-                    "outcome": record.outcome,
-                    "priced": record.priced,
-                    "request_id": event.request_id,
-                }
-            )
-        await self._settle_markers(claim, charged, [])
-        return JSONResponse(
-            {
-                "results": results,
-                "count": len(results),
-                "duplicates": len(duplicates),
-                "cost_usd": decimal_text(total),
-            }
-        )
-
-    async def _settle_markers(self, claim: Claim, charged: list[str], pending: list[str]) -> None:
-        """Mark the charged events' ids as recorded; give back the others' claims.
-
-        A store that fails here leaves the claims to expire after ``reservation_ttl``.
-        """
-        with contextlib.suppress(StorageError):
-            await self._request_ids.confirm(claim, charged)
-            await self._request_ids.release(claim, pending)
-
-    @staticmethod
-    def _busy(index: int) -> Response:
-        return _problem(
-            409,
-            "request-in-progress",
-            "Request in progress",
-            f"Event {index}'s request_id is being recorded by another request right now; "
-            "nothing was charged. Retry shortly: events already recorded are skipped.",
-            index=index,
-        )
+        """``POST /api/events``: see :meth:`EventsEndpoint.post_events`."""
+        return await self._events.post_events(request)
 
 
 def users_app(

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Literal
 
+from payi_guard.config import GuardConfig
 from payi_guard.engine import ANONYMOUS_USER
 from payi_guard.exceptions import InvalidUserId
 from payi_guard.identity import normalize_user_id
-from payi_guard.ledger.keys import parse_key
+from payi_guard.ledger.analytics import analytics_owner
+from payi_guard.ledger.keys import owners_glob, parse_key
 from payi_guard.money import decimal_text
 from payi_guard.usage import LimitState, LimitUsage, Scope
 
@@ -36,12 +38,13 @@ __all__ = [
     "match_query",
     "order_summaries",
     "read_summaries",
+    "tier_of",
     "user_of_key",
     "users_of_keys",
 ]
 
-Sort = Literal["name", "spend", "state", "remaining"]
-SORTS: tuple[Sort, ...] = ("name", "spend", "state", "remaining")
+Sort = Literal["name", "spend", "state", "remaining", "org", "tier"]
+SORTS: tuple[Sort, ...] = ("name", "spend", "state", "remaining", "org", "tier")
 STATES: tuple[LimitState, ...] = ("ok", "warning", "exceeded")
 
 _STATE_RANK: dict[str, int] = {"ok": 0, "warning": 1, "exceeded": 2}
@@ -139,8 +142,21 @@ class UserDirectory:
         cached = self._cached
         if cached is not None and 0 <= now - cached.taken_at < self._ttl:
             return cached
-        keys, truncated = await self._guard.acounter_keys(_OWN_SCOPES, limit=self._max_keys)
-        owners = {key.owner for key in keys}
+        guard = self._guard
+        glob = owners_glob(guard.key_prefix, _OWN_SCOPES)
+        found_keys = await guard.async_ledger.scan(glob, now=now, limit=self._max_keys)
+        truncated = len(found_keys) >= self._max_keys
+        # Counters name those who spent in a live window, tallies those who spent in the
+        # days analytics keep: a user is listed while either remains.
+        owners: set[str] = set()
+        for raw in found_keys:
+            parsed = parse_key(guard.key_prefix, raw)
+            if parsed is not None:
+                owners.add(parsed.owner)
+                continue
+            tally = analytics_owner(guard.key_prefix, raw)
+            if tally is not None:
+                owners.add(tally[1])
         # Each user has several counters: validate each id once, not once per key.
         found = sorted(uid for uid in map(_valid, owners) if uid is not None)
         directory = Directory(tuple(found), truncated, now)
@@ -159,6 +175,8 @@ class UserSummary:
         blocked: True when a hard (``block``) limit is exceeded: new calls are refused.
         spend: the user's own money limit (user or anonymous scope) with the least
             headroom, whose ``used`` is the spend shown; ``None`` without one.
+        tier: the user's tier in the config (``default``, a tier name, ``custom`` for
+            a list of their own, ``anonymous`` for a bucket).
     """
 
     user_id: str
@@ -166,9 +184,16 @@ class UserSummary:
     state: LimitState
     blocked: bool
     spend: LimitUsage | None
+    tier: str = "default"
+
+    @property
+    def org(self) -> str | None:
+        """The org part of a composite id (``acme`` of ``acme:alice``), if any."""
+        org, sep, _ = self.user_id.partition(":")
+        return org if sep and not self.anonymous else None
 
     @classmethod
-    def of(cls, user_id: str, limits: Sequence[LimitUsage]) -> UserSummary:
+    def of(cls, user_id: str, limits: Sequence[LimitUsage], tier: str = "default") -> UserSummary:
         """Summarise ``limits`` of ``user_id``."""
         state: LimitState = "ok"
         for limit in limits:
@@ -177,7 +202,7 @@ class UserSummary:
         blocked = any(u.type == "block" and u.state == "exceeded" for u in limits)
         money = [u for u in limits if u.unit == "usd" and u.scope in _OWN_SCOPES]
         spend = min(money, key=_headroom) if money else None
-        return cls(user_id, tuple(limits), state, blocked, spend)
+        return cls(user_id, tuple(limits), state, blocked, spend, tier)
 
     @property
     def anonymous(self) -> bool:
@@ -190,6 +215,8 @@ class UserSummary:
         return {
             "user_id": self.user_id,
             "kind": "anonymous" if self.anonymous else "user",
+            "org": self.org,
+            "tier": self.tier,
             "state": self.state,
             "blocked": self.blocked,
             "spend_usd": None if spend is None else decimal_text(spend.used),
@@ -207,6 +234,16 @@ def _headroom(limit: LimitUsage) -> tuple[Decimal, Decimal, str]:
     return (share, Decimal(limit.remaining), limit.name)
 
 
+def tier_of(config: GuardConfig, user_id: str) -> str:
+    """The tier the config gives ``user_id``: a tier name, ``custom``, or ``default``."""
+    if user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":"):
+        return "anonymous"
+    tier = config.user_tiers.get(user_id)
+    if tier is not None:
+        return tier
+    return "custom" if user_id in config.users else "default"
+
+
 async def read_summaries(guard: Guard, user_ids: Sequence[str]) -> list[UserSummary]:
     """Read the usage of ``user_ids`` (a few at a time) and summarise each.
 
@@ -222,9 +259,11 @@ async def read_summaries(guard: Guard, user_ids: Sequence[str]) -> list[UserSumm
     """
     gate = asyncio.Semaphore(_READ_CONCURRENCY)
 
+    config = guard.config
+
     async def one(user_id: str) -> UserSummary:
         async with gate:
-            return UserSummary.of(user_id, await guard.ausage(user_id))
+            return UserSummary.of(user_id, await guard.ausage(user_id), tier_of(config, user_id))
 
     return list(await asyncio.gather(*(one(uid) for uid in user_ids)))
 
@@ -244,6 +283,10 @@ def order_summaries(
         return sorted(ordered, key=lambda s: _STATE_RANK[s.state], reverse=descending)
     if sort == "spend":
         return sorted(ordered, key=_spend_key, reverse=descending)
+    if sort == "org":
+        return sorted(ordered, key=lambda s: s.org or "", reverse=descending)
+    if sort == "tier":
+        return sorted(ordered, key=lambda s: s.tier, reverse=descending)
     return sorted(ordered, key=_remaining_key, reverse=descending)
 
 

@@ -136,6 +136,8 @@ class GuardConfig:
         reservation_ttl: seconds after which an unsettled reservation is dropped.
         tier_cache_ttl: seconds a tier the app's ``tier_of`` function gave is reused
             (0: ask it for every call).
+        analytics_days: days of usage analytics (per user and org, per day) the store
+            keeps (0: none are written).
         source: the file the config was loaded from, if any.
     """
 
@@ -155,6 +157,7 @@ class GuardConfig:
     timezone: str = "UTC"
     reservation_ttl: float = 300.0
     tier_cache_ttl: float = 60.0
+    analytics_days: int = 90
     source: str | None = None
 
 

@@ -68,6 +68,7 @@ _TOP_KEYS = (
     "timezone",
     "reservation_ttl",
     "tier_cache_ttl",
+    "analytics_days",
 )
 _UNITS: tuple[tuple[str, Unit], ...] = (
     ("max", "usd"),
@@ -165,6 +166,17 @@ class _Parser(NodeReader):
         tier_cache_ttl = 60.0
         if (entry := get("tier_cache_ttl")) is not None:
             tier_cache_ttl = self._seconds(entry.value, "tier_cache_ttl")
+        analytics_days = 90
+        if (entry := get("analytics_days")) is not None:
+            days = self._decimal(entry.value, "analytics_days", "a whole number of days")
+            if days != days.to_integral_value() or not 0 <= days <= 3660:
+                raise self._error(
+                    f"must be a whole number of days from 0 (off) to 3660, got "
+                    f"{node_text(entry.value)}",
+                    entry.value.line,
+                    "analytics_days",
+                )
+            analytics_days = int(days)
 
         return GuardConfig(
             version=version,
@@ -183,6 +195,7 @@ class _Parser(NodeReader):
             timezone=self._timezone,
             reservation_ttl=reservation_ttl,
             tier_cache_ttl=tier_cache_ttl,
+            analytics_days=analytics_days,
             source=self._source,
         )
 

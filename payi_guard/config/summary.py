@@ -78,6 +78,7 @@ def config_fingerprint(config: GuardConfig) -> str:
         "timezone": config.timezone,
         "reservation_ttl": repr(config.reservation_ttl),
         "tier_cache_ttl": repr(config.tier_cache_ttl),
+        "analytics_days": repr(config.analytics_days),
     }
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

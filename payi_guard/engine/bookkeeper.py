@@ -26,6 +26,7 @@ from payi_guard._ids import new_id
 from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
 from payi_guard.context import Attribution
+from payi_guard.engine.analytics import refused_tallies, settled_tallies
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.detached import Detached
 from payi_guard.engine.observers import CallEnded, CallRefused, Observers
@@ -81,6 +82,10 @@ class Bookkeeper:
         self.renewer = Renewer(storage, clock, lambda: self._config().reservation_ttl)
         self._detached = Detached()
 
+    @property
+    def _analytics(self) -> int:
+        return self._config().analytics_days
+
     def close(self) -> None:
         """Stop renewing; retry what waits for four socket timeouts more, then give it up."""
         self.renewer.close()
@@ -108,7 +113,11 @@ class Bookkeeper:
         ttl = plan.policy.config.reservation_ttl
         try:
             result = self.storage.ledger.reserve(
-                plan.reservation_id, plan.charges, now=plan.now, ttl=ttl
+                plan.reservation_id,
+                plan.charges,
+                now=plan.now,
+                ttl=ttl,
+                tallies=refused_tallies(plan, self._analytics),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -130,7 +139,11 @@ class Bookkeeper:
         ttl = plan.policy.config.reservation_ttl
         try:
             result = await self.storage.async_ledger.reserve(
-                plan.reservation_id, plan.charges, now=plan.now, ttl=ttl
+                plan.reservation_id,
+                plan.charges,
+                now=plan.now,
+                ttl=ttl,
+                tallies=refused_tallies(plan, self._analytics),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -416,6 +429,7 @@ class Bookkeeper:
             plan.subject.user_id,
             applied,
             abandoned,
+            tallies=() if amounts is None else settled_tallies(plan, record, self._analytics),
         )
 
     def settle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:

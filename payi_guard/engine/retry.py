@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from payi_guard import log as events
 from payi_guard.exceptions import StorageError
-from payi_guard.ledger.base import Charge, CounterState, StorageOutcomeUnknown
+from payi_guard.ledger.base import Charge, CounterState, StorageOutcomeUnknown, Tally
 
 if TYPE_CHECKING:
     from payi_guard.clock import Clock
@@ -70,6 +70,7 @@ class Closing:
         abandoned: called when it is given up, with whether an attempt may have been
             applied.
         undoes_reserve: a release undoing a reserve whose outcome is unknown.
+        tallies: the usage analytics a commit adds in its own atomic step.
         started: when the first attempt started (monotonic seconds).
         attempts: the attempts made so far.
         unknown: whether a failed attempt may have been applied.
@@ -86,6 +87,7 @@ class Closing:
     applied: Callable[[CounterStates], object]
     abandoned: Callable[[bool], object]
     undoes_reserve: bool = False
+    tallies: tuple[Tally, ...] = ()
     started: float = field(default_factory=time.monotonic)
     attempts: int = 0
     unknown: bool = False
@@ -120,7 +122,7 @@ def apply(ledger: Ledger, job: Closing, now: float) -> CounterStates:
     job.attempts += 1
     if job.charges is None:
         return ledger.release(job.reservation_id, job.keys, now=now)
-    return ledger.commit(job.reservation_id, job.charges, now=now)
+    return ledger.commit(job.reservation_id, job.charges, now=now, tallies=job.tallies)
 
 
 async def aapply(ledger: AsyncLedger, job: Closing, now: float) -> CounterStates:
@@ -128,7 +130,7 @@ async def aapply(ledger: AsyncLedger, job: Closing, now: float) -> CounterStates
     job.attempts += 1
     if job.charges is None:
         return await ledger.release(job.reservation_id, job.keys, now=now)
-    return await ledger.commit(job.reservation_id, job.charges, now=now)
+    return await ledger.commit(job.reservation_id, job.charges, now=now, tallies=job.tallies)
 
 
 def _safely(job: Closing, callback: Callable[..., object], *args: Any) -> None:

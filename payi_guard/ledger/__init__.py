@@ -13,6 +13,7 @@ from payi_guard.ledger.base import (
     ReserveResult,
     StorageEvent,
     StorageOutcomeUnknown,
+    Tally,
 )
 from payi_guard.ledger.factory import open_async_ledger, open_ledger
 from payi_guard.ledger.memory import AsyncMemoryLedger, MemoryLedger
@@ -38,6 +39,7 @@ __all__ = [
     "SqliteLedger",
     "StorageEvent",
     "StorageOutcomeUnknown",
+    "Tally",
     "open_async_ledger",
     "open_ledger",
 ]

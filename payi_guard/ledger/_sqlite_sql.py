@@ -52,7 +52,15 @@ from collections.abc import Sequence
 
 from payi_guard.ledger._adjust import MAX_UNITS, adjusted, out_of_range
 from payi_guard.ledger._glob import glob_regex, literal_prefix
-from payi_guard.ledger.base import Adjustment, Charge, CounterState, JournalEntry, ReserveResult
+from payi_guard.ledger._sqlite_tally import TALLY_SCHEMA, add_tallies, tally_keys
+from payi_guard.ledger.base import (
+    Adjustment,
+    Charge,
+    CounterState,
+    JournalEntry,
+    ReserveResult,
+    Tally,
+)
 
 __all__ = [
     "APPLICATION_ID",
@@ -70,7 +78,7 @@ __all__ = [
     "settle",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """``PRAGMA user_version`` of the layout this module writes."""
 
 APPLICATION_ID = 0x70677264
@@ -138,7 +146,7 @@ CLOSED_SCHEMA = (
 )
 """What layout 3 changes: ``counters.refused``; closed ids in ``closed``, not ``holds``."""
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (SCHEMA, JOURNAL_SCHEMA, CLOSED_SCHEMA)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (SCHEMA, JOURNAL_SCHEMA, CLOSED_SCHEMA, TALLY_SCHEMA)
 """``MIGRATIONS[v]`` takes a file from layout ``v`` to ``v + 1`` (0: an empty file)."""
 
 # One row per key: the totals, what expired holds still count in ``pending`` (NULL when
@@ -244,7 +252,12 @@ def _closed_keys(conn: sqlite3.Connection, rid: str, now: float) -> list[str]:
 
 
 def reserve(
-    conn: sqlite3.Connection, rid: str, charges: Sequence[Charge], now: float, deadline: float
+    conn: sqlite3.Connection,
+    rid: str,
+    charges: Sequence[Charge],
+    now: float,
+    deadline: float,
+    tallies: Sequence[Tally] = (),
 ) -> tuple[ReserveResult, bool]:
     """Reserve every charge or none; the flag says whether to commit the transaction."""
     closed = _closed_keys(conn, rid, now)
@@ -273,6 +286,8 @@ def reserve(
             conn.execute(_REFUSE, (charge.key, charge.amount, charge.expires_at))
             current = states[refused]
             states[refused] = CounterState(current.settled, current.pending, charge.amount)
+        if tallies:
+            add_tallies(conn, tallies, now)
         return ReserveResult(False, refused, tuple(states)), True
     out: list[CounterState] = []
     for charge, (row, live), state in zip(charges, found, states, strict=True):
@@ -294,7 +309,12 @@ def reserve(
 
 
 def settle(
-    conn: sqlite3.Connection, rid: str, charges: Sequence[Charge], now: float, until: float
+    conn: sqlite3.Connection,
+    rid: str,
+    charges: Sequence[Charge],
+    now: float,
+    until: float,
+    tallies: Sequence[Tally] = (),
 ) -> tuple[tuple[CounterState, ...], bool]:
     """Close ``rid`` where it is open and add the amounts (a release adds zeros).
 
@@ -333,6 +353,8 @@ def settle(
         out.append(CounterState(settled, pending, row[5]))
     if closing:
         conn.execute(_CLOSE, (rid, json.dumps(closed + closing), until))
+        if tallies:
+            add_tallies(conn, tallies, now)
     return tuple(out), bool(closing)
 
 
@@ -450,7 +472,7 @@ def scan(conn: sqlite3.Connection, match: str, now: float, limit: int | None) ->
             (prefix, upper, now),
         )
     found: list[str] = []
-    for (key,) in cursor:
+    for key in [*(row[0] for row in cursor), *tally_keys(conn, prefix, upper, now)]:
         if regex.fullmatch(key) is not None:
             found.append(key)
             if limit is not None and len(found) >= limit:

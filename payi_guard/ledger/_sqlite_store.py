@@ -22,8 +22,16 @@ from payi_guard.exceptions import StorageError
 from payi_guard.ledger import _sqlite_sql as sql
 from payi_guard.ledger._checks import check_closed_ttl
 from payi_guard.ledger._sqlite_sql import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, forget, prune
+from payi_guard.ledger._sqlite_tally import prune_tallies, read_tallies
 from payi_guard.ledger._sqlite_uri import check_options
-from payi_guard.ledger.base import Adjustment, Charge, CounterState, JournalEntry, ReserveResult
+from payi_guard.ledger.base import (
+    Adjustment,
+    Charge,
+    CounterState,
+    JournalEntry,
+    ReserveResult,
+    Tally,
+)
 
 __all__ = ["Operations", "Settings", "Store", "database_file", "make_settings"]
 
@@ -338,6 +346,7 @@ class Store:
                         batch = self.settings.prune_batch
                         pruned = prune(conn, now, batch)
                         pruned += forget(conn, now, batch + self._closes)
+                        pruned += prune_tallies(conn, now, batch)
                         self._closes = 0
                     result, keep = work(conn)
                     conn.execute("COMMIT" if keep or pruned else "ROLLBACK")
@@ -413,13 +422,14 @@ class Store:
     # -- helpers for the public classes --------------------------------------------------------
 
     def prune_all(self, now: float) -> int:
-        """Delete every counter past its expiry and every closed id past its time.
+        """Delete every counter, closed id and tally past its time.
 
         Batch by batch, one transaction each; returns the number of counters deleted.
         """
 
         def batch(conn: sqlite3.Connection) -> tuple[tuple[int, int], bool]:
             dropped, forgotten = prune(conn, now, 1000), forget(conn, now, 1000)
+            forgotten = max(forgotten, prune_tallies(conn, now, 1000))
             return (dropped, forgotten), dropped + forgotten > 0
 
         total = 0
@@ -480,17 +490,31 @@ class Operations:
         self.store = Store(path, settings)
 
     def reserve(
-        self, rid: str, charges: Sequence[Charge], now: float, ttl: float, started: float
+        self,
+        rid: str,
+        charges: Sequence[Charge],
+        now: float,
+        ttl: float,
+        started: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         if not charges:
             return ReserveResult(True, None, ())
         deadline = now + ttl
         return self.store.write(
-            "reserve", started, now, lambda c: sql.reserve(c, rid, charges, now, deadline)
+            "reserve",
+            started,
+            now,
+            lambda c: sql.reserve(c, rid, charges, now, deadline, tallies),
         )
 
     def commit(
-        self, rid: str, charges: Sequence[Charge], now: float, started: float
+        self,
+        rid: str,
+        charges: Sequence[Charge],
+        now: float,
+        started: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         if not charges:
             return ()
@@ -499,9 +523,14 @@ class Operations:
             "commit",
             started,
             now,
-            lambda c: sql.settle(c, rid, charges, now, until),
+            lambda c: sql.settle(c, rid, charges, now, until, tallies),
             closes=1,
         )
+
+    def read_tallies(self, keys: Sequence[str], now: float) -> tuple[dict[str, int], ...]:
+        if not keys:
+            return ()
+        return self.store.read("read_tallies", lambda c: read_tallies(c, keys, now))
 
     def release(
         self, rid: str, keys: Sequence[str], now: float, started: float

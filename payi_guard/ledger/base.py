@@ -54,6 +54,16 @@ consistent, like Redis ``SCAN``: a counter that exists for the whole scan is lis
 exactly once, one created or dropped meanwhile may or may not be; the order is
 unspecified.
 
+Tallies (usage analytics): :meth:`Ledger.commit` and :meth:`Ledger.reserve` take
+optional :class:`Tally` items, hashes of integer fields kept apart from the counters
+(their keys never name a counter). A commit adds its tallies in its own atomic step,
+only when it closes the reservation on at least one of its keys (a retried commit, or
+one of an id already closed, adds nothing); a reserve adds its tallies only when it
+refuses. ``read_tallies`` returns their fields; ``scan`` lists their keys too. A tally
+lives until its ``expires_at`` (every write may push it later), then it is gone.
+In Redis Cluster mode a tally is written with the charges of its own hash slot (none
+there: it is not written).
+
 Failures: input errors raise :class:`ValueError` (:class:`CapacityExceeded` for an
 amount or a max above :data:`MAX_UNITS`); a store that fails raises
 :class:`~payi_guard.StorageError`, and :class:`StorageOutcomeUnknown` (a subclass) when
@@ -84,6 +94,7 @@ __all__ = [
     "ReserveResult",
     "StorageEvent",
     "StorageOutcomeUnknown",
+    "Tally",
 ]
 
 MAX_UNITS = 2**53 - 1
@@ -163,6 +174,21 @@ class Charge:
     key: str
     amount: int
     max: int | None
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Integer fields added to one analytics hash (see the module's *Tallies*).
+
+    Attributes:
+        key: the hash's key (with a ``{...}`` hash tag, never a counter's key).
+        fields: ``(field, increment)`` pairs; each field at most once.
+        expires_at: epoch seconds after which the hash may be deleted.
+    """
+
+    key: str
+    fields: tuple[tuple[str, int], ...]
     expires_at: float
 
 
@@ -259,15 +285,36 @@ class Ledger(Protocol):
     """Synchronous ledger. Implementations are safe to share between threads."""
 
     def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        ttl: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
-        """Reserve every charge or none (one atomic step; one round trip for Redis)."""
+        """Reserve every charge or none (one atomic step; one round trip for Redis).
+
+        ``tallies`` are added only when the reserve refuses, in the same step.
+        """
         ...
 
     def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
-        """Close the reservation (if open) and add the actual amounts (one atomic step)."""
+        """Close the reservation (if open) and add the actual amounts (one atomic step).
+
+        ``tallies`` are added in the same step when it closes the id on some key.
+        """
+        ...
+
+    def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
+        """Return the fields of each tally (a missing or expired one is empty)."""
         ...
 
     def release(
@@ -331,15 +378,30 @@ class AsyncLedger(Protocol):
     """The async twin of :class:`Ledger`; never blocks the event loop."""
 
     async def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        ttl: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         """Async :meth:`Ledger.reserve`."""
         ...
 
     async def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         """Async :meth:`Ledger.commit`."""
+        ...
+
+    async def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
+        """Async :meth:`Ledger.read_tallies`."""
         ...
 
     async def release(

@@ -316,7 +316,7 @@ def _ledger_options(options: dict[str, Any]) -> dict[str, Any]:
 def _wiring_for(target: _Target, uri: str, own: dict[str, Any]) -> Any:
     """The wiring of the ledgers a target gets (its watch, whether errors are tagged)."""
     from payi_guard.ledger import _redisconn
-    from payi_guard.ledger.redis import _Wiring
+    from payi_guard.ledger._redis_plans import _Wiring
 
     redis = importlib.import_module("redis")
     ambiguous = (redis.ConnectionError, redis.TimeoutError, OSError)

@@ -25,9 +25,9 @@ incremental way. The store's clock is the ``now`` passed in: one process, one cl
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import heapq
+import math
 import threading
 from collections.abc import Sequence
 
@@ -49,6 +49,9 @@ from payi_guard.ledger._checks import (
     check_ttl,
 )
 from payi_guard.ledger._glob import glob_regex, literal_prefix
+from payi_guard.ledger._memory_async import AsyncMemoryLedger
+from payi_guard.ledger._memory_counter import _Counter
+from payi_guard.ledger._tally import TallyStore, check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
     Adjustment,
@@ -56,93 +59,12 @@ from payi_guard.ledger.base import (
     CounterState,
     JournalEntry,
     ReserveResult,
+    Tally,
 )
 
 __all__ = ["AsyncMemoryLedger", "MemoryLedger"]
 
 _ZERO = CounterState(0, 0)
-
-
-class _Counter:
-    """One counter: totals, expiry, and the reservations open on it."""
-
-    __slots__ = ("deadlines", "expires_at", "open", "pending", "refused", "settled")
-
-    def __init__(self, expires_at: float) -> None:
-        self.settled = 0
-        self.pending = 0
-        self.refused = 0
-        self.expires_at = expires_at
-        self.open: dict[str, tuple[int, float]] | None = None
-        self.deadlines: list[tuple[float, str]] | None = None
-
-    def state(self) -> CounterState:
-        return CounterState(self.settled, self.pending, self.refused)
-
-    def purge(self, now: float) -> None:
-        """Drop the reservations whose deadline is ``<= now``."""
-        deadlines = self.deadlines
-        if not deadlines or deadlines[0][0] > now:
-            return
-        open_ = self.open
-        if open_ is None:  # unreachable: both are set and cleared together
-            self.deadlines = None
-            return
-        while deadlines and deadlines[0][0] <= now:
-            deadline, rid = heapq.heappop(deadlines)
-            entry = open_.get(rid)
-            # A stale heap entry (closed, or replaced by a later reserve) is skipped.
-            if entry is not None and entry[1] == deadline:
-                del open_[rid]
-                self.pending -= entry[0]
-        if not open_:
-            self.open = self.deadlines = None
-
-    def held(self, rid: str) -> int:
-        """The amount reservation ``rid`` holds on this counter (0 if not open)."""
-        if self.open is None:
-            return 0
-        entry = self.open.get(rid)
-        return 0 if entry is None else entry[0]
-
-    def hold(self, rid: str, amount: int, deadline: float) -> None:
-        """Open (or replace) reservation ``rid``."""
-        if self.open is None or self.deadlines is None:
-            self.open = {}
-            self.deadlines = []
-        previous = self.open.get(rid)
-        if previous is not None:
-            self.pending -= previous[0]
-        self.open[rid] = (amount, deadline)
-        self.pending += amount
-        heapq.heappush(self.deadlines, (deadline, rid))
-
-    def renew(self, rid: str, deadline: float) -> bool:
-        """Push ``rid``'s deadline to ``deadline`` (never earlier); False if it is not open."""
-        open_ = self.open
-        entry = None if open_ is None else open_.get(rid)
-        if open_ is None or entry is None or self.deadlines is None:
-            return False
-        amount, current = entry
-        if deadline > current:
-            open_[rid] = (amount, deadline)
-            heapq.heappush(self.deadlines, (deadline, rid))
-        return True
-
-    def close(self, rid: str) -> None:
-        """Close reservation ``rid`` if it is open."""
-        open_ = self.open
-        if open_ is None:
-            return
-        entry = open_.pop(rid, None)
-        if entry is None:
-            return
-        self.pending -= entry[0]
-        if not open_:
-            self.open = self.deadlines = None
-        elif self.deadlines is not None and len(self.deadlines) > 2 * len(open_) + 16:
-            self.deadlines = [(deadline, key) for key, (_, deadline) in open_.items()]
-            heapq.heapify(self.deadlines)
 
 
 class MemoryLedger:
@@ -181,6 +103,7 @@ class MemoryLedger:
         # journal -> (entries, oldest first; expires_at), and a heap to drop expired ones.
         self._journals: dict[str, tuple[list[JournalEntry], float]] = {}
         self._journal_times: list[tuple[float, str]] = []
+        self._tallies = TallyStore()
 
     def __len__(self) -> int:
         """The number of counters stored (expired ones count until they are swept)."""
@@ -248,6 +171,8 @@ class MemoryLedger:
             self._sweep(now, self._sweep_batch)
         if self._closed_times and self._closed_times[0][0] <= now:
             self._sweep_closed(now, self._sweep_batch)
+        if self._tallies.due(now):
+            self._tallies.sweep(now, self._sweep_batch)
 
     def _live(self, key: str, now: float) -> _Counter | None:
         counter = self._counters.get(key)
@@ -281,7 +206,13 @@ class MemoryLedger:
     # -- the Ledger protocol ---------------------------------------------------------------
 
     def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        ttl: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         """Reserve every charge or none.
 
@@ -297,6 +228,7 @@ class MemoryLedger:
             charges: one per counter (each key at most once).
             now: the current time, epoch seconds.
             ttl: seconds the reservation holds budget if it is never committed.
+            tallies: added in the same step when the reserve refuses.
 
         Returns:
             The outcome; when refused, no total changed.
@@ -307,6 +239,7 @@ class MemoryLedger:
         """
         check_id(reservation_id)
         check_charges(charges)
+        check_tallies(tallies)
         check_now(now)
         check_ttl(ttl)
         with self._lock:
@@ -334,6 +267,7 @@ class MemoryLedger:
                 refusing = self._place(charge, found[refused])
                 refusing.refused = charge.amount
                 found[refused] = refusing
+                self._tallies.add(tallies, now)
                 states = tuple(_ZERO if c is None else c.state() for c in found)
                 return ReserveResult(False, refused, states)
             deadline = now + ttl
@@ -346,7 +280,12 @@ class MemoryLedger:
             return ReserveResult(True, None, tuple(out))
 
     def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         """Close the reservation where it is open and add each actual amount to ``settled``.
 
@@ -358,6 +297,7 @@ class MemoryLedger:
             reservation_id: the id given to :meth:`reserve` (or any id for a record).
             charges: the actual amounts, on the keys that were reserved (``max`` ignored).
             now: the current time, epoch seconds.
+            tallies: added in the same step when this commit closes the id somewhere.
 
         Returns:
             The state of each counter after the commit.
@@ -367,6 +307,7 @@ class MemoryLedger:
         """
         check_id(reservation_id)
         check_charges(charges)
+        check_tallies(tallies)
         check_now(now)
         with self._lock:
             self._housekeeping(now)
@@ -393,7 +334,19 @@ class MemoryLedger:
                 out.append(counter.state())
             if closing:
                 self._close(reservation_id, closed, closing, now)
+                self._tallies.add(tallies, now)
             return tuple(out)
+
+    def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
+        """Return the fields of each tally (a missing or expired one is empty).
+
+        Raises:
+            ValueError: on an empty or repeated key, or a non-finite time.
+        """
+        check_keys(keys)
+        check_now(now)
+        with self._lock:
+            return self._tallies.read(keys, now)
 
     def release(
         self, reservation_id: str, keys: Sequence[str], *, now: float
@@ -524,10 +477,11 @@ class MemoryLedger:
         regex = glob_regex(match)
         prefix = literal_prefix(match)
         with self._lock:
-            snapshot = list(self._counters.items())
+            snapshot = [(key, c.expires_at) for key, c in self._counters.items()]
+            snapshot += [(key, math.inf) for key in self._tallies.live_keys(now)]
         found: list[str] = []
-        for key, counter in snapshot:
-            if not key.startswith(prefix) or counter.expires_at <= now:
+        for key, expires_at in snapshot:
+            if not key.startswith(prefix) or expires_at <= now:
                 continue
             if regex.fullmatch(key) is not None:
                 found.append(key)
@@ -622,7 +576,7 @@ class MemoryLedger:
             return tuple(reversed(held[0][-limit:]))
 
     def sweep(self, now: float) -> int:
-        """Drop every counter whose ``expires_at`` is ``<= now``, at once.
+        """Drop every counter (and tally) whose ``expires_at`` is ``<= now``, at once.
 
         Operations already sweep incrementally; this is for callers that want memory
         back immediately (and for tests).
@@ -635,96 +589,8 @@ class MemoryLedger:
         """
         check_now(now)
         with self._lock:
+            self._tallies.sweep(now, len(self._tallies) + 1)
             return self._sweep(now, len(self._counters) + 1)
 
     def close(self) -> None:
         """Nothing to release: the counters stay readable (other users may share them)."""
-
-
-class AsyncMemoryLedger:
-    """The async face of a :class:`MemoryLedger`, sharing its counters.
-
-    Operations take microseconds under a lock that is never held across an ``await``,
-    so they run inline on the event loop; ``scan`` alone runs in a worker thread.
-
-    Args:
-        ledger: the store to share; a new :class:`MemoryLedger` if omitted.
-    """
-
-    def __init__(self, ledger: MemoryLedger | None = None) -> None:
-        self._ledger = MemoryLedger() if ledger is None else ledger
-
-    @property
-    def ledger(self) -> MemoryLedger:
-        """The shared synchronous store."""
-        return self._ledger
-
-    def __repr__(self) -> str:
-        return f"AsyncMemoryLedger({self._ledger!r})"
-
-    async def reserve(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float, ttl: float
-    ) -> ReserveResult:
-        """Async :meth:`MemoryLedger.reserve` (same arguments, result and errors)."""
-        return self._ledger.reserve(reservation_id, charges, now=now, ttl=ttl)
-
-    async def commit(
-        self, reservation_id: str, charges: Sequence[Charge], *, now: float
-    ) -> tuple[CounterState, ...]:
-        """Async :meth:`MemoryLedger.commit` (same arguments, result and errors)."""
-        return self._ledger.commit(reservation_id, charges, now=now)
-
-    async def release(
-        self, reservation_id: str, keys: Sequence[str], *, now: float
-    ) -> tuple[CounterState, ...]:
-        """Async :meth:`MemoryLedger.release` (same arguments, result and errors)."""
-        return self._ledger.release(reservation_id, keys, now=now)
-
-    async def renew(
-        self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float
-    ) -> bool:
-        """Async :meth:`MemoryLedger.renew` (same arguments, result and errors)."""
-        return self._ledger.renew(reservation_id, keys, now=now, ttl=ttl)
-
-    async def renew_many(
-        self, reservations: Sequence[tuple[str, Sequence[str]]], *, now: float, ttl: float
-    ) -> tuple[bool, ...]:
-        """Async :meth:`MemoryLedger.renew_many` (same arguments, result and errors)."""
-        return self._ledger.renew_many(reservations, now=now, ttl=ttl)
-
-    async def read(self, keys: Sequence[str], *, now: float) -> tuple[CounterState, ...]:
-        """Async :meth:`MemoryLedger.read` (same arguments, result and errors)."""
-        return self._ledger.read(keys, now=now)
-
-    async def scan(self, match: str, *, now: float, limit: int | None = None) -> list[str]:
-        """Async :meth:`MemoryLedger.scan` (same arguments, result and errors).
-
-        Unlike the other operations it runs in a worker thread: matching every key of a
-        large store is too long to run on the event loop.
-        """
-        check_scan(match, limit)
-        check_now(now)
-        return await asyncio.to_thread(self._ledger.scan, match, now=now, limit=limit)
-
-    async def adjust(
-        self,
-        adjustments: Sequence[Adjustment],
-        *,
-        now: float,
-        journal: str,
-        keep: int,
-        journal_expires_at: float,
-    ) -> tuple[JournalEntry, ...]:
-        """Async :meth:`MemoryLedger.adjust` (same arguments, result and errors)."""
-        return self._ledger.adjust(
-            adjustments, now=now, journal=journal, keep=keep, journal_expires_at=journal_expires_at
-        )
-
-    async def read_journal(
-        self, journal: str, *, now: float, limit: int
-    ) -> tuple[JournalEntry, ...]:
-        """Async :meth:`MemoryLedger.read_journal` (same arguments, result and errors)."""
-        return self._ledger.read_journal(journal, now=now, limit=limit)
-
-    async def aclose(self) -> None:
-        """Nothing to release (the shared store stays usable)."""

@@ -56,7 +56,7 @@ def state(guard: Guard, user: str = "alice") -> tuple[Decimal, Decimal]:
     """(settled, pending) of the user's counter, in dollars, read from the store."""
     ledger = guard.ledger
     (usage,) = guard.usage(user)
-    key = next(iter(ledger.scan(f"pg:{{u:{user}}}:*", now=time.time())))
+    key = next(iter(ledger.scan(f"pg:{{u:{user}}}:usd:*", now=time.time())))
     (counter,) = ledger.read([key], now=time.time())
     assert usage.used == Decimal(counter.used) / 10**9
     return Decimal(counter.settled) / 10**9, Decimal(counter.pending) / 10**9

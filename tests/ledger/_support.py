@@ -22,7 +22,15 @@ import redis
 import redis.asyncio
 
 from payi_guard.clock import FakeClock
-from payi_guard.ledger import AsyncLedger, Charge, CounterState, Ledger, MemoryLedger, ReserveResult
+from payi_guard.ledger import (
+    AsyncLedger,
+    Charge,
+    CounterState,
+    Ledger,
+    MemoryLedger,
+    ReserveResult,
+    Tally,
+)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -60,20 +68,37 @@ class LedgerAdapter:
         return self.raw is not None
 
     async def reserve(
-        self, rid: str, charges: Sequence[Charge], *, now: float, ttl: float
+        self,
+        rid: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        ttl: float,
+        tallies: Sequence[Tally] = (),
     ) -> ReserveResult:
         if self._sync is not None:
-            return self._sync.reserve(rid, charges, now=now, ttl=ttl)
+            return self._sync.reserve(rid, charges, now=now, ttl=ttl, tallies=tallies)
         assert self._async is not None
-        return await self._async.reserve(rid, charges, now=now, ttl=ttl)
+        return await self._async.reserve(rid, charges, now=now, ttl=ttl, tallies=tallies)
 
     async def commit(
-        self, rid: str, charges: Sequence[Charge], *, now: float
+        self,
+        rid: str,
+        charges: Sequence[Charge],
+        *,
+        now: float,
+        tallies: Sequence[Tally] = (),
     ) -> tuple[CounterState, ...]:
         if self._sync is not None:
-            return self._sync.commit(rid, charges, now=now)
+            return self._sync.commit(rid, charges, now=now, tallies=tallies)
         assert self._async is not None
-        return await self._async.commit(rid, charges, now=now)
+        return await self._async.commit(rid, charges, now=now, tallies=tallies)
+
+    async def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
+        if self._sync is not None:
+            return self._sync.read_tallies(keys, now=now)
+        assert self._async is not None
+        return await self._async.read_tallies(keys, now=now)
 
     async def release(
         self, rid: str, keys: Sequence[str], *, now: float

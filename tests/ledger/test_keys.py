@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
 from payi_guard.ledger._glob import glob_regex
+from payi_guard.ledger.analytics import analytics_owner
 from payi_guard.ledger.keys import (
     SCOPE_KINDS,
     CounterKey,
@@ -91,7 +92,14 @@ def test_parse_reads_the_guards_own_keys(clock: FakeClock) -> None:
         key_prefix="app:1",
     )
     guard.record(user_id="acme:alice", model="m", input_tokens=10, limit_ids=["project"])
-    keys = guard.ledger.scan(owners_glob("app:1", list(SCOPE_KINDS)), now=clock.now())
+    found = guard.ledger.scan(owners_glob("app:1", list(SCOPE_KINDS)), now=clock.now())
+    # The owners' usage analytics live under the same tags, and are no counters.
+    tallies = {key for key in found if analytics_owner("app:1", key) is not None}
+    assert {analytics_owner("app:1", key) for key in tallies} == {
+        ("user", "acme:alice", "2026-11-27"),
+        ("org", "acme", "2026-11-27"),
+    }
+    keys = [key for key in found if key not in tallies]
     parsed = {parse_key("app:1", key) for key in keys}
     assert {(p.scope, p.owner, p.unit, p.per) for p in parsed if p is not None} == {
         ("user", "acme:alice", "usd", "day"),

@@ -210,9 +210,9 @@ def test_the_options_every_ledger_takes_are_accepted(tmp_path: Path, clock: Fake
 
 def test_the_file_is_a_wal_ledger_with_its_schema(ledger: SqliteLedger, db: Path) -> None:
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-    assert rows(db, "PRAGMA user_version") == [(3,)]
+    assert rows(db, "PRAGMA user_version") == [(4,)]
     tables = {name for (name,) in rows(db, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"counters", "holds", "closed", "journal"}
+    assert tables == {"counters", "holds", "closed", "journal", "tallies"}
 
 
 def test_a_missing_folder_is_a_storage_error(tmp_path: Path) -> None:
@@ -269,9 +269,9 @@ def test_a_layout_2_file_moves_its_closed_ids_out_of_holds(
     conn.commit()
     conn.close()
     ledger = SqliteLedger(old)
-    assert rows(old, "PRAGMA user_version") == [(3,)]
+    assert rows(old, "PRAGMA user_version") == [(4,)]
     tables = {name for (name,) in rows(old, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"counters", "holds", "closed", "journal"}
+    assert tables == {"counters", "holds", "closed", "journal", "tallies"}
     # The open reservation is kept; the old closed id is forgotten, nothing else.
     assert rows(old, "SELECT key, rid, amount, deadline FROM holds") == [(K1, "r1", 50, now + 60)]
     assert ledger.read([K1], now=now) == (CounterState(100, 50),)

@@ -1,20 +1,24 @@
 -- Close a reservation (if still open), add the actual amounts to "s", and remember the
 -- id as closed on every key; also release (amounts of 0). An id already closed on a
 -- key changes nothing there: a retried commit or release is applied once.
--- KEYS: per charge, the three keys of its counter (see lib.lua).
--- ARGV: reservation id, seconds to remember the id, then per charge: amount, time to
---       live of the counter in milliseconds ('' = leave the expiry alone, as release does).
+-- Tallies are added only when the id was closed here on at least one key (not a retry).
+-- KEYS: per charge, the three keys of its counter (see lib.lua); then the tallies' keys.
+-- ARGV: reservation id, seconds to remember the id, the number of charges, then per
+--       charge: amount, time to live of the counter in milliseconds ('' = leave the
+--       expiry alone, as release does); then the tallies (see add_tallies in lib.lua).
 -- Returns {settled_1, pending_1, refused_1, settled_2, ...}.
 local id = ARGV[1]
 local keep = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local applied = false
 local now = store_now()
 local field = 'r:' .. id
 local out = {}
 
-for i = 1, #KEYS / 3 do
+for i = 1, n do
   local key, index, closed = counter_keys(i)
-  local amount = ARGV[2 * i + 1]
-  local ttl = ARGV[2 * i + 2]
+  local amount = ARGV[2 * i + 2]
+  local ttl = ARGV[2 * i + 3]
   purge(key, index, now)
   trim_closed(closed, now)
   if not is_closed(closed, id, now) then
@@ -30,6 +34,7 @@ for i = 1, #KEYS / 3 do
       redis.call('HINCRBY', key, 's', amount)
     end
     close_id(closed, id, now, keep)
+    applied = true
     if ttl ~= '' then
       -- PEXPIRE on a missing key is a no-op, so a zero commit creates no counter.
       redis.call('PEXPIRE', key, ttl)
@@ -37,5 +42,8 @@ for i = 1, #KEYS / 3 do
     end
   end
   put_totals(out, 0, i, totals(key))
+end
+if applied then
+  add_tallies(3 * n, 2 * n + 4)
 end
 return out

@@ -90,3 +90,24 @@ local function put_totals(out, base, i, settled, pending, refused)
   out[base + 3 * i - 1] = pending
   out[base + 3 * i] = refused
 end
+
+-- Add tallies (usage analytics hashes): KEYS[first + 1], KEYS[first + 2], ... and, from
+-- ARGV[at] on, per tally: its time to live in milliseconds, the number of fields, then
+-- (field, increment) pairs. A tally's expiry is only ever pushed later.
+local function add_tallies(first, at)
+  local j = 1
+  while at <= #ARGV do
+    local key = KEYS[first + j]
+    local ttl = tonumber(ARGV[at])
+    local count = tonumber(ARGV[at + 1])
+    for k = 1, count do
+      redis.call('HINCRBY', key, ARGV[at + 2 * k], ARGV[at + 2 * k + 1])
+    end
+    local current = redis.call('PTTL', key)
+    if current < ttl then
+      redis.call('PEXPIRE', key, ttl)
+    end
+    at = at + 2 + 2 * count
+    j = j + 1
+  end
+end

@@ -1,7 +1,8 @@
 -- Reserve every charge or none.
--- KEYS: per charge, the three keys of its counter (see lib.lua).
--- ARGV: reservation id, ttl in seconds, then per charge: amount, max ('' = no max),
---       time to live of the counter in milliseconds.
+-- KEYS: per charge, the three keys of its counter (see lib.lua); then the tallies' keys.
+-- ARGV: reservation id, ttl in seconds, the number of charges, then per charge: amount,
+--       max ('' = no max), time to live of the counter in milliseconds; then the tallies
+--       (see add_tallies in lib.lua), added only when the reserve refuses.
 -- Returns {status, refused index (0-based, -1 if none), settled_1, pending_1, refused_1,
 -- ...}; status 1 = reserved, 0 = refused, -1 = the id is already closed on one of the
 -- keys (nothing reserved). A refusal changes no total: the counter that refused records
@@ -10,7 +11,7 @@ local id = ARGV[1]
 local now = store_now()
 local deadline = fmt_time(now + tonumber(ARGV[2]))
 local field = 'r:' .. id
-local n = #KEYS / 3
+local n = tonumber(ARGV[3])
 local out = {1, -1}
 local held = {}
 local closed_here = false
@@ -27,7 +28,7 @@ for i = 1, n do
   local pending = tonumber(v[2]) or 0
   -- Reserving an id that is already open replaces it: a retried reserve counts once.
   held[i] = tonumber(v[4]) or 0
-  local base = 2 + 3 * (i - 1)
+  local base = 3 + 3 * (i - 1)
   local limit = ARGV[base + 2]
   if out[1] == 1 and limit ~= ''
       and settled + pending - held[i] + tonumber(ARGV[base + 1]) > tonumber(limit) then
@@ -46,16 +47,17 @@ end
 if out[1] == 0 then
   local i = out[2] + 1
   local key = counter_keys(i)
-  local base = 2 + 3 * (i - 1)
+  local base = 3 + 3 * (i - 1)
   redis.call('HSET', key, 'f', ARGV[base + 1])
   redis.call('PEXPIRE', key, ARGV[base + 3])
   out[2 + 3 * i] = tonumber(ARGV[base + 1])
+  add_tallies(3 * n, 3 * n + 4)
   return out
 end
 
 for i = 1, n do
   local key, index = counter_keys(i)
-  local base = 2 + 3 * (i - 1)
+  local base = 3 + 3 * (i - 1)
   local amount = ARGV[base + 1]
   local ttl = ARGV[base + 3]
   redis.call('HSET', key, field, amount)

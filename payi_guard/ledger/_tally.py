@@ -1,0 +1,91 @@
+"""Checks of tallies, and the in-process store of them (memory ledger)."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+from payi_guard.ledger.base import MAX_UNITS, Tally
+
+__all__ = ["TallyStore", "check_tallies"]
+
+
+def check_tallies(tallies: Sequence[Tally]) -> None:
+    """Refuse malformed tallies before anything is written.
+
+    Raises:
+        ValueError: an empty or repeated key, an empty or repeated field, an increment
+            that is not an int within ``[-MAX_UNITS, MAX_UNITS]``, a non-finite expiry.
+    """
+    seen: set[str] = set()
+    for index, tally in enumerate(tallies):
+        if not isinstance(tally, Tally):
+            raise ValueError(f"tally {index} is not a Tally")
+        if not tally.key or tally.key in seen:
+            raise ValueError(f"tally {index}: empty or repeated key")
+        seen.add(tally.key)
+        if not math.isfinite(tally.expires_at):
+            raise ValueError(f"tally {index}: expires_at must be finite")
+        names: set[str] = set()
+        for name, value in tally.fields:
+            if not name or name in names:
+                raise ValueError(f"tally {index}: empty or repeated field {name!r}")
+            names.add(name)
+            if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_UNITS:
+                raise ValueError(f"tally {index}: field {name!r} must be an int, got {value!r}")
+
+
+class TallyStore:
+    """Tallies in a dict, dropped once expired (incrementally, oldest first).
+
+    Not thread-safe: the memory ledger calls it under its own lock.
+    """
+
+    def __init__(self) -> None:
+        self._tallies: dict[str, tuple[dict[str, int], float]] = {}
+        self._times: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._tallies)
+
+    def add(self, tallies: Sequence[Tally], now: float) -> None:
+        """Add every tally's increments (a tally past its expiry starts afresh)."""
+        for tally in tallies:
+            held = self._tallies.get(tally.key)
+            if held is None or held[1] <= now:
+                fields: dict[str, int] = {}
+                until = tally.expires_at
+            else:
+                fields, until = held[0], max(held[1], tally.expires_at)
+            for name, value in tally.fields:
+                fields[name] = fields.get(name, 0) + value
+            self._tallies[tally.key] = (fields, until)
+            if held is None or until != held[1]:
+                heapq.heappush(self._times, (until, tally.key))
+
+    def read(self, keys: Sequence[str], now: float) -> tuple[dict[str, int], ...]:
+        """The fields of each tally (copies; empty when missing or expired)."""
+        out: list[dict[str, int]] = []
+        for key in keys:
+            held = self._tallies.get(key)
+            out.append({} if held is None or held[1] <= now else dict(held[0]))
+        return tuple(out)
+
+    def live_keys(self, now: float) -> list[str]:
+        """The keys of the tallies that have not expired."""
+        return [key for key, (_, until) in self._tallies.items() if until > now]
+
+    def sweep(self, now: float, budget: int) -> None:
+        """Drop up to ``budget`` tallies whose expiry has passed."""
+        times = self._times
+        while times and times[0][0] <= now and budget > 0:
+            until, key = heapq.heappop(times)
+            held = self._tallies.get(key)
+            if held is not None and held[1] <= now and held[1] == until:
+                del self._tallies[key]
+                budget -= 1
+
+    def due(self, now: float) -> bool:
+        """Whether some tally may be swept."""
+        return bool(self._times) and self._times[0][0] <= now
