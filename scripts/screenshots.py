@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from payi_guard import BudgetExceeded, track_context
+from payi_guard import BudgetExceeded, request_scope, track_context
 from payi_guard.admin import users_app
 from payi_guard.clock import FakeClock
 from payi_guard.demo import DEMO_BUDGETS, USERS_PAGE
@@ -60,9 +60,17 @@ def seed(guard: Guard, clock: FakeClock) -> None:
             request = CallRequest(
                 model=model, provider="openai", input_tokens=tokens_in, max_output_tokens=300
             )
+            latency = rng.uniform(0.4, 2.5)  # seconds the provider takes to answer
             try:
-                with track_context(user_id=user, use_case_name=rng.choice(USE_CASES)):
-                    guard.begin(request).settle(TokenUsage(tokens_in, tokens_out))
+                request_id = f"req-{day:02d}{rng.randrange(16**6):06x}"
+                use_case = rng.choice(USE_CASES)
+                with (
+                    request_scope(request_id=request_id),
+                    track_context(user_id=user, use_case_name=use_case),
+                ):
+                    reservation = guard.begin(request)
+                    clock.advance(latency)
+                    reservation.settle(TokenUsage(tokens_in, tokens_out))
             except BudgetExceeded:
                 pass
     clock.advance(4 * 3600)  # the pictures are taken at 2026-11-27T12:40Z

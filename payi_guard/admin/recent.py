@@ -33,7 +33,7 @@ class RecentCall:
     output_tokens: int
     cost: int
     outcome: str
-    latency_ms: float
+    latency_ms: float | None  # None: a refusal, which never reached the provider
     request_id: str | None
     use_case: str | None
 
@@ -46,7 +46,7 @@ class RecentCall:
             "output_tokens": self.output_tokens,
             "cost_usd": decimal_text(decimal_usd(self.cost)),
             "outcome": self.outcome,
-            "latency_ms": round(self.latency_ms, 1),
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
             "request_id": self.request_id,
             "use_case_name": self.use_case,
         }
@@ -87,7 +87,7 @@ class RecentCalls:
     def call_refused(self, event: CallRefused) -> None:
         """Keep a refusal (nothing charged)."""
         entry = RecentCall(
-            self._clock(), event.user_id, event.model, 0, 0, 0, "refused", 0.0, None, None
+            self._clock(), event.user_id, event.model, 0, 0, 0, "refused", None, None, None
         )
         with self._lock:
             self._ring.append(entry)

@@ -122,12 +122,21 @@ def _limits(limits: Sequence[LimitUsage]) -> str:
     )
 
 
+def _latency(ms: float | None) -> str:
+    """A call's latency as people read it: never ``0 ms`` for a fast call."""
+    if ms is None:
+        return "\u2014"  # a refusal: no call was made
+    if ms < 10:
+        return f"{ms:.1f} ms" if ms >= 0.1 else "&lt;0.1 ms"
+    return f"{ms:,.0f} ms"
+
+
 def _recent(calls: Sequence[RecentCall]) -> str:
     rows = [
         f"<tr><td>{_e(_time(call.at))}</td><td>{_e(call.model)}</td>"
         f'<td class="num">{call.input_tokens:,}</td><td class="num">{call.output_tokens:,}</td>'
         f'<td class="num">{_usd(call.cost)}</td><td>{_e(call.outcome)}</td>'
-        f'<td class="num">{call.latency_ms:,.0f} ms</td><td>{_e(call.request_id or "")}</td></tr>'
+        f'<td class="num">{_latency(call.latency_ms)}</td><td>{_e(call.request_id or "")}</td></tr>'
         for call in calls
     ]
     body = "".join(rows) or (

@@ -160,6 +160,8 @@ async def test_history_equals_the_logs_and_the_ledger(guard: Guard, early_clock:
     # The calls this process saw, newest first: the refusal, then the settled calls.
     recent = doc["recent"]
     assert [r["outcome"] for r in recent][:1] == ["refused"]
+    assert recent[0]["latency_ms"] is None  # a refusal made no call: no latency to show
+    assert [r["latency_ms"] for r in recent[1:]] == [e["latency_ms"] for e in reversed(events)]
     assert [r["model"] for r in recent[1:]] == [MODEL_B, MODEL, MODEL_B, MODEL, MODEL]
     assert [Decimal(r["cost_usd"]) for r in recent[1:]] == [
         Decimal(str(e["cost_usd"])) for e in reversed(events)
@@ -302,6 +304,7 @@ def test_the_user_page_in_headless_chromium(tmp_path: Path, early_clock: FakeClo
     assert [row[0] for row in shown["limits"]][:1] == ["daily"]
     assert len(shown["recent"]) == 6  # five calls and the refusal
     assert shown["recent"][0][5] == "refused"
+    assert shown["recent"][0][6] == "\u2014"  # no latency for a refusal, not "0 ms"
     assert shown["adjustments"][0][5] == "<b>goodwill</b>"  # text, not markup
     assert "state" in note
     assert "broken" in note
