@@ -99,6 +99,28 @@ class SSEDecoder:
         self._buf += chunk
         return self._drain(final=False)
 
+    def data_blocks(self, chunk: bytes) -> list[bytes] | None:
+        r"""Split ``chunk`` when it is whole one-line ``data:`` events; else ``None``.
+
+        The fast path for the shape providers send: the decoder holds nothing and
+        ``chunk`` is one or more ``data: ...\n\n`` blocks with ``\n`` line ends. Each
+        block comes back without its ending blank line; its event is what :meth:`feed`
+        would give (no ``event``, ``id`` or ``retry`` field, ``data`` the line's value).
+        ``None`` leaves the decoder as it was: :meth:`feed` the chunk instead.
+        """
+        if self._buf or not chunk.endswith(b"\n\n") or b"\r" in chunk:
+            return None
+        if self._first_line and chunk.startswith(b"\xef\xbb\xbf"):
+            return None
+        blocks = chunk.split(b"\n\n")
+        if blocks.pop():
+            return None
+        for block in blocks:
+            if not block.startswith(b"data:") or b"\n" in block:
+                return None
+        self._first_line = False
+        return blocks
+
     def finish(self) -> list[SSEEvent]:
         """End the stream: return the last events, then reset the decoder.
 

@@ -74,7 +74,9 @@ _ANTHROPIC_DELTA_TEXT_KEYS: Final = ("text", "partial_json", "thinking")
 
 # Chat / legacy completions delta keys that carry generated output. ``reasoning_content``
 # and ``reasoning`` are sent by OpenAI-compatible servers for reasoning models.
-_CHAT_DELTA_TEXT_KEYS: Final = ("content", "refusal", "reasoning_content", "reasoning", "text")
+_CHAT_DELTA_TEXT_KEYS: Final = frozenset(
+    {"content", "refusal", "reasoning_content", "reasoning", "text"}
+)
 
 
 class StreamUsageTracker:
@@ -140,11 +142,15 @@ class StreamUsageTracker:
             True if the event's bytes go to the client; false only for the usage-only
             chunk the guard caused with ``include_usage``.
         """
-        self.strip_usage = ""
         if not event.has_data:
+            self.strip_usage = ""
             return True
+        return self.observe_data(event.data, event.event)
+
+    def observe_data(self, data: str, event_name: str | None = None) -> bool:
+        """:meth:`observe` for an event with data, given its ``data`` and ``event`` fields."""
+        self.strip_usage = ""
         self.events += 1
-        data = event.data
         if data.strip() == "[DONE]":
             self.finished = True
             return True
@@ -152,14 +158,14 @@ class StreamUsageTracker:
             obj = json.loads(data)
         except ValueError:
             return True
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             return True
         kind = self.endpoint.kind
         if kind == "anthropic_messages":
-            self._observe_anthropic(event.event, obj)
+            self._observe_anthropic(event_name, obj)
             return True
         if kind == "responses":
-            self._observe_responses(event.event, obj)
+            self._observe_responses(event_name, obj)
             return True
         forward = self._observe_chat(obj)
         if not forward:
@@ -172,15 +178,16 @@ class StreamUsageTracker:
             # Some servers end a failed stream with one chunk carrying the error and the
             # usage billed so far: both count.
             self._add_openai_error(error)
-        self._note_identity(obj.get("model"), obj.get("id"))
+        if self.model is None or self.response_id is None:
+            self._note_identity(obj.get("model"), obj.get("id"))
         usage = obj.get("usage")
         if isinstance(usage, Mapping):
             self._usage = openai_usage(usage)
             self._input_reported = True
         choices = obj.get("choices")
-        if isinstance(choices, list):
+        if type(choices) is list:
             for choice in choices:
-                if isinstance(choice, Mapping):
+                if type(choice) is dict:
                     self._count_chat_choice(choice)
         if not self.added_include_usage or "usage" not in obj:
             return True
@@ -195,24 +202,28 @@ class StreamUsageTracker:
             self.strip_usage = "value"
         return True
 
-    def _count_chat_choice(self, choice: Mapping[str, Any]) -> None:
+    def _count_chat_choice(self, choice: dict[str, Any]) -> None:
         finish = choice.get("finish_reason")
-        if isinstance(finish, str):
+        if type(finish) is str:
             self.status = finish
         delta = choice.get("delta")
-        if not isinstance(delta, Mapping):
+        if type(delta) is not dict:
             delta = choice  # legacy completions put ``text`` on the choice itself
-        for key in _CHAT_DELTA_TEXT_KEYS:
-            self._count_text(delta.get(key))
-        tool_calls = delta.get("tool_calls")
-        if isinstance(tool_calls, list):
-            for call in tool_calls:
-                function = call.get("function") if isinstance(call, Mapping) else None
-                if isinstance(function, Mapping):
-                    self._count_text(function.get("arguments"))
-        function_call = delta.get("function_call")
-        if isinstance(function_call, Mapping):
-            self._count_text(function_call.get("arguments"))
+        # One pass over the delta's own members (usually one or two), not a lookup of
+        # every key that may carry output.
+        for key, value in delta.items():
+            if key in _CHAT_DELTA_TEXT_KEYS:
+                if type(value) is str and value:
+                    self.output_bytes += len(value.encode("utf-8"))
+                    self.output_deltas += 1
+            elif key == "tool_calls":
+                if type(value) is list:
+                    for call in value:
+                        function = call.get("function") if type(call) is dict else None
+                        if isinstance(function, Mapping):
+                            self._count_text(function.get("arguments"))
+            elif key == "function_call" and isinstance(value, Mapping):
+                self._count_text(value.get("arguments"))
 
     def _observe_responses(self, event_name: str | None, obj: dict[str, Any]) -> None:
         kind = obj.get("type") if isinstance(obj.get("type"), str) else event_name
@@ -385,7 +396,35 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Parse ``chunk``; return the bytes of the completed events to forward."""
-        return self._forward(self.decoder.feed(chunk))
+        blocks = self.decoder.data_blocks(chunk)
+        if blocks is None:
+            return self._forward(self.decoder.feed(chunk))
+        # Whole one-line data events (what providers send): no event objects, and the
+        # chunk itself goes on when no event in it is dropped or changed.
+        tracker = self.tracker
+        changed: list[bytes | None] | None = None
+        for index, block in enumerate(blocks):
+            value = block[6:] if block[5:6] == b" " else block[5:]
+            data = value.decode("utf-8", errors="replace")
+            forward = tracker.observe_data(data)
+            strip = tracker.strip_usage
+            if forward and not strip:
+                if changed is not None:
+                    changed.append(None)
+                continue
+            if changed is None:
+                changed = [None] * index
+            if not forward:
+                changed.append(b"")
+            else:
+                event = SSEEvent(raw=block + b"\n\n", data=data, has_data=True)
+                changed.append(without_usage_member(event, null=strip == "null"))
+        if changed is None:
+            return chunk
+        return b"".join(
+            block + b"\n\n" if out is None else out
+            for block, out in zip(blocks, changed, strict=True)
+        )
 
     def finish(self) -> bytes:
         """End the stream; return the remaining bytes to forward."""
