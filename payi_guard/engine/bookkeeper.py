@@ -28,7 +28,7 @@ from payi_guard._ids import new_id
 from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
 from payi_guard.context import Attribution
-from payi_guard.engine.call_log import CallLog
+from payi_guard.engine.call_log import BoundLog, CallLog
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.charges import charged_amounts
 from payi_guard.engine.detached import Detached
@@ -79,7 +79,7 @@ class Bookkeeper:
         self.clock = clock
         self._spent = spent
         self._config = config
-        self._log = events.get_logger()
+        self._log = BoundLog()
         self.observers = Observers()
         self.calls = CallLog(self._log, self.observers)
         self._closer = Closer(storage, clock, self._close_failed)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from payi_guard import log as events
 from payi_guard.engine.calls import CallRecord
 from payi_guard.engine.observers import CallEnded, Observers
@@ -17,7 +19,52 @@ from payi_guard.engine.policy import BoundLimit
 from payi_guard.ledger.base import CounterState
 from payi_guard.money import cost_usd, log_amount
 
-__all__ = ["CallLog"]
+__all__ = ["BoundLog", "CallLog"]
+
+
+class BoundLog:
+    """The library's structlog logger, bound once per structlog configuration.
+
+    ``structlog.get_logger()`` returns a lazy proxy that assembles a new bound logger
+    (and, with a ``WriteLoggerFactory``, a new output logger) on every call unless the
+    app set ``cache_logger_on_first_use``. This keeps the one assembled for the
+    configuration in effect and assembles again when ``structlog.configure`` changes
+    the processors, wrapper class, context class or logger factory (compared by
+    identity; a processor list changed in place is the same list, and is seen).
+    """
+
+    __slots__ = ("_bound", "_key")
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] = ()
+        self._bound: Any = None
+
+    def current(self) -> Any:
+        """The bound logger for the structlog configuration in effect now."""
+        config = structlog.get_config()
+        key = (
+            config["processors"],
+            config["wrapper_class"],
+            config["context_class"],
+            config["logger_factory"],
+        )
+        cached = self._key
+        if len(cached) != len(key) or any(a is not b for a, b in zip(cached, key, strict=True)):
+            self._bound = events.get_logger().bind()
+            self._key = key
+        return self._bound
+
+    def info_is_noop(self) -> bool:
+        """Whether ``info`` does nothing at all: a filtering bound logger above INFO.
+
+        Only then may a caller skip building the fields (any other wrapper runs its
+        processors, which may have effects of their own, whatever the level).
+        """
+        method = getattr(type(self.current()), "info", None)
+        return getattr(method, "__name__", "") == "_nop"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.current(), name)
 
 
 class CallLog:
@@ -28,7 +75,7 @@ class CallLog:
         observers: the observers told of every call that ended.
     """
 
-    def __init__(self, log: Any, observers: Observers) -> None:
+    def __init__(self, log: BoundLog, observers: Observers) -> None:
         self._log = log
         self.observers = observers
 
@@ -74,6 +121,14 @@ class CallLog:
         ``ledger`` is set when the commit was given up: ``failed`` (it was not applied)
         or ``unknown`` (an attempt may have been).
         """
+        attribution = plan.attribution
+        if not self._log.info_is_noop():
+            self._log.info(events.GENAI_CALL, **self._call_fields(plan, record, ledger))
+        if self.observers:
+            self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))
+
+    @staticmethod
+    def _call_fields(plan: Plan, record: CallRecord, ledger: str | None) -> dict[str, Any]:
         usage = record.usage
         attribution = plan.attribution
         fields: dict[str, Any] = {
@@ -121,6 +176,4 @@ class CallLog:
             fields["ledger"] = ledger
         if record.cost_nano > record.reserved_nano and record.outcome != "recorded":
             fields["under_estimated_usd"] = cost_usd(record.cost_nano - record.reserved_nano)
-        self._log.info(events.GENAI_CALL, **fields)
-        if self.observers:
-            self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))
+        return fields

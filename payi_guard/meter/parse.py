@@ -118,6 +118,24 @@ def classify(method: str, path: str, host: str | None = None) -> Endpoint | None
     Returns:
         The :class:`Endpoint`, or ``None`` for traffic that is not metered.
     """
+    key = (method, path, host)
+    try:
+        return _classified[key]
+    except KeyError:
+        pass
+    endpoint = _classify(method, path, host)
+    if len(_classified) >= _CLASSIFIED_SIZE:
+        _classified.clear()  # bounded; the few paths an app calls come back at once
+    _classified[key] = endpoint
+    return endpoint
+
+
+# Endpoints are immutable, so one per (method, path, host) is shared by every call.
+_CLASSIFIED_SIZE: Final = 1024
+_classified: dict[tuple[str, str, str | None], Endpoint | None] = {}
+
+
+def _classify(method: str, path: str, host: str | None) -> Endpoint | None:
     if method.upper() != "POST":
         return None
     segments = [s for s in path.split("?", 1)[0].split("#", 1)[0].split("/") if s]

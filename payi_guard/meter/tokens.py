@@ -10,6 +10,7 @@ price; :mod:`payi_guard.pricing` never sees a request body.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -108,6 +109,7 @@ _IMAGE_TOKEN_BOUNDS: tuple[tuple[str, int], ...] = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def image_token_bound(model: str) -> int:
     """Tokens counted per image part for ``model`` (longest matching name prefix).
 
@@ -455,8 +457,15 @@ def model_output_cap(model: str, default: int = DEFAULT_MAX_OUTPUT_TOKENS) -> in
 
     A provider prefix (``openai/``) is ignored and names compare case-insensitively.
     """
+    cap = _family_output_cap(model)
+    return default if cap is None else cap
+
+
+@functools.lru_cache(maxsize=1024)
+def _family_output_cap(model: str) -> int | None:
+    """The cap of the longest :data:`_OUTPUT_CAPS` prefix of ``model`` (memoised: hot path)."""
     name = model.rsplit("/", 1)[-1].lower()
-    best, best_len = default, -1
+    best, best_len = None, -1
     for prefix, cap in _OUTPUT_CAPS:
         if name.startswith(prefix) and len(prefix) > best_len:
             best, best_len = cap, len(prefix)
