@@ -12,12 +12,16 @@ It measures, with the real openai SDK (3.x, httpx2) and the memory store:
   :class:`~payi_guard.testing.FakeProvider` run in a child process (the nearest
   thing to a real call);
 * time to the first streamed chunk, bare and guarded, over both;
-* the cost per chunk of the stream wrapper: a 1,000-chunk stream read bare and guarded
-  over the mock transport, and :class:`~payi_guard.meter.sse.StreamMeter` alone;
+* the cost per chunk of the stream wrapper: a 200-chunk stream read bare and guarded
+  over the mock transport (per chunk: what the whole stream adds beyond what the first
+  chunk adds), and :class:`~payi_guard.meter.sse.StreamMeter` alone;
 * the same with the ``genai_call`` line rendered as JSON (to a null stream), since apps
   log every call.
 
 Bare and guarded runs alternate, round by round, so drift hits both; medians are shown.
+Each mode ends with its targets, as ratios to the bare SDK measured in the same run:
+``create()`` at most 1.10x the bare call (with JSON logging), the 200-chunk stream at
+most 1.05x the bare stream and 5 µs per chunk.
 """
 
 from __future__ import annotations
@@ -143,12 +147,23 @@ def paired(
     return statistics.median(bare_times), statistics.median(guarded_times)
 
 
+STREAM_CHUNKS = 200
+CREATE_TARGET = 1.10
+STREAM_TARGET = 1.05
+CHUNK_TARGET_US = 5.0
+
+
 def row(name: str, bare: float, guarded: float) -> None:
     extra = guarded - bare
     print(
         f"  {name:<44} bare {bare * 1e6:9.1f} µs   guarded {guarded * 1e6:9.1f} µs   "
-        f"+{extra * 1e6:7.1f} µs  ({extra / bare * 100:+6.2f} %)"
+        f"+{extra * 1e6:7.1f} µs  ({guarded / bare:.3f}x)"
     )
+
+
+def verdict(name: str, value: float, target: float, unit: str) -> None:
+    met = "met" if value <= target else "NOT met"
+    print(f"  target {name:<40} {value:8.3f}{unit} (<= {target:g}{unit}: {met})")
 
 
 FAKE_SERVER = """
@@ -198,21 +213,24 @@ def run(quick: bool) -> None:
             configure_json(io.StringIO() if quick else open("/dev/null", "w"))  # noqa: SIM115
         print(f"\n[{logging_mode}]")
         with track_context(user_id="bench"):
-            mock_bare = make_client("http://mock/v1", mock_transport(1000))
-            mock_guarded = guard.wrap(make_client("http://mock/v1", mock_transport(1000)))
-            bare, guarded = paired(plain_call(mock_bare), plain_call(mock_guarded), rounds, batch)
-            row("create(), mock transport", bare, guarded)
-            bare, guarded = paired(first_chunk(mock_bare), first_chunk(mock_guarded), rounds, batch)
-            row("time to first chunk, mock transport", bare, guarded)
-            long_rounds = max(3, rounds // 3)
-            bare, guarded = paired(
+            mock_bare = make_client("http://mock/v1", mock_transport(STREAM_CHUNKS))
+            mock_guarded = guard.wrap(make_client("http://mock/v1", mock_transport(STREAM_CHUNKS)))
+            create = paired(plain_call(mock_bare), plain_call(mock_guarded), rounds, batch)
+            row("create(), mock transport", *create)
+            first = paired(first_chunk(mock_bare), first_chunk(mock_guarded), rounds, batch)
+            row("time to first chunk, mock transport", *first)
+            stream = paired(
                 whole_stream(mock_bare),
                 whole_stream(mock_guarded),
-                long_rounds,
-                max(2, batch // 20),
+                rounds,
+                max(4, batch // 10),
             )
-            row("1,000-chunk stream, mock transport", bare, guarded)
-            print(f"  {'':<44} per chunk: +{(guarded - bare) / 1000 * 1e6:.2f} µs")
+            row(f"{STREAM_CHUNKS}-chunk stream, mock transport", *stream)
+            per_chunk = ((stream[1] - stream[0]) - (first[1] - first[0])) / STREAM_CHUNKS
+            print(f"  {'':<44} per chunk: +{per_chunk * 1e6:.2f} µs")
+            verdict("create() / bare create()", create[1] / create[0], CREATE_TARGET, "x")
+            verdict("stream / bare stream", stream[1] / stream[0], STREAM_TARGET, "x")
+            verdict("stream, per chunk", per_chunk * 1e6, CHUNK_TARGET_US, " µs")
             with fake_in_another_process() as base_url:
                 loop_bare = make_client(base_url, None)
                 loop_guarded = guard.wrap(make_client(base_url, None))

@@ -1432,3 +1432,19 @@ def test_any_stream_metered_whole_or_byte_by_byte_alike(
 
     assert whole_out == single_out + single.finish()
     assert _tracker_state(whole.tracker) == _tracker_state(single.tracker)
+
+
+def test_output_counts_of_a_long_stream_past_the_deferred_limit() -> None:
+    text = "ab ćd " * 20  # 2-byte characters count as 2 bytes
+    chunks = [_chunk({"content": text}, usage=False) for _ in range(3000)]
+    stream = _chunk({"role": "assistant", "content": ""}, usage=False) + b"".join(chunks)
+    stream += _chunk({}, "length", usage=False)
+    meter = StreamMeter(CHAT)
+    out = b"".join(meter.feed(c) for c in _by_events(stream, 1)) + meter.finish()
+
+    assert out == stream
+    assert len(stream) > 256 * 1024  # some chunks were counted before the end
+    assert meter.tracker.output_bytes == 3000 * len(text.encode())
+    assert meter.tracker.output_deltas == 3000
+    assert meter.tracker.status == "length"
+    assert meter.tracker.usage is None

@@ -36,31 +36,36 @@ class BoundLog:
     __slots__ = ("_bound", "_key")
 
     def __init__(self) -> None:
-        self._key: tuple[object, ...] = ()
+        self._key: tuple[object, object, object, object] | None = None
         self._bound: Any = None
 
     def current(self) -> Any:
         """The bound logger for the structlog configuration in effect now."""
         config = structlog.get_config()
-        key = (
-            config["processors"],
-            config["wrapper_class"],
-            config["context_class"],
-            config["logger_factory"],
-        )
-        cached = self._key
-        if len(cached) != len(key) or any(a is not b for a, b in zip(cached, key, strict=True)):
+        processors = config["processors"]
+        wrapper = config["wrapper_class"]
+        context = config["context_class"]
+        factory = config["logger_factory"]
+        key = self._key
+        if (
+            key is None
+            or key[0] is not processors
+            or key[1] is not wrapper
+            or key[2] is not context
+            or key[3] is not factory
+        ):
             self._bound = events.get_logger().bind()
-            self._key = key
+            self._key = (processors, wrapper, context, factory)
         return self._bound
 
-    def info_is_noop(self) -> bool:
-        """Whether ``info`` does nothing at all: a filtering bound logger above INFO.
+    @staticmethod
+    def info_is_noop(bound: Any) -> bool:
+        """Whether ``bound.info`` does nothing at all: a filtering logger above INFO.
 
         Only then may a caller skip building the fields (any other wrapper runs its
         processors, which may have effects of their own, whatever the level).
         """
-        method = getattr(type(self.current()), "info", None)
+        method = getattr(type(bound), "info", None)
         return getattr(method, "__name__", "") == "_nop"
 
     def __getattr__(self, name: str) -> Any:
@@ -122,8 +127,9 @@ class CallLog:
         or ``unknown`` (an attempt may have been).
         """
         attribution = plan.attribution
-        if not self._log.info_is_noop():
-            self._log.info(events.GENAI_CALL, **self._call_fields(plan, record, ledger))
+        log = self._log.current()
+        if not BoundLog.info_is_noop(log):
+            log.info(events.GENAI_CALL, **self._call_fields(plan, record, ledger))
         if self.observers:
             self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))
 

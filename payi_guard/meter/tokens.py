@@ -219,7 +219,9 @@ class _Tally:
         """Walk ``obj``: strings are text; images and files by reference are counted."""
         if isinstance(obj, str):
             self.text.append(obj)
-        elif isinstance(obj, Mapping):
+        elif type(obj) is dict or (type(obj) is not list and isinstance(obj, Mapping)):
+            # A parsed body is plain dicts and lists: ``type`` first, the (slower) ABC
+            # check only for other mappings.
             kind = obj.get("type")
             if kind in _IMAGE_TYPES or (kind is None and "image_url" in obj):
                 self.images += 1
@@ -236,8 +238,9 @@ class _Tally:
                 self.add(value)
         elif isinstance(obj, list):
             self.exact += len(obj)
+            add = self.add
             for value in obj:
-                self.add(value)
+                add(value)
         elif obj is not None:
             self.text.append(str(obj))
 

@@ -114,10 +114,12 @@ class StreamUsageTracker:
         a terminal Responses event)."""
         self.errors: list[StreamError] = []
         """Errors the provider reported inside the stream."""
-        self.output_bytes = 0
-        """UTF-8 bytes of generated text, reasoning and tool arguments received."""
-        self.output_deltas = 0
-        """Number of deltas that carried generated output."""
+        self._output_bytes = 0
+        self._output_deltas = 0
+        # Chat chunks that can only add to the output counts, kept unparsed until the
+        # counts are read (a stream that ends with its usage never needs them).
+        self._deferred: list[str] = []
+        self._deferred_size = 0
         self.events = 0
         """Number of events with data observed."""
         self.dropped = 0
@@ -129,6 +131,20 @@ class StreamUsageTracker:
         self._usage: ParsedUsage | None = None
         self._anthropic: dict[str, Any] = {}
         self._input_reported = False
+
+    @property
+    def output_bytes(self) -> int:
+        """UTF-8 bytes of generated text, reasoning and tool arguments received."""
+        if self._deferred:
+            self._count_deferred()
+        return self._output_bytes
+
+    @property
+    def output_deltas(self) -> int:
+        """Number of deltas that carried generated output."""
+        if self._deferred:
+            self._count_deferred()
+        return self._output_deltas
 
     # -- feeding ------------------------------------------------------------------------
 
@@ -151,11 +167,14 @@ class StreamUsageTracker:
         """:meth:`observe` for an event with data, given its ``data`` and ``event`` fields."""
         self.strip_usage = ""
         self.events += 1
-        if data.strip() == "[DONE]":
+        if data[:1] != "{" and data.strip() == "[DONE]":
             self.finished = True
             return True
+        if self.endpoint.kind in _CHAT_KINDS and self._only_counts(data):
+            self._defer(data)
+            return True
         try:
-            obj = json.loads(data)
+            obj = _json_object(data)
         except ValueError:
             return True
         if type(obj) is not dict:
@@ -171,6 +190,39 @@ class StreamUsageTracker:
         if not forward:
             self.dropped += 1
         return forward
+
+    def _only_counts(self, data: str) -> bool:
+        """Whether a chat chunk can change nothing but the output counts.
+
+        A byte scan: no ``usage``, ``error`` or non-null ``finish_reason`` member, and
+        nothing about the model or id still to learn. A quote inside a JSON string is
+        escaped, so a quoted name found here is a key or a whole string value; either
+        way the chunk is then parsed at once (a value only costs the parse).
+        """
+        return (
+            '"usage"' not in data
+            and '"error"' not in data
+            and data.count('"finish_reason"') == data.count('"finish_reason":null')
+            and (self.model is not None or '"model"' not in data)
+            and (self.response_id is not None or '"id"' not in data)
+        )
+
+    def _defer(self, data: str) -> None:
+        self._deferred.append(data)
+        self._deferred_size += len(data)
+        if self._deferred_size > _DEFERRED_LIMIT:
+            self._count_deferred()  # bounded memory: a long stream is counted as it goes
+
+    def _count_deferred(self) -> None:
+        """Parse the deferred chunks and add their output (counts add up in any order)."""
+        deferred, self._deferred, self._deferred_size = self._deferred, [], 0
+        for data in deferred:
+            try:
+                obj = _json_object(data)
+            except ValueError:
+                continue
+            if type(obj) is dict:
+                self._observe_chat(obj)
 
     def _observe_chat(self, obj: dict[str, Any]) -> bool:
         error = obj.get("error")
@@ -214,8 +266,8 @@ class StreamUsageTracker:
         for key, value in delta.items():
             if key in _CHAT_DELTA_TEXT_KEYS:
                 if type(value) is str and value:
-                    self.output_bytes += len(value.encode("utf-8"))
-                    self.output_deltas += 1
+                    self._output_bytes += len(value.encode("utf-8"))
+                    self._output_deltas += 1
             elif key == "tool_calls":
                 if type(value) is list:
                     for call in value:
@@ -309,8 +361,8 @@ class StreamUsageTracker:
 
     def _count_text(self, value: object) -> None:
         if isinstance(value, str) and value:
-            self.output_bytes += len(value.encode("utf-8"))
-            self.output_deltas += 1
+            self._output_bytes += len(value.encode("utf-8"))
+            self._output_deltas += 1
 
     # -- results ------------------------------------------------------------------------
 
@@ -372,6 +424,28 @@ class StreamUsageTracker:
             output_tokens=self.estimated_output_tokens(),
             complete=False,
         )
+
+
+_DECODER: Final = json.JSONDecoder()
+_CHAT_KINDS: Final = frozenset({"chat", "completions"})
+_DEFERRED_LIMIT: Final = 256 * 1024
+"""Characters of deferred chat chunks held before they are counted anyway."""
+
+
+def _json_object(data: str) -> Any:
+    """``json.loads(data)``, minus two whitespace scans for data that starts with ``{``.
+
+    Anything else (leading or trailing whitespace, extra data, errors) is left to
+    ``json.loads``, so the result and the errors are the same.
+    """
+    if data[:1] == "{":
+        try:
+            obj, end = _DECODER.raw_decode(data)
+        except ValueError:
+            return json.loads(data)
+        if end == len(data):
+            return obj
+    return json.loads(data)
 
 
 def _str(value: object) -> str | None:
