@@ -21,6 +21,7 @@ from payi_guard.meter.parse import (
     encode_body,
     inject_include_usage,
     usage_from_response,
+    with_include_usage,
 )
 from payi_guard.meter.sse import (
     ESTIMATE_MARGIN_TOKENS,
@@ -1448,3 +1449,25 @@ def test_output_counts_of_a_long_stream_past_the_deferred_limit() -> None:
     assert meter.tracker.output_deltas == 3000
     assert meter.tracker.status == "length"
     assert meter.tracker.usage is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","stream":true,"messages":[]}',
+        b'{ "model": "m", "stream": true }',
+        b'{"stream_options":{"x":1},"stream":true}',
+        b' {"stream":true}',
+        b'{"stream":true,"stream_options":{"include_usage":false}}',
+    ],
+)
+def test_include_usage_added_to_the_bytes_means_the_same_body(raw: bytes) -> None:
+    body = json.loads(raw)
+    new_body, added = inject_include_usage(body)
+    sent = with_include_usage(raw, body, new_body)
+
+    assert added
+    assert json.loads(sent) == new_body
+    assert json.loads(sent)["stream_options"]["include_usage"] is True
+    if "stream_options" not in body and raw.startswith(b"{"):
+        assert sent.endswith(raw[1:])  # the SDK's bytes, untouched
