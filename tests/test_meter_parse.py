@@ -1471,3 +1471,14 @@ def test_include_usage_added_to_the_bytes_means_the_same_body(raw: bytes) -> Non
     assert json.loads(sent)["stream_options"]["include_usage"] is True
     if "stream_options" not in body and raw.startswith(b"{"):
         assert sent.endswith(raw[1:])  # the SDK's bytes, untouched
+
+
+def test_a_usage_key_spelled_with_escapes_is_still_read() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    chunk = _data({**CHUNK_BASE, "choices": [], "usage": usage})
+    chunk = chunk.replace(b'"usage"', b'"\\u0075sage"')
+    meter = StreamMeter(CHAT, added_include_usage=True)
+    out = meter.feed(_chunk({"content": "hi"}, usage=False)) + meter.feed(chunk)
+
+    assert meter.tracker.usage == ParsedUsage(input_tokens=3, output_tokens=4, complete=True)
+    assert out == _chunk({"content": "hi"}, usage=False)  # the guard's usage chunk dropped

@@ -197,10 +197,12 @@ class StreamUsageTracker:
         A byte scan: no ``usage``, ``error`` or non-null ``finish_reason`` member, and
         nothing about the model or id still to learn. A quote inside a JSON string is
         escaped, so a quoted name found here is a key or a whole string value; either
-        way the chunk is then parsed at once (a value only costs the parse).
+        way the chunk is then parsed at once (a value only costs the parse). A unicode
+        escape could spell a key, so such a chunk is parsed at once too.
         """
         return (
-            '"usage"' not in data
+            "\\u" not in data
+            and '"usage"' not in data
             and '"error"' not in data
             and data.count('"finish_reason"') == data.count('"finish_reason":null')
             and (self.model is not None or '"model"' not in data)
