@@ -190,8 +190,8 @@ async def main() -> None:
     ratio = guard_cost / slowapi_cost if slowapi_cost > 0 else float("inf")
     verdict = "met" if ratio <= 0.25 else "NOT met"
     print(
-        f"\nguard overhead {guard_cost * 1e6:.1f}us = {ratio:.0%} of slowapi's "
-        f"{slowapi_cost * 1e6:.1f}us (target <= 25%: {verdict})"
+        f"\nguard overhead {guard_cost * 1e6:.1f}us = {ratio:.2f}x slowapi's "
+        f"{slowapi_cost * 1e6:.1f}us (target <= 0.25x: {verdict})"
     )
 
 

@@ -21,6 +21,7 @@ from payi_guard.meter.parse import (
     encode_body,
     inject_include_usage,
     usage_from_response,
+    with_include_usage,
 )
 from payi_guard.meter.sse import (
     ESTIMATE_MARGIN_TOKENS,
@@ -1365,3 +1366,119 @@ def test_odd_payloads_are_tolerated() -> None:
     assert responses.events == 2
     assert claude.usage is None
     assert [(e.type, e.message) for e in claude.errors] == [("error", "no error object")]
+
+
+# --- whole events (the decoder's fast path) and any split meter alike ----------------
+
+
+def _tracker_state(tracker: StreamUsageTracker) -> tuple[object, ...]:
+    return (
+        tracker.usage,
+        tracker.model,
+        tracker.response_id,
+        tracker.status,
+        tracker.finished,
+        tracker.errors,
+        tracker.output_bytes,
+        tracker.output_deltas,
+        tracker.events,
+        tracker.dropped,
+    )
+
+
+def _by_events(stream: bytes, per_chunk: int) -> list[bytes]:
+    """``stream`` cut at its blank lines, ``per_chunk`` events to a chunk."""
+    events = [e + b"\n\n" for e in stream.split(b"\n\n")[:-1]]
+    chunks = [b"".join(events[i : i + per_chunk]) for i in range(0, len(events), per_chunk)]
+    tail = stream[sum(len(c) for c in chunks) :]
+    return chunks + ([tail] if tail else [])
+
+
+_WHOLE_EVENT_STREAMS: dict[str, tuple[Endpoint, bool, bytes]] = {
+    "chat, guard's usage": (CHAT, True, CHAT_STREAM + USAGE_CHUNK + DONE),
+    "chat, app's usage": (CHAT, False, CHAT_STREAM + USAGE_CHUNK + DONE),
+    "chat, bom and comment": (
+        CHAT,
+        True,
+        b"\xef\xbb\xbf" + CHAT_STREAM + b": ping\n\n" + USAGE_CHUNK + DONE,
+    ),
+    "anthropic": (ANTHROPIC, False, ANTHROPIC_STREAM + ANTHROPIC_END),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_WHOLE_EVENT_STREAMS))
+@pytest.mark.parametrize("per_chunk", [1, 2, 3])
+def test_whole_events_and_byte_by_byte_meter_the_same(name: str, per_chunk: int) -> None:
+    endpoint, added, stream = _WHOLE_EVENT_STREAMS[name]
+    whole = StreamMeter(endpoint, added_include_usage=added)
+    whole_out = b"".join(whole.feed(c) for c in _by_events(stream, per_chunk)) + whole.finish()
+    single = StreamMeter(endpoint, added_include_usage=added)
+    single_out = b"".join(single.feed(stream[i : i + 1]) for i in range(len(stream)))
+    single_out += single.finish()
+
+    assert whole_out == single_out
+    assert _tracker_state(whole.tracker) == _tracker_state(single.tracker)
+    assert whole.tracker.events > 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=sse_streams(), per_chunk=st.integers(1, 3), added=st.booleans())
+def test_any_stream_metered_whole_or_byte_by_byte_alike(
+    stream: bytes, per_chunk: int, added: bool
+) -> None:
+    whole = StreamMeter(CHAT, added_include_usage=added)
+    whole_out = b"".join(whole.feed(c) for c in _by_events(stream, per_chunk)) + whole.finish()
+    single = StreamMeter(CHAT, added_include_usage=added)
+    single_out = b"".join(single.feed(stream[i : i + 1]) for i in range(len(stream)))
+
+    assert whole_out == single_out + single.finish()
+    assert _tracker_state(whole.tracker) == _tracker_state(single.tracker)
+
+
+def test_output_counts_of_a_long_stream_past_the_deferred_limit() -> None:
+    text = "ab ćd " * 20  # 2-byte characters count as 2 bytes
+    chunks = [_chunk({"content": text}, usage=False) for _ in range(3000)]
+    stream = _chunk({"role": "assistant", "content": ""}, usage=False) + b"".join(chunks)
+    stream += _chunk({}, "length", usage=False)
+    meter = StreamMeter(CHAT)
+    out = b"".join(meter.feed(c) for c in _by_events(stream, 1)) + meter.finish()
+
+    assert out == stream
+    assert len(stream) > 256 * 1024  # some chunks were counted before the end
+    assert meter.tracker.output_bytes == 3000 * len(text.encode())
+    assert meter.tracker.output_deltas == 3000
+    assert meter.tracker.status == "length"
+    assert meter.tracker.usage is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","stream":true,"messages":[]}',
+        b'{ "model": "m", "stream": true }',
+        b'{"stream_options":{"x":1},"stream":true}',
+        b' {"stream":true}',
+        b'{"stream":true,"stream_options":{"include_usage":false}}',
+    ],
+)
+def test_include_usage_added_to_the_bytes_means_the_same_body(raw: bytes) -> None:
+    body = json.loads(raw)
+    new_body, added = inject_include_usage(body)
+    sent = with_include_usage(raw, body, new_body)
+
+    assert added
+    assert json.loads(sent) == new_body
+    assert json.loads(sent)["stream_options"]["include_usage"] is True
+    if "stream_options" not in body and raw.startswith(b"{"):
+        assert sent.endswith(raw[1:])  # the SDK's bytes, untouched
+
+
+def test_a_usage_key_spelled_with_escapes_is_still_read() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    chunk = _data({**CHUNK_BASE, "choices": [], "usage": usage})
+    chunk = chunk.replace(b'"usage"', b'"\\u0075sage"')
+    meter = StreamMeter(CHAT, added_include_usage=True)
+    out = meter.feed(_chunk({"content": "hi"}, usage=False)) + meter.feed(chunk)
+
+    assert meter.tracker.usage == ParsedUsage(input_tokens=3, output_tokens=4, complete=True)
+    assert out == _chunk({"content": "hi"}, usage=False)  # the guard's usage chunk dropped

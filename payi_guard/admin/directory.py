@@ -3,7 +3,7 @@
 Users are discovered from the ledger's keys, which the Guard builds as
 ``{prefix}:{<tag>}:{unit}:{per}:{window_start}`` with tag ``u:<user id>`` for users and
 ``a:<anonymous id>`` for anonymous buckets (:mod:`payi_guard.ledger.keys` owns the
-format); one scan of those counters (:meth:`Guard.acounter_keys`) lists them all.
+format); one scan of those counters and of the analytics' tallies lists them all.
 Usage is then read per user with :meth:`Guard.ausage`, so every figure is
 exactly what the guard enforces; a page reads at most ``page_size`` users' usage.
 """

@@ -3,8 +3,10 @@
 A :class:`Bookkeeper` reserves a plan (after the local spent-cache check), commits a
 call's actual cost or releases it, all under the ``on_storage_error`` policy; it refuses
 over-budget calls (``budget_exceeded``), remembers spent counters, and writes the
-threshold events (``budget_warning``, ``budget_overrun``) and the ``genai_call`` line.
-The guard plans; reservations and manual events go through the bookkeeper to settle.
+threshold events (``budget_warning``, ``budget_overrun``) and the ``genai_call`` line
+(through :mod:`~payi_guard.engine.call_log`; prices from
+:mod:`~payi_guard.engine.charges`). The guard plans; reservations and manual events
+go through the bookkeeper to settle.
 
 Faults (its collaborators do the work): commits and releases that fail or whose reply
 was lost are retried with the same id until applied (:mod:`~payi_guard.engine.retry`),
@@ -27,9 +29,11 @@ from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
 from payi_guard.context import Attribution
 from payi_guard.engine.analytics import refused_tallies, settled_tallies
+from payi_guard.engine.call_log import BoundLog, CallLog
 from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.charges import charged_amounts
 from payi_guard.engine.detached import Detached
-from payi_guard.engine.observers import CallEnded, CallRefused, Observers
+from payi_guard.engine.observers import CallRefused, Observers
 from payi_guard.engine.plan import Counter, Plan, amounts_by_counter, limit_usage
 from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.engine.renewer import Renewer
@@ -46,7 +50,7 @@ from payi_guard.ledger.base import (
     StorageOutcomeUnknown,
 )
 from payi_guard.money import cost_usd, log_amount, parse_usd
-from payi_guard.pricing import Rates, TokenUsage, UnknownModel
+from payi_guard.pricing import TokenUsage
 
 __all__ = ["Bookkeeper"]
 
@@ -76,8 +80,9 @@ class Bookkeeper:
         self.clock = clock
         self._spent = spent
         self._config = config
-        self._log = events.get_logger()
+        self._log = BoundLog()
         self.observers = Observers()
+        self.calls = CallLog(self._log, self.observers)
         self._closer = Closer(storage, clock, self._close_failed)
         self.renewer = Renewer(storage, clock, lambda: self._config().reservation_ttl)
         self._detached = Detached()
@@ -305,8 +310,8 @@ class Bookkeeper:
 
     # -- settling ------------------------------------------------------------------------------
 
+    @staticmethod
     def amounts(
-        self,
         plan: Plan,
         usage: TokenUsage,
         *,
@@ -315,48 +320,11 @@ class Bookkeeper:
     ) -> tuple[list[int], int, bool]:
         """What ``usage`` adds to each counter, its cost, and whether it was priced.
 
-        ``usage`` is priced as ``response_model`` when that model has a price and the
-        requested model's price is not an override (:meth:`_rates_for`); each of
-        ``other_models`` at its own model's price (unpriced when it has none).
+        See :func:`~payi_guard.engine.charges.charged_amounts`.
         """
-        rates = self._rates_for(plan, response_model)
-        prices = plan.policy.prices
-        priced = rates is not None
-        cost = 0 if rates is None else prices.cost_with(rates, usage)
-        tokens = usage.total_tokens
-        for model, part in other_models:
-            tokens += part.total_tokens
-            try:
-                cost += prices.cost(
-                    model, plan.call.provider, part, price_context=plan.call.price_context
-                )
-            except UnknownModel:
-                priced = False
-        return amounts_by_counter(plan.counters, cost, tokens), cost, priced
-
-    @staticmethod
-    def _rates_for(plan: Plan, response_model: str | None) -> Rates | None:
-        """The rates a call is charged at.
-
-        Those of the model the response names, when it is another model with a price of
-        its own (not the unknown-model fallback), else the reservation's. A requested
-        model priced by an override keeps its override.
-        """
-        rates = plan.rates
-        call = plan.call
-        if not response_model or response_model == call.model:
-            return rates
-        if rates is not None and rates.source == "override":
-            return rates
-        try:
-            named = plan.policy.prices.rates(
-                response_model, call.provider, price_context=call.price_context
-            )
-        except UnknownModel:
-            return rates
-        if named.source == "unknown_model" and rates is not None:
-            return rates
-        return named
+        return charged_amounts(
+            plan, usage, response_model=response_model, other_models=other_models
+        )
 
     @staticmethod
     def reserved_amounts(plan: Plan) -> list[int]:
@@ -418,7 +386,7 @@ class Bookkeeper:
             self.after_commit(plan, record, states, amounts)
 
         def abandoned(unknown: bool) -> None:
-            self._log_call(plan, record, ledger="unknown" if unknown else "failed")
+            self.calls.call(plan, record, ledger="unknown" if unknown else "failed")
 
         charges = None if amounts is None else self._actual_charges(plan, amounts)
         return Closing(
@@ -532,100 +500,6 @@ class Bookkeeper:
         """Log what a commit (or release) caused: thresholds crossed, the call itself."""
         if states and amounts is not None:
             for counter, state, amount in zip(plan.counters, states, amounts, strict=True):
-                self._threshold_events(plan, counter, state, amount)
+                self.calls.thresholds(plan, counter, state, amount)
                 self._remember_spent(counter, state)
-        self._log_call(plan, record)
-
-    def _threshold_events(
-        self, plan: Plan, counter: Counter, state: CounterState, amount: int
-    ) -> None:
-        after = state.settled
-        before = after - amount
-        if amount <= 0:
-            return
-        for bound in counter.limits:
-            spec = bound.spec
-            if spec.warn_at is not None:
-                threshold_num = spec.max * spec.warn_at.numerator
-                den = spec.warn_at.denominator
-                # The one commit that moves the settled total across the threshold logs
-                # it; settled totals only grow, so that is once per window, fleet-wide.
-                if before * den < threshold_num <= after * den:
-                    self._threshold_log(events.BUDGET_WARNING, plan, bound, counter, after)
-            if before <= spec.max < after:
-                self._threshold_log(events.BUDGET_OVERRUN, plan, bound, counter, after)
-
-    def _threshold_log(
-        self, event: str, plan: Plan, bound: BoundLimit, counter: Counter, used: int
-    ) -> None:
-        spec = bound.spec
-        self._log.warning(
-            event,
-            user_id=plan.subject.user_id,
-            org_id=plan.subject.org_id,
-            limit=spec.name,
-            scope=bound.scope,
-            unit=spec.unit,
-            type=spec.type,
-            used=log_amount(spec.unit, used),
-            max=log_amount(spec.unit, spec.max),
-            resets_at=counter.window.resets_at.isoformat(),
-            request_id=plan.attribution.request_id,
-        )
-
-    def _log_call(self, plan: Plan, record: CallRecord, *, ledger: str | None = None) -> None:
-        """Log ``genai_call``.
-
-        ``ledger`` is set when the commit was given up: ``failed`` (it was not applied)
-        or ``unknown`` (an attempt may have been).
-        """
-        usage = record.usage
-        attribution = plan.attribution
-        fields: dict[str, Any] = {
-            "user_id": record.user_id,
-            "org_id": record.org_id,
-            "account_name": attribution.account_name,
-            "use_case_name": attribution.use_case_name,
-            "limit_ids": list(attribution.limit_ids),
-            "model": record.model,
-            "provider": record.provider,
-            "endpoint": plan.call.endpoint,
-            "input_tokens": usage.input_tokens if usage else 0,
-            "output_tokens": usage.output_tokens if usage else 0,
-            "cache_read_tokens": usage.cache_read_tokens if usage else 0,
-            "cache_write_tokens": usage.cache_write_tokens if usage else 0,
-            "cost_usd": cost_usd(record.cost_nano),
-            "reserved_usd": cost_usd(record.reserved_nano),
-            "latency_ms": record.latency_ms,
-            "stream": record.stream,
-            "outcome": record.outcome,
-            "request_id": attribution.request_id,
-        }
-        if record.response_model is not None:
-            fields["response_model"] = record.response_model
-        if usage is not None and usage.web_searches:
-            fields["web_searches"] = usage.web_searches
-        if usage is not None and usage.file_searches:
-            fields["file_searches"] = usage.file_searches
-        if record.other_models:
-            fields["other_models"] = [
-                {
-                    "model": model,
-                    "input_tokens": part.input_tokens,
-                    "output_tokens": part.output_tokens,
-                    "cache_read_tokens": part.cache_read_tokens,
-                    "cache_write_tokens": part.cache_write_tokens + part.cache_write_1h_tokens,
-                }
-                for model, part in record.other_models
-            ]
-        if attribution.use_case_id is not None:
-            fields["use_case_id"] = attribution.use_case_id
-        if not record.priced:
-            fields["priced"] = False
-        if ledger is not None:
-            fields["ledger"] = ledger
-        if record.cost_nano > record.reserved_nano and record.outcome != "recorded":
-            fields["under_estimated_usd"] = cost_usd(record.cost_nano - record.reserved_nano)
-        self._log.info(events.GENAI_CALL, **fields)
-        if self.observers:
-            self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))
+        self.calls.call(plan, record)

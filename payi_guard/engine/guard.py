@@ -39,9 +39,9 @@ from payi_guard.engine.watch import Watching
 from payi_guard.exceptions import ConfigError
 from payi_guard.identity import Pseudonymizer, normalize_user_id
 from payi_guard.ledger.base import AsyncLedger, Ledger
-from payi_guard.ledger.keys import CounterKey, check_prefix
+from payi_guard.ledger.keys import check_prefix
 from payi_guard.pricing import TokenUsage
-from payi_guard.usage import BudgetAdjustment, LimitUsage, Scope
+from payi_guard.usage import BudgetAdjustment, LimitUsage
 
 __all__ = ["Guard"]
 
@@ -303,19 +303,6 @@ class Guard:
     ) -> list[LimitUsage]:
         """Async :meth:`usage`."""
         return await self._views.ausage(self._parts.user(user_id), limit_ids, tier)
-
-    async def acounter_keys(
-        self, scopes: Sequence[Scope], *, limit: int
-    ) -> tuple[list[CounterKey], bool]:
-        """The counters in storage whose owners have one of ``scopes``, parsed.
-
-        Reads at most ``limit`` keys (one ``SCAN`` pass on Redis); the flag is True when
-        that cap was reached, so some counters may be missing.
-
-        Raises:
-            StorageError: the storage could not be scanned.
-        """
-        return await self._views.acounter_keys(scopes, limit)
 
     def exhausted_limit(
         self, attribution: Attribution | None = None, *, read_storage: bool = False

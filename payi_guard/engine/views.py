@@ -19,9 +19,8 @@ from payi_guard.engine.parts import Parts
 from payi_guard.engine.plan import Counter, Plan, blocking, usages_of
 from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.exceptions import UnknownModelRefused
-from payi_guard.ledger.keys import CounterKey, owners_glob, parse_key
 from payi_guard.pricing import TokenUsage
-from payi_guard.usage import LimitUsage, Scope
+from payi_guard.usage import LimitUsage
 
 __all__ = ["Planning", "Views"]
 
@@ -170,13 +169,3 @@ class Views:
         keys = [c.key for c in counters]
         states = await parts.storage.async_ledger.read(keys, now=parts.clock.now())
         return blocking(usages_of(bound, counters, states))
-
-    async def acounter_keys(
-        self, scopes: Sequence[Scope], limit: int
-    ) -> tuple[list[CounterKey], bool]:
-        """The stored counters of owners in ``scopes`` (at most ``limit``), parsed."""
-        parts = self._parts
-        glob = owners_glob(parts.key_prefix, scopes)
-        keys = await parts.storage.async_ledger.scan(glob, now=parts.clock.now(), limit=limit)
-        parsed = (parse_key(parts.key_prefix, key) for key in keys)
-        return [key for key in parsed if key is not None], len(keys) >= limit

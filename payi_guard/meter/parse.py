@@ -26,6 +26,11 @@ from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import unquote
 
+from payi_guard.meter.request_body import (
+    encode_body,
+    inject_include_usage,
+    with_include_usage,
+)
 from payi_guard.meter.tokens import EndpointKind, request_output_cap
 from payi_guard.pricing import TokenUsage
 
@@ -43,6 +48,7 @@ __all__ = [
     "responses_usage",
     "responses_web_searches",
     "usage_from_response",
+    "with_include_usage",
 ]
 
 
@@ -118,6 +124,24 @@ def classify(method: str, path: str, host: str | None = None) -> Endpoint | None
     Returns:
         The :class:`Endpoint`, or ``None`` for traffic that is not metered.
     """
+    key = (method, path, host)
+    try:
+        return _classified[key]
+    except KeyError:
+        pass
+    endpoint = _classify(method, path, host)
+    if len(_classified) >= _CLASSIFIED_SIZE:
+        _classified.clear()  # bounded; the few paths an app calls come back at once
+    _classified[key] = endpoint
+    return endpoint
+
+
+# Endpoints are immutable, so one per (method, path, host) is shared by every call.
+_CLASSIFIED_SIZE: Final = 1024
+_classified: dict[tuple[str, str, str | None], Endpoint | None] = {}
+
+
+def _classify(method: str, path: str, host: str | None) -> Endpoint | None:
     if method.upper() != "POST":
         return None
     segments = [s for s in path.split("?", 1)[0].split("#", 1)[0].split("/") if s]
@@ -224,38 +248,6 @@ class RequestInfo:
 def _is_json_type(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
-
-
-def inject_include_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Ask a chat or legacy completions stream to end with its usage chunk.
-
-    Sets ``stream_options.include_usage`` to true on a streaming body. The body passed in
-    is never mutated. An explicit ``include_usage: false`` is overridden too: the chunk
-    it brings is dropped again before the client sees it, so the client's view is the
-    same either way.
-
-    Args:
-        body: the parsed request body.
-
-    Returns:
-        ``(body, added)``: the body to send, and whether the guard added the option (in
-        which case the usage-only chunk must be dropped from what the client sees). A
-        body that does not stream, already asks for usage, or has a ``stream_options``
-        that is not an object is returned as is with ``False``.
-    """
-    if body.get("stream") is not True:
-        return body, False
-    options = body.get("stream_options")
-    if options is None:
-        options = {}
-    elif not isinstance(options, dict) or options.get("include_usage") is True:
-        return body, False
-    return {**body, "stream_options": {**options, "include_usage": True}}, True
-
-
-def encode_body(body: Mapping[str, Any]) -> bytes:
-    """Serialise a request body to compact UTF-8 JSON (for a body the guard changed)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ price; :mod:`payi_guard.pricing` never sees a request body.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -108,6 +109,7 @@ _IMAGE_TOKEN_BOUNDS: tuple[tuple[str, int], ...] = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def image_token_bound(model: str) -> int:
     """Tokens counted per image part for ``model`` (longest matching name prefix).
 
@@ -217,7 +219,9 @@ class _Tally:
         """Walk ``obj``: strings are text; images and files by reference are counted."""
         if isinstance(obj, str):
             self.text.append(obj)
-        elif isinstance(obj, Mapping):
+        elif type(obj) is dict or (type(obj) is not list and isinstance(obj, Mapping)):
+            # A parsed body is plain dicts and lists: ``type`` first, the (slower) ABC
+            # check only for other mappings.
             kind = obj.get("type")
             if kind in _IMAGE_TYPES or (kind is None and "image_url" in obj):
                 self.images += 1
@@ -234,8 +238,9 @@ class _Tally:
                 self.add(value)
         elif isinstance(obj, list):
             self.exact += len(obj)
+            add = self.add
             for value in obj:
-                self.add(value)
+                add(value)
         elif obj is not None:
             self.text.append(str(obj))
 
@@ -455,8 +460,15 @@ def model_output_cap(model: str, default: int = DEFAULT_MAX_OUTPUT_TOKENS) -> in
 
     A provider prefix (``openai/``) is ignored and names compare case-insensitively.
     """
+    cap = _family_output_cap(model)
+    return default if cap is None else cap
+
+
+@functools.lru_cache(maxsize=1024)
+def _family_output_cap(model: str) -> int | None:
+    """The cap of the longest :data:`_OUTPUT_CAPS` prefix of ``model`` (memoised: hot path)."""
     name = model.rsplit("/", 1)[-1].lower()
-    best, best_len = default, -1
+    best, best_len = None, -1
     for prefix, cap in _OUTPUT_CAPS:
         if name.startswith(prefix) and len(prefix) > best_len:
             best, best_len = cap, len(prefix)

@@ -56,9 +56,9 @@ from payi_guard.meter.parse import (
     Endpoint,
     RequestInfo,
     classify,
-    encode_body,
     inject_include_usage,
     usage_from_response,
+    with_include_usage,
 )
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.refusal import refusal_response
@@ -181,7 +181,7 @@ class TransportMeter:
         if info.stream and endpoint.supports_include_usage and self.options.injects_for(url):
             new_body, added = inject_include_usage(body)
             if added:
-                send = encode_body(new_body)
+                send = with_include_usage(raw, body, new_body)
         estimate = estimate_request(body, kind, model, mode=self.options.estimate_mode)
         call = CallRequest(
             model=model,

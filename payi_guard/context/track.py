@@ -1,21 +1,7 @@
-"""Attribution context: who and what a GenAI call is charged to.
+"""``track_context`` and ``@track``: attribution layers, validated and nested.
 
-The API mirrors Pay-i's (``track_context``, ``@track``, the same keyword names) but the
-state lives in :mod:`contextvars`, never in thread-locals, so concurrent asyncio tasks and
-threads never see each other's user.
-
-Nesting rules for :func:`track_context` and :func:`track`:
-
-* ``None`` (or an omitted keyword) inherits the outer value;
-* ``""``, ``[]`` and ``{}`` clear it;
-* scalars: the inner value wins;
-* ``limit_ids``: the ordered union, outer ids first, no duplicates;
-* ``request_properties`` / ``use_case_properties``: merged, inner keys win.
-
-A web request adds one more layer, a mutable :class:`RequestScope` opened by the
-middleware (or :func:`request_scope`), that :func:`set_user` fills from anywhere inside
-the request, thread pools included. The user an explicit ``track_context(user_id=...)``
-names always wins over the request's user.
+Nesting rules: ``None`` inherits, ``""``/``[]``/``{}`` clear, scalars: the inner value
+wins, ``limit_ids``: the ordered union, properties: merged, inner keys win.
 """
 
 from __future__ import annotations
@@ -23,298 +9,25 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import threading
-from collections.abc import (
-    AsyncGenerator,
-    Callable,
-    Generator,
-    Mapping,
-    Sequence,
-)
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import MappingProxyType, TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
-from payi_guard.exceptions import NoRequestScope
-from payi_guard.identity import DEFAULT_MAX_LENGTH, normalize_user_id, org_of
-from payi_guard.threads import ContextThreadPoolExecutor, bind_context
+from payi_guard.context.scope import (
+    _EMPTY,
+    _SCALARS,
+    Attribution,
+    _Frame,
+    _frames,
+    get_context,
+)
+from payi_guard.identity import DEFAULT_MAX_LENGTH, normalize_user_id
 
-__all__ = [
-    "Attribution",
-    "ContextThreadPoolExecutor",
-    "RequestScope",
-    "bind_context",
-    "check_tier",
-    "current_request",
-    "get_context",
-    "request_scope",
-    "set_user",
-    "track",
-    "track_context",
-]
+__all__ = ["track", "track_context"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-_SCALARS = (
-    "user_id",
-    "account_name",
-    "use_case_name",
-    "use_case_id",
-    "use_case_version",
-    "use_case_step",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Attribution:
-    """An immutable snapshot of the attribution in effect.
-
-    Attributes:
-        user_id: the user charged, or ``None`` when nothing names one yet.
-        account_name: Pay-i account name.
-        use_case_name: Pay-i use case name.
-        use_case_id: Pay-i use case instance id.
-        use_case_version: Pay-i use case version.
-        use_case_step: Pay-i use case step.
-        limit_ids: extra named limits the call is charged to, in order.
-        request_properties: free-form properties of the request.
-        use_case_properties: free-form properties of the use case.
-        request_id: the id of the web request, when a request scope is open.
-        tier: the tier the request named for its user (:func:`set_user`'s ``tier``);
-            ``None`` when the user comes from ``track_context`` or no tier was named.
-    """
-
-    user_id: str | None = None
-    account_name: str | None = None
-    use_case_name: str | None = None
-    use_case_id: str | None = None
-    use_case_version: int | None = None
-    use_case_step: str | None = None
-    limit_ids: tuple[str, ...] = ()
-    request_properties: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-    use_case_properties: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-    request_id: str | None = None
-    tier: str | None = None
-
-    @property
-    def org_id(self) -> str | None:
-        """The org of a composite ``org:user`` id, else ``None``."""
-        return None if self.user_id is None else org_of(self.user_id)
-
-
-@dataclass(frozen=True, slots=True)
-class _Frame:
-    """What ``track_context`` layers hold.
-
-    The merged values, and whether the user was explicitly cleared (then the request's
-    user does not show through either).
-    """
-
-    attribution: Attribution
-    user_cleared: bool = False
-
-
-_ROOT = _Frame(Attribution())
-_frames: contextvars.ContextVar[_Frame] = contextvars.ContextVar(
-    "payi_guard_attribution", default=_ROOT
-)
-
-
-class RequestScope:
-    """The mutable per-request holder that middleware opens and :func:`set_user` fills.
-
-    One object is shared by everything that runs inside the request, including code that
-    runs in a thread pool on a copy of the request's context, so a user set there is seen
-    by the request afterwards.
-
-    Attributes:
-        user_id: the request's user, or ``None`` until something names one.
-        request_id: the request id (``X-Request-ID`` or generated).
-        source: what named the user (``"scope"``, ``"resolver"``, ``"set_user"``, ...).
-        tier: the user's tier named with it (``None``: the budgets file, ``tier_of`` or
-            ``default`` decide).
-        extra: free-form values an integration wants to keep for the request.
-    """
-
-    __slots__ = ("_lock", "_snapshot", "extra", "request_id", "source", "tier", "user_id")
-
-    def __init__(self, user_id: str | None = None, request_id: str | None = None) -> None:
-        self._lock = threading.Lock()
-        self.user_id = user_id
-        self.request_id = request_id
-        self.source: str | None = "initial" if user_id is not None else None
-        self.tier: str | None = None
-        self.extra: dict[str, Any] = {}
-        # (frame, user_id, request_id, tier, snapshot): get_context() is called on every
-        # GenAI call and gate, so the merged snapshot is reused while nothing changed.
-        self._snapshot: tuple[object, str | None, str | None, str | None, Attribution] | None = None
-
-    def set_user(
-        self, user_id: object, *, source: str = "set_user", tier: str | None = None
-    ) -> str:
-        """Validate and store the request's user (and tier); return the normalised id.
-
-        Raises:
-            InvalidUserId: the id is not valid.
-            TypeError: ``tier`` is neither a string nor ``None``.
-        """
-        normalized = normalize_user_id(user_id)
-        checked = check_tier(tier)
-        with self._lock:
-            self.user_id = normalized
-            self.tier = checked
-            self.source = source
-        return normalized
-
-    def __repr__(self) -> str:
-        return f"RequestScope(user_id={self.user_id!r}, request_id={self.request_id!r})"
-
-
-_request: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar(
-    "payi_guard_request", default=None
-)
-
-
-def current_request() -> RequestScope | None:
-    """Return the open :class:`RequestScope`, or ``None`` outside a request."""
-    return _request.get()
-
-
-class request_scope:
-    """Open a request scope (the middleware does this for every request).
-
-    Use it directly in workers, CLI jobs or tests that are not web requests but still
-    want :func:`set_user` to work::
-
-        with request_scope(request_id="job-42") as scope:
-            set_user("acme:alice")
-
-    Args:
-        user_id: the initial user, if already known.
-        request_id: an id to correlate log lines of this unit of work.
-
-    Raises:
-        InvalidUserId: ``user_id`` is not a valid user id.
-    """
-
-    __slots__ = ("_scope", "_token")
-
-    def __init__(self, user_id: object = None, *, request_id: str | None = None) -> None:
-        scope = RequestScope(request_id=request_id)
-        if user_id is not None:
-            scope.set_user(user_id, source="initial")
-        self._scope = scope
-        self._token: contextvars.Token[RequestScope | None] | None = None
-
-    def __enter__(self) -> RequestScope:
-        if self._token is not None:
-            raise RuntimeError("a request_scope is entered once; open a new one instead")
-        self._token = _request.set(self._scope)
-        return self._scope
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._token is not None:
-            _request.reset(self._token)
-
-
-def check_tier(tier: object) -> str | None:
-    """Return ``tier`` if it can name a tier: a string (``""`` is no tier) or ``None``.
-
-    Whether the budgets file defines it is decided when limits are resolved (an unknown
-    tier is logged and gets ``default``).
-
-    Raises:
-        TypeError: anything else (a tier is a name, never a list of limits).
-    """
-    if tier is None or tier == "":
-        return None
-    if isinstance(tier, str):
-        return tier
-    raise TypeError(
-        f"a tier is the name of a tier under `tiers:` (a non-empty str) or None, "
-        f"not {type(tier).__name__}"
-    )
-
-
-def set_user(user_id: object, *, tier: str | None = None) -> str:
-    """Set the user of the current request (and their tier) from anywhere inside it.
-
-    Works from async code, from sync code the framework runs in a thread pool (a sync
-    FastAPI dependency) and from threads started with :func:`bind_context`.
-
-    Args:
-        user_id: the authenticated user (``str``, ``int`` or ``UUID``).
-        tier: the user's plan, a tier under ``tiers:`` in the budgets file (from the
-            app's own database, say). A user listed under ``users:`` keeps that entry;
-            an unknown tier is logged and gets ``default``. Each call replaces both the
-            user and the tier.
-
-    Returns:
-        The normalised user id.
-
-    Raises:
-        InvalidUserId: the id is not valid.
-        TypeError: ``tier`` is neither a string nor ``None``.
-        NoRequestScope: no request scope is open (add the middleware, or wrap the work in
-            :func:`request_scope`; outside requests use :func:`track_context`).
-    """
-    scope = _request.get()
-    if scope is None:
-        raise NoRequestScope(
-            "set_user() needs an open request scope: add GuardMiddleware / "
-            "WSGIGuardMiddleware to the app, or wrap the work in "
-            "payi_guard.context.request_scope(); outside a request use "
-            "track_context(user_id=...)"
-        )
-    return scope.set_user(user_id, tier=tier)
-
-
-def get_context() -> Attribution:
-    """Return an immutable snapshot of the attribution in effect here.
-
-    The user is the innermost ``track_context``/``@track`` user, else the request's user
-    (middleware or :func:`set_user`), else ``None``. The request's tier comes along only
-    with the request's user: a ``track_context`` user never inherits it.
-    """
-    frame = _frames.get()
-    attribution = frame.attribution
-    scope = _request.get()
-    if scope is None:
-        return attribution
-    user_id, request_id, tier = scope.user_id, scope.request_id, scope.tier
-    cached = scope._snapshot
-    if (
-        cached is not None
-        and cached[0] is frame
-        and cached[1] == user_id
-        and cached[2] == request_id
-        and cached[3] == tier
-    ):
-        return cached[4]
-    if frame is _ROOT:
-        # The common case in a request (no track_context): build directly, ~2x faster
-        # than dataclasses.replace.
-        snapshot = Attribution(
-            user_id=user_id, request_id=request_id, tier=tier if user_id is not None else None
-        )
-    else:
-        updates: dict[str, Any] = {}
-        if attribution.user_id is None and not frame.user_cleared and user_id is not None:
-            updates["user_id"] = user_id
-            updates["tier"] = tier
-        if request_id is not None:
-            updates["request_id"] = request_id
-        snapshot = replace(attribution, **updates) if updates else attribution
-    scope._snapshot = (frame, user_id, request_id, tier, snapshot)
-    return snapshot
 
 
 def _normalize_limit_ids(value: object) -> tuple[str, ...]:

@@ -1,10 +1,9 @@
-"""Server-sent event streams: decoded event by event, their usage tracked, bytes kept.
+"""Stream usage: what a metered stream's events report, and which bytes go on.
 
-A metered stream goes through a :class:`StreamMeter`: an incremental :class:`SSEDecoder`
-that keeps every event's raw bytes, and a :class:`StreamUsageTracker` that reads usage
-from the events (with the usage parsers of :mod:`payi_guard.meter.parse`) and says which
-events to forward. The client receives the original bytes unchanged, minus only the
-usage-only chunk the guard itself caused. Nothing here does I/O.
+A :class:`StreamUsageTracker` reads usage from the events an
+:class:`~payi_guard.meter.sse.decoder.SSEDecoder` yields (with the usage parsers of
+:mod:`payi_guard.meter.parse`) and says which events to forward; a
+:class:`StreamMeter` puts the two together.
 """
 
 from __future__ import annotations
@@ -25,12 +24,11 @@ from payi_guard.meter.parse import (
     responses_usage,
     responses_web_searches,
 )
+from payi_guard.meter.sse.decoder import SSEDecoder, SSEEvent
 
 __all__ = [
     "ESTIMATE_BYTES_PER_TOKEN",
     "ESTIMATE_MARGIN_TOKENS",
-    "SSEDecoder",
-    "SSEEvent",
     "StreamError",
     "StreamMeter",
     "StreamUsageTracker",
@@ -50,180 +48,6 @@ ESTIMATE_MARGIN_TOKENS: Final = 16
 They cover what was generated but never delivered when a stream was cut (tokens in
 flight, stop tokens) and output that carries no text, such as message framing.
 """
-
-
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
-    r"""One block of a server-sent event stream, with the exact bytes it came from.
-
-    A block ends at a blank line. Blocks that dispatch nothing (a ``: ping`` comment, a
-    stray blank line) are events too, with ``has_data`` false, so that writing every
-    kept event's ``raw`` reproduces the stream byte for byte.
-
-    Attributes:
-        raw: the block's bytes, line terminators and the ending blank line included.
-        event: the ``event:`` field, or ``None``.
-        data: the ``data:`` lines joined with ``\n``.
-        id: the last event id seen so far in the stream (it persists, per the spec).
-        retry: the ``retry:`` field, if any.
-        has_data: whether the block had at least one ``data:`` line (only those are
-            dispatched to a client).
-        complete: false only for the trailing bytes of a stream that ended without a
-            blank line (returned by :meth:`SSEDecoder.finish`).
-    """
-
-    raw: bytes
-    event: str | None = None
-    data: str = ""
-    id: str | None = None
-    retry: int | None = None
-    has_data: bool = False
-    complete: bool = True
-
-    def json(self) -> Any:
-        """Parse ``data`` as JSON (raises ``ValueError`` when it is not JSON)."""
-        return json.loads(self.data)
-
-
-_LINE_END = re.compile(rb"[\r\n]")
-_BOM: Final = "\ufeff"
-
-
-class SSEDecoder:
-    r"""An incremental server-sent events parser that keeps each event's raw bytes.
-
-    Feed it bytes split anywhere (inside a UTF-8 sequence, between ``\r`` and ``\n``):
-    the events are the same whatever the split. Lines end at ``\r\n``, ``\n`` or
-    ``\r`` (WHATWG SSE). A chunk that ends in ``\r`` keeps that line open until the
-    next byte shows whether a ``\n`` follows; this only delays streams that use bare
-    ``\r`` line ends. Bytes are held only until their block ends.
-
-    Example::
-
-        decoder = SSEDecoder()
-        for chunk in response.iter_raw():
-            for event in decoder.feed(chunk):
-                out.write(event.raw)
-        for event in decoder.finish():
-            out.write(event.raw)
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._scan = 0  # bytes of _buf before this offset are parsed lines of the block
-        self._first_line = True
-        self._last_id: str | None = None
-        self._event: str | None = None
-        self._data: list[str] = []
-        self._retry: int | None = None
-
-    def _reset_stream(self) -> None:
-        self._buf = bytearray()
-        self._scan = 0
-        self._first_line = True
-        self._last_id = None
-        self._reset_block()
-
-    def _reset_block(self) -> None:
-        self._event = None
-        self._data = []
-        self._retry = None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned in an event."""
-        return len(self._buf)
-
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
-        """Add bytes and return the events they complete, in order."""
-        if not chunk:
-            return []
-        self._buf += chunk
-        return self._drain(final=False)
-
-    def finish(self) -> list[SSEEvent]:
-        """End the stream: return the last events, then reset the decoder.
-
-        Trailing bytes that no blank line ended come back as one event with
-        ``complete=False`` (a client does not dispatch it, but its bytes still belong to
-        the stream).
-        """
-        events = self._drain(final=True)
-        if self._buf:
-            if self._scan < len(self._buf):
-                self._parse_line(bytes(self._buf[self._scan :]))
-            events.append(self._make_event(bytes(self._buf), complete=False))
-        self._reset_stream()
-        return events
-
-    def _drain(self, *, final: bool) -> list[SSEEvent]:
-        buf = self._buf
-        events: list[SSEEvent] = []
-        start = 0  # where the current block begins
-        scan = self._scan
-        while True:
-            match = _LINE_END.search(buf, scan)
-            if match is None:
-                break
-            end = match.start()
-            width = 1
-            if buf[end] == 0x0D:
-                if end + 1 < len(buf):
-                    width = 2 if buf[end + 1] == 0x0A else 1
-                elif not final:
-                    break  # a "\n" may follow in the next chunk: decide then
-            line = bytes(buf[scan:end])
-            scan = end + width
-            if self._parse_line(line):
-                events.append(self._make_event(bytes(buf[start:scan]), complete=True))
-                start = scan
-        if start:
-            del buf[:start]
-        self._scan = scan - start
-        return events
-
-    def _parse_line(self, raw_line: bytes) -> bool:
-        """Apply one line to the current block; True when it is the blank line ending it."""
-        line = raw_line.decode("utf-8", errors="replace")
-        if self._first_line:
-            self._first_line = False
-            if line.startswith(_BOM):
-                line = line[1:]
-        if not line:
-            return True
-        if line.startswith(":"):
-            return False
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id":
-            if "\0" not in value:
-                self._last_id = value
-        elif name == "retry" and value.isdigit():
-            self._retry = int(value)
-        return False
-
-    def _make_event(self, raw: bytes, *, complete: bool) -> SSEEvent:
-        event = SSEEvent(
-            raw=raw,
-            event=self._event or None,
-            data="\n".join(self._data),
-            id=self._last_id,
-            retry=self._retry,
-            has_data=bool(self._data),
-            complete=complete,
-        )
-        self._reset_block()
-        return event
-
-
-# ---------------------------------------------------------------------------------------
-# Stream usage
-# ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +74,9 @@ _ANTHROPIC_DELTA_TEXT_KEYS: Final = ("text", "partial_json", "thinking")
 
 # Chat / legacy completions delta keys that carry generated output. ``reasoning_content``
 # and ``reasoning`` are sent by OpenAI-compatible servers for reasoning models.
-_CHAT_DELTA_TEXT_KEYS: Final = ("content", "refusal", "reasoning_content", "reasoning", "text")
+_CHAT_DELTA_TEXT_KEYS: Final = frozenset(
+    {"content", "refusal", "reasoning_content", "reasoning", "text"}
+)
 
 
 class StreamUsageTracker:
@@ -288,10 +114,12 @@ class StreamUsageTracker:
         a terminal Responses event)."""
         self.errors: list[StreamError] = []
         """Errors the provider reported inside the stream."""
-        self.output_bytes = 0
-        """UTF-8 bytes of generated text, reasoning and tool arguments received."""
-        self.output_deltas = 0
-        """Number of deltas that carried generated output."""
+        self._output_bytes = 0
+        self._output_deltas = 0
+        # Chat chunks that can only add to the output counts, kept unparsed until the
+        # counts are read (a stream that ends with its usage never needs them).
+        self._deferred: list[str] = []
+        self._deferred_size = 0
         self.events = 0
         """Number of events with data observed."""
         self.dropped = 0
@@ -303,6 +131,20 @@ class StreamUsageTracker:
         self._usage: ParsedUsage | None = None
         self._anthropic: dict[str, Any] = {}
         self._input_reported = False
+
+    @property
+    def output_bytes(self) -> int:
+        """UTF-8 bytes of generated text, reasoning and tool arguments received."""
+        if self._deferred:
+            self._count_deferred()
+        return self._output_bytes
+
+    @property
+    def output_deltas(self) -> int:
+        """Number of deltas that carried generated output."""
+        if self._deferred:
+            self._count_deferred()
+        return self._output_deltas
 
     # -- feeding ------------------------------------------------------------------------
 
@@ -316,31 +158,73 @@ class StreamUsageTracker:
             True if the event's bytes go to the client; false only for the usage-only
             chunk the guard caused with ``include_usage``.
         """
-        self.strip_usage = ""
         if not event.has_data:
+            self.strip_usage = ""
             return True
+        return self.observe_data(event.data, event.event)
+
+    def observe_data(self, data: str, event_name: str | None = None) -> bool:
+        """:meth:`observe` for an event with data, given its ``data`` and ``event`` fields."""
+        self.strip_usage = ""
         self.events += 1
-        data = event.data
-        if data.strip() == "[DONE]":
+        if data[:1] != "{" and data.strip() == "[DONE]":
             self.finished = True
             return True
+        if self.endpoint.kind in _CHAT_KINDS and self._only_counts(data):
+            self._defer(data)
+            return True
         try:
-            obj = json.loads(data)
+            obj = _json_object(data)
         except ValueError:
             return True
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             return True
         kind = self.endpoint.kind
         if kind == "anthropic_messages":
-            self._observe_anthropic(event.event, obj)
+            self._observe_anthropic(event_name, obj)
             return True
         if kind == "responses":
-            self._observe_responses(event.event, obj)
+            self._observe_responses(event_name, obj)
             return True
         forward = self._observe_chat(obj)
         if not forward:
             self.dropped += 1
         return forward
+
+    def _only_counts(self, data: str) -> bool:
+        """Whether a chat chunk can change nothing but the output counts.
+
+        A byte scan: no ``usage``, ``error`` or non-null ``finish_reason`` member, and
+        nothing about the model or id still to learn. A quote inside a JSON string is
+        escaped, so a quoted name found here is a key or a whole string value; either
+        way the chunk is then parsed at once (a value only costs the parse). A unicode
+        escape could spell a key, so such a chunk is parsed at once too.
+        """
+        return (
+            "\\u" not in data
+            and '"usage"' not in data
+            and '"error"' not in data
+            and data.count('"finish_reason"') == data.count('"finish_reason":null')
+            and (self.model is not None or '"model"' not in data)
+            and (self.response_id is not None or '"id"' not in data)
+        )
+
+    def _defer(self, data: str) -> None:
+        self._deferred.append(data)
+        self._deferred_size += len(data)
+        if self._deferred_size > _DEFERRED_LIMIT:
+            self._count_deferred()  # bounded memory: a long stream is counted as it goes
+
+    def _count_deferred(self) -> None:
+        """Parse the deferred chunks and add their output (counts add up in any order)."""
+        deferred, self._deferred, self._deferred_size = self._deferred, [], 0
+        for data in deferred:
+            try:
+                obj = _json_object(data)
+            except ValueError:
+                continue
+            if type(obj) is dict:
+                self._observe_chat(obj)
 
     def _observe_chat(self, obj: dict[str, Any]) -> bool:
         error = obj.get("error")
@@ -348,15 +232,16 @@ class StreamUsageTracker:
             # Some servers end a failed stream with one chunk carrying the error and the
             # usage billed so far: both count.
             self._add_openai_error(error)
-        self._note_identity(obj.get("model"), obj.get("id"))
+        if self.model is None or self.response_id is None:
+            self._note_identity(obj.get("model"), obj.get("id"))
         usage = obj.get("usage")
         if isinstance(usage, Mapping):
             self._usage = openai_usage(usage)
             self._input_reported = True
         choices = obj.get("choices")
-        if isinstance(choices, list):
+        if type(choices) is list:
             for choice in choices:
-                if isinstance(choice, Mapping):
+                if type(choice) is dict:
                     self._count_chat_choice(choice)
         if not self.added_include_usage or "usage" not in obj:
             return True
@@ -371,24 +256,28 @@ class StreamUsageTracker:
             self.strip_usage = "value"
         return True
 
-    def _count_chat_choice(self, choice: Mapping[str, Any]) -> None:
+    def _count_chat_choice(self, choice: dict[str, Any]) -> None:
         finish = choice.get("finish_reason")
-        if isinstance(finish, str):
+        if type(finish) is str:
             self.status = finish
         delta = choice.get("delta")
-        if not isinstance(delta, Mapping):
+        if type(delta) is not dict:
             delta = choice  # legacy completions put ``text`` on the choice itself
-        for key in _CHAT_DELTA_TEXT_KEYS:
-            self._count_text(delta.get(key))
-        tool_calls = delta.get("tool_calls")
-        if isinstance(tool_calls, list):
-            for call in tool_calls:
-                function = call.get("function") if isinstance(call, Mapping) else None
-                if isinstance(function, Mapping):
-                    self._count_text(function.get("arguments"))
-        function_call = delta.get("function_call")
-        if isinstance(function_call, Mapping):
-            self._count_text(function_call.get("arguments"))
+        # One pass over the delta's own members (usually one or two), not a lookup of
+        # every key that may carry output.
+        for key, value in delta.items():
+            if key in _CHAT_DELTA_TEXT_KEYS:
+                if type(value) is str and value:
+                    self._output_bytes += len(value.encode("utf-8"))
+                    self._output_deltas += 1
+            elif key == "tool_calls":
+                if type(value) is list:
+                    for call in value:
+                        function = call.get("function") if type(call) is dict else None
+                        if isinstance(function, Mapping):
+                            self._count_text(function.get("arguments"))
+            elif key == "function_call" and isinstance(value, Mapping):
+                self._count_text(value.get("arguments"))
 
     def _observe_responses(self, event_name: str | None, obj: dict[str, Any]) -> None:
         kind = obj.get("type") if isinstance(obj.get("type"), str) else event_name
@@ -474,8 +363,8 @@ class StreamUsageTracker:
 
     def _count_text(self, value: object) -> None:
         if isinstance(value, str) and value:
-            self.output_bytes += len(value.encode("utf-8"))
-            self.output_deltas += 1
+            self._output_bytes += len(value.encode("utf-8"))
+            self._output_deltas += 1
 
     # -- results ------------------------------------------------------------------------
 
@@ -539,6 +428,28 @@ class StreamUsageTracker:
         )
 
 
+_DECODER: Final = json.JSONDecoder()
+_CHAT_KINDS: Final = frozenset({"chat", "completions"})
+_DEFERRED_LIMIT: Final = 256 * 1024
+"""Characters of deferred chat chunks held before they are counted anyway."""
+
+
+def _json_object(data: str) -> Any:
+    """``json.loads(data)``, minus two whitespace scans for data that starts with ``{``.
+
+    Anything else (leading or trailing whitespace, extra data, errors) is left to
+    ``json.loads``, so the result and the errors are the same.
+    """
+    if data[:1] == "{":
+        try:
+            obj, end = _DECODER.raw_decode(data)
+        except ValueError:
+            return json.loads(data)
+        if end == len(data):
+            return obj
+    return json.loads(data)
+
+
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -561,7 +472,35 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Parse ``chunk``; return the bytes of the completed events to forward."""
-        return self._forward(self.decoder.feed(chunk))
+        blocks = self.decoder.data_blocks(chunk)
+        if blocks is None:
+            return self._forward(self.decoder.feed(chunk))
+        # Whole one-line data events (what providers send): no event objects, and the
+        # chunk itself goes on when no event in it is dropped or changed.
+        tracker = self.tracker
+        changed: list[bytes | None] | None = None
+        for index, block in enumerate(blocks):
+            value = block[6:] if block[5:6] == b" " else block[5:]
+            data = value.decode("utf-8", errors="replace")
+            forward = tracker.observe_data(data)
+            strip = tracker.strip_usage
+            if forward and not strip:
+                if changed is not None:
+                    changed.append(None)
+                continue
+            if changed is None:
+                changed = [None] * index
+            if not forward:
+                changed.append(b"")
+            else:
+                event = SSEEvent(raw=block + b"\n\n", data=data, has_data=True)
+                changed.append(without_usage_member(event, null=strip == "null"))
+        if changed is None:
+            return chunk
+        return b"".join(
+            block + b"\n\n" if out is None else out
+            for block, out in zip(blocks, changed, strict=True)
+        )
 
     def finish(self) -> bytes:
         """End the stream; return the remaining bytes to forward."""

@@ -1,0 +1,185 @@
+"""The guard's log lines about settled calls: ``genai_call`` and the thresholds crossed.
+
+A :class:`CallLog` writes ``genai_call`` for every call settled (its fields are contract,
+see ``payi_guard.log``), ``budget_warning`` and ``budget_overrun`` for the commit that
+crossed a limit's threshold, and tells the observers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from payi_guard import log as events
+from payi_guard.engine.calls import CallRecord
+from payi_guard.engine.observers import CallEnded, Observers
+from payi_guard.engine.plan import Counter, Plan
+from payi_guard.engine.policy import BoundLimit
+from payi_guard.ledger.base import CounterState
+from payi_guard.money import cost_usd, log_amount
+
+__all__ = ["BoundLog", "CallLog"]
+
+
+class BoundLog:
+    """The library's structlog logger, bound once per structlog configuration.
+
+    ``structlog.get_logger()`` returns a lazy proxy that assembles a new bound logger
+    (and, with a ``WriteLoggerFactory``, a new output logger) on every call unless the
+    app set ``cache_logger_on_first_use``. This keeps the one assembled for the
+    configuration in effect and assembles again when ``structlog.configure`` changes
+    the processors, wrapper class, context class or logger factory (compared by
+    identity; a processor list changed in place is the same list, and is seen).
+    """
+
+    __slots__ = ("_bound", "_key")
+
+    def __init__(self) -> None:
+        self._key: tuple[object, object, object, object] | None = None
+        self._bound: Any = None
+
+    def current(self) -> Any:
+        """The bound logger for the structlog configuration in effect now."""
+        config = structlog.get_config()
+        processors = config["processors"]
+        wrapper = config["wrapper_class"]
+        context = config["context_class"]
+        factory = config["logger_factory"]
+        key = self._key
+        if (
+            key is None
+            or key[0] is not processors
+            or key[1] is not wrapper
+            or key[2] is not context
+            or key[3] is not factory
+        ):
+            self._bound = events.get_logger().bind()
+            self._key = (processors, wrapper, context, factory)
+        return self._bound
+
+    @staticmethod
+    def info_is_noop(bound: Any) -> bool:
+        """Whether ``bound.info`` does nothing at all: a filtering logger above INFO.
+
+        Only then may a caller skip building the fields (any other wrapper runs its
+        processors, which may have effects of their own, whatever the level).
+        """
+        method = getattr(type(bound), "info", None)
+        return getattr(method, "__name__", "") == "_nop"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.current(), name)
+
+
+class CallLog:
+    """Writes the log lines of settled calls and tells the observers.
+
+    Args:
+        log: the structlog logger.
+        observers: the observers told of every call that ended.
+    """
+
+    def __init__(self, log: BoundLog, observers: Observers) -> None:
+        self._log = log
+        self.observers = observers
+
+    def thresholds(self, plan: Plan, counter: Counter, state: CounterState, amount: int) -> None:
+        """Log the thresholds of ``counter``'s limits that adding ``amount`` crossed."""
+        after = state.settled
+        before = after - amount
+        if amount <= 0:
+            return
+        for bound in counter.limits:
+            spec = bound.spec
+            if spec.warn_at is not None:
+                threshold_num = spec.max * spec.warn_at.numerator
+                den = spec.warn_at.denominator
+                # The one commit that moves the settled total across the threshold logs
+                # it; settled totals only grow, so that is once per window, fleet-wide.
+                if before * den < threshold_num <= after * den:
+                    self._threshold_log(events.BUDGET_WARNING, plan, bound, counter, after)
+            if before <= spec.max < after:
+                self._threshold_log(events.BUDGET_OVERRUN, plan, bound, counter, after)
+
+    def _threshold_log(
+        self, event: str, plan: Plan, bound: BoundLimit, counter: Counter, used: int
+    ) -> None:
+        spec = bound.spec
+        self._log.warning(
+            event,
+            user_id=plan.subject.user_id,
+            org_id=plan.subject.org_id,
+            limit=spec.name,
+            scope=bound.scope,
+            unit=spec.unit,
+            type=spec.type,
+            used=log_amount(spec.unit, used),
+            max=log_amount(spec.unit, spec.max),
+            resets_at=counter.window.resets_at.isoformat(),
+            request_id=plan.attribution.request_id,
+        )
+
+    def call(self, plan: Plan, record: CallRecord, *, ledger: str | None = None) -> None:
+        """Log ``genai_call``.
+
+        ``ledger`` is set when the commit was given up: ``failed`` (it was not applied)
+        or ``unknown`` (an attempt may have been).
+        """
+        attribution = plan.attribution
+        log = self._log.current()
+        if not BoundLog.info_is_noop(log):
+            log.info(events.GENAI_CALL, **self._call_fields(plan, record, ledger))
+        if self.observers:
+            self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))
+
+    @staticmethod
+    def _call_fields(plan: Plan, record: CallRecord, ledger: str | None) -> dict[str, Any]:
+        usage = record.usage
+        attribution = plan.attribution
+        fields: dict[str, Any] = {
+            "user_id": record.user_id,
+            "org_id": record.org_id,
+            "account_name": attribution.account_name,
+            "use_case_name": attribution.use_case_name,
+            "limit_ids": list(attribution.limit_ids),
+            "model": record.model,
+            "provider": record.provider,
+            "endpoint": plan.call.endpoint,
+            "input_tokens": usage.input_tokens if usage else 0,
+            "output_tokens": usage.output_tokens if usage else 0,
+            "cache_read_tokens": usage.cache_read_tokens if usage else 0,
+            "cache_write_tokens": usage.cache_write_tokens if usage else 0,
+            "cost_usd": cost_usd(record.cost_nano),
+            "reserved_usd": cost_usd(record.reserved_nano),
+            "latency_ms": record.latency_ms,
+            "stream": record.stream,
+            "outcome": record.outcome,
+            "request_id": attribution.request_id,
+        }
+        if record.response_model is not None:
+            fields["response_model"] = record.response_model
+        if usage is not None and usage.web_searches:
+            fields["web_searches"] = usage.web_searches
+        if usage is not None and usage.file_searches:
+            fields["file_searches"] = usage.file_searches
+        if record.other_models:
+            fields["other_models"] = [
+                {
+                    "model": model,
+                    "input_tokens": part.input_tokens,
+                    "output_tokens": part.output_tokens,
+                    "cache_read_tokens": part.cache_read_tokens,
+                    "cache_write_tokens": part.cache_write_tokens + part.cache_write_1h_tokens,
+                }
+                for model, part in record.other_models
+            ]
+        if attribution.use_case_id is not None:
+            fields["use_case_id"] = attribution.use_case_id
+        if not record.priced:
+            fields["priced"] = False
+        if ledger is not None:
+            fields["ledger"] = ledger
+        if record.cost_nano > record.reserved_nano and record.outcome != "recorded":
+            fields["under_estimated_usd"] = cost_usd(record.cost_nano - record.reserved_nano)
+        return fields
