@@ -6,7 +6,7 @@ a user's counter (:class:`BudgetAdjustment`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
@@ -40,6 +40,8 @@ class LimitUsage:
             past ``warn_at``, else ``"ok"``.
         type: ``"block"`` (refuses calls) or ``"allow"`` (only logs overruns).
         counter: the owner of the counter (user id, org id, limit id or ``"*"``).
+        window_start: when the current calendar window began (timezone-aware UTC), when
+            known; not part of equality.
     """
 
     name: str
@@ -52,6 +54,7 @@ class LimitUsage:
     state: LimitState
     type: Literal["block", "allow"] = "block"
     counter: str = ""
+    window_start: datetime | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, object]:
         """Return a JSON-friendly dict (amounts as exact decimal strings, time as ISO 8601)."""

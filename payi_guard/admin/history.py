@@ -5,8 +5,10 @@ Routes (relative to the mount point):
 * ``GET /api/users/{user_id}/history?days=30``: ``days`` (one entry per UTC day, oldest
   first: ``date``, ``cost_usd``, ``calls``, ``input_tokens``, ``output_tokens``,
   ``refused``), ``by_model`` and ``by_use_case`` (``name``, ``cost_usd``, ``calls``, most
-  spent first), ``recent`` (the user's latest calls this process saw) and
-  ``adjustments`` (the operators' journal). Money is a decimal string. ``days`` is a
+  spent first), ``limits`` (each limit's current window, with its settled usage per
+  UTC day where the window is made of whole UTC days: :mod:`payi_guard.admin.windows`),
+  ``recent`` (the user's latest calls this process saw) and ``adjustments`` (the
+  operators' journal). Money is a decimal string. ``days`` is a
   whole number from 1 to :data:`MAX_DAYS` (else 400, problem+json).
 * ``GET /api/orgs/{org_id}/history?days=30``: the same figures for an org (no
   ``recent`` or ``adjustments``).
@@ -28,6 +30,7 @@ from payi_guard.admin.recent import RecentCalls
 from payi_guard.admin.responses import problem
 from payi_guard.admin.security import TokenAuth
 from payi_guard.admin.userpage import render_user_page
+from payi_guard.admin.windows import aread_windows, window_dict
 from payi_guard.engine import Guard
 from payi_guard.exceptions import InvalidUserId, StorageError
 from payi_guard.identity import normalize_user_id
@@ -151,6 +154,7 @@ class UserPages:
             user_id = _id(request, "user_id", "user")
             days = _days(request)
             history = await self._history("user", user_id, days)
+            windows = await aread_windows(self.guard, await self.guard.ausage(user_id))
             adjustments = await self.guard.aadjustments(user_id)
         except _Refusal as refusal:
             return refusal.response
@@ -160,6 +164,7 @@ class UserPages:
             {
                 "user_id": user_id,
                 **history_dict(history),
+                "limits": [window_dict(window) for window in windows],
                 "recent": [c.as_dict() for c in self.recent.for_user(user_id, _RECENT_SHOWN)],
                 "adjustments": [entry.as_dict() for entry in adjustments],
             }
@@ -185,7 +190,7 @@ class UserPages:
         try:
             user_id = _id(request, "user_id", "user")
             history = await self._history("user", user_id, DEFAULT_DAYS)
-            limits = await self.guard.ausage(user_id)
+            limits = await aread_windows(self.guard, await self.guard.ausage(user_id))
             adjustments = await self.guard.aadjustments(user_id)
         except _Refusal as refusal:
             return refusal.response

@@ -16,9 +16,9 @@ from decimal import Decimal
 from urllib.parse import quote
 
 from payi_guard.admin.recent import RecentCall
+from payi_guard.admin.windows import LimitWindow
 from payi_guard.ledger.analytics import History, NamedUsage
 from payi_guard.money import decimal_text, decimal_usd
-from payi_guard.usage import LimitUsage
 
 __all__ = ["render_user_page", "user_link"]
 
@@ -103,21 +103,53 @@ def _breakdown(title: str, css_id: str, items: Sequence[NamedUsage], empty_name:
     )
 
 
-def _limits(limits: Sequence[LimitUsage]) -> str:
-    rows = [
-        f'<tr class="{_e(limit.state)}"><td>{_e(limit.name)}</td><td>{_e(limit.scope)}</td>'
-        f'<td class="num">{_amount(limit.unit, limit.used)}</td>'
-        f'<td class="num">{_amount(limit.unit, limit.max)}</td>'
-        f'<td class="num">{_amount(limit.unit, limit.remaining)}</td>'
-        f'<td><span class="state {_e(limit.state)}">{_e(limit.state)}</span></td>'
-        f"<td>{_e(limit.resets_at.strftime('%Y-%m-%d %H:%M UTC'))}</td></tr>"
-        for limit in limits
-    ]
-    body = "".join(rows) or '<tr><td colspan="7" class="empty">No limit applies.</td></tr>'
+def _window_bars(window: LimitWindow) -> str:
+    """The window's days as small bars (a tooltip on each), or a dash without them."""
+    days = window.days
+    if days is None:
+        return '<span class="muted" title="no day-by-day history for this window">\u2014</span>'
+    unit = window.limit.unit
+    top = max((Decimal(value) for _, value in days), default=Decimal(0))
+    step = 120 / max(len(days), 1)
+    bars = []
+    for index, (date, value) in enumerate(days):
+        height = 0 if top == 0 else float(20 * Decimal(value) / top)
+        bars.append(
+            f'<rect class="bar" data-date="{date}" data-used="{decimal_text(Decimal(value))}" '
+            f'x="{index * step + step * 0.1:.1f}" y="{20 - height:.1f}" '
+            f'width="{step * 0.8:.1f}" height="{height:.1f}">'
+            f"<title>{date}: {_amount(unit, value)}</title></rect>"
+        )
+    return (
+        '<svg class="window" viewBox="0 0 120 20" preserveAspectRatio="none" height="20" '
+        f'width="120" role="img" aria-label="{len(days)} days of this window">'
+        + "".join(bars)
+        + "</svg>"
+    )
+
+
+def _limits(limits: Sequence[LimitWindow]) -> str:
+    rows = []
+    for window in limits:
+        limit = window.limit
+        start = limit.window_start
+        since = "" if start is None else start.strftime("%Y-%m-%d %H:%M")
+        rows.append(
+            f'<tr class="{_e(limit.state)}"><td>{_e(limit.name)}</td><td>{_e(limit.scope)}</td>'
+            f'<td class="num">{_amount(limit.unit, limit.used)}</td>'
+            f'<td class="num">{_amount(limit.unit, limit.max)}</td>'
+            f'<td class="num">{_amount(limit.unit, limit.remaining)}</td>'
+            f'<td><span class="state {_e(limit.state)}">{_e(limit.state)}</span></td>'
+            f"<td>{_e(since)}</td>"
+            f"<td>{_e(limit.resets_at.strftime('%Y-%m-%d %H:%M UTC'))}</td>"
+            f"<td>{_window_bars(window)}</td></tr>"
+        )
+    body = "".join(rows) or '<tr><td colspan="9" class="empty">No limit applies.</td></tr>'
     return (
         '<section class="panel"><h2>Limits, current windows</h2><table id="limits"><thead><tr>'
         '<th>Limit</th><th>Scope</th><th class="num">Used</th><th class="num">Max</th>'
-        '<th class="num">Remaining</th><th>State</th><th>Resets</th>'
+        '<th class="num">Remaining</th><th>State</th><th>Since</th><th>Resets</th>'
+        '<th title="settled calls per UTC day of the window">By day</th>'
         f"</tr></thead><tbody>{body}</tbody></table></section>"
     )
 
@@ -199,7 +231,9 @@ td.empty { color:var(--muted); }
 .state.warning { background:#fef3c7; color:#92400e; }
 .state.exceeded { background:#fee2e2; color:#991b1b; }
 .chart { width:100%; height:auto; display:block; padding:8px 12px; }
-.chart .bar, .mini .bar { fill:var(--accent); }
+.chart .bar, .mini .bar, .window .bar { fill:var(--accent); }
+.muted { color:var(--muted); }
+.window { display:block; width:120px; height:20px; }
 .chart .axis { stroke:#9ca3af; }
 .chart .tick { fill:var(--muted); font-size:11px; }
 .mini { display:block; width:100%; max-width:160px; min-width:48px; }
@@ -214,7 +248,7 @@ def render_user_page(
     title: str,
     user_id: str,
     history: History,
-    limits: Sequence[LimitUsage],
+    limits: Sequence[LimitWindow],
     recent: Sequence[RecentCall],
     adjustments: Sequence[dict[str, object]],
     nonce: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from payi_guard._ids import new_id
 from payi_guard.context import Attribution, get_context
@@ -106,6 +107,7 @@ def limit_usage(bound: BoundLimit, window: Window, state: CounterState) -> Limit
         state=status,
         type=spec.type,
         counter=bound.owner,
+        window_start=datetime.fromtimestamp(window.start, tz=timezone.utc),
     )
 
 

@@ -76,6 +76,11 @@ def seed(guard: Guard, clock: FakeClock) -> list[dict[str, Any]]:
     return [dict(event) for event in logs if event["event"] == "genai_call"]
 
 
+def want_week(want: dict[str, Any]) -> Decimal:
+    """What the logs say was spent in the week of 2026-11-23 (every seeded day)."""
+    return sum((v[0] for v in want["days"].values()), Decimal(0))
+
+
 def expected(events: list[dict[str, Any]]) -> dict[str, Any]:
     """What the logs say, per day, per model and per use case (dollars as Decimal)."""
     days: dict[str, list[Any]] = defaultdict(lambda: [Decimal(0), 0, 0, 0])
@@ -157,6 +162,25 @@ async def test_history_equals_the_logs_and_the_ledger(guard: Guard, early_clock:
     # Today's spend is what the ledger's daily counter holds.
     daily = next(limit for limit in guard.usage(USER) if limit.name == "daily")
     assert daily.used == Decimal(shown["2026-11-27"]["cost_usd"])
+    # Each limit's window day by day: whole UTC-day windows of the user and the org add
+    # up to what their counters hold; an hour window and the global counter have none.
+    windows = {(w["scope"], w["name"]): w for w in doc["limits"]}
+    usage: dict[tuple[str, str], Any] = {(u.scope, u.name): u for u in guard.usage(USER)}
+    assert set(windows) == set(usage)
+    for whose, first, count in (
+        (("user", "daily"), "2026-11-27", 1),
+        (("user", "soft"), "2026-11-23", 5),  # the week began on Monday the 23rd
+        (("org", "org:0"), "2026-11-01", 27),
+    ):
+        window = windows[whose]
+        assert window["window_start"] == f"{first}T00:00:00+00:00", whose
+        assert [d["date"] for d in window["days"]][:1] == [first], whose
+        assert len(window["days"]) == count, whose
+        assert sum(Decimal(d["used"]) for d in window["days"]) == usage[whose].used, whose
+    assert windows["user", "soft"]["days"][1] == {"date": "2026-11-24", "used": "0"}  # no calls
+    assert windows["user", "tph"]["days"] is None  # an hour window: no day-by-day history
+    assert windows["user", "tph"]["window_start"] == "2026-11-27T12:00:00+00:00"
+    assert windows["global", "global:0"]["days"] is None  # no analytics for the global counter
     # The calls this process saw, newest first: the refusal, then the settled calls.
     recent = doc["recent"]
     assert [r["outcome"] for r in recent][:1] == ["refused"]
@@ -278,6 +302,12 @@ def test_the_user_page_in_headless_chromium(tmp_path: Path, early_clock: FakeClo
             " 'adjustments'].map(id => [id, Array.from(document.querySelectorAll("
             "'#' + id + ' tbody tr')).map(tr => Array.from(tr.cells).map(c => c.textContent))])))"
         )
+        window_bars = browser.evaluate(
+            "JSON.stringify(Object.fromEntries(Array.from(document.querySelectorAll("
+            "'#limits tbody tr')).map(tr => [tr.cells[0].textContent, Array.from("
+            "tr.querySelectorAll('svg.window rect.bar')).map(r => [r.dataset.date, "
+            "r.dataset.used, r.getBoundingClientRect().height])])))"
+        )
         total = browser.evaluate("document.getElementById('total-spend').textContent")
         browser.screenshot(shot)
         # The list keeps its filters in the address; a bad one is named, not a crash.
@@ -305,6 +335,18 @@ def test_the_user_page_in_headless_chromium(tmp_path: Path, early_clock: FakeClo
     assert len(shown["recent"]) == 6  # five calls and the refusal
     assert shown["recent"][0][5] == "refused"
     assert shown["recent"][0][6] == "\u2014"  # no latency for a refusal, not "0 ms"
+    # The weekly limit's window, day by day: the days with calls are drawn, the others flat.
+    week = json.loads(window_bars)
+    assert [date for date, _, _ in week["soft"]] == [
+        "2026-11-23",
+        "2026-11-24",
+        "2026-11-25",
+        "2026-11-26",
+        "2026-11-27",
+    ]
+    assert [height > 0 for _, _, height in week["soft"]] == [True, False, True, False, True]
+    assert sum(Decimal(used) for _, used, _ in week["soft"]) == want_week(want)
+    assert week["tph"] == []  # an hour window: a dash, no bars
     assert shown["adjustments"][0][5] == "<b>goodwill</b>"  # text, not markup
     assert "state" in note
     assert "broken" in note
