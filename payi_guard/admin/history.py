@@ -154,7 +154,9 @@ class UserPages:
             user_id = _id(request, "user_id", "user")
             days = _days(request)
             history = await self._history("user", user_id, days)
-            windows = await aread_windows(self.guard, await self.guard.ausage(user_id))
+            windows = await aread_windows(
+                self.guard, await self.guard.ausage(user_id), {("user", user_id): history}
+            )
             adjustments = await self.guard.aadjustments(user_id)
         except _Refusal as refusal:
             return refusal.response
@@ -190,7 +192,9 @@ class UserPages:
         try:
             user_id = _id(request, "user_id", "user")
             history = await self._history("user", user_id, DEFAULT_DAYS)
-            limits = await aread_windows(self.guard, await self.guard.ausage(user_id))
+            limits = await aread_windows(
+                self.guard, await self.guard.ausage(user_id), {("user", user_id): history}
+            )
             adjustments = await self.guard.aadjustments(user_id)
         except _Refusal as refusal:
             return refusal.response

@@ -11,7 +11,7 @@ reservations in flight and operators' adjustments move the counter, not the anal
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -57,10 +57,16 @@ def _days_of(limit: LimitUsage, history: History) -> tuple[tuple[str, Decimal | 
     return tuple((d.date, _amount(limit.unit, d)) for d in history.days if d.date >= first)
 
 
-async def aread_windows(guard: Guard, limits: Sequence[LimitUsage]) -> list[LimitWindow]:
+async def aread_windows(
+    guard: Guard,
+    limits: Sequence[LimitUsage],
+    known: Mapping[tuple[str, str], History] | None = None,
+) -> list[LimitWindow]:
     """Each of ``limits`` with its window's days, read from ``guard``'s store.
 
-    One history read per owner (the user, each org) whose limits have whole-day windows.
+    One history read per owner (the user, each org) whose limits have whole-day windows,
+    unless ``known`` (histories already read, by ``(scope, owner)``, ending today) holds
+    one that reaches back far enough.
 
     Raises:
         StorageError: the store could not be read.
@@ -76,6 +82,10 @@ async def aread_windows(guard: Guard, limits: Sequence[LimitUsage]) -> list[Limi
             needed[whose] = min(max(needed.get(whose, 1), span), _MAX_DAYS)
     histories: dict[tuple[str, str], History] = {}
     for (scope, owner), span in needed.items():
+        have = (known or {}).get((scope, owner))
+        if have is not None and len(have.days) >= span:
+            histories[scope, owner] = have
+            continue
         histories[scope, owner] = await aread_history(
             guard.async_ledger,
             guard.key_prefix,

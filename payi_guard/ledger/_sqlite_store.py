@@ -101,13 +101,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _process_lock(locks: dict[str, threading.Lock], path: str) -> threading.Lock:
+    """The lock of ``path`` in ``locks``, one per file in this process (made on first use)."""
+    with _registry_lock:
+        lock = locks.get(path)
+        if lock is None:
+            lock = locks[path] = threading.Lock()
+        return lock
+
+
 def _opening_lock(path: str) -> threading.Lock:
     """The lock the threads of this process take to open ``path`` (schema and checks)."""
-    with _registry_lock:
-        lock = _opening_locks.get(path)
-        if lock is None:
-            lock = _opening_locks[path] = threading.Lock()
-        return lock
+    return _process_lock(_opening_locks, path)
 
 
 def _writer_lock(path: str) -> threading.Lock:
@@ -117,11 +122,7 @@ def _writer_lock(path: str) -> threading.Lock:
     rather than all polling the file: only one thread per process competes for the
     file's write lock with the other processes.
     """
-    with _registry_lock:
-        lock = _writer_locks.get(path)
-        if lock is None:
-            lock = _writer_locks[path] = threading.Lock()
-        return lock
+    return _process_lock(_writer_locks, path)
 
 
 # -- connections and transactions -----------------------------------------------------------
