@@ -1,35 +1,83 @@
-"""The usage analytics a plan adds to the store (see :mod:`payi_guard.ledger.analytics`)."""
+"""The usage analytics a plan adds to the store (see :mod:`payi_guard.ledger.analytics`).
+
+The tallies are the same as :func:`~payi_guard.ledger.analytics.call_tallies` and
+:func:`~payi_guard.ledger.analytics.refusal_tallies` give; what depends only on the
+subject and the UTC day (the owners' keys, the expiry, a refusal's whole tallies) is
+made once per subject and day, not on every call.
+"""
 
 from __future__ import annotations
 
+import functools
+
 from payi_guard.engine.calls import CallRecord
 from payi_guard.engine.plan import Plan
-from payi_guard.ledger.analytics import call_tallies, owners_of, prefix_of, refusal_tallies
+from payi_guard.ledger.analytics import owners_of, prefix_of, refusal_tallies
 from payi_guard.ledger.base import Tally
 
 __all__ = ["refused_tallies", "settled_tallies"]
 
+_DAY = 86_400
+
+
+@functools.lru_cache(maxsize=4096)
+def _refusals(
+    prefix: str, user_id: str, org_id: str | None, anonymous: bool, day: int, keep_days: int
+) -> tuple[Tally, ...]:
+    # Any time of the day gives the same tallies: their day and its expiry.
+    owners = owners_of(user_id, org_id, anonymous)
+    return refusal_tallies(prefix, owners, now=float(day * _DAY), keep_days=keep_days)
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_keys(
+    prefix: str, user_id: str, org_id: str | None, anonymous: bool, day: int, keep_days: int
+) -> tuple[tuple[str, ...], float]:
+    """The owners' tally keys for a UTC day, and when those tallies expire."""
+    tallies = _refusals(prefix, user_id, org_id, anonymous, day, keep_days)
+    return tuple(t.key for t in tallies), tallies[0].expires_at if tallies else 0.0
+
 
 def settled_tallies(plan: Plan, record: CallRecord, keep_days: int) -> tuple[Tally, ...]:
     """The tallies the commit of ``plan``'s call adds (its user's and org's day)."""
+    if keep_days <= 0:
+        return ()
     subject, usage = plan.subject, record.usage
-    return call_tallies(
+    keys, until = _day_keys(
         prefix_of(plan.charges[0].key),
-        owners_of(subject.user_id, subject.org_id, subject.anonymous),
-        now=plan.now,
-        keep_days=keep_days,
-        cost=record.cost_nano,
-        input_tokens=usage.input_tokens if usage else 0,
-        output_tokens=usage.output_tokens if usage else 0,
-        model=plan.call.model,
-        use_case=plan.attribution.use_case_name,
+        subject.user_id,
+        subject.org_id,
+        subject.anonymous,
+        int(plan.now // _DAY),
+        keep_days,
     )
+    cost = record.cost_nano
+    model = plan.call.model
+    case = plan.attribution.use_case_name or ""
+    fields = (
+        ("c", cost),
+        ("n", 1),
+        ("i", max(usage.input_tokens, 0) if usage else 0),
+        ("o", max(usage.output_tokens, 0) if usage else 0),
+        (f"mc:{model}", cost),
+        (f"mn:{model}", 1),
+        (f"uc:{case}", cost),
+        (f"un:{case}", 1),
+    )
+    return tuple(Tally(key, fields, until) for key in keys)
 
 
 def refused_tallies(plan: Plan, keep_days: int) -> tuple[Tally, ...]:
     """The tallies a reserve of ``plan`` adds if it refuses (a refusal for each owner)."""
+    if keep_days <= 0:
+        return ()
     subject = plan.subject
-    owners = owners_of(subject.user_id, subject.org_id, subject.anonymous)
-    return refusal_tallies(
-        prefix_of(plan.charges[0].key), owners, now=plan.now, keep_days=keep_days
+    return _refusals(
+        prefix_of(plan.charges[0].key),
+        subject.user_id,
+        subject.org_id,
+        subject.anonymous,
+        int(plan.now // _DAY),
+        keep_days,
     )
+
