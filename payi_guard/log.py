@@ -44,6 +44,7 @@ import datetime
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
@@ -71,6 +72,7 @@ __all__ = [
     "UNKNOWN_MODEL",
     "USAGE_INVALID",
     "configure_json",
+    "direct_info",
     "get_logger",
 ]
 
@@ -134,6 +136,47 @@ def _json_line(logger: Any, method_name: str, event_dict: Any) -> str:
     if "exc_info" in event_dict:
         event_dict = format_exc_info(logger, method_name, event_dict)
     return _ENCODE(event_dict)
+
+
+def direct_info(bound: Any) -> Callable[[str, dict[str, Any]], None] | None:
+    """A writer of ``bound.info(event, **fields)`` lines that skips structlog's layers.
+
+    Only for a logger made under :func:`configure_json`'s configuration: a structlog
+    filtering logger with no bound context, whose one processor is the JSON line and
+    whose output is a ``WriteLogger``. The writer then renders the same event dict
+    (the fields, then ``event``) with the same processor and writes it with the same
+    ``WriteLogger`` (its lock, write and flush): the same line, without the method,
+    proxy and event-copy layers around it. Returns ``None`` for any other logger. The
+    writer checks the processor list on each line: once it is changed in place, the
+    writer hands its lines to ``bound.info``.
+
+    Args:
+        bound: a bound logger whose ``info`` is known to be enabled.
+    """
+    processors = getattr(bound, "_processors", None)
+    output = getattr(bound, "_logger", None)
+    if (
+        type(bound).__module__ != "structlog._native"
+        or getattr(bound, "_context", None)
+        or type(output) is not structlog.WriteLogger
+        or not isinstance(processors, list)
+        or processors != [_json_line]
+    ):
+        return None
+    msg = output.msg
+    rules: list[Any] = processors
+
+    def write(event: str, fields: dict[str, Any]) -> None:
+        fields["event"] = event
+        msg(_json_line(output, "info", fields))
+
+    def checked(event: str, fields: dict[str, Any]) -> None:
+        if len(rules) == 1 and rules[0] is _json_line:
+            write(event, fields)
+        else:
+            bound.info(event, **fields)
+
+    return checked
 
 
 def configure_json(stream: TextIO | None = None, *, level: int = logging.INFO) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import structlog
 
-from payi_guard.log import configure_json
+from payi_guard.log import configure_json, direct_info
 
 STAMP = re.compile(r'"timestamp": "(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z)"')
 
@@ -101,3 +101,67 @@ def test_configure_json_level_filters() -> None:
     ours = _lines(configure_json)
     assert not any('"tier_unknown"' in line for line in ours)
     assert len(ours) == 7
+
+
+def _mark(logger: Any, method_name: str, event_dict: Any) -> Any:
+    event_dict["marked"] = True
+    return event_dict
+
+
+def _guard_lines(configure: Any, *, change_in_place: bool = False) -> list[str]:
+    from payi_guard import Guard, track_context
+    from payi_guard.engine import CallRequest
+    from payi_guard.pricing import TokenUsage
+    from payi_guard.testing import FakeClock
+
+    stream = io.StringIO()
+    configure(stream)
+    clock = FakeClock(1_800_000_000.0)
+    guard = Guard(
+        {
+            "prices": {"m": {"input_per_mtok": 1, "output_per_mtok": 2}},
+            "default": [{"max": 1, "per": "day"}],
+        },
+        clock=clock,
+    )
+    try:
+        with (
+            structlog.contextvars.bound_contextvars(request_id="r-1", extra="ctx"),
+            track_context(user_id="acme:alice", use_case_name="chat"),
+        ):
+            call = CallRequest(model="m", provider="openai", input_tokens=30, max_output_tokens=50)
+            guard.begin(call).settle(TokenUsage(12, 20))
+            if change_in_place:
+                processors = structlog.get_config()["processors"]
+                processors.insert(0, _mark)
+            guard.begin(call).settle(TokenUsage(3, 4), outcome="incomplete")
+            guard.begin(call).release()
+    finally:
+        guard.close()
+    lines = [line for line in stream.getvalue().splitlines() if '"genai_call"' in line]
+    return [STAMP.sub('"timestamp": "T"', line) for line in lines]
+
+
+def test_genai_call_lines_written_directly_match_structlog_chain() -> None:
+    ours = _guard_lines(configure_json)
+    reference = _guard_lines(_reference)
+    assert len(ours) == 3
+    assert ours == reference
+    assert '"user_id": "acme:alice", "org_id": "acme"' in ours[0]
+    assert '"extra": "ctx"' in ours[0]
+
+
+def test_only_configure_json_loggers_are_written_directly() -> None:
+    configure_json(io.StringIO())
+    assert direct_info(structlog.get_logger("payi_guard").bind()) is not None
+    assert direct_info(structlog.get_logger("payi_guard").bind(bound="yes")) is None
+    _reference(io.StringIO())
+    assert direct_info(structlog.get_logger("payi_guard").bind()) is None
+
+
+def test_a_processor_list_changed_in_place_is_honoured() -> None:
+    lines = _guard_lines(configure_json, change_in_place=True)
+    assert len(lines) == 3
+    assert '"marked": true' not in lines[0]
+    assert '"marked": true' in lines[1]
+    assert '"marked": true' in lines[2]

@@ -80,4 +80,3 @@ def refused_tallies(plan: Plan, keep_days: int) -> tuple[Tally, ...]:
         int(plan.now // _DAY),
         keep_days,
     )
-

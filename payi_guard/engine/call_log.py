@@ -7,6 +7,7 @@ crossed a limit's threshold, and tells the observers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -33,11 +34,12 @@ class BoundLog:
     identity; a processor list changed in place is the same list, and is seen).
     """
 
-    __slots__ = ("_bound", "_key")
+    __slots__ = ("_bound", "_info", "_key")
 
     def __init__(self) -> None:
         self._key: tuple[object, object, object, object] | None = None
         self._bound: Any = None
+        self._info: Callable[[str, dict[str, Any]], None] | None = None
 
     def current(self) -> Any:
         """The bound logger for the structlog configuration in effect now."""
@@ -55,8 +57,25 @@ class BoundLog:
             or key[3] is not factory
         ):
             self._bound = events.get_logger().bind()
+            self._info = None if self.info_is_noop(self._bound) else self._info_of(self._bound)
             self._key = (processors, wrapper, context, factory)
         return self._bound
+
+    def info_writer(self) -> Callable[[str, dict[str, Any]], None] | None:
+        """What writes an INFO line for the configuration in effect; ``None``: nothing does.
+
+        Under :func:`payi_guard.log.configure_json` it renders and writes the line
+        directly (:func:`payi_guard.log.direct_info`); otherwise it is ``info``.
+        """
+        self.current()
+        return self._info
+
+    @staticmethod
+    def _info_of(bound: Any) -> Callable[[str, dict[str, Any]], None]:
+        direct = events.direct_info(bound)
+        if direct is not None:
+            return direct
+        return lambda event, fields: bound.info(event, **fields)
 
     @staticmethod
     def info_is_noop(bound: Any) -> bool:
@@ -127,9 +146,9 @@ class CallLog:
         or ``unknown`` (an attempt may have been).
         """
         attribution = plan.attribution
-        log = self._log.current()
-        if not BoundLog.info_is_noop(log):
-            log.info(events.GENAI_CALL, **self._call_fields(plan, record, ledger))
+        info = self._log.info_writer()
+        if info is not None:
+            info(events.GENAI_CALL, self._call_fields(plan, record, ledger))
         if self.observers:
             self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))
 
