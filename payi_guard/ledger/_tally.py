@@ -18,6 +18,32 @@ def check_tallies(tallies: Sequence[Tally]) -> None:
         ValueError: an empty or repeated key, an empty or repeated field, an increment
             that is not an int within ``[-MAX_UNITS, MAX_UNITS]``, a non-finite expiry.
     """
+    # Every reserve and commit passes through here: a plain-type fast path first, the
+    # detailed checks (and their messages) only when something looks off.
+    keys: set[str] = set()
+    for tally in tallies:
+        if type(tally) is not Tally:
+            return _check_tallies_slowly(tallies)
+        key, fields, expires_at = tally.key, tally.fields, tally.expires_at
+        if not (type(key) is str and key and key not in keys and math.isfinite(expires_at)):
+            return _check_tallies_slowly(tallies)
+        keys.add(key)
+        names = set()
+        for name, value in fields:
+            if not (
+                type(name) is str
+                and name
+                and type(value) is int
+                and -MAX_UNITS <= value <= MAX_UNITS
+            ):
+                return _check_tallies_slowly(tallies)
+            names.add(name)
+        if len(names) != len(fields):
+            return _check_tallies_slowly(tallies)
+    return None
+
+
+def _check_tallies_slowly(tallies: Sequence[Tally]) -> None:
     seen: set[str] = set()
     for index, tally in enumerate(tallies):
         if not isinstance(tally, Tally):

@@ -124,6 +124,11 @@ async def test_tallies_of_several_owners_in_one_commit(
         Tally("t", (("c", 1.5),), 1e10),  # type: ignore[arg-type]
         Tally("t", (("c", 1), ("c", 2)), 1e10),
         Tally("t", (("c", 2**60),), 1e10),
+        Tally("t", (("c", -(2**60)),), 1e10),
+        Tally("t", (("", 1),), 1e10),
+        Tally("t", (("c", True),), 1e10),
+        Tally("t", (("c", 1),), float("inf")),
+        Tally("t", (("c", 1), ("n", 1), ("c", 1)), 1e10),
     ],
 )
 async def test_malformed_tallies_are_refused(
