@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 import re
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from payi_guard.log import configure_json, direct_info
+from payi_guard.log import configure_json, direct_info, iso_utc
 
 STAMP = re.compile(r'"timestamp": "(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z)"')
 
@@ -165,3 +169,20 @@ def test_a_processor_list_changed_in_place_is_honoured() -> None:
     assert '"marked": true' not in lines[0]
     assert '"marked": true' in lines[1]
     assert '"marked": true' in lines[2]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.integers(min_value=0, max_value=253_402_300_799_999_999_999))
+def test_iso_utc_is_the_time_stampers_text(ns: int) -> None:
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    expected = epoch + datetime.timedelta(microseconds=ns // 1000)
+    text = expected.isoformat().replace("+00:00", "Z")
+    assert iso_utc(ns) == text
+    assert iso_utc(ns) == text  # from the cached second
+
+
+def test_iso_utc_matches_now() -> None:
+    before = datetime.datetime.now(tz=datetime.timezone.utc)
+    stamp = datetime.datetime.fromisoformat(iso_utc(time.time_ns()).replace("Z", "+00:00"))
+    after = datetime.datetime.now(tz=datetime.timezone.utc)
+    assert before <= stamp <= after
