@@ -61,6 +61,25 @@ def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
+def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
+    """A copy of ``message`` with the ``extra`` headers its own headers do not name."""
+    headers = list(message.get("headers", ()))
+    if len(extra) == 1:  # the request id alone: no set to build
+        item = extra[0]
+        key = item[0]
+        for name, _ in headers:
+            if name.lower() == key:
+                break
+        else:
+            headers.append(item)
+    else:
+        present = {name.lower() for name, _ in headers}
+        headers.extend(h for h in extra if h[0] not in present)
+    message = dict(message)
+    message["headers"] = headers
+    return message
+
+
 class _WatchedScope(dict[str, Any]):
     """A copy of the ASGI scope that mirrors writes back and reports ``scope["user"]``.
 
@@ -135,14 +154,12 @@ class _Response:
         kind = message["type"]
         if kind == "http.response.start":
             if self.extra:
-                headers = list(message.get("headers", ()))
-                present = {name.lower() for name, _ in headers}
-                headers.extend(h for h in self.extra if h[0] not in present)
-                message = {**message, "headers": headers}
+                message = _with_headers(message, self.extra)
             if self.hold and self._held is None and not self.started:
                 self._held = message
                 return
-            await self.release()
+            if self._held is not None:
+                await self.release()
             self.started = True
         else:
             if kind == "http.response.body":
@@ -153,7 +170,8 @@ class _Response:
                     self.finished = True
             elif kind == "http.response.pathsend":
                 self.finished = True
-            await self.release()
+            if self._held is not None:
+                await self.release()
         await self.send(message)
 
     async def release(self) -> None:
@@ -253,72 +271,71 @@ class GuardMiddleware:
             # in the request included.
             log_tokens = bind_request(rs.user_id, request_id)
             try:
-                await self._serve(scope, receive, send, rs, problem, request_id)
+                # One coroutine for the whole request: serving is inlined here.
+                extra: list[tuple[bytes, bytes]] = []
+                if request_id_key is not None:
+                    extra.append((request_id_key, request_id.encode("latin-1")))
+                # CORS preflights never make GenAI calls, and must not need a user.
+                gate = self.core.gate
+                guarded = scope["method"] != "OPTIONS" and gate.guarded(scope["path"])
+                if problem is None and guarded:
+                    # The cache gate does no I/O: no coroutine for it.
+                    result = gate.check() if gate.sync else await gate.acheck()
+                    problem = result.problem
+                    if result.headers:
+                        extra.extend(_encode(result.headers))
+                response = _Response(send, extra, hold=guarded)
+                if problem is not None:
+                    await self._send_problem(response, problem)
+                    return
+                app_scope: Scope = scope
+                if "user" not in scope:
+                    app_scope = _WatchedScope(scope, lambda user: self._late_user(rs, user))
+                try:
+                    await self.app(app_scope, receive, response)
+                except Exception as exc:
+                    if not await self._failed(exc, response, request_id):
+                        raise
+                    return
+                # An app that ended without a body message still gets its start sent.
+                if response._held is not None:
+                    await response.release()
             finally:
                 unbind_request(log_tokens)
         finally:
             exit_request(scope_token)
 
-    async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        rs: RequestScope,
-        problem: Problem | None,
-        request_id: str,
-    ) -> None:
-        core = self.core
-        extra: list[tuple[bytes, bytes]] = []
-        if self._request_id_key is not None:
-            extra.append((self._request_id_key, request_id.encode("latin-1")))
-        # CORS preflights never make GenAI calls, and must not need a user.
-        gate = core.gate
-        guarded = scope["method"] != "OPTIONS" and gate.guarded(scope["path"])
-        if problem is None and guarded:
-            # The cache gate does no I/O: no coroutine for it.
-            result = gate.check() if gate.sync else await gate.acheck()
-            problem = result.problem
-            if result.headers:
-                extra.extend(_encode(result.headers))
-        response = _Response(send, extra, hold=guarded)
-        if problem is not None:
-            await self._send_problem(response, problem)
-            return
+    async def _failed(self, exc: Exception, response: _Response, request_id: str) -> bool:
+        """The app raised ``exc``: answer the refusal it stands for (True), or not (False).
 
-        app_scope: Scope = scope
-        if "user" not in scope:
-            app_scope = _WatchedScope(scope, lambda user: self._late_user(rs, user))
-        try:
-            await self.app(app_scope, receive, response)
-        except Exception as exc:
-            if not response.started:
-                cause = _error_in(exc, (BudgetExceeded, InvalidUserId, StorageError))
-                problem = None if cause is None else core.problems.problem_for(cause)
-                if problem is None:
-                    raise
-                # A held start is dropped; the gate headers described a success, and a
-                # refusal brings its own.
-                response.discard()
-                response.extra = extra[:1] if self._request_id_key is not None else []
-                await self._send_problem(response, problem)
-                return
-            refusal = _error_in(exc, (BudgetExceeded,))
-            if not isinstance(refusal, BudgetExceeded):
-                raise
-            core.log.error(
-                AFTER_START_EVENT,
-                user_id=refusal.user_id,
-                limit=refusal.limit.name,
-                request_id=request_id,
-                detail="a GenAI call was refused after the response started; the response "
-                "was closed early",
-            )
-            if not response.finished:
-                await response({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        # An app that ended without a body message still gets its start sent.
-        await response.release()
+        False: the caller re-raises ``exc``.
+        """
+        core = self.core
+        if not response.started:
+            cause = _error_in(exc, (BudgetExceeded, InvalidUserId, StorageError))
+            problem = None if cause is None else core.problems.problem_for(cause)
+            if problem is None:
+                return False
+            # A held start is dropped; the gate headers described a success, and a
+            # refusal brings its own.
+            response.discard()
+            response.extra = response.extra[:1] if self._request_id_key is not None else []
+            await self._send_problem(response, problem)
+            return True
+        refusal = _error_in(exc, (BudgetExceeded,))
+        if not isinstance(refusal, BudgetExceeded):
+            return False
+        core.log.error(
+            AFTER_START_EVENT,
+            user_id=refusal.user_id,
+            limit=refusal.limit.name,
+            request_id=request_id,
+            detail="a GenAI call was refused after the response started; the response "
+            "was closed early",
+        )
+        if not response.finished:
+            await response({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
     @staticmethod
     async def _send_problem(response: _Response, problem: Problem) -> None:
