@@ -63,6 +63,7 @@ __all__ = [
     "request_id_of",
     "session_digest",
     "split_user",
+    "structlog_vars",
     "unbind_request",
     "user_of_scope",
 ]
@@ -180,8 +181,8 @@ def bind_request(user_id: str | None, request_id: str) -> _LogTokens:
     Returns:
         The tokens :func:`unbind_request` needs.
     """
-    log_vars = _log_vars or _structlog_vars()
-    return log_vars[0].set(user_id), log_vars[1].set(request_id)
+    user_var, request_var = _log_vars or structlog_vars()
+    return user_var.set(user_id), request_var.set(request_id)
 
 
 def unbind_request(tokens: _LogTokens) -> None:
@@ -191,8 +192,14 @@ def unbind_request(tokens: _LogTokens) -> None:
     user_token.var.reset(user_token)
 
 
-def _structlog_vars() -> tuple[contextvars.ContextVar[Any], contextvars.ContextVar[Any]]:
+def structlog_vars() -> tuple[contextvars.ContextVar[Any], contextvars.ContextVar[Any]]:
+    """Structlog's context variables of ``user_id`` and ``request_id`` (internal).
+
+    What :func:`bind_request` sets; a middleware may keep them and set them itself.
+    """
     global _log_vars
+    if _log_vars is not None:
+        return _log_vars
     # structlog makes one variable per key on first use and keeps it; its tokens name it.
     tokens = structlog.contextvars.bind_contextvars(user_id=None, request_id=None)
     structlog.contextvars.reset_contextvars(**tokens)
