@@ -33,16 +33,19 @@ class _Ids:
             os.register_at_fork(after_in_child=self.reset)
 
     def reset(self) -> None:
-        self.prefix = os.urandom(8).hex()
-        self.counter = itertools.count(1)
+        prefix = os.urandom(8)
+        self.prefix = prefix.hex()
+        # The count runs over the whole 128-bit id (the prefix in the high 64 bits), so
+        # an id is one int rendered once: the prefix's hex and the count's 16 hex digits.
+        self.counter = itertools.count((int.from_bytes(prefix, "big") << 64) + 1)
 
     def __call__(self) -> str:
         lock = self._lock
         if lock is None:
-            return f"{self.prefix}{next(self.counter):016x}"
+            return next(self.counter).to_bytes(16, "big").hex()
         with lock:
             n = next(self.counter)
-        return f"{self.prefix}{n:016x}"
+        return n.to_bytes(16, "big").hex()
 
 
 _ids: _Ids | None = None

@@ -134,7 +134,7 @@ class RequestScope:
             TypeError: ``tier`` is neither a string nor ``None``.
         """
         normalized = normalize_user_id(user_id)
-        checked = check_tier(tier)
+        checked = None if tier is None else check_tier(tier)
         with self._lock:
             self.user_id = normalized
             self.tier = checked
