@@ -180,6 +180,11 @@ class _Response:
                 await self.send(held)
         await self.send(message)
 
+    @property
+    def holding(self) -> bool:
+        """True while ``http.response.start`` is held back."""
+        return self._held is not None
+
     async def release(self) -> None:
         """Send the held ``http.response.start``, if any."""
         held, self._held = self._held, None
@@ -309,7 +314,7 @@ class GuardMiddleware:
                         raise
                     return
                 # An app that ended without a body message still gets its start sent.
-                if response._held is not None:
+                if response.holding:
                     await response.release()
             finally:
                 log_vars[1].reset(request_token)
@@ -382,7 +387,7 @@ class GuardMiddleware:
             value = user_of_scope(scope.get("user"))
             if value is not None:
                 return identify.assign_user(rs, value, "scope")
-        except InvalidUserId as exc:
+        except InvalidUserId as exc:  # from the user object: labelled as _identify does
             return identify.invalid_user(exc, "resolver")
         if header is not None:
             return identify.assign_user(rs, header, "header")
