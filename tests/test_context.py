@@ -454,3 +454,35 @@ def test_32_threads_each_see_their_own_user() -> None:
     for t in threads:
         t.join(timeout=30)
     assert mixups == []
+
+
+# --- the request snapshot --------------------------------------------------------------
+
+
+def test_request_snapshot_equals_the_dataclass_built_one() -> None:
+    # get_context() builds the common request snapshot without the dataclass __init__;
+    # every field must still be set, to the same value.
+    from dataclasses import fields
+
+    from payi_guard.context import Attribution
+    from payi_guard.context.scope import _request_attribution
+
+    for user_id, request_id, tier in [("alice", "r-1", "pro"), (None, "r-2", None)]:
+        fast = _request_attribution(user_id, request_id, tier)
+        built = Attribution(user_id=user_id, request_id=request_id, tier=tier)
+        assert fast == built
+        assert type(fast) is Attribution
+        for f in fields(Attribution):
+            assert getattr(fast, f.name) == getattr(built, f.name)
+
+
+def test_request_snapshot_inside_a_request_scope() -> None:
+    with request_scope(request_id="req-1"):
+        set_user("acme:alice", tier="pro")
+        context = get_context()
+        assert context.user_id == "acme:alice"
+        assert context.tier == "pro"
+        assert context.request_id == "req-1"
+        assert context.limit_ids == ()
+        assert dict(context.request_properties) == {}
+        assert get_context() is context  # reused while nothing changed

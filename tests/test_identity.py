@@ -190,3 +190,20 @@ def test_digests_too_short_to_be_unique_are_refused() -> None:
     for bad in (65, 20.5, True):
         with pytest.raises(ValueError, match="digest_chars"):
             Pseudonymizer(KEY, digest_chars=bad)  # type: ignore[arg-type]
+
+
+def test_an_id_seen_before_still_obeys_a_smaller_max_length() -> None:
+    assert normalize_user_id("seen-before-alice") == "seen-before-alice"
+    assert normalize_user_id("seen-before-alice") == "seen-before-alice"
+    with pytest.raises(InvalidUserId):
+        normalize_user_id("seen-before-alice", max_length=5)
+
+
+def test_a_str_subclass_is_checked_every_time() -> None:
+    class Name(str):
+        pass
+
+    assert normalize_user_id("subclassed") == "subclassed"
+    assert type(normalize_user_id(Name("subclassed"))) is Name
+    with pytest.raises(InvalidUserId):
+        normalize_user_id(Name("bad id"))

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from structlog.contextvars import bind_contextvars, reset_contextvars
-
 from payi_guard.context import RequestScope, current_request, request_scope
 from payi_guard.django.body import AsyncBody, SyncBody, close_in_context, run_in_context
 from payi_guard.django.conf import check_order, django_module, get_guard, read_settings
@@ -22,10 +20,12 @@ from payi_guard.web.core import WebCore
 from payi_guard.web.gate import gate_headers, store_gate_headers
 from payi_guard.web.identify import (
     ORDER_EVENT,
+    bind_request,
     mark_bound,
     request_id_of,
     session_digest,
     split_user,
+    unbind_request,
 )
 from payi_guard.web.problem import AFTER_START_EVENT, Problem
 
@@ -152,8 +152,8 @@ class GuardMiddleware:
 
     def _bind(self, rs: RequestScope, request_id: str, stack: ExitStack) -> None:
         mark_bound(rs)
-        tokens = bind_contextvars(user_id=rs.user_id, request_id=request_id)
-        stack.callback(reset_contextvars, **tokens)
+        tokens = bind_request(rs.user_id, request_id)
+        stack.callback(unbind_request, tokens)
 
     def _gated(self, request: HttpRequest) -> bool:
         # CORS preflights never make GenAI calls, and must not need a user.

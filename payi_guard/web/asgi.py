@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, MutableMapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from structlog.contextvars import bind_contextvars, reset_contextvars
 from typing_extensions import Unpack
 
-from payi_guard.context import RequestScope, request_scope
+from payi_guard._ids import new_id
+from payi_guard.context import RequestScope
+from payi_guard.context.scope import enter_request, exit_request
 from payi_guard.engine import Guard
 from payi_guard.exceptions import (
     BudgetExceeded,
@@ -42,6 +44,7 @@ from payi_guard.web.identify import (
     rebind_user,
     request_id_of,
     split_user,
+    structlog_vars,
     user_of_scope,
 )
 from payi_guard.web.options import WebOptionArgs
@@ -56,6 +59,25 @@ pair, or ``None`` (may be async)."""
 
 def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
+    """A copy of ``message`` with the ``extra`` headers its own headers do not name."""
+    headers = list(message.get("headers", ()))
+    if len(extra) == 1:  # the request id alone: no set to build
+        item = extra[0]
+        key = item[0]
+        for name, _ in headers:
+            if name.lower() == key:
+                break
+        else:
+            headers.append(item)
+    else:
+        present = {name.lower() for name, _ in headers}
+        headers.extend(h for h in extra if h[0] not in present)
+    message = dict(message)
+    message["headers"] = headers
+    return message
 
 
 class _WatchedScope(dict[str, Any]):
@@ -120,7 +142,7 @@ class _Response:
 
     __slots__ = ("_held", "extra", "finished", "hold", "send", "started")
 
-    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], *, hold: bool) -> None:
+    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], hold: bool) -> None:
         self.send = send
         self.extra = extra
         self.hold = hold
@@ -132,14 +154,15 @@ class _Response:
         kind = message["type"]
         if kind == "http.response.start":
             if self.extra:
-                headers = list(message.get("headers", ()))
-                present = {name.lower() for name, _ in headers}
-                headers.extend(h for h in self.extra if h[0] not in present)
-                message = {**message, "headers": headers}
+                message = _with_headers(message, self.extra)
             if self.hold and self._held is None and not self.started:
                 self._held = message
                 return
-            await self.release()
+            held = self._held
+            if held is not None:  # release() inlined: one coroutine less per message
+                self._held = None
+                self.started = True
+                await self.send(held)
             self.started = True
         else:
             if kind == "http.response.body":
@@ -150,8 +173,17 @@ class _Response:
                     self.finished = True
             elif kind == "http.response.pathsend":
                 self.finished = True
-            await self.release()
+            held = self._held
+            if held is not None:  # release() inlined
+                self._held = None
+                self.started = True
+                await self.send(held)
         await self.send(message)
+
+    @property
+    def holding(self) -> bool:
+        """True while ``http.response.start`` is held back."""
+        return self._held is not None
 
     async def release(self) -> None:
         """Send the held ``http.response.start``, if any."""
@@ -217,6 +249,9 @@ class GuardMiddleware:
             request_id_header.lower().encode("latin-1") if request_id_header else None
         )
         self._warned_order = False
+        opts = self.core.options
+        self._sync_identify = opts.user is None and opts.session_id is None
+        self._log_vars: tuple[ContextVar[Any], ContextVar[Any]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run one ASGI connection."""
@@ -232,77 +267,92 @@ class GuardMiddleware:
             elif name == user_key:
                 # Joined, so that the identifier sees (and refuses) a repeated header.
                 user_raw = value if user_raw is None else user_raw + b"," + value
-        request_id = request_id_of(
-            None if request_id_raw is None else request_id_raw.decode("latin-1")
+        request_id = (
+            new_id() if request_id_raw is None else request_id_of(request_id_raw.decode("latin-1"))
         )
-        with request_scope(request_id=request_id) as rs:
-            problem = await self._identify(scope, rs, user_raw)
-            mark_bound(rs)
-            # bind/reset with tokens: every write is undone exactly, a user rebound later
-            # in the request included (what bound_contextvars does, at a third of the cost).
-            tokens = bind_contextvars(user_id=rs.user_id, request_id=request_id)
-            try:
-                await self._serve(scope, receive, send, rs, problem, request_id)
-            finally:
-                reset_contextvars(**tokens)
-
-    async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        rs: RequestScope,
-        problem: Problem | None,
-        request_id: str,
-    ) -> None:
-        core = self.core
-        extra: list[tuple[bytes, bytes]] = []
-        if self._request_id_key is not None:
-            extra.append((self._request_id_key, request_id.encode("latin-1")))
-        # CORS preflights never make GenAI calls, and must not need a user.
-        guarded = scope["method"] != "OPTIONS" and core.gate.guarded(scope["path"])
-        if problem is None and guarded:
-            gate = await core.gate.acheck()
-            problem = gate.problem
-            extra.extend(_encode(gate.headers))
-        response = _Response(send, extra, hold=guarded)
-        if problem is not None:
-            await self._send_problem(response, problem)
-            return
-
-        app_scope: Scope = scope
-        if "user" not in scope:
-            app_scope = _WatchedScope(scope, lambda user: self._late_user(rs, user))
+        # What ``with request_scope(request_id=...)`` does, without its object.
+        rs = RequestScope(request_id=request_id)
+        scope_token = enter_request(rs)
         try:
-            await self.app(app_scope, receive, response)
-        except Exception as exc:
-            if not response.started:
-                cause = _error_in(exc, (BudgetExceeded, InvalidUserId, StorageError))
-                problem = None if cause is None else core.problems.problem_for(cause)
-                if problem is None:
-                    raise
-                # A held start is dropped; the gate headers described a success, and a
-                # refusal brings its own.
-                response.discard()
-                response.extra = extra[:1] if self._request_id_key is not None else []
-                await self._send_problem(response, problem)
-                return
-            refusal = _error_in(exc, (BudgetExceeded,))
-            if not isinstance(refusal, BudgetExceeded):
-                raise
-            core.log.error(
-                AFTER_START_EVENT,
-                user_id=refusal.user_id,
-                limit=refusal.limit.name,
-                request_id=request_id,
-                detail="a GenAI call was refused after the response started; the response "
-                "was closed early",
-            )
-            if not response.finished:
-                await response({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        # An app that ended without a body message still gets its start sent.
-        await response.release()
+            if self._sync_identify:
+                problem = self._identify_sync(scope, rs, user_raw)
+            else:
+                problem = await self._identify(scope, rs, user_raw)
+            mark_bound(rs)
+            # bind_request() inlined: set/reset with tokens, so every write is undone
+            # exactly, a user rebound later in the request included.
+            log_vars = self._log_vars
+            if log_vars is None:
+                log_vars = self._log_vars = structlog_vars()
+            user_token = log_vars[0].set(rs.user_id)
+            request_token = log_vars[1].set(request_id)
+            try:
+                # One coroutine for the whole request: serving is inlined here.
+                extra: list[tuple[bytes, bytes]] = []
+                if request_id_key is not None:
+                    extra.append((request_id_key, request_id.encode("latin-1")))
+                # CORS preflights never make GenAI calls, and must not need a user.
+                gate = self.core.gate
+                guarded = scope["method"] != "OPTIONS" and gate.guarded(scope["path"])
+                if problem is None and guarded:
+                    # The cache gate does no I/O: no coroutine for it.
+                    result = gate.check() if gate.sync else await gate.acheck()
+                    problem = result.problem
+                    if result.headers:
+                        extra.extend(_encode(result.headers))
+                response = _Response(send, extra, guarded)
+                if problem is not None:
+                    await self._send_problem(response, problem)
+                    return
+                app_scope: Scope = scope
+                if "user" not in scope:
+                    app_scope = _WatchedScope(scope, lambda user: self._late_user(rs, user))
+                try:
+                    await self.app(app_scope, receive, response)
+                except Exception as exc:
+                    if not await self._failed(exc, response, request_id):
+                        raise
+                    return
+                # An app that ended without a body message still gets its start sent.
+                if response.holding:
+                    await response.release()
+            finally:
+                log_vars[1].reset(request_token)
+                log_vars[0].reset(user_token)
+        finally:
+            exit_request(scope_token)
+
+    async def _failed(self, exc: Exception, response: _Response, request_id: str) -> bool:
+        """The app raised ``exc``: answer the refusal it stands for (True), or not (False).
+
+        False: the caller re-raises ``exc``.
+        """
+        core = self.core
+        if not response.started:
+            cause = _error_in(exc, (BudgetExceeded, InvalidUserId, StorageError))
+            problem = None if cause is None else core.problems.problem_for(cause)
+            if problem is None:
+                return False
+            # A held start is dropped; the gate headers described a success, and a
+            # refusal brings its own.
+            response.discard()
+            response.extra = response.extra[:1] if self._request_id_key is not None else []
+            await self._send_problem(response, problem)
+            return True
+        refusal = _error_in(exc, (BudgetExceeded,))
+        if not isinstance(refusal, BudgetExceeded):
+            return False
+        core.log.error(
+            AFTER_START_EVENT,
+            user_id=refusal.user_id,
+            limit=refusal.limit.name,
+            request_id=request_id,
+            detail="a GenAI call was refused after the response started; the response "
+            "was closed early",
+        )
+        if not response.finished:
+            await response({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
     @staticmethod
     async def _send_problem(response: _Response, problem: Problem) -> None:
@@ -314,6 +364,37 @@ class GuardMiddleware:
             }
         )
         await response({"type": "http.response.body", "body": problem.body})
+
+    def _identify_sync(
+        self,
+        scope: Scope,
+        rs: RequestScope,
+        user_raw: bytes | None,
+    ) -> Problem | None:
+        """:meth:`_identify` without a ``user=`` resolver or ``session_id=`` callable.
+
+        Nothing to await then: no coroutine per request.
+        """
+        identify = self.core.identify
+        header = None
+        if user_raw is not None:
+            try:
+                # Read (and refused when repeated) first, used last: the app's user wins.
+                header = identify.header_user(user_raw.decode("latin-1"))
+            except DuplicateUserHeader as exc:
+                return identify.invalid_user(exc, "header")
+        try:
+            value = user_of_scope(scope.get("user"))
+            if value is not None:
+                return identify.assign_user(rs, value, "scope")
+        except InvalidUserId as exc:  # from the user object: labelled as _identify does
+            return identify.invalid_user(exc, "resolver")
+        if header is not None:
+            return identify.assign_user(rs, header, "header")
+        if identify.wants_session():
+            # Starlette's SessionMiddleware (signed), when it runs outside the guard.
+            identify.set_session(rs, identify.stored_session(scope.get("session")))
+        return None
 
     async def _identify(
         self,

@@ -43,6 +43,7 @@ class GateResult:
 
 
 _PASS = GateResult()
+_DECIDED_MAX = 1024
 
 
 class Gate:
@@ -69,10 +70,25 @@ class Gate:
             if patterns
             else None
         )
+        # Decisions of paths seen lately: an app serves a few paths again and again, and
+        # a dict lookup costs a fraction of the match. Bounded (cleared when full), as
+        # paths come from clients.
+        self._decided: dict[str, bool] = {}
+        self.sync = not self._budget_headers and not self._read_storage
+        """:meth:`check` does no I/O here: async code may call it instead of :meth:`acheck`."""
 
     def guarded(self, path: str) -> bool:
         """Return True if ``path`` matches one of ``guarded_paths``."""
-        return self._paths is not None and self._paths.match(path) is not None
+        decided = self._decided.get(path)
+        if decided is not None:
+            return decided
+        if self._paths is None:
+            return False
+        decided = self._paths.match(path) is not None
+        if len(self._decided) >= _DECIDED_MAX:
+            self._decided.clear()
+        self._decided[path] = decided
+        return decided
 
     def _usage_owner(self) -> tuple[str, tuple[str, ...], str | None]:
         attribution = get_context()
@@ -120,16 +136,23 @@ class Gate:
             ConfigError: ``limit_ids`` in the context names an undefined limit.
         """
         try:
-            limit, headers = self.evaluate()
+            if self._budget_headers:
+                limit, headers = self.evaluate()
+            else:
+                # evaluate() without its tuple (this runs on every guarded request).
+                headers = ()
+                limit = self.guard.exhausted_limit(get_context(), read_storage=self._read_storage)
         except BudgetExceeded as exc:  # UserRequired: anonymous calls are rejected
             return GateResult(self.problems.problem_for_refusal(exc))
         except StorageError as exc:
             return self.storage_failed(exc)
+        if limit is None and not headers:
+            return _PASS
         return self._result(limit, headers)
 
     async def acheck(self) -> GateResult:
         """Async :meth:`check` (the ASGI twin); never blocks the event loop."""
-        if not self._budget_headers and not self._read_storage:
+        if self.sync:
             # The cache gate does no I/O: answer without another coroutine hop.
             return self.check()
         try:

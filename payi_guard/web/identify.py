@@ -34,6 +34,7 @@ Everything here works on plain values (header strings, a session mapping, a
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import re
 import secrets
@@ -55,12 +56,15 @@ __all__ = [
     "SESSION_KEY",
     "UNTRUSTED_HEADER_EVENT",
     "Identifier",
+    "bind_request",
     "is_guarded_request",
     "mark_bound",
     "rebind_user",
     "request_id_of",
     "session_digest",
     "split_user",
+    "structlog_vars",
+    "unbind_request",
     "user_of_scope",
 ]
 
@@ -160,6 +164,47 @@ def request_id_of(incoming: str | None) -> str:
     if incoming is not None and _REQUEST_ID.match(incoming):
         return incoming
     return new_id()
+
+
+_LogTokens = tuple[contextvars.Token[Any], contextvars.Token[Any]]
+_log_vars: tuple[contextvars.ContextVar[Any], contextvars.ContextVar[Any]] | None = None
+
+
+def bind_request(user_id: str | None, request_id: str) -> _LogTokens:
+    """Bind ``user_id`` and ``request_id`` in structlog's context variables (internal).
+
+    What ``structlog.contextvars.bind_contextvars(user_id=..., request_id=...)`` does,
+    on the same variables (so ``merge_contextvars`` shows them the same way), at a
+    fraction of the cost: the variables are looked up once, not per request. Undo it
+    with :func:`unbind_request`.
+
+    Returns:
+        The tokens :func:`unbind_request` needs.
+    """
+    user_var, request_var = _log_vars or structlog_vars()
+    return user_var.set(user_id), request_var.set(request_id)
+
+
+def unbind_request(tokens: _LogTokens) -> None:
+    """Undo :func:`bind_request` exactly (a user rebound since included)."""
+    user_token, request_token = tokens
+    request_token.var.reset(request_token)
+    user_token.var.reset(user_token)
+
+
+def structlog_vars() -> tuple[contextvars.ContextVar[Any], contextvars.ContextVar[Any]]:
+    """Structlog's context variables of ``user_id`` and ``request_id`` (internal).
+
+    What :func:`bind_request` sets; a middleware may keep them and set them itself.
+    """
+    global _log_vars
+    if _log_vars is not None:
+        return _log_vars
+    # structlog makes one variable per key on first use and keeps it; its tokens name it.
+    tokens = structlog.contextvars.bind_contextvars(user_id=None, request_id=None)
+    structlog.contextvars.reset_contextvars(**tokens)
+    _log_vars = (tokens["user_id"].var, tokens["request_id"].var)
+    return _log_vars
 
 
 def rebind_user(user_id: str) -> None:

@@ -19,7 +19,6 @@ from contextlib import ExitStack
 from types import TracebackType
 from typing import Any
 
-from structlog.contextvars import bind_contextvars, reset_contextvars
 from typing_extensions import Unpack
 
 from payi_guard.context import RequestScope, request_scope
@@ -27,7 +26,13 @@ from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, DuplicateUserHeader, InvalidUserId
 from payi_guard.web.core import WebCore
 from payi_guard.web.gate import GateResult, gate_headers, store_gate_headers
-from payi_guard.web.identify import mark_bound, request_id_of, split_user
+from payi_guard.web.identify import (
+    bind_request,
+    mark_bound,
+    request_id_of,
+    split_user,
+    unbind_request,
+)
 from payi_guard.web.options import WebOptionArgs
 from payi_guard.web.problem import AFTER_START_EVENT, Problem
 
@@ -104,8 +109,8 @@ class WSGIGuardMiddleware:
             rs = stack.enter_context(request_scope(request_id=request_id))
             problem = self._identify(environ, rs)
             mark_bound(rs)
-            tokens = bind_contextvars(user_id=rs.user_id, request_id=request_id)
-            stack.callback(reset_contextvars, **tokens)
+            tokens = bind_request(rs.user_id, request_id)
+            stack.callback(unbind_request, tokens)
             guarded = (
                 environ.get("REQUEST_METHOD") != "OPTIONS"  # CORS preflights
                 and core.gate.guarded(environ.get("PATH_INFO") or "/")

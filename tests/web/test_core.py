@@ -364,3 +364,38 @@ def test_check_reject_strategy_answers_401(make_guard: Callable[..., Guard]) -> 
         result = WebCore(guard).check()
     assert result.problem is not None
     assert result.problem.status == 401
+
+
+def test_path_decisions_are_remembered_within_a_bound(guard: Guard) -> None:
+    from payi_guard.web import gate as gate_module
+
+    core = WebCore(guard, guarded_paths=["/api/*"])
+    for i in range(gate_module._DECIDED_MAX + 10):
+        assert core.guarded(f"/api/{i}")
+        assert not core.guarded(f"/other/{i}")
+    assert len(core.gate._decided) <= gate_module._DECIDED_MAX
+    assert core.guarded("/api/chat")
+    assert core.guarded("/api/chat")  # remembered
+    assert not core.guarded("/API/chat")
+
+
+def test_bind_request_sets_structlog_context_and_undoes_it_exactly() -> None:
+    import structlog
+
+    from payi_guard.web.identify import bind_request, mark_bound, rebind_user, unbind_request
+
+    structlog.contextvars.bind_contextvars(user_id="outer")
+    try:
+        with request_scope(request_id="r-1") as rs:
+            mark_bound(rs)
+            tokens = bind_request("alice", "r-1")
+            assert structlog.contextvars.get_contextvars() == {
+                "user_id": "alice",
+                "request_id": "r-1",
+            }
+            rebind_user("bob")
+            assert structlog.contextvars.get_contextvars()["user_id"] == "bob"
+            unbind_request(tokens)
+        assert structlog.contextvars.get_contextvars() == {"user_id": "outer"}
+    finally:
+        structlog.contextvars.clear_contextvars()
