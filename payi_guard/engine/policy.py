@@ -133,8 +133,12 @@ class Subjects:
                 see :func:`is_anonymous_id`) and the anonymous strategy is ``reject``.
         """
         user = attribution.user_id or default_user
-        if user is not None and not is_anonymous_id(user):
-            return self.of(user)
+        if user is not None:
+            known = self._subjects.get(user)  # only named users are kept: no anonymous id
+            if known is not None:
+                return known
+            if not is_anonymous_id(user):
+                return self.of(user)
         if anonymous.strategy == "reject":
             raise self._user_required()
         if user is not None:
