@@ -11,7 +11,6 @@ price; :mod:`payi_guard.pricing` never sees a request body.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Literal, get_args
@@ -124,14 +123,57 @@ def image_token_bound(model: str) -> int:
     return best
 
 
-# Character classes for the "ratio" text bound, over UTF-8 bytes (all C-speed passes).
-_WORD_RUN = re.compile(rb"[A-Za-z\x80-\xff]+")
-_DIGIT_RUN = re.compile(rb"[0-9]+")
-_SPACE_RUN = re.compile(rb"[ \t\n\r\x0b\x0c]+")
-_MERGED_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c] (?=[^ \t\n\r\x0b\x0c0-9])")
-_CASE_SWITCH = re.compile(rb"[a-z](?=[A-Z])")
+# Byte classes for the "ratio" text bound. Each table maps every byte to one class
+# letter, so one ``translate`` and a few ``count`` calls (all C-speed passes) give the
+# sizes of the classes and, counting where a class starts, their runs.
+_SPACE_BYTES = b" \t\n\r\x0b\x0c"
+_DIGITS = b"0123456789"
+_LOWER = bytes(range(ord("a"), ord("z") + 1))
 _UPPER = bytes(range(ord("A"), ord("Z") + 1))
 _LEAD4 = bytes(range(0xF0, 0xF8))
+_WORD_BYTES = _LOWER + _UPPER + bytes(range(0x80, 0x100))
+
+
+def _class_table(classes: dict[bytes, bytes], default: bytes) -> bytes:
+    """A ``translate`` table: each byte of a key to its letter, any other to ``default``."""
+    table = bytearray(default * 256)
+    for members, letter in classes.items():
+        for byte in members:
+            table[byte] = letter[0]
+    return bytes(table)
+
+
+# Letters (ASCII and every non-ASCII byte) as "w", the rest as ".".
+_WORD_CLASSES = _class_table({_WORD_BYTES: b"w"}, b".")
+# Lowercase ASCII letters as "l", capitals as "u", the rest as ".".
+_CASE_CLASSES = _class_table({_LOWER: b"l", _UPPER: b"u"}, b".")
+# Digits as "d", the rest as ".".
+_DIGIT_CLASSES = _class_table({_DIGITS: b"d"}, b".")
+# Whitespace as "s", the rest as ".".
+_SPACE_CLASSES = _class_table({_SPACE_BYTES: b"s"}, b".")
+# A space as "s", other whitespace as "t", digits as "d", anything else as "n".
+_MERGE_CLASSES = _class_table({b" ": b"s", _SPACE_BYTES[1:]: b"t", _DIGITS: b"d"}, b"n")
+
+
+def _runs(classes: bytes, letter: bytes) -> int:
+    """How many runs of ``letter`` a two-letter class string (``letter`` and ".") has."""
+    return classes.count(b"." + letter) + (classes[:1] == letter)
+
+
+def _merged_spaces(classes: bytes) -> int:
+    """Single spaces between a non-space byte and a non-space, non-digit byte.
+
+    ``classes`` is the text through :data:`_MERGE_CLASSES`. Every space followed by an
+    "n" byte ("sn"), less those preceded by whitespace ("ssn", "tsn") or by nothing
+    (the text's start); none of these patterns can overlap itself, so ``count`` finds
+    every one.
+    """
+    return (
+        classes.count(b"sn")
+        - classes.count(b"ssn")
+        - classes.count(b"tsn")
+        - (classes[:2] == b"sn")
+    )
 
 
 def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
@@ -174,17 +216,20 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
         raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
     if not size:
         return 0
-    rest, word_runs = _WORD_RUN.subn(b"", data)
-    word_bytes = size - len(rest)
+    words = data.translate(_WORD_CLASSES)
+    word_bytes = words.count(b"w")
+    word_runs = _runs(words, b"w") if word_bytes else 0
     upper = size - len(data.translate(None, _UPPER))
-    switches = len(_CASE_SWITCH.findall(data)) if upper else 0
-    four_byte = size - len(data.translate(None, _LEAD4))
-    rest, digit_runs = _DIGIT_RUN.subn(b"", data)
-    digit_bytes = size - len(rest)
-    rest, space_runs = _SPACE_RUN.subn(b"", data)
-    space_bytes = size - len(rest)
+    # A lowercase letter followed by a capital: "lu" cannot overlap itself, so
+    # ``count`` finds every one.
+    switches = data.translate(_CASE_CLASSES).count(b"lu") if upper else 0
+    four_byte = 0 if text.isascii() else size - len(data.translate(None, _LEAD4))
+    digit_bytes = size - len(data.translate(None, _DIGITS))
+    digit_runs = _runs(data.translate(_DIGIT_CLASSES), b"d") if digit_bytes else 0
+    space_bytes = size - len(data.translate(None, _SPACE_BYTES))
+    space_runs = _runs(data.translate(_SPACE_CLASSES), b"s") if space_bytes else 0
     spaces = data.count(b" ")
-    merged = len(_MERGED_SPACE.findall(data))
+    merged = _merged_spaces(data.translate(_MERGE_CLASSES)) if spaces else 0
     other = size - word_bytes - digit_bytes - space_bytes
     tokens = (
         ceil_div(2 * word_bytes + upper + switches + 4 * four_byte + word_runs, 3)
