@@ -262,32 +262,55 @@ class _Tally:
 
     def add(self, obj: object) -> None:
         """Walk ``obj``: strings are text; images and files by reference are counted."""
-        if isinstance(obj, str):
+        # A parsed body is plain dicts, lists and strings: their exact types first, the
+        # (slower) ABC checks only for anything else.
+        if obj is None:
+            return
+        cls = type(obj)
+        if cls is str:
+            self.text.append(obj)  # type: ignore[arg-type]
+        elif cls is dict:
+            self._add_mapping(obj)  # type: ignore[arg-type]
+        elif cls is list:
+            self._add_list(obj)  # type: ignore[arg-type]
+        elif isinstance(obj, str):
             self.text.append(obj)
-        elif type(obj) is dict or (type(obj) is not list and isinstance(obj, Mapping)):
-            # A parsed body is plain dicts and lists: ``type`` first, the (slower) ABC
-            # check only for other mappings.
-            kind = obj.get("type")
-            if kind in _IMAGE_TYPES or (kind is None and "image_url" in obj):
-                self.images += 1
-                return
-            if kind in _FILE_TYPES and not _inline_file(obj):
-                self.files += 1
-                return
-            # One token per entry stands for the punctuation a rendering adds.
-            self.exact += len(obj)
-            for key, value in obj.items():
-                if key in _SKIPPED_KEYS:
-                    continue
-                self.text.append(str(key))
-                self.add(value)
+        elif isinstance(obj, Mapping):
+            self._add_mapping(obj)
         elif isinstance(obj, list):
-            self.exact += len(obj)
-            add = self.add
-            for value in obj:
-                add(value)
-        elif obj is not None:
+            self._add_list(obj)
+        else:
             self.text.append(str(obj))
+
+    def _add_mapping(self, obj: Mapping[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind in _IMAGE_TYPES or (kind is None and "image_url" in obj):
+            self.images += 1
+            return
+        if kind in _FILE_TYPES and not _inline_file(obj):
+            self.files += 1
+            return
+        # One token per entry stands for the punctuation a rendering adds.
+        self.exact += len(obj)
+        text = self.text
+        for key, value in obj.items():
+            if key in _SKIPPED_KEYS:
+                continue
+            text.append(key if type(key) is str else str(key))
+            if type(value) is str:
+                text.append(value)
+            else:
+                self.add(value)
+
+    def _add_list(self, obj: list[Any]) -> None:
+        self.exact += len(obj)
+        text = self.text
+        add = self.add
+        for value in obj:
+            if type(value) is str:
+                text.append(value)
+            else:
+                add(value)
 
     def add_items(self, items: object) -> None:
         """Walk a list of messages / input items, counting the per-item overhead."""
@@ -446,7 +469,7 @@ def estimate_input_tokens(
         ValueError: unknown ``mode`` or ``endpoint``, or a negative allowance.
         TypeError: ``body`` is not a mapping.
     """
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         raise TypeError(f"body must be a mapping, not {type(body).__name__}")
     if mode not in ("ratio", "bytes"):
         raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
@@ -534,7 +557,7 @@ OUTPUT_CAP_FIELDS: Mapping[EndpointKind, tuple[str, ...]] = MappingProxyType(
 
 def _count_param(body: Mapping[str, Any], name: str) -> int | None:
     value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
 

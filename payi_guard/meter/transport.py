@@ -87,6 +87,23 @@ UNKNOWN_MODEL: Final = "unknown"
 _OPENAI_HOSTS: Final = frozenset({"api.openai.com"})
 _STREAM_OPTIONS_STATUSES: Final = frozenset({400, 422})
 
+# Memo sizes: an app talks to a handful of URLs and gets a handful of content types.
+_MEMO_SIZE: Final = 256
+_event_stream_types: dict[str, bool] = {}
+
+
+def _is_event_stream(content_type: str) -> bool:
+    """Whether a ``Content-Type`` value names ``text/event-stream`` (memoised)."""
+    try:
+        return _event_stream_types[content_type]
+    except KeyError:
+        pass
+    result = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+    if len(_event_stream_types) >= _MEMO_SIZE:
+        _event_stream_types.clear()
+    _event_stream_types[content_type] = result
+    return result
+
 
 @dataclass(slots=True)
 class PlannedCall:
@@ -109,6 +126,14 @@ class PlannedCall:
     body: bytes | None
     added_include_usage: bool
     url: Any
+
+
+def _url_provider(scheme: str, host: str, port: int | None, path: str) -> str:
+    """The provider a URL names (OpenAI's host, a genai-prices API address, or neither)."""
+    if host.lower() in _OPENAI_HOSTS:
+        return "openai"
+    netloc = f"{host}:{port}" if port else host
+    return provider_for_url(f"{scheme}://{netloc}{path}") or "openai-compatible"
 
 
 class TransportMeter:
@@ -135,6 +160,8 @@ class TransportMeter:
         self.provider_hint = provider_hint
         self.bridge = PayiBridge(options.payi)
         self._request_not_read: type[BaseException] = module.RequestNotRead
+        # The provider each (scheme, host, port, path) names (see provider_for).
+        self._url_providers: dict[tuple[str, str, int | None, str], str] = {}
 
     # -- before sending ------------------------------------------------------------------
 
@@ -145,24 +172,34 @@ class TransportMeter:
         for ``api.openai.com``; a host genai-prices knows as another provider's API
         (Groq, DeepSeek, OpenRouter...) as that provider; else ``openai-compatible``.
         """
-        if self.options.provider is not None:
-            return self.options.provider
+        return self._provider(endpoint, url, url.host, url.path)
+
+    def _provider(self, endpoint: Endpoint, url: Any, host: str, path: str) -> str:
+        """:meth:`provider_for`, given the URL's host and path (memoised per URL)."""
+        provider = self.options.provider
+        if provider is not None:
+            return provider
         if endpoint.provider in ("anthropic", "azure"):
             return endpoint.provider
         if self.provider_hint == "azure":
             return "azure"
-        host: str = url.host
-        if host.lower() in _OPENAI_HOSTS:
-            return "openai"
-        port = f":{url.port}" if url.port else ""
-        known = provider_for_url(f"{url.scheme}://{host}{port}{url.path}")
-        return known or "openai-compatible"
+        key = (url.scheme, host, url.port, path)
+        try:
+            return self._url_providers[key]
+        except KeyError:
+            pass
+        provider = _url_provider(*key)
+        if len(self._url_providers) >= _MEMO_SIZE:
+            self._url_providers.clear()
+        self._url_providers[key] = provider
+        return provider
 
     def plan(self, request: Any) -> PlannedCall | None:
         """Plan a request, or return ``None`` when it is not metered (passthrough)."""
         url = request.url
         host: str = url.host
-        endpoint = classify(request.method, url.path, host)
+        path: str = url.path
+        endpoint = classify(request.method, path, host)
         if endpoint is None:
             return None
         try:
@@ -185,7 +222,7 @@ class TransportMeter:
         estimate = estimate_request(body, kind, model, mode=self.options.estimate_mode)
         call = CallRequest(
             model=model,
-            provider=self.provider_for(endpoint, url),
+            provider=self._provider(endpoint, url, host, path),
             endpoint=kind,
             input_tokens=estimate.input_tokens,
             max_output_tokens=estimate.output_tokens,
@@ -211,29 +248,46 @@ class TransportMeter:
         Always a new request object: the app's own (reachable as
         ``raw.http_request``) keeps the headers and body it was built with.
         """
-        headers = request.headers.copy()  # Host and the rest are already there
         body = planned.body
+        changed = body is not None
         if body is None:
             body = request.content
-        else:
-            headers["content-length"] = str(len(body))
-            if "transfer-encoding" in headers:
-                del headers["transfer-encoding"]
-        headers["accept-encoding"] = "identity"
+        # Whether the app's request is chunked, asked on its own headers (whose encoding
+        # is known by now: ``plan`` read their content type).
+        chunked = changed and "transfer-encoding" in request.headers
         if self.bridge.enabled():
+            # Attribution values may be any text: they are encoded as the app's headers
+            # are (``copy`` keeps that encoding).
+            headers = request.headers.copy()
+            self._fix_headers(headers, changed, chunked, len(body))
             attribution = planned.attribution
             anonymous = attribution.user_id is None and self.guard.default_user_id is None
             user = None if anonymous else reservation.user_id
             self.bridge.apply(headers, attribution, user)
+        else:
+            # The new request copies the app's headers; only ASCII values are set, on
+            # that copy (Host and the rest are already there).
+            headers = request.headers
         out = self.module.Request(
             request.method,
             request.url,
             headers=headers,
             stream=self.module.ByteStream(body),
-            extensions=dict(request.extensions),
+            extensions=request.extensions,  # copied by the request
         )
+        if headers is request.headers:
+            self._fix_headers(out.headers, changed, chunked, len(body))
         out.read()  # makes ``content`` available, as for any request built from bytes
         return out
+
+    @staticmethod
+    def _fix_headers(headers: Any, changed: bool, chunked: bool, length: int) -> None:
+        """Identity encoding; the length of a rebuilt body, never chunked."""
+        if changed:
+            headers["content-length"] = str(length)
+            if chunked:
+                del headers["transfer-encoding"]
+        headers["accept-encoding"] = "identity"
 
     # -- after the response ---------------------------------------------------------------
 
@@ -270,9 +324,7 @@ class TransportMeter:
         if planned.info.stream:
             return "stream"
         ctype: str = response.headers.get("content-type", "")
-        if ctype.split(";", 1)[0].strip().lower() == "text/event-stream":
-            return "stream"
-        return "plain"
+        return "stream" if _is_event_stream(ctype) else "plain"
 
     def stream_state(
         self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
