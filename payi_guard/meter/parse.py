@@ -43,6 +43,7 @@ __all__ = [
     "classify",
     "encode_body",
     "inject_include_usage",
+    "loads_json",
     "openai_usage",
     "responses_file_searches",
     "responses_usage",
@@ -171,6 +172,28 @@ def _is_azure_host(host: str | None) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
+_DECODER: Final = json.JSONDecoder()
+
+
+def loads_json(content: bytes) -> Any:
+    """``json.loads(content)``, faster for a JSON object in UTF-8.
+
+    When ``content`` opens with ``{`` followed by anything but a NUL byte (so UTF-8),
+    it skips ``json.loads``'s encoding sniffing and whitespace scans. Anything else
+    (another encoding, surrounding whitespace, extra data, errors) is left to
+    ``json.loads``, so the result and the errors are the same.
+    """
+    if content[:1] == b"{" and content[1:2] != b"\x00":
+        try:
+            text = content.decode("utf-8", "surrogatepass")
+            obj, end = _DECODER.raw_decode(text)
+        except ValueError:
+            return json.loads(content)
+        if end == len(text):
+            return obj
+    return json.loads(content)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     """What a metered request asks for, read from its JSON body.
@@ -219,7 +242,7 @@ class RequestInfo:
         if not body_bytes:
             return None
         try:
-            body = json.loads(body_bytes)
+            body = loads_json(body_bytes)
         except (ValueError, UnicodeDecodeError):
             return None
         if not isinstance(body, dict):

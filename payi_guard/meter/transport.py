@@ -41,7 +41,6 @@ counted from the deltas plus a margin).
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -57,6 +56,7 @@ from payi_guard.meter.parse import (
     RequestInfo,
     classify,
     inject_include_usage,
+    loads_json,
     usage_from_response,
     with_include_usage,
 )
@@ -401,7 +401,7 @@ class TransportMeter:
         reservation (outcome ``unverified``).
         """
         try:
-            obj: Any = json.loads(content)
+            obj: Any = loads_json(content)
         except (ValueError, UnicodeDecodeError):
             obj = None
         parsed = usage_from_response(planned.endpoint, obj)
