@@ -128,6 +128,29 @@ class PlannedCall:
     url: Any
 
 
+def _content_type(headers: Any) -> str | None:
+    """``headers.get("content-type")``, read from the raw list when its values are ASCII.
+
+    A lookup by name first works out the headers' encoding, a pass over every header;
+    ASCII values read the same in any of the encodings it can find.
+    """
+    values = [
+        value for name, value in headers.raw if len(name) == 12 and name.lower() == b"content-type"
+    ]
+    if not values:
+        return None
+    if all(value.isascii() for value in values):
+        return ", ".join(value.decode("ascii") for value in values)
+    result: str | None = headers.get("content-type")
+    return result
+
+
+def _has_header(headers: Any, name: bytes) -> bool:
+    """``name in headers`` (``name`` in lowercase), without working out their encoding."""
+    size = len(name)
+    return any(len(key) == size and key.lower() == name for key, _ in headers.raw)
+
+
 def _url_provider(scheme: str, host: str, port: int | None, path: str) -> str:
     """The provider a URL names (OpenAI's host, a genai-prices API address, or neither)."""
     if host.lower() in _OPENAI_HOSTS:
@@ -207,7 +230,7 @@ class TransportMeter:
         except self._request_not_read:
             # A streamed body cannot be read without consuming it; SDKs never stream one.
             return None
-        info = RequestInfo.parse(endpoint, raw, request.headers.get("content-type"))
+        info = RequestInfo.parse(endpoint, raw, _content_type(request.headers))
         if info is None:
             return None
         model = info.model or UNKNOWN_MODEL
@@ -252,9 +275,7 @@ class TransportMeter:
         changed = body is not None
         if body is None:
             body = request.content
-        # Whether the app's request is chunked, asked on its own headers (whose encoding
-        # is known by now: ``plan`` read their content type).
-        chunked = changed and "transfer-encoding" in request.headers
+        chunked = changed and _has_header(request.headers, b"transfer-encoding")
         if self.bridge.enabled():
             # Attribution values may be any text: they are encoded as the app's headers
             # are (``copy`` keeps that encoding).
