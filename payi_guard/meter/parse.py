@@ -183,7 +183,7 @@ def loads_json(content: bytes) -> Any:
     (another encoding, surrounding whitespace, extra data, errors) is left to
     ``json.loads``, so the result and the errors are the same.
     """
-    if content[:1] == b"{" and content[1:2] != b"\x00":
+    if type(content) is bytes and content[:1] == b"{" and content[1:2] != b"\x00":
         try:
             text = content.decode("utf-8", "surrogatepass")
             obj, end = _DECODER.raw_decode(text)

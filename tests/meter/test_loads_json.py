@@ -56,3 +56,8 @@ def test_same_result_or_error_as_json_loads() -> None:
         cases.append(bytes(mutated))
     for content in cases:
         assert _outcome(loads_json, content) == _outcome(json.loads, content), content
+
+
+def test_other_types_left_to_json_loads() -> None:
+    for content in (bytearray(b'{"a":1}'), memoryview(b'{"a":1}'), '{"a":1}', None):
+        assert _outcome(loads_json, content) == _outcome(json.loads, content)  # type: ignore[arg-type]
