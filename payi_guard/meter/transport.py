@@ -62,6 +62,7 @@ from payi_guard.meter.parse import (
 )
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.refusal import refusal_response
+from payi_guard.meter.request_body import content_type, has_header
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
 from payi_guard.meter.streams import (
     DECODABLE_ENCODINGS,
@@ -87,22 +88,8 @@ UNKNOWN_MODEL: Final = "unknown"
 _OPENAI_HOSTS: Final = frozenset({"api.openai.com"})
 _STREAM_OPTIONS_STATUSES: Final = frozenset({400, 422})
 
-# Memo sizes: an app talks to a handful of URLs and gets a handful of content types.
+# An app talks to a handful of URLs: the provider of each is memoised, up to this many.
 _MEMO_SIZE: Final = 256
-_event_stream_types: dict[str, bool] = {}
-
-
-def _is_event_stream(content_type: str) -> bool:
-    """Whether a ``Content-Type`` value names ``text/event-stream`` (memoised)."""
-    try:
-        return _event_stream_types[content_type]
-    except KeyError:
-        pass
-    result = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
-    if len(_event_stream_types) >= _MEMO_SIZE:
-        _event_stream_types.clear()
-    _event_stream_types[content_type] = result
-    return result
 
 
 @dataclass(slots=True)
@@ -126,37 +113,6 @@ class PlannedCall:
     body: bytes | None
     added_include_usage: bool
     url: Any
-
-
-def _content_type(headers: Any) -> str | None:
-    """``headers.get("content-type")``, read from the raw list when its values are ASCII.
-
-    A lookup by name first works out the headers' encoding, a pass over every header;
-    ASCII values read the same in any of the encodings it can find.
-    """
-    values = [
-        value for name, value in headers.raw if len(name) == 12 and name.lower() == b"content-type"
-    ]
-    if not values:
-        return None
-    if all(value.isascii() for value in values):
-        return ", ".join(value.decode("ascii") for value in values)
-    result: str | None = headers.get("content-type")
-    return result
-
-
-def _has_header(headers: Any, name: bytes) -> bool:
-    """``name in headers`` (``name`` in lowercase), without working out their encoding."""
-    size = len(name)
-    return any(len(key) == size and key.lower() == name for key, _ in headers.raw)
-
-
-def _url_provider(scheme: str, host: str, port: int | None, path: str) -> str:
-    """The provider a URL names (OpenAI's host, a genai-prices API address, or neither)."""
-    if host.lower() in _OPENAI_HOSTS:
-        return "openai"
-    netloc = f"{host}:{port}" if port else host
-    return provider_for_url(f"{scheme}://{netloc}{path}") or "openai-compatible"
 
 
 class TransportMeter:
@@ -206,12 +162,17 @@ class TransportMeter:
             return endpoint.provider
         if self.provider_hint == "azure":
             return "azure"
-        key = (url.scheme, host, url.port, path)
+        scheme, port = url.scheme, url.port
+        key = (scheme, host, port, path)
         try:
             return self._url_providers[key]
         except KeyError:
             pass
-        provider = _url_provider(*key)
+        if host.lower() in _OPENAI_HOSTS:
+            provider = "openai"
+        else:
+            netloc = f"{host}:{port}" if port else host
+            provider = provider_for_url(f"{scheme}://{netloc}{path}") or "openai-compatible"
         if len(self._url_providers) >= _MEMO_SIZE:
             self._url_providers.clear()
         self._url_providers[key] = provider
@@ -230,7 +191,7 @@ class TransportMeter:
         except self._request_not_read:
             # A streamed body cannot be read without consuming it; SDKs never stream one.
             return None
-        info = RequestInfo.parse(endpoint, raw, _content_type(request.headers))
+        info = RequestInfo.parse(endpoint, raw, content_type(request.headers))
         if info is None:
             return None
         model = info.model or UNKNOWN_MODEL
@@ -275,7 +236,7 @@ class TransportMeter:
         changed = body is not None
         if body is None:
             body = request.content
-        chunked = changed and _has_header(request.headers, b"transfer-encoding")
+        chunked = changed and has_header(request.headers, b"transfer-encoding")
         if self.bridge.enabled():
             # Attribution values may be any text: they are encoded as the app's headers
             # are (``copy`` keeps that encoding).
@@ -345,7 +306,9 @@ class TransportMeter:
         if planned.info.stream:
             return "stream"
         ctype: str = response.headers.get("content-type", "")
-        return "stream" if _is_event_stream(ctype) else "plain"
+        if ctype.split(";", 1)[0].strip().lower() == "text/event-stream":
+            return "stream"
+        return "plain"
 
     def stream_state(
         self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
