@@ -18,7 +18,6 @@ reasoning tokens.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -29,6 +28,7 @@ from urllib.parse import unquote
 from payi_guard.meter.request_body import (
     encode_body,
     inject_include_usage,
+    loads_json,
     with_include_usage,
 )
 from payi_guard.meter.tokens import EndpointKind, request_output_cap
@@ -43,6 +43,7 @@ __all__ = [
     "classify",
     "encode_body",
     "inject_include_usage",
+    "loads_json",
     "openai_usage",
     "responses_file_searches",
     "responses_usage",
@@ -219,7 +220,7 @@ class RequestInfo:
         if not body_bytes:
             return None
         try:
-            body = json.loads(body_bytes)
+            body = loads_json(body_bytes)
         except (ValueError, UnicodeDecodeError):
             return None
         if not isinstance(body, dict):
@@ -246,8 +247,20 @@ class RequestInfo:
 
 
 def _is_json_type(content_type: str) -> bool:
+    try:
+        return _json_types[content_type]
+    except KeyError:
+        pass
     media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
+    is_json = media == "application/json" or media.endswith("+json")
+    if len(_json_types) >= _JSON_TYPES_SIZE:
+        _json_types.clear()  # bounded; an app sends one or two content types
+    _json_types[content_type] = is_json
+    return is_json
+
+
+_JSON_TYPES_SIZE: Final = 64
+_json_types: dict[str, bool] = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,7 +350,7 @@ def usage_from_response(endpoint: Endpoint, json_obj: object) -> ParsedUsage:
         The :class:`ParsedUsage`; ``complete`` is false (and counts are zero) when the
         body carries no usage object, as some OpenAI-compatible servers do.
     """
-    if not isinstance(json_obj, Mapping):
+    if type(json_obj) is not dict and not isinstance(json_obj, Mapping):
         return ParsedUsage()
     usage = json_obj.get("usage")
     if endpoint.kind == "responses" and not isinstance(usage, Mapping):
@@ -346,7 +359,7 @@ def usage_from_response(endpoint: Endpoint, json_obj: object) -> ParsedUsage:
         if isinstance(inner, Mapping):
             json_obj = inner
             usage = inner.get("usage")
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         return ParsedUsage()
     if endpoint.kind == "anthropic_messages":
         model = json_obj.get("model")
@@ -405,7 +418,7 @@ def openai_usage(usage: Mapping[str, Any], *, output: bool = True) -> ParsedUsag
     return _openai_style(
         usage,
         ("prompt_tokens", "prompt_tokens_details"),
-        ("completion_tokens", "completion"),
+        ("completion_tokens", "completion_tokens_details"),
         output_required=output,
     )
 
@@ -417,7 +430,7 @@ def responses_usage(usage: Mapping[str, Any]) -> ParsedUsage:
     ``cached_tokens`` and ``cache_write_tokens``).
     """
     return _openai_style(
-        usage, ("input_tokens", "input_tokens_details"), ("output_tokens", "output")
+        usage, ("input_tokens", "input_tokens_details"), ("output_tokens", "output_tokens_details")
     )
 
 
@@ -431,18 +444,18 @@ def _openai_style(
     """The usage of an OpenAI-style object.
 
     ``prompt`` names the input count and its details object; ``completion`` the output
-    count and the stem of its details object (``{stem}_tokens_details``).
+    count and its details object.
     """
     counts = _Counts()
     total_input = counts.read(usage, prompt[0], required=True)
     output = counts.read(usage, completion[0], required=output_required)
     details = usage.get(prompt[1])
     cached = written = 0
-    if isinstance(details, Mapping):
+    if type(details) is dict or isinstance(details, Mapping):
         cached = min(total_input, counts.read(details, "cached_tokens", prompt[1]))
         written = counts.read(details, "cache_write_tokens", prompt[1])
         written = min(total_input - cached, written)
-    reasoning = _int(_dig(usage, f"{completion[1]}_tokens_details", "reasoning_tokens"))
+    reasoning = _int(_dig(usage, completion[1], "reasoning_tokens"))
     return ParsedUsage(
         input_tokens=total_input - cached - written,
         output_tokens=output,
@@ -548,7 +561,7 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 def _as_map(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else _EMPTY
+    return value if type(value) is dict or isinstance(value, Mapping) else _EMPTY
 
 
 def _int(value: object) -> int:
@@ -568,7 +581,7 @@ def _positive_int(value: object) -> int:
 
 def _dig(obj: object, *keys: str) -> object:
     for key in keys:
-        if not isinstance(obj, Mapping):
+        if type(obj) is not dict and not isinstance(obj, Mapping):
             return None
         obj = obj.get(key)
     return obj

@@ -1,6 +1,9 @@
-"""Request bodies the guard changes: ``stream_options.include_usage`` added to a stream.
+"""Requests the guard reads and changes: their bodies and headers.
 
-Re-exported by :mod:`payi_guard.meter.parse`.
+:func:`loads_json` parses a body; :func:`inject_include_usage` adds
+``stream_options.include_usage`` to a stream (both re-exported by
+:mod:`payi_guard.meter.parse`); :func:`content_type` and :func:`has_header` read an
+``httpx``/``httpx2`` request's headers.
 """
 
 from __future__ import annotations
@@ -9,7 +12,14 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-__all__ = ["encode_body", "inject_include_usage", "with_include_usage"]
+__all__ = [
+    "content_type",
+    "encode_body",
+    "has_header",
+    "inject_include_usage",
+    "loads_json",
+    "with_include_usage",
+]
 
 
 def inject_include_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -63,3 +73,48 @@ def with_include_usage(raw: bytes, body: Mapping[str, Any], new_body: Mapping[st
 def encode_body(body: Mapping[str, Any]) -> bytes:
     """Serialise a request body to compact UTF-8 JSON (for a body the guard changed)."""
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+_DECODER: Final = json.JSONDecoder()
+
+
+def loads_json(content: bytes) -> Any:
+    """``json.loads(content)``, faster for a JSON object in UTF-8.
+
+    When ``content`` opens with ``{`` followed by anything but a NUL byte (so UTF-8),
+    it skips ``json.loads``'s encoding sniffing and whitespace scans. Anything else
+    (another encoding, surrounding whitespace, extra data, errors) is left to
+    ``json.loads``, so the result and the errors are the same.
+    """
+    if type(content) is bytes and content[:1] == b"{" and content[1:2] != b"\x00":
+        try:
+            text = content.decode("utf-8", "surrogatepass")
+            obj, end = _DECODER.raw_decode(text)
+        except ValueError:
+            return json.loads(content)
+        if end == len(text):
+            return obj
+    return json.loads(content)
+
+
+def content_type(headers: Any) -> str | None:
+    """``headers.get("content-type")``, read from the raw list when its values are ASCII.
+
+    A lookup by name first works out the headers' encoding, a pass over every header;
+    ASCII values read the same in any of the encodings it can find.
+    """
+    values = [
+        value for name, value in headers.raw if len(name) == 12 and name.lower() == b"content-type"
+    ]
+    if not values:
+        return None
+    if all(value.isascii() for value in values):
+        return ", ".join(value.decode("ascii") for value in values)
+    result: str | None = headers.get("content-type")
+    return result
+
+
+def has_header(headers: Any, name: bytes) -> bool:
+    """``name in headers`` (``name`` in lowercase), without working out their encoding."""
+    size = len(name)
+    return any(len(key) == size and key.lower() == name for key, _ in headers.raw)

@@ -169,6 +169,16 @@ class StreamState:
             chunk = self.inflater.decompress(chunk)
         return self.meter.feed(chunk)
 
+    def chunk_feeder(self) -> Callable[[bytes], bytes]:
+        """The function each chunk goes through: :meth:`feed`, or the same in one call.
+
+        The meter's own ``feed`` when the body is neither raw nor compressed and
+        :meth:`feed` is not overridden.
+        """
+        if self.raw or self.inflater is not None or type(self).feed is not StreamState.feed:
+            return self.feed
+        return self.meter.feed
+
     def end(self) -> bytes:
         """The response body ended: return the bytes still held back."""
         if self.raw:
@@ -397,9 +407,10 @@ def stream_classes(module: ModuleType) -> tuple[type[Any], type[Any]]:
 
         def __iter__(self) -> Iterator[bytes]:
             state = self._state
+            feed = state.chunk_feeder()
             try:
                 for chunk in self._inner:
-                    out = state.feed(chunk)
+                    out = feed(chunk)
                     if out:
                         yield out
                 tail = state.end()
@@ -428,6 +439,7 @@ def stream_classes(module: ModuleType) -> tuple[type[Any], type[Any]]:
             self._inner = inner
             self._state = state
             self._iterator: Any = None
+            self._feed = state.chunk_feeder()
             self._ended = False
             self._finalizer = _settle_finalizer(self, state)
 
@@ -450,7 +462,7 @@ def stream_classes(module: ModuleType) -> tuple[type[Any], type[Any]]:
                         chunk = await self._iterator.__anext__()
                     except StopAsyncIteration:
                         break
-                    out = state.feed(chunk)
+                    out = self._feed(chunk)
                     if out:
                         return out
                 tail = state.end()

@@ -11,12 +11,11 @@ price; :mod:`payi_guard.pricing` never sees a request body.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
-from payi_guard.money import ceil_div
+from payi_guard.meter.text_bound import EstimateMode, text_token_bound
 
 __all__ = [
     "ANTHROPIC_BUILTIN_TOOL_TOKENS",
@@ -48,9 +47,6 @@ EndpointKind = Literal["chat", "responses", "embeddings", "anthropic_messages", 
 ``/embeddings``, legacy ``/completions``, and Anthropic ``/v1/messages``)."""
 
 ENDPOINTS: tuple[EndpointKind, ...] = get_args(EndpointKind)
-
-EstimateMode = Literal["ratio", "bytes"]
-"""How text is turned into a token bound; see :func:`estimate_input_tokens`."""
 
 DEFAULT_MAX_OUTPUT_TOKENS = 16_384
 """Output bound used when a request sets no cap and the model's own cap is not known."""
@@ -124,79 +120,6 @@ def image_token_bound(model: str) -> int:
     return best
 
 
-# Character classes for the "ratio" text bound, over UTF-8 bytes (all C-speed passes).
-_WORD_RUN = re.compile(rb"[A-Za-z\x80-\xff]+")
-_DIGIT_RUN = re.compile(rb"[0-9]+")
-_SPACE_RUN = re.compile(rb"[ \t\n\r\x0b\x0c]+")
-_MERGED_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c] (?=[^ \t\n\r\x0b\x0c0-9])")
-_CASE_SWITCH = re.compile(rb"[a-z](?=[A-Z])")
-_UPPER = bytes(range(ord("A"), ord("Z") + 1))
-_LEAD4 = bytes(range(0xF0, 0xF8))
-
-
-def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
-    """A bound of the tokens of ``text`` (no chat-format overhead).
-
-    ``"bytes"``: the UTF-8 length. Every token of a byte-level BPE (OpenAI's
-    tokenizers, and any tokenizer with byte fallback) covers at least one byte, so this
-    can never be exceeded.
-
-    ``"ratio"``: a per-character-class bound that follows how GPT-style tokenizers split
-    text, and is at least ``ceil(bytes / 2.5)``:
-
-    * letters (ASCII and non-ASCII bytes): 2/3 token per byte, 1/3 more per ASCII
-      capital, per run and per switch from a lowercase to a capital letter inside a run
-      (camelCase, base64: rare letter pairs a tokenizer may split one letter at a
-      time), 4/3 more per 4-byte character (emoji);
-    * digits: 1/2 token per digit plus 1/2 per run (they split into groups of three);
-    * whitespace: 1 per tab/newline, 1/2 per space plus 1 per run, minus the single
-      spaces that merge into the next word;
-    * everything else (punctuation, symbols, controls): 1 per byte.
-
-    Measured with OpenAI's cl100k_base and o200k_base tokenizers it never under-counts
-    prose (English, Chinese, Japanese, Korean, Russian, Greek, Hebrew, Arabic, Hindi,
-    Thai, Vietnamese), code, JSON, numbers, UUIDs, hex, base64, URLs, LaTeX or emoji;
-    it does under-count text made of characters the vocabulary lacks (runic, rare CJK
-    ideographs: up to 3 tokens per character). Use ``"bytes"`` for a guarantee.
-
-    Args:
-        text: the text.
-        mode: ``"ratio"`` or ``"bytes"``.
-
-    Raises:
-        ValueError: unknown ``mode``.
-    """
-    data = text.encode("utf-8", "surrogatepass")
-    size = len(data)
-    if mode == "bytes":
-        return size
-    if mode != "ratio":
-        raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
-    if not size:
-        return 0
-    rest, word_runs = _WORD_RUN.subn(b"", data)
-    word_bytes = size - len(rest)
-    upper = size - len(data.translate(None, _UPPER))
-    switches = len(_CASE_SWITCH.findall(data)) if upper else 0
-    four_byte = size - len(data.translate(None, _LEAD4))
-    rest, digit_runs = _DIGIT_RUN.subn(b"", data)
-    digit_bytes = size - len(rest)
-    rest, space_runs = _SPACE_RUN.subn(b"", data)
-    space_bytes = size - len(rest)
-    spaces = data.count(b" ")
-    merged = len(_MERGED_SPACE.findall(data))
-    other = size - word_bytes - digit_bytes - space_bytes
-    tokens = (
-        ceil_div(2 * word_bytes + upper + switches + 4 * four_byte + word_runs, 3)
-        + ceil_div(digit_bytes + digit_runs, 2)
-        + ceil_div(spaces + 2 * space_runs, 2)
-        + (space_bytes - spaces)
-        - merged
-        + other
-    )
-    return max(tokens, ceil_div(2 * size, 5))
-
-
 _IMAGE_TYPES = frozenset({"image", "image_url", "input_image", "computer_screenshot"})
 _FILE_TYPES = frozenset({"file", "input_file", "document"})
 _INLINE_SOURCES = frozenset({"base64", "text", "content"})
@@ -217,32 +140,55 @@ class _Tally:
 
     def add(self, obj: object) -> None:
         """Walk ``obj``: strings are text; images and files by reference are counted."""
-        if isinstance(obj, str):
+        # A parsed body is plain dicts, lists and strings: their exact types first, the
+        # (slower) ABC checks only for anything else.
+        if obj is None:
+            return
+        cls = type(obj)
+        if cls is str:
+            self.text.append(obj)  # type: ignore[arg-type]
+        elif cls is dict:
+            self._add_mapping(obj)  # type: ignore[arg-type]
+        elif cls is list:
+            self._add_list(obj)  # type: ignore[arg-type]
+        elif isinstance(obj, str):
             self.text.append(obj)
-        elif type(obj) is dict or (type(obj) is not list and isinstance(obj, Mapping)):
-            # A parsed body is plain dicts and lists: ``type`` first, the (slower) ABC
-            # check only for other mappings.
-            kind = obj.get("type")
-            if kind in _IMAGE_TYPES or (kind is None and "image_url" in obj):
-                self.images += 1
-                return
-            if kind in _FILE_TYPES and not _inline_file(obj):
-                self.files += 1
-                return
-            # One token per entry stands for the punctuation a rendering adds.
-            self.exact += len(obj)
-            for key, value in obj.items():
-                if key in _SKIPPED_KEYS:
-                    continue
-                self.text.append(str(key))
-                self.add(value)
+        elif isinstance(obj, Mapping):
+            self._add_mapping(obj)
         elif isinstance(obj, list):
-            self.exact += len(obj)
-            add = self.add
-            for value in obj:
-                add(value)
-        elif obj is not None:
+            self._add_list(obj)
+        else:
             self.text.append(str(obj))
+
+    def _add_mapping(self, obj: Mapping[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind in _IMAGE_TYPES or (kind is None and "image_url" in obj):
+            self.images += 1
+            return
+        if kind in _FILE_TYPES and not _inline_file(obj):
+            self.files += 1
+            return
+        # One token per entry stands for the punctuation a rendering adds.
+        self.exact += len(obj)
+        text = self.text
+        for key, value in obj.items():
+            if key in _SKIPPED_KEYS:
+                continue
+            text.append(key if type(key) is str else str(key))
+            if type(value) is str:
+                text.append(value)
+            else:
+                self.add(value)
+
+    def _add_list(self, obj: list[Any]) -> None:
+        self.exact += len(obj)
+        text = self.text
+        add = self.add
+        for value in obj:
+            if type(value) is str:
+                text.append(value)
+            else:
+                add(value)
 
     def add_items(self, items: object) -> None:
         """Walk a list of messages / input items, counting the per-item overhead."""
@@ -401,7 +347,7 @@ def estimate_input_tokens(
         ValueError: unknown ``mode`` or ``endpoint``, or a negative allowance.
         TypeError: ``body`` is not a mapping.
     """
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         raise TypeError(f"body must be a mapping, not {type(body).__name__}")
     if mode not in ("ratio", "bytes"):
         raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
@@ -489,7 +435,7 @@ OUTPUT_CAP_FIELDS: Mapping[EndpointKind, tuple[str, ...]] = MappingProxyType(
 
 def _count_param(body: Mapping[str, Any], name: str) -> int | None:
     value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
 

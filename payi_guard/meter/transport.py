@@ -41,7 +41,6 @@ counted from the deltas plus a margin).
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -57,11 +56,13 @@ from payi_guard.meter.parse import (
     RequestInfo,
     classify,
     inject_include_usage,
+    loads_json,
     usage_from_response,
     with_include_usage,
 )
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.refusal import refusal_response
+from payi_guard.meter.request_body import content_type, has_header
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
 from payi_guard.meter.streams import (
     DECODABLE_ENCODINGS,
@@ -86,6 +87,9 @@ UNKNOWN_MODEL: Final = "unknown"
 
 _OPENAI_HOSTS: Final = frozenset({"api.openai.com"})
 _STREAM_OPTIONS_STATUSES: Final = frozenset({400, 422})
+
+# An app talks to a handful of URLs: the provider of each is memoised, up to this many.
+_MEMO_SIZE: Final = 256
 
 
 @dataclass(slots=True)
@@ -135,6 +139,8 @@ class TransportMeter:
         self.provider_hint = provider_hint
         self.bridge = PayiBridge(options.payi)
         self._request_not_read: type[BaseException] = module.RequestNotRead
+        # The provider each (scheme, host, port, path) names (see provider_for).
+        self._url_providers: dict[tuple[str, str, int | None, str], str] = {}
 
     # -- before sending ------------------------------------------------------------------
 
@@ -145,24 +151,39 @@ class TransportMeter:
         for ``api.openai.com``; a host genai-prices knows as another provider's API
         (Groq, DeepSeek, OpenRouter...) as that provider; else ``openai-compatible``.
         """
-        if self.options.provider is not None:
-            return self.options.provider
+        return self._provider(endpoint, url, url.host, url.path)
+
+    def _provider(self, endpoint: Endpoint, url: Any, host: str, path: str) -> str:
+        """:meth:`provider_for`, given the URL's host and path (memoised per URL)."""
+        provider = self.options.provider
+        if provider is not None:
+            return provider
         if endpoint.provider in ("anthropic", "azure"):
             return endpoint.provider
         if self.provider_hint == "azure":
             return "azure"
-        host: str = url.host
+        scheme, port = url.scheme, url.port
+        key = (scheme, host, port, path)
+        try:
+            return self._url_providers[key]
+        except KeyError:
+            pass
         if host.lower() in _OPENAI_HOSTS:
-            return "openai"
-        port = f":{url.port}" if url.port else ""
-        known = provider_for_url(f"{url.scheme}://{host}{port}{url.path}")
-        return known or "openai-compatible"
+            provider = "openai"
+        else:
+            netloc = f"{host}:{port}" if port else host
+            provider = provider_for_url(f"{scheme}://{netloc}{path}") or "openai-compatible"
+        if len(self._url_providers) >= _MEMO_SIZE:
+            self._url_providers.clear()
+        self._url_providers[key] = provider
+        return provider
 
     def plan(self, request: Any) -> PlannedCall | None:
         """Plan a request, or return ``None`` when it is not metered (passthrough)."""
         url = request.url
         host: str = url.host
-        endpoint = classify(request.method, url.path, host)
+        path: str = url.path
+        endpoint = classify(request.method, path, host)
         if endpoint is None:
             return None
         try:
@@ -170,7 +191,7 @@ class TransportMeter:
         except self._request_not_read:
             # A streamed body cannot be read without consuming it; SDKs never stream one.
             return None
-        info = RequestInfo.parse(endpoint, raw, request.headers.get("content-type"))
+        info = RequestInfo.parse(endpoint, raw, content_type(request.headers))
         if info is None:
             return None
         model = info.model or UNKNOWN_MODEL
@@ -185,7 +206,7 @@ class TransportMeter:
         estimate = estimate_request(body, kind, model, mode=self.options.estimate_mode)
         call = CallRequest(
             model=model,
-            provider=self.provider_for(endpoint, url),
+            provider=self._provider(endpoint, url, host, path),
             endpoint=kind,
             input_tokens=estimate.input_tokens,
             max_output_tokens=estimate.output_tokens,
@@ -211,29 +232,44 @@ class TransportMeter:
         Always a new request object: the app's own (reachable as
         ``raw.http_request``) keeps the headers and body it was built with.
         """
-        headers = request.headers.copy()  # Host and the rest are already there
         body = planned.body
+        changed = body is not None
         if body is None:
             body = request.content
-        else:
-            headers["content-length"] = str(len(body))
-            if "transfer-encoding" in headers:
-                del headers["transfer-encoding"]
-        headers["accept-encoding"] = "identity"
+        chunked = changed and has_header(request.headers, b"transfer-encoding")
         if self.bridge.enabled():
+            # Attribution values may be any text: they are encoded as the app's headers
+            # are (``copy`` keeps that encoding).
+            headers = request.headers.copy()
+            self._fix_headers(headers, changed, chunked, len(body))
             attribution = planned.attribution
             anonymous = attribution.user_id is None and self.guard.default_user_id is None
             user = None if anonymous else reservation.user_id
             self.bridge.apply(headers, attribution, user)
+        else:
+            # The new request copies the app's headers; only ASCII values are set, on
+            # that copy (Host and the rest are already there).
+            headers = request.headers
         out = self.module.Request(
             request.method,
             request.url,
             headers=headers,
             stream=self.module.ByteStream(body),
-            extensions=dict(request.extensions),
+            extensions=request.extensions,  # copied by the request
         )
+        if headers is request.headers:
+            self._fix_headers(out.headers, changed, chunked, len(body))
         out.read()  # makes ``content`` available, as for any request built from bytes
         return out
+
+    @staticmethod
+    def _fix_headers(headers: Any, changed: bool, chunked: bool, length: int) -> None:
+        """Identity encoding; the length of a rebuilt body, never chunked."""
+        if changed:
+            headers["content-length"] = str(length)
+            if chunked:
+                del headers["transfer-encoding"]
+        headers["accept-encoding"] = "identity"
 
     # -- after the response ---------------------------------------------------------------
 
@@ -349,7 +385,7 @@ class TransportMeter:
         reservation (outcome ``unverified``).
         """
         try:
-            obj: Any = json.loads(content)
+            obj: Any = loads_json(content)
         except (ValueError, UnicodeDecodeError):
             obj = None
         parsed = usage_from_response(planned.endpoint, obj)

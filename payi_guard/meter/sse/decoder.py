@@ -112,6 +112,12 @@ class SSEDecoder:
             return None
         if self._first_line and chunk.startswith(b"\xef\xbb\xbf"):
             return None
+        if chunk.find(b"\n") == len(chunk) - 2:
+            # One block (the usual chunk): its only line ends right before the blank one.
+            if not chunk.startswith(b"data:"):
+                return None
+            self._first_line = False
+            return [chunk[:-2]]
         blocks = chunk.split(b"\n\n")
         if blocks.pop():
             return None

@@ -478,6 +478,18 @@ class StreamMeter:
         # Whole one-line data events (what providers send): no event objects, and the
         # chunk itself goes on when no event in it is dropped or changed.
         tracker = self.tracker
+        if len(blocks) == 1:
+            block = blocks[0]
+            value = block[6:] if block[5:6] == b" " else block[5:]
+            data = value.decode("utf-8", errors="replace")
+            forward = tracker.observe_data(data)
+            strip = tracker.strip_usage
+            if forward and not strip:
+                return chunk
+            if not forward:
+                return b""
+            event = SSEEvent(raw=chunk, data=data, has_data=True)
+            return without_usage_member(event, null=strip == "null")
         changed: list[bytes | None] | None = None
         for index, block in enumerate(blocks):
             value = block[6:] if block[5:6] == b" " else block[5:]
