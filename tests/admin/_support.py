@@ -74,6 +74,14 @@ def chromium() -> str:
     return path
 
 
+# What the DevTools protocol answers when a navigation ends the page an evaluation ran in.
+_NAVIGATED = (
+    "Inspected target navigated or closed",
+    "Execution context was destroyed",
+    "Cannot find default execution context",
+)
+
+
 class Browser:
     """Headless Chromium driven over the DevTools protocol, on a pipe (no extra package).
 
@@ -189,10 +197,19 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
-        """Evaluate ``expression`` until it is truthy; return its value."""
+        """Evaluate ``expression`` until it is truthy; return its value.
+
+        An evaluation that a navigation cut short (the page it ran in went away) counts
+        as "not yet": the expression is evaluated again in the next page.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as exc:
+                if not any(cut in str(exc) for cut in _NAVIGATED):
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
