@@ -27,7 +27,7 @@ from payi_guard.web.identify import (
     split_user,
     unbind_request,
 )
-from payi_guard.web.problem import AFTER_START_EVENT, Problem
+from payi_guard.web.problem import Problem
 
 if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponseBase
@@ -403,14 +403,7 @@ class GuardMiddleware:
             return response  # type: ignore[no-any-return]
 
         def on_refusal(exc: BudgetExceeded) -> None:
-            self.core.log.error(
-                AFTER_START_EVENT,
-                user_id=exc.user_id,
-                limit=exc.limit.name,
-                request_id=request_id,
-                detail="a GenAI call was refused after the response started; the response "
-                "was closed early",
-            )
+            self.core.refused_after_start(exc, request_id)
 
         body: SyncBody | AsyncBody
         if isinstance(content, Iterator):

@@ -12,7 +12,7 @@ import functools
 
 from payi_guard.engine.calls import CallRecord
 from payi_guard.engine.plan import Plan
-from payi_guard.ledger.analytics import owners_of, prefix_of, refusal_tallies
+from payi_guard.ledger.analytics import call_fields, owners_of, prefix_of, refusal_tallies
 from payi_guard.ledger.base import Tally
 
 __all__ = ["refused_tallies", "settled_tallies"]
@@ -38,31 +38,26 @@ def _day_keys(
     return tuple(t.key for t in tallies), tallies[0].expires_at if tallies else 0.0
 
 
+def _owners_day(plan: Plan, keep_days: int) -> tuple[str, str, str | None, bool, int, int]:
+    """What a plan's tallies depend on besides the call: the owners and the UTC day."""
+    subject = plan.subject
+    prefix = prefix_of(plan.charges[0].key)
+    day = int(plan.now // _DAY)
+    return prefix, subject.user_id, subject.org_id, subject.anonymous, day, keep_days
+
+
 def settled_tallies(plan: Plan, record: CallRecord, keep_days: int) -> tuple[Tally, ...]:
     """The tallies the commit of ``plan``'s call adds (its user's and org's day)."""
     if keep_days <= 0:
         return ()
-    subject, usage = plan.subject, record.usage
-    keys, until = _day_keys(
-        prefix_of(plan.charges[0].key),
-        subject.user_id,
-        subject.org_id,
-        subject.anonymous,
-        int(plan.now // _DAY),
-        keep_days,
-    )
-    cost = record.cost_nano
-    model = plan.call.model
-    case = plan.attribution.use_case_name or ""
-    fields = (
-        ("c", cost),
-        ("n", 1),
-        ("i", max(usage.input_tokens, 0) if usage else 0),
-        ("o", max(usage.output_tokens, 0) if usage else 0),
-        (f"mc:{model}", cost),
-        (f"mn:{model}", 1),
-        (f"uc:{case}", cost),
-        (f"un:{case}", 1),
+    keys, until = _day_keys(*_owners_day(plan, keep_days))
+    usage = record.usage
+    fields = call_fields(
+        record.cost_nano,
+        usage.input_tokens if usage else 0,
+        usage.output_tokens if usage else 0,
+        plan.call.model,
+        plan.attribution.use_case_name,
     )
     return tuple(Tally(key, fields, until) for key in keys)
 
@@ -71,12 +66,4 @@ def refused_tallies(plan: Plan, keep_days: int) -> tuple[Tally, ...]:
     """The tallies a reserve of ``plan`` adds if it refuses (a refusal for each owner)."""
     if keep_days <= 0:
         return ()
-    subject = plan.subject
-    return _refusals(
-        prefix_of(plan.charges[0].key),
-        subject.user_id,
-        subject.org_id,
-        subject.anonymous,
-        int(plan.now // _DAY),
-        keep_days,
-    )
+    return _refusals(*_owners_day(plan, keep_days))

@@ -36,6 +36,7 @@ __all__ = [
     "analytics_key",
     "analytics_owner",
     "aread_history",
+    "call_fields",
     "call_tallies",
     "day_of",
     "history_keys",
@@ -117,8 +118,18 @@ def call_tallies(
     if keep_days <= 0:
         return ()
     day, until = day_of(now), _expires_at(now, keep_days)
+    fields = call_fields(cost, input_tokens, output_tokens, model, use_case)
+    return tuple(
+        Tally(analytics_key(prefix, scope, owner, day), fields, until) for scope, owner in owners
+    )
+
+
+def call_fields(
+    cost: int, input_tokens: int, output_tokens: int, model: str, use_case: str | None
+) -> tuple[tuple[str, int], ...]:
+    """The fields one settled call adds to each owner's tally of its day."""
     case = use_case or ""
-    fields = (
+    return (
         ("c", cost),
         ("n", 1),
         ("i", max(input_tokens, 0)),
@@ -127,9 +138,6 @@ def call_tallies(
         (f"mn:{model}", 1),
         (f"uc:{case}", cost),
         (f"un:{case}", 1),
-    )
-    return tuple(
-        Tally(analytics_key(prefix, scope, owner, day), fields, until) for scope, owner in owners
     )
 
 

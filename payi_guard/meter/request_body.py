@@ -18,6 +18,7 @@ __all__ = [
     "has_header",
     "inject_include_usage",
     "loads_json",
+    "loads_json_text",
     "with_include_usage",
 ]
 
@@ -89,12 +90,27 @@ def loads_json(content: bytes) -> Any:
     if type(content) is bytes and content[:1] == b"{" and content[1:2] != b"\x00":
         try:
             text = content.decode("utf-8", "surrogatepass")
-            obj, end = _DECODER.raw_decode(text)
         except ValueError:
             return json.loads(content)
-        if end == len(text):
-            return obj
+        # json.loads(content) decodes it the same way (UTF-8, surrogatepass) first.
+        return loads_json_text(text)
     return json.loads(content)
+
+
+def loads_json_text(data: str) -> Any:
+    """``json.loads(data)``, minus two whitespace scans for data that starts with ``{``.
+
+    Anything else (leading or trailing whitespace, extra data, errors) is left to
+    ``json.loads``, so the result and the errors are the same.
+    """
+    if data[:1] == "{":
+        try:
+            obj, end = _DECODER.raw_decode(data)
+        except ValueError:
+            return json.loads(data)
+        if end == len(data):
+            return obj
+    return json.loads(data)
 
 
 def content_type(headers: Any) -> str | None:

@@ -48,7 +48,7 @@ from payi_guard.web.identify import (
     user_of_scope,
 )
 from payi_guard.web.options import WebOptionArgs
-from payi_guard.web.problem import AFTER_START_EVENT, Problem
+from payi_guard.web.problem import Problem
 
 __all__ = ["GuardMiddleware"]
 
@@ -342,14 +342,7 @@ class GuardMiddleware:
         refusal = _error_in(exc, (BudgetExceeded,))
         if not isinstance(refusal, BudgetExceeded):
             return False
-        core.log.error(
-            AFTER_START_EVENT,
-            user_id=refusal.user_id,
-            limit=refusal.limit.name,
-            request_id=request_id,
-            detail="a GenAI call was refused after the response started; the response "
-            "was closed early",
-        )
+        core.refused_after_start(refusal, request_id)
         if not response.finished:
             await response({"type": "http.response.body", "body": b"", "more_body": False})
         return True

@@ -25,7 +25,7 @@ from payi_guard.usage import LimitUsage
 from payi_guard.web.gate import Gate, GateResult
 from payi_guard.web.identify import Identifier, request_id_of
 from payi_guard.web.options import WebOptionArgs, WebOptions
-from payi_guard.web.problem import Problem, Problems
+from payi_guard.web.problem import AFTER_START_EVENT, Problem, Problems
 
 __all__ = ["WebCore"]
 
@@ -156,6 +156,21 @@ class WebCore:
     def problem_for_refusal(self, exc: BudgetExceeded) -> Problem:
         """The 401 (``UserRequired``) or budget problem of a refusal."""
         return self.problems.problem_for_refusal(exc)
+
+    def refused_after_start(self, exc: BudgetExceeded, request_id: str | None) -> None:
+        """Log ``budget_exceeded_after_start``: a call refused once the response had started.
+
+        The status line was sent, so no refusal can be answered; the response is closed
+        early instead, and this line says why.
+        """
+        self.log.error(
+            AFTER_START_EVENT,
+            user_id=exc.user_id,
+            limit=exc.limit.name,
+            request_id=request_id,
+            detail="a GenAI call was refused after the response started; the response "
+            "was closed early",
+        )
 
     def retry_after(self, limit: LimitUsage) -> int:
         """Whole seconds until ``limit`` resets, at least 1 (from the guard's clock)."""

@@ -34,7 +34,7 @@ from payi_guard.web.identify import (
     unbind_request,
 )
 from payi_guard.web.options import WebOptionArgs
-from payi_guard.web.problem import AFTER_START_EVENT, Problem
+from payi_guard.web.problem import Problem
 
 __all__ = ["WSGIGuardMiddleware"]
 
@@ -335,14 +335,7 @@ class _Body:
             return response.problem(problem, sys.exc_info())[0]
         if not isinstance(exc, BudgetExceeded):
             raise exc
-        response._middleware.core.log.error(
-            AFTER_START_EVENT,
-            user_id=exc.user_id,
-            limit=exc.limit.name,
-            request_id=response.request_id,
-            detail="a GenAI call was refused after the response started; the response was "
-            "closed early",
-        )
+        response._middleware.core.refused_after_start(exc, response.request_id)
         raise StopIteration
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from payi_guard.meter.parse import (
     responses_usage,
     responses_web_searches,
 )
+from payi_guard.meter.request_body import loads_json_text
 from payi_guard.meter.sse.decoder import SSEDecoder, SSEEvent
 
 __all__ = [
@@ -174,7 +175,7 @@ class StreamUsageTracker:
             self._defer(data)
             return True
         try:
-            obj = _json_object(data)
+            obj = loads_json_text(data)
         except ValueError:
             return True
         if type(obj) is not dict:
@@ -220,7 +221,7 @@ class StreamUsageTracker:
         deferred, self._deferred, self._deferred_size = self._deferred, [], 0
         for data in deferred:
             try:
-                obj = _json_object(data)
+                obj = loads_json_text(data)
             except ValueError:
                 continue
             if type(obj) is dict:
@@ -428,26 +429,9 @@ class StreamUsageTracker:
         )
 
 
-_DECODER: Final = json.JSONDecoder()
 _CHAT_KINDS: Final = frozenset({"chat", "completions"})
 _DEFERRED_LIMIT: Final = 256 * 1024
 """Characters of deferred chat chunks held before they are counted anyway."""
-
-
-def _json_object(data: str) -> Any:
-    """``json.loads(data)``, minus two whitespace scans for data that starts with ``{``.
-
-    Anything else (leading or trailing whitespace, extra data, errors) is left to
-    ``json.loads``, so the result and the errors are the same.
-    """
-    if data[:1] == "{":
-        try:
-            obj, end = _DECODER.raw_decode(data)
-        except ValueError:
-            return json.loads(data)
-        if end == len(data):
-            return obj
-    return json.loads(data)
 
 
 def _str(value: object) -> str | None:
