@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -54,22 +55,27 @@ CALL = CallRequest(model="gpt-test", provider="openai", input_tokens=40, max_out
 USAGE = TokenUsage(12, 20)
 
 
+def timed(step: Callable[[], object], batch: int, seconds: float) -> tuple[int, float, float]:
+    """Run ``step`` in batches for ``seconds``: (count, cpu seconds, wall seconds)."""
+    count = 0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        for _ in range(batch):
+            step()
+        count += batch
+        if time.perf_counter() >= deadline:
+            break
+    return count, time.process_time() - cpu0, time.perf_counter() - t0
+
+
 def raw_worker(url: str, prefix: str, index: int, seconds: float, start: Any, out: Any) -> None:
     """Send INCRBY round trips for ``seconds``; report (count, cpu seconds, wall seconds)."""
     client = redis.Redis.from_url(url)
     key = f"{prefix}:raw:{index}"
     client.set(key, 0, ex=86_400)
     start.wait()
-    count = 0
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    deadline = t0 + seconds
-    while True:
-        for _ in range(100):
-            client.incrby(key, 1)
-        count += 100
-        if time.perf_counter() >= deadline:
-            break
-    out.put((count, time.process_time() - cpu0, time.perf_counter() - t0))
+    out.put(timed(lambda: client.incrby(key, 1), 100, seconds))
     client.close()
 
 
@@ -81,16 +87,7 @@ def guarded_worker(url: str, prefix: str, index: int, seconds: float, start: Any
     for _ in range(50):  # warm: connections, scripts, caches
         guard.begin(CALL, attribution).settle(USAGE)
     start.wait()
-    count = 0
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    deadline = t0 + seconds
-    while True:
-        for _ in range(50):
-            guard.begin(CALL, attribution).settle(USAGE)
-        count += 50
-        if time.perf_counter() >= deadline:
-            break
-    out.put((count, time.process_time() - cpu0, time.perf_counter() - t0))
+    out.put(timed(lambda: guard.begin(CALL, attribution).settle(USAGE), 50, seconds))
     guard.close()
 
 

@@ -310,27 +310,6 @@ class Bookkeeper:
 
     # -- settling ------------------------------------------------------------------------------
 
-    @staticmethod
-    def amounts(
-        plan: Plan,
-        usage: TokenUsage,
-        *,
-        response_model: str | None = None,
-        other_models: Sequence[tuple[str, TokenUsage]] = (),
-    ) -> tuple[list[int], int, bool]:
-        """What ``usage`` adds to each counter, its cost, and whether it was priced.
-
-        See :func:`~payi_guard.engine.charges.charged_amounts`.
-        """
-        return charged_amounts(
-            plan, usage, response_model=response_model, other_models=other_models
-        )
-
-    @staticmethod
-    def reserved_amounts(plan: Plan) -> list[int]:
-        """What the reservation holds on each counter (charged when usage is untrusted)."""
-        return [charge.amount for charge in plan.charges]
-
     def usage_invalid(
         self, plan: Plan, problems: Sequence[str], response_model: str | None
     ) -> None:
@@ -358,7 +337,7 @@ class Bookkeeper:
             ValueError: ``dollars`` is negative or not a number.
         """
         if dollars is None:
-            amounts, cost, priced = self.amounts(plan, usage)
+            amounts, cost, priced = charged_amounts(plan, usage)
             if not priced:
                 self._log.warning(
                     events.UNKNOWN_MODEL,

@@ -9,6 +9,7 @@ from decimal import Decimal
 from payi_guard.context import Attribution
 from payi_guard.engine.bookkeeper import Bookkeeper
 from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.charges import charged_amounts
 from payi_guard.engine.plan import Plan
 from payi_guard.money import decimal_usd
 from payi_guard.pricing import TokenUsage
@@ -242,12 +243,12 @@ class Reservation:
         """The usage charged and its amounts; :data:`UNVERIFIED` charges the reservation."""
         plan = self._plan
         if outcome != UNVERIFIED:
-            amounts = self._books.amounts(
+            amounts = charged_amounts(
                 plan, usage, response_model=response_model, other_models=other_models
             )
             return usage, amounts
         reserved = TokenUsage(plan.call.input_tokens, plan.call.max_output_tokens)
-        amounts_reserved = self._books.reserved_amounts(plan)
+        amounts_reserved = [charge.amount for charge in plan.charges]
         return reserved, (amounts_reserved, plan.estimate_nano, plan.rates is not None)
 
     def __repr__(self) -> str:
