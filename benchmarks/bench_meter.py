@@ -68,16 +68,44 @@ CHAT = {
 }
 
 
-def sse_chunks(n: int) -> list[bytes]:
+def sse_chunks(n: int, *, include_usage: bool = True) -> list[bytes]:
+    """A chat stream of ``n`` text chunks shaped as OpenAI sends them.
+
+    As in recorded OpenAI traffic: a role chunk, the text chunks, a ``finish_reason``
+    chunk, then ``[DONE]``; each chunk carries ``"usage":null`` and ends with the
+    ``obfuscation`` member, and the usage-only chunk comes before ``[DONE]``, only when
+    the request asked for ``stream_options.include_usage`` (the guard asks; a bare app
+    usually does not).
+    """
+
     def event(obj: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
-    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-    chunks = [
-        event({**base, "choices": [{"index": 0, "delta": {"content": f" word{i}"}}]})
-        for i in range(n)
-    ]
-    chunks.append(event({**base, "choices": [], "usage": CHAT["usage"]}))
+    def chunk(choices: list[Any], index: int) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "id": "chatcmpl-Dx0XpqH8w09uBXwq1zFGYdETjtnEl",
+            "object": "chat.completion.chunk",
+            "created": 1782955817,
+            "model": "gpt-4o-mini-2024-07-18",
+            "service_tier": "default",
+            "system_fingerprint": "fp_d0469e1700",
+            "choices": choices,
+        }
+        if include_usage:
+            obj["usage"] = None
+        obj["obfuscation"] = "C63rUqdZk18g"[: 4 + index % 8]
+        return obj
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list[Any]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+    chunks = [event(chunk(choice({"role": "assistant", "content": ""}), 0))]
+    chunks += [event(chunk(choice({"content": f" word{i}"}), i)) for i in range(n)]
+    chunks.append(event(chunk(choice({}, "stop"), n)))
+    if include_usage:
+        last = chunk([], 0)
+        last["usage"] = CHAT["usage"]
+        chunks.append(event(last))
     chunks.append(b"data: [DONE]\n\n")
     return chunks
 
@@ -91,11 +119,15 @@ class _Chunks(httpx2.SyncByteStream):
 
 
 def mock_transport(stream_chunks: int) -> httpx2.MockTransport:
+    """An in-process transport answering chat calls as OpenAI does (JSON or a stream)."""
     body = json.dumps(CHAT).encode()
-    chunks = sse_chunks(stream_chunks)
+    streams = {flag: sse_chunks(stream_chunks, include_usage=flag) for flag in (False, True)}
 
     def handler(request: httpx2.Request) -> httpx2.Response:
-        if json.loads(request.content).get("stream"):
+        sent = json.loads(request.content)
+        if sent.get("stream"):
+            options = sent.get("stream_options") or {}
+            chunks = streams[options.get("include_usage") is True]
             return httpx2.Response(
                 200, headers={"content-type": "text/event-stream"}, stream=_Chunks(chunks)
             )

@@ -92,6 +92,15 @@ class SSEDecoder:
         """Bytes received but not yet returned in an event."""
         return len(self._buf)
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the next byte starts a new block of a stream already under way.
+
+        Nothing is held and the first line (which may start with a byte order mark)
+        has been read.
+        """
+        return not self._buf and not self._first_line
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Add bytes and return the events they complete, in order."""
         if not chunk:

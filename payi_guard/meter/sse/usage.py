@@ -119,7 +119,7 @@ class StreamUsageTracker:
         self._output_deltas = 0
         # Chat chunks that can only add to the output counts, kept unparsed until the
         # counts are read (a stream that ends with its usage never needs them).
-        self._deferred: list[str] = []
+        self._deferred: list[str | bytes] = []
         self._deferred_size = 0
         self.events = 0
         """Number of events with data observed."""
@@ -210,16 +210,35 @@ class StreamUsageTracker:
             and (self.response_id is not None or '"id"' not in data)
         )
 
-    def _defer(self, data: str) -> None:
+    def _defer(self, data: str | bytes) -> None:
         self._deferred.append(data)
         self._deferred_size += len(data)
         if self._deferred_size > _DEFERRED_LIMIT:
             self._count_deferred()  # bounded memory: a long stream is counted as it goes
 
+    def defer_events(self, events: list[bytes], size: int) -> None:
+        r"""Take whole one-line chat chunk events that can only add to the output counts.
+
+        Each is an event's bytes, ``data: {...}\n\n``; what :meth:`observe_data` would
+        do with their data is done when the counts are read (:class:`StreamMeter`
+        checks each qualifies, as :meth:`observe_data` would).
+
+        Args:
+            events: the events' bytes.
+            size: the bytes they hold (``sum(map(len, events))``), or more.
+        """
+        self.events += len(events)
+        self._deferred += events
+        self._deferred_size += size
+        if self._deferred_size > _DEFERRED_LIMIT:
+            self._count_deferred()
+
     def _count_deferred(self) -> None:
         """Parse the deferred chunks and add their output (counts add up in any order)."""
         deferred, self._deferred, self._deferred_size = self._deferred, [], 0
-        for data in deferred:
+        for item in deferred:
+            # A whole event's bytes (``data: {...}\n\n``) or the data of one.
+            data = item if isinstance(item, str) else item[6:-2].decode("utf-8", errors="replace")
             try:
                 obj = loads_json_text(data)
             except ValueError:
@@ -430,6 +449,8 @@ class StreamUsageTracker:
 
 
 _CHAT_KINDS: Final = frozenset({"chat", "completions"})
+_HELD_LIMIT: Final = 256 * 1024
+"""Bytes :class:`StreamMeter` forwards before reading them."""
 _DEFERRED_LIMIT: Final = 256 * 1024
 """Characters of deferred chat chunks held before they are counted anyway."""
 
@@ -442,8 +463,18 @@ class StreamMeter:
     """An :class:`SSEDecoder` and a :class:`StreamUsageTracker` used together.
 
     :meth:`feed` takes raw response bytes and returns the bytes to hand to the client:
-    every complete event unchanged, minus the usage-only chunk the guard caused. Bytes
-    of an unfinished event are held until it ends.
+    every event unchanged, minus what the guard's ``include_usage`` caused in a chat
+    stream (the usage-only chunk, the ``"usage":null`` members). Reading the events is
+    put off while nothing depends on it:
+
+    - A stream whose bytes the guard never changes (``added_include_usage`` false, and
+      every stream that is not chat) goes on as it comes; its bytes are read in bulk
+      when the usage is asked for (:attr:`tracker`, :meth:`finish`) or past
+      :data:`_HELD_LIMIT` bytes.
+    - In a chat stream the guard asked usage of, the usual chunk (one whole ``data:``
+      event, its only ``usage`` member a top-level ``null``) costs a few byte scans and
+      the cut of that member; it is read with the rest. Anything else, and the bytes of
+      an unfinished event, are read at once, after what was put off.
 
     Args:
         endpoint: the endpoint the stream came from.
@@ -452,16 +483,138 @@ class StreamMeter:
 
     def __init__(self, endpoint: Endpoint, *, added_include_usage: bool = False) -> None:
         self.decoder = SSEDecoder()
-        self.tracker = StreamUsageTracker(endpoint, added_include_usage=added_include_usage)
+        self._tracker = StreamUsageTracker(endpoint, added_include_usage=added_include_usage)
+        self._rewrites = added_include_usage and endpoint.kind in _CHAT_KINDS
+        self._quick = False
+        """Whether the next chunk may take the byte-scan path of :meth:`feed` (a stream
+        the guard rewrites, its decoder at a block boundary, model and id known)."""
+        self._held: list[bytes] = []
+        self._held_size = 0
+
+    @property
+    def tracker(self) -> StreamUsageTracker:
+        """What the stream reported so far (every byte fed so far read first)."""
+        if self._held:
+            self._read_held()
+        return self._tracker
 
     def feed(self, chunk: bytes) -> bytes:
-        """Parse ``chunk``; return the bytes of the completed events to forward."""
+        """Take ``chunk``; return the bytes to forward.
+
+        When the guard rewrites the stream, what is returned ends where an event ends
+        (the bytes of an unfinished event wait for the rest of it).
+        """
+        if not self._rewrites:
+            self._hold(chunk)
+            return chunk
+        if (
+            self._quick
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-1] == 10  # "\n"
+            and chunk.find(b"\r") < 0
+        ):
+            # One whole one-line event. Inside a JSON string every quote is escaped, so
+            # a quoted name found here is a key (or a whole string value). When its last
+            # "usage" member is a null that nothing but scalar members (no escapes) and
+            # the closing brace follow, that member is the object's own and its value:
+            # it is cut out of the bytes. An event without one is kept as it is, unless
+            # a unicode escape could spell one.
+            at = chunk.rfind(b'"usage"')
+            if at >= 0:
+                if (
+                    chunk[at - 1 : at + 12] == b',"usage":null'
+                    and _TOP_LEVEL_TAIL.fullmatch(chunk, at + 12, len(chunk) - 2) is not None
+                ):
+                    self._held.append(chunk)
+                    self._held_size += len(chunk)
+                    if self._held_size > _HELD_LIMIT:
+                        self._read_held()
+                    return chunk[: at - 1] + chunk[at + 12 :]
+            elif chunk.find(b"\\u") < 0:
+                self._hold(chunk)
+                return chunk
+        if self._held:
+            self._read_held()
+        forward = self._feed(chunk)
+        tracker = self._tracker
+        self._quick = (
+            self.decoder.at_boundary
+            and tracker.model is not None
+            and tracker.response_id is not None
+        )
+        return forward
+
+    def finish(self) -> bytes:
+        """End the stream; return the remaining bytes to forward."""
+        if self._held:
+            self._read_held()
+        if not self._rewrites:
+            self._forward(self.decoder.finish())
+            return b""  # already forwarded as they came
+        return self._forward(self.decoder.finish())
+
+    def _hold(self, chunk: bytes) -> None:
+        self._held.append(chunk)
+        self._held_size += len(chunk)
+        if self._held_size > _HELD_LIMIT:
+            self._read_held()
+
+    def _read_held(self) -> None:
+        """Read the bytes :meth:`feed` forwarded without reading them, in order."""
+        held, self._held, self._held_size = self._held, [], 0
+        if not self._rewrites:
+            self._feed(b"".join(held))  # forwarded already
+            return
+        # Whole one-line events, as they came: each "usage" member in them is the
+        # top-level null the guard caused (what observe_data would do with it: nothing).
+        # Those that can change nothing but the output counts (the checks of
+        # StreamUsageTracker._only_counts) are read when the counts are; the others
+        # (an end of a choice, an error, [DONE]) now, in order.
+        tracker = self._tracker
+        joined = b"".join(held)
+        if (
+            joined.startswith(b"data: {")
+            and joined.count(b"\n\ndata: {") == len(held) - 1
+            and b'"error"' not in joined
+            and b"\\u" not in joined
+        ):
+            # All are JSON objects: find the few that end a choice, from the end.
+            ends = joined.count(b'"finish_reason"') - joined.count(b'"finish_reason":null')
+            ending: list[bytes] = []
+            index = len(held)
+            while ends > 0 and index > 0:
+                index -= 1
+                event = held[index]
+                extra = event.count(b'"finish_reason"') - event.count(b'"finish_reason":null')
+                if extra:
+                    ends -= extra
+                    ending.append(event)
+                    del held[index]
+            tracker.defer_events(held, len(joined))
+            for event in reversed(ending):
+                tracker.observe_data(event[6:-2].decode("utf-8", errors="replace"))
+            return
+        counts_only: list[bytes] = []
+        for event in held:
+            if (
+                event.startswith(b"data: {")
+                and b'"error"' not in event
+                and b"\\u" not in event
+                and event.count(b'"finish_reason"') == event.count(b'"finish_reason":null')
+            ):
+                counts_only.append(event)
+            elif event.startswith(b"data:"):
+                value = event[6:-2] if event[5:6] == b" " else event[5:-2]
+                tracker.observe_data(value.decode("utf-8", errors="replace"))
+        tracker.defer_events(counts_only, len(joined))
+
+    def _feed(self, chunk: bytes) -> bytes:
         blocks = self.decoder.data_blocks(chunk)
         if blocks is None:
             return self._forward(self.decoder.feed(chunk))
         # Whole one-line data events (what providers send): no event objects, and the
         # chunk itself goes on when no event in it is dropped or changed.
-        tracker = self.tracker
+        tracker = self._tracker
         if len(blocks) == 1:
             block = blocks[0]
             value = block[6:] if block[5:6] == b" " else block[5:]
@@ -498,12 +651,8 @@ class StreamMeter:
             for block, out in zip(blocks, changed, strict=True)
         )
 
-    def finish(self) -> bytes:
-        """End the stream; return the remaining bytes to forward."""
-        return self._forward(self.decoder.finish())
-
     def _forward(self, events: Iterable[SSEEvent]) -> bytes:
-        tracker = self.tracker
+        tracker = self._tracker
         out: list[bytes] = []
         for event in events:
             if not tracker.observe(event):
@@ -512,6 +661,10 @@ class StreamMeter:
             out.append(without_usage_member(event, null=strip == "null") if strip else event.raw)
         return b"".join(out)
 
+
+# What follows a top-level ``"usage":null`` to the end of a chunk's JSON: scalar members
+# (no brackets, braces or escapes, even inside their strings) and the closing brace.
+_TOP_LEVEL_TAIL: Final = re.compile(rb"(?:,[^{}\[\]\\]*)?\}")
 
 # ``"usage": null`` as a member of an object, with the comma that joins it to the next
 # (first member) or to the previous one. Inside a JSON string every quote is escaped,
@@ -525,18 +678,29 @@ _USAGE_NULL: Final = re.compile(
 def without_usage_member(event: SSEEvent, *, null: bool) -> bytes:
     """The bytes of a chat chunk event without the top-level ``usage`` member.
 
-    The common case, a top-level ``"usage":null`` (``null``) that is the chunk's only
-    ``"usage":null``, is cut out of the bytes as they are (no re-encoding). Anything
-    else (a usage object, the key appearing more than once) re-encodes the chunk's
-    JSON without the member, keeping the event's other lines.
+    The common case, a top-level ``"usage":null`` (``null``) that only scalar members
+    follow, or the chunk's only ``"usage":null``, is cut out of the bytes as they are
+    (no re-encoding). Anything else (a usage object, the key appearing more than
+    once elsewhere) re-encodes the chunk's JSON without the member, keeping the event's
+    other lines.
 
     Args:
         event: the chunk's event.
         null: whether the chunk's top-level ``usage`` is ``null``.
     """
     raw = event.raw
-    if null and len(_USAGE_NULL.findall(raw)) == 1:
-        return _USAGE_NULL.sub(b"", raw, count=1)
+    if null:
+        # The last "usage" key, when nothing but scalar members and the closing brace
+        # follow it on the line, is the top-level one (StreamMeter.feed's cut).
+        at = raw.rfind(b'"usage"')
+        if (
+            raw[at - 1 : at + 12] == b',"usage":null'
+            and raw[-2:] == b"\n\n"
+            and _TOP_LEVEL_TAIL.fullmatch(raw, at + 12, len(raw) - 2) is not None
+        ):
+            return raw[: at - 1] + raw[at + 12 :]
+        if len(_USAGE_NULL.findall(raw)) == 1:
+            return _USAGE_NULL.sub(b"", raw, count=1)
     try:
         obj = json.loads(event.data)
     except ValueError:

@@ -1,0 +1,168 @@
+"""StreamMeter's byte-scan path: the usual chat chunk is forwarded, and read later, alike.
+
+:class:`~payi_guard.meter.sse.StreamMeter` forwards the usual chunk of a chat stream the
+guard asked usage of after a few byte scans (its top-level ``"usage":null`` cut out), and
+reads it with the rest later; a stream whose bytes the guard never changes goes on as it
+comes and is read in bulk. Fed one byte at a time, no chunk takes those paths: whatever
+the chunks, the bytes forwarded and what the tracker says must be the same.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from payi_guard.meter.parse import Endpoint, ParsedUsage
+from payi_guard.meter.sse import StreamMeter, StreamUsageTracker
+
+CHAT = Endpoint("chat")
+ANTHROPIC = Endpoint("anthropic_messages", provider="anthropic")
+
+# A chunk of recorded OpenAI traffic (pydantic-ai's cassette
+# test_run_stream_sync_streams_real_model.yaml, in tests/conformance/cassettes), as
+# OpenAI sends it when asked for stream_options.include_usage.
+RECORDED = (
+    b'data: {"id":"chatcmpl-Dx0XpqH8w09uBXwq1zFGYdETjtnEl","object":"chat.completion.chunk",'
+    b'"created":1782955817,"model":"gpt-4o-mini-2024-07-18","service_tier":"default",'
+    b'"system_fingerprint":"fp_d0469e1700","choices":[{"index":0,"delta":{"tool_calls":'
+    b'[{"index":0,"function":{"arguments":"country"}}]},"logprobs":null,"finish_reason":null}'
+    b'],"usage":null,"obfuscation":"UqdZk18gUR"}\n\n'
+)
+
+
+def _state(tracker: StreamUsageTracker) -> tuple[object, ...]:
+    return (
+        tracker.usage,
+        tracker.model,
+        tracker.response_id,
+        tracker.status,
+        tracker.finished,
+        tracker.errors,
+        tracker.output_bytes,
+        tracker.output_deltas,
+        tracker.events,
+        tracker.dropped,
+    )
+
+
+def _by_event(stream: bytes) -> list[bytes]:
+    events = [e + b"\n\n" for e in stream.split(b"\n\n")[:-1]]
+    tail = stream[sum(map(len, events)) :]
+    return events + ([tail] if tail else [])
+
+
+def _metered(
+    chunks: list[bytes], endpoint: Endpoint, *, added: bool
+) -> tuple[bytes, tuple[object, ...]]:
+    meter = StreamMeter(endpoint, added_include_usage=added)
+    out = b"".join(meter.feed(chunk) for chunk in chunks) + meter.finish()
+    return out, _state(meter.tracker)
+
+
+def test_the_recorded_chunk_loses_only_its_usage_member() -> None:
+    first = RECORDED.replace(b'"arguments":"country"', b'"arguments":""')
+    meter = StreamMeter(CHAT, added_include_usage=True)
+    meter.feed(first)  # read at once: it names the model and the id
+
+    out = meter.feed(RECORDED)
+
+    assert out == RECORDED.replace(b',"usage":null', b"")
+    assert meter.tracker.output_bytes == len("country") + 0
+    assert meter.tracker.model == "gpt-4o-mini-2024-07-18"
+
+
+_TEXT = st.lists(
+    st.sampled_from([*'ab {}[]",:\\/\n\u00e9\u4e2d', '"usage":null', "usage"]), max_size=8
+).map("".join)
+
+
+@st.composite
+def _chat_chunk(draw: st.DrawFn, index: int) -> bytes:
+    """A chat chunk whose shape varies where the byte-scan path must be careful."""
+    delta: dict[str, Any] = {"content": draw(_TEXT)}
+    if draw(st.booleans()):
+        delta["usage"] = None  # a nested "usage":null is not the chunk's own
+    finish = draw(st.sampled_from([None, None, None, "stop", "length"]))
+    choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    members: list[tuple[str, Any]] = [
+        ("id", "chatcmpl-1"),
+        ("object", "chat.completion.chunk"),
+        ("model", "m"),
+        ("choices", draw(st.sampled_from([choices, choices, []]))),
+    ]
+    usage = draw(st.sampled_from(["null", "null", "null", "none", "object"]))
+    if usage == "null":
+        members.append(("usage", None))
+    elif usage == "object":
+        members.append(("usage", {"prompt_tokens": index, "completion_tokens": 2}))
+    for name in draw(st.lists(st.sampled_from(["obfuscation", "extra", "error"]), unique=True)):
+        if name == "error":
+            members.append((name, {"message": draw(_TEXT)}))
+        elif name == "extra":
+            members.append((name, draw(st.sampled_from([[1], {"a": 1}, 3, None]))))
+        else:
+            members.append((name, draw(_TEXT)))
+    members = draw(st.permutations(members)) if draw(st.booleans()) else members
+    ascii_only = draw(st.booleans())
+    text = json.dumps(dict(members), separators=(",", ":"), ensure_ascii=ascii_only)
+    return b"data: " + text.encode() + b"\n\n"
+
+
+@st.composite
+def _chat_streams(draw: st.DrawFn) -> bytes:
+    first: dict[str, Any] = {"id": "chatcmpl-1", "model": "m", "choices": [], "usage": None}
+    out = b"data: " + json.dumps(first).encode() + b"\n\n"
+    for index in range(draw(st.integers(0, 8))):
+        out += draw(st.sampled_from([b"", b"", b"", b": ping\n\n", b"\n\n"]))
+        out += draw(_chat_chunk(index))
+    if draw(st.booleans()):
+        out += b"data: [DONE]\n\n"
+    return out
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=_chat_streams(), added=st.booleans())
+def test_chat_chunks_whole_or_byte_by_byte_alike(stream: bytes, added: bool) -> None:
+    whole = _metered(_by_event(stream), CHAT, added=added)
+    single = _metered([stream[i : i + 1] for i in range(len(stream))], CHAT, added=added)
+
+    assert whole == single
+
+
+def test_a_long_stream_is_read_as_it_goes_and_counted_alike() -> None:
+    chunks = [RECORDED.replace(b'"arguments":"country"', b'"arguments":""')]
+    chunks += [RECORDED] * 2000  # past the bytes held back unread
+    chunks.append(RECORDED.replace(b'"finish_reason":null', b'"finish_reason":"length"'))
+
+    whole = _metered(chunks, CHAT, added=True)
+    single = _metered([b for c in chunks for b in (c[:100], c[100:])], CHAT, added=True)
+
+    assert whole == single
+    assert whole[1][3] == "length"
+    assert whole[1][6] == 2001 * len("country")
+    assert whole[1][0] is None  # no usage reported: the output counts are the estimate
+
+
+def test_an_unchanged_stream_goes_on_as_it_comes() -> None:
+    events = [
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1",'
+        b'"model":"claude-sonnet-4-5","usage":{"input_tokens":7,"output_tokens":1}}}\n\n',
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"Hi there"}}\n\n',
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        b'"end_turn"},"usage":{"output_tokens":3}}\n\n',
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ]
+    stream = b"".join(events)
+    meter = StreamMeter(ANTHROPIC)
+
+    # Cut mid-event: every byte goes on at once, none is held back.
+    outs = [meter.feed(stream[i : i + 37]) for i in range(0, len(stream), 37)]
+
+    assert outs == [stream[i : i + 37] for i in range(0, len(stream), 37)]
+    assert meter.finish() == b""
+    assert meter.tracker.usage == ParsedUsage(input_tokens=7, output_tokens=3, complete=True)
+    assert (meter.tracker.status, meter.tracker.finished) == ("end_turn", True)
