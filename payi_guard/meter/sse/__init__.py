@@ -3,18 +3,17 @@
 A metered stream goes through a :class:`StreamMeter`: an incremental :class:`SSEDecoder`
 that keeps every event's raw bytes, and a :class:`StreamUsageTracker` that reads usage
 from the events (with the usage parsers of :mod:`payi_guard.meter.parse`) and says which
-events to forward. The client receives the original bytes unchanged, minus only the
-usage-only chunk the guard itself caused. Nothing here does I/O.
+events to forward. The client receives the original bytes unchanged, minus only what
+the guard's own ``include_usage`` caused. Nothing here does I/O.
 """
 
 from payi_guard.meter.sse.decoder import SSEDecoder, SSEEvent
+from payi_guard.meter.sse.meter import StreamMeter, without_usage_member
 from payi_guard.meter.sse.usage import (
     ESTIMATE_BYTES_PER_TOKEN,
     ESTIMATE_MARGIN_TOKENS,
     StreamError,
-    StreamMeter,
     StreamUsageTracker,
-    without_usage_member,
 )
 
 __all__ = [

@@ -3,15 +3,13 @@
 A :class:`StreamUsageTracker` reads usage from the events an
 :class:`~payi_guard.meter.sse.decoder.SSEDecoder` yields (with the usage parsers of
 :mod:`payi_guard.meter.parse`) and says which events to forward; a
-:class:`StreamMeter` puts the two together.
+:class:`~payi_guard.meter.sse.meter.StreamMeter` puts the two together.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
@@ -25,15 +23,14 @@ from payi_guard.meter.parse import (
     responses_web_searches,
 )
 from payi_guard.meter.request_body import loads_json_text
-from payi_guard.meter.sse.decoder import SSEDecoder, SSEEvent
+from payi_guard.meter.sse.decoder import SSEEvent
 
 __all__ = [
+    "CHAT_KINDS",
     "ESTIMATE_BYTES_PER_TOKEN",
     "ESTIMATE_MARGIN_TOKENS",
     "StreamError",
-    "StreamMeter",
     "StreamUsageTracker",
-    "without_usage_member",
 ]
 
 ESTIMATE_BYTES_PER_TOKEN: Final = 2.5
@@ -171,7 +168,7 @@ class StreamUsageTracker:
         if data[:1] != "{" and data.strip() == "[DONE]":
             self.finished = True
             return True
-        if self.endpoint.kind in _CHAT_KINDS and self._only_counts(data):
+        if self.endpoint.kind in CHAT_KINDS and self._only_counts(data):
             self._defer(data)
             return True
         try:
@@ -448,274 +445,11 @@ class StreamUsageTracker:
         )
 
 
-_CHAT_KINDS: Final = frozenset({"chat", "completions"})
-_HELD_LIMIT: Final = 256 * 1024
-"""Bytes :class:`StreamMeter` forwards before reading them."""
+CHAT_KINDS: Final = frozenset({"chat", "completions"})
+"""The endpoint kinds whose streams are chat chunks (chat and legacy completions)."""
 _DEFERRED_LIMIT: Final = 256 * 1024
 """Characters of deferred chat chunks held before they are counted anyway."""
 
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
-
-
-class StreamMeter:
-    """An :class:`SSEDecoder` and a :class:`StreamUsageTracker` used together.
-
-    :meth:`feed` takes raw response bytes and returns the bytes to hand to the client:
-    every event unchanged, minus what the guard's ``include_usage`` caused in a chat
-    stream (the usage-only chunk, the ``"usage":null`` members). Reading the events is
-    put off while nothing depends on it:
-
-    - A stream whose bytes the guard never changes (``added_include_usage`` false, and
-      every stream that is not chat) goes on as it comes; its bytes are read in bulk
-      when the usage is asked for (:attr:`tracker`, :meth:`finish`) or past
-      :data:`_HELD_LIMIT` bytes.
-    - In a chat stream the guard asked usage of, the usual chunk (one whole ``data:``
-      event, its only ``usage`` member a top-level ``null``) costs a few byte scans and
-      the cut of that member; it is read with the rest. Anything else, and the bytes of
-      an unfinished event, are read at once, after what was put off.
-
-    Args:
-        endpoint: the endpoint the stream came from.
-        added_include_usage: whether the guard added ``stream_options.include_usage``.
-    """
-
-    def __init__(self, endpoint: Endpoint, *, added_include_usage: bool = False) -> None:
-        self.decoder = SSEDecoder()
-        self._tracker = StreamUsageTracker(endpoint, added_include_usage=added_include_usage)
-        self._rewrites = added_include_usage and endpoint.kind in _CHAT_KINDS
-        self._quick = False
-        """Whether the next chunk may take the byte-scan path of :meth:`feed` (a stream
-        the guard rewrites, its decoder at a block boundary, model and id known)."""
-        self._held: list[bytes] = []
-        self._held_size = 0
-
-    @property
-    def tracker(self) -> StreamUsageTracker:
-        """What the stream reported so far (every byte fed so far read first)."""
-        if self._held:
-            self._read_held()
-        return self._tracker
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Take ``chunk``; return the bytes to forward.
-
-        When the guard rewrites the stream, what is returned ends where an event ends
-        (the bytes of an unfinished event wait for the rest of it).
-        """
-        if not self._rewrites:
-            self._hold(chunk)
-            return chunk
-        if (
-            self._quick
-            and chunk.find(b"\n") == len(chunk) - 2
-            and chunk[-1] == 10  # "\n"
-            and chunk.find(b"\r") < 0
-        ):
-            # One whole one-line event. Inside a JSON string every quote is escaped, so
-            # a quoted name found here is a key (or a whole string value). When its last
-            # "usage" member is a null that nothing but scalar members (no escapes) and
-            # the closing brace follow, that member is the object's own and its value:
-            # it is cut out of the bytes. An event without one is kept as it is, unless
-            # a unicode escape could spell one.
-            at = chunk.rfind(b'"usage"')
-            if at >= 0:
-                if (
-                    chunk[at - 1 : at + 12] == b',"usage":null'
-                    and _TOP_LEVEL_TAIL.fullmatch(chunk, at + 12, len(chunk) - 2) is not None
-                ):
-                    self._held.append(chunk)
-                    self._held_size += len(chunk)
-                    if self._held_size > _HELD_LIMIT:
-                        self._read_held()
-                    return chunk[: at - 1] + chunk[at + 12 :]
-            elif chunk.find(b"\\u") < 0:
-                self._hold(chunk)
-                return chunk
-        if self._held:
-            self._read_held()
-        forward = self._feed(chunk)
-        tracker = self._tracker
-        self._quick = (
-            self.decoder.at_boundary
-            and tracker.model is not None
-            and tracker.response_id is not None
-        )
-        return forward
-
-    def finish(self) -> bytes:
-        """End the stream; return the remaining bytes to forward."""
-        if self._held:
-            self._read_held()
-        if not self._rewrites:
-            self._forward(self.decoder.finish())
-            return b""  # already forwarded as they came
-        return self._forward(self.decoder.finish())
-
-    def _hold(self, chunk: bytes) -> None:
-        self._held.append(chunk)
-        self._held_size += len(chunk)
-        if self._held_size > _HELD_LIMIT:
-            self._read_held()
-
-    def _read_held(self) -> None:
-        """Read the bytes :meth:`feed` forwarded without reading them, in order."""
-        held, self._held, self._held_size = self._held, [], 0
-        if not self._rewrites:
-            self._feed(b"".join(held))  # forwarded already
-            return
-        # Whole one-line events, as they came: each "usage" member in them is the
-        # top-level null the guard caused (what observe_data would do with it: nothing).
-        # Those that can change nothing but the output counts (the checks of
-        # StreamUsageTracker._only_counts) are read when the counts are; the others
-        # (an end of a choice, an error, [DONE]) now, in order.
-        tracker = self._tracker
-        joined = b"".join(held)
-        if (
-            joined.startswith(b"data: {")
-            and joined.count(b"\n\ndata: {") == len(held) - 1
-            and b'"error"' not in joined
-            and b"\\u" not in joined
-        ):
-            # All are JSON objects: find the few that end a choice, from the end.
-            ends = joined.count(b'"finish_reason"') - joined.count(b'"finish_reason":null')
-            ending: list[bytes] = []
-            index = len(held)
-            while ends > 0 and index > 0:
-                index -= 1
-                event = held[index]
-                extra = event.count(b'"finish_reason"') - event.count(b'"finish_reason":null')
-                if extra:
-                    ends -= extra
-                    ending.append(event)
-                    del held[index]
-            tracker.defer_events(held, len(joined))
-            for event in reversed(ending):
-                tracker.observe_data(event[6:-2].decode("utf-8", errors="replace"))
-            return
-        counts_only: list[bytes] = []
-        for event in held:
-            if (
-                event.startswith(b"data: {")
-                and b'"error"' not in event
-                and b"\\u" not in event
-                and event.count(b'"finish_reason"') == event.count(b'"finish_reason":null')
-            ):
-                counts_only.append(event)
-            elif event.startswith(b"data:"):
-                value = event[6:-2] if event[5:6] == b" " else event[5:-2]
-                tracker.observe_data(value.decode("utf-8", errors="replace"))
-        tracker.defer_events(counts_only, len(joined))
-
-    def _feed(self, chunk: bytes) -> bytes:
-        blocks = self.decoder.data_blocks(chunk)
-        if blocks is None:
-            return self._forward(self.decoder.feed(chunk))
-        # Whole one-line data events (what providers send): no event objects, and the
-        # chunk itself goes on when no event in it is dropped or changed.
-        tracker = self._tracker
-        if len(blocks) == 1:
-            block = blocks[0]
-            value = block[6:] if block[5:6] == b" " else block[5:]
-            data = value.decode("utf-8", errors="replace")
-            forward = tracker.observe_data(data)
-            strip = tracker.strip_usage
-            if forward and not strip:
-                return chunk
-            if not forward:
-                return b""
-            event = SSEEvent(raw=chunk, data=data, has_data=True)
-            return without_usage_member(event, null=strip == "null")
-        changed: list[bytes | None] | None = None
-        for index, block in enumerate(blocks):
-            value = block[6:] if block[5:6] == b" " else block[5:]
-            data = value.decode("utf-8", errors="replace")
-            forward = tracker.observe_data(data)
-            strip = tracker.strip_usage
-            if forward and not strip:
-                if changed is not None:
-                    changed.append(None)
-                continue
-            if changed is None:
-                changed = [None] * index
-            if not forward:
-                changed.append(b"")
-            else:
-                event = SSEEvent(raw=block + b"\n\n", data=data, has_data=True)
-                changed.append(without_usage_member(event, null=strip == "null"))
-        if changed is None:
-            return chunk
-        return b"".join(
-            block + b"\n\n" if out is None else out
-            for block, out in zip(blocks, changed, strict=True)
-        )
-
-    def _forward(self, events: Iterable[SSEEvent]) -> bytes:
-        tracker = self._tracker
-        out: list[bytes] = []
-        for event in events:
-            if not tracker.observe(event):
-                continue
-            strip = tracker.strip_usage
-            out.append(without_usage_member(event, null=strip == "null") if strip else event.raw)
-        return b"".join(out)
-
-
-# What follows a top-level ``"usage":null`` to the end of a chunk's JSON: scalar members
-# (no brackets, braces or escapes, even inside their strings) and the closing brace.
-_TOP_LEVEL_TAIL: Final = re.compile(rb"(?:,[^{}\[\]\\]*)?\}")
-
-# ``"usage": null`` as a member of an object, with the comma that joins it to the next
-# (first member) or to the previous one. Inside a JSON string every quote is escaped,
-# so a match is always a key; the caller checks that it is the only one.
-_USAGE_NULL: Final = re.compile(
-    rb',[ \t\r\n]*"usage"[ \t\r\n]*:[ \t\r\n]*null(?=[ \t\r\n]*[,}])'
-    rb'|"usage"[ \t\r\n]*:[ \t\r\n]*null[ \t\r\n]*,'
-)
-
-
-def without_usage_member(event: SSEEvent, *, null: bool) -> bytes:
-    """The bytes of a chat chunk event without the top-level ``usage`` member.
-
-    The common case, a top-level ``"usage":null`` (``null``) that only scalar members
-    follow, or the chunk's only ``"usage":null``, is cut out of the bytes as they are
-    (no re-encoding). Anything else (a usage object, the key appearing more than
-    once elsewhere) re-encodes the chunk's JSON without the member, keeping the event's
-    other lines.
-
-    Args:
-        event: the chunk's event.
-        null: whether the chunk's top-level ``usage`` is ``null``.
-    """
-    raw = event.raw
-    if null:
-        # The last "usage" key, when nothing but scalar members and the closing brace
-        # follow it on the line, is the top-level one (StreamMeter.feed's cut).
-        at = raw.rfind(b'"usage"')
-        if (
-            raw[at - 1 : at + 12] == b',"usage":null'
-            and raw[-2:] == b"\n\n"
-            and _TOP_LEVEL_TAIL.fullmatch(raw, at + 12, len(raw) - 2) is not None
-        ):
-            return raw[: at - 1] + raw[at + 12 :]
-        if len(_USAGE_NULL.findall(raw)) == 1:
-            return _USAGE_NULL.sub(b"", raw, count=1)
-    try:
-        obj = json.loads(event.data)
-    except ValueError:
-        return raw
-    if not isinstance(obj, dict) or "usage" not in obj:
-        return raw
-    del obj["usage"]
-    data = b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-    out: list[bytes] = []
-    for line in raw.splitlines(keepends=True):
-        if line.startswith(b"data:"):
-            # The first data line becomes the re-encoded chunk, the others go.
-            if data:
-                out.append(data + line[len(line.rstrip(b"\r\n")) :])
-                data = b""
-            continue
-        out.append(line)
-    return b"".join(out)
