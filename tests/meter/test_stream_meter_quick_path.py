@@ -116,7 +116,9 @@ def _chat_streams(draw: st.DrawFn) -> bytes:
     first: dict[str, Any] = {"id": "chatcmpl-1", "model": "m", "choices": [], "usage": None}
     out = b"data: " + json.dumps(first).encode() + b"\n\n"
     for index in range(draw(st.integers(0, 8))):
-        out += draw(st.sampled_from([b"", b"", b"", b": ping\n\n", b"\n\n"]))
+        # Blocks that dispatch nothing, one of them spelling a chunk's usage member.
+        filler = [b"", b"", b"", b": ping\n\n", b"\n\n", b': {"a":1,"usage":null}\n\n']
+        out += draw(st.sampled_from(filler))
         out += draw(_chat_chunk(index))
     if draw(st.booleans()):
         out += b"data: [DONE]\n\n"

@@ -78,16 +78,17 @@ class StreamMeter:
             and chunk.find(b"\r") < 0
         ):
             # One whole one-line event. Inside a JSON string every quote is escaped, so
-            # a quoted name found here is a key (or a whole string value). When its last
-            # "usage" member is a null that nothing but scalar members (no escapes) and
-            # the closing brace follow, that member is the object's own and its value:
-            # it is cut out of the bytes. An event without one is kept as it is, unless
-            # a unicode escape could spell one.
+            # a quoted name found here is a key (or a whole string value). When the last
+            # "usage" member of a data event is a null that nothing but scalar members
+            # (no escapes) and the closing brace follow, that member is the object's own
+            # and its value: it is cut out of the bytes. An event without one is kept
+            # as it is, unless a unicode escape could spell one.
             at = chunk.rfind(b'"usage"')
             if at >= 0:
                 if (
                     chunk[at - 1 : at + 12] == b',"usage":null'
                     and _TOP_LEVEL_TAIL.fullmatch(chunk, at + 12, len(chunk) - 2) is not None
+                    and chunk[:5] == b"data:"
                 ):
                     self._held.append(chunk)
                     self._held_size += len(chunk)
