@@ -108,7 +108,7 @@ def _chat_chunk(draw: st.DrawFn, index: int) -> bytes:
     members = draw(st.permutations(members)) if draw(st.booleans()) else members
     ascii_only = draw(st.booleans())
     text = json.dumps(dict(members), separators=(",", ":"), ensure_ascii=ascii_only)
-    return b"data: " + text.encode() + b"\n\n"
+    return draw(st.sampled_from([b"data: ", b"data: ", b"data:"])) + text.encode() + b"\n\n"
 
 
 @st.composite
