@@ -49,7 +49,7 @@ from typing import Any, Final, Literal, NamedTuple
 from payi_guard.context import Attribution, get_context
 from payi_guard.engine import CallRequest, Guard, Reservation
 from payi_guard.exceptions import PayiGuardError
-from payi_guard.meter.estimate import estimate_request
+from payi_guard.meter.estimate import request_bounds
 from payi_guard.meter.options import MeterOptions, base_url
 from payi_guard.meter.parse import (
     Endpoint,
@@ -57,6 +57,7 @@ from payi_guard.meter.parse import (
     classify,
     inject_include_usage,
     loads_json,
+    openai_token_usage,
     usage_from_response,
     with_include_usage,
 )
@@ -87,6 +88,8 @@ UNKNOWN_MODEL: Final = "unknown"
 
 _OPENAI_HOSTS: Final = frozenset({"api.openai.com"})
 _STREAM_OPTIONS_STATUSES: Final = frozenset({400, 422})
+# The endpoints whose usage object openai_token_usage reads.
+_OPENAI_USAGE_KINDS: Final = frozenset({"chat", "completions", "embeddings"})
 
 # An app talks to a handful of URLs: the provider of each is memoised, up to this many.
 _MEMO_SIZE: Final = 256
@@ -203,18 +206,20 @@ class TransportMeter:
             new_body, added = inject_include_usage(body)
             if added:
                 send = with_include_usage(raw, body, new_body)
-        estimate = estimate_request(body, kind, model, mode=self.options.estimate_mode)
+        inputs, outputs, cache_writes, price_context, web, files = request_bounds(
+            body, kind, model, self.options.estimate_mode, info.max_output_tokens
+        )
         call = CallRequest(
             model=model,
             provider=self._provider(endpoint, url, host, path),
             endpoint=kind,
-            input_tokens=estimate.input_tokens,
-            max_output_tokens=estimate.output_tokens,
+            input_tokens=inputs,
+            max_output_tokens=outputs,
             stream=info.stream,
-            cache_writes=estimate.cache_writes,
-            price_context=estimate.price_context or None,
-            max_web_searches=estimate.web_searches,
-            max_file_searches=estimate.file_searches,
+            cache_writes=cache_writes,
+            price_context=price_context,
+            max_web_searches=web,
+            max_file_searches=files,
         )
         return PlannedCall(endpoint, info, call, get_context(), send, added, url)
 
@@ -388,13 +393,23 @@ class TransportMeter:
             obj: Any = loads_json(content)
         except (ValueError, UnicodeDecodeError):
             obj = None
+        kind = planned.endpoint.kind
+        if type(obj) is dict and kind in _OPENAI_USAGE_KINDS:
+            # The common case first: an OpenAI-style usage whose counts can be trusted.
+            usage = obj.get("usage")
+            if type(usage) is dict:
+                tokens = openai_token_usage(usage, output=kind != "embeddings")
+                if tokens is not None:
+                    named = obj.get("model")
+                    named = named if type(named) is str and named else None
+                    return Settlement(tokens, "ok", response_model=named)
         parsed = usage_from_response(planned.endpoint, obj)
         problems = parsed.problems if parsed.complete else ("usage: missing",)
         outcome = "ok"
         model: Any = None
         if isinstance(obj, dict):
             model = obj.get("model")
-            if planned.endpoint.kind == "responses":
+            if kind == "responses":
                 status = obj.get("status")
                 if status == "incomplete":
                     outcome = "incomplete"
