@@ -107,23 +107,19 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
     words = data.translate(_WORD_CLASSES)
     word_bytes = words.count(b"w")
     word_runs = words.count(b".w") + (words[:1] == b"w") if word_bytes else 0
-    upper = size - len(data.translate(None, _UPPER))
+    cases = data.translate(_CASE_CLASSES)
+    upper = cases.count(b"u")
     # A lowercase letter followed by a capital: "lu" cannot overlap itself, so
     # ``count`` finds every one.
-    switches = data.translate(_CASE_CLASSES).count(b"lu") if upper else 0
-    four_byte = 0 if text.isascii() else size - len(data.translate(None, _LEAD4))
-    digit_bytes = size - len(data.translate(None, _DIGITS))
-    if digit_bytes:
-        digits = data.translate(_DIGIT_CLASSES)
-        digit_runs = digits.count(b".d") + (digits[:1] == b"d")
-    else:
-        digit_runs = 0
-    space_bytes = size - len(data.translate(None, _SPACE_BYTES))
-    if space_bytes:
-        blanks = data.translate(_SPACE_CLASSES)
-        space_runs = blanks.count(b".s") + (blanks[:1] == b"s")
-    else:
-        space_runs = 0
+    switches = cases.count(b"lu") if upper else 0
+    # Only ASCII text is as long in UTF-8 as in characters.
+    four_byte = 0 if size == len(text) else size - len(data.translate(None, _LEAD4))
+    digits = data.translate(_DIGIT_CLASSES)
+    digit_bytes = digits.count(b"d")
+    digit_runs = digits.count(b".d") + (digits[:1] == b"d") if digit_bytes else 0
+    blanks = data.translate(_SPACE_CLASSES)
+    space_bytes = blanks.count(b"s")
+    space_runs = blanks.count(b".s") + (blanks[:1] == b"s") if space_bytes else 0
     spaces = data.count(b" ")
     merged = _merged_spaces(data.translate(_MERGE_CLASSES)) if spaces else 0
     other = size - word_bytes - digit_bytes - space_bytes

@@ -236,19 +236,26 @@ def _inline_file(part: Mapping[str, Any]) -> bool:
     return isinstance(source, Mapping) and source.get("type") in _INLINE_SOURCES
 
 
+# The chat body members that are input besides messages and tool definitions.
+_CHAT_PARTS = ("response_format", "tool_choice", "function_call", "prediction")
+
+
 def _walk_body(body: Mapping[str, Any], endpoint: EndpointKind) -> tuple[_Tally, int]:
     """Gather the input parts of ``body``; returns the tally and fixed overhead tokens."""
     tally = _Tally()
     overhead = REQUEST_OVERHEAD_TOKENS
     if endpoint == "chat":
-        tally.add_items(body.get("messages"))
-        for key in ("response_format", "tool_choice", "function_call", "prediction"):
-            tally.add(body.get(key))
-        declared = [body.get("tools"), body.get("functions")]
-        if any(declared):
+        get = body.get
+        tally.add_items(get("messages"))
+        for key in _CHAT_PARTS:
+            part = get(key)
+            if part is not None:
+                tally.add(part)
+        tools, functions = get("tools"), get("functions")
+        if tools or functions:
             overhead += OPENAI_TOOLS_OVERHEAD_TOKENS
-            for tools in declared:
-                tally.add_items(tools)
+            tally.add_items(tools)
+            tally.add_items(functions)
     elif endpoint == "responses":
         tally.add(body.get("instructions"))
         items = body.get("input")

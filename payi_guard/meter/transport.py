@@ -91,8 +91,10 @@ _STREAM_OPTIONS_STATUSES: Final = frozenset({400, 422})
 # The endpoints whose usage object openai_token_usage reads.
 _OPENAI_USAGE_KINDS: Final = frozenset({"chat", "completions", "embeddings"})
 
-# An app talks to a handful of URLs: the provider of each is memoised, up to this many.
+# An app talks to a handful of URLs: the provider of each is memoised, up to this many
+# (and as many response content types, each as whether it is an event stream).
 _MEMO_SIZE: Final = 256
+_event_stream_types: dict[str, bool] = {}
 
 
 @dataclass(slots=True)
@@ -310,10 +312,15 @@ class TransportMeter:
             return "error"
         if planned.info.stream:
             return "stream"
-        ctype: str = response.headers.get("content-type", "")
-        if ctype.split(";", 1)[0].strip().lower() == "text/event-stream":
-            return "stream"
-        return "plain"
+        ctype = ", ".join(response.headers.get_list("content-type"))
+        try:
+            stream = _event_stream_types[ctype]
+        except KeyError:
+            stream = ctype.split(";", 1)[0].strip().lower() == "text/event-stream"
+            if len(_event_stream_types) >= _MEMO_SIZE:
+                _event_stream_types.clear()  # bounded; servers send a few content types
+            _event_stream_types[ctype] = stream
+        return "stream" if stream else "plain"
 
     def stream_state(
         self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
@@ -377,7 +384,8 @@ class TransportMeter:
     def after_read(response: Any) -> None:
         """Fix the headers of a body read (and decoded) inside the transport."""
         headers = response.headers
-        encoding = headers.get("content-encoding", "").strip().lower()
+        # ``get_list``: ``get`` of a missing header (the usual case) raises inside.
+        encoding = ", ".join(headers.get_list("content-encoding")).strip().lower()
         if encoding in DECODABLE_ENCODINGS:
             del headers["content-encoding"]
             headers["content-length"] = str(len(response.content))

@@ -7,6 +7,7 @@ and generated cases that reach every branch (invalid counts, odd types, every en
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections.abc import Iterator, Mapping
@@ -27,7 +28,7 @@ from payi_guard.meter.parse import (
     openai_usage,
     usage_from_response,
 )
-from payi_guard.meter.streams import Settlement
+from payi_guard.meter.streams import DECODABLE_ENCODINGS, Settlement
 from payi_guard.meter.text_bound import text_token_bound
 from payi_guard.meter.tokens import (
     OUTPUT_CAP_FIELDS,
@@ -392,3 +393,60 @@ def test_plain_result_is_the_full_parse_over_recorded_and_generated_bodies() -> 
         assert found == reference_plain_result(endpoint, content), content[:200]
         fast_ok += found.outcome == "ok" and not found.problems
     assert fast_ok > 100
+
+
+_CONTENT_TYPES: tuple[list[tuple[str, str]], ...] = (
+    [],
+    [("content-type", "application/json")],
+    [("Content-Type", "Text/Event-Stream; charset=utf-8")],
+    [("content-type", " text/event-stream ")],
+    [("content-type", "text/event-stream"), ("content-type", "application/json")],
+    [("content-type", "application/json"), ("content-type", "text/event-stream")],
+    [("content-type", "text/event-streams")],
+    [("content-type", "text/event-stream"), ("content-type", "; charset=utf-8")],
+)
+
+
+@pytest.mark.parametrize("module_name", ["httpx", "httpx2"])
+def test_response_kind_reads_the_content_type_as_get_does(module_name: str) -> None:
+    module = pytest.importorskip(module_name)
+    planned = _planned(Endpoint("chat"))
+    for _ in range(2):  # the second time from the memo
+        for headers in _CONTENT_TYPES:
+            response = module.Response(200, headers=headers, content=b"{}")
+            ctype = response.headers.get("content-type", "")
+            expected = ctype.split(";", 1)[0].strip().lower() == "text/event-stream"
+            kind = TransportMeter.response_kind(planned, response)
+            assert kind == ("stream" if expected else "plain"), headers
+    assert TransportMeter.response_kind(planned, module.Response(500, content=b"")) == "error"
+
+
+@pytest.mark.parametrize("module_name", ["httpx", "httpx2"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("content-encoding", "gzip")],
+        [("Content-Encoding", " GZIP ")],
+        [("content-encoding", "identity")],
+        [("content-encoding", "gzip"), ("content-encoding", "gzip")],
+    ],
+)
+def test_after_read_drops_a_decoded_encoding_as_before(
+    module_name: str, headers: list[tuple[str, str]]
+) -> None:
+    module = pytest.importorskip(module_name)
+    body = b"{}"
+    for _, value in headers:
+        if value.strip().lower() == "gzip":
+            body = gzip.compress(body)
+    response = module.Response(200, headers=[*headers, ("content-length", "99")], content=body)
+    response.read()
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    TransportMeter.after_read(response)
+    if encoding in DECODABLE_ENCODINGS:
+        assert "content-encoding" not in response.headers
+        assert response.headers["content-length"] == "2"
+    else:
+        assert response.headers.get("content-encoding", "").strip().lower() == encoding
+        assert response.headers["content-length"] == "99"
