@@ -44,7 +44,6 @@ __all__ = [
     "encode_body",
     "inject_include_usage",
     "loads_json",
-    "openai_token_usage",
     "openai_usage",
     "responses_file_searches",
     "responses_usage",
@@ -423,45 +422,6 @@ def openai_usage(usage: Mapping[str, Any], *, output: bool = True) -> ParsedUsag
         ("completion_tokens", "completion_tokens_details"),
         output_required=output,
     )
-
-
-def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUsage | None:
-    """``openai_usage(usage, output=output).to_token_usage()`` when that has no problems.
-
-    The plain-response path: one pass over the counts, no :class:`ParsedUsage`.
-
-    Returns:
-        The usage to charge, or ``None`` when a count cannot be trusted (then
-        :func:`openai_usage` tells which).
-    """
-    total = usage.get("prompt_tokens")
-    if type(total) is not int or total < 0:
-        return None
-    completion = usage.get("completion_tokens")
-    if type(completion) is int and completion >= 0:
-        out = completion
-    elif completion is None and not output:
-        out = 0
-    else:
-        return None
-    details = usage.get("prompt_tokens_details")
-    if type(details) is not dict:
-        if isinstance(details, Mapping):
-            return None  # read by openai_usage
-        return TokenUsage(total, out)
-    cached = details.get("cached_tokens")
-    written = details.get("cache_write_tokens")
-    if cached is None:
-        cached = 0
-    elif type(cached) is not int or cached < 0:
-        return None
-    if written is None:
-        written = 0
-    elif type(written) is not int or written < 0:
-        return None
-    cached = min(total, cached)
-    written = min(total - cached, written)
-    return TokenUsage(total - cached - written, out, cached, written)
 
 
 def responses_usage(usage: Mapping[str, Any]) -> ParsedUsage:

@@ -56,12 +56,10 @@ from payi_guard.meter.parse import (
     RequestInfo,
     classify,
     inject_include_usage,
-    loads_json,
-    openai_token_usage,
-    usage_from_response,
     with_include_usage,
 )
 from payi_guard.meter.payi_bridge import PayiBridge
+from payi_guard.meter.plain import is_event_stream, plain_result
 from payi_guard.meter.refusal import refusal_response
 from payi_guard.meter.request_body import content_type, has_header
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
@@ -88,13 +86,9 @@ UNKNOWN_MODEL: Final = "unknown"
 
 _OPENAI_HOSTS: Final = frozenset({"api.openai.com"})
 _STREAM_OPTIONS_STATUSES: Final = frozenset({400, 422})
-# The endpoints whose usage object openai_token_usage reads.
-_OPENAI_USAGE_KINDS: Final = frozenset({"chat", "completions", "embeddings"})
 
-# An app talks to a handful of URLs: the provider of each is memoised, up to this many
-# (and as many response content types, each as whether it is an event stream).
+# An app talks to a handful of URLs: the provider of each is memoised, up to this many.
 _MEMO_SIZE: Final = 256
-_event_stream_types: dict[str, bool] = {}
 
 
 @dataclass(slots=True)
@@ -313,14 +307,7 @@ class TransportMeter:
         if planned.info.stream:
             return "stream"
         ctype = ", ".join(response.headers.get_list("content-type"))
-        try:
-            stream = _event_stream_types[ctype]
-        except KeyError:
-            stream = ctype.split(";", 1)[0].strip().lower() == "text/event-stream"
-            if len(_event_stream_types) >= _MEMO_SIZE:
-                _event_stream_types.clear()  # bounded; servers send a few content types
-            _event_stream_types[ctype] = stream
-        return "stream" if stream else "plain"
+        return "stream" if is_event_stream(ctype) else "plain"
 
     def stream_state(
         self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
@@ -397,39 +384,7 @@ class TransportMeter:
         A body without a usage object, or whose counts cannot be trusted, is charged the
         reservation (outcome ``unverified``).
         """
-        try:
-            obj: Any = loads_json(content)
-        except (ValueError, UnicodeDecodeError):
-            obj = None
-        kind = planned.endpoint.kind
-        if type(obj) is dict and kind in _OPENAI_USAGE_KINDS:
-            # The common case first: an OpenAI-style usage whose counts can be trusted.
-            usage = obj.get("usage")
-            if type(usage) is dict:
-                tokens = openai_token_usage(usage, output=kind != "embeddings")
-                if tokens is not None:
-                    named = obj.get("model")
-                    named = named if type(named) is str and named else None
-                    return Settlement(tokens, "ok", response_model=named)
-        parsed = usage_from_response(planned.endpoint, obj)
-        problems = parsed.problems if parsed.complete else ("usage: missing",)
-        outcome = "ok"
-        model: Any = None
-        if isinstance(obj, dict):
-            model = obj.get("model")
-            if kind == "responses":
-                status = obj.get("status")
-                if status == "incomplete":
-                    outcome = "incomplete"
-                elif status == "failed":
-                    outcome = "error"
-        return Settlement(
-            parsed.to_token_usage(),
-            outcome,
-            response_model=model if isinstance(model, str) and model else None,
-            other_models=parsed.other_models,
-            problems=problems,
-        )
+        return plain_result(planned.endpoint, content)
 
     @staticmethod
     def lost_body_usage(planned: PlannedCall) -> TokenUsage:

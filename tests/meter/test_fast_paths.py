@@ -24,10 +24,10 @@ from payi_guard.meter.parse import (
     RequestInfo,
     classify,
     loads_json,
-    openai_token_usage,
     openai_usage,
     usage_from_response,
 )
+from payi_guard.meter.plain import is_event_stream, openai_token_usage
 from payi_guard.meter.streams import DECODABLE_ENCODINGS, Settlement
 from payi_guard.meter.text_bound import text_token_bound
 from payi_guard.meter.tokens import (
@@ -450,3 +450,14 @@ def test_after_read_drops_a_decoded_encoding_as_before(
     else:
         assert response.headers.get("content-encoding", "").strip().lower() == encoding
         assert response.headers["content-length"] == "99"
+
+
+def test_is_event_stream_memo_gives_the_computed_answer_past_its_size() -> None:
+    types = [f"text/event-stream; n={i}" for i in range(300)] + [
+        f"application/json; n={i}" for i in range(300)
+    ]
+    types += [" TEXT/Event-Stream ", "text/event-streams", ""]
+    for _ in range(2):
+        for ctype in types:
+            expected = ctype.split(";", 1)[0].strip().lower() == "text/event-stream"
+            assert is_event_stream(ctype) is expected, ctype
