@@ -17,12 +17,14 @@ from typing import Any
 from payi_guard.meter.tokens import (
     DEFAULT_FILE_TOKENS,
     DEFAULT_MAX_OUTPUT_TOKENS,
+    ENDPOINTS,
     EndpointKind,
     EstimateMode,
-    estimate_input_tokens,
     file_search_bound,
     image_token_bound,
-    max_output_tokens,
+    input_bound,
+    output_bound,
+    request_output_cap,
     web_search_bound,
 )
 from payi_guard.pricing import PriceBook, Rates
@@ -117,21 +119,82 @@ def estimate_request(
     Raises:
         ValueError: unknown ``endpoint`` or ``mode``.
     """
-    return RequestEstimate(
-        input_tokens=estimate_input_tokens(
-            body,
-            mode=mode,
-            endpoint=endpoint,
-            image_tokens=image_token_bound(model) if image_tokens is None else image_tokens,
-            file_tokens=file_tokens,
-        ),
-        output_tokens=max_output_tokens(
-            body, endpoint=endpoint, model=model, default=default_max_output
-        ),
-        cache_writes=endpoint != "anthropic_messages" or _mentions_key(body, "cache_control"),
-        price_context=_price_context(body, endpoint),
-        web_searches=web_search_bound(body, endpoint),
-        file_searches=file_search_bound(body, endpoint),
+    if image_tokens is None:
+        image_tokens = image_token_bound(model)
+    if type(body) is not dict and not isinstance(body, Mapping):
+        raise TypeError(f"body must be a mapping, not {type(body).__name__}")
+    if mode not in ("ratio", "bytes"):
+        raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
+    if image_tokens < 0 or file_tokens < 0:
+        raise ValueError("image_tokens and file_tokens must be >= 0")
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}; got {endpoint!r}")
+    if default_max_output < 0:
+        raise ValueError("default must be >= 0")
+    bounds = request_bounds(
+        body,
+        endpoint,
+        model,
+        mode,
+        request_output_cap(endpoint, body),
+        default_max_output=default_max_output,
+        image_tokens=image_tokens,
+        file_tokens=file_tokens,
+    )
+    return RequestEstimate(*bounds[:3], bounds[3] or {}, *bounds[4:])
+
+
+RequestBounds = tuple[int, int, bool, dict[str, str] | None, int, int]
+""":class:`RequestEstimate`'s fields in order, with ``None`` for no price context."""
+
+
+def request_bounds(
+    body: Mapping[str, Any],
+    endpoint: EndpointKind,
+    model: str,
+    mode: EstimateMode,
+    output_cap: int | None,
+    *,
+    default_max_output: int = DEFAULT_MAX_OUTPUT_TOKENS,
+    image_tokens: int | None = None,
+    file_tokens: int = DEFAULT_FILE_TOKENS,
+) -> RequestBounds:
+    """:func:`estimate_request` of checked arguments, as a tuple (once per metered call).
+
+    Args:
+        body: the parsed JSON request body.
+        endpoint: the request kind (one of :data:`ENDPOINTS`).
+        model: the model name.
+        mode: ``"ratio"`` or ``"bytes"``.
+        output_cap: :func:`~payi_guard.meter.tokens.request_output_cap` of ``body``.
+        default_max_output: see :func:`estimate_request`.
+        image_tokens: see :func:`estimate_request`.
+        file_tokens: see :func:`estimate_request`.
+
+    Returns:
+        ``(input_tokens, output_tokens, cache_writes, price_context, web_searches,
+        file_searches)``; ``price_context`` is ``None`` when the request selects no
+        price variant.
+    """
+    if image_tokens is None:
+        image_tokens = image_token_bound(model)
+    anthropic = endpoint == "anthropic_messages"
+    context = None
+    tier = body.get("service_tier")
+    if not anthropic and isinstance(tier, str) and tier != "auto":
+        context = {"service_tier": tier}
+    elif anthropic:
+        speed = body.get("speed")
+        if isinstance(speed, str):
+            context = {"speed": speed}
+    searches = anthropic or endpoint == "responses"
+    return (
+        input_bound(body, endpoint, mode, image_tokens, file_tokens),
+        output_bound(body, endpoint, model, default_max_output, output_cap),
+        not anthropic or _mentions_key(body, "cache_control"),
+        context,
+        web_search_bound(body, endpoint) if searches else 0,
+        file_search_bound(body, endpoint) if searches else 0,
     )
 
 

@@ -223,26 +223,27 @@ class RequestInfo:
             body = loads_json(body_bytes)
         except (ValueError, UnicodeDecodeError):
             return None
-        if not isinstance(body, dict):
+        # JSON gives exact dicts and strings: no subclass checks.
+        if type(body) is not dict:
             return None
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
+        get = body.get
+        model = get("model")
+        if type(model) is not str or not model:
             model = endpoint.deployment
-        stream_options = body.get("stream_options")
-        include_usage = (
-            isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-        )
+        stream_options = get("stream_options")
+        include_usage = type(stream_options) is dict and stream_options.get("include_usage") is True
+        kind = endpoint.kind
         n = 1
-        if endpoint.kind in ("chat", "completions"):
-            n = _positive_int(body.get("n")) or 1
+        if kind == "chat" or kind == "completions":
+            n = _positive_int(get("n")) or 1
         return cls(
-            endpoint=endpoint,
-            model=model,
-            stream=body.get("stream") is True,
-            n=n,
-            include_usage=include_usage,
-            max_output_tokens=request_output_cap(endpoint.kind, body),
-            body=body,
+            endpoint,
+            model,
+            get("stream") is True,
+            n,
+            include_usage,
+            request_output_cap(kind, body),
+            body,
         )
 
 

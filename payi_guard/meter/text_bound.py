@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from payi_guard.money import ceil_div
-
 __all__ = ["EstimateMode", "text_token_bound"]
 
 EstimateMode = Literal["ratio", "bytes"]
@@ -45,11 +43,6 @@ _DIGIT_CLASSES = _class_table({_DIGITS: b"d"}, b".")
 _SPACE_CLASSES = _class_table({_SPACE_BYTES: b"s"}, b".")
 # A space as "s", other whitespace as "t", digits as "d", anything else as "n".
 _MERGE_CLASSES = _class_table({b" ": b"s", _SPACE_BYTES[1:]: b"t", _DIGITS: b"d"}, b"n")
-
-
-def _runs(classes: bytes, letter: bytes) -> int:
-    """How many runs of ``letter`` a two-letter class string (``letter`` and ".") has."""
-    return classes.count(b"." + letter) + (classes[:1] == letter)
 
 
 def _merged_spaces(classes: bytes) -> int:
@@ -108,27 +101,34 @@ def text_token_bound(text: str, mode: EstimateMode = "ratio") -> int:
         raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
     if not size:
         return 0
+    # The runs of a class in a two-letter class string (that letter and "."): where the
+    # letter follows a ".", plus one when the string opens with it. Divisions round up
+    # as ``-(-a // b)``.
     words = data.translate(_WORD_CLASSES)
     word_bytes = words.count(b"w")
-    word_runs = _runs(words, b"w") if word_bytes else 0
-    upper = size - len(data.translate(None, _UPPER))
+    word_runs = words.count(b".w") + (words[:1] == b"w") if word_bytes else 0
+    cases = data.translate(_CASE_CLASSES)
+    upper = cases.count(b"u")
     # A lowercase letter followed by a capital: "lu" cannot overlap itself, so
     # ``count`` finds every one.
-    switches = data.translate(_CASE_CLASSES).count(b"lu") if upper else 0
-    four_byte = 0 if text.isascii() else size - len(data.translate(None, _LEAD4))
-    digit_bytes = size - len(data.translate(None, _DIGITS))
-    digit_runs = _runs(data.translate(_DIGIT_CLASSES), b"d") if digit_bytes else 0
-    space_bytes = size - len(data.translate(None, _SPACE_BYTES))
-    space_runs = _runs(data.translate(_SPACE_CLASSES), b"s") if space_bytes else 0
+    switches = cases.count(b"lu") if upper else 0
+    # Only ASCII text is as long in UTF-8 as in characters.
+    four_byte = 0 if size == len(text) else size - len(data.translate(None, _LEAD4))
+    digits = data.translate(_DIGIT_CLASSES)
+    digit_bytes = digits.count(b"d")
+    digit_runs = digits.count(b".d") + (digits[:1] == b"d") if digit_bytes else 0
+    blanks = data.translate(_SPACE_CLASSES)
+    space_bytes = blanks.count(b"s")
+    space_runs = blanks.count(b".s") + (blanks[:1] == b"s") if space_bytes else 0
     spaces = data.count(b" ")
     merged = _merged_spaces(data.translate(_MERGE_CLASSES)) if spaces else 0
     other = size - word_bytes - digit_bytes - space_bytes
     tokens = (
-        ceil_div(2 * word_bytes + upper + switches + 4 * four_byte + word_runs, 3)
-        + ceil_div(digit_bytes + digit_runs, 2)
-        + ceil_div(spaces + 2 * space_runs, 2)
+        -(-(2 * word_bytes + upper + switches + 4 * four_byte + word_runs) // 3)
+        - (-(digit_bytes + digit_runs) // 2)
+        - (-(spaces + 2 * space_runs) // 2)
         + (space_bytes - spaces)
         - merged
         + other
     )
-    return max(tokens, ceil_div(2 * size, 5))
+    return max(tokens, -(-2 * size // 5))

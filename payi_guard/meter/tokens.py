@@ -236,19 +236,26 @@ def _inline_file(part: Mapping[str, Any]) -> bool:
     return isinstance(source, Mapping) and source.get("type") in _INLINE_SOURCES
 
 
+# The chat body members that are input besides messages and tool definitions.
+_CHAT_PARTS = ("response_format", "tool_choice", "function_call", "prediction")
+
+
 def _walk_body(body: Mapping[str, Any], endpoint: EndpointKind) -> tuple[_Tally, int]:
     """Gather the input parts of ``body``; returns the tally and fixed overhead tokens."""
     tally = _Tally()
     overhead = REQUEST_OVERHEAD_TOKENS
     if endpoint == "chat":
-        tally.add_items(body.get("messages"))
-        for key in ("response_format", "tool_choice", "function_call", "prediction"):
-            tally.add(body.get(key))
-        declared = [body.get("tools"), body.get("functions")]
-        if any(declared):
+        get = body.get
+        tally.add_items(get("messages"))
+        for key in _CHAT_PARTS:
+            part = get(key)
+            if part is not None:
+                tally.add(part)
+        tools, functions = get("tools"), get("functions")
+        if tools or functions:
             overhead += OPENAI_TOOLS_OVERHEAD_TOKENS
-            for tools in declared:
-                tally.add_items(tools)
+            tally.add_items(tools)
+            tally.add_items(functions)
     elif endpoint == "responses":
         tally.add(body.get("instructions"))
         items = body.get("input")
@@ -354,8 +361,23 @@ def estimate_input_tokens(
     if image_tokens < 0 or file_tokens < 0:
         raise ValueError("image_tokens and file_tokens must be >= 0")
     kind = _infer_endpoint(body) if endpoint is None else endpoint
-    tally, overhead = _walk_body(body, kind)
-    per_item = 1 if kind in ("embeddings", "completions") else MESSAGE_OVERHEAD_TOKENS
+    return input_bound(body, kind, mode, image_tokens, file_tokens)
+
+
+def input_bound(
+    body: Mapping[str, Any],
+    endpoint: EndpointKind,
+    mode: EstimateMode,
+    image_tokens: int,
+    file_tokens: int,
+) -> int:
+    """:func:`estimate_input_tokens` of arguments already checked (the per-call path).
+
+    Raises:
+        ValueError: unknown ``endpoint``.
+    """
+    tally, overhead = _walk_body(body, endpoint)
+    per_item = 1 if endpoint in ("embeddings", "completions") else MESSAGE_OVERHEAD_TOKENS
     return (
         text_token_bound("\n".join(tally.text), mode)
         + tally.exact
@@ -421,15 +443,15 @@ def _family_output_cap(model: str) -> int | None:
     return best
 
 
-OUTPUT_CAP_FIELDS: Mapping[EndpointKind, tuple[str, ...]] = MappingProxyType(
-    {
-        "chat": ("max_completion_tokens", "max_tokens"),
-        "responses": ("max_output_tokens",),
-        "anthropic_messages": ("max_tokens",),
-        "completions": ("max_tokens",),
-        "embeddings": (),
-    }
-)
+_CAP_FIELDS: dict[EndpointKind, tuple[str, ...]] = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "responses": ("max_output_tokens",),
+    "anthropic_messages": ("max_tokens",),
+    "completions": ("max_tokens",),
+    "embeddings": (),
+}
+
+OUTPUT_CAP_FIELDS: Mapping[EndpointKind, tuple[str, ...]] = MappingProxyType(_CAP_FIELDS)
 """The body fields that cap a request's output (per choice), first one set wins."""
 
 
@@ -447,10 +469,15 @@ def request_output_cap(endpoint: EndpointKind, body: Mapping[str, Any]) -> int |
         The first of the endpoint's cap fields that holds a non-negative integer, else
         ``None`` (embeddings have none).
     """
-    for name in OUTPUT_CAP_FIELDS.get(endpoint, ()):
-        cap = _count_param(body, name)
-        if cap is not None:
-            return cap
+    for name in _CAP_FIELDS.get(endpoint, ()):
+        value = body.get(name)
+        if type(value) is int:
+            if value >= 0:
+                return value
+        elif value is not None:
+            cap = _count_param(body, name)  # another int type (bool is refused)
+            if cap is not None:
+                return cap
     return None
 
 
@@ -487,7 +514,23 @@ def max_output_tokens(
         raise ValueError("default must be >= 0")
     if endpoint == "embeddings":
         return 0
-    cap = request_output_cap(endpoint, body)
+    return output_bound(body, endpoint, model, default, request_output_cap(endpoint, body))
+
+
+def output_bound(
+    body: Mapping[str, Any],
+    endpoint: EndpointKind,
+    model: str,
+    default: int,
+    cap: int | None,
+) -> int:
+    """:func:`max_output_tokens` of checked arguments, given the request's own ``cap``.
+
+    ``cap`` is :func:`request_output_cap` of ``body`` (read once per call, by
+    :meth:`~payi_guard.meter.parse.RequestInfo.parse`).
+    """
+    if endpoint == "embeddings":
+        return 0
     if cap is None:
         cap = model_output_cap(model, default)
     choices = 1

@@ -49,18 +49,17 @@ from typing import Any, Final, Literal, NamedTuple
 from payi_guard.context import Attribution, get_context
 from payi_guard.engine import CallRequest, Guard, Reservation
 from payi_guard.exceptions import PayiGuardError
-from payi_guard.meter.estimate import estimate_request
+from payi_guard.meter.estimate import request_bounds
 from payi_guard.meter.options import MeterOptions, base_url
 from payi_guard.meter.parse import (
     Endpoint,
     RequestInfo,
     classify,
     inject_include_usage,
-    loads_json,
-    usage_from_response,
     with_include_usage,
 )
 from payi_guard.meter.payi_bridge import PayiBridge
+from payi_guard.meter.plain import is_event_stream, plain_result
 from payi_guard.meter.refusal import refusal_response
 from payi_guard.meter.request_body import content_type, has_header
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
@@ -203,18 +202,20 @@ class TransportMeter:
             new_body, added = inject_include_usage(body)
             if added:
                 send = with_include_usage(raw, body, new_body)
-        estimate = estimate_request(body, kind, model, mode=self.options.estimate_mode)
+        inputs, outputs, cache_writes, price_context, web, files = request_bounds(
+            body, kind, model, self.options.estimate_mode, info.max_output_tokens
+        )
         call = CallRequest(
             model=model,
             provider=self._provider(endpoint, url, host, path),
             endpoint=kind,
-            input_tokens=estimate.input_tokens,
-            max_output_tokens=estimate.output_tokens,
+            input_tokens=inputs,
+            max_output_tokens=outputs,
             stream=info.stream,
-            cache_writes=estimate.cache_writes,
-            price_context=estimate.price_context or None,
-            max_web_searches=estimate.web_searches,
-            max_file_searches=estimate.file_searches,
+            cache_writes=cache_writes,
+            price_context=price_context,
+            max_web_searches=web,
+            max_file_searches=files,
         )
         return PlannedCall(endpoint, info, call, get_context(), send, added, url)
 
@@ -305,10 +306,8 @@ class TransportMeter:
             return "error"
         if planned.info.stream:
             return "stream"
-        ctype: str = response.headers.get("content-type", "")
-        if ctype.split(";", 1)[0].strip().lower() == "text/event-stream":
-            return "stream"
-        return "plain"
+        ctype = ", ".join(response.headers.get_list("content-type"))
+        return "stream" if is_event_stream(ctype) else "plain"
 
     def stream_state(
         self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
@@ -372,7 +371,8 @@ class TransportMeter:
     def after_read(response: Any) -> None:
         """Fix the headers of a body read (and decoded) inside the transport."""
         headers = response.headers
-        encoding = headers.get("content-encoding", "").strip().lower()
+        # ``get_list``: ``get`` of a missing header (the usual case) raises inside.
+        encoding = ", ".join(headers.get_list("content-encoding")).strip().lower()
         if encoding in DECODABLE_ENCODINGS:
             del headers["content-encoding"]
             headers["content-length"] = str(len(response.content))
@@ -384,29 +384,7 @@ class TransportMeter:
         A body without a usage object, or whose counts cannot be trusted, is charged the
         reservation (outcome ``unverified``).
         """
-        try:
-            obj: Any = loads_json(content)
-        except (ValueError, UnicodeDecodeError):
-            obj = None
-        parsed = usage_from_response(planned.endpoint, obj)
-        problems = parsed.problems if parsed.complete else ("usage: missing",)
-        outcome = "ok"
-        model: Any = None
-        if isinstance(obj, dict):
-            model = obj.get("model")
-            if planned.endpoint.kind == "responses":
-                status = obj.get("status")
-                if status == "incomplete":
-                    outcome = "incomplete"
-                elif status == "failed":
-                    outcome = "error"
-        return Settlement(
-            parsed.to_token_usage(),
-            outcome,
-            response_model=model if isinstance(model, str) and model else None,
-            other_models=parsed.other_models,
-            problems=problems,
-        )
+        return plain_result(planned.endpoint, content)
 
     @staticmethod
     def lost_body_usage(planned: PlannedCall) -> TokenUsage:
