@@ -46,20 +46,26 @@ def _owners_day(plan: Plan, keep_days: int) -> tuple[str, str, str | None, bool,
     return prefix, subject.user_id, subject.org_id, subject.anonymous, day, keep_days
 
 
+@functools.lru_cache(maxsize=4096)
+def _field_names(model: str, use_case: str | None) -> tuple[str, ...]:
+    """The names of :func:`~payi_guard.ledger.analytics.call_fields`, in its order."""
+    return tuple(name for name, _ in call_fields(0, 0, 0, model, use_case))
+
+
 def settled_tallies(plan: Plan, record: CallRecord, keep_days: int) -> tuple[Tally, ...]:
     """The tallies the commit of ``plan``'s call adds (its user's and org's day)."""
     if keep_days <= 0:
         return ()
     keys, until = _day_keys(*_owners_day(plan, keep_days))
     usage = record.usage
-    fields = call_fields(
-        record.cost_nano,
-        usage.input_tokens if usage else 0,
-        usage.output_tokens if usage else 0,
-        plan.call.model,
-        plan.attribution.use_case_name,
-    )
-    return tuple(Tally(key, fields, until) for key in keys)
+    cost = record.cost_nano
+    tokens_in = max(usage.input_tokens, 0) if usage else 0
+    tokens_out = max(usage.output_tokens, 0) if usage else 0
+    # call_fields' values, in its order, under names made once per model and use case.
+    values = (cost, 1, tokens_in, tokens_out, cost, 1, cost, 1)
+    names = _field_names(plan.call.model, plan.attribution.use_case_name)
+    fields = tuple(zip(names, values, strict=True))
+    return tuple([Tally(key, fields, until) for key in keys])
 
 
 def refused_tallies(plan: Plan, keep_days: int) -> tuple[Tally, ...]:

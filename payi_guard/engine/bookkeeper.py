@@ -111,8 +111,9 @@ class Bookkeeper:
                 than a counter can hold; nothing was reserved.
             StorageError: storage failed and ``on_storage_error`` is ``block``.
         """
-        self._check_capacity(plan, [c.amount for c in plan.charges], _BOUND_TOO_LARGE)
-        self._check_spent(plan)
+        self._check_bound(plan)
+        if len(self._spent):
+            self._check_spent(plan)
         if not plan.charges:
             return True
         ttl = plan.policy.config.reservation_ttl
@@ -132,13 +133,15 @@ class Bookkeeper:
         except BaseException:
             self._undo_reserve(plan)
             raise
-        self._interpret_reserve(plan, result)
+        if not result.ok:
+            self._interpret_reserve(plan, result)
         return True
 
     async def areserve(self, plan: Plan) -> bool:
         """Async :meth:`reserve`: never blocks the event loop."""
-        self._check_capacity(plan, [c.amount for c in plan.charges], _BOUND_TOO_LARGE)
-        self._check_spent(plan)
+        self._check_bound(plan)
+        if len(self._spent):
+            self._check_spent(plan)
         if not plan.charges:
             return True
         ttl = plan.policy.config.reservation_ttl
@@ -158,8 +161,15 @@ class Bookkeeper:
         except BaseException:  # cancelled: the reserve may be applied, nobody will settle it
             self._undo_reserve(plan)
             raise
-        self._interpret_reserve(plan, result)
+        if not result.ok:
+            self._interpret_reserve(plan, result)
         return True
+
+    def _check_bound(self, plan: Plan) -> None:
+        """Refuse a call whose upper bound no counter can hold (:meth:`_check_capacity`)."""
+        for index, charge in enumerate(plan.charges):
+            if charge.amount > MAX_UNITS:
+                self._refuse_capacity(plan, index, charge.amount, _BOUND_TOO_LARGE)
 
     def _check_spent(self, plan: Plan) -> None:
         """Refuse without a round trip when a counter is known to be spent for its window."""
@@ -354,8 +364,10 @@ class Bookkeeper:
 
     def _actual_charges(self, plan: Plan, amounts: Sequence[int]) -> tuple[Charge, ...]:
         return tuple(
-            Charge(key=ch.key, amount=amount, max=None, expires_at=ch.expires_at)
-            for ch, amount in zip(plan.charges, amounts, strict=True)
+            [
+                Charge(ch.key, amount, None, ch.expires_at)
+                for ch, amount in zip(plan.charges, amounts, strict=True)
+            ]
         )
 
     def _closing(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> Closing:
@@ -371,7 +383,7 @@ class Bookkeeper:
         return Closing(
             "release" if amounts is None else "commit",
             plan.reservation_id,
-            tuple(c.key for c in plan.charges),
+            tuple([c.key for c in plan.charges]),
             charges,
             plan.subject.user_id,
             applied,
@@ -453,20 +465,21 @@ class Bookkeeper:
     ) -> CallRecord:
         """The record of a call settled (or released) now, reserved at ``started``."""
         latency_ms = (self.clock.monotonic() - started) * 1000.0
+        subject, call = plan.subject, plan.call
         return CallRecord(
-            user_id=plan.subject.user_id,
-            org_id=plan.subject.org_id,
-            model=plan.call.model,
-            provider=plan.call.provider,
-            usage=usage,
-            cost_nano=cost,
-            reserved_nano=plan.estimate_nano,
-            outcome=outcome,
-            latency_ms=round(latency_ms, 3),
-            stream=plan.call.stream,
-            priced=priced,
-            response_model=response_model,
-            other_models=other_models,
+            subject.user_id,
+            subject.org_id,
+            call.model,
+            call.provider,
+            usage,
+            cost,
+            plan.estimate_nano,
+            outcome,
+            round(latency_ms, 3),
+            call.stream,
+            priced,
+            response_model,
+            other_models,
         )
 
     def after_commit(
@@ -477,8 +490,12 @@ class Bookkeeper:
         amounts: Sequence[int] | None,
     ) -> None:
         """Log what a commit (or release) caused: thresholds crossed, the call itself."""
+        calls = self.calls
         if states and amounts is not None:
             for counter, state, amount in zip(plan.counters, states, amounts, strict=True):
-                self.calls.thresholds(plan, counter, state, amount)
-                self._remember_spent(counter, state)
-        self.calls.call(plan, record)
+                if amount > 0:
+                    calls.thresholds(plan, counter, state, amount)
+                limit = counter.enforced_max
+                if limit is not None and state.settled >= limit:
+                    self._remember_spent(counter, state)
+        calls.call(plan, record)

@@ -23,6 +23,28 @@ from payi_guard.money import cost_usd, log_amount
 __all__ = ["BoundLog", "CallLog"]
 
 
+def _config_object() -> Any:
+    """The configuration object of structlog, read without a ``get_config`` dict per call.
+
+    ``None`` when this structlog keeps it elsewhere (``get_config`` is used then).
+    """
+    held = getattr(getattr(structlog, "_config", None), "_CONFIG", None)
+    names = ("default_processors", "default_wrapper_class", "default_context_class")
+    if held is None or not all(hasattr(held, name) for name in (*names, "logger_factory")):
+        return None
+    config = structlog.get_config()
+    same = (
+        config["processors"] is held.default_processors
+        and config["wrapper_class"] is held.default_wrapper_class
+        and config["context_class"] is held.default_context_class
+        and config["logger_factory"] is held.logger_factory
+    )
+    return held if same else None
+
+
+_STRUCTLOG_CONFIG = _config_object()
+
+
 class BoundLog:
     """The library's structlog logger, bound once per structlog configuration.
 
@@ -43,11 +65,18 @@ class BoundLog:
 
     def current(self) -> Any:
         """The bound logger for the structlog configuration in effect now."""
-        config = structlog.get_config()
-        processors = config["processors"]
-        wrapper = config["wrapper_class"]
-        context = config["context_class"]
-        factory = config["logger_factory"]
+        held = _STRUCTLOG_CONFIG
+        if held is not None:
+            processors = held.default_processors
+            wrapper = held.default_wrapper_class
+            context = held.default_context_class
+            factory = held.logger_factory
+        else:
+            config = structlog.get_config()
+            processors = config["processors"]
+            wrapper = config["wrapper_class"]
+            context = config["context_class"]
+            factory = config["logger_factory"]
         key = self._key
         if (
             key is None

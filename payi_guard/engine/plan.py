@@ -253,7 +253,7 @@ class Planner:
         )
         amounts = amounts_by_counter(counters, estimate, call.input_tokens + call.max_output_tokens)
         charges = [
-            Charge(key=c.key, amount=amount, max=c.enforced_max, expires_at=c.expires_at)
+            Charge(c.key, amount, c.enforced_max, c.expires_at)
             for c, amount in zip(counters, amounts, strict=True)
         ]
         return Plan(
