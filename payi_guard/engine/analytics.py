@@ -39,11 +39,19 @@ def _day_keys(
 
 
 def _owners_day(plan: Plan, keep_days: int) -> tuple[str, str, str | None, bool, int, int]:
-    """What a plan's tallies depend on besides the call: the owners and the UTC day."""
+    """What a plan's tallies depend on besides the call: the owners and the UTC day.
+
+    Made once per plan (its reserve and its commit ask).
+    """
+    known = plan.owners_day
+    if known is not None and known[5] == keep_days:
+        return known
     subject = plan.subject
     prefix = prefix_of(plan.charges[0].key)
     day = int(plan.now // _DAY)
-    return prefix, subject.user_id, subject.org_id, subject.anonymous, day, keep_days
+    known = prefix, subject.user_id, subject.org_id, subject.anonymous, day, keep_days
+    plan.owners_day = known
+    return known
 
 
 @functools.lru_cache(maxsize=4096)

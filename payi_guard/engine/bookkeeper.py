@@ -416,7 +416,7 @@ class Bookkeeper:
     def live(self, plan: Plan, owner: object) -> None:
         """Renew ``plan``'s reservation while ``owner`` (its call) is under way."""
         if plan.charges:
-            keys = [c.key for c in plan.charges]
+            keys = tuple([c.key for c in plan.charges])
             self.renewer.add(plan.reservation_id, keys, owner, plan.subject.user_id)
 
     def ended(self, plan: Plan) -> None:

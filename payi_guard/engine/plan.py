@@ -70,6 +70,8 @@ class Plan:
     estimate_nano: int
     rates: Rates | None
     now: float
+    owners_day: tuple[str, str, str | None, bool, int, int] | None = None
+    """What the plan's usage analytics depend on (set by :mod:`~payi_guard.engine.analytics`)."""
 
 
 def amounts_by_counter(counters: Iterable[Counter], usd: int, tokens: int) -> list[int]:
