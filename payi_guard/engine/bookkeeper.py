@@ -20,6 +20,7 @@ more than a counter can hold is refused, never a storage error.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ from payi_guard.ledger.base import (
     CounterState,
     ReserveResult,
     StorageOutcomeUnknown,
+    Tally,
 )
 from payi_guard.money import cost_usd, log_amount, parse_usd
 from payi_guard.pricing import TokenUsage
@@ -55,6 +57,8 @@ from payi_guard.pricing import TokenUsage
 __all__ = ["Bookkeeper"]
 
 CounterStates = tuple[CounterState, ...]
+SettleParts = tuple[tuple[str, ...], tuple[Charge, ...] | None, tuple[Tally, ...]]
+"""A settle's keys, its charges (``None`` for a release) and its tallies."""
 
 _BOUND_TOO_LARGE = "the call's upper bound (lower its max_tokens)"
 
@@ -370,7 +374,24 @@ class Bookkeeper:
             ]
         )
 
-    def _closing(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> Closing:
+    def _closing_parts(
+        self, plan: Plan, record: CallRecord, amounts: list[int] | None
+    ) -> SettleParts:
+        """The keys, the charges (``None`` for a release) and the tallies of a settle."""
+        keys = tuple([c.key for c in plan.charges])
+        if amounts is None:
+            return keys, None, ()
+        tallies = settled_tallies(plan, record, self._analytics)
+        return keys, self._actual_charges(plan, amounts), tallies
+
+    def _closing(
+        self,
+        plan: Plan,
+        record: CallRecord,
+        amounts: list[int] | None,
+        parts: SettleParts | None = None,
+        started: float | None = None,
+    ) -> Closing:
         """The commit (``amounts``) or release of ``plan``; logged once, when it ends."""
 
         def applied(states: CounterStates) -> None:
@@ -379,28 +400,48 @@ class Bookkeeper:
         def abandoned(unknown: bool) -> None:
             self.calls.call(plan, record, ledger="unknown" if unknown else "failed")
 
-        charges = None if amounts is None else self._actual_charges(plan, amounts)
-        return Closing(
+        keys, charges, tallies = parts or self._closing_parts(plan, record, amounts)
+        job = Closing(
             "release" if amounts is None else "commit",
             plan.reservation_id,
-            tuple([c.key for c in plan.charges]),
+            keys,
             charges,
             plan.subject.user_id,
             applied,
             abandoned,
-            tallies=() if amounts is None else settled_tallies(plan, record, self._analytics),
+            tallies=tallies,
         )
+        if started is not None:
+            job.started = started
+        return job
 
     def settle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:
         """Commit ``amounts`` (``None``: release) and log ``record``.
 
         Logged now, or once the retries got it through: a store that fails makes the
-        retrier take over (this never raises for it).
+        retrier take over (this never raises for it). The first attempt is made here;
+        only one that fails makes the :class:`~payi_guard.engine.retry.Closing` the
+        retries go on with (counting that attempt, from when it started).
         """
         if not plan.charges:
             self.after_commit(plan, record, (), amounts)
             return
-        self._closer.run(self._closing(plan, record, amounts))
+        parts = self._closing_parts(plan, record, amounts)
+        started = time.monotonic()
+        try:
+            ledger = self.storage.ledger
+            now = self.clock.now()
+            keys, charges, tallies = parts
+            if charges is None:
+                states = ledger.release(plan.reservation_id, keys, now=now)
+            else:
+                states = ledger.commit(plan.reservation_id, charges, now=now, tallies=tallies)
+        except BaseException as exc:
+            job = self._closing(plan, record, amounts, parts, started)
+            job.attempts = 1
+            self._closer.run(job, exc)
+            return
+        self.after_commit(plan, record, states, amounts)
 
     async def asettle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:
         """Async :meth:`settle`: it runs to its end even if the caller is cancelled."""
