@@ -204,13 +204,10 @@ def direct_info(bound: Any) -> Callable[[str, dict[str, Any]], None] | None:
     msg = output.msg
     rules: list[Any] = processors
 
-    def write(event: str, fields: dict[str, Any]) -> None:
-        fields["event"] = event
-        msg(_json_line(output, "info", fields))
-
     def checked(event: str, fields: dict[str, Any]) -> None:
         if len(rules) == 1 and rules[0] is _json_line:
-            write(event, fields)
+            fields["event"] = event
+            msg(_json_line(output, "info", fields))
         else:
             bound.info(event, **fields)
 

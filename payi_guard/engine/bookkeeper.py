@@ -91,10 +91,6 @@ class Bookkeeper:
         self.renewer = Renewer(storage, clock, lambda: self._config().reservation_ttl)
         self._detached = Detached()
 
-    @property
-    def _analytics(self) -> int:
-        return self._config().analytics_days
-
     def close(self) -> None:
         """Stop renewing; retry what waits for four socket timeouts more, then give it up."""
         self.renewer.close()
@@ -127,7 +123,7 @@ class Bookkeeper:
                 plan.charges,
                 now=plan.now,
                 ttl=ttl,
-                tallies=refused_tallies(plan, self._analytics),
+                tallies=refused_tallies(plan, self._config().analytics_days),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -155,7 +151,7 @@ class Bookkeeper:
                 plan.charges,
                 now=plan.now,
                 ttl=ttl,
-                tallies=refused_tallies(plan, self._analytics),
+                tallies=refused_tallies(plan, self._config().analytics_days),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -381,7 +377,7 @@ class Bookkeeper:
         keys = tuple([c.key for c in plan.charges])
         if amounts is None:
             return keys, None, ()
-        tallies = settled_tallies(plan, record, self._analytics)
+        tallies = settled_tallies(plan, record, self._config().analytics_days)
         return keys, self._actual_charges(plan, amounts), tallies
 
     def _closing(

@@ -18,7 +18,7 @@ from payi_guard.engine.observers import CallEnded, Observers
 from payi_guard.engine.plan import Counter, Plan
 from payi_guard.engine.policy import BoundLimit
 from payi_guard.ledger.base import CounterState
-from payi_guard.money import cost_usd, log_amount
+from payi_guard.money import NANO_USD, cost_usd, log_amount
 
 __all__ = ["BoundLog", "CallLog"]
 
@@ -96,7 +96,17 @@ class BoundLog:
         Under :func:`payi_guard.log.configure_json` it renders and writes the line
         directly (:func:`payi_guard.log.direct_info`); otherwise it is ``info``.
         """
-        self.current()
+        held = _STRUCTLOG_CONFIG
+        key = self._key
+        if (
+            held is None
+            or key is None
+            or key[0] is not held.default_processors
+            or key[1] is not held.default_wrapper_class
+            or key[2] is not held.default_context_class
+            or key[3] is not held.logger_factory
+        ):
+            self.current()
         return self._info
 
     @staticmethod
@@ -198,8 +208,8 @@ class CallLog:
             "output_tokens": usage.output_tokens if usage else 0,
             "cache_read_tokens": usage.cache_read_tokens if usage else 0,
             "cache_write_tokens": usage.cache_write_tokens if usage else 0,
-            "cost_usd": cost_usd(record.cost_nano),
-            "reserved_usd": cost_usd(record.reserved_nano),
+            "cost_usd": record.cost_nano / NANO_USD,  # cost_usd(), inline
+            "reserved_usd": record.reserved_nano / NANO_USD,
             "latency_ms": record.latency_ms,
             "stream": record.stream,
             "outcome": record.outcome,

@@ -26,7 +26,7 @@ def charged_amounts(
     rates = rates_for(plan, response_model)
     prices = plan.policy.prices
     priced = rates is not None
-    cost = 0 if rates is None else prices.cost_with(rates, usage)
+    cost = 0 if rates is None else rates.cost(usage)  # prices.cost_with(rates, usage)
     tokens = usage.total_tokens
     for model, part in other_models:
         tokens += part.total_tokens

@@ -253,11 +253,10 @@ class Planner:
                 file_searches=call.max_file_searches,
             )
         )
-        amounts = amounts_by_counter(counters, estimate, call.input_tokens + call.max_output_tokens)
-        charges = [
-            Charge(c.key, amount, c.enforced_max, c.expires_at)
-            for c, amount in zip(counters, amounts, strict=True)
-        ]
+        # amounts_by_counter(), in the one pass that makes the charges.
+        by_unit = {"usd": estimate, "tokens": call.input_tokens + call.max_output_tokens}
+        by_unit["requests"] = 1
+        charges = [Charge(c.key, by_unit[c.unit], c.enforced_max, c.expires_at) for c in counters]
         return Plan(
             reservation_id=new_id(),
             subject=subject,
