@@ -362,23 +362,22 @@ class Bookkeeper:
         cost = parse_usd(dollars)
         return amounts_by_counter(plan.counters, cost, usage.total_tokens), cost, True
 
-    def _actual_charges(self, plan: Plan, amounts: Sequence[int]) -> tuple[Charge, ...]:
-        return tuple(
-            [
-                Charge(ch.key, amount, None, ch.expires_at)
-                for ch, amount in zip(plan.charges, amounts, strict=True)
-            ]
-        )
-
     def _closing_parts(
         self, plan: Plan, record: CallRecord, amounts: list[int] | None
     ) -> SettleParts:
         """The keys, the charges (``None`` for a release) and the tallies of a settle."""
-        keys = tuple([c.key for c in plan.charges])
+        reserved = plan.charges
+        keys = tuple([c.key for c in reserved])
         if amounts is None:
             return keys, None, ()
         tallies = settled_tallies(plan, record, self._config().analytics_days)
-        return keys, self._actual_charges(plan, amounts), tallies
+        charges = tuple(
+            [
+                Charge(ch.key, amount, None, ch.expires_at)
+                for ch, amount in zip(reserved, amounts, strict=True)
+            ]
+        )
+        return keys, charges, tallies
 
     def _closing(
         self,
