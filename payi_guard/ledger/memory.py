@@ -51,7 +51,8 @@ from payi_guard.ledger._checks import (
 from payi_guard.ledger._glob import glob_regex, literal_prefix
 from payi_guard.ledger._memory_async import AsyncMemoryLedger
 from payi_guard.ledger._memory_counter import _Counter
-from payi_guard.ledger._tally import TallyStore
+from payi_guard.ledger._memory_journal import JournalStore
+from payi_guard.ledger._tally import TallyStore, immutable_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
     Adjustment,
@@ -65,13 +66,6 @@ from payi_guard.ledger.base import (
 __all__ = ["AsyncMemoryLedger", "MemoryLedger"]
 
 _ZERO = CounterState(0, 0)
-
-
-def _immutable(tallies: Sequence[Tally]) -> bool:
-    """Whether ``tallies`` is a tuple of tallies whose fields are tuples of pairs."""
-    return type(tallies) is tuple and all(
-        type(t.fields) is tuple and all(type(pair) is tuple for pair in t.fields) for t in tallies
-    )
 
 
 class MemoryLedger:
@@ -107,9 +101,7 @@ class MemoryLedger:
         # expires_at -> keys filed under it, and a heap of those expires_at values.
         self._buckets: dict[float, list[str]] = {}
         self._bucket_times: list[float] = []
-        # journal -> (entries, oldest first; expires_at), and a heap to drop expired ones.
-        self._journals: dict[str, tuple[list[JournalEntry], float]] = {}
-        self._journal_times: list[tuple[float, str]] = []
+        self._journals = JournalStore()
         self._tallies = TallyStore()
         # The last tuple of tallies a reserve checked (a plan's refusal tallies are one
         # tuple per owner and day, passed again call after call).
@@ -203,16 +195,6 @@ class MemoryLedger:
             self._file(charge.key, charge.expires_at)
         return counter
 
-    def _touch(self, key: str, expires_at: float, now: float) -> _Counter:
-        counter = self._counters.get(key)
-        if counter is None or counter.expires_at <= now:
-            return self._new_counter(key, expires_at)
-        counter.purge(now)
-        if expires_at > counter.expires_at:
-            counter.expires_at = expires_at
-            self._file(key, expires_at)
-        return counter
-
     # -- the Ledger protocol ---------------------------------------------------------------
 
     def reserve(
@@ -249,7 +231,7 @@ class MemoryLedger:
         """
         checked = tallies is self._checked_tallies
         check_operation(reservation_id, charges, () if checked else tallies, now, ttl)
-        if not checked and _immutable(tallies):
+        if not checked and immutable_tallies(tallies):
             self._checked_tallies = tallies  # the same tuple again needs no new check
         with self._lock:
             self._housekeeping(now)
@@ -572,25 +554,8 @@ class MemoryLedger:
                     counter.settled = new
                     pending = counter.pending
                 entries.append(JournalEntry(now, item.key, added, new, pending, item.note))
-            self._journal(journal, entries, keep, journal_expires_at, now)
+            self._journals.append(journal, entries, keep, journal_expires_at, now)
             return tuple(entries)
-
-    def _journal(
-        self, journal: str, entries: list[JournalEntry], keep: int, until: float, now: float
-    ) -> None:
-        times = self._journal_times
-        while times and times[0][0] <= now:
-            _, name = heapq.heappop(times)
-            held = self._journals.get(name)
-            if held is not None and held[1] <= now:
-                del self._journals[name]
-        held = self._journals.get(journal)
-        kept = [] if held is None else held[0]
-        kept.extend(entries)
-        del kept[:-keep]
-        expires_at = until if held is None else max(held[1], until)
-        self._journals[journal] = (kept, expires_at)
-        heapq.heappush(times, (expires_at, journal))
 
     def read_journal(self, journal: str, *, now: float, limit: int) -> tuple[JournalEntry, ...]:
         """Return the ``limit`` newest entries of ``journal``, newest first.
@@ -605,10 +570,7 @@ class MemoryLedger:
         """
         check_journal_read(journal, now, limit)
         with self._lock:
-            held = self._journals.get(journal)
-            if held is None or held[1] <= now:
-                return ()
-            return tuple(reversed(held[0][-limit:]))
+            return self._journals.newest(journal, now, limit)
 
     def sweep(self, now: float) -> int:
         """Drop every counter (and tally) whose ``expires_at`` is ``<= now``, at once.
