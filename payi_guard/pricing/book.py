@@ -83,8 +83,8 @@ class PriceBook:
         self._cache = LRUCache(maxsize=maxsize)
         self._lock = threading.Lock()
         # The entries read lately, in a plain dict read without the lock (at most maxsize:
-        # emptied when full). A hit there skips the lock and the LRU's bookkeeping; the
-        # LRU still decides what stays resolved, this only remembers what was read.
+        # emptied when full): a hit there skips the lock and the LRU's bookkeeping. It
+        # holds the LRU's own entries (resolved again the same way once out of date).
         self._recent: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], Resolved] = {}
         self._maxsize = maxsize
 
