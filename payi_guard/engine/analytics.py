@@ -70,9 +70,17 @@ def settled_tallies(plan: Plan, record: CallRecord, keep_days: int) -> tuple[Tal
     tokens_in = max(usage.input_tokens, 0) if usage else 0
     tokens_out = max(usage.output_tokens, 0) if usage else 0
     # call_fields' values, in its order, under names made once per model and use case.
-    values = (cost, 1, tokens_in, tokens_out, cost, 1, cost, 1)
-    names = _field_names(plan.call.model, plan.attribution.use_case_name)
-    fields = tuple(zip(names, values, strict=True))
+    c, n, i, o, mc, mn, uc, un = _field_names(plan.call.model, plan.attribution.use_case_name)
+    fields = (
+        (c, cost),
+        (n, 1),
+        (i, tokens_in),
+        (o, tokens_out),
+        (mc, cost),
+        (mn, 1),
+        (uc, cost),
+        (un, 1),
+    )
     return tuple([Tally(key, fields, until) for key in keys])
 
 

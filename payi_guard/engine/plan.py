@@ -258,16 +258,7 @@ class Planner:
         by_unit["requests"] = 1
         charges = [Charge(c.key, by_unit[c.unit], c.enforced_max, c.expires_at) for c in counters]
         return Plan(
-            reservation_id=new_id(),
-            subject=subject,
-            attribution=attribution,
-            call=call,
-            policy=policy,
-            counters=counters,
-            charges=charges,
-            estimate_nano=estimate,
-            rates=rates,
-            now=now,
+            new_id(), subject, attribution, call, policy, counters, charges, estimate, rates, now
         )
 
     def for_record(
