@@ -44,7 +44,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Container
 from typing import Any, TextIO
 
 import structlog
@@ -71,8 +71,10 @@ __all__ = [
     "TIER_UNKNOWN",
     "UNKNOWN_MODEL",
     "USAGE_INVALID",
+    "DirectInfo",
     "configure_json",
     "direct_info",
+    "encode_json",
     "get_logger",
     "iso_utc",
 ]
@@ -118,9 +120,29 @@ def _fallback(obj: Any) -> Any:
         return repr(obj)
 
 
-_ENCODE = json.JSONEncoder(
-    default=getattr(JSONRenderer(), "_dumps_kw", {}).get("default", _fallback)
-).encode
+_DEFAULT = getattr(JSONRenderer(), "_dumps_kw", {}).get("default", _fallback)
+_ENCODE = json.JSONEncoder(default=_DEFAULT).encode
+_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_ASCII: Any = json.encoder.encode_basestring_ascii
+
+
+def encode_json(fields: dict[str, Any]) -> str:
+    """The JSON text the line :func:`configure_json` writes gives a dict of fields."""
+    return _encode(fields)
+
+
+def _encode(event_dict: dict[str, Any]) -> str:
+    """``_ENCODE(event_dict)`` for a dict: the C encoder ``JSONEncoder.encode`` would make.
+
+    The same arguments ``JSONEncoder.iterencode`` gives it (a fresh dict of markers for
+    the circular-reference check, ASCII output, ``": "`` and ``", "``), without the two
+    Python frames and the float formatter it builds around it on every line.
+    """
+    if _C_ENCODER is None:
+        return _ENCODE(event_dict)
+    return "".join(
+        _C_ENCODER({}, _DEFAULT, _ASCII, None, ": ", ", ", False, False, True)(event_dict, 0)
+    )
 
 
 # The last whole second formatted, as one tuple (swapped whole, so threads never mix
@@ -156,10 +178,12 @@ def _json_line(logger: Any, method_name: str, event_dict: Any) -> str:
     event_dict["timestamp"] = iso_utc(time.time_ns())
     if "exc_info" in event_dict:
         event_dict = format_exc_info(logger, method_name, event_dict)
+    if type(event_dict) is dict:
+        return _encode(event_dict)
     return _ENCODE(event_dict)
 
 
-def direct_info(bound: Any) -> Callable[[str, dict[str, Any]], None] | None:
+def direct_info(bound: Any) -> DirectInfo | None:
     """A writer of ``bound.info(event, **fields)`` lines that skips structlog's layers.
 
     Only for a logger made under :func:`configure_json`'s configuration: a structlog
@@ -184,20 +208,71 @@ def direct_info(bound: Any) -> Callable[[str, dict[str, Any]], None] | None:
         or processors != [_json_line]
     ):
         return None
-    msg = output.msg
-    rules: list[Any] = processors
+    return DirectInfo(bound, output, processors)
 
-    def write(event: str, fields: dict[str, Any]) -> None:
-        fields["event"] = event
-        msg(_json_line(output, "info", fields))
 
-    def checked(event: str, fields: dict[str, Any]) -> None:
+class DirectInfo:
+    """The writer :func:`direct_info` returns: ``writer(event, fields)`` writes a line.
+
+    It checks the processor list on each line: once it is changed in place, it hands
+    its lines to ``bound.info``.
+
+    Args:
+        bound: the bound logger.
+        output: its ``WriteLogger``.
+        rules: its processor list (``[_json_line]`` when made).
+    """
+
+    __slots__ = ("_bound", "_msg", "_output", "_rules")
+
+    def __init__(self, bound: Any, output: Any, rules: list[Any]) -> None:
+        self._bound = bound
+        self._output = output
+        self._msg = output.msg
+        self._rules = rules
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        """Write the line of ``bound.info(event, **fields)``."""
+        rules = self._rules
         if len(rules) == 1 and rules[0] is _json_line:
-            write(event, fields)
+            fields["event"] = event
+            self._msg(_json_line(self._output, "info", fields))
         else:
-            bound.info(event, **fields)
+            self._bound.info(event, **fields)
 
-    return checked
+    def write_after(
+        self, head: str, head_keys: Container[str], event: str, tail: dict[str, Any]
+    ) -> bool:
+        """Write the line of ``bound.info(event, **head_fields, **tail)``, its head given.
+
+        Args:
+            head: the JSON text :func:`encode_json` gives for the head fields (dict
+                ``head_fields``), without its closing ``}``.
+            head_keys: the keys of the head fields (none of them is in ``tail``).
+            event: the event.
+            tail: the fields after them (this dict is used up).
+
+        Returns:
+            False when the processor list was changed: nothing was written, and the
+            caller writes the line with the whole fields through ``writer(event, fields)``.
+        """
+        rules = self._rules
+        if not (len(rules) == 1 and rules[0] is _json_line):
+            return False
+        # What _json_line does to the whole event dict, done to its tail: the head's
+        # keys are there already, so context variables of those names are left out.
+        tail["event"] = event
+        for key, value in merge_contextvars(self._output, "info", {}).items():
+            if key not in head_keys:
+                tail.setdefault(key, value)
+        tail["level"] = "info"
+        tail["timestamp"] = iso_utc(time.time_ns())
+        rendered: Any = tail
+        if "exc_info" in tail:
+            rendered = format_exc_info(self._output, "info", tail)
+        rest = _encode(rendered) if type(rendered) is dict else _ENCODE(rendered)
+        self._msg(head + ", " + rest[1:])
+        return True
 
 
 def configure_json(stream: TextIO | None = None, *, level: int = logging.INFO) -> None:

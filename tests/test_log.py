@@ -186,3 +186,90 @@ def test_iso_utc_matches_now() -> None:
     stamp = datetime.datetime.fromisoformat(iso_utc(time.time_ns()).replace("Z", "+00:00"))
     after = datetime.datetime.now(tz=datetime.timezone.utc)
     assert before <= stamp <= after
+
+
+_text = st.text(max_size=12)
+_maybe = st.none() | _text
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    who=st.tuples(_text.filter(bool), _maybe, _maybe, _maybe),
+    limit_ids=st.lists(_text, max_size=3).map(tuple),
+    what=st.tuples(_text.filter(bool), _text, _text),
+    tokens=st.none() | st.tuples(*[st.integers(min_value=0, max_value=10**12)] * 4),
+    nanos=st.tuples(st.integers(0, 10**16), st.integers(0, 10**16)),
+    latency=st.floats(min_value=0, max_value=1e9),
+    stream=st.booleans(),
+    outcome=st.sampled_from(["ok", "error", "released", "unverified", 'q"\\\n']),
+    request_id=_maybe,
+    extra=st.tuples(_maybe, st.none() | st.sampled_from(["failed", "unknown"]), st.booleans()),
+)
+def test_genai_call_head_text_is_what_the_encoder_gives(
+    who: tuple[str, str | None, str | None, str | None],
+    limit_ids: tuple[str, ...],
+    what: tuple[str, str, str],
+    tokens: tuple[int, int, int, int] | None,
+    nanos: tuple[int, int],
+    latency: float,
+    stream: bool,
+    outcome: str,
+    request_id: str | None,
+    extra: tuple[str | None, str | None, bool],
+) -> None:
+    from payi_guard.context import Attribution
+    from payi_guard.engine.call_log import _HEAD_KEYS, CallLog, _add_extra_fields, _head
+    from payi_guard.engine.calls import CallRecord, CallRequest
+    from payi_guard.engine.plan import Plan
+    from payi_guard.engine.policy import Subject
+    from payi_guard.log import encode_json
+    from payi_guard.pricing import TokenUsage
+
+    user, org, account, case = who
+    model, provider, endpoint = what
+    response_model, ledger, priced = extra
+    attribution = Attribution(
+        user_id=user,
+        account_name=account,
+        use_case_name=case,
+        limit_ids=limit_ids,
+        request_id=request_id,
+    )
+    policy: Any = None
+    plan = Plan(
+        "r",
+        Subject(user, org, user, org),
+        attribution,
+        CallRequest(model, provider, endpoint),
+        policy,
+        [],
+        [],
+        nanos[1],
+        None,
+        1.0,
+    )
+    usage = None if tokens is None else TokenUsage(*tokens)
+    record = CallRecord(
+        user,
+        org,
+        model,
+        provider,
+        usage,
+        nanos[0],
+        nanos[1],
+        outcome,
+        latency,
+        stream,
+        priced,
+        response_model,
+    )
+    fields = CallLog._call_fields(plan, record, ledger)
+    fields["event"] = "genai_call"
+    head = _head(plan, record)
+    assert head is not None
+    tail: dict[str, Any] = {}
+    _add_extra_fields(tail, plan, record, ledger)
+    assert not _HEAD_KEYS & tail.keys()
+    tail["event"] = "genai_call"
+    assert head + ", " + encode_json(tail)[1:] == encode_json(fields)
+    assert _head(plan, record) == head  # from the cached text of the first fields

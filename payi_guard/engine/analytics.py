@@ -39,11 +39,25 @@ def _day_keys(
 
 
 def _owners_day(plan: Plan, keep_days: int) -> tuple[str, str, str | None, bool, int, int]:
-    """What a plan's tallies depend on besides the call: the owners and the UTC day."""
+    """What a plan's tallies depend on besides the call: the owners and the UTC day.
+
+    Made once per plan (its reserve and its commit ask).
+    """
+    known = plan.owners_day
+    if known is not None and known[5] == keep_days:
+        return known
     subject = plan.subject
     prefix = prefix_of(plan.charges[0].key)
     day = int(plan.now // _DAY)
-    return prefix, subject.user_id, subject.org_id, subject.anonymous, day, keep_days
+    known = prefix, subject.user_id, subject.org_id, subject.anonymous, day, keep_days
+    plan.owners_day = known
+    return known
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_names(model: str, use_case: str | None) -> tuple[str, ...]:
+    """The names of :func:`~payi_guard.ledger.analytics.call_fields`, in its order."""
+    return tuple(name for name, _ in call_fields(0, 0, 0, model, use_case))
 
 
 def settled_tallies(plan: Plan, record: CallRecord, keep_days: int) -> tuple[Tally, ...]:
@@ -52,14 +66,22 @@ def settled_tallies(plan: Plan, record: CallRecord, keep_days: int) -> tuple[Tal
         return ()
     keys, until = _day_keys(*_owners_day(plan, keep_days))
     usage = record.usage
-    fields = call_fields(
-        record.cost_nano,
-        usage.input_tokens if usage else 0,
-        usage.output_tokens if usage else 0,
-        plan.call.model,
-        plan.attribution.use_case_name,
+    cost = record.cost_nano
+    tokens_in = max(usage.input_tokens, 0) if usage else 0
+    tokens_out = max(usage.output_tokens, 0) if usage else 0
+    # call_fields' values, in its order, under names made once per model and use case.
+    c, n, i, o, mc, mn, uc, un = _field_names(plan.call.model, plan.attribution.use_case_name)
+    fields = (
+        (c, cost),
+        (n, 1),
+        (i, tokens_in),
+        (o, tokens_out),
+        (mc, cost),
+        (mn, 1),
+        (uc, cost),
+        (un, 1),
     )
-    return tuple(Tally(key, fields, until) for key in keys)
+    return tuple([Tally(key, fields, until) for key in keys])
 
 
 def refused_tallies(plan: Plan, keep_days: int) -> tuple[Tally, ...]:

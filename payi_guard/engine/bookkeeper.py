@@ -20,6 +20,7 @@ more than a counter can hold is refused, never a storage error.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ from payi_guard.ledger.base import (
     CounterState,
     ReserveResult,
     StorageOutcomeUnknown,
+    Tally,
 )
 from payi_guard.money import cost_usd, log_amount, parse_usd
 from payi_guard.pricing import TokenUsage
@@ -55,6 +57,8 @@ from payi_guard.pricing import TokenUsage
 __all__ = ["Bookkeeper"]
 
 CounterStates = tuple[CounterState, ...]
+SettleParts = tuple[tuple[str, ...], tuple[Charge, ...] | None, tuple[Tally, ...]]
+"""A settle's keys, its charges (``None`` for a release) and its tallies."""
 
 _BOUND_TOO_LARGE = "the call's upper bound (lower its max_tokens)"
 
@@ -87,10 +91,6 @@ class Bookkeeper:
         self.renewer = Renewer(storage, clock, lambda: self._config().reservation_ttl)
         self._detached = Detached()
 
-    @property
-    def _analytics(self) -> int:
-        return self._config().analytics_days
-
     def close(self) -> None:
         """Stop renewing; retry what waits for four socket timeouts more, then give it up."""
         self.renewer.close()
@@ -111,8 +111,9 @@ class Bookkeeper:
                 than a counter can hold; nothing was reserved.
             StorageError: storage failed and ``on_storage_error`` is ``block``.
         """
-        self._check_capacity(plan, [c.amount for c in plan.charges], _BOUND_TOO_LARGE)
-        self._check_spent(plan)
+        self._check_bound(plan)
+        if len(self._spent):
+            self._check_spent(plan)
         if not plan.charges:
             return True
         ttl = plan.policy.config.reservation_ttl
@@ -122,7 +123,7 @@ class Bookkeeper:
                 plan.charges,
                 now=plan.now,
                 ttl=ttl,
-                tallies=refused_tallies(plan, self._analytics),
+                tallies=refused_tallies(plan, self._config().analytics_days),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -132,13 +133,15 @@ class Bookkeeper:
         except BaseException:
             self._undo_reserve(plan)
             raise
-        self._interpret_reserve(plan, result)
+        if not result.ok:
+            self._interpret_reserve(plan, result)
         return True
 
     async def areserve(self, plan: Plan) -> bool:
         """Async :meth:`reserve`: never blocks the event loop."""
-        self._check_capacity(plan, [c.amount for c in plan.charges], _BOUND_TOO_LARGE)
-        self._check_spent(plan)
+        self._check_bound(plan)
+        if len(self._spent):
+            self._check_spent(plan)
         if not plan.charges:
             return True
         ttl = plan.policy.config.reservation_ttl
@@ -148,7 +151,7 @@ class Bookkeeper:
                 plan.charges,
                 now=plan.now,
                 ttl=ttl,
-                tallies=refused_tallies(plan, self._analytics),
+                tallies=refused_tallies(plan, self._config().analytics_days),
             )
         except CapacityExceeded as exc:  # a max the config let through
             amount = plan.charges[exc.index].amount
@@ -158,8 +161,15 @@ class Bookkeeper:
         except BaseException:  # cancelled: the reserve may be applied, nobody will settle it
             self._undo_reserve(plan)
             raise
-        self._interpret_reserve(plan, result)
+        if not result.ok:
+            self._interpret_reserve(plan, result)
         return True
+
+    def _check_bound(self, plan: Plan) -> None:
+        """Refuse a call whose upper bound no counter can hold (:meth:`_check_capacity`)."""
+        for index, charge in enumerate(plan.charges):
+            if charge.amount > MAX_UNITS:
+                self._refuse_capacity(plan, index, charge.amount, _BOUND_TOO_LARGE)
 
     def _check_spent(self, plan: Plan) -> None:
         """Refuse without a round trip when a counter is known to be spent for its window."""
@@ -352,13 +362,31 @@ class Bookkeeper:
         cost = parse_usd(dollars)
         return amounts_by_counter(plan.counters, cost, usage.total_tokens), cost, True
 
-    def _actual_charges(self, plan: Plan, amounts: Sequence[int]) -> tuple[Charge, ...]:
-        return tuple(
-            Charge(key=ch.key, amount=amount, max=None, expires_at=ch.expires_at)
-            for ch, amount in zip(plan.charges, amounts, strict=True)
+    def _closing_parts(
+        self, plan: Plan, record: CallRecord, amounts: list[int] | None
+    ) -> SettleParts:
+        """The keys, the charges (``None`` for a release) and the tallies of a settle."""
+        reserved = plan.charges
+        keys = tuple([c.key for c in reserved])
+        if amounts is None:
+            return keys, None, ()
+        tallies = settled_tallies(plan, record, self._config().analytics_days)
+        charges = tuple(
+            [
+                Charge(ch.key, amount, None, ch.expires_at)
+                for ch, amount in zip(reserved, amounts, strict=True)
+            ]
         )
+        return keys, charges, tallies
 
-    def _closing(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> Closing:
+    def _closing(
+        self,
+        plan: Plan,
+        record: CallRecord,
+        amounts: list[int] | None,
+        parts: SettleParts | None = None,
+        started: float | None = None,
+    ) -> Closing:
         """The commit (``amounts``) or release of ``plan``; logged once, when it ends."""
 
         def applied(states: CounterStates) -> None:
@@ -367,28 +395,48 @@ class Bookkeeper:
         def abandoned(unknown: bool) -> None:
             self.calls.call(plan, record, ledger="unknown" if unknown else "failed")
 
-        charges = None if amounts is None else self._actual_charges(plan, amounts)
-        return Closing(
+        keys, charges, tallies = parts or self._closing_parts(plan, record, amounts)
+        job = Closing(
             "release" if amounts is None else "commit",
             plan.reservation_id,
-            tuple(c.key for c in plan.charges),
+            keys,
             charges,
             plan.subject.user_id,
             applied,
             abandoned,
-            tallies=() if amounts is None else settled_tallies(plan, record, self._analytics),
+            tallies=tallies,
         )
+        if started is not None:
+            job.started = started
+        return job
 
     def settle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:
         """Commit ``amounts`` (``None``: release) and log ``record``.
 
         Logged now, or once the retries got it through: a store that fails makes the
-        retrier take over (this never raises for it).
+        retrier take over (this never raises for it). The first attempt is made here;
+        only one that fails makes the :class:`~payi_guard.engine.retry.Closing` the
+        retries go on with (counting that attempt, from when it started).
         """
         if not plan.charges:
             self.after_commit(plan, record, (), amounts)
             return
-        self._closer.run(self._closing(plan, record, amounts))
+        parts = self._closing_parts(plan, record, amounts)
+        started = time.monotonic()
+        try:
+            ledger = self.storage.ledger
+            now = self.clock.now()
+            keys, charges, tallies = parts
+            if charges is None:
+                states = ledger.release(plan.reservation_id, keys, now=now)
+            else:
+                states = ledger.commit(plan.reservation_id, charges, now=now, tallies=tallies)
+        except BaseException as exc:
+            job = self._closing(plan, record, amounts, parts, started)
+            job.attempts = 1
+            self._closer.run(job, exc)
+            return
+        self.after_commit(plan, record, states, amounts)
 
     async def asettle(self, plan: Plan, record: CallRecord, amounts: list[int] | None) -> None:
         """Async :meth:`settle`: it runs to its end even if the caller is cancelled."""
@@ -404,7 +452,7 @@ class Bookkeeper:
     def live(self, plan: Plan, owner: object) -> None:
         """Renew ``plan``'s reservation while ``owner`` (its call) is under way."""
         if plan.charges:
-            keys = [c.key for c in plan.charges]
+            keys = tuple([c.key for c in plan.charges])
             self.renewer.add(plan.reservation_id, keys, owner, plan.subject.user_id)
 
     def ended(self, plan: Plan) -> None:
@@ -453,20 +501,21 @@ class Bookkeeper:
     ) -> CallRecord:
         """The record of a call settled (or released) now, reserved at ``started``."""
         latency_ms = (self.clock.monotonic() - started) * 1000.0
+        subject, call = plan.subject, plan.call
         return CallRecord(
-            user_id=plan.subject.user_id,
-            org_id=plan.subject.org_id,
-            model=plan.call.model,
-            provider=plan.call.provider,
-            usage=usage,
-            cost_nano=cost,
-            reserved_nano=plan.estimate_nano,
-            outcome=outcome,
-            latency_ms=round(latency_ms, 3),
-            stream=plan.call.stream,
-            priced=priced,
-            response_model=response_model,
-            other_models=other_models,
+            subject.user_id,
+            subject.org_id,
+            call.model,
+            call.provider,
+            usage,
+            cost,
+            plan.estimate_nano,
+            outcome,
+            round(latency_ms, 3),
+            call.stream,
+            priced,
+            response_model,
+            other_models,
         )
 
     def after_commit(
@@ -477,8 +526,12 @@ class Bookkeeper:
         amounts: Sequence[int] | None,
     ) -> None:
         """Log what a commit (or release) caused: thresholds crossed, the call itself."""
+        calls = self.calls
         if states and amounts is not None:
             for counter, state, amount in zip(plan.counters, states, amounts, strict=True):
-                self.calls.thresholds(plan, counter, state, amount)
-                self._remember_spent(counter, state)
-        self.calls.call(plan, record)
+                if amount > 0:
+                    calls.thresholds(plan, counter, state, amount)
+                limit = counter.enforced_max
+                if limit is not None and state.settled >= limit:
+                    self._remember_spent(counter, state)
+        calls.call(plan, record)

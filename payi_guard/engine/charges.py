@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from payi_guard.engine.plan import Plan, amounts_by_counter
+from payi_guard.engine.plan import Plan
 from payi_guard.pricing import Rates, TokenUsage, UnknownModel
 
 __all__ = ["charged_amounts", "rates_for"]
@@ -23,20 +23,24 @@ def charged_amounts(
     requested model's price is not an override (:func:`rates_for`); each of
     ``other_models`` at its own model's price (unpriced when it has none).
     """
-    rates = rates_for(plan, response_model)
-    prices = plan.policy.prices
+    if not response_model or response_model == plan.call.model:
+        rates = plan.rates  # what rates_for() gives then
+    else:
+        rates = rates_for(plan, response_model)
     priced = rates is not None
-    cost = 0 if rates is None else prices.cost_with(rates, usage)
+    cost = 0 if rates is None else rates.cost(usage)  # prices.cost_with(rates, usage)
     tokens = usage.total_tokens
     for model, part in other_models:
         tokens += part.total_tokens
         try:
-            cost += prices.cost(
+            cost += plan.policy.prices.cost(
                 model, plan.call.provider, part, price_context=plan.call.price_context
             )
         except UnknownModel:
             priced = False
-    return amounts_by_counter(plan.counters, cost, tokens), cost, priced
+    # amounts_by_counter(), inline.
+    by_unit = {"usd": cost, "tokens": tokens, "requests": 1}
+    return [by_unit[c.unit] for c in plan.counters], cost, priced
 
 
 def rates_for(plan: Plan, response_model: str | None) -> Rates | None:

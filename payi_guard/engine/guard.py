@@ -17,6 +17,8 @@ every decision; only the ledger call (and the app's ``tier_of``) differs.
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
@@ -110,7 +112,9 @@ class Guard:
             tier_of=tier_of,
         )
         self._storage = self._parts.storage
-        self._books = Bookkeeper(self._storage, self.clock, self._parts.spent, lambda: self.config)
+        # The config in effect, read in C (no Python frame): what the `config` property gives.
+        config_now = functools.partial(operator.attrgetter("policy.config"), self._parts)
+        self._books = Bookkeeper(self._storage, self.clock, self._parts.spent, config_now)
         self._planning = Planning(self._parts, self._books)
         self._views = Views(self._parts)
         self._operator = Operator(self._parts)
@@ -210,7 +214,8 @@ class Guard:
             ConfigError: ``limit_ids`` names an undefined limit.
         """
         attribution = attribution if attribution is not None else get_context()
-        subject = self._planning.tiered(self.subject_for(attribution), attribution)
+        subject = self.subject_for(attribution)
+        subject = self._parts.policy.with_tier(subject, attribution.tier)  # Planning.tiered()
         plan = self._planning.call(call, attribution, subject)
         return Reservation(self._books, plan, held=self._books.reserve(plan))
 

@@ -70,6 +70,8 @@ class Plan:
     estimate_nano: int
     rates: Rates | None
     now: float
+    owners_day: tuple[str, str, str | None, bool, int, int] | None = None
+    """What the plan's usage analytics depend on (set by :mod:`~payi_guard.engine.analytics`)."""
 
 
 def amounts_by_counter(counters: Iterable[Counter], usd: int, tokens: int) -> list[int]:
@@ -251,22 +253,12 @@ class Planner:
                 file_searches=call.max_file_searches,
             )
         )
-        amounts = amounts_by_counter(counters, estimate, call.input_tokens + call.max_output_tokens)
-        charges = [
-            Charge(key=c.key, amount=amount, max=c.enforced_max, expires_at=c.expires_at)
-            for c, amount in zip(counters, amounts, strict=True)
-        ]
+        # amounts_by_counter(), in the one pass that makes the charges.
+        by_unit = {"usd": estimate, "tokens": call.input_tokens + call.max_output_tokens}
+        by_unit["requests"] = 1
+        charges = [Charge(c.key, by_unit[c.unit], c.enforced_max, c.expires_at) for c in counters]
         return Plan(
-            reservation_id=new_id(),
-            subject=subject,
-            attribution=attribution,
-            call=call,
-            policy=policy,
-            counters=counters,
-            charges=charges,
-            estimate_nano=estimate,
-            rates=rates,
-            now=now,
+            new_id(), subject, attribution, call, policy, counters, charges, estimate, rates, now
         )
 
     def for_record(

@@ -65,7 +65,10 @@ class Renewer:
         self._storage = storage
         self._clock = clock
         self._ttl = ttl
-        self._cond = threading.Condition()
+        # Registering and discarding take the condition's lock directly (no Python-level
+        # ``Condition.__enter__``/``__exit__``): they run on every call and never wait.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._live: dict[str, _Entry] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -73,7 +76,8 @@ class Renewer:
         _RENEWERS.add(self)
 
     def _forked(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._live = {}
         self._thread = None
         self._closing = False
@@ -88,7 +92,7 @@ class Renewer:
 
     def add(self, reservation_id: str, keys: Sequence[str], owner: object, user_id: str) -> None:
         """Keep a reservation alive while ``owner`` (its call) lives and until :meth:`discard`."""
-        with self._cond:
+        with self._lock:
             self._live[reservation_id] = (weakref.ref(owner), tuple(keys), user_id)
             if self._thread is None:
                 self._closing = False
@@ -99,7 +103,7 @@ class Renewer:
 
     def discard(self, reservation_id: str) -> None:
         """Stop renewing a reservation (its call ended)."""
-        with self._cond:
+        with self._lock:
             self._live.pop(reservation_id, None)
 
     def close(self) -> None:

@@ -212,9 +212,15 @@ class Reservation:
         other_models: OtherModels,
     ) -> tuple[CallRecord, list[int]]:
         """The record of a settle (kept at once) and the amounts to commit."""
-        charged, (amounts, cost, priced) = self._charge(
-            usage, outcome, response_model, other_models
-        )
+        if outcome != UNVERIFIED:  # self._charge(), inline for the common case
+            charged = usage
+            amounts, cost, priced = charged_amounts(
+                self._plan, usage, response_model=response_model, other_models=other_models
+            )
+        else:
+            charged, (amounts, cost, priced) = self._charge(
+                usage, outcome, response_model, other_models
+            )
         record = self._books.record_of(
             self._plan,
             charged,

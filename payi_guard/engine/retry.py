@@ -317,12 +317,14 @@ class Closer:
         self._failed = failed
         self.retrier = Retrier(storage, clock)
 
-    def run(self, job: Closing) -> None:
+    def run(self, job: Closing, failure: BaseException | None = None) -> None:
         """Apply ``job`` (sync) and report it, or leave it to the retrier.
 
+        ``failure`` is what an attempt the caller made itself raised (counted in
+        ``job.attempts``): it is handled as if that attempt were made here.
         Never raises for a store failure.
         """
-        states = self._attempts(job)
+        states = self._attempts(job, failure)
         if states is not None:
             job.applied(states)
 
@@ -353,11 +355,14 @@ class Closer:
         if first:
             self._failed(job, exc)
 
-    def _attempts(self, job: Closing) -> CounterStates | None:
+    def _attempts(self, job: Closing, failure: BaseException | None = None) -> CounterStates | None:
         try:
             while True:
                 try:
-                    return apply(self._storage.ledger, job, self._clock.now())
+                    if failure is None:
+                        return apply(self._storage.ledger, job, self._clock.now())
+                    raised, failure = failure, None
+                    raise raised
                 except StorageError as exc:
                     self._failure(job, exc)
                 pause = job.pause_before_retry(self._storage.timeout, store_down=bool(self.retrier))

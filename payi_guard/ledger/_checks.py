@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from payi_guard.ledger.base import MAX_UNITS, CapacityExceeded, Charge
+from payi_guard.ledger._tally import check_tallies
+from payi_guard.ledger.base import MAX_UNITS, CapacityExceeded, Charge, Tally
 
 __all__ = [
     "MAX_UNITS",
@@ -20,6 +21,7 @@ __all__ = [
     "check_id",
     "check_keys",
     "check_now",
+    "check_operation",
     "check_renewals",
     "check_scan",
     "check_ttl",
@@ -47,6 +49,30 @@ def check_ttl(ttl: float) -> None:
         or ttl <= 0
     ):
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+
+
+def check_operation(
+    reservation_id: str,
+    charges: Sequence[Charge],
+    tallies: Sequence[Tally],
+    now: float,
+    ttl: float | None,
+) -> None:
+    """The checks of a reserve (or, with ``ttl=None``, a commit) in one call.
+
+    :func:`check_id`, :func:`check_charges`, ``check_tallies``, :func:`check_now` and
+    :func:`check_ttl`, in that order (so the first fault is the one reported), each
+    skipped when a plain-type test shows it would pass.
+    """
+    if type(reservation_id) is not str or not reservation_id:
+        check_id(reservation_id)
+    check_charges(charges)
+    if tallies:
+        check_tallies(tallies)
+    if type(now) is not float or not math.isfinite(now):
+        check_now(now)
+    if ttl is not None and not (type(ttl) is float and 0.0 < ttl < math.inf):
+        check_ttl(ttl)
 
 
 def _check_units(value: object, what: str, index: int) -> None:

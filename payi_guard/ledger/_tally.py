@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from payi_guard.ledger.base import MAX_UNITS, Tally
 
-__all__ = ["TallyStore", "check_tallies"]
+__all__ = ["TallyStore", "check_tallies", "immutable_tallies"]
 
 
 def check_tallies(tallies: Sequence[Tally]) -> None:
@@ -41,6 +41,16 @@ def check_tallies(tallies: Sequence[Tally]) -> None:
         if len(names) != len(fields):
             return _check_tallies_slowly(tallies)
     return None
+
+
+def immutable_tallies(tallies: Sequence[Tally]) -> bool:
+    """Whether ``tallies`` is a tuple of tallies whose fields are tuples of pairs.
+
+    Such a sequence cannot change: once checked, the same object needs no new check.
+    """
+    return type(tallies) is tuple and all(
+        type(t.fields) is tuple and all(type(pair) is tuple for pair in t.fields) for t in tallies
+    )
 
 
 def _check_tallies_slowly(tallies: Sequence[Tally]) -> None:

@@ -39,11 +39,11 @@ from payi_guard.ledger._adjust import (
     out_of_range,
 )
 from payi_guard.ledger._checks import (
-    check_charges,
     check_closed_ttl,
     check_id,
     check_keys,
     check_now,
+    check_operation,
     check_renewals,
     check_scan,
     check_ttl,
@@ -51,7 +51,8 @@ from payi_guard.ledger._checks import (
 from payi_guard.ledger._glob import glob_regex, literal_prefix
 from payi_guard.ledger._memory_async import AsyncMemoryLedger
 from payi_guard.ledger._memory_counter import _Counter
-from payi_guard.ledger._tally import TallyStore, check_tallies
+from payi_guard.ledger._memory_journal import JournalStore
+from payi_guard.ledger._tally import TallyStore, immutable_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
     Adjustment,
@@ -100,10 +101,11 @@ class MemoryLedger:
         # expires_at -> keys filed under it, and a heap of those expires_at values.
         self._buckets: dict[float, list[str]] = {}
         self._bucket_times: list[float] = []
-        # journal -> (entries, oldest first; expires_at), and a heap to drop expired ones.
-        self._journals: dict[str, tuple[list[JournalEntry], float]] = {}
-        self._journal_times: list[tuple[float, str]] = []
+        self._journals = JournalStore()
         self._tallies = TallyStore()
+        # The last tuple of tallies a reserve checked (a plan's refusal tallies are one
+        # tuple per owner and day, passed again call after call).
+        self._checked_tallies: Sequence[Tally] = ()
 
     def __len__(self) -> int:
         """The number of counters stored (expired ones count until they are swept)."""
@@ -193,16 +195,6 @@ class MemoryLedger:
             self._file(charge.key, charge.expires_at)
         return counter
 
-    def _touch(self, key: str, expires_at: float, now: float) -> _Counter:
-        counter = self._counters.get(key)
-        if counter is None or counter.expires_at <= now:
-            return self._new_counter(key, expires_at)
-        counter.purge(now)
-        if expires_at > counter.expires_at:
-            counter.expires_at = expires_at
-            self._file(key, expires_at)
-        return counter
-
     # -- the Ledger protocol ---------------------------------------------------------------
 
     def reserve(
@@ -237,27 +229,35 @@ class MemoryLedger:
             ValueError: on an empty id, a negative or non-int amount, a repeated key,
                 a non-finite time or a ttl that is not positive.
         """
-        check_id(reservation_id)
-        check_charges(charges)
-        check_tallies(tallies)
-        check_now(now)
-        check_ttl(ttl)
+        checked = tallies is self._checked_tallies
+        check_operation(reservation_id, charges, () if checked else tallies, now, ttl)
+        if not checked and immutable_tallies(tallies):
+            self._checked_tallies = tallies  # the same tuple again needs no new check
         with self._lock:
             self._housekeeping(now)
-            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            entry = self._closed.get(reservation_id)
+            closed = () if entry is None or entry[0] <= now else entry[1]
             if closed and any(c.key in closed for c in charges):
                 lives = [self._live(charge.key, now) for charge in charges]
                 current = tuple(_ZERO if c is None else c.state() for c in lives)
                 return ReserveResult(False, None, current, closed=True)
+            counters = self._counters
             found: list[_Counter | None] = []
             refused: int | None = None
             for index, charge in enumerate(charges):
-                counter = self._live(charge.key, now)
+                counter = counters.get(charge.key)
+                if counter is not None:
+                    if counter.expires_at <= now:
+                        counter = None
+                    elif counter.deadlines is not None:
+                        counter.purge(now)
                 found.append(counter)
                 if refused is None and charge.max is not None:
                     used = 0
                     if counter is not None:
-                        used = counter.settled + counter.pending - counter.held(reservation_id)
+                        used = counter.settled + counter.pending
+                        if counter.open is not None:
+                            used -= counter.held(reservation_id)
                     if used + charge.amount > charge.max:
                         refused = index
             if refused is not None:
@@ -273,10 +273,14 @@ class MemoryLedger:
             deadline = now + ttl
             out: list[CounterState] = []
             for charge, counter in zip(charges, found, strict=True):
-                counter = self._place(charge, counter)
+                if counter is None:
+                    counter = self._new_counter(charge.key, charge.expires_at)
+                elif charge.expires_at > counter.expires_at:
+                    counter.expires_at = charge.expires_at
+                    self._file(charge.key, charge.expires_at)
                 counter.hold(reservation_id, charge.amount, deadline)
                 counter.refused = 0
-                out.append(counter.state())
+                out.append(CounterState(counter.settled, counter.pending, 0))
             return ReserveResult(True, None, tuple(out))
 
     def commit(
@@ -305,13 +309,12 @@ class MemoryLedger:
         Raises:
             ValueError: on an empty id, a negative or non-int amount or a repeated key.
         """
-        check_id(reservation_id)
-        check_charges(charges)
-        check_tallies(tallies)
-        check_now(now)
+        check_operation(reservation_id, charges, tallies, now, None)
         with self._lock:
             self._housekeeping(now)
-            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            entry = self._closed.get(reservation_id)
+            closed = () if entry is None or entry[0] <= now else entry[1]
+            counters = self._counters
             closing: list[str] = []
             out: list[CounterState] = []
             for charge in charges:
@@ -321,20 +324,34 @@ class MemoryLedger:
                     out.append(_ZERO if live is None else live.state())
                     continue
                 closing.append(key)
+                counter = counters.get(key)
+                if counter is not None and counter.expires_at <= now:
+                    counter = None
                 if charge.amount == 0:
                     # Nothing to add: close the reservation without creating a counter.
-                    counter = self._live(key, now)
                     if counter is None:
                         out.append(_ZERO)
                         continue
+                    if counter.deadlines is not None:
+                        counter.purge(now)
+                elif counter is None:
+                    counter = self._new_counter(key, charge.expires_at)
                 else:
-                    counter = self._touch(key, charge.expires_at, now)
-                counter.close(reservation_id)
+                    if counter.deadlines is not None:
+                        counter.purge(now)
+                    if charge.expires_at > counter.expires_at:
+                        counter.expires_at = charge.expires_at
+                        self._file(key, charge.expires_at)
+                if counter.open is not None:
+                    counter.close(reservation_id)
                 counter.settled += charge.amount
-                out.append(counter.state())
+                out.append(CounterState(counter.settled, counter.pending, counter.refused))
             if closing:
-                self._close(reservation_id, closed, closing, now)
-                self._tallies.add(tallies, now)
+                until = now + self._closed_ttl
+                self._closed[reservation_id] = (until, closed + tuple(closing))
+                self._closed_times.append((until, reservation_id))
+                if tallies:
+                    self._tallies.add(tallies, now)
             return tuple(out)
 
     def read_tallies(self, keys: Sequence[str], *, now: float) -> tuple[dict[str, int], ...]:
@@ -537,25 +554,8 @@ class MemoryLedger:
                     counter.settled = new
                     pending = counter.pending
                 entries.append(JournalEntry(now, item.key, added, new, pending, item.note))
-            self._journal(journal, entries, keep, journal_expires_at, now)
+            self._journals.append(journal, entries, keep, journal_expires_at, now)
             return tuple(entries)
-
-    def _journal(
-        self, journal: str, entries: list[JournalEntry], keep: int, until: float, now: float
-    ) -> None:
-        times = self._journal_times
-        while times and times[0][0] <= now:
-            _, name = heapq.heappop(times)
-            held = self._journals.get(name)
-            if held is not None and held[1] <= now:
-                del self._journals[name]
-        held = self._journals.get(journal)
-        kept = [] if held is None else held[0]
-        kept.extend(entries)
-        del kept[:-keep]
-        expires_at = until if held is None else max(held[1], until)
-        self._journals[journal] = (kept, expires_at)
-        heapq.heappush(times, (expires_at, journal))
 
     def read_journal(self, journal: str, *, now: float, limit: int) -> tuple[JournalEntry, ...]:
         """Return the ``limit`` newest entries of ``journal``, newest first.
@@ -570,10 +570,7 @@ class MemoryLedger:
         """
         check_journal_read(journal, now, limit)
         with self._lock:
-            held = self._journals.get(journal)
-            if held is None or held[1] <= now:
-                return ()
-            return tuple(reversed(held[0][-limit:]))
+            return self._journals.newest(journal, now, limit)
 
     def sweep(self, now: float) -> int:
         """Drop every counter (and tally) whose ``expires_at`` is ``<= now``, at once.

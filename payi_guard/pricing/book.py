@@ -19,6 +19,8 @@ from payi_guard.pricing.rates import RateBand, Rates, TokenUsage, override_band
 
 __all__ = ["PriceBook"]
 
+_FOREVER = float("inf")
+
 
 class PriceBook:
     """Resolves models to integer rates and prices usage; thread-safe.
@@ -80,6 +82,11 @@ class PriceBook:
         self._cache: LRUCache[tuple[str, str | None, tuple[tuple[str, str], ...]], Resolved]
         self._cache = LRUCache(maxsize=maxsize)
         self._lock = threading.Lock()
+        # The entries read lately, in a plain dict read without the lock (at most maxsize:
+        # emptied when full): a hit there skips the lock and the LRU's bookkeeping. It
+        # holds the LRU's own entries (resolved again the same way once out of date).
+        self._recent: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], Resolved] = {}
+        self._maxsize = maxsize
 
     @property
     def unknown_model(self) -> UnknownModelPolicy:
@@ -100,6 +107,7 @@ class PriceBook:
         """Forget every resolved rate (they are resolved again on next use)."""
         with self._lock:
             self._cache.clear()
+            self._recent = {}
 
     def rates(
         self,
@@ -128,6 +136,23 @@ class PriceBook:
             raise TypeError("model must be a non-empty string")
         context = tuple(sorted(price_context.items())) if price_context else ()
         key = (model, provider, context)
+        entry = self._recent.get(key)
+        if entry is None or (
+            entry.valid_until != _FOREVER and self._clock.now() >= entry.valid_until
+        ):
+            entry = self._lookup(key, model, provider, context)
+        if entry.rates is None:
+            raise UnknownModel(model, provider, self._policy.action, entry.reason)
+        return entry.rates
+
+    def _lookup(
+        self,
+        key: tuple[str, str | None, tuple[tuple[str, str], ...]],
+        model: str,
+        provider: str | None,
+        context: tuple[tuple[str, str], ...],
+    ) -> Resolved:
+        """The LRU's entry of ``key``, resolved again when missing or out of date."""
         now = self._clock.now()
         with self._lock:
             entry = self._cache.get(key)
@@ -135,9 +160,12 @@ class PriceBook:
             entry = self._resolve(model, provider, dict(context), now)
             with self._lock:
                 self._cache[key] = entry
-        if entry.rates is None:
-            raise UnknownModel(model, provider, self._policy.action, entry.reason)
-        return entry.rates
+        with self._lock:
+            recent = self._recent
+            if len(recent) >= self._maxsize:
+                recent = self._recent = {}
+            recent[key] = entry
+        return entry
 
     def cost(
         self,

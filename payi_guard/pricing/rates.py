@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from payi_guard.config import PriceOverride
-from payi_guard.money import PICO_PER_NANO, ceil_div, per_mtok_to_pico
+from payi_guard.money import PICO_PER_NANO, per_mtok_to_pico
 
 __all__ = ["PriceSource", "RateBand", "Rates", "TokenUsage", "override_band"]
 
@@ -299,7 +299,7 @@ class Rates:
             usage's total input falls in.
         """
         band = self.band_for(usage.total_input_tokens) if self.tiers else self.base
-        return ceil_div(band.cost_pico(usage), PICO_PER_NANO)
+        return -(-band.cost_pico(usage) // PICO_PER_NANO)  # ceil_div(), inline
 
     def upper_bound_nano(
         self,
@@ -335,7 +335,7 @@ class Rates:
             + file_searches * band.file_search
             + band.request
         )
-        return ceil_div(pico, PICO_PER_NANO)
+        return -(-pico // PICO_PER_NANO)  # ceil_div(), inline
 
 
 def override_band(price: PriceOverride) -> RateBand:
