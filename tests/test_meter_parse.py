@@ -11,6 +11,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from meter._support import tracker_state
 from openai._streaming import SSEDecoder as OpenAISSEDecoder
 
 from payi_guard.meter.parse import (
@@ -1371,21 +1372,6 @@ def test_odd_payloads_are_tolerated() -> None:
 # --- whole events (the decoder's fast path) and any split meter alike ----------------
 
 
-def _tracker_state(tracker: StreamUsageTracker) -> tuple[object, ...]:
-    return (
-        tracker.usage,
-        tracker.model,
-        tracker.response_id,
-        tracker.status,
-        tracker.finished,
-        tracker.errors,
-        tracker.output_bytes,
-        tracker.output_deltas,
-        tracker.events,
-        tracker.dropped,
-    )
-
-
 def _by_events(stream: bytes, per_chunk: int) -> list[bytes]:
     """``stream`` cut at its blank lines, ``per_chunk`` events to a chunk."""
     events = [e + b"\n\n" for e in stream.split(b"\n\n")[:-1]]
@@ -1417,7 +1403,7 @@ def test_whole_events_and_byte_by_byte_meter_the_same(name: str, per_chunk: int)
     single_out += single.finish()
 
     assert whole_out == single_out
-    assert _tracker_state(whole.tracker) == _tracker_state(single.tracker)
+    assert tracker_state(whole.tracker) == tracker_state(single.tracker)
     assert whole.tracker.events > 0
 
 
@@ -1432,7 +1418,7 @@ def test_any_stream_metered_whole_or_byte_by_byte_alike(
     single_out = b"".join(single.feed(stream[i : i + 1]) for i in range(len(stream)))
 
     assert whole_out == single_out + single.finish()
-    assert _tracker_state(whole.tracker) == _tracker_state(single.tracker)
+    assert tracker_state(whole.tracker) == tracker_state(single.tracker)
 
 
 def test_output_counts_of_a_long_stream_past_the_deferred_limit() -> None:

@@ -20,6 +20,7 @@ from payi_guard.meter.tokens import (
     ENDPOINTS,
     EndpointKind,
     EstimateMode,
+    check_bound_args,
     file_search_bound,
     image_token_bound,
     input_bound,
@@ -29,7 +30,14 @@ from payi_guard.meter.tokens import (
 )
 from payi_guard.pricing import PriceBook, Rates
 
-__all__ = ["Estimate", "RequestEstimate", "estimate_cost", "estimate_request"]
+__all__ = [
+    "Estimate",
+    "RequestBounds",
+    "RequestEstimate",
+    "estimate_cost",
+    "estimate_request",
+    "request_bounds",
+]
 
 
 def _price_context(body: Mapping[str, Any], endpoint: EndpointKind) -> dict[str, str]:
@@ -121,12 +129,7 @@ def estimate_request(
     """
     if image_tokens is None:
         image_tokens = image_token_bound(model)
-    if type(body) is not dict and not isinstance(body, Mapping):
-        raise TypeError(f"body must be a mapping, not {type(body).__name__}")
-    if mode not in ("ratio", "bytes"):
-        raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
-    if image_tokens < 0 or file_tokens < 0:
-        raise ValueError("image_tokens and file_tokens must be >= 0")
+    check_bound_args(body, mode, image_tokens, file_tokens)
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}; got {endpoint!r}")
     if default_max_output < 0:

@@ -32,11 +32,14 @@ __all__ = [
     "REQUEST_OVERHEAD_TOKENS",
     "EndpointKind",
     "EstimateMode",
+    "check_bound_args",
     "estimate_input_tokens",
     "file_search_bound",
     "image_token_bound",
+    "input_bound",
     "max_output_tokens",
     "model_output_cap",
+    "output_bound",
     "request_output_cap",
     "text_token_bound",
     "web_search_bound",
@@ -354,14 +357,24 @@ def estimate_input_tokens(
         ValueError: unknown ``mode`` or ``endpoint``, or a negative allowance.
         TypeError: ``body`` is not a mapping.
     """
+    check_bound_args(body, mode, image_tokens, file_tokens)
+    kind = _infer_endpoint(body) if endpoint is None else endpoint
+    return input_bound(body, kind, mode, image_tokens, file_tokens)
+
+
+def check_bound_args(body: object, mode: object, image_tokens: int, file_tokens: int) -> None:
+    """Refuse what :func:`estimate_input_tokens` cannot bound.
+
+    Raises:
+        TypeError: ``body`` is not a mapping.
+        ValueError: unknown ``mode``, or a negative allowance.
+    """
     if type(body) is not dict and not isinstance(body, Mapping):
         raise TypeError(f"body must be a mapping, not {type(body).__name__}")
     if mode not in ("ratio", "bytes"):
         raise ValueError(f"mode must be 'ratio' or 'bytes', not {mode!r}")
     if image_tokens < 0 or file_tokens < 0:
         raise ValueError("image_tokens and file_tokens must be >= 0")
-    kind = _infer_endpoint(body) if endpoint is None else endpoint
-    return input_bound(body, kind, mode, image_tokens, file_tokens)
 
 
 def input_bound(

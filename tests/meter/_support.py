@@ -8,6 +8,7 @@ from typing import Any
 
 from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
+from payi_guard.meter.sse import StreamUsageTracker
 from payi_guard.testing import RecordedRequest
 
 # USD per million tokens. Every rate is a whole number of nano-USD per token, so each
@@ -127,3 +128,19 @@ def assert_charged(
 def user_message(text: str) -> Any:
     """A one-message conversation (typed ``Any``: it is given to both SDKs' typed params)."""
     return [{"role": "user", "content": text}]
+
+
+def tracker_state(tracker: StreamUsageTracker) -> tuple[object, ...]:
+    """Everything a stream's tracker reports, for comparing two ways of feeding it."""
+    return (
+        tracker.usage,
+        tracker.model,
+        tracker.response_id,
+        tracker.status,
+        tracker.finished,
+        tracker.errors,
+        tracker.output_bytes,
+        tracker.output_deltas,
+        tracker.events,
+        tracker.dropped,
+    )

@@ -15,8 +15,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meter._support import tracker_state
 from payi_guard.meter.parse import Endpoint, ParsedUsage
-from payi_guard.meter.sse import StreamMeter, StreamUsageTracker
+from payi_guard.meter.sse import StreamMeter
 
 CHAT = Endpoint("chat")
 ANTHROPIC = Endpoint("anthropic_messages", provider="anthropic")
@@ -33,21 +34,6 @@ RECORDED = (
 )
 
 
-def _state(tracker: StreamUsageTracker) -> tuple[object, ...]:
-    return (
-        tracker.usage,
-        tracker.model,
-        tracker.response_id,
-        tracker.status,
-        tracker.finished,
-        tracker.errors,
-        tracker.output_bytes,
-        tracker.output_deltas,
-        tracker.events,
-        tracker.dropped,
-    )
-
-
 def _by_event(stream: bytes) -> list[bytes]:
     events = [e + b"\n\n" for e in stream.split(b"\n\n")[:-1]]
     tail = stream[sum(map(len, events)) :]
@@ -59,7 +45,7 @@ def _metered(
 ) -> tuple[bytes, tuple[object, ...]]:
     meter = StreamMeter(endpoint, added_include_usage=added)
     out = b"".join(meter.feed(chunk) for chunk in chunks) + meter.finish()
-    return out, _state(meter.tracker)
+    return out, tracker_state(meter.tracker)
 
 
 def test_the_recorded_chunk_loses_only_its_usage_member() -> None:
