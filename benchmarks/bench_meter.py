@@ -13,8 +13,9 @@ It measures, with the real openai SDK (3.x, httpx2) and the memory store:
   thing to a real call);
 * time to the first streamed chunk, bare and guarded, over both;
 * the cost per chunk of the stream wrapper: a 200-chunk stream read bare and guarded
-  over the mock transport, the guard's added time per chunk (the slope of what it adds
-  between 50- and 400-chunk streams, so its per-call work cancels out), and
+  over the mock transport (with the sync client, and with the async one), the guard's
+  added time per chunk (the slope of what it adds between 50- and 400-chunk streams, so
+  its per-call work cancels out), and
   :class:`~payi_guard.meter.sse.StreamMeter` alone;
 * the same with the ``genai_call`` line rendered as JSON (to a null stream), since apps
   log every call.
@@ -29,6 +30,7 @@ most 1.05x the bare stream and 5 µs per chunk.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import json
@@ -37,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx2
@@ -110,12 +112,16 @@ def sse_chunks(n: int, *, include_usage: bool = True) -> list[bytes]:
     return chunks
 
 
-class _Chunks(httpx2.SyncByteStream):
+class _Chunks(httpx2.SyncByteStream, httpx2.AsyncByteStream):
     def __init__(self, chunks: list[bytes]) -> None:
         self._chunks = chunks
 
     def __iter__(self) -> Iterator[bytes]:
         yield from self._chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
 
 
 def mock_transport(stream_chunks: int) -> httpx2.MockTransport:
@@ -139,6 +145,49 @@ def mock_transport(stream_chunks: int) -> httpx2.MockTransport:
 def make_client(base_url: str, transport: httpx2.BaseTransport | None) -> openai.OpenAI:
     http_client = httpx2.Client(transport=transport) if transport is not None else None
     return openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, http_client=http_client)
+
+
+def make_async_client(transport: httpx2.AsyncBaseTransport) -> openai.AsyncOpenAI:
+    http_client = httpx2.AsyncClient(transport=transport)
+    return openai.AsyncOpenAI(
+        base_url="http://mock/v1", api_key="k", max_retries=0, http_client=http_client
+    )
+
+
+def async_stream(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[object]]:
+    async def run() -> object:
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=MESSAGES, stream=True
+        )
+        count = 0
+        async for _ in stream:
+            count += 1
+        return count
+
+    return run
+
+
+async def apaired(
+    bare: Callable[[], Awaitable[object]],
+    guarded: Callable[[], Awaitable[object]],
+    rounds: int,
+    batch: int,
+) -> tuple[float, float]:
+    """:func:`paired` for coroutines, in one event loop."""
+    for fn in (bare, guarded):
+        for _ in range(max(5, batch // 4)):
+            await fn()
+    bare_times: list[float] = []
+    guarded_times: list[float] = []
+    for _ in range(rounds):
+        for fn, out in ((bare, bare_times), (guarded, guarded_times)):
+            start = time.perf_counter()
+            for _ in range(batch):
+                await fn()
+            out.append((time.perf_counter() - start) / batch)
+    bare_median = statistics.median(bare_times)
+    ratio = statistics.median(g / b for b, g in zip(bare_times, guarded_times, strict=True))
+    return bare_median, bare_median * ratio
 
 
 def plain_call(client: openai.OpenAI) -> Callable[[], object]:
@@ -288,6 +337,17 @@ def run(quick: bool) -> None:
                 f"  {'':<44} per chunk: +{per_chunk * 1e6:.2f} µs (what the guard adds to "
                 f"{LONG_STREAM} chunks beyond what it adds to {SHORT_STREAM}, per chunk)"
             )
+            async_bare = make_async_client(mock_transport(STREAM_CHUNKS))
+            async_guarded = guard.wrap(make_async_client(mock_transport(STREAM_CHUNKS)))
+            async_pair = asyncio.run(
+                apaired(
+                    async_stream(async_bare),
+                    async_stream(async_guarded),
+                    rounds,
+                    max(4, batch // 10),
+                )
+            )
+            row(f"{STREAM_CHUNKS}-chunk stream, async client", *async_pair)
             verdict("create() / bare create()", create[1] / create[0], CREATE_TARGET, "x")
             verdict("stream / bare stream", stream[1] / stream[0], STREAM_TARGET, "x")
             verdict("stream, per chunk", per_chunk * 1e6, CHUNK_TARGET_US, " µs")
