@@ -167,29 +167,6 @@ def async_stream(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[object]]:
     return run
 
 
-async def apaired(
-    bare: Callable[[], Awaitable[object]],
-    guarded: Callable[[], Awaitable[object]],
-    rounds: int,
-    batch: int,
-) -> tuple[float, float]:
-    """:func:`paired` for coroutines, in one event loop."""
-    for fn in (bare, guarded):
-        for _ in range(max(5, batch // 4)):
-            await fn()
-    bare_times: list[float] = []
-    guarded_times: list[float] = []
-    for _ in range(rounds):
-        for fn, out in ((bare, bare_times), (guarded, guarded_times)):
-            start = time.perf_counter()
-            for _ in range(batch):
-                await fn()
-            out.append((time.perf_counter() - start) / batch)
-    bare_median = statistics.median(bare_times)
-    ratio = statistics.median(g / b for b, g in zip(bare_times, guarded_times, strict=True))
-    return bare_median, bare_median * ratio
-
-
 def plain_call(client: openai.OpenAI) -> Callable[[], object]:
     return lambda: client.chat.completions.create(model="gpt-test", messages=MESSAGES)
 
@@ -216,16 +193,51 @@ def paired(
     bare: Callable[[], object], guarded: Callable[[], object], rounds: int, batch: int
 ) -> tuple[float, float]:
     """Median seconds per call of each, alternating batches of ``batch`` calls."""
-    for fn in (bare, guarded):
-        for _ in range(max(5, batch // 4)):
-            fn()
+
+    def batches(fn: Callable[[], object]) -> Callable[[int], None]:
+        def run(count: int) -> None:
+            for _ in range(count):
+                fn()
+
+        return run
+
+    return paired_batches(batches(bare), batches(guarded), rounds, batch)
+
+
+def paired_async(
+    bare: Callable[[], Awaitable[object]],
+    guarded: Callable[[], Awaitable[object]],
+    rounds: int,
+    batch: int,
+) -> tuple[float, float]:
+    """:func:`paired` for coroutines: each batch runs in one event loop, in one go."""
+    loop = asyncio.new_event_loop()
+
+    def batches(fn: Callable[[], Awaitable[object]]) -> Callable[[int], None]:
+        async def calls(count: int) -> None:
+            for _ in range(count):
+                await fn()
+
+        return lambda count: loop.run_until_complete(calls(count))
+
+    try:
+        return paired_batches(batches(bare), batches(guarded), rounds, batch)
+    finally:
+        loop.close()
+
+
+def paired_batches(
+    bare: Callable[[int], None], guarded: Callable[[int], None], rounds: int, batch: int
+) -> tuple[float, float]:
+    """Median seconds per call of two batch runners (``runner(count)``), alternated."""
+    for run in (bare, guarded):
+        run(max(5, batch // 4))
     bare_times: list[float] = []
     guarded_times: list[float] = []
     for _ in range(rounds):
-        for fn, out in ((bare, bare_times), (guarded, guarded_times)):
+        for run, out in ((bare, bare_times), (guarded, guarded_times)):
             start = time.perf_counter()
-            for _ in range(batch):
-                fn()
+            run(batch)
             out.append((time.perf_counter() - start) / batch)
     # The guarded time is the bare median times the median of the per-round ratios:
     # each round's pair ran back to back, so a slow spell of the machine cancels out.
@@ -339,13 +351,8 @@ def run(quick: bool) -> None:
             )
             async_bare = make_async_client(mock_transport(STREAM_CHUNKS))
             async_guarded = guard.wrap(make_async_client(mock_transport(STREAM_CHUNKS)))
-            async_pair = asyncio.run(
-                apaired(
-                    async_stream(async_bare),
-                    async_stream(async_guarded),
-                    rounds,
-                    max(4, batch // 10),
-                )
+            async_pair = paired_async(
+                async_stream(async_bare), async_stream(async_guarded), rounds, max(4, batch // 10)
             )
             row(f"{STREAM_CHUNKS}-chunk stream, async client", *async_pair)
             verdict("create() / bare create()", create[1] / create[0], CREATE_TARGET, "x")

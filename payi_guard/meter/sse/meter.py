@@ -90,10 +90,7 @@ class StreamMeter:
                     and _TOP_LEVEL_TAIL.fullmatch(chunk, at + 12, len(chunk) - 2) is not None
                     and chunk[:5] == b"data:"
                 ):
-                    self._held.append(chunk)
-                    self._held_size += len(chunk)
-                    if self._held_size > _HELD_LIMIT:
-                        self._read_held()
+                    self._hold(chunk)
                     return chunk[: at - 1] + chunk[at + 12 :]
             elif chunk.find(b"\\u") < 0:
                 self._hold(chunk)
