@@ -57,6 +57,8 @@ def new_id() -> str:
     ids = _ids
     if ids is None:
         ids = _make()
+    if ids._lock is None:  # _Ids.__call__ inlined: one frame less per id
+        return next(ids.counter).to_bytes(16, "big").hex()
     return ids()
 
 

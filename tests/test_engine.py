@@ -26,9 +26,10 @@ from payi_guard import (
     track_context,
 )
 from payi_guard.clock import FakeClock
-from payi_guard.context import Attribution
+from payi_guard.context import Attribution, get_context
 from payi_guard.engine import CallRequest, Guard, UnknownModelRefused, UserRequired
 from payi_guard.pricing import TokenUsage
+from payi_guard.usage import LimitUsage
 
 # Prices are set explicitly so every expected number is computed by hand:
 # $1 per million input tokens = 1,000 nano-USD per token; $2 per million output = 2,000.
@@ -601,6 +602,71 @@ def test_exhausted_limit_for_gates(clock: FakeClock) -> None:
         limit = guard.exhausted_limit()
     assert limit is not None
     assert limit.name == "user:0"
+
+
+def _gate_answer(guard: Guard, attribution: Attribution | None) -> object:
+    """What a gate reads: the exhausted limit, or the refusal of an unknown user."""
+    try:
+        return guard.exhausted_limit(attribution)
+    except UserRequired as exc:
+        return ("UserRequired", exc.limit)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "reject", "session"])
+def test_a_requests_gate_reads_what_its_attribution_would(clock: FakeClock, strategy: str) -> None:
+    # In a request scope with no track_context layer, exhausted_limit() reads the user and
+    # tier without building the attribution snapshot; it must answer exactly as the
+    # snapshot would, for every user, tier and anonymous strategy.
+    guard = make_guard(
+        clock,
+        limits={"daily": {"max": 0.001, "per": "day"}},
+        default=["daily"],
+        tiers={"pro": [{"max": 0.002, "per": "day"}]},
+        orgs={"acme": [{"max": 0.003, "per": "day"}]},
+        anonymous={"strategy": strategy, "limits": [{"requests": 1, "per": "day"}]}
+        if strategy != "reject"
+        else "reject",
+    )
+    spend(guard, "alice", 1000, 0)  # her daily limit is spent
+    for member in ("acme:bob", "acme:bob2", "acme:bob3"):
+        spend(guard, member, 1000, 0)  # each one's daily limit is spent, then acme's
+    with request_scope() as scope:
+        scope.set_user("dave", tier="pro")
+        guard.begin(call(1500, 0)).settle(TokenUsage(1500, 0))  # past default, within pro
+    if strategy != "reject":
+        with request_scope() as scope:
+            scope.extra["session_id"] = "dev-1"
+            guard.begin(call(1, 1)).settle(TokenUsage(1, 1))  # the anonymous bucket spent
+
+    cases: list[tuple[str | None, str | None]] = [
+        ("alice", None),
+        ("alice", "pro"),
+        ("acme:bob", None),
+        ("acme:carol", None),
+        ("dave", None),
+        ("dave", "pro"),
+        ("erin", None),
+        ("anonymous", None),
+        (None, None),
+    ]
+    answers = []
+    sessions: tuple[str | None, ...] = (None, "dev-1")
+    for user, tier in cases:
+        for session in sessions:
+            with request_scope() as scope:
+                if session is not None:
+                    scope.extra["session_id"] = session
+                if user is not None:
+                    scope.set_user(user, tier=tier)
+                quick = _gate_answer(guard, None)
+                assert quick == _gate_answer(guard, get_context()), (user, tier, session)
+                with track_context(use_case_name="x"):  # a layer: the general path
+                    assert _gate_answer(guard, None) == quick, (user, tier, session)
+                answers.append(quick)
+    # The cases differ: the comparison above saw spent and unspent users alike.
+    assert any(a is None for a in answers)
+    assert any(isinstance(a, LimitUsage) for a in answers)
+    assert (strategy == "reject") == any(isinstance(a, tuple) for a in answers)
 
 
 # --- concurrency ----------------------------------------------------------------------------

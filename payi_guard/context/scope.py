@@ -25,6 +25,8 @@ __all__ = [
     "current_request",
     "get_context",
     "request_scope",
+    "request_user",
+    "request_var",
     "set_user",
 ]
 
@@ -111,10 +113,9 @@ class RequestScope:
         extra: free-form values an integration wants to keep for the request.
     """
 
-    __slots__ = ("_lock", "_snapshot", "extra", "request_id", "source", "tier", "user_id")
+    __slots__ = ("_snapshot", "extra", "request_id", "source", "tier", "user_id")
 
     def __init__(self, user_id: str | None = None, request_id: str | None = None) -> None:
-        self._lock = threading.Lock()
         self.user_id = user_id
         self.request_id = request_id
         self.source: str | None = "initial" if user_id is not None else None
@@ -135,7 +136,7 @@ class RequestScope:
         """
         normalized = normalize_user_id(user_id)
         checked = None if tier is None else check_tier(tier)
-        with self._lock:
+        with _WRITE_LOCK:
             self.user_id = normalized
             self.tier = checked
             self.source = source
@@ -149,10 +150,24 @@ _request: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar(
     "payi_guard_request", default=None
 )
 
+# Serialises set_user() writes, so the user, tier and source of a scope always come from
+# one call. Shared by every scope: a write holds it for three stores, and a lock per
+# request would cost more than all of them.
+_WRITE_LOCK = threading.Lock()
+
 
 def current_request() -> RequestScope | None:
     """Return the open :class:`RequestScope`, or ``None`` outside a request."""
     return _request.get()
+
+
+def request_var() -> contextvars.ContextVar[RequestScope | None]:
+    """The context variable that holds the open request scope (internal).
+
+    What :func:`enter_request` sets and :func:`exit_request` resets; a middleware may
+    keep it and set and reset it itself.
+    """
+    return _request
 
 
 def enter_request(scope: RequestScope) -> contextvars.Token[RequestScope | None]:
@@ -264,6 +279,24 @@ def set_user(user_id: object, *, tier: str | None = None) -> str:
             "track_context(user_id=...)"
         )
     return scope.set_user(user_id, tier=tier)
+
+
+def request_user() -> tuple[str | None, str | None] | None:
+    """The request's ``(user_id, tier)`` when that is all the attribution here holds.
+
+    That is: a request scope is open and no ``track_context``/``@track`` layer applies,
+    so :func:`get_context` would return the request's user and tier (the tier only with
+    a user), its request id, and nothing else. ``None`` otherwise: ask
+    :func:`get_context`. For checks that need only the user (the early gate) and so can
+    skip building the snapshot.
+    """
+    if _frames.get() is not _ROOT:
+        return None
+    scope = _request.get()
+    if scope is None:
+        return None
+    user_id = scope.user_id
+    return user_id, (scope.tier if user_id is not None else None)
 
 
 def get_context() -> Attribution:

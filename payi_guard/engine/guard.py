@@ -27,6 +27,7 @@ from typing import Any
 from payi_guard.clock import Clock, SystemClock
 from payi_guard.config import GuardConfig, load_config, parse_config
 from payi_guard.context import Attribution, get_context
+from payi_guard.context.scope import request_user
 from payi_guard.engine.bookkeeper import Bookkeeper
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.observers import Observers
@@ -328,7 +329,17 @@ class Guard:
             UserRequired: no user is known and anonymous calls are rejected.
             StorageError: the storage could not be read (``read_storage=True``).
         """
-        attribution = attribution if attribution is not None else get_context()
+        if attribution is None:
+            plain = None if read_storage else request_user()
+            if plain is not None:
+                # A request's own user (a middleware's gate): the cache needs the user
+                # and tier only, so no attribution snapshot is built for it.
+                parts = self._parts
+                subject = parts.subjects.for_user(
+                    plain[0], self._default_user_id, parts.policy.config.anonymous
+                )
+                return self._views.cached_exhausted_of(subject, (), plain[1])
+            attribution = get_context()
         subject = self.subject_for(attribution)  # refuses an anonymous caller under `reject`
         return self._views.exhausted(subject, attribution, read_storage)
 

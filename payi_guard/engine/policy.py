@@ -134,6 +134,21 @@ class Subjects:
         """
         user = attribution.user_id or default_user
         if user is not None:
+            known = self._subjects.get(user)  # every GenAI call comes here: no extra call
+            if known is not None:
+                return known
+        return self.for_user(attribution.user_id, default_user, anonymous)
+
+    def for_user(
+        self, user_id: str | None, default_user: str | None, anonymous: AnonymousPolicy
+    ) -> Subject:
+        """:meth:`for_call` given only the attribution's (validated) ``user_id``.
+
+        Raises:
+            UserRequired: as :meth:`for_call`.
+        """
+        user = user_id or default_user
+        if user is not None:
             known = self._subjects.get(user)  # only named users are kept: no anonymous id
             if known is not None:
                 return known

@@ -55,7 +55,8 @@ class SpentCache:
         self._ttl = ttl
         self._maxsize = maxsize
         self._items: dict[str, Spent] = {}
-        self._tags: dict[str, int] = {}
+        self.tags: dict[str, int] = {}
+        """Owner hash tag -> how many of its counters are here (read it; never write it)."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -69,7 +70,7 @@ class SpentCache:
         with self._lock:
             if key not in self._items:
                 tag = hash_tag(key)
-                self._tags[tag] = self._tags.get(tag, 0) + 1
+                self.tags[tag] = self.tags.get(tag, 0) + 1
                 while len(self._items) >= self._maxsize:
                     self._drop(next(iter(self._items)))
             self._items[key] = spent
@@ -77,11 +78,11 @@ class SpentCache:
     def _drop(self, key: str) -> None:
         if self._items.pop(key, None) is not None:
             tag = hash_tag(key)
-            left = self._tags[tag] - 1
+            left = self.tags[tag] - 1
             if left:
-                self._tags[tag] = left
+                self.tags[tag] = left
             else:
-                del self._tags[tag]
+                del self.tags[tag]
 
     def get(self, key: str, now: float) -> Spent | None:
         """Return the entry of ``key`` while its window lasts, else ``None``."""
@@ -107,7 +108,7 @@ class SpentCache:
 
     def any_tag(self, tags: Iterable[str]) -> bool:
         """Whether any counter of these owners (hash tags) may be spent."""
-        known = self._tags
+        known = self.tags
         return any(tag in known for tag in tags)
 
     def forget(self, keys: Iterable[str]) -> None:
@@ -120,4 +121,4 @@ class SpentCache:
         """Forget everything (the limits may have changed)."""
         with self._lock:
             self._items.clear()
-            self._tags.clear()
+            self.tags.clear()

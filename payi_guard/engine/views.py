@@ -131,14 +131,20 @@ class Views:
 
     def cached_exhausted(self, subject: Subject, attribution: Attribution) -> LimitUsage | None:
         """The exhausted limit the spent cache knows of (no I/O, ``tier_of`` not asked)."""
+        return self.cached_exhausted_of(subject, attribution.limit_ids, attribution.tier)
+
+    def cached_exhausted_of(
+        self, subject: Subject, limit_ids: tuple[str, ...], tier: str | None
+    ) -> LimitUsage | None:
+        """:meth:`cached_exhausted` given only what it reads of the attribution."""
         parts = self._parts
         spent = parts.spent
-        if not len(spent) or not spent.any_tag(subject.owner_tags(attribution.limit_ids)):
+        if not spent.tags or not spent.any_tag(subject.owner_tags(limit_ids)):
             return None
-        tiered = parts.policy.cached_tier(subject, attribution.tier)
+        tiered = parts.policy.cached_tier(subject, tier)
         if tiered is None:
             return None  # the tier is not known without asking the app: the call decides
-        _, counters = self._plan(tiered, attribution.limit_ids)
+        _, counters = self._plan(tiered, limit_ids)
         return spent.exhausted(counters, parts.clock.now())
 
     def exhausted(

@@ -29,7 +29,7 @@ from typing_extensions import Unpack
 
 from payi_guard._ids import new_id
 from payi_guard.context import RequestScope
-from payi_guard.context.scope import enter_request, exit_request
+from payi_guard.context.scope import request_var
 from payi_guard.engine import Guard
 from payi_guard.exceptions import (
     BudgetExceeded,
@@ -37,10 +37,11 @@ from payi_guard.exceptions import (
     InvalidUserId,
     StorageError,
 )
+from payi_guard.identity import normalize_user_id
 from payi_guard.web.core import WebCore
 from payi_guard.web.identify import (
+    BOUND_KEY,
     ORDER_EVENT,
-    mark_bound,
     rebind_user,
     request_id_of,
     split_user,
@@ -52,6 +53,8 @@ from payi_guard.web.problem import Problem
 
 __all__ = ["GuardMiddleware"]
 
+_REQUEST = request_var()
+
 UserResolver = Callable[[Request], Any]
 """A resolver: given the Starlette ``Request``, return the user id, a ``(user_id, tier)``
 pair, or ``None`` (may be async)."""
@@ -62,21 +65,24 @@ def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
 
 
 def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
-    """A copy of ``message`` with the ``extra`` headers its own headers do not name."""
-    headers = list(message.get("headers", ()))
+    """A copy of ``message`` with the ``extra`` headers its own headers do not name.
+
+    ``message`` itself is never changed (an app may send the same headers list again),
+    and comes back as is when it already names every one.
+    """
+    headers = message.get("headers", ())
     if len(extra) == 1:  # the request id alone: no set to build
         item = extra[0]
         key = item[0]
         for name, _ in headers:
             if name.lower() == key:
-                break
-        else:
-            headers.append(item)
+                return message
+        added = [*headers, item]
     else:
         present = {name.lower() for name, _ in headers}
-        headers.extend(h for h in extra if h[0] not in present)
-    message = dict(message)
-    message["headers"] = headers
+        added = [*headers, *(h for h in extra if h[0] not in present)]
+    message = dict(message)  # cheaper than {**message, ...}
+    message["headers"] = added
     return message
 
 
@@ -150,34 +156,30 @@ class _Response:
         self.finished = False
         self._held: Message | None = None
 
-    async def __call__(self, message: Message) -> None:
+    async def send_message(self, message: Message) -> None:
+        """The ``send`` the app is given (a bound method: cheaper to call than the object)."""
         kind = message["type"]
+        held = self._held
         if kind == "http.response.start":
             if self.extra:
                 message = _with_headers(message, self.extra)
-            if self.hold and self._held is None and not self.started:
+            if self.hold and held is None and not self.started:
                 self._held = message
                 return
-            held = self._held
-            if held is not None:  # release() inlined: one coroutine less per message
-                self._held = None
-                self.started = True
-                await self.send(held)
-            self.started = True
-        else:
-            if kind == "http.response.body":
-                more_body = message.get("more_body", False)
-                if self._held is not None and more_body and not message.get("body"):
+        elif kind == "http.response.body":
+            if message.get("more_body", False):
+                if held is not None and not message.get("body"):
                     return  # carries no byte: keep holding the start
-                if not more_body:
-                    self.finished = True
-            elif kind == "http.response.pathsend":
+            else:
                 self.finished = True
-            held = self._held
-            if held is not None:  # release() inlined
-                self._held = None
-                self.started = True
-                await self.send(held)
+        elif kind == "http.response.pathsend":
+            self.finished = True
+        if held is not None:  # release() inlined: one coroutine less per message
+            self._held = None
+            self.started = True
+            await self.send(held)
+        elif kind == "http.response.start":
+            self.started = True
         await self.send(message)
 
     @property
@@ -252,6 +254,7 @@ class GuardMiddleware:
         opts = self.core.options
         self._sync_identify = opts.user is None and opts.session_id is None
         self._log_vars: tuple[ContextVar[Any], ContextVar[Any]] | None = None
+        self._gate = self.core.gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run one ASGI connection."""
@@ -271,14 +274,14 @@ class GuardMiddleware:
             new_id() if request_id_raw is None else request_id_of(request_id_raw.decode("latin-1"))
         )
         # What ``with request_scope(request_id=...)`` does, without its object.
-        rs = RequestScope(request_id=request_id)
-        scope_token = enter_request(rs)
+        rs = RequestScope(None, request_id)
+        scope_token = _REQUEST.set(rs)
         try:
             if self._sync_identify:
                 problem = self._identify_sync(scope, rs, user_raw)
             else:
                 problem = await self._identify(scope, rs, user_raw)
-            mark_bound(rs)
+            rs.extra[BOUND_KEY] = True  # mark_bound(rs)
             # bind_request() inlined: set/reset with tokens, so every write is undone
             # exactly, a user rebound later in the request included.
             log_vars = self._log_vars
@@ -288,11 +291,11 @@ class GuardMiddleware:
             request_token = log_vars[1].set(request_id)
             try:
                 # One coroutine for the whole request: serving is inlined here.
-                extra: list[tuple[bytes, bytes]] = []
-                if request_id_key is not None:
-                    extra.append((request_id_key, request_id.encode("latin-1")))
+                extra: list[tuple[bytes, bytes]] = (
+                    [] if request_id_key is None else [(request_id_key, request_id.encode())]
+                )
                 # CORS preflights never make GenAI calls, and must not need a user.
-                gate = self.core.gate
+                gate = self._gate
                 guarded = scope["method"] != "OPTIONS" and gate.guarded(scope["path"])
                 if problem is None and guarded:
                     # The cache gate does no I/O: no coroutine for it.
@@ -308,7 +311,7 @@ class GuardMiddleware:
                 if "user" not in scope:
                     app_scope = _WatchedScope(scope, lambda user: self._late_user(rs, user))
                 try:
-                    await self.app(app_scope, receive, response)
+                    await self.app(app_scope, receive, response.send_message)
                 except Exception as exc:
                     if not await self._failed(exc, response, request_id):
                         raise
@@ -320,7 +323,7 @@ class GuardMiddleware:
                 log_vars[1].reset(request_token)
                 log_vars[0].reset(user_token)
         finally:
-            exit_request(scope_token)
+            _REQUEST.reset(scope_token)
 
     async def _failed(self, exc: Exception, response: _Response, request_id: str) -> bool:
         """The app raised ``exc``: answer the refusal it stands for (True), or not (False).
@@ -344,19 +347,21 @@ class GuardMiddleware:
             return False
         core.refused_after_start(refusal, request_id)
         if not response.finished:
-            await response({"type": "http.response.body", "body": b"", "more_body": False})
+            await response.send_message(
+                {"type": "http.response.body", "body": b"", "more_body": False}
+            )
         return True
 
     @staticmethod
     async def _send_problem(response: _Response, problem: Problem) -> None:
-        await response(
+        await response.send_message(
             {
                 "type": "http.response.start",
                 "status": problem.status,
                 "headers": _encode(problem.all_headers()),
             }
         )
-        await response({"type": "http.response.body", "body": problem.body})
+        await response.send_message({"type": "http.response.body", "body": problem.body})
 
     def _identify_sync(
         self,
@@ -378,10 +383,18 @@ class GuardMiddleware:
                 return identify.invalid_user(exc, "header")
         try:
             value = user_of_scope(scope.get("user"))
-            if value is not None:
-                return identify.assign_user(rs, value, "scope")
         except InvalidUserId as exc:  # from the user object: labelled as _identify does
             return identify.invalid_user(exc, "resolver")
+        if value is not None:
+            try:
+                user_id = normalize_user_id(value)
+            except InvalidUserId as exc:
+                return identify.invalid_user(exc, "scope")
+            # What rs.set_user(value, source="scope") does, without its lock: no other
+            # code holds this request's scope yet.
+            rs.user_id = user_id
+            rs.source = "scope"
+            return None
         if header is not None:
             return identify.assign_user(rs, header, "header")
         if identify.wants_session():

@@ -141,7 +141,7 @@ class Gate:
             else:
                 # evaluate() without its tuple (this runs on every guarded request).
                 headers = ()
-                limit = self.guard.exhausted_limit(get_context(), read_storage=self._read_storage)
+                limit = self.guard.exhausted_limit(read_storage=self._read_storage)
         except BudgetExceeded as exc:  # UserRequired: anonymous calls are rejected
             return GateResult(self.problems.problem_for_refusal(exc))
         except StorageError as exc:

@@ -51,6 +51,7 @@ from payi_guard.web.options import WebOptions
 from payi_guard.web.problem import Problem, Problems
 
 __all__ = [
+    "BOUND_KEY",
     "INVALID_USER_EVENT",
     "ORDER_EVENT",
     "SESSION_KEY",
@@ -80,7 +81,8 @@ INVALID_USER_EVENT = "invalid_user_id"
 SESSION_KEY = "payi_guard.session"
 """The key of a signed or server-side session under which the guard keeps its session id."""
 
-_BOUND_KEY = "payi_guard.web"
+BOUND_KEY = "payi_guard.web"
+"""The request scope's ``extra`` key a guard middleware sets: the request is bound (internal)."""
 _SESSION_ID = re.compile(r"[0-9a-f]{32}\Z")
 _HAS_IDENTITY: dict[type, bool] = {}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}\Z")
@@ -219,19 +221,19 @@ def rebind_user(user_id: str) -> None:
         user_id: the normalised user id.
     """
     scope = current_request()
-    if scope is not None and scope.extra.get(_BOUND_KEY):
+    if scope is not None and scope.extra.get(BOUND_KEY):
         structlog.contextvars.bind_contextvars(user_id=user_id)
 
 
 def is_guarded_request() -> bool:
     """True inside a request served by the guard middleware (ASGI or WSGI)."""
     scope = current_request()
-    return scope is not None and bool(scope.extra.get(_BOUND_KEY))
+    return scope is not None and bool(scope.extra.get(BOUND_KEY))
 
 
 def mark_bound(scope: RequestScope) -> None:
     """Record that this request's ``user_id`` is bound by the middleware (internal)."""
-    scope.extra[_BOUND_KEY] = True
+    scope.extra[BOUND_KEY] = True
 
 
 class Identifier:

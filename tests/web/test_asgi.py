@@ -161,6 +161,37 @@ async def test_app_request_id_header_is_not_duplicated(guard: Guard) -> None:
     assert response.headers.get_list("x-request-id") == ["from-app"]
 
 
+async def test_an_app_that_sends_one_headers_list_twice_gets_each_request_id(
+    guard: Guard,
+) -> None:
+    # The guard adds its header to a copy: the app's own list (and message) never change.
+    shared_headers = [(b"content-type", b"text/plain"), (b"Content-Length", b"1")]
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": shared_headers})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    app = GuardMiddleware(raw, guard=guard)
+    async with client(app) as http:
+        first = await http.get("/", headers={"X-Request-ID": "req-1"})
+        second = await http.get("/", headers={"X-Request-ID": "req-2"})
+    assert first.headers.get_list("x-request-id") == ["req-1"]
+    assert second.headers.get_list("x-request-id") == ["req-2"]
+    assert shared_headers == [(b"content-type", b"text/plain"), (b"Content-Length", b"1")]
+
+
+async def test_an_app_header_named_in_capitals_is_not_duplicated(guard: Guard) -> None:
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"X-Request-ID", b"from-app")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    app = GuardMiddleware(raw, guard=guard)
+    async with client(app) as http:
+        response = await http.get("/")
+    assert response.headers.get_list("x-request-id") == ["from-app"]
+
+
 # -- the user header ---------------------------------------------------------------------------
 
 
