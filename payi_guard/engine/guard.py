@@ -331,14 +331,8 @@ class Guard:
         """
         if attribution is None:
             plain = None if read_storage else request_user()
-            if plain is not None:
-                # A request's own user (a middleware's gate): the cache needs the user
-                # and tier only, so no attribution snapshot is built for it.
-                parts = self._parts
-                subject = parts.subjects.for_user(
-                    plain[0], self._default_user_id, parts.policy.config.anonymous
-                )
-                return self._views.cached_exhausted_of(subject, (), plain[1])
+            if plain is not None:  # a request's own user (a gate): no snapshot is built
+                return self._views.request_exhausted(plain[0], plain[1], self._default_user_id)
             attribution = get_context()
         subject = self.subject_for(attribution)  # refuses an anonymous caller under `reject`
         return self._views.exhausted(subject, attribution, read_storage)

@@ -133,6 +133,21 @@ class Views:
         """The exhausted limit the spent cache knows of (no I/O, ``tier_of`` not asked)."""
         return self.cached_exhausted_of(subject, attribution.limit_ids, attribution.tier)
 
+    def request_exhausted(
+        self, user_id: str | None, tier: str | None, default_user: str | None
+    ) -> LimitUsage | None:
+        """:meth:`cached_exhausted` of a request's own user and tier, with no other layer.
+
+        What it answers for the attribution ``get_context()`` gives in a request scope
+        that no ``track_context`` layer changes, without that snapshot.
+
+        Raises:
+            UserRequired: no user is known and anonymous calls are rejected.
+        """
+        parts = self._parts
+        subject = parts.subjects.for_user(user_id, default_user, parts.policy.config.anonymous)
+        return self.cached_exhausted_of(subject, (), tier)
+
     def cached_exhausted_of(
         self, subject: Subject, limit_ids: tuple[str, ...], tier: str | None
     ) -> LimitUsage | None:
