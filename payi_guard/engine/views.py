@@ -146,6 +146,8 @@ class Views:
         """
         parts = self._parts
         subject = parts.subjects.for_user(user_id, default_user, parts.policy.config.anonymous)
+        if not parts.spent.tags:  # nothing spent in this process: no further call
+            return None
         return self.cached_exhausted_of(subject, (), tier)
 
     def cached_exhausted_of(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, MutableMapping, Sequence
-from contextvars import ContextVar
 from typing import Any
 
 from starlette.requests import Request
@@ -144,9 +143,11 @@ class _Response:
     Attributes:
         started: ``http.response.start`` reached the server.
         finished: the last body message reached the server.
+        held: the ``http.response.start`` held back, if any (read it; :meth:`release`
+            or :meth:`discard` it).
     """
 
-    __slots__ = ("_held", "extra", "finished", "hold", "send", "started")
+    __slots__ = ("extra", "finished", "held", "hold", "send", "started")
 
     def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], hold: bool) -> None:
         self.send = send
@@ -154,17 +155,17 @@ class _Response:
         self.hold = hold
         self.started = False
         self.finished = False
-        self._held: Message | None = None
+        self.held: Message | None = None
 
     async def send_message(self, message: Message) -> None:
         """The ``send`` the app is given (a bound method: cheaper to call than the object)."""
         kind = message["type"]
-        held = self._held
+        held = self.held
         if kind == "http.response.start":
             if self.extra:
                 message = _with_headers(message, self.extra)
             if self.hold and held is None and not self.started:
-                self._held = message
+                self.held = message
                 return
         elif kind == "http.response.body":
             if message.get("more_body", False):
@@ -175,28 +176,23 @@ class _Response:
         elif kind == "http.response.pathsend":
             self.finished = True
         if held is not None:  # release() inlined: one coroutine less per message
-            self._held = None
+            self.held = None
             self.started = True
             await self.send(held)
         elif kind == "http.response.start":
             self.started = True
         await self.send(message)
 
-    @property
-    def holding(self) -> bool:
-        """True while ``http.response.start`` is held back."""
-        return self._held is not None
-
     async def release(self) -> None:
         """Send the held ``http.response.start``, if any."""
-        held, self._held = self._held, None
+        held, self.held = self.held, None
         if held is not None:
             self.started = True
             await self.send(held)
 
     def discard(self) -> None:
         """Forget the held start: the guard answers the request itself."""
-        self._held = None
+        self.held = None
 
 
 class GuardMiddleware:
@@ -253,7 +249,8 @@ class GuardMiddleware:
         self._warned_order = False
         opts = self.core.options
         self._sync_identify = opts.user is None and opts.session_id is None
-        self._log_vars: tuple[ContextVar[Any], ContextVar[Any]] | None = None
+        # structlog's own variables of ``user_id`` and ``request_id``, set per request.
+        self._user_var, self._request_id_var = structlog_vars()
         self._gate = self.core.gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -284,11 +281,9 @@ class GuardMiddleware:
             rs.extra[BOUND_KEY] = True  # mark_bound(rs)
             # bind_request() inlined: set/reset with tokens, so every write is undone
             # exactly, a user rebound later in the request included.
-            log_vars = self._log_vars
-            if log_vars is None:
-                log_vars = self._log_vars = structlog_vars()
-            user_token = log_vars[0].set(rs.user_id)
-            request_token = log_vars[1].set(request_id)
+            user_var, request_id_var = self._user_var, self._request_id_var
+            user_token = user_var.set(rs.user_id)
+            request_token = request_id_var.set(request_id)
             try:
                 # One coroutine for the whole request: serving is inlined here.
                 extra: list[tuple[bytes, bytes]] = (
@@ -317,11 +312,11 @@ class GuardMiddleware:
                         raise
                     return
                 # An app that ended without a body message still gets its start sent.
-                if response.holding:
+                if response.held is not None:
                     await response.release()
             finally:
-                log_vars[1].reset(request_token)
-                log_vars[0].reset(user_token)
+                request_id_var.reset(request_token)
+                user_var.reset(user_token)
         finally:
             _REQUEST.reset(scope_token)
 
