@@ -142,6 +142,22 @@ class RequestScope:
             self.source = source
         return normalized
 
+    def claim(self, user_id: object, *, source: str, tier: str | None = None) -> str:
+        """:meth:`set_user` for the code that opened this scope, before it is shared.
+
+        The same checks and result, without the lock: nothing else can hold the scope
+        yet (a middleware naming the user of the request it just opened).
+
+        Raises:
+            InvalidUserId: the id is not valid.
+            TypeError: ``tier`` is neither a string nor ``None``.
+        """
+        normalized = normalize_user_id(user_id)
+        self.tier = None if tier is None else check_tier(tier)
+        self.user_id = normalized
+        self.source = source
+        return normalized
+
     def __repr__(self) -> str:
         return f"RequestScope(user_id={self.user_id!r}, request_id={self.request_id!r})"
 

@@ -36,7 +36,6 @@ from payi_guard.exceptions import (
     InvalidUserId,
     StorageError,
 )
-from payi_guard.identity import normalize_user_id
 from payi_guard.web.core import WebCore
 from payi_guard.web.identify import (
     BOUND_KEY,
@@ -382,13 +381,9 @@ class GuardMiddleware:
             return identify.invalid_user(exc, "resolver")
         if value is not None:
             try:
-                user_id = normalize_user_id(value)
+                rs.claim(value, source="scope")  # the scope is not shared yet: no lock
             except InvalidUserId as exc:
                 return identify.invalid_user(exc, "scope")
-            # What rs.set_user(value, source="scope") does, without its lock: no other
-            # code holds this request's scope yet.
-            rs.user_id = user_id
-            rs.source = "scope"
             return None
         if header is not None:
             return identify.assign_user(rs, header, "header")

@@ -57,6 +57,7 @@ __all__ = [
     "SESSION_KEY",
     "UNTRUSTED_HEADER_EVENT",
     "Identifier",
+    "LogTokens",
     "bind_request",
     "is_guarded_request",
     "mark_bound",
@@ -168,11 +169,12 @@ def request_id_of(incoming: str | None) -> str:
     return new_id()
 
 
-_LogTokens = tuple[contextvars.Token[Any], contextvars.Token[Any]]
+LogTokens = tuple[contextvars.Token[Any], contextvars.Token[Any]]
+"""What :func:`bind_request` returns and :func:`unbind_request` takes (internal)."""
 _log_vars: tuple[contextvars.ContextVar[Any], contextvars.ContextVar[Any]] | None = None
 
 
-def bind_request(user_id: str | None, request_id: str) -> _LogTokens:
+def bind_request(user_id: str | None, request_id: str) -> LogTokens:
     """Bind ``user_id`` and ``request_id`` in structlog's context variables (internal).
 
     What ``structlog.contextvars.bind_contextvars(user_id=..., request_id=...)`` does,
@@ -187,7 +189,7 @@ def bind_request(user_id: str | None, request_id: str) -> _LogTokens:
     return user_var.set(user_id), request_var.set(request_id)
 
 
-def unbind_request(tokens: _LogTokens) -> None:
+def unbind_request(tokens: LogTokens) -> None:
     """Undo :func:`bind_request` exactly (a user rebound since included)."""
     user_token, request_token = tokens
     request_token.var.reset(request_token)
@@ -253,7 +255,13 @@ class Identifier:
         self.log = log
 
     def assign_user(
-        self, scope: RequestScope, value: object, source: str, tier: str | None = None
+        self,
+        scope: RequestScope,
+        value: object,
+        source: str,
+        tier: str | None = None,
+        *,
+        fresh: bool = False,
     ) -> Problem | None:
         """Validate ``value`` and make it the request's user (with ``tier``, if named).
 
@@ -262,13 +270,18 @@ class Identifier:
             value: the id a source produced.
             source: which source (``resolver``, ``scope``, ``header``, ...), for logs.
             tier: the user's tier, when the source named one.
+            fresh: the caller opened ``scope`` and nothing else holds it yet
+                (:meth:`RequestScope.claim <payi_guard.context.RequestScope.claim>`).
 
         Returns:
             ``None`` when the user was set (or the invalid id was dropped under
             ``on_invalid_user="anonymous"``), else the 400 problem to answer.
         """
         try:
-            scope.set_user(value, source=source, tier=tier)
+            if fresh:
+                scope.claim(value, source=source, tier=tier)
+            else:
+                scope.set_user(value, source=source, tier=tier)
         except InvalidUserId as exc:
             return self.invalid_user(exc, source)
         return None

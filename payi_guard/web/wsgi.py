@@ -15,20 +15,21 @@ import contextlib
 import contextvars
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
 from types import TracebackType
 from typing import Any
 
 from typing_extensions import Unpack
 
-from payi_guard.context import RequestScope, request_scope
+from payi_guard.context import RequestScope
+from payi_guard.context.scope import request_var
 from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, DuplicateUserHeader, InvalidUserId
 from payi_guard.web.core import WebCore
 from payi_guard.web.gate import GateResult, gate_headers, store_gate_headers
 from payi_guard.web.identify import (
+    BOUND_KEY,
+    LogTokens,
     bind_request,
-    mark_bound,
     request_id_of,
     split_user,
     unbind_request,
@@ -37,6 +38,8 @@ from payi_guard.web.options import WebOptionArgs
 from payi_guard.web.problem import Problem
 
 __all__ = ["WSGIGuardMiddleware"]
+
+_REQUEST = request_var()
 
 Environ = dict[str, Any]
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
@@ -90,6 +93,8 @@ class WSGIGuardMiddleware:
         self.app = app
         self.core = WebCore(guard, user=user, session_id=session_id, **options)
         request_id_header = self.core.options.request_id_header
+        self.request_id_header = request_id_header
+        """The response header that echoes the request id, or ``None``."""
         self._user_key = _environ_key(self.core.options.user_header)
         self._request_id_key = _environ_key(request_id_header) if request_id_header else None
 
@@ -104,13 +109,14 @@ class WSGIGuardMiddleware:
         core = self.core
         incoming = environ.get(self._request_id_key) if self._request_id_key else None
         request_id = request_id_of(incoming)
-        stack = ExitStack()
+        # What ``request_scope(request_id=...)`` and ``bind_request`` do, undone by
+        # ``binding.close()`` (in this context) when the response ends.
+        rs = RequestScope(None, request_id)
+        binding = _Binding(rs)
         try:
-            rs = stack.enter_context(request_scope(request_id=request_id))
             problem = self._identify(environ, rs)
-            mark_bound(rs)
-            tokens = bind_request(rs.user_id, request_id)
-            stack.callback(unbind_request, tokens)
+            rs.extra[BOUND_KEY] = True  # mark_bound(rs)
+            binding.bind_log(rs.user_id, request_id)
             guarded = (
                 environ.get("REQUEST_METHOD") != "OPTIONS"  # CORS preflights
                 and core.gate.guarded(environ.get("PATH_INFO") or "/")
@@ -121,7 +127,7 @@ class WSGIGuardMiddleware:
                 store_gate_headers(rs, gate.headers)
             response = _Response(self, start_response, rs, request_id, hold=guarded)
             if problem is not None:
-                stack.close()
+                binding.close()
                 return response.problem(problem, None)
             try:
                 iterable = self.app(environ, response.start_response)
@@ -129,12 +135,12 @@ class WSGIGuardMiddleware:
                 problem = core.problems.problem_for(exc)
                 if problem is None:
                     raise
-                stack.close()
+                binding.close()
                 return response.problem(problem, sys.exc_info())
         except BaseException:
-            stack.close()
+            binding.close()
             raise
-        return _Body(context, iterable, stack, response)
+        return _Body(context, iterable, binding, response)
 
     def _gate(self) -> GateResult:
         """The early gate of a guarded request, before the app runs.
@@ -157,16 +163,42 @@ class WSGIGuardMiddleware:
             if resolver is not None:
                 value, tier = split_user(resolver(environ))
                 if value is not None:
-                    return core.identify.assign_user(rs, value, "resolver", tier)
+                    return core.identify.assign_user(rs, value, "resolver", tier, fresh=True)
         except InvalidUserId as exc:  # raised by the resolver itself
             return core.identify.invalid_user(exc, "resolver")
         if header is not None:
-            return core.identify.assign_user(rs, header, "header")
+            return core.identify.assign_user(rs, header, "header", fresh=True)
         if core.identify.wants_session():
             session_id = core.options.session_id
             if session_id is not None:
                 core.identify.set_session(rs, session_id(environ))
         return None
+
+
+class _Binding:
+    """The request's context variables, set in its own context and reset there at its end.
+
+    The request scope, and structlog's ``user_id`` and ``request_id``.
+    """
+
+    __slots__ = ("_log", "_scope")
+
+    def __init__(self, rs: RequestScope) -> None:
+        self._scope: contextvars.Token[RequestScope | None] | None = _REQUEST.set(rs)
+        self._log: LogTokens | None = None
+
+    def bind_log(self, user_id: str | None, request_id: str) -> None:
+        """Bind ``user_id`` and ``request_id`` for the request's log lines."""
+        self._log = bind_request(user_id, request_id)
+
+    def close(self) -> None:
+        """Reset what was set, last first; once (later calls do nothing)."""
+        log, self._log = self._log, None
+        if log is not None:
+            unbind_request(log)
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            _REQUEST.reset(scope)
 
 
 class _Response:
@@ -215,7 +247,7 @@ class _Response:
         self._server_write: Callable[[bytes], object] | None = None
 
     def _own_headers(self) -> list[tuple[str, str]]:
-        name = self._middleware.core.options.request_id_header
+        name = self._middleware.request_id_header
         return [] if name is None else [(name, self.request_id)]
 
     @property
@@ -229,9 +261,19 @@ class _Response:
         headers: list[tuple[str, str]],
         exc_info: ExcInfo | None = None,
     ) -> Callable[[bytes], object]:
-        present = {name.lower() for name, _ in headers}
-        extra = [*self._own_headers(), *gate_headers(self._rs)]
-        headers = headers + [h for h in extra if h[0].lower() not in present]
+        gated = gate_headers(self._rs)
+        own = self._middleware.request_id_header
+        if not gated and own is not None:  # the request id alone: no set to build
+            key = own.lower()
+            for name, _ in headers:
+                if name.lower() == key:
+                    break
+            else:
+                headers = [*headers, (own, self.request_id)]
+        else:
+            present = {name.lower() for name, _ in headers}
+            extra = [*self._own_headers(), *gated]
+            headers = headers + [h for h in extra if h[0].lower() not in present]
         if self.holding:
             # Nothing reached the server: a later call (with exc_info) simply replaces it.
             self._held = (status, headers)
@@ -278,19 +320,19 @@ class _Response:
 class _Body:
     """The response iterable: every step and the close run in the request's context."""
 
-    __slots__ = ("_closed", "_context", "_iterable", "_iterator", "_response", "_stack")
+    __slots__ = ("_binding", "_closed", "_context", "_iterable", "_iterator", "_response")
 
     def __init__(
         self,
         context: contextvars.Context,
         iterable: Iterable[bytes],
-        stack: ExitStack,
+        binding: _Binding,
         response: _Response,
     ) -> None:
         self._context = context
         self._iterable = iterable
         self._iterator: Iterator[bytes] | None = None
-        self._stack = stack
+        self._binding = binding
         self._response = response
         self._closed = False
 
@@ -357,4 +399,4 @@ class _Body:
             if close is not None:
                 close()
         finally:
-            self._stack.close()
+            self._binding.close()
