@@ -315,6 +315,21 @@ def test_set_user_validates() -> None:
         assert get_context().user_id is None
 
 
+def test_claim_checks_as_set_user_does_and_writes_nothing_it_refuses() -> None:
+    # claim() is set_user() without the lock, for the code that just opened the scope.
+    with request_scope() as scope:
+        assert scope.claim(42, source="scope", tier="pro") == "42"
+        assert (scope.user_id, scope.tier, scope.source) == ("42", "pro", "scope")
+        assert get_context().tier == "pro"
+        with pytest.raises(InvalidUserId):
+            scope.claim("\x00evil", source="header")
+        with pytest.raises(TypeError, match="tier"):
+            scope.claim("bob", source="header", tier=["pro"])  # type: ignore[arg-type]
+        assert (scope.user_id, scope.tier, scope.source) == ("42", "pro", "scope")
+        assert scope.claim("bob", source="resolver") == "bob"
+        assert (scope.user_id, scope.tier, scope.source) == ("bob", None, "resolver")
+
+
 def test_set_user_in_thread_pool_is_visible_to_the_request_afterwards() -> None:
     """What a sync FastAPI dependency does: run in a worker thread on a context copy."""
     with request_scope():

@@ -110,6 +110,42 @@ def test_the_calling_thread_context_stays_clean_between_chunks(guard: Guard) -> 
     assert len(headers["X-Request-ID"]) == 32
 
 
+def test_the_apps_close_runs_in_the_request_and_each_request_id_is_its_own(
+    guard: Guard,
+) -> None:
+    seen: list[tuple[str | None, str | None, object]] = []
+    shared_headers = [("Content-Type", "text/plain")]
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"x"
+
+        def close(self) -> None:
+            context = get_context()
+            log = structlog.contextvars.get_contextvars()
+            seen.append((context.user_id, log.get("request_id"), current_request()))
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", shared_headers)  # the same list for every response
+        return Body()
+
+    middleware = WSGIGuardMiddleware(app, guard=guard, trust_user_header=True)
+    for user, request_id in (("alice", "req-1"), ("bob", "req-2")):
+        start = StartRecorder()
+        result = middleware(
+            _environ(headers={"xProxy-User-ID": user, "X-Request-ID": request_id}), start
+        )
+        assert list(result) == [b"x"]
+        result.close()  # type: ignore[attr-defined]
+        assert dict(start.calls[0][1])["X-Request-ID"] == request_id
+        assert current_request() is None
+        assert structlog.contextvars.get_contextvars() == {}
+    # The app's close() still saw its request (the scope ends after it).
+    assert [(u, r) for u, r, _ in seen] == [("alice", "req-1"), ("bob", "req-2")]
+    assert all(scope is not None for _, _, scope in seen)
+    assert shared_headers == [("Content-Type", "text/plain")]
+
+
 def test_no_leak_across_sequential_requests_on_one_thread(guard: Guard) -> None:
     def sloppy(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         before = {
