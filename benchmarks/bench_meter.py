@@ -113,15 +113,28 @@ def sse_chunks(n: int, *, include_usage: bool = True) -> list[bytes]:
 
 
 class _Chunks(httpx2.SyncByteStream, httpx2.AsyncByteStream):
+    """A response body read as from the network: each chunk once.
+
+    Iterating again goes on where the last iteration stopped, as a connection's body
+    does: the async SDK drains the body after ``[DONE]`` (``async for`` over the
+    stream once more), and a stream that started over would be read twice.
+    """
+
     def __init__(self, chunks: list[bytes]) -> None:
         self._chunks = chunks
+        self._next = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self._chunks
+        chunks = self._chunks
+        while self._next < len(chunks):
+            self._next += 1
+            yield chunks[self._next - 1]
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self._chunks:
-            yield chunk
+        chunks = self._chunks
+        while self._next < len(chunks):
+            self._next += 1
+            yield chunks[self._next - 1]
 
 
 def mock_transport(stream_chunks: int) -> httpx2.MockTransport:

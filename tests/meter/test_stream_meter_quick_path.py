@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meter._support import tracker_state
 from payi_guard.meter.parse import Endpoint, ParsedUsage
 from payi_guard.meter.sse import StreamMeter
+from payi_guard.meter.sse.meter import _TOP_LEVEL_TAIL
 
 CHAT = Endpoint("chat")
 ANTHROPIC = Endpoint("anthropic_messages", provider="anthropic")
@@ -118,6 +119,58 @@ def test_chat_chunks_whole_or_byte_by_byte_alike(stream: bytes, added: bool) -> 
     single = _metered([stream[i : i + 1] for i in range(len(stream))], CHAT, added=added)
 
     assert whole == single
+
+
+# What may follow a chunk's "usage":null: the bytes the tail test looks at, and others.
+_TAIL = st.tuples(
+    st.sampled_from([b"", b",", b" ,"]),
+    st.lists(
+        st.sampled_from([b",", b"}", b"{", b"[", b"]", b"\\", b'"a"', b":", b"1", b" "]),
+        max_size=4,
+    ).map(b"".join),
+    st.sampled_from([b"}", b"}", b"", b"]}", b"} "]),
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(tail=_TAIL)
+@example(tail=b',"a":1{}')
+@example(tail=b',"a":1}}')
+@example(tail=b',"a":1[}')
+@example(tail=b',"a":1]}')
+@example(tail=b',"a":1\\}')
+@example(tail=b"}")
+@example(tail=b',"a":1}')
+@example(tail=b"")
+def test_the_byte_scan_cuts_usage_where_the_tail_pattern_allows(tail: bytes) -> None:
+    meter = StreamMeter(CHAT, added_include_usage=True)
+    meter.feed(RECORDED)  # read at once: it names the model and the id
+    chunk = b'data: {"id":"chatcmpl-1","choices":[],"usage":null' + tail + b"\n\n"
+
+    out = meter.feed(chunk)
+
+    # The byte-scan path holds the chunk back unread; any other path reads it at once.
+    took_byte_scan = meter._held == [chunk]
+    assert took_byte_scan == (_TOP_LEVEL_TAIL.fullmatch(tail) is not None)
+    if took_byte_scan:
+        assert out == chunk.replace(b',"usage":null', b"")
+
+
+def test_held_chunks_with_escapes_are_read_alike() -> None:
+    # Held back unread, then read together: a unicode escape may spell a key (here the
+    # end of the choice), other escapes cannot.
+    head = b'data: {"id":"chatcmpl-1","model":"m","choices":[{"index":0,"delta":'
+    chunks = [RECORDED]
+    chunks.append(
+        head + b'{"content":"a \\"quoted\\" \\\\ word"},"finish_reason":null}],"usage":null}\n\n'
+    )
+    chunks.append(head + b'{},"finish\\u005freason":"stop"}],"usage":null}\n\n')
+
+    whole = _metered(chunks, CHAT, added=True)
+    single = _metered([c[i : i + 1] for c in chunks for i in range(len(c))], CHAT, added=True)
+
+    assert whole == single
+    assert whole[1][3] == "stop"
 
 
 def test_a_long_stream_is_read_as_it_goes_and_counted_alike() -> None:
