@@ -236,6 +236,8 @@ def paired_async(
     try:
         return paired_batches(batches(bare), batches(guarded), rounds, batch)
     finally:
+        # Streams read to their end leave async generators for the loop to finalise.
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
