@@ -180,27 +180,10 @@ def current_request() -> RequestScope | None:
 def request_var() -> contextvars.ContextVar[RequestScope | None]:
     """The context variable that holds the open request scope (internal).
 
-    What :func:`enter_request` sets and :func:`exit_request` resets; a middleware may
-    keep it and set and reset it itself.
+    What :class:`request_scope` sets and resets; a middleware keeps it and sets and
+    resets it itself, once per request, without the context manager object.
     """
     return _request
-
-
-def enter_request(scope: RequestScope) -> contextvars.Token[RequestScope | None]:
-    """Make ``scope`` the open request scope; undo it with :func:`exit_request`.
-
-    What :class:`request_scope` does, without the context manager object: the
-    middleware calls it once per request, in a ``try``/``finally``.
-
-    Returns:
-        The token :func:`exit_request` needs.
-    """
-    return _request.set(scope)
-
-
-def exit_request(token: contextvars.Token[RequestScope | None]) -> None:
-    """Close the request scope :func:`enter_request` opened (restores the one before)."""
-    _request.reset(token)
 
 
 class request_scope:

@@ -277,7 +277,7 @@ class GuardMiddleware:
                 problem = self._identify_sync(scope, rs, user_raw)
             else:
                 problem = await self._identify(scope, rs, user_raw)
-            rs.extra[BOUND_KEY] = True  # mark_bound(rs)
+            rs.extra[BOUND_KEY] = True  # mark_bound(rs), inlined
             # bind_request() inlined: set/reset with tokens, so every write is undone
             # exactly, a user rebound later in the request included.
             user_var, request_id_var = self._user_var, self._request_id_var

@@ -115,7 +115,7 @@ class WSGIGuardMiddleware:
         binding = _Binding(rs)
         try:
             problem = self._identify(environ, rs)
-            rs.extra[BOUND_KEY] = True  # mark_bound(rs)
+            rs.extra[BOUND_KEY] = True  # mark_bound(rs), inlined
             binding.bind_log(rs.user_id, request_id)
             guarded = (
                 environ.get("REQUEST_METHOD") != "OPTIONS"  # CORS preflights
