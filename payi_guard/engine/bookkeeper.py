@@ -112,7 +112,7 @@ class Bookkeeper:
             StorageError: storage failed and ``on_storage_error`` is ``block``.
         """
         self._check_bound(plan)
-        if len(self._spent):
+        if self._spent.tags:  # anything spent at all (no __len__ call)
             self._check_spent(plan)
         if not plan.charges:
             return True
@@ -140,7 +140,7 @@ class Bookkeeper:
     async def areserve(self, plan: Plan) -> bool:
         """Async :meth:`reserve`: never blocks the event loop."""
         self._check_bound(plan)
-        if len(self._spent):
+        if self._spent.tags:  # anything spent at all (no __len__ call)
             self._check_spent(plan)
         if not plan.charges:
             return True
@@ -173,7 +173,7 @@ class Bookkeeper:
 
     def _check_spent(self, plan: Plan) -> None:
         """Refuse without a round trip when a counter is known to be spent for its window."""
-        if not len(self._spent):
+        if not self._spent.tags:
             return
         now = plan.now
         for counter, charge in zip(plan.counters, plan.charges, strict=True):

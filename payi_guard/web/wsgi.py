@@ -27,9 +27,9 @@ from payi_guard.exceptions import BudgetExceeded, DuplicateUserHeader, InvalidUs
 from payi_guard.web.core import WebCore
 from payi_guard.web.gate import GateResult, gate_headers, store_gate_headers
 from payi_guard.web.identify import (
-    BOUND_KEY,
     LogTokens,
     bind_request,
+    mark_bound,
     request_id_of,
     split_user,
     unbind_request,
@@ -115,7 +115,7 @@ class WSGIGuardMiddleware:
         binding = _Binding(rs)
         try:
             problem = self._identify(environ, rs)
-            rs.extra[BOUND_KEY] = True  # mark_bound(rs), inlined
+            mark_bound(rs)
             binding.bind_log(rs.user_id, request_id)
             guarded = (
                 environ.get("REQUEST_METHOD") != "OPTIONS"  # CORS preflights
@@ -175,6 +175,25 @@ class WSGIGuardMiddleware:
         return None
 
 
+def _with_headers(
+    headers: list[tuple[str, str]], extra: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """``headers`` with the ``extra`` ones they do not name added, in a new list.
+
+    ``headers`` itself comes back, unchanged, when nothing is added.
+    """
+    if not extra:
+        return headers
+    if len(extra) == 1:  # the request id alone: no set to build
+        key = extra[0][0].lower()
+        for name, _ in headers:
+            if name.lower() == key:
+                return headers
+        return [*headers, extra[0]]
+    present = {name.lower() for name, _ in headers}
+    return [*headers, *(h for h in extra if h[0].lower() not in present)]
+
+
 class _Binding:
     """The request's context variables, set in its own context and reset there at its end.
 
@@ -218,6 +237,7 @@ class _Response:
     __slots__ = (
         "_held",
         "_middleware",
+        "_own",
         "_rs",
         "_server_write",
         "_start_response",
@@ -245,10 +265,8 @@ class _Response:
         self.sent = False
         self._held: tuple[str, list[tuple[str, str]]] | None = None
         self._server_write: Callable[[bytes], object] | None = None
-
-    def _own_headers(self) -> list[tuple[str, str]]:
-        name = self._middleware.request_id_header
-        return [] if name is None else [(name, self.request_id)]
+        name = middleware.request_id_header
+        self._own: list[tuple[str, str]] = [] if name is None else [(name, request_id)]
 
     @property
     def holding(self) -> bool:
@@ -262,18 +280,7 @@ class _Response:
         exc_info: ExcInfo | None = None,
     ) -> Callable[[bytes], object]:
         gated = gate_headers(self._rs)
-        own = self._middleware.request_id_header
-        if not gated and own is not None:  # the request id alone: no set to build
-            key = own.lower()
-            for name, _ in headers:
-                if name.lower() == key:
-                    break
-            else:
-                headers = [*headers, (own, self.request_id)]
-        else:
-            present = {name.lower() for name, _ in headers}
-            extra = [*self._own_headers(), *gated]
-            headers = headers + [h for h in extra if h[0].lower() not in present]
+        headers = _with_headers(headers, [*self._own, *gated] if gated else self._own)
         if self.holding:
             # Nothing reached the server: a later call (with exc_info) simply replaces it.
             self._held = (status, headers)
@@ -307,7 +314,7 @@ class _Response:
 
     def problem(self, problem: Problem, exc_info: ExcInfo | Any) -> list[bytes]:
         """Answer ``problem`` instead of the app's response (nothing of it was sent)."""
-        headers = [*problem.all_headers(), *self._own_headers()]
+        headers = [*problem.all_headers(), *self._own]
         self._held = None
         if not self.forwarded or exc_info is None or exc_info[0] is None:
             self._forward(problem.wsgi_status(), headers)
