@@ -39,22 +39,24 @@ class StallProbe:
         thread.start()
 
     def _run(self) -> None:
+        since = time.monotonic()
         while True:
-            since = time.monotonic()
-            self._since = since
             time.sleep(TICK)
             woke = time.monotonic()
-            if woke - since - TICK > NOTICE:
-                with self._lock:
+            # The gap and the next sleep's start change together, under the lock: a
+            # reader never sees neither (a stall noted nowhere) or both (noted twice).
+            with self._lock:
+                if woke - since - TICK > NOTICE:
                     self._gaps.append((since, woke))
                     if len(self._gaps) > KEEP:
                         del self._gaps[: KEEP // 2]
+                self._since = since = woke
 
     def stalled(self, start: float, end: float) -> float:
         """Seconds within ``[start, end]`` this process was kept from running."""
         with self._lock:
             gaps = list(self._gaps)
-        since = self._since
+            since = self._since
         now = time.monotonic()
         if now - since > TICK + NOTICE:
             gaps.append((since, now))  # a stall under way (the probe has not woken yet)
