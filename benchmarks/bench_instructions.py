@@ -105,7 +105,7 @@ def _call_factory(case: str) -> Callable[[], object]:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     else:
         configure_json(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
-    track_context(user_id="bench").__enter__()
+    track_context(user_id="bench").__enter__()  # for the life of the process, as the calls run
     client = bench_meter.make_client("http://mock/v1", bench_meter.mock_transport(200))
     if variant != "bare":
         guard = Guard({"prices": bench_meter.PRICES, "default": [{"max": 1e6, "per": "day"}]})
