@@ -37,7 +37,6 @@ import functools
 import io
 import itertools
 import json
-import logging
 import os
 import re
 import shutil
@@ -85,31 +84,28 @@ def _call_factory(case: str) -> Callable[[], object]:
         templates = itertools.cycle(bench_web.scopes(100))
         loop = asyncio.new_event_loop()
 
-        async def receive() -> dict[str, object]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
         async def send(message: dict[str, object]) -> None:
             if message["type"] == "http.response.start" and message["status"] != 200:
                 raise SystemExit(f"{case}: status {message['status']}")
 
         # As bench_web.run: a fresh scope per request, users in turn.
-        return lambda: loop.run_until_complete(app({**next(templates), "state": {}}, receive, send))
+        return lambda: loop.run_until_complete(
+            app({**next(templates), "state": {}}, bench_web.receive, send)
+        )
 
     import bench_meter
-    import structlog
 
-    from payi_guard import Guard, track_context
+    from payi_guard import track_context
     from payi_guard.log import configure_json
 
     if variant == "guarded-quiet":
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        bench_meter.quiet_logs()
     else:
         configure_json(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     track_context(user_id="bench").__enter__()  # for the life of the process, as the calls run
     client = bench_meter.make_client("http://mock/v1", bench_meter.mock_transport(200))
     if variant != "bare":
-        guard = Guard({"prices": bench_meter.PRICES, "default": [{"max": 1e6, "per": "day"}]})
-        client = guard.wrap(client)
+        client = bench_meter.make_guard().wrap(client)
     if group == "stream":
         return bench_meter.whole_stream(client)
     return bench_meter.plain_call(client)

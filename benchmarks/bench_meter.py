@@ -333,9 +333,14 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
+def make_guard() -> Guard:
+    """The guard of every guarded row: the memory store, one daily limit no call reaches."""
+    return Guard({"prices": PRICES, "default": [{"max": 1_000_000, "per": "day"}]})
+
+
 def run(quick: bool) -> None:
     rounds, batch = (5, 40) if quick else (15, 200)
-    guard = Guard({"prices": PRICES, "default": [{"max": 1_000_000, "per": "day"}]})
+    guard = make_guard()
 
     print("payi_guard meter benchmark (openai", openai.__version__, "/ httpx2, memory store)")
     print("(loopback: the FakeProvider runs in a child process, Nagle's algorithm off)")

@@ -146,11 +146,13 @@ def scopes(users: int) -> list[dict[str, Any]]:
     return out
 
 
+async def receive() -> dict[str, Any]:
+    """The request body of every benchmark request: empty."""
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
 async def run(app: ASGI, templates: list[dict[str, Any]], requests: int) -> float:
     statuses: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
