@@ -36,7 +36,7 @@ from payi_guard.exceptions import (
     InvalidUserId,
     StorageError,
 )
-from payi_guard.web.core import WebCore
+from payi_guard.web.core import WebCore, with_headers
 from payi_guard.web.identify import (
     BOUND_KEY,
     ORDER_EVENT,
@@ -68,17 +68,9 @@ def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message
     ``message`` itself is never changed (an app may send the same headers list again),
     and comes back as is when it already names every one.
     """
-    headers = message.get("headers", ())
-    if len(extra) == 1:  # the request id alone: no set to build
-        item = extra[0]
-        key = item[0]
-        for name, _ in headers:
-            if name.lower() == key:
-                return message
-        added = [*headers, item]
-    else:
-        present = {name.lower() for name, _ in headers}
-        added = [*headers, *(h for h in extra if h[0] not in present)]
+    added = with_headers(message.get("headers", ()), extra)
+    if added is None:
+        return message
     message = dict(message)  # cheaper than {**message, ...}
     message["headers"] = added
     return message

@@ -12,8 +12,8 @@ responses the guard writes itself).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, MutableMapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, MutableMapping
+from typing import Any, TypeVar
 
 from typing_extensions import Unpack
 
@@ -27,7 +27,34 @@ from payi_guard.web.identify import Identifier, request_id_of
 from payi_guard.web.options import WebOptionArgs, WebOptions
 from payi_guard.web.problem import AFTER_START_EVENT, Problem, Problems
 
-__all__ = ["WebCore"]
+__all__ = ["WebCore", "with_headers"]
+
+_Text = TypeVar("_Text", str, bytes)
+
+
+def with_headers(
+    headers: Iterable[tuple[_Text, _Text]], extra: list[tuple[_Text, _Text]]
+) -> list[tuple[_Text, _Text]] | None:
+    """``headers`` and the ``extra`` ones they do not name (by any case), in a new list.
+
+    ``None`` when ``headers`` already name every one of ``extra`` (or it is empty), so
+    the caller keeps its own list: the app's headers are never changed, since an app may
+    send the same list again. ASGI headers (bytes) and WSGI ones (text) alike.
+    """
+    if len(extra) == 1:  # the request id alone: no set to build
+        item = extra[0]
+        key = item[0].lower()
+        for name, _ in headers:
+            if name.lower() == key:
+                return None
+        out = list(headers)
+        out.append(item)
+        return out
+    if not extra:
+        return None
+    present = {name.lower() for name, _ in headers}
+    missing = [h for h in extra if h[0].lower() not in present]
+    return list(headers) + missing if missing else None
 
 
 class WebCore:

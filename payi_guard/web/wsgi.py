@@ -24,7 +24,7 @@ from payi_guard.context import RequestScope
 from payi_guard.context.scope import request_var
 from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, DuplicateUserHeader, InvalidUserId
-from payi_guard.web.core import WebCore
+from payi_guard.web.core import WebCore, with_headers
 from payi_guard.web.gate import GateResult, gate_headers, store_gate_headers
 from payi_guard.web.identify import (
     LogTokens,
@@ -175,25 +175,6 @@ class WSGIGuardMiddleware:
         return None
 
 
-def _with_headers(
-    headers: list[tuple[str, str]], extra: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """``headers`` with the ``extra`` ones they do not name added, in a new list.
-
-    ``headers`` itself comes back, unchanged, when nothing is added.
-    """
-    if not extra:
-        return headers
-    if len(extra) == 1:  # the request id alone: no set to build
-        key = extra[0][0].lower()
-        for name, _ in headers:
-            if name.lower() == key:
-                return headers
-        return [*headers, extra[0]]
-    present = {name.lower() for name, _ in headers}
-    return [*headers, *(h for h in extra if h[0].lower() not in present)]
-
-
 class _Binding:
     """The request's context variables, set in its own context and reset there at its end.
 
@@ -280,7 +261,9 @@ class _Response:
         exc_info: ExcInfo | None = None,
     ) -> Callable[[bytes], object]:
         gated = gate_headers(self._rs)
-        headers = _with_headers(headers, [*self._own, *gated] if gated else self._own)
+        added = with_headers(headers, [*self._own, *gated] if gated else self._own)
+        if added is not None:
+            headers = added
         if self.holding:
             # Nothing reached the server: a later call (with exc_info) simply replaces it.
             self._held = (status, headers)
