@@ -12,7 +12,9 @@ printed per case, and each guarded case as a ratio to its bare baseline:
 
 * ``create``: ``chat.completions.create`` over an in-memory transport (the
   ``bench_meter.py`` set-up: openai over httpx2, the memory store), bare, guarded with
-  the ``genai_call`` line as JSON to ``/dev/null``, and guarded with logging off;
+  the ``genai_call`` line as JSON to ``/dev/null``, guarded with logging off, guarded
+  with the usage analytics off (``analytics_days: 0``), and through ``bench_meter.py``'s
+  ``FloorTransport``, the least a transport-level meter does (the floor);
 * ``stream``: the same 200-chunk chat stream read whole, bare and guarded (JSON log);
 * ``asgi``: one request through the ``bench_web.py`` Starlette apps: bare, auth, auth
   and the guard gating the path, auth and slowapi; the guard's instructions over auth
@@ -55,6 +57,8 @@ CASES: dict[str, str] = {
     "create/bare": "chat.completions.create, bare SDK",
     "create/guarded": "chat.completions.create, guarded, JSON log",
     "create/guarded-quiet": "chat.completions.create, guarded, logging off",
+    "create/no-analytics": "chat.completions.create, guarded, JSON log, analytics_days: 0",
+    "create/floor": "chat.completions.create, the least a meter does, JSON log",
     "stream/bare": "200-chunk stream, bare SDK",
     "stream/guarded": "200-chunk stream, guarded, JSON log",
     "asgi/bare": "request, Starlette endpoint",
@@ -94,6 +98,7 @@ def _call_factory(case: str) -> Callable[[], object]:
         )
 
     import bench_meter
+    import httpx2
 
     from payi_guard import track_context
     from payi_guard.log import configure_json
@@ -103,9 +108,14 @@ def _call_factory(case: str) -> Callable[[], object]:
     else:
         configure_json(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     track_context(user_id="bench").__enter__()  # for the life of the process, as the calls run
-    client = bench_meter.make_client("http://mock/v1", bench_meter.mock_transport(200))
-    if variant != "bare":
+    transport: httpx2.BaseTransport = bench_meter.mock_transport(200)
+    if variant == "floor":
+        transport = bench_meter.FloorTransport(transport)
+    client = bench_meter.make_client("http://mock/v1", transport)
+    if variant in ("guarded", "guarded-quiet"):
         client = bench_meter.make_guard().wrap(client)
+    elif variant == "no-analytics":
+        client = bench_meter.make_guard(analytics_days=0).wrap(client)
     if group == "stream":
         return bench_meter.whole_stream(client)
     return bench_meter.plain_call(client)
@@ -208,6 +218,9 @@ def report(counts: dict[str, dict[str, float]], cache_kib: int | None) -> None:
 
     ratio("create(), guarded / bare (JSON log)", "create/guarded", "create/bare")
     ratio("create(), guarded / bare (logging off)", "create/guarded-quiet", "create/bare")
+    ratio("create(), analytics off / bare", "create/no-analytics", "create/bare")
+    ratio("create(), the floor / bare", "create/floor", "create/bare")
+    ratio("create(), guarded / the floor", "create/guarded", "create/floor")
     ratio("200-chunk stream, guarded / bare", "stream/guarded", "stream/bare")
     if all(c in counts for c in ("asgi/auth", "asgi/guard", "asgi/slowapi")):
         parts = []

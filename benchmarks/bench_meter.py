@@ -18,7 +18,11 @@ It measures, with the real openai SDK (3.x, httpx2) and the memory store:
   its per-call work cancels out), and
   :class:`~payi_guard.meter.sse.StreamMeter` alone;
 * the same with the ``genai_call`` line rendered as JSON (to a null stream), since apps
-  log every call.
+  log every call;
+* the floor: the same ``create()`` through :class:`FloorTransport`, the least any
+  transport-level meter does (parse the request and the response, hold and settle an
+  amount under a lock, log one line), so the guard's cost can be read against what no
+  meter avoids as well as against the bare call.
 
 Bare and guarded runs alternate, round by round, so drift hits both; the bare median is
 shown, and the guarded time as that times the median of the rounds' ratios.
@@ -38,6 +42,7 @@ import logging
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -153,6 +158,46 @@ def mock_transport(stream_chunks: int) -> httpx2.MockTransport:
         return httpx2.Response(200, headers={"content-type": "application/json"}, content=body)
 
     return httpx2.MockTransport(handler)
+
+
+class FloorTransport(httpx2.BaseTransport):
+    """The least a transport-level meter does per plain call: a baseline, not a meter.
+
+    It parses the request body (for the model and an upper bound), adds that bound to a
+    counter under a lock, sends, reads and parses the response body (for the usage),
+    swaps the bound for the cost under the lock, and logs one ``genai_call`` line
+    through structlog, as configured. No attribution, no limits, no prices, no
+    refusal, no analytics, no idempotence: what the guard does beyond this is what it
+    offers beyond metering.
+    """
+
+    def __init__(self, inner: httpx2.BaseTransport) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], int] = {}
+        self._log = structlog.get_logger("payi_guard")
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        model = json.loads(request.content)["model"]
+        bound = len(request.content) + 4096  # bytes bound the input tokens; + max output
+        key = ("bench", model)
+        with self._lock:
+            self._held[key] = self._held.get(key, 0) + bound
+        response = self._inner.handle_request(request)
+        response.read()
+        usage = json.loads(response.content)["usage"]
+        cost = usage["prompt_tokens"] + 2 * usage["completion_tokens"]
+        with self._lock:
+            self._held[key] += cost - bound
+        self._log.info(
+            "genai_call",
+            user_id="bench",
+            model=model,
+            input_tokens=usage["prompt_tokens"],
+            output_tokens=usage["completion_tokens"],
+            cost=cost,
+        )
+        return response
 
 
 def make_client(base_url: str, transport: httpx2.BaseTransport | None) -> openai.OpenAI:
@@ -333,9 +378,13 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
-def make_guard() -> Guard:
-    """The guard of every guarded row: the memory store, one daily limit no call reaches."""
-    return Guard({"prices": PRICES, "default": [{"max": 1_000_000, "per": "day"}]})
+def make_guard(*, analytics_days: int = 90) -> Guard:
+    """The guard of every guarded row: the memory store, one daily limit no call reaches.
+
+    ``analytics_days=0`` turns the usage analytics off (``bench_instructions.py``).
+    """
+    limit = {"max": 1_000_000, "per": "day"}
+    return Guard({"prices": PRICES, "default": [limit], "analytics_days": analytics_days})
 
 
 def run(quick: bool) -> None:
@@ -355,6 +404,10 @@ def run(quick: bool) -> None:
             mock_guarded = guard.wrap(make_client("http://mock/v1", mock_transport(STREAM_CHUNKS)))
             create = paired(plain_call(mock_bare), plain_call(mock_guarded), rounds, batch)
             row("create(), mock transport", *create)
+            floor_transport = FloorTransport(mock_transport(STREAM_CHUNKS))
+            mock_floor = make_client("http://mock/v1", floor_transport)
+            floor = paired(plain_call(mock_bare), plain_call(mock_floor), rounds, batch)
+            row("create(), floor: the least a meter does", *floor)
             first = paired(first_chunk(mock_bare), first_chunk(mock_guarded), rounds, batch)
             row("time to first chunk, mock transport", *first)
             stream = paired(
@@ -376,6 +429,10 @@ def run(quick: bool) -> None:
             )
             row(f"{STREAM_CHUNKS}-chunk stream, async client", *async_pair)
             verdict("create() / bare create()", create[1] / create[0], CREATE_TARGET, "x")
+            print(
+                f"  {'':<44} (the floor: {floor[1] / floor[0]:.3f}x; the guard beyond it: "
+                f"+{(create[1] - create[0] - floor[1] + floor[0]) * 1e6:.1f} µs)"
+            )
             verdict("stream / bare stream", stream[1] / stream[0], STREAM_TARGET, "x")
             verdict("stream, per chunk", per_chunk * 1e6, CHUNK_TARGET_US, " µs")
             with fake_in_another_process() as base_url:
