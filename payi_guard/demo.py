@@ -514,13 +514,24 @@ def run_demo(
                         always=True,
                     )
                     with contextlib.suppress(KeyboardInterrupt):
-                        threading.Event().wait()
+                        _wait_for_interrupt()
     if not keep_log:
         os.unlink(log_path)
     ok = feed.warnings > 0 and any(u.blocked for u in sims) and status == 0
     if not ok:
         print("the demo did not show a warning and a block", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _wait_for_interrupt() -> None:
+    """Sleep until Ctrl+C (``KeyboardInterrupt``).
+
+    In short sleeps, not one wait: Python raises ``KeyboardInterrupt`` in the main
+    thread when it next runs Python code, and a SIGINT taken by one of the server's
+    threads does not wake a main thread blocked in a single wait.
+    """
+    while True:
+        time.sleep(0.25)
 
 
 class _Null(io.StringIO):

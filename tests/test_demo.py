@@ -6,6 +6,7 @@ It is run as users see it: written to a pipe (plain lines) and on a pseudo-termi
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import pytest
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 REDRAW = re.compile(r"\x1b\[(\d+)F\x1b\[J")
@@ -185,9 +187,12 @@ def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=demo_env(COLUMNS="80"),
+        # A demo still running long after Ctrl+C is killed with SIGABRT: the fault
+        # handler then writes every thread's stack to stderr, for the failure message.
+        env=demo_env(COLUMNS="80", PYTHONFAULTHANDLER="1"),
     )
     assert process.stdout is not None
+    assert process.stderr is not None
     lines: list[str] = []
     try:
         for line in process.stdout:  # ends when the demo exits, or at the marker
@@ -206,12 +211,66 @@ def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
             users = client.get("api/users").json()["users"]
         assert {"acme:alice", "globex:carol"} <= {u["user_id"] for u in users}
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, stderr = process.communicate(timeout=30)
+            raise AssertionError(
+                f"the demo still ran 60 s after Ctrl+C; its threads:\n{stderr[-8000:]}"
+            ) from None
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         process.stdout.close()
-        assert process.stderr is not None
+        process.stderr.close()
+    assert process.returncode == 0
+
+
+# tgkill(2): a signal to one thread of a process (kill(2) lets the kernel pick the thread).
+TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or TGKILL is None, reason="tgkill: Linux on x86_64 or aarch64"
+)
+def test_serve_stops_on_a_ctrl_c_taken_by_any_thread() -> None:
+    """The kernel may hand a process's SIGINT to any of its threads, not only the main one.
+
+    Python then raises ``KeyboardInterrupt`` in the main thread only when that thread
+    next runs Python code: a main thread blocked in one long wait would never see it.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "payi_guard", "demo", "--quiet", "--serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=demo_env(COLUMNS="80", PYTHONFAULTHANDLER="1"),
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        for line in process.stdout:
+            if "Ctrl+C stops them" in line:
+                break
+        threads = sorted(int(t) for t in os.listdir(f"/proc/{process.pid}/task"))
+        others = [tid for tid in threads if tid != process.pid]
+        assert others, threads  # the app's server and the fake provider run in threads
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(TGKILL, process.pid, others[0], signal.SIGINT) == 0
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, stderr = process.communicate(timeout=30)
+            raise AssertionError(
+                f"the demo still ran 60 s after Ctrl+C; its threads:\n{stderr[-8000:]}"
+            ) from None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
         process.stderr.close()
     assert process.returncode == 0
