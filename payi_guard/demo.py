@@ -526,9 +526,9 @@ def run_demo(
 def _wait_for_interrupt() -> None:
     """Sleep until Ctrl+C (``KeyboardInterrupt``).
 
-    In short sleeps, not one wait: Python raises ``KeyboardInterrupt`` in the main
-    thread when it next runs Python code, and a SIGINT taken by one of the server's
-    threads does not wake a main thread blocked in a single wait.
+    In short sleeps, not one wait: the kernel may hand the SIGINT to any thread, and
+    Python raises ``KeyboardInterrupt`` in the main thread when that thread next runs
+    Python code, which a main thread blocked in a single wait never does.
     """
     while True:
         time.sleep(0.25)

@@ -181,9 +181,23 @@ def test_on_a_wider_terminal_the_table_uses_the_room() -> None:
     assert "left out" not in report
 
 
+# ``payi-guard demo --quiet --serve`` with Ctrl+C's default meaning, as from a terminal.
+# A shell without job control starts a background command with SIGINT ignored (so may
+# whatever runs this suite), and Python keeps an ignored SIGINT ignored.
+SERVE_DEMO = [
+    sys.executable,
+    "-c",
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('payi_guard', run_name='__main__', alter_sys=True)",
+    "demo",
+    "--quiet",
+    "--serve",
+]
+
+
 def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "payi_guard", "demo", "--quiet", "--serve"],
+        SERVE_DEMO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -242,7 +256,7 @@ def test_serve_stops_on_a_ctrl_c_taken_by_any_thread() -> None:
     next runs Python code: a main thread blocked in one long wait would never see it.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "payi_guard", "demo", "--quiet", "--serve"],
+        SERVE_DEMO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
