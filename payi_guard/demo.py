@@ -507,13 +507,14 @@ def run_demo(
                 if keep_log:
                     say(f"\nJSON logs kept in {log_path}", always=True)
                 if serve and status == 0:
-                    say("", always=True)
-                    say(
-                        f"The app and its users page stay up: {base}{USERS_PAGE}/ "
-                        f"(token {admin_token}). Ctrl+C stops them.",
-                        always=True,
-                    )
+                    # Ctrl+C stops them from the moment it is said: even before the wait.
                     with contextlib.suppress(KeyboardInterrupt):
+                        say("", always=True)
+                        say(
+                            f"The app and its users page stay up: {base}{USERS_PAGE}/ "
+                            f"(token {admin_token}). Ctrl+C stops them.",
+                            always=True,
+                        )
                         _wait_for_interrupt()
     if not keep_log:
         os.unlink(log_path)
