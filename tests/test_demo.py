@@ -6,6 +6,7 @@ It is run as users see it: written to a pipe (plain lines) and on a pseudo-termi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -19,6 +20,7 @@ import sys
 import termios
 import threading
 import unicodedata
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -195,7 +197,12 @@ SERVE_DEMO = [
 ]
 
 
-def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
+@contextlib.contextmanager
+def served_demo() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run :data:`SERVE_DEMO` until it says its pages stay up; yield it and its output.
+
+    Killed on the way out if it still runs.
+    """
     process = subprocess.Popen(
         SERVE_DEMO,
         stdout=subprocess.PIPE,
@@ -213,9 +220,32 @@ def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
             lines.append(line)
             if "Ctrl+C stops them" in line:
                 break
-        text = " ".join("".join(lines).split())
+        yield process, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def exit_after_ctrl_c(process: subprocess.Popen[str]) -> int:
+    """The demo's exit code, once the SIGINT just sent stopped it (60 s at most)."""
+    try:
+        return process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate(timeout=30)
+        raise AssertionError(
+            f"the demo still ran 60 s after Ctrl+C; its threads:\n{stderr[-8000:]}"
+        ) from None
+
+
+def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
+    with served_demo() as (process, output):
+        text = " ".join(output.split())
         found = re.search(r"stay up: (http://127\.0\.0\.1:\d+/guard/) \(token (\S+)\)", text)
-        assert found is not None, "".join(lines)
+        assert found is not None, output
         url, token = found.groups()
         assert "token=" not in text
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -225,21 +255,7 @@ def test_serve_keeps_the_users_page_up_until_interrupted() -> None:
             users = client.get("api/users").json()["users"]
         assert {"acme:alice", "globex:carol"} <= {u["user_id"] for u in users}
         process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGABRT)
-            _, stderr = process.communicate(timeout=30)
-            raise AssertionError(
-                f"the demo still ran 60 s after Ctrl+C; its threads:\n{stderr[-8000:]}"
-            ) from None
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
-    assert process.returncode == 0
+        assert exit_after_ctrl_c(process) == 0
 
 
 # tgkill(2): a signal to one thread of a process (kill(2) lets the kernel pick the thread).
@@ -255,36 +271,11 @@ def test_serve_stops_on_a_ctrl_c_taken_by_any_thread() -> None:
     Python then raises ``KeyboardInterrupt`` in the main thread only when that thread
     next runs Python code: a main thread blocked in one long wait would never see it.
     """
-    process = subprocess.Popen(
-        SERVE_DEMO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=demo_env(COLUMNS="80", PYTHONFAULTHANDLER="1"),
-    )
-    assert process.stdout is not None
-    assert process.stderr is not None
-    try:
-        for line in process.stdout:
-            if "Ctrl+C stops them" in line:
-                break
+    with served_demo() as (process, output):
+        assert "Ctrl+C stops them" in output, output
         threads = sorted(int(t) for t in os.listdir(f"/proc/{process.pid}/task"))
         others = [tid for tid in threads if tid != process.pid]
         assert others, threads  # the app's server and the fake provider run in threads
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.syscall(TGKILL, process.pid, others[0], signal.SIGINT) == 0
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGABRT)
-            _, stderr = process.communicate(timeout=30)
-            raise AssertionError(
-                f"the demo still ran 60 s after Ctrl+C; its threads:\n{stderr[-8000:]}"
-            ) from None
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
-    assert process.returncode == 0
+        assert exit_after_ctrl_c(process) == 0
