@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from ledger._support import LedgerAdapter, RedisServer
+from ledger._support import LedgerAdapter, RedisServer, own_marker
 
 from payi_guard.ledger import Charge, CounterState, open_async_ledger, open_ledger
 
@@ -18,8 +18,9 @@ KEY = "r:{u:alice}:usd"
 
 def open_pair(url: str, events: list[Any]) -> tuple[LedgerAdapter, LedgerAdapter]:
     """A sync and an async ledger reporting to one callback, as one Guard holds them."""
-    sync = LedgerAdapter("sync", open_ledger(url, on_event=events.append))
-    aio = LedgerAdapter("async", open_async_ledger(url, on_event=events.append))
+    marker = own_marker()  # the store is new to this process, whatever port it got
+    sync = LedgerAdapter("sync", open_ledger(url, on_event=events.append, marker_key=marker))
+    aio = LedgerAdapter("async", open_async_ledger(url, on_event=events.append, marker_key=marker))
     return sync, aio
 
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,15 @@ def free_port() -> int:
             _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free port pair found")
+
+
+def own_marker() -> str:
+    """A store-marker key of its own, for a test that expects its store to be new.
+
+    A process remembers the marker of each store by its address: a test whose server
+    got the port of an earlier test's server would otherwise see a reset, not a new store.
+    """
+    return f"pgtest:marker:{uuid.uuid4().hex}"
 
 
 def redis_server_binary() -> str:

@@ -22,6 +22,7 @@ from ledger._support import (
     RedisServer,
     counting_classes,
     free_port,
+    own_marker,
 )
 from payi_guard.clock import FakeClock
 from payi_guard.exceptions import ConfigError, MissingDependency, StorageError
@@ -310,7 +311,7 @@ def test_a_failing_event_callback_never_fails_the_operation(clock: FakeClock) ->
     def broken(event: StorageEvent) -> None:
         raise RuntimeError("the callback is broken")
 
-    ledger = open_ledger(server.url, on_event=broken)
+    ledger = open_ledger(server.url, on_event=broken, marker_key=own_marker())
     try:
         with capture_logs() as logs:
             result = ledger.commit("c", [Charge("k:{u:a}", 5, None, EXPIRES)], now=clock.now())
@@ -477,13 +478,14 @@ def test_sentinel_uri_reaches_the_master(clock: FakeClock) -> None:
         sentinel.start(sentinel=True)
         events: list[StorageEvent] = []
         uri = f"redis+sentinel://127.0.0.1:{sentinel.port}/pgmaster/0"
-        ledger = open_ledger(uri, on_event=events.append)
+        marker = own_marker()
+        ledger = open_ledger(uri, on_event=events.append, marker_key=marker)
         key = "pgtest:sentinel:{u:a}:usd"
         assert ledger.reserve("r", [Charge(key, 5, 10, EXPIRES)], now=clock.now(), ttl=60).ok
         assert master.client().hget(key, "p") == b"5"
         # The master's connections check the store marker too.
         assert [event.kind for event in events] == ["new"]
-        assert master.client().get("payi_guard:store-marker") == events[0].marker.encode()
+        assert master.client().get(marker) == events[0].marker.encode()
         ledger.close()
     finally:
         sentinel.kill()
