@@ -24,7 +24,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from ledger._support import RedisServer
+from ledger._support import RedisServer, own_marker
 from structlog.testing import capture_logs
 
 from faults._stall import unstalled
@@ -233,6 +233,8 @@ def logged_by_user(events: Sequence[MutableMapping[str, Any]]) -> dict[str, int]
 
 
 def make_guard(url: str, **storage_options: Any) -> Guard:
+    # A marker key of its own: the store is new to this process whatever port it got.
+    storage_options = {"marker_key": own_marker(), **storage_options}
     return Guard(
         {
             "prices": PRICES,
@@ -242,7 +244,7 @@ def make_guard(url: str, **storage_options: Any) -> Guard:
         },
         storage=url,
         key_prefix=PREFIX,
-        storage_options=storage_options or None,
+        storage_options=storage_options,
     )
 
 
