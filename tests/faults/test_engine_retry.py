@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable, MutableMapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from ledger._support import RedisServer
+from ledger._support import RedisServer, own_marker
 from structlog.testing import capture_logs
 
 from faults._stall import unstalled
@@ -252,7 +251,7 @@ async def test_a_restart_without_persistence_is_logged_once_and_forgets_the_spen
     server: RedisServer,
 ) -> None:
     # A marker key of its own: this test's store is new to the process whatever port it got.
-    marker = f"pgtest:marker:{uuid.uuid4().hex}"
+    marker = own_marker()
     guard = make_guard(server.url, limit=0.2, marker_key=marker)  # one call's bound
     try:
         with capture_logs() as logs:
