@@ -208,16 +208,21 @@ class Store:
             lock.release()
 
     def _open(self) -> None:
+        setup = max(_SETUP_TIMEOUT, self.settings.lock_timeout)
         try:
-            conn = self._connect(max(_SETUP_TIMEOUT, self.settings.lock_timeout))
+            conn = self._connect(setup)
         except sqlite3.Error as exc:
-            raise self._error("open", exc) from exc
+            raise self._error("open", exc, setup) from exc
         try:
             # An existing ledger is only read here (a writer holding the file must not
             # delay opening it); a new file gets WAL mode and the schema.
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() != "wal":
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                # Processes opening a new file at once can find it busy without SQLite
+                # waiting (its busy handler is not called for every lock): retried here.
+                mode = self._busy_retry(
+                    lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0], setup
+                )
             if str(mode).lower() != "wal":
                 raise StorageError(
                     f"SQLite ledger {self.path}: cannot use WAL mode (journal mode {mode!r}); "
@@ -234,7 +239,7 @@ class Store:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise self._error("open", exc) from exc
+            raise self._error("open", exc, setup) from exc
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -293,11 +298,12 @@ class Store:
 
     # -- transactions ------------------------------------------------------------------------
 
-    def _error(self, op: str, exc: BaseException) -> StorageError:
+    def _error(self, op: str, exc: BaseException, waited: float | None = None) -> StorageError:
         if isinstance(exc, sqlite3.Error) and _is_busy(exc):
+            seconds = self.settings.timeout if waited is None else waited
             return StorageError(
                 f"SQLite ledger {op} failed: {self.path} stayed locked by another process "
-                f"for more than {self.settings.timeout:g} s"
+                f"for more than {seconds:g} s"
             )
         return StorageError(f"SQLite ledger {op} failed: {type(exc).__name__}: {exc}")
 
@@ -396,12 +402,17 @@ class Store:
             else:
                 conn.close()
 
-    def _busy_retry(self, attempt: Callable[[], T]) -> T:
+    def _busy_retry(self, attempt: Callable[[], T], timeout: float | None = None) -> T:
         """Run ``attempt`` until the file is not locked by another process, up to ``timeout``.
+
+        Args:
+            attempt: what to run.
+            timeout: seconds to keep trying; the ``timeout`` setting when omitted.
 
         Raises:
             sqlite3.OperationalError: still locked after ``timeout`` seconds.
         """
+        wait = self.settings.timeout if timeout is None else timeout
         deadline = 0.0
         delay = _FIRST_DELAY
         while True:
@@ -412,7 +423,7 @@ class Store:
                     raise
                 now = time.monotonic()
                 if not deadline:
-                    deadline = now + self.settings.timeout
+                    deadline = now + wait
                 elif now >= deadline:
                     raise
             # Jitter, so that waiting processes do not retry in step.
