@@ -218,8 +218,7 @@ class Store:
             # delay opening it); a new file gets WAL mode and the schema.
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() != "wal":
-                # Processes opening a new file at once can find it busy without SQLite
-                # waiting (its busy handler is not called for every lock): retried here.
+                # New file opened by several processes: SQLite may not wait, so retry.
                 mode = self._busy_retry(
                     lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0], setup
                 )
@@ -405,9 +404,7 @@ class Store:
     def _busy_retry(self, attempt: Callable[[], T], timeout: float | None = None) -> T:
         """Run ``attempt`` until the file is not locked by another process, up to ``timeout``.
 
-        Args:
-            attempt: what to run.
-            timeout: seconds to keep trying; the ``timeout`` setting when omitted.
+        ``timeout`` is the ``timeout`` setting when omitted.
 
         Raises:
             sqlite3.OperationalError: still locked after ``timeout`` seconds.
