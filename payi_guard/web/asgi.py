@@ -36,6 +36,7 @@ from payi_guard.exceptions import (
     InvalidUserId,
     StorageError,
 )
+from payi_guard.identity import normalize_user_id
 from payi_guard.web.core import WebCore, with_headers
 from payi_guard.web.identify import (
     BOUND_KEY,
@@ -60,20 +61,6 @@ pair, or ``None`` (may be async)."""
 
 def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-
-
-def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
-    """A copy of ``message`` with the ``extra`` headers its own headers do not name.
-
-    ``message`` itself is never changed (an app may send the same headers list again),
-    and comes back as is when it already names every one.
-    """
-    added = with_headers(message.get("headers", ()), extra)
-    if added is None:
-        return message
-    message = dict(message)  # cheaper than {**message, ...}
-    message["headers"] = added
-    return message
 
 
 class _WatchedScope(dict[str, Any]):
@@ -154,7 +141,12 @@ class _Response:
         held = self.held
         if kind == "http.response.start":
             if self.extra:
-                message = _with_headers(message, self.extra)
+                # A copy with the extra headers the app's do not name; the app's message
+                # and headers list are never changed (it may send them again).
+                added = with_headers(message.get("headers", ()), self.extra)
+                if added is not None:
+                    message = dict(message)  # cheaper than {**message, ...}
+                    message["headers"] = added
             if self.hold and held is None and not self.started:
                 self.held = message
                 return
@@ -282,7 +274,11 @@ class GuardMiddleware:
                 )
                 # CORS preflights never make GenAI calls, and must not need a user.
                 gate = self._gate
-                guarded = scope["method"] != "OPTIONS" and gate.guarded(scope["path"])
+                path = scope["path"]
+                guarded = gate.decided.get(path)  # gate.guarded(path), its usual answer
+                if guarded is None:
+                    guarded = gate.guarded(path)
+                guarded = guarded and scope["method"] != "OPTIONS"
                 if problem is None and guarded:
                     # The cache gate does no I/O: no coroutine for it.
                     result = gate.check() if gate.sync else await gate.acheck()
@@ -372,10 +368,13 @@ class GuardMiddleware:
         except InvalidUserId as exc:  # from the user object: labelled as _identify does
             return identify.invalid_user(exc, "resolver")
         if value is not None:
+            # rs.claim(value, source="scope") inlined: the scope is new (no tier) and
+            # not shared yet (no lock).
             try:
-                rs.claim(value, source="scope")  # the scope is not shared yet: no lock
+                rs.user_id = normalize_user_id(value)
             except InvalidUserId as exc:
                 return identify.invalid_user(exc, "scope")
+            rs.source = "scope"
             return None
         if header is not None:
             return identify.assign_user(rs, header, "header")

@@ -73,21 +73,22 @@ class Gate:
         # Decisions of paths seen lately: an app serves a few paths again and again, and
         # a dict lookup costs a fraction of the match. Bounded (cleared when full), as
         # paths come from clients.
-        self._decided: dict[str, bool] = {}
+        self.decided: dict[str, bool] = {}
+        """What :meth:`guarded` answered for the paths seen lately (read it, never write)."""
         self.sync = not self._budget_headers and not self._read_storage
         """:meth:`check` does no I/O here: async code may call it instead of :meth:`acheck`."""
 
     def guarded(self, path: str) -> bool:
         """Return True if ``path`` matches one of ``guarded_paths``."""
-        decided = self._decided.get(path)
+        decided = self.decided.get(path)
         if decided is not None:
             return decided
         if self._paths is None:
             return False
         decided = self._paths.match(path) is not None
-        if len(self._decided) >= _DECIDED_MAX:
-            self._decided.clear()
-        self._decided[path] = decided
+        if len(self.decided) >= _DECIDED_MAX:
+            self.decided.clear()
+        self.decided[path] = decided
         return decided
 
     def _usage_owner(self) -> tuple[str, tuple[str, ...], str | None]:

@@ -39,7 +39,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import MutableMapping
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
@@ -107,7 +107,7 @@ def user_of_scope(user: object) -> object | None:
     has_identity = _HAS_IDENTITY.get(cls)
     if has_identity is not False:
         try:
-            identity = getattr(user, "identity", None)
+            identity: object = getattr(user, "identity", None)
         except NotImplementedError:  # starlette.authentication.BaseUser.identity
             # Remembered per class: raising on every request costs more than the rest.
             _HAS_IDENTITY[cls] = False
@@ -115,7 +115,7 @@ def user_of_scope(user: object) -> object | None:
         else:
             _HAS_IDENTITY[cls] = True
         if identity is not None and identity != "":
-            return cast(object, identity)
+            return identity
     name: object = getattr(user, "display_name", None)
     return None if name is None or name == "" else name
 

@@ -373,7 +373,7 @@ def test_path_decisions_are_remembered_within_a_bound(guard: Guard) -> None:
     for i in range(gate_module._DECIDED_MAX + 10):
         assert core.guarded(f"/api/{i}")
         assert not core.guarded(f"/other/{i}")
-    assert len(core.gate._decided) <= gate_module._DECIDED_MAX
+    assert len(core.gate.decided) <= gate_module._DECIDED_MAX
     assert core.guarded("/api/chat")
     assert core.guarded("/api/chat")  # remembered
     assert not core.guarded("/API/chat")
