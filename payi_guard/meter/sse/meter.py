@@ -71,38 +71,49 @@ class StreamMeter:
         if not self._rewrites:
             self._hold(chunk)
             return chunk
-        if (
-            self._quick
-            and chunk.find(b"\n") == len(chunk) - 2
-            and chunk[-1] == 10  # "\n"
-            and chunk.find(b"\r") < 0
-        ):
-            # One whole one-line event. Inside a JSON string every quote is escaped, so
-            # a quoted name found here is a key (or a whole string value). When the last
-            # "usage" member of a data event is a null that nothing but scalar members
-            # (no escapes) and the closing brace follow, that member is the object's own
-            # and its value: it is cut out of the bytes. An event without one is kept
-            # as it is, unless a unicode escape could spell one.
-            at = chunk.rfind(b'"usage"')
-            if at >= 0:
-                # What follows the null passes _TOP_LEVEL_TAIL, tested with byte
-                # operations (a regular expression costs more, once per chunk): "}", or
-                # "," and "}" with none of those five bytes between them.
-                tail = chunk[at + 12 : -2]
+        if self._quick:
+            # One whole one-line event, its only newlines the two that end it, is the
+            # usual chunk. Inside a JSON string every quote is escaped, so a quoted name
+            # found here is a key (or a whole string value). When the last
+            # ',"usage":null' of a data event is followed only by scalar members (no
+            # brackets, braces, escapes or further "usage") and the closing brace, that
+            # member is the object's own: it is cut out of the bytes. An event without
+            # a "usage" is kept as it is, unless a unicode escape could spell one.
+            # Byte operations only (a regular expression costs more, once per chunk), and
+            # find() rather than `in`, whose failed int conversion formats an error.
+            head, cut, tail = chunk.rpartition(b',"usage":null')
+            usual: bytes | None = None
+            if cut:
                 if (
-                    chunk[at - 1 : at + 12] == b',"usage":null'
-                    and tail[-1:] == b"}"
+                    tail[-3:] == b"}\n\n"
+                    and head[:5] == b"data:"
+                    and head.find(b"\n") < 0
+                    and head.find(b"\r") < 0
                     and (
-                        len(tail) == 1
-                        or (tail[0] == 44 and len(tail.translate(None, b"{}[]\\")) == len(tail) - 1)
+                        len(tail) == 3
+                        or (
+                            tail[0] == 44  # ","
+                            # only the "}" and the two newlines are deleted
+                            and len(tail.translate(None, _NOT_SCALAR)) == len(tail) - 3
+                            and tail.find(b'"usage"') < 0
+                        )
                     )
-                    and chunk[:5] == b"data:"
                 ):
-                    self._hold(chunk)
-                    return chunk[: at - 1] + chunk[at + 12 :]
-            elif chunk.find(b"\\u") < 0:
-                self._hold(chunk)
-                return chunk
+                    usual = head + tail
+            elif (
+                chunk[-2:] == b"\n\n"
+                and chunk.find(b"\n") == len(chunk) - 2
+                and chunk.find(b"\r") < 0
+                and chunk.find(b'"usage"') < 0
+                and chunk.find(b"\\u") < 0
+            ):
+                usual = chunk
+            if usual is not None:
+                self._held.append(chunk)  # _hold() inlined: one frame less per chunk
+                self._held_size += len(chunk)
+                if self._held_size > _HELD_LIMIT:
+                    self._read_held()
+                return usual
         if self._held:
             self._read_held()
         forward = self._feed(chunk)
@@ -232,6 +243,9 @@ class StreamMeter:
             out.append(without_usage_member(event, null=strip == "null") if strip else event.raw)
         return b"".join(out)
 
+
+_NOT_SCALAR: Final = b"{}[]\\\n\r"
+"""Bytes :meth:`StreamMeter.feed` finds in no scalar member after a cut ``usage``."""
 
 # What follows a top-level ``"usage":null`` to the end of a chunk's JSON: scalar members
 # (no brackets, braces or escapes, even inside their strings) and the closing brace.
