@@ -329,15 +329,8 @@ class Guard:
             UserRequired: no user is known and anonymous calls are rejected.
             StorageError: the storage could not be read (``read_storage=True``).
         """
-        parts = self._parts
-        if (
-            not read_storage
-            and not parts.spent.tags
-            and parts.policy.config.anonymous.strategy != "reject"
-        ):
-            # Nothing spent in this process, and no caller is refused for want of a user:
-            # nothing to find, whatever the attribution (no snapshot, no subject).
-            return None
+        if not read_storage and self._views.nothing_to_find():
+            return None  # whatever the attribution: none is built
         if attribution is None:
             plain = None if read_storage else request_user()
             if plain is not None:  # a request's own user (a gate): no snapshot is built
@@ -350,13 +343,8 @@ class Guard:
         self, attribution: Attribution | None = None, *, read_storage: bool = False
     ) -> LimitUsage | None:
         """Async :meth:`exhausted_limit`."""
-        parts = self._parts
-        if (
-            not read_storage
-            and not parts.spent.tags
-            and parts.policy.config.anonymous.strategy != "reject"
-        ):
-            return None  # as in exhausted_limit: nothing to find
+        if not read_storage and self._views.nothing_to_find():
+            return None
         attribution = attribution if attribution is not None else get_context()
         subject = self.subject_for(attribution)
         return await self._views.aexhausted(subject, attribution, read_storage)

@@ -129,6 +129,16 @@ class Views:
         states = await parts.storage.async_ledger.read(keys, now=parts.clock.now())
         return usages_of(bound, counters, states)
 
+    def nothing_to_find(self) -> bool:
+        """Whether the spent cache can refuse no one, whatever the attribution.
+
+        True when nothing is spent in this process and no caller is refused for want of
+        a user (the anonymous strategy is not ``reject``): a gate answers without
+        building the caller's attribution or subject.
+        """
+        parts = self._parts
+        return not parts.spent.tags and parts.policy.config.anonymous.strategy != "reject"
+
     def cached_exhausted(self, subject: Subject, attribution: Attribution) -> LimitUsage | None:
         """The exhausted limit the spent cache knows of (no I/O, ``tier_of`` not asked)."""
         return self.cached_exhausted_of(subject, attribution.limit_ids, attribution.tier)
