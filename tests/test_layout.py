@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "payi_guard.usage",
         "payi_guard.log",
         "payi_guard._ids",
+        "payi_guard._frozen",
         "payi_guard.threads",
     ),
     ("payi_guard.context", "payi_guard.identity", "payi_guard.windows"),

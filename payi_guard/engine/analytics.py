@@ -13,7 +13,7 @@ import functools
 from payi_guard.engine.calls import CallRecord
 from payi_guard.engine.plan import Plan
 from payi_guard.ledger.analytics import call_fields, owners_of, prefix_of, refusal_tallies
-from payi_guard.ledger.base import Tally
+from payi_guard.ledger.base import Tally, make_tally
 
 __all__ = ["refused_tallies", "settled_tallies"]
 
@@ -81,7 +81,7 @@ def settled_tallies(plan: Plan, record: CallRecord, keep_days: int) -> tuple[Tal
         (uc, cost),
         (un, 1),
     )
-    return tuple([Tally(key, fields, until) for key in keys])
+    return tuple([make_tally(key, fields, until) for key in keys])
 
 
 def refused_tallies(plan: Plan, keep_days: int) -> tuple[Tally, ...]:

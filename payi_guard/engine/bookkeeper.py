@@ -31,7 +31,7 @@ from payi_guard.config import GuardConfig
 from payi_guard.context import Attribution
 from payi_guard.engine.analytics import refused_tallies, settled_tallies
 from payi_guard.engine.call_log import BoundLog, CallLog
-from payi_guard.engine.calls import CallRecord, CallRequest
+from payi_guard.engine.calls import CallRecord, CallRequest, make_call_record
 from payi_guard.engine.charges import charged_amounts
 from payi_guard.engine.detached import Detached
 from payi_guard.engine.observers import CallRefused, Observers
@@ -50,6 +50,7 @@ from payi_guard.ledger.base import (
     ReserveResult,
     StorageOutcomeUnknown,
     Tally,
+    make_charge,
 )
 from payi_guard.money import cost_usd, log_amount, parse_usd
 from payi_guard.pricing import TokenUsage
@@ -373,7 +374,7 @@ class Bookkeeper:
         tallies = settled_tallies(plan, record, self._config().analytics_days)
         charges = tuple(
             [
-                Charge(ch.key, amount, None, ch.expires_at)
+                make_charge(ch.key, amount, None, ch.expires_at)
                 for ch, amount in zip(reserved, amounts, strict=True)
             ]
         )
@@ -502,7 +503,7 @@ class Bookkeeper:
         """The record of a call settled (or released) now, reserved at ``started``."""
         latency_ms = (self.clock.monotonic() - started) * 1000.0
         subject, call = plan.subject, plan.call
-        return CallRecord(
+        return make_call_record(
             subject.user_id,
             subject.org_id,
             call.model,

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Final
 
+from payi_guard._frozen import frozen_maker
 from payi_guard.money import decimal_usd
 from payi_guard.pricing import TokenUsage
 
@@ -42,6 +44,10 @@ class CallRequest:
     price_context: Mapping[str, str] | None = None
     max_web_searches: int = 0
     max_file_searches: int = 0
+
+
+make_call_request: Final = frozen_maker(CallRequest)
+"""``CallRequest(...)``, every field given in order, without ``__init__``\'s cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +93,7 @@ class CallRecord:
     def cost_usd(self) -> Decimal:
         """The amount charged, in dollars, exactly."""
         return decimal_usd(self.cost_nano)
+
+
+make_call_record: Final = frozen_maker(CallRecord)
+"""``CallRecord(...)``, every field given in order, without ``__init__``'s cost."""

@@ -18,7 +18,7 @@ from payi_guard.engine.calls import CallRequest
 from payi_guard.engine.policy import BoundLimit, Policy, Subject
 from payi_guard.exceptions import UnknownModel, UnknownModelRefused
 from payi_guard.identity import normalize_user_id
-from payi_guard.ledger.base import Charge, CounterState
+from payi_guard.ledger.base import Charge, CounterState, make_charge
 from payi_guard.ledger.keys import counter_key
 from payi_guard.money import display_amount
 from payi_guard.pricing import Rates
@@ -256,7 +256,9 @@ class Planner:
         # amounts_by_counter(), in the one pass that makes the charges.
         by_unit = {"usd": estimate, "tokens": call.input_tokens + call.max_output_tokens}
         by_unit["requests"] = 1
-        charges = [Charge(c.key, by_unit[c.unit], c.enforced_max, c.expires_at) for c in counters]
+        charges = [
+            make_charge(c.key, by_unit[c.unit], c.enforced_max, c.expires_at) for c in counters
+        ]
         return Plan(
             new_id(), subject, attribution, call, policy, counters, charges, estimate, rates, now
         )

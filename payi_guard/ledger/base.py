@@ -77,8 +77,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Final, Literal, Protocol, runtime_checkable
 
+from payi_guard._frozen import frozen_maker
 from payi_guard.exceptions import PayiGuardError, StorageError
 
 __all__ = [
@@ -177,6 +178,10 @@ class Charge:
     expires_at: float
 
 
+make_charge: Final = frozen_maker(Charge)
+"""``Charge(...)``, every field given in order, without ``__init__``\'s cost."""
+
+
 @dataclass(frozen=True, slots=True)
 class Tally:
     """Integer fields added to one analytics hash (see the module's *Tallies*).
@@ -190,6 +195,10 @@ class Tally:
     key: str
     fields: tuple[tuple[str, int], ...]
     expires_at: float
+
+
+make_tally: Final = frozen_maker(Tally)
+"""``Tally(...)``, every field given in order, without ``__init__``\'s cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +222,10 @@ class CounterState:
         return self.settled + self.pending
 
 
+make_counter_state: Final = frozen_maker(CounterState)
+"""``CounterState(...)``, every field given in order, without ``__init__``\'s cost."""
+
+
 @dataclass(frozen=True, slots=True)
 class ReserveResult:
     """The outcome of :meth:`Ledger.reserve`.
@@ -233,6 +246,10 @@ class ReserveResult:
     refused: int | None
     states: tuple[CounterState, ...]
     closed: bool = False
+
+
+make_reserve_result: Final = frozen_maker(ReserveResult)
+"""``ReserveResult(...)``, every field given in order, without ``__init__``\'s cost."""
 
 
 @dataclass(frozen=True, slots=True)

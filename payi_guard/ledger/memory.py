@@ -61,6 +61,8 @@ from payi_guard.ledger.base import (
     JournalEntry,
     ReserveResult,
     Tally,
+    make_counter_state,
+    make_reserve_result,
 )
 
 __all__ = ["AsyncMemoryLedger", "MemoryLedger"]
@@ -280,8 +282,8 @@ class MemoryLedger:
                     self._file(charge.key, charge.expires_at)
                 counter.hold(reservation_id, charge.amount, deadline)
                 counter.refused = 0
-                out.append(CounterState(counter.settled, counter.pending, 0))
-            return ReserveResult(True, None, tuple(out))
+                out.append(make_counter_state(counter.settled, counter.pending, 0))
+            return make_reserve_result(True, None, tuple(out), False)
 
     def commit(
         self,
@@ -345,7 +347,7 @@ class MemoryLedger:
                 if counter.open is not None:
                     counter.close(reservation_id)
                 counter.settled += charge.amount
-                out.append(CounterState(counter.settled, counter.pending, counter.refused))
+                out.append(make_counter_state(counter.settled, counter.pending, counter.refused))
             if closing:
                 until = now + self._closed_ttl
                 self._closed[reservation_id] = (until, closed + tuple(closing))

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import unquote
 
+from payi_guard._frozen import frozen_maker
 from payi_guard.meter.request_body import (
     encode_body,
     inject_include_usage,
@@ -236,7 +237,8 @@ class RequestInfo:
         n = 1
         if kind == "chat" or kind == "completions":
             n = _positive_int(get("n")) or 1
-        return cls(
+        make = make_request_info if cls is RequestInfo else cls
+        return make(
             endpoint,
             model,
             get("stream") is True,
@@ -261,6 +263,9 @@ def _is_json_type(content_type: str) -> bool:
 
 
 _JSON_TYPES_SIZE: Final = 64
+make_request_info: Final = frozen_maker(RequestInfo)
+"""``RequestInfo(...)``, every field given, without ``__init__``'s cost."""
+
 _json_types: dict[str, bool] = {}
 
 

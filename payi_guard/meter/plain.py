@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from payi_guard.meter.parse import Endpoint, loads_json, usage_from_response
-from payi_guard.meter.streams import Settlement
+from payi_guard.meter.streams import Settlement, make_settlement
 from payi_guard.pricing import TokenUsage
+from payi_guard.pricing.rates import make_token_usage
 
 __all__ = ["is_event_stream", "openai_token_usage", "plain_result"]
 
@@ -58,7 +59,7 @@ def plain_result(endpoint: Endpoint, content: bytes) -> Settlement:
             if tokens is not None:
                 named = obj.get("model")
                 named = named if type(named) is str and named else None
-                return Settlement(tokens, "ok", response_model=named)
+                return make_settlement(tokens, "ok", named, (), ())
     parsed = usage_from_response(endpoint, obj)
     problems = parsed.problems if parsed.complete else ("usage: missing",)
     outcome = "ok"
@@ -101,10 +102,12 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
     else:
         return None
     details = usage.get("prompt_tokens_details")
+    if details is None:
+        return make_token_usage(total, out, 0, 0, 0, 0, 0)
     if type(details) is not dict:
         if isinstance(details, Mapping):
             return None  # read by openai_usage
-        return TokenUsage(total, out)
+        return make_token_usage(total, out, 0, 0, 0, 0, 0)
     cached = details.get("cached_tokens")
     written = details.get("cache_write_tokens")
     if cached is None:
@@ -117,4 +120,4 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
         return None
     cached = min(total, cached)
     written = min(total - cached, written)
-    return TokenUsage(total - cached - written, out, cached, written)
+    return make_token_usage(total - cached - written, out, cached, written, 0, 0, 0)

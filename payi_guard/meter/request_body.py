@@ -2,8 +2,8 @@
 
 :func:`loads_json` parses a body; :func:`inject_include_usage` adds
 ``stream_options.include_usage`` to a stream (both re-exported by
-:mod:`payi_guard.meter.parse`); :func:`content_type` and :func:`has_header` read an
-``httpx``/``httpx2`` request's headers.
+:mod:`payi_guard.meter.parse`); :func:`content_type`, :func:`header_text` and
+:func:`has_header` read the headers of an ``httpx``/``httpx2`` request or response.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ __all__ = [
     "content_type",
     "encode_body",
     "has_header",
+    "header_text",
     "inject_include_usage",
     "loads_json",
     "loads_json_text",
@@ -113,24 +114,46 @@ def loads_json_text(data: str) -> Any:
     return json.loads(data)
 
 
-def content_type(headers: Any) -> str | None:
-    """``headers.get("content-type")``, read from the raw list when its values are ASCII.
+def _raw_values(headers: Any, name: bytes) -> list[bytes]:
+    """The raw values of header ``name`` (lowercase), in order.
+
+    ``httpx`` and ``httpx2`` keep each header as ``(name, lowercase name, value)`` in
+    ``Headers._list``; reading it there spares building :attr:`Headers.raw` (a new list
+    of pairs) and lowering every name. Anything else is read through ``raw``.
+    """
+    items = getattr(headers, "_list", None)
+    if type(items) is list:
+        try:
+            return [value for _, key, value in items if key == name]
+        except (TypeError, ValueError):  # not the triples this relies on
+            pass
+    size = len(name)
+    return [value for key, value in headers.raw if len(key) == size and key.lower() == name]
+
+
+def header_text(headers: Any, name: str) -> str | None:
+    """``", ".join(headers.get_list(name))`` for a lowercase ASCII ``name``; ``None``: absent.
 
     A lookup by name first works out the headers' encoding, a pass over every header;
-    ASCII values read the same in any of the encodings it can find.
+    ASCII values read the same in any of the encodings it can find, so only other
+    values are left to ``get_list``.
     """
-    values = [
-        value for name, value in headers.raw if len(name) == 12 and name.lower() == b"content-type"
-    ]
+    values = _raw_values(headers, name.encode("ascii"))
     if not values:
         return None
-    if all(value.isascii() for value in values):
+    if len(values) == 1:
+        if values[0].isascii():
+            return values[0].decode("ascii")
+    elif all(value.isascii() for value in values):
         return ", ".join(value.decode("ascii") for value in values)
-    result: str | None = headers.get("content-type")
-    return result
+    return ", ".join(headers.get_list(name))
+
+
+def content_type(headers: Any) -> str | None:
+    """``headers.get("content-type")``, read as :func:`header_text` reads it."""
+    return header_text(headers, "content-type")
 
 
 def has_header(headers: Any, name: bytes) -> bool:
     """``name in headers`` (``name`` in lowercase), without working out their encoding."""
-    size = len(name)
-    return any(len(key) == size and key.lower() == name for key, _ in headers.raw)
+    return bool(_raw_values(headers, name))

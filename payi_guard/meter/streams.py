@@ -22,7 +22,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 from payi_guard import log as events
+from payi_guard._frozen import frozen_maker
 from payi_guard.meter.parse import Endpoint
+from payi_guard.meter.request_body import has_header, header_text
 from payi_guard.meter.sse import StreamMeter
 from payi_guard.pricing import TokenUsage
 
@@ -116,6 +118,9 @@ class Settlement:
             other_models=self.other_models,
         )
 
+
+make_settlement: Final = frozen_maker(Settlement)
+"""``Settlement(...)``, every field given in order, without ``__init__``'s cost."""
 
 InputCounter = Callable[[str | None], int | None]
 """Counts a request's input tokens with a tokenizer, given the model the response
@@ -276,11 +281,11 @@ def stream_state(
         count_input: counts the request's input when the stream never reports it.
     """
     headers = response.headers
-    encoding = headers.get("content-encoding", "").strip().lower()
+    encoding = (header_text(headers, "content-encoding") or "").strip().lower()
     inflater: _Inflater | None = None
     raw = False
     if loaded:
-        if "content-encoding" in headers:
+        if has_header(headers, b"content-encoding"):
             del headers["content-encoding"]
     elif encoding and encoding != "identity":
         if encoding in DECODABLE_ENCODINGS:
@@ -288,7 +293,7 @@ def stream_state(
             del headers["content-encoding"]
         else:
             raw = True
-    if not raw and "content-length" in headers:
+    if not raw and has_header(headers, b"content-length"):
         del headers["content-length"]  # a dropped chunk changes the length
     return StreamState(
         reservation,

@@ -48,6 +48,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 from payi_guard.context import Attribution, get_context
 from payi_guard.engine import CallRequest, Guard, Reservation
+from payi_guard.engine.calls import make_call_request
 from payi_guard.exceptions import PayiGuardError
 from payi_guard.meter.estimate import request_bounds
 from payi_guard.meter.options import MeterOptions, base_url
@@ -61,7 +62,7 @@ from payi_guard.meter.parse import (
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.plain import is_event_stream, plain_result
 from payi_guard.meter.refusal import refusal_response
-from payi_guard.meter.request_body import content_type, has_header
+from payi_guard.meter.request_body import content_type, has_header, header_text
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
 from payi_guard.meter.streams import (
     DECODABLE_ENCODINGS,
@@ -205,17 +206,17 @@ class TransportMeter:
         inputs, outputs, cache_writes, price_context, web, files = request_bounds(
             body, kind, model, self.options.estimate_mode, info.max_output_tokens
         )
-        call = CallRequest(
-            model=model,
-            provider=self._provider(endpoint, url, host, path),
-            endpoint=kind,
-            input_tokens=inputs,
-            max_output_tokens=outputs,
-            stream=info.stream,
-            cache_writes=cache_writes,
-            price_context=price_context,
-            max_web_searches=web,
-            max_file_searches=files,
+        call = make_call_request(  # CallRequest(...), every field in order
+            model,
+            self._provider(endpoint, url, host, path),
+            kind,
+            inputs,
+            outputs,
+            info.stream,
+            cache_writes,
+            price_context,
+            web,
+            files,
         )
         return PlannedCall(endpoint, info, call, get_context(), send, added, url)
 
@@ -306,8 +307,8 @@ class TransportMeter:
             return "error"
         if planned.info.stream:
             return "stream"
-        ctype = ", ".join(response.headers.get_list("content-type"))
-        return "stream" if is_event_stream(ctype) else "plain"
+        ctype = header_text(response.headers, "content-type")
+        return "stream" if ctype is not None and is_event_stream(ctype) else "plain"
 
     def stream_state(
         self, planned: PlannedCall, reservation: Reservation, response: Any, *, loaded: bool = False
@@ -371,9 +372,8 @@ class TransportMeter:
     def after_read(response: Any) -> None:
         """Fix the headers of a body read (and decoded) inside the transport."""
         headers = response.headers
-        # ``get_list``: ``get`` of a missing header (the usual case) raises inside.
-        encoding = ", ".join(headers.get_list("content-encoding")).strip().lower()
-        if encoding in DECODABLE_ENCODINGS:
+        encoding = header_text(headers, "content-encoding")
+        if encoding is not None and encoding.strip().lower() in DECODABLE_ENCODINGS:
             del headers["content-encoding"]
             headers["content-length"] = str(len(response.content))
 
