@@ -3,7 +3,7 @@
 A frozen dataclass's generated ``__init__`` sets each field through
 ``object.__setattr__`` (its own ``__setattr__`` refuses), a slot-wrapper call that
 packs and unpacks an argument tuple: on CPython 3.11 about 1,400 instructions a field,
-so 18,000 for a :class:`~payi_guard.engine.calls.CallRecord`. The constructor
+so about 19,000 for a :class:`~payi_guard.engine.calls.CallRecord`. The constructor
 :func:`frozen_maker` returns sets the fields on an instance of a plain twin class with
 the same slots, then gives it the dataclass as its class (CPython allows the swap
 between classes of the same layout). The result is the object ``cls(*values)`` makes:

@@ -47,7 +47,7 @@ class CallRequest:
 
 
 make_call_request: Final = frozen_maker(CallRequest)
-"""``CallRequest(...)``, every field given in order, without ``__init__``\'s cost."""
+"""``CallRequest(...)``, every field given in order, without ``__init__``'s cost."""
 
 
 @dataclass(frozen=True, slots=True)

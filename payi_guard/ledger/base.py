@@ -179,7 +179,7 @@ class Charge:
 
 
 make_charge: Final = frozen_maker(Charge)
-"""``Charge(...)``, every field given in order, without ``__init__``\'s cost."""
+"""``Charge(...)``, every field given in order, without ``__init__``'s cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +198,7 @@ class Tally:
 
 
 make_tally: Final = frozen_maker(Tally)
-"""``Tally(...)``, every field given in order, without ``__init__``\'s cost."""
+"""``Tally(...)``, every field given in order, without ``__init__``'s cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +223,7 @@ class CounterState:
 
 
 make_counter_state: Final = frozen_maker(CounterState)
-"""``CounterState(...)``, every field given in order, without ``__init__``\'s cost."""
+"""``CounterState(...)``, every field given in order, without ``__init__``'s cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +249,7 @@ class ReserveResult:
 
 
 make_reserve_result: Final = frozen_maker(ReserveResult)
-"""``ReserveResult(...)``, every field given in order, without ``__init__``\'s cost."""
+"""``ReserveResult(...)``, every field given in order, without ``__init__``'s cost."""
 
 
 @dataclass(frozen=True, slots=True)
