@@ -247,9 +247,13 @@ class Store:
 
     def _layout(self, conn: sqlite3.Connection) -> int:
         """The file's layout version (0: an empty file); refuse foreign or newer files."""
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        # One statement, so one snapshot: read one by one, another process's schema
+        # commit could fall between them (no id yet, then its tables: "not a ledger").
+        app_id, version, tables = conn.execute(
+            "SELECT a.application_id, v.user_version, (SELECT count(*) FROM sqlite_master)"
+            " FROM pragma_application_id() AS a, pragma_user_version() AS v"
+        ).fetchone()
+        version = int(version)
         if app_id != APPLICATION_ID and (app_id != 0 or tables):
             raise StorageError(f"{self.path} is an SQLite file but not a payi_guard ledger")
         if version > SCHEMA_VERSION:

@@ -172,3 +172,13 @@ def guard_worker(storage: str, log_path: Path, process: int) -> None:
         guard.close()
     if errors:
         raise errors[0]
+
+
+def open_fresh_files(directory: Path, count: int, barrier: Any, errors: Queue[str]) -> None:
+    """Open ``count`` new ledger files, each at the same moment as the other processes."""
+    for index in range(count):
+        barrier.wait()
+        try:
+            SqliteLedger(directory / f"fresh{index}.db").close()
+        except Exception as exc:
+            errors.put(f"file {index}: {_describe(exc)}")

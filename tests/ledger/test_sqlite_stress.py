@@ -20,6 +20,7 @@ from ledger._sqlite_workers import (
     guard_worker,
     hammer_sqlite_process,
     logged_worker_process,
+    open_fresh_files,
     slot_key,
 )
 from payi_guard import Guard
@@ -229,3 +230,28 @@ def test_guards_in_four_processes_share_one_budget_and_the_logs_reconcile(
     assert org.used > Decimal("0.039")
     assert any(e["event"] == "budget_exceeded" for e in events)
     guard.close()
+
+
+def test_processes_opening_a_new_file_at_once_all_find_a_ledger(tmp_path: Path) -> None:
+    # Each new file is opened by four processes at the same moment: while one writes the
+    # schema, the others must read the file as empty or as a ledger, never as a foreign
+    # SQLite file (the layout is read in one statement, so from one snapshot).
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4, timeout=BOUND)
+    errors: Any = ctx.Queue()
+    files = 40
+    workers = [
+        ctx.Process(target=open_fresh_files, args=(tmp_path, files, barrier, errors))
+        for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=BOUND)
+        assert worker.exitcode == 0
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == []
+    for index in range(files):  # each file is a ledger now: it opens as one
+        SqliteLedger(tmp_path / f"fresh{index}.db").close()
