@@ -246,22 +246,19 @@ class Store:
         self._ready = True
 
     def _layout(self, conn: sqlite3.Connection) -> int:
-        """The file's layout version (0: an empty file); refuse foreign or newer files."""
-        # One statement, so one snapshot: read one by one, another process's schema
-        # commit could fall between them (no id yet, then its tables: "not a ledger").
+        """The layout version (0: empty), read in one snapshot; refuse foreign or newer files."""
         app_id, version, tables = conn.execute(
             "SELECT a.application_id, v.user_version, (SELECT count(*) FROM sqlite_master)"
             " FROM pragma_application_id() AS a, pragma_user_version() AS v"
         ).fetchone()
-        version = int(version)
         if app_id != APPLICATION_ID and (app_id != 0 or tables):
             raise StorageError(f"{self.path} is an SQLite file but not a payi_guard ledger")
-        if version > SCHEMA_VERSION:
+        if int(version) > SCHEMA_VERSION:
             raise StorageError(
                 f"SQLite ledger {self.path} has layout {version}, newer than this "
                 f"payi_guard's ({SCHEMA_VERSION}): upgrade payi_guard"
             )
-        return version
+        return int(version)
 
     def _after_fork(self) -> None:
         """In a forked child, drop the parent's connections and lock (pool lock held)."""
