@@ -60,9 +60,12 @@ about 4.7 times.
 SEPARATOR = ":"
 _SEGMENT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
 _VALID = re.compile(r"[A-Za-z0-9._-]+(?::[A-Za-z0-9._-]+)*\Z")
-# Valid str ids seen lately: a request names the same few users again and again, and a
-# set lookup costs a sixth of the checks. Bounded (cleared when full).
-_KNOWN: dict[str, None] = {}
+KNOWN_USER_IDS: dict[str, None] = {}
+"""Valid ``str`` ids seen lately, each at most :data:`DEFAULT_MAX_LENGTH` long (internal).
+
+A request names the same few users again and again, and a lookup costs a sixth of the
+checks; an id found here is valid as it is. Bounded (cleared when full). Read only."""
+_KNOWN = KNOWN_USER_IDS
 _KNOWN_MAX = 4096
 
 
@@ -123,7 +126,7 @@ def normalize_user_id(value: object, *, max_length: int = DEFAULT_MAX_LENGTH) ->
     text = value if isinstance(value, str) else str(value)
     if len(text) > max_length or not _VALID.match(text):
         raise InvalidUserId(_explain(text, max_length))
-    if type(value) is str:
+    if type(value) is str and len(text) <= DEFAULT_MAX_LENGTH:
         if len(_KNOWN) >= _KNOWN_MAX:
             _KNOWN.clear()
         _KNOWN[value] = None

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from payi_guard import InvalidUserId, Pseudonymizer, normalize_user_id, parse_user_id
-from payi_guard.identity import DEFAULT_MAX_LENGTH, org_of
+from payi_guard.identity import DEFAULT_MAX_LENGTH, KNOWN_USER_IDS, org_of
 
 SEGMENT_ALPHABET = string.ascii_letters + string.digits + ".-_"
 segments = st.text(alphabet=SEGMENT_ALPHABET, min_size=1, max_size=20)
@@ -197,6 +197,14 @@ def test_an_id_seen_before_still_obeys_a_smaller_max_length() -> None:
     assert normalize_user_id("seen-before-alice") == "seen-before-alice"
     with pytest.raises(InvalidUserId):
         normalize_user_id("seen-before-alice", max_length=5)
+
+
+def test_an_id_accepted_under_a_larger_max_length_is_still_too_long_by_default() -> None:
+    long_id = "l" * (DEFAULT_MAX_LENGTH + 1)
+    assert normalize_user_id(long_id, max_length=DEFAULT_MAX_LENGTH + 1) == long_id
+    assert long_id not in KNOWN_USER_IDS  # the cache holds ids valid at the default only
+    with pytest.raises(InvalidUserId, match="long"):
+        normalize_user_id(long_id)
 
 
 def test_a_str_subclass_is_checked_every_time() -> None:

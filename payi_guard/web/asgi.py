@@ -36,7 +36,7 @@ from payi_guard.exceptions import (
     InvalidUserId,
     StorageError,
 )
-from payi_guard.identity import normalize_user_id
+from payi_guard.identity import KNOWN_USER_IDS, normalize_user_id
 from payi_guard.web.core import WebCore, with_headers
 from payi_guard.web.identify import (
     BOUND_KEY,
@@ -140,13 +140,26 @@ class _Response:
         kind = message["type"]
         held = self.held
         if kind == "http.response.start":
-            if self.extra:
+            extra = self.extra
+            if extra:
                 # A copy with the extra headers the app's do not name; the app's message
                 # and headers list are never changed (it may send them again).
-                added = with_headers(message.get("headers", ()), self.extra)
-                if added is not None:
-                    message = dict(message)  # cheaper than {**message, ...}
-                    message["headers"] = added
+                headers = message.get("headers", ())
+                if len(extra) == 1:  # the request id alone: with_headers(), inlined
+                    item = extra[0]
+                    key = item[0]  # lower case, as ASGI header names are
+                    size = len(key)
+                    for name, _ in headers:
+                        if len(name) == size and name.lower() == key:
+                            break  # the app sent its own
+                    else:
+                        message = dict(message)  # cheaper than {**message, ...}
+                        message["headers"] = [*headers, item]
+                else:
+                    added = with_headers(headers, extra)
+                    if added is not None:
+                        message = dict(message)
+                        message["headers"] = added
             if self.hold and held is None and not self.started:
                 self.held = message
                 return
@@ -258,7 +271,21 @@ class GuardMiddleware:
         scope_token = _REQUEST.set(rs)
         try:
             if self._sync_identify:
-                problem = self._identify_sync(scope, rs, user_raw)
+                problem = None
+                # The usual request: no user header, an authenticated user whose id was
+                # seen before (valid as it is). Anything else: _identify_sync().
+                user = scope.get("user") if user_raw is None else None
+                value = None
+                if user is not None:
+                    try:
+                        value = user_of_scope(user)
+                    except InvalidUserId:
+                        pass  # reported by _identify_sync()
+                if type(value) is str and value in KNOWN_USER_IDS:
+                    rs.user_id = value
+                    rs.source = "scope"
+                else:
+                    problem = self._identify_sync(scope, rs, user_raw)
             else:
                 problem = await self._identify(scope, rs, user_raw)
             rs.extra[BOUND_KEY] = True  # mark_bound(rs), inlined

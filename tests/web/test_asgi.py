@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 
 from payi_guard.context import current_request, get_context, set_user
 from payi_guard.engine import ANONYMOUS_USER, Guard
+from payi_guard.identity import normalize_user_id
 from payi_guard.web import GuardMiddleware
 from web._support import (
     MODEL,
@@ -462,6 +463,22 @@ async def test_invalid_user_id_gets_400_without_echo(guard: Guard) -> None:
     assert "evil" not in response.text
     assert "evil" not in repr(logs)
     assert probe.calls == 0
+
+
+async def test_a_user_seen_before_is_still_checked_on_every_request(guard: Guard) -> None:
+    # A valid id is remembered; an id validated elsewhere with a larger max_length is
+    # not, so the middleware's quick path for known users never lets it through.
+    long_id = "u" * 129
+    assert normalize_user_id(long_id, max_length=200) == long_id
+    probe = Probe()
+    async with client(build_app(guard, probe)) as http:
+        assert (await http.get("/open/chat", headers=bearer("alice"))).status_code == 200
+        assert (await http.get("/open/chat", headers=bearer("alice"))).status_code == 200
+        response = await http.get("/open/chat", headers=bearer(long_id))
+        assert response.status_code == 400
+        assert "long" in response.json()["detail"]
+    assert probe.calls == 2
+    assert probe.users == ["alice", "alice"]
 
 
 async def test_invalid_id_from_a_resolver_or_set_user(guard: Guard) -> None:
