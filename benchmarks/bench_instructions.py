@@ -16,6 +16,7 @@ printed per case, and each guarded case as a ratio to its bare baseline:
   with the usage analytics off (``analytics_days: 0``), and through ``bench_meter.py``'s
   ``FloorTransport``, the least a transport-level meter does (the floor);
 * ``stream``: the same 200-chunk chat stream read whole, bare and guarded (JSON log);
+* ``astream``: the same stream through the async client (``openai.AsyncOpenAI``);
 * ``asgi``: one request through the ``bench_web.py`` Starlette apps: bare, auth, auth
   and the guard gating the path, auth and slowapi; the guard's instructions over auth
   as a ratio to slowapi's.
@@ -50,7 +51,7 @@ from pathlib import Path
 from types import CodeType, FrameType
 
 HERE = Path(__file__).resolve().parent
-WARM_UP = {"create": 30, "stream": 5, "asgi": 300}
+WARM_UP = {"create": 30, "stream": 5, "astream": 5, "asgi": 300}
 """Calls before counting, per group (``asgi``: every cache of its 100 users filled)."""
 
 CASES: dict[str, str] = {
@@ -61,6 +62,8 @@ CASES: dict[str, str] = {
     "create/floor": "chat.completions.create, the least a meter does, JSON log",
     "stream/bare": "200-chunk stream, bare SDK",
     "stream/guarded": "200-chunk stream, guarded, JSON log",
+    "astream/bare": "200-chunk stream, bare async SDK",
+    "astream/guarded": "200-chunk stream, guarded async SDK, JSON log",
     "asgi/bare": "request, Starlette endpoint",
     "asgi/auth": "request, + AuthenticationMiddleware",
     "asgi/guard": "request, + auth + GuardMiddleware (gated)",
@@ -118,6 +121,13 @@ def _call_factory(case: str) -> Callable[[], object]:
         client = bench_meter.make_guard(analytics_days=0).wrap(client)
     if group == "stream":
         return bench_meter.whole_stream(client)
+    if group == "astream":
+        aclient = bench_meter.make_async_client(bench_meter.mock_transport(200))
+        if variant == "guarded":
+            aclient = bench_meter.make_guard().wrap(aclient)
+        run = bench_meter.async_stream(aclient)
+        aloop = asyncio.new_event_loop()
+        return lambda: aloop.run_until_complete(run())
     return bench_meter.plain_call(client)
 
 
@@ -222,6 +232,7 @@ def report(counts: dict[str, dict[str, float]], cache_kib: int | None) -> None:
     ratio("create(), the floor / bare", "create/floor", "create/bare")
     ratio("create(), guarded / the floor", "create/guarded", "create/floor")
     ratio("200-chunk stream, guarded / bare", "stream/guarded", "stream/bare")
+    ratio("200-chunk async stream, guarded / bare", "astream/guarded", "astream/bare")
     if all(c in counts for c in ("asgi/auth", "asgi/guard", "asgi/slowapi")):
         parts = []
         for m in metrics:

@@ -156,6 +156,23 @@ def test_the_byte_scan_cuts_usage_where_the_tail_pattern_allows(tail: bytes) -> 
         assert out == chunk.replace(b',"usage":null', b"")
 
 
+def test_held_chunks_that_are_not_json_events_are_read_alike() -> None:
+    # The byte scan holds back only "data: {" events with a usage member; a comment, a
+    # [DONE] or an event without the space after "data:" among the held chunks makes
+    # the bulk read look at each one.
+    chunks = [RECORDED, RECORDED, b": ping\n\n", RECORDED.replace(b"data: {", b"data:{")]
+    chunks += [RECORDED.replace(b'"finish_reason":null', b'"finish_reason":"stop"')]
+    chunks.append(b"data: [DONE]\n\n")
+
+    whole = _metered(chunks, CHAT, added=True)
+    single = _metered([c[i : i + 1] for c in chunks for i in range(len(c))], CHAT, added=True)
+
+    assert whole == single
+    assert b'"usage":null' not in whole[0]
+    assert whole[0].count(b"data:") == 5
+    assert whole[1][3] == "stop"
+
+
 def test_held_chunks_with_escapes_are_read_alike() -> None:
     # Held back unread, then read together: a unicode escape may spell a key (here the
     # end of the choice), other escapes cannot.

@@ -54,6 +54,9 @@ class StreamMeter:
         the guard rewrites, its decoder at a block boundary, model and id known)."""
         self._held: list[bytes] = []
         self._held_size = 0
+        self._held_mixed = False
+        """Whether a chunk in :attr:`_held` may be something other than a ``data: {`` event
+        (``feed`` notes it as it holds a chunk, so :meth:`_read_held` need not look)."""
 
     @property
     def tracker(self) -> StreamUsageTracker:
@@ -86,7 +89,7 @@ class StreamMeter:
             if cut:
                 if (
                     tail[-3:] == b"}\n\n"
-                    and head[:5] == b"data:"
+                    and head[:7] == b"data: {"  # a JSON object event (noted for _read_held)
                     and head.find(b"\n") < 0
                     and head.find(b"\r") < 0
                     and (
@@ -108,6 +111,8 @@ class StreamMeter:
                 and chunk.find(b"\\u") < 0
             ):
                 usual = chunk
+                if chunk[:7] != b"data: {":
+                    self._held_mixed = True
             if usual is not None:
                 self._held.append(chunk)  # _hold() inlined: one frame less per chunk
                 self._held_size += len(chunk)
@@ -143,6 +148,7 @@ class StreamMeter:
     def _read_held(self) -> None:
         """Read the bytes :meth:`feed` forwarded without reading them, in order."""
         held, self._held, self._held_size = self._held, [], 0
+        mixed, self._held_mixed = self._held_mixed, False
         if not self._rewrites:
             self._feed(b"".join(held))  # forwarded already
             return
@@ -154,7 +160,7 @@ class StreamMeter:
         tracker = self._tracker
         joined = b"".join(held)
         if (
-            all(event.startswith(b"data: {") for event in held)
+            not mixed  # every one a "data: {" event
             and joined.find(b'"error"') < 0
             # A lone byte is found at memchr speed; "\u" is searched for slowly, "u"
             # being everywhere in JSON text, so only where there is a backslash.
