@@ -4,11 +4,14 @@
         [CASE ...]
 
 Timings on a shared machine move by tens of percent from one run to the next; the
-number of instructions a call executes does not. Each case runs in its own Python
-process under ``valgrind --tool=callgrind``, which counts only what runs inside one
-``functools.reduce`` call (``--toggle-collect=functools_reduce``): ``--calls`` calls
-after a warm-up, not the imports or the set-up. The count divided by ``--calls`` is
-printed per case, and each guarded case as a ratio to its bare baseline:
+number of instructions a call executes does not (every run hashes strings with
+``PYTHONHASHSEED=0``, or the seed given in the environment: string hashes decide how
+dicts lay out, which moves a count by a few per cent from one process to the next).
+Each case runs in its own Python process under ``valgrind --tool=callgrind``, which
+counts only what runs inside one ``functools.reduce`` call
+(``--toggle-collect=functools_reduce``): ``--calls`` calls after a warm-up, not the
+imports or the set-up. The count divided by ``--calls`` is printed per case, and each
+guarded case as a ratio to its bare baseline:
 
 * ``create``: ``chat.completions.create`` over an in-memory transport (the
   ``bench_meter.py`` set-up: openai over httpx2, the memory store), bare, guarded with
@@ -174,7 +177,10 @@ def count(case: str, calls: int, cache_kib: int | None) -> dict[str, float]:
         command += ["--cache-sim=yes", f"--LL={cache_kib * 1024},8,64"]
     command += [f"--callgrind-out-file={os.devnull}", sys.executable, __file__]
     command += ["--run", case, "--calls", str(calls)]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    # One string hash for every run: a dict's layout (and so its probes) follows the
+    # hashes, which move a count by a few per cent from one process to the next.
+    env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+    out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     found = re.search(r"Collected\s*:\s*([\d ]+)", out.stderr)
     events = [int(v) for v in found.group(1).split()] if found else []
     if out.returncode != 0 or not events or events[0] == 0:

@@ -280,7 +280,7 @@ class GuardMiddleware:
                     try:
                         value = user_of_scope(user)
                     except InvalidUserId:
-                        pass  # reported by _identify_sync()
+                        value = None  # reported by _identify_sync()
                 if type(value) is str and value in KNOWN_USER_IDS:
                     rs.user_id = value
                     rs.source = "scope"
