@@ -147,7 +147,7 @@ class _Response:
                 headers = message.get("headers", ())
                 if len(extra) == 1:  # the request id alone: with_headers(), inlined
                     item = extra[0]
-                    key = item[0]  # lower case, as ASGI header names are
+                    key = item[0]  # lower case, as _encode() and __init__ write them
                     size = len(key)
                     for name, _ in headers:
                         if len(name) == size and name.lower() == key:
