@@ -65,7 +65,6 @@ KNOWN_USER_IDS: dict[str, None] = {}
 
 A request names the same few users again and again, and a lookup costs a sixth of the
 checks; an id found here is valid as it is. Bounded (cleared when full). Read only."""
-_KNOWN = KNOWN_USER_IDS
 _KNOWN_MAX = 4096
 
 
@@ -119,7 +118,7 @@ def normalize_user_id(value: object, *, max_length: int = DEFAULT_MAX_LENGTH) ->
         InvalidUserId: the value is of another type, empty, too long, contains a
             character outside the allowed alphabet, or has an empty composite segment.
     """
-    if type(value) is str and value in _KNOWN and len(value) <= max_length:
+    if type(value) is str and value in KNOWN_USER_IDS and len(value) <= max_length:
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)):
         raise InvalidUserId(f"a user id must be a str, int or UUID, not {type(value).__name__}")
@@ -127,9 +126,9 @@ def normalize_user_id(value: object, *, max_length: int = DEFAULT_MAX_LENGTH) ->
     if len(text) > max_length or not _VALID.match(text):
         raise InvalidUserId(_explain(text, max_length))
     if type(value) is str and len(text) <= DEFAULT_MAX_LENGTH:
-        if len(_KNOWN) >= _KNOWN_MAX:
-            _KNOWN.clear()
-        _KNOWN[value] = None
+        if len(KNOWN_USER_IDS) >= _KNOWN_MAX:
+            KNOWN_USER_IDS.clear()
+        KNOWN_USER_IDS[value] = None
     return text
 
 
