@@ -135,6 +135,7 @@ class AsyncRedisLedger:
             "redis.asyncio.cluster"
         ).RedisCluster
         self._errors: tuple[type[BaseException], ...] = _error_types(redis)
+        self._no_script: type[BaseException] = redis.exceptions.NoScriptError
         self._lease: Callable[[], tuple[AsyncClient, Callable[[], Awaitable[None]]]] = (
             self._own_client
         )
@@ -205,9 +206,22 @@ class AsyncRedisLedger:
 
     async def _execute(self, binding: _Binding, call: _Call) -> Any:
         name, keys, args = call
+        script = binding.scripts[name]
+        client: Any = binding.client  # redis-py's execute_command is untyped
         try:
             with budget(self._wiring.budget):
-                return await binding.scripts[name](keys=keys, args=args)
+                # What the registered script's __call__ does, without its per-call
+                # check for a pipeline (never one here) and copies of keys and args.
+                try:
+                    return await client.execute_command(
+                        "EVALSHA", script.sha, len(keys), *keys, *args
+                    )
+                except self._no_script:
+                    # Not in the server's cache (restarted, SCRIPT FLUSH): load it again.
+                    script.sha = await client.script_load(script.script)
+                    return await client.execute_command(
+                        "EVALSHA", script.sha, len(keys), *keys, *args
+                    )
         except self._errors as exc:
             raise _storage_error(name, exc, self._wiring) from exc
 

@@ -31,6 +31,8 @@ from payi_guard.ledger.base import (
     StorageEvent,
     StorageOutcomeUnknown,
     Tally,
+    make_counter_state,
+    make_reserve_result,
 )
 
 if TYPE_CHECKING:
@@ -201,20 +203,22 @@ def _decode_states(reply: Any, count: int, offset: int = 0) -> tuple[CounterStat
     if not isinstance(reply, list) or len(reply) != offset + 3 * count:
         raise _bad_reply(reply)
     try:
-        return tuple(
-            CounterState(*(int(reply[offset + 3 * i + j]) for j in range(3))) for i in range(count)
-        )
+        # Every reserve and commit decodes here: one pass of int() over the numbers,
+        # then one plain constructor call per state (no generator per state).
+        values = [int(value) for value in reply[offset:]]
     except (TypeError, ValueError) as exc:
         raise _bad_reply(reply) from exc
+    make = make_counter_state
+    return tuple([make(values[i], values[i + 1], values[i + 2]) for i in range(0, len(values), 3)])
 
 
 def _decode_reserve(reply: Any, count: int) -> ReserveResult:
     states = _decode_states(reply, count, offset=2)
     if reply[0] == 1:
-        return ReserveResult(True, None, states)
+        return make_reserve_result(True, None, states, False)
     if reply[0] == -1:
-        return ReserveResult(False, None, states, closed=True)
-    return ReserveResult(False, int(reply[1]), states)
+        return make_reserve_result(False, None, states, True)
+    return make_reserve_result(False, int(reply[1]), states, False)
 
 
 def _decode_flags(reply: Any, count: int) -> tuple[bool, ...]:

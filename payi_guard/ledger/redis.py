@@ -173,6 +173,7 @@ class RedisLedger:
         check_closed_ttl(closed_ttl)
         self._client = client
         self._errors: tuple[type[BaseException], ...] = _error_types(redis)
+        self._no_script: type[BaseException] = redis.exceptions.NoScriptError
         if group_by_slot is None:
             group_by_slot = isinstance(client, redis.cluster.RedisCluster)
         self._grouped = group_by_slot
@@ -207,9 +208,18 @@ class RedisLedger:
 
     def _execute(self, call: _Call) -> Any:
         name, keys, args = call
+        script = self._scripts[name]
+        client: Any = self._client  # redis-py's execute_command is untyped
         try:
             with budget(self._wiring.budget):
-                return self._scripts[name](keys=keys, args=args)
+                # What the registered script's __call__ does, without its per-call
+                # check for a pipeline (never one here) and copies of keys and args.
+                try:
+                    return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                except self._no_script:
+                    # Not in the server's cache (restarted, SCRIPT FLUSH): load it again.
+                    script.sha = client.script_load(script.script)
+                    return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except self._errors as exc:
             raise _storage_error(name, exc, self._wiring) from exc
 

@@ -31,6 +31,7 @@ from payi_guard.ledger import (
     Charge,
     CounterState,
     RedisLedger,
+    ReserveResult,
     StorageEvent,
     StorageOutcomeUnknown,
     open_async_ledger,
@@ -86,6 +87,46 @@ async def test_one_round_trip_per_operation(
         assert await _round_trips(aio, lambda: async_cls.sent, f"a{i}", keys, now) == [1] * 6
     await sync.close()
     await aio.close()
+
+
+async def _reloads_forgotten_scripts(
+    adapter: LedgerAdapter, sent: Callable[[], int], raw: redis.Redis, now: float
+) -> None:
+    charges = [Charge(f"pgtest:{{u:{adapter.kind}}}:usd", 10, 100, EXPIRES)]
+    assert (await adapter.reserve("warm", charges, now=now, ttl=60)).ok
+    await adapter.commit("warm", charges, now=now)
+    raw.script_flush()
+    before = sent()
+    result = await adapter.reserve("after-flush", charges, now=now, ttl=60)
+    assert sent() - before == 3  # EVALSHA (NOSCRIPT), SCRIPT LOAD, EVALSHA
+    assert result.ok
+    assert result.states == (CounterState(10, 10),)
+    before = sent()
+    assert await adapter.commit("after-flush", charges, now=now) == (CounterState(20, 0),)
+    assert sent() - before == 3  # the commit script is loaded again too
+    before = sent()
+    assert (await adapter.reserve("loaded", charges, now=now, ttl=60)).ok
+    assert sent() - before == 1
+
+
+async def test_scripts_the_server_forgot_are_loaded_again(clock: FakeClock) -> None:
+    # A server restarted without persistence, or SCRIPT FLUSH, forgets the scripts:
+    # the next operation gets NOSCRIPT, loads its script and runs it, once. (A server
+    # of its own: the shared one keeps its scripts for the other tests' counts.)
+    server = RedisServer(free_port())
+    server.start()
+    sync_cls, async_cls = counting_classes()
+    sync = LedgerAdapter("redis-sync", open_ledger(server.url, connection_class=sync_cls))
+    aio = LedgerAdapter("redis-async", open_async_ledger(server.url, connection_class=async_cls))
+    raw = redis.Redis.from_url(server.url)
+    try:
+        await _reloads_forgotten_scripts(sync, lambda: sync_cls.sent, raw, clock.now())
+        await _reloads_forgotten_scripts(aio, lambda: async_cls.sent, raw, clock.now())
+    finally:
+        raw.close()
+        await sync.close()
+        await aio.close()
+        server.kill()
 
 
 # -- slot grouping, forced on a single server ------------------------------------------------
@@ -596,3 +637,17 @@ def test_missing_redis_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         open_ledger("redis://127.0.0.1:6379/0")
     with pytest.raises(MissingDependency, match=r"payi-guard\[redis\]"):
         open_async_ledger("redis://127.0.0.1:6379/0")
+
+
+def test_script_replies_are_decoded_or_refused() -> None:
+    from payi_guard.ledger._redis_plans import _decode_reserve, _decode_states
+
+    assert _decode_states([1, 2, 0, b"3", 4, 5], 2) == (CounterState(1, 2), CounterState(3, 4, 5))
+    assert _decode_reserve([1, -1, 7, 8, 0], 1) == ReserveResult(True, None, (CounterState(7, 8),))
+    refused = _decode_reserve([0, 0, 7, 8, 9], 1)
+    assert refused == ReserveResult(False, 0, (CounterState(7, 8, 9),))
+    closed = _decode_reserve([-1, -1, 7, 8, 0], 1)
+    assert closed == ReserveResult(False, None, (CounterState(7, 8),), closed=True)
+    for reply in ([1, 2], [1, 2, 3, 4], "1 2 3", [1, None, 3], [1, b"two", 3]):
+        with pytest.raises(StorageError, match="unexpected reply"):
+            _decode_states(reply, 1)
