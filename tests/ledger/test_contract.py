@@ -281,7 +281,9 @@ async def test_counter_past_its_expiry_reads_as_zero(
 ) -> None:
     # In the past both for the fake clock (memory) and the server's clock (Redis).
     gone = min(clock.now(), time.time()) - 10
-    await backend.commit("r1", [Charge(k1, 500, None, gone)], now=clock.now())
+    # The commit reports what it made of the counter; then the counter is gone.
+    states = await backend.commit("r1", [Charge(k1, 500, None, gone)], now=clock.now())
+    assert states == (CounterState(500, 0),)
     assert await backend.read([k1], now=clock.now()) == (CounterState(0, 0),)
 
 

@@ -21,17 +21,25 @@ for i = 1, n do
   local ttl = ARGV[2 * i + 3]
   purge(key, index, now)
   trim_closed(closed, now)
-  if not is_closed(closed, id, now) then
-    local held = redis.call('HGET', key, field)
+  if is_closed(closed, id, now) then
+    put_totals(out, 0, i, totals(key))
+  else
+    -- The totals are read with the reservation, and what changes them is HINCRBY,
+    -- whose replies are the new values: no second read.
+    local v = redis.call('HMGET', key, field, 's', 'p', 'f')
+    local held = v[1]
+    local settled = tonumber(v[2]) or 0
+    local pending = tonumber(v[3]) or 0
+    local refused = tonumber(v[4]) or 0
     if held then
       redis.call('HDEL', key, field)
       redis.call('ZREM', index, field)
       if held ~= '0' then
-        redis.call('HINCRBY', key, 'p', fmt(-tonumber(held)))
+        pending = redis.call('HINCRBY', key, 'p', fmt(-tonumber(held)))
       end
     end
     if amount ~= '0' then
-      redis.call('HINCRBY', key, 's', amount)
+      settled = redis.call('HINCRBY', key, 's', amount)
     end
     close_id(closed, id, now, keep)
     applied = true
@@ -40,8 +48,10 @@ for i = 1, n do
       redis.call('PEXPIRE', key, ttl)
       redis.call('PEXPIRE', index, ttl)
     end
+    -- Even when that deleted a counter past its expiry: what the commit made of it, as
+    -- the other ledgers report.
+    put_totals(out, 0, i, settled, pending, refused)
   end
-  put_totals(out, 0, i, totals(key))
 end
 if applied then
   add_tallies(3 * n, 2 * n + 4)

@@ -14,6 +14,7 @@ local field = 'r:' .. id
 local n = tonumber(ARGV[3])
 local out = {1, -1}
 local held = {}
+local noted = {}  -- whether counter i has an "f" to clear
 local closed_here = false
 
 for i = 1, n do
@@ -28,6 +29,7 @@ for i = 1, n do
   local pending = tonumber(v[2]) or 0
   -- Reserving an id that is already open replaces it: a retried reserve counts once.
   held[i] = tonumber(v[4]) or 0
+  noted[i] = v[3] ~= false
   local base = 3 + 3 * (i - 1)
   local limit = ARGV[base + 2]
   if out[1] == 1 and limit ~= ''
@@ -61,7 +63,9 @@ for i = 1, n do
   local amount = ARGV[base + 1]
   local ttl = ARGV[base + 3]
   redis.call('HSET', key, field, amount)
-  redis.call('HDEL', key, 'f')
+  if noted[i] then
+    redis.call('HDEL', key, 'f')
+  end
   out[2 + 3 * i - 1] = redis.call('HINCRBY', key, 'p', fmt(tonumber(amount) - held[i]))
   out[2 + 3 * i] = 0
   redis.call('ZADD', index, deadline, field)
