@@ -24,11 +24,16 @@ __all__ = ["frozen_maker"]
 T = TypeVar("T")
 
 
-def frozen_maker(cls: type[T]) -> Callable[..., T]:
+def frozen_maker(cls: type[T], *, post_init: bool = True) -> Callable[..., T]:
     """A positional constructor of ``cls``, a frozen dataclass with ``slots=True``.
 
     ``make(*values)`` gives what ``cls(*values)`` gives when every field is passed, in
     the order the dataclass declares them (defaults are not filled in).
+
+    Args:
+        cls: the dataclass.
+        post_init: run ``cls.__post_init__`` (its checks) on each object made. Only a
+            caller that has made those checks itself passes ``False``.
 
     Raises:
         TypeError: ``cls`` is not a frozen, slotted dataclass (directly under
@@ -53,7 +58,7 @@ def frozen_maker(cls: type[T]) -> Callable[..., T]:
     lines = [f"def make({arguments}):", "    obj = new(twin)"]
     lines += [f"    obj.{name} = v{index}" for index, name in enumerate(names)]
     lines.append("    obj.__class__ = cls")
-    if hasattr(cls, "__post_init__"):
+    if post_init and hasattr(cls, "__post_init__"):
         lines.append("    obj.__post_init__()")
     lines.append("    return obj")
     scope: dict[str, Any] = {"new": object.__new__, "twin": twin, "cls": cls}

@@ -151,6 +151,14 @@ def test_post_init_checks_run_as_in_the_constructor() -> None:
         make_token_usage(True, 0, 0, 0, 0, 0, 0)
 
 
+def test_a_maker_without_post_init_skips_only_the_checks() -> None:
+    unchecked = frozen_maker(TokenUsage, post_init=False)
+    assert unchecked(1, 2, 3, 4, 5, 6, 7) == TokenUsage(1, 2, 3, 4, 5, 6, 7)
+    assert type(unchecked(1, 2, 3, 4, 5, 6, 7)) is TokenUsage
+    # What the checks would refuse is made as given: the caller checked it (or not).
+    assert unchecked(-1, 0, 0, 0, 0, 0, 0).input_tokens == -1
+
+
 def test_every_field_is_required_in_order() -> None:
     with pytest.raises(TypeError):
         make_counter_state(1, 2)

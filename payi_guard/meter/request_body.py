@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -20,6 +21,7 @@ __all__ = [
     "inject_include_usage",
     "loads_json",
     "loads_json_text",
+    "set_header",
     "with_include_usage",
 ]
 
@@ -114,6 +116,9 @@ def loads_json_text(data: str) -> Any:
     return json.loads(data)
 
 
+_LOWER_NAME: Final = operator.itemgetter(1)
+
+
 def _raw_values(headers: Any, name: bytes) -> list[bytes]:
     """The raw values of header ``name`` (lowercase), in order.
 
@@ -124,8 +129,19 @@ def _raw_values(headers: Any, name: bytes) -> list[bytes]:
     items = getattr(headers, "_list", None)
     if type(items) is list:
         try:
-            return [value for _, key, value in items if key == name]
-        except (TypeError, ValueError):  # not the triples this relies on
+            # C-level passes (the usual header appears once, or not at all).
+            keys = list(map(_LOWER_NAME, items))
+            found = keys.count(name)
+            if found == 1:
+                triple = items[keys.index(name)]
+                if len(triple) == 3:
+                    return [triple[2]]
+            elif not found:
+                if not items or len(items[0]) == 3:
+                    return []
+            else:
+                return [value for _, key, value in items if key == name]
+        except (TypeError, ValueError, IndexError):  # not the triples this relies on
             pass
     size = len(name)
     return [value for key, value in headers.raw if len(key) == size and key.lower() == name]
@@ -157,3 +173,30 @@ def content_type(headers: Any) -> str | None:
 def has_header(headers: Any, name: bytes) -> bool:
     """``name in headers`` (``name`` in lowercase), without working out their encoding."""
     return bool(_raw_values(headers, name))
+
+
+def set_header(headers: Any, name: str, value: str) -> None:
+    """``headers[name] = value`` for a lowercase ASCII ``name`` and an ASCII ``value``.
+
+    ``Headers.__setitem__`` of ``httpx`` and ``httpx2`` looks for the name with a loop
+    over every header; here C-level passes over ``Headers._list`` find it. The result is
+    the same: the first entry of that name takes the value, any others are removed, and
+    a name not there is appended. Anything but that list of triples is left to
+    ``__setitem__``.
+    """
+    items = getattr(headers, "_list", None)
+    if type(items) is list and (not items or len(items[0]) == 3):
+        lookup = name.encode("ascii")
+        try:
+            keys = list(map(_LOWER_NAME, items))
+        except (TypeError, IndexError):
+            pass
+        else:
+            found = keys.count(lookup)
+            if found == 0:
+                items.append((lookup, lookup, value.encode("ascii")))
+                return
+            if found == 1:
+                items[keys.index(lookup)] = (lookup, lookup, value.encode("ascii"))
+                return
+    headers[name] = value

@@ -62,7 +62,7 @@ from payi_guard.meter.parse import (
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.plain import is_event_stream, plain_result
 from payi_guard.meter.refusal import refusal_response
-from payi_guard.meter.request_body import content_type, has_header, header_text
+from payi_guard.meter.request_body import content_type, has_header, header_text, set_header
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
 from payi_guard.meter.streams import (
     DECODABLE_ENCODINGS,
@@ -268,10 +268,10 @@ class TransportMeter:
     def _fix_headers(headers: Any, changed: bool, chunked: bool, length: int) -> None:
         """Identity encoding; the length of a rebuilt body, never chunked."""
         if changed:
-            headers["content-length"] = str(length)
+            set_header(headers, "content-length", str(length))
             if chunked:
                 del headers["transfer-encoding"]
-        headers["accept-encoding"] = "identity"
+        set_header(headers, "accept-encoding", "identity")
 
     # -- after the response ---------------------------------------------------------------
 

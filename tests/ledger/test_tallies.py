@@ -129,6 +129,11 @@ async def test_tallies_of_several_owners_in_one_commit(
         Tally("t", (("c", True),), 1e10),
         Tally("t", (("c", 1),), float("inf")),
         Tally("t", (("c", 1), ("n", 1), ("c", 1)), 1e10),
+        Tally("t", (("c", 1), ("n",)), 1e10),  # type: ignore[arg-type]
+        Tally("t", (("c", 1), ("n", 1, 2)), 1e10),  # type: ignore[arg-type]
+        Tally("t", (("c", 1), 7), 1e10),  # type: ignore[arg-type]
+        Tally("t", ((5, 1),), 1e10),  # type: ignore[arg-type]
+        Tally("t", (("c", 1), (b"n", 1)), 1e10),  # type: ignore[arg-type]
     ],
 )
 async def test_malformed_tallies_are_refused(
