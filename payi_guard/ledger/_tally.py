@@ -5,9 +5,6 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from itertools import repeat
-from operator import add
-from typing import Final
 
 from payi_guard.ledger.base import MAX_UNITS, Tally
 
@@ -21,9 +18,8 @@ def check_tallies(tallies: Sequence[Tally]) -> None:
         ValueError: an empty or repeated key, an empty or repeated field, an increment
             that is not an int within ``[-MAX_UNITS, MAX_UNITS]``, a non-finite expiry.
     """
-    # Every reserve and commit passes through here: a fast path of C-level passes over
-    # each tally's fields first, the detailed checks (and their messages) only when
-    # something looks off.
+    # Every reserve and commit passes through here: a plain-type fast path first, the
+    # detailed checks (and their messages) only when something looks off.
     keys: set[str] = set()
     for tally in tallies:
         if type(tally) is not Tally:
@@ -32,31 +28,22 @@ def check_tallies(tallies: Sequence[Tally]) -> None:
         if not (type(key) is str and key and key not in keys and math.isfinite(expires_at)):
             return _check_tallies_slowly(tallies)
         keys.add(key)
-        if not fields:
-            continue
-        # Every field a pair (so the transposition below is exact), the names distinct
-        # non-empty strings, the values ints (not bools) within the bounds.
+        names = set()
         try:
-            if set(map(len, fields)) != _PAIR:
-                return _check_tallies_slowly(tallies)
-        except TypeError:  # a field without a length
+            for name, value in fields:
+                if not (
+                    type(name) is str
+                    and name
+                    and type(value) is int
+                    and -MAX_UNITS <= value <= MAX_UNITS
+                ):
+                    return _check_tallies_slowly(tallies)
+                names.add(name)
+        except (TypeError, ValueError):  # a field that is not a pair
             return _check_tallies_slowly(tallies)
-        names, values = zip(*fields, strict=True)
-        if not (
-            set(map(type, names)) == _STR
-            and "" not in names
-            and len(set(names)) == len(names)
-            and set(map(type, values)) == _INT
-            and min(values) >= -MAX_UNITS
-            and max(values) <= MAX_UNITS
-        ):
+        if len(names) != len(fields):
             return _check_tallies_slowly(tallies)
     return None
-
-
-_PAIR: Final = {2}
-_STR: Final = {str}
-_INT: Final = {int}
 
 
 def immutable_tallies(tallies: Sequence[Tally]) -> bool:
@@ -113,14 +100,8 @@ class TallyStore:
                 until = tally.expires_at
             else:
                 fields, until = held[0], max(held[1], tally.expires_at)
-            pairs = tally.fields
-            if not fields:
-                fields.update(pairs)
-            elif pairs:
-                # fields[name] = fields.get(name, 0) + value for every pair, in C passes.
-                names, values = zip(*pairs, strict=True)
-                sums = map(add, map(fields.get, names, repeat(0)), values)
-                fields.update(zip(names, sums, strict=True))
+            for name, value in tally.fields:
+                fields[name] = fields.get(name, 0) + value
             self._tallies[tally.key] = (fields, until)
             if held is None or until != held[1]:
                 heapq.heappush(self._times, (until, tally.key))

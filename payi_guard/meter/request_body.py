@@ -116,9 +116,6 @@ def loads_json_text(data: str) -> Any:
     return json.loads(data)
 
 
-_LOWER_NAME: Final = operator.itemgetter(1)
-
-
 def _raw_values(headers: Any, name: bytes) -> list[bytes]:
     """The raw values of header ``name`` (lowercase), in order.
 
@@ -129,19 +126,8 @@ def _raw_values(headers: Any, name: bytes) -> list[bytes]:
     items = getattr(headers, "_list", None)
     if type(items) is list:
         try:
-            # C-level passes (the usual header appears once, or not at all).
-            keys = list(map(_LOWER_NAME, items))
-            found = keys.count(name)
-            if found == 1:
-                triple = items[keys.index(name)]
-                if len(triple) == 3:
-                    return [triple[2]]
-            elif not found:
-                if not items or len(items[0]) == 3:
-                    return []
-            else:
-                return [value for _, key, value in items if key == name]
-        except (TypeError, ValueError, IndexError):  # not the triples this relies on
+            return [value for _, key, value in items if key == name]
+        except (TypeError, ValueError):  # not the triples this relies on
             pass
     size = len(name)
     return [value for key, value in headers.raw if len(key) == size and key.lower() == name]
@@ -173,6 +159,9 @@ def content_type(headers: Any) -> str | None:
 def has_header(headers: Any, name: bytes) -> bool:
     """``name in headers`` (``name`` in lowercase), without working out their encoding."""
     return bool(_raw_values(headers, name))
+
+
+_LOWER_NAME: Final = operator.itemgetter(1)
 
 
 def set_header(headers: Any, name: str, value: str) -> None:

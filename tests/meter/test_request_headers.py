@@ -9,7 +9,7 @@ import httpx
 import httpx2
 import pytest
 
-from payi_guard.meter.request_body import content_type, has_header, header_text
+from payi_guard.meter.request_body import content_type, has_header, header_text, set_header
 
 _NAMES = [
     b"Content-Type",
@@ -85,3 +85,30 @@ def test_headers_without_the_triples_are_read_through_raw() -> None:
         assert header_text(pairs, "content-type") == headers.get("content-type"), raw
         assert content_type(pairs) == headers.get("content-type"), raw
         assert has_header(pairs, b"content-encoding") == ("content-encoding" in headers), raw
+
+
+@pytest.mark.parametrize("module", [httpx, httpx2])
+def test_set_header_is_setitem(module: ModuleType) -> None:
+    rng = random.Random(14)
+    kinds = set()
+    for _ in range(3_000):
+        raw = [(rng.choice(_NAMES), rng.choice(_VALUES)) for _ in range(rng.randint(0, 5))]
+        name = rng.choice(["content-length", "accept-encoding", "content-type", "host"])
+        value = rng.choice(["identity", "42", ""])
+        ours, theirs = module.Headers(raw), module.Headers(raw)
+        set_header(ours, name, value)
+        theirs[name] = value
+        # The same headers, in the same order, with the same raw names and values.
+        assert ours.raw == theirs.raw, (raw, name)
+        assert ours.multi_items() == theirs.multi_items(), (raw, name)
+        kinds.add(len([key for key, _ in raw if key.lower() == name.encode()]))
+    assert kinds >= {0, 1, 2}  # appended, replaced in place, duplicates removed
+
+
+def test_set_header_without_the_triples_uses_setitem() -> None:
+    class Plain(dict[str, str]):
+        _list = "not the triples"
+
+    headers = Plain({"accept-encoding": "gzip"})
+    set_header(headers, "accept-encoding", "identity")
+    assert headers == {"accept-encoding": "identity"}
