@@ -12,19 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from payi_guard._frozen import frozen_maker
 from payi_guard.meter.parse import Endpoint, loads_json, usage_from_response
 from payi_guard.meter.streams import Settlement, make_settlement
 from payi_guard.pricing import TokenUsage
+from payi_guard.pricing.rates import make_token_usage
 
 __all__ = ["is_event_stream", "openai_token_usage", "plain_result"]
 
 # The endpoints whose usage object openai_token_usage reads.
 _OPENAI_USAGE_KINDS: Final = frozenset({"chat", "completions", "embeddings"})
-
-# TokenUsage(...) of counts openai_token_usage has checked (non-negative ints), without
-# TokenUsage's own checks of them again.
-_make_usage: Final = frozen_maker(TokenUsage, post_init=False)
 
 # Whether each response content type seen is an event stream (servers send a few).
 _MEMO_SIZE: Final = 256
@@ -107,11 +103,11 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
         return None
     details = usage.get("prompt_tokens_details")
     if details is None:
-        return _make_usage(total, out, 0, 0, 0, 0, 0)
+        return make_token_usage(total, out, 0, 0, 0, 0, 0)
     if type(details) is not dict:
         if isinstance(details, Mapping):
             return None  # read by openai_usage
-        return _make_usage(total, out, 0, 0, 0, 0, 0)
+        return make_token_usage(total, out, 0, 0, 0, 0, 0)
     cached = details.get("cached_tokens")
     written = details.get("cache_write_tokens")
     if cached is None:
@@ -124,4 +120,4 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
         return None
     cached = min(total, cached)
     written = min(total - cached, written)
-    return _make_usage(total - cached - written, out, cached, written, 0, 0, 0)
+    return make_token_usage(total - cached - written, out, cached, written, 0, 0, 0)

@@ -138,8 +138,9 @@ class TokenUsage:
         return self.total_input_tokens + self.output_tokens
 
 
-make_token_usage: Final = frozen_maker(TokenUsage)
-"""``TokenUsage(...)``, every field given in order, without ``__init__``'s cost."""
+make_token_usage: Final = frozen_maker(TokenUsage, post_init=False)
+"""``TokenUsage(...)`` of counts the caller has checked (non-negative ints), every field
+given in order, without ``__init__``'s cost or its checks."""
 
 
 @dataclass(frozen=True, slots=True)
