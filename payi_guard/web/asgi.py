@@ -53,6 +53,8 @@ from payi_guard.web.problem import Problem
 __all__ = ["GuardMiddleware"]
 
 _REQUEST = request_var()
+_UNREAD: Any = object()
+"""The quick path did not read ``scope["user"]`` (or reading it raised)."""
 
 UserResolver = Callable[[Request], Any]
 """A resolver: given the Starlette ``Request``, return the user id, a ``(user_id, tier)``
@@ -274,18 +276,18 @@ class GuardMiddleware:
                 problem = None
                 # The usual request: no user header, an authenticated user whose id was
                 # seen before (valid as it is). Anything else: _identify_sync().
-                user = scope.get("user") if user_raw is None else None
-                value = None
-                if user is not None:
+                scoped: object = _UNREAD
+                if user_raw is None:
                     try:
-                        value = user_of_scope(user)
+                        scoped = user_of_scope(scope.get("user"))
                     except InvalidUserId:
-                        value = None  # reported by _identify_sync()
-                if type(value) is str and value in KNOWN_USER_IDS:
-                    rs.user_id = value
+                        scoped = _UNREAD  # read again, and reported, by _identify_sync()
+                if type(scoped) is str and scoped in KNOWN_USER_IDS:
+                    rs.user_id = scoped
                     rs.source = "scope"
                 else:
-                    problem = self._identify_sync(scope, rs, user_raw)
+                    # The user object is read once per request: what it gave is passed on.
+                    problem = self._identify_sync(scope, rs, user_raw, scoped)
             else:
                 problem = await self._identify(scope, rs, user_raw)
             rs.extra[BOUND_KEY] = True  # mark_bound(rs), inlined
@@ -377,10 +379,12 @@ class GuardMiddleware:
         scope: Scope,
         rs: RequestScope,
         user_raw: bytes | None,
+        scoped: object = _UNREAD,
     ) -> Problem | None:
         """:meth:`_identify` without a ``user=`` resolver or ``session_id=`` callable.
 
-        Nothing to await then: no coroutine per request.
+        Nothing to await then: no coroutine per request. ``scoped`` is what
+        :func:`user_of_scope` already gave for this request, if it was read.
         """
         identify = self.core.identify
         header = None
@@ -390,10 +394,12 @@ class GuardMiddleware:
                 header = identify.header_user(user_raw.decode("latin-1"))
             except DuplicateUserHeader as exc:
                 return identify.invalid_user(exc, "header")
-        try:
-            value = user_of_scope(scope.get("user"))
-        except InvalidUserId as exc:  # from the user object: labelled as _identify does
-            return identify.invalid_user(exc, "resolver")
+        value = scoped
+        if value is _UNREAD:
+            try:
+                value = user_of_scope(scope.get("user"))
+            except InvalidUserId as exc:  # from the user object: labelled as _identify does
+                return identify.invalid_user(exc, "resolver")
         if value is not None:
             # rs.claim(value, source="scope") inlined: the scope is new (no tier) and
             # not shared yet (no lock).

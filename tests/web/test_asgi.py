@@ -11,10 +11,11 @@ import httpx
 import pytest
 import structlog
 from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
 from structlog.testing import capture_logs
 
+from payi_guard._ids import new_id
 from payi_guard.context import current_request, get_context, set_user
 from payi_guard.engine import ANONYMOUS_USER, Guard
 from payi_guard.identity import normalize_user_id
@@ -479,6 +481,38 @@ async def test_a_user_seen_before_is_still_checked_on_every_request(guard: Guard
         assert "long" in response.json()["detail"]
     assert probe.calls == 2
     assert probe.users == ["alice", "alice"]
+
+
+async def test_the_user_object_is_read_once_per_request(guard: Guard) -> None:
+    # An app's user object may compute its id (a lookup, a join): the middleware reads
+    # it once a request, for a user it has not seen before as for one it has.
+    reads: list[str] = []
+
+    class CountingUser(SimpleUser):
+        @property
+        def identity(self) -> str:
+            reads.append(self.username)
+            return f"acme:{self.username}"
+
+    class CountingBackend(AuthenticationBackend):
+        async def authenticate(
+            self, conn: HTTPConnection
+        ) -> tuple[AuthCredentials, SimpleUser] | None:
+            header = conn.headers.get("authorization", "")
+            return AuthCredentials(["authenticated"]), CountingUser(header[len("Bearer ") :])
+
+    probe = Probe()
+    app = build_app(guard, probe, auth=None)
+    app.add_middleware(AuthenticationMiddleware, backend=CountingBackend())
+    first_seen = f"first-{new_id()}"
+    async with client(app) as http:
+        for _ in range(2):
+            response = await http.get("/open/chat", headers=bearer(first_seen))
+            assert response.status_code == 200, response.text
+            assert response.json()["user"] == f"acme:{first_seen}"
+            assert reads == [first_seen]
+            reads.clear()
+    assert probe.calls == 2
 
 
 async def test_invalid_id_from_a_resolver_or_set_user(guard: Guard) -> None:
