@@ -25,7 +25,10 @@ It measures, with the real openai SDK (3.x, httpx2) and the memory store:
   meter avoids as well as against the bare call.
 
 Bare and guarded runs alternate, round by round, so drift hits both; the bare median is
-shown, and the guarded time as that times the median of the rounds' ratios.
+shown, and the guarded time as that times the median of the rounds' ratios. Each
+target's line also gives the middle half of the rounds' ratios (from the lower to the
+upper quartile): on a shared machine one run's ratio moves by tens of per cent, and a
+verdict whose middle half straddles the target is not settled by that run.
 Each mode ends with its targets, as ratios to the bare SDK measured in the same run:
 ``create()`` at most 1.10x the bare call (with JSON logging), the 200-chunk stream at
 most 1.05x the bare stream and 5 µs per chunk.
@@ -45,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx2
 import openai
@@ -247,9 +250,27 @@ def whole_stream(client: openai.OpenAI) -> Callable[[], object]:
     return run
 
 
+class Pair(NamedTuple):
+    """Seconds per call, bare and guarded, and the spread of the rounds' ratios."""
+
+    bare: float
+    """The median of the bare rounds."""
+    guarded: float
+    """:attr:`bare` times the median of the rounds' ratios."""
+    low: float
+    """The lower quartile of the rounds' guarded/bare ratios."""
+    high: float
+    """The upper quartile of the rounds' guarded/bare ratios."""
+
+    @property
+    def ratio(self) -> float:
+        """Guarded over bare: the median of the rounds' ratios."""
+        return self.guarded / self.bare
+
+
 def paired(
     bare: Callable[[], object], guarded: Callable[[], object], rounds: int, batch: int
-) -> tuple[float, float]:
+) -> Pair:
     """Median seconds per call of each, alternating batches of ``batch`` calls."""
 
     def batches(fn: Callable[[], object]) -> Callable[[int], None]:
@@ -267,7 +288,7 @@ def paired_async(
     guarded: Callable[[], Awaitable[object]],
     rounds: int,
     batch: int,
-) -> tuple[float, float]:
+) -> Pair:
     """:func:`paired` for coroutines: each batch runs in one event loop, in one go."""
     loop = asyncio.new_event_loop()
 
@@ -288,7 +309,7 @@ def paired_async(
 
 def paired_batches(
     bare: Callable[[int], None], guarded: Callable[[int], None], rounds: int, batch: int
-) -> tuple[float, float]:
+) -> Pair:
     """Median seconds per call of two batch runners (``runner(count)``), alternated."""
     for run in (bare, guarded):
         run(max(5, batch // 4))
@@ -302,8 +323,9 @@ def paired_batches(
     # The guarded time is the bare median times the median of the per-round ratios:
     # each round's pair ran back to back, so a slow spell of the machine cancels out.
     bare_median = statistics.median(bare_times)
-    ratio = statistics.median(g / b for b, g in zip(bare_times, guarded_times, strict=True))
-    return bare_median, bare_median * ratio
+    ratios = [g / b for b, g in zip(bare_times, guarded_times, strict=True)]
+    low, middle, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return Pair(bare_median, bare_median * middle, low, high)  # middle: the median
 
 
 STREAM_CHUNKS = 200
@@ -326,22 +348,31 @@ def chunk_slope(guard: Guard, rounds: int, batch: int) -> float:
     for count in (SHORT_STREAM, LONG_STREAM):
         bare = make_client("http://mock/v1", mock_transport(count))
         guarded = guard.wrap(make_client("http://mock/v1", mock_transport(count)))
-        b, g = paired(whole_stream(bare), whole_stream(guarded), rounds, max(4, batch // 10))
-        added.append(g - b)
+        pair = paired(whole_stream(bare), whole_stream(guarded), rounds, max(4, batch // 10))
+        added.append(pair.guarded - pair.bare)
     return (added[1] - added[0]) / (LONG_STREAM - SHORT_STREAM)
 
 
-def row(name: str, bare: float, guarded: float) -> None:
-    extra = guarded - bare
+def row(name: str, pair: Pair) -> None:
+    bare, guarded = pair.bare, pair.guarded
     print(
         f"  {name:<44} bare {bare * 1e6:9.1f} µs   guarded {guarded * 1e6:9.1f} µs   "
-        f"+{extra * 1e6:7.1f} µs  ({guarded / bare:.3f}x)"
+        f"+{(guarded - bare) * 1e6:7.1f} µs  ({pair.ratio:.3f}x)"
     )
 
 
-def verdict(name: str, value: float, target: float, unit: str) -> None:
+def verdict(name: str, value: float, target: float, unit: str, pair: Pair | None = None) -> None:
+    """Print a target's line: met or not by ``value``, and ``pair``'s middle half."""
     met = "met" if value <= target else "NOT met"
     print(f"  target {name:<40} {value:8.3f}{unit} (<= {target:g}{unit}: {met})")
+    if pair is not None:
+        if pair.high <= target:
+            settled = "met in three rounds out of four or more"
+        elif pair.low > target:
+            settled = "not met in three rounds out of four or more"
+        else:
+            settled = "the target is inside it: not settled by this run"
+        print(f"  {'':<44} rounds' middle half {pair.low:.3f}x to {pair.high:.3f}x ({settled})")
 
 
 FAKE_SERVER = """
@@ -403,20 +434,20 @@ def run(quick: bool) -> None:
             mock_bare = make_client("http://mock/v1", mock_transport(STREAM_CHUNKS))
             mock_guarded = guard.wrap(make_client("http://mock/v1", mock_transport(STREAM_CHUNKS)))
             create = paired(plain_call(mock_bare), plain_call(mock_guarded), rounds, batch)
-            row("create(), mock transport", *create)
+            row("create(), mock transport", create)
             floor_transport = FloorTransport(mock_transport(STREAM_CHUNKS))
             mock_floor = make_client("http://mock/v1", floor_transport)
             floor = paired(plain_call(mock_bare), plain_call(mock_floor), rounds, batch)
-            row("create(), floor: the least a meter does", *floor)
+            row("create(), floor: the least a meter does", floor)
             first = paired(first_chunk(mock_bare), first_chunk(mock_guarded), rounds, batch)
-            row("time to first chunk, mock transport", *first)
+            row("time to first chunk, mock transport", first)
             stream = paired(
                 whole_stream(mock_bare),
                 whole_stream(mock_guarded),
                 rounds,
                 max(4, batch // 10),
             )
-            row(f"{STREAM_CHUNKS}-chunk stream, mock transport", *stream)
+            row(f"{STREAM_CHUNKS}-chunk stream, mock transport", stream)
             per_chunk = chunk_slope(guard, rounds, batch)
             print(
                 f"  {'':<44} per chunk: +{per_chunk * 1e6:.2f} µs (what the guard adds to "
@@ -427,26 +458,28 @@ def run(quick: bool) -> None:
             async_pair = paired_async(
                 async_stream(async_bare), async_stream(async_guarded), rounds, max(4, batch // 10)
             )
-            row(f"{STREAM_CHUNKS}-chunk stream, async client", *async_pair)
-            verdict("create() / bare create()", create[1] / create[0], CREATE_TARGET, "x")
+            row(f"{STREAM_CHUNKS}-chunk stream, async client", async_pair)
+            verdict("create() / bare create()", create.ratio, CREATE_TARGET, "x", create)
+            beyond = create.guarded - create.bare - floor.guarded + floor.bare
             print(
-                f"  {'':<44} (the floor: {floor[1] / floor[0]:.3f}x; the guard beyond it: "
-                f"+{(create[1] - create[0] - floor[1] + floor[0]) * 1e6:.1f} µs)"
+                f"  {'':<44} (the floor: {floor.ratio:.3f}x; the guard beyond it: "
+                f"+{beyond * 1e6:.1f} µs)"
             )
-            verdict("stream / bare stream", stream[1] / stream[0], STREAM_TARGET, "x")
+            verdict("stream / bare stream", stream.ratio, STREAM_TARGET, "x", stream)
+            verdict("async stream / bare", async_pair.ratio, STREAM_TARGET, "x", async_pair)
             verdict("stream, per chunk", per_chunk * 1e6, CHUNK_TARGET_US, " µs")
             with fake_in_another_process() as base_url:
                 loop_bare = make_client(base_url, None)
                 loop_guarded = guard.wrap(make_client(base_url, None))
                 loop_batch = max(10, batch // 4)
-                bare, guarded = paired(
+                loop_create = paired(
                     plain_call(loop_bare), plain_call(loop_guarded), rounds, loop_batch
                 )
-                row("create(), loopback FakeProvider", bare, guarded)
-                bare, guarded = paired(
+                row("create(), loopback FakeProvider", loop_create)
+                loop_first = paired(
                     first_chunk(loop_bare), first_chunk(loop_guarded), rounds, loop_batch
                 )
-                row("time to first chunk, loopback FakeProvider", bare, guarded)
+                row("time to first chunk, loopback FakeProvider", loop_first)
                 loop_bare.close()
                 loop_guarded.close()
 
