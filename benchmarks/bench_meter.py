@@ -11,7 +11,9 @@ It measures, with the real openai SDK (3.x, httpx2) and the memory store:
   percentage is the harshest view) and over loopback HTTP to a local
   :class:`~payi_guard.testing.FakeProvider` run in a child process (the nearest
   thing to a real call);
-* time to the first streamed chunk, bare and guarded, over both;
+* time to the first streamed chunk, bare and guarded, over both (the stream is then
+  closed, outside the time), and over the mock transport the close alone: a stream cut
+  before its usage is settled then, its input counted with the model's tokenizer;
 * the cost per chunk of the stream wrapper: a 200-chunk stream read bare and guarded
   over the mock transport (with the sync client, and with the async one), the guard's
   added time per chunk (the slope of what it adds between 50- and 400-chunk streams, so
@@ -232,12 +234,29 @@ def plain_call(client: openai.OpenAI) -> Callable[[], object]:
     return lambda: client.chat.completions.create(model="gpt-test", messages=MESSAGES)
 
 
-def first_chunk(client: openai.OpenAI) -> Callable[[], object]:
-    def run() -> object:
+def first_chunk(client: openai.OpenAI) -> Callable[[], float]:
+    """Open a stream, read its first chunk, close it: seconds to the first chunk."""
+
+    def run() -> float:
+        start = time.perf_counter()
         stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
-        chunk = next(iter(stream))
+        next(iter(stream))
+        elapsed = time.perf_counter() - start
         stream.close()
-        return chunk
+        return elapsed
+
+    return run
+
+
+def close_after_first_chunk(client: openai.OpenAI) -> Callable[[], float]:
+    """:func:`first_chunk`, timing only the close (the guard settles the cut stream)."""
+
+    def run() -> float:
+        stream = client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
+        next(iter(stream))
+        start = time.perf_counter()
+        stream.close()
+        return time.perf_counter() - start
 
     return run
 
@@ -283,6 +302,20 @@ def paired(
     return paired_batches(batches(bare), batches(guarded), rounds, batch)
 
 
+def paired_parts(
+    bare: Callable[[], float], guarded: Callable[[], float], rounds: int, batch: int
+) -> Pair:
+    """:func:`paired` of calls that time a part of themselves (they return its seconds)."""
+
+    def batches(fn: Callable[[], float]) -> Callable[[int], float]:
+        def run(count: int) -> float:
+            return sum(fn() for _ in range(count))
+
+        return run
+
+    return paired_batches(batches(bare), batches(guarded), rounds, batch)
+
+
 def paired_async(
     bare: Callable[[], Awaitable[object]],
     guarded: Callable[[], Awaitable[object]],
@@ -308,9 +341,16 @@ def paired_async(
 
 
 def paired_batches(
-    bare: Callable[[int], None], guarded: Callable[[int], None], rounds: int, batch: int
+    bare: Callable[[int], float | None],
+    guarded: Callable[[int], float | None],
+    rounds: int,
+    batch: int,
 ) -> Pair:
-    """Median seconds per call of two batch runners (``runner(count)``), alternated."""
+    """Median seconds per call of two batch runners (``runner(count)``), alternated.
+
+    A runner that returns seconds timed what it measures itself; else the whole batch
+    is timed.
+    """
     for run in (bare, guarded):
         run(max(5, batch // 4))
     bare_times: list[float] = []
@@ -318,8 +358,9 @@ def paired_batches(
     for _ in range(rounds):
         for run, out in ((bare, bare_times), (guarded, guarded_times)):
             start = time.perf_counter()
-            run(batch)
-            out.append((time.perf_counter() - start) / batch)
+            timed = run(batch)
+            elapsed = time.perf_counter() - start if timed is None else timed
+            out.append(elapsed / batch)
     # The guarded time is the bare median times the median of the per-round ratios:
     # each round's pair ran back to back, so a slow spell of the machine cancels out.
     bare_median = statistics.median(bare_times)
@@ -439,8 +480,15 @@ def run(quick: bool) -> None:
             mock_floor = make_client("http://mock/v1", floor_transport)
             floor = paired(plain_call(mock_bare), plain_call(mock_floor), rounds, batch)
             row("create(), floor: the least a meter does", floor)
-            first = paired(first_chunk(mock_bare), first_chunk(mock_guarded), rounds, batch)
+            first = paired_parts(first_chunk(mock_bare), first_chunk(mock_guarded), rounds, batch)
             row("time to first chunk, mock transport", first)
+            cut = paired_parts(
+                close_after_first_chunk(mock_bare),
+                close_after_first_chunk(mock_guarded),
+                rounds,
+                batch,
+            )
+            row("close after the first chunk (settled)", cut)
             stream = paired(
                 whole_stream(mock_bare),
                 whole_stream(mock_guarded),
@@ -476,7 +524,7 @@ def run(quick: bool) -> None:
                     plain_call(loop_bare), plain_call(loop_guarded), rounds, loop_batch
                 )
                 row("create(), loopback FakeProvider", loop_create)
-                loop_first = paired(
+                loop_first = paired_parts(
                     first_chunk(loop_bare), first_chunk(loop_guarded), rounds, loop_batch
                 )
                 row("time to first chunk, loopback FakeProvider", loop_first)
