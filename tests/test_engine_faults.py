@@ -5,6 +5,7 @@ reads from the storage settings."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import time
 from collections.abc import MutableMapping, Sequence
@@ -230,3 +231,134 @@ def test_detached_work_runs_in_place_outside_asyncio() -> None:
     with pytest.raises(StopIteration) as done:
         runner.send(None)
     assert done.value.value == 42
+
+
+_STEP: contextvars.ContextVar[str] = contextvars.ContextVar("step", default="caller")
+
+
+async def test_inline_work_that_needs_no_wait_costs_no_pass_of_the_loop() -> None:
+    detached = Detached()
+    passes: list[int] = []
+
+    async def work() -> int:
+        _STEP.set("work")
+        return 7
+
+    asyncio.get_running_loop().call_soon(passes.append, 1)  # runs at the loop's next pass
+    assert await detached.run(work(), inline=True) == 7
+    assert passes == []  # the work ran and returned with no pass of the loop
+    assert _STEP.get() == "caller"  # in a copy of the caller's context
+    assert len(detached) == 0
+    await asyncio.sleep(0)
+    assert passes == [1]
+    # Without inline, the work runs in a task: the loop passes at least once.
+    passes.clear()
+    asyncio.get_running_loop().call_soon(passes.append, 2)
+    assert await detached.run(work()) == 7
+    assert passes == [2]
+
+
+async def test_inline_work_that_waits_goes_on_when_its_caller_is_cancelled() -> None:
+    detached = Detached()
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def work() -> str:
+        _STEP.set("work")
+        await release.wait()
+        await asyncio.sleep(0)
+        seen.append(_STEP.get())
+        return "done"
+
+    caller = asyncio.create_task(detached.run(work(), inline=True))
+    await asyncio.sleep(0)  # the caller ran the first step; the rest waits in a task
+    assert len(detached) == 1
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    release.set()
+    assert await detached.drain(timeout=30)
+    assert seen == ["work"]  # what the first step set, the rest sees
+    assert _STEP.get() == "caller"
+    assert len(detached) == 0
+    # Awaited to its end, its value reaches the caller.
+    release.clear()
+    runner = asyncio.create_task(detached.run(work(), inline=True))
+    await asyncio.sleep(0)
+    release.set()
+    assert await runner == "done"
+
+
+async def test_inline_work_raises_to_its_caller_before_and_after_a_wait() -> None:
+    detached = Detached()
+
+    async def fails_at_once() -> None:
+        raise ValueError("first step")
+
+    async def fails_later() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("after a wait")
+
+    with pytest.raises(ValueError, match="first step"):
+        await detached.run(fails_at_once(), inline=True)
+    with pytest.raises(KeyError, match="after a wait"):
+        await detached.run(fails_later(), inline=True)
+    assert len(detached) == 0
+
+
+async def test_inline_work_cancelled_in_its_task_sees_the_cancellation() -> None:
+    detached = Detached()
+    release = asyncio.Event()
+    cleaned: list[str] = []
+
+    async def work() -> None:
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            cleaned.append("cancelled")
+            raise
+
+    before = asyncio.all_tasks()
+    caller = asyncio.create_task(detached.run(work(), inline=True))
+    await asyncio.sleep(0)
+    (task,) = asyncio.all_tasks() - before - {caller}
+    task.cancel()  # as the loop does to what is left when it shuts down
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert cleaned == ["cancelled"]
+    assert task.cancelled()
+
+
+async def test_a_started_coroutine_awaited_goes_on_from_its_first_wait() -> None:
+    from payi_guard.engine.detached import _Resumed
+
+    release = asyncio.Event()
+    steps: list[str] = []
+
+    async def work() -> str:
+        steps.append("first")
+        await release.wait()
+        steps.append("second")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            steps.append("cancelled")
+            return "stopped"
+        return "never"
+
+    coro = work()
+    waiting_on = coro.send(None)
+    runner = asyncio.create_task(_awaiting(_Resumed(coro, waiting_on)))
+    await asyncio.sleep(0)
+    assert steps == ["first"]
+    release.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert steps == ["first", "second"]
+    runner.cancel()  # thrown into the work, which returns
+    assert await runner == "stopped"
+    assert steps == ["first", "second", "cancelled"]
+
+
+async def _awaiting(awaitable: Any) -> Any:
+    return await awaitable

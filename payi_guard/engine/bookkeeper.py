@@ -91,6 +91,9 @@ class Bookkeeper:
         self._closer = Closer(storage, clock, self._close_failed)
         self.renewer = Renewer(storage, clock, lambda: self._config().reservation_ttl)
         self._detached = Detached()
+        # The memory store's async ledger does its work inline, never in a task of its
+        # own: its settles may run at once (see Detached.run).
+        self._inline_settles = storage.uri.startswith("memory")
 
     def close(self) -> None:
         """Stop renewing; retry what waits for four socket timeouts more, then give it up."""
@@ -444,7 +447,9 @@ class Bookkeeper:
         if not plan.charges:
             self.after_commit(plan, record, (), amounts)
             return
-        await self._detached.run(self._closer.arun(self._closing(plan, record, amounts)))
+        await self._detached.run(
+            self._closer.arun(self._closing(plan, record, amounts)), inline=self._inline_settles
+        )
 
     def unreserved(self, plan: Plan, record: CallRecord) -> None:
         """Log the end of a call the ledger held nothing for (nothing to release)."""
