@@ -18,6 +18,8 @@ guarded case as a ratio to its bare baseline:
   the ``genai_call`` line as JSON to ``/dev/null``, guarded with logging off, guarded
   with the usage analytics off (``analytics_days: 0``), and through ``bench_meter.py``'s
   ``FloorTransport``, the least a transport-level meter does (the floor);
+* ``acreate``: the same ``create()`` through the async client (``openai.AsyncOpenAI``),
+  bare and guarded (JSON log), one event-loop run a call;
 * ``stream``: the same 200-chunk chat stream read whole, bare and guarded (JSON log);
 * ``astream``: the same stream through the async client (``openai.AsyncOpenAI``);
 * ``asgi``: one request through the ``bench_web.py`` Starlette apps: bare, auth, auth
@@ -54,7 +56,7 @@ from pathlib import Path
 from types import CodeType, FrameType
 
 HERE = Path(__file__).resolve().parent
-WARM_UP = {"create": 30, "stream": 5, "astream": 5, "asgi": 300}
+WARM_UP = {"create": 30, "acreate": 30, "stream": 5, "astream": 5, "asgi": 300}
 """Calls before counting, per group (``asgi``: every cache of its 100 users filled)."""
 
 CASES: dict[str, str] = {
@@ -63,6 +65,8 @@ CASES: dict[str, str] = {
     "create/guarded-quiet": "chat.completions.create, guarded, logging off",
     "create/no-analytics": "chat.completions.create, guarded, JSON log, analytics_days: 0",
     "create/floor": "chat.completions.create, the least a meter does, JSON log",
+    "acreate/bare": "chat.completions.create, bare async SDK",
+    "acreate/guarded": "chat.completions.create, guarded async SDK, JSON log",
     "stream/bare": "200-chunk stream, bare SDK",
     "stream/guarded": "200-chunk stream, guarded, JSON log",
     "astream/bare": "200-chunk stream, bare async SDK",
@@ -124,11 +128,14 @@ def _call_factory(case: str) -> Callable[[], object]:
         client = bench_meter.make_guard(analytics_days=0).wrap(client)
     if group == "stream":
         return bench_meter.whole_stream(client)
-    if group == "astream":
+    if group in ("astream", "acreate"):
         aclient = bench_meter.make_async_client(bench_meter.mock_transport(200))
         if variant == "guarded":
             aclient = bench_meter.make_guard().wrap(aclient)
-        run = bench_meter.async_stream(aclient)
+        if group == "astream":
+            run = bench_meter.async_stream(aclient)
+        else:
+            run = bench_meter.async_plain_call(aclient)
         aloop = asyncio.new_event_loop()
         return lambda: aloop.run_until_complete(run())
     return bench_meter.plain_call(client)
@@ -237,6 +244,7 @@ def report(counts: dict[str, dict[str, float]], cache_kib: int | None) -> None:
     ratio("create(), analytics off / bare", "create/no-analytics", "create/bare")
     ratio("create(), the floor / bare", "create/floor", "create/bare")
     ratio("create(), guarded / the floor", "create/guarded", "create/floor")
+    ratio("async create(), guarded / bare (JSON log)", "acreate/guarded", "acreate/bare")
     ratio("200-chunk stream, guarded / bare", "stream/guarded", "stream/bare")
     ratio("200-chunk async stream, guarded / bare", "astream/guarded", "astream/bare")
     if all(c in counts for c in ("asgi/auth", "asgi/guard", "asgi/slowapi")):

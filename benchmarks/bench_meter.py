@@ -6,7 +6,8 @@ Run by hand from the repository root::
 
 It measures, with the real openai SDK (3.x, httpx2) and the memory store:
 
-* per-call time of ``chat.completions.create`` bare and guarded, over an in-process
+* per-call time of ``chat.completions.create`` bare and guarded (with the sync client,
+  and over the mock transport with the async one too), over an in-process
   ``httpx2.MockTransport`` (no network: the bare call is only SDK overhead, so the
   percentage is the harshest view) and over loopback HTTP to a local
   :class:`~payi_guard.testing.FakeProvider` run in a child process (the nearest
@@ -231,6 +232,10 @@ def async_stream(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[object]]:
 
 
 def plain_call(client: openai.OpenAI) -> Callable[[], object]:
+    return lambda: client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+
+
+def async_plain_call(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[object]]:
     return lambda: client.chat.completions.create(model="gpt-test", messages=MESSAGES)
 
 
@@ -480,6 +485,13 @@ def run(quick: bool) -> None:
             mock_floor = make_client("http://mock/v1", floor_transport)
             floor = paired(plain_call(mock_bare), plain_call(mock_floor), rounds, batch)
             row("create(), floor: the least a meter does", floor)
+            async_create = paired_async(
+                async_plain_call(make_async_client(mock_transport(STREAM_CHUNKS))),
+                async_plain_call(guard.wrap(make_async_client(mock_transport(STREAM_CHUNKS)))),
+                rounds,
+                batch,
+            )
+            row("create(), async client", async_create)
             first = paired_parts(first_chunk(mock_bare), first_chunk(mock_guarded), rounds, batch)
             row("time to first chunk, mock transport", first)
             cut = paired_parts(
@@ -508,6 +520,7 @@ def run(quick: bool) -> None:
             )
             row(f"{STREAM_CHUNKS}-chunk stream, async client", async_pair)
             verdict("create() / bare create()", create.ratio, CREATE_TARGET, "x", create)
+            verdict("async create() / bare", async_create.ratio, CREATE_TARGET, "x", async_create)
             beyond = create.guarded - create.bare - floor.guarded + floor.bare
             print(
                 f"  {'':<44} (the floor: {floor.ratio:.3f}x; the guard beyond it: "
