@@ -244,7 +244,7 @@ def report(counts: dict[str, dict[str, float]], cache_kib: int | None) -> None:
     ratio("create(), analytics off / bare", "create/no-analytics", "create/bare")
     ratio("create(), the floor / bare", "create/floor", "create/bare")
     ratio("create(), guarded / the floor", "create/guarded", "create/floor")
-    ratio("async create(), guarded / bare (JSON log)", "acreate/guarded", "acreate/bare")
+    ratio("async create(), guarded / bare", "acreate/guarded", "acreate/bare")
     ratio("200-chunk stream, guarded / bare", "stream/guarded", "stream/bare")
     ratio("200-chunk async stream, guarded / bare", "astream/guarded", "astream/bare")
     if all(c in counts for c in ("asgi/auth", "asgi/guard", "asgi/slowapi")):
