@@ -54,7 +54,7 @@ __all__ = ["GuardMiddleware"]
 
 _REQUEST = request_var()
 _UNREAD: Any = object()
-"""The quick path did not read ``scope["user"]`` (or reading it raised)."""
+"""The quick path did not read ``scope["user"]``."""
 
 UserResolver = Callable[[Request], Any]
 """A resolver: given the Starlette ``Request``, return the user id, a ``(user_id, tier)``
@@ -280,8 +280,8 @@ class GuardMiddleware:
                 if user_raw is None:
                     try:
                         scoped = user_of_scope(scope.get("user"))
-                    except InvalidUserId:
-                        scoped = _UNREAD  # read again, and reported, by _identify_sync()
+                    except InvalidUserId as exc:
+                        scoped = exc  # reported by _identify_sync()
                 if type(scoped) is str and scoped in KNOWN_USER_IDS:
                     rs.user_id = scoped
                     rs.source = "scope"
@@ -384,7 +384,7 @@ class GuardMiddleware:
         """:meth:`_identify` without a ``user=`` resolver or ``session_id=`` callable.
 
         Nothing to await then: no coroutine per request. ``scoped`` is what
-        :func:`user_of_scope` already gave for this request, if it was read.
+        :func:`user_of_scope` already gave (or raised) for this request, if it was read.
         """
         identify = self.core.identify
         header = None
@@ -395,11 +395,13 @@ class GuardMiddleware:
             except DuplicateUserHeader as exc:
                 return identify.invalid_user(exc, "header")
         value = scoped
-        if value is _UNREAD:
-            try:
+        try:
+            if value is _UNREAD:
                 value = user_of_scope(scope.get("user"))
-            except InvalidUserId as exc:  # from the user object: labelled as _identify does
-                return identify.invalid_user(exc, "resolver")
+            elif isinstance(value, InvalidUserId):
+                raise value
+        except InvalidUserId as exc:  # from the user object: labelled as _identify does
+            return identify.invalid_user(exc, "resolver")
         if value is not None:
             # rs.claim(value, source="scope") inlined: the scope is new (no tier) and
             # not shared yet (no lock).

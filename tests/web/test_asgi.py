@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 from payi_guard._ids import new_id
 from payi_guard.context import current_request, get_context, set_user
 from payi_guard.engine import ANONYMOUS_USER, Guard
+from payi_guard.exceptions import InvalidUserId
 from payi_guard.identity import normalize_user_id
 from payi_guard.web import GuardMiddleware
 from web._support import (
@@ -492,6 +493,8 @@ async def test_the_user_object_is_read_once_per_request(guard: Guard) -> None:
         @property
         def identity(self) -> str:
             reads.append(self.username)
+            if self.username == "bad":
+                raise InvalidUserId("the app's lookup refused this user")
             return f"acme:{self.username}"
 
     class CountingBackend(AuthenticationBackend):
@@ -512,6 +515,9 @@ async def test_the_user_object_is_read_once_per_request(guard: Guard) -> None:
             assert response.json()["user"] == f"acme:{first_seen}"
             assert reads == [first_seen]
             reads.clear()
+        refused = await http.get("/open/chat", headers=bearer("bad"))
+        assert refused.status_code == 400
+        assert reads == ["bad"]  # an id the user object refuses is read once too
     assert probe.calls == 2
 
 
