@@ -197,6 +197,12 @@ def test_the_storage_knows_how_long_closed_ids_are_kept() -> None:
     assert Storage("memory://", {"closed_ttl": 30}).closed_ttl == 30.0
 
 
+def test_only_the_memory_store_is_in_process(tmp_path: Any) -> None:
+    assert Storage("memory://").in_process
+    assert not Storage(f"sqlite:///{tmp_path / 'b.db'}").in_process
+    assert not Storage("redis://127.0.0.1:6379/0").in_process
+
+
 # --- work that outlives a cancelled caller -------------------------------------------------
 
 

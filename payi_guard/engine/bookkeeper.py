@@ -91,9 +91,8 @@ class Bookkeeper:
         self._closer = Closer(storage, clock, self._close_failed)
         self.renewer = Renewer(storage, clock, lambda: self._config().reservation_ttl)
         self._detached = Detached()
-        # The memory store's async ledger does its work inline, never in a task of its
-        # own: its settles may run at once (see Detached.run).
-        self._inline_settles = storage.uri.startswith("memory")
+        # An in-process store's settles may run at once (see Detached.run).
+        self._inline_settles = storage.in_process
 
     def close(self) -> None:
         """Stop renewing; retry what waits for four socket timeouts more, then give it up."""

@@ -96,6 +96,15 @@ class Storage:
         return DEFAULT_CLOSED_TTL if seconds is None else seconds
 
     @property
+    def in_process(self) -> bool:
+        """Whether the store lives in this process (``memory://``).
+
+        Its ledgers share one set of counters and do their work inline, never waiting on
+        a socket or a thread.
+        """
+        return self.uri.startswith("memory")
+
+    @property
     def ledger(self) -> Ledger:
         """The synchronous ledger (opened on first use)."""
         ledger = self._ledger
@@ -114,7 +123,7 @@ class Storage:
             with self._lock:
                 if self._async_ledger is None:
                     shared: MemoryLedger | None = None
-                    if self.uri.startswith("memory"):
+                    if self.in_process:
                         shared = self.ledger  # type: ignore[assignment]
                     self._async_ledger = open_async_ledger(
                         self.uri, shared=shared, on_event=self.store_event, **self._options
