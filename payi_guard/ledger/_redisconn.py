@@ -22,7 +22,10 @@ caller's own):
   records a :class:`~payi_guard.ledger.StorageEvent` when the store is new or lost
   its data. It costs one round trip per new connection, nothing per operation.
 
-Retries stay off; redis-py checks pooled connections before use (and an asyncio one
+Retries stay off, so a factory-made sync ledger sends its scripts on a connection of
+the pool itself (:func:`evalsha`: what ``Redis.execute_command`` does for a script with
+retries off, without its layers, which cost about a third of a script's client time);
+redis-py checks pooled connections before use (and an asyncio one
 that has something to read before it sent anything, a connection the server closed
 while the loop was not looking, is made again rather than used).
 
@@ -39,10 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import math
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -59,6 +63,8 @@ __all__ = [
     "StoreWatch",
     "async_connection_class",
     "budget",
+    "direct_pool",
+    "evalsha",
     "shared_async_client",
     "shared_sync_client",
     "store_watch",
@@ -419,3 +425,47 @@ def async_connection_class(base: type[Any], watch: StoreWatch | None) -> type[An
     if issubclass(base, _AsyncMixin) and base._pg_watch is watch:
         return base
     return type(f"Ledger{base.__name__}", (_AsyncMixin, base), {"_pg_watch": watch})
+
+
+def direct_pool(client: Any) -> Any:
+    """The connection pool :func:`evalsha` may run ``client``'s scripts on, or ``None``.
+
+    Only a plain ``redis.Redis`` client (a URL's or Sentinel's, never a cluster or a
+    single-connection client) whose pool hands out a connection without arguments
+    (redis-py 6 and later) and whose retries are off, as the factory makes them.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or getattr(client, "connection", None) is not None:
+        return None
+    try:
+        first = next(iter(inspect.signature(pool.get_connection).parameters.values()), None)
+    except (TypeError, ValueError):
+        return None
+    if first is not None and first.default is inspect.Parameter.empty:
+        return None
+    retry = getattr(client, "retry", None) or pool.connection_kwargs.get("retry")
+    if retry is None or retry.get_retries() != 0:
+        return None
+    return pool
+
+
+def evalsha(pool: Any, sha: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+    """``EVALSHA`` on a connection of ``pool`` (see :func:`direct_pool`); its raw reply.
+
+    What ``Redis.execute_command`` does for a script with retries off (redis-py has no
+    reply callback for ``EVALSHA``), without its layers: take a connection, send, read,
+    drop the connection on a connection error or timeout, give it back.
+    """
+    connection = pool.get_connection()
+    try:
+        connection.send_command("EVALSHA", sha, len(keys), *keys, *args)
+        return connection.read_response()
+    except BaseException as exc:
+        if isinstance(exc, _transport_errors()):
+            connection.disconnect()
+        raise
+    finally:
+        reconnect = getattr(connection, "should_reconnect", None)
+        if reconnect is not None and reconnect():
+            connection.disconnect()
+        pool.release(connection)

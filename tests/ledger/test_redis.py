@@ -129,6 +129,63 @@ async def test_scripts_the_server_forgot_are_loaded_again(clock: FakeClock) -> N
         server.kill()
 
 
+def test_a_factory_ledger_gives_its_connection_back_after_every_outcome(
+    key_prefix: str, clock: FakeClock
+) -> None:
+    # Factory-made ledgers run their scripts on the pool's connections directly. With one
+    # connection in the pool, an operation that kept it (after a reply, a refusal, an
+    # error reply or a lost reply) would leave the next one without a connection.
+    server = RedisServer(free_port())
+    server.start()
+    ledger = open_ledger(server.url, max_connections=1)
+    raw = redis.Redis.from_url(server.url)
+    key = f"{key_prefix}:{{u:a}}:usd"
+    now = clock.now()
+    try:
+        for i in range(20):
+            charge = [Charge(key, 10, 1_000, EXPIRES)]
+            assert ledger.reserve(f"r{i}", charge, now=now, ttl=60).ok
+            assert ledger.commit(f"r{i}", charge, now=now) == (CounterState(10 * (i + 1), 0),)
+        refused = ledger.reserve("big", [Charge(key, 900, 1_000, EXPIRES)], now=now, ttl=60)
+        assert not refused.ok
+        raw.set(f"{key_prefix}:{{u:b}}:usd", "not a hash")
+        wrong = [Charge(f"{key_prefix}:{{u:b}}:usd", 1, None, EXPIRES)]
+        with pytest.raises(StorageError) as caught:
+            ledger.reserve("wrong", wrong, now=now, ttl=60)
+        assert "WRONGTYPE" in str(caught.value.__cause__)
+        server.pause()  # the reply never comes: the connection is dropped, not reused
+        with pytest.raises(StorageError):
+            ledger.reserve("frozen", [Charge(key, 1, 1_000, EXPIRES)], now=now, ttl=60)
+        server.resume()
+        assert ledger.reserve("after", [Charge(key, 5, 1_000, EXPIRES)], now=now, ttl=60).ok
+        # Each reply read is its own operation's: the frozen reserve's reply was lost with
+        # its connection (the server may have applied it when it thawed: 1 more pending).
+        (state,) = ledger.read([key], now=now)
+        assert state.settled == 200
+        assert state.pending in (5, 6)
+    finally:
+        raw.close()
+        ledger.close()
+        server.kill()
+
+
+def test_only_a_plain_client_with_retries_off_runs_scripts_on_its_pool_directly() -> None:
+    # The direct path does what execute_command does with retries off; a client that
+    # retries, holds one connection or is a cluster keeps execute_command.
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from payi_guard.ledger._redisconn import direct_pool
+
+    plain = redis.Redis(retry=Retry(NoBackoff(), 0))
+    assert direct_pool(plain) is plain.connection_pool
+    assert direct_pool(redis.Redis(retry=Retry(NoBackoff(), 2))) is None
+    assert (
+        direct_pool(redis.Redis(single_connection_client=True, retry=Retry(NoBackoff(), 0))) is None
+    )
+    assert direct_pool(object()) is None  # a cluster client has no single pool
+
+
 # -- slot grouping, forced on a single server ------------------------------------------------
 
 
