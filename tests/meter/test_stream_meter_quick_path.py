@@ -224,3 +224,65 @@ def test_an_unchanged_stream_goes_on_as_it_comes() -> None:
     assert meter.finish() == b""
     assert meter.tracker.usage == ParsedUsage(input_tokens=7, output_tokens=3, complete=True)
     assert (meter.tracker.status, meter.tracker.finished) == ("end_turn", True)
+
+
+def _chunk_with(choices: list[Any] | None, **members: Any) -> bytes:
+    obj = {"id": "chatcmpl-1", "model": "m", "choices": choices, **members, "usage": None}
+    if choices is None:
+        del obj["choices"]
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return b"data: " + text.encode() + b"\n\n"
+
+
+def _choice(delta: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+
+
+def _output_of(chunk: bytes) -> tuple[int, int]:
+    """What a chat chunk adds to the output counts, read with ``json`` (the oracle)."""
+    size = deltas = 0
+    for choice in json.loads(chunk[6:-2]).get("choices") or []:
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice
+        keys = ("content", "refusal", "reasoning_content", "reasoning", "text")
+        texts = [delta.get(key) for key in keys]
+        texts += [call["function"]["arguments"] for call in delta.get("tool_calls") or []]
+        texts.append((delta.get("function_call") or {}).get("arguments"))
+        for text in texts:
+            if isinstance(text, str) and text:
+                size += len(text.encode())
+                deltas += 1
+    return size, deltas
+
+
+def test_held_chunks_of_any_shape_count_what_json_reads() -> None:
+    # Chunks held back unread are counted when the counts are read, or as the stream
+    # goes once a quarter of a megabyte of them is held: whatever their shape, what the
+    # tracker counts is what json reads in them.
+    shapes = [
+        _chunk_with([_choice({"content": " word"})]),
+        _chunk_with([_choice({"content": "h\u00e9llo \u4e2d \U0001f600"})]),
+        _chunk_with([_choice({"content": 'a "quoted" line\nand a \\ backslash'})]),
+        _chunk_with([_choice({"content": ""})]),
+        _chunk_with([_choice({"content": "a", "role": "assistant"})]),
+        _chunk_with([_choice({"content": "one"}), _choice({"content": "two"}, 1)]),
+        _chunk_with([_choice({"content": "said", "reasoning": "thought"})]),
+        _chunk_with([], x={"delta": {"content": "not a choice's"}}),
+        _chunk_with(None, x={"choices": [_choice({"content": "nor here"})]}),
+        _chunk_with([{**_choice({"content": "lp"}), "logprobs": {"content": []}}]),
+        _chunk_with([_choice({"content": "{[}]"})], system_fingerprint="fp_{["),
+        _chunk_with([_choice({"content": "a", "refusal": "no"})]),
+        _chunk_with([_choice({"content": "a", "function_call": {"arguments": "{}"}})]),
+        _chunk_with([_choice({"content": "a", "tool_calls": [{"function": {"arguments": "{}"}}]})]),
+        _chunk_with([_choice({"content": "a"}), {"index": 1, "text": "legacy"}]),
+    ]
+    chunks = [RECORDED] + shapes * 400  # past the bytes held back, and counted as it goes
+    expected = [sum(n) for n in zip(*map(_output_of, chunks), strict=True)]
+    assert sum(map(len, chunks)) > 2 * 256 * 1024
+
+    meter = StreamMeter(CHAT, added_include_usage=True)
+    out = b"".join(meter.feed(chunk) for chunk in chunks) + meter.finish()
+
+    assert [meter.tracker.output_bytes, meter.tracker.output_deltas] == expected
+    assert out == b"".join(chunks).replace(b',"usage":null', b"")
