@@ -25,7 +25,10 @@ It measures, with the real openai SDK (3.x, httpx2) and the memory store:
 * the floor: the same ``create()`` through :class:`FloorTransport`, the least any
   transport-level meter does (parse the request and the response, hold and settle an
   amount under a lock, log one line), so the guard's cost can be read against what no
-  meter avoids as well as against the bare call.
+  meter avoids as well as against the bare call;
+* the guard with no SDK around it: one chat request, built once, sent again and again
+  by a plain httpx2 client, bare and guarded, so the guard's code stays in the caches
+  (what its own work costs at best; between two SDK calls it costs more).
 
 Bare and guarded runs alternate, round by round, so drift hits both; the bare median is
 shown, and the guarded time as that times the median of the rounds' ratios. Each
@@ -233,6 +236,18 @@ def async_stream(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[object]]:
 
 def plain_call(client: openai.OpenAI) -> Callable[[], object]:
     return lambda: client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+
+
+def plain_send(client: httpx2.Client) -> Callable[[], object]:
+    """One chat request, built once, sent again and again by a plain httpx2 client.
+
+    No SDK runs between two sends, so the code and data of the guard's transport stay
+    in the caches: guarded against bare, what the guard's own work costs at best.
+    """
+    request = client.build_request(
+        "POST", "http://mock/v1/chat/completions", json={"model": "gpt-test", "messages": MESSAGES}
+    )
+    return lambda: client.send(request)
 
 
 def async_plain_call(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[object]]:
@@ -485,6 +500,13 @@ def run(quick: bool) -> None:
             mock_floor = make_client("http://mock/v1", floor_transport)
             floor = paired(plain_call(mock_bare), plain_call(mock_floor), rounds, batch)
             row("create(), floor: the least a meter does", floor)
+            alone = paired(
+                plain_send(httpx2.Client(transport=mock_transport(STREAM_CHUNKS))),
+                plain_send(guard.wrap(httpx2.Client(transport=mock_transport(STREAM_CHUNKS)))),
+                rounds,
+                batch,
+            )
+            row("the same request, no SDK (warm caches)", alone)
             async_create = paired_async(
                 async_plain_call(make_async_client(mock_transport(STREAM_CHUNKS))),
                 async_plain_call(guard.wrap(make_async_client(mock_transport(STREAM_CHUNKS)))),
@@ -523,7 +545,8 @@ def run(quick: bool) -> None:
             beyond = create.guarded - create.bare - floor.guarded + floor.bare
             print(
                 f"  {'':<44} (the floor: {floor.ratio:.3f}x; the guard beyond it: "
-                f"+{beyond * 1e6:.1f} µs)"
+                f"+{beyond * 1e6:.1f} µs; the guard with no SDK between two calls: "
+                f"+{(alone.guarded - alone.bare) * 1e6:.1f} µs)"
             )
             verdict("async create() / bare", async_create.ratio, CREATE_TARGET, "x", async_create)
             verdict("stream / bare stream", stream.ratio, STREAM_TARGET, "x", stream)
