@@ -54,7 +54,7 @@ from payi_guard.ledger._redis_plans import (
     _wiring,
     import_redis,
 )
-from payi_guard.ledger._redisconn import budget
+from payi_guard.ledger._redisconn import aevalsha, budget, direct_pool
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
@@ -89,6 +89,8 @@ class _Binding:
     scripts: dict[str, Any]
     grouped: bool
     release: Callable[[], Awaitable[None]]
+    pool: Any = None
+    """The pool whose connections run the scripts directly (factory-made clients)."""
 
 
 ClientFactory = Callable[[], "AsyncClient"]
@@ -200,7 +202,8 @@ class AsyncRedisLedger:
                 scripts = {
                     name: client.register_script(_script_source(name)) for name in _SCRIPT_NAMES
                 }
-                binding = _Binding(client, scripts, grouped, release)
+                pool = direct_pool(client) if self._wiring.tagged else None
+                binding = _Binding(client, scripts, grouped, release, pool)
                 self._bindings[loop] = binding
         return binding
 
@@ -212,7 +215,10 @@ class AsyncRedisLedger:
             with budget(self._wiring.budget):
                 # What the registered script's __call__ does, without its per-call
                 # check for a pipeline (never one here) and copies of keys and args.
+                pool = binding.pool
                 try:
+                    if pool is not None:
+                        return await aevalsha(pool, script.sha, keys, args)
                     return await client.execute_command(
                         "EVALSHA", script.sha, len(keys), *keys, *args
                     )

@@ -22,9 +22,10 @@ caller's own):
   records a :class:`~payi_guard.ledger.StorageEvent` when the store is new or lost
   its data. It costs one round trip per new connection, nothing per operation.
 
-Retries stay off, so a factory-made sync ledger sends its scripts on a connection of
-the pool itself (:func:`evalsha`: what ``Redis.execute_command`` does for a script with
-retries off, without its layers, which cost about a third of a script's client time);
+Retries stay off, so a factory-made ledger sends its scripts on a connection of the
+pool itself (:func:`evalsha`, :func:`aevalsha`: what ``execute_command`` does for a
+script with retries off, without its layers, which cost about a third of a sync
+script's client time);
 redis-py checks pooled connections before use (and an asyncio one
 that has something to read before it sent anything, a connection the server closed
 while the loop was not looking, is made again rather than used).
@@ -61,6 +62,7 @@ from payi_guard.ledger._redis_marker import (
 __all__ = [
     "DEFAULT_MARKER_KEY",
     "StoreWatch",
+    "aevalsha",
     "async_connection_class",
     "budget",
     "direct_pool",
@@ -469,3 +471,21 @@ def evalsha(pool: Any, sha: str, keys: Sequence[str], args: Sequence[str]) -> An
         if reconnect is not None and reconnect():
             connection.disconnect()
         pool.release(connection)
+
+
+async def aevalsha(pool: Any, sha: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+    """The asyncio twin of :func:`evalsha`, for a ``redis.asyncio`` pool.
+
+    A cancellation while the reply is awaited reaches the connection's own read, which
+    drops the connection (the reply would otherwise be read as the next command's).
+    """
+    connection = await pool.get_connection()
+    try:
+        await connection.send_command("EVALSHA", sha, len(keys), *keys, *args)
+        return await connection.read_response()
+    except BaseException as exc:
+        if isinstance(exc, _transport_errors()):
+            await connection.disconnect()
+        raise
+    finally:
+        await pool.release(connection)

@@ -169,6 +169,52 @@ def test_a_factory_ledger_gives_its_connection_back_after_every_outcome(
         server.kill()
 
 
+async def test_a_factory_async_ledger_gives_its_connection_back_after_every_outcome(
+    key_prefix: str, clock: FakeClock
+) -> None:
+    # The asyncio twin, with one more outcome: a caller cancelled while it awaits the
+    # reply (the connection is dropped, so that reply is never read as the next one's).
+    server = RedisServer(free_port())
+    server.start()
+    ledger = open_async_ledger(server.url, max_connections=1)
+    raw = redis.Redis.from_url(server.url)
+    key = f"{key_prefix}:{{u:a}}:usd"
+    now = clock.now()
+    try:
+        for i in range(20):
+            charge = [Charge(key, 10, 1_000, EXPIRES)]
+            assert (await ledger.reserve(f"r{i}", charge, now=now, ttl=60)).ok
+            states = await ledger.commit(f"r{i}", charge, now=now)
+            assert states == (CounterState(10 * (i + 1), 0),)
+        big = [Charge(key, 900, 1_000, EXPIRES)]
+        assert not (await ledger.reserve("big", big, now=now, ttl=60)).ok
+        raw.set(f"{key_prefix}:{{u:b}}:usd", "not a hash")
+        wrong = [Charge(f"{key_prefix}:{{u:b}}:usd", 1, None, EXPIRES)]
+        with pytest.raises(StorageError) as caught:
+            await ledger.reserve("wrong", wrong, now=now, ttl=60)
+        assert "WRONGTYPE" in str(caught.value.__cause__)
+        server.pause()
+        with pytest.raises(StorageError):
+            await ledger.reserve("frozen", [Charge(key, 1, 1_000, EXPIRES)], now=now, ttl=60)
+        one = [Charge(key, 2, 1_000, EXPIRES)]
+        task = asyncio.ensure_future(ledger.reserve("cancelled", one, now=now, ttl=60))
+        for _ in range(3):  # let it reach the store, which never answers while frozen
+            await asyncio.sleep(0)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        server.resume()
+        assert (await ledger.reserve("after", [Charge(key, 5, 1_000, EXPIRES)], now=now, ttl=60)).ok
+        (state,) = await ledger.read([key], now=now)
+        assert state.settled == 200
+        assert state.pending in (5, 6, 7, 8)  # the frozen and the cancelled ones may be applied
+    finally:
+        raw.close()
+        await ledger.aclose()
+        server.kill()
+
+
 def test_only_a_plain_client_with_retries_off_runs_scripts_on_its_pool_directly() -> None:
     # The direct path does what execute_command does with retries off; a client that
     # retries, holds one connection or is a cluster keeps execute_command.
