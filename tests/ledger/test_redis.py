@@ -129,89 +129,56 @@ async def test_scripts_the_server_forgot_are_loaded_again(clock: FakeClock) -> N
         server.kill()
 
 
-def test_a_factory_ledger_gives_its_connection_back_after_every_outcome(
-    key_prefix: str, clock: FakeClock
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_factory_ledger_gives_its_connection_back_after_every_outcome(
+    flavour: str, key_prefix: str, clock: FakeClock
 ) -> None:
     # Factory-made ledgers run their scripts on the pool's connections directly. With one
     # connection in the pool, an operation that kept it (after a reply, a refusal, an
-    # error reply or a lost reply) would leave the next one without a connection.
+    # error reply, a lost reply or, asyncio, a cancelled caller) would leave the next one
+    # without a connection; one that gave it back unread would hand its reply on.
     server = RedisServer(free_port())
     server.start()
-    ledger = open_ledger(server.url, max_connections=1)
+    opener = open_ledger if flavour == "sync" else open_async_ledger
+    ledger = LedgerAdapter(f"redis-{flavour}", opener(server.url, max_connections=1))
     raw = redis.Redis.from_url(server.url)
     key = f"{key_prefix}:{{u:a}}:usd"
     now = clock.now()
+
+    def charge(amount: int, on: str = key) -> list[Charge]:
+        return [Charge(on, amount, 1_000, EXPIRES)]
+
     try:
         for i in range(20):
-            charge = [Charge(key, 10, 1_000, EXPIRES)]
-            assert ledger.reserve(f"r{i}", charge, now=now, ttl=60).ok
-            assert ledger.commit(f"r{i}", charge, now=now) == (CounterState(10 * (i + 1), 0),)
-        refused = ledger.reserve("big", [Charge(key, 900, 1_000, EXPIRES)], now=now, ttl=60)
-        assert not refused.ok
+            assert (await ledger.reserve(f"r{i}", charge(10), now=now, ttl=60)).ok
+            states = await ledger.commit(f"r{i}", charge(10), now=now)
+            assert states == (CounterState(10 * (i + 1), 0),)
+        assert not (await ledger.reserve("big", charge(900), now=now, ttl=60)).ok
         raw.set(f"{key_prefix}:{{u:b}}:usd", "not a hash")
-        wrong = [Charge(f"{key_prefix}:{{u:b}}:usd", 1, None, EXPIRES)]
         with pytest.raises(StorageError) as caught:
-            ledger.reserve("wrong", wrong, now=now, ttl=60)
+            await ledger.reserve("wrong", charge(1, f"{key_prefix}:{{u:b}}:usd"), now=now, ttl=60)
         assert "WRONGTYPE" in str(caught.value.__cause__)
         server.pause()  # the reply never comes: the connection is dropped, not reused
         with pytest.raises(StorageError):
-            ledger.reserve("frozen", [Charge(key, 1, 1_000, EXPIRES)], now=now, ttl=60)
+            await ledger.reserve("frozen", charge(1), now=now, ttl=60)
+        if flavour == "async":
+            task = asyncio.ensure_future(ledger.reserve("cancelled", charge(2), now=now, ttl=60))
+            for _ in range(3):  # let it reach the store, which never answers while frozen
+                await asyncio.sleep(0)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         server.resume()
-        assert ledger.reserve("after", [Charge(key, 5, 1_000, EXPIRES)], now=now, ttl=60).ok
-        # Each reply read is its own operation's: the frozen reserve's reply was lost with
-        # its connection (the server may have applied it when it thawed: 1 more pending).
-        (state,) = ledger.read([key], now=now)
-        assert state.settled == 200
-        assert state.pending in (5, 6)
-    finally:
-        raw.close()
-        ledger.close()
-        server.kill()
-
-
-async def test_a_factory_async_ledger_gives_its_connection_back_after_every_outcome(
-    key_prefix: str, clock: FakeClock
-) -> None:
-    # The asyncio twin, with one more outcome: a caller cancelled while it awaits the
-    # reply (the connection is dropped, so that reply is never read as the next one's).
-    server = RedisServer(free_port())
-    server.start()
-    ledger = open_async_ledger(server.url, max_connections=1)
-    raw = redis.Redis.from_url(server.url)
-    key = f"{key_prefix}:{{u:a}}:usd"
-    now = clock.now()
-    try:
-        for i in range(20):
-            charge = [Charge(key, 10, 1_000, EXPIRES)]
-            assert (await ledger.reserve(f"r{i}", charge, now=now, ttl=60)).ok
-            states = await ledger.commit(f"r{i}", charge, now=now)
-            assert states == (CounterState(10 * (i + 1), 0),)
-        big = [Charge(key, 900, 1_000, EXPIRES)]
-        assert not (await ledger.reserve("big", big, now=now, ttl=60)).ok
-        raw.set(f"{key_prefix}:{{u:b}}:usd", "not a hash")
-        wrong = [Charge(f"{key_prefix}:{{u:b}}:usd", 1, None, EXPIRES)]
-        with pytest.raises(StorageError) as caught:
-            await ledger.reserve("wrong", wrong, now=now, ttl=60)
-        assert "WRONGTYPE" in str(caught.value.__cause__)
-        server.pause()
-        with pytest.raises(StorageError):
-            await ledger.reserve("frozen", [Charge(key, 1, 1_000, EXPIRES)], now=now, ttl=60)
-        one = [Charge(key, 2, 1_000, EXPIRES)]
-        task = asyncio.ensure_future(ledger.reserve("cancelled", one, now=now, ttl=60))
-        for _ in range(3):  # let it reach the store, which never answers while frozen
-            await asyncio.sleep(0)
-        assert not task.done()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        server.resume()
-        assert (await ledger.reserve("after", [Charge(key, 5, 1_000, EXPIRES)], now=now, ttl=60)).ok
+        assert (await ledger.reserve("after", charge(5), now=now, ttl=60)).ok
+        # Each reply read is its own operation's. The server may have applied what it
+        # had queued when it thawed: the frozen reserve, the cancelled one.
         (state,) = await ledger.read([key], now=now)
         assert state.settled == 200
-        assert state.pending in (5, 6, 7, 8)  # the frozen and the cancelled ones may be applied
+        assert state.pending in (5, 6, 7, 8)
     finally:
         raw.close()
-        await ledger.aclose()
+        await ledger.close()
         server.kill()
 
 
