@@ -11,7 +11,9 @@ In one run, with ``--processes`` worker processes (4 by default) calling at once
 * guarded: each worker runs ``Guard.begin`` + ``Reservation.settle`` (one reserve and one
   commit, each one round trip: the design's minimum) for the design's example limits
   (daily, monthly and per-minute limits of the user, plus a global one: 4 counters,
-  the global one shared by every worker), logging off.
+  the global one shared by every worker), logging off;
+* guarded, asyncio: the same with ``Guard.abegin`` + ``Reservation.asettle``, one call
+  after another in each worker's event loop (the async ledger's path).
 
 It prints calls per second for both, their ratio (a guarded call is two round trips, so
 0.5 is the ceiling), and what the time went to: the client CPU per call (the workers'
@@ -25,6 +27,7 @@ and is deleted at the end; it never flushes anything.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -91,6 +94,38 @@ def guarded_worker(url: str, prefix: str, index: int, seconds: float, start: Any
     guard.close()
 
 
+def async_guarded_worker(
+    url: str, prefix: str, index: int, seconds: float, start: Any, out: Any
+) -> None:
+    """The asyncio twin of :func:`guarded_worker`: one call after another in one loop."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    guard = Guard(CONFIG, storage=url, key_prefix=prefix)
+    attribution = Attribution(user_id=f"bench-user-{index}")
+
+    async def call() -> None:
+        reservation = await guard.abegin(CALL, attribution)
+        await reservation.asettle(USAGE)
+
+    async def main() -> tuple[int, float, float]:
+        for _ in range(50):  # warm: connections, scripts, caches
+            await call()
+        await asyncio.get_running_loop().run_in_executor(None, start.wait)
+        count = 0
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        deadline = t0 + seconds
+        while True:
+            for _ in range(50):
+                await call()
+            count += 50
+            if time.perf_counter() >= deadline:
+                break
+        result = count, time.process_time() - cpu0, time.perf_counter() - t0
+        await guard.aclose()
+        return result
+
+    out.put(asyncio.run(main()))
+
+
 def redis_cpu(client: redis.Redis) -> float:
     """The Redis server's CPU seconds so far (user + system, main thread and children)."""
     info: Any = client.info("cpu")
@@ -104,7 +139,7 @@ def run(
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(processes)
     out = ctx.Queue()
-    target = raw_worker if kind == "raw" else guarded_worker
+    target = {"raw": raw_worker, "guarded": guarded_worker, "async": async_guarded_worker}[kind]
     workers = [
         ctx.Process(target=target, args=(url, prefix, i, seconds, start, out))
         for i in range(processes)
@@ -147,7 +182,7 @@ def main() -> None:
     )
     rows = {}
     try:
-        for kind in ("raw", "guarded"):
+        for kind in ("raw", "guarded", "async"):
             before = redis_cpu(client)
             per_second, client_us, wall = run(
                 kind, args.redis, prefix, args.processes, args.seconds
@@ -158,7 +193,11 @@ def main() -> None:
         deleted = cleanup(args.redis, prefix)
         client.close()
     print(f"\n{'':<34}{'per second':>12}{'client CPU':>14}{'Redis CPU':>13}")
-    names = {"raw": "raw INCRBY round trips", "guarded": "guarded calls (reserve+commit)"}
+    names = {
+        "raw": "raw INCRBY round trips",
+        "guarded": "guarded calls (reserve+commit)",
+        "async": "guarded calls, asyncio",
+    }
     for kind, (per_second, client_us, server_us) in rows.items():
         print(f"{names[kind]:<34}{per_second:>12,.0f}{client_us:>11.1f} µs{server_us:>10.1f} µs")
     raw, guarded = rows["raw"][0], rows["guarded"][0]

@@ -54,7 +54,7 @@ from payi_guard.ledger._redis_plans import (
     _wiring,
     import_redis,
 )
-from payi_guard.ledger._redisconn import aevalsha, budget, direct_pool
+from payi_guard.ledger._redisconn import aevalsha, budget, command_packer, direct_pool
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
@@ -91,6 +91,8 @@ class _Binding:
     release: Callable[[], Awaitable[None]]
     pool: Any = None
     """The pool whose connections run the scripts directly (factory-made clients)."""
+    pack: Callable[[tuple[Any, ...]], bytes] | None = None
+    """How commands sent on :attr:`pool`'s connections are packed (``None``: redis-py)."""
 
 
 ClientFactory = Callable[[], "AsyncClient"]
@@ -203,7 +205,8 @@ class AsyncRedisLedger:
                     name: client.register_script(_script_source(name)) for name in _SCRIPT_NAMES
                 }
                 pool = direct_pool(client) if self._wiring.tagged else None
-                binding = _Binding(client, scripts, grouped, release, pool)
+                pack = None if pool is None else command_packer(pool)
+                binding = _Binding(client, scripts, grouped, release, pool, pack)
                 self._bindings[loop] = binding
         return binding
 
@@ -218,7 +221,7 @@ class AsyncRedisLedger:
                 pool = binding.pool
                 try:
                     if pool is not None:
-                        return await aevalsha(pool, script.sha, keys, args)
+                        return await aevalsha(pool, binding.pack, script.sha, keys, args)
                     return await client.execute_command(
                         "EVALSHA", script.sha, len(keys), *keys, *args
                     )

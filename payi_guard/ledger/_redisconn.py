@@ -65,6 +65,7 @@ __all__ = [
     "aevalsha",
     "async_connection_class",
     "budget",
+    "command_packer",
     "direct_pool",
     "evalsha",
     "shared_async_client",
@@ -473,15 +474,46 @@ def evalsha(pool: Any, sha: str, keys: Sequence[str], args: Sequence[str]) -> An
         pool.release(connection)
 
 
-async def aevalsha(pool: Any, sha: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+def command_packer(pool: Any) -> Callable[[tuple[Any, ...]], bytes] | None:
+    """The packer of hiredis when it packs as ``pool``'s connections would, else ``None``.
+
+    ``redis.asyncio`` packs every command in Python (the sync client already uses
+    hiredis); hiredis gives the same bytes for text in UTF-8 with strict errors, the
+    encoding a pool has unless it was told otherwise.
+    """
+    kwargs = getattr(pool, "connection_kwargs", {})
+    if (
+        kwargs.get("encoding", "utf-8") != "utf-8"
+        or kwargs.get("encoding_errors", "strict") != "strict"
+    ):
+        return None
+    try:
+        import hiredis
+    except ImportError:
+        return None
+    pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+    return pack
+
+
+async def aevalsha(
+    pool: Any,
+    pack: Callable[[tuple[Any, ...]], bytes] | None,
+    sha: str,
+    keys: Sequence[str],
+    args: Sequence[str],
+) -> Any:
     """The asyncio twin of :func:`evalsha`, for a ``redis.asyncio`` pool.
 
-    A cancellation while the reply is awaited reaches the connection's own read, which
-    drops the connection (the reply would otherwise be read as the next command's).
+    ``pack`` (from :func:`command_packer`) packs the command, when given. A cancellation
+    while the reply is awaited reaches the connection's own read, which drops the
+    connection (the reply would otherwise be read as the next command's).
     """
     connection = await pool.get_connection()
     try:
-        await connection.send_command("EVALSHA", sha, len(keys), *keys, *args)
+        if pack is None:
+            await connection.send_command("EVALSHA", sha, len(keys), *keys, *args)
+        else:
+            await connection.send_packed_command(pack(("EVALSHA", sha, len(keys), *keys, *args)))
         return await connection.read_response()
     except BaseException as exc:
         if isinstance(exc, _transport_errors()):

@@ -182,13 +182,33 @@ async def test_a_factory_ledger_gives_its_connection_back_after_every_outcome(
         server.kill()
 
 
+async def test_keys_reach_the_store_as_utf8_whichever_packs_the_command(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    # The async ledger packs its scripts with hiredis (the sync one through redis-py's
+    # own hiredis serializer): the same bytes as redis-py's encoder, so a key with
+    # non-ASCII text is the same key for either, and for a plain client.
+    key = f"{key_prefix}:{{u:caf\u00e9 \u4e2d}}:usd"
+    charge = [Charge(key, 7, 100, EXPIRES)]
+    for opener in (open_ledger, open_async_ledger):
+        adapter = LedgerAdapter("redis", opener(redis_url))
+        assert (await adapter.reserve(f"r-{opener.__name__}", charge, now=clock.now(), ttl=60)).ok
+        await adapter.close()
+    assert int(raw_redis.hget(key.encode(), "p") or 0) == 14
+    assert sorted(raw_redis.hkeys(key.encode())) == [
+        b"p",
+        b"r:r-open_async_ledger",
+        b"r:r-open_ledger",
+    ]
+
+
 def test_only_a_plain_client_with_retries_off_runs_scripts_on_its_pool_directly() -> None:
     # The direct path does what execute_command does with retries off; a client that
     # retries, holds one connection or is a cluster keeps execute_command.
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from payi_guard.ledger._redisconn import direct_pool
+    from payi_guard.ledger._redisconn import command_packer, direct_pool
 
     plain = redis.Redis(retry=Retry(NoBackoff(), 0))
     assert direct_pool(plain) is plain.connection_pool
@@ -197,6 +217,9 @@ def test_only_a_plain_client_with_retries_off_runs_scripts_on_its_pool_directly(
         direct_pool(redis.Redis(single_connection_client=True, retry=Retry(NoBackoff(), 0))) is None
     )
     assert direct_pool(object()) is None  # a cluster client has no single pool
+    # hiredis packs text as UTF-8 with strict errors: a pool told otherwise keeps redis-py's.
+    assert command_packer(plain.connection_pool) is not None
+    assert command_packer(redis.Redis(encoding="latin-1").connection_pool) is None
 
 
 # -- slot grouping, forced on a single server ------------------------------------------------
