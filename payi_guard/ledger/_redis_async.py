@@ -54,7 +54,7 @@ from payi_guard.ledger._redis_plans import (
     _wiring,
     import_redis,
 )
-from payi_guard.ledger._redisconn import aevalsha, budget, command_packer, direct_pool
+from payi_guard.ledger._redisconn import AsyncScriptSender, async_script_sender, budget
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
@@ -89,10 +89,8 @@ class _Binding:
     scripts: dict[str, Any]
     grouped: bool
     release: Callable[[], Awaitable[None]]
-    pool: Any = None
-    """The pool whose connections run the scripts directly (factory-made clients)."""
-    pack: Callable[[tuple[Any, ...]], bytes] | None = None
-    """How commands sent on :attr:`pool`'s connections are packed (``None``: redis-py)."""
+    send: AsyncScriptSender
+    """How the scripts are sent (see :func:`~payi_guard.ledger._redisconn.script_sender`)."""
 
 
 ClientFactory = Callable[[], "AsyncClient"]
@@ -204,33 +202,26 @@ class AsyncRedisLedger:
                 scripts = {
                     name: client.register_script(_script_source(name)) for name in _SCRIPT_NAMES
                 }
-                pool = direct_pool(client) if self._wiring.tagged else None
-                pack = None if pool is None else command_packer(pool)
-                binding = _Binding(client, scripts, grouped, release, pool, pack)
+                send = async_script_sender(client, direct=self._wiring.tagged)
+                binding = _Binding(client, scripts, grouped, release, send)
                 self._bindings[loop] = binding
         return binding
 
     async def _execute(self, binding: _Binding, call: _Call) -> Any:
         name, keys, args = call
         script = binding.scripts[name]
-        client: Any = binding.client  # redis-py's execute_command is untyped
+        client: Any = binding.client  # redis-py's script_load is untyped
         try:
             with budget(self._wiring.budget):
                 # What the registered script's __call__ does, without its per-call
                 # check for a pipeline (never one here) and copies of keys and args.
-                pool = binding.pool
+                send = binding.send
                 try:
-                    if pool is not None:
-                        return await aevalsha(pool, binding.pack, script.sha, keys, args)
-                    return await client.execute_command(
-                        "EVALSHA", script.sha, len(keys), *keys, *args
-                    )
+                    return await send(script.sha, keys, args)
                 except self._no_script:
                     # Not in the server's cache (restarted, SCRIPT FLUSH): load it again.
                     script.sha = await client.script_load(script.script)
-                    return await client.execute_command(
-                        "EVALSHA", script.sha, len(keys), *keys, *args
-                    )
+                    return await send(script.sha, keys, args)
         except self._errors as exc:
             raise _storage_error(name, exc, self._wiring) from exc
 

@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import math
 import select
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -61,13 +62,17 @@ from payi_guard.ledger._redis_marker import (
 
 __all__ = [
     "DEFAULT_MARKER_KEY",
+    "AsyncScriptSender",
+    "ScriptSender",
     "StoreWatch",
     "aevalsha",
     "async_connection_class",
+    "async_script_sender",
     "budget",
     "command_packer",
     "direct_pool",
     "evalsha",
+    "script_sender",
     "shared_async_client",
     "shared_sync_client",
     "store_watch",
@@ -521,3 +526,41 @@ async def aevalsha(
         raise
     finally:
         await pool.release(connection)
+
+
+ScriptSender = Callable[[str, Sequence[str], Sequence[str]], Any]
+"""Sends ``EVALSHA sha`` with keys and arguments; returns the raw reply."""
+AsyncScriptSender = Callable[[str, Sequence[str], Sequence[str]], Awaitable[Any]]
+"""The asyncio :data:`ScriptSender`."""
+
+
+def script_sender(client: Any, *, direct: bool) -> ScriptSender:
+    """How a sync ledger sends its scripts on ``client``, chosen once.
+
+    ``direct`` (a factory-made client): :func:`evalsha` on its pool when
+    :func:`direct_pool` allows; otherwise ``client.execute_command``.
+    """
+    pool = direct_pool(client) if direct else None
+    if pool is not None:
+        return functools.partial(evalsha, pool)
+
+    def send(sha: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+        return client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+    return send
+
+
+def async_script_sender(client: Any, *, direct: bool) -> AsyncScriptSender:
+    """The asyncio :func:`script_sender`, chosen once.
+
+    :func:`aevalsha` (packed by hiredis when :func:`command_packer` allows) or
+    ``client.execute_command``.
+    """
+    pool = direct_pool(client) if direct else None
+    if pool is not None:
+        return functools.partial(aevalsha, pool, command_packer(pool))
+
+    async def send(sha: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+        return await client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+
+    return send

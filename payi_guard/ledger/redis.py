@@ -109,7 +109,7 @@ from payi_guard.ledger._redis_plans import (
     _wiring,
     import_redis,
 )
-from payi_guard.ledger._redisconn import budget, direct_pool, evalsha
+from payi_guard.ledger._redisconn import ScriptSender, budget, script_sender
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,
@@ -186,8 +186,7 @@ class RedisLedger:
         self._seen = 0
         self._shared = False
         self._release: Callable[[], None] | None = None
-        # The pool whose connections run the scripts directly (factory-made clients).
-        self._pool: Any = None
+        self._send: ScriptSender = script_sender(client, direct=False)
 
     def _attach(self, wiring: _Wiring, release: Callable[[], None]) -> None:
         """Adopt a factory-made, shared client: its wiring, and how to give it back."""
@@ -195,7 +194,7 @@ class RedisLedger:
         wiring.budget = _budget_of(self._client)
         self._wiring = wiring
         self._shared = True
-        self._pool = direct_pool(self._client)
+        self._send = script_sender(self._client, direct=True)
         self._release = release
         if wiring.watch is not None and self._on_event is not None:
             wiring.watch.subscribe(self._on_event)
@@ -212,20 +211,18 @@ class RedisLedger:
     def _execute(self, call: _Call) -> Any:
         name, keys, args = call
         script = self._scripts[name]
-        client: Any = self._client  # redis-py's execute_command is untyped
+        client: Any = self._client  # redis-py's script_load is untyped
         try:
             with budget(self._wiring.budget):
                 # What the registered script's __call__ does, without its per-call
                 # check for a pipeline (never one here) and copies of keys and args.
-                pool = self._pool
+                send = self._send
                 try:
-                    if pool is not None:
-                        return evalsha(pool, script.sha, keys, args)
-                    return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    return send(script.sha, keys, args)
                 except self._no_script:
                     # Not in the server's cache (restarted, SCRIPT FLUSH): load it again.
                     script.sha = client.script_load(script.script)
-                    return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    return send(script.sha, keys, args)
         except self._errors as exc:
             raise _storage_error(name, exc, self._wiring) from exc
 
