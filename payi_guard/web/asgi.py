@@ -395,13 +395,13 @@ class GuardMiddleware:
             except DuplicateUserHeader as exc:
                 return identify.invalid_user(exc, "header")
         value = scoped
-        try:
-            if value is _UNREAD:
+        if value is _UNREAD:
+            try:
                 value = user_of_scope(scope.get("user"))
-            elif isinstance(value, InvalidUserId):
-                raise value
-        except InvalidUserId as exc:  # from the user object: labelled as _identify does
-            return identify.invalid_user(exc, "resolver")
+            except InvalidUserId as exc:
+                value = exc
+        if isinstance(value, InvalidUserId):  # from the user object: labelled as _identify does
+            return identify.invalid_user(value, "resolver")
         if value is not None:
             # rs.claim(value, source="scope") inlined: the scope is new (no tier) and
             # not shared yet (no lock).
