@@ -375,13 +375,41 @@ class _AsyncMixin:
             await this.disconnect()
             await this.connect()
         ready = self._pg_ready
+        saved = this.socket_timeout
+        limit = _limit(saved, sending=ready)
+        verdict = None
+        if (
+            limit is not None
+            and limit != math.inf
+            and getattr(this, "is_connected", False)
+            and not getattr(this, "health_check_interval", 0)
+        ):
+            # redis-py would send through asyncio.wait_for: a task, a timer and a pass
+            # of the event loop per command. On an open connection with no health check
+            # (nothing to read first), the write rarely waits (only on a full buffer): a
+            # verdict bounds that wait as it bounds the reply's. Opening a connection
+            # keeps redis-py's own timeouts.
+            verdict = _Verdict(limit, hops=1)
+            this.socket_timeout = None
         try:
             return await parent.send_packed_command(*args, **kwargs)
+        except asyncio.CancelledError:
+            if verdict is None or not verdict.timed_out():
+                raise
+            # redis-py dropped the connection on its way out.
+            error = redis.TimeoutError(f"Timeout writing to {server_label(self)}")
+            if ready:
+                _mark_sent(error)  # the bytes may have gone out before the drop
+            raise error from None
         except redis.TimeoutError as exc:
             # The bytes sit in the transport's buffer and may still go out.
             if ready:
                 _mark_sent(exc)
             raise
+        finally:
+            if verdict is not None:
+                verdict.close()
+                this.socket_timeout = saved
 
     async def read_response(
         self, disable_decoding: bool = False, timeout: float | None = None, **kwargs: Any

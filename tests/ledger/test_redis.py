@@ -182,6 +182,68 @@ async def test_a_factory_ledger_gives_its_connection_back_after_every_outcome(
         server.kill()
 
 
+async def test_an_async_send_on_an_open_connection_starts_no_task(
+    redis_url: str, key_prefix: str, clock: FakeClock
+) -> None:
+    # redis.asyncio sends through asyncio.wait_for when the connection has a socket
+    # timeout: on Python 3.11 a task and a pass of the event loop per command. The
+    # ledger's connections bound that write themselves and start no task.
+    ledger = LedgerAdapter("redis-async", open_async_ledger(redis_url))
+    key = f"{key_prefix}:{{u:a}}:usd"
+    charges = [Charge(key, 1, 1_000, EXPIRES)]
+    loop = asyncio.get_running_loop()
+    started: list[object] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        started.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    try:
+        assert (await ledger.reserve("open", charges, now=clock.now(), ttl=60)).ok  # connects
+        loop.set_task_factory(factory)
+        for i in range(5):
+            assert (await ledger.reserve(f"r{i}", charges, now=clock.now(), ttl=60)).ok
+            await ledger.commit(f"r{i}", charges, now=clock.now())
+        assert started == []
+    finally:
+        loop.set_task_factory(None)
+        await ledger.close()
+
+
+async def test_an_async_write_the_frozen_store_never_takes_is_bounded_and_its_outcome_unknown(
+    key_prefix: str, clock: FakeClock
+) -> None:
+    # A command larger than the socket buffers, to a frozen store: the write itself waits
+    # (the reply's timeout never starts). It ends with a storage error, not a
+    # cancellation, saying that what may have reached the store may be applied;
+    # after the thaw the ledger goes on, on a new connection.
+    server = RedisServer(free_port())
+    server.start()
+    ledger = LedgerAdapter("redis-async", open_async_ledger(server.url))
+    key = f"{key_prefix}:{{u:a}}:usd"
+    huge = f"{key_prefix}:{{u:a}}:" + "x" * (32 << 20)
+    try:
+        assert (
+            await ledger.reserve("open", [Charge(key, 1, 100, EXPIRES)], now=clock.now(), ttl=60)
+        ).ok
+        server.pause()
+        huge_charge = [Charge(huge, 1, 100, EXPIRES)]
+        with pytest.raises(StorageOutcomeUnknown) as caught:
+            # Without a bound of its own the write would wait for ever: this test's
+            # limit is far beyond the ledger's, so that it holds on a loaded machine.
+            await asyncio.wait_for(
+                ledger.reserve("huge", huge_charge, now=clock.now(), ttl=60), 60
+            )
+        assert "Timeout writing" in str(caught.value.__cause__)
+        server.resume()
+        assert (
+            await ledger.reserve("after", [Charge(key, 2, 100, EXPIRES)], now=clock.now(), ttl=60)
+        ).ok
+    finally:
+        await ledger.close()
+        server.kill()
+
+
 async def test_keys_reach_the_store_as_utf8_whichever_packs_the_command(
     redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
 ) -> None:
