@@ -22,12 +22,10 @@ caller's own):
   records a :class:`~payi_guard.ledger.StorageEvent` when the store is new or lost
   its data. It costs one round trip per new connection, nothing per operation.
 
-Retries stay off, so a factory-made ledger sends its scripts on a connection of the
-pool itself (:func:`evalsha`, :func:`aevalsha`: what ``execute_command`` does for a
-script with retries off, without its layers, which cost about a third of a sync
-script's client time);
-redis-py checks pooled connections before use (and an asyncio one
-that has something to read before it sent anything, a connection the server closed
+Retries stay off, so a factory-made ledger sends its scripts, packed by hiredis, on a
+connection of the pool itself (:func:`evalsha`, :func:`aevalsha`: ``execute_command``
+with retries off, without its layers); redis-py checks pooled connections before use
+(an asyncio one with something to read before it sent anything, closed by the server
 while the loop was not looking, is made again rather than used).
 
 Clients are shared: one per storage URI and options per process (sync), and per event
@@ -384,11 +382,9 @@ class _AsyncMixin:
             and getattr(this, "is_connected", False)
             and not getattr(this, "health_check_interval", 0)
         ):
-            # redis-py would send through asyncio.wait_for: a task, a timer and a pass
-            # of the event loop per command. On an open connection with no health check
-            # (nothing to read first), the write rarely waits (only on a full buffer): a
-            # verdict bounds that wait as it bounds the reply's. Opening a connection
-            # keeps redis-py's own timeouts.
+            # Not asyncio.wait_for (redis-py's: a task, a timer and a loop pass per
+            # command): on an open connection with no health check to read first, the
+            # write waits only on a full buffer, bounded as the reply is, by a verdict.
             verdict = _Verdict(limit, hops=1)
             this.socket_timeout = None
         try:
@@ -485,16 +481,26 @@ def direct_pool(client: Any) -> Any:
     return pool
 
 
-def evalsha(pool: Any, sha: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+def evalsha(
+    pool: Any,
+    pack: Callable[[tuple[Any, ...]], bytes] | None,
+    sha: str,
+    keys: Sequence[str],
+    args: Sequence[str],
+) -> Any:
     """``EVALSHA`` on a connection of ``pool`` (see :func:`direct_pool`); its raw reply.
 
     What ``Redis.execute_command`` does for a script with retries off (redis-py has no
-    reply callback for ``EVALSHA``), without its layers: take a connection, send, read,
-    drop the connection on a connection error or timeout, give it back.
+    reply callback for ``EVALSHA``), without its layers: take a connection, send (packed
+    by ``pack``, from :func:`command_packer`, if given), read, drop the connection on a
+    connection error or timeout, give it back.
     """
     connection = pool.get_connection()
     try:
-        connection.send_command("EVALSHA", sha, len(keys), *keys, *args)
+        if pack is None:
+            connection.send_command("EVALSHA", sha, len(keys), *keys, *args)
+        else:
+            connection.send_packed_command([pack(("EVALSHA", sha, len(keys), *keys, *args))])
         return connection.read_response()
     except BaseException as exc:
         if isinstance(exc, _transport_errors()):
@@ -510,9 +516,10 @@ def evalsha(pool: Any, sha: str, keys: Sequence[str], args: Sequence[str]) -> An
 def command_packer(pool: Any) -> Callable[[tuple[Any, ...]], bytes] | None:
     """The packer of hiredis when it packs as ``pool``'s connections would, else ``None``.
 
-    ``redis.asyncio`` packs every command in Python (the sync client already uses
-    hiredis); hiredis gives the same bytes for text in UTF-8 with strict errors, the
-    encoding a pool has unless it was told otherwise.
+    ``redis.asyncio`` packs every command in Python, and the sync client passes over
+    every argument in Python before hiredis packs them; hiredis alone gives the same
+    bytes for text in UTF-8 with strict errors, the encoding a pool has unless it was
+    told otherwise.
     """
     kwargs = getattr(pool, "connection_kwargs", {})
     if (
@@ -566,11 +573,12 @@ def script_sender(client: Any, *, direct: bool) -> ScriptSender:
     """How a sync ledger sends its scripts on ``client``, chosen once.
 
     ``direct`` (a factory-made client): :func:`evalsha` on its pool when
-    :func:`direct_pool` allows; otherwise ``client.execute_command``.
+    :func:`direct_pool` allows, packed by hiredis when :func:`command_packer` allows;
+    otherwise ``client.execute_command``.
     """
     pool = direct_pool(client) if direct else None
     if pool is not None:
-        return functools.partial(evalsha, pool)
+        return functools.partial(evalsha, pool, command_packer(pool))
 
     def send(sha: str, keys: Sequence[str], args: Sequence[str]) -> Any:
         return client.execute_command("EVALSHA", sha, len(keys), *keys, *args)
@@ -579,11 +587,7 @@ def script_sender(client: Any, *, direct: bool) -> ScriptSender:
 
 
 def async_script_sender(client: Any, *, direct: bool) -> AsyncScriptSender:
-    """The asyncio :func:`script_sender`, chosen once.
-
-    :func:`aevalsha` (packed by hiredis when :func:`command_packer` allows) or
-    ``client.execute_command``.
-    """
+    """The asyncio :func:`script_sender` (:func:`aevalsha`), chosen once."""
     pool = direct_pool(client) if direct else None
     if pool is not None:
         return functools.partial(aevalsha, pool, command_packer(pool))

@@ -231,9 +231,7 @@ async def test_an_async_write_the_frozen_store_never_takes_is_bounded_and_its_ou
         with pytest.raises(StorageOutcomeUnknown) as caught:
             # Without a bound of its own the write would wait for ever: this test's
             # limit is far beyond the ledger's, so that it holds on a loaded machine.
-            await asyncio.wait_for(
-                ledger.reserve("huge", huge_charge, now=clock.now(), ttl=60), 60
-            )
+            await asyncio.wait_for(ledger.reserve("huge", huge_charge, now=clock.now(), ttl=60), 60)
         assert "Timeout writing" in str(caught.value.__cause__)
         server.resume()
         assert (
@@ -247,9 +245,9 @@ async def test_an_async_write_the_frozen_store_never_takes_is_bounded_and_its_ou
 async def test_keys_reach_the_store_as_utf8_whichever_packs_the_command(
     redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    # The async ledger packs its scripts with hiredis (the sync one through redis-py's
-    # own hiredis serializer): the same bytes as redis-py's encoder, so a key with
-    # non-ASCII text is the same key for either, and for a plain client.
+    # Both ledgers pack their scripts with hiredis itself: the same bytes as redis-py's
+    # encoder, so a key with non-ASCII text is the same key for either, and for a plain
+    # client.
     key = f"{key_prefix}:{{u:caf\u00e9 \u4e2d}}:usd"
     charge = [Charge(key, 7, 100, EXPIRES)]
     for opener in (open_ledger, open_async_ledger):
@@ -267,10 +265,11 @@ async def test_keys_reach_the_store_as_utf8_whichever_packs_the_command(
 def test_only_a_plain_client_with_retries_off_runs_scripts_on_its_pool_directly() -> None:
     # The direct path does what execute_command does with retries off; a client that
     # retries, holds one connection or is a cluster keeps execute_command.
+    import hiredis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from payi_guard.ledger._redisconn import command_packer, direct_pool
+    from payi_guard.ledger._redisconn import command_packer, direct_pool, script_sender
 
     plain = redis.Redis(retry=Retry(NoBackoff(), 0))
     assert direct_pool(plain) is plain.connection_pool
@@ -281,7 +280,11 @@ def test_only_a_plain_client_with_retries_off_runs_scripts_on_its_pool_directly(
     assert direct_pool(object()) is None  # a cluster client has no single pool
     # hiredis packs text as UTF-8 with strict errors: a pool told otherwise keeps redis-py's.
     assert command_packer(plain.connection_pool) is not None
-    assert command_packer(redis.Redis(encoding="latin-1").connection_pool) is None
+    latin = redis.Redis(encoding="latin-1", retry=Retry(NoBackoff(), 0))
+    assert command_packer(latin.connection_pool) is None
+    # The sync sender packs as the async one does, with redis-py's packing as the fallback.
+    assert script_sender(plain, direct=True).args == (plain.connection_pool, hiredis.pack_command)
+    assert script_sender(latin, direct=True).args == (latin.connection_pool, None)
 
 
 # -- slot grouping, forced on a single server ------------------------------------------------
