@@ -5,6 +5,7 @@ Sentinel, Unix sockets and the URI forms."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import sys
 import time
@@ -283,8 +284,10 @@ def test_only_a_plain_client_with_retries_off_runs_scripts_on_its_pool_directly(
     latin = redis.Redis(encoding="latin-1", retry=Retry(NoBackoff(), 0))
     assert command_packer(latin.connection_pool) is None
     # The sync sender packs as the async one does, with redis-py's packing as the fallback.
-    assert script_sender(plain, direct=True).args == (plain.connection_pool, hiredis.pack_command)
-    assert script_sender(latin, direct=True).args == (latin.connection_pool, None)
+    for client, packer in ((plain, hiredis.pack_command), (latin, None)):
+        sender = script_sender(client, direct=True)
+        assert isinstance(sender, functools.partial)
+        assert sender.args == (client.connection_pool, packer)
 
 
 # -- slot grouping, forced on a single server ------------------------------------------------
