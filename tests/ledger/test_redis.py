@@ -110,6 +110,45 @@ async def _reloads_forgotten_scripts(
     assert sent() - before == 1
 
 
+def test_closed_ids_are_trimmed_by_the_commits_that_add_them(clock: FakeClock) -> None:
+    # Only a commit (or release) adds closed ids, so only it trims those whose time is
+    # over (up to 64 a call): a reserve runs no ZCOUNT, and a commit past the closed
+    # ttl leaves its own id alone in the set.
+    server = RedisServer(free_port())
+    server.start()
+    raw = server.client()
+    ledger = LedgerAdapter("redis", open_ledger(server.url, closed_ttl=0.3), raw=raw)
+    key = "t:{u:a}:usd"
+    charges = [Charge(key, 1, 1_000, EXPIRES)]
+
+    def zcounts() -> int:
+        stats: Any = raw.info("commandstats")
+        return int(stats.get("cmdstat_zcount", {}).get("calls", 0))
+
+    async def run() -> None:
+        for i in range(10):
+            await ledger.commit(f"c{i}", charges, now=clock.now())
+        assert raw.zcard(key + CLOSED_SUFFIX) == 10
+        # The set lives as long as the latest close; here others keep it alive.
+        raw.persist(key + CLOSED_SUFFIX)
+        await ledger.elapse(clock, 0.3)
+        before = zcounts()
+        for i in range(5):
+            assert (await ledger.reserve(f"r{i}", charges, now=clock.now(), ttl=60)).ok
+        assert zcounts() == before
+        assert raw.zcard(key + CLOSED_SUFFIX) == 10  # reserves leave the set as it was
+        await ledger.commit("r0", charges, now=clock.now())
+        assert zcounts() == before + 1
+        assert raw.zrange(key + CLOSED_SUFFIX, 0, -1) == [b"r0"]
+
+    try:
+        asyncio.run(run())
+    finally:
+        raw.close()
+        asyncio.run(ledger.close())
+        server.kill()
+
+
 async def test_scripts_the_server_forgot_are_loaded_again(clock: FakeClock) -> None:
     # A server restarted without persistence, or SCRIPT FLUSH, forgets the scripts:
     # the next operation gets NOSCRIPT, loads its script and runs it, once. (A server

@@ -59,7 +59,8 @@ local function purge(key, index, now)
   end
 end
 
--- Forget up to 64 closed ids whose time is over (enough to keep up: each close adds one).
+-- Forget up to 64 closed ids whose time is over (enough to keep up: each close adds one;
+-- run where ids are added, by commit.lua).
 local function trim_closed(closed, now)
   local over = redis.call('ZCOUNT', closed, '-inf', fmt_time(now))
   if over > 0 then

@@ -20,7 +20,8 @@ local closed_here = false
 for i = 1, n do
   local key, index, closed = counter_keys(i)
   purge(key, index, now)
-  trim_closed(closed, now)
+  -- Closed ids are trimmed by commit.lua, the only script that adds them; is_closed
+  -- ignores those whose time is over.
   if is_closed(closed, id, now) then
     closed_here = true
   end
