@@ -90,7 +90,7 @@ class _Binding:
     grouped: bool
     release: Callable[[], Awaitable[None]]
     send: AsyncScriptSender
-    """How the scripts are sent (see :func:`~payi_guard.ledger._redisconn.script_sender`)."""
+    """How the scripts are sent (see :func:`~payi_guard.ledger._redisconn.async_script_sender`)."""
 
 
 ClientFactory = Callable[[], "AsyncClient"]

@@ -61,6 +61,7 @@ from payi_guard.ledger._redis_marker import (
 __all__ = [
     "DEFAULT_MARKER_KEY",
     "AsyncScriptSender",
+    "Packer",
     "ScriptSender",
     "StoreWatch",
     "aevalsha",
@@ -481,9 +482,13 @@ def direct_pool(client: Any) -> Any:
     return pool
 
 
+Packer = Callable[[tuple[Any, ...]], bytes]
+"""Packs a command (its name and arguments) into the bytes sent (see :func:`command_packer`)."""
+
+
 def evalsha(
     pool: Any,
-    pack: Callable[[tuple[Any, ...]], bytes] | None,
+    pack: Packer | None,
     sha: str,
     keys: Sequence[str],
     args: Sequence[str],
@@ -513,13 +518,11 @@ def evalsha(
         pool.release(connection)
 
 
-def command_packer(pool: Any) -> Callable[[tuple[Any, ...]], bytes] | None:
+def command_packer(pool: Any) -> Packer | None:
     """The packer of hiredis when it packs as ``pool``'s connections would, else ``None``.
 
-    ``redis.asyncio`` packs every command in Python, and the sync client passes over
-    every argument in Python before hiredis packs them; hiredis alone gives the same
-    bytes for text in UTF-8 with strict errors, the encoding a pool has unless it was
-    told otherwise.
+    redis-py packs in Python (sync: a pass over every argument before hiredis); hiredis
+    alone gives the same bytes for text in UTF-8 with strict errors, a pool's default.
     """
     kwargs = getattr(pool, "connection_kwargs", {})
     if (
@@ -531,22 +534,21 @@ def command_packer(pool: Any) -> Callable[[tuple[Any, ...]], bytes] | None:
         import hiredis
     except ImportError:
         return None
-    pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+    pack: Packer = hiredis.pack_command
     return pack
 
 
 async def aevalsha(
     pool: Any,
-    pack: Callable[[tuple[Any, ...]], bytes] | None,
+    pack: Packer | None,
     sha: str,
     keys: Sequence[str],
     args: Sequence[str],
 ) -> Any:
     """The asyncio twin of :func:`evalsha`, for a ``redis.asyncio`` pool.
 
-    ``pack`` (from :func:`command_packer`) packs the command, when given. A cancellation
-    while the reply is awaited reaches the connection's own read, which drops the
-    connection (the reply would otherwise be read as the next command's).
+    A cancellation while the reply is awaited reaches the connection's own read, which
+    drops the connection (the reply would otherwise be read as the next command's).
     """
     connection = await pool.get_connection()
     try:
