@@ -23,8 +23,9 @@ Layout, per counter key ``K`` (chosen by the caller, with a ``{...}`` hash tag):
 Clocks: every script reads the server's clock (``TIME``) for reservation deadlines and
 closed ids, so hosts whose clocks disagree agree on them. The caller's ``now`` only sets
 the counters' lifetime: ``K`` and ``K:x`` get a ``PEXPIRE`` of ``expires_at - now``
-whenever a reserve or commit writes them (relative, since Redis expires keys by its own
-clock); ``K:d`` lives ``closed_ttl`` from its last write. No counter key may be another
+from the script that makes them (relative, since Redis expires keys by its own clock;
+every charge of a counter's window carries the same ``expires_at``, so later writes
+leave it alone); ``K:d`` lives ``closed_ttl`` from its last write. No counter key may be another
 counter key plus ``:x`` or ``:d``. Reserving an id that is already open on a key
 replaces its amount and deadline there, so a retried reserve is not counted twice.
 Amounts are compared in Lua doubles, hence the ``2**53 - 1`` cap enforced on every

@@ -149,6 +149,49 @@ def test_closed_ids_are_trimmed_by_the_commits_that_add_them(clock: FakeClock) -
         server.kill()
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_counters_expiry_is_set_by_the_write_that_makes_it(
+    kind: str, redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    # Every charge of a counter's window carries the same expires_at, so the script that
+    # makes the hash (or its index) sets its expiry and later writes leave it alone.
+    made = open_ledger(redis_url) if kind == "sync" else open_async_ledger(redis_url)
+    ledger = LedgerAdapter(f"redis-{kind}", made, raw=raw_redis)
+    now = clock.now()
+    key, index = f"{key_prefix}:{{u:a}}:usd", f"{key_prefix}:{{u:a}}:usd" + INDEX_SUFFIX
+    charge = Charge(key, 10, 1_000, now + 3_600)
+    hour, far = 3_600_000, 10 * 86_400_000
+
+    def for_the_window(name: str) -> bool:
+        return hour - 600_000 < raw_redis.pttl(name) <= hour
+
+    assert (await ledger.reserve("r1", [charge], now=now, ttl=60)).ok
+    assert for_the_window(key)
+    assert for_the_window(index)
+    raw_redis.pexpire(key, far)
+    raw_redis.pexpire(index, far)
+    # A reserve beside an open one, a commit, a refusal: none sets an expiry again.
+    assert (await ledger.reserve("r2", [charge], now=now, ttl=60)).ok
+    await ledger.commit("r1", [charge], now=now)
+    assert not (
+        await ledger.reserve("r3", [Charge(key, 2_000, 1_000, now + 60)], now=now, ttl=60)
+    ).ok
+    assert raw_redis.pttl(key) > hour
+    assert raw_redis.pttl(index) > hour
+    # The index made again once no reservation is open gets the window's expiry.
+    await ledger.release("r2", [key], now=now)
+    assert not raw_redis.exists(index)
+    assert (await ledger.reserve("r4", [charge], now=now, ttl=60)).ok
+    assert for_the_window(index)
+    assert raw_redis.pttl(key) > hour
+    # A commit that makes the counter again, after it was gone, gives it its expiry.
+    raw_redis.delete(key, index)
+    assert await ledger.commit("r4", [charge], now=now) == (CounterState(10, 0),)
+    assert for_the_window(key)
+    assert not raw_redis.exists(index)
+    await ledger.close()
+
+
 async def test_scripts_the_server_forgot_are_loaded_again(clock: FakeClock) -> None:
     # A server restarted without persistence, or SCRIPT FLUSH, forgets the scripts:
     # the next operation gets NOSCRIPT, loads its script and runs it, once. (A server

@@ -4,8 +4,9 @@
 -- Tallies are added only when the id was closed here on at least one key (not a retry).
 -- KEYS: per charge, the three keys of its counter (see lib.lua); then the tallies' keys.
 -- ARGV: reservation id, seconds to remember the id, the number of charges, then per
---       charge: amount, time to live of the counter in milliseconds ('' = leave the
---       expiry alone, as release does); then the tallies (see add_tallies in lib.lua).
+--       charge: amount, time to live of the counter in milliseconds, set only if this
+--       commit makes the counter ('' = never, as release does); then the tallies (see
+--       add_tallies in lib.lua).
 -- Returns {settled_1, pending_1, refused_1, settled_2, ...}.
 local id = ARGV[1]
 local keep = tonumber(ARGV[2])
@@ -43,10 +44,11 @@ for i = 1, n do
     end
     close_id(closed, id, now, keep)
     applied = true
-    if ttl ~= '' then
-      -- PEXPIRE on a missing key is a no-op, so a zero commit creates no counter.
+    if ttl ~= '' and not (held or v[2] or v[3] or v[4]) then
+      -- A counter that existed has its expiry (every script that creates one sets it),
+      -- and a commit never creates the index. PEXPIRE on a missing key is a no-op, so
+      -- a zero commit creates no counter.
       redis.call('PEXPIRE', key, ttl)
-      redis.call('PEXPIRE', index, ttl)
     end
     -- Even when that deleted a counter past its expiry: what the commit made of it, as
     -- the other ledgers report.

@@ -15,6 +15,12 @@ local n = tonumber(ARGV[3])
 local out = {1, -1}
 local held = {}
 local noted = {}  -- whether counter i has an "f" to clear
+-- The script that makes a key sets its expiry (every charge of a counter's window has
+-- the same one): the hash when it does not exist yet, the index when no reservation is
+-- open ("p" is their sum, so an index exists only where it is above 0, or where every
+-- open amount is 0, and then setting it again is harmless).
+local fresh = {}  -- whether counter i's hash does not exist yet
+local idle = {}  -- whether counter i has no open reservation to keep its index
 local closed_here = false
 
 for i = 1, n do
@@ -31,6 +37,8 @@ for i = 1, n do
   -- Reserving an id that is already open replaces it: a retried reserve counts once.
   held[i] = tonumber(v[4]) or 0
   noted[i] = v[3] ~= false
+  fresh[i] = not (v[1] or v[2] or v[3] or v[4])
+  idle[i] = pending <= 0
   local base = 3 + 3 * (i - 1)
   local limit = ARGV[base + 2]
   if out[1] == 1 and limit ~= ''
@@ -52,7 +60,9 @@ if out[1] == 0 then
   local key = counter_keys(i)
   local base = 3 + 3 * (i - 1)
   redis.call('HSET', key, 'f', ARGV[base + 1])
-  redis.call('PEXPIRE', key, ARGV[base + 3])
+  if fresh[i] then
+    redis.call('PEXPIRE', key, ARGV[base + 3])
+  end
   out[2 + 3 * i] = tonumber(ARGV[base + 1])
   add_tallies(3 * n, 3 * n + 4)
   return out
@@ -70,7 +80,11 @@ for i = 1, n do
   out[2 + 3 * i - 1] = redis.call('HINCRBY', key, 'p', fmt(tonumber(amount) - held[i]))
   out[2 + 3 * i] = 0
   redis.call('ZADD', index, deadline, field)
-  redis.call('PEXPIRE', key, ttl)
-  redis.call('PEXPIRE', index, ttl)
+  if fresh[i] then
+    redis.call('PEXPIRE', key, ttl)
+  end
+  if idle[i] then
+    redis.call('PEXPIRE', index, ttl)
+  end
 end
 return out
