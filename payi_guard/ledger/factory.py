@@ -241,7 +241,7 @@ _MODULES = {
 
 def _make_client(target: _Target, options: dict[str, Any], flavour: str, watch: Any) -> Any:
     """Build the sync or async redis-py client a target names (no I/O but for a cluster)."""
-    from payi_guard.ledger import _redisconn
+    from payi_guard.ledger import _redis_pool, _redisconn
 
     client_mod, retry_mod, sentinel_mod, cluster_mod = (
         importlib.import_module(name) for name in _MODULES[flavour]
@@ -258,7 +258,10 @@ def _make_client(target: _Target, options: dict[str, Any], flavour: str, watch: 
         in_uri = importlib.import_module("redis.connection").parse_url(target.url)
         kwargs.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
         kwargs.setdefault("timeout", in_uri.get("socket_timeout", kwargs.get("socket_timeout")))
-        pool = client_mod.BlockingConnectionPool.from_url(target.url, **kwargs)
+        pool_class = client_mod.BlockingConnectionPool
+        if flavour == "async":
+            pool_class = _redis_pool.lean_pool_class(pool_class)
+        pool = pool_class.from_url(target.url, **kwargs)
         pool.connection_class = wrap(pool.connection_class, watch)
         return client_mod.Redis.from_pool(pool)
     if target.kind == "sentinel":
