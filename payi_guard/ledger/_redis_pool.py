@@ -107,10 +107,17 @@ class _ShortWayMixin:
         await self._pg_put_back(connection)
 
     async def _pg_put_back(self, connection: Any) -> None:
+        # Under the pool's lock while the server moves connections (as redis-py's own
+        # release is), so its maintenance never sees the lists change under it.
         this: Any = self
-        this._in_use_connections.remove(connection)
         if connection.should_reconnect():
             await connection.disconnect()
+        if getattr(this, "_in_maintenance", False):
+            async with this._lock:
+                this._in_use_connections.remove(connection)
+                this._available_connections.append(connection)
+            return
+        this._in_use_connections.remove(connection)
         this._available_connections.append(connection)
 
 

@@ -108,3 +108,20 @@ def test_a_connection_the_server_closed_is_made_again_on_the_short_way(
     finally:
         raw.close()
         server.kill()
+
+
+async def test_while_the_server_moves_connections_the_pool_takes_redis_pys_path(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    ledger = open_async_ledger(redis_url)
+    charges = [Charge(f"{key_prefix}:{{u:a}}:usd", 10, 1_000, EXPIRES)]
+    assert (await ledger.reserve("warm", charges, now=clock.now(), ttl=60)).ok
+    pool = _pool(ledger)
+    pool._condition = condition = _CountingCondition()
+    pool.set_in_maintenance(True)  # what redis-py's maintenance handler calls
+    assert (await ledger.reserve("moving", charges, now=clock.now(), ttl=60)).ok
+    assert condition.entered == 2  # taken and given back under the condition
+    pool.set_in_maintenance(False)
+    assert (await ledger.reserve("moved", charges, now=clock.now(), ttl=60)).ok
+    assert condition.entered == 2
+    await ledger.aclose()
