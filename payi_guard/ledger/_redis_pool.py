@@ -1,9 +1,9 @@
 """The asyncio ledger's connection pool: redis-py's blocking pool, with a short way in.
 
 redis-py's asyncio ``BlockingConnectionPool`` takes every connection under its
-condition, inside a timeout scope and a lock of its own, records metrics on the way in
-and out, and announces every release to its event listeners: about a fifth of the
-client's work for a guarded call on a factory-made client. Most of it is for the cases
+condition and inside a timeout scope, gives it back under its condition and a lock,
+records metrics both ways and announces every release to its event listeners: about a
+sixth of the client's work for a guarded call on a factory-made client. Most of it is for the cases
 that need it: no connection free, connections being re-authenticated or moved by the
 server, metrics being collected.
 
@@ -15,7 +15,8 @@ the free ones and checked as redis-py checks it (``ensure_connection``), and giv
 to them; nothing else. Under asyncio's single thread these steps cannot interleave, so
 the pool's lists stay as its own code keeps them. A connection taken the short way is
 given back the short way (under the condition, to wake a caller that started waiting
-meanwhile), so redis-py's counts of used and idle connections stay balanced.
+meanwhile; under the pool's lock, if maintenance began meanwhile), so redis-py's counts
+of used and idle connections stay balanced.
 """
 
 from __future__ import annotations
