@@ -22,6 +22,7 @@ of used and idle connections stay balanced.
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,7 @@ class _ShortWayMixin:
         self._pg_short: set[Any] = set()
         self._pg_able = (
             isinstance(getattr(this, "_available_connections", None), list)
-            and isinstance(getattr(this, "_in_use_connections", None), set)
+            and isinstance(getattr(this, "_in_use_connections", None), (set, weakref.WeakSet))
             and hasattr(getattr(this, "_condition", None), "_waiters")
             and this.connection_kwargs.get("credential_provider") is None
         )
