@@ -33,14 +33,23 @@ class _CountingCondition(asyncio.Condition):
         await super().__aenter__()
 
 
-async def test_a_call_takes_a_free_connection_without_the_pools_condition(
-    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
-) -> None:
+async def _warmed(
+    redis_url: str, key_prefix: str, clock: FakeClock
+) -> tuple[Any, list[Charge], Any, _CountingCondition]:
+    """A factory ledger after one reserve (its connection made, then free), its charges,
+    its pool, and the counting condition that pool now has."""
     ledger = open_async_ledger(redis_url)
     charges = [Charge(f"{key_prefix}:{{u:a}}:usd", 10, 1_000, EXPIRES)]
     assert (await ledger.reserve("warm", charges, now=clock.now(), ttl=60)).ok
     pool = _pool(ledger)
     condition = pool._condition = _CountingCondition()
+    return ledger, charges, pool, condition
+
+
+async def test_a_call_takes_a_free_connection_without_the_pools_condition(
+    redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
+) -> None:
+    ledger, charges, pool, condition = await _warmed(redis_url, key_prefix, clock)
     for i in range(5):
         assert (await ledger.reserve(f"r{i}", charges, now=clock.now(), ttl=60)).ok
         await ledger.commit(f"r{i}", charges, now=clock.now())
@@ -113,11 +122,7 @@ def test_a_connection_the_server_closed_is_made_again_on_the_short_way(
 async def test_while_the_server_moves_connections_the_pool_takes_redis_pys_path(
     redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    ledger = open_async_ledger(redis_url)
-    charges = [Charge(f"{key_prefix}:{{u:a}}:usd", 10, 1_000, EXPIRES)]
-    assert (await ledger.reserve("warm", charges, now=clock.now(), ttl=60)).ok
-    pool = _pool(ledger)
-    pool._condition = condition = _CountingCondition()
+    ledger, charges, pool, condition = await _warmed(redis_url, key_prefix, clock)
     pool.set_in_maintenance(True)  # what redis-py's maintenance handler calls
     assert (await ledger.reserve("moving", charges, now=clock.now(), ttl=60)).ok
     assert condition.entered == 2  # taken and given back under the condition
