@@ -261,6 +261,8 @@ def _make_client(target: _Target, options: dict[str, Any], flavour: str, watch: 
         pool_class = client_mod.BlockingConnectionPool
         if flavour == "async":
             pool_class = _redis_pool.lean_pool_class(pool_class)
+        else:
+            pool_class = _redis_pool.lean_sync_pool_class(pool_class)
         pool = pool_class.from_url(target.url, **kwargs)
         pool.connection_class = wrap(pool.connection_class, watch)
         return client_mod.Redis.from_pool(pool)
