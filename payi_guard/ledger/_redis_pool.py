@@ -145,7 +145,15 @@ def _with_short_way(mixin: type[Any], base: type[Any]) -> type[Any]:
     """
     if issubclass(base, mixin):
         return base
-    return type(f"Ledger{base.__name__}", (mixin, base), {"__module__": __name__})
+    made = _MADE.get((mixin, base))
+    if made is None:
+        made = type(f"Ledger{base.__name__}", (mixin, base), {"__module__": __name__})
+        _MADE[(mixin, base)] = made
+    return made
+
+
+_MADE: dict[tuple[type[Any], type[Any]], type[Any]] = {}
+"""The classes :func:`_with_short_way` made, one per mixin and redis-py pool class."""
 
 
 def lean_pool_class(base: type[Any]) -> type[Any]:

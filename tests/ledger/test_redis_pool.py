@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -242,27 +244,40 @@ def test_a_sync_connection_the_server_closed_is_made_again_on_the_short_way(
         ledger.close()
 
 
+_FORKED = """
+import os, sys
+from payi_guard.ledger import Charge, CounterState, open_ledger
+
+url, key, now = sys.argv[1], sys.argv[2], float(sys.argv[3])
+ledger = open_ledger(url)
+charges = [Charge(key, 10, None, now + 86_400)]
+assert ledger.reserve("parent-1", charges, now=now, ttl=60).ok
+pool = ledger._client.connection_pool
+(parents,) = [item for item in pool.pool.queue if item is not None]
+pid = os.fork()
+if pid == 0:  # the child: never the parent's socket
+    code = 1
+    try:
+        ok = ledger.reserve("child", charges, now=now, ttl=60).ok
+        mine = [item for item in pool.pool.queue if item is not None]
+        code = 0 if ok and mine and mine[0] is not parents else 2
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert ledger.reserve("parent-2", charges, now=now, ttl=60).ok
+assert ledger.read([key], now=now) == (CounterState(0, 30),)
+ledger.close()
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_makes_its_own_connection_on_the_short_way(
     redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    ledger = open_ledger(redis_url)
+    # In a process of its own: forking this one, whose other threads may hold locks,
+    # could leave the child waiting on them.
     key = f"{key_prefix}:{{u:a}}:usd"
-    charges = [Charge(key, 10, None, EXPIRES)]
-    assert ledger.reserve("parent-1", charges, now=clock.now(), ttl=60).ok
-    pool = _sync_pool(ledger)
-    (parents,) = [item for item in pool.pool.queue if item is not None]
-    pid = os.fork()
-    if pid == 0:  # the child: never the parent's socket
-        code = 1
-        try:
-            ok = ledger.reserve("child", charges, now=clock.now(), ttl=60).ok
-            mine = [item for item in pool.pool.queue if item is not None]
-            code = 0 if ok and mine and mine[0] is not parents else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert ledger.reserve("parent-2", charges, now=clock.now(), ttl=60).ok
-    assert ledger.read([key], now=clock.now()) == (CounterState(0, 30),)
-    ledger.close()
+    command = [sys.executable, "-c", _FORKED, redis_url, key, str(clock.now())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
