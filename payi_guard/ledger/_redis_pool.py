@@ -79,9 +79,11 @@ class _ShortWayMixin:
         )
 
     def _pg_may_skip(self) -> bool:
+        """Whether the short way may be taken: a free connection, nobody waiting for one."""
         this: Any = self
         return (
             self._pg_able
+            and bool(this._available_connections)
             and not this._condition._waiters
             and not getattr(this, "_in_maintenance", False)
             and not _metrics_on()
@@ -93,8 +95,6 @@ class _ShortWayMixin:
         parent: Any = super()
         if command_name is not None or keys or options:  # redis-py's deprecated form
             return await parent.get_connection(command_name, *keys, **options)
-        if not self._pg_able or not this._available_connections:
-            return await parent.get_connection()
         if not self._pg_may_skip():
             return await parent.get_connection()
         connection = this._available_connections.pop()
