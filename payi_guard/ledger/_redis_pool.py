@@ -205,20 +205,20 @@ class _SyncShortWayMixin:
     def _pg_check(self, connection: Any) -> None:
         # redis-py's check of a pooled connection: one with something to read before it
         # sent anything was given back unread or closed by the server; make it again.
-        this: Any = self
-
-        def unready() -> bool:
-            return bool(connection.can_read()) and not this.maint_notifications_enabled()
-
         connection.connect()
         try:
-            if unready():
+            if self._pg_unready(connection):
                 raise redis_errors.ConnectionError("Connection has data")
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
             connection.disconnect()
             connection.connect()
-            if unready():
+            if self._pg_unready(connection):
                 raise redis_errors.ConnectionError("Connection not ready") from None
+
+    def _pg_unready(self, connection: Any) -> bool:
+        # Something to read (server push notifications aside) before anything was sent.
+        this: Any = self
+        return bool(connection.can_read()) and not this.maint_notifications_enabled()
 
     def release(self, connection: Any) -> None:
         """Give ``connection`` back the way it was taken."""
