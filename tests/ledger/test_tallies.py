@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,13 @@ async def test_tallies_of_several_owners_in_one_commit(
         Tally("t", (("c", 1), 7), 1e10),  # type: ignore[arg-type]
         Tally("t", ((5, 1),), 1e10),  # type: ignore[arg-type]
         Tally("t", (("c", 1), (b"n", 1)), 1e10),  # type: ignore[arg-type]
+        # Shapes a dict() of the fields would take for pairs.
+        Tally("t", {"c": 1}, 1e10),  # type: ignore[arg-type]
+        Tally("t", (("c", 1), deque(["n", 2])), 1e10),  # type: ignore[arg-type]
+        Tally("t", (("c", 1), "n2"), 1e10),  # type: ignore[arg-type]
+        Tally("t", (("c", 1), ("n", 2.0)), 1e10),  # type: ignore[arg-type]
+        Tally("t", (("c", 1), ("n", 2**53)), 1e10),
+        Tally("t", (("c", 1), (("n",), 2)), 1e10),  # type: ignore[arg-type]
     ],
 )
 async def test_malformed_tallies_are_refused(
@@ -186,3 +195,47 @@ def test_slot_grouped_redis_writes_each_tally_with_its_own_slot(
     finally:
         ledger.close()
     assert read == ({"c": 4, "n": 1, "f": 1}, {"c": 4, "n": 1}, {})
+
+
+def test_the_quick_tally_check_refuses_what_the_detailed_one_refuses() -> None:
+    """check_tallies' C-level pass over fields accepts exactly what the detailed checks do."""
+    from payi_guard.ledger._tally import _check_tallies_slowly, check_tallies
+
+    rng = random.Random(21)
+    names: list[object] = ["c", "n", "", "mc:gpt-4o", b"c", 5, ("c",), None]
+    values: list[object] = [0, 1, -1, 2**53 - 1, -(2**53 - 1), 2**53, True, 1.0, "1", None]
+
+    def pair() -> object:
+        shape = rng.random()
+        name, value = rng.choice(names), rng.choice(values)
+        if shape < 0.55:
+            return (name, value)
+        if shape < 0.7:
+            return [name, value]
+        if shape < 0.8:
+            return (name, value, 1)
+        if shape < 0.9:
+            return rng.choice(["ab", b"ab", deque([name, value])])
+        return 7
+
+    outcomes = {True: 0, False: 0}
+    for _ in range(5_000):
+        fields: object = [pair() for _ in range(rng.randint(0, 4))]
+        if rng.random() < 0.7:
+            fields = tuple(fields)  # type: ignore[arg-type]
+        elif rng.random() < 0.3:
+            fields = {"c": 1}
+        tallies = [Tally("t", fields, 1e10)]  # type: ignore[arg-type]
+        try:
+            _check_tallies_slowly(tallies)
+            detailed = True
+        except ValueError:
+            detailed = False
+        try:
+            check_tallies(tallies)
+            quick = True
+        except ValueError:
+            quick = False
+        assert quick == detailed, fields
+        outcomes[quick] += 1
+    assert min(outcomes.values()) > 500, outcomes
