@@ -5,7 +5,6 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from typing import Final
 
 from payi_guard.ledger.base import MAX_UNITS, Tally
 
@@ -29,41 +28,25 @@ def check_tallies(tallies: Sequence[Tally]) -> None:
         if not (type(key) is str and key and key not in keys and math.isfinite(expires_at)):
             return _check_tallies_slowly(tallies)
         keys.add(key)
-        if fields and not _plain_fields(fields):
+        names = set()
+        try:
+            for pair in fields:
+                if type(pair) is not tuple:  # a list pair is checked in detail
+                    return _check_tallies_slowly(tallies)
+                name, value = pair
+                if not (
+                    type(name) is str
+                    and name
+                    and type(value) is int
+                    and -MAX_UNITS <= value <= MAX_UNITS
+                ):
+                    return _check_tallies_slowly(tallies)
+                names.add(name)
+        except (TypeError, ValueError):  # a field that is not a pair
+            return _check_tallies_slowly(tallies)
+        if len(names) != len(fields):
             return _check_tallies_slowly(tallies)
     return None
-
-
-_PAIR_TYPES: Final = frozenset((tuple, list))
-_STR: Final = frozenset((str,))
-_INT: Final = frozenset((int,))
-
-
-def _plain_fields(fields: object) -> bool:
-    """Whether ``fields`` passes :func:`_check_tallies_slowly`, by C-level passes only.
-
-    A tuple or list of tuple or list pairs, read as a dict: as many names as pairs
-    (none repeated), every name a non-empty ``str``, every value an ``int`` (not a
-    ``bool``) within ``[-MAX_UNITS, MAX_UNITS]``. ``False`` also for what passes the
-    detailed checks in another shape (a ``str`` subclass, say): they then decide.
-    """
-    if not (type(fields) is tuple or type(fields) is list):
-        return False
-    try:
-        if not set(map(type, fields)) <= _PAIR_TYPES:
-            return False
-        named = dict(fields)
-    except (TypeError, ValueError):  # a pair of another length, an unhashable name
-        return False
-    values = named.values()
-    return (
-        len(named) == len(fields)
-        and set(map(type, named)) == _STR
-        and "" not in named
-        and set(map(type, values)) == _INT
-        and min(values) >= -MAX_UNITS
-        and max(values) <= MAX_UNITS
-    )
 
 
 def immutable_tallies(tallies: Sequence[Tally]) -> bool:

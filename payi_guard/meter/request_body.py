@@ -116,10 +116,6 @@ def loads_json_text(data: str) -> Any:
     return json.loads(data)
 
 
-_LOWER_NAME: Final = operator.itemgetter(1)
-"""The lowercase name of a ``Headers._list`` triple."""
-
-
 def _raw_values(headers: Any, name: bytes) -> list[bytes]:
     """The raw values of header ``name`` (lowercase), in order.
 
@@ -128,18 +124,11 @@ def _raw_values(headers: Any, name: bytes) -> list[bytes]:
     of pairs) and lowering every name. Anything else is read through ``raw``.
     """
     items = getattr(headers, "_list", None)
-    if type(items) is list and (not items or len(items[0]) == 3):
+    if type(items) is list:
         try:
-            keys = list(map(_LOWER_NAME, items))  # C-level passes, as set_header's
-        except (TypeError, IndexError):  # not the triples this relies on
+            return [value for _, key, value in items if key == name]
+        except (TypeError, ValueError):  # not the triples this relies on
             pass
-        else:
-            found = keys.count(name)
-            if found == 0:
-                return []
-            if found == 1:
-                return [items[keys.index(name)][2]]
-            return [items[index][2] for index, key in enumerate(keys) if key == name]
     size = len(name)
     return [value for key, value in headers.raw if len(key) == size and key.lower() == name]
 
@@ -170,6 +159,9 @@ def content_type(headers: Any) -> str | None:
 def has_header(headers: Any, name: bytes) -> bool:
     """``name in headers`` (``name`` in lowercase), without working out their encoding."""
     return bool(_raw_values(headers, name))
+
+
+_LOWER_NAME: Final = operator.itemgetter(1)
 
 
 def set_header(headers: Any, name: str, value: str) -> None:

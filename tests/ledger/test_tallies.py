@@ -136,7 +136,7 @@ async def test_tallies_of_several_owners_in_one_commit(
         Tally("t", (("c", 1), 7), 1e10),  # type: ignore[arg-type]
         Tally("t", ((5, 1),), 1e10),  # type: ignore[arg-type]
         Tally("t", (("c", 1), (b"n", 1)), 1e10),  # type: ignore[arg-type]
-        # Shapes a dict() of the fields would take for pairs.
+        # Not (name, increment) pairs, though some unpack as two values.
         Tally("t", {"c": 1}, 1e10),  # type: ignore[arg-type]
         Tally("t", (("c", 1), deque(["n", 2])), 1e10),  # type: ignore[arg-type]
         Tally("t", (("c", 1), "n2"), 1e10),  # type: ignore[arg-type]
@@ -198,7 +198,7 @@ def test_slot_grouped_redis_writes_each_tally_with_its_own_slot(
 
 
 def test_the_quick_tally_check_refuses_what_the_detailed_one_refuses() -> None:
-    """check_tallies' C-level pass over fields accepts exactly what the detailed checks do."""
+    """check_tallies' quick pass accepts exactly what its detailed checks accept."""
     from payi_guard.ledger._tally import _check_tallies_slowly, check_tallies
 
     rng = random.Random(21)
