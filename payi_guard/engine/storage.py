@@ -33,7 +33,7 @@ _TIMEOUT_OPTIONS = ("socket_timeout", "timeout")
 def _seconds(value: object) -> float | None:
     try:
         seconds = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return seconds if math.isfinite(seconds) and seconds > 0 else None
 

@@ -7,9 +7,9 @@ journal entry the same way where it stores text (:func:`encode_entry`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+from payi_guard.ledger._numbers import finite_number
 from payi_guard.ledger.base import MAX_UNITS, Adjustment, JournalEntry
 
 __all__ = [
@@ -37,10 +37,6 @@ def _tag(key: str) -> str | None:
     return key[start + 1 : end] if start >= 0 and end > start + 1 else None
 
 
-def _finite(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def check_adjust(
     adjustments: Sequence[Adjustment],
     now: float,
@@ -53,13 +49,13 @@ def check_adjust(
     Raises:
         ValueError: naming what is wrong (and the index of the offending adjustment).
     """
-    if not _finite(now):
+    if not finite_number(now):
         raise ValueError(f"now must be a finite number of epoch seconds, got {now!r}")
     if not isinstance(journal, str) or _tag(journal) is None or "\t" in journal:
         raise ValueError("journal must be a key with a {hash tag}")
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= MAX_KEEP:
         raise ValueError(f"keep must be an int from 1 to {MAX_KEEP}, got {keep!r}")
-    if not _finite(journal_expires_at):
+    if not finite_number(journal_expires_at):
         raise ValueError("journal_expires_at must be finite epoch seconds")
     if not adjustments:
         raise ValueError("adjust needs at least one Adjustment")
@@ -85,7 +81,7 @@ def check_adjust(
                 f"adjustment {index}: amount must be None or an int of magnitude at most "
                 f"{MAX_UNITS}, got {amount!r}"
             )
-        if not _finite(item.expires_at):
+        if not finite_number(item.expires_at):
             raise ValueError(f"adjustment {index}: expires_at must be finite epoch seconds")
         if not isinstance(item.note, str) or len(item.note) > MAX_NOTE:
             raise ValueError(f"adjustment {index}: note must be a string of at most {MAX_NOTE}")
@@ -102,7 +98,7 @@ def check_journal_read(journal: str, now: float, limit: int) -> None:
     """
     if not isinstance(journal, str) or not journal:
         raise ValueError("journal must be a non-empty key")
-    if not _finite(now):
+    if not finite_number(now):
         raise ValueError(f"now must be a finite number of epoch seconds, got {now!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_KEEP:
         raise ValueError(f"limit must be an int from 1 to {MAX_KEEP}, got {limit!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from payi_guard.ledger._numbers import finite_number
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import MAX_UNITS, CapacityExceeded, Charge, Tally
 
@@ -36,18 +37,13 @@ def check_id(reservation_id: str) -> None:
 
 def check_now(now: float) -> None:
     """Refuse a time that is not a finite number of epoch seconds."""
-    if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+    if not finite_number(now):
         raise ValueError(f"now must be a finite number of epoch seconds, got {now!r}")
 
 
 def check_ttl(ttl: float) -> None:
     """Refuse a reservation ttl that is not a positive finite number of seconds."""
-    if (
-        isinstance(ttl, bool)
-        or not isinstance(ttl, (int, float))
-        or not math.isfinite(ttl)
-        or ttl <= 0
-    ):
+    if not finite_number(ttl) or ttl <= 0:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
 
 
@@ -103,7 +99,7 @@ def check_charges(charges: Sequence[Charge]) -> None:
             and type(amount) is int
             and 0 <= amount <= MAX_UNITS
             and (cap is None or (type(cap) is int and 0 <= cap <= MAX_UNITS))
-            and (type(expires_at) is float or type(expires_at) is int)
+            and type(expires_at) is float  # an int one is checked in detail
             and math.isfinite(expires_at)
         ):
             return _check_charges_slowly(charges)
@@ -122,12 +118,7 @@ def _check_charges_slowly(charges: Sequence[Charge]) -> None:
         _check_units(charge.amount, "amount", index)
         if charge.max is not None:
             _check_units(charge.max, "max", index)
-        expires_at = charge.expires_at
-        if (
-            isinstance(expires_at, bool)
-            or not isinstance(expires_at, (int, float))
-            or not math.isfinite(expires_at)
-        ):
+        if not finite_number(charge.expires_at):
             raise ValueError(f"charge {index}: expires_at must be finite epoch seconds")
     if len(charges) > 1 and len({charge.key for charge in charges}) != len(charges):
         raise ValueError("a key may appear only once per call")
@@ -135,12 +126,7 @@ def _check_charges_slowly(charges: Sequence[Charge]) -> None:
 
 def check_closed_ttl(closed_ttl: float) -> None:
     """Refuse a ``closed_ttl`` that is not a positive finite number of seconds."""
-    if (
-        isinstance(closed_ttl, bool)
-        or not isinstance(closed_ttl, (int, float))
-        or not math.isfinite(closed_ttl)
-        or closed_ttl <= 0
-    ):
+    if not finite_number(closed_ttl) or closed_ttl <= 0:
         raise ValueError(f"closed_ttl must be a positive number of seconds, got {closed_ttl!r}")
 
 

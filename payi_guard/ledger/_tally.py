@@ -6,6 +6,7 @@ import heapq
 import math
 from collections.abc import Sequence
 
+from payi_guard.ledger._numbers import finite_number
 from payi_guard.ledger.base import MAX_UNITS, Tally
 
 __all__ = ["TallyStore", "check_tallies", "immutable_tallies"]
@@ -25,7 +26,13 @@ def check_tallies(tallies: Sequence[Tally]) -> None:
         if type(tally) is not Tally:
             return _check_tallies_slowly(tallies)
         key, fields, expires_at = tally.key, tally.fields, tally.expires_at
-        if not (type(key) is str and key and key not in keys and math.isfinite(expires_at)):
+        if not (
+            type(key) is str
+            and key
+            and key not in keys
+            and type(expires_at) is float
+            and math.isfinite(expires_at)
+        ):
             return _check_tallies_slowly(tallies)
         keys.add(key)
         names = set()
@@ -67,7 +74,7 @@ def _check_tallies_slowly(tallies: Sequence[Tally]) -> None:
         if not tally.key or tally.key in seen:
             raise ValueError(f"tally {index}: empty or repeated key")
         seen.add(tally.key)
-        if not math.isfinite(tally.expires_at):
+        if not finite_number(tally.expires_at):
             raise ValueError(f"tally {index}: expires_at must be finite")
         names: set[str] = set()
         for pair in tally.fields:

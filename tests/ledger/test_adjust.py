@@ -203,6 +203,7 @@ async def test_adjust_refuses_malformed_calls(
         ([Adjustment(k1, True, exp)], j1, 5, "amount"),
         ([Adjustment(k1, MAX_UNITS + 1, exp)], j1, 5, "amount"),
         ([Adjustment(k1, 1, float("nan"))], j1, 5, "expires_at"),
+        ([Adjustment(k1, 1, 10**400)], j1, 5, "expires_at"),
         ([Adjustment(k1, 1, exp, "x" * 5000)], j1, 5, "note"),
         ([Adjustment(k1, 1, exp)], "no-tag", 5, "hash tag"),
         ([Adjustment(k1, 1, exp)], j1, 0, "keep"),

@@ -10,7 +10,7 @@ import pytest
 from ledger._support import LedgerAdapter
 from payi_guard.clock import FakeClock
 from payi_guard.exceptions import StorageError
-from payi_guard.ledger import MAX_UNITS, CapacityExceeded, Charge, CounterState
+from payi_guard.ledger import MAX_UNITS, CapacityExceeded, Charge, CounterState, Tally
 from payi_guard.ledger._glob import escape
 from payi_guard.ledger.redis import CLOSED_SUFFIX, INDEX_SUFFIX
 
@@ -331,6 +331,8 @@ BAD_CHARGES: list[tuple[str, Any]] = [
     ("empty key", lambda k, e: [Charge("", 1, 10, e)]),
     ("repeated key", lambda k, e: [Charge(k, 1, 10, e), Charge(k, 2, 10, e)]),
     ("nan expiry", lambda k, e: [Charge(k, 1, 10, float("nan"))]),
+    ("int expiry past a float's range", lambda k, e: [Charge(k, 1, 10, 10**400)]),
+    ("text expiry", lambda k, e: [Charge(k, 1, 10, "soon")]),  # type: ignore[arg-type]
     ("not a charge", lambda k, e: [(k, 1, 10, e)]),
 ]
 
@@ -347,6 +349,18 @@ async def test_invalid_charges_raise_value_error(
     assert await backend.read([k1], now=clock.now()) == (CounterState(0, 0),)
 
 
+async def test_times_given_as_ints_are_taken_as_floats_are(
+    backend: LedgerAdapter, clock: FakeClock, k1: str
+) -> None:
+    # The quick checks take float times; an int one goes through the detailed checks,
+    # which take it.
+    now, exp = int(clock.now()), int(expiry(clock))
+    tally = Tally(k1.replace(":usd", ":an"), (("c", 5),), exp)
+    assert (await backend.reserve("r1", [Charge(k1, 5, 10, exp)], now=now, ttl=60)).ok
+    await backend.commit("r1", [Charge(k1, 5, None, exp)], now=now, tallies=[tally])
+    assert await backend.read([k1], now=now) == (CounterState(5, 0),)
+
+
 async def test_invalid_ids_times_and_keys_raise_value_error(
     backend: LedgerAdapter, clock: FakeClock, k1: str
 ) -> None:
@@ -358,11 +372,12 @@ async def test_invalid_ids_times_and_keys_raise_value_error(
         await backend.commit("", charges, now=now)
     with pytest.raises(ValueError, match="reservation_id"):
         await backend.release("", [k1], now=now)
-    for ttl in (0, -1, float("inf")):
+    for ttl in (0, -1, float("inf"), 10**400):
         with pytest.raises(ValueError, match="ttl"):
             await backend.reserve("r1", charges, now=now, ttl=ttl)
-    with pytest.raises(ValueError, match="now"):
-        await backend.reserve("r1", charges, now=float("nan"), ttl=60)
+    for bad_now in (float("nan"), 10**400):
+        with pytest.raises(ValueError, match="now"):
+            await backend.reserve("r1", charges, now=bad_now, ttl=60)
     with pytest.raises(ValueError, match="once"):
         await backend.release("r1", [k1, k1], now=now)
     with pytest.raises(ValueError, match="key"):

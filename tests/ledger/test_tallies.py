@@ -130,6 +130,8 @@ async def test_tallies_of_several_owners_in_one_commit(
         Tally("t", (("", 1),), 1e10),
         Tally("t", (("c", True),), 1e10),
         Tally("t", (("c", 1),), float("inf")),
+        Tally("t", (("c", 1),), 10**400),
+        Tally("t", (("c", 1),), "soon"),  # type: ignore[arg-type]
         Tally("t", (("c", 1), ("n", 1), ("c", 1)), 1e10),
         Tally("t", (("c", 1), ("n",)), 1e10),  # type: ignore[arg-type]
         Tally("t", (("c", 1), ("n", 1, 2)), 1e10),  # type: ignore[arg-type]
