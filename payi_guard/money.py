@@ -9,6 +9,7 @@ under-charge). Floats appear only on the way out, in log fields.
 
 from __future__ import annotations
 
+import sys
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
@@ -92,10 +93,15 @@ def cost_usd(nano: int) -> float:
     digits, and a double tells apart every 15-digit decimal. Beyond that range the
     result is the nearest double.
 
+    Beyond a float's range (far past any counter), the largest float of its sign.
+
     Args:
         nano: an amount in nano-USD.
     """
-    return nano / NANO_USD  # int / int true division is correctly rounded
+    try:
+        return nano / NANO_USD  # int / int true division is correctly rounded
+    except OverflowError:
+        return sys.float_info.max if nano > 0 else -sys.float_info.max
 
 
 def log_amount(unit: Unit, amount: int) -> float | int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import sys
 import time
 from collections.abc import MutableMapping, Sequence
 from typing import Any
@@ -77,8 +78,11 @@ async def test_a_recorded_cost_above_a_counters_capacity_is_refused(clock: FakeC
             guard.record(user_id="alice", model="test-model", cost_usd=10_000_000)
         with pytest.raises(BudgetExceeded):
             await guard.arecord(user_id="alice", model="test-model", cost_usd="9999999.5")
+        with pytest.raises(BudgetExceeded):  # a cost past a float's range, logged as one
+            guard.record(user_id="alice", model="test-model", output_tokens=10**400)
         guard.record(user_id="alice", model="test-model", cost_usd=5)  # an overrun, charged
-    assert len(events_named(logs, "budget_exceeded")) == 2
+    assert len(events_named(logs, "budget_exceeded")) == 3
+    assert events_named(logs, "budget_exceeded")[2]["needed"] == sys.float_info.max
     assert len(events_named(logs, "genai_call")) == 1
     assert guard.usage("alice")[0].used == 5
 

@@ -24,6 +24,7 @@ from meter._support import (
 )
 from payi_guard import is_refusal, track_context
 from payi_guard.engine import Guard
+from payi_guard.ledger import MAX_UNITS
 from payi_guard.meter.tokens import estimate_input_tokens
 from payi_guard.testing import DEFAULT_REPLY, FakeProvider, Scripted
 
@@ -402,6 +403,8 @@ async def test_async_plain_client_error_and_success(
 
 # -- usage that cannot be trusted ------------------------------------------------------------
 
+TOO_LARGE = f"usage: more than a counter can hold ({MAX_UNITS} units)"
+
 
 @pytest.mark.parametrize(
     ("script", "problems"),
@@ -410,6 +413,10 @@ async def test_async_plain_client_error_and_success(
         (Scripted(usage={"prompt_tokens": -3}), ["prompt_tokens: -3"]),
         (Scripted(usage={"completion_tokens": "12"}), ["completion_tokens: '12'"]),
         (Scripted(usage={"prompt_tokens_details": {"cached_tokens": 1.5}}), None),
+        # More than a counter holds: its cost could not be counted, nor logged as a float.
+        (Scripted(usage={"prompt_tokens": 10**400}), [TOO_LARGE]),
+        (Scripted(usage={"completion_tokens": 2**62}), [TOO_LARGE]),
+        (Scripted(usage={"prompt_tokens": 10**15}), [TOO_LARGE]),  # $1bn at $1/Mtok
     ],
 )
 def test_untrusted_usage_of_a_plain_call_is_charged_the_reservation(
@@ -428,10 +435,14 @@ def test_untrusted_usage_of_a_plain_call_is_charged_the_reservation(
     assert invalid["reason"] == "; ".join(problems or ["prompt_tokens_details.cached_tokens: 1.5"])
 
 
+@pytest.mark.parametrize(
+    ("usage", "problem"),
+    [({"output_tokens": -1}, "output_tokens: -1"), ({"output_tokens": 10**400}, TOO_LARGE)],
+)
 async def test_untrusted_usage_of_an_anthropic_stream_is_charged_the_reservation(
-    guard: Guard, fake: FakeProvider
+    guard: Guard, fake: FakeProvider, usage: dict[str, int], problem: str
 ) -> None:
-    fake.enqueue(Scripted(usage={"output_tokens": -1}))
+    fake.enqueue(Scripted(usage=usage))
     client = anthropic.AsyncAnthropic(base_url=fake.anthropic_base_url, api_key="k", max_retries=0)
     guard.wrap(client)
     with track_context(user_id="alice"), capture_logs() as logs:
@@ -443,7 +454,7 @@ async def test_untrusted_usage_of_an_anthropic_stream_is_charged_the_reservation
     event = one_call(logs)
     assert event["outcome"] == "unverified"
     assert event["cost_usd"] == event["reserved_usd"]
-    assert [e["reason"] for e in logs if e["event"] == "usage_invalid"] == ["output_tokens: -1"]
+    assert [e["reason"] for e in logs if e["event"] == "usage_invalid"] == [problem]
 
 
 def test_a_stream_without_usage_is_charged_its_estimate_not_the_reservation(
