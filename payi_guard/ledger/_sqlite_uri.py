@@ -56,7 +56,9 @@ def _split(uri: str) -> tuple[str, str]:
 def positive_number(name: str, value: Any) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError, OverflowError):
+    except OverflowError:  # an int past a float's range: not a positive finite number
+        number = math.inf
+    except (TypeError, ValueError):
         raise ConfigError(f"sqlite:// option {name} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
         raise ConfigError(f"sqlite:// option {name} must be a positive number, got {value!r}")

@@ -169,6 +169,8 @@ def test_bad_keyword_options_are_refused(tmp_path: Path) -> None:
         open_ledger("sqlite:///b.db", base_dir=tmp_path, workers=2)
     with pytest.raises(ConfigError, match="timeout must be a positive number"):
         open_ledger("sqlite:///b.db", base_dir=tmp_path, timeout=0)
+    with pytest.raises(ConfigError, match="lock_timeout must be a positive number"):
+        open_ledger("sqlite:///b.db", base_dir=tmp_path, lock_timeout=10**400)
     with pytest.raises(ConfigError, match="shared applies to memory:// only"):
         open_async_ledger("sqlite:///b.db", base_dir=tmp_path, shared=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="workers"):
