@@ -62,6 +62,7 @@ SettleParts = tuple[tuple[str, ...], tuple[Charge, ...] | None, tuple[Tally, ...
 """A settle's keys, its charges (``None`` for a release) and its tallies."""
 
 _BOUND_TOO_LARGE = "the call's upper bound (lower its max_tokens)"
+_USAGE_TOO_LARGE = (f"usage: more than a counter can hold ({MAX_UNITS} units)",)
 
 
 class Bookkeeper:
@@ -212,6 +213,33 @@ class Bookkeeper:
         for index, amount in enumerate(amounts):
             if amount > MAX_UNITS:
                 self._refuse_capacity(plan, index, amount, what)
+
+    def usage_too_large(
+        self,
+        plan: Plan,
+        usage: TokenUsage,
+        amounts: Sequence[int],
+        cost: int,
+        response_model: str | None,
+    ) -> bool:
+        """Whether a settle's usage is more than a counter can hold (then logged as invalid).
+
+        Such a report (a corrupt or hostile body) cannot be counted, nor its cost: it is
+        not trusted, and the caller charges the reservation instead.
+        """
+        largest = max(
+            cost,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+            usage.cache_write_1h_tokens,
+            *amounts,
+        )
+        if largest <= MAX_UNITS:
+            return False
+        self.usage_invalid(plan, _USAGE_TOO_LARGE, response_model)
+        return True
 
     def _refuse_capacity(self, plan: Plan, index: int, amount: int, what: str) -> None:
         counter = plan.counters[index]

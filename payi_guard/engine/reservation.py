@@ -11,7 +11,6 @@ from payi_guard.engine.bookkeeper import Bookkeeper
 from payi_guard.engine.calls import CallRecord, CallRequest
 from payi_guard.engine.charges import charged_amounts
 from payi_guard.engine.plan import Plan
-from payi_guard.ledger.base import MAX_UNITS
 from payi_guard.money import decimal_usd
 from payi_guard.pricing import TokenUsage
 
@@ -218,12 +217,8 @@ class Reservation:
             amounts, cost, priced = charged_amounts(
                 self._plan, usage, response_model=response_model, other_models=other_models
             )
-            if cost > MAX_UNITS or _largest(usage, amounts) > MAX_UNITS:
-                # A report no counter can hold (a corrupt or hostile body): its cost
-                # could not be counted, so the reservation is charged, as for any
-                # report that cannot be trusted.
-                self._books.usage_invalid(self._plan, _TOO_LARGE, response_model)
-                outcome = UNVERIFIED
+            if self._books.usage_too_large(self._plan, usage, amounts, cost, response_model):
+                outcome = UNVERIFIED  # charged the reservation, as any untrusted report
                 charged, (amounts, cost, priced) = self._charge(
                     usage, outcome, response_model, other_models
                 )
@@ -273,18 +268,3 @@ class Reservation:
             f"Reservation(user_id={self.user_id!r}, model={self.call.model!r}, "
             f"reserved_usd={self.reserved_usd}, {state})"
         )
-
-
-_TOO_LARGE = (f"usage: more than a counter can hold ({MAX_UNITS} units)",)
-
-
-def _largest(usage: TokenUsage, amounts: list[int]) -> int:
-    """The largest of a settle's token counts and amounts (what its commit would add)."""
-    return max(
-        usage.input_tokens,
-        usage.output_tokens,
-        usage.cache_read_tokens,
-        usage.cache_write_tokens,
-        usage.cache_write_1h_tokens,
-        *amounts,
-    )
