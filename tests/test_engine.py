@@ -289,6 +289,67 @@ def test_a_call_is_priced_as_the_model_its_response_names(clock: FakeClock) -> N
     assert "priced" not in lines[1]
 
 
+def test_a_call_is_priced_at_the_tier_its_response_names(clock: FakeClock) -> None:
+    # genai-prices, gpt-5: $1.25 / $10 a million tokens at the standard tier, $2.50 / $20
+    # with service_tier "priority", $0.625 / $5 with "flex"; an override has no tiers.
+    guard = Guard({"prices": PRICED_PAIR, "default": [{"max": 1, "per": "day"}]}, clock=clock)
+    usage = TokenUsage(1000, 100)
+    standard = 1000 * 1_250 + 100 * 10_000
+    priority = 1000 * 2_500 + 100 * 20_000
+    flex = 1000 * 625 + 100 * 5_000
+    asked_priority = call(1000, 100, model="gpt-5", price_context={"service_tier": "priority"})
+    with track_context(user_id="alice"), capture_logs() as logs:
+        # A project whose default tier is priority: the request names none.
+        by_project = guard.begin(call(1000, 100, model="gpt-5"))
+        assert by_project.reserved_usd * 10**9 == standard
+        by_project_record = by_project.settle(usage, price_context={"service_tier": "priority"})
+        # Asked for priority, served at the standard tier (empty: no variant).
+        asked = guard.begin(asked_priority)
+        assert asked.reserved_usd * 10**9 == priority
+        served_standard = asked.settle(usage, price_context={})
+        # The response names no tier: the request's stands.
+        silent = guard.begin(asked_priority).settle(usage)
+        # Another model and another tier at once.
+        dated_flex = guard.begin(call(1000, 100, model="gpt-5")).settle(
+            usage, response_model="gpt-5-2025-08-07", price_context={"service_tier": "flex"}
+        )
+        # A model priced by an override keeps it at any tier.
+        override = guard.begin(call(1000, 100)).settle(
+            usage, price_context={"service_tier": "priority"}
+        )
+    records = [by_project_record, served_standard, silent, dated_flex, override]
+    assert [r.cost_nano if r else None for r in records] == [
+        priority,
+        standard,
+        priority,
+        flex,
+        1000 * 1_000 + 100 * 2_000,
+    ]
+    lines = events_named(logs, "genai_call")
+    assert [line.get("price_context") for line in lines] == [
+        {"service_tier": "priority"},
+        None,
+        {"service_tier": "priority"},
+        {"service_tier": "flex"},
+        {"service_tier": "priority"},
+    ]
+    assert lines[0]["under_estimated_usd"] == pytest.approx((priority - standard) / 1e9)
+
+
+async def test_an_async_settle_is_priced_at_the_tier_its_response_names(
+    clock: FakeClock,
+) -> None:
+    guard = Guard({"default": [{"max": 1, "per": "day"}]}, clock=clock)
+    with track_context(user_id="alice"):
+        reservation = await guard.abegin(call(1000, 100, model="gpt-5"))
+        record = await reservation.asettle(
+            TokenUsage(1000, 100), price_context={"service_tier": "priority"}
+        )
+    assert record is not None
+    assert record.cost_nano == 1000 * 2_500 + 100 * 20_000
+    assert record.price_context == {"service_tier": "priority"}
+
+
 def test_an_override_of_the_requested_model_is_kept(clock: FakeClock) -> None:
     guard = Guard({"prices": PRICED_PAIR}, clock=clock)
     with track_context(user_id="alice"):

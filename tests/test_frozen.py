@@ -65,6 +65,7 @@ _VALUES: dict[type[Any], Callable[[random.Random], tuple[Any, ...]]] = {
         rng.random() < 0.5,
         _text(rng),
         rng.choice([(), (("gpt-4o-mini", _usage(rng)),)]),
+        rng.choice([None, {}, {"service_tier": "priority"}]),
     ),
     Charge: lambda rng: (
         "k",
@@ -86,6 +87,7 @@ _VALUES: dict[type[Any], Callable[[random.Random], tuple[Any, ...]]] = {
         _text(rng),
         (),
         rng.choice([(), ("usage: missing",)]),
+        rng.choice([None, {}, {"speed": "fast"}]),
     ),
     RequestInfo: lambda rng: (
         Endpoint("chat"),

@@ -1246,6 +1246,75 @@ def test_estimate_never_undercuts_reported_output() -> None:
     assert not tracker.usage_complete  # no message_start: input never reported
 
 
+def _observe_all(endpoint: Endpoint, events: list[dict[str, Any]]) -> StreamUsageTracker:
+    tracker = StreamUsageTracker(endpoint)
+    for event in events:
+        tracker.observe(SSEEvent(raw=b"", data=json.dumps(event), has_data=True))
+    return tracker
+
+
+def test_a_stream_reports_the_tier_that_served_it() -> None:
+    chunk: dict[str, Any] = {
+        "id": "c",
+        "model": "gpt-5",
+        "choices": [{"index": 0, "delta": {"content": "a"}}],
+    }
+    usage = {"prompt_tokens": 3, "completion_tokens": 1}
+    chat: list[dict[str, Any]] = [
+        {**chunk, "service_tier": "priority"},
+        {**chunk, "choices": [], "usage": usage, "service_tier": "priority"},
+    ]
+    assert _observe_all(CHAT, chat).price_context == {"service_tier": "priority"}
+    # Cut before its usage chunk: the first chunk already said which tier.
+    assert _observe_all(CHAT, chat[:1]).price_context == {"service_tier": "priority"}
+    standard = [{**event, "service_tier": "default"} for event in chat]
+    assert _observe_all(CHAT, standard).price_context == {}  # no variant
+    assert _observe_all(CHAT, [{**chunk}]).price_context is None  # says nothing
+
+    def response(kind: str, tier: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": "r", "model": "gpt-5", "status": "completed"}
+        body["service_tier"] = tier
+        if kind == "response.completed":
+            body["usage"] = {"input_tokens": 3, "output_tokens": 1}
+        return {"type": kind, "response": body}
+
+    # Its first events say "auto" (not yet known); the terminal one names the tier.
+    responses = [response("response.created", "auto"), response("response.completed", "flex")]
+    assert _observe_all(RESPONSES, responses[:1]).price_context is None
+    assert _observe_all(RESPONSES, responses).price_context == {"service_tier": "flex"}
+
+    def start(**usage: Any) -> dict[str, Any]:
+        message = {"id": "m", "model": "claude-opus-5", "usage": {"input_tokens": 3, **usage}}
+        return {"type": "message_start", "message": message}
+
+    end = {"type": "message_delta", "usage": {"output_tokens": 2}}
+    fast = _observe_all(ANTHROPIC, [start(speed="fast"), end])
+    assert fast.price_context == {"speed": "fast"}
+    assert fast.usage == ParsedUsage(input_tokens=3, output_tokens=2, complete=True)
+    assert _observe_all(ANTHROPIC, [start(speed="standard"), end]).price_context == {}
+    assert _observe_all(ANTHROPIC, [start(), end]).price_context is None
+
+
+def test_a_plain_response_reports_the_tier_that_served_it() -> None:
+    from payi_guard.meter.plain import plain_result
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 1}
+    for tier, expected in [("priority", {"service_tier": "priority"}), ("default", {}), (3, None)]:
+        body = {"model": "gpt-5", "usage": usage, "service_tier": tier}
+        found = plain_result(CHAT, json.dumps(body).encode())
+        assert found.price_context == expected, tier
+        # A Responses body takes the full parse.
+        responses = {**body, "usage": {"input_tokens": 3, "output_tokens": 1}}
+        found = plain_result(RESPONSES, json.dumps(responses).encode())
+        assert (found.price_context, found.problems) == (expected, ())
+    message = {
+        "model": "claude-opus-5",
+        "usage": {"input_tokens": 3, "output_tokens": 1, "speed": "fast"},
+    }
+    found = plain_result(ANTHROPIC, json.dumps(message).encode())
+    assert found.price_context == {"speed": "fast"}
+
+
 # --- the fake provider's streams, metered ------------------------------------------------
 
 

@@ -21,7 +21,7 @@ more than a counter can hold is refused, never a storage error.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from payi_guard import log as events
@@ -531,6 +531,7 @@ class Bookkeeper:
         *,
         response_model: str | None = None,
         other_models: tuple[tuple[str, TokenUsage], ...] = (),
+        price_context: Mapping[str, str] | None = None,
     ) -> CallRecord:
         """The record of a call settled (or released) now, reserved at ``started``."""
         latency_ms = (self.clock.monotonic() - started) * 1000.0
@@ -549,6 +550,7 @@ class Bookkeeper:
             priced,
             response_model,
             other_models,
+            price_context,
         )
 
     def after_commit(

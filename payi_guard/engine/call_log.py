@@ -354,6 +354,8 @@ def _add_extra_fields(
     attribution = plan.attribution
     if record.response_model is not None:
         fields["response_model"] = record.response_model
+    if record.price_context:
+        fields["price_context"] = dict(record.price_context)  # the tier charged at
     if usage is not None and usage.web_searches:
         fields["web_searches"] = usage.web_searches
     if usage is not None and usage.file_searches:

@@ -73,6 +73,10 @@ class CallRecord:
         other_models: usage billed at another model's prices within the call, as
             ``(model, usage)`` pairs (Anthropic's advisor tool); included in
             ``cost_nano``, not in ``usage``.
+        price_context: the tier that served the call (the response's report of it,
+            else the request's :attr:`CallRequest.price_context`), such as
+            ``{"service_tier": "priority"}``, which its tokens are priced at (a
+            ``prices:`` override has no tiers); ``None`` or empty for the standard tier.
     """
 
     user_id: str
@@ -88,6 +92,7 @@ class CallRecord:
     priced: bool = True
     response_model: str | None = None
     other_models: tuple[tuple[str, TokenUsage], ...] = ()
+    price_context: Mapping[str, str] | None = None
 
     @property
     def cost_usd(self) -> Decimal:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
 from payi_guard.context import Attribution
@@ -107,6 +107,7 @@ class Reservation:
         outcome: str = "ok",
         response_model: str | None = None,
         other_models: OtherModels = (),
+        price_context: Mapping[str, str] | None = None,
     ) -> CallRecord | None:
         """Charge the actual usage and log ``genai_call``.
 
@@ -121,6 +122,10 @@ class Reservation:
                 version), unless the requested model's price is an override.
             other_models: usage billed at other models' prices (see
                 :attr:`CallRecord.other_models`).
+            price_context: the tier the provider's response says served the call
+                (``{"service_tier": "priority"}``, ``{"speed": "fast"}``; empty for the
+                standard tier): the call is priced at that tier. ``None`` (the response
+                says none) keeps the request's (:attr:`CallRequest.price_context`).
 
         Returns:
             The call record; for a reservation already settled or released, the first
@@ -130,7 +135,9 @@ class Reservation:
         """
         if not self._claim():
             return self._record
-        record, amounts = self._settling(usage, outcome, response_model, other_models)
+        record, amounts = self._settling(
+            usage, outcome, response_model, other_models, price_context
+        )
         self._books.settle(self._plan, record, amounts)
         return record
 
@@ -141,11 +148,14 @@ class Reservation:
         outcome: str = "ok",
         response_model: str | None = None,
         other_models: OtherModels = (),
+        price_context: Mapping[str, str] | None = None,
     ) -> CallRecord | None:
         """Async :meth:`settle`; it completes even if the awaiting task is cancelled."""
         if not self._claim():
             return self._record
-        record, amounts = self._settling(usage, outcome, response_model, other_models)
+        record, amounts = self._settling(
+            usage, outcome, response_model, other_models, price_context
+        )
         await self._books.asettle(self._plan, record, amounts)
         return record
 
@@ -167,7 +177,7 @@ class Reservation:
         if not self._claim():
             return self._record
         self._books.usage_invalid(self._plan, problems, response_model)
-        record, amounts = self._settling(TokenUsage(0, 0), UNVERIFIED, response_model, ())
+        record, amounts = self._settling(TokenUsage(0, 0), UNVERIFIED, response_model, (), None)
         self._books.settle(self._plan, record, amounts)
         return record
 
@@ -178,7 +188,7 @@ class Reservation:
         if not self._claim():
             return self._record
         self._books.usage_invalid(self._plan, problems, response_model)
-        record, amounts = self._settling(TokenUsage(0, 0), UNVERIFIED, response_model, ())
+        record, amounts = self._settling(TokenUsage(0, 0), UNVERIFIED, response_model, (), None)
         await self._books.asettle(self._plan, record, amounts)
         return record
 
@@ -210,21 +220,26 @@ class Reservation:
         outcome: str,
         response_model: str | None,
         other_models: OtherModels,
+        price_context: Mapping[str, str] | None,
     ) -> tuple[CallRecord, list[int]]:
         """The record of a settle (kept at once) and the amounts to commit."""
         if outcome != UNVERIFIED:  # self._charge(), inline for the common case
             charged = usage
             amounts, cost, priced = charged_amounts(
-                self._plan, usage, response_model=response_model, other_models=other_models
+                self._plan,
+                usage,
+                response_model=response_model,
+                other_models=other_models,
+                price_context=price_context,
             )
             if self._books.usage_too_large(self._plan, usage, amounts, cost, response_model):
                 outcome = UNVERIFIED  # charged the reservation, as any untrusted report
                 charged, (amounts, cost, priced) = self._charge(
-                    usage, outcome, response_model, other_models
+                    usage, outcome, response_model, other_models, price_context
                 )
         else:
             charged, (amounts, cost, priced) = self._charge(
-                usage, outcome, response_model, other_models
+                usage, outcome, response_model, other_models, price_context
             )
         record = self._books.record_of(
             self._plan,
@@ -235,6 +250,13 @@ class Reservation:
             self._started,
             response_model=response_model,
             other_models=tuple(other_models),
+            price_context=(
+                None
+                if outcome == UNVERIFIED
+                else self._plan.call.price_context
+                if price_context is None
+                else price_context
+            ),
         )
         self._record = record
         return record, amounts
@@ -250,12 +272,17 @@ class Reservation:
         outcome: str,
         response_model: str | None,
         other_models: OtherModels,
+        price_context: Mapping[str, str] | None,
     ) -> tuple[TokenUsage, tuple[list[int], int, bool]]:
         """The usage charged and its amounts; :data:`UNVERIFIED` charges the reservation."""
         plan = self._plan
         if outcome != UNVERIFIED:
             amounts = charged_amounts(
-                plan, usage, response_model=response_model, other_models=other_models
+                plan,
+                usage,
+                response_model=response_model,
+                other_models=other_models,
+                price_context=price_context,
             )
             return usage, amounts
         reserved = TokenUsage(plan.call.input_tokens, plan.call.max_output_tokens)

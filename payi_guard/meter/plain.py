@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from payi_guard.meter.parse import Endpoint, loads_json, usage_from_response
 from payi_guard.meter.streams import Settlement, make_settlement
+from payi_guard.meter.tier import response_tier, tier_context
 from payi_guard.pricing import TokenUsage
 from payi_guard.pricing.rates import make_token_usage
 
@@ -44,7 +45,8 @@ def plain_result(endpoint: Endpoint, content: bytes) -> Settlement:
     """What to charge for a JSON (non-stream) response body of ``endpoint``.
 
     A body without a usage object, or whose counts cannot be trusted, is charged the
-    reservation (outcome ``unverified``).
+    reservation (outcome ``unverified``); a usage is priced at the tier the body says
+    served the call (:func:`~payi_guard.meter.tier.response_tier`).
     """
     try:
         obj: Any = loads_json(content)
@@ -59,13 +61,16 @@ def plain_result(endpoint: Endpoint, content: bytes) -> Settlement:
             if tokens is not None:
                 named = obj.get("model")
                 named = named if type(named) is str and named else None
-                return make_settlement(tokens, "ok", named, (), ())
+                context = tier_context("service_tier", obj.get("service_tier"))
+                return make_settlement(tokens, "ok", named, (), (), context)
     parsed = usage_from_response(endpoint, obj)
     problems = parsed.problems if parsed.complete else ("usage: missing",)
     outcome = "ok"
     model: Any = None
+    context = None
     if isinstance(obj, dict):
         model = obj.get("model")
+        context = response_tier(kind, obj)
         if kind == "responses":
             status = obj.get("status")
             if status == "incomplete":
@@ -78,6 +83,7 @@ def plain_result(endpoint: Endpoint, content: bytes) -> Settlement:
         response_model=model if isinstance(model, str) and model else None,
         other_models=parsed.other_models,
         problems=problems,
+        price_context=context,
     )
 
 

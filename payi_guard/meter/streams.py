@@ -16,7 +16,7 @@ import queue
 import threading
 import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
@@ -86,6 +86,8 @@ class Settlement:
         other_models: usage billed at other models' prices.
         problems: why the provider's usage cannot be trusted; when there are any, the
             reservation itself is charged (outcome ``unverified``) and ``usage`` is not.
+        price_context: the tier the response says served the call
+            (:func:`~payi_guard.meter.tier.tier_context`), ``None`` when it says none.
     """
 
     usage: TokenUsage
@@ -93,6 +95,7 @@ class Settlement:
     response_model: str | None = None
     other_models: tuple[tuple[str, TokenUsage], ...] = ()
     problems: tuple[str, ...] = ()
+    price_context: Mapping[str, str] | None = None
 
     def apply(self, reservation: Reservation) -> None:
         """Settle ``reservation`` with this (sync ledger)."""
@@ -104,6 +107,7 @@ class Settlement:
             outcome=self.outcome,
             response_model=self.response_model,
             other_models=self.other_models,
+            price_context=self.price_context,
         )
 
     async def aapply(self, reservation: Reservation) -> None:
@@ -116,6 +120,7 @@ class Settlement:
             outcome=self.outcome,
             response_model=self.response_model,
             other_models=self.other_models,
+            price_context=self.price_context,
         )
 
 
@@ -230,6 +235,7 @@ class StreamState:
             response_model=tracker.model,
             other_models=parsed.other_models,
             problems=parsed.problems,
+            price_context=tracker.price_context,
         )
 
     def _claim(self) -> bool:

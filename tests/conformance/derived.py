@@ -141,6 +141,112 @@ def oversized_output_cap() -> Interaction:
     return _derived(source, "max_tokens_overflow", request=request)
 
 
+RESPONSES_STREAM = "logfire/test_openai/test_responses_stream"
+"""A Responses stream (gpt-4.1) whose ``response.completed`` names ``service_tier``."""
+
+ANTHROPIC_STREAM = "openllmetry/test_messages/test_anthropic_sync_streaming_helper_methods_legacy"
+"""An Anthropic message stream (claude-3-5-haiku)."""
+
+FAST_MODEL = "claude-opus-5"
+"""An Anthropic model genai-prices prices at another rate with ``speed: fast``."""
+
+
+def _sse_with(source: Interaction, change: Any) -> bytes:
+    """The recorded stream with ``change(data)`` applied to each event's JSON data.
+
+    ``change`` returns true when it changed the data; that event is written again as
+    compact JSON (its ``event:`` line kept), every other one is kept byte for byte.
+    """
+    out: list[bytes] = []
+    for name, data, raw in sse_events(source.body):
+        if isinstance(data, dict) and change(data):
+            head = b"" if name is None else b"event: " + name.encode() + b"\n"
+            raw = head + b"data: " + _json(data) + b"\n\n"
+        out.append(raw)
+    return b"".join(out)
+
+
+def chat_tier_by_project() -> Interaction:
+    """The recorded chat served at the ``priority`` tier the project set as its default.
+
+    The request names no tier (as recorded); the response says ``priority``.
+    """
+    source = recorded(CHAT)
+    body = json.loads(source.body)
+    body["service_tier"] = "priority"
+    return _derived(source, "chat_priority_by_project", body=_json(body))
+
+
+def chat_tier_not_granted() -> Interaction:
+    """The recorded chat asking for ``priority``, served at the standard tier."""
+    source = recorded(CHAT)
+    request = {**source.request, "service_tier": "priority"}
+    return _derived(source, "chat_priority_served_default", request=request)
+
+
+def chat_stream_tier_by_project() -> Interaction:
+    """The recorded chat stream with every chunk naming ``service_tier: priority``."""
+    source = recorded(CHAT_STREAM)
+
+    def change(data: dict[str, Any]) -> bool:
+        data["service_tier"] = "priority"
+        return True
+
+    return _derived(source, "chat_stream_priority_by_project", body=_sse_with(source, change))
+
+
+def responses_flex() -> Interaction:
+    """The recorded Responses call asked for and served at the ``flex`` tier."""
+    source = recorded(RESPONSES)
+    body = json.loads(source.body)
+    body["service_tier"] = "flex"
+    request = {**source.request, "service_tier": "flex"}
+    return _derived(source, "responses_flex", request=request, body=_json(body))
+
+
+def responses_stream_tier_by_project() -> Interaction:
+    """The recorded Responses stream whose ``response.completed`` says ``priority``."""
+    source = recorded(RESPONSES_STREAM)
+
+    def change(data: dict[str, Any]) -> bool:
+        if data.get("type") != "response.completed":
+            return False
+        data["response"]["service_tier"] = "priority"
+        return True
+
+    return _derived(source, "responses_stream_priority_by_project", body=_sse_with(source, change))
+
+
+def anthropic_fast() -> Interaction:
+    """The recorded Anthropic message, made to ``claude-opus-5`` with ``speed: fast``."""
+    source = recorded(ANTHROPIC)
+    body = json.loads(source.body)
+    body["model"] = FAST_MODEL
+    body["usage"]["speed"] = "fast"
+    request = {**source.request, "model": FAST_MODEL, "speed": "fast"}
+    return _derived(source, "anthropic_fast", request=request, body=_json(body))
+
+
+def anthropic_stream_fast() -> Interaction:
+    """The recorded Anthropic stream, made to ``claude-opus-5`` with ``speed: fast``.
+
+    ``message_start`` names the model and the speed, as Anthropic's usage object does.
+    """
+    source = recorded(ANTHROPIC_STREAM)
+
+    def change(data: dict[str, Any]) -> bool:
+        if data.get("type") != "message_start":
+            return False
+        data["message"]["model"] = FAST_MODEL
+        data["message"]["usage"]["speed"] = "fast"
+        return True
+
+    request = {**source.request, "model": FAST_MODEL, "speed": "fast"}
+    return _derived(
+        source, "anthropic_stream_fast", request=request, body=_sse_with(source, change)
+    )
+
+
 def replayable() -> tuple[Interaction, ...]:
     """The derived cases that the ordinary replay checks apply to."""
     return (
@@ -149,4 +255,11 @@ def replayable() -> tuple[Interaction, ...]:
         overloaded_anthropic(),
         event_stream_as_json(),
         responses_cache_write(),
+        chat_tier_by_project(),
+        chat_tier_not_granted(),
+        chat_stream_tier_by_project(),
+        responses_flex(),
+        responses_stream_tier_by_project(),
+        anthropic_fast(),
+        anthropic_stream_fast(),
     )

@@ -20,6 +20,10 @@ Billing rules taken from the providers' pricing pages:
 * When Anthropic reports ``usage.iterations`` (compaction, advisor), the bill is the sum
   of the iterations, each at the price of its own model (the call's model when the
   iteration names none); the top-level counts cover only part of them.
+* A call is billed at the tier the response says served it: OpenAI's ``service_tier``
+  (``priority`` even when the request named none: a project can make it the default;
+  the standard tier when a requested one was not granted), Anthropic's ``usage.speed``.
+  genai-prices takes it as the price context (``service_tier``, ``speed``).
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class Bill:
     tokens: Tokens
     provider_url: str
     requested: str = ""
+    price_context: dict[str, str] | None = None
 
     def price(self) -> Decimal:
         """The exact price in USD, from genai-prices.
@@ -139,6 +144,7 @@ class Bill:
             name,
             provider_api_url=self.provider_url,
             genai_request_timestamp=PRICED_AT,
+            price_context=self.price_context,
         )
         return Decimal(calc.total_price)
 
@@ -262,6 +268,24 @@ def _responses_web_searches(response: Mapping[str, Any]) -> int:
     )
 
 
+def _tier(key: str, value: object) -> dict[str, str] | None:
+    return {key: value} if isinstance(value, str) else None
+
+
+def _chat_tier(interaction: Interaction) -> dict[str, str] | None:
+    """The ``service_tier`` of a chat response (of its usage chunk, for a stream)."""
+    if not interaction.is_stream:
+        body = interaction.body_json()
+        return (
+            _tier("service_tier", body.get("service_tier")) if isinstance(body, Mapping) else None
+        )
+    tier = None
+    for _, data in interaction.events():
+        if isinstance(data, Mapping) and isinstance(data.get("usage"), Mapping):
+            tier = _tier("service_tier", data.get("service_tier"))
+    return tier
+
+
 def _chat_usage(interaction: Interaction) -> tuple[Mapping[str, Any] | None, str]:
     if not interaction.is_stream:
         body = interaction.body_json()
@@ -289,6 +313,10 @@ def bill(interaction: Interaction) -> Bill | None:
     return replace(found, requested=requested if isinstance(requested, str) else "")
 
 
+def _with_tier(found: Bill, tier: dict[str, str] | None) -> Bill:
+    return found if tier is None else replace(found, price_context=tier)
+
+
 def _bill(interaction: Interaction) -> Bill | None:
     url = provider_url(interaction)
     kind = interaction.kind
@@ -300,7 +328,7 @@ def _bill(interaction: Interaction) -> Bill | None:
             merged, model = body.get("usage") or {}, str(body.get("model") or "")
         if not merged:
             return None
-        return _anthropic_bill(merged, model, url)
+        return _with_tier(_anthropic_bill(merged, model, url), _tier("speed", merged.get("speed")))
     if kind == "responses":
         response = _responses_object(interaction)
         reported = response.get("usage") if response else None
@@ -309,12 +337,13 @@ def _bill(interaction: Interaction) -> Bill | None:
         tokens = _openai_tokens(reported, prompt="input_tokens", completion="output_tokens")
         searches = _responses_web_searches(response)
         model = str(response.get("model") or "")
-        return Bill(model, (Part(model, tokens, web_searches=searches),), tokens, url)
+        found = Bill(model, (Part(model, tokens, web_searches=searches),), tokens, url)
+        return _with_tier(found, _tier("service_tier", response.get("service_tier")))
     chat_usage, model = _chat_usage(interaction)
     if chat_usage is None:
         return None
     tokens = _openai_tokens(chat_usage, prompt="prompt_tokens", completion="completion_tokens")
-    return Bill(model, (Part(model, tokens),), tokens, url)
+    return _with_tier(Bill(model, (Part(model, tokens),), tokens, url), _chat_tier(interaction))
 
 
 def input_before_output(interaction: Interaction) -> int | None:

@@ -30,6 +30,7 @@ from payi_guard.meter.parse import (
 from payi_guard.meter.plain import is_event_stream, openai_token_usage
 from payi_guard.meter.streams import DECODABLE_ENCODINGS, Settlement
 from payi_guard.meter.text_bound import text_token_bound
+from payi_guard.meter.tier import response_tier
 from payi_guard.meter.tokens import (
     OUTPUT_CAP_FIELDS,
     EndpointKind,
@@ -168,8 +169,10 @@ def reference_plain_result(endpoint: Endpoint, content: bytes) -> Settlement:
     problems = parsed.problems if parsed.complete else ("usage: missing",)
     outcome = "ok"
     model: Any = None
+    tier = None
     if isinstance(obj, dict):
         model = obj.get("model")
+        tier = response_tier(endpoint.kind, obj)
         if endpoint.kind == "responses":
             status = obj.get("status")
             if status == "incomplete":
@@ -182,6 +185,7 @@ def reference_plain_result(endpoint: Endpoint, content: bytes) -> Settlement:
         response_model=model if isinstance(model, str) and model else None,
         other_models=parsed.other_models,
         problems=problems,
+        price_context=tier,
     )
 
 

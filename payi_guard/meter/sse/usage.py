@@ -24,6 +24,7 @@ from payi_guard.meter.parse import (
 )
 from payi_guard.meter.request_body import loads_json_text
 from payi_guard.meter.sse.decoder import SSEEvent
+from payi_guard.meter.tier import response_tier, tier_context
 
 __all__ = [
     "CHAT_KINDS",
@@ -126,6 +127,10 @@ class StreamUsageTracker:
         """Whether the event :meth:`observe` just took is forwarded without its
         ``usage`` member (a chat chunk when the guard added ``include_usage``), and
         what that member holds: ``"null"``, ``"value"``, or ``""`` (forward as is)."""
+        self.price_context: Mapping[str, str] | None = None
+        """The tier the stream says served the call (OpenAI's ``service_tier``,
+        Anthropic's ``usage.speed``: :func:`~payi_guard.meter.tier.tier_context`),
+        ``None`` until it says."""
         self._usage: ParsedUsage | None = None
         self._anthropic: dict[str, Any] = {}
         self._input_reported = False
@@ -251,10 +256,12 @@ class StreamUsageTracker:
             self._add_openai_error(error)
         if self.model is None or self.response_id is None:
             self._note_identity(obj.get("model"), obj.get("id"))
+            self._note_tier(tier_context("service_tier", obj.get("service_tier")))
         usage = obj.get("usage")
         if isinstance(usage, Mapping):
             self._usage = openai_usage(usage)
             self._input_reported = True
+            self._note_tier(tier_context("service_tier", obj.get("service_tier")))
         choices = obj.get("choices")
         if type(choices) is list:
             for choice in choices:
@@ -308,6 +315,8 @@ class StreamUsageTracker:
             status = response.get("status") if isinstance(response, Mapping) else None
             self.status = status if isinstance(status, str) else kind.rsplit(".", 1)[1]
             usage = response.get("usage") if isinstance(response, Mapping) else None
+            if isinstance(response, Mapping):
+                self._note_tier(response_tier("responses", response))
             if isinstance(usage, Mapping) and isinstance(response, Mapping):
                 self._usage = replace(
                     responses_usage(usage),
@@ -358,6 +367,8 @@ class StreamUsageTracker:
                 self._anthropic[key] = value
         if "input_tokens" in self._anthropic:
             self._input_reported = True
+        if "speed" in usage:
+            self._note_tier(tier_context("speed", usage["speed"]))
         was_complete = self._usage is not None and self._usage.complete
         complete = (final or was_complete) and self._input_reported
         self._usage = anthropic_usage(self._anthropic, complete=complete, model=self.model)
@@ -367,6 +378,10 @@ class StreamUsageTracker:
             self.model = model
         if self.response_id is None and isinstance(response_id, str) and response_id:
             self.response_id = response_id
+
+    def _note_tier(self, context: Mapping[str, str] | None) -> None:
+        if context is not None:
+            self.price_context = context
 
     def _add_openai_error(self, error: object) -> None:
         if not isinstance(error, Mapping):
