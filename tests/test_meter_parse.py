@@ -1299,7 +1299,14 @@ def test_a_plain_response_reports_the_tier_that_served_it() -> None:
     from payi_guard.meter.plain import plain_result
 
     usage = {"prompt_tokens": 3, "completion_tokens": 1}
-    for tier, expected in [("priority", {"service_tier": "priority"}), ("default", {}), (3, None)]:
+    cases: list[tuple[object, object]] = [
+        ("priority", {"service_tier": "priority"}),
+        ("default", {}),
+        ("on_demand", {}),  # Groq's standard tier
+        ("auto", None),
+        (3, None),
+    ]
+    for tier, expected in cases:
         body = {"model": "gpt-5", "usage": usage, "service_tier": tier}
         found = plain_result(CHAT, json.dumps(body).encode())
         assert found.price_context == expected, tier

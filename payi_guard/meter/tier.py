@@ -18,7 +18,8 @@ __all__ = ["STANDARD_TIER", "response_tier", "tier_context"]
 STANDARD_TIER: Final[Mapping[str, str]] = MappingProxyType({})
 """The price context of a call the provider served at its standard tier (no variant)."""
 
-_STANDARD_TIERS: Final = frozenset({"default", "standard"})
+_STANDARD_TIERS: Final = frozenset({"default", "standard", "on_demand"})
+"""The names providers give their standard tier: OpenAI's, Anthropic's speed, Groq's."""
 
 
 def tier_context(key: str, value: object) -> Mapping[str, str] | None:
