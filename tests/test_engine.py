@@ -4,6 +4,7 @@ state users see, on every store."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 from collections.abc import Iterator, MutableMapping, Sequence
 from decimal import Decimal
@@ -317,13 +318,30 @@ def test_a_call_is_priced_at_the_tier_its_response_names(clock: FakeClock) -> No
         override = guard.begin(call(1000, 100)).settle(
             usage, price_context={"service_tier": "priority"}
         )
-    records = [by_project_record, served_standard, silent, dated_flex, override]
+        # The response names a model without a price: the requested one, at its tier.
+        unknown_at_priority = guard.begin(call(1000, 100, model="gpt-5")).settle(
+            usage, response_model="zz-unknown", price_context={"service_tier": "priority"}
+        )
+        unknown_at_standard = guard.begin(asked_priority).settle(
+            usage, response_model="zz-unknown", price_context={}
+        )
+    records = [
+        by_project_record,
+        served_standard,
+        silent,
+        dated_flex,
+        override,
+        unknown_at_priority,
+        unknown_at_standard,
+    ]
     assert [r.cost_nano if r else None for r in records] == [
         priority,
         standard,
         priority,
         flex,
         1000 * 1_000 + 100 * 2_000,
+        priority,
+        standard,
     ]
     lines = events_named(logs, "genai_call")
     assert [line.get("price_context") for line in lines] == [
@@ -332,7 +350,15 @@ def test_a_call_is_priced_at_the_tier_its_response_names(clock: FakeClock) -> No
         {"service_tier": "priority"},
         {"service_tier": "flex"},
         {"service_tier": "priority"},
+        {"service_tier": "priority"},
+        None,
     ]
+    assert records[0] is not None
+    assert records[0].price_context == (("service_tier", "priority"),)
+    assert records[1] is not None
+    assert records[1].price_context == ()
+    hash(records[0])  # a record stays hashable, and can be pickled
+    assert pickle.loads(pickle.dumps(records[0])) == records[0]
     assert lines[0]["under_estimated_usd"] == pytest.approx((priority - standard) / 1e9)
 
 
@@ -347,7 +373,7 @@ async def test_an_async_settle_is_priced_at_the_tier_its_response_names(
         )
     assert record is not None
     assert record.cost_nano == 1000 * 2_500 + 100 * 20_000
-    assert record.price_context == {"service_tier": "priority"}
+    assert record.price_context == (("service_tier", "priority"),)
 
 
 def test_an_override_of_the_requested_model_is_kept(clock: FakeClock) -> None:

@@ -65,7 +65,7 @@ _VALUES: dict[type[Any], Callable[[random.Random], tuple[Any, ...]]] = {
         rng.random() < 0.5,
         _text(rng),
         rng.choice([(), (("gpt-4o-mini", _usage(rng)),)]),
-        rng.choice([None, {}, {"service_tier": "priority"}]),
+        rng.choice([(), (("service_tier", "priority"),)]),
     ),
     Charge: lambda rng: (
         "k",

@@ -1265,6 +1265,9 @@ def test_a_stream_reports_the_tier_that_served_it() -> None:
         {**chunk, "choices": [], "usage": usage, "service_tier": "priority"},
     ]
     assert _observe_all(CHAT, chat).price_context == {"service_tier": "priority"}
+    # The usage chunk has the last word.
+    moved = [chat[0], {**chat[1], "service_tier": "flex"}]
+    assert _observe_all(CHAT, moved).price_context == {"service_tier": "flex"}
     # Cut before its usage chunk: the first chunk already said which tier.
     assert _observe_all(CHAT, chat[:1]).price_context == {"service_tier": "priority"}
     standard = [{**event, "service_tier": "default"} for event in chat]

@@ -21,7 +21,7 @@ more than a counter can hold is refused, never a storage error.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from payi_guard import log as events
@@ -531,7 +531,7 @@ class Bookkeeper:
         *,
         response_model: str | None = None,
         other_models: tuple[tuple[str, TokenUsage], ...] = (),
-        price_context: Mapping[str, str] | None = None,
+        price_context: tuple[tuple[str, str], ...] = (),
     ) -> CallRecord:
         """The record of a call settled (or released) now, reserved at ``started``."""
         latency_ms = (self.clock.monotonic() - started) * 1000.0

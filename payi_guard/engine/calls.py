@@ -74,9 +74,10 @@ class CallRecord:
             ``(model, usage)`` pairs (Anthropic's advisor tool); included in
             ``cost_nano``, not in ``usage``.
         price_context: the tier that served the call (the response's report of it,
-            else the request's :attr:`CallRequest.price_context`), such as
-            ``{"service_tier": "priority"}``, which its tokens are priced at (a
-            ``prices:`` override has no tiers); ``None`` or empty for the standard tier.
+            else the request's :attr:`CallRequest.price_context`) as sorted
+            ``(key, value)`` pairs, such as ``(("service_tier", "priority"),)``: its
+            tokens are priced at that tier's rates (a ``prices:`` override has no
+            tiers). Empty for the standard tier and for an ``unverified`` call.
     """
 
     user_id: str
@@ -92,7 +93,7 @@ class CallRecord:
     priced: bool = True
     response_model: str | None = None
     other_models: tuple[tuple[str, TokenUsage], ...] = ()
-    price_context: Mapping[str, str] | None = None
+    price_context: tuple[tuple[str, str], ...] = ()
 
     @property
     def cost_usd(self) -> Decimal:

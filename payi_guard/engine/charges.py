@@ -62,26 +62,28 @@ def rates_for(
     """
     rates = plan.rates
     call = plan.call
+    same_context = price_context is None or _same_context(price_context, call.price_context)
+    context = call.price_context if same_context else price_context
     same_model = not response_model or response_model == call.model
-    if price_context is None or _same_context(price_context, call.price_context):
-        if same_model:
-            return rates
-        context = call.price_context
-    else:
-        context = price_context
+    if same_model and same_context:
+        return rates
     if rates is not None and rates.source == "override":
         return rates
+    prices = plan.policy.prices
+    if response_model and not same_model:
+        try:
+            named: Rates | None = prices.rates(response_model, call.provider, price_context=context)
+        except UnknownModel:
+            named = None
+        if named is not None and (named.source != "unknown_model" or rates is None):
+            return named
+        if same_context:
+            return rates
+    # The requested model, at the tier the response names.
     try:
-        named = plan.policy.prices.rates(
-            call.model if same_model or response_model is None else response_model,
-            call.provider,
-            price_context=context,
-        )
+        return prices.rates(call.model, call.provider, price_context=context)
     except UnknownModel:
         return rates
-    if named.source == "unknown_model" and rates is not None:
-        return rates
-    return named
 
 
 def _same_context(a: Mapping[str, str], b: Mapping[str, str] | None) -> bool:

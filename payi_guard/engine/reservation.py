@@ -124,8 +124,9 @@ class Reservation:
                 :attr:`CallRecord.other_models`).
             price_context: the tier the provider's response says served the call
                 (``{"service_tier": "priority"}``, ``{"speed": "fast"}``; empty for the
-                standard tier): the call is priced at that tier. ``None`` (the response
-                says none) keeps the request's (:attr:`CallRequest.price_context`).
+                standard tier): the call is priced at that tier; it replaces the
+                request's context. ``None`` (the response says none) keeps the request's
+                (:attr:`CallRequest.price_context`).
 
         Returns:
             The call record; for a reservation already settled or released, the first
@@ -250,16 +251,15 @@ class Reservation:
             self._started,
             response_model=response_model,
             other_models=tuple(other_models),
-            price_context=(
-                None
-                if outcome == UNVERIFIED
-                else self._plan.call.price_context
-                if price_context is None
-                else price_context
-            ),
+            price_context=self._tier_of(price_context) if outcome != UNVERIFIED else (),
         )
         self._record = record
         return record, amounts
+
+    def _tier_of(self, price_context: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+        """The tier charged, as the record keeps it: the response's, else the request's."""
+        context = self._plan.call.price_context if price_context is None else price_context
+        return tuple(sorted(context.items())) if context else ()
 
     def _released(self, outcome: str) -> CallRecord:
         record = self._books.record_of(self._plan, None, 0, True, outcome, self._started)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from payi_guard.meter.tier import tier_context
 from payi_guard.meter.tokens import (
     DEFAULT_FILE_TOKENS,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -41,14 +42,12 @@ __all__ = [
 
 
 def _price_context(body: Mapping[str, Any], endpoint: EndpointKind) -> dict[str, str]:
-    context: dict[str, str] = {}
-    tier = body.get("service_tier")
-    if endpoint != "anthropic_messages" and isinstance(tier, str) and tier != "auto":
-        context["service_tier"] = tier
-    speed = body.get("speed")
-    if endpoint == "anthropic_messages" and isinstance(speed, str):
-        context["speed"] = speed
-    return context
+    """The tier a request asks for, as a price context (empty: the standard tier)."""
+    if endpoint == "anthropic_messages":
+        asked = tier_context("speed", body.get("speed"))
+    else:
+        asked = tier_context("service_tier", body.get("service_tier"))
+    return dict(asked) if asked else {}
 
 
 def _mentions_key(obj: object, key: str) -> bool:
@@ -86,8 +85,10 @@ class RequestEstimate:
         cache_writes: whether the call may write the prompt cache (then cache-write
             rates bound the input price): always on OpenAI, which caches by itself; on
             Anthropic only when the body asks for it with ``cache_control``.
-        price_context: the request facts that select a price variant
-            (``service_tier`` other than ``auto``; Anthropic's ``speed``).
+        price_context: the request facts that select a price variant: the tier it
+            asks for (``service_tier`` other than ``auto`` and the standard tier;
+            Anthropic's ``speed`` other than ``standard``:
+            :func:`~payi_guard.meter.tier.tier_context`).
         web_searches: upper bound of the server-side web searches
             (:func:`~payi_guard.meter.tokens.web_search_bound`).
         file_searches: upper bound of the server-side file search calls
@@ -182,14 +183,8 @@ def request_bounds(
     if image_tokens is None:
         image_tokens = image_token_bound(model)
     anthropic = endpoint == "anthropic_messages"
-    context = None
-    tier = body.get("service_tier")
-    if not anthropic and isinstance(tier, str) and tier != "auto":
-        context = {"service_tier": tier}
-    elif anthropic:
-        speed = body.get("speed")
-        if isinstance(speed, str):
-            context = {"speed": speed}
+    asked = body.get("speed" if anthropic else "service_tier")
+    context = None if asked is None else _price_context(body, endpoint) or None
     searches = anthropic or endpoint == "responses"
     return (
         input_bound(body, endpoint, mode, image_tokens, file_tokens),

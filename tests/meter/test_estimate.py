@@ -477,6 +477,23 @@ def test_estimate_cost_uses_the_service_tier() -> None:
     assert standard.nano == auto.nano < priority.nano
 
 
+def test_a_request_for_the_standard_tier_selects_no_price_variant() -> None:
+    from payi_guard.meter.estimate import request_bounds
+
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
+
+    def context(extra: dict[str, Any], endpoint: Any = "chat") -> object:
+        return request_bounds({**body, **extra}, endpoint, "gpt-5", "ratio", None)[3]
+
+    assert context({}) is None
+    for standard in ("default", "on_demand", "auto", "", 3):
+        assert context({"service_tier": standard}) is None, standard
+    assert context({"service_tier": "flex"}) == {"service_tier": "flex"}
+    assert context({"speed": "standard"}, "anthropic_messages") is None
+    assert context({"speed": "fast"}, "anthropic_messages") == {"speed": "fast"}
+    assert context({"speed": "fast"}) is None  # not an OpenAI field
+
+
 def test_anthropic_estimate_prices_cache_writes_only_when_asked() -> None:
     body: dict[str, Any] = {
         "messages": [{"role": "user", "content": "hi " * 100}],

@@ -142,10 +142,12 @@ def reference_bounds(
     """What the transport reserved for, from the public functions one by one."""
     context: dict[str, str] = {}
     tier = body.get("service_tier")
-    if endpoint != "anthropic_messages" and isinstance(tier, str) and tier != "auto":
-        context["service_tier"] = tier
+    standard = ("default", "standard", "on_demand")
+    asked = tier if isinstance(tier, str) and tier not in ("", "auto", *standard) else None
+    if endpoint != "anthropic_messages" and asked is not None:
+        context["service_tier"] = asked
     speed = body.get("speed")
-    if endpoint == "anthropic_messages" and isinstance(speed, str):
+    if endpoint == "anthropic_messages" and isinstance(speed, str) and speed not in standard:
         context["speed"] = speed
     return (
         estimate_input_tokens(
