@@ -18,8 +18,9 @@ __all__ = ["STANDARD_TIER", "response_tier", "tier_context"]
 STANDARD_TIER: Final[Mapping[str, str]] = MappingProxyType({})
 """The price context of a call the provider served at its standard tier (no variant)."""
 
-_STANDARD_TIERS: Final = frozenset({"default", "standard", "on_demand"})
-"""The names providers give their standard tier: OpenAI's, Anthropic's speed, Groq's."""
+_STANDARD_TIERS: Final = frozenset({"default", "standard", "on_demand", "unspecified"})
+"""The names providers give their standard tier: OpenAI's, Anthropic's speed and
+Gemini's (``standard``, ``unspecified``), Groq's."""
 
 
 def tier_context(key: str, value: object) -> Mapping[str, str] | None:

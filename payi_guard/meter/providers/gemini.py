@@ -61,6 +61,7 @@ from payi_guard.meter.providers.wire import (
     model_cap,
 )
 from payi_guard.meter.refusal import refusal_response, refusal_status, sdk_refusal
+from payi_guard.meter.tier import tier_context
 from payi_guard.meter.tokens import EstimateMode, image_token_bound
 from payi_guard.meter.transport import TransportMeter
 
@@ -157,17 +158,34 @@ def _usage_of(obj: Mapping[str, Any]) -> Any:
     return _get(obj, "usageMetadata", "usage_metadata")
 
 
+def _model_of(obj: Mapping[str, Any]) -> str | None:
+    """The model a response (or chunk) names: ``modelVersion``, if it names one."""
+    model = _get(obj, "modelVersion", "model_version")
+    return model if isinstance(model, str) and model else None
+
+
+def _tier_of(meta: Mapping[str, Any]) -> Mapping[str, str] | None:
+    """The tier ``usageMetadata.serviceTier`` says served the call, if it says."""
+    tier = _get(meta, "serviceTier", "service_tier")
+    return tier_context("service_tier", tier.lower() if isinstance(tier, str) else tier)
+
+
 def _body_report(endpoint: WireEndpoint, obj: Any) -> Report:
     """The report of a whole response body (a JSON object, or a JSON array stream)."""
     if isinstance(obj, list):
-        metas = [_usage_of(item) for item in obj if isinstance(item, Mapping)]
-        metas = [meta for meta in metas if meta is not None]
+        items = [item for item in obj if isinstance(item, Mapping)]
+        metas = [meta for meta in map(_usage_of, items) if meta is not None]
+        models = [model for model in map(_model_of, items) if model is not None]
         obj = {"usageMetadata": metas[-1]} if metas else {}
+        if models:
+            obj["modelVersion"] = models[-1]
     if not isinstance(obj, Mapping):
         return Report(invalid="the response body is not JSON")
     meta = _usage_of(obj)
     if isinstance(meta, Mapping):
-        return Report.read(lambda: gemini_usage(meta))
+        return Report.read(
+            lambda: gemini_usage(meta), model=_model_of(obj), price_context=_tier_of(meta)
+        )
     if endpoint.kind == "embeddings":
         return Report.read(lambda: _prediction_usage(obj))
     return Report(invalid="the response has no usageMetadata")
@@ -213,22 +231,31 @@ class GeminiStream(SSETracker):
                 if isinstance(part, Mapping):
                     self.count_text(part.get("text"))
                     self.count_text(_get(part, "functionCall", "function_call"))
+        model = _model_of(obj)
+        if model is not None:
+            self.model = model
         meta = _usage_of(obj)
         if isinstance(meta, Mapping):
             self._last = meta
+            tier = _tier_of(meta)
+            if tier is not None:
+                self.price_context = tier
             with contextlib.suppress(UntrustedUsage):
                 self.partial = gemini_usage(meta)
         if finished:
             self.finished = True
         if self.finished and self._last is not None:
-            last = self._last
-            self.report = Report.read(lambda: gemini_usage(last))
+            self._report(self._last)
 
     def on_end(self) -> None:
         """The last running total is the call's usage."""
-        last = self._last
-        if last is not None:
-            self.report = Report.read(lambda: gemini_usage(last))
+        if self._last is not None:
+            self._report(self._last)
+
+    def _report(self, last: Mapping[str, Any]) -> None:
+        self.report = Report.read(
+            lambda: gemini_usage(last), model=self.model, price_context=self.price_context
+        )
 
 
 class GeminiDialect(Dialect):
@@ -239,11 +266,23 @@ class GeminiDialect(Dialect):
     def classify(
         self, method: str, host: str, path: list[str], headers: Any = None
     ) -> WireEndpoint | None:
-        """``POST .../models/{model}:{method}`` of a generate or embed method."""
+        """``POST .../models/{model}:{method}`` of a generate or embed method.
+
+        A generate call to a tuned model is metered too: Vertex AI's
+        ``.../endpoints/{id}`` and the Developer API's ``tunedModels/{id}``, named so
+        (``endpoints/{id}``): no price is known for them before the response names its
+        model, so the ``unknown_model`` policy decides whether they are sent.
+        """
         if method != "POST" or len(path) < 2 or ":" not in path[-1]:
             return None
         name, _, operation = path[-1].rpartition(":")
-        if path[-2] != "models" or not name:
+        if not name:
+            return None
+        if path[-2] in _TUNED:
+            if operation in _GENERATE:
+                return WireEndpoint("chat", operation, f"{path[-2]}/{name}", _GENERATE[operation])
+            return None
+        if path[-2] != "models":
             return None
         if operation in _GENERATE:
             return WireEndpoint("chat", operation, name, _GENERATE[operation])
@@ -276,7 +315,14 @@ class GeminiDialect(Dialect):
         if cap is None:
             cap = model_cap(model or "", _OUTPUT_CAPS, DEFAULT_OUTPUT_CAP)
         candidates = first_cap(config, "candidateCount", "candidate_count") or 1
-        return WireRequest(model, bool(endpoint.stream), bound.tokens(mode), cap * candidates)
+        tier = _tier_of(body)  # the tier asked for: the request's own serviceTier
+        return WireRequest(
+            model,
+            bool(endpoint.stream),
+            bound.tokens(mode),
+            cap * candidates,
+            price_context=dict(tier) if tier else {},
+        )
 
     def tracker(
         self, endpoint: WireEndpoint, content_type: str, headers: Mapping[str, str] | Any
@@ -286,6 +332,9 @@ class GeminiDialect(Dialect):
             return GeminiStream()
         return JsonBodyTracker(partial(_body_report, endpoint))
 
+
+_TUNED: Final = frozenset({"endpoints", "tunedModels"})
+"""Path segments before a tuned model's id (Vertex AI endpoints, Developer API)."""
 
 DIALECT: Final = GeminiDialect()
 

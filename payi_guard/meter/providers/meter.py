@@ -214,11 +214,20 @@ class WireStreamState(StreamState):
             return Settlement(
                 reported.to_token_usage(),
                 "error" if tracker.errors else "ok",
+                response_model=report.model or tracker.model,
                 other_models=reported.other_models,
                 problems=reported.problems,
+                price_context=(
+                    tracker.price_context if report.price_context is None else report.price_context
+                ),
             )
         if report is not None and report.invalid is not None:
-            return Settlement(TokenUsage(0, 0), "ok", problems=(report.invalid,))
+            return Settlement(
+                TokenUsage(0, 0),
+                "ok",
+                response_model=report.model or tracker.model,
+                problems=(report.invalid,),
+            )
         if reason == "end" and not tracker.errors:
             return Settlement(TokenUsage(0, 0), "ok", problems=("no usage reported",))
         partial = tracker.partial or ParsedUsage(input_tokens=max(0, self.fallback_input))
@@ -230,7 +239,9 @@ class WireStreamState(StreamState):
             cache_write_1h_tokens=partial.cache_write_1h_tokens,
         )
         outcome = "error" if reason == "error" or tracker.errors else "incomplete"
-        return Settlement(usage, outcome)
+        return Settlement(
+            usage, outcome, response_model=tracker.model, price_context=tracker.price_context
+        )
 
 
 def _openai_report(endpoint: Endpoint) -> Callable[[Any], Report]:

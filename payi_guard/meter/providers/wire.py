@@ -265,18 +265,30 @@ class Report:
     Attributes:
         usage: the usage, when it can be trusted.
         invalid: why it cannot be trusted, otherwise.
+        model: the model the response names (it is priced as that model when it has a
+            price), if it names one.
+        price_context: the tier the response says served the call
+            (:func:`~payi_guard.meter.tier.tier_context`), if it says.
     """
 
     usage: ParsedUsage | None = None
     invalid: str | None = None
+    model: str | None = None
+    price_context: Mapping[str, str] | None = None
 
     @classmethod
-    def read(cls, parse: Callable[[], ParsedUsage]) -> Report:
+    def read(
+        cls,
+        parse: Callable[[], ParsedUsage],
+        *,
+        model: str | None = None,
+        price_context: Mapping[str, str] | None = None,
+    ) -> Report:
         """Run ``parse``; an :class:`UntrustedUsage` it raises becomes ``invalid``."""
         try:
-            return cls(usage=parse())
+            return cls(usage=parse(), model=model, price_context=price_context)
         except UntrustedUsage as exc:
-            return cls(invalid=str(exc))
+            return cls(invalid=str(exc), model=model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,6 +313,10 @@ class WireTracker:
     def __init__(self) -> None:
         self.report: Report | None = None
         self.partial: ParsedUsage | None = None
+        self.model: str | None = None
+        """The model the body names so far (a cut stream is priced as it)."""
+        self.price_context: Mapping[str, str] | None = None
+        """The tier the body says served the call so far."""
         self.finished = False
         self.errors: list[str] = []
         self.output_bytes = 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -22,7 +25,8 @@ from meter.providers._support import (
     served,
     usd,
 )
-from payi_guard import BudgetExceeded, is_refusal
+from payi_guard import BudgetExceeded, Guard, is_refusal
+from payi_guard.clock import FakeClock
 from payi_guard.exceptions import UnknownModelRefused
 from payi_guard.meter import flush_abandoned_streams, guarded_by
 
@@ -101,6 +105,113 @@ def test_unknown_model_is_refused_as_permission_denied(server: ReplayServer) -> 
     assert info.value.code == 403
     assert not is_refusal(info.value)
     assert server.received == []
+
+
+def test_a_tuned_model_is_metered_as_a_model_without_a_known_price(server: ReplayServer) -> None:
+    # A Developer API tuned model and a Vertex AI endpoint: no price is known for either
+    # before the response names its model, so the unknown_model policy applies; they
+    # never pass unmetered.
+    body = {
+        "candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}}],
+        "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 100},
+        "modelVersion": MODEL,
+    }
+    credentials = pytest.importorskip("google.oauth2.credentials")
+
+    def vertex() -> Any:
+        return genai.Client(
+            vertexai=True,
+            project="p",
+            location="us-central1",
+            credentials=credentials.Credentials(token="t"),
+            http_options=types.HttpOptions(base_url=server.url),
+        )
+
+    def developer() -> Any:
+        return client_for(server)
+
+    tuned = [
+        (developer, "tunedModels/my-model", "/v1beta/tunedModels/my-model:generateContent"),
+        (
+            vertex,
+            "projects/p/locations/us-central1/endpoints/123",
+            "/endpoints/123:generateContent",
+        ),
+    ]
+    for make_client, model, path in tuned:
+        refusing = make_guard().wrap(make_client())
+        with pytest.raises(errors.ClientError) as info:
+            refusing.models.generate_content(model=model, contents="Hi")
+        assert isinstance(info.value, UnknownModelRefused), model
+        assert server.received == []
+        server.load([made_up(f"https://generativelanguage.googleapis.com{path}", body)])
+        allowing = make_guard(unknown_model="allow").wrap(make_client())
+        with capture_logs() as logs:
+            allowing.models.generate_content(model=model, contents="Hi")
+        line = one_call(logs)
+        assert server.received[-1].path.endswith(path), server.received[-1].path
+        assert line["model"] == "/".join(model.split("/")[-2:])
+        assert line["response_model"] == MODEL
+        # gemini-2.5-flash: $0.30 / $2.50 a million tokens
+        assert usd(line["cost_usd"]) == Decimal("0.00055")
+        server.received.clear()
+
+
+TTS = "gemini-3.8-flash-tts"
+"""A model genai-prices prices by tier: $0.50 / $9 a million tokens at the standard
+tier, $0.90 / $16.20 at priority from 2026-10-15 (the guard's clock is set after it)."""
+
+AFTER_TIERS = datetime(2026, 11, 27, 12, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_is_charged_at_the_tier_its_usage_names(server: ReplayServer, stream: bool) -> None:
+    def meta(tier: str | None) -> dict[str, Any]:
+        found: dict[str, Any] = {"promptTokenCount": 1000, "candidatesTokenCount": 2000}
+        return found if tier is None else {**found, "serviceTier": tier}
+
+    def body(tier: str | None) -> dict[str, Any]:
+        part = {"content": {"parts": [{"text": "Hi"}], "role": "model"}, "finishReason": "STOP"}
+        return {"candidates": [part], "usageMetadata": meta(tier), "modelVersion": TTS}
+
+    operation = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    uri = f"https://generativelanguage.googleapis.com/v1beta/models/{TTS}:{operation}"
+    standard = Decimal("0.0185")  # 1000 * $0.50 + 2000 * $9 a million
+    priority = Decimal("0.0333")  # 1000 * $0.90 + 2000 * $16.20 a million
+    # asked for, reported, charged, logged
+    cases: list[tuple[str | None, str | None, Decimal, object]] = [
+        (None, "priority", priority, {"service_tier": "priority"}),  # the project's tier
+        ("priority", "standard", standard, None),  # asked, not granted
+        ("priority", None, priority, {"service_tier": "priority"}),  # the response says none
+        (None, "STANDARD", standard, None),
+    ]
+    for asked, reported, charged, logged in cases:
+        content = body(reported)
+        if stream:
+            data = b"data: " + json.dumps(content).encode() + b"\r\n\r\n"
+            server.load([made_up(uri, data, content_type="text/event-stream")])
+        else:
+            server.load([made_up(uri, content)])
+        guard = Guard(
+            {"default": [{"max": 100, "per": "day"}]}, clock=FakeClock(AFTER_TIERS.timestamp())
+        )
+        guard.default_user_id = USER
+        client = guard.wrap(client_for(server))
+        config = (
+            types.GenerateContentConfig(service_tier=types.ServiceTier(asked)) if asked else None
+        )
+        with capture_logs() as logs:
+            if stream:
+                list(client.models.generate_content_stream(model=TTS, contents="Hi", config=config))
+            else:
+                client.models.generate_content(model=TTS, contents="Hi", config=config)
+        line = one_call(logs)
+        assert (usd(line["cost_usd"]), line.get("price_context")) == (charged, logged), (
+            asked,
+            reported,
+        )
+        sent = json.loads(server.received[-1].body)
+        assert sent.get("serviceTier") == asked
 
 
 def test_sync_stream_closed_early_is_settled_once(server: ReplayServer) -> None:
