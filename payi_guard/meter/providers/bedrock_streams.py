@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any, Final
 
 from payi_guard.meter.parse import ParsedUsage
-from payi_guard.meter.providers.bedrock_usage import converse_usage, family_usage, metrics_usage
+from payi_guard.meter.providers.bedrock_usage import (
+    anthropic_1h_writes,
+    converse_usage,
+    family_usage,
+    metrics_usage,
+    with_1h_writes,
+)
 from payi_guard.meter.providers.eventstream import EventMessage, EventStreamDecoder
 from payi_guard.meter.providers.wire import Report, UntrustedUsage, WireTracker, count
 
@@ -90,6 +97,7 @@ class InvokeStream(EventStreamTracker):
     def __init__(self) -> None:
         super().__init__()
         self._last: dict[str, Any] | None = None
+        self._writes_1h = 0
 
     def on_message(self, message: EventMessage, payload: dict[str, Any]) -> None:
         """Decode one ``chunk`` and read its counts and text."""
@@ -106,17 +114,24 @@ class InvokeStream(EventStreamTracker):
         self._count(chunk)
         metrics = chunk.get("amazon-bedrock-invocationMetrics")
         if isinstance(metrics, Mapping):
-            self.report = Report.read(lambda: metrics_usage(metrics))
+            # One cache-write total: message_start told the 1-hour writes apart.
+            writes_1h = self._writes_1h
+            self.report = Report.read(lambda: with_1h_writes(metrics_usage(metrics), writes_1h))
             return
         kind = chunk.get("type")
         if kind == "message_start":
             inner = chunk.get("message")
             usage = inner.get("usage") if isinstance(inner, Mapping) else None
             if isinstance(usage, Mapping):
-                self.partial = ParsedUsage(
-                    input_tokens=_safe(usage, "input_tokens"),
-                    cache_read_tokens=_safe(usage, "cache_read_input_tokens"),
-                    cache_write_tokens=_safe(usage, "cache_creation_input_tokens"),
+                with contextlib.suppress(UntrustedUsage):
+                    self._writes_1h = anthropic_1h_writes(usage)
+                self.partial = with_1h_writes(
+                    ParsedUsage(
+                        input_tokens=_safe(usage, "input_tokens"),
+                        cache_read_tokens=_safe(usage, "cache_read_input_tokens"),
+                        cache_write_tokens=_safe(usage, "cache_creation_input_tokens"),
+                    ),
+                    self._writes_1h,
                 )
 
     def _count(self, chunk: Mapping[str, Any]) -> None:

@@ -11,12 +11,20 @@ checked (:func:`~payi_guard.meter.providers.wire.count`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Final
 
 from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.wire import Report, UntrustedUsage, count
 
-__all__ = ["converse_usage", "family_usage", "header_report", "metrics_usage"]
+__all__ = [
+    "anthropic_1h_writes",
+    "converse_usage",
+    "family_usage",
+    "header_report",
+    "metrics_usage",
+    "with_1h_writes",
+]
 
 _HEADERS: Final = {
     "input": "x-amzn-bedrock-input-token-count",
@@ -26,19 +34,59 @@ _HEADERS: Final = {
 }
 
 
+def with_1h_writes(usage: ParsedUsage, writes_1h: int) -> ParsedUsage:
+    """``usage`` with ``writes_1h`` of its cache writes moved to the 1-hour count.
+
+    Bedrock reports one cache-write total; the writes with a 1-hour lifetime, billed at
+    their own higher rate, are told apart only in a breakdown (Converse's
+    ``cacheDetails``, an Anthropic body's ``cache_creation``). At most the total moves.
+    """
+    moved = min(writes_1h, usage.cache_write_tokens)
+    if moved <= 0:
+        return usage
+    return replace(
+        usage,
+        cache_write_tokens=usage.cache_write_tokens - moved,
+        cache_write_1h_tokens=usage.cache_write_1h_tokens + moved,
+    )
+
+
+def anthropic_1h_writes(usage: Mapping[str, Any]) -> int:
+    """An Anthropic usage object's ``cache_creation.ephemeral_1h_input_tokens`` (or 0).
+
+    Raises:
+        UntrustedUsage: the count is there but negative or not a whole number.
+    """
+    creation = usage.get("cache_creation")
+    if not isinstance(creation, Mapping):
+        return 0
+    return count(creation, "ephemeral_1h_input_tokens", default=0)
+
+
 def converse_usage(usage: Mapping[str, Any]) -> ParsedUsage:
     """Read a Converse ``usage`` object (``inputTokens`` excludes the cache counts).
+
+    The 1-hour writes are the ``cacheDetails`` entries whose ``ttl`` is ``1h``.
 
     Raises:
         UntrustedUsage: a count is missing, negative or not a whole number.
     """
-    return ParsedUsage(
+    parsed = ParsedUsage(
         input_tokens=count(usage, "inputTokens"),
         output_tokens=count(usage, "outputTokens"),
         cache_read_tokens=count(usage, "cacheReadInputTokens", default=0),
         cache_write_tokens=count(usage, "cacheWriteInputTokens", default=0),
         complete=True,
     )
+    details = usage.get("cacheDetails")
+    if not isinstance(details, list) or not details:
+        return parsed
+    writes_1h = sum(
+        count(detail, "inputTokens")
+        for detail in details
+        if isinstance(detail, Mapping) and detail.get("ttl") == "1h"
+    )
+    return with_1h_writes(parsed, writes_1h)
 
 
 def metrics_usage(metrics: Mapping[str, Any]) -> ParsedUsage:
@@ -88,13 +136,14 @@ def family_usage(body: Mapping[str, Any]) -> ParsedUsage:
     usage = body.get("usage")
     if isinstance(usage, Mapping):
         if "input_tokens" in usage:
-            return ParsedUsage(
+            parsed = ParsedUsage(
                 input_tokens=count(usage, "input_tokens"),
                 output_tokens=count(usage, "output_tokens"),
                 cache_read_tokens=count(usage, "cache_read_input_tokens", default=0),
                 cache_write_tokens=count(usage, "cache_creation_input_tokens", default=0),
                 complete=True,
             )
+            return with_1h_writes(parsed, anthropic_1h_writes(usage))
         if "inputTokens" in usage:
             return ParsedUsage(
                 input_tokens=count(usage, "inputTokens"),

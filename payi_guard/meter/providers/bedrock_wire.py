@@ -11,10 +11,16 @@ family's field), else the model's. Each operation's response is read by a tracke
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Final
 
 from payi_guard.meter.providers.bedrock_streams import ConverseStream, InvokeStream
-from payi_guard.meter.providers.bedrock_usage import converse_usage, family_usage, header_report
+from payi_guard.meter.providers.bedrock_usage import (
+    converse_usage,
+    family_usage,
+    header_report,
+    with_1h_writes,
+)
 from payi_guard.meter.providers.meter import Dialect
 from payi_guard.meter.providers.wire import (
     Bound,
@@ -137,6 +143,19 @@ def _invoke_body_report(obj: Any) -> Report:
     return Report.read(lambda: family_usage(obj))
 
 
+def _headed_body_report(headers: Report, obj: Any) -> Report:
+    """The headers' counts, with the 1-hour cache writes the body tells apart.
+
+    The ``X-Amzn-Bedrock-*`` headers give one cache-write total; an Anthropic body's
+    ``cache_creation`` says how much of it has a 1-hour lifetime.
+    """
+    usage = headers.usage
+    body = _invoke_body_report(obj).usage
+    if usage is None or body is None or not body.cache_write_1h_tokens:
+        return headers
+    return Report(usage=with_1h_writes(usage, body.cache_write_1h_tokens))
+
+
 def _signed_for_bedrock(headers: Any) -> bool:
     """Whether a request carries a SigV4 signature scoped to the ``bedrock`` service."""
     if headers is None:
@@ -216,7 +235,11 @@ class BedrockDialect(Dialect):
             return InvokeStream()
         if operation == "converse":
             return JsonBodyTracker(_converse_body_report)
-        return JsonBodyTracker(_invoke_body_report, header_report(headers))
+        headed = header_report(headers)
+        if headed is not None and headed.usage is not None and headed.usage.cache_write_tokens:
+            # The body may split the cache writes by lifetime: read it too.
+            return JsonBodyTracker(partial(_headed_body_report, headed))
+        return JsonBodyTracker(_invoke_body_report, headed)
 
 
 def _model_cap(base: str) -> int:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+import zlib
 from dataclasses import replace
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
+import genai_prices
 import pytest
 from conformance.providers.cassette import Exchange
+from conformance.providers.corpus import PRICED_AT
 from conformance.providers.server import ReplayServer
 from structlog.testing import capture_logs
 
@@ -278,3 +283,196 @@ def test_an_error_status_releases_the_reservation(server: ReplayServer) -> None:
     calls = events(logs, "genai_call")
     assert [(c["outcome"], c["cost_usd"]) for c in calls] == [("error", 0.0)]
     assert guard.usage(USER)[0].used == 0
+
+
+# --- 1-hour cache writes -------------------------------------------------------------------
+
+SONNET = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+HOUR_CACHE_BODY = json.dumps(
+    {
+        "anthropic_version": "bedrock-2023-05-31",
+        "max_tokens": 100,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "text",
+                        "text": "Hi",
+                        "cache_control": {"type": "ephemeral", "ttl": "1h"},
+                    }
+                ],
+            }
+        ],
+    }
+)
+ANTHROPIC_USAGE: dict[str, Any] = {
+    "input_tokens": 12,
+    "cache_creation_input_tokens": 100_000,
+    "cache_read_input_tokens": 0,
+    "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 100_000},
+    "output_tokens": 40,
+}
+CONVERSE_USAGE = {
+    "inputTokens": 12,
+    "outputTokens": 40,
+    "totalTokens": 100_052,
+    "cacheReadInputTokens": 0,
+    "cacheWriteInputTokens": 100_000,
+    "cacheDetails": [{"ttl": "1h", "inputTokens": 100_000}],
+}
+
+
+def _header(name: str, value: str) -> bytes:
+    key, text = name.encode(), value.encode()
+    return bytes([len(key)]) + key + b"\x07" + struct.pack(">H", len(text)) + text
+
+
+def _event(event_type: str, payload: dict[str, Any]) -> bytes:
+    """One event-stream frame, as Bedrock sends it."""
+    headers = (
+        _header(":event-type", event_type)
+        + _header(":content-type", "application/json")
+        + _header(":message-type", "event")
+    )
+    data = json.dumps(payload).encode()
+    prelude = struct.pack(">II", 16 + len(headers) + len(data), len(headers))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    body = prelude + headers + data
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def _chunk(obj: dict[str, Any]) -> bytes:
+    return _event("chunk", {"bytes": base64.b64encode(json.dumps(obj).encode()).decode()})
+
+
+def _stream_exchange(uri: str, body: bytes) -> Exchange:
+    headers = (
+        ("content-type", "application/vnd.amazon.eventstream"),
+        ("transfer-encoding", "chunked"),
+    )
+    return Exchange("made-up", 0, "POST", uri, b"", 200, headers, body)
+
+
+def _genai_prices(body: dict[str, Any], flavor: str) -> Decimal:
+    """What genai-prices charges for the usage in ``body``, rounded up to a nano-dollar."""
+    extracted = genai_prices.extract_usage(body, provider_id="aws", api_flavor=flavor)
+    price = genai_prices.calc_price(
+        extracted.usage, SONNET, provider_id="aws", genai_request_timestamp=PRICED_AT
+    )
+    return Decimal(price.total_price).quantize(Decimal("1e-9"), rounding=ROUND_CEILING)
+
+
+@pytest.mark.parametrize("operation", ["converse", "converse_stream", "invoke", "invoke_stream"])
+def test_one_hour_cache_writes_are_charged_at_their_own_rate(
+    server: ReplayServer, operation: str
+) -> None:
+    base = "https://bedrock-runtime.us-east-1.amazonaws.com/model/" + SONNET
+    converse = {
+        "output": {"message": {"role": "assistant", "content": [{"text": "Hello"}]}},
+        "stopReason": "end_turn",
+        "usage": CONVERSE_USAGE,
+        "metrics": {"latencyMs": 100},
+    }
+    message: dict[str, Any] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5-20250929",
+        "content": [{"type": "text", "text": "Hello"}],
+        "stop_reason": "end_turn",
+        "usage": ANTHROPIC_USAGE,
+    }
+    if operation == "converse":
+        server.load([made_up(f"{base}/converse", converse)])
+    elif operation == "converse_stream":
+        frames = [
+            _event("messageStart", {"role": "assistant"}),
+            _event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Hello"}}),
+            _event("contentBlockStop", {"contentBlockIndex": 0}),
+            _event("messageStop", {"stopReason": "end_turn"}),
+            _event("metadata", {"usage": CONVERSE_USAGE, "metrics": {"latencyMs": 100}}),
+        ]
+        server.load([_stream_exchange(f"{base}/converse-stream", b"".join(frames))])
+    elif operation == "invoke":
+        # The headers give one cache-write total; the body tells the 1-hour ones apart.
+        counts = {
+            "input": "12",
+            "output": "40",
+            "cache-read-input": "0",
+            "cache-write-input": "100000",
+        }
+        headers = tuple((f"x-amzn-bedrock-{k}-token-count", v) for k, v in counts.items())
+        exchange = made_up(f"{base}/invoke", message)
+        server.load([replace(exchange, headers=exchange.headers + headers)])
+    else:
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "usage": {**ANTHROPIC_USAGE, "output_tokens": 1},
+        }
+        metrics = {
+            "inputTokenCount": 12,
+            "outputTokenCount": 40,
+            "invocationLatency": 1,
+            "firstByteLatency": 1,
+            "cacheReadInputTokenCount": 0,
+            "cacheWriteInputTokenCount": 100_000,
+        }
+        events_: list[dict[str, Any]] = [
+            {"type": "message_start", "message": start},
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "Hello"},
+            },
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": 40},
+            },
+            {"type": "message_stop", "amazon-bedrock-invocationMetrics": metrics},
+        ]
+        server.load(
+            [
+                _stream_exchange(
+                    f"{base}/invoke-with-response-stream", b"".join(map(_chunk, events_))
+                )
+            ]
+        )
+    guard = make_guard([{"max": 1000, "per": "day"}])
+    client = guard.wrap(client_for(server))
+    messages: Any = [
+        {
+            "role": "user",
+            "content": [{"text": "Hi"}, {"cachePoint": {"type": "default", "ttl": "1h"}}],
+        }
+    ]
+    with capture_logs() as logs:
+        if operation == "converse":
+            client.converse(modelId=SONNET, messages=messages)
+        elif operation == "converse_stream":
+            list(client.converse_stream(modelId=SONNET, messages=messages)["stream"])
+        elif operation == "invoke":
+            client.invoke_model(modelId=SONNET, body=HOUR_CACHE_BODY)["body"].read()
+        else:
+            list(
+                client.invoke_model_with_response_stream(modelId=SONNET, body=HOUR_CACHE_BODY)[
+                    "body"
+                ]
+            )
+    line = one_call(logs)
+    expected = (
+        _genai_prices(converse, "default")
+        if "converse" in operation
+        else _genai_prices(message, "anthropic")
+    )
+    assert expected == Decimal("0.6606996")  # $6.60 a million 1-hour writes, not $4.125
+    assert usd(line["cost_usd"]) == expected
