@@ -134,10 +134,11 @@ def test_clear_errors(tmp_path: Path, clock: FakeClock, capsys: pytest.CaptureFi
     status, _, err = run("--from-store", "--config", str(memory), clock=clock)
     assert status == 2
     assert "memory://" in err
-    down = ("--storage", "redis://127.0.0.1:1/0")
+    down = ("--storage", "redis://:hunter2@127.0.0.1:1/0")
     status, _, err = run("--from-store", "--config", str(memory), *down, clock=clock)
     assert status == 1
-    assert "cannot read the store" in err
+    assert "cannot read the store redis://:***@127.0.0.1:1/0" in err
+    assert "hunter2" not in err  # a password never reaches the terminal
     status, _, err = run("--days", "3", str(tmp_path / "x.log"), clock=clock)
     assert status == 2
     assert "--from-store" in err

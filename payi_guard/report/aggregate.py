@@ -241,6 +241,9 @@ class ReportBuilder:
         self._users: set[str] = set()
         self._pending: OrderedDict[tuple[object, str | None], _Pending] = OrderedDict()
         self._total_cost = _ZERO
+        # Every adjustment's magnitude, summed: while it fits the exact context, so does
+        # any signed sum of them (a group's, the total), so none of those can raise.
+        self._adjusted_span = _ZERO
         self._all_costs = CostDistribution()
         self.lines = 0
         self.skipped = 0
@@ -398,6 +401,13 @@ class ReportBuilder:
         if not self._keep(obj, user, org):
             self.filtered_out += 1
             return
+        try:
+            span = _EXACT.add(self._adjusted_span, _EXACT.abs(amount))
+        except DecimalException:
+            # An amount (or a sum) that would need more than 100 digits: skip, never round.
+            self.skipped += 1
+            return
+        self._adjusted_span = span
         group = self._group(obj, user, org)
         if user is not None:
             self._users.add(user)

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO, TextIO
 
 from payi_guard.clock import Clock, SystemClock
+from payi_guard.config.summary import redact_uri
 from payi_guard.exceptions import ConfigError, StorageError
 from payi_guard.report import (
     EXACT_SAMPLES,
@@ -310,7 +311,7 @@ def _run_from_store(args: argparse.Namespace, out: TextIO, err: TextIO, clock: C
             top=args.top,
         )
     except StorageError as exc:
-        return fail(f"cannot read the store {guard.storage_uri}: {exc}", 1)
+        return fail(f"cannot read the store {redact_uri(guard.storage_uri)}: {exc}", 1)
     finally:
         guard.close()
     if args.format == "table":

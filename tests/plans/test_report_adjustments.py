@@ -161,3 +161,24 @@ def test_a_log_without_adjustments_has_no_adjusted_column(
     _, out, _ = run(capsys, str(path), "--width", "200")
     assert "adjusted" not in out.splitlines()[0]
     assert "adjustments" not in out
+
+
+def test_an_adjustment_no_exact_sum_can_hold_is_skipped_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long = "1." + "1" * 120  # more digits than the report's exact sums keep
+    lines = [
+        call("bob", "0.10"),
+        adjusted("bob", "daily", "usd", "0.5", "a1"),
+        adjusted("bob", "daily", "usd", long, "a2"),
+        adjusted("carol", "daily", "usd", "1e8", "a3"),  # fits alone...
+        adjusted("carol", "daily", "usd", "-1e-95", "a4"),  # ...not with this one
+    ]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, err = run(capsys, str(path), "--format", "json")
+    assert code == 0
+    assert "5 lines read: 2 skipped" in " ".join(err.split())
+    rows = {row["user_id"]: row for row in json.loads(out, parse_float=Decimal)}
+    assert rows["bob"]["adjusted_usd"] == Decimal("0.5")
+    assert rows["carol"]["adjusted_usd"] == Decimal("1e8")
