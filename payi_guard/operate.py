@@ -29,10 +29,11 @@ import csv
 import getpass
 import importlib
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
-from typing import TextIO
+from typing import Final, TextIO
 
 import structlog
 
@@ -296,12 +297,18 @@ def _record(summary: UserSummary) -> dict[str, object]:
     }
 
 
+_AMOUNT: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+"""A decimal amount as :func:`~payi_guard.money.decimal_text` writes it."""
+
+
 def _csv_cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     text = printable(str(value))
+    if _AMOUNT.fullmatch(text):
+        return text  # a number (a credit is negative), not a formula
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 

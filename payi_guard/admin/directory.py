@@ -43,8 +43,8 @@ __all__ = [
     "users_of_keys",
 ]
 
-Sort = Literal["name", "spend", "state", "remaining", "org", "tier"]
-SORTS: tuple[Sort, ...] = ("name", "spend", "state", "remaining", "org", "tier")
+Sort = Literal["name", "spend", "state", "remaining", "limits", "org", "tier"]
+SORTS: tuple[Sort, ...] = ("name", "spend", "state", "remaining", "limits", "org", "tier")
 STATES: tuple[LimitState, ...] = ("ok", "warning", "exceeded")
 
 _STATE_RANK: dict[str, int] = {"ok": 0, "warning": 1, "exceeded": 2}
@@ -274,7 +274,9 @@ def order_summaries(
     """Order summaries by ``sort``; ties keep user-id order (ascending).
 
     ``spend`` and ``remaining`` are those of the tightest own money limit; a user
-    without one has no spend (lowest) and unlimited remaining (highest).
+    without one has no spend (lowest) and unlimited remaining (highest). ``limits`` is
+    the fullest of a user's limits (its share used, from 0 to 1), as the page's Limits
+    column sorts.
     """
     ordered = sorted(summaries, key=lambda s: s.user_id)
     if sort == "name":
@@ -287,7 +289,21 @@ def order_summaries(
         return sorted(ordered, key=lambda s: s.org or "", reverse=descending)
     if sort == "tier":
         return sorted(ordered, key=lambda s: s.tier, reverse=descending)
+    if sort == "limits":
+        return sorted(ordered, key=_fullest, reverse=descending)
     return sorted(ordered, key=_remaining_key, reverse=descending)
+
+
+def _share(limit: LimitUsage) -> Decimal:
+    """The share of ``limit`` used, from 0 (or a credit) to 1 (or more)."""
+    used, most = Decimal(limit.used), Decimal(limit.max)
+    if most <= 0:
+        return Decimal(1) if used > 0 else Decimal(0)
+    return max(Decimal(0), min(Decimal(1), used / most))
+
+
+def _fullest(summary: UserSummary) -> Decimal:
+    return max(map(_share, summary.limits), default=Decimal(0))
 
 
 def _spend_key(summary: UserSummary) -> Decimal:

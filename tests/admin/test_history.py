@@ -253,6 +253,9 @@ async def test_list_filters_sort_and_csv(early_clock: FakeClock) -> None:
             "carol",
         ]
         assert await ids(sort="tier", order="desc") == ["bob", "acme:alice", "acme:bob", "carol"]
+        # The Limits column: the fullest limit first (alice's daily $0.90 of $1).
+        assert (await ids(sort="limits", order="desc"))[0] == "acme:alice"
+        assert await ids(sort="limits", order="desc") == (await ids(sort="limits"))[::-1]
         for params, parameter in (
             ({"min_spend": "-1"}, "min_spend"),
             ({"max_spend": "lots"}, "max_spend"),
@@ -265,6 +268,8 @@ async def test_list_filters_sort_and_csv(early_clock: FakeClock) -> None:
             assert bad.json()["parameter"] == parameter
             bad_csv = await client.get("/api/users.csv", params=params, headers=bearer())
             assert bad_csv.status_code == 400
+        by_limits = await client.get("/api/users.csv", params={"sort": "limits"}, headers=bearer())
+        assert by_limits.status_code == 200  # the page's Limits column can be exported
         exported = await client.get(
             "/api/users.csv", params={"org": "acme", "sort": "spend"}, headers=bearer()
         )

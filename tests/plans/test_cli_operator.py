@@ -159,6 +159,11 @@ def test_adjust_reset_and_users_change_what_the_app_enforces(shop: Path, key_pre
         assert lines[1].split()[:3] == ["acme:alice", "ok", "$0.35"]
         assert lines[2].split()[:3] == ["bob", "ok", "$0"]
         assert max(len(line) for line in lines) <= 80
+        # A credit is a negative number in the CSV, not text quoted against formulas.
+        credit = cli("adjust", "bob", "-0.5", "--limit", "monthly", *store)
+        assert credit.returncode == 0, credit.stderr
+        rows = cli("users", *store, "--format", "csv").stdout.splitlines()
+        assert "bob,ok,false,-0.5,1,1.5,monthly" in rows, rows
         app.close()
 
     same_month(scenario)
