@@ -203,6 +203,7 @@ _USAGE_COLUMNS = (
 
 def _cmd_usage(args: argparse.Namespace) -> int:
     from payi_guard.engine import Guard
+    from payi_guard.operate import tier_function
 
     guard: Guard | None = None
     try:
@@ -211,6 +212,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             storage=args.storage,
             key_prefix=args.key_prefix,
             clock=getattr(args, "clock", None) or SystemClock(),
+            tier_of=tier_function(args),
         )
         usages = guard.usage(args.user, limit_ids=args.limit_id or ())
         in_memory = guard.storage_uri.startswith("memory:")
@@ -476,14 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Paragraphs,
     )
     usage.add_argument("user", help="the user id (org:user for composite ids)")
-    usage.add_argument("--config", "-c", required=True, help="the budgets file")
-    usage.add_argument("--storage", metavar="URI", help="storage URI (default: the file's storage)")
-    usage.add_argument(
-        "--key-prefix",
-        default="pg",
-        metavar="PREFIX",
-        help="the key prefix the app's Guard uses (default: pg)",
-    )
+    _store_arguments(usage, tier=True)
     usage.add_argument(
         "--limit-id", action="append", metavar="NAME", help="also show this named limit"
     )

@@ -74,6 +74,18 @@ def _say(stream: TextIO, text: str) -> None:
     say(stream, text)
 
 
+def tier_function(args: argparse.Namespace) -> TierFunction | None:
+    """The tier function ``--tier`` or ``--tier-of`` names, if either is given.
+
+    Raises:
+        ValueError: both are given, or ``--tier-of`` names no importable function.
+    """
+    try:
+        return _tier_of(args)
+    except _Refused as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _tier_of(args: argparse.Namespace) -> TierFunction | None:
     tier: str | None = getattr(args, "tier", None)
     spec: str | None = getattr(args, "tier_of", None)

@@ -323,6 +323,47 @@ default: [daily]
 """
 
 
+TIERED = """\
+version: 1
+storage: memory://
+prices:
+  test-model: {input_per_mtok: 1.0, output_per_mtok: 2.0}
+limits:
+  free_daily: {max: 1.00, per: day}
+  pro_daily: {max: 10.00, per: day}
+tiers:
+  pro: [pro_daily]
+default: [free_daily]
+"""
+
+
+def test_usage_reads_a_user_with_the_limits_of_their_tier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As the app does when it assigns tiers at run time (tier_of, set_user): the limits
+    # shown are those that refuse the user's calls.
+    path = tmp_path / "tiered.yaml"
+    path.write_text(TIERED, encoding="utf-8")
+    (tmp_path / "billing_tiers.py").write_text(
+        "def tier_of(user_id):\n    return 'pro' if user_id == 'vip1' else None\n",
+        encoding="utf-8",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["usage", "vip1", "-c", str(path), "--storage", "memory://", "--format", "json"]
+
+    def limits(*extra: str) -> list[str]:
+        assert main([*argv, *extra]) == 0
+        return [limit["name"] for limit in json.loads(capsys.readouterr().out)]
+
+    assert limits() == ["free_daily"]
+    assert limits("--tier", "pro") == ["pro_daily"]
+    assert limits("--tier-of", "billing_tiers:tier_of") == ["pro_daily"]
+    assert main([*argv, "--tier", "pro", "--tier-of", "billing_tiers:tier_of"]) == 2
+    assert "give --tier or --tier-of, not both" in capsys.readouterr().err
+    assert main([*argv, "--tier-of", "billing_tiers"]) == 2
+    assert "MODULE:FUNCTION" in one_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 def test_usage_says_exceeded_when_the_limit_refuses_the_users_calls(
     request: pytest.FixtureRequest,
