@@ -203,7 +203,8 @@ _USAGE_COLUMNS = (
 
 def _cmd_usage(args: argparse.Namespace) -> int:
     from payi_guard.engine import Guard
-    from payi_guard.operate import tier_function
+    from payi_guard.ledger.sqlite import missing_sqlite_file
+    from payi_guard.operate import no_ledger_message, tier_function
 
     guard: Guard | None = None
     try:
@@ -214,6 +215,10 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             clock=getattr(args, "clock", None) or SystemClock(),
             tier_of=tier_function(args),
         )
+        missing = missing_sqlite_file(guard.storage_uri)
+        if missing is not None:
+            _say(sys.stderr, no_ledger_message(missing))
+            return 2
         usages = guard.usage(args.user, limit_ids=args.limit_id or ())
         in_memory = guard.storage_uri.startswith("memory:")
     except (ConfigError, InvalidUserId, ValueError) as exc:

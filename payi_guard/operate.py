@@ -49,6 +49,7 @@ from payi_guard.clock import SystemClock
 from payi_guard.engine import Guard
 from payi_guard.engine.tiers import TierFunction
 from payi_guard.exceptions import ConfigError, InvalidUserId, PayiGuardError
+from payi_guard.ledger.sqlite import missing_sqlite_file
 from payi_guard.money import decimal_text
 from payi_guard.report.table import Column, fit_table, printable, terminal_width
 from payi_guard.usage import LimitUsage
@@ -120,7 +121,20 @@ def _open(args: argparse.Namespace) -> Guard:
     if guard.storage_uri.startswith("memory:"):
         guard.close()
         raise _Refused(_MEMORY.format(file=args.config))
+    missing = missing_sqlite_file(guard.storage_uri)
+    if missing is not None:
+        guard.close()
+        raise _Refused(no_ledger_message(missing))
     return guard
+
+
+def no_ledger_message(path: object) -> str:
+    """Why a command refuses a ``sqlite://`` store whose file does not exist."""
+    return (
+        f"error: there is no ledger at {path}: an app creates it at its first call. "
+        "Check the budgets file's storage, or --storage (a relative sqlite:/// path is "
+        "relative to the budgets file's folder)."
+    )
 
 
 @contextlib.contextmanager

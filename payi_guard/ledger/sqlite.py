@@ -87,6 +87,7 @@ from payi_guard.ledger.factory import DEFAULT_POOL_TIMEOUT, DEFAULT_TIMEOUT
 __all__ = [
     "AsyncSqliteLedger",
     "SqliteLedger",
+    "missing_sqlite_file",
     "open_async_sqlite_ledger",
     "open_sqlite_ledger",
     "parse_sqlite_uri",
@@ -387,6 +388,26 @@ class SqliteLedger:
     def close(self) -> None:
         """Close the pooled connections (the ledger reopens them if used again)."""
         self._ops.store.close()
+
+
+def missing_sqlite_file(uri: str) -> Path | None:
+    """The file a ``sqlite://`` URI names, when there is none (an app creates it).
+
+    A command that only reads or changes what an app spent checks this first: opening
+    the ledger would create an empty file at a mistyped path, and every answer would
+    then be about nobody.
+
+    Args:
+        uri: a storage URI (an absolute ``sqlite:////...`` one, as a Guard holds it).
+
+    Returns:
+        The path when ``uri`` is a ``sqlite://`` URI whose file does not exist; ``None``
+        for one that exists and for any other URI.
+    """
+    if not uri.startswith("sqlite:"):
+        return None
+    path, _ = parse_sqlite_uri(uri)
+    return None if path.exists() else path
 
 
 def open_sqlite_ledger(

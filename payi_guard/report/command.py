@@ -286,6 +286,8 @@ def _run_from_store(args: argparse.Namespace, out: TextIO, err: TextIO, clock: C
     if not args.config:
         return fail("--from-store needs --config FILE (the budgets file naming the store)")
     from payi_guard.engine import Guard
+    from payi_guard.ledger.sqlite import missing_sqlite_file
+    from payi_guard.operate import no_ledger_message
 
     try:
         guard = Guard.from_yaml(args.config, storage=args.storage, key_prefix=args.key_prefix)
@@ -298,6 +300,9 @@ def _run_from_store(args: argparse.Namespace, out: TextIO, err: TextIO, clock: C
                 "is no shared store to read. Name it with --storage (redis://... or "
                 "sqlite:///...)."
             )
+        missing = missing_sqlite_file(guard.storage_uri)
+        if missing is not None:
+            return fail(no_ledger_message(missing).removeprefix("error: "))
         report = store_report(
             guard.ledger,
             guard.key_prefix,

@@ -555,6 +555,9 @@ async def test_ledgers_of_one_uri_share_one_client(
     redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
 ) -> None:
     key = f"{key_prefix}:{{u:a}}:usd"
+    # An address of this test's own: a ledger another test left open on the usual one
+    # would hold its shared client.
+    redis_url = f"{redis_url}?client_name={key_prefix}"
     first, second = open_ledger(redis_url), open_ledger(redis_url)
     other = open_ledger(redis_url, socket_timeout=1)
     assert isinstance(first, RedisLedger)

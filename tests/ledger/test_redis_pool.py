@@ -40,12 +40,18 @@ class _CountingCondition(asyncio.Condition):
         await super().__aenter__()
 
 
+def own_address(redis_url: str, key_prefix: str) -> str:
+    """``redis_url`` as only this test names it: ledgers of one address share one client
+    (and its pool), so a ledger another test left open would share the pool counted."""
+    return f"{redis_url}?client_name={key_prefix}"
+
+
 async def _warmed(
     redis_url: str, key_prefix: str, clock: FakeClock
 ) -> tuple[Any, list[Charge], Any, _CountingCondition]:
     """A factory ledger after one reserve (its connection made, then free), its charges,
     its pool, and the counting condition that pool now has."""
-    ledger = open_async_ledger(redis_url)
+    ledger = open_async_ledger(own_address(redis_url, key_prefix))
     charges = [Charge(f"{key_prefix}:{{u:a}}:usd", 10, 1_000, EXPIRES)]
     assert (await ledger.reserve("warm", charges, now=clock.now(), ttl=60)).ok
     pool = _pool(ledger)
@@ -176,7 +182,7 @@ def _counting_queue(pool: Any) -> _CountingQueue:
 def test_a_sync_call_takes_a_free_connection_without_waiting_on_the_queue(
     redis_url: str, key_prefix: str, raw_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    ledger = open_ledger(redis_url)
+    ledger = open_ledger(own_address(redis_url, key_prefix))
     charges = [Charge(f"{key_prefix}:{{u:a}}:usd", 10, 1_000, EXPIRES)]
     assert ledger.reserve("warm", charges, now=clock.now(), ttl=60).ok
     pool = _sync_pool(ledger)

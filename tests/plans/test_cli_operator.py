@@ -173,6 +173,9 @@ def test_the_commands_refuse_what_they_cannot_do(
     shop: Path, key_prefix: str, tmp_path: Path
 ) -> None:
     store = ["-c", str(shop), "--key-prefix", key_prefix]
+    app = app_guard(shop, key_prefix)
+    app.usage("bob")  # the app has opened its store (an SQLite file is created)
+    app.close()
     unknown = cli("adjust", "bob", "5", "--limit", "weekly", *store)
     assert unknown.returncode == 2
     assert "bob has no limit 'weekly'; their limits: monthly, calls" in unknown.stderr
@@ -196,6 +199,19 @@ def test_the_commands_refuse_what_they_cannot_do(
     down = cli("reset", "bob", *store, "--storage", "redis://127.0.0.1:1/0")
     assert down.returncode == 1
     assert "error:" in down.stderr
+    # A mistyped SQLite path is refused, not created empty and reported on.
+    typo = tmp_path / "budget.db"
+    for command in (
+        ["users"],
+        ["usage", "bob"],
+        ["reset", "bob"],
+        ["adjust", "bob", "1", "--limit", "monthly"],
+        ["report", "--from-store"],
+    ):
+        refused = cli(*command, *store, "--storage", f"sqlite:///{typo}")
+        assert refused.returncode == 2, (command, refused.stdout)
+        assert "there is no ledger at" in refused.stderr, command
+    assert not typo.exists()
 
 
 def test_tier_and_tier_of_read_users_with_their_plans(
