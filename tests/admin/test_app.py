@@ -1305,3 +1305,39 @@ async def test_a_repeated_user_header_is_refused_like_everywhere_else(memory_gua
     assert logs == []
     assert _limits(memory_guard, "ann")["daily"] == 0
     assert _limits(memory_guard, "bo")["daily"] == 0
+
+
+@pytest.mark.browser
+def test_the_page_shows_money_exactly_and_any_user_id_in_chromium(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # $0.9999999 of $1 is not "$1.00 of $1.00"; "__proto__" and "constructor" are user
+    # ids like any other (the page keys what it keeps per user by id).
+    chromium()
+    guard = Guard(admin_config(), clock=clock)
+    guard.record(user_id="__proto__", model="test-model", cost_usd="0.9999999")
+    guard.record(user_id="constructor", model="test-model", cost_usd="19.995")
+    guard.adjust("constructor", "daily", "-0.000000001", reason="one nano-dollar back")
+    app = users_app(guard, token=TOKEN)
+    with serve(app) as url, Browser(tmp_path / "profile") as browser:
+        sign_in(browser, url)
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 2")
+        proto = browser.evaluate("document.querySelector('tr[data-user=\"__proto__\"]').innerText")
+        for user in ("__proto__", "constructor"):
+            browser.evaluate(f"document.querySelector('[data-manage={user}]').click()")
+            browser.wait_for(
+                f"document.querySelector('tr[data-detail={user}]') !== null && "
+                f"!document.querySelector('tr[data-detail={user}]').innerText"
+                ".includes('Loading')"
+            )
+        history = browser.evaluate(
+            "document.querySelector('tr[data-detail=constructor]').innerText"
+        )
+        constructor = browser.evaluate(
+            "document.querySelector('tr[data-user=\"constructor\"]').innerText"
+        )
+    assert "$0.9999999 / $1.00" in proto
+    assert "$1.00 / $1.00" not in proto
+    assert "$19.995" in constructor
+    assert "-$0.000000001" in history
+    assert "one nano-dollar back" in history
