@@ -21,7 +21,7 @@ reserve against a state that includes every adjustment before it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from payi_guard.config import MAX_AMOUNT
 from payi_guard.engine.parts import Parts
 from payi_guard.engine.plan import Counter, limit_usage
 from payi_guard.engine.policy import BoundLimit, Subject
+from payi_guard.exceptions import StorageError
 from payi_guard.ledger.base import (
     Adjustment,
     CounterState,
@@ -248,7 +249,12 @@ class Operator:
             )
         except StorageOutcomeUnknown as exc:
             raise _unknown(exc) from exc
-        return self._done(plan, entries)
+        keys = [counter.key for counter in plan.counters]
+        try:
+            refused = _refused_of(keys, self._parts.storage.ledger.read(keys, now=plan.now))
+        except StorageError:
+            refused = {}  # the adjustment is made: say so, without the refusal marks
+        return self._done(plan, entries, refused)
 
     async def aapply(self, plan: OperatorPlan) -> list[LimitUsage]:
         """Async :meth:`apply`."""
@@ -264,16 +270,32 @@ class Operator:
             )
         except StorageOutcomeUnknown as exc:
             raise _unknown(exc) from exc
-        return self._done(plan, entries)
+        keys = [counter.key for counter in plan.counters]
+        try:
+            refused = _refused_of(
+                keys, await self._parts.storage.async_ledger.read(keys, now=plan.now)
+            )
+        except StorageError:
+            refused = {}
+        return self._done(plan, entries, refused)
 
-    def _done(self, plan: OperatorPlan, entries: Sequence[JournalEntry]) -> list[LimitUsage]:
+    def _done(
+        self, plan: OperatorPlan, entries: Sequence[JournalEntry], refused: Mapping[str, int]
+    ) -> list[LimitUsage]:
+        """Log the adjustment; the limits after it, as :meth:`Guard.usage` reads them.
+
+        ``refused`` holds each counter's mark of the last call it refused (read after the
+        adjustment): a limit that still refuses that call is shown ``exceeded``, as
+        :meth:`Guard.usage` and the 429 show it.
+        """
         self._parts.spent.forget(counter.key for counter in plan.counters)
         entry_of = {id(c): e for c, e in zip(plan.counters, entries, strict=True)}
         out: list[LimitUsage] = []
         for bound in plan.limits:
             counter = next(c for c in plan.counters if bound in c.limits)
             entry = entry_of[id(counter)]
-            usage = limit_usage(bound, counter.window, CounterState(entry.settled, entry.pending))
+            state = CounterState(entry.settled, entry.pending, refused.get(counter.key, 0))
+            usage = limit_usage(bound, counter.window, state)
             out.append(usage)
             spec = bound.spec
             self._log.info(
@@ -308,6 +330,11 @@ class Operator:
             if adjustment is not None:
                 out.append(adjustment)
         return out
+
+
+def _refused_of(keys: Sequence[str], states: Sequence[CounterState]) -> dict[str, int]:
+    """Each counter's refusal mark (what the last call it refused needed), by key."""
+    return {key: state.refused for key, state in zip(keys, states, strict=True)}
 
 
 def _unknown(exc: StorageOutcomeUnknown) -> StorageOutcomeUnknown:

@@ -245,6 +245,33 @@ def test_the_history_keeps_every_adjustment_newest_first(
     guard.close()
 
 
+def _states(limits: Any) -> dict[str, str]:
+    return {u.name: u.state for u in limits}
+
+
+async def test_what_an_adjustment_returns_is_what_usage_reads_after_it(
+    store: str, key_prefix: str, clock: FakeClock
+) -> None:
+    # A refused call leaves its mark on the limit that refused it: the limit is
+    # exceeded while a call that size would be refused. An adjustment or reset that
+    # leaves it so says so, as usage() and the next 429 do.
+    guard = build(store, key_prefix, clock)
+    spend(guard, ALICE, "0.004")
+    assert not admitted(guard, ALICE, "0.009")  # $0.006 left of the daily $0.01
+    assert _states(guard.usage(ALICE))["daily"] == "exceeded"
+    given = guard.adjust(ALICE, "daily", "-0.001")  # $0.007 left: still short
+    assert given.state == "exceeded" == _states(guard.usage(ALICE))["daily"]
+    enough = guard.adjust(ALICE, "daily", "-0.002")  # $0.009 left: that call fits
+    assert enough.state == "ok" == _states(guard.usage(ALICE))["daily"]
+    assert not admitted(guard, ALICE, "0.02")  # more than the daily max
+    assert _states(guard.reset(ALICE, "daily")) == {"daily": "exceeded"}
+    assert _states(guard.usage(ALICE))["daily"] == "exceeded"
+    assert _states(await guard.areset(ALICE, "daily")) == {"daily": "exceeded"}
+    assert admitted(guard, ALICE)  # a call that fits clears the mark
+    assert _states(await guard.areset(ALICE, "daily")) == {"daily": "ok"}
+    await guard.aclose()
+
+
 async def test_the_async_twins(store: str, key_prefix: str, clock: FakeClock) -> None:
     guard = build(store, key_prefix, clock)
     spend(guard, ALICE, "0.004")
