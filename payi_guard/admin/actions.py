@@ -166,7 +166,7 @@ class Actions:
                 "op": op,
                 "by": by,
                 "changed": [usage.as_dict() for usage in changed],
-                "user": UserSummary.of(user_id, limits).as_dict(),
+                "user": UserSummary.of(user_id, limits, await self.guard.atier(user_id)).as_dict(),
                 "adjustments": [entry.as_dict() for entry in history],
             }
         )

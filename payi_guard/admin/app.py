@@ -416,7 +416,7 @@ class UsersApp:
             limits = await self.guard.ausage(user_id)
         except StorageError:
             return self._storage_failed()
-        summary = UserSummary.of(user_id, limits).as_dict()
+        summary = UserSummary.of(user_id, limits, await self.guard.atier(user_id)).as_dict()
         return JSONResponse({**summary, "now": _iso(self.guard.clock.now())})
 
     async def post_events(self, request: Request) -> Response:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Literal
 
-from payi_guard.config import GuardConfig
 from payi_guard.engine import ANONYMOUS_USER
 from payi_guard.exceptions import InvalidUserId
 from payi_guard.identity import normalize_user_id
@@ -38,7 +37,6 @@ __all__ = [
     "match_query",
     "order_summaries",
     "read_summaries",
-    "tier_of",
     "user_of_key",
     "users_of_keys",
 ]
@@ -234,16 +232,6 @@ def _headroom(limit: LimitUsage) -> tuple[Decimal, Decimal, str]:
     return (share, Decimal(limit.remaining), limit.name)
 
 
-def tier_of(config: GuardConfig, user_id: str) -> str:
-    """The tier the config gives ``user_id``: a tier name, ``custom``, or ``default``."""
-    if user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":"):
-        return "anonymous"
-    tier = config.user_tiers.get(user_id)
-    if tier is not None:
-        return tier
-    return "custom" if user_id in config.users else "default"
-
-
 async def read_summaries(guard: Guard, user_ids: Sequence[str]) -> list[UserSummary]:
     """Read the usage of ``user_ids`` (a few at a time) and summarise each.
 
@@ -259,11 +247,9 @@ async def read_summaries(guard: Guard, user_ids: Sequence[str]) -> list[UserSumm
     """
     gate = asyncio.Semaphore(_READ_CONCURRENCY)
 
-    config = guard.config
-
     async def one(user_id: str) -> UserSummary:
         async with gate:
-            return UserSummary.of(user_id, await guard.ausage(user_id), tier_of(config, user_id))
+            return UserSummary.of(user_id, await guard.ausage(user_id), await guard.atier(user_id))
 
     return list(await asyncio.gather(*(one(uid) for uid in user_ids)))
 

@@ -310,6 +310,25 @@ class Guard:
         """Async :meth:`usage`."""
         return await self._views.ausage(self._parts.user(user_id), limit_ids, tier)
 
+    def tier(self, user_id: object) -> str:
+        """Return the plan ``user_id``'s calls are charged under, as the users page shows it.
+
+        ``anonymous``; the tier the user's ``users:`` entry names, or ``custom`` for limits
+        of its own; else the tier ``tier_of`` gives (when that tier is defined); else
+        ``default``. A tier a single request names (``set_user(..., tier=)``) is not
+        known here.
+
+        Raises:
+            InvalidUserId: the user id is invalid.
+        """
+        subject = self._parts.user(user_id)
+        return self._views.plan_of(subject, self._parts.policy.with_tier(subject, None))
+
+    async def atier(self, user_id: object) -> str:
+        """Async :meth:`tier`: the app's ``tier_of`` never runs on the event loop."""
+        subject = self._parts.user(user_id)
+        return self._views.plan_of(subject, await self._parts.policy.awith_tier(subject, None))
+
     def exhausted_limit(
         self, attribution: Attribution | None = None, *, read_storage: bool = False
     ) -> LimitUsage | None:

@@ -106,6 +106,25 @@ class Views:
         bound = parts.policy.bindings(subject, limit_ids)
         return bound, parts.planner.counters(bound, parts.clock.now())
 
+    def plan_of(self, subject: Subject, tiered: Subject) -> str:
+        """The name of the plan ``subject`` is charged under (``tiered``: with its tier).
+
+        ``anonymous``; the tier its ``users:`` entry names, or ``custom`` for limits of
+        its own; the tier ``tier_of`` gives, when that tier is defined; else ``default``.
+        """
+        config = self._parts.policy.config
+        if subject.anonymous:
+            return "anonymous"
+        user = subject.policy_user
+        if user is not None:
+            named = config.user_tiers.get(user)
+            if named is not None:
+                return named
+            if user in config.users:
+                return "custom"
+        tier = tiered.tier
+        return tier if tier is not None and tier in config.tiers else "default"
+
     def usage(
         self, subject: Subject, limit_ids: Sequence[str], tier: str | None
     ) -> list[LimitUsage]:

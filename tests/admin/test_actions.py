@@ -357,3 +357,36 @@ def test_the_manage_panel_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None
     assert metrics["scroll"] <= metrics["inner"] == 390, metrics  # no sideways scroll
     assert metrics["width"] > 0
     assert metrics["right"] <= 390
+
+
+async def test_the_page_names_the_tier_the_guard_charges_a_user_under(clock: FakeClock) -> None:
+    # The tier comes from the user's users: entry, else from the app's tier_of: the
+    # list, one user's summary and an action's answer all say the same.
+    config = admin_config(
+        tiers={"pro": [{"max": 10.00, "per": "day"}]},
+        users={"staff": "pro", "bot": [{"max": 2.00, "per": "day"}]},
+    )
+    plans = {"vip1": "pro", "lost": "platinum"}  # an undefined tier gets the default
+    guard = Guard(config, clock=clock, tier_of=plans.get)
+    for user in ("vip1", "lost", "staff", "bot", "plain"):
+        spend(guard, user, "0.10")
+    expected = {
+        "vip1": "pro",
+        "lost": "default",
+        "staff": "pro",
+        "bot": "custom",
+        "plain": "default",
+    }
+    assert {user: guard.tier(user) for user in expected} == expected
+    assert {user: await guard.atier(user) for user in expected} == expected
+    assert guard.tier("anonymous") == "anonymous"
+    async with client_for(users_app(guard, token=TOKEN)) as client:
+        listed = await client.get("/api/users", headers=bearer())
+        one = await client.get("/api/users/vip1", headers=bearer())
+        adjusted = await client.post(
+            "/api/users/vip1/adjust", json={"limit": "user:0", "amount": "-0.05"}, headers=bearer()
+        )
+    assert {u["user_id"]: u["tier"] for u in listed.json()["users"]} == expected
+    assert one.json()["tier"] == "pro"
+    assert adjusted.status_code == 200, adjusted.text
+    assert adjusted.json()["user"]["tier"] == "pro"
