@@ -28,6 +28,7 @@ prices:
 limits:
   daily: {{max: 0.50, per: day}}
 default: [daily]
+anonymous: {{strategy: shared, limits: [{{max: 0.10, per: day}}]}}
 """
 
 CALLS = [
@@ -35,6 +36,7 @@ CALLS = [
     ("acme:alice", "m-large", 2_000, 500, "search"),
     ("acme:bob", "m-large", 20_000, 4_000, None),
     ("carol", "m-small", 50_000, 5_000, "chat"),
+    (None, "m-small", 3_000, 300, None),  # an anonymous caller: the shared bucket
 ]
 
 
@@ -91,7 +93,7 @@ def test_the_store_report_equals_the_log_report(
     status, from_store, err = run(*store_args, *common, clock=clock)
     assert status == 0, err
     logged, stored = rows(from_logs), rows(from_store)
-    assert set(stored) == {"acme:alice", "acme:bob", "carol"}
+    assert set(stored) == {"acme:alice", "acme:bob", "carol", "anonymous"}
     for user, row in stored.items():
         for column in ("calls", "input_tokens", "output_tokens", "blocked"):
             assert row[column] == logged[user][column], (user, column)
@@ -107,7 +109,7 @@ def test_the_store_report_equals_the_log_report(
     assert rows(by_org)["acme"]["calls"] == 3
     # Only today: the first day's calls fall out.
     _, today, _ = run(*store_args, "--days", "1", *common, clock=clock)
-    assert set(rows(today)) == {"acme:bob", "carol"}
+    assert set(rows(today)) == {"acme:bob", "carol", "anonymous"}
     # The log report's columns (CSV has every one), and a table that fits.
     status, table, _ = run(*store_args, "--format", "csv", clock=clock)
     assert status == 0

@@ -31,7 +31,7 @@ from payi_guard.admin.responses import problem
 from payi_guard.admin.security import TokenAuth
 from payi_guard.admin.userpage import render_user_page
 from payi_guard.admin.windows import aread_windows, window_dict
-from payi_guard.engine import Guard
+from payi_guard.engine import ANONYMOUS_USER, Guard
 from payi_guard.exceptions import InvalidUserId, StorageError
 from payi_guard.identity import normalize_user_id
 from payi_guard.ledger.analytics import History, NamedUsage, aread_history
@@ -153,9 +153,10 @@ class UserPages:
         try:
             user_id = _id(request, "user_id", "user")
             days = _days(request)
-            history = await self._history("user", user_id, days)
+            scope = _scope_of(user_id)
+            history = await self._history(scope, user_id, days)
             windows = await aread_windows(
-                self.guard, await self.guard.ausage(user_id), {("user", user_id): history}
+                self.guard, await self.guard.ausage(user_id), {(scope, user_id): history}
             )
             adjustments = await self.guard.aadjustments(user_id)
         except _Refusal as refusal:
@@ -191,9 +192,10 @@ class UserPages:
             return RedirectResponse("../", status_code=303)
         try:
             user_id = _id(request, "user_id", "user")
-            history = await self._history("user", user_id, DEFAULT_DAYS)
+            scope = _scope_of(user_id)
+            history = await self._history(scope, user_id, DEFAULT_DAYS)
             limits = await aread_windows(
-                self.guard, await self.guard.ausage(user_id), {("user", user_id): history}
+                self.guard, await self.guard.ausage(user_id), {(scope, user_id): history}
             )
             adjustments = await self.guard.aadjustments(user_id)
         except _Refusal as refusal:
@@ -215,3 +217,9 @@ class UserPages:
             "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
         )
         return HTMLResponse(body, headers={"content-security-policy": policy})
+
+
+def _scope_of(user_id: str) -> Scope:
+    """Whose tallies a user id's are: the anonymous bucket's (and pseudonyms') or a user's."""
+    anonymous = user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":")
+    return "anonymous" if anonymous else "user"

@@ -89,7 +89,7 @@ async def aread_windows(
         histories[scope, owner] = await aread_history(
             guard.async_ledger,
             guard.key_prefix,
-            "user" if scope == "user" else "org",
+            "anonymous" if scope == "anonymous" else "user" if scope == "user" else "org",
             owner,
             days=span,
             now=now,

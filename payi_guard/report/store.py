@@ -86,16 +86,22 @@ def store_report(
         StorageError: the store could not be read.
     """
     scope: Scope = "org" if by == "org" else "user"
+    # A user's spend is under its own tallies, the anonymous bucket's (and pseudonyms')
+    # under the anonymous scope: a per-user report has both, as the log report does.
+    scopes: list[Scope] = ["org"] if by == "org" else ["user", "anonymous"]
     wanted_days = {day for day, _ in history_keys(prefix, scope, "x", days, now)}
     keep_user, keep_org, keep_model = _keep(users), _keep(orgs), _keep(models)
-    found = ledger.scan(owners_glob(prefix, [scope]), now=now, limit=_MAX_KEYS)
+    found = ledger.scan(owners_glob(prefix, scopes), now=now, limit=_MAX_KEYS)
     picked: list[tuple[str, str]] = []
     for key in found:
         parsed = analytics_owner(prefix, key)
         if parsed is None or parsed[2] not in wanted_days:
             continue
         owner = parsed[1]
-        org = owner if scope == "org" else owner.partition(":")[0] if ":" in owner else ""
+        if parsed[0] == "anonymous":
+            org = ""  # "anonymous:xyz" is a pseudonym, not an org's user
+        else:
+            org = owner if scope == "org" else owner.partition(":")[0] if ":" in owner else ""
         if scope == "user" and not keep_user(owner):
             continue
         if (orgs or scope == "org") and not keep_org(org):

@@ -370,3 +370,24 @@ def sign_in(browser: Browser, url: str) -> None:
         "document.querySelector('form button[type=submit]').click()"
     )
     assert re.fullmatch(rf"{re.escape(url)}/(\?.*)?", browser.evaluate("location.href"))
+
+
+async def test_the_anonymous_bucket_has_its_history_too(
+    guard: Guard, early_clock: FakeClock
+) -> None:
+    # Anonymous callers' calls are tallied under the anonymous scope: the bucket's page
+    # shows them, as its limit does.
+    for _ in range(2):
+        with track_context(user_id=None):
+            request = CallRequest(model=MODEL, provider="openai", max_output_tokens=100)
+            guard.begin(request).settle(TokenUsage(1_000, 100))
+    app = users_app(guard, token=TOKEN)
+    async with client_for(app) as client:
+        answer = await client.get("/api/users/anonymous/history", headers=bearer())
+        page = await client.get("/users/anonymous", headers=bearer())
+    assert answer.status_code == 200, answer.text
+    today = answer.json()["days"][-1]
+    assert (today["calls"], Decimal(today["cost_usd"])) == (2, Decimal("0.0024"))
+    (bucket,) = [u for u in guard.usage("anonymous") if u.name == "anonymous:0"]
+    assert bucket.used == Decimal("0.0024")
+    assert page.status_code == 200
