@@ -99,6 +99,9 @@ def test_the_store_report_equals_the_log_report(
             assert row[column] == logged[user][column], (user, column)
         assert Decimal(str(row["cost_usd"])) == Decimal(str(logged[user]["cost_usd"]))
     assert stored["carol"]["blocked"] == 1
+    # What the store keeps no record of is left empty, never shown as a 0.
+    unknown = ("warned", "overruns", "errors", "adjustments", "adjusted_usd")
+    assert {row[c] for row in stored.values() for c in unknown} == {None}
     # By model and by org, the same spend.
     _, by_model, _ = run(*store_args, "--by", "model", *common, clock=clock)
     _, logged_model, _ = run(str(log), "--by", "model", *common, clock=clock)

@@ -155,9 +155,9 @@ class ReportRow:
         p99_usd: 99th percentile cost per sent call.
         percentiles_exact: False when the percentiles come from the histogram.
         blocked: refusals (see the module documentation for the pairing rule).
-        warned: ``budget_warning`` events.
-        overruns: ``budget_overrun`` events.
-        errors: calls whose outcome is ``error``.
+        warned: ``budget_warning`` events (``None`` when not known: a store report).
+        overruns: ``budget_overrun`` events (``None`` when not known).
+        errors: calls whose outcome is ``error`` (``None`` when not known).
         adjustments: operators' actions (``budget_adjusted``: an ``adjust`` or a
             ``reset``, counted once however many limits it changed).
         adjusted_usd: what those actions added to the money counters (negative: gave
@@ -176,11 +176,11 @@ class ReportRow:
     p99_usd: Decimal | None
     percentiles_exact: bool
     blocked: int
-    warned: int
-    overruns: int
-    errors: int
-    adjustments: int = 0
-    adjusted_usd: Decimal = _ZERO
+    warned: int | None
+    overruns: int | None
+    errors: int | None
+    adjustments: int | None = 0
+    adjusted_usd: Decimal | None = _ZERO
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,9 @@ def write_csv(report: Report, out: TextIO) -> None:
 
 def _adjusted(row: ReportRow) -> str:
     """``-$0.250000 (2)``: the money operators added (signed) and how many actions."""
-    if not row.adjustments:
-        return "-"
     amount = row.adjusted_usd
+    if not row.adjustments or amount is None:
+        return "-"
     money = ("-" if amount < 0 else "+" if amount > 0 else "") + _money(abs(amount))
     return f"{money} ({row.adjustments:,})"
 
@@ -157,10 +157,15 @@ def _table_cells(row: ReportRow, label: str) -> list[str]:
         money(row.p90_usd),
         money(row.p99_usd),
         f"{row.blocked:,}",
-        f"{row.warned:,}",
-        f"{row.overruns:,}",
-        f"{row.errors:,}",
+        _count(row.warned),
+        _count(row.overruns),
+        _count(row.errors),
     ]
+
+
+def _count(value: int | None) -> str:
+    """A count, or ``-`` for one the report does not know (a store report's)."""
+    return "-" if value is None else f"{value:,}"
 
 
 def _plural(count: int, words: tuple[str, str]) -> str:
@@ -180,11 +185,12 @@ def summary(report: Report) -> str:
     noun = _GROUP_NOUNS[report.by]
     parts = [f"total {_money(totals.cost_usd)} over {_plural(totals.calls, ('call', 'calls'))}"]
     parts.append(_plural(report.users, ("user", "users")))
-    if totals.adjustments:
-        sign = "-" if totals.adjusted_usd < 0 else "+"
+    adjusted = totals.adjusted_usd
+    if totals.adjustments and adjusted is not None:
+        sign = "-" if adjusted < 0 else "+"
         parts.append(
             f"{_plural(totals.adjustments, ('adjustment', 'adjustments'))} by operators "
-            f"({sign}{_money(abs(totals.adjusted_usd))}, apart from the total)"
+            f"({sign}{_money(abs(adjusted))}, apart from the total)"
         )
     if report.by != "user":
         parts.append(_plural(report.groups, noun))
@@ -237,7 +243,7 @@ def write_table(report: Report, out: TextIO, *, width: int | None = None) -> Non
     """
     fit_width = terminal_width(width)
     key = Column(KEY_FIELDS[report.by], align="<", shrink=12)
-    adjusted = report.totals.adjustments > 0
+    adjusted = bool(report.totals.adjustments)
     columns = (key, *_TABLE_COLUMNS, *((_ADJUSTED_COLUMN,) if adjusted else ()))
 
     def cells(row: ReportRow, label: str) -> list[str]:

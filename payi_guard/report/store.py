@@ -3,7 +3,8 @@
 The store keeps, per user and org and per UTC day, spend, calls, tokens and refusals,
 by model and use case (:mod:`payi_guard.ledger.analytics`), so a report by user needs no
 log file. The rows have the log report's columns; what daily totals cannot give is left
-empty: the cost percentiles per call, warnings, overruns and errors. With ``--by model``
+empty (``-`` in a table, empty in CSV, ``null`` in JSON): the cost percentiles per call,
+warnings, overruns, errors and operators' adjustments. With ``--by model``
 or ``--by use_case`` the tokens are not split (the store keeps spend and calls per model
 and use case), so those columns are 0.
 """
@@ -52,9 +53,11 @@ def _row(key: str | None, t: _Totals, total: int) -> ReportRow:
         p99_usd=None,
         percentiles_exact=True,
         blocked=t.refused,
-        warned=0,
-        overruns=0,
-        errors=0,
+        warned=None,  # the store keeps no record of these: left empty, never a 0
+        overruns=None,
+        errors=None,
+        adjustments=None,  # in each user's journal, not in the day's tallies
+        adjusted_usd=None,
     )
 
 
