@@ -854,7 +854,7 @@ def test_unreadable_inputs_exit_2(tmp_path: Path) -> None:
     assert directory.code == 2
     assert "cannot read" in directory.err
     truncated = tmp_path / "cut.gz"
-    truncated.write_bytes(gzip.compress(SAMPLE.read_bytes() * 50)[:200])
+    truncated.write_bytes(gzip.compress(SAMPLE.read_bytes() * 50)[:40])  # no whole line
     cut = report(truncated)
     assert cut.code == 2
     assert "cannot read" in cut.err
@@ -862,6 +862,23 @@ def test_unreadable_inputs_exit_2(tmp_path: Path) -> None:
     corrupt = tmp_path / "bad.gz"
     corrupt.write_bytes(b"\x1f\x8b" + bytes(range(256)))
     assert report(corrupt).code == 2
+
+
+def test_a_compressed_log_cut_part_way_is_reported_up_to_the_cut(tmp_path: Path) -> None:
+    # A log rotated while it was written: the lines before the cut are reported, and
+    # the error says the report stops there (exit status 1).
+    lines = [call("0.001", user_id=f"u{i % 3}") for i in range(5000)]
+    whole = gzip.compress(("\n".join(lines) + "\n").encode())
+    cut = tmp_path / "app.log.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    result = report(cut, "--format", "json")
+    assert result.code == 1
+    rows = json.loads(result.out)
+    read = sum(row["calls"] for row in rows)
+    assert 0 < read < 5000
+    said = " ".join(result.err.split())
+    assert "its compressed data is cut short or corrupt" in said
+    assert f"the report covers the {read:,} lines read before it" in said
 
 
 @pytest.mark.parametrize(

@@ -250,11 +250,14 @@ def run_report(
         err.write("payi-guard report: error: --since must be before --until\n")
         return 2
     builder = ReportBuilder(args.by, filters)
+    cut: UnreadableLog | None = None
     try:
         read_logs(args.logs, builder, stdin)
     except UnreadableLog as exc:
-        err.write(f"payi-guard report: error: {exc}\n")
-        return 2
+        if not exc.partial or not builder.lines:
+            err.write(f"payi-guard report: error: {exc}\n")
+            return 2
+        cut = exc  # a log that failed part way: report what was read, and say so
     report = builder.build(sort=args.sort, top=args.top)
     if args.format == "table":
         write_table(report, out, width=getattr(args, "width", None))
@@ -263,6 +266,13 @@ def run_report(
         line = f"payi-guard report: {summary(report)}"
         err.write(textwrap.fill(line, terminal_width(args.width), subsequent_indent="  ") + "\n")
     out.flush()
+    if cut is not None:
+        line = (
+            f"payi-guard report: error: {cut}; the report covers the "
+            f"{report.lines:,} lines read before it"
+        )
+        err.write(textwrap.fill(line, terminal_width(args.width), subsequent_indent="  ") + "\n")
+        return 1
     return 0
 
 

@@ -257,7 +257,17 @@ def log_lines(stream: IO[bytes], builder: LineSink) -> Iterator[bytes]:
 
 
 class UnreadableLog(Exception):
-    """A log that cannot be opened, read or decompressed; the message says which and why."""
+    """A log that cannot be opened, read or decompressed; the message says which and why.
+
+    Args:
+        message: what failed.
+        partial: the lines before the failure were read (a compressed log cut short or
+            corrupt part way): a report of them can still be given.
+    """
+
+    def __init__(self, message: str, *, partial: bool = False) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 def read_logs(paths: Sequence[str], builder: LineSink, stdin: BinaryIO | None = None) -> None:
@@ -291,4 +301,6 @@ def read_logs(paths: Sequence[str], builder: LineSink, stdin: BinaryIO | None = 
         except (OSError, EOFError, zlib.error) as exc:
             name = "stdin" if path == "-" else repr(path)
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise UnreadableLog(f"cannot read {name}: {reason}") from None
+            if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+                reason = f"its compressed data is cut short or corrupt ({reason})"
+            raise UnreadableLog(f"cannot read {name}: {reason}", partial=True) from None
