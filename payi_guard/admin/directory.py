@@ -169,10 +169,13 @@ class UserSummary:
     Attributes:
         user_id: the user (or anonymous bucket) id.
         limits: every limit that applies, as :meth:`Guard.ausage` returns them.
-        state: the worst state of all limits.
+        state: the worst state of all limits, where a soft (``allow``) limit past its
+            max counts as ``warning``: it never refuses a call, so only a user whose
+            calls are refused is ``exceeded``.
         blocked: True when a hard (``block``) limit is exceeded: new calls are refused.
         spend: the user's own money limit (user or anonymous scope) with the least
-            headroom, whose ``used`` is the spend shown; ``None`` without one.
+            headroom, hard limits first, whose ``used`` is the spend shown; ``None``
+            without one.
         tier: the user's tier in the config (``default``, a tier name, ``custom`` for
             a list of their own, ``anonymous`` for a bucket).
     """
@@ -195,11 +198,15 @@ class UserSummary:
         """Summarise ``limits`` of ``user_id``."""
         state: LimitState = "ok"
         for limit in limits:
-            if _STATE_RANK[limit.state] > _STATE_RANK[state]:
-                state = limit.state
+            shown: LimitState = limit.state
+            if shown == "exceeded" and limit.type != "block":
+                shown = "warning"  # over a soft limit: calls still go through
+            if _STATE_RANK[shown] > _STATE_RANK[state]:
+                state = shown
         blocked = any(u.type == "block" and u.state == "exceeded" for u in limits)
         money = [u for u in limits if u.unit == "usd" and u.scope in _OWN_SCOPES]
-        spend = min(money, key=_headroom) if money else None
+        hard = [u for u in money if u.type == "block"]
+        spend = min(hard or money, key=_headroom) if money else None
         return cls(user_id, tuple(limits), state, blocked, spend, tier)
 
     @property

@@ -390,3 +390,26 @@ async def test_the_page_names_the_tier_the_guard_charges_a_user_under(clock: Fak
     assert one.json()["tier"] == "pro"
     assert adjusted.status_code == 200, adjusted.text
     assert adjusted.json()["user"]["tier"] == "pro"
+
+
+async def test_a_user_over_only_a_soft_limit_is_not_shown_as_refused(clock: FakeClock) -> None:
+    # $0.60 spent: past the weekly soft $0.50 (it never refuses a call), within the
+    # daily $1.00 that does.
+    config = admin_config(
+        limits={
+            "daily": {"max": 1.00, "per": "day"},
+            "soft": {"max": 0.50, "per": "week", "type": "allow"},
+        },
+        default=["daily", "soft"],
+    )
+    guard = Guard(config, clock=clock)
+    spend(guard, "dora", "0.60")
+    states = {u.name: (u.type, u.state) for u in guard.usage("dora")}
+    assert states["daily"] == ("block", "ok")
+    assert states["soft"] == ("allow", "exceeded")
+    async with client_for(users_app(guard, token=TOKEN)) as client:
+        (user,) = (await client.get("/api/users", headers=bearer())).json()["users"]
+        exceeded = await client.get("/api/users", params={"state": "exceeded"}, headers=bearer())
+    assert (user["state"], user["blocked"]) == ("warning", False)
+    assert (user["spend_limit"], user["remaining_usd"]) == ("daily", "0.4")  # the hard one
+    assert exceeded.json()["users"] == []
