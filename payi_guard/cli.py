@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -369,6 +370,9 @@ def _cmd_operate(args: argparse.Namespace) -> int:
     return run[args.command](args)
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+
+
 def _add_operator_parsers(sub: Any) -> None:
     """Register ``adjust``, ``reset`` and ``users``."""
     adjust = sub.add_parser(
@@ -384,6 +388,9 @@ def _add_operator_parsers(sub: Any) -> None:
         "amount", metavar="AMOUNT", help="dollars for a money limit, else a whole number"
     )
     adjust.add_argument("--limit", required=True, metavar="NAME", help="the user's limit")
+    # argparse takes "-1e-9" for an option (only "-1" and "-0.5" look like numbers to
+    # it): this command has no option that looks like a number, so any number is one.
+    adjust._negative_number_matcher = _NEGATIVE_NUMBER
     _store_arguments(adjust, tier=True)
     _operator_arguments(adjust)
     adjust.set_defaults(func=_cmd_operate)

@@ -479,3 +479,10 @@ def test_the_example_budgets_admit_a_reference_call(capsys: pytest.CaptureFixtur
     captured = capsys.readouterr()
     assert "reference call" not in captured.err
     assert "per process" not in captured.err  # the examples share one SQLite file
+
+
+def test_adjust_takes_a_negative_amount_in_any_number_form() -> None:
+    parser = build_parser()
+    for amount in ("-1e-9", "-0.25", "-3", "-.5", "-2E+3"):
+        args = parser.parse_args(["adjust", "bob", amount, "--limit", "daily", "-c", "b.yaml"])
+        assert args.amount == amount

@@ -34,13 +34,19 @@ from payi_guard.engine.plan import Counter, limit_usage
 from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.exceptions import StorageError
 from payi_guard.ledger.base import (
+    MAX_UNITS,
     Adjustment,
     CounterState,
     JournalEntry,
     StorageOutcomeUnknown,
 )
 from payi_guard.ledger.keys import journal_key, parse_key
-from payi_guard.money import display_amount, log_amount, parse_usd_change
+from payi_guard.money import (
+    decimal_usd,
+    display_amount,
+    log_amount,
+    parse_usd_change,
+)
 from payi_guard.usage import BudgetAdjustment, LimitUsage, Scope, Unit
 
 __all__ = [
@@ -249,6 +255,8 @@ class Operator:
             )
         except StorageOutcomeUnknown as exc:
             raise _unknown(exc) from exc
+        except ValueError as exc:
+            raise _out_of_range(plan, exc) from None
         keys = [counter.key for counter in plan.counters]
         try:
             refused = _refused_of(keys, self._parts.storage.ledger.read(keys, now=plan.now))
@@ -270,6 +278,8 @@ class Operator:
             )
         except StorageOutcomeUnknown as exc:
             raise _unknown(exc) from exc
+        except ValueError as exc:
+            raise _out_of_range(plan, exc) from None
         keys = [counter.key for counter in plan.counters]
         try:
             refused = _refused_of(
@@ -330,6 +340,18 @@ class Operator:
             if adjustment is not None:
                 out.append(adjustment)
         return out
+
+
+def _out_of_range(plan: OperatorPlan, exc: ValueError) -> ValueError:
+    """The ledger's refusal of a counter out of range, in the limits' own units."""
+    if "can hold" not in str(exc):
+        return exc
+    names = ", ".join(bound.spec.name for bound in plan.limits)
+    most = f"{decimal_usd(MAX_UNITS):,}"
+    return ValueError(
+        f"{plan.op} {names}: a counter would go beyond what it can hold (${most} for "
+        f"money, {MAX_UNITS:,} tokens or requests); nothing was changed"
+    )
 
 
 def _refused_of(keys: Sequence[str], states: Sequence[CounterState]) -> dict[str, int]:

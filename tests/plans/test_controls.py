@@ -206,8 +206,10 @@ def test_amounts_and_limits_are_checked(store: str, key_prefix: str, clock: Fake
         guard.adjust(ALICE, "daily", 1, 42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="more than a counter holds"):
         guard.adjust(ALICE, "rpm", 2**53)
-    with pytest.raises(ValueError, match="nothing was changed"):
+    with pytest.raises(ValueError, match="nothing was changed") as beyond:
         guard.adjust(ALICE, "rpm", 2**53 - 1)  # 1 + that is more than a counter holds
+    assert "adjust rpm: a counter would go beyond what it can hold" in str(beyond.value)
+    assert "($9,007,199.254740991 for money, 9,007,199,254,740,991 tokens" in str(beyond.value)
     assert used(guard, ALICE)["rpm"] == 1  # none of the refusals changed anything
     guard.close()
 
