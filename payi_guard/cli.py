@@ -90,8 +90,8 @@ REFERENCE_OUTPUT_TOKENS = 100
 _MEMORY_WARNING = (
     "storage memory:// is per process: every worker of gunicorn -w 4 or uvicorn "
     "--workers 4 keeps counters of its own, so each limit is multiplied by the number of "
-    "workers, and nothing survives a restart; use redis:// (or valkey://) for more than "
-    "one process"
+    "workers, and nothing survives a restart; use sqlite:///budgets.db for the workers "
+    "of one host, redis:// (or valkey://) for several hosts"
 )
 
 
@@ -187,7 +187,8 @@ _MEMORY_REFUSAL = (
     "error: {file} keeps its counters in memory://, inside each app process: this command "
     "runs in a process of its own and would show nothing spent. Read usage where the app "
     "runs (guard.usage(), the users page), or name the shared store: --storage "
-    "redis://HOST:6379/0 (and --key-prefix if the app sets one). --storage memory:// shows "
+    "redis://HOST:6379/0 or sqlite:///budgets.db (and --key-prefix if the app sets one). "
+    "--storage memory:// shows "
     "which limits apply, with nothing spent."
 )
 

@@ -168,7 +168,9 @@ def test_the_checks_see_real_imports() -> None:
     assert _layer("payi_guard.flask") == len(LAYERS)
 
 
-FACADE_MAX_LINES = 450
+FACADE_MAX_LINES = 470
+"""The Guard class: one-line delegations to its parts, with their docstrings (450 until
+``tier``/``atier`` joined ``usage``/``ausage`` among the readers)."""
 
 
 def test_the_guard_facade_stays_thin() -> None:

@@ -279,8 +279,9 @@ class Guard:
         """Async :meth:`record`."""
         attribution = record_attribution(user_id, limit_ids, use_case_name, request_id)
         usage = TokenUsage(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
-        call = CallRequest(model, provider)
-        return await self._planning.arecord(attribution, call, usage, cost_usd)
+        return await self._planning.arecord(
+            attribution, CallRequest(model, provider), usage, cost_usd
+        )
 
     # -- reading usage ---------------------------------------------------------------------------
 
@@ -311,23 +312,15 @@ class Guard:
         return await self._views.ausage(self._parts.user(user_id), limit_ids, tier)
 
     def tier(self, user_id: object) -> str:
-        """Return the plan ``user_id``'s calls are charged under, as the users page shows it.
+        """Return the plan ``user_id``'s calls are charged under.
 
-        ``anonymous``; the tier the user's ``users:`` entry names, or ``custom`` for limits
-        of its own; else the tier ``tier_of`` gives (when that tier is defined); else
-        ``default``. A tier a single request names (``set_user(..., tier=)``) is not
-        known here.
-
-        Raises:
-            InvalidUserId: the user id is invalid.
+        ``anonymous``, its ``users:`` tier or ``custom``, ``tier_of``'s tier, or ``default``.
         """
-        subject = self._parts.user(user_id)
-        return self._views.plan_of(subject, self._parts.policy.with_tier(subject, None))
+        return self._views.tier(self._parts.user(user_id))
 
     async def atier(self, user_id: object) -> str:
         """Async :meth:`tier`: the app's ``tier_of`` never runs on the event loop."""
-        subject = self._parts.user(user_id)
-        return self._views.plan_of(subject, await self._parts.policy.awith_tier(subject, None))
+        return await self._views.atier(self._parts.user(user_id))
 
     def exhausted_limit(
         self, attribution: Attribution | None = None, *, read_storage: bool = False

@@ -106,6 +106,14 @@ class Views:
         bound = parts.policy.bindings(subject, limit_ids)
         return bound, parts.planner.counters(bound, parts.clock.now())
 
+    def tier(self, subject: Subject) -> str:
+        """The plan ``subject`` is charged under (:meth:`Guard.tier`)."""
+        return self.plan_of(subject, self._parts.policy.with_tier(subject, None))
+
+    async def atier(self, subject: Subject) -> str:
+        """Async :meth:`tier`."""
+        return self.plan_of(subject, await self._parts.policy.awith_tier(subject, None))
+
     def plan_of(self, subject: Subject, tiered: Subject) -> str:
         """The name of the plan ``subject`` is charged under (``tiered``: with its tier).
 

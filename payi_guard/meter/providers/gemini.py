@@ -177,8 +177,7 @@ def _body_report(endpoint: WireEndpoint, obj: Any) -> Report:
         metas = [meta for meta in map(_usage_of, items) if meta is not None]
         models = [model for model in map(_model_of, items) if model is not None]
         obj = {"usageMetadata": metas[-1]} if metas else {}
-        if models:
-            obj["modelVersion"] = models[-1]
+        obj.update({"modelVersion": models[-1]} if models else {})
     if not isinstance(obj, Mapping):
         return Report(invalid="the response body is not JSON")
     meta = _usage_of(obj)
@@ -266,22 +265,18 @@ class GeminiDialect(Dialect):
     def classify(
         self, method: str, host: str, path: list[str], headers: Any = None
     ) -> WireEndpoint | None:
-        """``POST .../models/{model}:{method}`` of a generate or embed method.
+        """A generate or embed call (``models/{model}:{method}``), or a tuned model's.
 
-        A generate call to a tuned model is metered too: Vertex AI's
-        ``.../endpoints/{id}`` and the Developer API's ``tunedModels/{id}``, named so
-        (``endpoints/{id}``): no price is known for them before the response names its
-        model, so the ``unknown_model`` policy decides whether they are sent.
+        A tuned model (``endpoints/{id}``, ``tunedModels/{id}``) is priced as the model
+        its response names; ``unknown_model`` decides whether it is sent.
         """
         if method != "POST" or len(path) < 2 or ":" not in path[-1]:
             return None
         name, _, operation = path[-1].rpartition(":")
         if not name:
             return None
-        if path[-2] in _TUNED:
-            if operation in _GENERATE:
-                return WireEndpoint("chat", operation, f"{path[-2]}/{name}", _GENERATE[operation])
-            return None
+        if path[-2] in _TUNED and operation in _GENERATE:
+            return WireEndpoint("chat", operation, f"{path[-2]}/{name}", _GENERATE[operation])
         if path[-2] != "models":
             return None
         if operation in _GENERATE:
@@ -333,8 +328,7 @@ class GeminiDialect(Dialect):
         return JsonBodyTracker(partial(_body_report, endpoint))
 
 
-_TUNED: Final = frozenset({"endpoints", "tunedModels"})
-"""Path segments before a tuned model's id (Vertex AI endpoints, Developer API)."""
+_TUNED: Final = frozenset({"endpoints", "tunedModels"})  # before a tuned model's id
 
 DIALECT: Final = GeminiDialect()
 
