@@ -127,7 +127,7 @@ class _Response:
             or :meth:`discard` it).
     """
 
-    __slots__ = ("extra", "finished", "held", "hold", "send", "started")
+    __slots__ = ("errors", "extra", "finished", "held", "hold", "send", "started")
 
     def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], hold: bool) -> None:
         self.send = send
@@ -136,11 +136,19 @@ class _Response:
         self.started = False
         self.finished = False
         self.held: Message | None = None
+        # A server error's messages, kept until the app returns: Starlette's own
+        # ServerErrorMiddleware (inside a guard that wraps the app) sends a 500 and then
+        # raises the error, which may be a refusal the guard answers instead.
+        self.errors: list[Message] | None = None
 
     async def send_message(self, message: Message) -> None:
         """The ``send`` the app is given (a bound method: cheaper to call than the object)."""
         kind = message["type"]
         held = self.held
+        errors = self.errors
+        if errors is not None:
+            errors.append(message)
+            return
         if kind == "http.response.start":
             extra = self.extra
             if extra:
@@ -162,6 +170,9 @@ class _Response:
                     if added is not None:
                         message = dict(message)
                         message["headers"] = added
+            if message["status"] >= 500 and not self.started:
+                self.errors = [message]  # the guard's headers in it: sent as it is
+                return
             if self.hold and held is None and not self.started:
                 self.held = message
                 return
@@ -189,8 +200,22 @@ class _Response:
             await self.send(held)
 
     def discard(self) -> None:
-        """Forget the held start: the guard answers the request itself."""
+        """Forget the held start (and a held server error): the guard answers itself."""
         self.held = None
+        self.errors = None
+
+    async def flush_errors(self) -> None:
+        """Send a held server error's messages, as the app sent them."""
+        errors, self.errors = self.errors, None
+        for message in errors or ():
+            kind = message["type"]
+            if kind == "http.response.start":
+                self.started = True
+            elif kind == "http.response.pathsend" or (
+                kind == "http.response.body" and not message.get("more_body", False)
+            ):
+                self.finished = True
+            await self.send(message)
 
 
 class GuardMiddleware:
@@ -304,9 +329,13 @@ class GuardMiddleware:
                 # CORS preflights never make GenAI calls, and must not need a user.
                 gate = self._gate
                 path = scope["path"]
+                if scope.get("root_path"):
+                    path = _route_path(path, scope["root_path"])
                 guarded = gate.decided.get(path)  # gate.guarded(path), its usual answer
                 if guarded is None:
                     guarded = gate.guarded(path)
+                if not guarded and path is not scope["path"]:
+                    guarded = gate.guarded(scope["path"])  # a glob with the prefix in it
                 guarded = guarded and scope["method"] != "OPTIONS"
                 if problem is None and guarded:
                     # The cache gate does no I/O: no coroutine for it.
@@ -325,8 +354,11 @@ class GuardMiddleware:
                     await self.app(app_scope, receive, response.send_message)
                 except Exception as exc:
                     if not await self._failed(exc, response, request_id):
+                        await response.flush_errors()
                         raise
                     return
+                if response.errors is not None:
+                    await response.flush_errors()
                 # An app that ended without a body message still gets its start sent.
                 if response.held is not None:
                     await response.release()
@@ -373,6 +405,7 @@ class GuardMiddleware:
             }
         )
         await response.send_message({"type": "http.response.body", "body": problem.body})
+        await response.flush_errors()  # the guard's own 503: sent, never held
 
     def _identify_sync(
         self,
@@ -491,12 +524,24 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
+def _route_path(path: str, root_path: str) -> str:
+    """``path`` without the ``root_path`` it starts with, as the app's routes see it.
+
+    The prefix of a ``Mount`` or of a proxy (``--root-path``), as Starlette's
+    ``get_route_path`` strips it.
+    """
+    if not path.startswith(root_path):
+        return path
+    rest = path[len(root_path) :]
+    return rest if rest.startswith("/") else "/" if not rest else path
+
+
 def _error_in(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The error of one of ``kinds`` behind ``exc``: itself, or a cause it was wrapped in.
+    """The error of one of ``kinds`` behind ``exc``: itself, its cause, or a group's.
 
     Starlette's exception middleware turns a handled exception raised after the response
     started (from its point of view: the guard may still hold that start) into
-    ``RuntimeError(...) from exc``.
+    ``RuntimeError(...) from exc``; a task group raises its tasks' errors in a group.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -504,5 +549,12 @@ def _error_in(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> Bas
         if isinstance(current, kinds):
             return current
         seen.add(id(current))
+        group = getattr(current, "exceptions", None)  # an exception group (Python 3.11+)
+        if isinstance(group, (tuple, list)):
+            # Calls made in a task group (asyncio.TaskGroup, anyio): the first of them.
+            for inner in group:
+                found = _error_in(inner, kinds) if isinstance(inner, BaseException) else None
+                if found is not None:
+                    return found
         current = current.__cause__
     return None
