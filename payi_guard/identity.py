@@ -122,6 +122,9 @@ def normalize_user_id(value: object, *, max_length: int = DEFAULT_MAX_LENGTH) ->
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)):
         raise InvalidUserId(f"a user id must be a str, int or UUID, not {type(value).__name__}")
+    if isinstance(value, int) and value.bit_length() > 4 * max_length:
+        # More digits than an id may have (and than str() converts): refused unread.
+        raise InvalidUserId(f"it has more digits than the maximum of {max_length} characters")
     text = value if isinstance(value, str) else str(value)
     if len(text) > max_length or not _VALID.match(text):
         raise InvalidUserId(_explain(text, max_length))

@@ -140,9 +140,7 @@ class Instrumentation:
             "payi_guard.cost_usd": record.cost_nano / 1e9,
         }
         if usage is not None:
-            facts["gen_ai.usage.input_tokens"] = (
-                usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
-            )
+            facts["gen_ai.usage.input_tokens"] = usage.total_input_tokens  # as the metric
             facts["gen_ai.usage.output_tokens"] = usage.output_tokens
         span = self._trace.get_current_span()
         if span.is_recording():

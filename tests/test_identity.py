@@ -96,6 +96,14 @@ def test_ints_and_uuids_are_converted() -> None:
     assert normalize_user_id(uid) == str(uid)
 
 
+def test_an_int_with_more_digits_than_an_id_may_have_is_invalid() -> None:
+    # Python will not even write out an int of 5,000 digits (ValueError from str()).
+    assert normalize_user_id(10**127) == "1" + "0" * 127
+    for value in (10**128, 10**200, 10**5000, -(10**5000)):
+        with pytest.raises(InvalidUserId, match=r"maximum of 128 characters|maximum is 128"):
+            normalize_user_id(value)
+
+
 def test_length_bound_is_configurable() -> None:
     assert normalize_user_id("x" * 200, max_length=200) == "x" * 200
     with pytest.raises(InvalidUserId):

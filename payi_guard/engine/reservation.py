@@ -67,6 +67,11 @@ class Reservation:
         return self._plan.subject.org_id
 
     @property
+    def anonymous(self) -> bool:
+        """Whether the call is charged to an anonymous bucket (no user is known)."""
+        return self._plan.subject.anonymous
+
+    @property
     def attribution(self) -> Attribution:
         """The attribution in effect when the call was reserved."""
         return self._plan.attribution

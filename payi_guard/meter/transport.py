@@ -244,10 +244,9 @@ class TransportMeter:
             # are (``copy`` keeps that encoding).
             headers = request.headers.copy()
             self._fix_headers(headers, changed, chunked, len(body))
-            attribution = planned.attribution
-            anonymous = attribution.user_id is None and self.guard.default_user_id is None
-            user = None if anonymous else reservation.user_id
-            self.bridge.apply(headers, attribution, user)
+            # An anonymous caller is no Pay-i user, whatever its bucket's id.
+            user = None if reservation.anonymous else reservation.user_id
+            self.bridge.apply(headers, planned.attribution, user)
         else:
             # The new request copies the app's headers; only ASCII values are set, on
             # that copy (Host and the rest are already there).

@@ -254,3 +254,29 @@ def test_nothing_is_imported_until_instrument_and_a_missing_api_names_the_extra(
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'payi-guard[otel]'" in done.stdout
+
+
+def test_the_span_counts_every_input_token_the_metric_counts(
+    clock: FakeClock, telemetry: Telemetry
+) -> None:
+    # 1-hour cache writes are input tokens too (an Anthropic call's).
+    from payi_guard.engine import CallRequest
+    from payi_guard.pricing import TokenUsage
+
+    guard = make_guard(clock)
+    instrument(guard, telemetry.meters, telemetry.tracers)
+    usage = TokenUsage(
+        100, 10, cache_read_tokens=20, cache_write_tokens=30, cache_write_1h_tokens=1000
+    )
+    tracer = telemetry.tracers.get_tracer("app")
+    with tracer.start_as_current_span("POST /api/chat"), track_context(user_id="bob"):
+        request = CallRequest(model="gpt-4o", input_tokens=2000, max_output_tokens=10)
+        guard.begin(request).settle(usage)
+    (span,) = telemetry.spans.get_finished_spans()
+    assert span.attributes is not None
+    (point,) = [
+        p
+        for p in telemetry.points("gen_ai.client.token.usage")
+        if p.attributes["gen_ai.token.type"] == "input"
+    ]
+    assert span.attributes["gen_ai.usage.input_tokens"] == point.sum == 1150

@@ -90,10 +90,15 @@ def test_default_and_anonymous_users(guard: Guard, fake: FakeProvider) -> None:
     client = client_for(guard, fake, payi=True)
     with track_context(use_case_name="nightly"):
         client.chat.completions.create(model="gpt-test", messages=PROMPT)  # anonymous
+    # The anonymous bucket named by its id, or a pseudonymous caller's: no Pay-i user.
+    for named in ("anonymous", "anonymous:session-1"):
+        with track_context(user_id=named):
+            client.chat.completions.create(model="gpt-test", messages=PROMPT)
     guard.default_user_id = "system"
     client.chat.completions.create(model="gpt-test", messages=PROMPT)
-    anonymous, default = fake.requests
+    anonymous, bucket, session, default = fake.requests
     assert xproxy(anonymous.headers) == {"xproxy-usecase-name": "nightly"}
+    assert xproxy(bucket.headers) == xproxy(session.headers) == {}
     assert xproxy(default.headers) == {"xproxy-user-id": "system"}
 
 
