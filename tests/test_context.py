@@ -144,6 +144,46 @@ def test_track_context_is_reusable_and_reentrant() -> None:
     assert get_context().user_id is None
 
 
+async def test_one_track_context_shared_by_overlapping_tasks_and_threads() -> None:
+    # A module-level object entered by tasks and threads whose blocks overlap and end in
+    # any order: each restores its own context, and nothing stays behind in a thread.
+    shared = track_context(user_id="batch", use_case_name="summarize")
+    release = [asyncio.Event() for _ in range(4)]
+
+    async def task(i: int) -> str | None:
+        async with shared:
+            await release[i].wait()
+            return get_context().use_case_name
+
+    tasks = [asyncio.create_task(task(i)) for i in range(4)]
+    await asyncio.sleep(0)
+    for event in release:  # first in, first out: not the order a stack would need
+        event.set()
+        await asyncio.sleep(0)
+    assert await asyncio.gather(*tasks) == ["summarize"] * 4
+    assert get_context().use_case_name is None
+
+    gates = [threading.Event() for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def job(i: int) -> None:
+        try:
+            with shared:
+                gates[i].wait(timeout=30)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(job, i) for i in range(4)]
+        for gate in gates:
+            gate.set()
+        for future in futures:
+            future.result(timeout=30)
+        after = pool.submit(lambda: get_context().user_id).result(timeout=30)
+    assert errors == []
+    assert after is None  # no worker thread kept the attribution
+
+
 def test_exception_inside_restores_context() -> None:
     with pytest.raises(RuntimeError):
         with track_context(user_id="alice"):

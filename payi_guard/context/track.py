@@ -173,10 +173,16 @@ class track_context:
                 "use_case_properties": use_case_properties,
             }
         )
-        self._tokens: list[contextvars.Token[_Frame]] = []
+        # One object may be entered by overlapping tasks and threads: each entry's token
+        # is kept under the frame it set (a new frame every time), which its own context
+        # still holds when it exits.
+        self._tokens: dict[int, contextvars.Token[_Frame]] = {}
 
     def __enter__(self) -> Attribution:
-        self._tokens.append(_frames.set(self._layer.apply(_frames.get())))
+        before = _frames.get()
+        frame = self._layer.apply(before)
+        if frame is not before:  # an empty layer changes nothing: nothing to undo
+            self._tokens[id(frame)] = _frames.set(frame)
         return get_context()
 
     def __exit__(
@@ -185,7 +191,12 @@ class track_context:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _frames.reset(self._tokens.pop())
+        if not self._layer.values:
+            return
+        token = self._tokens.pop(id(_frames.get()), None)
+        if token is None:  # the block set another frame and left it: undo the latest
+            token = self._tokens.popitem()[1]
+        _frames.reset(token)
 
     async def __aenter__(self) -> Attribution:
         return self.__enter__()
