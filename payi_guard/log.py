@@ -99,6 +99,7 @@ OBSERVER_ERROR = "observer_error"
 BUDGET_ADJUSTED = "budget_adjusted"
 TIER_UNKNOWN = "tier_unknown"
 TIER_LOOKUP_FAILED = "tier_lookup_failed"
+PAYI_HEADER_SKIPPED = "payi_header_skipped"
 
 
 def get_logger(**initial_values: Any) -> Any:

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
+from payi_guard import log as events
 from payi_guard.context import Attribution
 from payi_guard.exceptions import MissingDependency
 
@@ -90,7 +91,37 @@ def attribution_headers(attribution: Attribution, user_id: str | None) -> dict[s
         "use_case_properties": dict(attribution.use_case_properties) or None,
         "request_properties": dict(attribution.request_properties) or None,
     }
-    return create_headers(**kwargs)
+    try:
+        made = create_headers(**kwargs)
+    except (TypeError, ValueError):
+        # Properties Pay-i cannot write as JSON (a date, say): the call goes without them.
+        _skipped("xProxy-*-Properties", "the properties are not JSON")
+        made = create_headers(**{**kwargs, "use_case_properties": None, "request_properties": None})
+    headers: dict[str, str] = {}
+    for name, value in made.items():
+        if (
+            isinstance(value, str)
+            and value.isascii()
+            and value.isprintable()
+            and value == value.strip()
+        ):
+            headers[name] = value
+        else:
+            # HTTP cannot carry it (non-ASCII, control characters, outer spaces): the call
+            # goes without this header rather than fail.
+            _skipped(name, "the value is not printable ASCII without outer spaces")
+    return headers
+
+
+_warned: set[str] = set()
+
+
+def _skipped(name: str, reason: str) -> None:
+    """Log, once per header name in this process, that a Pay-i header was left out."""
+    if name in _warned:
+        return
+    _warned.add(name)
+    events.get_logger().warning(events.PAYI_HEADER_SKIPPED, header=name, reason=reason)
 
 
 class PayiBridge:

@@ -240,8 +240,8 @@ class TransportMeter:
             body = request.content
         chunked = changed and has_header(request.headers, b"transfer-encoding")
         if self.bridge.enabled():
-            # Attribution values may be any text: they are encoded as the app's headers
-            # are (``copy`` keeps that encoding).
+            # The Pay-i headers hold attribution values HTTP can carry (printable ASCII:
+            # the bridge leaves others out); the app's own headers are copied as they are.
             headers = request.headers.copy()
             self._fix_headers(headers, changed, chunked, len(body))
             # An anonymous caller is no Pay-i user, whatever its bucket's id.

@@ -86,6 +86,44 @@ def test_stale_payi_headers_are_replaced(guard: Guard, fake: FakeProvider) -> No
     assert xproxy(record.headers) == {"xproxy-user-id": "bob"}
 
 
+def test_a_value_http_cannot_carry_loses_its_header_never_the_call(
+    guard: Guard, fake: FakeProvider
+) -> None:
+    import datetime
+
+    from structlog.testing import capture_logs
+
+    from payi_guard.meter import payi_bridge
+
+    payi_bridge._warned.clear()  # once per header name in a process: start afresh
+    client = client_for(guard, fake, payi=True)
+    odd: list[dict[str, object]] = [
+        {"use_case_name": "Résumé builder"},  # not ASCII
+        {"account_name": "acme\r\nX-Evil: 1"},  # a header of its own, if it went out
+        {"use_case_id": "uc-7 "},  # an outer space
+        {"use_case_step": "a\x00b"},
+        {"request_properties": {"at": datetime.date(2026, 11, 27)}},  # not JSON
+    ]
+    with capture_logs() as logs:
+        for fields in odd * 2:
+            with track_context(user_id="bob", **fields):  # type: ignore[arg-type]
+                client.chat.completions.create(model="gpt-test", messages=PROMPT)
+    assert len(fake.requests) == 10  # every call went out
+    for record in fake.requests:
+        assert xproxy(record.headers) == {"xproxy-user-id": "bob"}
+        assert "x-evil" not in record.headers
+    skipped = [e["header"] for e in logs if e["event"] == "payi_header_skipped"]
+    assert sorted(skipped) == sorted(  # once each
+        [
+            "xProxy-UseCase-Name",
+            "xProxy-Account-Name",
+            "xProxy-UseCase-ID",
+            "xProxy-UseCase-Step",
+            "xProxy-*-Properties",
+        ]
+    )
+
+
 def test_default_and_anonymous_users(guard: Guard, fake: FakeProvider) -> None:
     client = client_for(guard, fake, payi=True)
     with track_context(use_case_name="nightly"):
