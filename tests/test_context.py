@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import uuid
 from collections.abc import AsyncGenerator, Generator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -220,6 +222,33 @@ async def test_track_async_function() -> None:
         return get_context().user_id
 
     assert await work() == "alice"
+    assert get_context().user_id is None
+
+
+async def test_track_over_a_coroutine_function_behind_a_plain_decorator() -> None:
+    # functools.wraps over an async function gives a sync function returning a
+    # coroutine: its body, run when awaited, is attributed too; so is a generator's.
+    def logged(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @track(user_id="batch-user", use_case_name="digest")
+    @logged
+    async def digest() -> tuple[str | None, str | None]:
+        await asyncio.sleep(0)
+        context = get_context()
+        return context.user_id, context.use_case_name
+
+    @track(user_id="batch-user")
+    @logged
+    def rows() -> Generator[str | None, None, None]:
+        yield get_context().user_id
+
+    assert await digest() == ("batch-user", "digest")
+    assert list(rows()) == ["batch-user"]
     assert get_context().user_id is None
 
 

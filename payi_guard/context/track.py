@@ -276,11 +276,24 @@ def track(
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kw: P.kwargs) -> R:
             with track_context(**kwargs):
-                return fn(*args, **kw)
+                result = fn(*args, **kw)
+            # A coroutine function behind a plain decorator looks sync: what it returns
+            # runs later, inside the attribution too.
+            if inspect.iscoroutine(result):
+                return cast(R, _tracked_coroutine(result, kwargs))
+            if inspect.isgenerator(result):
+                return cast(R, _drive_generator(result, kwargs))
+            return result
 
         return sync_wrapper
 
     return decorate
+
+
+async def _tracked_coroutine(coro: Any, kwargs: Mapping[str, Any]) -> Any:
+    """Await ``coro`` inside the attribution."""
+    async with track_context(**kwargs):
+        return await coro
 
 
 def _drive_generator(
