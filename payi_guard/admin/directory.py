@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Literal
 
-from payi_guard.engine import ANONYMOUS_USER
+from payi_guard.engine import is_anonymous_id
 from payi_guard.exceptions import InvalidUserId
 from payi_guard.identity import normalize_user_id
 from payi_guard.ledger.analytics import analytics_owner
@@ -212,7 +212,7 @@ class UserSummary:
     @property
     def anonymous(self) -> bool:
         """True for an anonymous bucket (``anonymous`` or ``anonymous:<session>``)."""
-        return self.user_id == ANONYMOUS_USER or self.user_id.startswith(ANONYMOUS_USER + ":")
+        return is_anonymous_id(self.user_id)
 
     def as_dict(self) -> dict[str, object]:
         """Return the JSON form: figures as strings with exact decimals (no exponent)."""

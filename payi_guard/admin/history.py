@@ -31,7 +31,7 @@ from payi_guard.admin.responses import problem
 from payi_guard.admin.security import TokenAuth
 from payi_guard.admin.userpage import render_user_page
 from payi_guard.admin.windows import aread_windows, window_dict
-from payi_guard.engine import ANONYMOUS_USER, Guard
+from payi_guard.engine import Guard, is_anonymous_id
 from payi_guard.exceptions import InvalidUserId, StorageError
 from payi_guard.identity import normalize_user_id
 from payi_guard.ledger.analytics import History, NamedUsage, aread_history
@@ -221,5 +221,4 @@ class UserPages:
 
 def _scope_of(user_id: str) -> Scope:
     """Whose tallies a user id's are: the anonymous bucket's (and pseudonyms') or a user's."""
-    anonymous = user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":")
-    return "anonymous" if anonymous else "user"
+    return "anonymous" if is_anonymous_id(user_id) else "user"

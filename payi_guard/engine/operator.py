@@ -33,6 +33,7 @@ from payi_guard.engine.parts import Parts
 from payi_guard.engine.plan import Counter, limit_usage
 from payi_guard.engine.policy import BoundLimit, Subject
 from payi_guard.exceptions import StorageError
+from payi_guard.ledger._adjust import AdjustmentOutOfRange
 from payi_guard.ledger.base import (
     MAX_UNITS,
     Adjustment,
@@ -255,8 +256,8 @@ class Operator:
             )
         except StorageOutcomeUnknown as exc:
             raise _unknown(exc) from exc
-        except ValueError as exc:
-            raise _out_of_range(plan, exc) from None
+        except AdjustmentOutOfRange:
+            raise _out_of_range(plan) from None
         keys = [counter.key for counter in plan.counters]
         try:
             refused = _refused_of(keys, self._parts.storage.ledger.read(keys, now=plan.now))
@@ -278,8 +279,8 @@ class Operator:
             )
         except StorageOutcomeUnknown as exc:
             raise _unknown(exc) from exc
-        except ValueError as exc:
-            raise _out_of_range(plan, exc) from None
+        except AdjustmentOutOfRange:
+            raise _out_of_range(plan) from None
         keys = [counter.key for counter in plan.counters]
         try:
             refused = _refused_of(
@@ -342,10 +343,8 @@ class Operator:
         return out
 
 
-def _out_of_range(plan: OperatorPlan, exc: ValueError) -> ValueError:
+def _out_of_range(plan: OperatorPlan) -> ValueError:
     """The ledger's refusal of a counter out of range, in the limits' own units."""
-    if "can hold" not in str(exc):
-        return exc
     names = ", ".join(bound.spec.name for bound in plan.limits)
     most = f"{decimal_usd(MAX_UNITS):,}"
     return ValueError(

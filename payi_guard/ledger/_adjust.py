@@ -16,6 +16,7 @@ __all__ = [
     "MAX_KEEP",
     "MAX_NOTE",
     "MAX_UNITS",
+    "AdjustmentOutOfRange",
     "adjusted",
     "check_adjust",
     "check_journal_read",
@@ -111,12 +112,26 @@ def adjusted(settled: int, amount: int | None) -> tuple[int, int]:
     return settled + amount, amount
 
 
-def out_of_range(index: int, value: int) -> ValueError:
+class AdjustmentOutOfRange(ValueError):
+    """An adjustment would take its counter beyond what a counter can hold.
+
+    Attributes:
+        index: the index of the adjustment.
+        value: what the counter would hold.
+    """
+
+    def __init__(self, index: int, value: int) -> None:
+        super().__init__(
+            f"adjustment {index}: the counter would hold {value}, beyond the {MAX_UNITS} "
+            "a counter can hold; nothing was changed"
+        )
+        self.index = index
+        self.value = value
+
+
+def out_of_range(index: int, value: int) -> AdjustmentOutOfRange:
     """The refusal of an adjustment that would take its counter out of range."""
-    return ValueError(
-        f"adjustment {index}: the counter would hold {value}, beyond the {MAX_UNITS} "
-        "a counter can hold; nothing was changed"
-    )
+    return AdjustmentOutOfRange(index, value)
 
 
 def encode_entry(entry: JournalEntry) -> str:
