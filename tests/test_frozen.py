@@ -26,11 +26,14 @@ from payi_guard.ledger.base import (
 from payi_guard.meter.parse import Endpoint, RequestInfo, make_request_info
 from payi_guard.meter.streams import Settlement, make_settlement
 from payi_guard.pricing import TokenUsage
+from payi_guard.pricing.media import MediaTokens
 from payi_guard.pricing.rates import make_token_usage
 
 
 def _usage(rng: random.Random) -> TokenUsage:
-    return TokenUsage(*(rng.randint(0, 10**9) for _ in range(7)))
+    c = [rng.randint(1_000, 10**9) for _ in range(7)]
+    media = rng.choice([None, MediaTokens(input_audio=10, cache_audio_read=20, output_image=30)])
+    return TokenUsage(c[0], c[1], c[2], c[3], c[4], c[5], c[6], media)
 
 
 def _text(rng: random.Random) -> str | None:
@@ -38,7 +41,10 @@ def _text(rng: random.Random) -> str | None:
 
 
 _VALUES: dict[type[Any], Callable[[random.Random], tuple[Any, ...]]] = {
-    TokenUsage: lambda rng: tuple(rng.randint(0, 10**12) for _ in range(7)),
+    TokenUsage: lambda rng: (
+        *(rng.randint(1, 10**12) for _ in range(7)),
+        rng.choice([None, MediaTokens(input_audio=1, output_video=1)]),
+    ),
     CallRequest: lambda rng: (
         rng.choice(["gpt-4o", "claude-sonnet-4"]),
         "openai",
@@ -144,22 +150,25 @@ def test_made_objects_are_the_constructors(cls: type[Any]) -> None:
 
 def test_post_init_checks_run_as_in_the_constructor() -> None:
     checked = frozen_maker(TokenUsage)  # with post_init, the default
-    for bad, error in (((-1, 0, 0, 0, 0, 0, 0), ValueError), ((1, 2.0, 0, 0, 0, 0, 0), TypeError)):
+    for bad, error in (
+        ((-1, 0, 0, 0, 0, 0, 0, None), ValueError),
+        ((1, 2.0, 0, 0, 0, 0, 0, None), TypeError),
+    ):
         with pytest.raises(error) as built:
             TokenUsage(*bad)
         with pytest.raises(error) as made:
             checked(*bad)
         assert str(made.value) == str(built.value)
     with pytest.raises(TypeError, match="bool"):
-        checked(True, 0, 0, 0, 0, 0, 0)
+        checked(True, 0, 0, 0, 0, 0, 0, None)
 
 
 def test_a_maker_without_post_init_skips_only_the_checks() -> None:
     unchecked = make_token_usage  # frozen_maker(TokenUsage, post_init=False)
-    assert unchecked(1, 2, 3, 4, 5, 6, 7) == TokenUsage(1, 2, 3, 4, 5, 6, 7)
-    assert type(unchecked(1, 2, 3, 4, 5, 6, 7)) is TokenUsage
+    assert unchecked(1, 2, 3, 4, 5, 6, 7, None) == TokenUsage(1, 2, 3, 4, 5, 6, 7)
+    assert type(unchecked(1, 2, 3, 4, 5, 6, 7, None)) is TokenUsage
     # What the checks would refuse is made as given: the caller checked it (or not).
-    assert unchecked(-1, 0, 0, 0, 0, 0, 0).input_tokens == -1
+    assert unchecked(-1, 0, 0, 0, 0, 0, 0, None).input_tokens == -1
 
 
 def test_every_field_is_required_in_order() -> None:

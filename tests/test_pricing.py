@@ -662,7 +662,7 @@ def test_cost_is_never_negative_and_monotonic_within_a_band(
 ) -> None:
     cost = rates.cost(usage)
     assert cost >= 0
-    values = {
+    values: dict[str, Any] = {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "cache_read_tokens": usage.cache_read_tokens,
@@ -689,7 +689,7 @@ def test_real_prices_are_monotonic(
     model: tuple[str, str], usage: TokenUsage, field: str, extra: int
 ) -> None:
     # Real tiers only ever raise prices, so cost grows with every count, across tiers too.
-    values = {
+    values: dict[str, Any] = {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "cache_read_tokens": usage.cache_read_tokens,

@@ -26,6 +26,7 @@ from typing import Any, Final
 from urllib.parse import unquote
 
 from payi_guard._frozen import frozen_maker
+from payi_guard.meter.modality import openai_media
 from payi_guard.meter.request_body import (
     encode_body,
     inject_include_usage,
@@ -33,7 +34,7 @@ from payi_guard.meter.request_body import (
     with_include_usage,
 )
 from payi_guard.meter.tokens import EndpointKind, request_output_cap
-from payi_guard.pricing import TokenUsage
+from payi_guard.pricing import MediaTokens, TokenUsage
 
 __all__ = [
     "Endpoint",
@@ -52,7 +53,6 @@ __all__ = [
     "usage_from_response",
     "with_include_usage",
 ]
-
 
 _AZURE_HOST_SUFFIXES: Final = (
     ".openai.azure.com",
@@ -302,6 +302,7 @@ class ParsedUsage:
         file_searches: server-side file search calls billed per call (the Responses
             API's ``tool_usage.file_search.num_requests``, else one per
             ``file_search_call`` output item).
+        media: the audio, image and video tokens within these counts (``None``: none).
         other_models: usage billed at another model's prices, as ``(model, usage)``
             pairs: Anthropic ``usage.iterations`` that name another model (the advisor
             tool's). The counts above are the call's own model's only.
@@ -319,6 +320,7 @@ class ParsedUsage:
     complete: bool = False
     web_searches: int = 0
     file_searches: int = 0
+    media: MediaTokens | None = None
     other_models: tuple[tuple[str, TokenUsage], ...] = ()
     problems: tuple[str, ...] = ()
 
@@ -333,7 +335,10 @@ class ParsedUsage:
         )
 
     def to_token_usage(self) -> TokenUsage:
-        """Convert to :class:`payi_guard.pricing.TokenUsage` for pricing."""
+        """Convert to :class:`payi_guard.pricing.TokenUsage` (media cut to fit)."""
+        media = self.media and self.media.within(
+            self.input_tokens, self.cache_read_tokens, self.output_tokens
+        )
         return TokenUsage(
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
@@ -342,6 +347,7 @@ class ParsedUsage:
             cache_write_1h_tokens=self.cache_write_1h_tokens,
             web_searches=self.web_searches,
             file_searches=self.file_searches,
+            media=media,
         )
 
 
@@ -447,11 +453,7 @@ def _openai_style(
     *,
     output_required: bool = True,
 ) -> ParsedUsage:
-    """The usage of an OpenAI-style object.
-
-    ``prompt`` names the input count and its details object; ``completion`` the output
-    count and its details object.
-    """
+    """The usage of an OpenAI-style object (``prompt``, ``completion``: count, details)."""
     counts = _Counts()
     total_input = counts.read(usage, prompt[0], required=True)
     output = counts.read(usage, completion[0], required=output_required)
@@ -469,6 +471,9 @@ def _openai_style(
         cache_write_tokens=written,
         reasoning_tokens=min(reasoning, output),
         complete=True,
+        media=openai_media(
+            usage, total_input - cached - written, cached, output, (prompt[1], completion[1])
+        ),
         problems=counts.problems,
     )
 

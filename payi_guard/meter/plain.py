@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from payi_guard.meter.modality import openai_media
 from payi_guard.meter.parse import Endpoint, loads_json, usage_from_response
 from payi_guard.meter.streams import Settlement, make_settlement
 from payi_guard.meter.tier import response_tier, tier_context
@@ -108,12 +109,10 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
     else:
         return None
     details = usage.get("prompt_tokens_details")
-    if details is None:
-        return make_token_usage(total, out, 0, 0, 0, 0, 0)
     if type(details) is not dict:
-        if isinstance(details, Mapping):
+        if details is not None and isinstance(details, Mapping):
             return None  # read by openai_usage
-        return make_token_usage(total, out, 0, 0, 0, 0, 0)
+        return make_token_usage(total, out, 0, 0, 0, 0, 0, openai_media(usage, total, 0, out))
     cached = details.get("cached_tokens")
     written = details.get("cache_write_tokens")
     if cached is None:
@@ -126,4 +125,13 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
         return None
     cached = min(total, cached)
     written = min(total - cached, written)
-    return make_token_usage(total - cached - written, out, cached, written, 0, 0, 0)
+    plain = total - cached - written
+    media = None
+    answer = usage.get("completion_tokens_details")
+    if (
+        details.get("audio_tokens")
+        or details.get("image_tokens")
+        or (type(answer) is dict and (answer.get("audio_tokens") or answer.get("image_tokens")))
+    ):
+        media = openai_media(usage, plain, cached, out)
+    return make_token_usage(plain, out, cached, written, 0, 0, 0, media)

@@ -4,8 +4,10 @@ Only the data bundled with ``genai-prices`` is read (its updater is never starte
 an app that starts it itself gets the updated data). Facts this relies on: a
 time-of-day price (an off-peak discount) is charged at the highest of the prices that
 can apply that day; request-context variants (``service_tier``, ``speed``) apply only
-when given in the price context; of the prices per unit other than tokens, requests and
-web and file searches are charged, the others (audio, images) are not.
+when given in the price context; audio, image and video tokens are charged at their
+own rates where the model has them (:mod:`payi_guard.pricing.media`); of the prices per
+unit other than tokens, requests and web and file searches are charged, the others
+(audio seconds, characters, pages) are not.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from functools import lru_cache
 from typing import Any
 
 from payi_guard.money import per_mtok_to_pico
+from payi_guard.pricing.media import MEDIA_KINDS, MediaRates
 from payi_guard.pricing.rates import RateBand, Rates
 
 __all__ = ["Resolved", "candidate_names", "find_rates", "provider_for_url"]
@@ -43,6 +46,7 @@ _PRICE_KEYS = (
     "requests_kcount",
     "web_searches_kcount",
     "storage_searches_kcount",
+    *(f"{kind}_mtok" for kind in MEDIA_KINDS),
 )
 
 
@@ -197,11 +201,13 @@ def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> 
         # Unpriced sub-kinds are billed as their parent, as genai-prices does.
         input_rate = per_mtok_to_pico(input_price)
         write_rate = input_rate if write is None else per_mtok_to_pico(write)
+        output_rate = 0 if output_price is None else per_mtok_to_pico(output_price)
+        read_rate = input_rate if read is None else per_mtok_to_pico(read)
         bands.append(
             RateBand(
                 input=input_rate,
-                output=0 if output_price is None else per_mtok_to_pico(output_price),
-                cache_read=input_rate if read is None else per_mtok_to_pico(read),
+                output=output_rate,
+                cache_read=read_rate,
                 cache_write=write_rate,
                 cache_write_1h=write_rate if write_1h is None else per_mtok_to_pico(write_1h),
                 # $X per thousand requests is X * 1e12 / 1e3 pico-USD per request.
@@ -210,11 +216,45 @@ def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> 
                 if per_k_searches is None
                 else per_mtok_to_pico(per_k_searches) * 1_000,
                 file_search=0 if per_k_files is None else per_mtok_to_pico(per_k_files) * 1_000,
+                media=_media_rates(keys, total_input_tokens, input_rate, read_rate, output_rate),
             )
         )
     if not bands:
         return None
     return bands[0] if len(bands) == 1 else RateBand.highest(bands)
+
+
+def _media_rates(
+    keys: Mapping[str, Any], total_input_tokens: int, input_rate: int, read: int, output: int
+) -> MediaRates | None:
+    """The band's audio, image and video rates, ``None`` when it prices none apart.
+
+    As genai-prices falls back: an unpriced media input is the input rate, an unpriced
+    media output the output rate, an unpriced media cache read the medium's input rate
+    when cache reads have no price of their own, else the cache-read rate.
+    """
+    prices = {kind: _price_at(keys[f"{kind}_mtok"], total_input_tokens) for kind in MEDIA_KINDS}
+    if all(price is None for price in prices.values()):
+        return None
+    own_read = keys["cache_read_mtok"] is not None
+    rates: dict[str, int] = {}
+    for modality in ("audio", "image", "video"):
+        given_input = prices[f"input_{modality}"]
+        given_read = prices[f"cache_{modality}_read"]
+        given_output = prices[f"output_{modality}"]
+        media_input = input_rate if given_input is None else per_mtok_to_pico(given_input)
+        if given_read is not None:
+            media_read = per_mtok_to_pico(given_read)
+        elif given_input is not None and not own_read:
+            media_read = media_input
+        else:
+            media_read = read
+        rates[f"input_{modality}"] = media_input
+        rates[f"cache_{modality}_read"] = media_read
+        rates[f"output_{modality}"] = (
+            output if given_output is None else per_mtok_to_pico(given_output)
+        )
+    return MediaRates(**rates)
 
 
 def _tier_starts(values: Sequence[Mapping[str, Any]]) -> list[int]:

@@ -21,6 +21,7 @@ from typing import Final, Literal
 from payi_guard._frozen import frozen_maker
 from payi_guard.config import PriceOverride
 from payi_guard.money import PICO_PER_NANO, per_mtok_to_pico
+from payi_guard.pricing.media import MediaRates, MediaTokens
 
 __all__ = ["PriceSource", "RateBand", "Rates", "TokenUsage", "override_band"]
 
@@ -62,10 +63,15 @@ class TokenUsage:
             API's ``web_search_call`` items); not tokens, so not in :attr:`total_tokens`.
         file_searches: server-side file (vector store) searches, billed per call (the
             Responses API's ``file_search_call`` items); not in :attr:`total_tokens`.
+        media: the audio, image and video tokens within the counts above, which some
+            models bill at other rates (:class:`~payi_guard.pricing.media.MediaTokens`);
+            ``None`` when every token is text.
 
     Raises:
-        TypeError: a count is not an ``int`` (``bool`` is refused too).
-        ValueError: a count is negative.
+        TypeError: a count is not an ``int`` (``bool`` is refused too), or ``media`` is
+            not :class:`~payi_guard.pricing.media.MediaTokens`.
+        ValueError: a count is negative, or the media counts exceed the counts they are
+            part of.
     """
 
     input_tokens: int
@@ -75,6 +81,7 @@ class TokenUsage:
     cache_write_1h_tokens: int = 0
     web_searches: int = 0
     file_searches: int = 0
+    media: MediaTokens | None = None
 
     def __post_init__(self) -> None:
         # Exact non-negative ints (what every meter builds) pass in one test; anything
@@ -97,6 +104,7 @@ class TokenUsage:
                 self.file_searches,
             )
             >= 0
+            and self.media is None
         ):
             return
         _check_count("input_tokens", self.input_tokens)
@@ -106,9 +114,20 @@ class TokenUsage:
         _check_count("cache_write_1h_tokens", self.cache_write_1h_tokens)
         _check_count("web_searches", self.web_searches)
         _check_count("file_searches", self.file_searches)
+        media = self.media
+        if media is None:
+            return
+        if type(media) is not MediaTokens:
+            raise TypeError(f"media must be MediaTokens, not {type(media).__name__}")
+        problem = media.problem(self.input_tokens, self.cache_read_tokens, self.output_tokens)
+        if problem:
+            raise ValueError(problem)
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         """The usage of two parts of one call together, count by count."""
+        media = self.media
+        if other.media is not None:
+            media = other.media if media is None else media + other.media
         return TokenUsage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
@@ -117,6 +136,7 @@ class TokenUsage:
             self.cache_write_1h_tokens + other.cache_write_1h_tokens,
             self.web_searches + other.web_searches,
             self.file_searches + other.file_searches,
+            media,
         )
 
     @property
@@ -156,6 +176,8 @@ class RateBand:
         request: a fixed fee per call (pico-USD), for the few models that have one.
         web_search: the price of one server-side web search (pico-USD).
         file_search: the price of one server-side file search call (pico-USD).
+        media: the rates of audio, image and video tokens, where the price sets any of
+            them apart from text; ``None`` when it sets none.
     """
 
     input: int
@@ -166,8 +188,11 @@ class RateBand:
     request: int = 0
     web_search: int = 0
     file_search: int = 0
+    media: MediaRates | None = None
 
     def __post_init__(self) -> None:
+        if self.media is not None and type(self.media) is not MediaRates:
+            raise TypeError(f"media must be MediaRates, not {type(self.media).__name__}")
         for name in (
             "input",
             "output",
@@ -191,10 +216,15 @@ class RateBand:
             + usage.web_searches * self.web_search
             + usage.file_searches * self.file_search
             + self.request
+            + (
+                0
+                if usage.media is None or self.media is None
+                else usage.media.extra_pico(self.input, self.cache_read, self.output, self.media)
+            )
         )
 
     def input_ceiling(self, *, cache_writes: bool = True) -> int:
-        """The highest rate any one input token can be billed at.
+        """The highest rate any one text input token can be billed at (media apart).
 
         Args:
             cache_writes: count cache-write rates too (a request that may write the
@@ -205,12 +235,28 @@ class RateBand:
             ceiling = max(ceiling, self.cache_write, self.cache_write_1h)
         return ceiling
 
+    def output_ceiling(self) -> int:
+        """The highest rate any one output token can be billed at (media included)."""
+        if self.media is None:
+            return self.output
+        return max(self.output, self.media.output_ceiling)
+
     @staticmethod
     def highest(bands: Iterable[RateBand]) -> RateBand:
         """The rate-by-rate maximum of ``bands`` (at least one band)."""
         items = list(bands)
         if not items:
             raise ValueError("highest() needs at least one band")
+        media = None
+        if any(b.media is not None for b in items):
+            media = MediaRates.highest(
+                [
+                    MediaRates.plain(b.input, b.cache_read, b.output)
+                    if b.media is None
+                    else b.media
+                    for b in items
+                ]
+            )
         return RateBand(
             input=max(b.input for b in items),
             output=max(b.output for b in items),
@@ -220,6 +266,7 @@ class RateBand:
             request=max(b.request for b in items),
             web_search=max(b.web_search for b in items),
             file_search=max(b.file_search for b in items),
+            media=media,
         )
 
 
@@ -341,7 +388,12 @@ class Rates:
         """An upper bound, in nano-USD, of a call of at most these many tokens.
 
         Every input token is priced at the highest input-side rate of the bands the
-        call can fall in (``cache_writes`` decides whether cache-write rates count).
+        call can fall in (``cache_writes`` decides whether cache-write rates count),
+        every output token at the highest output rate (audio, image and video rates
+        included: a model that prices them apart is bounded at the dearest). Input is
+        bounded at the text rates: the estimate counts inline audio, image and video
+        data as text, far more tokens than they are billed, and a part that only
+        points to a file at the file allowance.
 
         Args:
             input_tokens: an upper bound of all input tokens (cache included).
@@ -358,7 +410,7 @@ class Rates:
         band = self.bound_for(input_tokens) if self.tiers else self.base
         pico = (
             input_tokens * band.input_ceiling(cache_writes=cache_writes)
-            + output_tokens * band.output
+            + output_tokens * band.output_ceiling()
             + web_searches * band.web_search
             + file_searches * band.file_search
             + band.request

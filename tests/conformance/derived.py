@@ -247,6 +247,55 @@ def anthropic_stream_fast() -> Interaction:
     )
 
 
+AUDIO_MODEL = "gpt-audio"
+"""An OpenAI model genai-prices prices apart for audio tokens (in and out)."""
+
+
+def _audio_usage(usage: dict[str, Any]) -> None:
+    """Add 40 audio input and 120 audio output tokens to a chat ``usage`` object."""
+    usage["prompt_tokens"] += 40
+    usage["completion_tokens"] += 120
+    usage["total_tokens"] += 160
+    usage["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": 40}
+    usage["completion_tokens_details"] = {
+        "reasoning_tokens": 0,
+        "audio_tokens": 120,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    }
+
+
+_AUDIO_REQUEST: dict[str, Any] = {
+    "model": AUDIO_MODEL,
+    "modalities": ["text", "audio"],
+    "audio": {"voice": "alloy", "format": "wav"},
+}
+
+
+def chat_audio() -> Interaction:
+    """The recorded chat as ``gpt-audio`` answering with audio: audio tokens each way."""
+    source = recorded(CHAT)
+    body = json.loads(source.body)
+    body["model"] = AUDIO_MODEL
+    _audio_usage(body["usage"])
+    request = {**source.request, **_AUDIO_REQUEST}
+    return _derived(source, "chat_audio", request=request, body=_json(body))
+
+
+def chat_stream_audio() -> Interaction:
+    """The recorded chat stream as ``gpt-audio``, its usage chunk counting audio tokens."""
+    source = recorded(CHAT_STREAM)
+
+    def change(data: dict[str, Any]) -> bool:
+        data["model"] = AUDIO_MODEL
+        if isinstance(data.get("usage"), dict):
+            _audio_usage(data["usage"])
+        return True
+
+    request = {**source.request, **_AUDIO_REQUEST}
+    return _derived(source, "chat_stream_audio", request=request, body=_sse_with(source, change))
+
+
 def replayable() -> tuple[Interaction, ...]:
     """The derived cases that the ordinary replay checks apply to."""
     return (
@@ -262,4 +311,5 @@ def replayable() -> tuple[Interaction, ...]:
         responses_stream_tier_by_project(),
         anthropic_fast(),
         anthropic_stream_fast(),
+        chat_audio(),
     )

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -79,6 +79,8 @@ class Part:
     tokens: Tokens
     cache_write_1h_tokens: int = 0
     web_searches: int = 0
+    media: Mapping[str, int] = field(default_factory=dict)
+    """Audio and image tokens, in genai-prices' usage keys (``input_audio_tokens``...)."""
 
     def usage(self) -> genai_prices.Usage:
         """The usage in genai-prices' terms."""
@@ -94,6 +96,7 @@ class Part:
             values["cache_write_1h_tokens"] = self.cache_write_1h_tokens
         if self.web_searches:
             values["web_searches"] = self.web_searches
+        values.update(self.media)
         return genai_prices.Usage(**values)
 
 
@@ -343,7 +346,28 @@ def _bill(interaction: Interaction) -> Bill | None:
     if chat_usage is None:
         return None
     tokens = _openai_tokens(chat_usage, prompt="prompt_tokens", completion="completion_tokens")
-    return _with_tier(Bill(model, (Part(model, tokens),), tokens, url), _chat_tier(interaction))
+    part = Part(model, tokens, media=_chat_media(chat_usage))
+    return _with_tier(Bill(model, (part,), tokens, url), _chat_tier(interaction))
+
+
+def _chat_media(usage: Mapping[str, Any]) -> dict[str, int]:
+    """The audio and image tokens of a chat usage (``*_tokens_details``), none cached.
+
+    OpenAI does not say which of them were cache reads; every recording with media
+    tokens here has no cache reads.
+    """
+    media: dict[str, int] = {}
+    for details, side in (
+        ("prompt_tokens_details", "input"),
+        ("completion_tokens_details", "output"),
+    ):
+        for medium in ("audio", "image"):
+            found = _int(_dig(usage, details, f"{medium}_tokens"))
+            if found:
+                media[f"{side}_{medium}_tokens"] = found
+    if media and _int(_dig(usage, "prompt_tokens_details", "cached_tokens")):
+        raise ValueError("media tokens with cache reads: which were cached is not said")
+    return media
 
 
 def input_before_output(interaction: Interaction) -> int | None:

@@ -3,18 +3,24 @@
 DESIGN section 9: usage that cannot be trusted (negative, not an integer) is charged
 the reservation, logged with ``outcome: "unverified"`` and a ``usage_invalid`` event;
 a call whose upper bound exceeds what a counter can hold is a refusal, before anything
-is sent, whatever ``on_storage_error`` says.
+is sent, whatever ``on_storage_error`` says. Audio tokens are charged at the model's
+audio rates, in a plain response and in a stream's usage chunk (the stream is read whole:
+``gpt-audio`` has no offline tokenizer, so a stream broken off before its usage keeps
+its bound, which the ordinary replay's ``break`` check does not allow).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Literal
 
 import pytest
 
 from conformance import calls, derived
-from conformance.expected import CLOCK_START
-from conformance.harness import USER_PREFIX, Case, run_bare, run_guarded
+from conformance.corpus import Interaction
+from conformance.expected import CLOCK_START, bill
+from conformance.harness import USER_PREFIX, Case, _nano, run_bare, run_guarded
 from conformance.replay import LoopbackTransport, ReplayServer, Route
 from payi_guard import Guard, is_refusal, track_context
 from payi_guard.clock import FakeClock
@@ -85,3 +91,27 @@ def test_counter_overflow_is_refused_before_sending(
             f"{type(raised).__name__ if raised else 'a response'}, "
             f"{len(route.requests)} request(s) reached the provider"
         )
+
+
+@pytest.mark.parametrize("transport", ["memory", "loopback"])
+@pytest.mark.parametrize(
+    "make", [derived.chat_audio, derived.chat_stream_audio], ids=["plain", "stream"]
+)
+def test_audio_tokens_are_charged_at_audio_rates(
+    make: Callable[[], Interaction],
+    transport: Literal["loopback", "memory"],
+    replay_server: ReplayServer,
+) -> None:
+    interaction = make()
+    expected = bill(interaction)
+    assert expected is not None
+    as_text = replace(expected, parts=tuple(replace(p, media={}) for p in expected.parts))
+    want, text_price = expected.nano(), as_text.nano()
+    assert want is not None
+    assert text_price is not None
+    assert want > text_price  # audio is dearer than text: the case tells them apart
+    guarded = run_guarded(Case(interaction, transport, "create"), replay_server)
+    assert len(guarded.calls_at_end) == 1
+    line = guarded.calls_at_end[0]
+    assert line.get("outcome") == "ok"
+    assert _nano(line.get("cost_usd")) == want

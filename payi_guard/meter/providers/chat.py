@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, Final
 
 from payi_guard.meter.estimate import estimate_request
+from payi_guard.meter.modality import openai_media
 from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.meter import Dialect
 from payi_guard.meter.providers.wire import (
@@ -34,6 +35,7 @@ from payi_guard.meter.tokens import EndpointKind, EstimateMode
 __all__ = ["ChatDialect", "ChatStream", "chat_usage"]
 
 _DETAILS: Final = ("prompt_tokens_details", "prompt_token_details")
+_COMPLETION: Final = "completion_tokens_details"
 
 
 def chat_usage(usage: Mapping[str, Any], *, kind: EndpointKind = "chat") -> ParsedUsage:
@@ -68,6 +70,7 @@ def chat_usage(usage: Mapping[str, Any], *, kind: EndpointKind = "chat") -> Pars
         cache_read_tokens=cached,
         reasoning_tokens=min(reasoning, completion),
         complete=True,
+        media=openai_media(usage, prompt - cached, cached, completion, (key, _COMPLETION)),
     )
 
 

@@ -43,6 +43,7 @@ from typing import Any, Final
 
 from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, PayiGuardError
+from payi_guard.meter.modality import gemini_media
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.hooks import Patches
@@ -143,6 +144,7 @@ def gemini_usage(meta: Mapping[str, Any]) -> ParsedUsage:
         cache_read_tokens=cached,
         reasoning_tokens=min(thoughts, output),
         complete=True,
+        media=gemini_media(meta, prompt - cached + tool, cached, output),
     )
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import unquote
@@ -231,13 +231,12 @@ class WireStreamState(StreamState):
         if reason == "end" and not tracker.errors:
             return Settlement(TokenUsage(0, 0), "ok", problems=("no usage reported",))
         partial = tracker.partial or ParsedUsage(input_tokens=max(0, self.fallback_input))
-        usage = TokenUsage(
-            input_tokens=partial.input_tokens,
+        usage = replace(
+            partial,
             output_tokens=tracker.estimated_output_tokens(),
-            cache_read_tokens=partial.cache_read_tokens,
-            cache_write_tokens=partial.cache_write_tokens,
-            cache_write_1h_tokens=partial.cache_write_1h_tokens,
-        )
+            web_searches=0,
+            file_searches=0,
+        ).to_token_usage()
         outcome = "error" if reason == "error" or tracker.errors else "incomplete"
         return Settlement(
             usage, outcome, response_model=tracker.model, price_context=tracker.price_context

@@ -10,9 +10,13 @@ payi_guard's terms (``ParsedUsage``: ``input_tokens`` excludes cache reads and w
 * Gemini (``usageMetadata``): input = ``promptTokenCount`` - ``cachedContentTokenCount``
   (+ ``toolUsePromptTokenCount``), cache read = ``cachedContentTokenCount``, output =
   ``totalTokenCount`` - ``promptTokenCount`` - ``toolUsePromptTokenCount``, reasoning =
-  ``thoughtsTokenCount``. Output is taken from the total because ``candidatesTokenCount``
-  excludes the thoughts on current models but included them on early 2.5 previews (the
-  ``gemini-2.5-flash-preview-04-17`` recording: 8 + 87 = 95, thoughts 79).
+  ``thoughtsTokenCount``; ``promptTokensDetails`` and ``cacheTokensDetails`` give the
+  audio, image and video parts of the prompt and of its cached part (``media``, in
+  genai-prices' usage keys: ``input_audio_tokens`` counts cached audio too, as
+  ``input_tokens`` counts cache reads). Output is taken from the total because
+  ``candidatesTokenCount`` excludes the thoughts on current models but included them on
+  early 2.5 previews (the ``gemini-2.5-flash-preview-04-17`` recording: 8 + 87 = 95,
+  thoughts 79).
 * Bedrock Converse (``usage``): ``inputTokens`` already excludes ``cacheReadInputTokens``
   and ``cacheWriteInputTokens``. ``InvokeModel``: the ``X-Amzn-Bedrock-*-Token-Count``
   headers (input excludes the cache counts, which have their own headers), the same
@@ -46,6 +50,7 @@ class Charge:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    media: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,20 @@ GEMINI = (
                 "total_token_count": 18602,
             },
         ),
-        charge=(Charge(334, 889, cache_read_tokens=17379, reasoning_tokens=821),),
+        charge=(
+            Charge(
+                334,
+                889,
+                cache_read_tokens=17379,
+                reasoning_tokens=821,
+                media={
+                    "input_audio_tokens": 1917,
+                    "cache_audio_read_tokens": 1881,
+                    "input_video_tokens": 15780,
+                    "cache_video_read_tokens": 15483,
+                },
+            ),
+        ),
         price=("google", "gemini-2.5-flash"),
         kinds=_kinds("generate", "cache", "thoughts", "video"),
     ),

@@ -59,6 +59,7 @@ def expected_cost(recording: Recording, charge: Charge) -> Decimal:
         output_tokens=charge.output_tokens,
         cache_read_tokens=charge.cache_read_tokens or None,
         cache_write_tokens=charge.cache_write_tokens or None,
+        **charge.media,
     )
     price = genai_prices.calc_price(
         usage, model, provider_id=provider_id, genai_request_timestamp=PRICED_AT
