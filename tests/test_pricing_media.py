@@ -267,3 +267,28 @@ def test_a_band_prices_media_cache_reads_as_genai_prices_falls_back() -> None:
     ).total_price
     usage = TokenUsage(50, 0, 50, media=MediaTokens(cache_audio_read=50))
     assert BOOK.cost("gpt-audio", "openai", usage) == math.ceil(theirs * Decimal(10**9))
+
+
+def test_gemini_document_tokens_are_billed_as_image_tokens() -> None:
+    # genai-prices reads Gemini's DOCUMENT modality as image tokens; gemini-embedding-2
+    # prices them at $0.45 per million against $0.20 for text. The modality is matched
+    # in any case, as genai-prices matches it.
+    meta = {
+        "promptTokenCount": 3_010,
+        "promptTokensDetails": [
+            {"modality": "TEXT", "tokenCount": 10},
+            {"modality": "document", "tokenCount": 3_000},
+        ],
+    }
+    usage = gemini_usage(meta).to_token_usage()
+    assert usage.media == MediaTokens(input_image=3_000)
+    theirs = calc_price(
+        Usage(input_tokens=3_010, input_image_tokens=3_000, output_tokens=0),
+        "gemini-embedding-2",
+        provider_id="google",
+        genai_request_timestamp=NOW,
+    ).total_price
+    assert BOOK.cost("gemini-embedding-2", "google", usage) == math.ceil(theirs * 10**9)
+    assert (
+        BOOK.cost("gemini-embedding-2", "google", usage) == (10 * 200_000 + 3_000 * 450_000) // 1000
+    )

@@ -7,7 +7,8 @@
   is not said: they are taken as plain input first (the dearer rate), the rest as cache
   reads.
 * Gemini ``usageMetadata``: ``promptTokensDetails`` breaks ``promptTokenCount`` down
-  by modality (``AUDIO``, ``IMAGE``, ``VIDEO``; ``TEXT`` and ``DOCUMENT`` are text),
+  by modality (``AUDIO``, ``VIDEO``, ``IMAGE``, and ``DOCUMENT`` billed as image;
+  ``TEXT`` is text; any case),
   ``cacheTokensDetails`` the cached part of it, ``toolUsePromptTokensDetails`` the tool
   prompt and ``candidatesTokensDetails`` the answer (thoughts are text).
 
@@ -23,9 +24,37 @@ from typing import Any, Final
 
 from payi_guard.pricing.media import MediaTokens
 
-__all__ = ["gemini_media", "openai_media"]
+__all__ = ["INLINE_BYTES_PER_TOKEN", "gemini_media", "gemini_part", "openai_media"]
 
-_MODALITIES: Final = {"AUDIO": "audio", "IMAGE": "image", "VIDEO": "video"}
+_MODALITIES: Final = {"AUDIO": "audio", "IMAGE": "image", "VIDEO": "video", "DOCUMENT": "image"}
+
+INLINE_BYTES_PER_TOKEN: Final = 8
+"""Bytes of inline (base64) audio, video or document data a request's bound counts as
+one token. Gemini bills 32 tokens a second of audio and 263 of video: one token per 8
+bytes covers audio above about 7 kbit/s at the dearest audio-to-text price ratio
+genai-prices lists for Gemini (7x), and any video above 17 kbit/s."""
+
+
+def gemini_part(part: Mapping[str, Any]) -> str | int | None:
+    """What a Gemini content part counts in a request's bound.
+
+    ``"image"`` for an image (the image allowance), ``"file"`` for a file URI (the file
+    allowance), for inline audio, video or document data the tokens its size is worth
+    (one per :data:`INLINE_BYTES_PER_TOKEN` bytes; the bound counts that or the file
+    allowance, the larger), ``None`` for any other part.
+    """
+    data = part.get(
+        "inlineData", part.get("inline_data", part.get("fileData", part.get("file_data")))
+    )
+    if not isinstance(data, Mapping):
+        return None
+    mime = data.get("mimeType", data.get("mime_type"))
+    if isinstance(mime, str) and mime.startswith("image/"):
+        return "image"
+    inline = data.get("data")
+    if not isinstance(inline, str):
+        return "file"
+    return len(inline) * 3 // (4 * INLINE_BYTES_PER_TOKEN) + 1
 
 
 def _count(obj: Any, key: str) -> int:
@@ -78,7 +107,7 @@ def _by_modality(meta: Mapping[str, Any], camel: str, snake: str) -> dict[str, i
     for entry in entries:
         if not isinstance(entry, Mapping):
             continue
-        medium = _MODALITIES.get(str(entry.get("modality")))
+        medium = _MODALITIES.get(str(entry.get("modality")).upper())
         if medium is not None:
             tokens = _count(entry, "tokenCount") or _count(entry, "token_count")
             found[medium] = found.get(medium, 0) + tokens

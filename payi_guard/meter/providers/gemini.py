@@ -13,7 +13,9 @@ The wire (:class:`GeminiDialect`, also used for LiteLLM's Gemini route):
   ``google`` provider;
 * the bound: every text part, tool declaration and response schema of the body, an
   allowance per image (:data:`~payi_guard.meter.tokens.DEFAULT_IMAGE_TOKENS`) and per
-  other media part or file URI (:data:`~payi_guard.meter.tokens.DEFAULT_FILE_TOKENS`);
+  file URI or inline audio, video or document
+  (:data:`~payi_guard.meter.tokens.DEFAULT_FILE_TOKENS`, more for a large inline part:
+  :func:`~payi_guard.meter.modality.gemini_part`);
   output ``generationConfig.maxOutputTokens`` (thoughts included) times
   ``candidateCount``, else the model's cap;
 * usage: ``usageMetadata``; input = ``promptTokenCount - cachedContentTokenCount +
@@ -43,7 +45,7 @@ from typing import Any, Final
 
 from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, PayiGuardError
-from payi_guard.meter.modality import gemini_media
+from payi_guard.meter.modality import gemini_media, gemini_part
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.hooks import Patches
@@ -108,15 +110,6 @@ def _get(obj: Mapping[str, Any], *keys: str) -> Any:
         if key in obj:
             return obj[key]
     return None
-
-
-def _media(part: Mapping[str, Any]) -> str | None:
-    """``image`` / ``file`` for a part carrying media, else ``None``."""
-    data = _get(part, "inlineData", "inline_data", "fileData", "file_data")
-    if not isinstance(data, Mapping):
-        return None
-    mime = _get(data, "mimeType", "mime_type")
-    return "image" if isinstance(mime, str) and mime.startswith("image/") else "file"
 
 
 def gemini_usage(meta: Mapping[str, Any]) -> ParsedUsage:
@@ -292,7 +285,7 @@ class GeminiDialect(Dialect):
     ) -> WireRequest:
         """The model, stream flag and bounds of a request body."""
         model = endpoint.model
-        bound = Bound(image_tokens=image_token_bound(model or ""), media=_media)
+        bound = Bound(image_tokens=image_token_bound(model or ""), media=gemini_part)
         if endpoint.kind == "embeddings":
             for key in ("content", "requests", "instances"):
                 bound.add_items(body.get(key))

@@ -119,7 +119,8 @@ class Bound:
         image_tokens: tokens counted per image.
         file_tokens: tokens counted per file, document, audio or video part.
         media: tells a media part from any other mapping: returns ``"image"``,
-            ``"file"`` or ``None``.
+            ``"file"``, the tokens a file part's size is worth (an ``int``: it counts
+            that or the file allowance, the larger) or ``None``.
     """
 
     __slots__ = (
@@ -138,7 +139,7 @@ class Bound:
         *,
         image_tokens: int,
         file_tokens: int = DEFAULT_FILE_TOKENS,
-        media: Callable[[Mapping[str, Any]], str | None] | None = None,
+        media: Callable[[Mapping[str, Any]], str | int | None] | None = None,
     ) -> None:
         self.text: list[str] = []
         self.items = 0
@@ -160,6 +161,9 @@ class Bound:
                 return
             if kind == "file":
                 self.files += 1
+                return
+            if type(kind) is int:
+                self.exact += max(kind, self.file_tokens)
                 return
             self.exact += len(obj)
             for key, value in obj.items():

@@ -356,3 +356,34 @@ def test_embeddings_with_usage_metadata_are_charged_it(server: ReplayServer) -> 
     assert call_event["outcome"] == "ok"
     assert (call_event["input_tokens"], call_event["output_tokens"]) == (2000, 0)
     assert usd(call_event["cost_usd"]) == usd("0.0003")  # $0.15 per MTok
+
+
+def test_an_hour_of_inline_audio_is_bounded_by_its_size(server: ReplayServer) -> None:
+    # An hour of 24 kbit/s audio (10.8 MB inline): Gemini bills 32 tokens a second, 115,200
+    # tokens at gemini-2.5-flash's $1.00 per million audio input tokens. The bound counts
+    # one token per 8 bytes of the data (1.35 million at the $0.30 text rate), more than
+    # the bill; the file allowance alone (32,000 tokens) was a tenth of it.
+    uri = f"https://generativelanguage.googleapis.com/v1beta/models/{MODEL}:generateContent"
+    usage = {
+        "promptTokenCount": 115_210,
+        "candidatesTokenCount": 20,
+        "totalTokenCount": 115_230,
+        "promptTokensDetails": [
+            {"modality": "TEXT", "tokenCount": 10},
+            {"modality": "AUDIO", "tokenCount": 115_200},
+        ],
+    }
+    answer = {"candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]}}]}
+    server.load([made_up(uri, {**answer, "usageMetadata": usage, "modelVersion": MODEL})])
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    audio = types.Part.from_bytes(data=bytes(10_800_000), mime_type="audio/mp3")
+    config = types.GenerateContentConfig(max_output_tokens=20)
+    with capture_logs() as logs:
+        client.models.generate_content(
+            model=MODEL, contents=[audio, "Summarise this."], config=config
+        )
+    line = one_call(logs)
+    # 10 text tokens at $0.30, 115,200 audio tokens at $1.00, 20 out at $2.50 per million
+    assert usd(line["cost_usd"]) == usd("0.115253")
+    assert usd(line["reserved_usd"]) > usd(line["cost_usd"])
