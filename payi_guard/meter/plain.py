@@ -109,10 +109,12 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
     else:
         return None
     details = usage.get("prompt_tokens_details")
+    answer = usage.get("completion_tokens_details")
     if type(details) is not dict:
         if details is not None and isinstance(details, Mapping):
             return None  # read by openai_usage
-        return make_token_usage(total, out, 0, 0, 0, 0, 0, openai_media(usage, total, 0, out))
+        media = None if answer is None else openai_media(usage, total, 0, out)
+        return make_token_usage(total, out, 0, 0, 0, 0, 0, media)
     cached = details.get("cached_tokens")
     written = details.get("cache_write_tokens")
     if cached is None:
@@ -127,7 +129,6 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
     written = min(total - cached, written)
     plain = total - cached - written
     media = None
-    answer = usage.get("completion_tokens_details")
     if (
         details.get("audio_tokens")
         or details.get("image_tokens")

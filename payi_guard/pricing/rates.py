@@ -410,7 +410,7 @@ class Rates:
         band = self.bound_for(input_tokens) if self.tiers else self.base
         pico = (
             input_tokens * band.input_ceiling(cache_writes=cache_writes)
-            + output_tokens * band.output_ceiling()
+            + output_tokens * (band.output if band.media is None else band.output_ceiling())
             + web_searches * band.web_search
             + file_searches * band.file_search
             + band.request

@@ -246,7 +246,7 @@ def _usage_variants() -> list[dict[str, Any]]:
         return rng.choice(_COUNTS[:5] if rng.random() < 0.8 else _COUNTS)
 
     keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    detail_keys = ("cached_tokens", "cache_write_tokens", "audio_tokens")
+    detail_keys = ("cached_tokens", "cache_write_tokens", "audio_tokens", "image_tokens")
     variants: list[dict[str, Any]] = [{}, {"prompt_tokens": 5}, {"completion_tokens": 5}]
     for _ in range(600):
         usage: dict[str, Any] = {}
@@ -263,7 +263,8 @@ def _usage_variants() -> list[dict[str, Any]]:
         elif roll < 0.65:
             usage["prompt_tokens_details"] = MappingProxyType({"cached_tokens": count()})
         if rng.random() < 0.5:
-            usage["completion_tokens_details"] = {"reasoning_tokens": count()}
+            answer = ("reasoning_tokens", "audio_tokens", "image_tokens")
+            usage["completion_tokens_details"] = {k: count() for k in answer if rng.random() < 0.6}
         variants.append(usage)
     return variants
 
@@ -355,7 +356,7 @@ def test_request_info_over_the_recorded_requests() -> None:
 
 
 def test_openai_token_usage_is_the_full_parse_when_trusted() -> None:
-    trusted = untrusted = 0
+    trusted = untrusted = media = 0
     for usage in _usage_variants():
         for output in (True, False):
             parsed = openai_usage(usage, output=output)
@@ -368,9 +369,11 @@ def test_openai_token_usage_is_the_full_parse_when_trusted() -> None:
             else:
                 assert fast == parsed.to_token_usage(), usage
                 trusted += 1
-    # Both sides are reached many times.
+                media += fast is not None and fast.media is not None
+    # Both sides are reached many times, audio and image tokens too.
     assert trusted > 100
     assert untrusted > 100
+    assert media > 50
 
 
 def _plain_bodies() -> Iterator[tuple[Endpoint, bytes]]:
