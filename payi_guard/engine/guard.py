@@ -215,8 +215,13 @@ class Guard:
             ConfigError: ``limit_ids`` names an undefined limit.
         """
         attribution = attribution if attribution is not None else get_context()
-        subject = self.subject_for(attribution)
-        subject = self._parts.policy.with_tier(subject, attribution.tier)  # Planning.tiered()
+        parts = self._parts
+        policy = parts.policy
+        # self.subject_for(attribution), then Planning.tiered(): fewer calls a GenAI call.
+        subject = parts.subjects.for_call(
+            attribution, self._default_user_id, policy.config.anonymous
+        )
+        subject = policy.with_tier(subject, attribution.tier)
         plan = self._planning.call(call, attribution, subject)
         return Reservation(self._books, plan, held=self._books.reserve(plan))
 
