@@ -81,6 +81,8 @@ def settled_tallies(plan: Plan, record: CallRecord, keep_days: int) -> tuple[Tal
         (uc, cost),
         (un, 1),
     )
+    if len(keys) == 1:  # the usual: a user of no org (no list comprehension's call)
+        return (make_tally(keys[0], fields, until),)
     return tuple([make_tally(key, fields, until) for key in keys])
 
 

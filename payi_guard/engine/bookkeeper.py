@@ -58,8 +58,8 @@ from payi_guard.pricing import TokenUsage
 __all__ = ["Bookkeeper"]
 
 CounterStates = tuple[CounterState, ...]
-SettleParts = tuple[tuple[str, ...], tuple[Charge, ...] | None, tuple[Tally, ...]]
-"""A settle's keys, its charges (``None`` for a release) and its tallies."""
+SettleParts = tuple[tuple[Charge, ...] | None, tuple[Tally, ...]]
+"""A settle's charges (``None`` for a release) and its tallies."""
 
 _BOUND_TOO_LARGE = "the call's upper bound (lower its max_tokens)"
 _USAGE_TOO_LARGE = (f"usage: more than a counter can hold ({MAX_UNITS} units)",)
@@ -396,19 +396,14 @@ class Bookkeeper:
     def _closing_parts(
         self, plan: Plan, record: CallRecord, amounts: list[int] | None
     ) -> SettleParts:
-        """The keys, the charges (``None`` for a release) and the tallies of a settle."""
-        reserved = plan.charges
-        keys = tuple([c.key for c in reserved])
+        """The charges (``None`` for a release) and the tallies of a settle."""
         if amounts is None:
-            return keys, None, ()
+            return None, ()
         tallies = settled_tallies(plan, record, self._config().analytics_days)
-        charges = tuple(
-            [
-                make_charge(ch.key, amount, None, ch.expires_at)
-                for ch, amount in zip(reserved, amounts, strict=True)
-            ]
-        )
-        return keys, charges, tallies
+        charges: list[Charge] = []  # a loop: no list comprehension's call on 3.11
+        for ch, amount in zip(plan.charges, amounts, strict=True):
+            charges.append(make_charge(ch.key, amount, None, ch.expires_at))
+        return tuple(charges), tallies
 
     def _closing(
         self,
@@ -426,7 +421,8 @@ class Bookkeeper:
         def abandoned(unknown: bool) -> None:
             self.calls.call(plan, record, ledger="unknown" if unknown else "failed")
 
-        keys, charges, tallies = parts or self._closing_parts(plan, record, amounts)
+        charges, tallies = parts or self._closing_parts(plan, record, amounts)
+        keys = tuple([c.key for c in plan.charges])
         job = Closing(
             "release" if amounts is None else "commit",
             plan.reservation_id,
@@ -457,8 +453,9 @@ class Bookkeeper:
         try:
             ledger = self.storage.ledger
             now = self.clock.now()
-            keys, charges, tallies = parts
+            charges, tallies = parts
             if charges is None:
+                keys = tuple([c.key for c in plan.charges])
                 states = ledger.release(plan.reservation_id, keys, now=now)
             else:
                 states = ledger.commit(plan.reservation_id, charges, now=now, tallies=tallies)
@@ -485,7 +482,9 @@ class Bookkeeper:
     def live(self, plan: Plan, owner: object) -> None:
         """Renew ``plan``'s reservation while ``owner`` (its call) is under way."""
         if plan.charges:
-            keys = tuple([c.key for c in plan.charges])
+            keys: list[str] = []  # a loop: no list comprehension's call on 3.11
+            for charge in plan.charges:
+                keys.append(charge.key)
             self.renewer.add(plan.reservation_id, keys, owner, plan.subject.user_id)
 
     def ended(self, plan: Plan) -> None:

@@ -47,7 +47,10 @@ def charged_amounts(
                 priced = False
     # amounts_by_counter(), inline.
     by_unit = {"usd": cost, "tokens": tokens, "requests": 1}
-    return [by_unit[c.unit] for c in plan.counters], cost, priced
+    amounts: list[int] = []  # a loop: no list comprehension's call on 3.11
+    for counter in plan.counters:
+        amounts.append(by_unit[counter.unit])
+    return amounts, cost, priced
 
 
 def rates_for(

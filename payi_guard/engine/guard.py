@@ -215,8 +215,10 @@ class Guard:
             ConfigError: ``limit_ids`` names an undefined limit.
         """
         attribution = attribution if attribution is not None else get_context()
-        subject = self.subject_for(attribution)
-        subject = self._parts.policy.with_tier(subject, attribution.tier)  # Planning.tiered()
+        parts = self._parts  # subject_for(), then Planning.tiered(), inline: fewer calls
+        anonymous = parts.policy.config.anonymous
+        subject = parts.subjects.for_call(attribution, self._default_user_id, anonymous)
+        subject = parts.policy.with_tier(subject, attribution.tier)
         plan = self._planning.call(call, attribution, subject)
         return Reservation(self._books, plan, held=self._books.reserve(plan))
 
@@ -225,7 +227,10 @@ class Guard:
     ) -> Reservation:
         """Async :meth:`begin`: never blocks the event loop."""
         attribution = attribution if attribution is not None else get_context()
-        subject = await self._planning.atiered(self.subject_for(attribution), attribution)
+        parts = self._parts  # subject_for(), then Planning.atiered(), inline: fewer calls
+        anonymous = parts.policy.config.anonymous
+        subject = parts.subjects.for_call(attribution, self._default_user_id, anonymous)
+        subject = await parts.policy.awith_tier(subject, attribution.tier)
         plan = self._planning.call(call, attribution, subject)
         return Reservation(self._books, plan, held=await self._books.areserve(plan))
 

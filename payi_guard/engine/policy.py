@@ -281,6 +281,8 @@ class Policy:
             subject: who is charged.
             requested: the tier the request named (``set_user(..., tier=)``), if any.
         """
+        if self._tiers is None and requested == subject.tier:
+            return subject  # what the steps below give then, without their two calls
         user = self._assignable(subject)
         if user is None:
             return subject
@@ -291,6 +293,8 @@ class Policy:
 
     async def awith_tier(self, subject: Subject, requested: str | None) -> Subject:
         """Async :meth:`with_tier`: an app function is never run on the event loop."""
+        if self._tiers is None and requested == subject.tier:
+            return subject  # what the steps below give then, without their two calls
         user = self._assignable(subject)
         if user is None:
             return subject

@@ -247,6 +247,13 @@ class Reservation:
             charged, (amounts, cost, priced) = self._charge(
                 usage, outcome, response_model, other_models, price_context
             )
+        # The tier charged, as the record keeps it: the response's, else the request's
+        # (none for an unverified call).
+        tier: tuple[tuple[str, str], ...] = ()
+        if outcome != UNVERIFIED:
+            context = self._plan.call.price_context if price_context is None else price_context
+            if context:
+                tier = tuple(sorted(context.items()))
         record = self._books.record_of(
             self._plan,
             charged,
@@ -256,15 +263,10 @@ class Reservation:
             self._started,
             response_model=response_model,
             other_models=tuple(other_models),
-            price_context=self._tier_of(price_context) if outcome != UNVERIFIED else (),
+            price_context=tier,
         )
         self._record = record
         return record, amounts
-
-    def _tier_of(self, price_context: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
-        """The tier charged, as the record keeps it: the response's, else the request's."""
-        context = self._plan.call.price_context if price_context is None else price_context
-        return tuple(sorted(context.items())) if context else ()
 
     def _released(self, outcome: str) -> CallRecord:
         record = self._books.record_of(self._plan, None, 0, True, outcome, self._started)

@@ -10,6 +10,7 @@ is called after that.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -104,7 +105,7 @@ class Storage:
         """
         return self.uri.startswith("memory")
 
-    @property
+    @functools.cached_property  # kept once opened: a plain attribute read per call
     def ledger(self) -> Ledger:
         """The synchronous ledger (opened on first use)."""
         ledger = self._ledger
@@ -115,7 +116,7 @@ class Storage:
                 ledger = self._ledger
         return ledger
 
-    @property
+    @functools.cached_property  # kept once opened: a plain attribute read per call
     def async_ledger(self) -> AsyncLedger:
         """The async ledger (opened on first use; shares counters with :attr:`ledger`)."""
         ledger = self._async_ledger

@@ -11,6 +11,9 @@ from payi_guard.ledger.base import MAX_UNITS, Tally
 
 __all__ = ["TallyStore", "check_tallies", "immutable_tallies"]
 
+_MIN_UNITS = -MAX_UNITS
+"""The smallest increment (negated once here: ``-MAX_UNITS`` makes a new int each time)."""
+
 
 def check_tallies(tallies: Sequence[Tally]) -> None:
     """Refuse malformed tallies before anything is written.
@@ -45,7 +48,7 @@ def check_tallies(tallies: Sequence[Tally]) -> None:
                     type(name) is str
                     and name
                     and type(value) is int
-                    and -MAX_UNITS <= value <= MAX_UNITS
+                    and _MIN_UNITS <= value <= MAX_UNITS
                 ):
                     return _check_tallies_slowly(tallies)
                 names.add(name)

@@ -140,7 +140,20 @@ def header_text(headers: Any, name: str) -> str | None:
     ASCII values read the same in any of the encodings it can find, so only other
     values are left to ``get_list``.
     """
-    values = _raw_values(headers, name.encode("ascii"))
+    lookup = name.encode("ascii")
+    items = getattr(headers, "_list", None)
+    values: list[bytes] = []
+    if type(items) is list:
+        # _raw_values(headers, lookup), as a loop here: no function (nor list
+        # comprehension) call for each of the three reads of every call.
+        try:
+            for _, key, value in items:
+                if key == lookup:
+                    values.append(value)
+        except (TypeError, ValueError):  # not the triples this relies on
+            values = _raw_values(headers, lookup)
+    else:
+        values = _raw_values(headers, lookup)
     if not values:
         return None
     if len(values) == 1:

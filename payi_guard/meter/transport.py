@@ -62,7 +62,7 @@ from payi_guard.meter.parse import (
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.plain import is_event_stream, plain_result
 from payi_guard.meter.refusal import refusal_response
-from payi_guard.meter.request_body import content_type, has_header, header_text, set_header
+from payi_guard.meter.request_body import has_header, header_text, set_header
 from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
 from payi_guard.meter.streams import (
     DECODABLE_ENCODINGS,
@@ -191,7 +191,8 @@ class TransportMeter:
         except self._request_not_read:
             # A streamed body cannot be read without consuming it; SDKs never stream one.
             return None
-        info = RequestInfo.parse(endpoint, raw, content_type(request.headers))
+        # content_type(request.headers), without its call.
+        info = RequestInfo.parse(endpoint, raw, header_text(request.headers, "content-type"))
         if info is None:
             return None
         model = info.model or UNKNOWN_MODEL
@@ -484,7 +485,7 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                 reservation.settle(meter.lost_body_usage(planned), outcome="error")
                 raise
             meter.after_read(response)
-            meter.plain_result(planned, response.content).apply(reservation)
+            plain_result(planned.endpoint, response.content).apply(reservation)
             return response
 
         def close(self) -> None:
@@ -558,7 +559,7 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                 await reservation.asettle(meter.lost_body_usage(planned), outcome="error")
                 raise
             meter.after_read(response)
-            await meter.plain_result(planned, response.content).aapply(reservation)
+            await plain_result(planned.endpoint, response.content).aapply(reservation)
             return response
 
         async def aclose(self) -> None:
