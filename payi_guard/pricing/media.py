@@ -35,7 +35,13 @@ MEDIA_KINDS: Final = (
 tokens, ``cache_*_read`` of the cache reads, ``output_*`` of the output tokens."""
 
 
-def _check(name: str, value: object) -> None:
+def check_count(name: str, value: object) -> None:
+    """Refuse a count or rate that is not a non-negative ``int`` (``bool`` included).
+
+    Raises:
+        TypeError: ``value`` is not an ``int``, or is a ``bool``.
+        ValueError: ``value`` is negative.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 0:
@@ -70,7 +76,7 @@ class MediaTokens:
 
     def __post_init__(self) -> None:
         for name in MEDIA_KINDS:
-            _check(name, getattr(self, name))
+            check_count(name, getattr(self, name))
 
     @property
     def inputs(self) -> int:
@@ -163,7 +169,7 @@ class MediaRates:
 
     def __post_init__(self) -> None:
         for name in MEDIA_KINDS:
-            _check(name, getattr(self, name))
+            check_count(name, getattr(self, name))
 
     @staticmethod
     def plain(input_rate: int, cache_read_rate: int, output_rate: int) -> MediaRates:

@@ -22,18 +22,12 @@ from payi_guard._frozen import frozen_maker
 from payi_guard.config import PriceOverride
 from payi_guard.money import PICO_PER_NANO, per_mtok_to_pico
 from payi_guard.pricing.media import MediaRates, MediaTokens
+from payi_guard.pricing.media import check_count as _check_count
 
 __all__ = ["PriceSource", "RateBand", "Rates", "TokenUsage", "override_band"]
 
 PriceSource = Literal["override", "genai-prices", "unknown_model"]
 """Where a :class:`Rates` came from."""
-
-
-def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
