@@ -54,7 +54,8 @@ from payi_guard.ledger._redis_plans import (
     _wiring,
     import_redis,
 )
-from payi_guard.ledger._redisconn import AsyncScriptSender, async_script_sender, budget
+from payi_guard.ledger._redis_scripts import AsyncScriptSender, async_script_sender
+from payi_guard.ledger._redisconn import budget
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,

@@ -27,7 +27,7 @@ from payi_guard.ledger._checks import (
     check_scan,
     check_ttl,
 )
-from payi_guard.ledger._sqlite_store import Operations, database_file, make_settings
+from payi_guard.ledger._sqlite_ops import Operations, database_file, make_settings
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,

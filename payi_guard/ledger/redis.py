@@ -110,7 +110,8 @@ from payi_guard.ledger._redis_plans import (
     _wiring,
     import_redis,
 )
-from payi_guard.ledger._redisconn import ScriptSender, budget, script_sender
+from payi_guard.ledger._redis_scripts import ScriptSender, script_sender
+from payi_guard.ledger._redisconn import budget
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (
     DEFAULT_CLOSED_TTL,

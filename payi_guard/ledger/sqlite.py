@@ -46,7 +46,8 @@ Time: reservation deadlines and closed ids are measured on the ``now`` passed in
 clock of the host the file lives on (every process using the file shares it).
 
 The layout and the SQL of each operation are in :mod:`payi_guard.ledger._sqlite_sql`,
-connections and transactions in :mod:`payi_guard.ledger._sqlite_store`. The file must be
+each operation as one transaction in :mod:`payi_guard.ledger._sqlite_ops`, connections
+and transactions in :mod:`payi_guard.ledger._sqlite_store`. The file must be
 on a local file system (WAL needs memory shared between the processes; network file
 systems do not provide it).
 """
@@ -70,7 +71,7 @@ from payi_guard.ledger._checks import (
     check_ttl,
 )
 from payi_guard.ledger._sqlite_async import AsyncSqliteLedger, check_renew
-from payi_guard.ledger._sqlite_store import Operations, database_file, make_settings
+from payi_guard.ledger._sqlite_ops import Operations, database_file, make_settings
 from payi_guard.ledger._sqlite_uri import parse_sqlite_uri, resolve_sqlite_uri
 from payi_guard.ledger._tally import check_tallies
 from payi_guard.ledger.base import (

@@ -352,7 +352,7 @@ def test_only_a_plain_client_with_retries_off_runs_scripts_on_its_pool_directly(
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from payi_guard.ledger._redisconn import command_packer, direct_pool, script_sender
+    from payi_guard.ledger._redis_scripts import command_packer, direct_pool, script_sender
 
     plain = redis.Redis(retry=Retry(NoBackoff(), 0))
     assert direct_pool(plain) is plain.connection_pool
