@@ -1,12 +1,15 @@
 """Calendar windows: ``minute | hour | day | week | month`` aligned to a time zone.
 
 A window is ``[start, end)`` in epoch seconds. Days, weeks (ISO: Monday first) and months
-start at local midnight of the configured zone, so ``resets_at`` is exact across DST
-changes; the default zone is UTC.
+start at local midnight of the configured zone, minutes and hours when its clocks show
+one starting, so ``resets_at`` is exact across DST changes (:func:`window_at`); the
+default zone is UTC.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -88,14 +91,77 @@ def _local_next(per: Period, start: datetime) -> datetime:
     return start.replace(month=start.month + 1)
 
 
-def _to_epoch(local_naive: datetime, tz: ZoneInfo | timezone) -> int:
-    # fold=0 picks the earlier of two ambiguous instants; a skipped local time (DST gap)
-    # resolves to the instant just after the gap, both of which zoneinfo handles.
-    return int(local_naive.replace(tzinfo=tz).timestamp())
+def _offset(instant: int, tz: ZoneInfo | timezone) -> int:
+    """The offset of ``tz``'s clocks from UTC at ``instant``, in whole seconds."""
+    offset = datetime.fromtimestamp(instant, tz=tz).utcoffset()
+    return int(offset.total_seconds()) if offset is not None else 0
+
+
+def _change(before: int, after: int, tz: ZoneInfo | timezone) -> int:
+    """The first instant in ``(before, after]`` with another offset than ``before``'s.
+
+    There must be one: ``after``'s offset differs from ``before``'s.
+    """
+    first = _offset(before, tz)
+    while after - before > 1:
+        middle = (before + after) // 2
+        if _offset(middle, tz) == first:
+            before = middle
+        else:
+            after = middle
+    return after
+
+
+def _instants(label: datetime, tz: ZoneInfo | timezone) -> tuple[int, ...]:
+    """The instants at which the clocks of ``tz`` show ``label`` (naive local time).
+
+    One instant, or two for a time the clocks show twice (when they go back); for a time
+    they skip (when they go forward), the instant they jump, the first at which they
+    show a later time.
+    """
+    late = int(label.replace(tzinfo=tz, fold=1).timestamp())
+    early = int(label.replace(tzinfo=tz, fold=0).timestamp())
+    shown = tuple(
+        instant
+        for instant in sorted({early, late})
+        if datetime.fromtimestamp(instant, tz=tz).replace(tzinfo=None) == label
+    )
+    # Skipped: ``late`` (read with the offset after the jump) falls before it, ``early``
+    # (the offset before) at or after it.
+    return shown or (_change(late, early, tz),)
+
+
+def _starts(size: int, low: int, high: int, tz: ZoneInfo | timezone) -> list[int]:
+    """The instants in ``[low, high)`` at which ``tz``'s clocks start a minute or hour.
+
+    Those at which the clocks show one starting (``hh:00:00``), and each jump forward
+    into a later one. Within a stretch of one offset they are ``size`` seconds apart; a
+    range of a few hours holds at most one change of offset.
+    """
+    found: list[int] = []
+    at = low
+    while at < high:
+        offset = _offset(at, tz)
+        change = _change(at, high, tz) if _offset(high, tz) != offset else high
+        found.extend(range(at + (-(at + offset)) % size, change, size))
+        shown = change + _offset(change, tz) if change < high else 0
+        if shown % size and shown // size > (change - 1 + offset) // size:
+            # The clocks jump forward to a time within a later minute or hour.
+            found.append(change)
+        at = change
+    return found
 
 
 def window_at(per: Period, now: float, tz: str = "UTC") -> Window:
     """Return the window of ``per`` that contains ``now`` in zone ``tz``.
+
+    Minutes and hours: a window starts at an instant the zone's clocks show the start
+    of one (``hh:00:00`` for an hour), or jump forward into a later one, and ends at the
+    next such instant: when the clocks go back to ``01:00``, a new hour starts, though
+    ``01:00`` was shown an hour before. Days, weeks and months: from the first instant
+    of the local date that starts one to the first of the next (a day is 23 or 25 hours
+    long across a DST change). Windows tile time, and every process finds the same
+    window for the same instant.
 
     Raises:
         ValueError: unknown period or zone.
@@ -112,10 +178,22 @@ def window_at(per: Period, now: float, tz: str = "UTC") -> Window:
         monday = 4 * 86400
         start = int((now - monday) // 604800 * 604800 + monday)
         return Window(per, start, start + 604800)
-    local = datetime.fromtimestamp(now, tz=tzinfo).replace(tzinfo=None)
-    start_local = _local_start(per, local)
-    end_local = _local_next(per, start_local)
-    return Window(per, _to_epoch(start_local, tzinfo), _to_epoch(end_local, tzinfo))
+    if per in ("minute", "hour"):
+        size = 60 if per == "minute" else 3600
+        # A window is at most its size plus the largest jump back (an hour) long.
+        second = math.floor(now)
+        starts = _starts(size, second - size - 3600, second + size + 3600 + 1, tzinfo)
+        begun = bisect.bisect_right(starts, second) - 1
+        return Window(per, starts[begun], starts[begun + 1])
+    local = datetime.fromtimestamp(now, tz=tzinfo).replace(tzinfo=None, fold=0)
+    label = _local_start(per, local)
+    start = _instants(label, tzinfo)[0]
+    following = _instants(_local_next(per, label), tzinfo)
+    end = following[0]
+    if end <= now:
+        # The clocks went back over the next date's start (no zone does so today).
+        end = following[-1]
+    return Window(per, start, end)
 
 
 class WindowCache:
