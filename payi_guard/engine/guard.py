@@ -298,7 +298,8 @@ class Guard:
         Args:
             user_id: the user (``"anonymous"`` for the shared anonymous bucket).
             limit_ids: named limits to include as well.
-            tier: the user's tier as a request names it (else ``tier_of``'s is used).
+            tier: the user's tier as a request names it (else the tier the user's
+                requests last named in this process, else ``tier_of``'s).
 
         Returns:
             One :class:`~payi_guard.LimitUsage` per limit: the user's (or tier's or
@@ -319,7 +320,8 @@ class Guard:
     def tier(self, user_id: object) -> str:
         """Return the plan ``user_id``'s calls are charged under.
 
-        ``anonymous``, its ``users:`` tier or ``custom``, ``tier_of``'s tier, or ``default``.
+        ``anonymous``, its ``users:`` tier or ``custom``, the tier its requests last named
+        in this process, ``tier_of``'s tier, or ``default``.
         """
         return self._views.tier(self._parts.user(user_id))
 

@@ -146,7 +146,8 @@ class Operator:
             ValueError: see :meth:`plan`; or a counter would go out of range.
             StorageError: the store failed; nothing was changed.
         """
-        subject = self._parts.policy.with_tier(subject, None)
+        policy = self._parts.policy  # the plan the users page and usage() show
+        subject = policy.with_tier(subject, policy.named_tier(subject), remember=False)
         return self.apply(self.plan(op, subject, limit, amount, reason, by))
 
     async def achange(
@@ -159,7 +160,8 @@ class Operator:
         by: object,
     ) -> list[LimitUsage]:
         """Async :meth:`change`."""
-        subject = await self._parts.policy.awith_tier(subject, None)
+        policy = self._parts.policy
+        subject = await policy.awith_tier(subject, policy.named_tier(subject), remember=False)
         return await self.aapply(self.plan(op, subject, limit, amount, reason, by))
 
     def history(self, subject: Subject, limit: int) -> list[BudgetAdjustment]:

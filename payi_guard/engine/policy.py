@@ -251,6 +251,9 @@ class Policy:
         # (user id, tier) -> the subject with that tier; plain dict reads and writes are
         # atomic, and a stale entry is only ever replaced by an equal one.
         self._with_tiers: dict[tuple[str, str | None], Subject] = {}
+        # user id -> the tier its requests last named in this process, for what reads a
+        # user's plan without a request (usage, tier, the users page).
+        self._named: dict[str, str] = {}
         self._cache_size = cache_size
 
     # -- tiers assigned at run time -------------------------------------------------------
@@ -261,6 +264,22 @@ class Policy:
         if subject.anonymous or user is None or user in self.config.users:
             return None  # the user's own entry under users: comes first
         return user
+
+    def _name(self, subject: Subject, requested: str) -> None:
+        """Remember that a request named ``requested`` as the tier of ``subject``'s user."""
+        if self._named.get(subject.user_id) != requested:
+            if len(self._named) >= self._cache_size:
+                self._named.clear()  # bounded; active users are named again at once
+            self._named[subject.user_id] = requested
+
+    def named_tier(self, subject: Subject) -> str | None:
+        """The tier the requests of ``subject``'s user last named in this process, if any.
+
+        ``None`` for a user whose tier no request named, or whose ``users:`` entry decides.
+        """
+        if self._assignable(subject) is None:
+            return None
+        return self._named.get(subject.user_id)
 
     def _tiered(self, subject: Subject, tier: str | None) -> Subject:
         """``subject`` with ``tier`` (one object per user and tier, reused call after call)."""
@@ -274,12 +293,16 @@ class Policy:
             tiered = self._with_tiers[key] = replace(subject, tier=tier)
         return tiered
 
-    def with_tier(self, subject: Subject, requested: str | None) -> Subject:
+    def with_tier(
+        self, subject: Subject, requested: str | None, *, remember: bool = True
+    ) -> Subject:
         """``subject`` with its run-time tier: the request's, else ``tier_of``'s (sync).
 
         Args:
             subject: who is charged.
             requested: the tier the request named (``set_user(..., tier=)``), if any.
+            remember: keep ``requested`` as the tier the user's requests named
+                (:meth:`named_tier`); off for reads given a tier by their caller.
         """
         if self._tiers is None and requested == subject.tier:
             return subject  # what the steps below give then, without their two calls
@@ -287,11 +310,16 @@ class Policy:
         if user is None:
             return subject
         tier = requested
-        if tier is None and self._tiers is not None:
+        if tier is not None:
+            if remember:
+                self._name(subject, tier)
+        elif self._tiers is not None:
             tier = self._tiers.lookup(user, subject.user_id)
         return self._tiered(subject, tier)
 
-    async def awith_tier(self, subject: Subject, requested: str | None) -> Subject:
+    async def awith_tier(
+        self, subject: Subject, requested: str | None, *, remember: bool = True
+    ) -> Subject:
         """Async :meth:`with_tier`: an app function is never run on the event loop."""
         if self._tiers is None and requested == subject.tier:
             return subject  # what the steps below give then, without their two calls
@@ -299,7 +327,10 @@ class Policy:
         if user is None:
             return subject
         tier = requested
-        if tier is None and self._tiers is not None:
+        if tier is not None:
+            if remember:
+                self._name(subject, tier)
+        elif self._tiers is not None:
             tier = await self._tiers.alookup(user, subject.user_id)
         return self._tiered(subject, tier)
 
@@ -309,7 +340,9 @@ class Policy:
         if user is None:
             return subject
         tier = requested
-        if tier is None and self._tiers is not None:
+        if tier is not None:
+            self._name(subject, tier)
+        elif self._tiers is not None:
             known, tier = self._tiers.peek(user)
             if not known:
                 return None

@@ -108,17 +108,22 @@ class Views:
 
     def tier(self, subject: Subject) -> str:
         """The plan ``subject`` is charged under (:meth:`Guard.tier`)."""
-        return self.plan_of(subject, self._parts.policy.with_tier(subject, None))
+        policy = self._parts.policy
+        tiered = policy.with_tier(subject, policy.named_tier(subject), remember=False)
+        return self.plan_of(subject, tiered)
 
     async def atier(self, subject: Subject) -> str:
         """Async :meth:`tier`."""
-        return self.plan_of(subject, await self._parts.policy.awith_tier(subject, None))
+        policy = self._parts.policy
+        tiered = await policy.awith_tier(subject, policy.named_tier(subject), remember=False)
+        return self.plan_of(subject, tiered)
 
     def plan_of(self, subject: Subject, tiered: Subject) -> str:
         """The name of the plan ``subject`` is charged under (``tiered``: with its tier).
 
         ``anonymous``; the tier its ``users:`` entry names, or ``custom`` for limits of
-        its own; the tier ``tier_of`` gives, when that tier is defined; else ``default``.
+        its own; the tier its requests last named in this process, else the tier
+        ``tier_of`` gives, when that tier is defined; else ``default``.
         """
         config = self._parts.policy.config
         if subject.anonymous:
@@ -138,7 +143,10 @@ class Views:
     ) -> list[LimitUsage]:
         """Every limit of ``subject`` (with ``tier`` if the request names one), read now."""
         parts = self._parts
-        bound, counters = self._plan(parts.policy.with_tier(subject, tier), limit_ids)
+        if tier is None:
+            tier = parts.policy.named_tier(subject)
+        tiered = parts.policy.with_tier(subject, tier, remember=False)
+        bound, counters = self._plan(tiered, limit_ids)
         if not counters:
             return []
         states = parts.storage.ledger.read([c.key for c in counters], now=parts.clock.now())
@@ -149,7 +157,10 @@ class Views:
     ) -> list[LimitUsage]:
         """Async :meth:`usage`."""
         parts = self._parts
-        bound, counters = self._plan(await parts.policy.awith_tier(subject, tier), limit_ids)
+        if tier is None:
+            tier = parts.policy.named_tier(subject)
+        tiered = await parts.policy.awith_tier(subject, tier, remember=False)
+        bound, counters = self._plan(tiered, limit_ids)
         if not counters:
             return []
         keys = [c.key for c in counters]

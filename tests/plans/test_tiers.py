@@ -174,6 +174,41 @@ def test_a_track_context_user_never_inherits_the_requests_tier(
             guard.begin(BIG)
 
 
+async def test_reads_show_the_tier_the_users_requests_named(
+    store: str, key_prefix: str, clock: FakeClock
+) -> None:
+    guard = build(store, key_prefix, clock, tier_of=Plans({"carol": "max"}))
+    assert (guard.tier("dave"), own_max(guard, "dave")) == ("default", DEFAULT)
+    assert (guard.tier("carol"), own_max(guard, "carol")) == ("max", MAX)
+    for user in ("dave", "carol"):
+        with request_scope():
+            set_user(user, tier="pro")
+            guard.begin(BIG).release()
+    with request_scope():
+        set_user("listed", tier="pro")
+        with pytest.raises(BudgetExceeded):  # charged under its own entry's $0.002
+            guard.begin(BIG)
+    # What reads a user's plan without a request (the users page, the CLI in this
+    # process) shows the tier the user's requests named, as their calls are charged.
+    for user in ("dave", "carol"):
+        assert (guard.tier(user), own_max(guard, user)) == ("pro", PRO)
+        assert await guard.atier(user) == "pro"
+        assert (await guard.ausage(user))[0].max == PRO
+        assert own_max(guard, user, tier="max") == MAX  # a tier given to usage() wins
+    assert (guard.tier("listed"), own_max(guard, "listed")) == ("custom", LISTED)
+    assert (guard.tier("erin"), own_max(guard, "erin")) == ("default", DEFAULT)
+    with request_scope():
+        set_user("dave", tier="max")  # the latest request's tier
+        guard.begin(BIG).release()
+    assert (guard.tier("dave"), own_max(guard, "dave")) == ("max", MAX)
+    assert guard.adjust("dave", "user:0", "0.001").max == MAX  # the limit the page shows
+    with track_context(user_id="dave"):  # a call with no request's tier: tier_of, default
+        with pytest.raises(BudgetExceeded) as refused:
+            guard.begin(BIG)
+    assert refused.value.limit.max == DEFAULT
+    guard.close()
+
+
 def test_set_user_refuses_a_tier_that_is_not_a_name() -> None:
     with request_scope() as scope:
         for bad in (["pro"], 3, {"name": "pro"}):

@@ -17,11 +17,12 @@ from fastapi import Depends, FastAPI, Header
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from web._support import acall, call, config, exhaust
 from werkzeug.test import EnvironBuilder
 
 from payi_guard import Guard, get_context
+from payi_guard.admin import users_app
 from payi_guard.clock import FakeClock
 from payi_guard.fastapi import guard_user, require_budget
 from payi_guard.flask import PayiGuard
@@ -115,6 +116,33 @@ async def test_an_asgi_resolver_may_return_the_user_and_the_tier(guard: Guard) -
         plain = await http.get("/api/chat")
     assert (pro.status_code, pro.json()) == (200, {"user": USER, "tier": "pro"})
     assert plain.status_code == 429  # refused by the early gate, which read storage
+
+
+async def test_the_users_page_shows_the_tier_the_requests_named(guard: Guard) -> None:
+    async def resolver(request: Request) -> tuple[str, str | None] | None:
+        return USER, request.headers.get("x-plan")
+
+    async def chat(request: Request) -> JSONResponse:
+        await acall(guard)
+        return JSONResponse({})
+
+    token = "page-token-0123456789"
+    app = Starlette(
+        routes=[Route("/api/chat", chat), Mount("/guard", users_app(guard, token=token))]
+    )
+    served = GuardMiddleware(app, guard=guard, user=resolver, guarded_paths=["/api/*"])
+    transport = httpx.ASGITransport(app=served)
+    bearer = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        before = (await http.get("/guard/api/users", headers=bearer)).json()["users"]
+        assert (await http.get("/api/chat", headers={"x-plan": "pro"})).status_code == 200
+        after = (await http.get("/guard/api/users", headers=bearer)).json()["users"]
+    # Spent under default ($0.001 a day), the user is shown blocked until a request names
+    # pro ($1 a day), under which every call of theirs is charged: then it shows that.
+    assert [(u["tier"], u["state"], u["max_usd"]) for u in before] == [
+        ("default", "exceeded", "0.001")
+    ]
+    assert [(u["tier"], u["state"], u["max_usd"]) for u in after] == [("pro", "ok", "1")]
 
 
 def test_a_wsgi_resolver_may_return_the_user_and_the_tier(guard: Guard) -> None:
