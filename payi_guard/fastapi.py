@@ -25,7 +25,7 @@ the middleware's early gate; :func:`require_budget` gates one route after it ins
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from payi_guard.context import set_user
+from payi_guard.context import current_request, set_user
 from payi_guard.engine import Guard
 from payi_guard.exceptions import (
     BudgetExceeded,
@@ -34,6 +34,7 @@ from payi_guard.exceptions import (
     StorageError,
 )
 from payi_guard.web.core import WebCore
+from payi_guard.web.gate import store_gate_headers
 from payi_guard.web.identify import is_guarded_request, rebind_user
 from payi_guard.web.problem import PROBLEM_CONTENT_TYPE, Problem
 
@@ -154,7 +155,10 @@ def require_budget(
             runs after it; FastAPI caches it, so it still runs once per request.
         block_status: the status of a refusal (without the middleware).
         budget_headers: on success, add the tightest limit's ``RateLimit`` headers to
-            the response (not applied when the endpoint returns a ``Response`` itself).
+            the response: inside a :class:`~payi_guard.web.GuardMiddleware` request read
+            as the response starts (what the endpoint spent counted); without it, read
+            before the endpoint runs, and not applied when the endpoint returns a
+            ``Response`` itself.
 
     Returns:
         The dependency, for ``Depends(...)`` or ``dependencies=[...]``.
@@ -184,6 +188,13 @@ def require_budget(
                     core.gate.refused_user(), limit, core.problems.retry_after(limit)
                 )
             raise BudgetHTTPException(problem)
+        if in_middleware:
+            # The middleware adds them as the response starts, read then: they count
+            # what the endpoint spent.
+            scope = current_request()
+            if scope is not None:
+                store_gate_headers(scope, headers)
+            return
         for name, value in headers:
             response.headers[name] = value
 

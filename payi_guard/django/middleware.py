@@ -17,7 +17,7 @@ from payi_guard.django.body import AsyncBody, SyncBody, close_in_context, run_in
 from payi_guard.django.conf import check_order, django_module, get_guard, read_settings
 from payi_guard.exceptions import BudgetExceeded, InvalidUserId
 from payi_guard.web.core import WebCore
-from payi_guard.web.gate import gate_headers, store_gate_headers
+from payi_guard.web.gate import store_gate_headers
 from payi_guard.web.identify import (
     ORDER_EVENT,
     bind_request,
@@ -171,18 +171,22 @@ class GuardMiddleware:
             if problem is not None:
                 return self._problem_response(problem, request_id)
             response: HttpResponseBase = self.get_response(request)
-            self._add_headers(response, rs, request_id)
+            self._add_headers(response, request_id)
+            checks = self.core.gate
             if not _streams(response):
+                self._add_rate(response, checks.response_headers(rs))
                 return response
             if response.is_async:  # type: ignore[attr-defined]
                 chunks, problem = self._collect(response)
                 if problem is not None:
                     return self._problem_response(problem, request_id)
                 response.streaming_content = chunks  # type: ignore[attr-defined]
+                self._add_rate(response, checks.response_headers(rs))
                 return response
             first, content, problem = self._read_ahead(response)
             if problem is not None:
                 return self._problem_response(problem, request_id)
+            self._add_rate(response, checks.response_headers(rs))
             return self._stream(response, context, first, content, stack.pop_all(), request_id)
 
     async def _aserve(self, context: contextvars.Context, request: HttpRequest) -> HttpResponseBase:
@@ -197,12 +201,15 @@ class GuardMiddleware:
             if problem is not None:
                 return self._problem_response(problem, request_id)
             response: HttpResponseBase = await self.get_response(request)
-            self._add_headers(response, rs, request_id)
+            self._add_headers(response, request_id)
+            checks = self.core.gate
             if not _streams(response):
+                self._add_rate(response, await checks.aresponse_headers(rs))
                 return response
             first, content, problem = await self._aread_ahead(response)
             if problem is not None:
                 return self._problem_response(problem, request_id)
+            self._add_rate(response, await checks.aresponse_headers(rs))
             return self._stream(response, context, first, content, stack.pop_all(), request_id)
 
     # -- who the request is for -------------------------------------------------------------
@@ -316,12 +323,16 @@ class GuardMiddleware:
         setattr(response, _PROBLEM_ATTR, True)
         return response
 
-    def _add_headers(self, response: HttpResponseBase, rs: RequestScope, request_id: str) -> None:
-        # The gate's headers describe a success; a problem brings its own.
-        extra = [] if getattr(response, _PROBLEM_ATTR, False) else list(gate_headers(rs))
-        if self._request_id_header is not None:
-            extra.append((self._request_id_header, request_id))
-        for name, value in extra:
+    def _add_headers(self, response: HttpResponseBase, request_id: str) -> None:
+        if self._request_id_header is not None and not response.has_header(self._request_id_header):
+            response[self._request_id_header] = request_id
+
+    @staticmethod
+    def _add_rate(response: HttpResponseBase, headers: tuple[tuple[str, str], ...]) -> None:
+        """The ``RateLimit`` headers (``budget_headers``), read once the view has spent."""
+        if getattr(response, _PROBLEM_ATTR, False):
+            return  # they describe a success; a problem brings its own
+        for name, value in headers:
             if not response.has_header(name):
                 response[name] = value
 

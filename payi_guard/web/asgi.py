@@ -38,6 +38,7 @@ from payi_guard.exceptions import (
 )
 from payi_guard.identity import KNOWN_USER_IDS, normalize_user_id
 from payi_guard.web.core import WebCore, with_headers
+from payi_guard.web.gate import RATE_HEADERS_KEY, Gate, store_gate_headers
 from payi_guard.web.identify import (
     BOUND_KEY,
     ORDER_EVENT,
@@ -127,9 +128,15 @@ class _Response:
             or :meth:`discard` it).
     """
 
-    __slots__ = ("errors", "extra", "finished", "held", "hold", "send", "started")
+    __slots__ = ("errors", "extra", "finished", "held", "hold", "rated", "send", "started")
 
-    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]], hold: bool) -> None:
+    def __init__(
+        self,
+        send: Send,
+        extra: list[tuple[bytes, bytes]],
+        hold: bool,
+        rated: tuple[Gate, RequestScope] | None = None,
+    ) -> None:
         self.send = send
         self.extra = extra
         self.hold = hold
@@ -140,6 +147,23 @@ class _Response:
         # ServerErrorMiddleware (inside a guard that wraps the app) sends a 500 and then
         # raises the error, which may be a refusal the guard answers instead.
         self.errors: list[Message] | None = None
+        # The gate and the request: when the gate (or the FastAPI dependency) asked for
+        # RateLimit headers, the start gets them as it is sent (read then, so they count
+        # what the request spent).
+        self.rated = rated
+
+    async def _with_rate(self, start: Message) -> Message:
+        """``start`` with the ``RateLimit`` headers asked for, read now (or as it is)."""
+        gate, rs = self.rated  # type: ignore[misc]
+        if RATE_HEADERS_KEY not in rs.extra:
+            return start
+        fresh = await gate.aresponse_headers(rs)
+        added = with_headers(start.get("headers", ()), _encode(fresh)) if fresh else None
+        if added is None:
+            return start
+        start = dict(start)
+        start["headers"] = added
+        return start
 
     async def send_message(self, message: Message) -> None:
         """The ``send`` the app is given (a bound method: cheaper to call than the object)."""
@@ -187,9 +211,13 @@ class _Response:
         if held is not None:  # release() inlined: one coroutine less per message
             self.held = None
             self.started = True
+            if self.rated is not None:
+                held = await self._with_rate(held)
             await self.send(held)
         elif kind == "http.response.start":
             self.started = True
+            if self.rated is not None:
+                message = await self._with_rate(message)
         await self.send(message)
 
     async def release(self) -> None:
@@ -197,6 +225,8 @@ class _Response:
         held, self.held = self.held, None
         if held is not None:
             self.started = True
+            if self.rated is not None:
+                held = await self._with_rate(held)
             await self.send(held)
 
     def discard(self) -> None:
@@ -341,9 +371,9 @@ class GuardMiddleware:
                     # The cache gate does no I/O: no coroutine for it.
                     result = gate.check() if gate.sync else await gate.acheck()
                     problem = result.problem
-                    if result.headers:
-                        extra.extend(_encode(result.headers))
-                response = _Response(send, extra, guarded)
+                    if problem is None and result.headers:
+                        store_gate_headers(rs, result.headers)
+                response = _Response(send, extra, guarded, (gate, rs))
                 if problem is not None:
                     await self._send_problem(response, problem)
                     return
@@ -379,10 +409,10 @@ class GuardMiddleware:
             problem = None if cause is None else core.problems.problem_for(cause)
             if problem is None:
                 return False
-            # A held start is dropped; the gate headers described a success, and a
+            # A held start is dropped; the RateLimit headers describe a success, and a
             # refusal brings its own.
             response.discard()
-            response.extra = response.extra[:1] if self._request_id_key is not None else []
+            response.rated = None
             await self._send_problem(response, problem)
             return True
         refusal = _error_in(exc, (BudgetExceeded,))

@@ -2,7 +2,8 @@
 
 A guarded request whose user has a block limit used up is answered with the refusal
 problem without running the app; ``budget_headers=True`` adds the ``RateLimit`` fields of
-the user's tightest limit to successful responses. Each GenAI call is still reserved
+the user's tightest limit to successful responses, read again as the response starts (so
+they count what the request's own calls spent). Each GenAI call is still reserved
 atomically by the guard, whatever the gate said.
 """
 
@@ -18,14 +19,15 @@ from typing import Any
 from payi_guard import log as events
 from payi_guard.context import RequestScope, get_context
 from payi_guard.engine import ANONYMOUS_USER, Guard
-from payi_guard.exceptions import BudgetExceeded, StorageError
+from payi_guard.exceptions import BudgetExceeded, PayiGuardError, StorageError
 from payi_guard.usage import LimitUsage
 from payi_guard.web.options import WebOptions
 from payi_guard.web.problem import Problem, Problems, json_number
 
-__all__ = ["Gate", "GateResult", "gate_headers", "store_gate_headers"]
+__all__ = ["RATE_HEADERS_KEY", "Gate", "GateResult", "store_gate_headers"]
 
-_GATE_HEADERS_KEY = "payi_guard.web.rate_headers"
+RATE_HEADERS_KEY = "payi_guard.web.rate_headers"
+"""The request scope's mark that its response gets ``RateLimit`` headers (internal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,37 @@ class Gate:
             (),
         )
 
+    def response_headers(self, scope: RequestScope) -> tuple[tuple[str, str], ...]:
+        """The ``RateLimit`` headers of a successful response, read as it starts (sync).
+
+        With ``budget_headers``, after :meth:`check` passed the request: the user's
+        tightest limit read again, so ``r`` counts what the request's own calls spent
+        (and still hold, for a stream under way). Empty for any other request, and when
+        the read fails (the response is never held up for its headers).
+        """
+        if RATE_HEADERS_KEY not in scope.extra:
+            return ()
+        try:
+            owner, limit_ids, tier = self._usage_owner()
+            return self._headers_of(self.guard.usage(owner, limit_ids=limit_ids, tier=tier))
+        except (PayiGuardError, ValueError):
+            return ()
+
+    async def aresponse_headers(self, scope: RequestScope) -> tuple[tuple[str, str], ...]:
+        """Async :meth:`response_headers`; never blocks the event loop."""
+        if RATE_HEADERS_KEY not in scope.extra:
+            return ()
+        try:
+            owner, limit_ids, tier = self._usage_owner()
+            usages = await self.guard.ausage(owner, limit_ids=limit_ids, tier=tier)
+            return self._headers_of(usages)
+        except (PayiGuardError, ValueError):
+            return ()
+
+    def _headers_of(self, usages: Sequence[LimitUsage]) -> tuple[tuple[str, str], ...]:
+        tightest = _tightest(usages)
+        return () if tightest is None else self.problems.rate_limit_headers(tightest)
+
     def check(self) -> GateResult:
         """Gate the current request before the app runs (sync; the WSGI twin).
 
@@ -176,10 +209,7 @@ class Gate:
         if exhausted:
             # The limit that resets last is the honest Retry-After.
             return max(exhausted, key=lambda u: u.resets_at), ()
-        tightest = _tightest(usages)
-        if tightest is None:
-            return None, ()
-        return None, self.problems.rate_limit_headers(tightest)
+        return None, self._headers_of(usages)
 
     def refused_user(self) -> str:
         """The id a refusal of the current request is logged and raised with."""
@@ -234,13 +264,10 @@ def _tightest(usages: Sequence[LimitUsage]) -> LimitUsage | None:
     return best
 
 
-def gate_headers(scope: RequestScope) -> tuple[tuple[str, str], ...]:
-    """Return the ``RateLimit`` headers the gate stored for this request (internal)."""
-    headers: tuple[tuple[str, str], ...] = scope.extra.get(_GATE_HEADERS_KEY, ())
-    return headers
-
-
 def store_gate_headers(scope: RequestScope, headers: tuple[tuple[str, str], ...]) -> None:
-    """Keep the gate's ``RateLimit`` headers for the response (internal)."""
+    """Mark a request the gate passed with ``RateLimit`` headers (internal).
+
+    Its response gets them, read again as it starts (:meth:`Gate.response_headers`).
+    """
     if headers:
-        scope.extra[_GATE_HEADERS_KEY] = headers
+        scope.extra[RATE_HEADERS_KEY] = True

@@ -77,8 +77,9 @@ class WebOptions:
             refusal of each GenAI call applies. Kept as a tuple.
         block_status: the status of a budget refusal (429 by default).
         budget_headers: add the ``RateLimit`` headers of the user's tightest limit to
-            successful responses of guarded paths (one storage read per request, made
-            by the gate anyway).
+            successful responses of guarded paths, read as the response starts so that
+            they count what the request spent (a storage read by the gate, and one as
+            the response starts).
         gate: how guarded paths are checked before the app runs: ``"cache"`` (default)
             asks the guard's local "spent until the window ends" cache, with no storage
             round trip; ``"storage"`` reads the user's counters from the store (one round

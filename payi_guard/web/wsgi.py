@@ -25,7 +25,7 @@ from payi_guard.context.scope import request_var
 from payi_guard.engine import Guard
 from payi_guard.exceptions import BudgetExceeded, DuplicateUserHeader, InvalidUserId
 from payi_guard.web.core import WebCore, with_headers
-from payi_guard.web.gate import GateResult, gate_headers, store_gate_headers
+from payi_guard.web.gate import GateResult, store_gate_headers
 from payi_guard.web.identify import (
     LogTokens,
     bind_request,
@@ -260,8 +260,7 @@ class _Response:
         headers: list[tuple[str, str]],
         exc_info: ExcInfo | None = None,
     ) -> Callable[[bytes], object]:
-        gated = gate_headers(self._rs)
-        added = with_headers(headers, [*self._own, *gated] if gated else self._own)
+        added = with_headers(headers, self._own)
         if added is not None:
             headers = added
         if self.holding:
@@ -284,7 +283,11 @@ class _Response:
         """Call the server's ``start_response`` with the held start, if any."""
         held, self._held = self._held, None
         if held is not None:
-            self._forward(*held)
+            status, headers = held
+            # budget_headers: read as the start goes out, so they count this request.
+            rated = self._middleware.core.gate.response_headers(self._rs)
+            added = with_headers(headers, list(rated)) if rated else None
+            self._forward(status, headers if added is None else added)
 
     def _write(self, data: bytes) -> object:
         """The ``write()`` callable of a held start: sends the start first."""

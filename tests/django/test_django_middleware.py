@@ -533,7 +533,7 @@ def test_budget_headers_on_success(guard: Guard, handler: str) -> None:
         unguarded = fetch(handler, "/chat", X_Test_User="42")
     assert answer.status == 200
     assert answer.headers["RateLimit-Policy"] == '"daily";q=1000;w=86400'
-    assert answer.headers["RateLimit"] == '"daily";r=1000;t=43200'
+    assert answer.headers["RateLimit"] == '"daily";r=800;t=43200'  # its own call counted
     assert "RateLimit" not in unguarded.headers
 
 

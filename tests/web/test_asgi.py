@@ -413,8 +413,9 @@ async def test_budget_headers_on_success_are_opt_in(guard: Guard) -> None:
     async with client(opted) as http:
         response = await http.get("/api/chat", headers=bearer("alice"))
         unguarded = await http.get("/open/chat", headers=bearer("alice"))
-    # Read before the app ran: the first call (200 micro-USD) had been spent.
-    assert response.headers["ratelimit"] == '"daily";r=800;t=43200'
+    # Read as the response started: the request's own call (200 micro-USD) counted,
+    # after the one made through the plain app.
+    assert response.headers["ratelimit"] == '"daily";r=600;t=43200'
     assert response.headers["ratelimit-policy"] == '"daily";q=1000;w=86400'
     assert "ratelimit" not in unguarded.headers
 

@@ -218,8 +218,9 @@ def test_budget_headers_on_guarded_success(guard: Guard) -> None:
     first = client.get("/api/chat")
     second = client.get("/api/chat")
     unguarded = client.get("/chat")
-    assert first.headers["RateLimit"] == '"daily";r=1000;t=43200'
-    assert second.headers["RateLimit"] == '"daily";r=800;t=43200'
+    # Read as the response starts: each counts its own call (200 micro-USD).
+    assert first.headers["RateLimit"] == '"daily";r=800;t=43200'
+    assert second.headers["RateLimit"] == '"daily";r=600;t=43200'
     assert "RateLimit" not in unguarded.headers
 
 

@@ -436,8 +436,9 @@ def test_session_id_callable_and_budget_headers(make_guard: Callable[..., Guard]
     first = b"".join(middleware(first_environ, start))
     second = b"".join(middleware(dict(first_environ), start))
     assert first == second == b"anonymous:device-7"
-    assert dict(start.calls[0][1])["RateLimit"] == '"anonymous:0";r=1000;t=43200'
-    assert dict(start.calls[1][1])["RateLimit"] == '"anonymous:0";r=800;t=43200'
+    # Read as the start goes out: each counts its own call (200 micro-USD).
+    assert dict(start.calls[0][1])["RateLimit"] == '"anonymous:0";r=800;t=43200'
+    assert dict(start.calls[1][1])["RateLimit"] == '"anonymous:0";r=600;t=43200'
 
 
 @pytest.mark.parametrize("on_invalid_user", ["reject", "anonymous"])
