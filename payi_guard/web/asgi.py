@@ -19,11 +19,11 @@ to the user, but the early gate of ``guarded_paths`` ran before the user was kno
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from typing_extensions import Unpack
 
 from payi_guard._ids import new_id
@@ -37,8 +37,9 @@ from payi_guard.exceptions import (
     StorageError,
 )
 from payi_guard.identity import KNOWN_USER_IDS, normalize_user_id
-from payi_guard.web.core import WebCore, with_headers
-from payi_guard.web.gate import RATE_HEADERS_KEY, Gate, store_gate_headers
+from payi_guard.web.asgi_send import GuardedSend, encode
+from payi_guard.web.core import WebCore
+from payi_guard.web.gate import store_gate_headers
 from payi_guard.web.identify import (
     BOUND_KEY,
     ORDER_EVENT,
@@ -60,10 +61,6 @@ _UNREAD: Any = object()
 UserResolver = Callable[[Request], Any]
 """A resolver: given the Starlette ``Request``, return the user id, a ``(user_id, tier)``
 pair, or ``None`` (may be async)."""
-
-
-def _encode(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 class _WatchedScope(dict[str, Any]):
@@ -111,141 +108,6 @@ class _WatchedScope(dict[str, Any]):
         """``dict.pop`` applied to both copies."""
         self._origin.pop(key, None)
         return super().pop(key, *default)
-
-
-class _Response:
-    """Wraps ``send``: adds the guard's headers to the start, tracks the response state.
-
-    With ``hold`` (guarded paths), ``http.response.start`` is kept back until the first
-    body byte (or the end of the body, or any other message), then sent together with
-    it: a refusal raised before that byte can still become the refusal response instead
-    of an empty 200. Only the start is held, never a body chunk.
-
-    Attributes:
-        started: ``http.response.start`` reached the server.
-        finished: the last body message reached the server.
-        held: the ``http.response.start`` held back, if any (read it; :meth:`release`
-            or :meth:`discard` it).
-    """
-
-    __slots__ = ("errors", "extra", "finished", "held", "hold", "rated", "send", "started")
-
-    def __init__(
-        self,
-        send: Send,
-        extra: list[tuple[bytes, bytes]],
-        hold: bool,
-        rated: tuple[Gate, RequestScope] | None = None,
-    ) -> None:
-        self.send = send
-        self.extra = extra
-        self.hold = hold
-        self.started = False
-        self.finished = False
-        self.held: Message | None = None
-        # A server error's messages, kept until the app returns: Starlette's own
-        # ServerErrorMiddleware (inside a guard that wraps the app) sends a 500 and then
-        # raises the error, which may be a refusal the guard answers instead.
-        self.errors: list[Message] | None = None
-        # The gate and the request: when the gate (or the FastAPI dependency) asked for
-        # RateLimit headers, the start gets them as it is sent (read then, so they count
-        # what the request spent).
-        self.rated = rated
-
-    async def _with_rate(self, start: Message) -> Message:
-        """``start`` with the ``RateLimit`` headers asked for, read now (or as it is)."""
-        gate, rs = self.rated  # type: ignore[misc]
-        if RATE_HEADERS_KEY not in rs.extra:
-            return start
-        fresh = await gate.aresponse_headers(rs)
-        added = with_headers(start.get("headers", ()), _encode(fresh)) if fresh else None
-        if added is None:
-            return start
-        start = dict(start)
-        start["headers"] = added
-        return start
-
-    async def send_message(self, message: Message) -> None:
-        """The ``send`` the app is given (a bound method: cheaper to call than the object)."""
-        kind = message["type"]
-        held = self.held
-        errors = self.errors
-        if errors is not None:
-            errors.append(message)
-            return
-        if kind == "http.response.start":
-            extra = self.extra
-            if extra:
-                # A copy with the extra headers the app's do not name; the app's message
-                # and headers list are never changed (it may send them again).
-                headers = message.get("headers", ())
-                if len(extra) == 1:  # the request id alone: with_headers(), inlined
-                    item = extra[0]
-                    key = item[0]  # lower case, as _encode() and __init__ write them
-                    size = len(key)
-                    for name, _ in headers:
-                        if len(name) == size and name.lower() == key:
-                            break  # the app sent its own
-                    else:
-                        message = dict(message)  # cheaper than {**message, ...}
-                        message["headers"] = [*headers, item]
-                else:
-                    added = with_headers(headers, extra)
-                    if added is not None:
-                        message = dict(message)
-                        message["headers"] = added
-            if message["status"] >= 500 and not self.started:
-                self.errors = [message]  # the guard's headers in it: sent as it is
-                return
-            if self.hold and held is None and not self.started:
-                self.held = message
-                return
-        elif kind == "http.response.body":
-            if message.get("more_body", False):
-                if held is not None and not message.get("body"):
-                    return  # carries no byte: keep holding the start
-            else:
-                self.finished = True
-        elif kind == "http.response.pathsend":
-            self.finished = True
-        if held is not None:  # release() inlined: one coroutine less per message
-            self.held = None
-            self.started = True
-            if self.rated is not None:
-                held = await self._with_rate(held)
-            await self.send(held)
-        elif kind == "http.response.start":
-            self.started = True
-            if self.rated is not None:
-                message = await self._with_rate(message)
-        await self.send(message)
-
-    async def release(self) -> None:
-        """Send the held ``http.response.start``, if any."""
-        held, self.held = self.held, None
-        if held is not None:
-            self.started = True
-            if self.rated is not None:
-                held = await self._with_rate(held)
-            await self.send(held)
-
-    def discard(self) -> None:
-        """Forget the held start (and a held server error): the guard answers itself."""
-        self.held = None
-        self.errors = None
-
-    async def flush_errors(self) -> None:
-        """Send a held server error's messages, as the app sent them."""
-        errors, self.errors = self.errors, None
-        for message in errors or ():
-            kind = message["type"]
-            if kind == "http.response.start":
-                self.started = True
-            elif kind == "http.response.pathsend" or (
-                kind == "http.response.body" and not message.get("more_body", False)
-            ):
-                self.finished = True
-            await self.send(message)
 
 
 class GuardMiddleware:
@@ -373,7 +235,7 @@ class GuardMiddleware:
                     problem = result.problem
                     if problem is None and result.headers:
                         store_gate_headers(rs, result.headers)
-                response = _Response(send, extra, guarded, (gate, rs))
+                response = GuardedSend(send, extra, guarded, (gate, rs))
                 if problem is not None:
                     await self._send_problem(response, problem)
                     return
@@ -398,7 +260,7 @@ class GuardMiddleware:
         finally:
             _REQUEST.reset(scope_token)
 
-    async def _failed(self, exc: Exception, response: _Response, request_id: str) -> bool:
+    async def _failed(self, exc: Exception, response: GuardedSend, request_id: str) -> bool:
         """The app raised ``exc``: answer the refusal it stands for (True), or not (False).
 
         False: the caller re-raises ``exc``.
@@ -426,12 +288,12 @@ class GuardMiddleware:
         return True
 
     @staticmethod
-    async def _send_problem(response: _Response, problem: Problem) -> None:
+    async def _send_problem(response: GuardedSend, problem: Problem) -> None:
         await response.send_message(
             {
                 "type": "http.response.start",
                 "status": problem.status,
-                "headers": _encode(problem.all_headers()),
+                "headers": encode(problem.all_headers()),
             }
         )
         await response.send_message({"type": "http.response.body", "body": problem.body})
