@@ -523,7 +523,7 @@ def test_tiers_users_and_default(clock: FakeClock) -> None:
     ]
     assert guard.usage("system_bot") == []
     for _ in range(20):
-        spend(guard, "system_bot", 1, 1)  # tracked, never limited
+        spend(guard, "system_bot", 1, 1)  # no limits of its own
 
 
 def test_limit_ids_charge_a_shared_counter(clock: FakeClock) -> None:

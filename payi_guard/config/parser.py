@@ -448,7 +448,7 @@ class _Parser(NodeReader):
             if isinstance(value, Seq):
                 users[user_id] = self._limit_list(value, path, "user")
                 continue
-            what = "a tier name or a list of limits ([] for tracked, never limited)"
+            what = "a tier name or a list of limits ([] for no limits of its own)"
             tier = self._word(value, path, what)
             if tier not in self._tiers:
                 hint = suggest(tier, self._tiers)

@@ -373,7 +373,7 @@ def _find(
     for bound in own:
         if bound.spec.name == name:
             return bound
-    names = ", ".join(b.spec.name for b in own) or "none (the user is never limited)"
+    names = ", ".join(b.spec.name for b in own) or "none (the user has no limits of its own)"
     if any(b.spec.name == name for b in everything):
         raise ValueError(
             f"{name!r} is not one of {subject.user_id}'s own limits (an org's or a global "

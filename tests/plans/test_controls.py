@@ -162,7 +162,7 @@ def test_reset_zeroes_the_users_own_limits_only(
         ("rpm", 0, "reset"),
     ]
     assert len({e["adjustment_id"] for e in lines}) == 1
-    assert guard.reset("bot") == []  # tracked, never limited: nothing to reset
+    assert guard.reset("bot") == []  # no limits of its own: nothing to reset
     guard.close()
 
 
