@@ -30,6 +30,7 @@ __all__ = [
     "parse_usd",
     "parse_usd_change",
     "per_mtok_to_pico",
+    "shown_amount",
 ]
 
 NANO_USD = 1_000_000_000
@@ -78,6 +79,19 @@ def decimal_text(value: Decimal | int) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
+
+
+def shown_amount(value: object) -> str:
+    """An amount someone gave, as an error message shows it (at most 40 characters).
+
+    A number in fixed-point text, never exponent notation nor a Python repr
+    (``Decimal("1E-12")`` is ``0.000000000001``); anything else as its repr.
+    """
+    if isinstance(value, (Decimal, float)) and not isinstance(value, bool):
+        number = Decimal(str(value)) if isinstance(value, float) else value
+        text = decimal_text(number) if number.is_finite() else str(number)
+        return text if len(text) <= 40 else text[:39] + "…"
+    return f"{value!r:.40}"
 
 
 def display_amount(unit: Unit, amount: int) -> Decimal | int:
@@ -145,12 +159,13 @@ def parse_usd_change(value: object) -> int:
     try:
         amount = Decimal(str(value)) if isinstance(value, float) else Decimal(value)  # type: ignore[arg-type]
     except (InvalidOperation, TypeError, ValueError) as exc:
-        raise ValueError(f"an amount of dollars must be a number, not {value!r:.40}") from exc
+        shown = shown_amount(value)
+        raise ValueError(f"an amount of dollars must be a number, not {shown}") from exc
     if not amount.is_finite():
         raise ValueError("an amount of dollars must be finite")
     nano = amount * NANO_USD
     if nano != nano.to_integral_value():
-        raise ValueError(f"{value!r:.40} is finer than a nano-dollar (nine decimals)")
+        raise ValueError(f"{shown_amount(value)} is finer than a nano-dollar (nine decimals)")
     return int(nano)
 
 

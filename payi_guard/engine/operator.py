@@ -47,6 +47,7 @@ from payi_guard.money import (
     display_amount,
     log_amount,
     parse_usd_change,
+    shown_amount,
 )
 from payi_guard.usage import BudgetAdjustment, LimitUsage, Scope, Unit
 
@@ -95,10 +96,12 @@ def parse_amount(unit: Unit, amount: object) -> int:
         except ValueError:
             count = None
         if count is None:
-            raise ValueError(f"an amount of {unit} must be a whole number, not {amount!r:.40}")
+            raise ValueError(
+                f"an amount of {unit} must be a whole number, not {shown_amount(amount)}"
+            )
         units = count
     if abs(units) > MAX_AMOUNT:
-        raise ValueError(f"{amount!r:.40} is more than a counter holds")
+        raise ValueError(f"{shown_amount(amount)} is more than a counter holds")
     return units
 
 

@@ -160,6 +160,9 @@ async def test_bad_actions_are_refused_with_what_is_wrong(guard: Guard) -> None:
             ("acme:carol/adjust", {"limit": "daily"}, 400, "amount"),
             ("acme:carol/adjust", {"amount": "1"}, 400, "limit"),
             ("acme:carol/adjust", {"limit": "tph", "amount": "1.5"}, 400, "whole number"),
+            # JSON numbers, shown as they were written, never a Python repr or an exponent.
+            ("acme:carol/adjust", {"limit": "tph", "amount": 1.5}, 400, "whole number, not 1.5."),
+            ("acme:carol/adjust", {"limit": "daily", "amount": 1e-12}, 400, "0.000000000001 is"),
             ("acme:carol/adjust", ["daily"], 400, "JSON object"),
             ("acme:carol/reset", {"limit": 5}, 400, "string"),
             ("acme:carol/reset", {"reason": "two\nlines"}, 400, "printable line"),
@@ -167,7 +170,10 @@ async def test_bad_actions_are_refused_with_what_is_wrong(guard: Guard) -> None:
         ]
         for path, body, status, message in cases:
             response = await client.post(f"/api/users/{path}", json=body, headers=bearer())
-            assert message in problem_of(response, status)["detail"], (path, body)
+            detail = problem_of(response, status)["detail"]
+            assert message in detail, (path, body)
+            assert "Decimal" not in detail, detail
+            assert "E-" not in detail, detail
         huge = await client.post(
             "/api/users/acme:carol/reset",
             content=json.dumps({"reason": "x" * 5000}),
