@@ -84,20 +84,17 @@ class _Refusal(Exception):
 
 
 def _days(request: Request) -> int:
-    raw = request.query_params.get("days")
-    if raw is None or raw == "":
+    given = request.query_params.getlist("days")
+    if not given:
         return DEFAULT_DAYS
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_DAYS:
-        raise _Refusal(
-            problem(
-                400,
-                "invalid-parameter",
-                "Invalid parameter",
-                f"days must be a whole number from 1 to {MAX_DAYS}, got {raw[:40]!r}",
-                parameter="days",
-            )
-        )
-    return int(raw)
+    raw = given[0]
+    if len(given) > 1:
+        detail = f"days must be given once, got {len(given)} values"
+    elif not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_DAYS:
+        detail = f"days must be a whole number from 1 to {MAX_DAYS}, got {raw[:40]!r}"
+    else:
+        return int(raw)
+    raise _Refusal(problem(400, "invalid-parameter", "Invalid parameter", detail, parameter="days"))
 
 
 def _id(request: Request, name: str, what: str) -> str:

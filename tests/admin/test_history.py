@@ -195,7 +195,7 @@ async def test_history_equals_the_logs_and_the_ledger(guard: Guard, early_clock:
 async def test_a_bad_days_value_is_a_clear_400(guard: Guard) -> None:
     app = users_app(guard, token=TOKEN)
     async with client_for(app) as client:
-        for bad in ("0", "367", "-1", "1.5", "abc", "٣"):
+        for bad in ("", "0", "367", "-1", "1.5", "abc", "٣"):
             response = await client.get(
                 f"/api/users/{USER}/history", params={"days": bad}, headers=bearer()
             )
@@ -204,6 +204,9 @@ async def test_a_bad_days_value_is_a_clear_400(guard: Guard) -> None:
             doc = response.json()
             assert doc["parameter"] == "days"
             assert "days must be a whole number from 1 to 366" in doc["detail"]
+        twice = await client.get(f"/api/users/{USER}/history?days=30&days=5", headers=bearer())
+        assert (twice.status_code, twice.json()["parameter"]) == (400, "days")
+        assert "days must be given once" in twice.json()["detail"]
         bad_id = await client.get("/api/users/a%20b/history", headers=bearer())
         unauthorized = await client.get(f"/api/users/{USER}/history")
     assert bad_id.status_code == 400
