@@ -111,7 +111,7 @@ class DuplicateUserHeader(InvalidUserId):
 
     def __init__(self, header: str) -> None:
         self.header = header
-        super().__init__(f"the {header} header appears more than once")
+        super().__init__(f"the {header} header names more than one user (sent twice, or a list)")
 
 
 class BudgetExceeded(PayiGuardError):

@@ -256,7 +256,7 @@ def test_duplicate_user_headers_are_a_400_over_a_real_server(
     for response in (twice, signed_in, listed):
         assert response.status_code == 400, response.text
         assert response.headers["content-type"] == "application/problem+json"
-        assert "more than once" in response.json()["detail"]
+        assert "names more than one user" in response.json()["detail"]
         assert "alice" not in response.text
     assert probe.calls == 0
     refused = [e for e in logs if e["event"] == "invalid_user_id"]

@@ -442,7 +442,7 @@ def test_the_dependency_user_wins_over_a_trusted_header_and_duplicates_are_a_400
     assert signed_in.json() == {"user": "carol"}
     assert header_only.json() == {"user": "dave"}
     assert twice.status_code == 400
-    assert "more than once" in twice.json()["detail"]
+    assert "names more than one user" in twice.json()["detail"]
     assert used(guard, "carol") == usd(cost_nano(100, 50))
 
 
