@@ -31,6 +31,7 @@ import importlib
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from typing import Final, TextIO
@@ -215,7 +216,7 @@ def _print_changed(
         print(json.dumps(document, indent=2))
         return
     if not usages:
-        print(f"{printable(args.user)}: no limits of their own: nothing to {op}")
+        _print_fitted(f"{printable(args.user)}: no limits of their own: nothing to {op}")
         return
     changes = {u.name: _change(args, u, op) for u in usages}
     rows = [
@@ -229,9 +230,22 @@ def _print_changed(
         )
         for u in usages
     ]
-    print(f"{printable(args.user)}: {'adjusted' if op == 'adjust' else 'reset'}")
+    _print_fitted(f"{printable(args.user)}: {'adjusted' if op == 'adjust' else 'reset'}")
     for line in fit_table(_CHANGED, rows, terminal_width()).lines:
         print(line)
+
+
+def _print_fitted(text: str) -> None:
+    """Print ``text`` within the terminal's width (a long user id is broken across lines)."""
+    print(
+        textwrap.fill(
+            text,
+            terminal_width(),
+            subsequent_indent="  ",
+            break_long_words=True,
+            break_on_hyphens=False,
+        )
+    )
 
 
 def _change(args: argparse.Namespace, usage: LimitUsage, op: str) -> str:

@@ -245,3 +245,17 @@ def test_tier_and_tier_of_read_users_with_their_plans(
         app.close()
 
     same_month(scenario)
+
+
+def test_a_long_user_id_fits_80_columns(shop: Path, key_prefix: str) -> None:
+    store = ["-c", str(shop), "--key-prefix", key_prefix]
+    app = app_guard(shop, key_prefix)
+    app.usage("bob")  # the app has opened its store (an SQLite file is created)
+    app.close()
+    user = "acme:" + "x" * 120  # user ids are up to 128 characters
+    for command in (["adjust", user, "0.25", "--limit", "monthly"], ["reset", user]):
+        done = cli(*command, *store)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80, done.stdout
+        assert "".join(lines[:2]).replace("  ", "").startswith(user)  # wrapped, not cut
