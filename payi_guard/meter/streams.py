@@ -218,7 +218,7 @@ class StreamState:
             counted = self.count_input(tracker.model)
             if counted is not None:
                 fallback = counted
-        parsed = tracker.best_usage(fallback)
+        parsed = tracker.best_usage(fallback, self.max_output)
         if tracker.errors or tracker.status == "failed":
             outcome = "error"
         elif tracker.finished:

@@ -100,6 +100,24 @@ def test_break_inside_with(guard: Guard, fake: FakeProvider, client: Any) -> Non
     assert event["output_tokens"] >= 17  # at least one word received, plus the margin
 
 
+def test_a_cut_stream_is_never_charged_more_output_than_its_request_allowed(
+    guard: Guard, fake: FakeProvider, client: Any
+) -> None:
+    # The estimate of a cut stream (bytes received / 2.5, plus a margin) is above the
+    # few tokens max_tokens allows: the model cannot have sent more than those.
+    with track_context(user_id="alice"), capture_logs() as logs:
+        with client.chat.completions.create(
+            model="gpt-test", messages=PROMPT, stream=True, max_tokens=5
+        ) as stream:
+            for index, _ in enumerate(stream):
+                if index == 2:
+                    break
+    event = assert_settled_once(guard, logs, "incomplete", (1, 2))
+    assert event["output_tokens"] == 5
+    assert logged_usd(event) <= Decimal(str(event["reserved_usd"]))
+    assert "under_estimated_usd" not in event
+
+
 def test_break_without_with_then_garbage_collection(
     guard: Guard, fake: FakeProvider, client: Any
 ) -> None:

@@ -233,7 +233,7 @@ class WireStreamState(StreamState):
         partial = tracker.partial or ParsedUsage(input_tokens=max(0, self.fallback_input))
         usage = replace(
             partial,
-            output_tokens=tracker.estimated_output_tokens(),
+            output_tokens=tracker.estimated_output_tokens(self.max_output),
             web_searches=0,
             file_searches=0,
         ).to_token_usage()

@@ -340,14 +340,16 @@ class WireTracker:
         elif isinstance(value, (Mapping, list)) and value:
             self.count_text(json.dumps(value, ensure_ascii=False))
 
-    def estimated_output_tokens(self) -> int:
+    def estimated_output_tokens(self, cap: int | None = None) -> int:
         """Output tokens of a body that ended without its final report (an estimate).
 
-        ``max(ceil(bytes / 2.5), deltas) + 16``, never below an output count the
-        provider already reported.
+        ``max(ceil(bytes / 2.5), deltas) + 16``, at most ``cap`` (the output the request
+        allowed), never below an output count the provider already reported.
         """
         by_bytes = math.ceil(self.output_bytes / ESTIMATE_BYTES_PER_TOKEN)
         estimate = max(by_bytes, self.output_deltas) + ESTIMATE_MARGIN_TOKENS
+        if cap is not None:
+            estimate = min(estimate, cap)
         reported = self.partial.output_tokens if self.partial is not None else 0
         return max(estimate, reported)
 

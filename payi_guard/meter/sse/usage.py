@@ -424,25 +424,30 @@ class StreamUsageTracker:
         """Whether the provider's final usage report was seen."""
         return self._usage is not None and self._usage.complete
 
-    def estimated_output_tokens(self) -> int:
+    def estimated_output_tokens(self, cap: int | None = None) -> int:
         """An estimate of the output tokens, for a stream without its final usage.
 
         ``max(ceil(output_bytes / 2.5), output_deltas) + 16``
-        (:data:`ESTIMATE_BYTES_PER_TOKEN`, :data:`ESTIMATE_MARGIN_TOKENS`), and never
-        below an output count the provider already reported. Reasoning a model never
-        streams (hidden reasoning tokens) cannot be seen and is not in the estimate.
+        (:data:`ESTIMATE_BYTES_PER_TOKEN`, :data:`ESTIMATE_MARGIN_TOKENS`), at most
+        ``cap`` (the output the request allowed: the model cannot have sent more), and
+        never below an output count the provider already reported. Reasoning a model
+        never streams (hidden reasoning tokens) cannot be seen and is not in the estimate.
         """
         by_bytes = math.ceil(self.output_bytes / ESTIMATE_BYTES_PER_TOKEN)
         estimate = max(by_bytes, self.output_deltas) + ESTIMATE_MARGIN_TOKENS
+        if cap is not None:
+            estimate = min(estimate, cap)
         reported = self._usage.output_tokens if self._usage is not None else 0
         return max(estimate, reported)
 
-    def best_usage(self, fallback_input_tokens: int) -> ParsedUsage:
+    def best_usage(self, fallback_input_tokens: int, output_cap: int | None = None) -> ParsedUsage:
         """The usage to settle with: the provider's report, completed by estimates.
 
         Args:
             fallback_input_tokens: the input tokens to charge when the stream never
                 reported them (the transport's estimate from the request body).
+            output_cap: the output the request allowed (see
+                :meth:`estimated_output_tokens`).
 
         Returns:
             The reported usage when complete; otherwise the reported input counts (or
@@ -452,10 +457,11 @@ class StreamUsageTracker:
         if usage is not None and usage.complete:
             return usage
         if usage is not None and self._input_reported:
-            return replace(usage, output_tokens=self.estimated_output_tokens(), complete=False)
+            output = self.estimated_output_tokens(output_cap)
+            return replace(usage, output_tokens=output, complete=False)
         return ParsedUsage(
             input_tokens=max(0, fallback_input_tokens),
-            output_tokens=self.estimated_output_tokens(),
+            output_tokens=self.estimated_output_tokens(output_cap),
             complete=False,
         )
 

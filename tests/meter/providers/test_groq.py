@@ -16,6 +16,7 @@ from meter.providers._support import (
     events,
     made_up,
     make_guard,
+    one_call,
     served,
 )
 from payi_guard import BudgetExceeded, is_refusal
@@ -73,6 +74,23 @@ def test_stream_closed_early_is_settled_once(server: ReplayServer) -> None:
         next(iter(stream))
         stream.close()
     assert_settled_early(guard, logs)
+
+
+def test_stream_closed_early_is_charged_no_more_output_than_it_allowed(
+    server: ReplayServer,
+) -> None:
+    server.load(served(STREAM))
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs:
+        stream = client.chat.completions.create(
+            model="llama3-8b-8192", messages=MESSAGES, stream=True, max_tokens=2
+        )
+        next(iter(stream))
+        stream.close()
+    assert_settled_early(guard, logs)
+    # The first chunk's bytes over 2.5, plus the margin, are more than the 2 allowed.
+    assert one_call(logs)["output_tokens"] == 2
 
 
 def test_stream_that_never_reports_usage_is_charged_its_reservation(server: ReplayServer) -> None:
