@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from payi_guard.meter.server_tools import file_search_bound, tool_input_tokens, web_search_bound
 from payi_guard.meter.tier import tier_context
 from payi_guard.meter.tokens import (
     DEFAULT_FILE_TOKENS,
@@ -22,12 +23,10 @@ from payi_guard.meter.tokens import (
     EndpointKind,
     EstimateMode,
     check_bound_args,
-    file_search_bound,
     image_token_bound,
     input_bound,
     output_bound,
     request_output_cap,
-    web_search_bound,
 )
 from payi_guard.pricing import PriceBook, Rates
 
@@ -90,9 +89,9 @@ class RequestEstimate:
             Anthropic's ``speed`` other than ``standard``:
             :func:`~payi_guard.meter.tier.tier_context`).
         web_searches: upper bound of the server-side web searches
-            (:func:`~payi_guard.meter.tokens.web_search_bound`).
+            (:func:`~payi_guard.meter.server_tools.web_search_bound`).
         file_searches: upper bound of the server-side file search calls
-            (:func:`~payi_guard.meter.tokens.file_search_bound`).
+            (:func:`~payi_guard.meter.server_tools.file_search_bound`).
     """
 
     input_tokens: int
@@ -185,14 +184,19 @@ def request_bounds(
     anthropic = endpoint == "anthropic_messages"
     asked = body.get("speed" if anthropic else "service_tier")
     context = None if asked is None else _price_context(body, endpoint) or None
-    searches = anthropic or endpoint == "responses"
+    input_tokens = input_bound(body, endpoint, mode, image_tokens, file_tokens)
+    web = files = 0
+    if anthropic or endpoint == "responses":
+        web, files = web_search_bound(body, endpoint), file_search_bound(body, endpoint)
+        # What the provider's own tools read is billed as input too.
+        input_tokens += tool_input_tokens(body, endpoint, web, files)
     return (
-        input_bound(body, endpoint, mode, image_tokens, file_tokens),
+        input_tokens,
         output_bound(body, endpoint, model, default_max_output, output_cap),
         not anthropic or _mentions_key(body, "cache_control"),
         context,
-        web_search_bound(body, endpoint) if searches else 0,
-        file_search_bound(body, endpoint) if searches else 0,
+        web,
+        files,
     )
 
 

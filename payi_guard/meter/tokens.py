@@ -20,11 +20,9 @@ from payi_guard.meter.text_bound import EstimateMode, text_token_bound
 __all__ = [
     "ANTHROPIC_BUILTIN_TOOL_TOKENS",
     "ANTHROPIC_TOOLS_OVERHEAD_TOKENS",
-    "DEFAULT_FILE_SEARCHES",
     "DEFAULT_FILE_TOKENS",
     "DEFAULT_IMAGE_TOKENS",
     "DEFAULT_MAX_OUTPUT_TOKENS",
-    "DEFAULT_WEB_SEARCHES",
     "ENDPOINTS",
     "MESSAGE_OVERHEAD_TOKENS",
     "OPENAI_TOOLS_OVERHEAD_TOKENS",
@@ -33,8 +31,8 @@ __all__ = [
     "EndpointKind",
     "EstimateMode",
     "check_bound_args",
+    "count_param",
     "estimate_input_tokens",
-    "file_search_bound",
     "image_token_bound",
     "input_bound",
     "max_output_tokens",
@@ -42,7 +40,6 @@ __all__ = [
     "output_bound",
     "request_output_cap",
     "text_token_bound",
-    "web_search_bound",
 ]
 
 EndpointKind = Literal["chat", "responses", "embeddings", "anthropic_messages", "completions"]
@@ -68,14 +65,6 @@ Such a file's size is not in the request, so this is a documented allowance, not
 bound; files passed inline (base64) are counted from their data instead.
 """
 
-
-DEFAULT_WEB_SEARCHES = 10
-"""Web searches reserved for a web search tool that sets no ``max_uses`` (Anthropic) or
-for a Responses web search tool (which has no cap): each search is billed on its own."""
-
-DEFAULT_FILE_SEARCHES = 10
-"""File search calls reserved for each Responses ``file_search`` tool (billed per call;
-the tool sets no cap on how often the model calls it)."""
 
 MESSAGE_OVERHEAD_TOKENS = 10
 """Tokens added per message / input item for the chat format's role and separators
@@ -468,7 +457,8 @@ OUTPUT_CAP_FIELDS: Mapping[EndpointKind, tuple[str, ...]] = MappingProxyType(_CA
 """The body fields that cap a request's output (per choice), first one set wins."""
 
 
-def _count_param(body: Mapping[str, Any], name: str) -> int | None:
+def count_param(body: Mapping[str, Any], name: str) -> int | None:
+    """``body[name]`` when it is a non-negative ``int`` (a ``bool`` is not), else ``None``."""
     value = body.get(name)
     if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
@@ -488,7 +478,7 @@ def request_output_cap(endpoint: EndpointKind, body: Mapping[str, Any]) -> int |
             if value >= 0:
                 return value
         elif value is not None:
-            cap = _count_param(body, name)  # another int type (bool is refused)
+            cap = count_param(body, name)  # another int type (bool is refused)
             if cap is not None:
                 return cap
     return None
@@ -548,45 +538,7 @@ def output_bound(
         cap = model_output_cap(model, default)
     choices = 1
     if endpoint in ("chat", "completions"):
-        choices = max(1, _count_param(body, "n") or 1)
+        choices = max(1, count_param(body, "n") or 1)
         if endpoint == "completions":
-            choices = max(choices, _count_param(body, "best_of") or 1)
+            choices = max(choices, count_param(body, "best_of") or 1)
     return cap * choices
-
-
-def web_search_bound(body: Mapping[str, Any], endpoint: EndpointKind) -> int:
-    """An upper bound of the web searches a request lets the provider run (billed each).
-
-    Anthropic ``web_search_*`` tools count their ``max_uses``, or
-    :data:`DEFAULT_WEB_SEARCHES` without one; each Responses ``web_search*`` tool
-    counts :data:`DEFAULT_WEB_SEARCHES`. Other requests run none (chat completions'
-    ``web_search_options`` are billed per call, which genai-prices does not price).
-    """
-    if endpoint not in ("anthropic_messages", "responses"):
-        return 0
-    tools = body.get("tools")
-    if not isinstance(tools, list):
-        return 0
-    total = 0
-    for tool in tools:
-        kind = tool.get("type") if isinstance(tool, Mapping) else None
-        if not isinstance(kind, str) or not kind.startswith("web_search"):
-            continue
-        cap = _count_param(tool, "max_uses") if endpoint == "anthropic_messages" else None
-        total += DEFAULT_WEB_SEARCHES if cap is None else cap
-    return total
-
-
-def file_search_bound(body: Mapping[str, Any], endpoint: EndpointKind) -> int:
-    """An upper bound of the file search calls a request lets the provider run.
-
-    Each Responses ``file_search`` tool counts :data:`DEFAULT_FILE_SEARCHES`; other
-    requests run none.
-    """
-    if endpoint != "responses":
-        return 0
-    tools = body.get("tools")
-    if not isinstance(tools, list):
-        return 0
-    kinds = (tool.get("type") for tool in tools if isinstance(tool, Mapping))
-    return DEFAULT_FILE_SEARCHES * sum(1 for kind in kinds if kind == "file_search")

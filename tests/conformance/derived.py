@@ -265,10 +265,44 @@ def _audio_usage(usage: dict[str, Any]) -> None:
     }
 
 
+def _silence_wav(seconds: int) -> str:
+    """Base64 of a WAV file of ``seconds`` of silence (16 kHz, 16-bit mono)."""
+    frames = 16_000 * seconds
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF",
+        36 + 2 * frames,
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        1,
+        16_000,
+        32_000,
+        2,
+        16,
+        b"data",
+        2 * frames,
+    )
+    return base64.b64encode(header + bytes(2 * frames)).decode()
+
+
 _AUDIO_REQUEST: dict[str, Any] = {
     "model": AUDIO_MODEL,
     "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"},
+    # What the usage below reports: a clip in (40 audio tokens), speech out (120 audio
+    # tokens beyond the recorded text), which the output cap must allow.
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "hello"},
+                {"type": "input_audio", "input_audio": {"data": _silence_wav(2), "format": "wav"}},
+            ],
+        }
+    ],
+    "max_completion_tokens": 400,
 }
 
 

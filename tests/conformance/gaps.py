@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conformance.harness import Case
+from conformance.harness import Case, ReservedTooLittle
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,17 @@ class Gap:
     applies: Callable[[Case], bool]
 
 
-GAPS: tuple[Gap, ...] = ()
-"""None known: every case of the corpus passes exactly, over both transports."""
+GAPS: tuple[Gap, ...] = (
+    Gap(
+        "azure-deployment-unpriced",
+        "an Azure deployment name has no price before the response names its model: under "
+        "unknown_model: allow nothing is reserved (README, What a call is charged), so the "
+        "charge is more than the reservation",
+        (ReservedTooLittle,),
+        lambda case: case.interaction.file == "openllmetry/test_azure/test_chat.yaml",
+    ),
+)
+"""Every case is charged exactly; the cases above reserve less than they cost, by design."""
 
 
 def gaps_of(case: Case) -> list[Gap]:

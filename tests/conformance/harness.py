@@ -89,6 +89,10 @@ class CostDiffers(AssertionError):
     """``cost_usd`` or the ledger is not the recorded usage priced by genai-prices."""
 
 
+class ReservedTooLittle(AssertionError):
+    """The call cost more than its reservation: a hard limit would not have held."""
+
+
 class ChargedWrongly(AssertionError):
     """An error, or a broken-off stream, was charged what the policy does not allow."""
 
@@ -298,6 +302,12 @@ def _accounting(case: Case, line: MutableMapping[str, Any], used: Decimal) -> li
         if _nano(line.get("cost_usd")) <= 0:
             found.append(ChargedWrongly("a call with no reported usage was charged $0"))
         return found
+    if "under_estimated_usd" in line:
+        found.append(
+            ReservedTooLittle(
+                f"cost_usd {line.get('cost_usd')} for a reservation of {line.get('reserved_usd')}"
+            )
+        )
     return [*found, *_check_tokens(line, expected), *_check_cost(line, expected, used)]
 
 

@@ -28,24 +28,26 @@ from hypothesis import strategies as st
 
 from payi_guard.clock import FakeClock
 from payi_guard.meter.estimate import estimate_cost
+from payi_guard.meter.server_tools import (
+    DEFAULT_FILE_SEARCHES,
+    DEFAULT_WEB_SEARCHES,
+    file_search_bound,
+    web_search_bound,
+)
 from payi_guard.meter.tokens import (
     ANTHROPIC_BUILTIN_TOOL_TOKENS,
     ANTHROPIC_TOOLS_OVERHEAD_TOKENS,
-    DEFAULT_FILE_SEARCHES,
     DEFAULT_FILE_TOKENS,
     DEFAULT_IMAGE_TOKENS,
     DEFAULT_MAX_OUTPUT_TOKENS,
-    DEFAULT_WEB_SEARCHES,
     MESSAGE_OVERHEAD_TOKENS,
     OPENAI_TOOLS_OVERHEAD_TOKENS,
     REQUEST_OVERHEAD_TOKENS,
     estimate_input_tokens,
-    file_search_bound,
     image_token_bound,
     max_output_tokens,
     model_output_cap,
     text_token_bound,
-    web_search_bound,
 )
 from payi_guard.pricing import PriceBook
 

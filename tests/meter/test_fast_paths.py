@@ -28,6 +28,7 @@ from payi_guard.meter.parse import (
     usage_from_response,
 )
 from payi_guard.meter.plain import is_event_stream, openai_token_usage
+from payi_guard.meter.server_tools import file_search_bound, tool_input_tokens, web_search_bound
 from payi_guard.meter.streams import DECODABLE_ENCODINGS, Settlement
 from payi_guard.meter.text_bound import text_token_bound
 from payi_guard.meter.tier import response_tier
@@ -35,11 +36,9 @@ from payi_guard.meter.tokens import (
     OUTPUT_CAP_FIELDS,
     EndpointKind,
     estimate_input_tokens,
-    file_search_bound,
     image_token_bound,
     max_output_tokens,
     request_output_cap,
-    web_search_bound,
 )
 from payi_guard.meter.transport import PlannedCall, TransportMeter
 from payi_guard.money import ceil_div
@@ -149,15 +148,17 @@ def reference_bounds(
     speed = body.get("speed")
     if endpoint == "anthropic_messages" and isinstance(speed, str) and speed not in standard:
         context["speed"] = speed
+    web, files = web_search_bound(body, endpoint), file_search_bound(body, endpoint)
     return (
         estimate_input_tokens(
             body, mode=mode, endpoint=endpoint, image_tokens=image_token_bound(model)
-        ),
+        )
+        + tool_input_tokens(body, endpoint, web, files),
         max_output_tokens(body, endpoint=endpoint, model=model),
         endpoint != "anthropic_messages" or _mentions_key(body, "cache_control"),
         context or None,
-        web_search_bound(body, endpoint),
-        file_search_bound(body, endpoint),
+        web,
+        files,
     )
 
 

@@ -48,6 +48,7 @@ from payi_guard.meter.providers.wire import (
     model_cap,
 )
 from payi_guard.meter.refusal import refusal_response, refusal_status, sdk_refusal
+from payi_guard.meter.server_tools import gemini_tool_tokens
 from payi_guard.meter.tier import tier_context
 from payi_guard.meter.tokens import EstimateMode, image_token_bound
 
@@ -285,7 +286,7 @@ class GeminiDialect(Dialect):
         return WireRequest(
             model,
             bool(endpoint.stream),
-            bound.tokens(mode),
+            bound.tokens(mode) + gemini_tool_tokens(body.get("tools")),
             cap * candidates,
             price_context=dict(tier) if tier else {},
         )
