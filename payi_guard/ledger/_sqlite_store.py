@@ -333,7 +333,11 @@ class Store:
                     f"{self.settings.lock_timeout:g} s for this process's other writers"
                 )
             try:
-                self._busy_retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+                # Queueing counts: the call waits lock_timeout in all, the file timeout
+                # at most (it still tries once, which a file no one holds lets through).
+                left = self.settings.lock_timeout - (time.monotonic() - started)
+                busy = min(self.settings.timeout, max(left, 0.0))
+                self._busy_retry(lambda: conn.execute("BEGIN IMMEDIATE"), busy)
                 try:
                     pruned = 0
                     self._writes += 1

@@ -21,10 +21,11 @@ How it works:
   across processes; ``read`` and ``scan`` run in a read transaction and never take
   the write lock;
 * the threads of one process queue on an in-process lock before asking SQLite for the
-  file's write lock (``lock_timeout``, default 1 s, like the wait for a pooled Redis
-  connection), and a transaction waits at most ``timeout`` (default 0.25 s, the Redis
-  socket timeout) for the other processes; past either a call fails with
-  :class:`~payi_guard.StorageError` and ``on_storage_error`` decides;
+  file's write lock, and a transaction waits at most ``timeout`` (default 0.25 s, the
+  Redis socket timeout) for the other processes; a call waits ``lock_timeout`` (default
+  1 s, like the wait for a pooled Redis connection) in all, its turn and the file
+  together; past either a call fails with :class:`~payi_guard.StorageError` and
+  ``on_storage_error`` decides;
 * connections are pooled, and a connection is used by one thread at a time;
   :class:`AsyncSqliteLedger` runs every operation in a small dedicated thread pool,
   so the event loop never waits on the file;
