@@ -113,7 +113,8 @@ class MeteredRaw:
     botocore reads an event stream with :meth:`stream`, a JSON body through ``content``
     (also :meth:`stream`) and an ``invoke_model`` body with :meth:`read` /
     :meth:`readinto`. The bytes are handed on unchanged; the reservation is settled at
-    the body's end, at :meth:`close`, on a read error, or when the object is collected.
+    the body's end, at an exception event, at :meth:`close`, on a read error, or when
+    the object is collected.
     """
 
     def __init__(self, raw: Any, state: WireStreamState) -> None:
@@ -143,9 +144,14 @@ class MeteredRaw:
     def stream(self, amt: int = 2**16, decode_content: bool | None = None) -> Iterator[bytes]:
         """The body in chunks, as urllib3's ``stream``."""
         state = self._state
+        errors = state.tracker.errors
         try:
             for chunk in self._raw.stream(amt, decode_content=decode_content):
                 state.feed(chunk)
+                if errors:
+                    # An exception event ends an event stream: botocore raises it and
+                    # reads no further, while the app may keep the response.
+                    self._settle("error")
                 yield chunk
         except Exception:
             self._settle("error")

@@ -28,6 +28,7 @@ from meter.providers._support import (
     one_call,
     served,
     usd,
+    used,
 )
 from payi_guard import BudgetExceeded, is_refusal
 from payi_guard.exceptions import UnknownModelRefused
@@ -36,6 +37,7 @@ from payi_guard.meter.providers.bedrock import GuardedSession
 from payi_guard.meter.providers.eventstream import EventStreamDecoder
 
 boto3 = pytest.importorskip("boto3")
+import botocore.exceptions  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
 CONVERSE = "bedrock/openllmetry/test_meta_converse_with_events_with_no_content"
@@ -182,6 +184,42 @@ def test_stream_without_usage_is_charged_its_reservation(server: ReplayServer) -
     with capture_logs() as logs:
         list(client.converse_stream(modelId="amazon.nova-micro-v1:0", messages=MESSAGES)["stream"])
     assert_unverified(guard, logs, "no usage reported")
+
+
+def test_a_stream_ended_by_an_exception_event_is_settled_at_once(server: ReplayServer) -> None:
+    # The recorded Converse stream cut after its first two messages, then the exception
+    # message Bedrock sends when the model fails mid-stream.
+    recorded = served(CONVERSE_STREAM)[0]
+    frames = [raw for raw, _payload in _frames(recorded.body)[:2]]
+    failure = _exception("modelStreamErrorException", {"message": "The model failed."})
+    body = b"".join([*frames, failure])
+    server.load([Exchange("made-up", 0, "POST", recorded.uri, b"", 200, recorded.headers, body)])
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs:
+        response = client.converse_stream(modelId="amazon.nova-micro-v1:0", messages=MESSAGES)
+        with pytest.raises(botocore.exceptions.EventStreamError, match="modelStreamError"):
+            list(response["stream"])
+        # The app still holds the response: the call is settled all the same.
+        call = one_call(logs)
+    assert call["outcome"] == "error"
+    assert 0 < usd(call["cost_usd"]) < usd(call["reserved_usd"])
+    assert used(guard) == usd(call["cost_usd"])
+    del response
+
+
+def _exception(kind: str, payload: dict[str, Any]) -> bytes:
+    """An event-stream exception message, as Bedrock sends one."""
+    headers = (
+        _header(":exception-type", kind)
+        + _header(":content-type", "application/json")
+        + _header(":message-type", "exception")
+    )
+    data = json.dumps(payload).encode()
+    prelude = struct.pack(">II", 16 + len(headers) + len(data), len(headers))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    frame = prelude + headers + data
+    return frame + struct.pack(">I", zlib.crc32(frame))
 
 
 def _frames(body: bytes) -> list[tuple[bytes, bytes]]:
