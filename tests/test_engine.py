@@ -863,6 +863,24 @@ def test_reload_swaps_atomically_and_bad_file_keeps_old(tmp_path: Path, clock: F
     assert guard.usage("alice")[0].max == Decimal(2)
 
 
+def test_a_reload_naming_another_store_keeps_the_one_in_use_and_says_so_once(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text("storage: memory://\ndefault: [{max: 1.00, per: day}]\n")
+    guard = Guard.from_yaml(path, clock=clock)
+    path.write_text("storage: sqlite:///other.db\ndefault: [{max: 2.00, per: day}]\n")
+    with capture_logs() as logs:
+        assert guard.reload() is True
+    (reloaded,) = events_named(logs, "config_reloaded")
+    assert reloaded["log_level"] == "warning"
+    assert reloaded["source"] == str(path)
+    assert "after a restart" in reloaded["detail"]
+    assert guard.config.storage == guard.storage_uri == "memory://"  # what is in use
+    assert guard.usage("alice")[0].max == Decimal(2)  # the rest is in effect
+    assert not (tmp_path / "other.db").exists()
+
+
 def test_watch_reloads_on_change(tmp_path: Path, clock: FakeClock) -> None:
     path = tmp_path / "budgets.yaml"
     path.write_text("default: [{max: 1.00, per: day}]\n")

@@ -8,6 +8,7 @@ its operator controls (:mod:`~payi_guard.engine.operator`) all work on the same 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,14 +103,20 @@ class Parts:
         except (ConfigError, OSError) as exc:
             log.error(events.CONFIG_RELOAD_FAILED, error=str(exc), kept=current.source)
             return False
-        if new.storage != current.storage and new.storage != self.storage.uri:
-            log.warning(
-                events.CONFIG_RELOADED,
-                detail="the storage URI changed; it takes effect after a restart",
-            )
+        moved = new.storage != current.storage and new.storage != self.storage.uri
+        if moved:
+            # The store in use stays until a restart: the config in effect says so.
+            new = dataclasses.replace(new, storage=current.storage)
         self.policy = Policy(new, self.cache_size, self.clock, self.tier_of)
         self.spent.clear()
-        log.info(events.CONFIG_RELOADED, source=new.source)
+        if moved:
+            log.warning(
+                events.CONFIG_RELOADED,
+                source=new.source,
+                detail="the storage URI changed; it takes effect after a restart",
+            )
+        else:
+            log.info(events.CONFIG_RELOADED, source=new.source)
         return True
 
     def user(self, user_id: object) -> Subject:
