@@ -77,6 +77,10 @@ class StoreWatch:
         with self._lock:
             previous = self._known
             if previous == marker:
+                # Connections opened together: one that only read the marker may be
+                # observed before the one that created it, which still reports the store new.
+                if created and not any(event.marker == marker for event in self._events):
+                    self._events.append(StorageEvent("new", server, marker))
                 return
             self._known = marker
             if previous is not None:

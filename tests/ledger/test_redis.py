@@ -897,3 +897,22 @@ def test_script_replies_are_decoded_or_refused() -> None:
     for reply in ([1, 2], [1, 2, 3, 4], "1 2 3", [1, None, 3], [1, b"two", 3]):
         with pytest.raises(StorageError, match="unexpected reply"):
             _decode_states(reply, 1)
+
+
+def test_a_new_store_is_reported_whichever_first_connection_is_seen_first(
+    redis_url: str, raw_redis: redis.Redis
+) -> None:
+    # Connections opened together: the one that created the marker may be observed after
+    # one that only read it. The store is new either way, and reported once.
+    from payi_guard.ledger._redis_marker import StoreWatch
+
+    for created_last in (True, False):
+        watch = StoreWatch(own_marker())
+        created = raw_redis.execute_command(*watch.request())
+        read = raw_redis.execute_command(*watch.request())
+        assert (int(created[0]), int(read[0])) == (1, 0)
+        for reply in (read, created) if created_last else (created, read):
+            watch.observe("redis", reply)
+        (event,) = watch._events
+        assert (event.kind, event.marker) == ("new", created[1].decode())
+        raw_redis.delete(watch.key)
