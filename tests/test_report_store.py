@@ -102,6 +102,8 @@ def test_the_store_report_equals_the_log_report(
     # What the store keeps no record of is left empty, never shown as a 0.
     unknown = ("warned", "overruns", "errors", "adjustments", "adjusted_usd")
     assert {row[c] for row in stored.values() for c in unknown} == {None}
+    percentiles = ("p50_usd", "p90_usd", "p99_usd", "percentiles_exact")
+    assert {row[c] for row in stored.values() for c in percentiles} == {None}
     # By model and by org, the same spend.
     _, by_model, _ = run(*store_args, "--by", "model", *common, clock=clock)
     _, logged_model, _ = run(str(log), "--by", "model", *common, clock=clock)
@@ -121,6 +123,13 @@ def test_the_store_report_equals_the_log_report(
     status, table, _ = run(*store_args, clock=clock)
     assert status == 0
     assert max(len(line) for line in table.splitlines()) <= 80
+    # Columns the store has no figures for are left out, so the token counts fit; the
+    # footer says where the figures come from (no log lines were read).
+    header = table.splitlines()[0].split()
+    assert header == ["user_id", "calls", "in_tokens", "out_tokens", "cost_usd", "share", "blocked"]
+    footer = " ".join(table.split("\n", len(stored) + 3)[-1].split())
+    assert "from the store's analytics, the last 30 days" in footer
+    assert "lines read" not in table
 
 
 def test_clear_errors(tmp_path: Path, clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> None:

@@ -153,7 +153,8 @@ class ReportRow:
         p50_usd: median cost per sent call; ``None`` without calls.
         p90_usd: 90th percentile cost per sent call.
         p99_usd: 99th percentile cost per sent call.
-        percentiles_exact: False when the percentiles come from the histogram.
+        percentiles_exact: False when the percentiles come from the histogram; ``None``
+            when there are none (a store report).
         blocked: refusals (see the module documentation for the pairing rule).
         warned: ``budget_warning`` events (``None`` when not known: a store report).
         overruns: ``budget_overrun`` events (``None`` when not known).
@@ -174,7 +175,7 @@ class ReportRow:
     p50_usd: Decimal | None
     p90_usd: Decimal | None
     p99_usd: Decimal | None
-    percentiles_exact: bool
+    percentiles_exact: bool | None
     blocked: int
     warned: int | None
     overruns: int | None
@@ -200,6 +201,8 @@ class Report:
         filtered_out: counted events left out by the filters.
         undated: of those, events left out because a time bound was set and they had no
             readable ``timestamp``.
+        source: where the figures come from when not from log lines (a store report:
+            ``the store's analytics, the last 30 days``), else ``None``.
     """
 
     by: GroupBy
@@ -212,6 +215,7 @@ class Report:
     other_events: int
     filtered_out: int
     undated: int
+    source: str | None = None
 
 
 class ReportBuilder:

@@ -196,6 +196,8 @@ def summary(report: Report) -> str:
         parts.append(_plural(report.groups, noun))
     if len(report.rows) < report.groups:
         parts.append(f"showing top {len(report.rows):,} of {_plural(report.groups, noun)}")
+    if report.source is not None:
+        return ", ".join(parts) + "; from " + report.source
     read = (
         f"{_plural(report.lines, ('line', 'lines'))} read: {report.skipped:,} skipped, "
         f"{_plural(report.other_events, ('other event', 'other events'))}, "
@@ -251,11 +253,21 @@ def write_table(report: Report, out: TextIO, *, width: int | None = None) -> Non
 
     body = [cells(row, "(none)" if row.key is None else printable(row.key)) for row in report.rows]
     totals = cells(report.totals, "TOTAL")
-    table = fit_table(columns, [*body, totals], fit_width, rules_before=(len(body),))
+    rows = [*body, totals]
+    # An optional column with nothing in any row (a store report keeps no percentiles
+    # nor warnings) says nothing: it is left out before any that has something.
+    kept = [
+        index
+        for index, column in enumerate(columns)
+        if column.drop is None or any(row[index] != "-" for row in rows)
+    ]
+    columns = tuple(columns[index] for index in kept)
+    rows = [[row[index] for index in kept] for row in rows]
+    table = fit_table(columns, rows, fit_width, rules_before=(len(body),))
     for line in table.lines:
         out.write(line + "\n")
     notes = [summary(report)]
-    if any(not r.percentiles_exact for r in (*report.rows, report.totals)):
+    if any(r.percentiles_exact is False for r in (*report.rows, report.totals)):
         notes.append(
             f"~ percentile from a histogram, within {PERCENTILE_RELATIVE_ERROR:.2%} "
             f"(groups of more than {EXACT_SAMPLES:,} calls)"

@@ -51,7 +51,7 @@ def _row(key: str | None, t: _Totals, total: int) -> ReportRow:
         p50_usd=None,
         p90_usd=None,
         p99_usd=None,
-        percentiles_exact=True,
+        percentiles_exact=None,  # the store keeps no costs per call
         blocked=t.refused,
         warned=None,  # the store keeps no record of these: left empty, never a 0
         overruns=None,
@@ -144,6 +144,7 @@ def store_report(
         other_events=0,
         filtered_out=0,
         undated=0,
+        source=f"the store's analytics, the last {days:,} days",
     )
 
 
