@@ -223,10 +223,12 @@ class StreamState:
             outcome = "error"
         elif tracker.finished:
             outcome = "incomplete" if tracker.status == "incomplete" else "ok"
-        elif reason == "end":
-            outcome = "ok"
         elif reason == "error":
             outcome = "error"
+        elif reason == "end" or tracker.usage_complete:
+            # Closed after the final usage (LiteLLM closes an Anthropic stream at its
+            # message_delta): the call was read to its end as far as the bill goes.
+            outcome = "ok"
         else:
             outcome = "incomplete"
         return Settlement(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import math
 from collections.abc import AsyncIterator, MutableMapping, Sequence
 from decimal import Decimal
@@ -17,8 +18,10 @@ from structlog.testing import capture_logs
 from meter._support import expected_cost, logged_usd, make_guard, one_call, used, user_message
 from payi_guard import track_context
 from payi_guard.clock import FakeClock
-from payi_guard.engine import Guard
+from payi_guard.engine import CallRequest, Guard
 from payi_guard.meter import flush_abandoned_streams
+from payi_guard.meter.parse import classify
+from payi_guard.meter.streams import StreamState
 from payi_guard.meter.tokens import estimate_input_tokens
 from payi_guard.testing import FakeProvider
 
@@ -292,3 +295,53 @@ async def test_abandoned_async_stream_on_redis(
     assert used(guard, "alice") == total  # both settled: nothing pending in Redis
     guard.close()
     await guard.aclose()
+
+
+def test_a_stream_closed_after_its_final_usage_is_ok(guard: Guard) -> None:
+    # LiteLLM closes an Anthropic stream once message_delta brought the final usage,
+    # before message_stop arrives: the call was read to its end as far as its bill goes.
+    request = CallRequest(model="claude-sonnet-4-5", max_output_tokens=64, provider="anthropic")
+    endpoint = classify("POST", "/v1/messages")
+    assert endpoint is not None
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "m",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5",
+            "content": [],
+            "usage": {"input_tokens": 12, "output_tokens": 1},
+        },
+    }
+    text = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "Hi"},
+    }
+    delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn"},
+        "usage": {"output_tokens": 9},
+    }
+    body = b"".join(
+        f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+        for event in (start, text, delta)
+    )
+    results = []
+    for closed_at in (len(body), body.index(b"event: message_delta")):
+        with track_context(user_id="alice"):
+            state = StreamState(
+                guard.begin(request),
+                endpoint,
+                added_include_usage=False,
+                fallback_input=100,
+                max_output=64,
+                inflater=None,
+                raw=False,
+            )
+        state.feed(body[:closed_at])
+        results.append(state.result("close"))
+    final, cut = results
+    assert (final.outcome, final.usage.input_tokens, final.usage.output_tokens) == ("ok", 12, 9)
+    assert cut.outcome == "incomplete"
