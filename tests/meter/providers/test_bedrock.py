@@ -210,16 +210,12 @@ def test_a_stream_ended_by_an_exception_event_is_settled_at_once(server: ReplayS
 
 def _exception(kind: str, payload: dict[str, Any]) -> bytes:
     """An event-stream exception message, as Bedrock sends one."""
-    headers = (
+    return _message(
         _header(":exception-type", kind)
         + _header(":content-type", "application/json")
-        + _header(":message-type", "exception")
+        + _header(":message-type", "exception"),
+        payload,
     )
-    data = json.dumps(payload).encode()
-    prelude = struct.pack(">II", 16 + len(headers) + len(data), len(headers))
-    prelude += struct.pack(">I", zlib.crc32(prelude))
-    frame = prelude + headers + data
-    return frame + struct.pack(">I", zlib.crc32(frame))
 
 
 def _frames(body: bytes) -> list[tuple[bytes, bytes]]:
@@ -366,18 +362,23 @@ def _header(name: str, value: str) -> bytes:
     return bytes([len(key)]) + key + b"\x07" + struct.pack(">H", len(text)) + text
 
 
-def _event(event_type: str, payload: dict[str, Any]) -> bytes:
-    """One event-stream frame, as Bedrock sends it."""
-    headers = (
-        _header(":event-type", event_type)
-        + _header(":content-type", "application/json")
-        + _header(":message-type", "event")
-    )
+def _message(headers: bytes, payload: dict[str, Any]) -> bytes:
+    """One event-stream message: its prelude, ``headers``, the JSON payload, the CRCs."""
     data = json.dumps(payload).encode()
     prelude = struct.pack(">II", 16 + len(headers) + len(data), len(headers))
     prelude += struct.pack(">I", zlib.crc32(prelude))
     body = prelude + headers + data
     return body + struct.pack(">I", zlib.crc32(body))
+
+
+def _event(event_type: str, payload: dict[str, Any]) -> bytes:
+    """One event-stream frame, as Bedrock sends it."""
+    return _message(
+        _header(":event-type", event_type)
+        + _header(":content-type", "application/json")
+        + _header(":message-type", "event"),
+        payload,
+    )
 
 
 def _chunk(obj: dict[str, Any]) -> bytes:
