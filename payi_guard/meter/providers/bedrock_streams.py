@@ -15,7 +15,6 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.bedrock_usage import (
     anthropic_1h_writes,
     converse_usage,
@@ -25,6 +24,7 @@ from payi_guard.meter.providers.bedrock_usage import (
 )
 from payi_guard.meter.providers.eventstream import EventMessage, EventStreamDecoder
 from payi_guard.meter.providers.wire import Report, UntrustedUsage, WireTracker, count
+from payi_guard.meter.usage_objects import ParsedUsage
 
 __all__ = ["ConverseStream", "EventStreamTracker", "InvokeStream"]
 

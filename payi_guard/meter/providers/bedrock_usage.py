@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Final
 
-from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.wire import Report, UntrustedUsage, count
+from payi_guard.meter.usage_objects import ParsedUsage
 
 __all__ = [
     "anthropic_1h_writes",

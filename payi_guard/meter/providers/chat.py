@@ -17,7 +17,6 @@ from typing import Any, Final
 
 from payi_guard.meter.estimate import estimate_request
 from payi_guard.meter.modality import openai_media
-from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.meter import Dialect
 from payi_guard.meter.providers.wire import (
     JsonBodyTracker,
@@ -31,6 +30,7 @@ from payi_guard.meter.providers.wire import (
     model_cap,
 )
 from payi_guard.meter.tokens import EndpointKind, EstimateMode
+from payi_guard.meter.usage_objects import ParsedUsage
 
 __all__ = ["ChatDialect", "ChatStream", "chat_usage"]
 

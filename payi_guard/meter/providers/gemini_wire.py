@@ -32,7 +32,6 @@ from typing import Any, Final
 
 from payi_guard.exceptions import BudgetExceeded, PayiGuardError
 from payi_guard.meter.modality import gemini_media, gemini_part
-from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.providers.meter import Dialect
 from payi_guard.meter.providers.wire import (
     Bound,
@@ -51,6 +50,7 @@ from payi_guard.meter.refusal import refusal_response, refusal_status, sdk_refus
 from payi_guard.meter.server_tools import gemini_tool_tokens
 from payi_guard.meter.tier import tier_context
 from payi_guard.meter.tokens import EstimateMode, image_token_bound
+from payi_guard.meter.usage_objects import ParsedUsage
 
 __all__ = [
     "DEFAULT_OUTPUT_CAP",

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from payi_guard.meter.parse import ParsedUsage
 from payi_guard.meter.sse import (
     ESTIMATE_BYTES_PER_TOKEN,
     ESTIMATE_MARGIN_TOKENS,
@@ -41,6 +40,7 @@ from payi_guard.meter.tokens import (
     EstimateMode,
     text_token_bound,
 )
+from payi_guard.meter.usage_objects import ParsedUsage
 
 __all__ = [
     "Bound",
