@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
@@ -181,3 +181,16 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+async def sse_of_sdk_stream(llm: Any, max_tokens: int) -> AsyncIterator[str]:
+    """A real OpenAI SDK stream as an app forwards it: its text as server-sent events."""
+    chunks = await llm.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count to three"}],
+        max_tokens=max_tokens,
+        stream=True,
+    )
+    async for chunk in chunks:
+        if chunk.choices and chunk.choices[0].delta.content:
+            yield f"data: {chunk.choices[0].delta.content}\n\n"

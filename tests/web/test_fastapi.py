@@ -41,6 +41,7 @@ from web._support import (
     exhaust_anonymous,
     serve_asgi,
     spend_most,
+    sse_of_sdk_stream,
     usd,
     used,
 )
@@ -381,18 +382,7 @@ def _sdk_stream_app(guard: Guard, provider: FakeProvider, *, handlers: bool) -> 
 
     @app.get("/api/stream")
     async def stream() -> StreamingResponse:
-        async def events() -> AsyncIterator[str]:
-            chunks = await llm.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "Count to three"}],
-                max_tokens=50,
-                stream=True,
-            )
-            async for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield f"data: {chunk.choices[0].delta.content}\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(sse_of_sdk_stream(llm, 50), media_type="text/event-stream")
 
     if handlers:
         install_exception_handlers(app, guard)

@@ -7,7 +7,7 @@ at its first byte, with the stream's own reservation held).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,7 +22,7 @@ from payi_guard.engine import Guard
 from payi_guard.fastapi import guard_user, require_budget
 from payi_guard.testing import FakeProvider
 from payi_guard.web import GuardMiddleware
-from web._support import MODEL, TokenBackend, bearer, config, serve_asgi
+from web._support import MODEL, TokenBackend, bearer, config, serve_asgi, sse_of_sdk_stream
 
 THREE_A_DAY = config(limits={"calls": {"requests": 3, "per": "day"}}, default=["calls"])
 
@@ -42,18 +42,7 @@ def _app(guard: Guard, provider: FakeProvider, **middleware: Any) -> FastAPI:
 
     @app.get("/api/stream")
     async def stream() -> StreamingResponse:
-        async def events() -> AsyncIterator[str]:
-            chunks = await llm.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "Count to three"}],
-                max_tokens=20,
-                stream=True,
-            )
-            async for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield f"data: {chunk.choices[0].delta.content}\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(sse_of_sdk_stream(llm, 20), media_type="text/event-stream")
 
     app.add_middleware(GuardMiddleware, guard=guard, guarded_paths=["/api/*"], **middleware)
     app.add_middleware(AuthenticationMiddleware, backend=TokenBackend())
