@@ -940,12 +940,26 @@ def test_anonymous_ids_have_one_meaning_calls_usage_and_record(clock: FakeClock)
     with pytest.raises(BudgetExceeded):
         guard.begin(call())  # a call with no user at all: the same bucket
 
-    # anonymous:<session> is that session's anonymous bucket, read and charged the same way.
+    # Under strategy: shared, anonymous:<anything> is that one bucket too: naming a new
+    # id opens no bucket of its own.
+    for name in ("anonymous:kiosk-1", "anonymous:kiosk-2"):
+        with track_context(user_id=name), pytest.raises(BudgetExceeded) as info:
+            guard.begin(call())
+        assert info.value.user_id == "anonymous"
+        assert guard.usage(name) == [usage]
+    # Under strategy: session, anonymous:<session> is that session's bucket, read and
+    # charged the same way.
+    sessions = make_guard(
+        clock,
+        default=[{"requests": 100, "per": "day"}],
+        anonymous={"strategy": "session", "limits": [{"requests": 2, "per": "day"}]},
+    )
     with track_context(user_id="anonymous:kiosk-1"):
-        guard.begin(call()).settle(TokenUsage(1, 1))
-    guard.record(user_id="anonymous:kiosk-1", model="test-model", input_tokens=1)
-    (kiosk,) = guard.usage("anonymous:kiosk-1")
+        sessions.begin(call()).settle(TokenUsage(1, 1))
+    sessions.record(user_id="anonymous:kiosk-1", model="test-model", input_tokens=1)
+    (kiosk,) = sessions.usage("anonymous:kiosk-1")
     assert (kiosk.scope, kiosk.used, kiosk.counter) == ("anonymous", 2, "anonymous:kiosk-1")
+    assert sessions.usage("anonymous")[0].used == 0
 
 
 def test_naming_anonymous_is_refused_when_anonymous_calls_are(clock: FakeClock) -> None:

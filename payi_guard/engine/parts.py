@@ -18,7 +18,14 @@ from payi_guard import log as events
 from payi_guard.clock import Clock
 from payi_guard.config import GuardConfig
 from payi_guard.engine.plan import Planner
-from payi_guard.engine.policy import ANONYMOUS_USER, Policy, Subject, Subjects
+from payi_guard.engine.policy import (
+    ANONYMOUS_USER,
+    Policy,
+    Subject,
+    Subjects,
+    bucket_of,
+    is_anonymous_id,
+)
 from payi_guard.engine.spent import SpentCache
 from payi_guard.engine.storage import Storage
 from payi_guard.engine.tiers import TierFunction, TierSource
@@ -126,6 +133,8 @@ class Parts:
             InvalidUserId: the id is invalid.
         """
         uid = ANONYMOUS_USER if user_id is None else normalize_user_id(user_id)
+        if is_anonymous_id(uid):
+            uid = bucket_of(uid, self.policy.config.anonymous.strategy)
         return self.subjects.by_id(uid)
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "Policy",
     "Subject",
     "Subjects",
+    "bucket_of",
     "is_anonymous_id",
 ]
 
@@ -65,6 +66,16 @@ class BoundLimit:
     spec: LimitSpec
     scope: Scope
     owner: str
+
+
+def bucket_of(anonymous_id: str, strategy: str) -> str:
+    """The anonymous bucket an anonymous id (:func:`is_anonymous_id`) is charged to.
+
+    Its own, ``anonymous:<session>``, only under ``strategy: session``; otherwise the one
+    shared bucket, ``anonymous``, whatever follows the colon (else a caller who may
+    name the id would open a bucket of its own with every new one).
+    """
+    return anonymous_id if strategy == "session" else ANONYMOUS_USER
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +168,7 @@ class Subjects:
         if anonymous.strategy == "reject":
             raise self._user_required()
         if user is not None:
-            return self.by_id(user)
+            return self.by_id(bucket_of(user, anonymous.strategy))
         anon_id = ANONYMOUS_USER
         if anonymous.strategy == "session":
             scope = current_request()
