@@ -21,6 +21,7 @@ from payi_guard.web.gate import store_gate_headers
 from payi_guard.web.identify import (
     ORDER_EVENT,
     bind_request,
+    logged_id,
     mark_bound,
     request_id_of,
     session_digest,
@@ -151,8 +152,8 @@ class GuardMiddleware:
         return stack.enter_context(request_scope(request_id=request_id)), request_id
 
     def _bind(self, rs: RequestScope, request_id: str, stack: ExitStack) -> None:
-        mark_bound(rs)
-        tokens = bind_request(rs.user_id, request_id)
+        mark_bound(rs, self.core.guard)
+        tokens = bind_request(logged_id(rs, rs.user_id), request_id)
         stack.callback(unbind_request, tokens)
 
     def _gated(self, request: HttpRequest) -> bool:

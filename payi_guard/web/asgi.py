@@ -42,7 +42,9 @@ from payi_guard.web.core import WebCore
 from payi_guard.web.gate import store_gate_headers
 from payi_guard.web.identify import (
     BOUND_KEY,
+    LOGGED_KEY,
     ORDER_EVENT,
+    pseudonym_of,
     rebind_user,
     request_id_of,
     split_user,
@@ -166,6 +168,8 @@ class GuardMiddleware:
         self._sync_identify = opts.user is None and opts.session_id is None
         # structlog's own variables of ``user_id`` and ``request_id``, set per request.
         self._user_var, self._request_id_var = structlog_vars()
+        pseudonymizer = guard.pseudonymizer
+        self._logged = None if pseudonymizer is None else pseudonym_of(pseudonymizer)
         self._gate = self.core.gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -211,7 +215,12 @@ class GuardMiddleware:
             # bind_request() inlined: set/reset with tokens, so every write is undone
             # exactly, a user rebound later in the request included.
             user_var, request_id_var = self._user_var, self._request_id_var
-            user_token = user_var.set(rs.user_id)
+            logged = self._logged
+            if logged is None:
+                user_token = user_var.set(rs.user_id)
+            else:  # the guard pseudonymises: so do the request's log lines
+                rs.extra[LOGGED_KEY] = logged
+                user_token = user_var.set(None if rs.user_id is None else logged(rs.user_id))
             request_token = request_id_var.set(request_id)
             try:
                 # One coroutine for the whole request: serving is inlined here.

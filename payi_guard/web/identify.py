@@ -35,10 +35,11 @@ Everything here works on plain values (header strings, a session mapping, a
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import re
 import secrets
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -46,6 +47,7 @@ import structlog
 from payi_guard._ids import new_id
 from payi_guard.context import RequestScope, check_tier, current_request
 from payi_guard.engine import Guard
+from payi_guard.engine.policy import is_anonymous_id
 from payi_guard.exceptions import DuplicateUserHeader, InvalidUserId
 from payi_guard.web.options import WebOptions
 from payi_guard.web.problem import Problem, Problems
@@ -53,6 +55,7 @@ from payi_guard.web.problem import Problem, Problems
 __all__ = [
     "BOUND_KEY",
     "INVALID_USER_EVENT",
+    "LOGGED_KEY",
     "ORDER_EVENT",
     "SESSION_KEY",
     "UNTRUSTED_HEADER_EVENT",
@@ -60,7 +63,9 @@ __all__ = [
     "LogTokens",
     "bind_request",
     "is_guarded_request",
+    "logged_id",
     "mark_bound",
+    "pseudonym_of",
     "rebind_user",
     "request_id_of",
     "session_digest",
@@ -84,6 +89,9 @@ SESSION_KEY = "payi_guard.session"
 
 BOUND_KEY = "payi_guard.web"
 """The request scope's ``extra`` key a guard middleware sets: the request is bound (internal)."""
+LOGGED_KEY = "payi_guard.web.logged_user"
+"""The request scope's ``extra`` key of the function giving the id log lines show (internal):
+set only when the guard pseudonymises user ids."""
 _SESSION_ID = re.compile(r"[0-9a-f]{32}\Z")
 _HAS_IDENTITY: dict[type, bool] = {}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}\Z")
@@ -224,7 +232,7 @@ def rebind_user(user_id: str) -> None:
     """
     scope = current_request()
     if scope is not None and scope.extra.get(BOUND_KEY):
-        structlog.contextvars.bind_contextvars(user_id=user_id)
+        structlog.contextvars.bind_contextvars(user_id=logged_id(scope, user_id))
 
 
 def is_guarded_request() -> bool:
@@ -233,9 +241,34 @@ def is_guarded_request() -> bool:
     return scope is not None and bool(scope.extra.get(BOUND_KEY))
 
 
-def mark_bound(scope: RequestScope) -> None:
-    """Record that this request's ``user_id`` is bound by the middleware (internal)."""
+def mark_bound(scope: RequestScope, guard: Guard | None = None) -> None:
+    """Record that this request's ``user_id`` is bound by the middleware (internal).
+
+    With a ``guard`` that pseudonymises user ids, the request's log lines show pseudonyms
+    (:func:`logged_id`), as its ``genai_call`` lines do.
+    """
     scope.extra[BOUND_KEY] = True
+    if guard is not None and guard.pseudonymizer is not None:
+        scope.extra[LOGGED_KEY] = pseudonym_of(guard.pseudonymizer)
+
+
+def pseudonym_of(pseudonymizer: Callable[[str], str]) -> Callable[[str], str]:
+    """The id log lines show for a user id: its pseudonym (internal; cached).
+
+    The anonymous bucket is never pseudonymised, as :class:`~payi_guard.Guard` charges it.
+    """
+
+    @functools.lru_cache(maxsize=4096)
+    def logged(user_id: str) -> str:
+        return user_id if is_anonymous_id(user_id) else pseudonymizer(user_id)
+
+    return logged
+
+
+def logged_id(scope: RequestScope, user_id: str | None) -> str | None:
+    """The id the request's log lines show for ``user_id`` (see :func:`mark_bound`)."""
+    logged = scope.extra.get(LOGGED_KEY)
+    return user_id if logged is None or user_id is None else logged(user_id)
 
 
 class Identifier:

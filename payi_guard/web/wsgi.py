@@ -29,6 +29,7 @@ from payi_guard.web.gate import GateResult, store_gate_headers
 from payi_guard.web.identify import (
     LogTokens,
     bind_request,
+    logged_id,
     mark_bound,
     request_id_of,
     split_user,
@@ -115,8 +116,8 @@ class WSGIGuardMiddleware:
         binding = _Binding(rs)
         try:
             problem = self._identify(environ, rs)
-            mark_bound(rs)
-            binding.bind_log(rs.user_id, request_id)
+            mark_bound(rs, core.guard)
+            binding.bind_log(logged_id(rs, rs.user_id), request_id)
             guarded = (
                 environ.get("REQUEST_METHOD") != "OPTIONS"  # CORS preflights
                 and core.gate.guarded(environ.get("PATH_INFO") or "/")
