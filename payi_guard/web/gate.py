@@ -36,8 +36,9 @@ class GateResult:
 
     Attributes:
         problem: the response to send instead of running the app, or ``None`` to run it.
-        headers: ``RateLimit`` headers to add to a successful response
-            (``budget_headers=True`` only).
+        headers: the ``RateLimit`` headers as the gate read them (``budget_headers=True``
+            only): when any, the response gets them read again as it starts
+            (:meth:`Gate.response_headers`), so they count the request's own calls.
     """
 
     problem: Problem | None = None
