@@ -640,17 +640,33 @@ def test_table_money_is_exact_and_trimmed(tmp_path: Path) -> None:
             call("0.0042", user_id="a"),
             call("0.000000123", user_id="b"),
             call("1234.5", user_id="c"),
-            call("1e-12", user_id="d"),
+            call("1e-9", user_id="d"),
         ],
     )
     out = report(path, "--width", "200").out
     assert "$0.004200 " in out
     assert "$0.000000123 " in out
     assert "$1,234.500000 " in out
-    assert "$0.000000000001 " in out
-    assert "$1,234.504200123001" in out.splitlines()[-1]
+    assert "$0.000000001 " in out
+    assert "$1,234.504200124" in out.splitlines()[-1]
     # a, b and d spent next to nothing, but not nothing: not shown as 0.0%.
     assert all("<0.1%" in line for line in out.splitlines()[2:5])
+
+
+def test_a_cost_finer_than_a_nano_dollar_is_skipped_and_spoils_no_later_line(
+    tmp_path: Path,
+) -> None:
+    # 1e-200 first: summed exactly with the next cost it needs about 200 digits, and the
+    # sum of every later line would have been refused (each counted as skipped).
+    lines = [call("1e-200", user_id="mallory"), call("1e-12", user_id="mallory")]
+    lines += [call("0.001", user_id=f"u{i % 3}") for i in range(30)]
+    result = report(write(tmp_path / "a.log", lines), "--format", "json")
+    assert result.code == 0, result.err
+    rows = result.by_key()
+    assert sorted(rows) == ["u0", "u1", "u2"]
+    assert sum(row["calls"] for row in rows.values()) == 30
+    assert "total $0.030000 over 30 calls" in result.err
+    assert "2 skipped" in result.err
 
 
 # -------------------------------------------------------------------- hostile input

@@ -43,6 +43,8 @@ MAX_TOKENS = 10**15
 
 _ZERO = Decimal(0)
 _MAX_COST = Decimal(1_000_000_000)
+_NANO_STEP = Decimal("1e-9")
+"""The money unit: payi_guard writes costs in whole nano-dollars."""
 # ASCII digits only: str.isdigit(), int() and Decimal() also read "١" or "１" as digits.
 _NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 
@@ -184,7 +186,11 @@ def as_tokens(value: object) -> int | None:
 
 
 def as_cost(value: object) -> Decimal | None:
-    """The cost of a line, or None when it is unusable."""
+    """The cost of a line, or None when it is unusable.
+
+    Usable: a number (or numeric text) from 0 to $1,000,000,000 in whole nano-dollars,
+    the unit every amount payi_guard logs is in.
+    """
     if value is None:
         return _ZERO
     if isinstance(value, Decimal):
@@ -202,6 +208,11 @@ def as_cost(value: object) -> Decimal | None:
     else:
         return None
     if not cost.is_finite() or cost < 0 or cost > _MAX_COST:
+        return None
+    exponent = cost.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -9 and cost.quantize(_NANO_STEP) != cost:
+        # Finer than a nano-dollar: not an amount payi_guard writes (and one such
+        # value, 1e-200, would make every later exact sum too long to keep).
         return None
     return cost
 
