@@ -324,6 +324,39 @@ def test_unknown_key_without_a_near_miss_lists_the_keys() -> None:
     )
 
 
+# -- integers read as they look -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "read_as"),
+    [
+        ("max", "0100", "64"),
+        ("max", "010", "8"),
+        ("max", "1:30", "90"),
+        ("requests", "010", "8"),
+        ("tokens", "1:00:00", "3600"),
+    ],
+)
+def test_an_octal_or_base_60_integer_is_refused(
+    tmp_path: Path, field: str, text: str, read_as: str
+) -> None:
+    limit = f"{{{field}: {text}, per: day}}"
+    path = tmp_path / "budgets.yaml"
+    path.write_text(f"version: 1\ndefault:\n  - {limit}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.line == 3
+    assert f"YAML reads {text} as {read_as}" in str(info.value)
+    assert "write it in plain decimal" in str(info.value)
+
+
+def test_a_ttl_written_with_a_leading_zero_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text("version: 1\nreservation_ttl: 0600\ndefault: []\n")
+    with pytest.raises(ConfigError, match="YAML reads 0600 as 384"):
+        load_config(path)
+
+
 # -- money is exact -----------------------------------------------------------------------
 
 

@@ -65,6 +65,10 @@ _TAG = "tag:yaml.org,2002:"
 _CONSTRUCTED_TAGS = frozenset(_TAG + name for name in ("int", "float", "bool", "null"))
 _TEXT_TAGS = frozenset(_TAG + name for name in ("str", "timestamp"))
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_:-]+\Z")
+# The integers that read as they look: YAML 1.1 (PyYAML) also reads 0100 as octal 64
+# and 1:30 as 90 (base 60); in a budgets file those are mistakes, refused. The 0x and
+# 0b prefixes say what they are.
+_PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0b[01_]+)\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +291,13 @@ class _Converter:
             except (yaml.YAMLError, ValueError, OverflowError) as exc:
                 kind = node.tag.rsplit(":", 1)[-1]
                 raise self._error(f"invalid {kind}: {exc}", node, path) from None
+            if node.tag == _TAG + "int" and not _PLAIN_INT.match(text):
+                raise self._error(
+                    f"YAML reads {text} as {value} (a leading 0 makes an octal number, "
+                    "colons a base-60 one): write it in plain decimal",
+                    node,
+                    path,
+                )
             return Scalar(value, line, text)
         raise self._error(f"unsupported YAML tag {node.tag!r}", node, path)
 
