@@ -204,9 +204,16 @@ _USAGE_COLUMNS = (
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
+    from payi_guard.operate import logs_to_stderr
+
+    with logs_to_stderr():  # stdout is the usage alone (--format json stays JSON)
+        return _usage(args)
+
+
+def _usage(args: argparse.Namespace) -> int:
     from payi_guard.engine import Guard
     from payi_guard.ledger.sqlite import missing_sqlite_file
-    from payi_guard.operate import no_ledger_message, tier_function
+    from payi_guard.operate import check_tier, no_ledger_message, tier_function
 
     guard: Guard | None = None
     try:
@@ -217,6 +224,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             clock=getattr(args, "clock", None) or SystemClock(),
             tier_of=tier_function(args),
         )
+        check_tier(guard, args)
         missing = missing_sqlite_file(guard.storage_uri)
         if missing is not None:
             _say(sys.stderr, no_ledger_message(missing))

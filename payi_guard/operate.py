@@ -110,6 +110,19 @@ def _tier_of(args: argparse.Namespace) -> TierFunction | None:
     return found
 
 
+def check_tier(guard: Guard, args: argparse.Namespace) -> None:
+    """Refuse a ``--tier`` the budgets file does not define (a typo would read ``default``).
+
+    Raises:
+        ValueError: ``--tier`` names no tier under ``tiers:``.
+    """
+    tier: str | None = getattr(args, "tier", None)
+    tiers = guard.config.tiers
+    if tier is not None and tier not in tiers:
+        defined = ", ".join(sorted(tiers)) if tiers else "none"
+        raise ValueError(f"--tier {tier}: no such tier under `tiers:` in {args.config} ({defined})")
+
+
 def _open(args: argparse.Namespace) -> Guard:
     """The guard of the budgets file on the shared store, or a refusal."""
     guard = Guard.from_yaml(
@@ -119,6 +132,11 @@ def _open(args: argparse.Namespace) -> Guard:
         clock=getattr(args, "clock", None) or SystemClock(),
         tier_of=_tier_of(args),
     )
+    try:
+        check_tier(guard, args)
+    except ValueError:
+        guard.close()
+        raise
     if guard.storage_uri.startswith("memory:"):
         guard.close()
         raise _Refused(_MEMORY.format(file=args.config))
@@ -139,7 +157,7 @@ def no_ledger_message(path: object) -> str:
 
 
 @contextlib.contextmanager
-def _logs_to_stderr() -> Iterator[None]:
+def logs_to_stderr() -> Iterator[None]:
     """The library's events as JSON lines on stderr while a command runs.
 
     stdout stays the command's own output; the structlog configuration is restored after.
@@ -167,7 +185,7 @@ def _operator(args: argparse.Namespace) -> str | None:
 
 def _run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
     try:
-        with _logs_to_stderr():
+        with logs_to_stderr():
             return command(args)
     except _Refused as exc:
         _say(sys.stderr, str(exc) if str(exc).startswith("error:") else f"error: {exc}")

@@ -242,6 +242,29 @@ def test_tier_and_tier_of_read_users_with_their_plans(
         missing = cli("users", *store, "--tier-of", "no_such_module:tier_of")
         assert missing.returncode == 2
         assert "no_such_module" in missing.stderr
+        # A mistyped --tier is a mistake in the command: refused, nothing changed (it
+        # would have read and changed the user's default limits).
+        for command in (["adjust", "carol", "1", "--limit", "monthly"], ["reset", "carol"]):
+            typo = cli(*command, "--tier", "prro", *store)
+            assert typo.returncode == 2, typo.stdout
+            assert "--tier prro: no such tier under `tiers:`" in typo.stderr
+            assert "(pro)" in typo.stderr
+        typo = cli("usage", "carol", "--tier", "prro", *store)
+        assert (typo.returncode, typo.stdout) == (2, "")
+        assert app.usage("carol")[0].used == Decimal("3")
+        # A tier_of naming an unknown tier is the app's to fix: warned on stderr, and the
+        # usage printed as JSON stays JSON.
+        (tmp_path / "plans_with_a_typo.py").write_text(
+            "def tier_of(user_id):\n    return 'prro'\n", encoding="utf-8"
+        )
+        usage = cli(
+            *("usage", "carol", *store, "--format", "json"),
+            *("--tier-of", "plans_with_a_typo:tier_of"),
+            env=env,
+        )
+        assert usage.returncode == 0, usage.stderr
+        assert [u["name"] for u in json.loads(usage.stdout)] == ["monthly", "calls"]
+        assert '"event": "tier_unknown"' in usage.stderr
         app.close()
 
     same_month(scenario)
