@@ -288,6 +288,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _demo_users(text: str) -> int:
+    value = _positive_int(text)
+    if value < 6:
+        raise argparse.ArgumentTypeError(f"{text!r} is fewer than the demo's 6 built-in users")
+    return value
+
+
 def _version() -> str:
     from payi_guard import __version__
 
@@ -520,10 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json-logs", metavar="PATH", help="also keep the JSON logs here")
     demo.add_argument(
         "--users",
-        type=_positive_int,
+        type=_demo_users,
         default=6,
         metavar="N",
-        help="simulated users (default 6)",
+        help="simulated users: the 6 built-in ones and N - 6 more (default 6)",
     )
     demo.add_argument("--quiet", action="store_true", help="no live table, just the report")
     demo.add_argument(

@@ -401,19 +401,24 @@ async def _run(
     started = time.monotonic()
     heavy = [u for u in users if u.heavy and u.tier != "pro"]
     frame_width = width - 1
+
+    def draw() -> None:
+        nonlocal drawn
+        lines = _table(guard, users, colour=True, width=frame_width)
+        lines.append("")
+        lines.extend("  " + shorten(line, frame_width - 2) for line in feed.tail(6))
+        # Up to the frame's first line, clear to the end of the screen, redraw.
+        out.write(f"\x1b[{drawn}F\x1b[J" if drawn else "")
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+        drawn = len(lines)
+
     while True:
         await asyncio.sleep(0.25)
         elapsed = time.monotonic() - started
         done = feed.warnings > 0 and all(u.blocked > 0 for u in heavy) and elapsed > 4
         if live:
-            lines = _table(guard, users, colour=True, width=frame_width)
-            lines.append("")
-            lines.extend("  " + shorten(line, frame_width - 2) for line in feed.tail(6))
-            # Up to the frame's first line, clear to the end of the screen, redraw.
-            out.write(f"\x1b[{drawn}F\x1b[J" if drawn else "")
-            out.write("\n".join(lines) + "\n")
-            out.flush()
-            drawn = len(lines)
+            draw()
         else:
             news = feed.lines[printed:]
             printed += len(news)
@@ -424,6 +429,10 @@ async def _run(
             break
     stop.set()
     await driver
+    if live:
+        # The last frame once every call has ended: the figures the report then gives
+        # (a frame drawn while calls were under way counts what they held).
+        draw()
 
 
 def run_demo(
@@ -448,19 +457,48 @@ def run_demo(
         serve: keep the app and its users page running after the report, until Ctrl+C.
         width: the most columns a line may take (default: the terminal's, else 80).
     """
+    out = out or sys.stdout
+    columns = terminal_width(width)
+    sims = _users(users)
+    keep_log = json_logs is not None
+    if json_logs is not None:
+        try:
+            log_stream = open(json_logs, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            print(f"payi-guard demo: error: cannot write the JSON logs: {exc}", file=sys.stderr)
+            return 2
+        log_path = json_logs
+    else:
+        handle, log_path = tempfile.mkstemp(prefix="payi-guard-demo-", suffix=".jsonl")
+        log_stream = open(handle, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    try:
+        return _run_demo(log_stream, log_path, keep_log, sims, quiet, out, serve, columns, seconds)
+    finally:
+        log_stream.close()
+        if not keep_log:
+            os.unlink(log_path)
+
+
+def _run_demo(
+    log_stream: TextIO,
+    log_path: str,
+    keep_log: bool,
+    sims: list[_SimUser],
+    quiet: bool,
+    out: TextIO,
+    serve: bool,
+    columns: int,
+    seconds: float,
+) -> int:
+    """:func:`run_demo` once its log file is open (and removed after, unless kept)."""
     from payi_guard.engine import Guard
     from payi_guard.report import ReportBuilder, UnreadableLog, read_logs, write_table
     from payi_guard.testing import FakeProvider
 
-    out = out or sys.stdout
-    columns = terminal_width(width)
     live = out.isatty() and not quiet
-    sims = _users(users)
     tokens = {u.token: u.user_id for u in sims if u.token}
     admin_token = secrets.token_urlsafe(18)
     feed = _Feed()
-    log_path = json_logs or tempfile.mkstemp(prefix="payi-guard-demo-", suffix=".jsonl")[1]
-    keep_log = json_logs is not None
 
     def say(text: str, *, always: bool = False) -> None:
         if always or not quiet:
@@ -474,50 +512,48 @@ def run_demo(
     say("budgets: free users $0.010/day (warn at 50%), pro $0.050/day, anonymous $0.004/day")
     say("")
     status = 0
-    with open(log_path, "w", encoding="utf-8") as log_stream:
-        _configure_logs(log_stream, feed)
-        guard = Guard(DEMO_BUDGETS)
-        with FakeProvider(reply=REPLY, chunk_delay=0.002) as provider:
-            app = _build_app(guard, provider.openai_base_url, tokens, admin_token)
-            with _serve(app) as base:
-                say(f"app on {base}, provider on {provider.base_url}")
-                say(f"users page: {base}{USERS_PAGE}/ (sign in with the token {admin_token})")
-                say("")
-                screen: TextIO = _Null() if quiet else out
-                asyncio.run(_run(guard, base, sims, feed, screen, seconds, columns, live))
-                log_stream.flush()
+    _configure_logs(log_stream, feed)
+    guard = Guard(DEMO_BUDGETS)
+    with FakeProvider(reply=REPLY, chunk_delay=0.002) as provider:
+        app = _build_app(guard, provider.openai_base_url, tokens, admin_token)
+        with _serve(app) as base:
+            say(f"app on {base}, provider on {provider.base_url}")
+            say(f"users page: {base}{USERS_PAGE}/ (sign in with the token {admin_token})")
+            say("")
+            screen: TextIO = _Null() if quiet else out
+            asyncio.run(_run(guard, base, sims, feed, screen, seconds, columns, live))
+            log_stream.flush()
+            print("", file=out)
+            if not live:
+                print("\n".join(_table(guard, sims, colour=False, width=columns)), file=out)
                 print("", file=out)
-                if not live:
-                    print("\n".join(_table(guard, sims, colour=False, width=columns)), file=out)
-                    print("", file=out)
-                    if quiet:
-                        for line in feed.lines:
-                            print("  " + shorten(line, columns - 2), file=out)
-                say("Report from the JSON logs (payi-guard report):", always=True)
-                print("", file=out, flush=True)
-                builder = ReportBuilder()
-                try:
-                    read_logs([log_path], builder)
-                except UnreadableLog as exc:
-                    print(f"payi-guard report: error: {exc}", file=sys.stderr)
-                    status = 2
-                else:
-                    write_table(builder.build(), out, width=columns)
-                    out.flush()
-                if keep_log:
-                    say(f"\nJSON logs kept in {log_path}", always=True)
-                if serve and status == 0:
-                    # Ctrl+C stops them from the moment it is said: even before the wait.
-                    with contextlib.suppress(KeyboardInterrupt):
-                        say("", always=True)
-                        say(
-                            f"The app and its users page stay up: {base}{USERS_PAGE}/ "
-                            f"(token {admin_token}). Ctrl+C stops them.",
-                            always=True,
-                        )
-                        _wait_for_interrupt()
-    if not keep_log:
-        os.unlink(log_path)
+                if quiet:
+                    for line in feed.lines:
+                        print("  " + shorten(line, columns - 2), file=out)
+            say("Report from the JSON logs (payi-guard report):", always=True)
+            print("", file=out, flush=True)
+            builder = ReportBuilder()
+            try:
+                read_logs([log_path], builder)
+            except UnreadableLog as exc:
+                print(f"payi-guard report: error: {exc}", file=sys.stderr)
+                status = 2
+            else:
+                write_table(builder.build(), out, width=columns)
+                out.flush()
+            if keep_log:
+                say("", always=True)
+                say(f"JSON logs kept in {log_path}", always=True)
+            if serve and status == 0:
+                # Ctrl+C stops them from the moment it is said: even before the wait.
+                with contextlib.suppress(KeyboardInterrupt):
+                    say("", always=True)
+                    say(
+                        f"The app and its users page stay up: {base}{USERS_PAGE}/ "
+                        f"(token {admin_token}). Ctrl+C stops them.",
+                        always=True,
+                    )
+                    _wait_for_interrupt()
     ok = feed.warnings > 0 and any(u.blocked for u in sims) and status == 0
     if not ok:
         print("the demo did not show a warning and a block", file=sys.stderr)

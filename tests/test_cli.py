@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -179,6 +181,7 @@ def test_report_of_a_missing_log_exits_2(
         [],
         ["usage", "alice"],  # --config is required
         ["demo", "--users", "many"],
+        ["demo", "--users", "3"],  # fewer than the 6 built-in users
         ["report"],
         ["report", str(SAMPLE), "--top", "0"],
         ["nope"],
@@ -191,6 +194,37 @@ def test_bad_arguments_exit_2_with_usage(
         main(argv)
     assert exc_info.value.code == 2
     assert "usage: payi-guard" in capsys.readouterr().err
+
+
+def test_demo_json_logs_it_cannot_write_is_a_mistake_in_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for path in (tmp_path / "no" / "such" / "folder.jsonl", tmp_path):
+        assert main(["demo", "--json-logs", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert one_line(captured.err).startswith("payi-guard demo: error: cannot write the JSON")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_the_demo_removes_its_own_log_file_when_it_is_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from payi_guard.demo import run_demo
+
+    class CtrlC(io.StringIO):
+        """Where the demo prints; Ctrl+C comes as its third line is printed."""
+
+        def write(self, text: str) -> int:
+            if self.getvalue().count("\n") >= 2:
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(out=CtrlC())
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_python_dash_m_lists_every_command() -> None:

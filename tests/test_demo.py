@@ -170,6 +170,21 @@ def test_on_an_80_column_terminal_the_table_is_redrawn_in_place() -> None:
         assert visible_width(COLOUR.sub("", line)) <= 80, line
     assert "Report from the JSON logs" in after
     assert "users page: http://127.0.0.1:" in output
+    # The last frame is drawn once every call has ended: its calls and 429s per user are
+    # the report's (a frame drawn while calls were under way counted what they held).
+    table, report = COLOUR.sub("", after).split("Report from the JSON logs")
+    framed = {
+        words[0]: (words[2], words[3])
+        for words in (line.split() for line in table.split("\n")[1:])
+        if len(words) > 4 and words[2].isdigit()
+    }
+    reported = {
+        words[0]: (words[1], words[4])
+        for words in (line.split() for line in report.split("\n"))
+        if len(words) == 8 and words[1].isdigit() and words[0] != "TOTAL"
+    }
+    assert len(framed) == 6
+    assert framed == reported
 
 
 def test_on_a_wider_terminal_the_table_uses_the_room() -> None:
