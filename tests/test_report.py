@@ -357,6 +357,10 @@ def test_relative_since_counts_back_from_the_injected_clock(tmp_path: Path) -> N
     ]
     clock.advance(86_400)
     assert report(path, "--format", "json", "--since", "1h", clock=clock).rows() == []
+    # An age reaching back before year 1 covers every line (4,000 years; no overflow).
+    every = report(path, "--format", "json", "--since", "200000w", clock=clock)
+    assert (every.code, sorted(every.by_key())) == (0, ["old", "recent", "yesterday"])
+    assert report(path, "--format", "json", "--until", "200000w", clock=clock).rows() == []
 
 
 def test_user_org_and_model_filters(tmp_path: Path) -> None:
@@ -903,6 +907,7 @@ def test_a_compressed_log_cut_part_way_is_reported_up_to_the_cut(tmp_path: Path)
         (["--top", "0"], "--top"),
         (["--top", "many"], "--top"),
         (["--since", "yesterday"], "is not a time"),
+        (["--since", "99999999999999w"], "is too long an age for a date"),
         (["--until", "2026-13-45"], "is not a time"),
         (["--by", "team"], "invalid choice"),
         (["--sort", "name"], "invalid choice"),

@@ -198,7 +198,10 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _resolve(bound: datetime | timedelta | None, now: datetime) -> datetime | None:
     if isinstance(bound, timedelta):
-        return now - bound
+        try:
+            return now - bound
+        except OverflowError:  # an age reaching before year 1: every line is after it
+            return datetime.min.replace(tzinfo=timezone.utc)
     return bound
 
 

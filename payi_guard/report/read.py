@@ -135,7 +135,10 @@ def parse_time_bound(text: str) -> datetime | timedelta:
     stripped = text.strip()
     relative = _RELATIVE.fullmatch(stripped)
     if relative is not None:
-        return timedelta(seconds=int(relative.group(1)) * _UNIT_SECONDS[relative.group(2)])
+        try:
+            return timedelta(seconds=int(relative.group(1)) * _UNIT_SECONDS[relative.group(2)])
+        except OverflowError:  # past 999,999,999 days
+            raise ValueError(f"{text!r} is too long an age for a date") from None
     parsed = _parse_iso(stripped) if stripped else None
     if parsed is None:
         raise ValueError(
