@@ -18,16 +18,36 @@ from dataclasses import dataclass
 from payi_guard.exceptions import InvalidUserId
 
 __all__ = [
+    "ANONYMOUS_USER",
     "DEFAULT_MAX_LENGTH",
     "MIN_DIGEST_CHARS",
     "PSEUDONYM_COLLISION_BOUND",
     "PSEUDONYM_SCALE",
     "Pseudonymizer",
     "UserRef",
+    "is_anonymous_id",
     "normalize_user_id",
     "org_of",
     "parse_user_id",
 ]
+
+ANONYMOUS_USER = "anonymous"
+"""The user id that calls with no known user are charged to (``shared`` strategy)."""
+
+
+def is_anonymous_id(user_id: str) -> bool:
+    """True for ``anonymous`` and ``anonymous:<session>``: the anonymous bucket, never a user.
+
+    An id means the same wherever it appears: a call whose attribution (or the
+    middleware, or ``default_user_id``) names it, :meth:`~payi_guard.Guard.usage`,
+    :meth:`~payi_guard.Guard.record` and the users page all read and charge the anonymous
+    bucket with the ``anonymous`` limits, never a user of that name with ``default``.
+
+    Args:
+        user_id: a validated user id.
+    """
+    return user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":")
+
 
 DEFAULT_MAX_LENGTH = 128
 """Longest user id accepted unless a caller asks for another bound."""

@@ -540,7 +540,7 @@ def test_dict_errors_name_the_key_without_a_line() -> None:
         ({"users": {7: [], "7": []}}, "duplicate key '7'"),
         ({"storage": 5}, "got the number 5"),
         ({"limits": {"x": {"max": 1, "per": "day"}}, "default": {"x"}}, "unsupported value"),
-        ({"version": "1"}, "unsupported version 1"),
+        ({"version": "1"}, "version is the number 1, not the text '1'"),
     ],
 )
 def test_dict_values_are_validated(data: dict[Any, Any], message: str) -> None:
@@ -768,6 +768,16 @@ def test_defaults_of_an_empty_mapping() -> None:
 
 def test_version_one_must_be_an_integer() -> None:
     assert "unsupported version 1.0" in error_of("version: 1.0").message
+    assert error_of('version: "1"').message == "version is the number 1, not the text '1'"
+
+
+@pytest.mark.parametrize("user", ["anonymous", "anonymous:kiosk"])
+def test_an_anonymous_id_under_users_is_refused(user: str) -> None:
+    # It would never apply: such an id is always the anonymous bucket.
+    error = error_of(f"users:\n  {user}: []\n")
+    assert error.line == 2
+    assert "is the anonymous bucket, never a user" in error.message
+    assert "`anonymous: {limits: [...]}`" in error.message
 
 
 # -- YAML hazards ---------------------------------------------------------------------------

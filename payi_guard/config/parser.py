@@ -46,7 +46,7 @@ from payi_guard.config.yaml_tree import (
     item_path,
 )
 from payi_guard.exceptions import InvalidUserId
-from payi_guard.identity import normalize_user_id
+from payi_guard.identity import is_anonymous_id, normalize_user_id
 from payi_guard.usage import Unit
 from payi_guard.windows import PERIODS, Period
 
@@ -101,7 +101,8 @@ class _Parser(NodeReader):
     def parse(self, root: Node | None) -> GuardConfig:
         if root is None:
             raise self._error(
-                "the configuration is empty; it needs at least `version: 1` and some limits",
+                "the configuration is empty: give it some limits "
+                "(default: [{max: 1.00, per: day}])",
                 1,
                 "",
             )
@@ -125,9 +126,11 @@ class _Parser(NodeReader):
         if (entry := get("version")) is not None:
             value = entry.value
             if not (isinstance(value, Scalar) and type(value.value) is int and value.value == 1):
-                shown = node_text(value)
+                message = f"unsupported version {node_text(value)}; this payi_guard reads version 1"
+                if isinstance(value, Scalar) and isinstance(value.value, str):
+                    message = f"version is the number 1, not the text {value.value!r}"
                 raise self._error(
-                    f"unsupported version {shown}; this payi_guard reads version 1",
+                    message,
                     value.line,
                     "version",
                 )
@@ -444,6 +447,13 @@ class _Parser(NodeReader):
                 user_id = normalize_user_id(user.key)
             except InvalidUserId as exc:
                 raise self._error(f"invalid user id: {exc.reason}", user.line, path) from None
+            if is_anonymous_id(user_id):
+                raise self._error(
+                    f"{user_id!r} is the anonymous bucket, never a user: "
+                    "its limits go under `anonymous: {limits: [...]}`",
+                    user.line,
+                    path,
+                )
             value = user.value
             if isinstance(value, Seq):
                 users[user_id] = self._limit_list(value, path, "user")

@@ -25,7 +25,13 @@ from payi_guard.config import AnonymousPolicy, GuardConfig, LimitSpec
 from payi_guard.context import Attribution, current_request
 from payi_guard.engine.tiers import TierCache, TierSource, shown_tier
 from payi_guard.exceptions import ConfigError, InvalidUserId, UserRequired
-from payi_guard.identity import Pseudonymizer, normalize_user_id, org_of
+from payi_guard.identity import (
+    ANONYMOUS_USER,
+    Pseudonymizer,
+    is_anonymous_id,
+    normalize_user_id,
+    org_of,
+)
 from payi_guard.ledger.keys import owner_tag
 from payi_guard.pricing import PriceBook
 from payi_guard.usage import LimitUsage, Scope
@@ -40,23 +46,6 @@ __all__ = [
     "bucket_of",
     "is_anonymous_id",
 ]
-
-ANONYMOUS_USER = "anonymous"
-"""The user id that calls with no known user are charged to (``shared`` strategy)."""
-
-
-def is_anonymous_id(user_id: str) -> bool:
-    """True for ``anonymous`` and ``anonymous:<session>``: the anonymous bucket, never a user.
-
-    An id means the same wherever it appears: a call whose attribution (or the
-    middleware, or ``default_user_id``) names it, :meth:`~payi_guard.Guard.usage`,
-    :meth:`~payi_guard.Guard.record` and the users page all read and charge the anonymous
-    bucket with the ``anonymous`` limits, never a user of that name with ``default``.
-
-    Args:
-        user_id: a validated user id.
-    """
-    return user_id == ANONYMOUS_USER or user_id.startswith(ANONYMOUS_USER + ":")
 
 
 @dataclass(frozen=True, slots=True)
