@@ -9,6 +9,7 @@ under-charge). Floats appear only on the way out, in log fields.
 
 from __future__ import annotations
 
+import re
 import sys
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import TYPE_CHECKING
@@ -43,6 +44,28 @@ PICO_PER_NANO = 1_000
 """Pico-USD per nano-USD: a cost in pico-USD is divided by this (rounding up)."""
 
 _PICO_PER_TOKEN_PER_USD_PER_MTOK = 1_000_000
+_AMOUNT_TEXT = re.compile(
+    r"\s*[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)\s*\Z",
+    re.IGNORECASE,
+)
+"""Dollars as text: ASCII digits (``Decimal`` also reads "١" and "1_000"); NaN and
+infinities are read, to be refused as not finite."""
+
+
+def _dollars(value: object) -> Decimal:
+    """``value`` as a ``Decimal`` (a float through its shortest ``repr``).
+
+    Raises:
+        InvalidOperation, TypeError, ValueError: not a number (text other than ASCII
+            digits with an optional sign, point and exponent).
+    """
+    if isinstance(value, float):
+        return Decimal(str(value))
+    if isinstance(value, str) and not _AMOUNT_TEXT.match(value):
+        raise ValueError(value)
+    return Decimal(value)  # type: ignore[arg-type]
+
+
 """``$1`` per million tokens is ``1e-6`` USD per token, i.e. ``1e6`` pico-USD per token."""
 
 
@@ -134,7 +157,7 @@ def parse_usd(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("cost_usd must be a number")
     try:
-        amount = Decimal(str(value)) if isinstance(value, float) else Decimal(value)  # type: ignore[arg-type]
+        amount = _dollars(value)
     except (InvalidOperation, TypeError, ValueError) as exc:
         raise ValueError(f"cost_usd must be a number, not {value!r}") from exc
     if not amount.is_finite() or amount < 0:
@@ -157,7 +180,7 @@ def parse_usd_change(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("an amount of dollars must be a number")
     try:
-        amount = Decimal(str(value)) if isinstance(value, float) else Decimal(value)  # type: ignore[arg-type]
+        amount = _dollars(value)
     except (InvalidOperation, TypeError, ValueError) as exc:
         shown = shown_amount(value)
         raise ValueError(f"an amount of dollars must be a number, not {shown}") from exc

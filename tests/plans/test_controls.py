@@ -191,6 +191,8 @@ def test_amounts_and_limits_are_checked(store: str, key_prefix: str, clock: Fake
         ("daily", "lots", "must be a number"),
         ("daily", None, "must be a number"),
         ("daily", "NaN", "finite"),
+        ("daily", "\u0665", "must be a number"),  # an Arabic-Indic five is not $5
+        ("daily", "1_000", "must be a number"),
         ("org:0", 1, "not one of acme:alice's own limits"),
         ("global:0", 1, "not one of"),
         ("weekly", 1, "has no limit 'weekly'; their limits: daily, monthly, rpm"),
