@@ -1027,6 +1027,8 @@ def test_describe_counts_and_hides_the_password() -> None:
         "0 named limits, 0 tiers, 0 users, 0 orgs, 0 global limits, 0 price overrides; "
     )
     assert "anonymous: reject" in describe(parse_config("anonymous: reject"), verbose=True)
+    many = "users:\n" + "".join(f"  u{i}: []\n" for i in range(1234))
+    assert ", 1,234 users, " in describe(parse_config(many))
 
 
 # -- sqlite stores named by a budgets file -------------------------------------------------

@@ -500,6 +500,10 @@ def test_a_group_past_the_exact_limit_switches_to_the_histogram(tmp_path: Path) 
     table = report(path, "--width", "200").out
     assert "~$" in table
     assert "percentile from a histogram" in table
+    # With no percentile column shown, there is nothing for the note to explain.
+    narrow = report(path, "--width", "60").out
+    assert " p50 " not in narrow
+    assert "percentile from a histogram" not in narrow
 
 
 @settings(max_examples=60, deadline=None)
@@ -906,6 +910,8 @@ def test_a_compressed_log_cut_part_way_is_reported_up_to_the_cut(tmp_path: Path)
     [
         (["--top", "0"], "--top"),
         (["--top", "many"], "--top"),
+        (["--width", "0"], "'0' is not a whole number of columns"),
+        (["--width", "10"], "10: a report needs at least 40 columns"),
         (["--since", "yesterday"], "is not a time"),
         (["--since", "99999999999999w"], "is too long an age for a date"),
         (["--until", "2026-13-45"], "is not a time"),

@@ -126,7 +126,7 @@ def _describe_unknown(policy: UnknownModelPolicy) -> str:
 
 
 def _count_of(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+    return f"{count} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 def describe(config: GuardConfig, *, verbose: bool = False) -> str:

@@ -32,7 +32,7 @@ from payi_guard.report import (
 )
 from payi_guard.report.aggregate import KEY_FIELDS
 from payi_guard.report.store import store_report
-from payi_guard.report.table import terminal_width
+from payi_guard.report.table import MIN_WIDTH, terminal_width
 
 __all__ = ["add_report_parser", "report_main", "run_report"]
 
@@ -75,6 +75,8 @@ def _width_arg(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of columns")
+    if value < MIN_WIDTH:
+        raise argparse.ArgumentTypeError(f"{text}: a report needs at least {MIN_WIDTH} columns")
     return value
 
 
@@ -272,7 +274,7 @@ def run_report(
     if cut is not None:
         line = (
             f"payi-guard report: error: {cut}; the report covers the "
-            f"{report.lines:,} lines read before it"
+            f"{report.lines:,} {'line' if report.lines == 1 else 'lines'} read before it"
         )
         err.write(textwrap.fill(line, terminal_width(args.width), subsequent_indent="  ") + "\n")
         return 1

@@ -267,7 +267,10 @@ def write_table(report: Report, out: TextIO, *, width: int | None = None) -> Non
     for line in table.lines:
         out.write(line + "\n")
     notes = [summary(report)]
-    if any(r.percentiles_exact is False for r in (*report.rows, report.totals)):
+    shown = {column.header for column in columns} - set(table.dropped)
+    if any(r.percentiles_exact is False for r in (*report.rows, report.totals)) and (
+        shown & {"p50", "p90", "p99"}
+    ):
         notes.append(
             f"~ percentile from a histogram, within {PERCENTILE_RELATIVE_ERROR:.2%} "
             f"(groups of more than {EXACT_SAMPLES:,} calls)"
