@@ -332,21 +332,22 @@ class Bookkeeper:
         if unknown:
             # It may have been applied (or be applied later): release its id until that
             # gets through, so it never holds budget the caller does not know about.
-            self._undo_reserve(plan)
+            self._undo_reserve(plan, exc)
         if self._config().on_storage_error == "block":
             if isinstance(exc, StorageError):
                 raise exc
             raise StorageError(f"storage failed during reserve: {exc}") from exc
         return False
 
-    def _undo_reserve(self, plan: Plan) -> None:
+    def _undo_reserve(self, plan: Plan, failure: BaseException | None = None) -> None:
         """Release a reserve whose outcome is unknown, in the background.
 
         The plan gets a fresh id: the call, if it goes on unreserved, commits under that
-        one, which the release of the old id cannot cancel.
+        one, which the release of the old id cannot cancel. ``failure``: the storage
+        error that left the outcome unknown (``None``: the caller was cancelled).
         """
         keys = [c.key for c in plan.charges]
-        self._closer.undo_reserve(plan.reservation_id, keys, plan.subject.user_id)
+        self._closer.undo_reserve(plan.reservation_id, keys, plan.subject.user_id, failure)
         plan.reservation_id = new_id()
 
     # -- settling ------------------------------------------------------------------------------

@@ -270,15 +270,16 @@ class Retrier:
                 continue
             backoff = 0.0
             self._done()
-            self._log.info(
-                events.STORAGE_RECOVERED,
-                op=job.op,
-                user_id=job.user_id,
-                reservation_id=job.reservation_id,
-                undoes_reserve=job.undoes_reserve,
-                attempts=job.attempts,
-                seconds=round(time.monotonic() - job.started, 3),
-            )
+            if job.error:  # else its first attempt went through: nothing had failed
+                self._log.info(
+                    events.STORAGE_RECOVERED,
+                    op=job.op,
+                    user_id=job.user_id,
+                    reservation_id=job.reservation_id,
+                    undoes_reserve=job.undoes_reserve,
+                    attempts=job.attempts,
+                    seconds=round(time.monotonic() - job.started, 3),
+                )
             _safely(job, job.applied, states)
 
     def _give_up(self, job: Closing) -> None:
@@ -334,20 +335,33 @@ class Closer:
         if states is not None:
             job.applied(states)
 
-    def undo_reserve(self, reservation_id: str, keys: Sequence[str], user_id: str) -> None:
-        """Release, in the background, a reserve that may have been applied unseen."""
-        self.retrier.submit(
-            Closing(
-                "release",
-                reservation_id,
-                tuple(keys),
-                None,
-                user_id,
-                applied=_nothing,
-                abandoned=_nothing,
-                undoes_reserve=True,
-            )
+    def undo_reserve(
+        self,
+        reservation_id: str,
+        keys: Sequence[str],
+        user_id: str,
+        failure: BaseException | None = None,
+    ) -> None:
+        """Release, in the background, a reserve that may have been applied unseen.
+
+        ``failure``: the storage error that left it unknown; once the release is
+        through, ``storage_recovered`` says so. ``None`` (the caller was cancelled):
+        nothing failed, nothing is logged.
+        """
+        job = Closing(
+            "release",
+            reservation_id,
+            tuple(keys),
+            None,
+            user_id,
+            applied=_nothing,
+            abandoned=_nothing,
+            undoes_reserve=True,
         )
+        if failure is not None:
+            job.failed(failure)
+            job.unknown = False  # of this release (the reserve's outcome was unknown)
+        self.retrier.submit(job)
 
     def _failure(self, job: Closing, exc: BaseException) -> None:
         first = not job.error

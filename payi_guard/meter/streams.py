@@ -225,9 +225,11 @@ class StreamState:
             outcome = "incomplete" if tracker.status == "incomplete" else "ok"
         elif reason == "error":
             outcome = "error"
-        elif reason == "end" or tracker.usage_complete:
+        elif tracker.usage_complete or (reason == "end" and tracker.status is not None):
             # Closed after the final usage (LiteLLM closes an Anthropic stream at its
-            # message_delta): the call was read to its end as far as the bill goes.
+            # message_delta), or ended after the answer's finish reason without usage (a
+            # server that ignores stream_options): the answer arrived whole. A body that
+            # simply stops before either was cut short.
             outcome = "ok"
         else:
             outcome = "incomplete"

@@ -63,7 +63,6 @@ from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.plain import is_event_stream, plain_result
 from payi_guard.meter.refusal import refusal_response
 from payi_guard.meter.request_body import has_header, header_text, set_header
-from payi_guard.meter.sse import ESTIMATE_MARGIN_TOKENS
 from payi_guard.meter.streams import (
     DECODABLE_ENCODINGS,
     Settlement,
@@ -388,8 +387,16 @@ class TransportMeter:
 
     @staticmethod
     def lost_body_usage(planned: PlannedCall) -> TokenUsage:
-        """What to charge when a successful plain body could not be read to its end."""
-        return TokenUsage(planned.call.input_tokens, ESTIMATE_MARGIN_TOKENS)
+        """What to charge when a successful plain body could not be read to its end.
+
+        A plain answer is generated whole before its headers are sent, so the provider
+        billed it, but its usage was in the part that never arrived: the input as a cut
+        stream counts it (the model's tokenizer, else the bound) and the output cap (the
+        answer cannot have been longer; its length is unknown).
+        """
+        call = planned.call
+        counted = count_input_tokens(planned.info.body, planned.endpoint.kind, call.model)
+        return TokenUsage(call.input_tokens if counted is None else counted, call.max_output_tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -481,7 +488,7 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                 return response
             try:
                 response.read()
-            except Exception:
+            except BaseException:  # reset, timeout, Ctrl+C: the answer was billed anyway
                 reservation.settle(meter.lost_body_usage(planned), outcome="error")
                 raise
             meter.after_read(response)
@@ -555,7 +562,7 @@ def _build_classes(module: ModuleType) -> TransportClasses:
                 return response
             try:
                 await response.aread()
-            except Exception:
+            except BaseException:  # reset, timeout, cancelled: the answer was billed anyway
                 await reservation.asettle(meter.lost_body_usage(planned), outcome="error")
                 raise
             meter.after_read(response)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -14,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from meter._support import (
+    PRICES,
     calls,
     expected_cost,
     logged_usd,
@@ -25,6 +27,8 @@ from meter._support import (
 from payi_guard import is_refusal, track_context
 from payi_guard.engine import Guard
 from payi_guard.ledger import MAX_UNITS
+from payi_guard.clock import FakeClock
+from payi_guard.meter.tokenizer import count_input_tokens
 from payi_guard.meter.tokens import estimate_input_tokens
 from payi_guard.testing import DEFAULT_REPLY, FakeProvider, Scripted
 
@@ -208,20 +212,81 @@ def test_reset_before_the_status_line_is_released_and_retried(
     assert used(guard, "alice") == expected_cost(second, "gpt-test")
 
 
-def test_reset_inside_a_plain_body_charges_the_input_estimate(
+def test_reset_inside_a_plain_body_charges_the_input_and_the_output_cap(
     guard: Guard, fake: FakeProvider
 ) -> None:
+    # A plain answer is generated whole before its headers are sent: the provider billed
+    # it, whatever the client received. Its usage was in the part lost: charged the
+    # input and the most the answer can have been.
     fake.enqueue(Scripted(reset_after=40))
     client = openai_client(guard, fake, max_retries=1)
     with track_context(user_id="alice"), capture_logs() as logs:
-        client.chat.completions.create(model="gpt-test", messages=PROMPT)
+        client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=50)
     first, second = fake.requests
     lost, ok = calls(logs)
     assert lost["outcome"] == "error"
+    # No tokenizer is known for gpt-test: the input's bound, as reserved.
     assert lost["input_tokens"] == estimate_input_tokens(first.json, endpoint="chat")
-    assert lost["output_tokens"] == 16
+    assert lost["output_tokens"] == 50
+    assert lost["cost_usd"] == lost["reserved_usd"]
     assert logged_usd(ok) == expected_cost(second, "gpt-test")
     assert used(guard, "alice") == logged_usd(lost) + logged_usd(ok)
+
+
+def test_a_lost_plain_body_of_an_openai_model_is_charged_its_counted_input(
+    clock: FakeClock, fake: FakeProvider
+) -> None:
+    guard = make_guard(clock, prices={**PRICES, "gpt-4o-mini": PRICES["gpt-test"]})
+    fake.enqueue(Scripted(reset_after=40))
+    client = openai_client(guard, fake)
+    with track_context(user_id="alice"), capture_logs() as logs, pytest.raises(openai.APIError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=50)
+    (lost,) = calls(logs)
+    counted = count_input_tokens(fake.requests[0].json, "chat", "gpt-4o-mini")
+    assert counted is not None
+    assert counted < estimate_input_tokens(fake.requests[0].json, endpoint="chat")
+    assert (lost["outcome"], lost["input_tokens"], lost["output_tokens"]) == ("error", counted, 50)
+    assert used(guard, "alice") == logged_usd(lost) > 0
+
+
+async def test_a_call_cancelled_while_its_plain_body_is_read_is_charged(
+    guard: Guard, clock: FakeClock
+) -> None:
+    # The 200 and its headers came, the body is still on its way when the app's task
+    # is cancelled (a client that disconnects, wait_for): billed, so charged as lost.
+    reading = asyncio.Event()
+
+    class Body(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b'{"id": "chatcmpl-1", "object": "chat.completion", '
+            reading.set()
+            await asyncio.Event().wait()  # the rest never comes
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "application/json"}, stream=Body())
+
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(answer))
+    client = guard.wrap(
+        openai.AsyncOpenAI(base_url="http://llm.test/v1", api_key="k", http_client=http)
+    )
+
+    async def call() -> None:
+        with track_context(user_id="alice"):
+            await client.chat.completions.create(model="gpt-test", messages=PROMPT, max_tokens=50)
+
+    with capture_logs() as logs:
+        task = asyncio.ensure_future(call())
+        await reading.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    (lost,) = calls(logs)
+    assert (lost["outcome"], lost["output_tokens"]) == ("error", 50)
+    assert lost["cost_usd"] == lost["reserved_usd"] > 0
+    keys = guard.ledger.scan("*", now=clock.now())
+    states = [s for s in guard.ledger.read(keys, now=clock.now()) if s.settled or s.pending]
+    assert [(s.settled, s.pending) for s in states] == [(174_000, 0)]  # none left held
+    assert logged_usd(lost) == Decimal("0.000174")
 
 
 # -- gzip ------------------------------------------------------------------------------------
@@ -455,6 +520,44 @@ async def test_untrusted_usage_of_an_anthropic_stream_is_charged_the_reservation
     assert event["outcome"] == "unverified"
     assert event["cost_usd"] == event["reserved_usd"]
     assert [e["reason"] for e in logs if e["event"] == "usage_invalid"] == [problem]
+
+
+def _chat_chunk(content: str, finish: str | None = None) -> dict[str, Any]:
+    delta = {"role": "assistant", "content": content}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": "gpt-test",
+        "created": 1,
+        "choices": [choice],
+    }
+
+
+@pytest.mark.parametrize(
+    ("events", "outcome"),
+    [
+        # The server closed the body cleanly after three deltas: no finish reason, no
+        # usage, no [DONE]. The answer was cut short.
+        ([_chat_chunk("Once"), _chat_chunk(" upon"), _chat_chunk(" a")], "incomplete"),
+        # The answer's finish reason came, then the end, without usage (a server that
+        # ignores stream_options): whole, charged its estimate.
+        ([_chat_chunk("Once"), _chat_chunk(" upon", "stop")], "ok"),
+    ],
+)
+def test_a_stream_that_ends_before_its_finish_is_incomplete(
+    guard: Guard, fake: FakeProvider, events: list[dict[str, Any]], outcome: str
+) -> None:
+    fake.enqueue(Scripted(events=events))
+    client = openai_client(guard, fake)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        for _ in client.chat.completions.create(
+            model="gpt-test", messages=PROMPT, max_tokens=500, stream=True
+        ):
+            pass
+    event = one_call(logs)
+    assert event["outcome"] == outcome
+    assert 0 < logged_usd(event) < Decimal(str(event["reserved_usd"]))
 
 
 def test_a_stream_without_usage_is_charged_its_estimate_not_the_reservation(
