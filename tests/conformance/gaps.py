@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conformance.harness import Case, ReservedTooLittle
+from conformance.harness import Case, ChargedWrongly, ReservedTooLittle
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ class Gap:
     applies: Callable[[Case], bool]
 
 
+_WEB_SEARCH_STREAM = (
+    "pydantic-ai/test_openai_responses/test_openai_responses_model_web_search_tool_stream#0"
+)
+
 GAPS: tuple[Gap, ...] = (
     Gap(
         "azure-deployment-unpriced",
@@ -43,8 +47,18 @@ GAPS: tuple[Gap, ...] = (
         (ReservedTooLittle,),
         lambda case: case.interaction.file == "openllmetry/test_azure/test_chat.yaml",
     ),
+    Gap(
+        "responses-web-search-stream-broken-off",
+        "a Responses stream with the web_search tool, left after its first event, is "
+        "charged the request's own 26 input tokens, while the finished call billed 9,463 "
+        "(8,320 of them cache reads) and a search: what the tool adds to the input, which "
+        "the request does not show, is not counted for a broken-off stream",
+        (ChargedWrongly,),
+        lambda case: case.variant == "break" and case.interaction.id == _WEB_SEARCH_STREAM,
+    ),
 )
-"""Every case is charged exactly; the cases above reserve less than they cost, by design."""
+"""Every case read to its end is charged exactly; the Azure cases reserve less than they
+cost, by design; a broken-off Responses web-search stream is charged too little input."""
 
 
 def gaps_of(case: Case) -> list[Gap]:

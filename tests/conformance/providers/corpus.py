@@ -224,6 +224,219 @@ GEMINI = (
         served=(1,),
     ),
     Recording(
+        "gemini/pydantic-ai/test_google_model_max_tokens_thinking_model_empty_response.yaml",
+        "gemini",
+        Call("genai.agenerate", "gemini-2.5-pro", options=_V1BETA),
+        # Cut off by max_tokens while thinking: no candidatesTokenCount at all.
+        usage=({"prompt_token_count": 15, "thoughts_token_count": 2, "total_token_count": 17},),
+        charge=(Charge(15, 2, reasoning_tokens=2),),
+        price=("google", "gemini-2.5-pro"),
+        kinds=_kinds("generate", "async", "thoughts", "max-tokens"),
+    ),
+    Recording(
+        "gemini/pydantic-ai/test_google_model_thinking_part_iter.yaml",
+        "gemini",
+        Call("genai.stream", "gemini-2.5-pro", options=_V1BETA),
+        # 26 chunks, each with running totals; the first four have no candidatesTokenCount.
+        usage=(
+            {
+                "prompt_token_count": 34,
+                "candidates_token_count": 469,
+                "thoughts_token_count": 787,
+                "total_token_count": 1290,
+            },
+        ),
+        charge=(Charge(34, 1256, reasoning_tokens=787),),
+        price=("google", "gemini-2.5-pro"),
+        kinds=_kinds("stream", "thoughts", "running-totals"),
+    ),
+    Recording(
+        "gemini/pydantic-ai/test_google_model_web_fetch_tool_stream.yaml",
+        "gemini",
+        Call("genai.astream", "gemini-2.5-flash", options=_V1BETA),
+        # URL context: the fetched page is billed as toolUsePromptTokenCount (input).
+        usage=(
+            {
+                "prompt_token_count": 32,
+                "tool_use_prompt_token_count": 4610,
+                "candidates_token_count": 25,
+                "thoughts_token_count": 37,
+                "total_token_count": 4704,
+            },
+        ),
+        charge=(Charge(4642, 62, reasoning_tokens=37),),
+        price=("google", "gemini-2.5-flash"),
+        kinds=_kinds("stream", "async", "thoughts", "tool-use-prompt", "url-context"),
+    ),
+    Recording(
+        "gemini/pydantic-ai/test_google_model_file_search_tool_stream.yaml",
+        "gemini",
+        Call("genai.stream", "gemini-2.5-pro", options=_V1BETA),
+        # #0-#2 create the file search store and upload to it, #4 deletes it: not
+        # metered calls. The retrieved text is toolUsePromptTokenCount (input).
+        usage=(
+            {
+                "prompt_token_count": 15,
+                "tool_use_prompt_token_count": 770,
+                "candidates_token_count": 37,
+                "thoughts_token_count": 742,
+                "total_token_count": 1564,
+            },
+        ),
+        charge=(Charge(785, 779, reasoning_tokens=742),),
+        price=("google", "gemini-2.5-pro"),
+        kinds=_kinds("stream", "thoughts", "tool-use-prompt", "file-search"),
+        served=(3,),
+    ),
+    Recording(
+        "gemini/pydantic-ai/test_google_model_cached_content.yaml",
+        "gemini",
+        Call("genai.generate", "gemini-2.5-flash", calls=2, options=_V1BETA),
+        # Explicit context cache: #0 creates it (cachedContents, not a metered call),
+        # #1 and #2 read 3,512 of their 3,520 prompt tokens from it, #3 deletes it.
+        usage=(
+            {
+                "prompt_token_count": 3520,
+                "cached_content_token_count": 3512,
+                "candidates_token_count": 2,
+                "thoughts_token_count": 42,
+                "total_token_count": 3564,
+            },
+            {
+                "prompt_token_count": 3520,
+                "cached_content_token_count": 3512,
+                "candidates_token_count": 2,
+                "thoughts_token_count": 51,
+                "total_token_count": 3573,
+            },
+        ),
+        charge=(
+            Charge(8, 44, cache_read_tokens=3512, reasoning_tokens=42),
+            Charge(8, 53, cache_read_tokens=3512, reasoning_tokens=51),
+        ),
+        price=("google", "gemini-2.5-flash"),
+        kinds=_kinds("generate", "cache", "cached-content", "thoughts"),
+        served=(1, 2),
+    ),
+    # Google Search grounding: genai-prices prices the grounding fee (web_searches), but
+    # payi_guard does not charge it (README, "Grounding fees per request are not
+    # priced"), so the expected cost is the tokens only; the search results the model
+    # read are toolUsePromptTokenCount, input.
+    Recording(
+        "gemini/pydantic-ai/test_google_model_web_search_tool.yaml",
+        "gemini",
+        Call("genai.generate", "gemini-2.5-pro", calls=2, options=_V1BETA),
+        usage=(
+            {
+                "prompt_token_count": 17,
+                "tool_use_prompt_token_count": 119,
+                "candidates_token_count": 201,
+                "thoughts_token_count": 213,
+                "total_token_count": 550,
+            },
+            {
+                "prompt_token_count": 209,
+                "tool_use_prompt_token_count": 286,
+                "candidates_token_count": 206,
+                "thoughts_token_count": 131,
+                "total_token_count": 832,
+            },
+        ),
+        charge=(
+            Charge(136, 414, reasoning_tokens=213),
+            Charge(495, 337, reasoning_tokens=131),
+        ),
+        price=("google", "gemini-2.5-pro"),
+        kinds=_kinds("generate", "thoughts", "tool-use-prompt", "grounding"),
+    ),
+    Recording(
+        "gemini/pydantic-ai/test_google_model_web_search_tool_stream.yaml",
+        "gemini",
+        Call("genai.stream", "gemini-2.5-pro", options=_V1BETA),
+        # Grounding fee not charged, as above. #1, the follow-up turn, is made without
+        # streaming (generateContent): one recording replays one SDK method, and
+        # test_google_model_web_search_tool above replays that kind of call.
+        usage=(
+            {
+                "prompt_token_count": 17,
+                "tool_use_prompt_token_count": 102,
+                "candidates_token_count": 241,
+                "thoughts_token_count": 412,
+                "total_token_count": 772,
+            },
+        ),
+        charge=(Charge(119, 653, reasoning_tokens=412),),
+        price=("google", "gemini-2.5-pro"),
+        kinds=_kinds("stream", "thoughts", "tool-use-prompt", "grounding", "running-totals"),
+        served=(0,),
+    ),
+    Recording(
+        "gemini/pydantic-ai/test_mixed_content_ordering[google_2_5].yaml",
+        "gemini",
+        Call("genai.generate", "gemini-2.5-flash", calls=2, options=_V1BETA),
+        # #1: an image tool return, part of it (and of the text) read from the
+        # implicit cache; cacheTokensDetails splits the cache reads by modality.
+        usage=(
+            {
+                "prompt_token_count": 38,
+                "candidates_token_count": 12,
+                "thoughts_token_count": 30,
+                "total_token_count": 80,
+            },
+            {
+                "prompt_token_count": 373,
+                "cached_content_token_count": 204,
+                "candidates_token_count": 89,
+                "thoughts_token_count": 167,
+                "total_token_count": 629,
+            },
+        ),
+        charge=(
+            Charge(38, 42, reasoning_tokens=30),
+            Charge(
+                169,
+                256,
+                cache_read_tokens=204,
+                reasoning_tokens=167,
+                media={"input_image_tokens": 258, "cache_image_read_tokens": 141},
+            ),
+        ),
+        price=("google", "gemini-2.5-flash"),
+        kinds=_kinds("generate", "thoughts", "image", "implicit-cache"),
+    ),
+    Recording(
+        "gemini/pydantic-ai/test_multimodal_tool_return_matrix[direct-binary-image-google_2_5].yaml",
+        "gemini",
+        Call("genai.agenerate", "gemini-2.5-flash", calls=2, options=_V1BETA),
+        usage=(
+            {
+                "prompt_token_count": 41,
+                "candidates_token_count": 10,
+                "thoughts_token_count": 226,
+                "total_token_count": 277,
+            },
+            {
+                "prompt_token_count": 345,
+                "cached_content_token_count": 191,
+                "candidates_token_count": 80,
+                "thoughts_token_count": 141,
+                "total_token_count": 566,
+            },
+        ),
+        charge=(
+            Charge(41, 236, reasoning_tokens=226),
+            Charge(
+                154,
+                221,
+                cache_read_tokens=191,
+                reasoning_tokens=141,
+                media={"input_image_tokens": 258, "cache_image_read_tokens": 143},
+            ),
+        ),
+        price=("google", "gemini-2.5-flash"),
+        kinds=_kinds("generate", "async", "thoughts", "image", "implicit-cache"),
+    ),
+    Recording(
         "gemini/crewai/test_gemini_token_usage_tracking.yaml",
         "gemini",
         Call("genai.generate", "gemini-2.0-flash-001", options=_V1BETA),
@@ -240,6 +453,8 @@ _CROSS_REGION_ARN = (
     "arn:aws:bedrock:us-east-1:012345678901:inference-profile/"
     "us.anthropic.claude-3-7-sonnet-20250219-v1:0"
 )
+_SONNET_4_5 = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+_HAIKU_4_5_EU = "eu.anthropic.claude-haiku-4-5-20251001-v1:0"
 
 BEDROCK = (
     Recording(
@@ -419,6 +634,112 @@ BEDROCK = (
         kinds=_kinds("converse", "mistral"),
     ),
     Recording(
+        "bedrock/pydantic-ai/test_bedrock_model_service_tier.yaml",
+        "bedrock",
+        Call("bedrock.converse", "us.amazon.nova-micro-v1:0"),
+        # The request asks for serviceTier default, the response says flex; genai-prices
+        # has no tier prices for Bedrock, so the price is the same at any tier.
+        usage=({"usage.inputTokens": 13, "usage.outputTokens": 5, "usage.totalTokens": 18},),
+        charge=(Charge(13, 5),),
+        price=("aws", "us.amazon.nova-micro-v1:0"),
+        kinds=_kinds("converse", "amazon", "cross-region", "service-tier"),
+    ),
+    Recording(
+        "bedrock/pydantic-ai/test_bedrock_cache_write_and_read.yaml",
+        "bedrock",
+        Call("bedrock.converse", _SONNET_4_5, calls=2),
+        usage=(
+            {
+                "usage.inputTokens": 2,
+                "usage.outputTokens": 5,
+                "usage.totalTokens": 1329,
+                "usage.cacheReadInputTokens": 0,
+                "usage.cacheWriteInputTokens": 1322,
+            },
+            {
+                "usage.inputTokens": 2,
+                "usage.outputTokens": 5,
+                "usage.totalTokens": 1329,
+                "usage.cacheReadInputTokens": 1322,
+                "usage.cacheWriteInputTokens": 0,
+            },
+        ),
+        charge=(Charge(2, 5, cache_write_tokens=1322), Charge(2, 5, cache_read_tokens=1322)),
+        price=("aws", _SONNET_4_5),
+        kinds=_kinds("converse", "anthropic", "cross-region", "cache"),
+    ),
+    Recording(
+        "bedrock/pydantic-ai/test_anthropic_cache_bedrock_real_api.yaml",
+        "bedrock",
+        # Anthropic's Messages body on Bedrock (InvokeModel), EU cross-region profile.
+        Call("bedrock.invoke", _HAIKU_4_5_EU, calls=2, options={"region": "eu-central-1"}),
+        usage=(
+            {
+                "header.input": 3,
+                "header.output": 1944,
+                "header.cache_read": 9511,
+                "header.cache_write": 0,
+                "body.usage.input_tokens": 3,
+                "body.usage.output_tokens": 1944,
+                "body.usage.cache_read_input_tokens": 9511,
+                "body.usage.cache_creation_input_tokens": 0,
+            },
+            {
+                "header.input": 3,
+                "header.output": 44,
+                "header.cache_read": 9511,
+                "header.cache_write": 1956,
+                "body.usage.input_tokens": 3,
+                "body.usage.output_tokens": 44,
+                "body.usage.cache_read_input_tokens": 9511,
+                "body.usage.cache_creation_input_tokens": 1956,
+            },
+        ),
+        charge=(
+            Charge(3, 1944, cache_read_tokens=9511),
+            Charge(3, 44, cache_read_tokens=9511, cache_write_tokens=1956),
+        ),
+        price=("aws", _HAIKU_4_5_EU),
+        kinds=_kinds("invoke", "anthropic", "cross-region", "cache"),
+    ),
+    Recording(
+        "bedrock/pydantic-ai/test_bedrock_model_thinking_part_stream.yaml",
+        "bedrock",
+        Call("bedrock.converse_stream", "us.anthropic.claude-sonnet-4-20250514-v1:0"),
+        usage=({"usage.inputTokens": 36, "usage.outputTokens": 73, "usage.totalTokens": 109},),
+        charge=(Charge(36, 73),),
+        price=("aws", "us.anthropic.claude-sonnet-4-20250514-v1:0"),
+        kinds=_kinds("converse-stream", "anthropic", "cross-region", "event-stream", "thoughts"),
+    ),
+    Recording(
+        "bedrock/pydantic-ai/test_bedrock_native_output_stream.yaml",
+        "bedrock",
+        Call("bedrock.converse_stream", _SONNET_4_5),
+        usage=({"usage.inputTokens": 210, "usage.outputTokens": 18, "usage.totalTokens": 228},),
+        charge=(Charge(210, 18),),
+        price=("aws", _SONNET_4_5),
+        kinds=_kinds("converse-stream", "anthropic", "cross-region", "event-stream"),
+    ),
+    Recording(
+        "bedrock/pydantic-ai/test_bedrock_model_stream_empty_text_delta.yaml",
+        "bedrock",
+        Call("bedrock.converse_stream", "openai.gpt-oss-120b-1:0"),
+        usage=({"usage.inputTokens": 70, "usage.outputTokens": 43, "usage.totalTokens": 113},),
+        charge=(Charge(70, 43),),
+        price=("aws", "openai.gpt-oss-120b-1:0"),
+        kinds=_kinds("converse-stream", "openai", "event-stream"),
+    ),
+    Recording(
+        "bedrock/pydantic-ai/test_bedrock_model_code_execution_tool_stream.yaml",
+        "bedrock",
+        Call("bedrock.converse_stream", "us.amazon.nova-2-lite-v1:0"),
+        # Nova's built-in code interpreter; serverToolUsage is empty.
+        usage=({"usage.inputTokens": 1002, "usage.outputTokens": 59, "usage.totalTokens": 1061},),
+        charge=(Charge(1002, 59),),
+        price=("aws", "us.amazon.nova-2-lite-v1:0"),
+        kinds=_kinds("converse-stream", "amazon", "cross-region", "event-stream", "server-tool"),
+    ),
+    Recording(
         "bedrock/crewai/test_bedrock_async_basic_call.yaml",
         "bedrock",
         Call("bedrock.converse", "us.anthropic.claude-3-5-sonnet-20241022-v2:0"),
@@ -489,6 +810,29 @@ MISTRAL = (
         charge=(Charge(4, 36),),
         price=("mistral", "mistral-large-latest"),
         kinds=_kinds("chat"),
+    ),
+    Recording(
+        "mistral/pydantic-ai/test_mistral_history_uses_prompt_cache.yaml",
+        "mistral",
+        Call("mistral.complete", "mistral-large-latest", calls=2),
+        # The second turn reads 224 of its 268 prompt tokens from Mistral's prompt cache.
+        usage=(
+            {
+                "usage.prompt_tokens": 253,
+                "usage.completion_tokens": 5,
+                "usage.total_tokens": 258,
+                "usage.prompt_tokens_details.cached_tokens": 0,
+            },
+            {
+                "usage.prompt_tokens": 268,
+                "usage.completion_tokens": 5,
+                "usage.total_tokens": 273,
+                "usage.prompt_tokens_details.cached_tokens": 224,
+            },
+        ),
+        charge=(Charge(253, 5), Charge(44, 5, cache_read_tokens=224)),
+        price=("mistral", "mistral-large-latest"),
+        kinds=_kinds("chat", "cache"),
     ),
 )
 

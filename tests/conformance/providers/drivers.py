@@ -29,6 +29,7 @@ import asyncio
 import json
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, TypeVar
 
 DUMMY_KEY = "test-key-not-a-secret"
@@ -270,15 +271,24 @@ _BEDROCK_HEADERS = {
 }
 
 
-def _bedrock_client(call: Call, url: str) -> Any:
+@cache
+def _bedrock_session(region: str) -> Any:
+    """One boto3 session per region, shared by the replays' clients.
+
+    A new session loads botocore's service models again (about 60 ms a client); each
+    client still gets its own endpoint, HTTP session and event hooks.
+    """
     import boto3
+
+    return boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key=DUMMY_KEY, region_name=region
+    )
+
+
+def _bedrock_client(call: Call, url: str) -> Any:
     from botocore.config import Config
 
-    session = boto3.session.Session(
-        aws_access_key_id="testing",
-        aws_secret_access_key=DUMMY_KEY,
-        region_name=call.options.get("region", "us-east-1"),
-    )
+    session = _bedrock_session(call.options.get("region", "us-east-1"))
     config = Config(
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=TIMEOUT,
