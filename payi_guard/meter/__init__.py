@@ -35,7 +35,8 @@ Modules, from the pure ones up:
 * :mod:`~payi_guard.meter.refusal`: how refusals reach the caller;
 * :mod:`~payi_guard.meter.payi_bridge`: Pay-i attribution headers;
 * :mod:`~payi_guard.meter.streams`: metered response streams, settled exactly once;
-* :mod:`~payi_guard.meter.transport`: the guarding transport;
+* :mod:`~payi_guard.meter.transport`: the guarding transport's decisions;
+* :mod:`~payi_guard.meter.transport_classes`: the httpx and httpx2 transports applying them;
 * :mod:`~payi_guard.meter.clients`: installing it (``wrap``, ``instrument``);
 * :mod:`~payi_guard.meter.providers`: the other SDKs' wire formats and installation.
 

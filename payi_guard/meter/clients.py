@@ -34,7 +34,8 @@ from payi_guard.meter import providers
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.payi_bridge import PayiBridge
 from payi_guard.meter.refusal import install_status_error_hook, remove_status_error_hook
-from payi_guard.meter.transport import TransportMeter, transport_classes
+from payi_guard.meter.transport import TransportMeter
+from payi_guard.meter.transport_classes import transport_classes
 
 __all__ = [
     "guarded_by",
