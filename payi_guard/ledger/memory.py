@@ -19,13 +19,13 @@ for a whole window's worth of users and memory stays bounded. A counter whose
 ``expires_at`` has passed reads as zero even before it is swept, as Redis would.
 
 Closed ids (committed or released) are remembered per id, with the keys they were closed
-on, for ``closed_ttl`` seconds (about 300 bytes per call); they are swept the same
-incremental way. The store's clock is the ``now`` passed in: one process, one clock.
+on, for ``closed_ttl`` seconds (:class:`~payi_guard.ledger._memory_closed.ClosedIds`);
+they are swept the same incremental way. The store's clock is the ``now`` passed in: one
+process, one clock.
 """
 
 from __future__ import annotations
 
-import collections
 import heapq
 import math
 import threading
@@ -50,6 +50,7 @@ from payi_guard.ledger._checks import (
 )
 from payi_guard.ledger._glob import glob_regex, literal_prefix
 from payi_guard.ledger._memory_async import AsyncMemoryLedger
+from payi_guard.ledger._memory_closed import ClosedIds
 from payi_guard.ledger._memory_counter import _Counter
 from payi_guard.ledger._memory_journal import JournalStore
 from payi_guard.ledger._tally import TallyStore, immutable_tallies
@@ -93,11 +94,7 @@ class MemoryLedger:
             raise ValueError(f"sweep_batch must be a positive int, got {sweep_batch!r}")
         check_closed_ttl(closed_ttl)
         self._sweep_batch = sweep_batch
-        self._closed_ttl = float(closed_ttl)
-        # id -> (until, keys it was closed on); a FIFO of (until, id) to forget them in
-        # order (entries superseded by a later close of the same id are skipped).
-        self._closed: dict[str, tuple[float, tuple[str, ...]]] = {}
-        self._closed_times: collections.deque[tuple[float, str]] = collections.deque()
+        self._closed = ClosedIds(float(closed_ttl))
         self._lock = threading.Lock()
         self._counters: dict[str, _Counter] = {}
         # expires_at -> keys filed under it, and a heap of those expires_at values.
@@ -150,31 +147,11 @@ class MemoryLedger:
                 heapq.heappop(times)
         return dropped
 
-    def _sweep_closed(self, now: float, budget: int) -> None:
-        times, closed = self._closed_times, self._closed
-        while times and times[0][0] <= now and budget > 0:
-            until, rid = times.popleft()
-            entry = closed.get(rid)
-            if entry is not None and entry[0] == until:
-                del closed[rid]
-            budget -= 1
-
-    def _closed_keys(self, rid: str, now: float) -> tuple[str, ...]:
-        """The keys ``rid`` is closed on (none once it is forgotten)."""
-        entry = self._closed.get(rid)
-        return () if entry is None or entry[0] <= now else entry[1]
-
-    def _close(self, rid: str, already: tuple[str, ...], keys: list[str], now: float) -> None:
-        """Remember ``rid`` as closed on ``keys`` (besides ``already``) from now on."""
-        until = now + self._closed_ttl
-        self._closed[rid] = (until, already + tuple(keys))
-        self._closed_times.append((until, rid))
-
     def _housekeeping(self, now: float) -> None:
         if self._bucket_times and self._bucket_times[0] <= now:
             self._sweep(now, self._sweep_batch)
-        if self._closed_times and self._closed_times[0][0] <= now:
-            self._sweep_closed(now, self._sweep_batch)
+        if self._closed.due(now):
+            self._closed.sweep(now, self._sweep_batch)
         if self._tallies.due(now):
             self._tallies.sweep(now, self._sweep_batch)
 
@@ -237,8 +214,7 @@ class MemoryLedger:
             self._checked_tallies = tallies  # the same tuple again needs no new check
         with self._lock:
             self._housekeeping(now)
-            entry = self._closed.get(reservation_id)
-            closed = () if entry is None or entry[0] <= now else entry[1]
+            closed = self._closed.keys(reservation_id, now)
             if closed and any(c.key in closed for c in charges):
                 lives = [self._live(charge.key, now) for charge in charges]
                 current = tuple(_ZERO if c is None else c.state() for c in lives)
@@ -314,8 +290,7 @@ class MemoryLedger:
         check_operation(reservation_id, charges, tallies, now, None)
         with self._lock:
             self._housekeeping(now)
-            entry = self._closed.get(reservation_id)
-            closed = () if entry is None or entry[0] <= now else entry[1]
+            closed = self._closed.keys(reservation_id, now)
             counters = self._counters
             closing: list[str] = []
             out: list[CounterState] = []
@@ -349,9 +324,7 @@ class MemoryLedger:
                 counter.settled += charge.amount
                 out.append(make_counter_state(counter.settled, counter.pending, counter.refused))
             if closing:
-                until = now + self._closed_ttl
-                self._closed[reservation_id] = (until, closed + tuple(closing))
-                self._closed_times.append((until, reservation_id))
+                self._closed.close(reservation_id, closed, closing, now)
                 if tallies:
                     self._tallies.add(tallies, now)
             return tuple(out)
@@ -391,7 +364,7 @@ class MemoryLedger:
         check_now(now)
         with self._lock:
             self._housekeeping(now)
-            closed = self._closed_keys(reservation_id, now) if self._closed else ()
+            closed = self._closed.keys(reservation_id, now)
             closing: list[str] = []
             out: list[CounterState] = []
             for key in keys:
@@ -402,7 +375,7 @@ class MemoryLedger:
                         counter.close(reservation_id)
                 out.append(_ZERO if counter is None else counter.state())
             if closing:
-                self._close(reservation_id, closed, closing, now)
+                self._closed.close(reservation_id, closed, closing, now)
             return tuple(out)
 
     def renew(self, reservation_id: str, keys: Sequence[str], *, now: float, ttl: float) -> bool:

@@ -141,8 +141,7 @@ def test_closed_ids_stay_bounded(clock: FakeClock) -> None:
     assert len(ledger._closed) == 500
     clock.advance(61)
     ledger.commit("last", [Charge(key, 1, None, exp)], now=clock.now())
-    assert list(ledger._closed) == ["last"]
-    assert len(ledger._closed_times) == 1
+    assert ledger._closed.remembered() == (["last"], 1)
     # Forgotten ids are new ids again.
     assert ledger.commit("c0", [Charge(key, 1, None, exp)], now=clock.now()) == (
         CounterState(502, 0),
