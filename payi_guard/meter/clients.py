@@ -103,6 +103,15 @@ def _provider_hint(client: object, sdk: str) -> str | None:
     return "azure" if isinstance(client, BaseAzureClient) else None
 
 
+def _origin(client: Any) -> tuple[str, str, int | None] | None:
+    """The ``(scheme, host, port)`` an SDK client's ``base_url`` names, if it has one."""
+    url: Any = getattr(client, "base_url", None)
+    port = getattr(url, "port", None)
+    if url is None or not isinstance(port, (int, type(None))):
+        return None
+    return (str(url.scheme), str(url.host), port)
+
+
 def _guard_transports(
     http_client: Any, module: ModuleType, meter: TransportMeter
 ) -> tuple[Any, dict[Any, Any]]:
@@ -133,6 +142,7 @@ def _install(
     source: str,
     sdk: str | None,
     meter_factory: Callable[[ModuleType], TransportMeter] | None = None,
+    origin: tuple[str, str, int | None] | None = None,
 ) -> None:
     module = _http_module(http_client)
     if module is None:
@@ -148,12 +158,26 @@ def _install(
                 # after uninstrument().
                 _restore(http_client, existing)
                 del _installed[http_client]
+            elif source == "wrap" and existing.meter.guard is not guard:
+                raise ValueError(
+                    f"this {type(http_client).__name__} is already guarded by another "
+                    "Guard (an SDK client made with the same http_client was wrapped): "
+                    "its calls would be charged there; give each guard's clients their "
+                    "own http_client"
+                )
             else:
+                origins = existing.meter.origins
+                if origins is not None and origin is not None:
+                    origins.add(origin)  # another SDK client on the same HTTP client
+                elif origin is None:
+                    existing.meter.origins = None  # the HTTP client itself: all its calls
                 return
         if meter_factory is None:
             meter = TransportMeter(guard, options, module, provider_hint)
         else:
             meter = meter_factory(module)
+        if origin is not None:
+            meter.origins = {origin}
         original, mounts = _guard_transports(http_client, module, meter)
         _installed[http_client] = _Installation(original, mounts, source, meter, sdk)
 
@@ -214,7 +238,9 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
     ``AsyncGroq`` and LiteLLM ``HTTPHandler`` / ``AsyncHTTPHandler`` objects
     (:mod:`payi_guard.meter.providers`; a refusal is then the SDK's own rate-limit
     exception). Wrapping twice does nothing more; wrapping a client ``instrument()``
-    already guards makes it keep this guard after ``uninstrument()``.
+    already guards makes it keep this guard after ``uninstrument()``. An SDK client's
+    HTTP client may be the app's own, shared with other requests: only the requests the
+    SDK builds, or sent to its ``base_url``'s host, are metered.
 
     The provider charged is ``openai`` for ``api.openai.com``, ``azure`` for Azure
     clients, ``*.openai.azure.com`` hosts and ``/openai/deployments/...`` paths,
@@ -243,7 +269,8 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
     Raises:
         TypeError: ``client`` is not a supported client, or an option is unknown or of
             the wrong type.
-        ValueError: an option value is out of range.
+        ValueError: an option value is out of range, or another guard already guards
+            the client's HTTP client.
         MissingDependency: ``payi=True`` and the ``payi`` package is not installed.
     """
     sdk = _sdk_of(client)
@@ -264,6 +291,7 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
             provider_hint=_provider_hint(client, sdk),
             source="wrap",
             sdk=sdk,
+            origin=_origin(client),
         )
         return client
     if _http_module(client) is not None:
@@ -295,6 +323,7 @@ def _guard_on_first_use(client: Any) -> None:
             provider_hint=_provider_hint(client, sdk) if sdk else None,
             source="instrument",
             sdk=sdk,
+            origin=_origin(client),
         )
 
 

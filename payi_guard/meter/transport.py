@@ -85,6 +85,8 @@ _STREAM_OPTIONS_STATUSES: Final = frozenset({400, 422})
 
 # An app talks to a handful of URLs: the provider of each is memoised, up to this many.
 _MEMO_SIZE: Final = 256
+_SDK_HEADER: Final = b"x-stainless-lang"
+"""A header the OpenAI, Anthropic and Groq SDKs send with every request they build."""
 
 
 @dataclass(slots=True)
@@ -136,6 +138,11 @@ class TransportMeter:
         self._request_not_read: type[BaseException] = module.RequestNotRead
         # The provider each (scheme, host, port, path) names (see provider_for).
         self._url_providers: dict[tuple[str, str, int | None, str], str] = {}
+        self.origins: set[tuple[str, str, int | None]] | None = None
+        """For an SDK's HTTP client: the ``(scheme, host, port)`` its calls go to. A
+        request elsewhere that the SDK did not build (no ``x-stainless-lang`` header) is
+        the app's own traffic on a client it shares with the SDK: never metered.
+        ``None`` (a plain HTTP client the app wrapped): every metered path is."""
 
     # -- before sending ------------------------------------------------------------------
 
@@ -181,6 +188,12 @@ class TransportMeter:
         endpoint = classify(request.method, path, host)
         if endpoint is None:
             return None
+        origins = self.origins
+        if origins is not None and (url.scheme, host, url.port) not in origins:
+            if not has_header(request.headers, _SDK_HEADER):
+                return None  # the app's own request on an HTTP client shared with the SDK
+            if len(origins) < _MEMO_SIZE:
+                origins.add((url.scheme, host, url.port))  # a copy with another base_url
         try:
             raw: bytes = request.content
         except self._request_not_read:
