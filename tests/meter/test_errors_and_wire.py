@@ -25,9 +25,9 @@ from meter._support import (
     user_message,
 )
 from payi_guard import is_refusal, track_context
+from payi_guard.clock import FakeClock
 from payi_guard.engine import Guard
 from payi_guard.ledger import MAX_UNITS
-from payi_guard.clock import FakeClock
 from payi_guard.meter.tokenizer import count_input_tokens
 from payi_guard.meter.tokens import estimate_input_tokens
 from payi_guard.testing import DEFAULT_REPLY, FakeProvider, Scripted

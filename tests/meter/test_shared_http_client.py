@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx2
 import openai
@@ -24,7 +25,7 @@ PROMPT = user_message("Name three colours")
 class _Service(BaseHTTPRequestHandler):
     """The app's own service: answers every POST with 200 and notes its path."""
 
-    paths: list[str] = []
+    paths: ClassVar[list[str]] = []
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
