@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import threading
 import uuid
@@ -269,6 +270,35 @@ def test_track_generator_active_only_during_steps() -> None:
     with pytest.raises(StopIteration) as stop:
         next(g)
     assert stop.value.value == "done"
+
+
+def test_a_with_block_in_a_generator_stepped_in_fresh_copies_of_the_context() -> None:
+    # Starlette's StreamingResponse steps a sync generator in a fresh copy of the
+    # request's context each time (Django under ASGI too): a block spanning a yield is
+    # left in another copy than it was entered in. That must not fail the response;
+    # between steps (and after) the caller's context is untouched.
+    seen: list[str | None] = []
+
+    def body() -> Generator[str, None, None]:
+        with track_context(user_id="acme:batch"):
+            seen.append(get_context().user_id)
+            yield "a"
+            seen.append(get_context().user_id)  # a new copy: the block's frame is gone
+            yield "b"
+
+    with track_context(user_id="acme:alice"):
+        request = contextvars.copy_context()
+        steps = body()
+        assert request.copy().run(next, steps) == "a"
+        assert request.copy().run(next, steps) == "b"
+        with pytest.raises(StopIteration):
+            request.copy().run(next, steps)
+        assert get_context().user_id == "acme:alice"
+    assert seen == ["acme:batch", "acme:alice"]
+    # @track enters its context at every step: the way to name a generator's user.
+    tracked = track(user_id="acme:batch")(body)()
+    assert [request.copy().run(next, tracked) for _ in range(2)] == ["a", "b"]
+    assert seen[2:] == ["acme:batch", "acme:batch"]
 
 
 def test_track_generator_close_and_throw() -> None:

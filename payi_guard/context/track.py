@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from payi_guard.context.scope import (
     _EMPTY,
+    _ROOT,
     _SCALARS,
     Attribution,
     _Frame,
@@ -196,7 +197,14 @@ class track_context:
         token = self._tokens.pop(id(_frames.get()), None)
         if token is None:  # the block set another frame and left it: undo the latest
             token = self._tokens.popitem()[1]
-        _frames.reset(token)
+        try:
+            _frames.reset(token)
+        except ValueError:
+            # Entered in another copy of the context: a generator that a server steps in
+            # a fresh copy each time (Starlette's StreamingResponse, Django under ASGI)
+            # left the block in a later step. That copy is discarded after the step: put
+            # back what the block replaced there, never fail the app's response.
+            _frames.set(token.old_value if token.old_value is not token.MISSING else _ROOT)
 
     async def __aenter__(self) -> Attribution:
         return self.__enter__()

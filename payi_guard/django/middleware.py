@@ -215,22 +215,35 @@ class GuardMiddleware:
 
     # -- who the request is for -------------------------------------------------------------
 
+    def _header_user(self, request: HttpRequest) -> tuple[str | None, Problem | None]:
+        """The trusted header's user (used last), or the problem of a repeated or invalid one.
+
+        Read first, whoever the request is for: a request carrying the header twice (or
+        several users in it) is a 400 even when a resolver or a signed-in user names it.
+        """
+        identify = self.core.identify
+        try:
+            return identify.header_user(request.headers.get(self._user_header)), None
+        except InvalidUserId as exc:
+            return None, identify.invalid_user(exc, "header")
+
     def _identify(self, request: HttpRequest, rs: RequestScope) -> Problem | None:
         identify = self.core.identify
         options = self.core.options
+        header, problem = self._header_user(request)
+        if problem is not None:
+            return problem
         try:
             if options.user is not None:
                 value, tier = split_user(self._call(options.user, self._user_is_async, request))
                 if value is not None:
                     return identify.assign_user(rs, value, "resolver", tier)
-            # Read first, used last: a repeated header is a 400 even for a signed-in user.
-            header = identify.header_user(request.headers.get(self._user_header))
             value = self._user_of(getattr(request, "user", _NOTHING), options.user is None)
             if value is not None:
                 return identify.assign_user(rs, value, "django")
             if header is not None:
                 return identify.assign_user(rs, header, "header")
-        except InvalidUserId as exc:  # the resolver's id, or a repeated header
+        except InvalidUserId as exc:  # the resolver's id
             return identify.invalid_user(exc, "resolver")
         if identify.wants_session():
             if options.session_id is not None:
@@ -243,20 +256,21 @@ class GuardMiddleware:
     async def _aidentify(self, request: HttpRequest, rs: RequestScope) -> Problem | None:
         identify = self.core.identify
         options = self.core.options
+        header, problem = self._header_user(request)
+        if problem is not None:
+            return problem
         try:
             if options.user is not None:
                 resolved = await self._acall(options.user, self._user_is_async, request)
                 value, tier = split_user(resolved)
                 if value is not None:
                     return identify.assign_user(rs, value, "resolver", tier)
-            # Read first, used last: a repeated header is a 400 even for a signed-in user.
-            header = identify.header_user(request.headers.get(self._user_header))
             value = await self._auser_of(request, options.user is None)
             if value is not None:
                 return identify.assign_user(rs, value, "django")
             if header is not None:
                 return identify.assign_user(rs, header, "header")
-        except InvalidUserId as exc:  # the resolver's id, or a repeated header
+        except InvalidUserId as exc:  # the resolver's id
             return identify.invalid_user(exc, "resolver")
         if identify.wants_session():
             if options.session_id is not None:

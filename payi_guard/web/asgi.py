@@ -405,8 +405,8 @@ class GuardMiddleware:
                     "app.add_middleware(AuthenticationMiddleware, ...)"
                 ),
             )
-        if rs.source is not None:
-            return
+        if rs.source is not None and rs.source != "header":
+            return  # the app's authenticated user wins over the trusted header only
         value = user_of_scope(user)
         if value is None:
             return

@@ -343,6 +343,11 @@ def test_user_setting_names_another_id(guard: Guard, handler: str, resolver: str
         fallback = fetch(handler, "/chat", X_Test_User="42")
     assert named.json()["charged"] == "acme:7"
     assert fallback.json()["charged"] == "42"  # the resolver said None: request.user.pk
+    # A repeated trusted header is a 400 whoever the resolver names.
+    with override_settings(PAYI_GUARD={**options, "trust_user_header": True}):
+        repeated = fetch(handler, "/chat", X_Account="acme:7", xProxy_User_ID="acme:9,acme:10")
+    assert repeated.status == 400
+    assert repeated.headers["Content-Type"] == "application/problem+json"
 
 
 def resolve_with_tier(request: HttpRequest) -> object:

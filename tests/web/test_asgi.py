@@ -317,6 +317,21 @@ async def test_auth_inside_the_guard_is_detected_and_still_charged(guard: Guard)
     assert [e["user_id"] for e in calls] == ["alice", "bob"]
 
 
+async def test_auth_inside_the_guard_still_wins_over_a_trusted_header(guard: Guard) -> None:
+    # The guard read the header before the app's authentication ran (wrong order): the
+    # authenticated user, once known, replaces it, as in the right order.
+    app = build_app(guard, Probe(), auth="inside", trust_user_header=True)
+    async with client(app) as http:
+        with capture_logs(processors=[merge]) as logs:
+            signed_in = await http.get(
+                "/open/chat", headers={**bearer("alice"), "xProxy-User-ID": "acme:bob"}
+            )
+            header_only = await http.get("/open/chat", headers={"xProxy-User-ID": "acme:bob"})
+    assert (signed_in.json()["user"], header_only.json()["user"]) == ("alice", "acme:bob")
+    calls = [e for e in logs if e["event"] == "genai_call"]
+    assert [e["user_id"] for e in calls] == ["alice", "acme:bob"]
+
+
 async def test_scope_writes_inside_reach_outer_middleware(guard: Guard) -> None:
     seen: dict[str, Any] = {}
 
