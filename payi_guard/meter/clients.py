@@ -68,6 +68,8 @@ class _Installation:
 class _Instrumentation:
     guard: Guard
     options: MeterOptions
+    asked: tuple[frozenset[str] | None, dict[str, Any]]
+    """The ``sdks`` and options it was called with (a second call must repeat them)."""
     patches: list[tuple[type[Any], Callable[..., Any], str]] = field(default_factory=list)
 
 
@@ -277,9 +279,14 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
     if sdk is not None:
         http_client = getattr(client, "_client", None)
         if _http_module(http_client) is None:
+            what = type(client).__name__
+            if http_client is not None and _sdk_of(http_client) is not None:
+                raise TypeError(  # client.chat, client.messages: a resource of a client
+                    f"cannot guard {what}: it is a resource of an SDK client; wrap the "
+                    "client itself (guard.wrap(client), then client.chat...)"
+                )
             raise TypeError(
-                f"cannot guard {type(client).__name__}: its HTTP client is not an httpx or "
-                "httpx2 client"
+                f"cannot guard {what}: its HTTP client is not an httpx or httpx2 client"
             )
         meter_options = MeterOptions.from_kwargs(options, refusal="sdk")
         PayiBridge(meter_options.payi)  # fails now, not at the first request
@@ -374,7 +381,7 @@ def instrument(guard: Guard, **options: Any) -> None:
     The SDKs: ``openai``, ``anthropic``, ``google-genai`` (``gemini``), ``boto3``
     ``bedrock-runtime`` (``bedrock``), ``mistralai`` (``mistral``), ``groq`` and
     ``litellm``; each one that is installed, or only those named in ``sdks``.
-    Idempotent for the same guard. The user charged where no context names one is
+    Idempotent for the same guard and arguments. The user charged where no context names one is
     ``guard.default_user_id`` (``Guard.instrument(default_user_id=...)`` sets it).
 
     Args:
@@ -384,6 +391,7 @@ def instrument(guard: Guard, **options: Any) -> None:
 
     Raises:
         RuntimeError: another guard already instrumented the SDKs.
+        ValueError: this guard did, with other ``sdks`` or options.
         MissingDependency: no supported SDK is installed, an SDK named in ``sdks`` is
             not (the message names the extra to install), or ``payi=True`` without
             the ``payi`` package.
@@ -391,20 +399,26 @@ def instrument(guard: Guard, **options: Any) -> None:
         ValueError: an option value is out of range.
     """
     global _instrumentation
+    options = dict(options)
+    sdks = _chosen_sdks(options.pop("sdks", None))
+    meter_options = MeterOptions.from_kwargs(options, refusal="sdk")
+    asked = (None if sdks is None else frozenset(sdks), options)
     with _lock:
         current = _instrumentation
         if current is not None:
-            if current.guard is guard:
+            if current.guard is not guard:
+                raise RuntimeError(
+                    "the OpenAI/Anthropic SDKs are already instrumented by another Guard: "
+                    "call its uninstrument() first"
+                )
+            if current.asked == asked:
                 return
-            raise RuntimeError(
-                "the OpenAI/Anthropic SDKs are already instrumented by another Guard: call "
-                "its uninstrument() first"
+            raise ValueError(
+                "this guard already instrumented the SDKs with other sdks or options: "
+                "call uninstrument() first to change them"
             )
-        options = dict(options)
-        sdks = _chosen_sdks(options.pop("sdks", None))
-        meter_options = MeterOptions.from_kwargs(options, refusal="sdk")
         PayiBridge(meter_options.payi)  # fails now, not at the first request
-        state = _Instrumentation(guard, meter_options)
+        state = _Instrumentation(guard, meter_options, asked)
         for sdk in _SDKS:
             if sdks is not None and sdk not in sdks:
                 continue

@@ -106,6 +106,10 @@ def test_instrument_is_idempotent(instrumented: Guard, fake: FakeProvider) -> No
     assert len(calls(logs)) == 1  # metered once, not once per instrument() call
     assert len(fake.requests) == 1
     assert type(client._client._transport.inner).__name__ == "HTTPTransport"
+    # Other sdks or options than the first call's: an error, not silently the first's.
+    for changed in ({"sdks": ["openai"]}, {"include_usage": False}):
+        with pytest.raises(ValueError, match="call uninstrument\\(\\) first to change them"):
+            instrumented.instrument(**changed)
 
 
 def test_uninstrument_is_idempotent_and_only_for_its_guard(guard: Guard, clock: FakeClock) -> None:

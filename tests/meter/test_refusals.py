@@ -246,3 +246,6 @@ def test_refusal_option_is_validated(guard: Guard, fake: FakeProvider) -> None:
         guard.wrap(httpx2.Client(), include_usages=False)
     with pytest.raises(TypeError, match="expects an OpenAI or Anthropic client"):
         guard.wrap(object())
+    client = openai.OpenAI(base_url=fake.openai_base_url, api_key="k")
+    with pytest.raises(TypeError, match="Chat: it is a resource of an SDK client; wrap the"):
+        guard.wrap(client.chat)
