@@ -117,6 +117,29 @@ def test_refusal_when_estimate_does_not_fit_and_nothing_is_consumed(clock: FakeC
     assert guard.usage("alice")[0].state == "exceeded"
 
 
+def test_a_refusal_names_the_limit_that_resets_last(clock: FakeClock) -> None:
+    # Both the day and the month are spent: the call is refused until the month ends,
+    # so the refusal (and its Retry-After) names the month, not the day the store met first.
+    limits = {"daily": {"max": 0.005, "per": "day"}, "monthly": {"max": 0.005, "per": "month"}}
+    guard = make_guard(clock, limits=limits, default=["daily", "monthly"])
+    spend(guard, "alice", 5000, 0)  # $0.005: both spent
+    for _ in range(2):  # from the store, then from this process's spent cache
+        with track_context(user_id="alice"), pytest.raises(BudgetExceeded) as info:
+            guard.begin(call(1000, 0))
+        assert info.value.limit.name == "monthly"
+        assert info.value.retry_after == 3 * 86_400 + 12 * 3600  # to 2026-12-01T00:00Z
+    # Only the day is spent (the month has room): the day is named.
+    guard = make_guard(
+        clock,
+        limits={**limits, "monthly": {"max": 1, "per": "month"}},
+        default=["daily", "monthly"],
+    )
+    spend(guard, "bob", 5000, 0)
+    with track_context(user_id="bob"), pytest.raises(BudgetExceeded) as info:
+        guard.begin(call(1000, 0))
+    assert (info.value.limit.name, info.value.retry_after) == ("daily", 12 * 3600)
+
+
 def test_all_or_nothing_across_user_org_and_global(clock: FakeClock) -> None:
     guard = make_guard(
         clock,
@@ -1061,7 +1084,9 @@ def test_a_user_whose_calls_are_refused_is_shown_exceeded_until_one_fits(
             Decimal("0.000034"),
             "exceeded",
         )
-        assert guard.exhausted_limit(Attribution(user_id="alice"), read_storage=True) == usage
+        # Not exhausted: a smaller call may fit, so a gate must let the request reach it
+        # (refusing there would keep the state until the window ends).
+        assert guard.exhausted_limit(Attribution(user_id="alice"), read_storage=True) is None
         # Another user on the same limit is not blocked by alice's refusals.
         spend(guard, "bob", 30, 5, est=(30, 20))
         assert guard.usage("bob")[0].state == "ok"

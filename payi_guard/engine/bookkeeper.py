@@ -180,22 +180,37 @@ class Bookkeeper:
         if not self._spent.tags:
             return
         now = plan.now
+        refusing: list[tuple[Counter, CounterState, int]] = []
         for counter, charge in zip(plan.counters, plan.charges, strict=True):
             if charge.max is None:
                 continue
             spent = self._spent.get(counter.key, now)
             if spent is not None and spent.settled + charge.amount > charge.max:
-                state = CounterState(settled=spent.settled, pending=0)
-                self._refuse(plan, counter, state, charge.amount)
+                refusing.append(
+                    (counter, CounterState(settled=spent.settled, pending=0), charge.amount)
+                )
+        if refusing:
+            self._refuse(plan, *_resets_last(refusing))
 
     def _interpret_reserve(self, plan: Plan, result: ReserveResult) -> None:
         if result.ok:
             return
         index = result.refused if result.refused is not None else 0
-        counter = plan.counters[index]
-        state = result.states[index]
-        self._remember_spent(counter, state)
-        self._refuse(plan, counter, state, plan.charges[index].amount)
+        refusing = [(plan.counters[index], result.states[index], plan.charges[index].amount)]
+        # Every limit the call does not fit, not only the first the store found: the
+        # refusal names the one that resets last (the honest Retry-After).
+        for other, (counter, charge, state) in enumerate(
+            zip(plan.counters, plan.charges, result.states, strict=True)
+        ):
+            if (
+                other != index
+                and charge.max is not None
+                and state.used + charge.amount > charge.max
+            ):
+                refusing.append((counter, state, charge.amount))
+        for counter, state, _ in refusing:
+            self._remember_spent(counter, state)
+        self._refuse(plan, *_resets_last(refusing))
 
     def _remember_spent(self, counter: Counter, state: CounterState) -> None:
         limit = counter.enforced_max
@@ -570,3 +585,10 @@ class Bookkeeper:
                 if limit is not None and state.settled >= limit:
                     self._remember_spent(counter, state)
         calls.call(plan, record)
+
+
+def _resets_last(
+    refusing: list[tuple[Counter, CounterState, int]],
+) -> tuple[Counter, CounterState, int]:
+    """Of the counters a call does not fit, the one whose window ends last."""
+    return max(refusing, key=lambda item: item[0].window.end)

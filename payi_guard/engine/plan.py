@@ -149,8 +149,15 @@ def record_attribution(
 
 
 def blocking(usages: Iterable[LimitUsage]) -> LimitUsage | None:
-    """The exhausted block limit that resets last (the honest ``Retry-After``), if any."""
-    exhausted = [u for u in usages if u.type == "block" and u.state == "exceeded"]
+    """The exhausted block limit that resets last (the honest ``Retry-After``), if any.
+
+    Exhausted: nothing remains. A limit ``exceeded`` only because the last call it
+    refused needed more than remains is not: a smaller call may still fit (a gate that
+    refused on it would never let that call through to clear the state).
+    """
+    exhausted = [
+        u for u in usages if u.type == "block" and u.state == "exceeded" and not u.remaining
+    ]
     if not exhausted:
         return None
     return max(exhausted, key=lambda u: u.resets_at)

@@ -19,6 +19,7 @@ from typing import Any
 from payi_guard import log as events
 from payi_guard.context import RequestScope, get_context
 from payi_guard.engine import ANONYMOUS_USER, Guard
+from payi_guard.engine.plan import blocking
 from payi_guard.exceptions import BudgetExceeded, PayiGuardError, StorageError
 from payi_guard.usage import LimitUsage
 from payi_guard.web.options import WebOptions
@@ -206,10 +207,9 @@ class Gate:
     def _verdict(
         self, usages: Sequence[LimitUsage]
     ) -> tuple[LimitUsage | None, tuple[tuple[str, str], ...]]:
-        exhausted = [u for u in usages if u.type == "block" and u.state == "exceeded"]
-        if exhausted:
-            # The limit that resets last is the honest Retry-After.
-            return max(exhausted, key=lambda u: u.resets_at), ()
+        limit = blocking(usages)  # nothing left; the one that resets last
+        if limit is not None:
+            return limit, ()
         return None, self._headers_of(usages)
 
     def refused_user(self) -> str:

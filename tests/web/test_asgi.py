@@ -466,6 +466,37 @@ async def test_storage_failure_in_the_gate_follows_the_policy(
     assert errors[0]["policy"] == policy
 
 
+async def test_the_storage_gate_lets_a_smaller_call_through_after_a_big_one_was_refused(
+    guard: Guard,
+) -> None:
+    # One request asks for more than the $0.001 day holds: refused at the call. The limit
+    # then reads "exceeded" (the last call needed more than remains), but a smaller call
+    # fits: the gate must let it reach the call, or the user is locked out all day.
+    async def chat(request: Request) -> Response:
+        await acall(guard, output_tokens=int(request.query_params["out"]))
+        return PlainTextResponse("ran")
+
+    app = GuardMiddleware(
+        Starlette(routes=[Route("/api/chat", chat)]),
+        guard=guard,
+        guarded_paths=["/api/*"],
+        gate="storage",
+        trust_user_header=True,
+    )
+    async with client(app) as http:
+        big = await http.get("/api/chat?out=100000", headers={"xProxy-User-ID": "alice"})
+        assert big.status_code == 429
+        assert guard.usage("alice")[0].state == "exceeded"
+        small = await http.get("/api/chat?out=10", headers={"xProxy-User-ID": "alice"})
+        assert (small.status_code, small.text) == (200, "ran")
+    assert guard.usage("alice")[0].state == "ok"
+    # Spent to the last nano-dollar, the gate refuses before the endpoint runs.
+    exhaust(guard, "bob")
+    async with client(app) as http:
+        spent = await http.get("/api/chat?out=10", headers={"xProxy-User-ID": "bob"})
+    assert spent.status_code == 429
+
+
 # -- invalid ids and anonymous strategies -------------------------------------------------------
 
 
