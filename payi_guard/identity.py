@@ -80,6 +80,8 @@ about 4.7 times.
 SEPARATOR = ":"
 _SEGMENT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_")
 _VALID = re.compile(r"[A-Za-z0-9._-]+(?::[A-Za-z0-9._-]+)*\Z")
+_DOT_NAMES = frozenset((".", ".."))
+"""Ids a URL cannot hold as a path segment (the users page links each user)."""
 KNOWN_USER_IDS: dict[str, None] = {}
 """Valid ``str`` ids seen lately, each at most :data:`DEFAULT_MAX_LENGTH` long (internal).
 
@@ -148,6 +150,8 @@ def normalize_user_id(value: object, *, max_length: int = DEFAULT_MAX_LENGTH) ->
     text = value if isinstance(value, str) else str(value)
     if len(text) > max_length or not _VALID.match(text):
         raise InvalidUserId(_explain(text, max_length))
+    if text in _DOT_NAMES:
+        raise InvalidUserId("'.' and '..' name folders in a web address, never a user")
     if type(value) is str and len(text) <= DEFAULT_MAX_LENGTH:
         if len(KNOWN_USER_IDS) >= _KNOWN_MAX:
             KNOWN_USER_IDS.clear()

@@ -162,8 +162,9 @@ def parse_usd(value: object) -> int:
         raise ValueError(f"cost_usd must be a number, not {value!r}") from exc
     if not amount.is_finite() or amount < 0:
         raise ValueError("cost_usd must be a finite number >= 0")
-    nano = amount * NANO_USD
-    return int(nano.to_integral_value(rounding=ROUND_CEILING))
+    nano = int((amount * NANO_USD).to_integral_value(rounding=ROUND_CEILING))
+    # 1e-999999999 underflows to 0 on the way (Decimal's exponent floor): still a cost.
+    return 1 if nano == 0 and amount > 0 else nano
 
 
 def parse_usd_change(value: object) -> int:

@@ -690,6 +690,10 @@ def test_record_charges_never_refuses_and_logs_overrun(clock: FakeClock) -> None
         guard.record(user_id="alice", model="test-model", input_tokens=-1)
     with pytest.raises(ValueError, match="cost_usd"):
         guard.record(user_id="alice", model="test-model", cost_usd="-1")
+    # A positive cost is charged at least a nano-dollar, however small (rounded up), even
+    # one so small that multiplying it by a billion underflows.
+    for tiny in ("0.0000000004", "1e-999999999"):
+        assert guard.record(user_id="carol", model="x", cost_usd=tiny).cost_nano == 1
 
 
 async def test_arecord(clock: FakeClock) -> None:

@@ -74,6 +74,8 @@ def test_whitespace_and_control_characters_are_refused_and_never_echoed(
         ("acme:", "non-empty segments"),
         ("acme::alice", "non-empty segments"),
         ("x" * 129, "129 characters long, the maximum is 128"),
+        (".", "'.' and '..' name folders in a web address"),  # the users page links ids
+        ("..", "'.' and '..' name folders in a web address"),
     ],
 )
 def test_reasons_are_specific(value: str, reason: str) -> None:
