@@ -647,12 +647,33 @@ def test_unknown_model_policies(clock: FakeClock) -> None:
         blocked.begin(call(model="no-such-model-xyz"))
 
     allowed = make_guard(clock, unknown_model="allow", default=[{"requests": 5, "per": "day"}])
-    with track_context(user_id="alice"), capture_logs() as logs:
-        allowed.begin(call(model="no-such-model-xyz")).settle(TokenUsage(10, 10))
-    (line,) = events_named(logs, "genai_call")
-    assert line["priced"] is False
-    assert line["cost_usd"] == 0.0
-    assert allowed.usage("alice")[0].used == 1
+    with track_context(user_id="acme:alice"), capture_logs() as logs:
+        for _ in range(2):
+            allowed.begin(call(model="no-such-model-xyz")).settle(TokenUsage(10, 10))
+    lines = events_named(logs, "genai_call")
+    assert [(e["priced"], e["cost_usd"]) for e in lines] == [(False, 0.0)] * 2
+    assert allowed.usage("acme:alice")[0].used == 2
+    # Said once per model: its calls are let through and charged nothing in money.
+    (warned,) = events_named(logs, "unknown_model")
+    assert (warned["outcome"], warned["unknown_model"], warned["model"]) == (
+        "allowed",
+        "allow",
+        "no-such-model-xyz",
+    )
+    assert (warned["user_id"], warned["org_id"], warned["request_id"]) == (
+        "acme:alice",
+        "acme",
+        None,
+    )
+    # Recorded without a cost: said for each record, with the same fields.
+    with capture_logs() as logs:
+        allowed.record(user_id="acme:bob", model="no-such-model-xyz", input_tokens=5)
+    (recorded,) = events_named(logs, "unknown_model")
+    assert (recorded["outcome"], recorded["org_id"], recorded["request_id"]) == (
+        "recorded",
+        "acme",
+        None,
+    )
 
     priced = make_guard(clock, unknown_model={"input_per_mtok": 10, "output_per_mtok": 30})
     with track_context(user_id="alice"):

@@ -401,6 +401,8 @@ class Bookkeeper:
                     model=plan.call.model,
                     provider=plan.call.provider,
                     user_id=plan.subject.user_id,
+                    org_id=plan.subject.org_id,
+                    request_id=plan.attribution.request_id,
                     unknown_model=self._config().unknown_model.action,
                     outcome="recorded",
                     detail="recorded without a USD cost: no price is known for this model",

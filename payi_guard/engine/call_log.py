@@ -143,6 +143,8 @@ class CallLog:
     def __init__(self, log: BoundLog, observers: Observers) -> None:
         self._log = log
         self.observers = observers
+        # The (model, provider) pairs already said to have no price (bounded).
+        self._unpriced: set[tuple[str, str]] = set()
 
     def thresholds(self, plan: Plan, counter: Counter, state: CounterState, amount: int) -> None:
         """Log the thresholds of ``counter``'s limits that adding ``amount`` crossed."""
@@ -187,6 +189,8 @@ class CallLog:
         or ``unknown`` (an attempt may have been).
         """
         attribution = plan.attribution
+        if not record.priced and record.outcome != "recorded":
+            self._unpriced_model(plan)
         info = self._log.info_writer()
         if info is not None:
             direct = info if isinstance(info, events.DirectInfo) else None
@@ -200,6 +204,31 @@ class CallLog:
                     info(events.GENAI_CALL, self._call_fields(plan, record, ledger))
         if self.observers:
             self.observers.call_ended(CallEnded(record, plan.call.endpoint, attribution))
+
+    def _unpriced_model(self, plan: Plan) -> None:
+        """Log ``unknown_model`` once per model (and provider) a call was let through unpriced."""
+        call = plan.call
+        key = (call.model, call.provider)
+        if key in self._unpriced:
+            return
+        if len(self._unpriced) >= _UNPRICED_KEPT:
+            self._unpriced.clear()
+        self._unpriced.add(key)
+        self._log.warning(
+            events.UNKNOWN_MODEL,
+            user_id=plan.subject.user_id,
+            org_id=plan.subject.org_id,
+            model=call.model,
+            provider=call.provider,
+            unknown_model="allow",
+            outcome="allowed",
+            request_id=plan.attribution.request_id,
+            detail=(
+                "no price is known for this model: its calls go ahead and are charged "
+                "nothing in money (said once per model in this process; each genai_call "
+                "line says priced: false)"
+            ),
+        )
 
     @staticmethod
     def _call_fields(plan: Plan, record: CallRecord, ledger: str | None) -> dict[str, Any]:
@@ -257,6 +286,7 @@ _HEADS: dict[tuple[object, ...], str] = {}
 """The JSON text of the first eight of those fields, for each set of their values."""
 
 _HEADS_KEPT = 4096
+_UNPRICED_KEPT = 1024
 _ESCAPE: Callable[[str], str] = json.encoder.encode_basestring_ascii  # what the line uses
 
 
