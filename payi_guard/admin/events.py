@@ -167,12 +167,23 @@ def parse_body(body: bytes) -> tuple[list[object], bool]:
 
 
 def _text(value: object, limit: int) -> str | None:
-    """The value if it is a non-empty string of printable characters up to ``limit``."""
+    """The value if it is a non-empty string of printable characters up to ``limit``.
+
+    Controls are refused, and so are the characters that change how the text around
+    them reads (bidirectional overrides and isolates, line and paragraph separators): a
+    name shown on the users page must read as what it is.
+    """
     if not isinstance(value, str) or not 0 < len(value) <= limit:
         return None
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in _LAYOUT_CHARS for c in value):
         return None
     return value
+
+
+_LAYOUT_CHARS = frozenset(
+    "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+"""Marks that reorder or break the text they sit in (U+202E shows "evil" as "live")."""
 
 
 def _tokens(value: object) -> int | None:

@@ -778,6 +778,9 @@ INVALID_EVENTS: list[tuple[str, dict[str, object], str | None, str]] = [
     ("unknown limit id", {**BASE, "limit_ids": ["project", "nope"]}, "limit_ids[1]", "not defined"),
     ("limit id not text", {**BASE, "limit_ids": [7]}, "limit_ids[0]", "must be a string"),
     ("empty use case", {**BASE, "use_case_name": ""}, "use_case_name", "printable"),
+    # A right-to-left override would show "evil" as "live" on the users page.
+    ("bidi use case", {**BASE, "use_case_name": "\u202eevil"}, "use_case_name", "printable"),
+    ("line separator", {**BASE, "model": "gpt\u2028x"}, "model", "printable"),
     ("use case number", {**BASE, "use_case_name": 3}, "use_case_name", "printable"),
     ("bad request id", {**BASE, "request_id": "has spaces"}, "request_id", "letters"),
 ]
