@@ -230,6 +230,15 @@ class WireStreamState(StreamState):
             )
         if reason == "end" and not tracker.errors:
             return Settlement(TokenUsage(0, 0), "ok", problems=("no usage reported",))
+        if isinstance(tracker, JsonBodyTracker):
+            # A plain answer is generated whole before its headers: the provider billed
+            # it, but its usage was in the part lost. Its input bound and output cap.
+            return Settlement(
+                TokenUsage(max(0, self.fallback_input), self.max_output),
+                "error" if reason == "error" or tracker.errors else "incomplete",
+                response_model=tracker.model,
+                price_context=tracker.price_context,
+            )
         partial = tracker.partial or ParsedUsage(input_tokens=max(0, self.fallback_input))
         usage = replace(
             partial,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from conformance.providers.server import ReplayServer
 from structlog.testing import capture_logs
@@ -61,6 +63,32 @@ async def test_refusal_is_one_rate_limit_error_never_retried(
     assert server.received == []
     assert len(events(logs, "budget_exceeded")) == 1  # max_retries=5 did not retry it
     assert not events(logs, "genai_call")
+
+
+def test_a_plain_answer_lost_after_its_headers_is_charged_its_input_and_cap() -> None:
+    # A plain answer is generated whole before its headers: the provider billed it. The
+    # connection drops halfway through the body, with the usage: the input's bound and
+    # the output cap are charged, as for an OpenAI or Anthropic plain answer.
+    body = served(CREATE)[0].body
+
+    class Cut(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield body[: len(body) // 2]
+            raise httpx.ReadError("connection lost")
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=Cut())
+
+    http = httpx.Client(transport=httpx.MockTransport(answer))
+    guard = make_guard()
+    client = guard.wrap(groq.Groq(api_key="k", http_client=http, max_retries=0))
+    with capture_logs() as logs, pytest.raises(groq.APIConnectionError):
+        client.chat.completions.create(
+            model="llama-3.3-70b-versatile", messages=MESSAGES, max_tokens=50
+        )
+    line = one_call(logs)
+    assert (line["outcome"], line["output_tokens"]) == ("error", 50)
+    assert line["cost_usd"] == line["reserved_usd"] > 0
 
 
 def test_stream_closed_early_is_settled_once(server: ReplayServer) -> None:
