@@ -133,6 +133,18 @@ async def aapply(ledger: AsyncLedger, job: Closing, now: float) -> CounterStates
     return await ledger.commit(job.reservation_id, job.charges, now=now, tallies=job.tallies)
 
 
+def _job_fields(job: Closing) -> dict[str, Any]:
+    """The fields ``storage_recovered`` and ``storage_gave_up`` say of a job."""
+    return {
+        "op": job.op,
+        "user_id": job.user_id,
+        "reservation_id": job.reservation_id,
+        "undoes_reserve": job.undoes_reserve,
+        "attempts": job.attempts,
+        "seconds": round(time.monotonic() - job.started, 3),
+    }
+
+
 def _safely(job: Closing, callback: Callable[..., object], *args: Any) -> None:
     """Run a callback of ``job`` (in the caller's context); what it raises is logged."""
     try:
@@ -271,26 +283,13 @@ class Retrier:
             backoff = 0.0
             self._done()
             if job.error:  # else its first attempt went through: nothing had failed
-                self._log.info(
-                    events.STORAGE_RECOVERED,
-                    op=job.op,
-                    user_id=job.user_id,
-                    reservation_id=job.reservation_id,
-                    undoes_reserve=job.undoes_reserve,
-                    attempts=job.attempts,
-                    seconds=round(time.monotonic() - job.started, 3),
-                )
+                self._log.info(events.STORAGE_RECOVERED, **_job_fields(job))
             _safely(job, job.applied, states)
 
     def _give_up(self, job: Closing) -> None:
         self._log.error(
             events.STORAGE_GAVE_UP,
-            op=job.op,
-            user_id=job.user_id,
-            reservation_id=job.reservation_id,
-            undoes_reserve=job.undoes_reserve,
-            attempts=job.attempts,
-            seconds=round(time.monotonic() - job.started, 3),
+            **_job_fields(job),
             error=job.error,
             applied="unknown" if job.unknown else "no",
         )

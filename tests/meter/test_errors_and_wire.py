@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from decimal import Decimal
 from typing import Any
 
@@ -522,6 +522,20 @@ async def test_untrusted_usage_of_an_anthropic_stream_is_charged_the_reservation
     assert [e["reason"] for e in logs if e["event"] == "usage_invalid"] == [problem]
 
 
+def read_stream(
+    guard: Guard, fake: FakeProvider, script: Scripted
+) -> tuple[MutableMapping[str, Any], list[MutableMapping[str, Any]]]:
+    """Read alice's chat stream (``max_tokens=500``) served as ``script``: its call line, logs."""
+    fake.enqueue(script)
+    client = openai_client(guard, fake)
+    with track_context(user_id="alice"), capture_logs() as logs:
+        for _ in client.chat.completions.create(
+            model="gpt-test", messages=PROMPT, max_tokens=500, stream=True
+        ):
+            pass
+    return one_call(logs), logs
+
+
 def _chat_chunk(content: str, finish: str | None = None) -> dict[str, Any]:
     delta = {"role": "assistant", "content": content}
     choice = {"index": 0, "delta": delta, "finish_reason": finish}
@@ -548,14 +562,7 @@ def _chat_chunk(content: str, finish: str | None = None) -> dict[str, Any]:
 def test_a_stream_that_ends_before_its_finish_is_incomplete(
     guard: Guard, fake: FakeProvider, events: list[dict[str, Any]], outcome: str
 ) -> None:
-    fake.enqueue(Scripted(events=events))
-    client = openai_client(guard, fake)
-    with track_context(user_id="alice"), capture_logs() as logs:
-        for _ in client.chat.completions.create(
-            model="gpt-test", messages=PROMPT, max_tokens=500, stream=True
-        ):
-            pass
-    event = one_call(logs)
+    event, _ = read_stream(guard, fake, Scripted(events=events))
     assert event["outcome"] == outcome
     assert 0 < logged_usd(event) < Decimal(str(event["reserved_usd"]))
 
@@ -565,14 +572,7 @@ def test_a_stream_without_usage_is_charged_its_estimate_not_the_reservation(
 ) -> None:
     # A server that ignores stream_options sends no usage: that is expected of it, so
     # the call is charged from what it streamed (outcome ok), not as untrusted.
-    fake.enqueue(Scripted(omit_usage=True))
-    client = openai_client(guard, fake)
-    with track_context(user_id="alice"), capture_logs() as logs:
-        for _ in client.chat.completions.create(
-            model="gpt-test", messages=PROMPT, max_tokens=500, stream=True
-        ):
-            pass
-    event = one_call(logs)
+    event, logs = read_stream(guard, fake, Scripted(omit_usage=True))
     assert event["outcome"] == "ok"
     assert logged_usd(event) < Decimal(str(event["reserved_usd"]))
     assert not [e for e in logs if e["event"] == "usage_invalid"]
