@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # usage.py formats its amounts with decimal_text()
     from payi_guard.usage import Unit
 
 __all__ = [
+    "DECIMAL_TEXT",
     "NANO_USD",
     "PICO_PER_NANO",
     "PICO_USD",
@@ -44,12 +45,11 @@ PICO_PER_NANO = 1_000
 """Pico-USD per nano-USD: a cost in pico-USD is divided by this (rounding up)."""
 
 _PICO_PER_TOKEN_PER_USD_PER_MTOK = 1_000_000
-_AMOUNT_TEXT = re.compile(
-    r"\s*[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)\s*\Z",
-    re.IGNORECASE,
-)
-"""Dollars as text: ASCII digits (``Decimal`` also reads "١" and "1_000"); NaN and
-infinities are read, to be refused as not finite."""
+DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+"""A decimal number as text in ASCII digits: ``str.isdigit()``, ``int()`` and
+``Decimal()`` also read "١", "１" and "1_000" as numbers."""
+_NOT_FINITE = frozenset(("nan", "inf", "infinity"))
+"""Read too (signed or not, any case), to be refused as not finite."""
 
 
 def _dollars(value: object) -> Decimal:
@@ -61,8 +61,10 @@ def _dollars(value: object) -> Decimal:
     """
     if isinstance(value, float):
         return Decimal(str(value))
-    if isinstance(value, str) and not _AMOUNT_TEXT.match(value):
-        raise ValueError(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not DECIMAL_TEXT.match(text) and text.lstrip("+-").lower() not in _NOT_FINITE:
+            raise ValueError(value)
     return Decimal(value)  # type: ignore[arg-type]
 
 

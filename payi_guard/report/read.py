@@ -18,6 +18,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import IO, BinaryIO, Protocol, cast
 
+from payi_guard.money import DECIMAL_TEXT
+
 __all__ = [
     "MAX_LINE_BYTES",
     "MAX_TOKENS",
@@ -45,8 +47,6 @@ _ZERO = Decimal(0)
 _MAX_COST = Decimal(1_000_000_000)
 _NANO_STEP = Decimal("1e-9")
 """The money unit: payi_guard writes costs in whole nano-dollars."""
-# ASCII digits only: str.isdigit(), int() and Decimal() also read "١" or "１" as digits.
-_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 
 decode_json = json.JSONDecoder(parse_float=Decimal).decode
 """Decode a JSON document with every non-integer number as an exact :class:`~decimal.Decimal`."""
@@ -202,7 +202,7 @@ def as_cost(value: object) -> Decimal | None:
         cost = Decimal(value)
     elif isinstance(value, str):
         text = value.strip()
-        if not _NUMBER_TEXT.match(text):
+        if not DECIMAL_TEXT.match(text):
             return None
         try:
             cost = Decimal(text)
