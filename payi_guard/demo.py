@@ -46,18 +46,22 @@ DEMO_BUDGETS = """\
 version: 1
 storage: memory://
 limits:
-  daily:   {max: 0.010, per: day, warn_at: 0.5}
-  rpm:     {requests: 40, per: minute}
+  daily:      {max: 0.010, per: day, warn_at: 0.5}
+  pro_daily:  {max: 0.050, per: day, warn_at: 0.8}
+  anon_daily: {max: 0.004, per: day}
+  org_month:  {max: 0.500, per: month}
+  all_month:  {max: 5.00, per: month}
+  rpm:        {requests: 40, per: minute}
 default: [daily, rpm]
 tiers:
-  pro: [{max: 0.050, per: day, warn_at: 0.8}, rpm]
+  pro: [pro_daily, rpm]
 users:
   "acme:alice": pro
   "acme:bob": pro
 orgs:
-  acme: [{max: 0.500, per: month}]
-global: [{max: 5.00, per: month}]
-anonymous: {strategy: shared, limits: [{max: 0.004, per: day}]}
+  acme: [org_month]
+global: [all_month]
+anonymous: {strategy: shared, limits: [anon_daily]}
 """
 
 USERS_PAGE = "/guard"

@@ -74,7 +74,7 @@ def seed(guard: Guard, clock: FakeClock) -> None:
             except BudgetExceeded:
                 pass
     clock.advance(4 * 3600)  # the pictures are taken at 2026-11-27T12:40Z
-    guard.adjust("acme:bob", "user:0", "-0.01", reason="support credit")
+    guard.adjust("acme:bob", "pro_daily", "-0.01", reason="support credit")
 
 
 def with_token(app: Any) -> Any:
