@@ -264,26 +264,28 @@ async def read_summaries(guard: Guard, user_ids: Sequence[str]) -> list[UserSumm
 def order_summaries(
     summaries: Iterable[UserSummary], sort: Sort, *, descending: bool
 ) -> list[UserSummary]:
-    """Order summaries by ``sort``; ties keep user-id order (ascending).
+    """Order summaries by ``sort``, as the users page orders its rows.
 
     ``spend`` and ``remaining`` are those of the tightest own money limit; a user
     without one has no spend (lowest) and unlimited remaining (highest). ``limits`` is
     the fullest of a user's limits (its share used, from 0 to 1), as the page's Limits
-    column sorts.
+    column sorts. Ties keep user-id order (ascending), except under ``state``,
+    ``spend`` and ``remaining``, where the bigger spender comes first, then the user id.
     """
     ordered = sorted(summaries, key=lambda s: s.user_id)
     if sort == "name":
         return ordered[::-1] if descending else ordered
-    if sort == "state":
-        return sorted(ordered, key=lambda s: _STATE_RANK[s.state], reverse=descending)
-    if sort == "spend":
-        return sorted(ordered, key=_spend_key, reverse=descending)
     if sort == "org":
         return sorted(ordered, key=lambda s: s.org or "", reverse=descending)
     if sort == "tier":
         return sorted(ordered, key=lambda s: s.tier, reverse=descending)
     if sort == "limits":
         return sorted(ordered, key=_fullest, reverse=descending)
+    ordered.sort(key=_spend_key, reverse=True)  # stable: the ties of the sort below
+    if sort == "state":
+        return sorted(ordered, key=lambda s: _STATE_RANK[s.state], reverse=descending)
+    if sort == "spend":
+        return sorted(ordered, key=_spend_key, reverse=descending)
     return sorted(ordered, key=_remaining_key, reverse=descending)
 
 

@@ -937,6 +937,11 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock)
         browser.wait_for("document.getElementById('status').textContent.includes('4 of 4')")
         html = browser.evaluate("document.documentElement.outerHTML")
         browser.screenshot(shot)
+        # A search the server answers with no user: the page says the filter matched none.
+        browser.open(f"{url}/?q=nobody-matches")
+        browser.wait_for("document.getElementById('status').textContent.includes('0 of 0')")
+        browser.wait_for("!document.getElementById('empty').hidden")
+        no_match = browser.evaluate("document.getElementById('empty').textContent")
         browser.command("Network.clearBrowserCookies")  # a new visitor, with a wrong token
         browser.open(f"{url}/")
         browser.submit(
@@ -969,6 +974,7 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path, clock: FakeClock)
     assert "108,000" in html
     assert "<h1>Acme &lt;b&gt;budgets&lt;/b&gt;</h1>" in html  # the title is text, not markup
     assert "4 of 4 users" in html
+    assert no_match == "No user matches these filters."
 
     assert 'name="token"' in login
     assert "not valid" in login

@@ -256,6 +256,11 @@ async def test_list_filters_sort_and_csv(early_clock: FakeClock) -> None:
             "carol",
         ]
         assert await ids(sort="tier", order="desc") == ["bob", "acme:alice", "acme:bob", "carol"]
+        # Ties of a state (or of what remains) go as the page puts them: the bigger
+        # spender first, then by id, in either order (Export CSV downloads what is shown).
+        ties = ["bob", "carol", "acme:bob"]  # ok, at $0.50, $0.30, $0.10
+        assert await ids(sort="state", order="desc") == ["acme:alice", *ties]  # warning first
+        assert await ids(sort="state", order="asc") == [*ties, "acme:alice"]
         # The Limits column: the fullest limit first (alice's daily $0.90 of $1).
         assert (await ids(sort="limits", order="desc"))[0] == "acme:alice"
         assert await ids(sort="limits", order="desc") == (await ids(sort="limits"))[::-1]
