@@ -513,6 +513,19 @@ def _storage_error(name: str, exc: BaseException, wiring: _Wiring) -> StorageErr
     return StorageError(message)
 
 
+def _client_fault(name: str, exc: Exception) -> StorageError:
+    """What an exception the Redis client raised outside its own error classes means.
+
+    A race inside redis-py (an async cluster client tearing down a connection another
+    task is writing on raises ``AttributeError``) is a failure of the store's client,
+    not of the call's input: the command may have been sent, so its outcome is unknown
+    and the engine undoes or retries it as after a lost reply.
+    """
+    return StorageOutcomeUnknown(
+        f"Redis ledger {name} failed inside the Redis client: {type(exc).__name__}: {exc}"
+    )
+
+
 def _budget_of(client: Any) -> float | None:
     """What each phase of an operation may take: its client's socket timeout.
 

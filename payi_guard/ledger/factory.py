@@ -37,7 +37,9 @@ the master and a Redis Cluster's own redirections may add to that.
 Pools: the ``redis://`` forms use a blocking pool of up to 1000 connections (opened on
 demand), so hundreds of concurrent calls never wait for one; beyond that a call waits
 for a free connection up to the socket timeout. ``max_connections`` and ``timeout``
-(the pool wait) change that. Ledgers opened with the same URI and options in one
+(the pool wait) change that. An asyncio Redis Cluster client opens up to 1000
+connections per node too (redis-py's own default is 100, past which a command fails);
+it does not wait for one. Ledgers opened with the same URI and options in one
 process share one client (the async ones, one per event loop), so several Guards on one
 store share its connections; the last ledger to close closes it.
 
@@ -280,6 +282,12 @@ def _make_client(target: _Target, options: dict[str, Any], flavour: str, watch: 
         pool = client.connection_pool
         pool.connection_class = wrap(pool.connection_class, watch)
         return client
+    if flavour == "async":
+        # redis-py's async cluster client opens at most 100 connections per node by
+        # default and fails a command past that (MaxConnectionsError, a connection
+        # error, on which it drops every connection to that node): a burst of a few
+        # hundred calls would fail calls that a healthy store could serve.
+        kwargs.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
     nodes = [cluster_mod.ClusterNode(host, port) for host, port in target.hosts]
     return cluster_mod.RedisCluster(startup_nodes=nodes, **kwargs)
 

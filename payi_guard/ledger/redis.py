@@ -93,6 +93,7 @@ from payi_guard.ledger._redis_plans import (
     _adjust_plan,
     _budget_of,
     _Call,
+    _client_fault,
     _collect,
     _commit_plan,
     _deliver,
@@ -227,6 +228,10 @@ class RedisLedger:
                     return send(script.sha, keys, args)
         except self._errors as exc:
             raise _storage_error(name, exc, self._wiring) from exc
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise _client_fault(name, exc) from exc
 
     def _run(self, plan: _Plan[T]) -> T:
         try:

@@ -38,6 +38,7 @@ from payi_guard.ledger import (
     open_async_ledger,
     open_ledger,
 )
+from payi_guard.ledger._redis_plans import _SCRIPT_NAMES, _script_source
 from payi_guard.ledger.factory import DEFAULT_TIMEOUT
 from payi_guard.ledger.redis import CLOSED_SUFFIX, INDEX_SUFFIX
 
@@ -389,7 +390,9 @@ async def _grouping_scenario(
 ) -> None:
     a, a_tokens, b, c = _grouping_keys(prefix)
     every = [a, a_tokens, b, c]
-    await adapter.read(every, now=now)  # connect and load the read script
+    await adapter.read(every, now=now)  # connect
+    for name in _SCRIPT_NAMES:  # whatever the server's script cache holds, no load counted
+        raw.script_load(_script_source(name))
 
     # Success: one script run per slot (a and a_tokens share one).
     charges = [Charge(a, 100, 1000, EXPIRES), Charge(b, 100, 1000, EXPIRES),
@@ -424,6 +427,12 @@ async def _grouping_scenario(
     assert not raw.hexists(b, "r:no")
     # A rollback is not a release: the refused id is not closed (as on one slot).
     assert raw.zscore(a + CLOSED_SUFFIX, "no") is None
+    # Nor does it forget the ids closed before it: a retried commit is applied once.
+    assert raw.zscore(a + CLOSED_SUFFIX, "ok") is not None
+    assert raw.pttl(a + CLOSED_SUFFIX) > 0
+    assert await adapter.commit("ok", charges, now=now) == (before[0], before[2], before[1],
+                                                            before[3])  # fmt: skip
+    assert await adapter.read(every, now=now) == before
 
     # The first group refuses at index 2 but a later group has a lower failing index:
     # that one is reported, as a single script would.
@@ -749,6 +758,79 @@ async def test_real_cluster_scan_lists_keys_of_every_slot(
     assert len(await aio.scan("s:{u:*", now=clock.now(), limit=7)) == 7
     sync.close()
     await aio.aclose()
+
+
+async def test_real_cluster_serves_a_burst_of_concurrent_async_calls(
+    cluster_port: int, clock: FakeClock
+) -> None:
+    # Rounds of 300 reserve-and-commit pairs at once on one node (a user's, an org's and
+    # the global counter each): more connections than redis-py's own per-node default
+    # (100), past which its cluster client fails commands and drops its connections.
+    aio = open_async_ledger(f"redis+cluster://127.0.0.1:{cluster_port}")
+    now = clock.now()
+    shared = ["burst:{o:acme}:usd", "burst:{g}:usd"]
+
+    async def call(i: int) -> None:
+        keys = [f"burst:{{u:user{i % 7}}}:usd", *shared]
+        held = [Charge(key, 10, None, EXPIRES) for key in keys]
+        assert (await aio.reserve(f"b{i}", held, now=now, ttl=60)).ok
+        await aio.commit(f"b{i}", [Charge(key, 3, None, EXPIRES) for key in keys], now=now)
+
+    for round_ in range(3):
+        calls = (call(round_ * 300 + i) for i in range(300))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert [r for r in results if isinstance(r, BaseException)] == []
+    users = [f"burst:{{u:user{i}}}:usd" for i in range(7)]
+    states = await aio.read([*users, *shared], now=now)
+    assert [state.settled for state in states[7:]] == [900 * 3, 900 * 3]
+    assert sum(state.settled for state in states[:7]) == 900 * 3
+    assert sum(state.pending for state in states) == 0
+    await aio.aclose()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_an_exception_inside_the_redis_client_is_an_unknown_outcome(
+    flavour: str, monkeypatch: pytest.MonkeyPatch, clock: FakeClock, key_prefix: str
+) -> None:
+    # A race inside redis-py (a connection torn down under a command) raises an
+    # AttributeError; the ledger reports it as a storage failure of unknown outcome, and
+    # a grouped reserve undoes the groups it had reserved.
+    a, _, b, c = _grouping_keys(key_prefix)
+    raw = redis.Redis(host="127.0.0.1", port=6379)
+    for name in _SCRIPT_NAMES:  # no load among the sends counted below
+        raw.script_load(_script_source(name))
+    module: Any = redis.connection if flavour == "sync" else redis.asyncio.connection
+    original = module.AbstractConnection.send_packed_command
+    sends = 0
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal sends
+        sends += 1
+        if sends == 3:  # the third group's reserve
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+        return original(self, *args, **kwargs)
+
+    charges = [Charge(k, 5, 100, EXPIRES) for k in (a, b, c)]
+    rid = f"torn-{flavour}"
+    monkeypatch.setattr(module.AbstractConnection, "send_packed_command", broken)
+    if flavour == "sync":
+        ledger = RedisLedger(redis.Redis(host="127.0.0.1", port=6379), group_by_slot=True)
+        with pytest.raises(StorageOutcomeUnknown, match="inside the Redis client"):
+            ledger.reserve(rid, charges, now=clock.now(), ttl=60)
+        monkeypatch.undo()
+        ledger.close()
+    else:
+        aio = AsyncRedisLedger(
+            lambda: redis.asyncio.Redis(host="127.0.0.1", port=6379), group_by_slot=True
+        )
+        with pytest.raises(StorageOutcomeUnknown, match="inside the Redis client"):
+            await aio.reserve(rid, charges, now=clock.now(), ttl=60)
+        monkeypatch.undo()
+        await aio.aclose()
+    assert sends >= 3
+    for key in (a, b, c):
+        assert not raw.hexists(key, f"r:{rid}")  # nothing left held
+    raw.close()
 
 
 # -- Sentinel, Unix socket, valkey:// --------------------------------------------------------------

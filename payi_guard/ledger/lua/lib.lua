@@ -73,10 +73,18 @@ local function is_closed(closed, id, now)
   return until_ ~= false and tonumber(until_) > now
 end
 
--- Remember that `id` is closed on this counter for `keep` seconds.
+-- Remember that `id` is closed on this counter for `keep` seconds (0: remember nothing,
+-- as the rollback of a reserve does). The set's expiry is only ever pushed later: the
+-- other ids in it are remembered as long as they were promised.
 local function close_id(closed, id, now, keep)
+  if keep <= 0 then
+    return
+  end
   redis.call('ZADD', closed, fmt_time(now + keep), id)
-  redis.call('PEXPIRE', closed, math.ceil(keep * 1000))
+  local ms = math.ceil(keep * 1000)
+  if redis.call('PTTL', closed) < ms then
+    redis.call('PEXPIRE', closed, ms)
+  end
 end
 
 -- settled, pending, refused of a counter.
