@@ -33,7 +33,11 @@ from payi_guard.exceptions import MissingDependency
 from payi_guard.meter import providers
 from payi_guard.meter.options import MeterOptions
 from payi_guard.meter.payi_bridge import PayiBridge
-from payi_guard.meter.refusal import install_status_error_hook, remove_status_error_hook
+from payi_guard.meter.refusal import (
+    install_status_error_hook,
+    refusal_response,
+    remove_status_error_hook,
+)
 from payi_guard.meter.transport import TransportMeter
 from payi_guard.meter.transport_classes import transport_classes
 
@@ -103,6 +107,31 @@ def _provider_hint(client: object, sdk: str) -> str | None:
     except ImportError:  # pragma: no cover - an openai client implies openai
         return None
     return "azure" if isinstance(client, BaseAzureClient) else None
+
+
+def _meter_factory(
+    client: object, guard: Guard, options: MeterOptions
+) -> Callable[[ModuleType], TransportMeter] | None:
+    """The meter of an SDK client whose requests are not in its SDK's own wire format.
+
+    ``anthropic.AnthropicBedrock`` sends each Messages call to Bedrock's runtime API
+    (``/model/{modelId}/invoke``, ``invoke-with-response-stream``: an AWS event
+    stream), signed: it is metered as Bedrock (:class:`BedrockDialect`), charged under
+    ``aws``, and sent exactly as signed; a refusal is the SDK's ``RateLimitError``.
+    ``None`` for every other client (the OpenAI / Anthropic meter).
+    """
+    if not any(cls.__module__.startswith("anthropic.lib.bedrock") for cls in type(client).__mro__):
+        return None
+    from payi_guard.meter.providers.bedrock_wire import BedrockDialect
+    from payi_guard.meter.providers.meter import ProviderMeter
+
+    def refuse(module: ModuleType, request: Any, exc: Any) -> Any:
+        return refusal_response(module, request, exc, problem=False)
+
+    def build(module: ModuleType) -> TransportMeter:
+        return ProviderMeter(guard, options, module, (BedrockDialect(),), refuse)
+
+    return build
 
 
 def _origin(client: Any) -> tuple[str, str, int | None] | None:
@@ -246,7 +275,8 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
 
     The provider charged is ``openai`` for ``api.openai.com``, ``azure`` for Azure
     clients, ``*.openai.azure.com`` hosts and ``/openai/deployments/...`` paths,
-    ``anthropic`` for the Messages API, the genai-prices provider whose API address the
+    ``anthropic`` for the Messages API (``aws`` through ``AnthropicBedrock``, ``google``
+    through ``AnthropicVertex``), the genai-prices provider whose API address the
     base URL is (``groq`` for ``https://api.groq.com/openai/v1``, ``deepseek``,
     ``openrouter``...), and ``openai-compatible`` for any other base URL.
 
@@ -298,6 +328,7 @@ def wrap(guard: Guard, client: Any, **options: Any) -> Any:
             provider_hint=_provider_hint(client, sdk),
             source="wrap",
             sdk=sdk,
+            meter_factory=_meter_factory(client, guard, meter_options),
             origin=_origin(client),
         )
         return client
@@ -330,6 +361,7 @@ def _guard_on_first_use(client: Any) -> None:
             provider_hint=_provider_hint(client, sdk) if sdk else None,
             source="instrument",
             sdk=sdk,
+            meter_factory=_meter_factory(client, current.guard, current.options),
             origin=_origin(client),
         )
 

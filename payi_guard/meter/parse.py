@@ -91,11 +91,12 @@ class Endpoint:
     Attributes:
         kind: ``"chat"``, ``"responses"``, ``"embeddings"``, ``"completions"`` or
             ``"anthropic_messages"``.
-        provider: ``"anthropic"`` for the Messages API, ``"azure"`` for an Azure OpenAI
-            path or host, else ``"openai"`` (OpenAI itself or any OpenAI-compatible
-            server behind a custom ``base_url``).
+        provider: ``"anthropic"`` for the Messages API, ``"google"`` for Claude on
+            Vertex AI, ``"azure"`` for an Azure OpenAI path or host, else ``"openai"``
+            (OpenAI itself or any OpenAI-compatible server behind a custom ``base_url``).
         deployment: the Azure deployment named in the path
-            (``/openai/deployments/{deployment}/...``), if any.
+            (``/openai/deployments/{deployment}/...``), or the model a Vertex AI path
+            names (``.../publishers/anthropic/models/{model}:rawPredict``), if any.
     """
 
     kind: EndpointKind
@@ -120,9 +121,11 @@ def classify(method: str, path: str, host: str | None = None) -> Endpoint | None
     OpenAI-compatible ``base_url``, Azure's
     ``/openai/deployments/{deployment}/chat/completions?api-version=...``. Anthropic's
     Messages API must end in ``/v1/messages``; ``/v1/messages/count_tokens`` and message
-    batches are not metered. ``/responses/compact`` is metered as a Responses call (it
-    runs the model and reports the same usage object). Everything else (files, audio,
-    models, fine-tuning, stored-completion listings) is passthrough.
+    batches are not metered. Claude on Vertex AI (``anthropic.AnthropicVertex``):
+    ``.../publishers/anthropic/models/{model}:rawPredict`` and ``:streamRawPredict``.
+    ``/responses/compact`` is metered as a Responses call (it runs the model and reports
+    the same usage object). Everything else (files, audio, models, fine-tuning,
+    stored-completion listings) is passthrough.
 
     Args:
         method: the HTTP method.
@@ -155,6 +158,8 @@ def _classify(method: str, path: str, host: str | None) -> Endpoint | None:
     segments = [s for s in path.split("?", 1)[0].split("#", 1)[0].split("/") if s]
     if segments[-2:] == ["v1", "messages"]:
         return Endpoint("anthropic_messages", provider="anthropic")
+    if segments[-4:-1] == ["publishers", "anthropic", "models"]:
+        return _vertex_anthropic(segments[-1])
     for suffix, kind in _OPENAI_SUFFIXES:
         if tuple(segments[-len(suffix) :]) != suffix:
             continue
@@ -165,6 +170,23 @@ def _classify(method: str, path: str, host: str | None) -> Endpoint | None:
         azure = deployment is not None or _is_azure_host(host)
         return Endpoint(kind, provider="azure" if azure else "openai", deployment=deployment)
     return None
+
+
+# The methods of Vertex AI's Anthropic models that run the Messages API.
+_VERTEX_METHODS: Final = frozenset({"rawPredict", "streamRawPredict"})
+
+
+def _vertex_anthropic(segment: str) -> Endpoint | None:
+    """``{model}:rawPredict`` or ``:streamRawPredict`` of Claude on Vertex AI.
+
+    The body is a Messages request without its model, which the path names (``@`` and
+    ``;`` may come percent-encoded); ``count-tokens:rawPredict`` counts tokens and is
+    not metered. Charged under ``google``: Vertex AI's prices.
+    """
+    model, _, method = unquote(segment).rpartition(":")
+    if method not in _VERTEX_METHODS or not model or model == "count-tokens":
+        return None
+    return Endpoint("anthropic_messages", provider="google", deployment=model)
 
 
 def _is_azure_host(host: str | None) -> bool:

@@ -160,7 +160,7 @@ class TransportMeter:
         provider = self.options.provider
         if provider is not None:
             return provider
-        if endpoint.provider in ("anthropic", "azure"):
+        if endpoint.provider in ("anthropic", "azure", "google"):
             return endpoint.provider
         if self.provider_hint == "azure":
             return "azure"
