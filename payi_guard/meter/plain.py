@@ -96,7 +96,8 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
 
     Returns:
         The usage to charge, or ``None`` when a count cannot be trusted (then
-        :func:`~payi_guard.meter.parse.openai_usage` tells which).
+        :func:`~payi_guard.meter.parse.openai_usage` tells which) or ``total_tokens``
+        counts output the other counts leave out (``openai_usage`` adds it).
     """
     total = usage.get("prompt_tokens")
     if type(total) is not int or total < 0:
@@ -108,6 +109,9 @@ def openai_token_usage(usage: dict[str, Any], *, output: bool = True) -> TokenUs
         out = 0
     else:
         return None
+    grand = usage.get("total_tokens")
+    if output and type(grand) is int and grand > total + out:
+        return None  # output the counts leave out: read by openai_usage
     details = usage.get("prompt_tokens_details")
     answer = usage.get("completion_tokens_details")
     if type(details) is not dict:

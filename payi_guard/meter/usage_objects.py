@@ -140,7 +140,9 @@ def openai_usage(usage: Mapping[str, Any], *, output: bool = True) -> ParsedUsag
 
     These count ``prompt_tokens`` (cache reads and cache writes included, as
     ``prompt_tokens_details.cached_tokens`` and ``.cache_write_tokens``) and
-    ``completion_tokens``.
+    ``completion_tokens``. A ``total_tokens`` above their sum counts output the two leave
+    out (Gemini's thoughts through its OpenAI-compatible API, billed as output): it is
+    added to the output, as reasoning.
 
     Args:
         usage: the object.
@@ -182,13 +184,20 @@ def _openai_style(
         cached = min(total_input, counts.read(details, "cached_tokens", prompt[1]))
         written = counts.read(details, "cache_write_tokens", prompt[1])
         written = min(total_input - cached, written)
-    reasoning = _int(_dig(usage, completion[1], "reasoning_tokens"))
+    reasoning = min(_int(_dig(usage, completion[1], "reasoning_tokens")), output)
+    total = usage.get("total_tokens")
+    if output_required and type(total) is int and total > total_input + output:
+        # Output the counts leave out: Gemini's OpenAI-compatible API reports its
+        # thoughts, billed as output, only in the total.
+        hidden = total - total_input - output
+        output += hidden
+        reasoning += hidden
     return ParsedUsage(
         input_tokens=total_input - cached - written,
         output_tokens=output,
         cache_read_tokens=cached,
         cache_write_tokens=written,
-        reasoning_tokens=min(reasoning, output),
+        reasoning_tokens=reasoning,
         complete=True,
         media=openai_media(
             usage, total_input - cached - written, cached, output, (prompt[1], completion[1])

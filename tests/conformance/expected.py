@@ -17,6 +17,10 @@ Billing rules taken from the providers' pricing pages:
 * A Responses call is billed ``tool_usage.web_search.num_requests`` web searches where
   the response reports it, else one per ``web_search_call`` output item.
 * Anthropic bills ``usage.server_tool_use.web_search_requests`` per request.
+* Gemini's OpenAI-compatible API (``generativelanguage.googleapis.com/v1beta/openai``)
+  counts the model's thoughts, which Google bills as output, in ``total_tokens`` only:
+  the output billed is ``total_tokens - prompt_tokens`` when that is more than
+  ``completion_tokens``.
 * When Anthropic reports ``usage.iterations`` (compaction, advisor), the bill is the sum
   of the iterations, each at the price of its own model (the call's model when the
   iteration names none); the top-level counts cover only part of them.
@@ -186,9 +190,11 @@ def _openai_tokens(usage: Mapping[str, Any], *, prompt: str, completion: str) ->
     total = _int(usage.get(prompt))
     cached = _int(_dig(usage, details, "cached_tokens"))
     written = _int(_dig(usage, details, "cache_write_tokens"))
+    # Thoughts Gemini's OpenAI-compatible API counts only in the total: billed as output.
+    output = max(_int(usage.get(completion)), _int(usage.get("total_tokens")) - total)
     return Tokens(
         input_tokens=total - cached - written,
-        output_tokens=_int(usage.get(completion)),
+        output_tokens=output,
         cache_read_tokens=cached,
         cache_write_tokens=written,
     )

@@ -357,7 +357,7 @@ def test_request_info_over_the_recorded_requests() -> None:
 
 
 def test_openai_token_usage_is_the_full_parse_when_trusted() -> None:
-    trusted = untrusted = media = 0
+    trusted = untrusted = media = hidden = 0
     for usage in _usage_variants():
         for output in (True, False):
             parsed = openai_usage(usage, output=output)
@@ -365,6 +365,9 @@ def test_openai_token_usage_is_the_full_parse_when_trusted() -> None:
             if parsed.problems:
                 assert fast is None, usage
                 untrusted += 1
+            elif output and _total_above_counts(usage):
+                assert fast is None, usage  # the full parse adds the output the total hides
+                hidden += 1
             elif isinstance(usage.get("prompt_tokens_details"), MappingProxyType):
                 assert fast is None or fast == parsed.to_token_usage()
             else:
@@ -375,6 +378,15 @@ def test_openai_token_usage_is_the_full_parse_when_trusted() -> None:
     assert trusted > 100
     assert untrusted > 100
     assert media > 50
+    assert hidden > 10
+
+
+def _total_above_counts(usage: dict[str, Any]) -> bool:
+    counts = [usage.get(k) for k in ("total_tokens", "prompt_tokens", "completion_tokens")]
+    if not all(type(c) is int for c in counts):
+        return False
+    total, prompt, completion = counts
+    return bool(total > prompt + completion)
 
 
 def _plain_bodies() -> Iterator[tuple[Endpoint, bytes]]:
