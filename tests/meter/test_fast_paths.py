@@ -382,11 +382,12 @@ def test_openai_token_usage_is_the_full_parse_when_trusted() -> None:
 
 
 def _total_above_counts(usage: dict[str, Any]) -> bool:
-    counts = [usage.get(k) for k in ("total_tokens", "prompt_tokens", "completion_tokens")]
-    if not all(type(c) is int for c in counts):
+    total, prompt, completion = (
+        usage.get(k) for k in ("total_tokens", "prompt_tokens", "completion_tokens")
+    )
+    if type(total) is not int or type(prompt) is not int or type(completion) is not int:
         return False
-    total, prompt, completion = counts
-    return bool(total > prompt + completion)
+    return total > prompt + completion
 
 
 def _plain_bodies() -> Iterator[tuple[Endpoint, bytes]]:
