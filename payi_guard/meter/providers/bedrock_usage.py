@@ -100,8 +100,13 @@ def metrics_usage(metrics: Mapping[str, Any]) -> ParsedUsage:
     )
 
 
-def header_report(headers: Mapping[str, str] | Any) -> Report | None:
-    """The usage of the ``X-Amzn-Bedrock-*-Token-Count`` headers, if the response has them."""
+def header_report(headers: Mapping[str, str] | Any, *, output: bool = True) -> Report | None:
+    """The usage of the ``X-Amzn-Bedrock-*-Token-Count`` headers, if the response has them.
+
+    Args:
+        headers: the response's headers.
+        output: whether the output count must be there (an embedding answer has none).
+    """
     if headers.get(_HEADERS["input"]) is None and headers.get(_HEADERS["output"]) is None:
         return None
     values: dict[str, Any] = {}
@@ -114,7 +119,7 @@ def header_report(headers: Mapping[str, str] | Any) -> Report | None:
     return Report.read(
         lambda: ParsedUsage(
             input_tokens=count(values, "input"),
-            output_tokens=count(values, "output"),
+            output_tokens=count(values, "output", default=None if output else 0),
             cache_read_tokens=count(values, "cache_read", default=0),
             cache_write_tokens=count(values, "cache_write", default=0),
             complete=True,
@@ -127,8 +132,9 @@ def family_usage(body: Mapping[str, Any]) -> ParsedUsage:
 
     Anthropic (``usage.input_tokens``...), Nova (``usage.inputTokens``...), Titan
     (``inputTextTokenCount`` and the results' ``tokenCount``, or a stream chunk's
-    ``totalOutputTextTokenCount``), Meta (``prompt_token_count``,
-    ``generation_token_count``), OpenAI-style (``usage.prompt_tokens``...).
+    ``totalOutputTextTokenCount``; an embedding's ``inputTextTokenCount`` alone), Meta
+    (``prompt_token_count``, ``generation_token_count``), OpenAI-style
+    (``usage.prompt_tokens``...).
 
     Raises:
         UntrustedUsage: none of these is there, or a count cannot be trusted.
@@ -167,6 +173,8 @@ def family_usage(body: Mapping[str, Any]) -> ParsedUsage:
     if "inputTextTokenCount" in body:
         if "totalOutputTextTokenCount" in body:
             output = count(body, "totalOutputTextTokenCount")
+        elif "embedding" in body or "embeddingsByType" in body:
+            output = 0  # a Titan embedding: input only
         else:
             results = body.get("results")
             if not isinstance(results, list) or not results:

@@ -235,7 +235,7 @@ class BedrockDialect(Dialect):
             return InvokeStream()
         if operation == "converse":
             return JsonBodyTracker(_converse_body_report)
-        headed = header_report(headers)
+        headed = header_report(headers, output=endpoint.kind != "embeddings")
         if headed is not None and headed.usage is not None and headed.usage.cache_write_tokens:
             # The body may split the cache writes by lifetime: read it too.
             return JsonBodyTracker(partial(_headed_body_report, headed))

@@ -616,6 +616,15 @@ BEDROCK = (
         kinds=_kinds("converse", "anthropic", "cross-region", "arn", "guardrail"),
     ),
     Recording(
+        "bedrock/pydantic-ai/TestBedrock.test_titan_v2_minimal.yaml",
+        "bedrock",
+        Call("bedrock.invoke", "amazon.titan-embed-text-v2:0"),
+        usage=({"header.input": 5, "body.inputTextTokenCount": 5},),
+        charge=(Charge(5, 0),),
+        price=("aws", "amazon.titan-embed-text-v2:0"),
+        kinds=_kinds("invoke", "amazon", "embeddings"),
+    ),
+    Recording(
         "bedrock/pydantic-ai/test_bedrock_model_stream.yaml",
         "bedrock",
         Call("bedrock.converse_stream", "amazon.nova-micro-v1:0"),

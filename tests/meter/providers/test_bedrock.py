@@ -157,6 +157,29 @@ def test_invoke_body_left_unread_is_charged_from_the_headers(server: ReplayServe
     assert (call_event["input_tokens"], call_event["output_tokens"]) == (16, 19)
 
 
+def test_a_titan_embedding_without_count_headers_is_charged_from_its_body(
+    server: ReplayServer,
+) -> None:
+    # The recorded answer (bedrock/pydantic-ai/TestBedrock.test_titan_v2_minimal) without
+    # its token-count header, as a proxy that drops it would pass it on.
+    model = "amazon.titan-embed-text-v2:0"
+    uri = f"https://bedrock-runtime.us-east-1.amazonaws.com/model/{model}/invoke"
+    server.load([made_up(uri, {"embedding": [-0.0529, 0.1153], "inputTextTokenCount": 5})])
+    guard = make_guard()
+    client = guard.wrap(client_for(server))
+    with capture_logs() as logs:
+        response = client.invoke_model(modelId=model, body=json.dumps({"inputText": "Hi"}))
+        assert json.loads(response["body"].read())["inputTextTokenCount"] == 5
+    call_event = one_call(logs)
+    assert not events(logs, "usage_invalid")
+    assert (call_event["outcome"], call_event["input_tokens"], call_event["output_tokens"]) == (
+        "ok",
+        5,
+        0,
+    )
+    assert usd(call_event["cost_usd"]) == Decimal("0.0000001")  # $0.02 per million
+
+
 def test_converse_with_untrusted_usage_is_charged_its_reservation(server: ReplayServer) -> None:
     uri = "https://bedrock-runtime.us-east-1.amazonaws.com/model/amazon.nova-micro-v1%3A0/converse"
     body = {
