@@ -1046,6 +1046,7 @@ def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
     guard = Guard(admin_config(), clock=clock)
     _seed_page(guard)
     spend(guard, "acme:" + "a-very-long-user-id-without-spaces" * 3, "0.30", limit_ids=["project"])
+    spend(guard, "o" * 63 + ":" + "u" * 64, "0.01")  # a long org id too
     spend(guard, "tiny", "0.000000034")
     app = users_app(guard, token=TOKEN, title="Acme Corporation GenAI budgets")
     shot = tmp_path / "phone.png"
@@ -1056,8 +1057,14 @@ def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
         browser.open(f"{url}/")
         login_fits = browser.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
         sign_in(browser, url)
-        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 6")
+        browser.wait_for("document.querySelectorAll('tr[data-user]').length === 7")
         tiny = browser.evaluate("document.querySelector('tr[data-user=tiny]').innerText")
+        # Nothing runs past the screen's edge (a card would clip it): the filters sized to
+        # their longest option, an org caption without spaces.
+        widest = browser.evaluate(
+            "Math.max(...[...document.querySelectorAll('select, .sub, .uid')]"
+            ".map(e => e.getBoundingClientRect().right))"
+        )
         metrics = browser.evaluate(
             """(() => {
               const button = [...document.querySelectorAll('button')]
@@ -1081,6 +1088,7 @@ def test_the_page_fits_a_phone(tmp_path: Path, clock: FakeClock) -> None:
     assert "e-" not in tiny.lower()
     assert metrics["innerWidth"] == 390
     assert metrics["scrollWidth"] <= metrics["innerWidth"], metrics  # no sideways scroll
+    assert widest <= metrics["innerWidth"], widest
     assert 0 <= metrics["left"] < metrics["right"] <= metrics["innerWidth"], metrics
     assert metrics["width"] > 0
     assert metrics["height"] > 0
