@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import ROUND_CEILING, Decimal
 
 from conformance.providers.drivers import Call
 
@@ -989,6 +990,26 @@ LITELLM = (
 
 RECORDINGS: tuple[Recording, ...] = GEMINI + BEDROCK + MISTRAL + GROQ + LITELLM
 PROVIDERS = ("gemini", "bedrock", "mistral", "groq", "litellm")
+
+
+def priced(provider_id: str, model: str, charge: Charge) -> Decimal:
+    """``charge`` priced by genai-prices itself at :data:`PRICED_AT`, rounded up to 1e-9.
+
+    Needs ``genai_prices`` (the tests that call it skip without it).
+    """
+    import genai_prices
+
+    usage = genai_prices.Usage(
+        input_tokens=charge.input_tokens + charge.cache_read_tokens + charge.cache_write_tokens,
+        output_tokens=charge.output_tokens,
+        cache_read_tokens=charge.cache_read_tokens or None,
+        cache_write_tokens=charge.cache_write_tokens or None,
+        **charge.media,
+    )
+    price = genai_prices.calc_price(
+        usage, model, provider_id=provider_id, genai_request_timestamp=PRICED_AT
+    )
+    return Decimal(price.total_price).quantize(Decimal("1e-9"), rounding=ROUND_CEILING)
 
 
 def _get(usage: Mapping[str, int], *keys: str) -> int:

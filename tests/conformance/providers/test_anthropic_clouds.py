@@ -24,14 +24,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, MutableMapping, Sequence
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from conformance.providers.cassette import load
-from conformance.providers.corpus import BEDROCK, PRICED_AT, Charge, Recording
+from conformance.providers.corpus import BEDROCK, PRICED_AT, Charge, Recording, priced
 from conformance.providers.drivers import DUMMY_KEY, app_view
 from conformance.providers.server import ReplayServer
 from payi_guard import BudgetExceeded, Guard, is_refusal
@@ -40,12 +40,11 @@ from payi_guard.meter.parse import classify
 
 anthropic = pytest.importorskip("anthropic")
 pytest.importorskip("botocore")
-genai_prices = pytest.importorskip("genai_prices")
+pytest.importorskip("genai_prices")
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
 USER = "conformance"
-NANO = Decimal("1e-9")
 PROMPT = [{"role": "user", "content": "Hi"}]
 
 CLAUDE_ON_BEDROCK = [
@@ -69,19 +68,6 @@ def make_guard(limit: float = 1000) -> Guard:
     )
     guard.default_user_id = USER
     return guard
-
-
-def priced(provider: str, model: str, charge: Charge) -> Decimal:
-    usage = genai_prices.Usage(
-        input_tokens=charge.input_tokens + charge.cache_read_tokens + charge.cache_write_tokens,
-        output_tokens=charge.output_tokens,
-        cache_read_tokens=charge.cache_read_tokens or None,
-        cache_write_tokens=charge.cache_write_tokens or None,
-    )
-    price = genai_prices.calc_price(
-        usage, model, provider_id=provider, genai_request_timestamp=PRICED_AT
-    )
-    return Decimal(price.total_price).quantize(NANO, rounding=ROUND_CEILING)
 
 
 def tokens_of(event: MutableMapping[str, Any]) -> Charge:

@@ -15,20 +15,19 @@ recording).
 from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from conformance.providers.corpus import PRICED_AT, RECORDINGS, Charge, Recording
+from conformance.providers.corpus import PRICED_AT, RECORDINGS, Charge, Recording, priced
 from conformance.providers.harness import Replayed, replay, require_sdk
 from conformance.providers.server import ReplayServer
 from payi_guard import Guard
 from payi_guard.clock import FakeClock
 
 USER = "conformance"
-NANO = Decimal("1e-9")
 
 WRAPPED = [r for r in RECORDINGS if r.provider != "litellm"]
 
@@ -52,19 +51,8 @@ def make_guard() -> Guard:
 
 def expected_cost(recording: Recording, charge: Charge) -> Decimal:
     """The recorded usage priced by genai-prices itself, rounded up to the nano-dollar."""
-    genai_prices = pytest.importorskip("genai_prices")
-    provider_id, model = recording.price
-    usage = genai_prices.Usage(
-        input_tokens=charge.input_tokens + charge.cache_read_tokens + charge.cache_write_tokens,
-        output_tokens=charge.output_tokens,
-        cache_read_tokens=charge.cache_read_tokens or None,
-        cache_write_tokens=charge.cache_write_tokens or None,
-        **charge.media,
-    )
-    price = genai_prices.calc_price(
-        usage, model, provider_id=provider_id, genai_request_timestamp=PRICED_AT
-    )
-    return Decimal(price.total_price).quantize(NANO, rounding=ROUND_CEILING)
+    pytest.importorskip("genai_prices")
+    return priced(*recording.price, charge)
 
 
 def expected_provider(recording: Recording) -> str:
