@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,17 @@ CONFIG: dict[str, Any] = {
 }
 
 
-def _worker(redis_url: str, key_prefix: str, log_path: str, proc: int) -> None:
-    """One process: 4 threads hammering the same org budget; JSON logs to a file."""
+def _worker(redis_url: str, key_prefix: str, log_path: str, proc: int, start: float) -> None:
+    """One process: 4 threads hammering the same org budget; JSON logs to a file.
+
+    Every process's clock stands at ``start``: the monthly windows are one whatever the
+    date (a month that ends during the test would split the spend over two windows).
+    """
     from payi_guard.log import configure_json
 
     with open(log_path, "w") as stream:
         configure_json(stream)
-        guard = Guard(CONFIG, storage=redis_url, key_prefix=key_prefix)
+        guard = Guard(CONFIG, storage=redis_url, key_prefix=key_prefix, clock=FakeClock(start))
 
         def thread(t: int) -> None:
             for j in range(40):
@@ -59,8 +64,9 @@ def test_four_processes_share_one_org_budget_exactly(
 ) -> None:
     ctx = multiprocessing.get_context("spawn")
     logs = [tmp_path / f"p{i}.jsonl" for i in range(4)]
+    start = time.time()
     procs = [
-        ctx.Process(target=_worker, args=(redis_url, key_prefix, str(path), i))
+        ctx.Process(target=_worker, args=(redis_url, key_prefix, str(path), i, start))
         for i, path in enumerate(logs)
     ]
     for p in procs:
@@ -73,7 +79,7 @@ def test_four_processes_share_one_org_budget_exactly(
     calls = [e for e in lines if e["event"] == "genai_call"]
     logged = sum((e["cost_usd"] for e in calls), Decimal(0))
 
-    guard = Guard(CONFIG, storage=redis_url, key_prefix=key_prefix)
+    guard = Guard(CONFIG, storage=redis_url, key_prefix=key_prefix, clock=FakeClock(start))
     org = guard.usage("acme:user0")[1]
     assert org.scope == "org"
     # Zero overshoot of the hard org limit, and the ledger equals the logged spend.

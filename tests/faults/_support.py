@@ -15,10 +15,12 @@ import redis
 from ledger._support import store_time
 
 # The fake provider's import path is kept in this one place.
+from payi_guard.clock import SystemClock
 from payi_guard.testing import FakeProvider
 
 __all__ = [
     "FakeProvider",
+    "MiddayClock",
     "Proxy",
     "async_wait_until",
     "scripts_run",
@@ -26,6 +28,29 @@ __all__ = [
     "wait_store_time",
     "wait_until",
 ]
+
+
+class MiddayClock(SystemClock):
+    """The real clock, moved to 12:00 UTC of the day it was made; it runs in real time.
+
+    A fault test compares the ledger's window with every call it logged: on the real
+    clock, a test running across midnight UTC (or a month's end) would settle part of its
+    calls into the next window. This clock starts each test at midday, so no test
+    shorter than 12 hours sees a window change, whatever the date and hour. Reservation
+    deadlines on Redis follow the store's own clock; on memory and SQLite they follow
+    this one, which still moves second for second.
+    """
+
+    def __init__(self) -> None:
+        start = time.time()
+        self._shift = start // 86_400 * 86_400 + 43_200 - start
+
+    def now(self) -> float:
+        """The real time, moved to the midday of the day the clock was made."""
+        return time.time() + self._shift
+
+    def __repr__(self) -> str:
+        return f"MiddayClock(shift={self._shift:+.0f}s)"
 
 
 def wait_until(

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from faults._support import (
     FakeProvider,
+    MiddayClock,
     Proxy,
     async_wait_until,
     scripts_run,
@@ -47,6 +48,7 @@ def make_guard(storage: str, *, limit: float = 100.0, **config: Any) -> Guard:
         {"prices": PRICES, "default": [{"max": limit, "per": "day"}], **config},
         storage=storage,
         storage_options=options,
+        clock=MiddayClock(),
     )
 
 
@@ -93,6 +95,7 @@ async def test_200_concurrent_sdk_calls_on_a_healthy_store_never_fail(
         {"prices": PRICES, "default": [{"max": 100, "per": "day"}]},
         storage=redis_url,
         key_prefix=key_prefix,
+        clock=MiddayClock(),
     )
     client = async_client(guard, fake, connections=200)
     failures: list[BaseException] = []
@@ -137,6 +140,7 @@ async def test_100_concurrent_streaming_tasks_charge_and_log_every_stream(
         {"prices": PRICES, "default": [{"max": 100, "per": "day"}]},
         storage=redis_url,
         key_prefix=key_prefix,
+        clock=MiddayClock(),
     )
     client = async_client(guard, fake, connections=100)
     failures: list[BaseException] = []

@@ -28,7 +28,7 @@ from ledger._support import RedisServer, own_marker
 from structlog.testing import capture_logs
 
 from faults._stall import unstalled
-from faults._support import FakeProvider, async_wait_until
+from faults._support import FakeProvider, MiddayClock, async_wait_until
 from payi_guard import Guard, StorageError, is_refusal, track_context
 from payi_guard.ledger import StorageEvent, open_ledger
 from payi_guard.ledger.factory import DEFAULT_TIMEOUT
@@ -245,6 +245,7 @@ def make_guard(url: str, **storage_options: Any) -> Guard:
         storage=url,
         key_prefix=PREFIX,
         storage_options=storage_options,
+        clock=MiddayClock(),
     )
 
 

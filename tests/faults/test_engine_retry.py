@@ -21,7 +21,7 @@ from ledger._support import RedisServer, own_marker
 from structlog.testing import capture_logs
 
 from faults._stall import unstalled
-from faults._support import Proxy, async_wait_until, wait_until
+from faults._support import MiddayClock, Proxy, async_wait_until, wait_until
 from payi_guard import BudgetExceeded, Guard, track_context
 from payi_guard.engine import CallRequest, Reservation
 from payi_guard.ledger.factory import DEFAULT_TIMEOUT
@@ -44,7 +44,7 @@ def make_guard(url: str, *, limit: float = 10.0, **options: Any) -> Guard:
     policy = options.pop("on_storage_error", None)
     if policy is not None:
         config["on_storage_error"] = policy
-    return Guard(config, storage=url, storage_options=options or None)
+    return Guard(config, storage=url, storage_options=options or None, clock=MiddayClock())
 
 
 def named(logs: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:

@@ -145,15 +145,20 @@ GUARD_CONFIG: dict[str, Any] = {
 }
 
 
-def guard_worker(storage: str, log_path: Path, process: int) -> None:
-    """One app worker: a Guard on the shared file, 4 threads calling, JSON logs to a file."""
+def guard_worker(storage: str, log_path: Path, process: int, start: float) -> None:
+    """One app worker: a Guard on the shared file, 4 threads calling, JSON logs to a file.
+
+    Every worker's clock stands at ``start``: the monthly windows are one whatever the
+    date (a month that ends during the test would split the spend over two windows).
+    """
     from payi_guard import BudgetExceeded, Guard, TokenUsage, track_context
+    from payi_guard.clock import FakeClock
     from payi_guard.engine import CallRequest
     from payi_guard.log import configure_json
 
     with log_path.open("w") as stream:
         configure_json(stream)
-        guard = Guard(GUARD_CONFIG, storage=storage)
+        guard = Guard(GUARD_CONFIG, storage=storage, clock=FakeClock(start))
 
         def run(index: int) -> None:
             for j in range(40):

@@ -212,8 +212,10 @@ def test_guards_in_four_processes_share_one_budget_and_the_logs_reconcile(
     storage = f"sqlite:///{tmp_path / 'budgets.db'}"
     ctx = multiprocessing.get_context("spawn")
     logs = [tmp_path / f"p{i}.jsonl" for i in range(4)]
+    start = time.time()
     workers = [
-        ctx.Process(target=guard_worker, args=(storage, path, i)) for i, path in enumerate(logs)
+        ctx.Process(target=guard_worker, args=(storage, path, i, start))
+        for i, path in enumerate(logs)
     ]
     for worker in workers:
         worker.start()
@@ -222,7 +224,7 @@ def test_guards_in_four_processes_share_one_budget_and_the_logs_reconcile(
         assert worker.exitcode == 0
     events = [json.loads(line, parse_float=Decimal) for path in logs for line in path.open()]
     logged = sum((e["cost_usd"] for e in events if e["event"] == "genai_call"), Decimal(0))
-    guard = Guard(GUARD_CONFIG, storage=storage)
+    guard = Guard(GUARD_CONFIG, storage=storage, clock=FakeClock(start))
     org = guard.usage("acme:user0")[1]
     assert org.scope == "org"
     assert org.used <= Decimal("0.04")  # no overshoot of the hard org limit...
