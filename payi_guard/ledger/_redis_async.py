@@ -83,7 +83,7 @@ if TYPE_CHECKING:
 # -- async --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Binding:
     """The client of one event loop, with its scripts and how to give it back."""
 
@@ -93,6 +93,10 @@ class _Binding:
     release: Callable[[], Awaitable[None]]
     send: AsyncScriptSender
     """How the scripts are sent (see :func:`~payi_guard.ledger._redisconn.async_script_sender`)."""
+    ready: bool = True
+    """False for a Redis Cluster client until it has learnt the cluster's layout."""
+    starting: asyncio.Future[Any] | None = None
+    """The layout being learnt, awaited by every operation until it is."""
 
 
 ClientFactory = Callable[[], "AsyncClient"]
@@ -205,9 +209,32 @@ class AsyncRedisLedger:
                     name: client.register_script(_script_source(name)) for name in _SCRIPT_NAMES
                 }
                 send = async_script_sender(client, direct=self._wiring.tagged)
-                binding = _Binding(client, scripts, grouped, release, send)
+                ready = not isinstance(client, self._async_cluster)
+                binding = _Binding(client, scripts, grouped, release, send, ready)
                 self._bindings[loop] = binding
         return binding
+
+    async def _start(self, binding: _Binding) -> None:
+        """Let a Redis Cluster client learn the cluster's layout once, before any command.
+
+        redis-py's async cluster client learns it on its first command; when many tasks
+        send their first commands at once, that recycles connections other tasks are
+        writing on, and their commands fail on a healthy cluster. Every operation of the
+        loop waits for the one start instead (a failed start is tried again by the next).
+        """
+        starting = binding.starting
+        if starting is None or (
+            starting.done() and (starting.cancelled() or starting.exception() is not None)
+        ):
+            client: Any = binding.client  # redis-py's initialize is untyped
+            starting = binding.starting = asyncio.ensure_future(client.initialize())
+        try:
+            await asyncio.shield(starting)  # a cancelled caller leaves the start running
+        except self._errors as exc:
+            raise _storage_error("initialize", exc, self._wiring) from exc
+        except Exception as exc:
+            raise _client_fault("initialize", exc) from exc
+        binding.ready = True
 
     async def _execute(self, binding: _Binding, call: _Call) -> Any:
         name, keys, args = call
@@ -232,6 +259,8 @@ class AsyncRedisLedger:
             raise _client_fault(name, exc) from exc
 
     async def _run(self, binding: _Binding, plan: _Plan[T]) -> T:
+        if not binding.ready:
+            await self._start(binding)
         try:
             call = next(plan)
             while True:

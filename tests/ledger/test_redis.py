@@ -788,6 +788,58 @@ async def test_real_cluster_serves_a_burst_of_concurrent_async_calls(
     await aio.aclose()
 
 
+@pytest.fixture(scope="module")
+def three_masters() -> Iterator[str]:
+    """A Redis Cluster of three masters (a third of the slots each); its URI."""
+    servers = [RedisServer(free_port(), extra=["--cluster-enabled", "yes"]) for _ in range(3)]
+    try:
+        for server in servers:
+            server.start()
+        clients: list[Any] = [server.client() for server in servers]
+        for index, client in enumerate(clients):
+            first, last = index * 5462, min(16383, index * 5462 + 5461)
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+        for server in servers[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", server.port)
+        deadline = time.monotonic() + 20
+        while not all(
+            b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+            and c.execute_command("CLUSTER", "COUNTKEYSINSLOT", 0) == 0
+            and len(c.execute_command("CLUSTER", "NODES").splitlines()) == 3
+            for c in clients
+        ):
+            assert time.monotonic() < deadline, "the three-master cluster never became ok"
+            time.sleep(0.05)
+        for client in clients:
+            client.close()
+        yield "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    finally:
+        for server in servers:
+            server.kill()
+
+
+async def test_a_fresh_cluster_client_serves_its_first_burst(
+    three_masters: str, clock: FakeClock
+) -> None:
+    # Every call's first command at once, on a client that has not learnt the layout:
+    # redis-py would learn it under every task at the same time and fail most of them.
+    aio = open_async_ledger(three_masters)
+    now = clock.now()
+    keys = ["first:{u:carol}:usd", "first:{o:acme}:usd", "first:{g}:usd"]
+    assert len({key_slot(k.encode()) // 5462 for k in keys}) == 3  # one key per master
+
+    async def call(i: int) -> None:
+        held = [Charge(key, 10, None, EXPIRES) for key in keys]
+        assert (await aio.reserve(f"f{i}", held, now=now, ttl=60)).ok
+        await aio.commit(f"f{i}", [Charge(key, 3, None, EXPIRES) for key in keys], now=now)
+
+    results = await asyncio.gather(*(call(i) for i in range(40)), return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    states = await aio.read(keys, now=now)
+    assert [(state.settled, state.pending) for state in states] == [(120, 0)] * 3
+    await aio.aclose()
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 async def test_an_exception_inside_the_redis_client_is_an_unknown_outcome(
     flavour: str, monkeypatch: pytest.MonkeyPatch, clock: FakeClock, key_prefix: str
