@@ -133,7 +133,7 @@ def _limits(limits: Sequence[LimitWindow]) -> str:
     for window in limits:
         limit = window.limit
         start = limit.window_start
-        since = "" if start is None else start.strftime("%Y-%m-%d %H:%M")
+        since = "" if start is None else start.strftime("%Y-%m-%d %H:%M UTC")
         rows.append(
             f'<tr class="{_e(limit.state)}"><td>{_e(limit.name)}</td><td>{_e(limit.scope)}</td>'
             f'<td class="num">{_amount(limit.unit, limit.used)}</td>'
