@@ -346,7 +346,8 @@ def test_the_user_page_in_headless_chromium(tmp_path: Path, early_clock: FakeClo
     assert {row[0] for row in shown["by-use-case"]} == {"chat", "search", "(none)"}
     assert [row[0] for row in shown["limits"]][:1] == ["daily"]
     since, resets = shown["limits"][0][6:8]  # both instants say their zone
-    assert since.endswith(" UTC") and resets.endswith(" UTC"), (since, resets)
+    assert since.endswith(" UTC"), since
+    assert resets.endswith(" UTC"), resets
     assert len(shown["recent"]) == 6  # five calls and the refusal
     assert shown["recent"][0][5] == "refused"
     assert shown["recent"][0][6] == "\u2014"  # no latency for a refusal, not "0 ms"

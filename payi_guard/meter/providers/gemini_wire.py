@@ -179,11 +179,18 @@ def _prediction_usage(obj: Mapping[str, Any]) -> ParsedUsage:
 
 
 class GeminiStream(SSETracker):
-    """A ``streamGenerateContent?alt=sse`` stream: running ``usageMetadata`` totals."""
+    """A ``streamGenerateContent?alt=sse`` stream: running ``usageMetadata`` totals.
+
+    The answer is finished once every candidate it has shown (``candidateCount`` above
+    1 streams them side by side, by ``index``) has its finish reason: a candidate that
+    finishes first leaves the others, and their output, still to come.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._last: Mapping[str, Any] | None = None
+        self._open: set[object] = set()
+        self._closed: set[object] = set()
 
     def on_event(self, name: str | None, obj: dict[str, Any]) -> None:
         """Read one chunk: its text, its running usage, its finish reason or error."""
@@ -191,12 +198,15 @@ class GeminiStream(SSETracker):
         if isinstance(error, Mapping):
             self.errors.append(str(error.get("message") or error.get("status") or "error"))
             return
-        finished = False
         for candidate in obj.get("candidates") or ():
             if not isinstance(candidate, Mapping):
                 continue
+            index = candidate.get("index", 0)
             if _get(candidate, "finishReason", "finish_reason"):
-                finished = True
+                self._closed.add(index)
+                self._open.discard(index)
+            elif index not in self._closed:
+                self._open.add(index)
             content = candidate.get("content")
             for part in (content.get("parts") if isinstance(content, Mapping) else None) or ():
                 if isinstance(part, Mapping):
@@ -213,9 +223,11 @@ class GeminiStream(SSETracker):
                 self.price_context = tier
             with contextlib.suppress(UntrustedUsage):
                 self.partial = gemini_usage(meta)
-        if finished:
-            self.finished = True
-        if self.finished and self._last is not None:
+        # Finished while every candidate shown has finished (one shown later reopens it).
+        self.finished = bool(self._closed) and not self._open
+        if not self.finished:
+            self.report = None
+        elif self._last is not None:
             self._report(self._last)
 
     def on_end(self) -> None:

@@ -232,10 +232,11 @@ class WireStreamState(StreamState):
             return Settlement(TokenUsage(0, 0), "ok", problems=("no usage reported",))
         if isinstance(tracker, JsonBodyTracker):
             # A plain answer is generated whole before its headers: the provider billed
-            # it, but its usage was in the part lost. Its input bound and output cap.
+            # it, but its usage was in the part lost (a read error, the app's task
+            # cancelled or the body collected unread). Its input bound and output cap.
             return Settlement(
                 TokenUsage(max(0, self.fallback_input), self.max_output),
-                "error" if reason == "error" or tracker.errors else "incomplete",
+                "error",
                 response_model=tracker.model,
                 price_context=tracker.price_context,
             )

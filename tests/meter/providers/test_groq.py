@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -86,6 +87,40 @@ def test_a_plain_answer_lost_after_its_headers_is_charged_its_input_and_cap() ->
         client.chat.completions.create(
             model="llama-3.3-70b-versatile", messages=MESSAGES, max_tokens=50
         )
+    line = one_call(logs)
+    assert (line["outcome"], line["output_tokens"]) == ("error", 50)
+    assert line["cost_usd"] == line["reserved_usd"] > 0
+
+
+async def test_a_plain_answer_cancelled_while_its_body_is_read_is_an_error() -> None:
+    # The app's task is cancelled after the headers, halfway through the body: charged as
+    # a body lost after its headers, outcome "error" as on OpenAI and Anthropic.
+    body = served(CREATE)[0].body
+    halfway, never = asyncio.Event(), asyncio.Event()
+
+    class Stalled(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield body[: len(body) // 2]
+            halfway.set()  # the first half was read
+            await never.wait()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=Stalled())
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    guard = make_guard()
+    client = guard.wrap(groq.AsyncGroq(api_key="k", http_client=http, max_retries=0))
+    with capture_logs() as logs:
+        task = asyncio.create_task(
+            client.chat.completions.create(
+                model="llama-3.3-70b-versatile", messages=MESSAGES, max_tokens=50
+            )
+        )
+        await halfway.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await http.aclose()
     line = one_call(logs)
     assert (line["outcome"], line["output_tokens"]) == ("error", 50)
     assert line["cost_usd"] == line["reserved_usd"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from typing import Any
@@ -15,6 +16,7 @@ from payi_guard.meter.providers.chat import chat_usage
 from payi_guard.meter.providers.eventstream import EventStreamDecoder
 from payi_guard.meter.providers.gemini import DIALECT as GEMINI
 from payi_guard.meter.providers.gemini import gemini_usage
+from payi_guard.meter.providers.gemini_wire import GeminiStream
 from payi_guard.meter.providers.groq import DIALECT as GROQ
 from payi_guard.meter.providers.meter import split_path
 from payi_guard.meter.providers.mistral import DIALECT as MISTRAL
@@ -84,6 +86,43 @@ def test_gemini_usage_without_a_total_adds_candidates_and_thoughts() -> None:
 def test_gemini_usage_refuses_more_cache_than_prompt() -> None:
     with pytest.raises(UntrustedUsage, match="cachedContentTokenCount"):
         gemini_usage({"promptTokenCount": 4, "cachedContentTokenCount": 5, "totalTokenCount": 9})
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\r\n\r\n"
+
+
+def _gemini_chunk(candidates: list[dict[str, Any]], output: int) -> bytes:
+    usage = {"promptTokenCount": 10, "candidatesTokenCount": output, "totalTokenCount": 10 + output}
+    return _sse(
+        {"candidates": candidates, "usageMetadata": usage, "modelVersion": "gemini-2.5-flash"}
+    )
+
+
+def _state(stream: GeminiStream) -> tuple[bool, int | None]:
+    """Whether the stream is finished, and the output its usage report says (if any)."""
+    report = stream.report
+    usage = None if report is None else report.usage
+    return stream.finished, None if usage is None else usage.output_tokens
+
+
+def test_a_gemini_stream_is_finished_when_every_candidate_is() -> None:
+    # candidateCount 2: the first candidate finishes early, the second goes on.
+    text = {"content": {"parts": [{"text": "word "}], "role": "model"}}
+    stream = GeminiStream()
+    stream.feed(_gemini_chunk([{**text, "index": 0}, {**text, "index": 1}], 4))
+    stream.feed(_gemini_chunk([{**text, "finishReason": "STOP", "index": 0}], 6))
+    assert _state(stream) == (False, None)  # cut here: incomplete, not a final report
+    stream.feed(_gemini_chunk([{**text, "index": 1}], 306))
+    assert _state(stream) == (False, None)
+    stream.feed(_gemini_chunk([{**text, "finishReason": "STOP", "index": 1}], 606))
+    assert _state(stream) == (True, 606)
+    # One candidate (no index written): finished with its finish reason, as before.
+    single = GeminiStream()
+    single.feed(_gemini_chunk([text], 3))
+    assert _state(single) == (False, None)
+    single.feed(_gemini_chunk([{**text, "finishReason": "STOP"}], 5))
+    assert _state(single) == (True, 5)
 
 
 @pytest.mark.parametrize(
