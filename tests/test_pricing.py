@@ -369,11 +369,28 @@ def test_announced_price_change_is_picked_up_on_its_date() -> None:
 
 
 @pytest.mark.usefixtures("custom_data")
-def test_time_of_day_prices_charge_the_highest_of_the_day() -> None:
-    for hour in (3, 12):  # inside and outside the 00:30-08:30 window
+def test_time_of_day_prices_charge_the_price_of_the_hour() -> None:
+    # As genai-prices prices a request at its timestamp: inside the 00:30-08:30 window
+    # its prices (lower input, higher output here), outside it the all-day ones.
+    for hour, expected in ((3, (250_000, 4_000_000)), (12, (500_000, 3_000_000))):
         clock = FakeClock(datetime(2026, 11, 27, hour, tzinfo=timezone.utc))
         rates = PriceBook(clock=clock).rates("offpeak-model", "testprov")
-        assert (rates.input, rates.output) == (500_000, 4_000_000)
+        assert (rates.input, rates.output) == expected
+        usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+        price = calc_price(
+            usage, "offpeak-model", provider_id="testprov", genai_request_timestamp=clock.datetime()
+        )
+        assert rates.cost(TokenUsage(1_000_000, 1_000_000)) == int(price.total_price * 10**9)
+    # A cached rate turns over at each bound of the window, not only at midnight.
+    clock = FakeClock(datetime(2026, 11, 27, 0, 29, 59, tzinfo=timezone.utc))
+    price_book = PriceBook(clock=clock)
+    assert price_book.rates("offpeak-model", "testprov").input == 500_000
+    clock.advance(1)  # 00:30
+    assert price_book.rates("offpeak-model", "testprov").input == 250_000
+    clock.advance(8 * 3600 - 1)  # 08:29:59
+    assert price_book.rates("offpeak-model", "testprov").input == 250_000
+    clock.advance(1)  # 08:30
+    assert price_book.rates("offpeak-model", "testprov").input == 500_000
 
 
 @pytest.mark.usefixtures("custom_data")

@@ -1,9 +1,10 @@
 """The genai-prices catalogue: its bundled data, read offline, turned into :class:`Rates`.
 
 Only the data bundled with ``genai-prices`` is read (its updater is never started here;
-an app that starts it itself gets the updated data). Facts this relies on: a
-time-of-day price (an off-peak discount) is charged at the highest of the prices that
-can apply that day; request-context variants (``service_tier``, ``speed``) apply only
+an app that starts it itself gets the updated data). Facts this relies on: a call is
+priced at the time it is made (a dated price from its UTC day on, a time-of-day price,
+DeepSeek's peak and off-peak hours, inside its hours), as genai-prices prices a request
+at its timestamp; request-context variants (``service_tier``, ``speed``) apply only
 when given in the price context; audio, image and video tokens are charged at their
 own rates where the model has them (:mod:`payi_guard.pricing.media`); of the prices per
 unit other than tokens, requests and web and file searches are charged, the others
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any
@@ -100,46 +101,48 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-def _next_start(constraint: Any, today: Any, current: float) -> float:
-    """The earlier of ``current`` and the future start date of ``constraint``."""
+def _next_start(constraint: Any, now: datetime, current: float) -> float:
+    """The earlier of ``current`` and the next time ``constraint`` starts or stops holding.
+
+    A start date: its UTC midnight, when still to come. A time of day: the next of its
+    start and end times (UTC) after ``now``.
+    """
     start = getattr(constraint, "start_date", None)
-    if start is None or start <= today:
+    if start is not None:
+        if start <= now.date():
+            return current
+        ts = datetime(start.year, start.month, start.day, tzinfo=timezone.utc).timestamp()
+        return min(current, ts)
+    if constraint is None or not hasattr(constraint, "start_time"):
         return current
-    ts = datetime(start.year, start.month, start.day, tzinfo=timezone.utc).timestamp()
-    return min(current, ts)
+    for moment in (constraint.start_time, constraint.end_time):
+        at = datetime.combine(now.date(), moment, tzinfo=moment.tzinfo or timezone.utc)
+        at = at.astimezone(timezone.utc)
+        while at <= now:
+            at += timedelta(days=1)
+        current = min(current, at.timestamp())
+    return current
 
 
-def _is_time_of_day(constraint: Any) -> bool:
-    return constraint is not None and hasattr(constraint, "start_time")
+def _price_now(model_info: Any, now: datetime) -> tuple[Any, float]:
+    """The price set of a call made at ``now``, and when that may change.
 
-
-def _candidate_prices(model_info: Any, now: datetime) -> tuple[list[Any], float]:
-    """The price sets that can apply to a call made today, and when that may change.
-
-    genai-prices picks the last conditional price whose constraint holds. A time-of-day
-    price (an off-peak discount) holds only part of the day, so every time-of-day price
-    met before the first price that holds all day counts as a candidate: the rates
-    charged are their maximum, the same at any hour of the day.
+    As genai-prices picks it for a request at ``now``: the last conditional price whose
+    constraint holds (a start date, or a time of day such as DeepSeek's peak hours),
+    else the first. The result holds until the next start date or time-of-day bound.
     """
     prices = model_info.prices
     valid_until = float("inf")
-    today = now.date()
     if not isinstance(prices, list):
-        return [prices], valid_until
-    candidates: list[Any] = []
+        return prices, valid_until
     for conditional in prices:
-        valid_until = _next_start(conditional.constraint, today, valid_until)
+        valid_until = _next_start(conditional.constraint, now, valid_until)
     for conditional in reversed(prices):
         constraint = conditional.constraint
-        if _is_time_of_day(constraint):
-            candidates.append(conditional.prices)
-            continue
         if constraint is None or constraint.active(now):
-            candidates.append(conditional.prices)
-            return candidates, valid_until
-    # No all-day price holds: genai-prices falls back to the first one.
-    candidates.append(prices[0].prices)
-    return candidates, valid_until
+            return conditional.prices, valid_until
+    # No price holds: genai-prices falls back to the first one.
+    return prices[0].prices, valid_until
 
 
 def _apply_variants(
@@ -151,11 +154,10 @@ def _apply_variants(
 ) -> tuple[dict[str, Any], float]:
     """The price keys of ``price`` with the request-context variants applied."""
     values = {key: getattr(price, key, None) for key in _PRICE_KEYS}
-    today = now.date()
     overrides: dict[str, Any] = {}
     for variant in getattr(model_info, "price_variants", None) or ():
         constraint = getattr(variant, "constraint", None)
-        valid_until = _next_start(constraint, today, valid_until)
+        valid_until = _next_start(constraint, now, valid_until)
         if not context:
             continue
         if constraint is not None and not constraint.active(now):
@@ -185,7 +187,7 @@ def _price_at(value: Any, total_input_tokens: int) -> Decimal | None:
 
 
 def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> RateBand | None:
-    """The band for a call of ``total_input_tokens``: the max over candidate price sets."""
+    """The band for a call of ``total_input_tokens``: the max over the price sets given."""
     bands: list[RateBand] = []
     for keys in values:
         input_price = _price_at(keys["input_mtok"], total_input_tokens)
@@ -344,13 +346,11 @@ def _from_genai(
 ) -> Resolved:
     gp_provider, info = found
     now = _utc(now_ts)
-    candidates, valid_until = _candidate_prices(info, now)
+    price, valid_until = _price_now(info, now)
     # genai-prices applies request variants only to the provider's own models.
     owned = any(info is m for m in getattr(gp_provider, "models", ()))
-    values: list[dict[str, Any]] = []
-    for price in candidates:
-        keys, valid_until = _apply_variants(info, price, context if owned else {}, now, valid_until)
-        values.append(keys)
+    keys, valid_until = _apply_variants(info, price, context if owned else {}, now, valid_until)
+    values = [keys]
     base = _band_from(values, 0)
     if base is None:
         return Resolved(None, valid_until, f"genai-prices has no token price for {info.id!r}")
