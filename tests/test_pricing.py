@@ -443,6 +443,17 @@ def test_azure_uses_openai_prices() -> None:
     assert azure.matched == "gpt-4o"
 
 
+def test_a_model_only_azure_serves_has_azure_prices() -> None:
+    # Phi is not in OpenAI's table: Azure's own prices, not an unknown model.
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    for model in ("phi-4", "phi-4-mini-instruct"):
+        rates = book().rates(model, "azure")
+        price = calc_price(usage, model, provider_id="azure", genai_request_timestamp=NOW)
+        assert rates.cost(TokenUsage(1_000_000, 1_000_000)) == int(price.total_price * 10**9)
+    with pytest.raises(UnknownModel):
+        book().rates("phi-4", "openai")  # OpenAI itself does not serve it
+
+
 @pytest.mark.parametrize(
     ("name", "provider", "plain", "plain_provider"),
     [

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from payi_guard.money import per_mtok_to_pico
 from payi_guard.pricing.media import MEDIA_KINDS, MediaRates
@@ -315,8 +315,9 @@ def find_rates(
 
     Args:
         model: the model name asked for.
-        provider: the provider (``azure`` uses OpenAI's prices; ``openai-compatible`` or
-            ``None`` match by model name only), if known.
+        provider: the provider (``azure`` uses OpenAI's prices, and Azure's own for a
+            model OpenAI does not serve; ``openai-compatible`` or ``None`` match by model
+            name only), if known.
         names: the names to try, most specific first (:func:`candidate_names`).
         context: request facts that select a price variant.
         now: the current time, epoch seconds (prices can change on announced dates).
@@ -334,7 +335,16 @@ def find_rates(
             found = _genai_scan(model)
         if found is not None:
             return _from_genai(model, provider, found, context, now)
+    if provider is not None and provider.lower() in _AZURE:
+        # A model only Azure serves (Phi, ...): Azure's own prices in genai-prices.
+        for name in names:
+            found = _genai_lookup(name, "azure")
+            if found is not None:
+                return _from_genai(model, provider, found, context, now)
     return Resolved(None, float("inf"), "not in the price overrides nor in genai-prices' data")
+
+
+_AZURE: Final = frozenset({"azure", "azure-openai"})
 
 
 def _from_genai(
