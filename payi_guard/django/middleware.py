@@ -26,6 +26,7 @@ from payi_guard.web.identify import (
     request_id_of,
     session_digest,
     split_user,
+    structlog_vars,
     unbind_request,
 )
 from payi_guard.web.problem import Problem
@@ -149,7 +150,12 @@ class GuardMiddleware:
     def _open(self, request: HttpRequest, stack: ExitStack) -> tuple[RequestScope, str]:
         incoming = request.headers.get(self._request_id_header) if self._request_id_header else None
         request_id = request_id_of(incoming)
-        return stack.enter_context(request_scope(request_id=request_id)), request_id
+        rs = stack.enter_context(request_scope(request_id=request_id))
+        # The request id is bound first: lines logged while the user is identified (an
+        # invalid id refused with a 400) carry it, as the 400's body does.
+        request_var = structlog_vars()[1]
+        stack.callback(request_var.reset, request_var.set(request_id))
+        return rs, request_id
 
     def _bind(self, rs: RequestScope, request_id: str, stack: ExitStack) -> None:
         mark_bound(rs, self.core.guard)

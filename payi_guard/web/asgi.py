@@ -192,6 +192,10 @@ class GuardMiddleware:
         # What ``with request_scope(request_id=...)`` does, without its object.
         rs = RequestScope(None, request_id)
         scope_token = _REQUEST.set(rs)
+        # The request id is bound first: lines logged while the user is identified (an
+        # invalid id refused with a 400) carry it, as the 400's body does.
+        request_id_var = self._request_id_var
+        request_token = request_id_var.set(request_id)
         try:
             if self._sync_identify:
                 problem = None
@@ -214,14 +218,13 @@ class GuardMiddleware:
             rs.extra[BOUND_KEY] = True  # mark_bound(rs), inlined
             # bind_request() inlined: set/reset with tokens, so every write is undone
             # exactly, a user rebound later in the request included.
-            user_var, request_id_var = self._user_var, self._request_id_var
+            user_var = self._user_var
             logged = self._logged
             if logged is None:
                 user_token = user_var.set(rs.user_id)
             else:  # the guard pseudonymises: so do the request's log lines
                 rs.extra[LOGGED_KEY] = logged
                 user_token = user_var.set(None if rs.user_id is None else logged(rs.user_id))
-            request_token = request_id_var.set(request_id)
             try:
                 # One coroutine for the whole request: serving is inlined here.
                 extra: list[tuple[bytes, bytes]] = (
@@ -264,9 +267,9 @@ class GuardMiddleware:
                 if response.held is not None:
                     await response.release()
             finally:
-                request_id_var.reset(request_token)
                 user_var.reset(user_token)
         finally:
+            request_id_var.reset(request_token)
             _REQUEST.reset(scope_token)
 
     async def _failed(self, exc: Exception, response: GuardedSend, request_id: str) -> bool:

@@ -17,12 +17,14 @@ from typing import Any, cast
 
 import django
 import pytest
+import structlog
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.test import AsyncClient, Client, override_settings
 from django.urls import path
+from structlog.testing import capture_logs
 from web._support import acall, call, config, exhaust
 
 from payi_guard import set_user
@@ -389,13 +391,20 @@ def resolve_invalid(request: HttpRequest) -> object:
 
 @handlers
 def test_invalid_id_is_a_400_or_anonymous(guard: Guard, handler: str) -> None:
-    with override_settings(PAYI_GUARD={"guard": guard, "user": f"{__name__}.resolve_invalid"}):
+    with (
+        override_settings(PAYI_GUARD={"guard": guard, "user": f"{__name__}.resolve_invalid"}),
+        capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs,
+    ):
         refused = fetch(handler, "/chat")
         in_view = fetch(handler, "/bad-user")
     assert refused.status == in_view.status == 400
     assert refused.headers["Content-Type"] == "application/problem+json"
     assert refused.json()["type"] == "urn:payi-guard:problem:invalid-user-id"
     assert "alice smith" not in refused.body.decode()
+    # The warning carries the request id the 400 answered with.
+    warned = [e for e in logs if e["event"] == "invalid_user_id"]
+    assert warned
+    assert warned[0].get("request_id") == refused.json()["request_id"]
     options = {
         "guard": guard,
         "user": f"{__name__}.resolve_invalid",

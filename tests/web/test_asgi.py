@@ -503,9 +503,12 @@ async def test_the_storage_gate_lets_a_smaller_call_through_after_a_big_one_was_
 async def test_invalid_user_id_gets_400_without_echo(guard: Guard) -> None:
     probe = Probe()
     async with client(build_app(guard, probe)) as http:
-        with capture_logs() as logs:
+        with capture_logs(processors=[merge]) as logs:
             response = await http.get("/open/chat", headers=bearer("evil user<script>"))
     assert response.status_code == 400
+    # The warning carries the request id the 400 answered with.
+    (warned,) = [e for e in logs if e["event"] == "invalid_user_id"]
+    assert warned["request_id"] == response.json()["request_id"]
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
     assert body["type"] == "urn:payi-guard:problem:invalid-user-id"
