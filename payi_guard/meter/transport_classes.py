@@ -31,6 +31,24 @@ class TransportClasses(NamedTuple):
     async_stream: type[Any]
 
 
+class _Wrapping:
+    """The wrapped transport and the meter: what both guarding transports hold."""
+
+    def __init__(self, inner: Any, meter: TransportMeter) -> None:
+        self._inner = inner
+        self._meter = meter
+
+    @property
+    def inner(self) -> Any:
+        """The transport requests are sent through."""
+        return self._inner
+
+    @property
+    def meter(self) -> TransportMeter:
+        """The shared decisions (guard, options)."""
+        return self._meter
+
+
 _classes_lock = threading.Lock()
 _classes: dict[str, TransportClasses] = {}
 
@@ -50,22 +68,8 @@ def _build_classes(module: ModuleType) -> TransportClasses:
     sync_transport_base: type[Any] = module.BaseTransport
     async_transport_base: type[Any] = module.AsyncBaseTransport
 
-    class GuardTransport(sync_transport_base):  # type: ignore[misc]
+    class GuardTransport(_Wrapping, sync_transport_base):  # type: ignore[misc]
         """Meters GenAI calls before handing them to the inner transport (sync)."""
-
-        def __init__(self, inner: Any, meter: TransportMeter) -> None:
-            self._inner = inner
-            self._meter = meter
-
-        @property
-        def inner(self) -> Any:
-            """The transport requests are sent through."""
-            return self._inner
-
-        @property
-        def meter(self) -> TransportMeter:
-            """The shared decisions (guard, options)."""
-            return self._meter
 
         def handle_request(self, request: Any) -> Any:
             meter = self._meter
@@ -123,22 +127,8 @@ def _build_classes(module: ModuleType) -> TransportClasses:
         def __exit__(self, *exc_info: Any) -> None:
             self._inner.__exit__(*exc_info)
 
-    class AsyncGuardTransport(async_transport_base):  # type: ignore[misc]
+    class AsyncGuardTransport(_Wrapping, async_transport_base):  # type: ignore[misc]
         """Meters GenAI calls before handing them to the inner transport (async)."""
-
-        def __init__(self, inner: Any, meter: TransportMeter) -> None:
-            self._inner = inner
-            self._meter = meter
-
-        @property
-        def inner(self) -> Any:
-            """The transport requests are sent through."""
-            return self._inner
-
-        @property
-        def meter(self) -> TransportMeter:
-            """The shared decisions (guard, options)."""
-            return self._meter
 
         async def handle_async_request(self, request: Any) -> Any:
             meter = self._meter
