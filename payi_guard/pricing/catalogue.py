@@ -186,44 +186,35 @@ def _price_at(value: Any, total_input_tokens: int) -> Decimal | None:
     return Decimal(applicable)
 
 
-def _band_from(values: Sequence[Mapping[str, Any]], total_input_tokens: int) -> RateBand | None:
-    """The band for a call of ``total_input_tokens``: the max over the price sets given."""
-    bands: list[RateBand] = []
-    for keys in values:
-        input_price = _price_at(keys["input_mtok"], total_input_tokens)
-        if input_price is None:
-            continue
-        output_price = _price_at(keys["output_mtok"], total_input_tokens)
-        read = _price_at(keys["cache_read_mtok"], total_input_tokens)
-        write = _price_at(keys["cache_write_mtok"], total_input_tokens)
-        write_1h = _price_at(keys["cache_write_1h_mtok"], total_input_tokens)
-        per_k = _price_at(keys["requests_kcount"], total_input_tokens)
-        per_k_searches = _price_at(keys["web_searches_kcount"], total_input_tokens)
-        per_k_files = _price_at(keys["storage_searches_kcount"], total_input_tokens)
-        # Unpriced sub-kinds are billed as their parent, as genai-prices does.
-        input_rate = per_mtok_to_pico(input_price)
-        write_rate = input_rate if write is None else per_mtok_to_pico(write)
-        output_rate = 0 if output_price is None else per_mtok_to_pico(output_price)
-        read_rate = input_rate if read is None else per_mtok_to_pico(read)
-        bands.append(
-            RateBand(
-                input=input_rate,
-                output=output_rate,
-                cache_read=read_rate,
-                cache_write=write_rate,
-                cache_write_1h=write_rate if write_1h is None else per_mtok_to_pico(write_1h),
-                # $X per thousand requests is X * 1e12 / 1e3 pico-USD per request.
-                request=0 if per_k is None else per_mtok_to_pico(per_k) * 1_000,
-                web_search=0
-                if per_k_searches is None
-                else per_mtok_to_pico(per_k_searches) * 1_000,
-                file_search=0 if per_k_files is None else per_mtok_to_pico(per_k_files) * 1_000,
-                media=_media_rates(keys, total_input_tokens, input_rate, read_rate, output_rate),
-            )
-        )
-    if not bands:
+def _band_from(keys: Mapping[str, Any], total_input_tokens: int) -> RateBand | None:
+    """The band of a call of ``total_input_tokens`` (``None``: no input price)."""
+    input_price = _price_at(keys["input_mtok"], total_input_tokens)
+    if input_price is None:
         return None
-    return bands[0] if len(bands) == 1 else RateBand.highest(bands)
+    output_price = _price_at(keys["output_mtok"], total_input_tokens)
+    read = _price_at(keys["cache_read_mtok"], total_input_tokens)
+    write = _price_at(keys["cache_write_mtok"], total_input_tokens)
+    write_1h = _price_at(keys["cache_write_1h_mtok"], total_input_tokens)
+    per_k = _price_at(keys["requests_kcount"], total_input_tokens)
+    per_k_searches = _price_at(keys["web_searches_kcount"], total_input_tokens)
+    per_k_files = _price_at(keys["storage_searches_kcount"], total_input_tokens)
+    # Unpriced sub-kinds are billed as their parent, as genai-prices does.
+    input_rate = per_mtok_to_pico(input_price)
+    write_rate = input_rate if write is None else per_mtok_to_pico(write)
+    output_rate = 0 if output_price is None else per_mtok_to_pico(output_price)
+    read_rate = input_rate if read is None else per_mtok_to_pico(read)
+    return RateBand(
+        input=input_rate,
+        output=output_rate,
+        cache_read=read_rate,
+        cache_write=write_rate,
+        cache_write_1h=write_rate if write_1h is None else per_mtok_to_pico(write_1h),
+        # $X per thousand requests is X * 1e12 / 1e3 pico-USD per request.
+        request=0 if per_k is None else per_mtok_to_pico(per_k) * 1_000,
+        web_search=0 if per_k_searches is None else per_mtok_to_pico(per_k_searches) * 1_000,
+        file_search=0 if per_k_files is None else per_mtok_to_pico(per_k_files) * 1_000,
+        media=_media_rates(keys, total_input_tokens, input_rate, read_rate, output_rate),
+    )
 
 
 def _media_rates(
@@ -259,12 +250,12 @@ def _media_rates(
     return MediaRates(**rates)
 
 
-def _tier_starts(values: Sequence[Mapping[str, Any]]) -> list[int]:
+def _tier_starts(keys: Mapping[str, Any]) -> list[int]:
+    """Where any price key's tiers start, ascending."""
     starts: set[int] = set()
-    for keys in values:
-        for value in keys.values():
-            for tier in getattr(value, "tiers", None) or ():
-                starts.add(int(tier.start))
+    for value in keys.values():
+        for tier in getattr(value, "tiers", None) or ():
+            starts.add(int(tier.start))
     return sorted(starts)
 
 
@@ -329,16 +320,14 @@ def find_rates(
         provider_id: str | None = None
     else:
         provider_id = _PROVIDER_IDS.get(provider.lower(), provider.lower())
-    for name in names:
-        found = _genai_lookup(name, provider_id)
-        if found is None and provider_id is None and name == names[-1]:
-            found = _genai_scan(model)
-        if found is not None:
-            return _from_genai(model, provider, found, context, now)
+    provider_ids = [provider_id]
     if provider is not None and provider.lower() in _AZURE:
-        # A model only Azure serves (Phi, ...): Azure's own prices in genai-prices.
+        provider_ids.append("azure")  # a model only Azure serves (Phi): Azure's own prices
+    for looked_up in provider_ids:
         for name in names:
-            found = _genai_lookup(name, "azure")
+            found = _genai_lookup(name, looked_up)
+            if found is None and looked_up is None and name == names[-1]:
+                found = _genai_scan(model)
             if found is not None:
                 return _from_genai(model, provider, found, context, now)
     return Resolved(None, float("inf"), "not in the price overrides nor in genai-prices' data")
@@ -360,13 +349,12 @@ def _from_genai(
     # genai-prices applies request variants only to the provider's own models.
     owned = any(info is m for m in getattr(gp_provider, "models", ()))
     keys, valid_until = _apply_variants(info, price, context if owned else {}, now, valid_until)
-    values = [keys]
-    base = _band_from(values, 0)
+    base = _band_from(keys, 0)
     if base is None:
         return Resolved(None, valid_until, f"genai-prices has no token price for {info.id!r}")
     tiers: list[tuple[int, RateBand]] = []
-    for start in _tier_starts(values):
-        band = _band_from(values, start + 1)
+    for start in _tier_starts(keys):
+        band = _band_from(keys, start + 1)
         if band is not None:
             tiers.append((start, band))
     rates = Rates(model, provider, "genai-prices", base, tuple(tiers), str(info.id))
