@@ -128,6 +128,31 @@ def run(
     return seen, received
 
 
+Sent = list[tuple[str, str, bytes]]
+
+
+def bare_and_guarded(
+    make: Callable[[], Any],
+    server: ReplayServer,
+    exchanges: Any,
+    model: str,
+    stream: bool,
+    aio: bool,
+) -> tuple[Sent, Sent, Guard, list[MutableMapping[str, Any]]]:
+    """The calls made bare, then behind ``guard.wrap`` (its logs kept).
+
+    The app gets the same both ways, and the server the same paths. Returns what the
+    server received each time, the guard and its logs.
+    """
+    bare = run(make, server, exchanges, model, stream, aio)
+    guard = make_guard()
+    with capture_logs() as logs:
+        guarded = run(lambda: guard.wrap(make()), server, exchanges, model, stream, aio)
+    assert guarded[0] == bare[0]  # what the app got
+    assert [(m, p) for m, p, _ in guarded[1]] == [(m, p) for m, p, _ in bare[1]]
+    return bare[1], guarded[1], guard, logs
+
+
 def bedrock_client(server: ReplayServer, *, aio: bool = False) -> Any:
     cls = anthropic.AsyncAnthropicBedrock if aio else anthropic.AnthropicBedrock
     return cls(
@@ -158,25 +183,12 @@ def test_claude_on_bedrock_is_charged_as_bedrock_bills_it(
     exchanges = load(recording.cassette)
     stream = recording.call.driver == "bedrock.invoke_stream"
     model = recording.call.model
-    bare = run(
+    bare, guarded, guard, logs = bare_and_guarded(
         lambda: bedrock_client(replay_server, aio=aio), replay_server, exchanges, model, stream, aio
     )
-    guard = make_guard()
-    with capture_logs() as logs:
-        guarded = run(
-            lambda: guard.wrap(bedrock_client(replay_server, aio=aio)),
-            replay_server,
-            exchanges,
-            model,
-            stream,
-            aio,
-        )
-    assert guarded[0] == bare[0]  # what the app got
-    # What the server got: the same paths; the signed bodies unchanged.
-    assert [(m, p) for m, p, _ in guarded[1]] == [(m, p) for m, p, _ in bare[1]]
-    assert [b for *_, b in guarded[1]] == [b for *_, b in bare[1]]
+    assert [b for *_, b in guarded] == [b for *_, b in bare]  # the signed bodies unchanged
     operation = "invoke-with-response-stream" if stream else "invoke"
-    assert all(path.endswith(f"/{operation}") for _, path, _ in bare[1])
+    assert all(path.endswith(f"/{operation}") for _, path, _ in bare)
     calls = calls_in(logs)
     assert len(calls) == recording.call.calls
     total = Decimal(0)
@@ -214,24 +226,12 @@ def test_claude_on_vertex_ai_is_charged_at_vertex_prices(
     assert len(charges) == len(exchanges)
     assert all(e["provider"] == "anthropic" for e in calls_in(direct_logs))
 
-    bare = run(
+    bare, _, guard, logs = bare_and_guarded(
         lambda: vertex_client(replay_server, aio=aio), replay_server, exchanges, model, stream, aio
     )
-    guard = make_guard()
-    with capture_logs() as logs:
-        guarded = run(
-            lambda: guard.wrap(vertex_client(replay_server, aio=aio)),
-            replay_server,
-            exchanges,
-            model,
-            stream,
-            aio,
-        )
-    assert guarded[0] == bare[0]
-    assert [(m, p) for m, p, _ in guarded[1]] == [(m, p) for m, p, _ in bare[1]]
     specifier = "streamRawPredict" if stream else "rawPredict"
     assert all(
-        path.endswith(f"/publishers/anthropic/models/{model}:{specifier}") for _, path, _ in bare[1]
+        path.endswith(f"/publishers/anthropic/models/{model}:{specifier}") for _, path, _ in bare
     )
     calls = calls_in(logs)
     assert [tokens_of(e) for e in calls] == charges
